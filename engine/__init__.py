@@ -1,0 +1,35 @@
+"""tailtune: fine-tune the last layers of a pretrained transformer on a CPU.
+
+Public names are imported on first use, so `import engine` stays cheap (the command line starts
+fast and the Numba kernels load only when a model needs them).
+"""
+from importlib import import_module
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "Config": "engine.config",
+    "Model": "engine.model",
+    "load": "engine.io",
+    "AdamW": "engine.optim",
+    "SGD": "engine.optim",
+    "clip_grad_norm": "engine.optim",
+    "CosineSchedule": "engine.optim",
+    "load_tokenizer": "engine.tokenizer",
+    "ByteTokenizer": "engine.tokenizer",
+    "generate": "engine.generate",
+    "TailtuneError": "engine.errors",
+    "ConfigError": "engine.errors",
+    "CheckpointError": "engine.errors",
+    "InputError": "engine.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")

@@ -1,0 +1,86 @@
+"""Model configuration: one field per architectural choice."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+
+@dataclass
+class Config:
+    model_type: str = "gpt2"        # Hugging Face family used when saving: "gpt2" or "llama"
+    vocab_size: int = 50257         # number of token ids
+    n_layer: int = 12               # transformer blocks
+    n_head: int = 12                # query heads
+    n_kv_head: int | None = None    # key/value heads (grouped-query attention); None = n_head
+    d_model: int = 768              # residual stream width
+    head_dim: int | None = None     # width of one head; None = d_model // n_head
+    d_ff: int | None = None         # MLP hidden width; None = 4 * d_model
+    max_seq_len: int = 1024         # longest sequence: learned position table size / rope range
+    norm: str = "layernorm"         # "layernorm" (weight and bias) or "rmsnorm" (weight only)
+    norm_eps: float = 1e-5          # epsilon inside the norm's square root
+    mlp: str = "gelu"               # "gelu": down(gelu_tanh(up x)); "swiglu": down(silu(gate x) * up x)
+    positions: str = "learned"      # "learned" absolute position table, or "rope" rotary embeddings
+    rope_theta: float = 10000.0     # rotary base frequency (rope only)
+    attn_bias: bool = True          # biases on the q, k, v and output projections
+    mlp_bias: bool = True           # biases on the MLP projections
+    tie_embeddings: bool = True     # the LM head is the token embedding (one parameter)
+    init_std: float = 0.02          # std of the normal init of weights for models built from scratch
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.head_dim is None:
+            if self.n_head <= 0 or self.d_model % self.n_head:
+                raise ConfigError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}; "
+                                  "set head_dim explicitly")
+            self.head_dim = self.d_model // self.n_head
+        if self.d_ff is None:
+            self.d_ff = 4 * self.d_model
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "head_dim", "d_ff",
+                     "max_seq_len"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"Config.{name} must be a positive integer, got {v!r}")
+        if self.n_head % self.n_kv_head:
+            raise ConfigError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
+        choices = {"model_type": ("gpt2", "llama"), "norm": ("layernorm", "rmsnorm"),
+                   "mlp": ("gelu", "swiglu"), "positions": ("learned", "rope")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"Config.{name}={getattr(self, name)!r}; expected one of {allowed}")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ConfigError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
+        if not self.norm_eps > 0:
+            raise ConfigError(f"Config.norm_eps must be positive, got {self.norm_eps}")
+
+    @classmethod
+    def gpt2(cls, **overrides) -> "Config":
+        """GPT-2: learned positions, LayerNorm, GELU MLP, biases, tied head."""
+        base = dict(model_type="gpt2", norm="layernorm", mlp="gelu", positions="learned",
+                    attn_bias=True, mlp_bias=True, tie_embeddings=True, norm_eps=1e-5)
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def llama(cls, **overrides) -> "Config":
+        """Llama: RMSNorm, rotary positions, SwiGLU MLP, no biases."""
+        base = dict(model_type="llama", norm="rmsnorm", mlp="swiglu", positions="rope",
+                    attn_bias=False, mlp_bias=False, tie_embeddings=False, norm_eps=1e-6,
+                    vocab_size=32000, n_layer=22, n_head=32, n_kv_head=4, d_model=2048,
+                    d_ff=5632, max_seq_len=2048)
+        return cls(**{**base, **overrides})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown Config fields: {sorted(unknown)}")
+        return cls(**d)

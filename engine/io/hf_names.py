@@ -1,0 +1,183 @@
+"""Hugging Face <-> engine: config.json fields and tensor names for the gpt2 and llama families.
+
+Engine weights are (out, in) like torch.nn.Linear. GPT-2's Conv1D stores (in, out) and fuses
+q, k, v into one c_attn; both are undone on load and redone on save.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import Config
+from ..errors import CheckpointError, ConfigError
+
+SUPPORTED = ("gpt2", "llama")
+_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+def config_from_hf(hf: dict) -> Config:
+    mt = hf.get("model_type")
+    if mt not in SUPPORTED:
+        raise ConfigError(f"unknown model type {mt!r} in config.json; tailtune supports {SUPPORTED}")
+    if mt == "gpt2":
+        act = hf.get("activation_function", "gelu_new")
+        if act not in _TANH_GELUS:
+            raise ConfigError(f"gpt2 activation_function {act!r} is not supported (only the tanh "
+                              f"GELU forms {_TANH_GELUS})")
+        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights") is False:
+            raise ConfigError("gpt2 attention scaling other than 1/sqrt(head_dim) is not supported")
+        d = hf["n_embd"]
+        return Config.gpt2(vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"],
+                           d_model=d, d_ff=hf.get("n_inner") or 4 * d,
+                           max_seq_len=hf.get("n_positions", 1024),
+                           norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                           tie_embeddings=hf.get("tie_word_embeddings", True))
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"llama hidden_act {act!r} is not supported (only 'silu')")
+    if hf.get("pretraining_tp", 1) != 1:
+        raise ConfigError("llama pretraining_tp != 1 is not supported")
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise ConfigError(f"llama rope scaling {rope_type!r} is not supported (only default rope)")
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    n_head = hf["num_attention_heads"]
+    return Config.llama(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=n_head,
+                        n_kv_head=hf.get("num_key_value_heads") or n_head, d_model=hf["hidden_size"],
+                        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
+                        d_ff=hf["intermediate_size"],
+                        max_seq_len=hf.get("max_position_embeddings", 2048),
+                        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+                        attn_bias=bool(hf.get("attention_bias", False)),
+                        mlp_bias=bool(hf.get("mlp_bias", False)),
+                        tie_embeddings=hf.get("tie_word_embeddings", False))
+
+
+def config_to_hf(cfg: Config) -> dict:
+    """config.json for transformers; refuses configs that are neither gpt2 nor llama."""
+    if cfg.model_type == "gpt2":
+        want = dict(norm="layernorm", mlp="gelu", positions="learned", attn_bias=True, mlp_bias=True)
+        _require(cfg, want)
+        if cfg.head_dim * cfg.n_head != cfg.d_model:
+            raise ConfigError("gpt2 needs head_dim * n_head == d_model")
+        if cfg.n_kv_head != cfg.n_head:
+            raise ConfigError("gpt2 has no grouped-query attention (n_kv_head must equal n_head)")
+        return {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+                "vocab_size": cfg.vocab_size, "n_positions": cfg.max_seq_len, "n_embd": cfg.d_model,
+                "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": cfg.d_ff,
+                "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
+                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+                "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32"}
+    _require(cfg, dict(norm="rmsnorm", mlp="swiglu", positions="rope"))
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+            "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+            "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layer,
+            "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
+            "head_dim": cfg.head_dim, "hidden_act": "silu",
+            "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+            "rope_theta": cfg.rope_theta, "attention_bias": cfg.attn_bias,
+            "mlp_bias": cfg.mlp_bias, "tie_word_embeddings": cfg.tie_embeddings,
+            "attention_dropout": 0.0, "torch_dtype": "float32"}
+
+
+def _require(cfg: Config, want: dict) -> None:
+    for k, v in want.items():
+        if getattr(cfg, k) != v:
+            raise ConfigError(f"cannot save as {cfg.model_type}: it needs {k}={v!r}, "
+                              f"this model has {getattr(cfg, k)!r}")
+
+
+def _llama_map(cfg: Config) -> dict[str, str]:
+    """engine name -> HF name."""
+    m = {"wte.weight": "model.embed_tokens.weight", "ln_f.weight": "model.norm.weight"}
+    if not cfg.tie_embeddings:
+        m["lm_head.weight"] = "lm_head.weight"
+    for i in range(cfg.n_layer):
+        e, h = f"blocks.{i}.", f"model.layers.{i}."
+        m[e + "ln1.weight"] = h + "input_layernorm.weight"
+        m[e + "ln2.weight"] = h + "post_attention_layernorm.weight"
+        for a, b in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "o_proj")):
+            m[e + f"attn.{a}.weight"] = h + f"self_attn.{b}.weight"
+            if cfg.attn_bias:
+                m[e + f"attn.{a}.bias"] = h + f"self_attn.{b}.bias"
+        for a, b in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+            m[e + f"mlp.{a}.weight"] = h + f"mlp.{b}.weight"
+            if cfg.mlp_bias:
+                m[e + f"mlp.{a}.bias"] = h + f"mlp.{b}.bias"
+    return m
+
+
+def to_engine(cfg: Config, get, names) -> dict[str, np.ndarray]:
+    """Build engine params from HF tensors. `get(name)` returns a float32 array, `names` the set
+    of HF names available. Missing tensors and unexpected shapes raise CheckpointError."""
+    names = set(names)
+    out: dict[str, np.ndarray] = {}
+    if cfg.model_type == "llama":
+        for e, h in _llama_map(cfg).items():
+            out[e] = _fetch(get, names, h)
+        return out
+    prefix = "transformer." if any(n.startswith("transformer.") for n in names) else ""
+    g = lambda n: _fetch(get, names, prefix + n)  # noqa: E731
+    C = cfg.d_model
+    out["wte.weight"] = g("wte.weight")
+    out["wpe.weight"] = g("wpe.weight")
+    for i in range(cfg.n_layer):
+        e, h = f"blocks.{i}.", f"h.{i}."
+        for ln, hl in (("ln1", "ln_1"), ("ln2", "ln_2")):
+            out[e + ln + ".weight"] = g(h + hl + ".weight")
+            out[e + ln + ".bias"] = g(h + hl + ".bias")
+        w = g(h + "attn.c_attn.weight")  # (C, 3C): Conv1D is (in, out)
+        b = g(h + "attn.c_attn.bias")
+        _expect(w, (C, 3 * C), h + "attn.c_attn.weight")
+        for j, a in enumerate("qkv"):
+            out[e + f"attn.{a}.weight"] = np.ascontiguousarray(w[:, j * C:(j + 1) * C].T)
+            out[e + f"attn.{a}.bias"] = np.ascontiguousarray(b[j * C:(j + 1) * C])
+        out[e + "attn.o.weight"] = np.ascontiguousarray(g(h + "attn.c_proj.weight").T)
+        out[e + "attn.o.bias"] = g(h + "attn.c_proj.bias")
+        out[e + "mlp.up.weight"] = np.ascontiguousarray(g(h + "mlp.c_fc.weight").T)
+        out[e + "mlp.up.bias"] = g(h + "mlp.c_fc.bias")
+        out[e + "mlp.down.weight"] = np.ascontiguousarray(g(h + "mlp.c_proj.weight").T)
+        out[e + "mlp.down.bias"] = g(h + "mlp.c_proj.bias")
+    out["ln_f.weight"] = g("ln_f.weight")
+    out["ln_f.bias"] = g("ln_f.bias")
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = _fetch(get, names, "lm_head.weight")
+    return out
+
+
+def to_hf(cfg: Config, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """HF tensors (as transformers' save_pretrained names them) from engine params."""
+    if cfg.model_type == "llama":
+        return {h: params[e] for e, h in _llama_map(cfg).items()}
+    out = {"transformer.wte.weight": params["wte.weight"], "transformer.wpe.weight": params["wpe.weight"]}
+    for i in range(cfg.n_layer):
+        e, h = f"blocks.{i}.", f"transformer.h.{i}."
+        for ln, hl in (("ln1", "ln_1"), ("ln2", "ln_2")):
+            out[h + hl + ".weight"] = params[e + ln + ".weight"]
+            out[h + hl + ".bias"] = params[e + ln + ".bias"]
+        out[h + "attn.c_attn.weight"] = np.concatenate(
+            [params[e + f"attn.{a}.weight"] for a in "qkv"], axis=0).T
+        out[h + "attn.c_attn.bias"] = np.concatenate([params[e + f"attn.{a}.bias"] for a in "qkv"])
+        out[h + "attn.c_proj.weight"] = params[e + "attn.o.weight"].T
+        out[h + "attn.c_proj.bias"] = params[e + "attn.o.bias"]
+        out[h + "mlp.c_fc.weight"] = params[e + "mlp.up.weight"].T
+        out[h + "mlp.c_fc.bias"] = params[e + "mlp.up.bias"]
+        out[h + "mlp.c_proj.weight"] = params[e + "mlp.down.weight"].T
+        out[h + "mlp.c_proj.bias"] = params[e + "mlp.down.bias"]
+    out["transformer.ln_f.weight"] = params["ln_f.weight"]
+    out["transformer.ln_f.bias"] = params["ln_f.bias"]
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = params["lm_head.weight"]
+    return out
+
+
+def _fetch(get, names, name):
+    if name not in names:
+        raise CheckpointError(f"checkpoint has no tensor {name!r}")
+    return get(name)
+
+
+def _expect(a, shape, name):
+    if tuple(a.shape) != tuple(shape):
+        raise CheckpointError(f"tensor {name!r} has shape {tuple(a.shape)}, expected {tuple(shape)}")

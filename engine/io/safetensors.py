@@ -1,0 +1,158 @@
+"""safetensors read/write in NumPy, validating the header against the file before reading.
+
+Format: 8-byte little-endian header length N, N bytes of JSON
+{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then the data.
+Files are untrusted input: every size and offset is checked against the file size before
+anything is allocated or read.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import numpy as np
+
+from ..errors import CheckpointError
+
+MAX_HEADER = 100 * 1024 * 1024  # the format's own limit on the JSON header
+
+_DTYPES = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),  # raw bits; widened to float32 by to_float32
+    "I64": np.dtype("<i8"), "I32": np.dtype("<i4"), "I16": np.dtype("<i2"), "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+}
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 is the top half of a float32: shift the 16 bits into place."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """Round to nearest even, as torch does; NaN stays NaN."""
+    b = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        rounded[nan] = 0x7FC0
+    return rounded
+
+
+class SafetensorsFile:
+    """Lazy reader: parses and validates the header; tensors are read on request."""
+
+    def __init__(self, path: str):
+        self.path = str(path)
+        if not os.path.isfile(self.path):
+            raise CheckpointError(f"{self.path}: no such safetensors file")
+        size = os.path.getsize(self.path)
+        if size < 8:
+            raise CheckpointError(f"{self.path}: truncated safetensors file ({size} bytes, no header)")
+        with open(self.path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > MAX_HEADER or 8 + n > size:
+                raise CheckpointError(f"{self.path}: header length {n} does not fit in a file of "
+                                      f"{size} bytes (truncated or not a safetensors file)")
+            raw = f.read(n)
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{self.path}: header is not valid JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: header is not a JSON object")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + n
+        data_len = size - self.data_start
+        self.entries: dict[str, tuple[np.dtype, str, tuple, int, int]] = {}
+        for name, e in header.items():
+            self.entries[name] = self._check_entry(name, e, data_len)
+
+    def _check_entry(self, name, e, data_len):
+        where = f"{self.path}: tensor {name!r}"
+        if not isinstance(e, dict):
+            raise CheckpointError(f"{where}: entry is not an object")
+        dt = e.get("dtype")
+        if dt not in _DTYPES:
+            raise CheckpointError(f"{where}: unsupported dtype {dt!r}")
+        shape = e.get("shape")
+        offs = e.get("data_offsets")
+        if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape)
+                or not isinstance(offs, list) or len(offs) != 2
+                or not all(isinstance(o, int) and o >= 0 for o in offs)):
+            raise CheckpointError(f"{where}: malformed shape {shape!r} or data_offsets {offs!r}")
+        begin, end = offs
+        count = 1
+        for s in shape:
+            count *= s
+        nbytes = count * _DTYPES[dt].itemsize
+        if end < begin or end - begin != nbytes:
+            raise CheckpointError(f"{where}: data_offsets {offs} hold {end - begin} bytes but shape "
+                                  f"{shape} of {dt} needs {nbytes}")
+        if end > data_len:
+            raise CheckpointError(f"{where}: data ends at byte {end} but the file holds only "
+                                  f"{data_len} bytes of data (truncated file)")
+        return _DTYPES[dt], dt, tuple(shape), begin, end
+
+    def keys(self):
+        return self.entries.keys()
+
+    def shape(self, name: str) -> tuple:
+        return self.entries[name][2]
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor as stored (bf16 as uint16 bits), read from disk into a new array."""
+        dtype, _, shape, begin, end = self.entries[name]
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + begin)
+            buf = f.read(end - begin)
+        if len(buf) != end - begin:
+            raise CheckpointError(f"{self.path}: tensor {name!r}: file shorter than its header says")
+        return np.frombuffer(buf, dtype=dtype).reshape(shape)
+
+    def float32(self, name: str) -> np.ndarray:
+        """The tensor widened to a writable float32 array."""
+        _, dt, _, _, _ = self.entries[name]
+        a = self.raw(name)
+        if dt == "BF16":
+            return bf16_to_f32(a)
+        if dt not in ("F32", "F16", "F64"):
+            raise CheckpointError(f"{self.path}: tensor {name!r} is {dt}, not a float tensor")
+        return a.astype(np.float32)  # copies, so the result is writable and owns its memory
+
+
+def write(path: str, tensors: dict, metadata: dict | None = None, dtype: str = "F32") -> None:
+    """Write tensors (name -> ndarray) atomically: a temporary file renamed into place."""
+    if dtype not in ("F32", "F16", "BF16"):
+        raise ValueError(f"cannot write dtype {dtype!r}; choose F32, F16 or BF16")
+    header, arrays, offset = {}, [], 0
+    for name in sorted(tensors):
+        a = np.asarray(tensors[name])
+        if dtype == "F32":
+            a = np.ascontiguousarray(a, dtype="<f4")
+        elif dtype == "F16":
+            a = np.ascontiguousarray(a, dtype="<f2")
+        else:
+            a = f32_to_bf16(a)
+        header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        arrays.append(a)
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for a in arrays:
+                f.write(a.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
