@@ -1,0 +1,215 @@
+"""Layers: parameter shapes, forward, backward. Parameters live in the model's dicts and are
+passed in (`P` = params, `G` = grads of the trainable params only); a layer owns no arrays.
+
+A weight's gradient is computed only when the weight is in G (trainable); an input gradient only
+when something below needs it (`need_dx`). That is all truncated backward needs from a layer.
+Activations are (N, C) rows, N = B * T.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from kernels.activation import gelu_backward, gelu_forward, swiglu_backward, swiglu_forward
+from kernels.attention import attention_backward, attention_forward
+from kernels.matmul import gemm_nn, gemm_nt, gemm_tn
+from kernels.norm import layernorm_backward, layernorm_forward, rmsnorm_backward, rmsnorm_forward
+from kernels.rope import rope_backward, rope_forward
+
+from .config import Config
+
+
+class Linear:
+    """y = x @ W.T (+ b); W is (out, in) like torch.nn.Linear."""
+
+    def __init__(self, name: str, n_in: int, n_out: int, bias: bool):
+        self.w = name + ".weight"
+        self.b = name + ".bias" if bias else None
+        self.n_in, self.n_out = n_in, n_out
+
+    def shapes(self) -> dict:
+        s = {self.w: (self.n_out, self.n_in)}
+        if self.b:
+            s[self.b] = (self.n_out,)
+        return s
+
+    def names(self) -> tuple:
+        return (self.w, self.b) if self.b else (self.w,)
+
+    def forward(self, P, x):
+        y = np.empty((x.shape[0], self.n_out), np.float32)  # (N, out)
+        gemm_nt(x, P[self.w], y)
+        if self.b:
+            y += P[self.b]
+        return y
+
+    def backward(self, P, G, dy, x, need_dx, dx=None):
+        """Accumulates dW, db for trainable ones; returns dx (N, in) when need_dx, added into
+        `dx` when one is given (several projections read the same input)."""
+        if self.w in G:
+            gemm_tn(dy, x, G[self.w], accumulate=True)
+        if self.b in G:
+            G[self.b] += dy.sum(axis=0)
+        if not need_dx:
+            return None
+        if dx is None:
+            dx = np.empty((dy.shape[0], self.n_in), np.float32)
+            gemm_nn(dy, P[self.w], dx)
+        else:
+            gemm_nn(dy, P[self.w], dx, accumulate=True)
+        return dx
+
+
+class Norm:
+    """LayerNorm (weight, bias) or RMSNorm (weight) over the last axis."""
+
+    def __init__(self, cfg: Config, name: str):
+        self.rms = cfg.norm == "rmsnorm"
+        self.eps = cfg.norm_eps
+        self.C = cfg.d_model
+        self.w = name + ".weight"
+        self.b = None if self.rms else name + ".bias"
+
+    def shapes(self) -> dict:
+        s = {self.w: (self.C,)}
+        if self.b:
+            s[self.b] = (self.C,)
+        return s
+
+    def names(self) -> tuple:
+        return (self.w, self.b) if self.b else (self.w,)
+
+    def forward(self, P, x):
+        """Returns the output and the per-row statistics backward needs."""
+        N = x.shape[0]
+        out = np.empty_like(x)
+        rstd = np.empty(N, np.float32)
+        if self.rms:
+            rmsnorm_forward(x, P[self.w], out, rstd, self.eps)
+            return out, (rstd,)
+        mean = np.empty(N, np.float32)
+        layernorm_forward(x, P[self.w], P[self.b], out, mean, rstd, self.eps)
+        return out, (mean, rstd)
+
+    def backward(self, P, G, dout, x, stats, dx):
+        """Accumulates the input gradient into dx (N, C) and the parameter grads into G."""
+        if self.rms:
+            rmsnorm_backward(dout, x, P[self.w], stats[0], dx, G.get(self.w))
+        else:
+            layernorm_backward(dout, x, P[self.w], stats[0], stats[1], dx, G.get(self.w), G.get(self.b))
+
+
+class Block:
+    """Pre-norm transformer block: x1 = x + attn(ln1(x)); out = x1 + mlp(ln2(x1))."""
+
+    def __init__(self, cfg: Config, index: int):
+        p = f"blocks.{index}."
+        self.index = index
+        C, H, Hkv, D, F = cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_ff
+        self.H, self.Hkv, self.D = H, Hkv, D
+        self.rope = cfg.positions == "rope"
+        self.swiglu = cfg.mlp == "swiglu"
+        self.ln1 = Norm(cfg, p + "ln1")
+        self.ln2 = Norm(cfg, p + "ln2")
+        self.q = Linear(p + "attn.q", C, H * D, cfg.attn_bias)
+        self.k = Linear(p + "attn.k", C, Hkv * D, cfg.attn_bias)
+        self.v = Linear(p + "attn.v", C, Hkv * D, cfg.attn_bias)
+        self.o = Linear(p + "attn.o", H * D, C, cfg.attn_bias)
+        self.gate = Linear(p + "mlp.gate", C, F, cfg.mlp_bias) if self.swiglu else None
+        self.up = Linear(p + "mlp.up", C, F, cfg.mlp_bias)
+        self.down = Linear(p + "mlp.down", F, C, cfg.mlp_bias)
+
+    def layers(self):
+        return [m for m in (self.ln1, self.q, self.k, self.v, self.o, self.ln2, self.gate, self.up,
+                            self.down) if m is not None]
+
+    def shapes(self) -> dict:
+        s = {}
+        for m in self.layers():
+            s.update(m.shapes())
+        return s
+
+    def forward(self, P, x, rope_cs, keep):
+        """x: (B, T, C). Returns (out (B, T, C), saved or None). With keep=False nothing is
+        retained: the frozen prefix runs through here."""
+        B, T, C = x.shape
+        N = B * T
+        x2 = x.reshape(N, C)
+        h, st1 = self.ln1.forward(P, x2)                       # (N, C)
+        q = self.q.forward(P, h).reshape(B, T, self.H, self.D)
+        k = self.k.forward(P, h).reshape(B, T, self.Hkv, self.D)
+        v = self.v.forward(P, h).reshape(B, T, self.Hkv, self.D)
+        if self.rope:
+            rope_forward(q, *rope_cs)
+            rope_forward(k, *rope_cs)
+        a = np.empty((B, T, self.H, self.D), np.float32)
+        lse = np.empty((B, self.H, T), np.float32)
+        attention_forward(q, k, v, a, lse, 0)
+        x1 = self.o.forward(P, a.reshape(N, self.H * self.D))
+        x1 += x2                                               # (N, C) residual
+        h2, st2 = self.ln2.forward(P, x1)
+        if self.swiglu:
+            g = self.gate.forward(P, h2)                       # (N, F)
+            u = self.up.forward(P, h2)
+            act = np.empty_like(u)
+            swiglu_forward(g, u, act)
+        else:
+            g = None
+            u = self.up.forward(P, h2)
+            act = np.empty_like(u)
+            gelu_forward(u, act)
+        out = self.down.forward(P, act)
+        out += x1
+        saved = None
+        if keep:
+            saved = dict(x=x2, h=h, st1=st1, q=q, k=k, v=v, a=a, lse=lse, x1=x1, h2=h2, st2=st2,
+                         g=g, u=u, act=act)
+        return out.reshape(B, T, C), saved
+
+    def backward(self, P, G, dout, s, rope_cs, need_dx):
+        """dout: (N, C) gradient of the block output; consumed (used as scratch).
+        Returns the gradient w.r.t. the block input when need_dx, else None. Runs only the parts
+        of the block that lead to a trainable parameter or to the input."""
+        tr = lambda *ms: any(n in G for m in ms if m is not None for n in m.names())  # noqa: E731
+        attn_branch = need_dx or tr(self.ln1, self.q, self.k, self.v, self.o)
+        mlp_branch = attn_branch or tr(self.ln2, self.gate, self.up, self.down)
+        N = dout.shape[0]
+        if mlp_branch:
+            need_h2 = attn_branch or tr(self.ln2)
+            need_act = need_h2 or tr(self.gate, self.up)
+            dact = self.down.backward(P, G, dout, s["act"], need_act)
+            if need_act:
+                if self.swiglu:
+                    dg = np.empty_like(dact)
+                    du = np.empty_like(dact)
+                    swiglu_backward(dact, s["g"], s["u"], dg, du)
+                    dh2 = self.gate.backward(P, G, dg, s["h2"], need_h2)
+                    dh2 = self.up.backward(P, G, du, s["h2"], need_h2, dh2)
+                else:
+                    du = np.empty_like(dact)
+                    gelu_backward(dact, s["u"], du)
+                    dh2 = self.up.backward(P, G, du, s["h2"], need_h2)
+                if need_h2:
+                    # dout becomes d(x1): the residual path plus the norm's input gradient
+                    dx1 = dout if attn_branch else np.zeros_like(dout)
+                    self.ln2.backward(P, G, dh2, s["x1"], s["st2"], dx1)
+        if not attn_branch:
+            return None
+        dx1 = dout
+        need_h = need_dx or tr(self.ln1)
+        need_qkv = need_h or tr(self.q, self.k, self.v)
+        da = self.o.backward(P, G, dx1, s["a"].reshape(N, -1), need_qkv)
+        if need_qkv:
+            q, k, v = s["q"], s["k"], s["v"]
+            dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
+            attention_backward(da.reshape(q.shape), q, k, v, s["a"], s["lse"], dq, dk, dv)
+            if self.rope:
+                rope_backward(dq, *rope_cs)
+                rope_backward(dk, *rope_cs)
+            h = s["h"]
+            dh = self.q.backward(P, G, dq.reshape(N, -1), h, need_h)
+            dh = self.k.backward(P, G, dk.reshape(N, -1), h, need_h, dh)
+            dh = self.v.backward(P, G, dv.reshape(N, -1), h, need_h, dh)
+            if need_h:
+                dx = dx1 if need_dx else np.zeros_like(dx1)
+                self.ln1.backward(P, G, dh, s["x"], s["st1"], dx)
+        return dx1 if need_dx else None

@@ -1,0 +1,316 @@
+"""Model: embeddings -> blocks -> final norm -> LM head, with freezing and truncated backward.
+
+Freezing is structural: only trainable parameters own a gradient buffer; blocks below the lowest
+trainable one run forward without keeping activations, and backward stops at that block.
+"""
+from __future__ import annotations
+
+import fnmatch
+import weakref
+
+import numpy as np
+
+from kernels.embedding import embedding_backward, embedding_forward
+from kernels.loss import crossentropy_forward, crossentropy_forward_backward
+from kernels.matmul import gemm_nn, gemm_nt, gemm_tn
+from kernels.rope import rope_table
+
+from .config import Config
+from .errors import CheckpointError, InputError
+from .layers import Block, Norm
+
+IGNORE = -100            # target id of positions that carry no loss
+_LOGIT_CHUNK = 1 << 23   # floats of logits alive at once in the fused head + loss (32 MiB)
+
+
+class Model:
+    def __init__(self, config: Config, params: dict | None = None, seed: int = 0):
+        config.validate()
+        self.config = config
+        c = config
+        self.blocks = [Block(c, i) for i in range(c.n_layer)]
+        self.ln_f = Norm(c, "ln_f")
+        self.head = "wte.weight" if c.tie_embeddings else "lm_head.weight"
+        self.shapes = self._shapes()
+        self.params = self._init(seed) if params is None else self._checked(params)
+        self.grads: dict[str, np.ndarray] = {}
+        self._optimizers = weakref.WeakSet()
+        self._tape = None
+        self._rope = None
+        self.last_backward_blocks: list[int] = []  # blocks the last backward ran through, top first
+        self.unfreeze()
+
+    # ---- parameters -------------------------------------------------------------------------
+    def _shapes(self) -> dict:
+        c = self.config
+        s = {"wte.weight": (c.vocab_size, c.d_model)}
+        if c.positions == "learned":
+            s["wpe.weight"] = (c.max_seq_len, c.d_model)
+        for b in self.blocks:
+            s.update(b.shapes())
+        s.update(self.ln_f.shapes())
+        if not c.tie_embeddings:
+            s["lm_head.weight"] = (c.vocab_size, c.d_model)
+        return s
+
+    def _init(self, seed):
+        """GPT-2 style: N(0, init_std) weights, residual projections scaled by 1/sqrt(2 L)."""
+        rng = np.random.default_rng(seed)
+        c = self.config
+        out = {}
+        for name, shape in self.shapes.items():
+            if name.endswith(".bias"):
+                out[name] = np.zeros(shape, np.float32)
+            elif len(shape) == 1:
+                out[name] = np.ones(shape, np.float32)
+            else:
+                std = c.init_std
+                if name.endswith(("attn.o.weight", "mlp.down.weight")):
+                    std /= np.sqrt(2 * c.n_layer)
+                out[name] = (rng.standard_normal(shape, dtype=np.float32) * np.float32(std))
+        return out
+
+    def _checked(self, params):
+        missing = [n for n in self.shapes if n not in params]
+        extra = [n for n in params if n not in self.shapes]
+        if missing or extra:
+            raise CheckpointError(f"parameters do not match the config: missing {missing[:5]}, "
+                                  f"unexpected {extra[:5]}")
+        out = {}
+        for n, shape in self.shapes.items():
+            a = params[n]
+            if tuple(a.shape) != shape:
+                raise CheckpointError(f"parameter {n!r} has shape {tuple(a.shape)}, the config "
+                                      f"needs {shape}")
+            out[n] = np.ascontiguousarray(a, dtype=np.float32)
+        return out
+
+    def num_params(self, trainable_only: bool = False) -> int:
+        names = self.trainable if trainable_only else self.params
+        return int(sum(self.params[n].size for n in names))
+
+    # ---- freezing ---------------------------------------------------------------------------
+    @property
+    def trainable(self) -> list[str]:
+        return [n for n in self.params if n in self.grads]
+
+    def _match(self, patterns):
+        if not patterns:
+            return list(self.params)
+        names = []
+        for p in patterns:
+            hit = [n for n in self.params if fnmatch.fnmatchcase(n, p)]
+            if not hit:
+                raise InputError(f"pattern {p!r} matches no parameter (names look like "
+                                 f"'blocks.0.attn.q.weight', 'wte.weight', 'ln_f.weight')")
+            names += hit
+        return names
+
+    def freeze(self, *patterns):
+        """Freeze the parameters matching the glob patterns; no pattern freezes everything."""
+        for n in self._match(patterns):
+            self.grads.pop(n, None)
+        self._trainable_changed()
+        return self
+
+    def unfreeze(self, *patterns):
+        """Make the matching parameters trainable (a zeroed gradient buffer each)."""
+        for n in self._match(patterns):
+            if n not in self.grads:
+                self.grads[n] = np.zeros_like(self.params[n])
+        self._trainable_changed()
+        return self
+
+    def train_last(self, k: int):
+        """Freeze everything, then unfreeze the last k blocks and the final norm."""
+        L = self.config.n_layer
+        if not isinstance(k, (int, np.integer)) or not 0 <= k <= L:
+            raise InputError(f"train_last(k): k must be an integer in 0..{L}, got {k!r}")
+        self.freeze()
+        self.unfreeze("ln_f.*", *[f"blocks.{i}.*" for i in range(L - k, L)])
+        return self
+
+    def _trainable_changed(self):
+        self._tape = None
+        for opt in list(self._optimizers):
+            opt._sync()
+
+    def zero_grad(self):
+        for g in self.grads.values():
+            g.fill(0.0)
+
+    def lowest_trainable_block(self) -> int:
+        """-1 when an embedding is trainable (backward reaches the lookup), n_layer when only
+        the final norm / head are, else the lowest block holding a trainable parameter."""
+        L = self.config.n_layer
+        low = L
+        for n in self.grads:
+            if n.startswith("blocks."):
+                low = min(low, int(n.split(".")[1]))
+            elif n in ("wte.weight", "wpe.weight"):
+                return -1
+        return low
+
+    # ---- forward / backward -----------------------------------------------------------------
+    def _tokens(self, tokens, what="tokens", allow_ignore=False):
+        if isinstance(tokens, (list, tuple)):
+            tokens = np.asarray(tokens)
+        if not isinstance(tokens, np.ndarray):
+            raise InputError(f"{what} must be a 2-D integer array (B, T), got {type(tokens).__name__}")
+        if tokens.dtype.kind not in "iu":
+            raise InputError(f"{what} must hold integers, got dtype {tokens.dtype}")
+        if tokens.ndim != 2:
+            raise InputError(f"{what} must be 2-D (batch, time), got shape {tokens.shape}")
+        B, T = tokens.shape
+        if B == 0 or T == 0:
+            raise InputError(f"{what} is empty: shape {tokens.shape}")
+        if T > self.config.max_seq_len:
+            raise InputError(f"sequence length {T} exceeds the model's max_seq_len "
+                             f"{self.config.max_seq_len}")
+        t = tokens.astype(np.int64)
+        V = self.config.vocab_size
+        bad = (t >= V) | ((t < 0) & ~((t == IGNORE) & allow_ignore))
+        if bad.any():
+            v = t[bad].flat[0]
+            raise InputError(f"{what} holds id {v}, outside the vocabulary 0..{V - 1}"
+                             + (" (or -100 to ignore)" if allow_ignore else ""))
+        return np.ascontiguousarray(t)
+
+    def _rope_tables(self, T):
+        c = self.config
+        if c.positions != "rope":
+            return None
+        if self._rope is None or self._rope[0].shape[0] < T:
+            self._rope = rope_table(c.max_seq_len, c.head_dim, c.rope_theta)
+        cos, sin = self._rope
+        return np.ascontiguousarray(cos[:T]), np.ascontiguousarray(sin[:T])
+
+    def embed(self, tokens, pos0=0):
+        B, T = tokens.shape
+        P = self.params
+        x = np.empty((B, T, self.config.d_model), np.float32)
+        wpe = P.get("wpe.weight")
+        if wpe is None:
+            wpe = np.zeros((0, self.config.d_model), np.float32)
+        embedding_forward(tokens, P["wte.weight"], wpe, pos0, x)
+        return x
+
+    def forward(self, tokens, targets=None, *, grad=True):
+        """tokens (B, T) -> logits (B, T, V); with targets (B, T) -> mean loss over positions
+        whose target is not -100. With targets and grad=True, keeps what backward() needs for
+        the trainable part only (grad=False: evaluation, keeps nothing)."""
+        tokens = self._tokens(tokens)
+        self._tape = None
+        B, T = tokens.shape
+        if targets is not None:
+            targets = self._tokens(targets, "targets", allow_ignore=True)
+            if targets.shape != tokens.shape:
+                raise InputError(f"targets shape {targets.shape} differs from tokens shape {tokens.shape}")
+        keep = targets is not None and grad and bool(self.grads)
+        low = self.lowest_trainable_block() if keep else self.config.n_layer
+        rope = self._rope_tables(T)
+        x = self.embed(tokens)
+        saved = {}
+        for b in self.blocks:
+            x, s = b.forward(self.params, x, rope, keep and b.index >= low)
+            if s is not None:
+                saved[b.index] = s
+        C = self.config.d_model
+        x2 = x.reshape(B * T, C)
+        h, st = self.ln_f.forward(self.params, x2)
+        if targets is None:
+            logits = np.empty((B * T, self.config.vocab_size), np.float32)
+            gemm_nt(h, self.params[self.head], logits)
+            return logits.reshape(B, T, -1)
+        need_dh = keep and (low < self.config.n_layer or any(n in self.grads for n in self.ln_f.names()))
+        need_dw = keep and self.head in self.grads
+        loss, dh, dw = self._head_loss(h, targets.reshape(-1), keep, need_dh, need_dw)
+        if keep:
+            self._tape = dict(tokens=tokens, saved=saved, low=low, x=x2, st=st, dh=dh, dw=dw, rope=rope)
+        return loss
+
+    def _head_loss(self, h, targets, grad, need_dh, need_dw):
+        """Fused LM head + cross-entropy over row chunks, so (B, T, V) logits never exist.
+        With grad, the logits' gradient is formed in place and turned at once into dh (N, C)
+        and the head's dW; backward() later only adds them in."""
+        W = self.params[self.head]                      # (V, C)
+        N, V = h.shape[0], W.shape[0]
+        n_valid = int((targets >= 0).sum())
+        scale = 1.0 / n_valid if n_valid else 0.0
+        R = max(1, min(N, _LOGIT_CHUNK // V))
+        if need_dw:
+            R = N if N * V <= 4 * _LOGIT_CHUNK else R   # fewer passes over the (V, C) gradient
+        logits = np.empty((R, V), np.float32)
+        losses = np.empty(N, np.float32)
+        lse = np.empty(N, np.float32)
+        dh = np.empty_like(h) if need_dh else None
+        dw = np.zeros_like(W) if need_dw else None
+        for r0 in range(0, N, R):
+            r1 = min(N, r0 + R)
+            lg = logits[:r1 - r0]
+            gemm_nt(h[r0:r1], W, lg)
+            if grad:
+                crossentropy_forward_backward(lg, targets[r0:r1], losses[r0:r1], lse[r0:r1], scale)
+                if need_dh:
+                    gemm_nn(lg, W, dh[r0:r1])
+                if need_dw:
+                    gemm_tn(lg, h[r0:r1], dw, accumulate=True)
+            else:
+                crossentropy_forward(lg, targets[r0:r1], losses[r0:r1], lse[r0:r1])
+        loss = float(losses.sum(dtype=np.float64) / n_valid) if n_valid else float("nan")
+        return loss, dh, dw
+
+    def backward(self):
+        """Fill self.grads (accumulating) from the last forward(tokens, targets)."""
+        tape = self._tape
+        if tape is None:
+            raise InputError("backward() needs a preceding forward(tokens, targets) with trainable "
+                             "parameters (and no freeze/unfreeze in between)")
+        self._tape = None
+        P, G = self.params, self.grads
+        self.last_backward_blocks = []
+        if tape["dw"] is not None:
+            G[self.head] += tape["dw"]
+        dh = tape["dh"]
+        if dh is None:
+            return
+        dx = np.zeros_like(dh)                           # (N, C)
+        self.ln_f.backward(P, G, dh, tape["x"], tape["st"], dx)
+        low = tape["low"]
+        for b in reversed(self.blocks):
+            if b.index < low or dx is None:
+                break
+            self.last_backward_blocks.append(b.index)
+            dx = b.backward(P, G, dx, tape["saved"].pop(b.index), tape["rope"], need_dx=b.index > low)
+        if low == -1 and dx is not None:
+            tokens = tape["tokens"]
+            embedding_backward(dx.reshape(*tokens.shape, -1), tokens, G.get("wte.weight"),
+                               G.get("wpe.weight"))
+
+    def saved_bytes(self) -> int:
+        """Bytes of activations the last forward kept for backward."""
+        if self._tape is None:
+            return 0
+        total = 0
+        stack = [self._tape]
+        while stack:
+            o = stack.pop()
+            if isinstance(o, np.ndarray):
+                total += o.nbytes
+            elif isinstance(o, dict):
+                stack += list(o.values())
+            elif isinstance(o, (tuple, list)):
+                stack += list(o)
+        return total
+
+    # ---- saving -----------------------------------------------------------------------------
+    def save(self, path: str, dtype: str = "F32"):
+        """Write a Hugging Face directory (config.json + model.safetensors) that transformers'
+        AutoModelForCausalLM.from_pretrained loads."""
+        from .io import save_model
+        save_model(self, path, dtype=dtype)
+
+    def __repr__(self):
+        c = self.config
+        return (f"Model({c.model_type}, {c.n_layer} blocks, d_model={c.d_model}, "
+                f"{self.num_params() / 1e6:.1f}M params, {self.num_params(True) / 1e6:.1f}M trainable)")

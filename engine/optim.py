@@ -1,0 +1,147 @@
+"""Optimizers with state only for trainable parameters, gradient clipping, LR schedules.
+
+An optimizer follows its model's trainable set: state is created when a parameter is unfrozen
+and dropped when it is frozen (the model calls `_sync` on every change).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from kernels.adamw import adamw_step
+
+from .errors import InputError
+
+
+class Optimizer:
+    def __init__(self, model, lr: float):
+        if not lr >= 0:
+            raise InputError(f"learning rate must be >= 0, got {lr}")
+        self.model = model
+        self.lr = float(lr)
+        self.state: dict[str, dict] = {}
+        self.t = 0  # steps taken
+        model._optimizers.add(self)
+        self._sync()
+
+    def _sync(self):
+        live = self.model.grads
+        for n in list(self.state):
+            if n not in live:
+                del self.state[n]
+        for n in live:
+            if n not in self.state:
+                self.state[n] = self._new_state(self.model.params[n])
+
+    def _new_state(self, p) -> dict:
+        raise NotImplementedError
+
+    def step(self):
+        self._sync()
+        self.t += 1
+        for n, st in self.state.items():
+            self._update(n, self.model.params[n], self.model.grads[n], st)
+
+    def state_bytes(self) -> int:
+        return sum(a.nbytes for st in self.state.values() for a in st.values()
+                   if isinstance(a, np.ndarray))
+
+    def state_dict(self) -> dict:
+        return {"t": self.t, "lr": self.lr, "state": {n: dict(s) for n, s in self.state.items()}}
+
+    def load_state_dict(self, d: dict):
+        self.t = int(d["t"])
+        self.lr = float(d["lr"])
+        for n, s in d["state"].items():
+            if n not in self.state:
+                raise InputError(f"optimizer state for {n!r}, which is not trainable in this model")
+            for k, a in s.items():
+                if isinstance(a, np.ndarray) and a.shape != self.state[n][k].shape:
+                    raise InputError(f"optimizer state {n}.{k} has shape {a.shape}, expected "
+                                     f"{self.state[n][k].shape}")
+                self.state[n][k] = np.array(a, dtype=np.float32) if isinstance(a, np.ndarray) else a
+
+
+def _decays(name: str, p: np.ndarray) -> bool:
+    """Weight decay applies to matrices, not to norm weights and biases."""
+    return p.ndim >= 2
+
+
+class AdamW(Optimizer):
+    """torch.optim.AdamW semantics: decoupled decay p *= 1 - lr * wd, bias-corrected moments."""
+
+    def __init__(self, model, lr=3e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 decay_filter=_decays):
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.eps = float(eps)
+        self.weight_decay = float(weight_decay)
+        self.decay_filter = decay_filter
+        super().__init__(model, lr)
+
+    def _new_state(self, p):
+        return {"m": np.zeros_like(p), "v": np.zeros_like(p)}
+
+    def _update(self, name, p, g, st):
+        wd = self.weight_decay if self.decay_filter(name, p) else 0.0
+        adamw_step(p, g, st["m"], st["v"], self.lr, self.betas[0], self.betas[1], self.eps, wd, self.t)
+
+
+class SGD(Optimizer):
+    """torch.optim.SGD semantics: g += wd * p; buf = momentum * buf + g (buf = g at first);
+    p -= lr * buf (or lr * (g + momentum * buf) with nesterov)."""
+
+    def __init__(self, model, lr=1e-2, momentum=0.0, weight_decay=0.0, nesterov=False):
+        self.momentum = float(momentum)
+        self.weight_decay = float(weight_decay)
+        self.nesterov = bool(nesterov)
+        super().__init__(model, lr)
+
+    def _new_state(self, p):
+        return {"buf": np.zeros_like(p), "started": False} if self.momentum else {}
+
+    def _update(self, name, p, g, st):
+        d = g + np.float32(self.weight_decay) * p if self.weight_decay else g
+        if self.momentum:
+            buf = st["buf"]
+            if st["started"]:
+                buf *= np.float32(self.momentum)
+                buf += d
+            else:
+                buf[...] = d
+                st["started"] = True
+            d = d + np.float32(self.momentum) * buf if self.nesterov else buf
+        p -= np.float32(self.lr) * d
+
+
+def grad_norm(model) -> float:
+    """Global L2 norm of the trainable gradients (float64 accumulation)."""
+    return math.sqrt(sum(float(np.dot(g.reshape(-1).astype(np.float64), g.reshape(-1)))
+                         for g in model.grads.values()))
+
+
+def clip_grad_norm(model, max_norm: float) -> float:
+    """Scale the gradients so their global norm is at most max_norm (as torch's
+    clip_grad_norm_); returns the norm before clipping."""
+    total = grad_norm(model)
+    coef = max_norm / (total + 1e-6)
+    if coef < 1.0:
+        for g in model.grads.values():
+            g *= np.float32(coef)
+    return total
+
+
+class CosineSchedule:
+    """Linear warmup from 0 to lr over `warmup` steps, then cosine decay to min_lr at `total`."""
+
+    def __init__(self, lr: float, total: int, warmup: int = 0, min_lr: float = 0.0):
+        if total <= 0 or warmup < 0:
+            raise InputError(f"schedule needs total > 0 and warmup >= 0, got {total}, {warmup}")
+        self.lr, self.total, self.warmup, self.min_lr = lr, total, warmup, min_lr
+
+    def __call__(self, step: int) -> float:
+        """LR for step (0-based)."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        frac = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * frac))

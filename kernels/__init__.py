@@ -1,0 +1,6 @@
+"""Numba kernels: pure functions over float32 arrays, no model knowledge.
+
+Conventions: arrays are C-contiguous float32 (int64 for token ids); `*_forward` returns nothing
+and writes into `out` arrays given by the caller; `*_backward` writes the input gradient and
+accumulates (+=) parameter gradients, so callers can sum over micro-batches.
+"""

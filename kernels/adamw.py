@@ -1,0 +1,34 @@
+"""Fused AdamW update over one parameter, in one pass (torch.optim.AdamW's arithmetic)."""
+import numpy as np
+
+from .jit import flat, pjit, prange
+
+_BLK = 16384
+
+
+@pjit
+def _adamw_step(p, g, m, v, lr, beta1, beta2, eps, wd, bc1, bc2_sqrt):
+    n = p.shape[0]
+    decay = np.float32(1.0 - lr * wd)
+    b1 = np.float32(beta1)
+    b2 = np.float32(beta2)
+    one_b1 = np.float32(1.0 - beta1)
+    one_b2 = np.float32(1.0 - beta2)
+    step = np.float32(lr / bc1)
+    inv_bc2 = np.float32(1.0 / bc2_sqrt)
+    e = np.float32(eps)
+    for blk in prange((n + _BLK - 1) // _BLK):
+        for i in range(blk * _BLK, min(n, (blk + 1) * _BLK)):
+            gi = g[i]
+            mi = m[i] + one_b1 * (gi - m[i])      # torch: exp_avg.lerp_(grad, 1 - beta1)
+            vi = b2 * v[i] + one_b2 * gi * gi
+            m[i] = mi
+            v[i] = vi
+            p[i] = p[i] * decay - step * mi / (np.sqrt(vi) * inv_bc2 + e)
+
+
+def adamw_step(p, g, m, v, lr, beta1, beta2, eps, weight_decay, t):
+    """Update p in place at step t (1-based); m, v are the first and second moments."""
+    bc1 = 1.0 - beta1 ** t
+    bc2_sqrt = (1.0 - beta2 ** t) ** 0.5
+    _adamw_step(flat(p), flat(g), flat(m), flat(v), lr, beta1, beta2, eps, weight_decay, bc1, bc2_sqrt)

@@ -1,0 +1,50 @@
+"""Rotary position embeddings in the Hugging Face "rotate_half" convention.
+
+For a head vector split in halves (x1, x2): out = (x1 cos - x2 sin, x2 cos + x1 sin).
+Applied in place; backward is the inverse rotation, also in place.
+"""
+import numpy as np
+
+from .jit import pjit, prange
+
+
+def rope_table(n_pos, head_dim, theta, offset=0):
+    """cos, sin of shape (n_pos, head_dim // 2) for positions offset .. offset + n_pos - 1.
+
+    Computed in float32 the way transformers does (inv_freq and the angle products in float32),
+    so that long positions round the same way."""
+    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (1.0 / (np.float32(theta) ** exponent)).astype(np.float32)  # (half,)
+    pos = np.arange(offset, offset + n_pos, dtype=np.float32)
+    ang = pos[:, None] * inv_freq[None, :]  # (n_pos, half) float32
+    return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
+
+
+@pjit
+def _rotate(x, cos, sin, sign):
+    B, T, H, D = x.shape
+    h2 = D // 2
+    for bt in prange(B * T):
+        b = bt // T
+        t = bt % T
+        c = cos[t]
+        s = sin[t]
+        for h in range(H):
+            xv = x[b, t, h]
+            for j in range(h2):
+                x1 = xv[j]
+                x2 = xv[j + h2]
+                sj = sign * s[j]
+                xv[j] = x1 * c[j] - x2 * sj
+                xv[j + h2] = x2 * c[j] + x1 * sj
+
+
+def rope_forward(x, cos, sin):
+    """x: (B, T, H, D) rotated in place; cos, sin: (T, D // 2)."""
+    _rotate(x, cos, sin, np.float32(1.0))
+
+
+def rope_backward(dx, cos, sin):
+    """dx: (B, T, H, D) gradient w.r.t. the rotated x, turned in place into the gradient w.r.t.
+    the input (the transpose of a rotation is the rotation by the opposite angle)."""
+    _rotate(dx, cos, sin, np.float32(-1.0))

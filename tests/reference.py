@@ -1,0 +1,197 @@
+"""Naive NumPy twins of every kernel, in float64, written for clarity, not speed.
+
+Each op is a pair fwd(...) -> out and bwd(dout, ...) -> input gradients, derived by hand
+independently of the kernels; tests check the twins against float64 finite differences and
+PyTorch, and the kernels against the twins.
+"""
+import numpy as np
+
+
+def f64(*arrays):
+    return [np.asarray(a, dtype=np.float64) for a in arrays]
+
+
+# ---- matmul -------------------------------------------------------------------------------
+def gemm(a, b, layout):
+    a, b = f64(a, b)
+    return {"nt": lambda: a @ b.T, "nn": lambda: a @ b, "tn": lambda: a.T @ b}[layout]()
+
+
+# ---- norms --------------------------------------------------------------------------------
+def layernorm_fwd(x, w, b, eps):
+    x, w, b = f64(x, w, b)
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * w + b
+
+
+def layernorm_bwd(dout, x, w, eps):
+    dout, x, w = f64(dout, x, w)
+    C = x.shape[-1]
+    mu = x.mean(-1, keepdims=True)
+    rstd = 1 / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + eps)
+    xh = (x - mu) * rstd
+    dxh = dout * w
+    dx = rstd / C * (C * dxh - dxh.sum(-1, keepdims=True) - xh * (dxh * xh).sum(-1, keepdims=True))
+    return dx, (dout * xh).sum(0), dout.sum(0)
+
+
+def rmsnorm_fwd(x, w, eps):
+    x, w = f64(x, w)
+    return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
+
+
+def rmsnorm_bwd(dout, x, w, eps):
+    dout, x, w = f64(dout, x, w)
+    C = x.shape[-1]
+    rstd = 1 / np.sqrt((x * x).mean(-1, keepdims=True) + eps)
+    dxh = dout * w
+    dx = rstd * dxh - x * rstd ** 3 / C * (dxh * x).sum(-1, keepdims=True)
+    return dx, (dout * x * rstd).sum(0)
+
+
+# ---- activations --------------------------------------------------------------------------
+_K0, _K1 = np.sqrt(2 / np.pi), 0.044715
+
+
+def gelu_fwd(x):
+    (x,) = f64(x)
+    return 0.5 * x * (1 + np.tanh(_K0 * (x + _K1 * x ** 3)))
+
+
+def gelu_bwd(dout, x):
+    dout, x = f64(dout, x)
+    t = np.tanh(_K0 * (x + _K1 * x ** 3))
+    return dout * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _K0 * (1 + 3 * _K1 * x * x))
+
+
+def _sigmoid(x):
+    return 0.5 * (1 + np.tanh(0.5 * x))  # no overflow for large |x|
+
+
+def swiglu_fwd(g, u):
+    g, u = f64(g, u)
+    return g * _sigmoid(g) * u
+
+
+def swiglu_bwd(dout, g, u):
+    dout, g, u = f64(dout, g, u)
+    s = _sigmoid(g)
+    return dout * u * (s + g * s * (1 - s)), dout * g * s
+
+
+# ---- rotary embedding ---------------------------------------------------------------------
+def rope_fwd(x, cos, sin):
+    """x (B, T, H, D); cos, sin (T, D/2). Pairs (j, j + D/2) rotate by the angle of j."""
+    x, cos, sin = f64(x, cos, sin)
+    out = np.empty_like(x)
+    h = x.shape[-1] // 2
+    for j in range(h):
+        c, s = cos[None, :, None, j], sin[None, :, None, j]
+        out[..., j] = x[..., j] * c - x[..., j + h] * s
+        out[..., j + h] = x[..., j + h] * c + x[..., j] * s
+    return out
+
+
+def rope_bwd(dout, cos, sin):
+    return rope_fwd(dout, cos, -np.asarray(sin))
+
+
+# ---- attention ----------------------------------------------------------------------------
+def _expand_kv(k, H):
+    return np.repeat(k, H // k.shape[2], axis=2)
+
+
+def attention_fwd(q, k, v, pos0=0):
+    """q (B, Tq, H, D), k, v (B, Tk, Hkv, D); query i at position pos0 + i."""
+    q, k, v = f64(q, k, v)
+    B, Tq, H, D = q.shape
+    Tk = pos0 + Tq
+    k, v = _expand_kv(k[:, :Tk], H), _expand_kv(v[:, :Tk], H)
+    s = np.einsum("bihd,bjhd->bhij", q, k) / np.sqrt(D)
+    mask = np.arange(Tk)[None, :] > (pos0 + np.arange(Tq))[:, None]
+    s = np.where(mask, -np.inf, s)
+    m = s.max(-1, keepdims=True)
+    p = np.exp(s - m)
+    lse = (m + np.log(p.sum(-1, keepdims=True)))[..., 0]
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhij,bjhd->bihd", p, v), lse
+
+
+def attention_bwd(dout, q, k, v):
+    dout, q, k, v = f64(dout, q, k, v)
+    B, T, H, D = q.shape
+    Hkv = k.shape[2]
+    ke, ve = _expand_kv(k, H), _expand_kv(v, H)
+    s = np.einsum("bihd,bjhd->bhij", q, ke) / np.sqrt(D)
+    s = np.where(np.triu(np.ones((T, T), bool), 1), -np.inf, s)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    dv = np.einsum("bhij,bihd->bjhd", p, dout)
+    dp = np.einsum("bihd,bjhd->bhij", dout, ve)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True)) / np.sqrt(D)
+    dq = np.einsum("bhij,bjhd->bihd", ds, ke)
+    dk = np.einsum("bhij,bihd->bjhd", ds, q)
+    fold = lambda a: a.reshape(B, T, Hkv, H // Hkv, D).sum(3)  # noqa: E731  sum a group's heads
+    return dq, fold(dk), fold(dv)
+
+
+# ---- embedding ----------------------------------------------------------------------------
+def embedding_fwd(tokens, wte, wpe=None, pos0=0):
+    (wte,) = f64(wte)
+    out = wte[tokens]
+    if wpe is not None:
+        out = out + np.asarray(wpe, np.float64)[pos0:pos0 + tokens.shape[1]][None]
+    return out
+
+
+def embedding_bwd(dout, tokens, V, P=None, pos0=0):
+    (dout,) = f64(dout)
+    dwte = np.zeros((V, dout.shape[-1]))
+    np.add.at(dwte, tokens.reshape(-1), dout.reshape(-1, dout.shape[-1]))
+    dwpe = None
+    if P is not None:
+        dwpe = np.zeros((P, dout.shape[-1]))
+        dwpe[pos0:pos0 + tokens.shape[1]] = dout.sum(0)
+    return dwte, dwpe
+
+
+# ---- cross-entropy ------------------------------------------------------------------------
+def crossentropy_fwd(logits, targets):
+    """Per-row loss (0 where target < 0) and log-sum-exp."""
+    (x,) = f64(logits)
+    m = x.max(-1, keepdims=True)
+    lse = (m + np.log(np.exp(x - m).sum(-1, keepdims=True)))[:, 0]
+    valid = targets >= 0
+    loss = np.where(valid, lse - x[np.arange(len(x)), np.where(valid, targets, 0)], 0.0)
+    return loss, lse
+
+
+def crossentropy_bwd(logits, targets, scale):
+    """d(scale * sum of losses)/d(logits)."""
+    (x,) = f64(logits)
+    p = np.exp(x - x.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    valid = targets >= 0
+    p[np.arange(len(x)), np.where(valid, targets, 0)] -= 1
+    return np.where(valid[:, None], p * scale, 0.0)
+
+
+# ---- AdamW --------------------------------------------------------------------------------
+def adamw(p, g, m, v, lr, b1, b2, eps, wd, t):
+    p, g, m, v = f64(p, g, m, v)
+    p = p * (1 - lr * wd)
+    m = b1 * m + (1 - b1) * g
+    v = b2 * v + (1 - b2) * g * g
+    mh, vh = m / (1 - b1 ** t), v / (1 - b2 ** t)
+    return p - lr * mh / (np.sqrt(vh) + eps), m, v
+
+
+# ---- finite differences -------------------------------------------------------------------
+def directional_fd(f, xs, i, u, h=1e-6):
+    """Central difference of scalar f(*xs) along direction u of argument i, in float64."""
+    xp = [np.array(x, np.float64) for x in xs]
+    xm = [np.array(x, np.float64) for x in xs]
+    xp[i] = xp[i] + h * u
+    xm[i] = xm[i] - h * u
+    return (f(*xp) - f(*xm)) / (2 * h)

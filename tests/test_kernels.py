@@ -1,0 +1,419 @@
+"""Every kernel against its naive NumPy twin (tests/reference.py), the twin's gradients against
+float64 finite differences, and PyTorch where it has the op. Shapes come from hypothesis and
+include the edges (one row, T = 1, one head, widths that are not multiples of any block).
+
+CI runs this file twice: compiled, and with NUMBA_DISABLE_JIT=1 (the plain Python path), so
+shapes stay small.
+"""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import reference as ref
+from kernels.activation import gelu_backward, gelu_forward, swiglu_backward, swiglu_forward
+from kernels.adamw import adamw_step
+from kernels.attention import attention_backward, attention_forward
+from kernels.embedding import embedding_backward, embedding_forward
+from kernels.loss import crossentropy_forward, crossentropy_forward_backward
+from kernels.matmul import gemm_nn, gemm_nt, gemm_tn
+from kernels.norm import layernorm_backward, layernorm_forward, rmsnorm_backward, rmsnorm_forward
+from kernels.rope import rope_backward, rope_forward, rope_table
+from kernels.vexp import exp_into
+
+SETTINGS = settings(max_examples=15, deadline=None, derandomize=True)
+FWD_TOL = dict(rtol=2e-5, atol=2e-6)   # float32 kernel vs float64 twin, values O(1)
+GRAD_TOL = dict(rtol=1e-4, atol=1e-5)  # gradients sum more terms: looser
+
+
+def rng_of(seed):
+    return np.random.default_rng(seed)
+
+
+def randn(rng, *shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def close(actual, expected, tol, scale=None):
+    """allclose with atol relative to the size of the expected values."""
+    expected = np.asarray(expected, np.float64)
+    s = scale if scale is not None else max(1.0, float(np.abs(expected).max(initial=0.0)))
+    np.testing.assert_allclose(actual, expected, rtol=tol["rtol"], atol=tol["atol"] * s)
+
+
+def check_twin_grad(loss_of, inputs, grads, rng, idx=None):
+    """The twin's analytic gradients match float64 central differences of the twin's forward
+    along a random direction, for each input index in idx."""
+    for i in (range(len(inputs)) if idx is None else idx):
+        u = rng.standard_normal(np.shape(inputs[i]))
+        fd = ref.directional_fd(loss_of, inputs, i, u)
+        an = float(np.sum(np.asarray(grads[i], np.float64) * u))
+        assert abs(fd - an) <= 1e-6 * max(1.0, abs(fd)), (i, fd, an)
+
+
+def t64(a, grad=False):
+    return torch.tensor(np.asarray(a, np.float64), requires_grad=grad)
+
+
+# ---- vectorized exp -------------------------------------------------------------------------
+@SETTINGS
+@given(n=st.integers(1, 300), seed=st.integers(0, 2**16))
+def test_exp_into(n, seed):
+    x = randn(rng_of(seed), n, scale=30.0).clip(-87, 88)
+    out = np.empty_like(x)
+    s = exp_into(x, out, np.empty(n, np.int32))
+    want = np.exp(x.astype(np.float64))
+    np.testing.assert_allclose(out, want, rtol=5e-7)
+    np.testing.assert_allclose(s, want.sum(), rtol=1e-5)
+
+
+def test_exp_into_extremes():
+    x = np.array([-np.inf, -1000.0, -87.0, 0.0, 88.0], np.float32)
+    out = np.empty_like(x)
+    exp_into(x, out, np.empty(5, np.int32))
+    assert np.all(out[:2] < 1e-37) and np.all(out >= 0)
+    np.testing.assert_allclose(out[2:], np.exp(x[2:].astype(np.float64)), rtol=5e-7)
+
+
+# ---- GEMM -----------------------------------------------------------------------------------
+@SETTINGS
+@given(M=st.integers(1, 19), K=st.integers(1, 40), N=st.integers(1, 19), seed=st.integers(0, 2**16),
+       acc=st.booleans())
+@pytest.mark.parametrize("layout", ["nt", "nn", "tn"])
+@pytest.mark.parametrize("backend", ["numba", "blas"])
+def test_gemm(layout, backend, M, K, N, seed, acc):
+    rng = rng_of(seed)
+    shapes = {"nt": ((M, K), (N, K)), "nn": ((M, K), (K, N)), "tn": ((K, M), (K, N))}[layout]
+    a, b = randn(rng, *shapes[0]), randn(rng, *shapes[1])
+    out = randn(rng, M, N)
+    base = out.astype(np.float64) if acc else 0.0
+    fn = {"nt": gemm_nt, "nn": gemm_nn, "tn": gemm_tn}[layout]
+    fn(a, b, out, accumulate=acc, backend=backend)
+    close(out, base + ref.gemm(a, b, layout), FWD_TOL, scale=np.sqrt(K) + 1)
+
+
+def test_gemm_large_k_blocks():
+    """K crosses the kernel's k-block boundary; M, N leave tails in both tile directions."""
+    rng = rng_of(1)
+    a, b = randn(rng, 7, 1100), randn(rng, 67, 1100)
+    out = np.empty((7, 67), np.float32)
+    gemm_nt(a, b, out, backend="numba")
+    close(out, ref.gemm(a, b, "nt"), FWD_TOL, scale=40)
+
+
+# ---- norms ----------------------------------------------------------------------------------
+@SETTINGS
+@given(N=st.integers(1, 9), C=st.integers(1, 70), seed=st.integers(0, 2**16),
+       scale=st.sampled_from([1.0, 1e-3, 1e3]))
+def test_layernorm(N, C, seed, scale):
+    rng = rng_of(seed)
+    x = randn(rng, N, C, scale=scale) + np.float32(scale)   # offset: mean far from 0
+    w, b, dout = randn(rng, C), randn(rng, C), randn(rng, N, C)
+    eps = 1e-5
+    out, mean, rstd = np.empty_like(x), np.empty(N, np.float32), np.empty(N, np.float32)
+    layernorm_forward(x, w, b, out, mean, rstd, eps)
+    close(out, ref.layernorm_fwd(x, w, b, eps), dict(rtol=1e-4, atol=1e-4))
+    dx, dw, db = np.zeros_like(x), np.ones(C, np.float32), np.ones(C, np.float32)
+    layernorm_backward(dout, x, w, mean, rstd, dx, dw, db)
+    rdx, rdw, rdb = ref.layernorm_bwd(dout, x, w, eps)
+    # the size of the terms that cancel inside dx: rstd * |dout * w|
+    terms = float(np.abs(rstd).max() * np.abs(dout * w).max())
+    close(dx, rdx, dict(rtol=1e-3, atol=1e-5), scale=terms)
+    close(dw - 1, rdw, GRAD_TOL, scale=np.abs(rdw).max() + 1)  # parameter grads accumulate
+    close(db - 1, rdb, GRAD_TOL)
+    dx2 = dx.copy()
+    layernorm_backward(dout, x, w, mean, rstd, dx2)       # so does dx (the residual stream)
+    close(dx2, 2 * rdx, dict(rtol=1e-3, atol=1e-5), scale=terms)
+
+
+def test_layernorm_twin_and_torch():
+    rng = rng_of(0)
+    x, w, b, dout = randn(rng, 5, 13), randn(rng, 13), randn(rng, 13), randn(rng, 5, 13)
+    loss = lambda x, w, b: float(np.sum(ref.layernorm_fwd(x, w, b, 1e-5) * dout))  # noqa: E731
+    check_twin_grad(loss, [x, w, b], ref.layernorm_bwd(dout, x, w, 1e-5), rng)
+    tx, tw, tb = t64(x, True), t64(w, True), t64(b, True)
+    y = torch.nn.functional.layer_norm(tx, (13,), tw, tb, 1e-5)
+    y.backward(t64(dout))
+    np.testing.assert_allclose(y.detach().numpy(), ref.layernorm_fwd(x, w, b, 1e-5), rtol=1e-12, atol=1e-12)
+    for got, want in zip(ref.layernorm_bwd(dout, x, w, 1e-5), (tx.grad, tw.grad, tb.grad)):
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-10, atol=1e-10)
+
+
+@SETTINGS
+@given(N=st.integers(1, 9), C=st.integers(1, 70), seed=st.integers(0, 2**16),
+       scale=st.sampled_from([1.0, 1e-3, 1e3]))
+def test_rmsnorm(N, C, seed, scale):
+    rng = rng_of(seed)
+    x, w, dout = randn(rng, N, C, scale=scale), randn(rng, C), randn(rng, N, C)
+    eps = 1e-6
+    out, rstd = np.empty_like(x), np.empty(N, np.float32)
+    rmsnorm_forward(x, w, out, rstd, eps)
+    close(out, ref.rmsnorm_fwd(x, w, eps), dict(rtol=1e-4, atol=1e-5))
+    dx, dw = np.zeros_like(x), np.ones(C, np.float32)
+    rmsnorm_backward(dout, x, w, rstd, dx, dw)
+    rdx, rdw = ref.rmsnorm_bwd(dout, x, w, eps)
+    terms = float(np.abs(rstd).max() * np.abs(dout * w).max())
+    close(dx, rdx, dict(rtol=1e-3, atol=1e-5), scale=terms)
+    close(dw - 1, rdw, GRAD_TOL)
+    rmsnorm_backward(dout, x, w, rstd, dx)
+    close(dx, 2 * rdx, dict(rtol=1e-3, atol=1e-5), scale=terms)
+
+
+def test_rmsnorm_twin_and_torch():
+    rng = rng_of(0)
+    x, w, dout = randn(rng, 4, 11), randn(rng, 11), randn(rng, 4, 11)
+    loss = lambda x, w: float(np.sum(ref.rmsnorm_fwd(x, w, 1e-6) * dout))  # noqa: E731
+    check_twin_grad(loss, [x, w], ref.rmsnorm_bwd(dout, x, w, 1e-6), rng)
+    tx, tw = t64(x, True), t64(w, True)
+    y = torch.nn.functional.rms_norm(tx, (11,), tw, 1e-6)
+    y.backward(t64(dout))
+    np.testing.assert_allclose(y.detach().numpy(), ref.rmsnorm_fwd(x, w, 1e-6), rtol=1e-12)
+    for got, want in zip(ref.rmsnorm_bwd(dout, x, w, 1e-6), (tx.grad, tw.grad)):
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-10, atol=1e-12)
+
+
+# ---- activations ----------------------------------------------------------------------------
+@SETTINGS
+@given(n=st.integers(1, 300), seed=st.integers(0, 2**16), scale=st.sampled_from([1.0, 10.0, 100.0]))
+def test_gelu(n, seed, scale):
+    rng = rng_of(seed)
+    x, dout = randn(rng, n, scale=scale), randn(rng, n)
+    out, dx = np.empty_like(x), np.empty_like(x)
+    gelu_forward(x, out)
+    close(out, ref.gelu_fwd(x), FWD_TOL, scale=1.0)
+    gelu_backward(dout, x, dx)
+    close(dx, ref.gelu_bwd(dout, x), GRAD_TOL)
+
+
+def test_gelu_twin_and_torch():
+    rng = rng_of(0)
+    x, dout = randn(rng, 40, scale=3), randn(rng, 40)
+    check_twin_grad(lambda x: float(np.sum(ref.gelu_fwd(x) * dout)), [x], [ref.gelu_bwd(dout, x)], rng)
+    tx = t64(x, True)
+    y = torch.nn.functional.gelu(tx, approximate="tanh")
+    y.backward(t64(dout))
+    np.testing.assert_allclose(y.detach().numpy(), ref.gelu_fwd(x), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(tx.grad.numpy(), ref.gelu_bwd(dout, x), rtol=1e-10, atol=1e-14)
+
+
+@SETTINGS
+@given(n=st.integers(1, 300), seed=st.integers(0, 2**16), scale=st.sampled_from([1.0, 10.0, 100.0]))
+def test_swiglu(n, seed, scale):
+    rng = rng_of(seed)
+    g, u, dout = randn(rng, n, scale=scale), randn(rng, n), randn(rng, n)
+    out, dg, du = np.empty_like(g), np.empty_like(g), np.empty_like(g)
+    swiglu_forward(g, u, out)
+    close(out, ref.swiglu_fwd(g, u), FWD_TOL)
+    swiglu_backward(dout, g, u, dg, du)
+    rdg, rdu = ref.swiglu_bwd(dout, g, u)
+    close(dg, rdg, GRAD_TOL)
+    close(du, rdu, GRAD_TOL)
+
+
+def test_swiglu_twin_and_torch():
+    rng = rng_of(0)
+    g, u, dout = randn(rng, 30, scale=3), randn(rng, 30), randn(rng, 30)
+    loss = lambda g, u: float(np.sum(ref.swiglu_fwd(g, u) * dout))  # noqa: E731
+    check_twin_grad(loss, [g, u], ref.swiglu_bwd(dout, g, u), rng)
+    tg, tu = t64(g, True), t64(u, True)
+    y = torch.nn.functional.silu(tg) * tu
+    y.backward(t64(dout))
+    np.testing.assert_allclose(y.detach().numpy(), ref.swiglu_fwd(g, u), rtol=1e-12)
+    for got, want in zip(ref.swiglu_bwd(dout, g, u), (tg.grad, tu.grad)):
+        np.testing.assert_allclose(got, want.numpy(), rtol=1e-10, atol=1e-14)
+
+
+# ---- rotary embeddings ----------------------------------------------------------------------
+@SETTINGS
+@given(B=st.integers(1, 2), T=st.integers(1, 9), H=st.integers(1, 3), half=st.integers(1, 6),
+       seed=st.integers(0, 2**16), pos0=st.sampled_from([0, 5, 1000]))
+def test_rope(B, T, H, half, seed, pos0):
+    rng = rng_of(seed)
+    D = 2 * half
+    cos, sin = rope_table(T, D, 10000.0, offset=pos0)
+    x, dout = randn(rng, B, T, H, D), randn(rng, B, T, H, D)
+    y = x.copy()
+    rope_forward(y, cos, sin)
+    close(y, ref.rope_fwd(x, cos, sin), FWD_TOL)
+    dx = dout.copy()
+    rope_backward(dx, cos, sin)
+    close(dx, ref.rope_bwd(dout, cos, sin), FWD_TOL)
+
+
+def test_rope_twin_and_torch():
+    """The twin's gradient is the transpose of the forward; the table and rotation match
+    transformers' Llama rotary code."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    rng = rng_of(0)
+    cos, sin = rope_table(7, 8, 500.0, offset=3)
+    x, dout = randn(rng, 1, 7, 2, 8), randn(rng, 1, 7, 2, 8)
+    check_twin_grad(lambda x: float(np.sum(ref.rope_fwd(x, cos, sin) * dout)), [x],
+                    [ref.rope_bwd(dout, cos, sin)], rng)
+    inv = 1.0 / (500.0 ** (torch.arange(0, 8, 2, dtype=torch.int64).float() / 8))
+    ang = torch.arange(3, 10).float()[:, None] * inv[None]
+    np.testing.assert_allclose(cos, torch.cos(ang).numpy(), rtol=1e-6, atol=1e-7)
+    emb = torch.cat([ang, ang], -1)
+    tq = torch.tensor(x).transpose(1, 2)  # transformers: (B, H, T, D)
+    q, _ = apply_rotary_pos_emb(tq, tq, emb.cos()[None], emb.sin()[None])
+    np.testing.assert_allclose(ref.rope_fwd(x, cos, sin), q.transpose(1, 2).numpy(), rtol=1e-5, atol=1e-6)
+
+
+# ---- attention ------------------------------------------------------------------------------
+def _attn_inputs(rng, B, T, H, Hkv, D, scale=1.0):
+    return (randn(rng, B, T, H, D, scale=scale), randn(rng, B, T, Hkv, D, scale=scale),
+            randn(rng, B, T, Hkv, D), randn(rng, B, T, H, D))
+
+
+@SETTINGS
+@given(B=st.integers(1, 2), T=st.integers(1, 11), Hkv=st.integers(1, 3), group=st.integers(1, 3),
+       D=st.integers(1, 9), seed=st.integers(0, 2**16), scale=st.sampled_from([1.0, 30.0]))
+def test_attention(B, T, Hkv, group, D, seed, scale):
+    rng = rng_of(seed)
+    H = Hkv * group
+    q, k, v, dout = _attn_inputs(rng, B, T, H, Hkv, D, scale)
+    out, lse = np.empty_like(q), np.empty((B, H, T), np.float32)
+    attention_forward(q, k, v, out, lse, 0)
+    rout, rlse = ref.attention_fwd(q, k, v)
+    close(out, rout, dict(rtol=1e-4, atol=1e-5))
+    close(lse, rlse, dict(rtol=1e-5, atol=1e-5))
+    dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
+    attention_backward(dout, q, k, v, out, lse, dq, dk, dv)
+    for got, want in zip((dq, dk, dv), ref.attention_bwd(dout, q, k, v)):
+        close(got, want, dict(rtol=1e-3, atol=1e-4), scale=np.abs(want).max() + 1)
+
+
+@SETTINGS
+@given(T=st.integers(1, 6), past=st.integers(0, 9), seed=st.integers(0, 2**16))
+def test_attention_with_cache_offset(T, past, seed):
+    """Queries at positions past.. see the cached keys; keys beyond the query are never read."""
+    rng = rng_of(seed)
+    B, H, Hkv, D = 2, 4, 2, 5
+    q = randn(rng, B, T, H, D)
+    k, v = randn(rng, B, past + T + 3, Hkv, D), randn(rng, B, past + T + 3, Hkv, D)
+    k[:, past + T:] = np.nan  # must not be read
+    out, lse = np.empty_like(q), np.empty((B, H, T), np.float32)
+    attention_forward(q, k, v, out, lse, past)
+    rout, rlse = ref.attention_fwd(q, k, v, pos0=past)
+    close(out, rout, dict(rtol=1e-4, atol=1e-5))
+    close(lse, rlse, dict(rtol=1e-5, atol=1e-5))
+
+
+def test_attention_twin_and_torch():
+    rng = rng_of(0)
+    B, T, H, Hkv, D = 2, 6, 4, 2, 3
+    q, k, v, dout = _attn_inputs(rng, B, T, H, Hkv, D)
+    loss = lambda q, k, v: float(np.sum(ref.attention_fwd(q, k, v)[0] * dout))  # noqa: E731
+    check_twin_grad(loss, [q, k, v], ref.attention_bwd(dout, q, k, v), rng)
+    tq, tk, tv = (t64(a, True).transpose(1, 2) for a in (q, k, v))  # (B, H, T, D)
+    for t in (tq, tk, tv):
+        t.retain_grad()
+    y = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True, enable_gqa=True)
+    y.backward(t64(dout).transpose(1, 2))
+    np.testing.assert_allclose(y.transpose(1, 2).detach().numpy(), ref.attention_fwd(q, k, v)[0], rtol=1e-10)
+    for got, want in zip(ref.attention_bwd(dout, q, k, v), (tq, tk, tv)):
+        np.testing.assert_allclose(got, want.grad.transpose(1, 2).numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_attention_long_sequence():
+    rng = rng_of(3)
+    q, k, v, dout = _attn_inputs(rng, 1, 300, 2, 1, 16)
+    out, lse = np.empty_like(q), np.empty((1, 2, 300), np.float32)
+    attention_forward(q, k, v, out, lse, 0)
+    close(out, ref.attention_fwd(q, k, v)[0], dict(rtol=1e-4, atol=1e-5))
+    dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
+    attention_backward(dout, q, k, v, out, lse, dq, dk, dv)
+    for got, want in zip((dq, dk, dv), ref.attention_bwd(dout, q, k, v)):
+        close(got, want, dict(rtol=1e-3, atol=1e-4))
+
+
+# ---- embedding ------------------------------------------------------------------------------
+@SETTINGS
+@given(B=st.integers(1, 3), T=st.integers(1, 7), V=st.integers(1, 9), C=st.integers(1, 130),
+       seed=st.integers(0, 2**16), pos=st.booleans())
+def test_embedding(B, T, V, C, seed, pos):
+    rng = rng_of(seed)
+    tokens = rng.integers(0, V, (B, T)).astype(np.int64)   # repeats: scatter-add must sum them
+    wte, wpe, dout = randn(rng, V, C), randn(rng, T + 2, C), randn(rng, B, T, C)
+    out = np.empty((B, T, C), np.float32)
+    embedding_forward(tokens, wte, wpe if pos else np.zeros((0, C), np.float32), 1 if pos else 0, out)
+    close(out, ref.embedding_fwd(tokens, wte, wpe if pos else None, 1), FWD_TOL)
+    dwte, dwpe = np.ones_like(wte), np.ones_like(wpe)
+    embedding_backward(dout, tokens, dwte, dwpe if pos else None, 1 if pos else 0)
+    rwte, rwpe = ref.embedding_bwd(dout, tokens, V, T + 2 if pos else None, 1)
+    close(dwte - 1, rwte, GRAD_TOL)
+    if pos:
+        close(dwpe - 1, rwpe, GRAD_TOL)
+    else:
+        assert np.all(dwpe == 1)
+
+
+def test_embedding_twin_and_torch():
+    rng = rng_of(0)
+    tokens = np.array([[1, 3, 1], [0, 3, 3]])
+    wte, dout = randn(rng, 4, 5), randn(rng, 2, 3, 5)
+    check_twin_grad(lambda w: float(np.sum(ref.embedding_fwd(tokens, w) * dout)), [wte],
+                    [ref.embedding_bwd(dout, tokens, 4)[0]], rng)
+    tw = t64(wte, True)
+    y = torch.nn.functional.embedding(torch.tensor(tokens), tw)
+    y.backward(t64(dout))
+    np.testing.assert_allclose(ref.embedding_bwd(dout, tokens, 4)[0], tw.grad.numpy(), rtol=1e-12)
+
+
+# ---- cross-entropy --------------------------------------------------------------------------
+@SETTINGS
+@given(R=st.integers(1, 7), V=st.integers(1, 300), seed=st.integers(0, 2**16),
+       scale=st.sampled_from([1.0, 100.0, 1e4]))
+def test_crossentropy(R, V, seed, scale):
+    rng = rng_of(seed)
+    logits = randn(rng, R, V, scale=scale)
+    targets = rng.integers(0, V, R).astype(np.int64)
+    targets[rng.random(R) < 0.3] = -100
+    losses, lse = np.empty(R, np.float32), np.empty(R, np.float32)
+    crossentropy_forward(logits, targets, losses, lse)
+    rloss, rlse = ref.crossentropy_fwd(logits, targets)
+    tol = dict(rtol=1e-5, atol=1e-5)
+    close(losses, rloss, tol, scale=scale)
+    close(lse, rlse, tol, scale=scale)
+    g = logits.copy()
+    losses2, lse2 = np.empty(R, np.float32), np.empty(R, np.float32)
+    crossentropy_forward_backward(g, targets, losses2, lse2, 0.25)
+    close(losses2, rloss, tol, scale=scale)
+    close(g, ref.crossentropy_bwd(logits, targets, 0.25), dict(rtol=1e-4, atol=1e-6))
+
+
+def test_crossentropy_twin_and_torch():
+    rng = rng_of(0)
+    logits = randn(rng, 5, 17, scale=3)
+    targets = np.array([3, -100, 0, 16, 5])
+    check_twin_grad(lambda x: float(ref.crossentropy_fwd(x, targets)[0].sum() / 4), [logits],
+                    [ref.crossentropy_bwd(logits, targets, 0.25)], rng)
+    tx = t64(logits, True)
+    loss = torch.nn.functional.cross_entropy(tx, torch.tensor(targets), ignore_index=-100)
+    loss.backward()
+    np.testing.assert_allclose(ref.crossentropy_fwd(logits, targets)[0].sum() / 4, loss.item(), rtol=1e-12)
+    np.testing.assert_allclose(ref.crossentropy_bwd(logits, targets, 0.25), tx.grad.numpy(), rtol=1e-10, atol=1e-15)
+
+
+# ---- AdamW ----------------------------------------------------------------------------------
+@SETTINGS
+@given(n=st.integers(1, 100), t=st.integers(1, 5), wd=st.sampled_from([0.0, 0.1]), seed=st.integers(0, 2**16))
+def test_adamw(n, t, wd, seed):
+    rng = rng_of(seed)
+    p, g = randn(rng, n), randn(rng, n)
+    m, v = randn(rng, n, scale=0.1), np.abs(randn(rng, n, scale=0.1))
+    want = ref.adamw(p, g, m, v, 1e-2, 0.9, 0.99, 1e-8, wd, t)
+    adamw_step(p, g, m, v, 1e-2, 0.9, 0.99, 1e-8, wd, t)
+    for got, w in zip((p, m, v), want):
+        close(got, w, dict(rtol=1e-5, atol=1e-6))
+
+
+def test_adamw_twin_matches_torch():
+    rng = rng_of(0)
+    p, g = randn(rng, 10), randn(rng, 10)
+    tp = torch.nn.Parameter(torch.tensor(p, dtype=torch.float64))
+    opt = torch.optim.AdamW([tp], lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    tp.grad = torch.tensor(g, dtype=torch.float64)
+    opt.step()
+    want, _, _ = ref.adamw(p, g, np.zeros(10), np.zeros(10), 1e-2, 0.9, 0.99, 1e-8, 0.1, 1)
+    np.testing.assert_allclose(tp.detach().numpy(), want, rtol=1e-12)
