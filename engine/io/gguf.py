@@ -1,0 +1,512 @@
+"""GGUF (llama.cpp) checkpoints: a validating header parser, dequantization, Llama -> engine.
+
+Format (v2/v3, little-endian): magic "GGUF", u32 version, u64 tensor count, u64 key/value count;
+the key/value pairs (string key, u32 value type, value); one info record per tensor (string name,
+u32 n_dims, u64 dims in ggml order (fastest first), u32 type, u64 offset); padding to
+`general.alignment`; then the tensor data, each tensor at its offset from the data start.
+
+Model files are untrusted input. The header is parsed here with bounded reads over a memmap:
+every count, length, dimension and offset is checked against the bytes left in the file before
+anything is allocated or read, so a mutated header can cost neither a huge allocation nor a long
+loop. (gguf.GGUFReader does not validate its header: mutated counts make it fail with IndexError
+or ValueError from inside numpy, and it builds Python objects for every array element.) The
+`gguf` package is used only for what it does well: the type tables and gguf.quants.dequantize.
+"""
+from __future__ import annotations
+
+import os
+import reprlib
+import struct
+
+import numpy as np
+
+from ..config import Config
+from ..errors import CheckpointError, ConfigError
+from .safetensors import bf16_to_f32
+
+MAGIC = b"GGUF"
+VERSIONS = (2, 3)
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4            # GGML_MAX_DIMS: llama.cpp rejects tensors with more
+MAX_ARRAY_NESTING = 4   # the spec allows arrays of arrays; a deep chain would exhaust the stack
+DEQUANT_CHUNK = 1 << 20  # elements dequantized per step: bounds gguf's float32 temporaries
+# Longest context_length accepted: the model may size rotary tables by it, and a mutated
+# header must not turn into a huge allocation there.
+MAX_CONTEXT = 1 << 24
+
+# GGUF metadata value types: id -> numpy dtype of one element (8 = string, 9 = array).
+_SCALAR = {0: np.dtype("u1"), 1: np.dtype("i1"), 2: np.dtype("<u2"), 3: np.dtype("<i2"),
+           4: np.dtype("<u4"), 5: np.dtype("<i4"), 6: np.dtype("<f4"), 7: np.dtype("u1"),
+           10: np.dtype("<u8"), 11: np.dtype("<i8"), 12: np.dtype("<f8")}
+_STRING, _ARRAY, _BOOL = 8, 9, 7
+_U64 = struct.Struct("<Q")
+
+# Types float32() reads. Plain floats are converted here; block-quantized types go through
+# gguf.quants.dequantize. Every one of them is round-tripped in tests/test_gguf.py.
+_PLAIN = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
+          "F64": np.dtype("<f8")}
+_QUANTIZED = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+SUPPORTED_TYPES = tuple(_PLAIN) + _QUANTIZED
+
+
+def _gguf():
+    """The optional `gguf` package, or a CheckpointError that says how to install it."""
+    try:
+        import gguf
+        import gguf.quants  # noqa: F401
+    except ImportError:
+        raise CheckpointError("reading GGUF files needs the 'gguf' package: "
+                              "pip install 'tailtune[hf]'") from None
+    return gguf
+
+
+class _Cursor:
+    """Sequential little-endian reads over a byte buffer; each read first checks that the bytes
+    are there, so a count or length read from the file can never run past its end."""
+
+    def __init__(self, buf, path: str):
+        self.buf, self.path, self.pos, self.size = buf, path, 0, len(buf)
+
+    def left(self) -> int:
+        return self.size - self.pos
+
+    def need(self, n: int, what: str) -> None:
+        if n > self.left():
+            raise CheckpointError(f"{self.path}: truncated or corrupt GGUF file: {what} needs {n} "
+                                  f"bytes at offset {self.pos}, only {self.left()} remain")
+
+    def unpack(self, fmt: str, what: str):
+        n = struct.calcsize(fmt)
+        self.need(n, what)
+        v = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += n
+        return v[0] if len(v) == 1 else v
+
+    def string(self, what: str) -> str:
+        pos = self.pos
+        self.need(8, what)
+        (n,) = _U64.unpack_from(self.buf, pos)
+        self.pos = pos = pos + 8
+        self.need(n, what)
+        self.pos = pos + n
+        try:
+            return str(self.buf[pos:pos + n], "utf-8")
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{self.path}: {what} at offset {self.pos - n} is not valid "
+                                  "UTF-8 (corrupt GGUF file)") from None
+
+    def strings(self, count: int, what: str) -> list[str]:
+        """`count` strings in a row: string() inlined, since token lists hold 10^5 of them."""
+        buf, pos, size, out = self.buf, self.pos, self.size, []
+        try:
+            for _ in range(count):
+                if pos + 8 > size:
+                    break
+                (n,) = _U64.unpack_from(buf, pos)
+                if n > size - pos - 8:
+                    break
+                out.append(str(buf[pos + 8:pos + 8 + n], "utf-8"))
+                pos += 8 + n
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{self.path}: {what} at offset {pos + 8} is not valid UTF-8 "
+                                  "(corrupt GGUF file)") from None
+        self.pos = pos
+        if len(out) < count:
+            self.string(what)  # raises the truncation error for the element that does not fit
+        return out
+
+    def array(self, dtype: np.dtype, count: int, what: str) -> np.ndarray:
+        n = count * dtype.itemsize
+        self.need(n, what)
+        a = np.frombuffer(self.buf, dtype=dtype, count=count, offset=self.pos).copy()
+        self.pos += n
+        return a
+
+
+def _read_value(cur: _Cursor, vtype: int, key: str, depth: int = 0):
+    if vtype in _SCALAR:
+        v = cur.array(_SCALAR[vtype], 1, f"value of {key!r}")[0]
+        return bool(v) if vtype == _BOOL else v.item()
+    if vtype == _STRING:
+        return cur.string(f"value of {key!r}")
+    if vtype != _ARRAY:
+        raise CheckpointError(f"{cur.path}: metadata key {key!r} has unknown value type {vtype} "
+                              "(corrupt GGUF file)")
+    if depth >= MAX_ARRAY_NESTING:
+        raise CheckpointError(f"{cur.path}: metadata key {key!r} nests arrays deeper than "
+                              f"{MAX_ARRAY_NESTING} levels")
+    etype, count = cur.unpack("<IQ", f"array header of {key!r}")
+    if etype in _SCALAR:
+        a = cur.array(_SCALAR[etype], count, f"array {key!r} ({count} elements)")
+        return a.astype(bool) if etype == _BOOL else a
+    # Strings and arrays take at least 8 / 12 bytes each: a count the file cannot hold is
+    # refused before the loop starts.
+    cur.need(count * (8 if etype == _STRING else 12), f"array {key!r} ({count} elements)")
+    if etype == _STRING:
+        return cur.strings(count, f"element of {key!r}")
+    return [_read_value(cur, etype, key, depth + 1) for _ in range(count)]
+
+
+class TensorInfo:
+    """Where one tensor lives and what it holds. `shape` is in numpy (row-major) order."""
+
+    __slots__ = ("name", "shape", "type_id", "type_name", "offset", "nbytes")
+
+    def __init__(self, name, shape, type_id, type_name, offset, nbytes):
+        self.name, self.shape, self.type_id = name, shape, type_id
+        self.type_name, self.offset, self.nbytes = type_name, offset, nbytes
+
+    @property
+    def n_elements(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def __repr__(self):
+        return f"TensorInfo({self.name!r}, shape={self.shape}, type={self.type_name})"
+
+
+class GGUFFile:
+    """A validated GGUF file. The header is parsed on open; tensor data stays on disk (memmap)
+    and is dequantized one tensor at a time by float32()."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        self._gguf = _gguf()
+        if not os.path.isfile(self.path):
+            raise CheckpointError(f"{self.path}: no such GGUF file")
+        size = os.path.getsize(self.path)
+        if size < 24:
+            raise CheckpointError(f"{self.path}: truncated GGUF file ({size} bytes, no header)")
+        self._mm = np.memmap(self.path, dtype=np.uint8, mode="r")  # (size,)
+        cur = _Cursor(memoryview(self._mm), self.path)  # memoryview slices fast; memmap's don't
+        self.version, n_tensors, n_kv = self._read_preamble(cur)
+        self.metadata = self._read_metadata(cur, n_kv)
+        infos = self._read_tensor_infos(cur, n_tensors)
+        align = self._alignment()
+        self.data_start = -(-cur.pos // align) * align
+        self._tensors = self._check_tensors(infos, size - self.data_start, align)
+
+    def _read_preamble(self, cur):
+        magic = bytes(self._mm[:4])
+        if magic != MAGIC:
+            raise CheckpointError(f"{self.path}: not a GGUF file (starts with {magic!r}, "
+                                  f"expected {MAGIC!r})")
+        cur.pos = 4
+        version = cur.unpack("<I", "version")
+        if version not in VERSIONS:
+            hint = " (a big-endian file?)" if version & 0xFFFF == 0 else ""
+            raise CheckpointError(f"{self.path}: GGUF version {version} is not supported{hint}; "
+                                  f"tailtune reads versions {VERSIONS}")
+        n_tensors, n_kv = cur.unpack("<QQ", "tensor and key/value counts")
+        # Smallest records: a key/value is an empty key (8) + type (4) + one byte; a tensor info
+        # an empty name (8) + n_dims (4) + type (4) + offset (8).
+        if n_kv * 13 + n_tensors * 24 > cur.left():
+            raise CheckpointError(f"{self.path}: header claims {n_tensors} tensors and {n_kv} "
+                                  f"metadata keys, more than a file of {cur.size} bytes can hold "
+                                  "(truncated or corrupt GGUF file)")
+        return version, n_tensors, n_kv
+
+    def _read_metadata(self, cur, n_kv) -> dict:
+        meta = {}
+        for _ in range(n_kv):
+            key = cur.string("metadata key")
+            if key in meta:
+                raise CheckpointError(f"{self.path}: metadata key {key!r} appears twice")
+            vtype = cur.unpack("<I", f"type of {key!r}")
+            meta[key] = _read_value(cur, vtype, key)
+        return meta
+
+    def _read_tensor_infos(self, cur, n_tensors) -> list:
+        infos = []
+        for _ in range(n_tensors):
+            name = cur.string("tensor name")
+            n_dims = cur.unpack("<I", f"n_dims of tensor {name!r}")
+            if n_dims > MAX_DIMS:
+                raise CheckpointError(f"{self.path}: tensor {name!r} has {n_dims} dimensions "
+                                      f"(GGUF allows at most {MAX_DIMS})")
+            dims = cur.unpack(f"<{n_dims}Q", f"dims of tensor {name!r}") if n_dims else ()
+            dims = (dims,) if isinstance(dims, int) else dims
+            type_id, offset = cur.unpack("<IQ", f"type and offset of tensor {name!r}")
+            infos.append((name, tuple(reversed(dims)), type_id, offset))  # numpy order
+        return infos
+
+    def _alignment(self) -> int:
+        align = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if (not isinstance(align, int) or isinstance(align, bool) or align <= 0
+                or align & (align - 1)):
+            raise CheckpointError(f"{self.path}: general.alignment={align!r} is not a power of two")
+        return align
+
+    def _check_tensors(self, infos, data_len, align) -> dict:
+        sizes = self._gguf.GGML_QUANT_SIZES
+        types = self._gguf.GGMLQuantizationType
+        out = {}
+        for name, shape, type_id, offset in infos:
+            where = f"{self.path}: tensor {name!r}"
+            if name in out:
+                raise CheckpointError(f"{where} appears twice")
+            try:
+                qtype = types(type_id)
+                block, block_bytes = sizes[qtype]
+            except (ValueError, KeyError):
+                raise CheckpointError(f"{where} has unknown type id {type_id}") from None
+            info = TensorInfo(name, shape, type_id, qtype.name, offset, 0)
+            if 0 in shape:
+                # No model holds an empty tensor, and numpy refuses some empty shapes (a zero
+                # next to a dimension of 2^62), so a zero is treated as corruption.
+                raise CheckpointError(f"{where} has an empty dimension: shape {shape}")
+            row = shape[-1] if shape else 1
+            if row % block:
+                raise CheckpointError(f"{where}: rows of {row} elements are not a whole number "
+                                      f"of {qtype.name} blocks of {block}")
+            info.nbytes = info.n_elements // block * block_bytes
+            if offset % align:
+                raise CheckpointError(f"{where}: data offset {offset} is not a multiple of the "
+                                      f"alignment {align}")
+            if offset + info.nbytes > data_len:
+                raise CheckpointError(f"{where}: {shape} of {qtype.name} needs {info.nbytes} bytes "
+                                      f"at data offset {offset}, but the file holds only "
+                                      f"{max(data_len, 0)} bytes of data (truncated file)")
+            out[name] = info
+        return out
+
+    @property
+    def tensor_names(self) -> list[str]:
+        return list(self._tensors)
+
+    def tensor_info(self, name: str) -> TensorInfo:
+        if name not in self._tensors:
+            raise CheckpointError(f"{self.path}: no tensor {name!r}")
+        return self._tensors[name]
+
+    def float32(self, name: str) -> np.ndarray:
+        """The tensor dequantized to a new, writable float32 array in numpy (row-major) order."""
+        info = self.tensor_info(name)
+        begin = self.data_start + info.offset
+        raw = self._mm[begin:begin + info.nbytes]  # (nbytes,) uint8, still on disk
+        t = info.type_name
+        if t in _PLAIN:
+            a = raw.view(_PLAIN[t])
+            a = bf16_to_f32(a) if t == "BF16" else a.astype(np.float32)  # both copy
+            return a.reshape(info.shape)
+        if t not in _QUANTIZED:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has type {t}, which tailtune "
+                                  f"cannot read (supported: {', '.join(SUPPORTED_TYPES)})")
+        return self._dequantize(info, raw)
+
+    def _dequantize(self, info: TensorInfo, raw: np.ndarray) -> np.ndarray:
+        """Blocks are independent, so the data is fed to gguf as one flat run of blocks per chunk:
+        one vectorized call per 2^20 elements rather than gguf's per-16-rows calls."""
+        qtype = self._gguf.GGMLQuantizationType(info.type_id)
+        block, block_bytes = self._gguf.GGML_QUANT_SIZES[qtype]
+        out = np.empty(info.n_elements, dtype=np.float32)  # (n,) in storage order
+        raw = raw.view(np.ndarray)  # plain view: memmap slicing costs a finalizer call per slice
+        n_blocks, step = info.n_elements // block, max(1, DEQUANT_CHUNK // block)
+        with np.errstate(all="ignore"):  # corrupt scales give NaN; load_gguf reports them
+            for b0 in range(0, n_blocks, step):
+                b1 = min(b0 + step, n_blocks)
+                out[b0 * block:b1 * block] = self._gguf.quants.dequantize(
+                    raw[b0 * block_bytes:b1 * block_bytes], qtype)
+        return out.reshape(info.shape)
+
+
+def read_metadata(path) -> dict:
+    """The metadata of a GGUF file: key -> int / float / bool / str, numeric arrays as numpy
+    arrays, string arrays as list[str]. Reads the header only."""
+    return GGUFFile(path).metadata
+
+
+# GGUF llama tensor name -> engine name; {i} is the block index.
+_GLOBAL_NAMES = {"token_embd.weight": "wte.weight", "output_norm.weight": "ln_f.weight",
+                 "output.weight": "lm_head.weight"}
+_BLOCK_NAMES = {"attn_norm": "ln1", "ffn_norm": "ln2",
+                "attn_q": "attn.q", "attn_k": "attn.k", "attn_v": "attn.v", "attn_output": "attn.o",
+                "ffn_gate": "mlp.gate", "ffn_up": "mlp.up", "ffn_down": "mlp.down"}
+
+
+def load_gguf(path) -> tuple[Config, dict[str, np.ndarray]]:
+    """A Llama GGUF file -> (Config, engine params as float32 arrays, weights (out, in)).
+
+    q and k are un-permuted from llama.cpp's interleaved rotary layout to the rotate_half layout
+    the engine (and Hugging Face) use. Names and shapes are all checked from the header before
+    the first tensor is dequantized; tensors are then read one at a time."""
+    f = GGUFFile(path)
+    cfg = config_from_gguf(f)
+    names = _name_map(cfg)
+    for g, e in names.items():
+        if g not in f._tensors:
+            raise CheckpointError(f"{f.path}: missing tensor {g!r} (needed for {e!r})")
+        shape, want = f._tensors[g].shape, _expected_shape(cfg, e)
+        if shape != want:
+            raise CheckpointError(f"{f.path}: tensor {g!r} has shape {shape}, expected {want} "
+                                  f"for {e!r} from the model's metadata")
+    params = {}
+    for g, e in names.items():
+        a = f.float32(g)
+        if not np.isfinite(a).all():
+            # A NaN or inf weight makes every loss NaN later, far from the cause: name it here.
+            raise CheckpointError(f"{f.path}: tensor {g!r} holds NaN or infinite values "
+                                  "(corrupt file)")
+        if e.endswith(("attn.q.weight", "attn.q.bias")):
+            a = unpermute_rope(a, cfg.n_head)
+        elif e.endswith(("attn.k.weight", "attn.k.bias")):
+            a = unpermute_rope(a, cfg.n_kv_head)
+        params[e] = a
+    return cfg, params
+
+
+def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's converter permutation of q / k rows: within each head it interleaves the
+    two rotary halves (rows j and j + D/2 become rows 2j and 2j + 1); this puts them back."""
+    rows = w.shape[0]  # n_heads * D
+    d2 = rows // n_heads // 2
+    v = w.reshape(n_heads, d2, 2, *w.shape[1:])  # (H, D/2, 2, ...)
+    return np.ascontiguousarray(v.swapaxes(1, 2)).reshape(w.shape)
+
+
+def permute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's converter permutation (inverse of unpermute_rope); used to write test files."""
+    rows = w.shape[0]
+    d2 = rows // n_heads // 2
+    v = w.reshape(n_heads, 2, d2, *w.shape[1:])  # (H, 2, D/2, ...)
+    return np.ascontiguousarray(v.swapaxes(1, 2)).reshape(w.shape)
+
+
+def _name_map(cfg: Config) -> dict[str, str]:
+    """GGUF name -> engine name for every tensor the config needs."""
+    m = {g: e for g, e in _GLOBAL_NAMES.items() if g != "output.weight" or not cfg.tie_embeddings}
+    for i in range(cfg.n_layer):
+        for g, e in _BLOCK_NAMES.items():
+            m[f"blk.{i}.{g}.weight"] = f"blocks.{i}.{e}.weight"
+            if (cfg.attn_bias and g.startswith("attn_") and g != "attn_norm"
+                    or cfg.mlp_bias and g.startswith("ffn_") and g != "ffn_norm"):
+                m[f"blk.{i}.{g}.bias"] = f"blocks.{i}.{e}.bias"
+    return m
+
+
+def _expected_shape(cfg: Config, name: str) -> tuple:
+    C, F, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
+    Q, KV = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    shapes = {"wte": (V, C), "lm_head": (V, C), "ln_f": (C,), "ln1": (C,), "ln2": (C,),
+              "q": (Q, C), "k": (KV, C), "v": (KV, C), "o": (C, Q),
+              "gate": (F, C), "up": (F, C), "down": (C, F)}
+    parts = name.split(".")
+    shape = shapes[parts[-2]]
+    return shape[:1] if parts[-1] == "bias" else shape
+
+
+def config_from_gguf(f: GGUFFile) -> Config:
+    """Config.llama from the `llama.*` metadata; refuses what the engine cannot represent."""
+    meta = f.metadata
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise ConfigError(f"{f.path}: GGUF architecture {arch!r} is not supported; tailtune "
+                          "reads only 'llama' GGUF files")
+    get = _MetaGetter(f)
+    if get.integer("llama.expert_count", 0) > 0:
+        raise ConfigError(f"{f.path}: mixture-of-experts llama models are not supported")
+    scaling = get.text("llama.rope.scaling.type", "none")
+    if scaling != "none" and not (scaling == "linear"
+                                  and get.number("llama.rope.scaling.factor", 1.0) == 1.0):
+        raise ConfigError(f"{f.path}: rope scaling {scaling!r} is not supported (only plain "
+                          "rotary embeddings)")
+    if "rope_freqs.weight" in f._tensors:
+        raise ConfigError(f"{f.path}: rope scaling by per-frequency factors (rope_freqs.weight, "
+                          "as in Llama 3.1) is not supported (only plain rotary embeddings)")
+    n_layer = get.integer("llama.block_count")
+    if n_layer * len(_BLOCK_NAMES) > len(f._tensors):
+        # Checked before the name map is built: a mutated count must not cost a huge loop.
+        raise CheckpointError(f"{f.path}: block_count {n_layer} needs {len(_BLOCK_NAMES)} "
+                              f"tensors per block, the file holds {len(f._tensors)} tensors")
+    max_seq = get.integer("llama.context_length")
+    if max_seq > MAX_CONTEXT:
+        raise ConfigError(f"{f.path}: context_length {max_seq} is beyond {MAX_CONTEXT}")
+    n_head = get.integer("llama.attention.head_count")
+    d_model = get.integer("llama.embedding_length")
+    if n_head <= 0 or d_model % n_head:
+        raise ConfigError(f"{f.path}: embedding_length {d_model} is not a multiple of "
+                          f"head_count {n_head}")
+    head_dim = get.integer("llama.attention.key_length", d_model // n_head)
+    if get.integer("llama.attention.value_length", head_dim) != head_dim:
+        raise ConfigError(f"{f.path}: different key and value head widths are not supported")
+    if get.integer("llama.rope.dimension_count", head_dim) != head_dim:
+        raise ConfigError(f"{f.path}: partial rotary embeddings (rope.dimension_count "
+                          f"{meta['llama.rope.dimension_count']} != head width {head_dim}) are "
+                          "not supported")
+    theta = get.number("llama.rope.freq_base", 10000.0)
+    if not 0 < theta < float("inf"):
+        raise ConfigError(f"{f.path}: rope.freq_base {theta} is not a positive number")
+    vocab = _vocab_size(f, get)
+    names = f._tensors
+    attn_bias = any(n.startswith("blk.") and n.endswith(".bias") and ".attn_" in n for n in names)
+    mlp_bias = any(n.startswith("blk.") and n.endswith(".bias") and ".ffn_" in n for n in names)
+    cfg = Config.llama(vocab_size=vocab, n_layer=n_layer, n_head=n_head,
+                       n_kv_head=get.integer("llama.attention.head_count_kv", n_head),
+                       d_model=d_model, head_dim=head_dim,
+                       d_ff=get.integer("llama.feed_forward_length"),
+                       max_seq_len=max_seq,
+                       norm_eps=get.number("llama.attention.layer_norm_rms_epsilon"),
+                       rope_theta=theta,
+                       attn_bias=attn_bias, mlp_bias=mlp_bias,
+                       tie_embeddings="output.weight" not in names)
+    _reject_unknown_tensors(f, cfg)
+    return cfg
+
+
+def _vocab_size(f: GGUFFile, get) -> int:
+    """Rows of the token embedding; the vocab_size key and the token list must agree with it."""
+    if "token_embd.weight" not in f._tensors:
+        raise CheckpointError(f"{f.path}: missing tensor 'token_embd.weight'")
+    shape = f._tensors["token_embd.weight"].shape
+    if len(shape) != 2:
+        raise CheckpointError(f"{f.path}: token_embd.weight has shape {shape}, expected 2-D")
+    vocab = shape[0]
+    declared = get.integer("llama.vocab_size", vocab)
+    tokens = f.metadata.get("tokenizer.ggml.tokens")
+    n_tokens = len(tokens) if isinstance(tokens, list) else vocab
+    if declared != vocab or n_tokens > vocab:
+        raise ConfigError(f"{f.path}: token embedding has {vocab} rows but llama.vocab_size is "
+                          f"{declared} and the tokenizer lists {n_tokens} tokens")
+    return vocab
+
+
+def _reject_unknown_tensors(f: GGUFFile, cfg: Config) -> None:
+    """A tensor the engine has no place for means a model it would run wrongly: refuse it."""
+    extra = sorted(set(f._tensors) - set(_name_map(cfg)))
+    if extra:
+        shown = ", ".join(extra[:8]) + (f" and {len(extra) - 8} more" if len(extra) > 8 else "")
+        raise CheckpointError(f"{f.path}: tensors the llama model has no place for: {shown}")
+
+
+class _MetaGetter:
+    """Typed metadata lookups: a missing required key or a value of the wrong type is an error
+    that names the key. A per-layer array whose values are all equal counts as one value."""
+
+    _MISSING = object()
+
+    def __init__(self, f: GGUFFile):
+        self.f = f
+
+    def _get(self, key, default, types, kind):
+        v = self.f.metadata.get(key, self._MISSING)
+        if v is self._MISSING:
+            if default is self._MISSING:
+                raise ConfigError(f"{self.f.path}: metadata key {key!r} is missing")
+            return default
+        if isinstance(v, np.ndarray) and v.ndim == 1 and v.size and (v == v[0]).all():
+            v = v[0].item()
+        if not isinstance(v, types) or isinstance(v, bool):
+            raise ConfigError(f"{self.f.path}: metadata {key!r}={reprlib.repr(v)} is not a "
+                              f"single {kind} (per-layer values that differ are not supported)")
+        return v
+
+    def integer(self, key, default=_MISSING) -> int:
+        return self._get(key, default, int, "integer")
+
+    def number(self, key, default=_MISSING) -> float:
+        return float(self._get(key, default, (int, float), "number"))
+
+    def text(self, key, default=_MISSING) -> str:
+        return self._get(key, default, str, "string")

