@@ -180,8 +180,8 @@ class Model:
         c = self.config
         if c.positions != "rope":
             return None
-        if self._rope is None or self._rope[0].shape[0] < T:
-            self._rope = rope_table(c.max_seq_len, c.head_dim, c.rope_theta)
+        if self._rope is None or self._rope[0].shape[0] < T:  # grown on demand: context may be huge
+            self._rope = rope_table(T, c.head_dim, c.rope_theta)
         cos, sin = self._rope
         return np.ascontiguousarray(cos[:T]), np.ascontiguousarray(sin[:T])
 

@@ -1,0 +1,78 @@
+"""Shared fixtures: small random-init transformers models (odd sizes) saved as HF directories,
+and the mapping between their parameters and the engine's."""
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+# Odd sizes on purpose: heads not a power of two, grouped-query attention, widths and sequence
+# lengths that are not multiples of any block size in the kernels.
+HF_CONFIGS = {
+    "gpt2": dict(vocab_size=101, n_positions=40, n_embd=60, n_layer=4, n_head=5,
+                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "gpt2-untied": dict(vocab_size=101, n_positions=40, n_embd=60, n_layer=3, n_head=3,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False),
+    "llama": dict(vocab_size=103, hidden_size=48, intermediate_size=88, num_hidden_layers=4,
+                  num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
+                  rope_theta=500.0, tie_word_embeddings=False),
+    "llama-tied": dict(vocab_size=103, hidden_size=42, intermediate_size=70, num_hidden_layers=3,
+                       num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=64,
+                       tie_word_embeddings=True),
+}
+
+
+def build_hf(kind: str, seed: int = 0, boost: bool = True):
+    """A random-init transformers model of the given kind, in float32, eval mode (no dropout).
+    boost scales weights up so every path carries signal (and some GELUs saturate)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    if kind.startswith("gpt2"):
+        m = GPT2LMHeadModel(GPT2Config(**HF_CONFIGS[kind]))
+    else:
+        m = LlamaForCausalLM(LlamaConfig(**HF_CONFIGS[kind]))
+    with torch.no_grad():
+        for n, p in (m.named_parameters() if boost else ()):
+            if p.ndim == 2:
+                p.mul_(5.0)
+            elif "norm" in n or "ln" in n:
+                p.add_(0.3 * torch.randn_like(p))
+            else:
+                p.add_(0.1 * torch.randn_like(p))
+    return m.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_dirs(tmp_path_factory):
+    """kind -> (torch model, directory it was saved to)."""
+    out = {}
+    for kind in HF_CONFIGS:
+        m = build_hf(kind)
+        d = tmp_path_factory.mktemp(kind)
+        m.save_pretrained(d)
+        out[kind] = (m, str(d))
+    return out
+
+
+def engine_to_hf_names(model, hf_model) -> dict:
+    """engine parameter name -> name of the transformers parameter it is built from. Found by
+    loading tensors that hold their own index, so no name table is repeated here."""
+    from engine.io import hf_names
+    sd = dict(hf_model.named_parameters())
+    names = list(sd)
+    idx = {n: i for i, n in enumerate(names)}
+    marked = hf_names.to_engine(model.config,
+                                lambda n: np.full(tuple(sd[n].shape), idx[n], np.float32), names)
+    return {e: names[int(a.flat[0])] for e, a in marked.items()}
+
+
+def hf_grads_as_engine(model, hf_model) -> dict:
+    """transformers' .grad of every parameter, laid out as engine parameters."""
+    from engine.io import hf_names
+    sd = dict(hf_model.named_parameters())
+    grads = {n: (p.grad.numpy() if p.grad is not None else np.zeros(tuple(p.shape), np.float32))
+             for n, p in sd.items()}
+    return hf_names.to_engine(model.config, lambda n: grads[n], list(sd))

@@ -1,0 +1,91 @@
+"""Bad input gets an engine error naming the problem, before any kernel runs."""
+import numpy as np
+import pytest
+
+import engine
+
+
+@pytest.fixture(scope="module")
+def model():
+    cfg = engine.Config.gpt2(vocab_size=50, n_layer=2, n_head=2, d_model=16, max_seq_len=12)
+    return engine.Model(cfg)
+
+
+def test_token_id_out_of_range(model):
+    with pytest.raises(engine.InputError, match="id 50, outside the vocabulary 0..49"):
+        model.forward(np.array([[1, 2, 50]]))
+    with pytest.raises(engine.InputError, match="id -1"):
+        model.forward(np.array([[1, -1]]))
+
+
+def test_target_out_of_range_and_ignore_index(model):
+    tokens = np.array([[1, 2, 3]])
+    with pytest.raises(engine.InputError, match="targets holds id 77"):
+        model.forward(tokens, np.array([[1, 77, 2]]))
+    with pytest.raises(engine.InputError, match="targets holds id -5"):
+        model.forward(tokens, np.array([[1, -5, 2]]))
+    assert np.isfinite(model.forward(tokens, np.array([[-100, 4, 2]])))
+    assert np.isnan(model.forward(tokens, np.full((1, 3), -100)))  # nothing to average, as torch
+
+
+def test_sequence_longer_than_positions(model):
+    with pytest.raises(engine.InputError, match="sequence length 13 exceeds the model's max_seq_len 12"):
+        model.forward(np.zeros((1, 13), np.int64))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (np.zeros((1, 4), np.float32), "integers, got dtype float32"),
+    (np.zeros(4, np.int64), "2-D .batch, time., got shape \\(4,\\)"),
+    (np.zeros((1, 2, 3), np.int64), "2-D"),
+    (np.zeros((0, 3), np.int64), "empty"),
+    ("hello", "2-D integer array"),
+])
+def test_wrong_dtype_or_rank(model, bad, match):
+    with pytest.raises(engine.InputError, match=match):
+        model.forward(bad)
+
+
+def test_targets_shape_mismatch(model):
+    with pytest.raises(engine.InputError, match="targets shape"):
+        model.forward(np.zeros((2, 3), np.int64), np.zeros((2, 4), np.int64))
+
+
+def test_backward_without_forward():
+    m = engine.Model(engine.Config.gpt2(vocab_size=20, n_layer=1, n_head=1, d_model=8, max_seq_len=8))
+    with pytest.raises(engine.InputError, match="preceding forward"):
+        m.backward()
+    m.forward(np.zeros((1, 3), np.int64))  # no targets: nothing to differentiate
+    with pytest.raises(engine.InputError, match="preceding forward"):
+        m.backward()
+    m.forward(np.zeros((1, 3), np.int64), np.zeros((1, 3), np.int64))
+    m.backward()
+    with pytest.raises(engine.InputError, match="preceding forward"):
+        m.backward()  # the tape is consumed
+
+
+def test_freeze_pattern_matching_nothing(model):
+    with pytest.raises(engine.InputError, match="'blocks.9.\\*' matches no parameter"):
+        model.freeze("blocks.9.*")
+    with pytest.raises(engine.InputError, match="matches no parameter"):
+        model.unfreeze("transformer.h.0.*")
+
+
+@pytest.mark.parametrize("k", [-1, 3, 1.5])
+def test_train_last_out_of_range(model, k):
+    with pytest.raises(engine.InputError, match="0..2"):
+        model.train_last(k)
+
+
+def test_bad_config():
+    with pytest.raises(engine.ConfigError, match="n_head=6 must be a multiple of n_kv_head=4"):
+        engine.Config.llama(n_head=6, n_kv_head=4, d_model=48)
+    with pytest.raises(engine.ConfigError, match="not divisible"):
+        engine.Config.gpt2(d_model=10, n_head=3)
+    with pytest.raises(engine.ConfigError, match="norm="):
+        engine.Config(norm="batchnorm")
+
+
+def test_errors_are_value_errors_too(model):
+    """Callers catching ValueError (the usual habit for bad arguments) still catch these."""
+    with pytest.raises(ValueError):
+        model.forward(np.array([[99]]))

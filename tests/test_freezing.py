@@ -1,0 +1,153 @@
+"""Freezing is structural, not a flag: what runs, what is kept, what is allocated, what changes."""
+import numpy as np
+import pytest
+
+import engine
+from engine import layers
+
+
+def small(n_layer=6, kind="llama", **kw):
+    if kind == "llama":
+        cfg = engine.Config.llama(vocab_size=64, n_layer=n_layer, n_head=4, n_kv_head=2, d_model=32,
+                                  d_ff=48, max_seq_len=32, **kw)
+    else:
+        cfg = engine.Config.gpt2(vocab_size=64, n_layer=n_layer, n_head=4, d_model=32,
+                                 max_seq_len=32, **kw)
+    return engine.Model(cfg, seed=1)
+
+
+def data(seed=0, B=2, T=16):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 64, (B, T)), rng.integers(0, 64, (B, T))
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Records which blocks ran forward keeping activations and which ran backward, by
+    wrapping Block itself (independent of the model's own bookkeeping)."""
+    calls = {"forward_keep": [], "forward_nokeep": [], "backward": []}
+    fwd, bwd = layers.Block.forward, layers.Block.backward
+
+    def forward(self, P, x, rope, keep):
+        calls["forward_keep" if keep else "forward_nokeep"].append(self.index)
+        return fwd(self, P, x, rope, keep)
+
+    def backward(self, *a, **k):
+        calls["backward"].append(self.index)
+        return bwd(self, *a, **k)
+
+    monkeypatch.setattr(layers.Block, "forward", forward)
+    monkeypatch.setattr(layers.Block, "backward", backward)
+    return calls
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 6])
+def test_backward_stops_at_lowest_trainable_block(spy, k):
+    m = small().train_last(k)
+    tokens, targets = data()
+    m.forward(tokens, targets)
+    m.backward()
+    L = 6
+    assert spy["forward_keep"] == list(range(L - k, L))
+    assert spy["forward_nokeep"] == list(range(0, L - k))
+    assert spy["backward"] == list(reversed(range(L - k, L)))
+    assert m.last_backward_blocks == spy["backward"]
+
+
+def test_backward_through_tied_embedding_runs_every_block(spy):
+    m = small(kind="gpt2").freeze().unfreeze("wte.weight")
+    tokens, targets = data()
+    m.forward(tokens, targets)
+    m.backward()
+    assert spy["backward"] == [5, 4, 3, 2, 1, 0]
+    assert set(m.grads) == {"wte.weight"}
+    assert np.abs(m.grads["wte.weight"]).sum() > 0
+
+
+def test_frozen_weights_inside_trainable_range_get_no_weight_gradient(monkeypatch):
+    """With attention frozen in the trainable blocks, the only weight-gradient GEMMs are those
+    of the trainable MLP weights."""
+    m = small().train_last(2).freeze("blocks.*.attn.*")
+    seen = []
+    real = layers.gemm_tn
+
+    def gemm_tn(a, b, out, **kw):
+        seen.append(next(n for n, g in m.grads.items() if g is out))
+        return real(a, b, out, **kw)
+
+    monkeypatch.setattr(layers, "gemm_tn", gemm_tn)
+    tokens, targets = data()
+    m.forward(tokens, targets)
+    m.backward()
+    want = {f"blocks.{i}.mlp.{p}.weight" for i in (4, 5) for p in ("gate", "up", "down")}
+    assert set(seen) == want and len(seen) == len(want)
+    assert not any(".attn." in n for n in m.grads)
+
+
+def test_frozen_parameters_are_bit_identical_after_training():
+    m = small(kind="gpt2").train_last(2).freeze("blocks.5.attn.*")
+    before = {n: p.copy() for n, p in m.params.items()}
+    opt = engine.AdamW(m, lr=1e-2, weight_decay=0.1)
+    for s in range(3):
+        tokens, targets = data(seed=s)
+        m.zero_grad()
+        m.forward(tokens, targets)
+        m.backward()
+        opt.step()
+    for n, p in m.params.items():
+        if n in m.trainable:
+            assert not np.array_equal(p, before[n]), n
+        else:
+            assert p.tobytes() == before[n].tobytes(), n
+
+
+def test_grad_buffers_and_optimizer_state_only_for_trainable():
+    m = small()
+    opt = engine.AdamW(m, lr=1e-3)
+    assert set(opt.state) == set(m.params) == set(m.grads)
+    m.train_last(1)
+    trainable = {n for n in m.params if n.startswith("blocks.5.") or n.startswith("ln_f.")}
+    assert set(m.grads) == trainable == set(m.trainable)
+    assert set(opt.state) == trainable  # dropped on freeze, not at the next step
+    per_param = {n: 2 * m.params[n].nbytes for n in trainable}
+    assert opt.state_bytes() == sum(per_param.values())
+    m.unfreeze("blocks.4.mlp.*")
+    assert {n for n in opt.state if n.startswith("blocks.4.")} == {
+        "blocks.4.mlp.gate.weight", "blocks.4.mlp.up.weight", "blocks.4.mlp.down.weight"}
+    assert not opt.state["blocks.4.mlp.up.weight"]["m"].any()
+    sgd = engine.SGD(m, lr=0.1)
+    assert all(s == {} for s in sgd.state.values())  # no momentum, no state
+
+
+def test_saved_activations_grow_with_trainable_blocks_not_depth():
+    tokens, targets = data()
+    sizes = {}
+    for depth in (4, 8):
+        for k in (1, 2, 3):
+            m = small(n_layer=depth).train_last(k)
+            m.forward(tokens, targets)
+            sizes[depth, k] = m.saved_bytes()
+    assert sizes[4, 1] == sizes[8, 1] and sizes[4, 3] == sizes[8, 3]
+    per_block = sizes[4, 2] - sizes[4, 1]
+    assert per_block > 0 and sizes[4, 3] - sizes[4, 2] == per_block
+    m = small(n_layer=8).freeze()
+    m.unfreeze("ln_f.*")
+    m.forward(tokens, targets)
+    assert m.saved_bytes() < per_block  # only the final norm's input and the head's dh
+
+
+def test_nothing_kept_without_targets_or_with_grad_false():
+    m = small()
+    tokens, targets = data()
+    m.forward(tokens)
+    assert m.saved_bytes() == 0
+    m.forward(tokens, targets, grad=False)
+    assert m.saved_bytes() == 0
+    with pytest.raises(engine.InputError):
+        m.backward()
+
+
+def test_grad_false_loss_equals_training_loss():
+    m = small().train_last(2)
+    tokens, targets = data()
+    assert m.forward(tokens, targets, grad=False) == pytest.approx(m.forward(tokens, targets), rel=1e-6)

@@ -1,0 +1,179 @@
+"""Loading Hugging Face directories (float32 / float16 / bfloat16), saving them back so that
+transformers loads the result, and clean errors for bad checkpoints."""
+import json
+import os
+import shutil
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+import engine
+from conftest import build_hf
+from engine.io import safetensors as st
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gpt2-untied", "llama", "llama-tied"])
+def test_save_loads_in_transformers_with_same_logits(hf_dirs, kind, tmp_path):
+    from transformers import AutoModelForCausalLM
+    _, path = hf_dirs[kind]
+    model = engine.load(path)
+    model.train_last(1)
+    opt = engine.AdamW(model, lr=1e-2)  # change the weights so the saved model is not the input
+    tokens = np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 9))
+    model.forward(tokens, tokens)
+    model.backward()
+    opt.step()
+    out = tmp_path / "saved"
+    model.save(str(out))
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = hf(torch.tensor(tokens)).logits.numpy()
+    got = model.forward(tokens)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    again = engine.load(str(out))
+    for n, p in model.params.items():
+        assert np.array_equal(again.params[n], p), n
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_load_half_precision_checkpoints(tmp_path, dtype):
+    hf = build_hf("llama", seed=2).to(dtype)
+    hf.save_pretrained(tmp_path)
+    model = engine.load(str(tmp_path))
+    ref = {n: p.detach().float().numpy() for n, p in hf.named_parameters()}
+    assert np.array_equal(model.params["blocks.1.attn.k.weight"], ref["model.layers.1.self_attn.k_proj.weight"])
+    assert np.array_equal(model.params["wte.weight"], ref["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("dtype", ["F16", "BF16"])
+def test_save_half_precision(hf_dirs, tmp_path, dtype):
+    from transformers import AutoModelForCausalLM
+    model = engine.load(hf_dirs["llama"][1])
+    model.save(str(tmp_path), dtype=dtype)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    want = {"F16": torch.float16, "BF16": torch.bfloat16}[dtype]
+    w = model.params["blocks.0.mlp.up.weight"]
+    got = hf.model.layers[0].mlp.up_proj.weight.detach()
+    assert got.dtype == want
+    assert np.array_equal(got.float().numpy(), torch.tensor(w).to(want).float().numpy())
+
+
+def test_bf16_rounding_matches_torch():
+    x = np.random.default_rng(0).standard_normal(10000).astype(np.float32) * 1e3
+    x[:3] = [np.inf, -np.inf, np.nan]
+    bits = st.f32_to_bf16(x)
+    ref = torch.tensor(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(bits[3:], ref[3:]) and np.array_equal(bits[:2], ref[:2])
+    assert np.isnan(st.bf16_to_f32(bits[2:3]))[0]
+
+
+def test_sharded_checkpoint(tmp_path):
+    hf = build_hf("gpt2", seed=3)
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    model = engine.load(str(tmp_path))
+    tokens = np.arange(12).reshape(2, 6)
+    with torch.no_grad():
+        want = hf(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(model.forward(tokens), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+# ---- bad input ------------------------------------------------------------------------------
+def copy_of(hf_dirs, tmp_path, kind="llama"):
+    dst = tmp_path / "m"
+    shutil.copytree(hf_dirs[kind][1], dst)
+    return dst
+
+
+def test_missing_path():
+    with pytest.raises(engine.CheckpointError, match="no-such-dir"):
+        engine.load("/tmp/no-such-dir")
+
+
+def test_unknown_model_type(hf_dirs, tmp_path):
+    d = copy_of(hf_dirs, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "bert"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(engine.ConfigError, match="unknown model type 'bert'"):
+        engine.load(str(d))
+
+
+def test_missing_safetensors(hf_dirs, tmp_path):
+    d = copy_of(hf_dirs, tmp_path)
+    os.remove(d / "model.safetensors")
+    with pytest.raises(engine.CheckpointError, match="no model.safetensors"):
+        engine.load(str(d))
+
+
+@pytest.mark.parametrize("keep", [0, 5, 8, 100, -1000])
+def test_truncated_safetensors(hf_dirs, tmp_path, keep):
+    d = copy_of(hf_dirs, tmp_path)
+    f = d / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[:keep] if keep >= 0 else data[:keep])
+    with pytest.raises(engine.CheckpointError, match="model.safetensors"):
+        engine.load(str(d))
+
+
+def test_corrupt_header_and_offsets(tmp_path):
+    f = tmp_path / "x.safetensors"
+    st.write(str(f), {"a": np.ones((2, 3), np.float32)})
+    raw = f.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    for bad in ({"a": {**header["a"], "data_offsets": [0, 10**12]}},
+                {"a": {**header["a"], "shape": [2, 4]}},
+                {"a": {**header["a"], "dtype": "Q4"}},
+                {"a": "nonsense"}):
+        body = json.dumps(bad).encode()
+        f.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n:])
+        with pytest.raises(engine.CheckpointError, match="tensor 'a'"):
+            st.SafetensorsFile(str(f))
+    f.write_bytes(struct.pack("<Q", 10**15) + raw[8:])
+    with pytest.raises(engine.CheckpointError, match="header length"):
+        st.SafetensorsFile(str(f))
+    f.write_bytes(struct.pack("<Q", 4) + b"{{{{" + raw[8 + n:])
+    with pytest.raises(engine.CheckpointError, match="not valid JSON"):
+        st.SafetensorsFile(str(f))
+
+
+def test_wrong_tensor_shape(hf_dirs, tmp_path):
+    d = copy_of(hf_dirs, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] += 1
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(engine.CheckpointError, match="mlp.gate.weight.*shape"):
+        engine.load(str(d))
+
+
+def test_pickle_only_directory_is_refused(tmp_path, hf_dirs):
+    d = copy_of(hf_dirs, tmp_path)
+    os.remove(d / "model.safetensors")
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(engine.CheckpointError, match="safetensors"):
+        engine.load(str(d))
+
+
+def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "m.safetensors"
+    st.write(str(target), {"a": np.zeros(4, np.float32)})
+    good = target.read_bytes()
+
+    class Boom:
+        shape, nbytes = (4,), 16
+
+        def tobytes(self):
+            raise OSError("disk full")
+
+    arrays = {"a": np.ones(4, np.float32), "b": np.ones(4, np.float32)}
+    real = np.ascontiguousarray
+    monkeypatch.setattr(st.np, "ascontiguousarray",
+                        lambda a, dtype=None: Boom() if a is arrays["b"] else real(a, dtype=dtype))
+    with pytest.raises(OSError, match="disk full"):
+        st.write(str(target), arrays)
+    assert target.read_bytes() == good
+    assert os.listdir(tmp_path) == ["m.safetensors"]

@@ -1,0 +1,220 @@
+"""The engine against transformers + PyTorch autograd on the same random-init models: logits,
+loss, and the gradient of every trainable parameter, under several freezing patterns; then
+optimizer steps against torch.optim."""
+import numpy as np
+import pytest
+import torch
+
+import engine
+from conftest import engine_to_hf_names, hf_grads_as_engine
+
+B, T = 3, 19
+
+
+def batch(vocab, seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, (B, T))
+    targets = rng.integers(0, vocab, (B, T))
+    targets[0, :5] = -100  # a masked prompt
+    return tokens, targets
+
+
+def torch_loss(hf, tokens, targets):
+    logits = hf(torch.tensor(tokens)).logits
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                             torch.tensor(targets).reshape(-1), ignore_index=-100)
+
+
+def set_torch_trainable(model, hf):
+    """requires_grad on exactly the transformers parameters behind the engine's trainable ones."""
+    e2h = engine_to_hf_names(model, hf)
+    want = {e2h[n] for n in model.trainable}
+    for n, p in hf.named_parameters():
+        p.requires_grad_(n in want)
+        p.grad = None
+    # each frozen/trainable choice below is expressible in transformers' parameter granularity
+    for e, h in e2h.items():
+        assert (e in model.trainable) == (h in want), (e, h)
+
+
+def assert_grads_match(model, hf):
+    ref = hf_grads_as_engine(model, hf)
+    top = max(float(np.abs(ref[n]).max()) for n in model.trainable)
+    for n in model.trainable:
+        r = ref[n]
+        if n.endswith("attn.k.bias"):
+            # exactly 0 in exact arithmetic (softmax ignores a per-query constant): both sides
+            # hold rounding noise only
+            assert np.abs(model.grads[n]).max() <= 1e-5 * top and np.abs(r).max() <= 1e-5 * top
+            continue
+        scale = max(float(np.abs(r).max()), 1e-3 * top)
+        np.testing.assert_allclose(model.grads[n], r, rtol=1e-3, atol=2e-5 * scale, err_msg=n)
+
+
+FREEZES = {
+    "all": lambda m: m.unfreeze(),
+    "last1": lambda m: m.train_last(1),
+    "last2": lambda m: m.train_last(2),
+    "last-all": lambda m: m.train_last(m.config.n_layer),
+    "mlp-only-in-last2": lambda m: m.train_last(2).freeze("blocks.*.attn.*"),
+    "attn-only-in-last2": lambda m: m.train_last(2).freeze("blocks.*.mlp.*", "blocks.*.ln*"),
+    "tied-embedding": lambda m: m.freeze().unfreeze("wte.weight"),
+    "final-norm-only": lambda m: m.freeze().unfreeze("ln_f.*"),
+    "middle-block": lambda m: m.freeze().unfreeze("blocks.1.*"),
+}
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gpt2-untied", "llama", "llama-tied"])
+def test_logits_match(hf_dirs, kind):
+    hf, path = hf_dirs[kind]
+    model = engine.load(path)
+    tokens, _ = batch(model.config.vocab_size)
+    with torch.no_grad():
+        want = hf(torch.tensor(tokens)).logits.numpy()
+    got = model.forward(tokens)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("freeze", list(FREEZES))
+@pytest.mark.parametrize("kind", ["gpt2", "gpt2-untied", "llama", "llama-tied"])
+def test_loss_and_grads_match(hf_dirs, kind, freeze):
+    hf, path = hf_dirs[kind]
+    model = engine.load(path)
+    FREEZES[freeze](model)
+    set_torch_trainable(model, hf)
+    tokens, targets = batch(model.config.vocab_size, seed=1)
+    loss = model.forward(tokens, targets)
+    model.backward()
+    tl = torch_loss(hf, tokens, targets)
+    tl.backward()
+    assert abs(loss - tl.item()) <= 1e-5 * max(1.0, abs(tl.item()))
+    assert_grads_match(model, hf)
+    for n, p in hf.named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None
+
+
+def test_untied_head_trainable(hf_dirs):
+    hf, path = hf_dirs["llama"]
+    model = engine.load(path)
+    model.freeze().unfreeze("lm_head.weight", "blocks.3.mlp.*")
+    set_torch_trainable(model, hf)
+    tokens, targets = batch(model.config.vocab_size, seed=2)
+    model.forward(tokens, targets)
+    model.backward()
+    torch_loss(hf, tokens, targets).backward()
+    assert_grads_match(model, hf)
+
+
+def test_gradient_accumulates_over_micro_batches(hf_dirs):
+    """Two backward passes without zero_grad sum, as in PyTorch."""
+    _, path = hf_dirs["llama"]
+    model = engine.load(path).train_last(2)
+    tokens, targets = batch(model.config.vocab_size, seed=3)
+    model.forward(tokens, targets)
+    model.backward()
+    once = {n: g.copy() for n, g in model.grads.items()}
+    model.forward(tokens, targets)
+    model.backward()
+    for n, g in model.grads.items():
+        np.testing.assert_allclose(g, 2 * once[n], rtol=1e-6, atol=1e-9)
+    model.zero_grad()
+    assert all(not g.any() for g in model.grads.values())
+
+
+def _torch_adamw(hf, lr, wd):
+    decay = [p for p in hf.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in hf.parameters() if p.requires_grad and p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": wd},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_adamw_steps_match_torch(kind):
+    from conftest import build_hf
+    import tempfile
+    # Default init, not boosted: saturated GELUs give near-zero gradients that Adam's
+    # normalization would blow up to lr-sized steps driven by rounding (torch's tanh flushes
+    # them to exactly 0, the engine's logistic form keeps ~1e-9)
+    hf = build_hf(kind, seed=7, boost=False).train()
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        model = engine.load(d)
+    model.train_last(2)
+    set_torch_trainable(model, hf)
+    lr, wd = 1e-3, 0.1
+    before = {n: p.copy() for n, p in model.params.items()}
+    opt = engine.AdamW(model, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=wd)
+    topt = _torch_adamw(hf, lr, wd)
+    for step in range(5):
+        tokens, targets = batch(model.config.vocab_size, seed=10 + step)
+        model.zero_grad()
+        model.forward(tokens, targets)
+        model.backward()
+        opt.step()
+        topt.zero_grad()
+        torch_loss(hf, tokens, targets).backward()
+        topt.step()
+    e2h = engine_to_hf_names(model, hf)
+    ref = hf_names_params(model, hf)
+    for n in model.params:
+        if n not in model.trainable:
+            assert np.array_equal(model.params[n], before[n])
+            continue
+        if n.endswith("attn.k.bias"):
+            # Its exact gradient is 0 (softmax ignores a per-query constant), so Adam scales
+            # rounding noise to steps of size lr: the two libraries' noise differs.
+            continue
+        # Adam divides by sqrt(v): where a gradient is near zero, rounding moves that element's
+        # step by a fraction of lr. So: the updates agree as tensors, and no element is off by
+        # more than a few percent of one step.
+        upd, tupd = model.params[n] - before[n], ref[n] - before[n]
+        rel = np.linalg.norm(upd - tupd) / np.linalg.norm(tupd)
+        assert rel < 1e-3, (n, e2h[n], rel)
+        assert np.abs(upd - tupd).max() < 0.05 * lr, (n, e2h[n])
+
+
+def hf_names_params(model, hf):
+    from engine.io import hf_names
+    sd = {n: p.detach().numpy() for n, p in hf.named_parameters()}
+    return hf_names.to_engine(model.config, lambda n: sd[n], list(sd))
+
+
+def test_sgd_momentum_matches_torch(hf_dirs):
+    from conftest import build_hf
+    import tempfile
+    hf = build_hf("llama-tied", seed=3)
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        model = engine.load(d)
+    model.train_last(1)
+    set_torch_trainable(model, hf)
+    opt = engine.SGD(model, lr=0.05, momentum=0.9, weight_decay=0.01)
+    topt = torch.optim.SGD([p for p in hf.parameters() if p.requires_grad], lr=0.05, momentum=0.9,
+                           weight_decay=0.01)
+    for step in range(4):
+        tokens, targets = batch(model.config.vocab_size, seed=20 + step)
+        model.zero_grad()
+        model.forward(tokens, targets)
+        model.backward()
+        opt.step()
+        topt.zero_grad()
+        torch_loss(hf, tokens, targets).backward()
+        topt.step()
+    ref = hf_names_params(model, hf)
+    for n in model.params:
+        np.testing.assert_allclose(model.params[n], ref[n], rtol=1e-5, atol=1e-6, err_msg=n)
+
+
+def test_clip_grad_norm_matches_torch(hf_dirs):
+    hf, path = hf_dirs["gpt2"]
+    model = engine.load(path).train_last(2)
+    set_torch_trainable(model, hf)
+    tokens, targets = batch(model.config.vocab_size, seed=4)
+    model.forward(tokens, targets)
+    model.backward()
+    torch_loss(hf, tokens, targets).backward()
+    norm = engine.clip_grad_norm(model, 0.01)
+    tnorm = torch.nn.utils.clip_grad_norm_([p for p in hf.parameters() if p.requires_grad], 0.01)
+    assert abs(norm - tnorm.item()) <= 1e-4 * tnorm.item()
+    assert_grads_match(model, hf)
