@@ -7,7 +7,7 @@ elements; each thread owns its blocks and its scratch.
 import numpy as np
 
 from .jit import flat, pjit, prange
-from .vexp import exp_into
+from .vexp import exp_inplace
 
 _BLK = 4096
 _K0 = np.float32(0.7978845608028654)  # sqrt(2 / pi)
@@ -30,7 +30,7 @@ def _gelu_forward(x, out):
         for j in range(hi - lo):
             v = xs[j]
             t[j] = -_TWO * _K0 * (v + _K1 * v * v * v)
-        exp_into(t, t, bits)
+        exp_inplace(t, bits)
         for j in range(hi - lo):
             os[j] = xs[j] / (_ONE + t[j])
 
@@ -49,7 +49,7 @@ def _gelu_backward(dout, x, dx):
         for j in range(hi - lo):
             v = xs[j]
             t[j] = -_TWO * _K0 * (v + _K1 * v * v * v)
-        exp_into(t, t, bits)
+        exp_inplace(t, bits)
         for j in range(hi - lo):
             v = xs[j]
             s = _ONE / (_ONE + t[j])  # sigmoid(2u)
@@ -70,7 +70,7 @@ def _swiglu_forward(gate, up, out):
         bits = np.empty(hi - lo, np.int32)
         for j in range(hi - lo):
             t[j] = -gs[j]
-        exp_into(t, t, bits)
+        exp_inplace(t, bits)
         for j in range(hi - lo):
             os[j] = gs[j] / (_ONE + t[j]) * us[j]
 
@@ -90,7 +90,7 @@ def _swiglu_backward(dout, gate, up, dgate, dup):
         bits = np.empty(hi - lo, np.int32)
         for j in range(hi - lo):
             t[j] = -gs[j]
-        exp_into(t, t, bits)
+        exp_inplace(t, bits)
         for j in range(hi - lo):
             g = gs[j]
             s = _ONE / (_ONE + t[j])

@@ -10,7 +10,7 @@ transposed per head to (D, Tk) so that the score loop vectorizes over keys.
 import numpy as np
 
 from .jit import pjit, prange
-from .vexp import exp_into
+from .vexp import exp_inplace
 
 
 @pjit
@@ -47,7 +47,7 @@ def attention_forward(q, k, v, out, lse, pos0):
                 m = max(m, s[j])
             for j in range(n):
                 s[j] -= m
-            total = exp_into(s[:n], s[:n], bits)
+            total = exp_inplace(s[:n], bits)
             for d in range(D):
                 acc[d] = np.float32(0.0)
             for j in range(n):
@@ -108,7 +108,7 @@ def attention_backward(dout, q, k, v, out, lse, dq, dk, dv):
                         dp[j] += gd * vd[j]
                 for j in range(n):
                     p[j] -= li
-                exp_into(p[:n], p[:n], bits)
+                exp_inplace(p[:n], bits)
                 delta = np.float32(0.0)
                 for d in range(D):
                     delta += doi[d] * oi[d]

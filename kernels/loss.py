@@ -7,7 +7,7 @@ Rows whose target is negative (-100) are ignored: loss 0, gradient 0.
 import numpy as np
 
 from .jit import pjit, prange
-from .vexp import exp_into
+from .vexp import exp_inplace
 
 
 @pjit
@@ -23,7 +23,7 @@ def crossentropy_forward(logits, targets, losses, lse):
         bits = np.empty(V, np.int32)
         for j in range(V):
             t[j] = row[j] - m
-        s = exp_into(t, t, bits)
+        s = exp_inplace(t, bits)
         lse[i] = m + np.log(s)
         tg = targets[i]
         losses[i] = lse[i] - row[tg] if tg >= 0 else np.float32(0.0)
@@ -51,7 +51,7 @@ def crossentropy_forward_backward(logits, targets, losses, lse, scale):
         bits = np.empty(V, np.int32)
         for j in range(V):
             row[j] = row[j] - m
-        s = exp_into(row, row, bits)
+        s = exp_inplace(row, bits)
         lse[i] = m + np.log(s)
         losses[i] = lse[i] - target_logit
         f = sc / s
