@@ -128,9 +128,11 @@ class Block:
             s.update(m.shapes())
         return s
 
-    def forward(self, P, x, rope_cs, keep):
+    def forward(self, P, x, rope_cs, keep, cache=None, pos0=0):
         """x: (B, T, C). Returns (out (B, T, C), saved or None). With keep=False nothing is
-        retained: the frozen prefix runs through here."""
+        retained: the frozen prefix runs through here. With a KV cache (k, v arrays of shape
+        (B, T_max, Hkv, D)), x holds positions pos0 .. pos0 + T - 1 and their keys and values
+        are written into the cache (generation; no backward)."""
         B, T, C = x.shape
         N = B * T
         x2 = x.reshape(N, C)
@@ -141,9 +143,14 @@ class Block:
         if self.rope:
             rope_forward(q, *rope_cs)
             rope_forward(k, *rope_cs)
+        if cache is not None:
+            kc, vc = cache
+            kc[:, pos0:pos0 + T] = k
+            vc[:, pos0:pos0 + T] = v
+            k, v = kc, vc
         a = np.empty((B, T, self.H, self.D), np.float32)
         lse = np.empty((B, self.H, T), np.float32)
-        attention_forward(q, k, v, a, lse, 0)
+        attention_forward(q, k, v, a, lse, pos0)
         x1 = self.o.forward(P, a.reshape(N, self.H * self.D))
         x1 += x2                                               # (N, C) residual
         h2, st2 = self.ln2.forward(P, x1)

@@ -176,14 +176,16 @@ class Model:
                              + (" (or -100 to ignore)" if allow_ignore else ""))
         return np.ascontiguousarray(t)
 
-    def _rope_tables(self, T):
+    def _rope_tables(self, T, pos0=0):
+        """cos, sin (T, head_dim / 2) for positions pos0 .. pos0 + T - 1."""
         c = self.config
         if c.positions != "rope":
             return None
-        if self._rope is None or self._rope[0].shape[0] < T:  # grown on demand: context may be huge
-            self._rope = rope_table(T, c.head_dim, c.rope_theta)
+        end = pos0 + T
+        if self._rope is None or self._rope[0].shape[0] < end:  # grown on demand: context may be huge
+            self._rope = rope_table(max(end, 256), c.head_dim, c.rope_theta)
         cos, sin = self._rope
-        return np.ascontiguousarray(cos[:T]), np.ascontiguousarray(sin[:T])
+        return np.ascontiguousarray(cos[pos0:end]), np.ascontiguousarray(sin[pos0:end])
 
     def embed(self, tokens, pos0=0):
         B, T = tokens.shape
@@ -228,6 +230,34 @@ class Model:
         if keep:
             self._tape = dict(tokens=tokens, saved=saved, low=low, x=x2, st=st, dh=dh, dw=dw, rope=rope)
         return loss
+
+    # ---- incremental decoding -------------------------------------------------------------
+    def new_cache(self, batch: int, length: int) -> list:
+        """Per block (k, v) arrays of shape (batch, length, n_kv_head, head_dim)."""
+        c = self.config
+        if length > c.max_seq_len:
+            raise InputError(f"cache length {length} exceeds the model's max_seq_len {c.max_seq_len}")
+        shape = (batch, length, c.n_kv_head, c.head_dim)
+        return [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in self.blocks]
+
+    def forward_cached(self, tokens, cache, pos0: int):
+        """Logits (B, V) of the last of `tokens` (B, T), which sit at positions pos0 ..
+        pos0 + T - 1; their keys and values are appended to `cache` (from new_cache), so earlier
+        positions are never run again."""
+        tokens = self._tokens(tokens)
+        B, T = tokens.shape
+        if pos0 + T > cache[0][0].shape[1]:
+            raise InputError(f"positions up to {pos0 + T} do not fit the cache of length "
+                             f"{cache[0][0].shape[1]}")
+        rope = self._rope_tables(T, pos0)
+        x = self.embed(tokens, pos0)
+        for b, kv in zip(self.blocks, cache):
+            x, _ = b.forward(self.params, x, rope, False, cache=kv, pos0=pos0)
+        last = np.ascontiguousarray(x[:, -1])                 # (B, C)
+        h, _ = self.ln_f.forward(self.params, last)
+        logits = np.empty((B, self.config.vocab_size), np.float32)
+        gemm_nt(h, self.params[self.head], logits)
+        return logits
 
     def _head_loss(self, h, targets, grad, need_dh, need_dw):
         """Fused LM head + cross-entropy over row chunks, so (B, T, V) logits never exist.

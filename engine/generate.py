@@ -1,0 +1,74 @@
+"""Sampling with a KV cache: greedy, temperature, top-k, top-p, stop tokens, seeded."""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import numpy as np
+
+from .errors import InputError
+
+
+def generate(model, ids, max_new_tokens: int = 30, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, stop: Iterable[int] = (),
+             seed: int | None = None, use_cache: bool = True,
+             on_token: Callable[[int], None] | None = None) -> list[int]:
+    """Continue the token ids `ids` (a list of ints) and return the new ids.
+
+    temperature 0 is greedy (argmax); otherwise logits / temperature are sampled, restricted to
+    the top_k most likely and to the smallest set whose probability reaches top_p. Generation
+    ends after max_new_tokens, at the context limit, or after emitting a token in `stop` (which
+    is included). With use_cache the prompt runs once and each new token costs one position;
+    use_cache=False re-runs the whole sequence per token (for checking the cache)."""
+    ids = [int(i) for i in ids]
+    if not ids:
+        raise InputError("generate needs at least one prompt token")
+    if max_new_tokens < 0:
+        raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise InputError(f"temperature must be >= 0, got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise InputError(f"top_p must be in (0, 1], got {top_p}")
+    limit = model.config.max_seq_len
+    if len(ids) > limit:
+        raise InputError(f"prompt of {len(ids)} tokens exceeds the model's context of {limit}")
+    stop = set(int(s) for s in stop)
+    rng = np.random.default_rng(seed)
+    total = min(limit, len(ids) + max_new_tokens)
+    out: list[int] = []
+    if use_cache:
+        cache = model.new_cache(1, total)
+        logits = model.forward_cached(np.array([ids]), cache, 0)[0]
+    else:
+        logits = model.forward(np.array([ids]))[0, -1]
+    while len(ids) + len(out) < total:
+        tok = pick(logits, temperature, top_k, top_p, rng)
+        out.append(tok)
+        if on_token is not None:
+            on_token(tok)
+        if tok in stop or len(ids) + len(out) >= total:
+            break
+        if use_cache:
+            logits = model.forward_cached(np.array([[tok]]), cache, len(ids) + len(out) - 1)[0]
+        else:
+            logits = model.forward(np.array([ids + out]))[0, -1]
+    return out
+
+
+def pick(logits, temperature, top_k=None, top_p=None, rng=None) -> int:
+    """One token id from a (V,) logits vector."""
+    if temperature == 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    if top_k is not None and 0 < top_k < z.size:
+        kth = np.partition(z, -top_k)[-top_k]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p is not None and top_p < 1:
+        order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(p[order])
+        keep = order[:int(np.searchsorted(cum, top_p) + 1)]  # smallest prefix reaching top_p
+        mask = np.zeros_like(p)
+        mask[keep] = p[keep]
+        p = mask / mask.sum()
+    return int((rng or np.random.default_rng()).choice(p.size, p=p))
