@@ -17,14 +17,17 @@ _EXPORTS = {
     "CosineSchedule": "engine.optim",
     "load_tokenizer": "engine.tokenizer",
     "ByteTokenizer": "engine.tokenizer",
-    "generate": "engine.generate",
     "TailtuneError": "engine.errors",
     "ConfigError": "engine.errors",
     "CheckpointError": "engine.errors",
     "InputError": "engine.errors",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS) + ["generate"]
+
+# Imported now, not lazily: the function shares its name with the module engine/generate.py,
+# and a lazy import would leave `engine.generate` bound to the module.
+from .generate import generate  # noqa: E402
 
 
 def __getattr__(name):

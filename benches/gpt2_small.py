@@ -1,0 +1,513 @@
+#!/usr/bin/env python
+"""gpt2-small: one tail fine-tuning step of GPT-2 124M shapes, tailtune vs PyTorch, side by side.
+
+Both sides train the same random-init weights (a transformers GPT2LMHeadModel saved with
+save_pretrained and read back by engine.load) on the same batch, with the last k blocks and the
+final norm trainable (the tied embedding / LM head frozen), AdamW over the trainable parameters.
+One step = zero_grad, forward with loss, backward, optimizer step.
+
+Order of a run:
+  1. verify: first step on both sides; loss and every trainable gradient must agree (fails loudly)
+  2. warm-up steps (untimed), numpy.matmul rate on the step's GEMM shapes
+  3. R repeats of [N engine steps, N torch steps], each repeat timed as one interval
+  4. numpy.matmul rate again, cProfile of engine steps
+  5. worker subprocesses: peak RSS of each side alone; engine cold start with an empty Numba cache
+  6. a table on stdout, JSON with --json
+
+    python benches/gpt2_small.py [--steps N] [--repeats R] [--json out.json]
+
+`run(args)` does the same for `tailtune bench gpt2-small` (args: None, a list of strings, or a
+Namespace from build_parser()) and returns the result dict.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+try:
+    from . import common as C
+except ImportError:         # run as a script: benches/ is not a package
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import common as C
+
+NAME = "gpt2-small"
+GPT2_SMALL = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    p = argparse.ArgumentParser(
+        prog="gpt2_small.py", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--steps", type=int, default=2,
+                   help="training steps per timed repeat (per side)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed repeats; each runs the engine's steps, then torch's")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed steps per side after the verification step")
+    p.add_argument("--threads", type=int, default=cores,
+                   help="threads for both sides (Numba and torch intra-op)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--train-last", type=int, default=2,
+                   help="trainable blocks at the top (plus the final norm)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and of the batch")
+    p.add_argument("--loss-tol", type=float, default=1e-4,
+                   help="relative tolerance of engine vs torch loss")
+    p.add_argument("--grad-tol", type=float, default=1e-3,
+                   help="tolerance of the max over tensors of max|dg| / max|g_torch|")
+    p.add_argument("--gemm-repeats", type=int, default=3,
+                   help="timed numpy.matmul calls per GEMM shape, before and after the steps")
+    p.add_argument("--profile-steps", type=int, default=1,
+                   help="engine steps run under cProfile after the timing (0: none)")
+    p.add_argument("--worker-steps", type=int, default=2,
+                   help="steps after one warm-up step in each memory worker subprocess")
+    p.add_argument("--no-workers", action="store_true",
+                   help="skip the subprocesses (peak RSS per side, cold start)")
+    p.add_argument("--no-cold", action="store_true",
+                   help="skip the cold-start subprocess (empty Numba cache; compiles everything)")
+    p.add_argument("--json", metavar="PATH", help="write the result as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.add_argument("--worker", choices=("engine", "torch"), help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    return p
+
+
+def _args(args):
+    if args is None:
+        return build_parser().parse_args([])
+    if isinstance(args, (list, tuple)):
+        return build_parser().parse_args(list(args))
+    return args
+
+
+def make_batch(vocab: int, B: int, T: int, seed: int):
+    """tokens (B, T) and targets (B, T) with the engine's convention: targets[:, t] is the token
+    after tokens[:, t] (one random (B, T + 1) sequence, shifted)."""
+    import numpy as np
+    ids = np.random.default_rng(seed).integers(0, vocab, (B, T + 1), dtype=np.int64)
+    return np.ascontiguousarray(ids[:, :-1]), np.ascontiguousarray(ids[:, 1:])
+
+
+def torch_trainable_prefixes(n_layer: int, k: int) -> tuple:
+    return tuple(f"transformer.h.{i}." for i in range(n_layer - k, n_layer)) + ("transformer.ln_f.",)
+
+
+# ---- the two sides' steps ---------------------------------------------------------------------
+def engine_side(model_dir, k, lr, tokens, targets):
+    """(model, optimizer, step function) of the engine; step() returns the loss."""
+    import engine
+    model = engine.load(model_dir)
+    model.train_last(k)
+    opt = engine.AdamW(model, lr=lr)
+
+    def step():
+        model.zero_grad()
+        loss = model.forward(tokens, targets)
+        model.backward()
+        opt.step()
+        return loss
+    return model, opt, step
+
+
+def torch_side(hf, k, lr, tokens, targets):
+    """What a user writes: requires_grad=False on the frozen parameters, torch.optim.AdamW over
+    the trainable ones, transformers' logits and F.cross_entropy on the engine's targets
+    (transformers' labels= would shift them once more). use_cache=False: a training step keeps
+    no KV cache. weight_decay=0.0 as the engine's default (torch's default is 0.01)."""
+    import torch
+    import torch.nn.functional as F
+    L = hf.config.n_layer
+    pre = torch_trainable_prefixes(L, k)
+    for n, p in hf.named_parameters():
+        p.requires_grad_(n.startswith(pre))
+    hf.train()
+    params = [p for p in hf.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    X = torch.from_numpy(tokens)
+    Y = torch.from_numpy(targets).reshape(-1)
+
+    def forward_backward():
+        logits = hf(input_ids=X, use_cache=False).logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y)
+        loss.backward()
+        return loss
+
+    def step():
+        opt.zero_grad()
+        loss = forward_backward()
+        opt.step()
+        return loss.item()
+    return opt, step, forward_backward
+
+
+# ---- verification -----------------------------------------------------------------------------
+def verify(model, hf, e_loss, t_loss, loss_tol, grad_tol) -> dict:
+    """Engine vs torch after one forward + backward: the loss, and every trainable gradient
+    through the HF names (Conv1D (in, out) layouts and the fused c_attn are undone by
+    engine.io.hf_names.to_engine). Raises AssertionError with the figures when they differ."""
+    import numpy as np
+    from engine.io import hf_names
+    sd = dict(hf.named_parameters())
+    grads = {}
+    for n, p in sd.items():
+        if p.requires_grad:
+            grads[n] = p.grad.detach().numpy()
+        else:
+            if p.grad is not None:
+                raise AssertionError(f"torch computed a gradient for frozen {n}")
+            grads[n] = np.broadcast_to(np.float32(0.0), tuple(p.shape))
+    ref = hf_names.to_engine(model.config, lambda n: grads[n], list(sd))
+    trainable = model.trainable
+    n_torch = sum(p.numel() for p in sd.values() if p.requires_grad)
+    n_engine = model.num_params(trainable_only=True)
+    if n_torch != n_engine:
+        raise AssertionError(f"trainable parameters differ: engine {n_engine}, torch {n_torch}")
+    top = max(float(np.abs(ref[n]).max()) for n in trainable)
+    errs = {}
+    for n in trainable:
+        r, g = ref[n], model.grads[n]
+        # floor: attn.k.bias's exact gradient is 0 (softmax ignores a per-query constant); both
+        # sides hold rounding noise there, so it is judged against the largest gradient
+        scale = max(float(np.abs(r).max()), 1e-3 * top)
+        errs[n] = float(np.abs(g - r).max()) / scale
+    worst = max(errs, key=errs.get)
+    loss_rel = abs(e_loss - t_loss) / abs(t_loss)
+    out = {"loss_engine": e_loss, "loss_torch": t_loss, "loss_rel_err": loss_rel,
+           "grad_max_rel_err": errs[worst], "grad_worst_tensor": worst,
+           "grad_tensors": len(trainable), "trainable_params": n_engine,
+           "loss_tol": loss_tol, "grad_tol": grad_tol,
+           "grad_rel_err": dict(sorted(errs.items(), key=lambda kv: -kv[1]))}
+    if not loss_rel <= loss_tol:
+        raise AssertionError(f"{NAME}: engine loss {e_loss!r} != torch loss {t_loss!r} "
+                             f"(rel {loss_rel:.3g} > {loss_tol})")
+    if not errs[worst] <= grad_tol:
+        bad = [f"{n}: {e:.3g}" for n, e in errs.items() if not e <= grad_tol]
+        raise AssertionError(f"{NAME}: gradients differ from torch (tol {grad_tol}): "
+                             + ", ".join(bad[:10]))
+    return out
+
+
+# ---- worker subprocesses ----------------------------------------------------------------------
+def _worker(args) -> dict:
+    """One side alone in a fresh process: load, one warm-up step, `worker_steps` steps; the peak
+    RSS of the whole process (imports, weights, step). Emits its result on stdout."""
+    t0 = time.perf_counter()
+    C.quiet_hf()
+    C.set_thread_env(args.threads)
+    C.ensure_repo_on_path()
+    import numpy as np  # noqa: F401  -- imported by both sides anyway; counted in both RSS figures
+    vocab = GPT2_SMALL["vocab_size"]
+    tokens, targets = make_batch(vocab, args.batch_size, args.seq_len, args.seed)
+    if args.worker == "engine":
+        import engine  # noqa: F401
+        import kernels.jit  # noqa: F401  -- where the engine sets its Numba options
+        C.pin_threads(args.threads, torch=False)
+        t_import = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        _, _, step = engine_side(args.model_dir, args.train_last, args.lr, tokens, targets)
+    else:
+        import torch
+        from transformers import GPT2LMHeadModel
+        C.pin_threads(args.threads, numba=False)
+        t_import = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        hf = GPT2LMHeadModel.from_pretrained(args.model_dir)
+        if next(hf.parameters()).dtype != torch.float32:
+            hf = hf.float()
+        _, step, _ = torch_side(hf, args.train_last, args.lr, tokens, targets)
+    t_load = time.perf_counter() - t1
+    rss_load = C.rss_mib()
+    times, losses = [], []
+    for _ in range(1 + args.worker_steps):
+        t, loss = C.timed(step)
+        times.append(t)
+        losses.append(float(loss))
+    res = {"side": args.worker, "import_s": t_import, "load_s": t_load, "step_s": times,
+           "losses": losses, "rss_after_load_mib": rss_load, "rss_end_mib": C.rss_mib(),
+           "peak_rss_mib": C.peak_rss_mib(), "threads": C.thread_counts(),
+           "numba_cache_dir": os.environ.get("NUMBA_CACHE_DIR")}
+    C.emit(res)
+    return res
+
+
+def _worker_argv(args, side):
+    return [Path(__file__).resolve(), "--worker", side, "--model-dir", args.model_dir,
+            "--threads", args.threads, "--batch-size", args.batch_size, "--seq-len", args.seq_len,
+            "--train-last", args.train_last, "--lr", args.lr, "--seed", args.seed,
+            "--worker-steps", args.worker_steps]
+
+
+# ---- the run ----------------------------------------------------------------------------------
+def run(args=None) -> dict:
+    args = _args(args)
+    if args.worker:
+        return _worker(args)
+    say = (lambda m: None) if args.quiet else C.log
+    t_start = time.perf_counter()
+    C.quiet_hf()
+    imported_early = C.set_thread_env(args.threads)
+    worker_env = dict(os.environ)   # the user's environment + thread counts, before the engine's
+    # torch first: kernels.jit sets OMP_WAIT_POLICY=PASSIVE (for Numba's OpenMP pool) when it is
+    # imported, and torch's OpenMP runtime reads the variable when it loads; this order leaves
+    # torch with the environment a user's torch script would see.
+    omp_wait_at_torch = os.environ.get("OMP_WAIT_POLICY")
+    import numpy as np
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    C.ensure_repo_on_path()
+    import engine  # noqa: F401
+    threads = C.pin_threads(args.threads)
+
+    B, T, k = args.batch_size, args.seq_len, args.train_last
+    ntok = B * T
+    tmp = tempfile.mkdtemp(prefix="tailtune-bench-gpt2-")
+    try:
+        say(f"building GPT-2 124M (seed {args.seed}) in {tmp}")
+        torch.manual_seed(args.seed)
+        hf_cfg = GPT2Config(**GPT2_SMALL, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        hf = GPT2LMHeadModel(hf_cfg).float()
+        hf.save_pretrained(tmp)
+        tokens, targets = make_batch(hf_cfg.vocab_size, B, T, args.seed)
+
+        t_load, (model, eopt, engine_step) = C.timed(engine_side, tmp, k, args.lr, tokens, targets)
+        topt, torch_step, torch_fwd_bwd = torch_side(hf, k, args.lr, tokens, targets)
+        say(f"{model}; engine load {t_load:.1f} s")
+
+        # 1. verification on the first step; its engine half is the first (compiling) call
+        say("verify: first step on both sides (the engine's compiles or loads Numba kernels)")
+        t0 = time.perf_counter()
+        model.zero_grad()
+        e_loss = model.forward(tokens, targets)
+        t_fwd = time.perf_counter() - t0
+        model.backward()
+        t_fb = time.perf_counter() - t0
+        topt.zero_grad()
+        t_first_torch, t_loss = C.timed(torch_fwd_bwd)
+        t_loss = t_loss.item()
+        check = verify(model, hf, e_loss, t_loss, args.loss_tol, args.grad_tol)
+        say(f"verify OK: loss {e_loss:.6f} vs {t_loss:.6f} (rel {check['loss_rel_err']:.2g}); "
+            f"grads max rel err {check['grad_max_rel_err']:.2g} ({check['grad_worst_tensor']})")
+        t_opt_first, _ = C.timed(eopt.step)     # its first call compiles the AdamW kernel
+        topt.step()
+        losses_e, losses_t = [e_loss], [t_loss]
+        first = {"engine_forward_s": t_fwd, "engine_forward_backward_s": t_fb,
+                 "engine_optimizer_s": t_opt_first, "engine_step_s": t_fb + t_opt_first,
+                 "torch_forward_backward_s": t_first_torch}
+
+        # 2. warm-up and the machine's matmul rate
+        for i in range(args.warmup):
+            say(f"warm-up {i + 1}/{args.warmup}")
+            losses_e.append(engine_step())
+            losses_t.append(torch_step())
+        flops = C.step_flops(C.Dims.from_config(model.config), B, T, k)
+        shapes = list(flops.gemms)
+        say(f"numpy.matmul rate on {len(shapes)} GEMM shapes ({args.threads} threads)")
+        rates_before = C.gemm_rates(shapes, args.threads, args.gemm_repeats)
+
+        # 3. alternating timed repeats
+        e_times, t_times = [], []
+        for r in range(args.repeats):
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                losses_e.append(engine_step())
+            e_times.append((time.perf_counter() - t0) / args.steps)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                losses_t.append(torch_step())
+            t_times.append((time.perf_counter() - t0) / args.steps)
+            say(f"repeat {r + 1}/{args.repeats}: engine {e_times[-1]:.2f} s/step, "
+                f"torch {t_times[-1]:.2f} s/step")
+
+        # 4. matmul rate again (the machine drifts), then a profile of engine steps
+        rates_after = C.gemm_rates(shapes, args.threads, args.gemm_repeats, seed=1)
+        rates = {s: rates_before[s] + rates_after[s] for s in shapes}
+        gemm_eff = C.effective_rate(flops, rates)
+        prof = None
+        if args.profile_steps > 0:
+            say(f"cProfile of {args.profile_steps} engine step(s)")
+            prof = C.profile_top(engine_step, args.profile_steps, top=15)
+        threads = C.thread_counts()      # now Numba's threading layer is known
+
+        # 5. each side alone: peak RSS; the engine from an empty Numba cache
+        workers = {}
+        if not args.no_workers:
+            args.model_dir = tmp
+            for side in ("engine", "torch"):
+                say(f"{side} alone in a subprocess (peak RSS)")
+                workers[side] = C.run_worker(_worker_argv(args, side), worker_env)
+            if not args.no_cold:
+                cache = tempfile.mkdtemp(prefix="tailtune-bench-numba-cache-")
+                try:
+                    say("engine cold start in a subprocess with an empty Numba cache")
+                    workers["engine_cold"] = C.run_worker(
+                        _worker_argv(args, "engine"), {**worker_env, "NUMBA_CACHE_DIR": cache})
+                finally:
+                    shutil.rmtree(cache, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    # 6. figures
+    def side(times, peak_worker):
+        tps = [ntok / t for t in times]
+        med_t = float(np.median(times))
+        w = workers.get(peak_worker) or {}
+        iso = [ntok / t for t in w.get("step_s", [])[1:]]
+        return {"tokens_per_s": C.summarize(tps), "step_s": C.summarize(times),
+                "mfu": flops.total / (med_t * gemm_eff * 1e9),
+                "achieved_gflops": flops.total / med_t / 1e9,
+                "peak_rss_mib": w.get("peak_rss_mib"), "rss_after_load_mib": w.get("rss_after_load_mib"),
+                "alone_tokens_per_s": C.summarize(iso) if iso else None}
+    eng, tor = side(e_times, "engine"), side(t_times, "torch")
+    n_common = min(len(losses_e), len(losses_t))
+    loss_dev = max(abs(a - b) / abs(b) for a, b in zip(losses_e[:n_common], losses_t[:n_common]))
+    cold = None
+    if "engine_cold" in workers:
+        w, warm = workers["engine_cold"], workers["engine"]
+        cold = {"first_step_s": w["step_s"][0], "steady_step_s": min(w["step_s"][1:]),
+                "compile_s": w["step_s"][0] - min(w["step_s"][1:]),
+                "warm_cache_first_step_s": warm["step_s"][0], "import_s": w["import_s"],
+                "load_s": w["load_s"], "peak_rss_mib": w["peak_rss_mib"]}
+    for w in workers.values():   # the workers ran the same model on the same batch
+        if abs(w["losses"][0] - t_loss) > args.loss_tol * abs(t_loss):
+            raise AssertionError(f"{NAME}: a {w['side']} worker's first loss {w['losses'][0]} "
+                                 f"differs from {t_loss}")
+    result = {
+        "workload": NAME,
+        "setup": {"model": "GPT-2 124M shapes, random init (transformers, seed)", **GPT2_SMALL,
+                  "batch_size": B, "seq_len": T, "tokens_per_step": ntok, "train_last": k,
+                  "trainable": f"blocks {GPT2_SMALL['n_layer'] - k}..{GPT2_SMALL['n_layer'] - 1} "
+                               "+ final norm (tied embedding frozen)",
+                  "optimizer": f"AdamW lr={args.lr} betas=(0.9, 0.999) eps=1e-8 weight_decay=0",
+                  "steps_per_repeat": args.steps, "repeats": args.repeats, "warmup": args.warmup,
+                  "threads": args.threads, "seed": args.seed,
+                  "torch_attn_implementation": getattr(hf.config, "_attn_implementation", None),
+                  "engine_gemm_backend": _gemm_backend()},
+        "verify": check,
+        "engine": eng,
+        "torch": tor,
+        "ratio_engine_over_torch": {"tokens_per_s": eng["tokens_per_s"]["median"]
+                                    / tor["tokens_per_s"]["median"],
+                                    "paired": C.paired_ratios(t_times, e_times)},
+        "flops": {**flops.to_json(), "model": "see benches/README.md"},
+        "matmul": {"what": "numpy.matmul fp32 (M,K)@(K,N), OpenBLAS threads = threads",
+                   "effective_gflops": gemm_eff,
+                   "effective_gflops_before": C.effective_rate(flops, rates_before),
+                   "effective_gflops_after": C.effective_rate(flops, rates_after),
+                   "per_shape": [{"shape": list(s), "gflops": C.summarize(rates[s])}
+                                 for s in shapes]},
+        "first_step_in_process": first,
+        "cold_start": cold,
+        "workers": workers,
+        "loss_tracking": {"steps_compared": n_common, "max_rel_diff": loss_dev,
+                          "engine_last": losses_e[n_common - 1], "torch_last": losses_t[n_common - 1]},
+        "profile_engine": prof,
+        "env": {**C.environment(), "threads": threads, "thread_env_set_before_import":
+                {m: not v for m, v in imported_early.items()},
+                "omp_wait_policy_at_torch_import": omp_wait_at_torch},
+        "elapsed_s": time.perf_counter() - t_start,
+    }
+    if not args.quiet:
+        print(report(result))
+    if args.json:
+        C.write_json(args.json, result)
+        say(f"wrote {args.json}")
+    return result
+
+
+def _gemm_backend():
+    try:
+        import kernels.matmul as km
+        return getattr(km, "BACKEND", None)
+    except ImportError:
+        return None
+
+
+# ---- the human table --------------------------------------------------------------------------
+def report(r: dict) -> str:
+    s, v, e, t = r["setup"], r["verify"], r["engine"], r["torch"]
+    ratio = r["ratio_engine_over_torch"]
+    th = r["env"]["threads"]
+    lines = [
+        f"{NAME}: B={s['batch_size']} x T={s['seq_len']} ({s['tokens_per_step']} tokens/step), "
+        f"{s['trainable']}, {s['optimizer']}",
+        f"threads: numba {th.get('numba_threads')} ({th.get('numba_threading_layer')}), "
+        f"torch {th.get('torch_threads')}, NUMBA_NUM_THREADS={th['env']['NUMBA_NUM_THREADS']}, "
+        f"OMP_NUM_THREADS={th['env']['OMP_NUM_THREADS']}; {s['steps_per_repeat']} step(s) x "
+        f"{s['repeats']} alternating repeats after {s['warmup']} warm-up",
+        f"verify: loss engine {v['loss_engine']:.6f} torch {v['loss_torch']:.6f} "
+        f"(rel {v['loss_rel_err']:.1e}); grads max rel err {v['grad_max_rel_err']:.1e} "
+        f"({v['grad_worst_tensor']}, {v['grad_tensors']} tensors, "
+        f"{v['trainable_params'] / 1e6:.1f}M params): OK",
+        "",
+    ]
+
+    def rss(x):
+        return "-" if x is None else f"{x:.0f}"
+
+    def alone(x):
+        return "-" if not x else f"{x['median']:.0f}"
+    rows = [[name, C.fmt_range(d["tokens_per_s"], "{:.0f}"), C.fmt_range(d["step_s"], "{:.2f}"),
+             f"{100 * d['mfu']:.1f}%", f"{d['achieved_gflops']:.0f}", rss(d["peak_rss_mib"]),
+             alone(d["alone_tokens_per_s"])]
+            for name, d in (("tailtune", e), ("torch", t))]
+    lines.append(C.table(["", "tokens/s median [min-max]", "s/step", "MFU", "GFLOP/s",
+                          "peak RSS MiB", "alone tok/s"], rows))
+    p = ratio["paired"]
+    lines += [
+        f"engine/torch tokens/s: {ratio['tokens_per_s']:.2f}x (per-repeat pairs: median "
+        f"{p['median']:.2f}x, {p['min']:.2f}-{p['max']:.2f})",
+        "",
+    ]
+    f = r["flops"]["parts"]
+    m = r["matmul"]
+    lines += [
+        f"model FLOPs/step {C.fmt_si(r['flops']['total'], 'FLOP')}: forward blocks "
+        f"{f['forward_blocks'] / 1e9:.1f} G + head {f['forward_head'] / 1e9:.1f} G, backward head dX "
+        f"{f['backward_head_dx'] / 1e9:.1f} G + last {s['train_last']} blocks "
+        f"{f['backward_blocks'] / 1e9:.1f} G",
+        f"MFU denominator: numpy.matmul fp32 on the step's {len(m['per_shape'])} GEMM shapes, "
+        f"{m['effective_gflops']:.0f} GFLOP/s (before {m['effective_gflops_before']:.0f}, after "
+        f"{m['effective_gflops_after']:.0f})",
+    ]
+    fs = r["first_step_in_process"]
+    lines.append(f"first engine step in this process {fs['engine_step_s']:.1f} s (Numba cache as "
+                 f"found; forward {fs['engine_forward_s']:.1f} s); first torch forward+backward "
+                 f"{fs['torch_forward_backward_s']:.1f} s")
+    c = r["cold_start"]
+    if c:
+        lines.append(f"cold start (empty Numba cache, subprocess): first step {c['first_step_s']:.1f} s"
+                     f" vs steady {c['steady_step_s']:.1f} s -> ~{c['compile_s']:.0f} s compiling; "
+                     f"with the cache: first step {c['warm_cache_first_step_s']:.1f} s; "
+                     f"peak RSS while compiling {c['peak_rss_mib']:.0f} MiB")
+    lt = r["loss_tracking"]
+    lines.append(f"loss after {lt['steps_compared']} steps: engine {lt['engine_last']:.5f}, torch "
+                 f"{lt['torch_last']:.5f} (max rel diff over steps {lt['max_rel_diff']:.1e})")
+    if r["profile_engine"]:
+        pr = r["profile_engine"]
+        lines += ["", f"engine cProfile ({pr['calls']} step(s), {pr['wall_s']:.2f} s, main thread; "
+                      "top by own time):"]
+        lines.append(C.table(["function", "calls", "own s", "cum s"],
+                             [[x["function"], x["ncalls"], f"{x['tottime']:.3f}", f"{x['cumtime']:.3f}"]
+                              for x in pr["by_tottime"][:10]]))
+    env = r["env"]
+    lines += ["", f"python {env['python']}, numpy {env['numpy']}, numba {env['numba']}, torch "
+                  f"{env['torch']}, transformers {env['transformers']}; {env['cpu']} "
+                  f"({env['cores']} cores); commit {str(env['git']['commit'])[:10]}; {env['date']}; "
+                  f"{r['elapsed_s']:.0f} s"]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

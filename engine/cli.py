@@ -1,0 +1,208 @@
+"""`tailtune finetune | generate | eval | bench | inspect`."""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+
+MODEL_HELP = ("model: a Hugging Face directory (config.json + *.safetensors), a .gguf file, a "
+              "directory written by tailtune, or 'smollm2' (the packaged SmolLM2-135M-Instruct)")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="tailtune", description="Fine-tune the last layers of a "
+                                 "pretrained transformer on a CPU.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    f = sub.add_parser("finetune", help="fine-tune a model on a data file",
+                       description="Fine-tune the last layers (or chosen parameters) of a model.")
+    f.add_argument("--model", required=True, help=MODEL_HELP)
+    f.add_argument("--data", required=True, help="training data: .txt, or .jsonl with "
+                   "{'prompt','completion'} or {'messages'} rows (loss on completions / assistant turns)")
+    f.add_argument("--out", required=True, help="run directory (checkpoints, metrics, final model)")
+    g = f.add_mutually_exclusive_group()
+    g.add_argument("--train-last", type=int, metavar="K", help="train the last K blocks and the final norm (default 2)")
+    g.add_argument("--unfreeze", nargs="+", metavar="GLOB", default=[], help="train the parameters matching these "
+                   "glob patterns, e.g. 'blocks.29.mlp.*' (see `tailtune inspect`)")
+    f.add_argument("--steps", type=int, help="optimizer steps (default: --epochs over the data)")
+    f.add_argument("--epochs", type=float, default=1.0, help="passes over the training data (default 1)")
+    f.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch (default 8)")
+    f.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    f.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    f.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    f.add_argument("--warmup", type=int, help="warmup steps (default 5%% of steps)")
+    f.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine decay")
+    f.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay (matrices only)")
+    f.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip; 0 disables (default 1)")
+    f.add_argument("--eval-data", help="held-out data file (default: --eval-fraction of --data)")
+    f.add_argument("--eval-fraction", type=float, default=0.1, help="share of --data held out (default 0.1)")
+    f.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: before and after only)")
+    f.add_argument("--eval-batches", type=int, default=50, help="at most this many held-out batches per evaluation")
+    f.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (always on Ctrl-C)")
+    f.add_argument("--seed", type=int, default=0, help="seed of the split and the batch order")
+    f.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoint is in DIR")
+    f.add_argument("--sample-prompt", help="generate from this prompt before and after training")
+    f.add_argument("--sample-tokens", type=int, default=48, help="tokens to generate for the sample")
+
+    e = sub.add_parser("eval", help="held-out loss and perplexity of a model on a data file")
+    e.add_argument("--model", required=True, help=MODEL_HELP)
+    e.add_argument("--data", required=True, help="a .txt or .jsonl file (as for finetune)")
+    e.add_argument("--seq-len", type=int, default=256)
+    e.add_argument("--batch-size", type=int, default=8)
+
+    gen = sub.add_parser("generate", help="generate text with a KV cache")
+    gen.add_argument("--model", required=True, help=MODEL_HELP)
+    gen.add_argument("--prompt", help="prompt text (with --chat: the user message); omit with --chat "
+                     "for an interactive chat")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template "
+                     "(instruct models); without --prompt, chat interactively")
+    gen.add_argument("--system", help="system message for --chat")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--seed", type=int)
+
+    b = sub.add_parser("bench", help="benchmarks side by side with PyTorch (see benches/README.md)")
+    b.add_argument("workload", nargs="?", default="gpt2-small", help="gpt2-small (default), smollm2, "
+                   "freeze-sweep, kernels, generate")
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the workload")
+
+    i = sub.add_parser("inspect", help="parameters, layers, trainable set and cost per layer")
+    i.add_argument("--model", required=True, help=MODEL_HELP)
+    i.add_argument("--train-last", type=int, metavar="K", help="show the trainable set of train_last(K)")
+    i.add_argument("--seq-len", type=int, default=256, help="sequence length for the cost estimate")
+    i.add_argument("--batch-size", type=int, default=4, help="batch size for the cost estimate")
+
+    args = ap.parse_args(argv)
+    from .errors import TailtuneError
+    try:
+        return {"finetune": _finetune, "eval": _eval, "generate": _generate, "bench": _bench,
+                "inspect": _inspect}[args.cmd](args)
+    except TailtuneError as err:
+        print(f"tailtune {args.cmd}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _finetune(a):
+    from .train import TrainArgs, finetune
+    args = TrainArgs(model=a.model, data=a.data, out=a.out, eval_data=a.eval_data,
+                     eval_fraction=a.eval_fraction, train_last=a.train_last, unfreeze=a.unfreeze,
+                     steps=a.steps, epochs=a.epochs, batch_size=a.batch_size, seq_len=a.seq_len,
+                     grad_accum=a.grad_accum, lr=a.lr, warmup=a.warmup, min_lr=a.min_lr,
+                     weight_decay=a.weight_decay, clip=a.clip, eval_every=a.eval_every,
+                     eval_batches=a.eval_batches, save_every=a.save_every, seed=a.seed,
+                     sample_prompt=a.sample_prompt, sample_tokens=a.sample_tokens)
+    summary = finetune(args, resume=a.resume, log=lambda m: print(m, flush=True))
+    return 130 if summary["status"] == "interrupted" else 0
+
+
+def _eval(a):
+    import numpy as np
+
+    from . import data as D
+    from .io import load
+    from .io.resolve import resolve_model_path
+    from .tokenizer import load_tokenizer
+    from .train import evaluate
+    model = load(a.model)
+    tok = load_tokenizer(resolve_model_path(a.model), model_vocab_size=model.config.vocab_size)
+    if a.seq_len > model.config.max_seq_len:
+        from .errors import InputError
+        raise InputError(f"--seq-len {a.seq_len} exceeds the model's context of {model.config.max_seq_len}")
+    ex = D.Examples(D.tokenize_file(a.data, tok), a.seq_len)
+    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    loss = evaluate(model, ex, np.arange(len(ex)), a.batch_size, pad)
+    print(f"loss {loss:.4f}  perplexity {math.exp(min(loss, 50)):.3f}  ({len(ex)} examples)")
+    return 0
+
+
+def _generate(a):
+    from .generate import generate
+    from .io import load
+    from .io.resolve import resolve_model_path
+    from .tokenizer import load_tokenizer
+    model = load(a.model)
+    tok = load_tokenizer(resolve_model_path(a.model), model_vocab_size=model.config.vocab_size)
+    kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+              top_p=a.top_p, seed=a.seed, stop=tok.eos_ids)
+
+    def stream(ids):
+        out = []
+
+        def show(t):
+            out.append(t)
+            if t not in tok.eos_ids:
+                text = tok.decode(out)
+                if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                    sys.stdout.write(text[len(stream.shown):])
+                    stream.shown = text
+                    sys.stdout.flush()
+        stream.shown = ""
+        generate(model, ids, on_token=show, **kw)
+        print()
+        return [t for t in out if t not in tok.eos_ids]
+
+    if not a.chat:
+        if a.prompt is None:
+            from .errors import InputError
+            raise InputError("--prompt is required (or use --chat for an interactive chat)")
+        sys.stdout.write(a.prompt)
+        stream(tok.encode(a.prompt))
+        return 0
+    messages = [{"role": "system", "content": a.system}] if a.system else []
+    turns = [a.prompt] if a.prompt is not None else None
+    while True:
+        if turns is not None:
+            if not turns:
+                return 0
+            user = turns.pop(0)
+        else:
+            try:
+                user = input("you> ")
+            except EOFError:
+                print()
+                return 0
+            if not user.strip():
+                continue
+        messages.append({"role": "user", "content": user})
+        if turns is None:
+            sys.stdout.write("model> ")
+        reply = stream(tok.chat_ids(messages))
+        messages.append({"role": "assistant", "content": tok.decode(reply)})
+
+
+def _bench(a):
+    import os
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benches")
+    if not os.path.isdir(here):
+        print("tailtune bench: the benches/ directory is not installed; run from a source checkout",
+              file=sys.stderr)
+        return 2
+    script = os.path.join(here, a.workload.replace("-", "_") + ".py")
+    if not os.path.isfile(script):
+        names = sorted(n[:-3].replace("_", "-") for n in os.listdir(here)
+                       if n.endswith(".py") and n != "common.py")
+        print(f"tailtune bench: unknown workload {a.workload!r}; available: {', '.join(names)}",
+              file=sys.stderr)
+        return 2
+    import runpy
+    sys.argv = [script] + list(a.rest)
+    sys.path.insert(0, here)
+    runpy.run_path(script, run_name="__main__")
+    return 0
+
+
+def _inspect(a):
+    from .io import load
+    from .probes import cost_table
+    model = load(a.model)
+    if a.train_last is not None:
+        model.train_last(a.train_last)
+    print(model)
+    print(cost_table(model, a.batch_size, a.seq_len))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,281 @@
+"""Training data: text or JSONL files -> token arrays cached on disk (memmap) -> batches.
+
+A data file is tokenized once; the result is stored under a key made of the file's bytes, the
+tokenizer's fingerprint and the rendering options, and memory-mapped on later runs.
+
+Formats:
+  .txt    one token stream; examples are consecutive windows of seq_len + 1 tokens
+  .jsonl  one example per line: {"prompt": ..., "completion": ...} or {"messages": [...]};
+          loss only on the completion / the assistant turns. With a chat template (instruct
+          models) a prompt/completion row is rendered as a user turn and an assistant turn.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+
+from .errors import InputError
+from .model import IGNORE
+
+CACHE_VERSION = 1
+
+
+def cache_root() -> str:
+    return os.environ.get("TAILTUNE_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "tailtune")
+
+
+class TokenData:
+    """Tokens (int32), loss mask (uint8) and example boundaries, memory-mapped from the cache."""
+
+    def __init__(self, tokens, mask, offsets, kind, source):
+        self.tokens, self.mask, self.offsets = tokens, mask, offsets  # (n,), (n,), (E + 1,)
+        self.kind = kind              # "text" or "examples"
+        self.source = source
+
+    @property
+    def n_examples(self) -> int:
+        return len(self.offsets) - 1
+
+    def example(self, i):
+        a, b = self.offsets[i], self.offsets[i + 1]
+        return self.tokens[a:b], self.mask[a:b]
+
+
+# ---- reading and tokenizing ---------------------------------------------------------------
+def read_rows(path: str) -> list[dict]:
+    """JSONL rows, each checked; errors name the file and the line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            rows.append(_check_row(row, path, n))
+    return rows
+
+
+def _check_row(row, path, n):
+    where = f"{path}:{n}"
+    if not isinstance(row, dict):
+        raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise InputError(f"{where}: 'messages' must be a non-empty list")
+        for m in msgs:
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                    and isinstance(m.get("content"), str)):
+                raise InputError(f"{where}: each message needs string 'role' and 'content'")
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise InputError(f"{where}: no assistant message, so nothing to learn from")
+        return {"messages": msgs}
+    if isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
+        return {"prompt": row["prompt"], "completion": row["completion"]}
+    raise InputError(f"{where}: a row needs 'prompt' and 'completion' strings, or 'messages'")
+
+
+def _file_kind(path):
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such data file")
+    if os.path.getsize(path) == 0:
+        raise InputError(f"{path}: the data file is empty")
+    ext = os.path.splitext(path)[1].lower()
+    if ext in (".jsonl", ".json"):
+        return "examples"
+    if ext in (".txt", ".text", ".md", ".py", ""):
+        return "text"
+    raise InputError(f"{path}: unknown data format {ext!r} (use .txt or .jsonl)")
+
+
+def _encode_example(tok, row, use_template):
+    """(ids, mask) of one row: mask 1 on the tokens the loss is computed on."""
+    if "messages" in row:
+        msgs = row["messages"]
+    elif use_template:
+        msgs = [{"role": "user", "content": row["prompt"]},
+                {"role": "assistant", "content": row["completion"]}]
+    else:
+        p = tok.encode(row["prompt"])
+        c = tok.encode(row["completion"], add_special_tokens=False)
+        c = c + ([tok.eos_id] if tok.eos_id is not None else [])
+        return p + c, [0] * len(p) + [1] * len(c)
+    if not use_template:
+        raise InputError("'messages' rows need a tokenizer with a chat template")
+    return _chat_segments(tok, msgs)
+
+
+def _chat_segments(tok, msgs):
+    """Render the conversation turn by turn: each assistant turn is the text the template adds
+    between the prompt for it (with the generation prompt) and the conversation including it."""
+    ids, mask, done = [], [], ""
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        prompt = tok.chat_prompt(msgs[:i], add_generation_prompt=True) if i else ""
+        full = tok.chat_prompt(msgs[:i + 1], add_generation_prompt=False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            raise InputError("the chat template does not render conversations prefix by prefix; "
+                             "cannot tell assistant turns apart")
+        for text, m_val in ((prompt[len(done):], 0), (full[len(prompt):], 1)):
+            seg = tok.encode(text, add_special_tokens=False) if text else []
+            ids += seg
+            mask += [m_val] * len(seg)
+        done = full
+    return ids, mask
+
+
+def tokenize_file(path: str, tok, use_template: bool | None = None, cache_dir: str | None = None,
+                  log=None) -> TokenData:
+    """Tokenize `path` once (cached on disk under a key of its contents and the tokenizer)."""
+    kind = _file_kind(path)
+    if use_template is None:
+        use_template = bool(tok.chat_template)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    h.update(f"|{tok.fingerprint()}|{use_template}|{CACHE_VERSION}".encode())
+    key = h.hexdigest()[:32]
+    d = os.path.join(cache_dir or os.path.join(cache_root(), "data"), key)
+    if os.path.isfile(os.path.join(d, "meta.json")):
+        return _load_cached(d, path)
+    if log:
+        log(f"tokenizing {path} (cached afterwards in {d})")
+    if kind == "text":
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+        ids = tok.encode(text)
+        if tok.eos_id is not None:
+            ids.append(tok.eos_id)
+        tokens = np.asarray(ids, np.int32)
+        mask = np.ones(len(tokens), np.uint8)
+        offsets = np.array([0, len(tokens)], np.int64)
+    else:
+        rows = read_rows(path)
+        if not rows:
+            raise InputError(f"{path}: no examples in the file")
+        parts = [_encode_example(tok, r, use_template) for r in rows]
+        tokens = np.asarray([t for ids, _ in parts for t in ids], np.int32)
+        mask = np.asarray([m for _, ms in parts for m in ms], np.uint8)
+        offsets = np.cumsum([0] + [len(ids) for ids, _ in parts]).astype(np.int64)
+    if len(tokens) < 2:
+        raise InputError(f"{path}: too little text to train on ({len(tokens)} tokens)")
+    _store(d, tokens, mask, offsets, {"kind": kind, "source": os.path.abspath(path)})
+    return _load_cached(d, path)
+
+
+def _store(d, tokens, mask, offsets, meta):
+    """Write the arrays, then meta.json last: a cache entry without it is incomplete."""
+    os.makedirs(d, exist_ok=True)
+    for name, a in (("tokens", tokens), ("mask", mask), ("offsets", offsets)):
+        tmp = os.path.join(d, f"{name}.tmp{os.getpid()}.npy")
+        np.save(tmp, a)
+        os.replace(tmp, os.path.join(d, f"{name}.npy"))
+    tmp = os.path.join(d, f"meta.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump({**meta, "version": CACHE_VERSION}, f)
+    os.replace(tmp, os.path.join(d, "meta.json"))
+
+
+def _load_cached(d, path):
+    with open(os.path.join(d, "meta.json")) as f:
+        meta = json.load(f)
+    arr = {n: np.load(os.path.join(d, f"{n}.npy"), mmap_mode="r") for n in ("tokens", "mask", "offsets")}
+    return TokenData(arr["tokens"], arr["mask"], arr["offsets"], meta["kind"], path)
+
+
+# ---- examples, splits, batches ------------------------------------------------------------
+class Examples:
+    """Index space of training examples: windows of a token stream, or the rows of a JSONL
+    file truncated to seq_len + 1 tokens."""
+
+    def __init__(self, data: TokenData, seq_len: int):
+        self.data, self.T = data, seq_len
+        if data.kind == "text":
+            n = len(data.tokens)
+            self.n = max(1, (n - 1) // seq_len)   # windows of T + 1 overlapping by one token
+        else:
+            self.n = data.n_examples
+            lengths = np.diff(np.asarray(data.offsets))
+            self.truncated = int((lengths > seq_len + 1).sum())
+
+    def __len__(self):
+        return self.n
+
+    def get(self, i):
+        """(ids, mask) of example i, at most T + 1 tokens."""
+        if self.data.kind == "text":
+            a = i * self.T
+            return self.data.tokens[a:a + self.T + 1], self.data.mask[a:a + self.T + 1]
+        ids, mask = self.data.example(i)
+        return ids[:self.T + 1], mask[:self.T + 1]
+
+
+def split(n: int, eval_fraction: float, seed: int):
+    """Deterministic train / held-out index split."""
+    order = np.random.default_rng([seed, 7]).permutation(n)
+    k = int(round(n * eval_fraction))
+    if eval_fraction > 0:
+        k = max(1, min(n - 1, k))
+    return np.sort(order[k:]), np.sort(order[:k])
+
+
+def make_batch(examples: Examples, idx, pad_id: int):
+    """tokens (B, T'), targets (B, T') with T' the longest example in the batch; targets are
+    the next tokens where the mask allows loss, else -100 (also on padding)."""
+    pairs = [examples.get(int(i)) for i in idx]
+    T = max(1, max(len(ids) - 1 for ids, _ in pairs))
+    x = np.full((len(pairs), T), pad_id, np.int64)
+    y = np.full((len(pairs), T), IGNORE, np.int64)
+    for r, (ids, mask) in enumerate(pairs):
+        n = len(ids) - 1
+        if n <= 0:
+            continue
+        x[r, :n] = ids[:-1]
+        y[r, :n] = np.where(np.asarray(mask[1:]) > 0, ids[1:], IGNORE)
+    return x, y
+
+
+class Batches:
+    """Shuffled batches over an index set, reproducible from (seed, epoch, cursor): that state
+    is all a checkpoint needs to continue the same sequence."""
+
+    def __init__(self, examples: Examples, indices, batch_size: int, seed: int, pad_id: int):
+        self.examples, self.indices = examples, np.asarray(indices)
+        self.B, self.seed, self.pad_id = batch_size, seed, pad_id
+        self.epoch, self.cursor = 0, 0
+        if len(self.indices) == 0:
+            raise InputError("no training examples left after the held-out split")
+
+    def _order(self):
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.indices)
+
+    def next(self):
+        order = self._order()
+        if self.cursor >= len(order):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            order = self._order()
+        idx = order[self.cursor:self.cursor + self.B]
+        self.cursor += len(idx)
+        return make_batch(self.examples, idx, self.pad_id)
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def restore(self, state: dict):
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+
+    def steps_per_epoch(self) -> int:
+        return -(-len(self.indices) // self.B)
+
+
+def eval_batches(examples: Examples, indices, batch_size: int, pad_id: int):
+    for i in range(0, len(indices), batch_size):
+        yield make_batch(examples, indices[i:i + batch_size], pad_id)

@@ -1,0 +1,440 @@
+"""The fine-tuning loop: accumulation, schedule, clipping, held-out evaluation, checkpoints,
+exact resume, SIGINT, progress and metrics.
+
+A run directory holds:
+  run.json            the arguments and the base model's fingerprint (what makes it "this run")
+  metrics.jsonl       one line per step (loss, lr, grad norm, tokens/s) and per evaluation
+  checkpoint/         the latest checkpoint: the model in the Hugging Face layout (loads in
+                      transformers), tokenizer files, optimizer.safetensors, trainer_state.json
+  model/              the final fine-tuned model (Hugging Face layout + tokenizer)
+  summary.json, loss.png
+Directories are written under a temporary name and renamed into place, so a crash mid-write
+never leaves a checkpoint that looks valid but is not.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import data as D
+from .errors import CheckpointError, InputError
+from .generate import generate
+from .io import load_params, save_model, write_json
+from .io.resolve import resolve_model_path
+from .io.safetensors import SafetensorsFile, write as write_safetensors
+from .model import Model
+from .optim import AdamW, CosineSchedule, clip_grad_norm
+from .tokenizer import load_tokenizer
+
+STATE = "trainer_state.json"
+
+
+@dataclass
+class TrainArgs:
+    model: str                          # model path or packaged name ("smollm2")
+    data: str                           # .txt or .jsonl training file
+    out: str                            # run directory
+    eval_data: str | None = None        # held-out file; else eval_fraction of data
+    eval_fraction: float = 0.1
+    train_last: int | None = None       # trainable tail: last K blocks + final norm
+    unfreeze: list = field(default_factory=list)  # or glob patterns of trainable params
+    steps: int | None = None            # optimizer steps (default: from epochs)
+    epochs: float = 1.0
+    batch_size: int = 8
+    seq_len: int = 256
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup: int | None = None           # default: 5% of the steps
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    eval_every: int = 0                 # 0: only before and after training
+    eval_batches: int = 50              # cap on held-out batches per evaluation
+    save_every: int = 0                 # 0: only at the end (and on Ctrl-C)
+    seed: int = 0
+    sample_prompt: str | None = None    # generate from it before and after (default: a held-out prompt)
+    sample_tokens: int = 48
+
+    def training_fields(self) -> dict:
+        """What determines the weights: a resumed run must agree on all of it."""
+        d = dataclasses.asdict(self)
+        for k in ("out", "eval_every", "save_every", "sample_prompt", "sample_tokens", "eval_batches"):
+            d.pop(k)
+        return d
+
+
+def fingerprint(model: Model) -> str:
+    """Hash of the config and every weight: identifies the base model of a run."""
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    for n in sorted(model.params):
+        h.update(n.encode())
+        h.update(np.ascontiguousarray(model.params[n]).data)
+    return h.hexdigest()[:32]
+
+
+class Progress:
+    """One status line on a terminal (loss, tokens/s, ETA); plain lines otherwise."""
+
+    def __init__(self, total, stream=sys.stderr, every=10):
+        self.total, self.stream, self.every = total, stream, every
+        self.tty = stream.isatty()
+        self.t0 = time.perf_counter()
+        self.first = None
+
+    def update(self, step, loss, tok_s):
+        done = step + 1
+        if self.first is None:
+            self.first = (done, time.perf_counter())
+        d0, t0 = self.first
+        rate = (done - d0) / max(1e-9, time.perf_counter() - t0)
+        eta = (self.total - done) / rate if rate > 0 and done > d0 else float("nan")
+        bar = "#" * int(20 * done / self.total)
+        msg = (f"step {done}/{self.total} [{bar:<20}] loss {loss:.4f} | {tok_s:,.0f} tok/s | "
+               f"ETA {_fmt_time(eta)}")
+        if self.tty:
+            self.stream.write("\r" + msg + "\x1b[K")
+            if done == self.total:
+                self.stream.write("\n")
+        elif done % self.every == 0 or done == self.total or done == 1:
+            self.stream.write(msg + "\n")
+        self.stream.flush()
+
+    def newline(self):
+        if self.tty:
+            self.stream.write("\n")
+
+
+def _fmt_time(s):
+    if not math.isfinite(s):
+        return "--"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+# ---- setup --------------------------------------------------------------------------------
+def _prepare_out(args: TrainArgs, resuming: bool):
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise InputError(f"--out {args.out} exists and is not a directory")
+    if os.path.isdir(args.out) and os.listdir(args.out) and not resuming:
+        what = "a different run" if os.path.exists(os.path.join(args.out, "run.json")) else "other files"
+        raise InputError(f"--out {args.out} already holds {what}; choose an empty directory, or "
+                         f"continue that run with --resume {args.out}")
+    os.makedirs(args.out, exist_ok=True)
+
+
+def _checkpoint_dir(path: str) -> str:
+    """The checkpoint inside a run directory, or the directory itself."""
+    for cand in (os.path.join(path, "checkpoint"), path, os.path.join(path, "checkpoint.old")):
+        if os.path.isfile(os.path.join(cand, STATE)):
+            return cand
+    raise CheckpointError(f"{path}: no checkpoint to resume (no {STATE} found)")
+
+
+def _apply_freezing(model: Model, args: TrainArgs):
+    if args.train_last is not None and args.unfreeze:
+        raise InputError("give --train-last or --unfreeze, not both")
+    if args.unfreeze:
+        model.freeze()
+        model.unfreeze(*args.unfreeze)
+    else:
+        k = 2 if args.train_last is None else args.train_last
+        if not 0 <= k <= model.config.n_layer:
+            raise InputError(f"--train-last {k}: the model has {model.config.n_layer} blocks")
+        model.train_last(k)
+    if not model.trainable:
+        raise InputError("nothing is trainable")
+
+
+def load_data(args: TrainArgs, tok, seq_len, log):
+    train = D.tokenize_file(args.data, tok, log=log)
+    ex = D.Examples(train, seq_len)
+    if args.eval_data:
+        held = D.Examples(D.tokenize_file(args.eval_data, tok, log=log), seq_len)
+        train_idx, eval_idx = np.arange(len(ex)), np.arange(len(held))
+    else:
+        if len(ex) < 2 and args.eval_fraction > 0:
+            raise InputError(f"{args.data}: too little data to hold any out; give --eval-data")
+        train_idx, eval_idx = D.split(len(ex), args.eval_fraction, args.seed)
+        held = ex
+    return ex, train_idx, held, eval_idx
+
+
+def evaluate(model: Model, examples, indices, batch_size, pad_id, max_batches=None) -> float:
+    """Mean loss per target token over the held-out examples."""
+    total, count = 0.0, 0
+    for b, (x, y) in enumerate(D.eval_batches(examples, indices, batch_size, pad_id)):
+        if max_batches and b >= max_batches:
+            break
+        n = int((y >= 0).sum())
+        if n:
+            total += model.forward(x, y, grad=False) * n
+            count += n
+    return total / count if count else float("nan")
+
+
+# ---- checkpoints --------------------------------------------------------------------------
+def save_checkpoint(dst: str, model, tok, opt, state: dict):
+    """Write a complete checkpoint to dst.tmp, then swap it in."""
+    tmp, old = dst + f".tmp{os.getpid()}", dst + ".old"
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    save_model(model, tmp)
+    tok.save(tmp)
+    tensors = {f"{n}:{k}": a for n, st in opt.state.items() for k, a in st.items()}
+    write_safetensors(os.path.join(tmp, "optimizer.safetensors"), tensors)
+    write_json(os.path.join(tmp, STATE), {**state, "opt_t": opt.t, "opt_lr": opt.lr})
+    if os.path.exists(dst):
+        if os.path.exists(old):
+            shutil.rmtree(old)
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    if os.path.exists(old):
+        shutil.rmtree(old)
+
+
+def load_checkpoint(src: str, model, opt) -> dict:
+    with open(os.path.join(src, STATE)) as f:
+        state = json.load(f)
+    cfg, params = load_params(src)
+    if cfg.to_dict() != model.config.to_dict():
+        raise CheckpointError(f"{src}: checkpoint holds a different architecture")
+    for n in model.trainable:
+        model.params[n][...] = params[n]
+    st = SafetensorsFile(os.path.join(src, "optimizer.safetensors"))
+    loaded = {n: {} for n in opt.state}
+    for key in st.keys():
+        n, k = key.rsplit(":", 1)
+        if n not in loaded:
+            raise CheckpointError(f"{src}: optimizer state for {n}, which this run does not train")
+        loaded[n][k] = st.float32(key)
+    opt.load_state_dict({"t": state["opt_t"], "lr": state["opt_lr"], "state": loaded})
+    return state
+
+
+# ---- the run ------------------------------------------------------------------------------
+def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
+    """Run (or continue) a fine-tuning run; returns the summary. On SIGINT the current step
+    finishes, a checkpoint is written and the summary has status 'interrupted'."""
+    state = None
+    if resume:
+        ck = _checkpoint_dir(resume)
+        with open(os.path.join(ck, STATE)) as f:
+            state = json.load(f)
+        saved = TrainArgs(**{**state["args"], "out": args.out or resume})
+        for k in ("eval_every", "save_every", "sample_prompt", "sample_tokens", "eval_batches"):
+            setattr(saved, k, getattr(args, k))
+        if os.path.abspath(resolve_model_path(args.model)) != os.path.abspath(resolve_model_path(saved.model)):
+            log(f"note: checkpoint was trained from {saved.model}; checking {args.model} is the same model")
+        saved.model = args.model
+        args = saved
+    _prepare_out(args, resuming=resume is not None)
+    t_start = time.perf_counter()
+    log(f"loading {args.model}")
+    cfg, params = load_params(args.model)
+    model = Model(cfg, params)
+    base_fp = fingerprint(model)
+    if state and state["base_fingerprint"] != base_fp:
+        raise CheckpointError(f"{resume}: the checkpoint was trained from a different model than "
+                              f"{args.model} (base fingerprints differ)")
+    tok = load_tokenizer(resolve_model_path(args.model), model_vocab_size=cfg.vocab_size)
+    seq_len = args.seq_len
+    if seq_len > cfg.max_seq_len:
+        raise InputError(f"--seq-len {seq_len} exceeds the model's context of {cfg.max_seq_len}")
+    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    examples, train_idx, held, eval_idx = load_data(args, tok, seq_len, log)
+    _apply_freezing(model, args)
+    batches = D.Batches(examples, train_idx, args.batch_size, args.seed, pad)
+    per_step = args.batch_size * args.grad_accum
+    steps = args.steps or max(1, math.ceil(args.epochs * len(train_idx) / per_step))
+    warmup = args.warmup if args.warmup is not None else max(1, steps // 20)
+    sched = CosineSchedule(args.lr, total=steps, warmup=min(warmup, steps), min_lr=args.min_lr)
+    opt = AdamW(model, lr=args.lr, weight_decay=args.weight_decay)
+    n_train = model.num_params(trainable_only=True)
+    log(f"{model}; {len(train_idx)} training / {len(eval_idx)} held-out examples of up to "
+        f"{seq_len + 1} tokens; {steps} steps of {per_step} examples")
+    if examples.data.kind == "examples" and examples.truncated:
+        log(f"note: {examples.truncated} examples are longer than --seq-len and were truncated")
+
+    run = {"args": dataclasses.asdict(args), "base_fingerprint": base_fp,
+           "trainable": model.trainable}
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    sample_ids = _sample_prompt(args, tok, held, eval_idx)
+    if state is None:
+        write_json(os.path.join(args.out, "run.json"), run)
+        before = evaluate(model, held, eval_idx, args.batch_size, pad, args.eval_batches)
+        sample_before = _sample(model, tok, sample_ids, args)
+        start = 0
+        _log_metric(metrics_path, {"step": 0, "eval_loss": before}, truncate=True)
+    else:
+        with open(os.path.join(args.out, "run.json")) as f:
+            if json.load(f)["base_fingerprint"] != base_fp:
+                raise CheckpointError(f"{args.out}: run.json belongs to another base model")
+        state = load_checkpoint(_checkpoint_dir(resume), model, opt)
+        batches.restore(state["data"])
+        before, sample_before = state["eval_before"], state.get("sample_before")
+        start = state["step"]
+        _truncate_metrics(metrics_path, start)
+        log(f"resumed at step {start} of {steps}")
+    log(f"held-out loss before: {before:.4f} (perplexity {math.exp(min(before, 50)):.2f})")
+
+    interrupted = {"flag": False}
+
+    def on_sigint(signum, frame):
+        if interrupted["flag"]:
+            raise KeyboardInterrupt
+        interrupted["flag"] = True
+
+    prev = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
+    progress = Progress(steps)
+
+    def checkpoint(step):
+        save_checkpoint(os.path.join(args.out, "checkpoint"), model, tok, opt,
+                        {"step": step, "data": batches.state(), "args": run["args"],
+                         "base_fingerprint": base_fp, "eval_before": before,
+                         "sample_before": sample_before})
+
+    try:
+        step = start
+        while step < steps:
+            if interrupted["flag"]:
+                break
+            t0 = time.perf_counter()
+            opt.lr = sched(step)
+            model.zero_grad()
+            loss_sum, ntok = 0.0, 0
+            for _ in range(args.grad_accum):
+                x, y = batches.next()
+                loss_sum += model.forward(x, y)
+                model.backward()
+                ntok += x.size
+            if args.grad_accum > 1:
+                for g in model.grads.values():
+                    g *= np.float32(1.0 / args.grad_accum)
+            gnorm = clip_grad_norm(model, args.clip) if args.clip else float("nan")
+            opt.step()
+            loss = loss_sum / args.grad_accum
+            tok_s = ntok / (time.perf_counter() - t0)
+            step += 1
+            rec = {"step": step, "loss": loss, "lr": opt.lr, "grad_norm": gnorm, "tokens_per_s": tok_s}
+            if args.eval_every and step % args.eval_every == 0 and step < steps:
+                progress.newline()
+                rec["eval_loss"] = evaluate(model, held, eval_idx, args.batch_size, pad, args.eval_batches)
+                log(f"step {step}: held-out loss {rec['eval_loss']:.4f}")
+            _log_metric(metrics_path, rec)
+            progress.update(step - 1, loss, tok_s)
+            if args.save_every and step % args.save_every == 0 and step < steps:
+                checkpoint(step)
+        if step < steps:
+            progress.newline()
+            checkpoint(step)
+            log(f"interrupted at step {step}: checkpoint saved; continue with "
+                f"`tailtune finetune --model {args.model} --data {args.data} --out {args.out} "
+                f"--resume {args.out}`")
+            return {"status": "interrupted", "step": step, "out": args.out}
+    finally:
+        if prev is not None:
+            signal.signal(signal.SIGINT, prev)
+
+    after = evaluate(model, held, eval_idx, args.batch_size, pad, args.eval_batches)
+    sample_after = _sample(model, tok, sample_ids, args)
+    _log_metric(metrics_path, {"step": steps, "eval_loss": after})
+    final = os.path.join(args.out, "model")
+    tmp = final + f".tmp{os.getpid()}"
+    save_model(model, tmp)
+    tok.save(tmp)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    shutil.rmtree(os.path.join(args.out, "checkpoint"), ignore_errors=True)  # superseded by model/
+    summary = {"status": "done", "steps": steps, "eval_loss_before": before, "eval_loss_after": after,
+               "perplexity_before": math.exp(min(before, 50)), "perplexity_after": math.exp(min(after, 50)),
+               "trainable_params": n_train, "total_params": model.num_params(),
+               "seconds": time.perf_counter() - t_start, "model_dir": final,
+               "sample_prompt": tok.decode(sample_ids) if sample_ids else None,
+               "sample_before": sample_before, "sample_after": sample_after}
+    write_json(os.path.join(args.out, "summary.json"), summary)
+    _plot(metrics_path, os.path.join(args.out, "loss.png"), log)
+    log(f"held-out loss {before:.4f} -> {after:.4f} (perplexity {summary['perplexity_before']:.2f} -> "
+        f"{summary['perplexity_after']:.2f}); {n_train:,} of {model.num_params():,} parameters "
+        f"trained; {summary['seconds']:.0f} s")
+    if sample_ids:
+        log(f"sample before: {sample_before!r}\nsample after:  {sample_after!r}")
+    log(f"fine-tuned model: {final}")
+    return summary
+
+
+def _main_thread():
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def _sample_prompt(args, tok, held, eval_idx):
+    """Ids to generate from before and after: --sample-prompt (chat-templated when the model
+    has a template), else the prompt part of the first held-out example."""
+    if args.sample_prompt:
+        if tok.chat_template:
+            return tok.chat_ids([{"role": "user", "content": args.sample_prompt}])
+        return tok.encode(args.sample_prompt)
+    if held.data.kind != "examples" or len(eval_idx) == 0:
+        return None
+    ids, mask = held.data.example(int(eval_idx[0]))
+    first = int(np.argmax(np.asarray(mask) > 0)) if np.asarray(mask).any() else len(ids)
+    return [int(i) for i in ids[:first]] or None
+
+
+def _sample(model, tok, ids, args):
+    if not ids or args.sample_tokens <= 0:
+        return None
+    out = generate(model, ids, max_new_tokens=args.sample_tokens, temperature=0.0, stop=tok.eos_ids)
+    return tok.decode([t for t in out if t not in tok.eos_ids])
+
+
+def _log_metric(path, rec, truncate=False):
+    with open(path, "w" if truncate else "a") as f:
+        f.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                            for k, v in rec.items()}) + "\n")
+
+
+def _truncate_metrics(path, step):
+    """On resume, drop metric lines written after the checkpoint (they will be redone)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(keep)
+
+
+def _plot(metrics_path, png, log):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("(no loss plot: pip install 'tailtune[plot]' for matplotlib)")
+        return
+    recs = [json.loads(line) for line in open(metrics_path)]
+    tr = [(r["step"], r["loss"]) for r in recs if r.get("loss") is not None]
+    ev = [(r["step"], r["eval_loss"]) for r in recs if r.get("eval_loss") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if tr:
+        ax.plot(*zip(*tr), label="training loss", lw=1)
+    if ev:
+        ax.plot(*zip(*ev), "o-", label="held-out loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,62 @@
+"""Generation: the KV cache gives the same tokens as re-running the sequence, sampling is seeded,
+and top-k / top-p restrict the choice as specified."""
+import numpy as np
+import pytest
+
+import engine
+from engine.generate import pick
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_cache_matches_full_rerun(hf_dirs, kind):
+    model = engine.load(hf_dirs[kind][1])
+    prompt = [3, 14, 15, 9, 2, 6]
+    for kw in (dict(temperature=0.0), dict(temperature=1.3, seed=5), dict(temperature=0.9, top_p=0.8, seed=1)):
+        a = engine.generate(model, prompt, max_new_tokens=15, **kw)
+        b = engine.generate(model, prompt, max_new_tokens=15, use_cache=False, **kw)
+        assert a == b and len(a) == 15
+
+
+def test_cached_logits_equal_full_forward(hf_dirs):
+    model = engine.load(hf_dirs["llama"][1])
+    ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (2, 11))
+    full = model.forward(ids)
+    cache = model.new_cache(2, 11)
+    step = model.forward_cached(ids[:, :7], cache, 0)
+    np.testing.assert_allclose(step, full[:, 6], rtol=1e-5, atol=1e-5)
+    for t in range(7, 11):
+        step = model.forward_cached(ids[:, t:t + 1], cache, t)
+        np.testing.assert_allclose(step, full[:, t], rtol=1e-5, atol=1e-5)
+
+
+def test_stops_at_stop_token_and_context(hf_dirs):
+    model = engine.load(hf_dirs["gpt2"][1])
+    prompt = [1, 2, 3]
+    greedy = engine.generate(model, prompt, max_new_tokens=10)
+    stop_at = greedy[4]
+    first = greedy.index(stop_at)
+    assert engine.generate(model, prompt, max_new_tokens=10, stop=[stop_at]) == greedy[:first + 1]
+    limit = model.config.max_seq_len
+    long = engine.generate(model, list(range(limit - 3)), max_new_tokens=10)
+    assert len(long) == 3  # the context is full
+    with pytest.raises(engine.InputError, match="exceeds the model's context"):
+        engine.generate(model, [1] * (limit + 1))
+
+
+def test_seeded_sampling_is_reproducible(hf_dirs):
+    model = engine.load(hf_dirs["gpt2"][1])
+    a = engine.generate(model, [5, 6], max_new_tokens=20, temperature=1.0, seed=11)
+    b = engine.generate(model, [5, 6], max_new_tokens=20, temperature=1.0, seed=11)
+    c = engine.generate(model, [5, 6], max_new_tokens=20, temperature=1.0, seed=12)
+    assert a == b and a != c
+
+
+def test_top_k_and_top_p_restrict_choices():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    rng = np.random.default_rng(0)
+    assert {pick(logits, 1.0, top_k=2, rng=rng) for _ in range(300)} == {0, 1}
+    assert {pick(logits, 1.0, top_p=0.79, rng=rng) for _ in range(300)} == {0, 1}
+    assert {pick(logits, 1.0, top_p=0.81, rng=rng) for _ in range(300)} == {0, 1, 2}
+    assert pick(logits, 0.0) == 0
+    draws = [pick(logits, 1.0, rng=rng) for _ in range(4000)]
+    np.testing.assert_allclose(np.bincount(draws, minlength=4) / 4000, [0.5, 0.3, 0.15, 0.05], atol=0.03)
