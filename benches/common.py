@@ -95,50 +95,57 @@ def thread_counts() -> dict:
         import torch as th
         out["torch_threads"] = th.get_num_threads()
         out["torch_interop_threads"] = th.get_num_interop_threads()
-    out["openblas_threads"] = openblas_threads()
+    out["openblas_threads"] = openblas_threads()      # numpy's
+    out["openblas_all"] = openblas_all()
     return out
 
 
-_OPENBLAS = None
-
-
-def _openblas():
-    """(get, set) of the OpenBLAS loaded by numpy, through its C API (as threadpoolctl does)."""
-    global _OPENBLAS
-    if _OPENBLAS is None:
-        import numpy as np
-        np.ones((2, 2), np.float32) @ np.ones((2, 2), np.float32)   # make sure it is mapped
-        _OPENBLAS = (None, None)
+def _openblas_libs() -> list:
+    """[(path, get, set)] of every OpenBLAS mapped into this process, numpy's first. There can be
+    several: importing numba imports scipy, whose linear algebra brings its own OpenBLAS (symbols
+    without the 64_ suffix); only numpy's runs numpy.matmul."""
+    import numpy as np
+    np.ones((2, 2), np.float32) @ np.ones((2, 2), np.float32)   # make sure numpy's is mapped
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {ln.split()[-1] for ln in f if "openblas" in ln.lower()}
+    except OSError:
+        return []
+    out = []
+    for path in sorted(paths, key=lambda p: ("numpy" not in Path(p).parent.name, p)):
         try:
-            with open("/proc/self/maps") as f:
-                libs = sorted({ln.split()[-1] for ln in f if "openblas" in ln.lower()})
+            lib = ctypes.CDLL(path)
         except OSError:
-            libs = []
-        for path in libs:
-            try:
-                lib = ctypes.CDLL(path)
-            except OSError:
-                continue
-            for suffix in ("64_", ""):
-                for prefix in ("scipy_openblas", "openblas"):
-                    get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-                    put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-                    if get is not None and put is not None:
-                        get.restype = ctypes.c_int
-                        put.argtypes = [ctypes.c_int]
-                        _OPENBLAS = (get, put)
-                        return _OPENBLAS
-    return _OPENBLAS
+            continue
+        for suffix in ("64_", ""):
+            get = put = None
+            for prefix in ("scipy_openblas", "openblas"):
+                get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+                put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+                if get is not None and put is not None:
+                    break
+            if get is not None and put is not None:
+                get.restype = ctypes.c_int
+                put.argtypes = [ctypes.c_int]
+                out.append((path, get, put))
+                break
+    return out
 
 
 def openblas_threads(n: int | None = None) -> int | None:
-    """OpenBLAS's thread count; with n, set it first. None when OpenBLAS is not found."""
-    get, put = _openblas()
-    if get is None:
+    """Thread count of numpy's OpenBLAS; with n, set it first. None when it is not found."""
+    libs = _openblas_libs()
+    if not libs:
         return None
+    _, get, put = libs[0]
     if n is not None:
         put(int(n))
     return int(get())
+
+
+def openblas_all() -> dict:
+    """Thread count of every loaded OpenBLAS (file name -> threads)."""
+    return {Path(p).name: int(get()) for p, get, _ in _openblas_libs()}
 
 
 # ---- timing -----------------------------------------------------------------------------------
@@ -165,7 +172,22 @@ def paired_ratios(a, b) -> dict:
 
 # ---- memory -----------------------------------------------------------------------------------
 def peak_rss_mib() -> float:
-    """Peak resident set size of this process (ru_maxrss is KiB on Linux)."""
+    """Peak resident set size of this process: VmHWM, the high-water mark of this process's own
+    address space. Not ru_maxrss where VmHWM exists: on Linux a child started by fork/vfork +
+    exec inherits the parent's peak in ru_maxrss (the kernel folds the pre-exec address space's
+    high-water mark into it), so a worker subprocess of a 3 GB benchmark reports 3 GB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return ru_maxrss_mib()
+
+
+def ru_maxrss_mib() -> float:
+    """getrusage(RUSAGE_SELF).ru_maxrss in MiB (KiB on Linux, bytes on macOS)."""
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kib / 1024.0 if sys.platform != "darwin" else kib / 2 ** 20
 

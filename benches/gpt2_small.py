@@ -44,9 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gpt2_small.py", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--steps", type=int, default=2,
+    p.add_argument("--steps", type=int, default=1,
                    help="training steps per timed repeat (per side)")
-    p.add_argument("--repeats", type=int, default=5,
+    p.add_argument("--repeats", type=int, default=6,
                    help="timed repeats; each runs the engine's steps, then torch's")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed steps per side after the verification step")
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed numpy.matmul calls per GEMM shape, before and after the steps")
     p.add_argument("--profile-steps", type=int, default=1,
                    help="engine steps run under cProfile after the timing (0: none)")
-    p.add_argument("--worker-steps", type=int, default=2,
+    p.add_argument("--worker-steps", type=int, default=1,
                    help="steps after one warm-up step in each memory worker subprocess")
     p.add_argument("--no-workers", action="store_true",
                    help="skip the subprocesses (peak RSS per side, cold start)")
@@ -231,7 +231,8 @@ def _worker(args) -> dict:
         losses.append(float(loss))
     res = {"side": args.worker, "import_s": t_import, "load_s": t_load, "step_s": times,
            "losses": losses, "rss_after_load_mib": rss_load, "rss_end_mib": C.rss_mib(),
-           "peak_rss_mib": C.peak_rss_mib(), "threads": C.thread_counts(),
+           "peak_rss_mib": C.peak_rss_mib(), "ru_maxrss_mib": C.ru_maxrss_mib(),
+           "threads": C.thread_counts(),
            "numba_cache_dir": os.environ.get("NUMBA_CACHE_DIR")}
     C.emit(res)
     return res
@@ -251,6 +252,7 @@ def run(args=None) -> dict:
         return _worker(args)
     say = (lambda m: None) if args.quiet else C.log
     t_start = time.perf_counter()
+    load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     C.quiet_hf()
     imported_early = C.set_thread_env(args.threads)
     worker_env = dict(os.environ)   # the user's environment + thread counts, before the engine's
@@ -306,6 +308,7 @@ def run(args=None) -> dict:
             say(f"warm-up {i + 1}/{args.warmup}")
             losses_e.append(engine_step())
             losses_t.append(torch_step())
+        blas_in_engine_steps = C.openblas_all()    # before gemm_rates touches the count
         flops = C.step_flops(C.Dims.from_config(model.config), B, T, k)
         shapes = list(flops.gemms)
         say(f"numpy.matmul rate on {len(shapes)} GEMM shapes ({args.threads} threads)")
@@ -408,6 +411,8 @@ def run(args=None) -> dict:
         "loss_tracking": {"steps_compared": n_common, "max_rel_diff": loss_dev,
                           "engine_last": losses_e[n_common - 1], "torch_last": losses_t[n_common - 1]},
         "profile_engine": prof,
+        "main_process_peak_rss_mib": C.peak_rss_mib(),
+        "notes": notes(args, threads, blas_in_engine_steps, workers, load_start),
         "env": {**C.environment(), "threads": threads, "thread_env_set_before_import":
                 {m: not v for m, v in imported_early.items()},
                 "omp_wait_policy_at_torch_import": omp_wait_at_torch},
@@ -419,6 +424,28 @@ def run(args=None) -> dict:
         C.write_json(args.json, result)
         say(f"wrote {args.json}")
     return result
+
+
+def notes(args, threads, blas_main, workers, load_start) -> list:
+    """Conditions that bend the figures, detected in this run."""
+    out = []
+    if load_start and load_start[0] > 0.5:
+        out.append(f"other processes were running: load average {load_start[0]:.1f} at the start "
+                   f"({args.threads} threads on {os.cpu_count()} cores); compare ratios, not times")
+    n = threads.get("numba_threads") or 1
+    for where, blas in [("main process", blas_main)] + [
+            (f"{k} worker", w["threads"].get("openblas_all") or {}) for k, w in workers.items()
+            if k.startswith("engine")]:
+        numpy_blas = next((v for lib, v in blas.items() if lib.startswith("libscipy_openblas64")
+                           or "numpy" in lib), None)
+        if numpy_blas is None and blas:
+            numpy_blas = next(iter(blas.values()))
+        if n > 1 and numpy_blas and numpy_blas > 1:
+            out.append(f"{where}: numpy's OpenBLAS kept {numpy_blas} threads while the engine "
+                       f"splits each GEMM over {n} threads of its own ({n} x {numpy_blas} threads "
+                       f"on {os.cpu_count()} cores); loaded OpenBLAS libraries and their thread "
+                       f"counts: {blas}")
+    return out
 
 
 def _gemm_backend():
@@ -496,6 +523,13 @@ def report(r: dict) -> str:
         lines.append(C.table(["function", "calls", "own s", "cum s"],
                              [[x["function"], x["ncalls"], f"{x['tottime']:.3f}", f"{x['cumtime']:.3f}"]
                               for x in pr["by_tottime"][:10]]))
+        lines.append("top by cumulative time (engine and kernels):")
+        lines.append(C.table(["function", "calls", "own s", "cum s"],
+                             [[x["function"], x["ncalls"], f"{x['tottime']:.3f}", f"{x['cumtime']:.3f}"]
+                              for x in pr["by_cumtime"]
+                              if x["function"].startswith(("engine/", "kernels/"))][:10]))
+    if r["notes"]:
+        lines += ["", "notes:"] + [f"- {n}" for n in r["notes"]]
     env = r["env"]
     lines += ["", f"python {env['python']}, numpy {env['numpy']}, numba {env['numba']}, torch "
                   f"{env['torch']}, transformers {env['transformers']}; {env['cpu']} "

@@ -104,7 +104,7 @@ def gemm_nt(a, b, out, accumulate=False, backend=None):
     if (backend or BACKEND) == "numba":
         _gemm_nt(np.ascontiguousarray(a), np.ascontiguousarray(b), out, accumulate)
     else:
-        _blas_rows(lambda r: (a[r], b.T), out, accumulate)
+        _blas(lambda r: (a[r], b.T), lambda c: (a, b[c].T), out, accumulate)
 
 
 def gemm_nn(a, b, out, accumulate=False, backend=None):
@@ -113,7 +113,7 @@ def gemm_nn(a, b, out, accumulate=False, backend=None):
     if (backend or BACKEND) == "numba":
         _gemm_nt(np.ascontiguousarray(a), np.ascontiguousarray(b.T), out, accumulate)
     else:
-        _blas_rows(lambda r: (a[r], b), out, accumulate)
+        _blas(lambda r: (a[r], b), lambda c: (a, b[:, c]), out, accumulate)
 
 
 def gemm_tn(a, b, out, accumulate=False, backend=None):
@@ -122,7 +122,7 @@ def gemm_tn(a, b, out, accumulate=False, backend=None):
     if (backend or BACKEND) == "numba":
         _gemm_nt(np.ascontiguousarray(a.T), np.ascontiguousarray(b.T), out, accumulate)
     else:
-        _blas_rows(lambda r: (a[:, r].T, b), out, accumulate)
+        _blas(lambda r: (a[:, r].T, b), lambda c: (a.T, b[:, c]), out, accumulate)
 
 
 # ---- BLAS on our own threads ------------------------------------------------------------------
@@ -136,33 +136,41 @@ _MIN_SPLIT_FLOPS = 1 << 22   # below this, one thread: the pool hand-off costs m
 _pool = None
 
 
-def _blas_rows(operands, out, accumulate):
-    """out[rows] (+)= x @ y for (x, y) = operands(rows), over row ranges of out in parallel."""
+def _blas(by_rows, by_cols, out, accumulate):
+    """out (+)= x @ y, split over the threads by rows of out, or by columns when there are too
+    few rows (decoding: M = 1). by_rows(slice) / by_cols(slice) give the operands of a part."""
     M, N = out.shape
-    parts = _parts(M, N, operands(slice(0, 1))[0].shape[1])
-    if parts == 1:
-        _blas_part(operands, out, accumulate, slice(0, M))
+    K = by_rows(slice(0, 1))[0].shape[1]
+    n = _threads_for(M, N, K)
+    if n == 1:
+        _blas_part(by_rows, out, accumulate, slice(0, M), None)
         return
-    bounds = [M * i // parts for i in range(parts + 1)]
-    jobs = [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
-    futures = [_pool.submit(_blas_part, operands, out, accumulate, r) for r in jobs[1:]]
-    _blas_part(operands, out, accumulate, jobs[0])
+    rows = M >= 4 * n
+    size = M if rows else N
+    bounds = [size * i // n for i in range(n + 1)]
+    parts = [slice(bounds[i], bounds[i + 1]) for i in range(n)]
+    fn, axis = (by_rows, 0) if rows else (by_cols, 1)
+    futures = [_pool.submit(_blas_part, fn, out, accumulate, p, axis) for p in parts[1:]]
+    _blas_part(fn, out, accumulate, parts[0], axis)
     for f in futures:
         f.result()
 
 
-def _blas_part(operands, out, accumulate, rows):
-    x, y = operands(rows)
+def _blas_part(operands, out, accumulate, part, axis):
+    x, y = operands(part)
+    dst = out if axis is None else (out[part] if axis == 0 else out[:, part])
     if accumulate:
-        out[rows] += x @ y
+        dst += x @ y
+    elif dst.flags.c_contiguous:
+        np.matmul(x, y, out=dst)
     else:
-        np.matmul(x, y, out=out[rows])
+        dst[...] = x @ y
 
 
-def _parts(M, N, K):
+def _threads_for(M, N, K):
     global _pool
     n = num_threads()
-    if n <= 1 or M < 2 * n or 2 * M * N * K < _MIN_SPLIT_FLOPS:
+    if n <= 1 or 2 * M * N * K < _MIN_SPLIT_FLOPS or max(M, N) < 4 * n:
         _blas_threads(1)
         return 1
     if _pool is None or _pool._max_workers != n - 1:

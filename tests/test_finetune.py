@@ -1,0 +1,157 @@
+"""The fine-tuning workflow end to end: exact resume after Ctrl-C, the saved model in
+transformers, and clear errors for bad runs that lose nothing already saved."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import engine
+from engine.cli import main as cli
+
+
+def tiny_model_dir(path, seed=0):
+    """A small random Llama with the byte tokenizer, saved as a Hugging Face directory."""
+    cfg = engine.Config.llama(vocab_size=257, n_layer=4, n_head=4, n_kv_head=2, d_model=64,
+                              d_ff=96, max_seq_len=128)
+    engine.Model(cfg, seed=seed).save(str(path))
+    engine.ByteTokenizer().save(str(path))
+    return str(path)
+
+
+def text_file(path, n_bytes=60_000):
+    import inspect
+    import json as json_mod
+    import textwrap
+    text = textwrap.dedent(inspect.getsource(json_mod.decoder) + inspect.getsource(json_mod.encoder))
+    path.write_text(text[:n_bytes])
+    return str(path)
+
+
+def run_args(model, data, out, *extra):
+    return ["finetune", "--model", model, "--data", data, "--out", out, "--train-last", "2",
+            "--steps", "60", "--batch-size", "4", "--seq-len", "64", "--lr", "1e-3",
+            "--sample-tokens", "0", *extra]
+
+
+def weights(d):
+    return engine.load(os.path.join(d, "model")).params
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    base = tmp_path_factory.mktemp("tiny")
+    return tiny_model_dir(base / "model"), text_file(base / "data.txt")
+
+
+def test_sigint_then_resume_gives_the_uninterrupted_weights(tiny, tmp_path):
+    model, data = tiny
+    straight = str(tmp_path / "straight")
+    assert cli(run_args(model, data, straight)) == 0
+    out = str(tmp_path / "interrupted")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", *run_args(model, data, out)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until a few steps are done, then press Ctrl-C
+        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 6:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    log = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, log
+    assert "interrupted at step" in log
+    state = json.load(open(os.path.join(out, "checkpoint", "trainer_state.json")))
+    assert 0 < state["step"] < 60, "the signal should land mid-run"
+    assert not os.path.exists(os.path.join(out, "model"))
+    assert cli(run_args(model, data, out, "--resume", out)) == 0
+    a, b = weights(straight), weights(out)
+    for n in a:
+        assert np.array_equal(a[n], b[n]), n
+    steps = [r["step"] for r in map(json.loads, open(metrics)) if "loss" in r]
+    assert steps == list(range(1, 61))  # each step logged once
+
+
+def test_run_outputs_and_frozen_blocks_untouched(tiny, tmp_path):
+    model, data = tiny
+    out = str(tmp_path / "run")
+    assert cli(run_args(model, data, out)) == 0
+    assert {"run.json", "metrics.jsonl", "summary.json", "model"} <= set(os.listdir(out))
+    assert not os.path.exists(os.path.join(out, "checkpoint"))  # superseded by model/
+    s = json.load(open(os.path.join(out, "summary.json")))
+    assert s["eval_loss_after"] < s["eval_loss_before"]
+    base, tuned = engine.load(model).params, weights(out)
+    for n in base:
+        frozen = not (n.startswith(("blocks.2.", "blocks.3.", "ln_f.")))
+        assert np.array_equal(base[n], tuned[n]) == frozen, n
+    assert engine.load_tokenizer(os.path.join(out, "model")).encode("abc") == [97, 98, 99]
+
+
+# ---- bad input ------------------------------------------------------------------------------
+def fails(capsys, argv, match):
+    code = cli(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and match in err, err
+
+
+def test_malformed_jsonl_names_file_and_line(tiny, tmp_path, capsys):
+    model, _ = tiny
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": }\n')
+    fails(capsys, run_args(model, str(bad), str(tmp_path / "o")), f"{bad}:2: not valid JSON")
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"text": "x"}\n')
+    fails(capsys, run_args(model, str(bad), str(tmp_path / "o")), f"{bad}:2: a row needs")
+
+
+def test_empty_data_file(tiny, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    fails(capsys, run_args(tiny[0], str(empty), str(tmp_path / "o")), "the data file is empty")
+
+
+def test_seq_len_above_context(tiny, tmp_path, capsys):
+    fails(capsys, run_args(tiny[0], tiny[1], str(tmp_path / "o")) + ["--seq-len", "500"],
+          "--seq-len 500 exceeds the model's context of 128")
+
+
+def test_train_last_larger_than_depth(tiny, tmp_path, capsys):
+    argv = run_args(tiny[0], tiny[1], str(tmp_path / "o"))
+    argv[argv.index("--train-last") + 1] = "9"
+    fails(capsys, argv, "--train-last 9: the model has 4 blocks")
+
+
+def test_output_dir_of_another_run_is_left_alone(tiny, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "run.json").write_text('{"other": true}')
+    (out / "notes.txt").write_text("keep me")
+    fails(capsys, run_args(tiny[0], tiny[1], str(out)), "already holds a different run")
+    assert sorted(os.listdir(out)) == ["notes.txt", "run.json"]
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_resume_from_another_model(tiny, tmp_path, capsys):
+    model, data = tiny
+    out = str(tmp_path / "r")
+    proc_args = run_args(model, data, out)
+    proc_args[proc_args.index("--steps") + 1] = "3"
+    proc_args += ["--save-every", "1"]
+    # a run stopped after its checkpoint: simulate by keeping a checkpoint copy
+    assert cli(proc_args) == 0
+    other = tiny_model_dir(tmp_path / "other", seed=5)
+    ck = os.path.join(out, "ck")
+    from engine.train import save_checkpoint  # write a checkpoint as a run would
+    m = engine.load(model).train_last(2)
+    opt = engine.AdamW(m)
+    run = json.load(open(os.path.join(out, "run.json")))
+    save_checkpoint(ck, m, engine.load_tokenizer(model), opt,
+                    {"step": 1, "data": {"epoch": 0, "cursor": 4}, "args": run["args"],
+                     "base_fingerprint": run["base_fingerprint"], "eval_before": 1.0})
+    before = sorted(os.listdir(out))
+    fails(capsys, run_args(other, data, out, "--resume", ck), "trained from a different model")
+    assert sorted(os.listdir(out)) == before
