@@ -6,7 +6,7 @@ elements; each thread owns its blocks and its scratch.
 """
 import numpy as np
 
-from .jit import flat, pjit, prange
+from .jit import flat, jit, pjit, prange
 from .vexp import exp_inplace
 
 _BLK = 4096
@@ -17,20 +17,31 @@ _TWO = np.float32(2.0)
 _THREE = np.float32(3.0)
 
 
+@jit
+def _gelu_t(xs, t, bits):
+    """t = exp(-2u), u = K0 (x + K1 x^3): then gelu(x) = x / (1 + t), sigmoid(2u) = 1 / (1 + t)."""
+    for j in range(xs.shape[0]):
+        v = xs[j]
+        t[j] = -_TWO * _K0 * (v + _K1 * v * v * v)
+    exp_inplace(t, bits)
+
+
+@jit
+def _silu_t(gs, t, bits):
+    """t = exp(-g): then sigmoid(g) = 1 / (1 + t)."""
+    for j in range(gs.shape[0]):
+        t[j] = -gs[j]
+    exp_inplace(t, bits)
+
+
 @pjit
 def _gelu_forward(x, out):
     n = x.shape[0]
     for blk in prange((n + _BLK - 1) // _BLK):
-        lo = blk * _BLK
-        hi = min(n, lo + _BLK)
-        xs = x[lo:hi]
-        os = out[lo:hi]
-        t = np.empty(hi - lo, np.float32)
-        bits = np.empty(hi - lo, np.int32)
-        for j in range(hi - lo):
-            v = xs[j]
-            t[j] = -_TWO * _K0 * (v + _K1 * v * v * v)
-        exp_inplace(t, bits)
+        lo, hi = blk * _BLK, min(n, (blk + 1) * _BLK)
+        xs, os = x[lo:hi], out[lo:hi]
+        t, bits = np.empty(hi - lo, np.float32), np.empty(hi - lo, np.int32)
+        _gelu_t(xs, t, bits)
         for j in range(hi - lo):
             os[j] = xs[j] / (_ONE + t[j])
 
@@ -39,17 +50,10 @@ def _gelu_forward(x, out):
 def _gelu_backward(dout, x, dx):
     n = x.shape[0]
     for blk in prange((n + _BLK - 1) // _BLK):
-        lo = blk * _BLK
-        hi = min(n, lo + _BLK)
-        xs = x[lo:hi]
-        gs = dout[lo:hi]
-        ds = dx[lo:hi]
-        t = np.empty(hi - lo, np.float32)
-        bits = np.empty(hi - lo, np.int32)
-        for j in range(hi - lo):
-            v = xs[j]
-            t[j] = -_TWO * _K0 * (v + _K1 * v * v * v)
-        exp_inplace(t, bits)
+        lo, hi = blk * _BLK, min(n, (blk + 1) * _BLK)
+        xs, gs, ds = x[lo:hi], dout[lo:hi], dx[lo:hi]
+        t, bits = np.empty(hi - lo, np.float32), np.empty(hi - lo, np.int32)
+        _gelu_t(xs, t, bits)
         for j in range(hi - lo):
             v = xs[j]
             s = _ONE / (_ONE + t[j])  # sigmoid(2u)
@@ -61,16 +65,10 @@ def _gelu_backward(dout, x, dx):
 def _swiglu_forward(gate, up, out):
     n = gate.shape[0]
     for blk in prange((n + _BLK - 1) // _BLK):
-        lo = blk * _BLK
-        hi = min(n, lo + _BLK)
-        gs = gate[lo:hi]
-        us = up[lo:hi]
-        os = out[lo:hi]
-        t = np.empty(hi - lo, np.float32)
-        bits = np.empty(hi - lo, np.int32)
-        for j in range(hi - lo):
-            t[j] = -gs[j]
-        exp_inplace(t, bits)
+        lo, hi = blk * _BLK, min(n, (blk + 1) * _BLK)
+        gs, us, os = gate[lo:hi], up[lo:hi], out[lo:hi]
+        t, bits = np.empty(hi - lo, np.float32), np.empty(hi - lo, np.int32)
+        _silu_t(gs, t, bits)
         for j in range(hi - lo):
             os[j] = gs[j] / (_ONE + t[j]) * us[j]
 
@@ -79,18 +77,10 @@ def _swiglu_forward(gate, up, out):
 def _swiglu_backward(dout, gate, up, dgate, dup):
     n = gate.shape[0]
     for blk in prange((n + _BLK - 1) // _BLK):
-        lo = blk * _BLK
-        hi = min(n, lo + _BLK)
-        gs = gate[lo:hi]
-        us = up[lo:hi]
-        ds = dout[lo:hi]
-        dg = dgate[lo:hi]
-        du = dup[lo:hi]
-        t = np.empty(hi - lo, np.float32)
-        bits = np.empty(hi - lo, np.int32)
-        for j in range(hi - lo):
-            t[j] = -gs[j]
-        exp_inplace(t, bits)
+        lo, hi = blk * _BLK, min(n, (blk + 1) * _BLK)
+        gs, us, ds, dg, du = gate[lo:hi], up[lo:hi], dout[lo:hi], dgate[lo:hi], dup[lo:hi]
+        t, bits = np.empty(hi - lo, np.float32), np.empty(hi - lo, np.int32)
+        _silu_t(gs, t, bits)
         for j in range(hi - lo):
             g = gs[j]
             s = _ONE / (_ONE + t[j])

@@ -129,25 +129,20 @@ def _torch_adamw(hf, lr, wd):
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95), eps=1e-8)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_adamw_steps_match_torch(kind):
-    from conftest import build_hf
+def pair(kind, seed, boost=True):
+    """A fresh transformers model and the engine's load of it."""
     import tempfile
-    # Default init, not boosted: saturated GELUs give near-zero gradients that Adam's
-    # normalization would blow up to lr-sized steps driven by rounding (torch's tanh flushes
-    # them to exactly 0, the engine's logistic form keeps ~1e-9)
-    hf = build_hf(kind, seed=7, boost=False).train()
+    from conftest import build_hf
+    hf = build_hf(kind, seed=seed, boost=boost)
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
-        model = engine.load(d)
-    model.train_last(2)
-    set_torch_trainable(model, hf)
-    lr, wd = 1e-3, 0.1
-    before = {n: p.copy() for n, p in model.params.items()}
-    opt = engine.AdamW(model, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=wd)
-    topt = _torch_adamw(hf, lr, wd)
-    for step in range(5):
-        tokens, targets = batch(model.config.vocab_size, seed=10 + step)
+        return hf, engine.load(d)
+
+
+def train_both(model, hf, opt, topt, steps, seed):
+    """The same steps on the same batches with each library's optimizer."""
+    for step in range(steps):
+        tokens, targets = batch(model.config.vocab_size, seed=seed + step)
         model.zero_grad()
         model.forward(tokens, targets)
         model.backward()
@@ -155,6 +150,20 @@ def test_adamw_steps_match_torch(kind):
         topt.zero_grad()
         torch_loss(hf, tokens, targets).backward()
         topt.step()
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_adamw_steps_match_torch(kind):
+    # Default init, not boosted: saturated GELUs give near-zero gradients that Adam's
+    # normalization would blow up to lr-sized steps driven by rounding (torch's tanh flushes
+    # them to exactly 0, the engine's logistic form keeps ~1e-9)
+    hf, model = pair(kind, seed=7, boost=False)
+    model.train_last(2)
+    set_torch_trainable(model, hf)
+    lr, wd = 1e-3, 0.1
+    before = {n: p.copy() for n, p in model.params.items()}
+    opt = engine.AdamW(model, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=wd)
+    train_both(model, hf, opt, _torch_adamw(hf, lr, wd), steps=5, seed=10)
     e2h = engine_to_hf_names(model, hf)
     ref = hf_names_params(model, hf)
     for n in model.params:
@@ -180,27 +189,14 @@ def hf_names_params(model, hf):
     return hf_names.to_engine(model.config, lambda n: sd[n], list(sd))
 
 
-def test_sgd_momentum_matches_torch(hf_dirs):
-    from conftest import build_hf
-    import tempfile
-    hf = build_hf("llama-tied", seed=3)
-    with tempfile.TemporaryDirectory() as d:
-        hf.save_pretrained(d)
-        model = engine.load(d)
+def test_sgd_momentum_matches_torch():
+    hf, model = pair("llama-tied", seed=3)
     model.train_last(1)
     set_torch_trainable(model, hf)
     opt = engine.SGD(model, lr=0.05, momentum=0.9, weight_decay=0.01)
     topt = torch.optim.SGD([p for p in hf.parameters() if p.requires_grad], lr=0.05, momentum=0.9,
                            weight_decay=0.01)
-    for step in range(4):
-        tokens, targets = batch(model.config.vocab_size, seed=20 + step)
-        model.zero_grad()
-        model.forward(tokens, targets)
-        model.backward()
-        opt.step()
-        topt.zero_grad()
-        torch_loss(hf, tokens, targets).backward()
-        topt.step()
+    train_both(model, hf, opt, topt, steps=4, seed=20)
     ref = hf_names_params(model, hf)
     for n in model.params:
         np.testing.assert_allclose(model.params[n], ref[n], rtol=1e-5, atol=1e-6, err_msg=n)
