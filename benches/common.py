@@ -102,8 +102,8 @@ def thread_counts() -> dict:
 
 def _openblas_libs() -> list:
     """[(path, get, set)] of every OpenBLAS mapped into this process, numpy's first. There can be
-    several: importing numba imports scipy, whose linear algebra brings its own OpenBLAS (symbols
-    without the 64_ suffix); only numpy's runs numpy.matmul."""
+    several: numba maps scipy's own OpenBLAS (symbols without the 64_ suffix) at its first
+    compilation; only numpy's runs numpy.matmul."""
     import numpy as np
     np.ones((2, 2), np.float32) @ np.ones((2, 2), np.float32)   # make sure numpy's is mapped
     try:

@@ -46,17 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--steps", type=int, default=1,
                    help="training steps per timed repeat (per side)")
-    p.add_argument("--repeats", type=int, default=6,
+    p.add_argument("--repeats", type=int, default=5,
                    help="timed repeats; each runs the engine's steps, then torch's")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed steps per side after the verification step")
     p.add_argument("--threads", type=int, default=cores,
                    help="threads for both sides (Numba and torch intra-op)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4, help="sequences per step")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
     p.add_argument("--train-last", type=int, default=2,
                    help="trainable blocks at the top (plus the final norm)")
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (both sides)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and of the batch")
     p.add_argument("--loss-tol", type=float, default=1e-4,
                    help="relative tolerance of engine vs torch loss")
@@ -412,10 +412,12 @@ def run(args=None) -> dict:
                           "engine_last": losses_e[n_common - 1], "torch_last": losses_t[n_common - 1]},
         "profile_engine": prof,
         "main_process_peak_rss_mib": C.peak_rss_mib(),
+        "openblas_during_engine_steps": blas_in_engine_steps,
         "notes": notes(args, threads, blas_in_engine_steps, workers, load_start),
         "env": {**C.environment(), "threads": threads, "thread_env_set_before_import":
                 {m: not v for m, v in imported_early.items()},
-                "omp_wait_policy_at_torch_import": omp_wait_at_torch},
+                "omp_wait_policy_at_torch_import": omp_wait_at_torch,
+                "load_average_start": load_start},
         "elapsed_s": time.perf_counter() - t_start,
     }
     if not args.quiet:
@@ -430,8 +432,9 @@ def notes(args, threads, blas_main, workers, load_start) -> list:
     """Conditions that bend the figures, detected in this run."""
     out = []
     if load_start and load_start[0] > 0.5:
-        out.append(f"other processes were running: load average {load_start[0]:.1f} at the start "
-                   f"({args.threads} threads on {os.cpu_count()} cores); compare ratios, not times")
+        out.append(f"the machine was busy: 1-minute load average {load_start[0]:.1f} at the start "
+                   f"(other jobs, or runs just before this one) on {os.cpu_count()} cores; "
+                   "compare ratios, not times")
     n = threads.get("numba_threads") or 1
     for where, blas in [("main process", blas_main)] + [
             (f"{k} worker", w["threads"].get("openblas_all") or {}) for k, w in workers.items()
@@ -441,7 +444,7 @@ def notes(args, threads, blas_main, workers, load_start) -> list:
         if numpy_blas is None and blas:
             numpy_blas = next(iter(blas.values()))
         if n > 1 and numpy_blas and numpy_blas > 1:
-            out.append(f"{where}: numpy's OpenBLAS kept {numpy_blas} threads while the engine "
+            out.append(f"WARNING {where}: numpy's OpenBLAS kept {numpy_blas} threads while the engine "
                        f"splits each GEMM over {n} threads of its own ({n} x {numpy_blas} threads "
                        f"on {os.cpu_count()} cores); loaded OpenBLAS libraries and their thread "
                        f"counts: {blas}")

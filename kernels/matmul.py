@@ -180,24 +180,29 @@ def _threads_for(M, N, K):
     return n
 
 
-_blas_set = None
+_blas_single = False
 
 
 def _blas_threads(n):
-    """Set OpenBLAS's thread count through its C API (as threadpoolctl does), once."""
-    global _blas_set
-    if _blas_set is None:
-        _blas_set = _find_blas_setter() or (lambda n: None)
-        _blas_set(n)
+    """Set every loaded OpenBLAS to n threads through its C API (as threadpoolctl does). There
+    can be several: numpy's, and scipy's once Numba has loaded it; missing numpy's one leaves
+    its threads spinning inside our pool (measured: 1.3x to 3x slower steps)."""
+    global _blas_single
+    if _blas_single:
+        return
+    for fn in _blas_setters():
+        fn(n)
+    _blas_single = True
 
 
-def _find_blas_setter():
+def _blas_setters():
     import ctypes
     try:
         with open("/proc/self/maps") as f:
-            libs = {line.split()[-1] for line in f if "openblas" in line.lower()}
+            libs = sorted({line.split()[-1] for line in f if "openblas" in line.lower()})
     except OSError:
-        return None
+        return []
+    found = []
     for path in libs:
         try:
             lib = ctypes.CDLL(path)
@@ -208,5 +213,6 @@ def _find_blas_setter():
             fn = getattr(lib, sym, None)
             if fn is not None:
                 fn.argtypes = [ctypes.c_int]
-                return fn
-    return None
+                found.append(fn)
+                break
+    return found
