@@ -20,7 +20,8 @@ from .errors import CheckpointError, InputError
 from .layers import Block, Norm
 
 IGNORE = -100            # target id of positions that carry no loss
-_LOGIT_CHUNK = 1 << 23   # floats of logits alive at once in the fused head + loss (32 MiB)
+_LOGIT_CHUNK = 1 << 25   # floats of logits alive at once in the fused head + loss (128 MiB):
+                         # fewer, taller GEMMs (measured 80 -> 135 GFLOP/s from 166 to 667 rows)
 
 
 class Model:
