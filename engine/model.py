@@ -26,6 +26,8 @@ _LOGIT_CHUNK = 1 << 25   # floats of logits alive at once in the fused head + lo
 
 class Model:
     def __init__(self, config: Config, params: dict | None = None, seed: int = 0):
+        from .warmup import ensure_compiled
+        ensure_compiled()  # before any kernel runs in this process (see warmup.py)
         config.validate()
         self.config = config
         c = config

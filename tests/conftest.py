@@ -9,6 +9,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+# Before any kernel runs in the test process: compile in a child so that this process, like
+# every other, runs the cached code (fresh and cached code round differently; engine/warmup.py).
+from engine.warmup import ensure_compiled  # noqa: E402
+
+ensure_compiled()
+
 # Odd sizes on purpose: heads not a power of two, grouped-query attention, widths and sequence
 # lengths that are not multiples of any block size in the kernels.
 HF_CONFIGS = {

@@ -81,7 +81,7 @@ def test_run_outputs_and_frozen_blocks_untouched(tiny, tmp_path):
     model, data = tiny
     out = str(tmp_path / "run")
     assert cli(run_args(model, data, out)) == 0
-    assert {"run.json", "metrics.jsonl", "summary.json", "model"} <= set(os.listdir(out))
+    assert {"run.json", "metrics.jsonl", "summary.json", "model", "loss.png"} <= set(os.listdir(out))
     assert not os.path.exists(os.path.join(out, "checkpoint"))  # superseded by model/
     s = json.load(open(os.path.join(out, "summary.json")))
     assert s["eval_loss_after"] < s["eval_loss_before"]

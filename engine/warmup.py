@@ -1,0 +1,103 @@
+"""Compile every kernel in a child process, once, so that every process runs cached code.
+
+Numba's freshly compiled code and the same code loaded back from its on-disk cache round some
+reductions differently (seen here: a cold and a warm process disagreed in the last bits of
+attention, cross-entropy and norm gradients). A run started on a cold cache would then not be
+reproduced bit for bit by later runs, nor by its own resume. So no process runs fresh code: when
+the cache is cold, a child compiles and stores everything by running tiny models through every
+path (training, evaluation, generation, both architectures), and the parent then loads it all.
+This is also where a first-ever run says that it is compiling instead of looking hung.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import subprocess
+import sys
+
+_done = False
+
+
+def _stamp() -> str:
+    """A file whose existence says: the cache holds every kernel of these sources."""
+    import numba
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    h = hashlib.sha256(f"{numba.__version__}|{sys.version}|{sys.executable}".encode())
+    for pkg in ("kernels", "engine"):
+        for path in sorted(glob.glob(os.path.join(root, pkg, "*.py"))):
+            with open(path, "rb") as f:
+                h.update(f.read())
+    d = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(root, "kernels", "__pycache__")
+    if not os.access(os.path.dirname(d) if not os.path.exists(d) else d, os.W_OK):
+        d = os.path.join(os.path.expanduser("~"), ".cache", "tailtune")
+    return os.path.join(d, f"tailtune-compiled-{h.hexdigest()[:16]}")
+
+
+def ensure_compiled(quiet: bool = False) -> None:
+    """Called before the first kernel runs in a process (Model() does it)."""
+    global _done
+    if (_done or os.environ.get("NUMBA_DISABLE_JIT", "0") not in ("", "0")
+            or os.environ.get("TAILTUNE_WARMUP_CHILD")):
+        _done = True
+        return
+    _done = True
+    stamp = _stamp()
+    if os.path.exists(stamp):
+        return
+    if not quiet:
+        print("tailtune: compiling kernels (first run after install or upgrade; about a minute)...",
+              file=sys.stderr, flush=True)
+    env = {**os.environ, "TAILTUNE_WARMUP_CHILD": "1"}
+    r = subprocess.run([sys.executable, "-m", "engine.warmup"], env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"compiling the kernels failed:\n{r.stdout}\n{r.stderr}")
+    os.makedirs(os.path.dirname(stamp), exist_ok=True)
+    with open(stamp, "w") as f:
+        f.write("ok\n")
+    if not quiet:
+        print("tailtune: kernels compiled and cached.", file=sys.stderr, flush=True)
+
+
+def _exercise() -> None:
+    """Run every kernel with the argument types the engine uses."""
+    import numpy as np
+
+    from kernels import matmul
+    from .config import Config
+    from .generate import generate
+    from .model import Model
+    from .optim import AdamW, SGD, clip_grad_norm
+    rng = np.random.default_rng(0)
+    for cfg in (Config.gpt2(vocab_size=61, n_layer=2, n_head=2, d_model=16, max_seq_len=16),
+                Config.llama(vocab_size=61, n_layer=2, n_head=2, n_kv_head=1, d_model=16, d_ff=24,
+                             max_seq_len=16, tie_embeddings=True),
+                Config.llama(vocab_size=61, n_layer=2, n_head=2, n_kv_head=1, d_model=16, d_ff=24,
+                             max_seq_len=16)):
+        m = Model(cfg)
+        x = rng.integers(0, 61, (2, 9))
+        y = rng.integers(0, 61, (2, 9))
+        y[0, :2] = -100
+        opt = AdamW(m, lr=1e-3, weight_decay=0.1)
+        for pattern in (None, "last"):
+            if pattern == "last":
+                m.train_last(1)
+            m.zero_grad()
+            m.forward(x, y)
+            m.backward()
+            clip_grad_norm(m, 1.0)
+            opt.step()
+        SGD(m, lr=0.1, momentum=0.9).step()
+        m.forward(x)
+        m.forward(x, y, grad=False)
+        generate(m, [1, 2, 3], max_new_tokens=3)
+    a = rng.standard_normal((5, 7), dtype=np.float32)
+    for fn in (matmul.gemm_nt, matmul.gemm_nn, matmul.gemm_tn):
+        b = rng.standard_normal((7, 7), dtype=np.float32)
+        out = np.zeros((7, 7), np.float32) if fn is matmul.gemm_tn else np.zeros((5, 7), np.float32)
+        fn(b if fn is matmul.gemm_tn else a, b, out, backend="numba")
+        fn(b if fn is matmul.gemm_tn else a, b, out, accumulate=True, backend="numba")
+
+
+if __name__ == "__main__":
+    _exercise()
