@@ -43,6 +43,26 @@ def main(argv=None):
     f.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoint is in DIR")
     f.add_argument("--sample-prompt", help="generate from this prompt before and after training")
     f.add_argument("--sample-tokens", type=int, default=48, help="tokens to generate for the sample")
+    from .schedules import NAMES
+    f.add_argument("--schedule", default="static", choices=NAMES, help="freezing schedule over the "
+                   "last K blocks (--train-last K): static; gradual (ULMFiT: one more block every "
+                   "--schedule-every steps); lr-decay (rate x --lr-decay per block down); freezeout "
+                   "(blocks anneal and leave backward, lowest first from --freezeout-t0); autofreeze "
+                   "(freeze the lowest blocks whose gradient norm changes less than "
+                   "--autofreeze-threshold); lisa (K random blocks, redrawn every --schedule-every)")
+    f.add_argument("--schedule-every", type=int, default=50, help="steps between schedule changes (default 50)")
+    f.add_argument("--lr-decay", type=float, default=0.8, help="lr-decay factor per block (default 0.8)")
+    f.add_argument("--freezeout-t0", type=float, default=0.5, help="freezeout: fraction of training at "
+                   "which the lowest block stops (default 0.5)")
+    f.add_argument("--autofreeze-threshold", type=float, default=0.05, help="autofreeze: relative "
+                   "gradient-norm change below which a block freezes (default 0.05)")
+    f.add_argument("--prefix-cache", default="off", choices=("off", "memory", "disk"), help="cache the "
+                   "input of the lowest trainable block per example, so later epochs skip the frozen "
+                   "prefix (disk: a memory-mapped file reused by later runs)")
+    f.add_argument("--prefix-dtype", default="float32", choices=("float32", "float16"),
+                   help="precision of the prefix cache (float16: half the memory)")
+    f.add_argument("--telemetry-every", type=int, default=0, help="record per-layer gradient norms, "
+                   "update ratios, drift, Adam moments and CKA every N steps (0: off)")
 
     e = sub.add_parser("eval", help="held-out loss and perplexity of a model on a data file")
     e.add_argument("--model", required=True, help=MODEL_HELP)
@@ -73,6 +93,8 @@ def main(argv=None):
     i.add_argument("--train-last", type=int, metavar="K", help="show the trainable set of train_last(K)")
     i.add_argument("--seq-len", type=int, default=256, help="sequence length for the cost estimate")
     i.add_argument("--batch-size", type=int, default=4, help="batch size for the cost estimate")
+    i.add_argument("--measure", action="store_true", help="also run a few training steps and show "
+                   "measured milliseconds per layer and phase beside the prediction")
 
     args = ap.parse_args(argv)
     from .errors import TailtuneError
@@ -92,7 +114,11 @@ def _finetune(a):
                      grad_accum=a.grad_accum, lr=a.lr, warmup=a.warmup, min_lr=a.min_lr,
                      weight_decay=a.weight_decay, clip=a.clip, eval_every=a.eval_every,
                      eval_batches=a.eval_batches, save_every=a.save_every, seed=a.seed,
-                     sample_prompt=a.sample_prompt, sample_tokens=a.sample_tokens)
+                     sample_prompt=a.sample_prompt, sample_tokens=a.sample_tokens,
+                     schedule=a.schedule, schedule_every=a.schedule_every, lr_decay=a.lr_decay,
+                     freezeout_t0=a.freezeout_t0, autofreeze_threshold=a.autofreeze_threshold,
+                     prefix_cache=a.prefix_cache, prefix_dtype=a.prefix_dtype,
+                     telemetry_every=a.telemetry_every)
     summary = finetune(args, resume=a.resume, log=lambda m: print(m, flush=True))
     return 130 if summary["status"] == "interrupted" else 0
 
@@ -201,6 +227,12 @@ def _inspect(a):
         model.train_last(a.train_last)
     print(model)
     print(cost_table(model, a.batch_size, a.seq_len))
+    if a.measure:
+        from .probes import measured_table
+        if not model.trainable:
+            model.train_last(2)
+        print()
+        print(measured_table(model, a.batch_size, a.seq_len))
     return 0
 
 

@@ -31,10 +31,11 @@ def cache_root() -> str:
 class TokenData:
     """Tokens (int32), loss mask (uint8) and example boundaries, memory-mapped from the cache."""
 
-    def __init__(self, tokens, mask, offsets, kind, source):
+    def __init__(self, tokens, mask, offsets, kind, source, key=""):
         self.tokens, self.mask, self.offsets = tokens, mask, offsets  # (n,), (n,), (E + 1,)
         self.kind = kind              # "text" or "examples"
         self.source = source
+        self.key = key                # hash of the file and the tokenizer
 
     @property
     def n_examples(self) -> int:
@@ -188,7 +189,8 @@ def _load_cached(d, path):
     with open(os.path.join(d, "meta.json")) as f:
         meta = json.load(f)
     arr = {n: np.load(os.path.join(d, f"{n}.npy"), mmap_mode="r") for n in ("tokens", "mask", "offsets")}
-    return TokenData(arr["tokens"], arr["mask"], arr["offsets"], meta["kind"], path)
+    return TokenData(arr["tokens"], arr["mask"], arr["offsets"], meta["kind"], path,
+                     os.path.basename(os.path.normpath(d)))
 
 
 # ---- examples, splits, batches ------------------------------------------------------------
@@ -258,13 +260,14 @@ class Batches:
         return np.random.default_rng([self.seed, self.epoch]).permutation(self.indices)
 
     def next(self):
+        """(tokens, targets, example indices) of the next batch."""
         order = self._order()
         if self.cursor >= len(order):
             self.epoch, self.cursor = self.epoch + 1, 0
             order = self._order()
         idx = order[self.cursor:self.cursor + self.B]
         self.cursor += len(idx)
-        return make_batch(self.examples, idx, self.pad_id)
+        return (*make_batch(self.examples, idx, self.pad_id), idx)
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor}
@@ -277,5 +280,7 @@ class Batches:
 
 
 def eval_batches(examples: Examples, indices, batch_size: int, pad_id: int):
+    """(tokens, targets, example indices) over `indices` in order."""
     for i in range(0, len(indices), batch_size):
-        yield make_batch(examples, indices[i:i + batch_size], pad_id)
+        idx = indices[i:i + batch_size]
+        yield (*make_batch(examples, idx, pad_id), idx)

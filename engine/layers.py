@@ -7,6 +7,8 @@ Activations are (N, C) rows, N = B * T.
 """
 from __future__ import annotations
 
+from time import perf_counter
+
 import numpy as np
 
 from kernels.activation import gelu_backward, gelu_forward, swiglu_backward, swiglu_forward
@@ -16,6 +18,9 @@ from kernels.norm import layernorm_backward, layernorm_forward, rmsnorm_backward
 from kernels.rope import rope_backward, rope_forward
 
 from .config import Config
+
+# Set to a probes.StepProfile to time phases per layer; None (the default) costs one check.
+PROFILE = None
 
 
 class Linear:
@@ -46,8 +51,13 @@ class Linear:
         """Accumulates dW, db for trainable ones; returns dx (N, in) when need_dx, added into
         `dx` when one is given (several projections read the same input)."""
         if self.w in G:
+            t0 = perf_counter() if PROFILE else 0.0
             gemm_tn(dy, x, G[self.w], accumulate=True)
-        if self.b in G:
+            if self.b in G:
+                G[self.b] += dy.sum(axis=0)
+            if PROFILE:
+                PROFILE.add(self.w, "weight-grad", perf_counter() - t0)
+        elif self.b in G:
             G[self.b] += dy.sum(axis=0)
         if not need_dx:
             return None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import weakref
+from time import perf_counter
 
 import numpy as np
 
@@ -15,6 +16,7 @@ from kernels.loss import crossentropy_forward, crossentropy_forward_backward
 from kernels.matmul import gemm_nn, gemm_nt, gemm_tn
 from kernels.rope import rope_table
 
+from . import layers
 from .config import Config
 from .errors import CheckpointError, InputError
 from .layers import Block, Norm
@@ -200,10 +202,12 @@ class Model:
         embedding_forward(tokens, P["wte.weight"], wpe, pos0, x)
         return x
 
-    def forward(self, tokens, targets=None, *, grad=True):
+    def forward(self, tokens, targets=None, *, grad=True, hidden=None, start=0):
         """tokens (B, T) -> logits (B, T, V); with targets (B, T) -> mean loss over positions
         whose target is not -100. With targets and grad=True, keeps what backward() needs for
-        the trainable part only (grad=False: evaluation, keeps nothing)."""
+        the trainable part only (grad=False: evaluation, keeps nothing).
+        hidden (B, T, d_model), the input of block `start` (from prefix(), or a cache of it),
+        replaces the embeddings and blocks below `start`; none of those may be trainable."""
         tokens = self._tokens(tokens)
         self._tape = None
         B, T = tokens.shape
@@ -214,12 +218,24 @@ class Model:
         keep = targets is not None and grad and bool(self.grads)
         low = self.lowest_trainable_block() if keep else self.config.n_layer
         rope = self._rope_tables(T)
-        x = self.embed(tokens)
+        if hidden is None:
+            x = self.embed(tokens)
+            start = 0
+        else:
+            x = self._hidden(hidden, B, T, start)
+            if keep and low < start:
+                raise InputError(f"block {max(low, 0)} (or an embedding) is trainable, below the "
+                                 f"given hidden state of block {start}")
         saved = {}
-        for b in self.blocks:
+        prof = layers.PROFILE
+        for b in self.blocks[start:]:
+            t0 = perf_counter() if prof else 0.0
             x, s = b.forward(self.params, x, rope, keep and b.index >= low)
+            if prof:
+                prof.add(f"blocks.{b.index}", "forward", perf_counter() - t0)
             if s is not None:
                 saved[b.index] = s
+        t0 = perf_counter() if prof else 0.0
         C = self.config.d_model
         x2 = x.reshape(B * T, C)
         h, st = self.ln_f.forward(self.params, x2)
@@ -230,9 +246,31 @@ class Model:
         need_dh = keep and (low < self.config.n_layer or any(n in self.grads for n in self.ln_f.names()))
         need_dw = keep and self.head in self.grads
         loss, dh, dw = self._head_loss(h, targets.reshape(-1), keep, need_dh, need_dw)
+        if prof:  # the head's input gradient is formed here, inside the fused head + loss
+            prof.add("head", "forward+input-grad", perf_counter() - t0)
         if keep:
             self._tape = dict(tokens=tokens, saved=saved, low=low, x=x2, st=st, dh=dh, dw=dw, rope=rope)
         return loss
+
+    def prefix(self, tokens, upto: int):
+        """The input of block `upto` (B, T, d_model): embeddings and blocks below it, run
+        forward without keeping anything. forward(..., hidden=, start=upto) continues from it."""
+        tokens = self._tokens(tokens)
+        if not 0 <= upto <= self.config.n_layer:
+            raise InputError(f"prefix upto={upto}: the model has blocks 0..{self.config.n_layer - 1}")
+        rope = self._rope_tables(tokens.shape[1])
+        x = self.embed(tokens)
+        for b in self.blocks[:upto]:
+            x, _ = b.forward(self.params, x, rope, False)
+        return x
+
+    def _hidden(self, hidden, B, T, start):
+        if not 0 <= start <= self.config.n_layer:
+            raise InputError(f"start={start}: the model has blocks 0..{self.config.n_layer - 1}")
+        h = np.asarray(hidden)
+        if h.shape != (B, T, self.config.d_model):
+            raise InputError(f"hidden has shape {h.shape}, expected {(B, T, self.config.d_model)}")
+        return np.ascontiguousarray(h, dtype=np.float32)
 
     # ---- incremental decoding -------------------------------------------------------------
     def new_cache(self, batch: int, length: int) -> list:
@@ -310,11 +348,15 @@ class Model:
         dx = np.zeros_like(dh)                           # (N, C)
         self.ln_f.backward(P, G, dh, tape["x"], tape["st"], dx)
         low = tape["low"]
+        prof = layers.PROFILE
         for b in reversed(self.blocks):
             if b.index < low or dx is None:
                 break
             self.last_backward_blocks.append(b.index)
+            t0 = perf_counter() if prof else 0.0
             dx = b.backward(P, G, dx, tape["saved"].pop(b.index), tape["rope"], need_dx=b.index > low)
+            if prof:
+                prof.add(f"blocks.{b.index}", "backward", perf_counter() - t0)
         if low == -1 and dx is not None:
             tokens = tape["tokens"]
             embedding_backward(dx.reshape(*tokens.shape, -1), tokens, G.get("wte.weight"),

@@ -6,6 +6,7 @@ and dropped when it is frozen (the model calls `_sync` on every change).
 from __future__ import annotations
 
 import math
+from time import perf_counter
 
 import numpy as np
 
@@ -20,6 +21,7 @@ class Optimizer:
             raise InputError(f"learning rate must be >= 0, got {lr}")
         self.model = model
         self.lr = float(lr)
+        self.lr_scale: dict[str, float] = {}  # per-parameter multipliers (schedules set them)
         self.state: dict[str, dict] = {}
         self.t = 0  # steps taken
         model._optimizers.add(self)
@@ -38,10 +40,15 @@ class Optimizer:
         raise NotImplementedError
 
     def step(self):
+        from . import layers
         self._sync()
         self.t += 1
+        prof = layers.PROFILE
         for n, st in self.state.items():
+            t0 = perf_counter() if prof else 0.0
             self._update(n, self.model.params[n], self.model.grads[n], st)
+            if prof:
+                prof.add(n, "optimizer", perf_counter() - t0)
 
     def state_bytes(self) -> int:
         return sum(a.nbytes for st in self.state.values() for a in st.values()
@@ -84,7 +91,8 @@ class AdamW(Optimizer):
 
     def _update(self, name, p, g, st):
         wd = self.weight_decay if self.decay_filter(name, p) else 0.0
-        adamw_step(p, g, st["m"], st["v"], self.lr, self.betas[0], self.betas[1], self.eps, wd, self.t)
+        lr = self.lr * self.lr_scale.get(name, 1.0)
+        adamw_step(p, g, st["m"], st["v"], lr, self.betas[0], self.betas[1], self.eps, wd, self.t)
 
 
 class SGD(Optimizer):
@@ -111,7 +119,7 @@ class SGD(Optimizer):
                 buf[...] = d
                 st["started"] = True
             d = d + np.float32(self.momentum) * buf if self.nesterov else buf
-        p -= np.float32(self.lr) * d
+        p -= np.float32(self.lr * self.lr_scale.get(name, 1.0)) * d
 
 
 def grad_norm(model) -> float:

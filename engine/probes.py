@@ -9,6 +9,11 @@ input gradient at its own input; frozen weights inside the range cost no weight 
 """
 from __future__ import annotations
 
+import math
+import time
+
+import numpy as np
+
 
 def _linears(block):
     return [m for m in (block.q, block.k, block.v, block.o, block.gate, block.up, block.down) if m]
@@ -61,4 +66,214 @@ def cost_table(model, B: int, T: int) -> str:
     lines.append(f"step: {step / 1e9:.1f} GFLOP; full fine-tuning would be about {full / 1e9:.1f} "
                  f"GFLOP ({full / step:.2f}x); trainable {model.num_params(True):,} of "
                  f"{model.num_params():,} parameters")
+    return "\n".join(lines)
+
+
+# ---- training telemetry -------------------------------------------------------------------
+def _layer_of(name: str) -> str:
+    return ".".join(name.split(".")[:2]) if name.startswith("blocks.") else name.split(".")[0]
+
+
+def linear_cka(x, y) -> float:
+    """Linear CKA of two (N, C) representations (Kornblith et al. 2019): 1 = same up to an
+    orthogonal transform and scale."""
+    x = x.astype(np.float64) - x.mean(0)
+    y = y.astype(np.float64) - y.mean(0)
+    num = np.linalg.norm(y.T @ x) ** 2
+    den = np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)
+    return float(num / den) if den > 0 else float("nan")
+
+
+def block_outputs(model, tokens) -> list:
+    """Each block's output (N, C) for `tokens`, forward only."""
+    tokens = model._tokens(tokens)
+    rope = model._rope_tables(tokens.shape[1])
+    x = model.embed(tokens)
+    outs = []
+    for b in model.blocks:
+        x, _ = b.forward(model.params, x, rope, False)
+        outs.append(x.reshape(-1, x.shape[-1]).copy())
+    return outs
+
+
+class Telemetry:
+    """Per-layer statistics every `every` steps: gradient norm, update-to-weight ratio, drift
+    from the pretrained weights (relative distance and cosine), Adam moment norms, and linear
+    CKA of each block's output against the pretrained model's on a fixed probe batch.
+
+    Pretrained weights are copied lazily, the first time a parameter becomes trainable (until
+    then it is untouched), so memory follows what has trained. Costs nothing when off; when on,
+    one probe forward and a few norms per recorded step."""
+
+    def __init__(self, model, probe_tokens, every: int = 10):
+        self.model, self.every = model, max(1, every)
+        self.probe = np.asarray(probe_tokens)
+        # made before a resumed run loads its checkpoint, so these are the pretrained weights
+        self.w0: dict[str, np.ndarray] = {n: model.params[n].copy() for n in model.grads}
+        self.ref = block_outputs(model, self.probe)
+        self.before: dict[str, np.ndarray] = {}
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def before_update(self, step: int) -> None:
+        """Snapshot what the update will change (only on recorded steps)."""
+        for n in self.model.grads:
+            if n not in self.w0:
+                self.w0[n] = self.model.params[n].copy()
+        if self.due(step):
+            self.before = {n: self.model.params[n].copy() for n in self.model.grads}
+
+    def record(self, step: int, opt) -> dict:
+        """Statistics after the update of `step`, per layer (block, embedding, final norm)."""
+        m, acc = self.model, {}
+
+        def add(layer, key, value):
+            acc.setdefault(layer, {}).setdefault(key, 0.0)
+            acc[layer][key] += value
+
+        for n, g in m.grads.items():
+            L = _layer_of(n)
+            p = m.params[n].astype(np.float64).ravel()
+            w0 = self.w0[n].astype(np.float64).ravel()
+            add(L, "grad_sq", float(np.dot(g.ravel(), g.ravel())))
+            add(L, "w_sq", float(np.dot(p, p)))
+            add(L, "w0_sq", float(np.dot(w0, w0)))
+            add(L, "diff_sq", float(np.dot(p - w0, p - w0)))
+            add(L, "dot_w0", float(np.dot(p, w0)))
+            if n in self.before:
+                u = p - self.before[n].astype(np.float64).ravel()
+                add(L, "upd_sq", float(np.dot(u, u)))
+            st = opt.state.get(n, {})
+            for k in ("m", "v"):
+                if k in st:
+                    add(L, f"{k}_sq", float(np.dot(st[k].ravel(), st[k].ravel())))
+        out = {}
+        for L, a in acc.items():
+            w, w0 = math.sqrt(a["w_sq"]), math.sqrt(a["w0_sq"])
+            out[L] = {"grad_norm": math.sqrt(a["grad_sq"]),
+                      "update_ratio": math.sqrt(a.get("upd_sq", 0.0)) / w if w else None,
+                      "drift": math.sqrt(a["diff_sq"]) / w0 if w0 else None,
+                      "cosine_to_pretrained": a["dot_w0"] / (w * w0) if w and w0 else None,
+                      "adam_m_norm": math.sqrt(a["m_sq"]) if "m_sq" in a else None,
+                      "adam_v_norm": math.sqrt(a["v_sq"]) if "v_sq" in a else None}
+        now = block_outputs(m, self.probe)
+        for i, (x, y) in enumerate(zip(self.ref, now)):
+            out.setdefault(f"blocks.{i}", {})["cka_to_pretrained"] = linear_cka(x, y)
+        self.before = {}
+        return out
+
+
+def plot_telemetry(records: list, png: str) -> None:
+    """One panel per statistic, one line per layer, over steps (needs matplotlib)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = ["grad_norm", "update_ratio", "drift", "cosine_to_pretrained", "adam_v_norm",
+            "cka_to_pretrained"]
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
+    layers = sorted({L for r in records for L in r["telemetry"]},
+                    key=lambda s: (not s.startswith("blocks."), int(s.split(".")[1]) if s.startswith("blocks.") else 0))
+    for ax, key in zip(axes.ravel(), keys):
+        for L in layers:
+            pts = [(r["step"], r["telemetry"][L].get(key)) for r in records
+                   if L in r["telemetry"] and r["telemetry"][L].get(key) is not None]
+            if pts and (key != "cka_to_pretrained" or any(abs(v - 1) > 1e-9 for _, v in pts)):
+                ax.plot(*zip(*pts), label=L, lw=1)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    handles, labels = axes.ravel()[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="center right", fontsize=7)
+    fig.tight_layout(rect=(0, 0, 0.88, 1))
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+
+
+# ---- measured cost per layer --------------------------------------------------------------
+class StepProfile:
+    """Wall time per layer and phase, filled by the hooks in layers / model / optim while it is
+    installed as engine.layers.PROFILE (see measure())."""
+
+    def __init__(self):
+        self.t: dict[tuple, float] = {}
+
+    def add(self, name: str, phase: str, seconds: float):
+        key = (_layer_of(name) if name != "head" else "head", phase)
+        self.t[key] = self.t.get(key, 0.0) + seconds
+
+
+def measure(model, B: int, T: int, steps: int = 2, seed: int = 0) -> dict:
+    """Measured milliseconds per layer and phase of a training step on random tokens (AdamW),
+    averaged over `steps` after one warm-up step. Phases: forward, backward (input + weight
+    gradients), of which weight-grad, optimizer; head: the fused head + loss."""
+    from . import layers
+    from .optim import AdamW
+    rng = np.random.default_rng(seed)
+    V = model.config.vocab_size
+    x, y = rng.integers(0, V, (B, T)), rng.integers(0, V, (B, T))
+    saved = {n: model.params[n].copy() for n in model.grads}
+    opt = AdamW(model, lr=1e-6)
+
+    def step():
+        model.zero_grad()
+        model.forward(x, y)
+        model.backward()
+        opt.step()
+
+    step()
+    prof = StepProfile()
+    layers.PROFILE = prof
+    try:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        total = (time.perf_counter() - t0) / steps
+    finally:
+        layers.PROFILE = None
+        for n, a in saved.items():     # measuring must not change the model
+            model.params[n][...] = a
+        model.zero_grad()
+    ms = {k: 1e3 * v / steps for k, v in prof.t.items()}
+    return {"step_ms": 1e3 * total, "ms": ms}
+
+
+def matmul_rate(seconds: float = 0.5) -> float:
+    """numpy.matmul FLOP/s on this machine now (a 1024 x 768 x 3072 float32 GEMM)."""
+    from kernels.matmul import gemm_nt
+    a = np.ones((1024, 768), np.float32)
+    b = np.ones((3072, 768), np.float32)
+    out = np.empty((1024, 3072), np.float32)
+    gemm_nt(a, b, out)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        gemm_nt(a, b, out)
+        n += 1
+    return 2 * 1024 * 768 * 3072 * n / (time.perf_counter() - t0)
+
+
+def measured_table(model, B: int, T: int, steps: int = 2) -> str:
+    """Predicted (FLOPs / measured GEMM rate) against measured milliseconds per layer."""
+    rate = matmul_rate()
+    got = measure(model, B, T, steps)
+    rows = block_costs(model, B, T)
+    lines = [f"per step of {B} x {T} tokens; predicted = FLOPs / {rate / 1e9:.0f} GFLOP/s "
+             f"(numpy.matmul measured now); measured = wall time",
+             f"{'layer':<14}{'fwd pred':>10}{'fwd meas':>10}{'bwd pred':>10}{'bwd meas':>10}"
+             f"{'dW meas':>9}{'opt meas':>9}   ms"]
+    for r in rows:
+        L = "head" if r["layer"].startswith("ln_f") else r["layer"]
+        ms = got["ms"]
+        if L == "head":
+            fwd_m = ms.get(("head", "forward+input-grad"), 0.0)
+            pred_f = (r["fwd_flops"] + r["dx_flops"]) / rate * 1e3
+            lines.append(f"{'ln_f + head':<14}{pred_f:>10.1f}{fwd_m:>10.1f}{'(in fwd)':>10}{'':>10}"
+                         f"{'':>9}{ms.get(('ln_f', 'optimizer'), 0.0):>9.2f}")
+            continue
+        lines.append(f"{L:<14}{r['fwd_flops'] / rate * 1e3:>10.1f}{ms.get((L, 'forward'), 0.0):>10.1f}"
+                     f"{(r['dx_flops'] + r['dw_flops']) / rate * 1e3:>10.1f}{ms.get((L, 'backward'), 0.0):>10.1f}"
+                     f"{ms.get((L, 'weight-grad'), 0.0):>9.1f}{ms.get((L, 'optimizer'), 0.0):>9.2f}")
+    pred = sum(r["fwd_flops"] + r["dx_flops"] + r["dw_flops"] for r in rows) / rate * 1e3
+    lines.append(f"step: predicted {pred:.0f} ms, measured {got['step_ms']:.0f} ms")
     return "\n".join(lines)

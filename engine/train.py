@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import data as D
+from . import schedules
 from .errors import CheckpointError, InputError
 from .generate import generate
 from .io import load_params, save_model, write_json
@@ -34,6 +35,8 @@ from .io.resolve import resolve_model_path
 from .io.safetensors import SafetensorsFile, write as write_safetensors
 from .model import Model
 from .optim import AdamW, CosineSchedule, clip_grad_norm
+from .prefix_cache import PrefixCache
+from .probes import Telemetry, plot_telemetry
 from .tokenizer import load_tokenizer
 
 STATE = "trainer_state.json"
@@ -64,13 +67,26 @@ class TrainArgs:
     seed: int = 0
     sample_prompt: str | None = None    # generate from it before and after (default: a held-out prompt)
     sample_tokens: int = 48
+    schedule: str = "static"            # freezing schedule (engine/schedules.py); k = train_last
+    schedule_every: int = 50            # gradual / autofreeze / lisa: steps between changes
+    lr_decay: float = 0.8               # lr-decay: factor per block below the top
+    freezeout_t0: float = 0.5           # freezeout: when the lowest trainable block stops
+    autofreeze_threshold: float = 0.05  # autofreeze: relative gradient-norm change to freeze
+    prefix_cache: str = "off"           # frozen-prefix activation cache: off | memory | disk
+    prefix_dtype: str = "float32"       # ... stored as float32 or float16
+    telemetry_every: int = 0            # per-layer telemetry every N steps (0: off)
 
     def training_fields(self) -> dict:
         """What determines the weights: a resumed run must agree on all of it."""
         d = dataclasses.asdict(self)
-        for k in ("out", "eval_every", "save_every", "sample_prompt", "sample_tokens", "eval_batches"):
+        for k in _NOT_TRAINING:
             d.pop(k)
         return d
+
+
+# Arguments that do not change the weights: a resumed run takes them from the command line.
+_NOT_TRAINING = ("out", "eval_every", "save_every", "sample_prompt", "sample_tokens", "eval_batches",
+                 "prefix_cache", "telemetry_every")
 
 
 def fingerprint(model: Model) -> str:
@@ -141,18 +157,26 @@ def _checkpoint_dir(path: str) -> str:
 
 
 def _apply_freezing(model: Model, args: TrainArgs):
+    """The initial trainable set; returns the schedule (None for a fixed set)."""
     if args.train_last is not None and args.unfreeze:
         raise InputError("give --train-last or --unfreeze, not both")
     if args.unfreeze:
+        if args.schedule != "static":
+            raise InputError(f"--schedule {args.schedule} works on blocks: use --train-last, not --unfreeze")
         model.freeze()
         model.unfreeze(*args.unfreeze)
+        schedule = None
     else:
         k = 2 if args.train_last is None else args.train_last
         if not 0 <= k <= model.config.n_layer:
             raise InputError(f"--train-last {k}: the model has {model.config.n_layer} blocks")
         model.train_last(k)
+        schedule = None if args.schedule == "static" else schedules.make(
+            args.schedule, model.config.n_layer, k, every=args.schedule_every, decay=args.lr_decay,
+            t0=args.freezeout_t0, threshold=args.autofreeze_threshold, seed=args.seed)
     if not model.trainable:
         raise InputError("nothing is trainable")
+    return schedule
 
 
 def load_data(args: TrainArgs, tok, seq_len, log):
@@ -169,17 +193,60 @@ def load_data(args: TrainArgs, tok, seq_len, log):
     return ex, train_idx, held, eval_idx
 
 
-def evaluate(model: Model, examples, indices, batch_size, pad_id, max_batches=None) -> float:
+def evaluate(model: Model, examples, indices, batch_size, pad_id, max_batches=None, cache=None) -> float:
     """Mean loss per target token over the held-out examples."""
     total, count = 0.0, 0
-    for b, (x, y) in enumerate(D.eval_batches(examples, indices, batch_size, pad_id)):
+    for b, (x, y, idx) in enumerate(D.eval_batches(examples, indices, batch_size, pad_id)):
         if max_batches and b >= max_batches:
             break
         n = int((y >= 0).sum())
         if n:
-            total += model.forward(x, y, grad=False) * n
+            total += _forward(model, x, y, idx, cache, grad=False) * n
             count += n
     return total / count if count else float("nan")
+
+
+def _forward(model, x, y, idx, cache, grad=True):
+    if cache is None:
+        return model.forward(x, y, grad=grad)
+    return model.forward(x, y, grad=grad, hidden=cache.hidden(idx, x), start=cache.start)
+
+
+class _Caches:
+    """The frozen-prefix caches of a run (training and held-out data), rebuilt when a
+    schedule unfreezes a block inside the cached prefix."""
+
+    def __init__(self, args, model, examples, held, log):
+        self.args, self.model, self.examples, self.held, self.log = args, model, examples, held, log
+        self.train = self.eval = None
+        if args.prefix_cache not in ("off", "memory", "disk"):
+            raise InputError(f"--prefix-cache {args.prefix_cache!r}: choose off, memory or disk")
+        self.refresh()
+
+    def refresh(self):
+        if self.args.prefix_cache == "off":
+            return
+        if self.train is not None and self.train.valid_for(self.model):
+            return
+        start = self.model.lowest_trainable_block()
+        if start <= 0:
+            self.train = self.eval = None
+            return
+        d = os.path.join(D.cache_root(), "prefix") if self.args.prefix_cache == "disk" else None
+        mk = lambda ex: PrefixCache(self.model, ex, start, self.args.prefix_dtype, d, ex.data.key)  # noqa: E731
+        self.train = mk(self.examples)
+        self.eval = self.train if self.held is self.examples else mk(self.held)
+        self.log(f"prefix cache: inputs of block {start} ({self.args.prefix_dtype}, "
+                 f"{self.args.prefix_cache}, {(self.train.store.nbytes + (self.eval.store.nbytes if self.eval is not self.train else 0)) / 2**20:.0f} MiB)")
+
+    def report(self):
+        if self.train is None:
+            return None
+        r = self.train.report()
+        self.log(f"prefix cache: computed {r['examples_computed']} prefixes at "
+                 f"{r['compute_ms_per_example']:.2f} ms each, read {r['reads']} at "
+                 f"{r['read_ms_per_example']:.3f} ms each")
+        return r
 
 
 # ---- checkpoints --------------------------------------------------------------------------
@@ -208,7 +275,7 @@ def load_checkpoint(src: str, model, opt) -> dict:
     cfg, params = load_params(src)
     if cfg.to_dict() != model.config.to_dict():
         raise CheckpointError(f"{src}: checkpoint holds a different architecture")
-    for n in model.trainable:
+    for n in model.params:  # all: a schedule may have frozen blocks after training them
         model.params[n][...] = params[n]
     st = SafetensorsFile(os.path.join(src, "optimizer.safetensors"))
     loaded = {n: {} for n in opt.state}
@@ -231,7 +298,7 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
         with open(os.path.join(ck, STATE)) as f:
             state = json.load(f)
         saved = TrainArgs(**{**state["args"], "out": args.out or resume})
-        for k in ("eval_every", "save_every", "sample_prompt", "sample_tokens", "eval_batches"):
+        for k in _NOT_TRAINING[1:]:
             setattr(saved, k, getattr(args, k))
         if os.path.abspath(resolve_model_path(args.model)) != os.path.abspath(resolve_model_path(saved.model)):
             log(f"note: checkpoint was trained from {saved.model}; checking {args.model} is the same model")
@@ -252,13 +319,23 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
         raise InputError(f"--seq-len {seq_len} exceeds the model's context of {cfg.max_seq_len}")
     pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
     examples, train_idx, held, eval_idx = load_data(args, tok, seq_len, log)
-    _apply_freezing(model, args)
+    schedule = _apply_freezing(model, args)
     batches = D.Batches(examples, train_idx, args.batch_size, args.seed, pad)
     per_step = args.batch_size * args.grad_accum
     steps = args.steps or max(1, math.ceil(args.epochs * len(train_idx) / per_step))
     warmup = args.warmup if args.warmup is not None else max(1, steps // 20)
     sched = CosineSchedule(args.lr, total=steps, warmup=min(warmup, steps), min_lr=args.min_lr)
     opt = AdamW(model, lr=args.lr, weight_decay=args.weight_decay)
+    if state is not None:
+        if schedule is not None:
+            schedule.load_state_dict(state.get("schedule", {}))
+            schedule.apply(model, opt, state["step"], steps)
+    elif schedule is not None:
+        schedule.apply(model, opt, 0, steps)
+    telemetry = None
+    if args.telemetry_every:
+        probe = D.make_batch(held, eval_idx[:4] if len(eval_idx) else train_idx[:4], pad)[0]
+        telemetry = Telemetry(model, probe, args.telemetry_every)
     n_train = model.num_params(trainable_only=True)
     log(f"{model}; {len(train_idx)} training / {len(eval_idx)} held-out examples of up to "
         f"{seq_len + 1} tokens; {steps} steps of {per_step} examples")
@@ -271,7 +348,8 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
     sample_ids = _sample_prompt(args, tok, held, eval_idx)
     if state is None:
         write_json(os.path.join(args.out, "run.json"), run)
-        before = evaluate(model, held, eval_idx, args.batch_size, pad, args.eval_batches)
+        caches = _Caches(args, model, examples, held, log)
+        before = evaluate(model, held, eval_idx, args.batch_size, pad, args.eval_batches, caches.eval)
         sample_before = _sample(model, tok, sample_ids, args)
         start = 0
         _log_metric(metrics_path, {"step": 0, "eval_loss": before}, truncate=True)
@@ -280,6 +358,7 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
             if json.load(f)["base_fingerprint"] != base_fp:
                 raise CheckpointError(f"{args.out}: run.json belongs to another base model")
         state = load_checkpoint(_checkpoint_dir(resume), model, opt)
+        caches = _Caches(args, model, examples, held, log)  # after loading: the prefix may have trained
         batches.restore(state["data"])
         before, sample_before = state["eval_before"], state.get("sample_before")
         start = state["step"]
@@ -301,7 +380,8 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
         save_checkpoint(os.path.join(args.out, "checkpoint"), model, tok, opt,
                         {"step": step, "data": batches.state(), "args": run["args"],
                          "base_fingerprint": base_fp, "eval_before": before,
-                         "sample_before": sample_before})
+                         "sample_before": sample_before,
+                         "schedule": schedule.state_dict() if schedule else {}})
 
     try:
         step = start
@@ -309,26 +389,36 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
             if interrupted["flag"]:
                 break
             t0 = time.perf_counter()
+            if schedule is not None and schedule.apply(model, opt, step, steps):
+                caches.refresh()
             opt.lr = sched(step)
             model.zero_grad()
             loss_sum, ntok = 0.0, 0
             for _ in range(args.grad_accum):
-                x, y = batches.next()
-                loss_sum += model.forward(x, y)
+                x, y, idx = batches.next()
+                loss_sum += _forward(model, x, y, idx, caches.train)
                 model.backward()
                 ntok += x.size
             if args.grad_accum > 1:
                 for g in model.grads.values():
                     g *= np.float32(1.0 / args.grad_accum)
+            if schedule is not None:
+                schedule.observe(model, step)
             gnorm = clip_grad_norm(model, args.clip) if args.clip else float("nan")
+            if telemetry is not None:
+                telemetry.before_update(step)
             opt.step()
             loss = loss_sum / args.grad_accum
             tok_s = ntok / (time.perf_counter() - t0)
+            rec = {"step": step + 1, "loss": loss, "lr": opt.lr, "grad_norm": gnorm, "tokens_per_s": tok_s,
+                   "trainable_blocks": sorted({int(n.split(".")[1]) for n in model.grads if n.startswith("blocks.")})}
+            if telemetry is not None and telemetry.due(step):
+                rec["telemetry"] = telemetry.record(step, opt)
             step += 1
-            rec = {"step": step, "loss": loss, "lr": opt.lr, "grad_norm": gnorm, "tokens_per_s": tok_s}
             if args.eval_every and step % args.eval_every == 0 and step < steps:
                 progress.newline()
-                rec["eval_loss"] = evaluate(model, held, eval_idx, args.batch_size, pad, args.eval_batches)
+                rec["eval_loss"] = evaluate(model, held, eval_idx, args.batch_size, pad,
+                                            args.eval_batches, caches.eval)
                 log(f"step {step}: held-out loss {rec['eval_loss']:.4f}")
             _log_metric(metrics_path, rec)
             progress.update(step - 1, loss, tok_s)
@@ -345,8 +435,9 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
         if prev is not None:
             signal.signal(signal.SIGINT, prev)
 
-    after = evaluate(model, held, eval_idx, args.batch_size, pad, args.eval_batches)
+    after = evaluate(model, held, eval_idx, args.batch_size, pad, args.eval_batches, caches.eval)
     sample_after = _sample(model, tok, sample_ids, args)
+    cache_report = caches.report()
     _log_metric(metrics_path, {"step": steps, "eval_loss": after})
     final = os.path.join(args.out, "model")
     tmp = final + f".tmp{os.getpid()}"
@@ -361,9 +452,12 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
                "trainable_params": n_train, "total_params": model.num_params(),
                "seconds": time.perf_counter() - t_start, "model_dir": final,
                "sample_prompt": tok.decode(sample_ids) if sample_ids else None,
-               "sample_before": sample_before, "sample_after": sample_after}
+               "sample_before": sample_before, "sample_after": sample_after,
+               "prefix_cache": cache_report}
     write_json(os.path.join(args.out, "summary.json"), summary)
     _plot(metrics_path, os.path.join(args.out, "loss.png"), log)
+    if telemetry is not None:
+        _plot_telemetry(metrics_path, os.path.join(args.out, "telemetry.png"), log)
     log(f"held-out loss {before:.4f} -> {after:.4f} (perplexity {summary['perplexity_before']:.2f} -> "
         f"{summary['perplexity_after']:.2f}); {n_train:,} of {model.num_params():,} parameters "
         f"trained; {summary['seconds']:.0f} s")
@@ -413,6 +507,14 @@ def _truncate_metrics(path, step):
         keep = [line for line in f if json.loads(line)["step"] <= step]
     with open(path, "w") as f:
         f.writelines(keep)
+
+
+def _plot_telemetry(metrics_path, png, log):
+    recs = [r for r in map(json.loads, open(metrics_path)) if "telemetry" in r]
+    try:
+        plot_telemetry(recs, png)
+    except ImportError:
+        log("(no telemetry plot: pip install 'tailtune[plot]' for matplotlib)")
 
 
 def _plot(metrics_path, png, log):

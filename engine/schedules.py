@@ -1,0 +1,157 @@
+"""Freezing schedules: which blocks train at each step, and at what learning-rate scale.
+
+A schedule is consulted before every optimizer step. It changes the model's trainable set with
+freeze / unfreeze (the optimizer creates or frees state to match, and the step's cost follows)
+and may scale the learning rate per parameter. The final norm always trains.
+
+  static      the last k blocks throughout
+  gradual     ULMFiT's gradual unfreezing: start with the last k, one more block (top down)
+              every N steps
+  lr-decay    the last k blocks, block i at lr * decay^(L-1-i) (discriminative rates)
+  freezeout   FreezeOut: each of the last k blocks anneals its rate to 0 by a cosine at its own
+              time t_i (lowest first; t_i runs from t0 to 1 of training), then leaves backward
+  autofreeze  AutoFreeze's criterion: every N steps, freeze the lowest trainable blocks whose
+              gradient norm changed by less than a threshold (relative) since the last check
+  lisa        LISA: k blocks drawn at random (seeded) from all L, redrawn every N steps
+
+Every schedule is a function of the step and the seed (autofreeze also of the gradient norms it
+saw, kept in its state), so a run is reproducible and a resumed run rebuilds the same set.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .errors import InputError
+
+NAMES = ("static", "gradual", "lr-decay", "freezeout", "autofreeze", "lisa")
+
+
+def make(name: str, n_layer: int, k: int, every: int = 50, decay: float = 0.8, t0: float = 0.5,
+         threshold: float = 0.05, seed: int = 0):
+    if name not in NAMES:
+        raise InputError(f"unknown schedule {name!r}; choose one of {', '.join(NAMES)}")
+    if not 1 <= k <= n_layer:
+        raise InputError(f"schedule {name}: k={k} blocks, the model has {n_layer}")
+    if every < 1:
+        raise InputError(f"schedule {name}: every must be >= 1, got {every}")
+    cls = {"static": Static, "gradual": Gradual, "lr-decay": LRDecay, "freezeout": FreezeOut,
+           "autofreeze": AutoFreeze, "lisa": Lisa}[name]
+    return cls(n_layer, k, every=every, decay=decay, t0=t0, threshold=threshold, seed=seed)
+
+
+class Schedule:
+    def __init__(self, n_layer, k, every=50, decay=0.8, t0=0.5, threshold=0.05, seed=0):
+        self.L, self.k, self.every = n_layer, k, every
+        self.decay, self.t0, self.threshold, self.seed = decay, t0, threshold, seed
+        self.total = 1
+
+    def blocks(self, step: int) -> list[int]:
+        """Trainable blocks before optimizer step `step` (0-based)."""
+        return list(range(self.L - self.k, self.L))
+
+    def lr_scale(self, block: int, step: int) -> float:
+        return 1.0
+
+    def apply(self, model, opt, step: int, total: int) -> bool:
+        """Set the model's trainable set and the optimizer's per-parameter rate scales for
+        `step`; True when the trainable set changed."""
+        self.total = total
+        want = sorted(set(self.blocks(step)))
+        have = sorted({int(n.split(".")[1]) for n in model.grads if n.startswith("blocks.")})
+        changed = want != have or "ln_f.weight" not in model.grads
+        if changed:
+            model.freeze()
+            model.unfreeze("ln_f.*", *[f"blocks.{i}.*" for i in want])
+        scales = {}
+        for n in model.grads:
+            if n.startswith("blocks."):
+                s = self.lr_scale(int(n.split(".")[1]), step)
+                if s != 1.0:
+                    scales[n] = s
+        opt.lr_scale = scales
+        return changed
+
+    def observe(self, model, step: int) -> None:
+        """Called after backward, before the update (AutoFreeze reads gradient norms)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, d: dict) -> None:
+        pass
+
+
+class Static(Schedule):
+    pass
+
+
+class Gradual(Schedule):
+    def blocks(self, step):
+        n = min(self.L, self.k + step // self.every)
+        return list(range(self.L - n, self.L))
+
+
+class LRDecay(Schedule):
+    def lr_scale(self, block, step):
+        return self.decay ** (self.L - 1 - block)
+
+
+class FreezeOut(Schedule):
+    def _t(self, block):
+        """Fraction of training at which `block` stops: t0 for the lowest of the k, 1 for the top."""
+        lo = self.L - self.k
+        frac = (block - lo) / max(1, self.k - 1)
+        return self.t0 + (1.0 - self.t0) * frac
+
+    def blocks(self, step):
+        f = step / max(1, self.total)
+        return [i for i in range(self.L - self.k, self.L) if f < self._t(i)]
+
+    def lr_scale(self, block, step):
+        f = step / max(1, self.total)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, f / self._t(block))))
+
+
+class AutoFreeze(Schedule):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.frozen_below = self.L - self.k      # blocks below this are frozen
+        self.last_norms: dict[int, float] = {}
+        self.norms: dict[int, float] = {}
+
+    def blocks(self, step):
+        return list(range(self.frozen_below, self.L))
+
+    def observe(self, model, step):
+        if (step + 1) % self.every:
+            return
+        norms = {}
+        for n, g in model.grads.items():
+            if n.startswith("blocks."):
+                i = int(n.split(".")[1])
+                norms[i] = norms.get(i, 0.0) + float(np.dot(g.ravel(), g.ravel()))
+        norms = {i: math.sqrt(v) for i, v in norms.items()}
+        if self.last_norms:
+            # freeze from the bottom while the change is small; always keep the top block
+            for i in range(self.frozen_below, self.L - 1):
+                prev = self.last_norms.get(i)
+                if prev is None or prev == 0 or abs(norms.get(i, 0.0) - prev) / prev >= self.threshold:
+                    break
+                self.frozen_below = i + 1
+        self.last_norms = norms
+
+    def state_dict(self):
+        return {"frozen_below": self.frozen_below,
+                "last_norms": {str(i): v for i, v in self.last_norms.items()}}
+
+    def load_state_dict(self, d):
+        self.frozen_below = int(d["frozen_below"])
+        self.last_norms = {int(i): float(v) for i, v in d["last_norms"].items()}
+
+
+class Lisa(Schedule):
+    def blocks(self, step):
+        rng = np.random.default_rng([self.seed, step // self.every])
+        return sorted(int(i) for i in rng.choice(self.L, size=self.k, replace=False))

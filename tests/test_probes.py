@@ -1,0 +1,106 @@
+"""Research instruments: telemetry values against direct computation, CKA's properties, the
+per-layer cost table and the measured profile (structure only: no timing assertions)."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import engine
+from engine import probes
+from engine.cli import main as cli
+
+
+def tiny(vocab=257):
+    cfg = engine.Config.llama(vocab_size=vocab, n_layer=4, n_head=2, n_kv_head=1, d_model=24,
+                              d_ff=32, max_seq_len=32)
+    return engine.Model(cfg, seed=4)
+
+
+def test_linear_cka_properties():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 12))
+    q, _ = np.linalg.qr(rng.standard_normal((12, 12)))
+    assert probes.linear_cka(x, x) == pytest.approx(1.0)
+    assert probes.linear_cka(x, 3.0 * x @ q + 5.0) == pytest.approx(1.0)   # rotation, scale, shift
+    assert probes.linear_cka(x, rng.standard_normal((200, 12))) < 0.2
+
+
+def test_telemetry_values_match_direct_computation():
+    m = tiny().train_last(2)
+    opt = engine.AdamW(m, lr=1e-2)
+    rng = np.random.default_rng(0)
+    probe = rng.integers(0, 257, (2, 16))
+    w0 = {n: p.copy() for n, p in m.params.items()}
+    tel = probes.Telemetry(m, probe, every=1)
+    for step in range(3):
+        x, y = rng.integers(0, 257, (2, 16)), rng.integers(0, 257, (2, 16))
+        m.zero_grad()
+        m.forward(x, y)
+        m.backward()
+        tel.before_update(step)
+        before = {n: m.params[n].copy() for n in m.grads}
+        opt.step()
+        rec = tel.record(step, opt)
+    names = [n for n in m.grads if n.startswith("blocks.3.")]
+    cat = lambda d: np.concatenate([d[n].ravel().astype(np.float64) for n in names])  # noqa: E731
+    w, w_0, g = cat(m.params), cat(w0), cat(m.grads)
+    b3 = rec["blocks.3"]
+    assert b3["grad_norm"] == pytest.approx(np.linalg.norm(g), rel=1e-6)
+    assert b3["drift"] == pytest.approx(np.linalg.norm(w - w_0) / np.linalg.norm(w_0), rel=1e-6)
+    assert b3["cosine_to_pretrained"] == pytest.approx(w @ w_0 / np.linalg.norm(w) / np.linalg.norm(w_0), rel=1e-9)
+    assert b3["update_ratio"] == pytest.approx(np.linalg.norm(w - cat(before)) / np.linalg.norm(w), rel=1e-6)
+    m_norm = np.sqrt(sum(float((opt.state[n]["m"].astype(np.float64) ** 2).sum()) for n in names))
+    assert b3["adam_m_norm"] == pytest.approx(m_norm, rel=1e-6)
+    # frozen blocks keep their pretrained representation exactly; trained ones move
+    assert rec["blocks.0"]["cka_to_pretrained"] == pytest.approx(1.0, abs=1e-12)
+    assert rec["blocks.1"]["cka_to_pretrained"] == pytest.approx(1.0, abs=1e-12)
+    assert rec["blocks.3"]["cka_to_pretrained"] < 1.0 - 1e-6
+    assert "grad_norm" not in rec["blocks.0"]
+
+
+def test_telemetry_in_a_run_and_off_by_default(tmp_path):
+    tiny().save(str(tmp_path / "m"))
+    engine.ByteTokenizer().save(str(tmp_path / "m"))
+    import inspect
+    import json as j
+    (tmp_path / "d.txt").write_text(inspect.getsource(j.decoder)[:12000])
+    base = ["finetune", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "d.txt"),
+            "--train-last", "2", "--steps", "6", "--batch-size", "2", "--seq-len", "16",
+            "--sample-tokens", "0"]
+    assert cli(base + ["--out", str(tmp_path / "on"), "--telemetry-every", "2"]) == 0
+    recs = [json.loads(line) for line in open(tmp_path / "on" / "metrics.jsonl")]
+    tel = [r for r in recs if "telemetry" in r]
+    assert [r["step"] for r in tel] == [1, 3, 5]
+    assert set(tel[-1]["telemetry"]["blocks.3"]) >= {"grad_norm", "update_ratio", "drift",
+                                                     "cosine_to_pretrained", "adam_m_norm",
+                                                     "adam_v_norm", "cka_to_pretrained"}
+    assert os.path.exists(tmp_path / "on" / "telemetry.png")
+    assert cli(base + ["--out", str(tmp_path / "off")]) == 0
+    assert not any("telemetry" in json.loads(line) for line in open(tmp_path / "off" / "metrics.jsonl"))
+
+
+def test_cost_table_and_measured_profile():
+    m = tiny().train_last(2).freeze("blocks.2.attn.*")
+    rows = probes.block_costs(m, 2, 16)
+    assert [r["layer"] for r in rows] == ["blocks.0", "blocks.1", "blocks.2", "blocks.3", "ln_f + head"]
+    assert rows[0]["dx_flops"] == rows[0]["dw_flops"] == rows[0]["kept_bytes"] == 0
+    assert rows[3]["dw_flops"] > rows[2]["dw_flops"] > 0       # attention frozen in block 2
+    full = probes.block_costs(m, 2, 16, everything=True)
+    assert sum(r["dw_flops"] for r in full) > sum(r["dw_flops"] for r in rows)
+    text = probes.cost_table(m, 2, 16)
+    assert "full fine-tuning would be" in text
+    before = {n: p.copy() for n, p in m.params.items()}
+    got = probes.measure(m, 2, 16, steps=1)
+    assert {("blocks.0", "forward"), ("blocks.3", "backward"), ("blocks.3", "weight-grad"),
+            ("blocks.3", "optimizer"), ("head", "forward+input-grad")} <= set(got["ms"])
+    assert ("blocks.0", "backward") not in got["ms"]           # truncated backward
+    assert all(np.array_equal(p, before[n]) for n, p in m.params.items())  # measuring changes nothing
+
+
+def test_inspect_command(tmp_path, capsys):
+    tiny().save(str(tmp_path / "m"))
+    assert cli(["inspect", "--model", str(tmp_path / "m"), "--train-last", "1", "--seq-len", "16",
+                "--measure"]) == 0
+    out = capsys.readouterr().out
+    assert "blocks.3" in out and "measured" in out and "full fine-tuning" in out
