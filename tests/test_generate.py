@@ -60,3 +60,23 @@ def test_top_k_and_top_p_restrict_choices():
     assert pick(logits, 0.0) == 0
     draws = [pick(logits, 1.0, rng=rng) for _ in range(4000)]
     np.testing.assert_allclose(np.bincount(draws, minlength=4) / 4000, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+
+
+def test_generate_command(tmp_path, capsys):
+    from engine.cli import main as cli
+    cfg = engine.Config.llama(vocab_size=257, n_layer=2, n_head=2, n_kv_head=1, d_model=16, d_ff=24,
+                              max_seq_len=64)
+    engine.Model(cfg, seed=0).save(str(tmp_path))
+    tok = engine.ByteTokenizer(chat_template="{% for m in messages %}<{{ m.role }}>{{ m.content }}"
+                                             "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    tok.save(str(tmp_path))
+    model = engine.load(str(tmp_path))
+    want = tok.decode(engine.generate(model, tok.encode("hi"), max_new_tokens=5, stop=tok.eos_ids))
+    assert cli(["generate", "--model", str(tmp_path), "--prompt", "hi", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out == "hi" + want + "\n"
+    ids = tok.chat_ids([{"role": "user", "content": "yo"}])
+    want = tok.decode(engine.generate(model, ids, max_new_tokens=4, stop=tok.eos_ids))
+    assert cli(["generate", "--model", str(tmp_path), "--chat", "--prompt", "yo", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out == want + "\n"
+    assert cli(["generate", "--model", str(tmp_path)]) == 2
+    assert "--prompt is required" in capsys.readouterr().err
