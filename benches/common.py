@@ -11,6 +11,10 @@ What every workload needs, in one place:
                exactly those shapes, the denominator of MFU
   records      environment (library versions, CPU, threads, git commit), write_json, table,
                profile_top (cProfile of a callable), worker plumbing (run_worker / emit)
+  also         reset_peak_rss / malloc_trim (peak RSS of one phase), verify_grads (engine vs
+               torch loss and trainable gradients), fit_line (least squares), calibrate /
+               alternate / consume (micro-benchmarks), Worker / serve (persistent workers that
+               take turns step by step)
 
 The machine is shared and noisy: absolute times move by tens of percent between runs, so
 workloads alternate the two sides in one process and report ratios next to medians.
@@ -512,3 +516,250 @@ def run_worker(argv, env: dict | None = None, timeout: float = 900) -> dict:
 
 def fmt_gflops(x) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.0f}"
+
+
+# ---- added for smollm2 / freeze-sweep / kernels -----------------------------------------------
+def reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0: "5" into
+    /proc/self/clear_refs), so that a later peak_rss_mib() is the peak of what ran in between
+    (on top of what was resident at the reset). False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def malloc_trim() -> bool:
+    """Hand freed heap memory back to the OS (glibc malloc_trim(0)): without it, memory freed by
+    one phase can stay resident and count in the next phase's RSS."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+def _torch_grads_in_engine_names(model, hf, label):
+    import numpy as np
+    from engine.io import hf_names
+    sd = dict(hf.named_parameters())
+    grads = {}
+    for n, p in sd.items():
+        if p.requires_grad:
+            if p.grad is None:
+                raise AssertionError(f"{label}: torch has no gradient for trainable {n}")
+            grads[n] = p.grad.detach().numpy()
+        else:
+            if p.grad is not None:
+                raise AssertionError(f"{label}: torch computed a gradient for frozen {n}")
+            grads[n] = np.broadcast_to(np.float32(0.0), tuple(p.shape))
+    n_torch = sum(p.numel() for p in sd.values() if p.requires_grad)
+    return hf_names.to_engine(model.config, lambda n: grads[n], list(sd)), n_torch
+
+
+def verify_grads(model, hf, e_loss: float, t_loss: float, loss_tol: float, grad_tol: float,
+                 label: str, hf64=None, loss64: float | None = None) -> dict:
+    """Engine vs torch after one forward + backward on the same weights and batch: the loss, and
+    every trainable gradient mapped to engine names through engine.io.hf_names.to_engine (GPT-2's
+    Conv1D layouts and fused c_attn, llama's names). The error of a tensor is
+    max|g - g_ref| / max(max|g_ref|, 1e-3 * the largest reference gradient of any tensor): the
+    floor is for tensors whose exact gradient is 0 (GPT-2's attn.k.bias: softmax ignores a
+    per-query constant), where both sides hold rounding noise.
+
+    Without hf64: the reference is torch (float32); pass when the loss is within loss_tol
+    (relative) and every tensor's error within grad_tol.
+    With hf64 (the same torch model in float64, after its own forward + backward, loss loss64):
+    both float32 sides are measured against it, and the engine passes when its largest error is
+    within max(grad_tol, 2 x torch's largest), and its loss error within max(loss_tol, 2 x
+    torch's) -- "as close to exact as PyTorch's own float32". For deep pretrained models the
+    two float32 sides differ by their rounding through every frozen block below, more than a
+    fixed tolerance allows (SmolLM2: 7e-3 on a norm weight), and float64 tells which side it is.
+
+    Raises AssertionError with the figures when a check fails; returns them otherwise."""
+    import numpy as np
+    t32, n_torch = _torch_grads_in_engine_names(model, hf, label)
+    trainable = model.trainable
+    n_engine = model.num_params(trainable_only=True)
+    if n_torch != n_engine:
+        raise AssertionError(f"{label}: trainable parameters differ: engine {n_engine}, torch {n_torch}")
+
+    def errors(ref, got):
+        top = max(float(np.abs(ref[n]).max()) for n in trainable)
+        out = {}
+        for n in trainable:
+            r = np.asarray(ref[n], np.float64)
+            scale = max(float(np.abs(r).max()), 1e-3 * top)
+            out[n] = float(np.abs(np.asarray(got[n], np.float64) - r).max()) / scale
+        return out
+
+    errs = errors(t32, model.grads)
+    worst = max(errs, key=errs.get)
+    loss_rel = abs(e_loss - t_loss) / abs(t_loss)
+    out = {"loss_engine": e_loss, "loss_torch": t_loss, "loss_rel_err": loss_rel,
+           "grad_max_rel_err": errs[worst], "grad_worst_tensor": worst,
+           "grad_tensors": len(trainable), "trainable_params": n_engine,
+           "loss_tol": loss_tol, "grad_tol": grad_tol,
+           "grad_rel_err": dict(sorted(errs.items(), key=lambda kv: -kv[1]))}
+    if hf64 is None:
+        if not loss_rel <= loss_tol:
+            raise AssertionError(f"{label}: engine loss {e_loss!r} != torch loss {t_loss!r} "
+                                 f"(rel {loss_rel:.3g} > {loss_tol})")
+        if not errs[worst] <= grad_tol:
+            bad = [f"{n}: {e:.3g}" for n, e in errs.items() if not e <= grad_tol]
+            raise AssertionError(f"{label}: gradients differ from torch (tol {grad_tol}): "
+                                 + ", ".join(bad[:10]))
+        out["reference"] = "torch float32"
+        return out
+    t64, _ = _torch_grads_in_engine_names(model, hf64, label)
+    e64, tt64 = errors(t64, model.grads), errors(t64, t32)
+    we, wt = max(e64, key=e64.get), max(tt64, key=tt64.get)
+    le, lt = abs(e_loss - loss64) / abs(loss64), abs(t_loss - loss64) / abs(loss64)
+    grad_limit = max(grad_tol, 2 * tt64[wt])
+    loss_limit = max(loss_tol, 2 * lt)
+    out.update({"reference": "torch float64", "loss_float64": loss64,
+                "loss_rel_err_vs_f64": {"engine": le, "torch": lt, "limit": loss_limit},
+                "grad_max_rel_err_vs_f64": {"engine": e64[we], "engine_worst_tensor": we,
+                                            "torch": tt64[wt], "torch_worst_tensor": wt,
+                                            "limit": grad_limit},
+                "grad_rel_err_vs_f64": {n: {"engine": e64[n], "torch": tt64[n]} for n in
+                                        sorted(e64, key=lambda n: -e64[n])}})
+    if not le <= loss_limit:
+        raise AssertionError(f"{label}: engine loss {e_loss!r} vs float64 {loss64!r}: rel {le:.3g} "
+                             f"> {loss_limit:.3g} (torch float32: {lt:.3g})")
+    if not e64[we] <= grad_limit:
+        bad = [f"{n}: {e:.3g} (torch {tt64[n]:.3g})" for n, e in e64.items() if not e <= grad_limit]
+        raise AssertionError(f"{label}: gradients further from float64 than torch's float32 "
+                             f"(limit {grad_limit:.3g}): " + ", ".join(bad[:10]))
+    return out
+
+
+def fit_line(x, y) -> dict:
+    """Least squares y = intercept + slope * x; R^2 = 1 - SS_res / SS_tot."""
+    n = len(x)
+    if n < 2:
+        return {"slope": None, "intercept": None, "r2": None, "n": n}
+    mx = sum(x) / n
+    my = sum(y) / n
+    sxx = sum((a - mx) ** 2 for a in x)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    slope = sxy / sxx if sxx else 0.0
+    intercept = my - slope * mx
+    ss_res = sum((b - intercept - slope * a) ** 2 for a, b in zip(x, y))
+    ss_tot = sum((b - my) ** 2 for b in y)
+    return {"slope": slope, "intercept": intercept,
+            "r2": 1.0 - ss_res / ss_tot if ss_tot else 1.0, "n": n}
+
+
+def consume(x) -> float:
+    """One float read from a result, so no benchmarked call can be skipped as unused."""
+    import numpy as np
+    if hasattr(x, "detach"):
+        x = x.detach()
+    if hasattr(x, "reshape") and getattr(x, "size", getattr(x, "numel", lambda: 1)) != 0:
+        return float(x.reshape(-1)[0])
+    return float(np.asarray(x).reshape(-1)[0])
+
+
+def calibrate(fn, min_s: float = 0.05, max_calls: int = 1000) -> int:
+    """Calls of fn() per timed interval so that one interval lasts about min_s (the clock and the
+    Python call overhead then stay well under 1% of it). fn() has run at least twice after."""
+    fn()
+    t, _ = timed(fn)
+    if t <= 0:
+        return max_calls
+    return int(max(1, min(max_calls, math.ceil(min_s / t))))
+
+
+def alternate(contenders: dict, rounds: int, calls: dict, gap_s: float = 0.0,
+              setup: dict | None = None) -> dict:
+    """Time each contender (name -> fn) in turn, `rounds` times: per round, for each contender,
+    an optional untimed setup[name]() and then calls[name] back-to-back calls timed as one
+    interval. Returns name -> list of seconds per call, one per round. gap_s: idle seconds before
+    each interval, so that the previous contender's runtime (OpenBLAS, OpenMP) has parked its
+    spinning threads and does not steal cores from the next one."""
+    out = {n: [] for n in contenders}
+    for _ in range(rounds):
+        for name, fn in contenders.items():
+            n = calls[name]
+            if setup and name in setup:
+                setup[name]()
+            if gap_s:
+                time.sleep(gap_s)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            out[name].append((time.perf_counter() - t0) / n)
+    return out
+
+
+class Worker:
+    """A persistent worker subprocess driven by one JSON request per line on its stdin; it
+    answers each with one WORKER_TAG-prefixed JSON line on stdout (see serve()). Lets two
+    processes (one per side, so each has its own peak RSS) take turns step by step: the one
+    not working is blocked reading its stdin."""
+
+    def __init__(self, argv, env: dict | None = None):
+        self.argv = [sys.executable, *map(str, argv)]
+        self.p = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, cwd=str(REPO),
+                                  env=dict(os.environ if env is None else env), bufsize=1)
+        self._stderr = []
+        import threading
+        # drain stderr in the background: a full pipe would block the worker
+        self._t = threading.Thread(target=self._drain, daemon=True)
+        self._t.start()
+
+    def _drain(self):
+        for line in self.p.stderr:
+            self._stderr.append(line)
+            del self._stderr[:-200]
+
+    def request(self, **req) -> dict:
+        try:
+            self.p.stdin.write(json.dumps(req) + "\n")
+            self.p.stdin.flush()
+        except BrokenPipeError:
+            pass
+        while True:
+            line = self.p.stdout.readline()
+            if not line:
+                self.p.wait(timeout=30)
+                tail = "".join(self._stderr[-30:])
+                raise RuntimeError(f"worker {' '.join(self.argv[1:])} died (exit "
+                                   f"{self.p.returncode}) on {req}:\n{tail}")
+            if line.startswith(WORKER_TAG):
+                reply = json.loads(line[len(WORKER_TAG):])
+                if "error" in reply:
+                    raise RuntimeError(f"worker {' '.join(self.argv[1:])} failed on {req}: "
+                                       f"{reply['error']}")
+                return reply
+
+    def close(self) -> None:
+        if self.p.poll() is None:
+            try:
+                self.p.stdin.write(json.dumps({"cmd": "exit"}) + "\n")
+                self.p.stdin.flush()
+                self.p.wait(timeout=30)
+            except (BrokenPipeError, subprocess.TimeoutExpired, OSError):
+                self.p.kill()
+                self.p.wait()
+
+
+def serve(handler) -> None:
+    """The worker side of Worker: handler(request dict) -> reply dict, one per stdin line, until
+    {"cmd": "exit"} or EOF. An exception becomes {"error": ...} (and the worker goes on)."""
+    import traceback
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        req = json.loads(line)
+        if req.get("cmd") == "exit":
+            break
+        try:
+            reply = handler(req)
+        except Exception:       # noqa: BLE001 -- reported to the driver, which raises
+            reply = {"error": traceback.format_exc()}
+        emit(reply)

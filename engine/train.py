@@ -142,10 +142,25 @@ def _prepare_out(args: TrainArgs, resuming: bool):
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise InputError(f"--out {args.out} exists and is not a directory")
     if os.path.isdir(args.out) and os.listdir(args.out) and not resuming:
-        what = "a different run" if os.path.exists(os.path.join(args.out, "run.json")) else "other files"
-        raise InputError(f"--out {args.out} already holds {what}; choose an empty directory, or "
-                         f"continue that run with --resume {args.out}")
+        raise InputError(f"--out {args.out} already holds {_what_is_in(args)}; nothing was changed. "
+                         f"Choose another --out (or delete that directory)")
     os.makedirs(args.out, exist_ok=True)
+
+
+def _what_is_in(args: TrainArgs) -> str:
+    try:
+        with open(os.path.join(args.out, "run.json")) as f:
+            old = json.load(f)["args"]
+    except (ValueError, KeyError, TypeError):
+        return "a different run"
+    except OSError:
+        return "other files"
+    same = {k: v for k, v in old.items() if k not in _NOT_TRAINING} == args.training_fields()
+    if not same:
+        return "a different run"
+    if os.path.exists(os.path.join(args.out, "summary.json")):
+        return "this same run, finished"
+    return f"this same run, unfinished (continue it with --resume {args.out})"
 
 
 def _checkpoint_dir(path: str) -> str:

@@ -132,7 +132,19 @@ def test_output_dir_of_another_run_is_left_alone(tiny, tmp_path, capsys):
     (out / "notes.txt").write_text("keep me")
     fails(capsys, run_args(tiny[0], tiny[1], str(out)), "already holds a different run")
     assert sorted(os.listdir(out)) == ["notes.txt", "run.json"]
+    (out / "run.json").unlink()
+    fails(capsys, run_args(tiny[0], tiny[1], str(out)), "already holds other files")
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_rerunning_a_finished_run_says_so(tiny, tmp_path, capsys):
+    out = str(tmp_path / "done")
+    argv = run_args(tiny[0], tiny[1], out)
+    argv[argv.index("--steps") + 1] = "2"
+    assert cli(argv) == 0
+    before = sorted(os.listdir(out))
+    fails(capsys, argv, "already holds this same run, finished")
+    assert sorted(os.listdir(out)) == before
 
 
 def test_resume_from_another_model(tiny, tmp_path, capsys):

@@ -1,0 +1,137 @@
+"""instruments: what the freezing research instruments cost and save, on gpt2-small shapes.
+
+    python benches/instruments.py [--epochs 3] [--sequences 16] [--json out.json]
+
+1. Frozen-prefix cache: the same 3-epoch run of the last 2 blocks (batch 4 x 256) with and
+   without the cache: wall time of the training loop and the difference of the final weights.
+   FLOP bound: with the cache, epochs after the first cost only the tail (2 blocks and the LM
+   head, whose 2 x 79 GFLOP per step no cache can skip).
+2. Telemetry: step time with telemetry recorded every step, every 10 steps, and off.
+3. Per-layer cost: predicted (FLOPs / numpy.matmul rate measured now) against measured ms.
+Engine only (no PyTorch); same process; medians where repeated.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common as C  # noqa: E402
+
+
+def run(args=None) -> dict:
+    args = _parse(args)
+    C.set_thread_env(args.threads)
+    C.quiet_hf()
+    C.ensure_repo_on_path()
+    import numpy as np
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import engine
+    from engine import data as D
+    from engine.prefix_cache import PrefixCache
+    from engine.probes import Telemetry, measured_table
+    C.pin_threads(args.threads, torch=False)
+    torch.manual_seed(0)
+    tmp = tempfile.mkdtemp()
+    GPT2LMHeadModel(GPT2Config(resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)).save_pretrained(tmp)
+    import inspect
+    import json as json_mod
+    text = (inspect.getsource(json_mod) + inspect.getsource(json_mod.decoder)) * 4
+    with open(os.path.join(tmp, "data.txt"), "w") as f:
+        f.write(text[:args.sequences * 257 + 1])
+    tok = engine.ByteTokenizer()
+    ex = D.Examples(D.tokenize_file(os.path.join(tmp, "data.txt"), tok, cache_dir=tmp), 256)
+    idx = np.arange(min(len(ex), args.sequences))
+    result = {"workload": "instruments", "sequences": len(idx), "epochs": args.epochs}
+
+    def train(cache: bool):
+        model = engine.load(tmp).train_last(2)
+        opt = engine.AdamW(model, lr=1e-4)
+        batches = D.Batches(ex, idx, 4, 0, 0)
+        pc = PrefixCache(model, ex, 10) if cache else None
+        t0 = time.perf_counter()
+        for _ in range(args.epochs * batches.steps_per_epoch()):
+            x, y, i = batches.next()
+            model.zero_grad()
+            if pc is None:
+                model.forward(x, y)
+            else:
+                model.forward(x, y, hidden=pc.hidden(i, x), start=pc.start)
+            model.backward()
+            opt.step()
+        return time.perf_counter() - t0, model.params, pc
+
+    base = engine.load(tmp).params
+    t_plain, w_plain, _ = train(False)
+    t_cache, w_cache, pc = train(True)
+    worst = max(float(np.linalg.norm((w_cache[n] - base[n]) - (w_plain[n] - base[n]))
+                      / np.linalg.norm(w_plain[n] - base[n]))
+                for n in w_plain if np.any(w_plain[n] != base[n]))
+    steps_total = args.epochs * -(-len(idx) // 4)
+    f_full, f_tail = 396.5, 396.5 - 149.0        # GFLOP per step (common.step_flops, k=2)
+    bound = steps_total * f_full / (steps_total / args.epochs * f_full + (steps_total - steps_total / args.epochs) * f_tail)
+    result["prefix_cache"] = {"seconds_without": t_plain, "seconds_with": t_cache,
+                              "speedup": t_plain / t_cache, "flop_bound_speedup": bound,
+                              "max_relative_update_difference": worst, **pc.report()}
+    print(C.table(["", "without cache", "with cache", "speedup", "FLOP bound", "update diff"],
+                  [[f"{args.epochs} epochs x {len(idx)} seq", f"{t_plain:.1f} s", f"{t_cache:.1f} s",
+                    f"{t_plain / t_cache:.2f}x", f"{bound:.2f}x", f"{worst:.1e}"]]))
+    r = pc.report()
+    print(f"prefix: computed at {r['compute_ms_per_example']:.1f} ms per sequence, read at "
+          f"{r['read_ms_per_example']:.3f} ms ({r['compute_ms_per_example'] / r['read_ms_per_example']:.0f}x cheaper)")
+
+    # telemetry overhead
+    model = engine.load(tmp).train_last(2)
+    opt = engine.AdamW(model, lr=1e-4)
+    x, y, _ = D.Batches(ex, idx, 4, 0, 0).next()
+    times = {"off": [], "every 10": [], "every step": []}
+    tel = Telemetry(model, x[:2, :64], every=1)
+    for rep in range(args.repeats):
+        for mode in times:
+            t0 = time.perf_counter()
+            model.zero_grad()
+            model.forward(x, y)
+            model.backward()
+            if mode != "off":
+                tel.before_update(0)
+            opt.step()
+            if mode == "every step" or (mode == "every 10" and rep == 0):
+                tel.record(0, opt)
+            dt = time.perf_counter() - t0
+            times[mode].append(dt)
+    rec_cost = np.median(times["every step"]) - np.median(times["off"])
+    result["telemetry"] = {"step_s_off": C.summarize(times["off"]),
+                           "step_s_every_step": C.summarize(times["every step"]),
+                           "overhead_every_step": rec_cost / np.median(times["off"]),
+                           "overhead_every_10": rec_cost / 10 / np.median(times["off"])}
+    print(f"telemetry: {100 * result['telemetry']['overhead_every_step']:.1f}% of a step when recorded "
+          f"every step, {100 * result['telemetry']['overhead_every_10']:.1f}% every 10 steps, 0 when off")
+
+    table = measured_table(model, 4, 256, steps=2)
+    print(table)
+    result["cost_table"] = table
+    result["environment"] = C.environment(("numpy", "numba"))
+    if args.json:
+        C.write_json(args.json, result)
+    return result
+
+
+def _parse(args):
+    if isinstance(args, argparse.Namespace):
+        return args
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--sequences", type=int, default=16, help="training sequences of 256 tokens")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--json")
+    return ap.parse_args(args)
+
+
+if __name__ == "__main__":
+    run(sys.argv[1:])
