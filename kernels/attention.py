@@ -4,13 +4,63 @@ Layouts: q, out: (B, Tq, H, D); k, v: (B, Tk, Hkv, D), query head h reads kv hea
 Query i sits at absolute position pos0 + i and sees keys 0 .. pos0 + i (pos0 > 0 when a KV cache
 holds earlier tokens; Tk may be larger than needed, later keys are never read).
 No score matrix is kept: forward saves only the log-sum-exp per query row (B, H, Tq); backward
-recomputes the probabilities from it. Inner loops run over contiguous 1-D slices: keys are
-transposed per head to (D, Tk) so that the score loop vectorizes over keys.
+recomputes the probabilities from it.
+
+How it is fast: each head's rows are copied into flat 1-D buffers (queries, keys, and values or
+keys transposed), so that every product is a set of dot products of contiguous rows. Four query
+rows are processed together against two rows of the other operand: eight scalar accumulators,
+each vectorized by LLVM along the shared dimension, so every loaded value feeds several FMAs.
+Flat buffers with explicit offsets, because 2-D indexing in the inner loop stops vectorization.
 """
 import numpy as np
 
-from .jit import pjit, prange
+from .jit import jit, jit_inline, pjit, prange
 from .vexp import exp_inplace
+
+_R = 4  # query rows per block
+
+
+@jit_inline
+def _dots4x2(y0, y1, y2, y3, x0, x1, n):
+    """Eight dot products of length n: four rows y with two rows x (contiguous 1-D slices, so
+    that each of the eight accumulators vectorizes)."""
+    c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = np.float32(0.0)
+    for t in range(n):
+        a = x0[t]
+        b = x1[t]
+        c00 += y0[t] * a
+        c01 += y0[t] * b
+        c10 += y1[t] * a
+        c11 += y1[t] * b
+        c20 += y2[t] * a
+        c21 += y2[t] * b
+        c30 += y3[t] * a
+        c31 += y3[t] * b
+    return c00, c01, c10, c11, c20, c21, c30, c31
+
+
+@jit_inline
+def _products(a, lda, b, ldb, rows_b, n, out, ld):
+    """out[r * ld + j] = dot(a[r * lda : r * lda + n], b[j * ldb : j * ldb + n]) for the four
+    rows r of a and the rows j < rows_b of b (flat arrays with row strides lda, ldb)."""
+    y0 = a[0:n]
+    y1 = a[lda:lda + n]
+    y2 = a[2 * lda:2 * lda + n]
+    y3 = a[3 * lda:3 * lda + n]
+    j = 0
+    while j < rows_b:
+        j1 = min(j + 1, rows_b - 1)  # an odd last row is computed twice, harmlessly
+        c00, c01, c10, c11, c20, c21, c30, c31 = _dots4x2(
+            y0, y1, y2, y3, b[j * ldb:j * ldb + n], b[j1 * ldb:j1 * ldb + n], n)
+        out[j] = c00
+        out[ld + j] = c10
+        out[2 * ld + j] = c20
+        out[3 * ld + j] = c30
+        out[j1] = c01
+        out[ld + j1] = c11
+        out[2 * ld + j1] = c21
+        out[3 * ld + j1] = c31
+        j += 2
 
 
 @pjit
@@ -24,42 +74,60 @@ def attention_forward(q, k, v, out, lse, pos0):
         b = bh // H
         h = bh % H
         g = h // group
-        kt = np.empty((D, Tk), np.float32)
-        for j in range(Tk):
-            kj = k[b, j, g]
-            for d in range(D):
-                kt[d, j] = kj[d]
-        s = np.empty(Tk, np.float32)
-        bits = np.empty(Tk, np.int32)
-        acc = np.empty(D, np.float32)
+        nq = (Tq + _R - 1) // _R * _R
+        qf = np.zeros(nq * D, np.float32)      # scaled queries, padded to a multiple of 4 rows
+        kf = np.empty(Tk * D, np.float32)
+        vt = np.empty(D * Tk, np.float32)      # values transposed: row d holds v[:, d]
         for i in range(Tq):
-            n = pos0 + i + 1
-            qi = q[b, i, h]
-            for j in range(n):
-                s[j] = np.float32(0.0)
             for d in range(D):
-                qd = qi[d] * scale
-                kd = kt[d]
+                qf[i * D + d] = q[b, i, h, d] * scale
+        for j in range(Tk):
+            for d in range(D):
+                kf[j * D + d] = k[b, j, g, d]
+                vt[d * Tk + j] = v[b, j, g, d]
+        o = np.empty(nq * D, np.float32)
+        l_ = np.empty(nq, np.float32)
+        _forward_head(qf, kf, vt, o, l_, Tq, Tk, D, pos0)
+        for i in range(Tq):
+            lse[b, h, i] = l_[i]
+            for d in range(D):
+                out[b, i, h, d] = o[i * D + d]
+
+
+@jit
+def _forward_head(qf, kf, vt, o, lse, Tq, Tk, D, pos0):
+    """One head: o (rows of D) and lse from flat scaled queries, keys, transposed values.
+    A plain function, not the parallel loop's body: compiled on its own it vectorizes."""
+    s = np.empty(_R * Tk, np.float32)          # scores, then probabilities, of 4 query rows
+    ob = np.empty(_R * D, np.float32)
+    bits = np.empty(Tk, np.int32)
+    for i0 in range(0, Tq, _R):
+        n = min(Tk, pos0 + i0 + _R)            # keys seen by the block's last row
+        _products(qf[i0 * D:], D, kf, D, n, D, s, Tk)
+        for r in range(_R):
+            i = i0 + r
+            if i >= Tq:
                 for j in range(n):
-                    s[j] += qd * kd[j]
-            m = s[0]
-            for j in range(n):
-                m = max(m, s[j])
-            for j in range(n):
-                s[j] -= m
-            total = exp_inplace(s[:n], bits)
-            for d in range(D):
-                acc[d] = np.float32(0.0)
-            for j in range(n):
-                p = s[j]
-                vj = v[b, j, g]
-                for d in range(D):
-                    acc[d] += p * vj[d]
+                    s[r * Tk + j] = np.float32(0.0)
+                continue
+            m_ = pos0 + i + 1                  # keys this row may see
+            row = s[r * Tk:r * Tk + m_]
+            mx = row[0]
+            for j in range(m_):
+                mx = max(mx, row[j])
+            for j in range(m_):
+                row[j] -= mx
+            total = exp_inplace(row, bits)
             inv = np.float32(1.0) / total
-            o = out[b, i, h]
+            for j in range(m_):
+                row[j] *= inv
+            for j in range(m_, n):
+                s[r * Tk + j] = np.float32(0.0)
+            lse[i] = mx + np.log(total)
+        _products(s, Tk, vt, Tk, D, n, ob, D)   # o[r, d] = dot(p_r[:n], vt[d, :n])
+        for r in range(_R):
             for d in range(D):
-                o[d] = acc[d] * inv
-            lse[b, h, i] = m + np.log(total)
+                o[(i0 + r) * D + d] = ob[r * D + d]
 
 
 @pjit
@@ -71,62 +139,88 @@ def attention_backward(dout, q, k, v, out, lse, dq, dk, dv):
     Hkv = k.shape[2]
     group = H // Hkv
     scale = np.float32(1.0 / np.sqrt(D))
+    nq = (T + _R - 1) // _R * _R
     for bg in prange(B * Hkv):
         b = bg // Hkv
         g = bg % Hkv
-        kt = np.empty((D, T), np.float32)
-        vt = np.empty((D, T), np.float32)
+        kf = np.empty(T * D, np.float32)
+        vf = np.empty(T * D, np.float32)
+        kt = np.empty(D * T, np.float32)       # keys transposed, for dq = ds k
         for j in range(T):
-            kj = k[b, j, g]
-            vj = v[b, j, g]
             for d in range(D):
-                kt[d, j] = kj[d]
-                vt[d, j] = vj[d]
-        dka = np.zeros((T, D), np.float32)
-        dva = np.zeros((T, D), np.float32)
-        p = np.empty(T, np.float32)
-        dp = np.empty(T, np.float32)
-        bits = np.empty(T, np.int32)
-        dqi = np.empty(D, np.float32)
+                kf[j * D + d] = k[b, j, g, d]
+                vf[j * D + d] = v[b, j, g, d]
+                kt[d * T + j] = k[b, j, g, d]
+        dka = np.zeros(T * D, np.float32)
+        dva = np.zeros(T * D, np.float32)
+        qf = np.zeros(nq * D, np.float32)
+        gf = np.zeros(nq * D, np.float32)      # dout rows
+        dqf = np.empty(nq * D, np.float32)
+        delta = np.zeros(nq, np.float32)
+        l_ = np.zeros(nq, np.float32)
         for h in range(g * group, (g + 1) * group):
             for i in range(T):
-                n = i + 1
-                qi = q[b, i, h]
-                doi = dout[b, i, h]
-                oi = out[b, i, h]
-                li = lse[b, h, i]
-                for j in range(n):
-                    p[j] = np.float32(0.0)
-                    dp[j] = np.float32(0.0)
+                dl = np.float32(0.0)
                 for d in range(D):
-                    qd = qi[d] * scale
-                    gd = doi[d]
-                    kd = kt[d]
-                    vd = vt[d]
-                    for j in range(n):
-                        p[j] += qd * kd[j]
-                        dp[j] += gd * vd[j]
-                for j in range(n):
-                    p[j] -= li
-                exp_inplace(p[:n], bits)
-                delta = np.float32(0.0)
+                    qf[i * D + d] = q[b, i, h, d] * scale
+                    gf[i * D + d] = dout[b, i, h, d]
+                    dl += dout[b, i, h, d] * out[b, i, h, d]
+                delta[i] = dl
+                l_[i] = lse[b, h, i]
+            _backward_head(qf, gf, kf, vf, kt, l_, delta, dqf, dka, dva, T, D, scale)
+            for i in range(T):
                 for d in range(D):
-                    delta += doi[d] * oi[d]
-                for d in range(D):
-                    dqi[d] = np.float32(0.0)
-                for j in range(n):
-                    pj = p[j]
-                    ds = pj * (dp[j] - delta) * scale
-                    kj = k[b, j, g]
-                    dkj = dka[j]
-                    dvj = dva[j]
-                    for d in range(D):
-                        dqi[d] += ds * kj[d]
-                        dkj[d] += ds * qi[d]
-                        dvj[d] += pj * doi[d]
-                dqo = dq[b, i, h]
-                for d in range(D):
-                    dqo[d] = dqi[d]
+                    dq[b, i, h, d] = dqf[i * D + d]
+        inv_scale = np.float32(1.0) / scale
         for j in range(T):
-            dk[b, j, g] = dka[j]
-            dv[b, j, g] = dva[j]
+            for d in range(D):
+                dk[b, j, g, d] = dka[j * D + d] * inv_scale   # qf held q * scale
+                dv[b, j, g, d] = dva[j * D + d]
+
+
+@jit
+def _backward_head(qf, gf, kf, vf, kt, lse, delta, dqf, dka, dva, T, D, scale):
+    """One query head: dq rows into dqf; dk (times 1/scale), dv added into dka, dva."""
+    p = np.empty(_R * T, np.float32)
+    ds = np.empty(_R * T, np.float32)
+    dqb = np.empty(_R * D, np.float32)
+    bits = np.empty(T, np.int32)
+    for i0 in range(0, T, _R):
+        n = min(T, i0 + _R)
+        _products(qf[i0 * D:], D, kf, D, n, D, p, T)     # scores (queries pre-scaled)
+        _products(gf[i0 * D:], D, vf, D, n, D, ds, T)    # dp = do . v
+        for r in range(_R):
+            i = i0 + r
+            row = p[r * T:r * T + n]
+            if i >= T:
+                for j in range(n):
+                    row[j] = np.float32(0.0)
+                continue
+            li = lse[i]
+            for j in range(i + 1):
+                row[j] -= li
+            exp_inplace(row[:i + 1], bits)
+            for j in range(i + 1, n):
+                row[j] = np.float32(0.0)
+        for r in range(_R):
+            dl = delta[i0 + r]
+            pr = p[r * T:r * T + n]
+            dr = ds[r * T:r * T + n]
+            for j in range(n):                     # ds = p (dp - delta) scale, over dp
+                dr[j] = pr[j] * (dr[j] - dl) * scale
+        _products(ds, T, kt, T, D, n, dqb, D)   # dq[r, d] = sum_j ds[r, j] k[j, d]
+        for r in range(_R):
+            for d in range(D):
+                dqf[(i0 + r) * D + d] = dqb[r * D + d]
+        a = i0 * D
+        q0, q1, q2, q3 = qf[a:a + D], qf[a + D:a + 2 * D], qf[a + 2 * D:a + 3 * D], qf[a + 3 * D:a + 4 * D]
+        g0, g1, g2, g3 = gf[a:a + D], gf[a + D:a + 2 * D], gf[a + 2 * D:a + 3 * D], gf[a + 3 * D:a + 4 * D]
+        for j in range(n):
+            # dk[j] += sum_r ds[r, j] q[r];  dv[j] += sum_r p[r, j] do[r]
+            s0, s1, s2, s3 = ds[j], ds[T + j], ds[2 * T + j], ds[3 * T + j]
+            p0, p1, p2, p3 = p[j], p[T + j], p[2 * T + j], p[3 * T + j]
+            dkj = dka[j * D:(j + 1) * D]
+            dvj = dva[j * D:(j + 1) * D]
+            for d in range(D):
+                dkj[d] += s0 * q0[d] + s1 * q1[d] + s2 * q2[d] + s3 * q3[d]
+                dvj[d] += p0 * g0[d] + p1 * g1[d] + p2 * g2[d] + p3 * g3[d]

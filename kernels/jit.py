@@ -25,6 +25,11 @@ def jit(fn):
     return numba.njit(**_OPTIONS)(fn)
 
 
+def jit_inline(fn):
+    """A small helper inlined into its callers at Numba IR level (a tile of a kernel)."""
+    return numba.njit(inline="always", **_OPTIONS)(fn)
+
+
 def pjit(fn):
     """Parallel kernel: `prange` loops split across threads; each thread writes only its own rows."""
     return numba.njit(parallel=True, **_OPTIONS)(fn)
