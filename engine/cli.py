@@ -104,6 +104,9 @@ def main(argv=None):
     except TailtuneError as err:
         print(f"tailtune {args.cmd}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C: nothing half-written
+        print(f"\ntailtune {args.cmd}: interrupted", file=sys.stderr)
+        return 130
 
 
 def _finetune(a):

@@ -369,9 +369,13 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
         start = 0
         _log_metric(metrics_path, {"step": 0, "eval_loss": before}, truncate=True)
     else:
-        with open(os.path.join(args.out, "run.json")) as f:
-            if json.load(f)["base_fingerprint"] != base_fp:
-                raise CheckpointError(f"{args.out}: run.json belongs to another base model")
+        run_json = os.path.join(args.out, "run.json")
+        if os.path.exists(run_json):
+            with open(run_json) as f:
+                if json.load(f).get("base_fingerprint") != base_fp:
+                    raise CheckpointError(f"{args.out}: run.json belongs to another base model")
+        else:  # continuing into a new directory
+            write_json(run_json, run)
         state = load_checkpoint(_checkpoint_dir(resume), model, opt)
         caches = _Caches(args, model, examples, held, log)  # after loading: the prefix may have trained
         batches.restore(state["data"])
