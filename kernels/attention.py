@@ -15,28 +15,10 @@ Flat buffers with explicit offsets, because 2-D indexing in the inner loop stops
 import numpy as np
 
 from .jit import jit, jit_inline, pjit, prange
+from .tiles import dots4x2
 from .vexp import exp_inplace
 
 _R = 4  # query rows per block
-
-
-@jit_inline
-def _dots4x2(y0, y1, y2, y3, x0, x1, n):
-    """Eight dot products of length n: four rows y with two rows x (contiguous 1-D slices, so
-    that each of the eight accumulators vectorizes)."""
-    c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = np.float32(0.0)
-    for t in range(n):
-        a = x0[t]
-        b = x1[t]
-        c00 += y0[t] * a
-        c01 += y0[t] * b
-        c10 += y1[t] * a
-        c11 += y1[t] * b
-        c20 += y2[t] * a
-        c21 += y2[t] * b
-        c30 += y3[t] * a
-        c31 += y3[t] * b
-    return c00, c01, c10, c11, c20, c21, c30, c31
 
 
 @jit_inline
@@ -50,7 +32,7 @@ def _products(a, lda, b, ldb, rows_b, n, out, ld):
     j = 0
     while j < rows_b:
         j1 = min(j + 1, rows_b - 1)  # an odd last row is computed twice, harmlessly
-        c00, c01, c10, c11, c20, c21, c30, c31 = _dots4x2(
+        c00, c01, c10, c11, c20, c21, c30, c31 = dots4x2(
             y0, y1, y2, y3, b[j * ldb:j * ldb + n], b[j1 * ldb:j1 * ldb + n], n)
         out[j] = c00
         out[ld + j] = c10

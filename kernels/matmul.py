@@ -13,6 +13,7 @@ benches show the Numba kernel ahead on a shape (see benches/).
 import numpy as np
 
 from .jit import num_threads, pjit, prange
+from .tiles import dots4x2
 
 BACKEND = "blas"
 
@@ -41,20 +42,8 @@ def _gemm_nt(a, b, out, accumulate):
                 a3 = a[i + 3, k0:k1]
                 j = j0
                 while j + 2 <= j1:
-                    b0 = b[j, k0:k1]
-                    b1 = b[j + 1, k0:k1]
-                    c00 = c01 = c10 = c11 = c20 = c21 = c30 = c31 = np.float32(0.0)
-                    for kk in range(k1 - k0):
-                        x0 = b0[kk]
-                        x1 = b1[kk]
-                        c00 += a0[kk] * x0
-                        c01 += a0[kk] * x1
-                        c10 += a1[kk] * x0
-                        c11 += a1[kk] * x1
-                        c20 += a2[kk] * x0
-                        c21 += a2[kk] * x1
-                        c30 += a3[kk] * x0
-                        c31 += a3[kk] * x1
+                    c00, c01, c10, c11, c20, c21, c30, c31 = dots4x2(
+                        a0, a1, a2, a3, b[j, k0:k1], b[j + 1, k0:k1], k1 - k0)
                     out[i, j] += c00
                     out[i, j + 1] += c01
                     out[i + 1, j] += c10
