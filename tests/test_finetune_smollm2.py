@@ -43,7 +43,7 @@ def test_finetune_smollm2_last_two_blocks(require_smollm2, tmp_path, capsys):
     tok = engine.load_tokenizer(model_dir)
     ex = D.Examples(D.tokenize_file(str(data), tok), 64)
     total = count = 0.0
-    for x, y in D.eval_batches(ex, np.arange(len(ex)), 8, tok.eos_id):
+    for x, y, _ in D.eval_batches(ex, np.arange(len(ex)), 8, tok.eos_id):
         with torch.no_grad():
             logits = hf(torch.tensor(x)).logits
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
