@@ -21,6 +21,8 @@ workloads alternate the two sides in one process and report ratios next to media
 """
 from __future__ import annotations
 
+import argparse
+
 import ctypes
 import datetime
 import json
@@ -41,10 +43,19 @@ WORKER_TAG = "TAILTUNE-BENCH-RESULT "   # prefix of the one stdout line a worker
 
 def ensure_repo_on_path() -> None:
     """Let `python benches/x.py` import engine and kernels from this checkout when the package
-    is not installed."""
+    is not installed. The checkout goes first on sys.path, ahead of benches/ (a script's own
+    folder is sys.path[0]): otherwise `import kernels` would find benches/kernels.py, the
+    benchmark, instead of the kernels package."""
     root = str(REPO)
-    if root not in sys.path:
-        sys.path.insert(0, root)
+    while root in sys.path:
+        sys.path.remove(root)
+    sys.path.insert(0, root)
+    bad = sys.modules.get("kernels")
+    if bad is not None and not hasattr(bad, "__path__"):    # the benchmark, imported as "kernels"
+        del sys.modules["kernels"]
+    # bind the name to the package now: a bench module imported later (gpt2_small's fallback)
+    # may put benches/ first again, and the engine imports kernels.* lazily
+    import kernels  # noqa: F401
 
 
 def quiet_hf() -> None:
@@ -415,6 +426,24 @@ def environment(libs=("numpy", "numba", "torch", "transformers")) -> dict:
     }
 
 
+def parse_args(parser: argparse.ArgumentParser, args):
+    """A workload's run(args) takes None (defaults), a list of strings, or a parsed Namespace."""
+    if args is None or isinstance(args, (list, tuple)):
+        return parser.parse_args(list(args or []))
+    return args
+
+
+def finish(args, result: dict, report) -> dict:
+    """The end of every workload: the table on stdout (unless --quiet), JSON with --json."""
+    if not args.quiet:
+        print(report(result))
+    if args.json:
+        write_json(args.json, result)
+        if not args.quiet:
+            log(f"wrote {args.json}")
+    return result
+
+
 def write_json(path, obj) -> None:
     path = Path(path)
     if path.parent and not path.parent.exists():
@@ -717,12 +746,18 @@ class Worker:
             self._stderr.append(line)
             del self._stderr[:-200]
 
-    def request(self, **req) -> dict:
+    def send(self, **req) -> None:
+        """Send a request without waiting (several workers can then work at once)."""
+        self._last = req
         try:
             self.p.stdin.write(json.dumps(req) + "\n")
             self.p.stdin.flush()
         except BrokenPipeError:
             pass
+
+    def receive(self) -> dict:
+        """The answer to the last request; raises with the worker's stderr if it died or failed."""
+        req = getattr(self, "_last", None)
         while True:
             line = self.p.stdout.readline()
             if not line:
@@ -736,6 +771,10 @@ class Worker:
                     raise RuntimeError(f"worker {' '.join(self.argv[1:])} failed on {req}: "
                                        f"{reply['error']}")
                 return reply
+
+    def request(self, **req) -> dict:
+        self.send(**req)
+        return self.receive()
 
     def close(self) -> None:
         if self.p.poll() is None:
@@ -752,7 +791,10 @@ def serve(handler) -> None:
     """The worker side of Worker: handler(request dict) -> reply dict, one per stdin line, until
     {"cmd": "exit"} or EOF. An exception becomes {"error": ...} (and the worker goes on)."""
     import traceback
-    for line in sys.stdin:
+    while True:
+        line = sys.stdin.readline()
+        if not line:
+            break
         if not line.strip():
             continue
         req = json.loads(line)

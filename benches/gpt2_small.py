@@ -79,13 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _args(args):
-    if args is None:
-        return build_parser().parse_args([])
-    if isinstance(args, (list, tuple)):
-        return build_parser().parse_args(list(args))
-    return args
-
 
 def make_batch(vocab: int, B: int, T: int, seed: int):
     """tokens (B, T) and targets (B, T) with the engine's convention: targets[:, t] is the token
@@ -247,7 +240,7 @@ def _worker_argv(args, side):
 
 # ---- the run ----------------------------------------------------------------------------------
 def run(args=None) -> dict:
-    args = _args(args)
+    args = C.parse_args(build_parser(), args)
     if args.worker:
         return _worker(args)
     say = (lambda m: None) if args.quiet else C.log
@@ -420,12 +413,7 @@ def run(args=None) -> dict:
                 "load_average_start": load_start},
         "elapsed_s": time.perf_counter() - t_start,
     }
-    if not args.quiet:
-        print(report(result))
-    if args.json:
-        C.write_json(args.json, result)
-        say(f"wrote {args.json}")
-    return result
+    return C.finish(args, result, report)
 
 
 def notes(args, threads, blas_main, workers, load_start) -> list:

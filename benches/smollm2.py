@@ -34,7 +34,8 @@ try:
     from . import common as C
     from .gpt2_small import _gemm_backend, notes
 except ImportError:         # run as a script or by `tailtune bench`: benches/ is not a package
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if str(Path(__file__).resolve().parent) not in sys.path:
+        sys.path.append(str(Path(__file__).resolve().parent))
     import common as C
     from gpt2_small import _gemm_backend, notes
 
@@ -77,23 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the subprocesses (peak RSS per side)")
     p.add_argument("--cold", action="store_true",
                    help="also run an engine worker on an empty Numba cache (compile time; ~1 min)")
-    p.add_argument("--torch-worker-gguf", action="store_true",
-                   help="the torch memory worker loads the GGUF itself (+40 s) instead of a "
-                        "safetensors copy saved by this process")
     p.add_argument("--json", metavar="PATH", help="write the result as JSON here")
     p.add_argument("--quiet", action="store_true", help="no table, no progress lines on stderr")
     p.add_argument("--worker", choices=("engine", "torch"), help=argparse.SUPPRESS)
-    p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--batch-file", help=argparse.SUPPRESS)
     return p
 
-
-def _args(args):
-    if args is None:
-        return build_parser().parse_args([])
-    if isinstance(args, (list, tuple)):
-        return build_parser().parse_args(list(args))
-    return args
 
 
 def model_path() -> str:
@@ -105,6 +95,8 @@ def load_hf_gguf(path):
     """transformers' own load of the GGUF: what a PyTorch user of this file writes."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()     # the GGUF dequantization bar
     return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                 dtype=torch.float32)
 
@@ -230,16 +222,13 @@ def _worker(args) -> dict:
         model = engine.load(path)
         vocab = model.config.vocab_size
     else:
-        import torch
-        from transformers import AutoModelForCausalLM
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
         C.pin_threads(args.threads, numba=False)
         t_import = time.perf_counter() - t0
         t1 = time.perf_counter()
         path = model_path()
-        if args.model_dir:
-            hf = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
-        else:
-            hf = load_hf_gguf(path)
+        hf = load_hf_gguf(path)
         vocab = hf.config.vocab_size
     t_load = time.perf_counter() - t1
     # the batch the main process used, from a file: tokenizing here would add the tokenizer to
@@ -268,24 +257,21 @@ def _worker(args) -> dict:
            "losses": losses, "rss_after_load_mib": rss_load, "peak_rss_load_mib": peak_load,
            "peak_rss_steps_mib": peak_steps if reset else None,
            "peak_rss_mib": max(peak_load, peak_steps), "ru_maxrss_mib": C.ru_maxrss_mib(),
-           "loaded_from": args.model_dir or path, "threads": C.thread_counts(),
+           "threads": C.thread_counts(),
            "numba_cache_dir": os.environ.get("NUMBA_CACHE_DIR")}
     C.emit(res)
     return res
 
 
-def _worker_argv(args, side, batch_file, model_dir=None):
-    argv = [Path(__file__).resolve(), "--worker", side, "--threads", args.threads,
+def _worker_argv(args, side, batch_file):
+    return [Path(__file__).resolve(), "--worker", side, "--threads", args.threads,
             "--train-last", args.train_last, "--lr", args.lr, "--batch-file", batch_file,
             "--worker-steps", args.worker_steps]
-    if model_dir:
-        argv += ["--model-dir", model_dir]
-    return argv
 
 
 # ---- the run ----------------------------------------------------------------------------------
 def run(args=None) -> dict:
-    args = _args(args)
+    args = C.parse_args(build_parser(), args)
     if args.worker:
         return _worker(args)
     say = (lambda m: None) if args.quiet else C.log
@@ -391,16 +377,10 @@ def run(args=None) -> dict:
         try:
             batch_file = os.path.join(tmp, "batch.npy")
             np.save(batch_file, np.stack([tokens, targets]))
-            hf_dir = None
-            if not args.torch_worker_gguf:
-                hf_dir = os.path.join(tmp, "hf")
-                say(f"saving transformers' model to {hf_dir} for the torch worker")
-                hf.save_pretrained(hf_dir)
             for side in ("engine", "torch"):
-                say(f"{side} alone in a subprocess (peak RSS)")
-                workers[side] = C.run_worker(
-                    _worker_argv(args, side, batch_file, hf_dir if side == "torch" else None),
-                    worker_env)
+                say(f"{side} alone in a subprocess (peak RSS)"
+                    + ("; it loads the GGUF with transformers (about 40 s)" if side == "torch" else ""))
+                workers[side] = C.run_worker(_worker_argv(args, side, batch_file), worker_env)
             if args.cold:
                 cache = os.path.join(tmp, "numba-cache")
                 say("engine cold start in a subprocess with an empty Numba cache")
@@ -476,12 +456,7 @@ def run(args=None) -> dict:
                 "load_average_start": load_start},
         "elapsed_s": time.perf_counter() - t_start,
     }
-    if not args.quiet:
-        print(report(result))
-    if args.json:
-        C.write_json(args.json, result)
-        say(f"wrote {args.json}")
-    return result
+    return C.finish(args, result, report)
 
 
 # ---- the human table --------------------------------------------------------------------------
@@ -548,8 +523,7 @@ def report(r: dict) -> str:
         lines.append("workers (each side alone): peak RSS = whole process (imports, load, steps); "
                      "steps' peak = VmHWM reset after the load; after load "
                      + ", ".join(f"{k} {mib(x.get('rss_after_load_mib'))} MiB" for k, x in w.items())
-                     + "; torch worker loaded " + os.path.basename(str(w.get("torch", {}).get(
-                         "loaded_from", "-"))))
+                    )
     c = r["cold_start"]
     if c:
         lines.append(f"cold start (empty Numba cache): first step {c['first_step_s']:.1f} s vs steady "

@@ -10,7 +10,6 @@ _BLK = 16384
 def _adamw_step(p, g, m, v, lr, beta1, beta2, eps, wd, bc1, bc2_sqrt):
     n = p.shape[0]
     decay = np.float32(1.0 - lr * wd)
-    b1 = np.float32(beta1)
     b2 = np.float32(beta2)
     one_b1 = np.float32(1.0 - beta1)
     one_b2 = np.float32(1.0 - beta2)
