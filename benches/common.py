@@ -543,6 +543,27 @@ def run_worker(argv, env: dict | None = None, timeout: float = 900) -> dict:
     raise RuntimeError(f"worker {' '.join(map(str, argv))} failed (exit {p.returncode}):\n{tail}")
 
 
+def cold_start(cold: dict, warm: dict) -> dict:
+    """Two engine workers' results, on an empty and on a warm Numba cache. The engine compiles
+    when the first Model is built (inside the load, in a child process) and may finish lazily
+    at the first step, so compile time is the difference of both."""
+    steady = min(cold["step_s"][1:])
+    return {"first_step_s": cold["step_s"][0], "steady_step_s": steady,
+            "compile_s": (cold["load_s"] - warm["load_s"]) + (cold["step_s"][0] - steady),
+            "warm_cache_first_step_s": warm["step_s"][0], "import_s": cold["import_s"],
+            "load_s": cold["load_s"], "warm_load_s": warm["load_s"], "peak_rss_mib": cold["peak_rss_mib"],
+            # a new process on a warm cache: its time before the first step beyond the model load
+            # and a steady step's own cost
+            "warm_start_overhead_s": warm["import_s"] + warm["step_s"][0] - min(warm["step_s"][1:])}
+
+
+def cold_start_line(c: dict) -> str:
+    return (f"cold start (empty Numba cache, subprocess): load {c['load_s']:.1f} s vs {c['warm_load_s']:.1f} s "
+            f"warm, first step {c['first_step_s']:.1f} s vs steady {c['steady_step_s']:.1f} s -> "
+            f"~{c['compile_s']:.0f} s compiling (peak RSS {c['peak_rss_mib']:.0f} MiB); warm cache: import + "
+            f"first-step overhead {c['warm_start_overhead_s']:.1f} s beyond the model load")
+
+
 def fmt_gflops(x) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.0f}"
 

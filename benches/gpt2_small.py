@@ -365,11 +365,7 @@ def run(args=None) -> dict:
     loss_dev = max(abs(a - b) / abs(b) for a, b in zip(losses_e[:n_common], losses_t[:n_common]))
     cold = None
     if "engine_cold" in workers:
-        w, warm = workers["engine_cold"], workers["engine"]
-        cold = {"first_step_s": w["step_s"][0], "steady_step_s": min(w["step_s"][1:]),
-                "compile_s": w["step_s"][0] - min(w["step_s"][1:]),
-                "warm_cache_first_step_s": warm["step_s"][0], "import_s": w["import_s"],
-                "load_s": w["load_s"], "peak_rss_mib": w["peak_rss_mib"]}
+        cold = C.cold_start(workers["engine_cold"], workers["engine"])
     for w in workers.values():   # the workers ran the same model on the same batch
         if abs(w["losses"][0] - t_loss) > args.loss_tol * abs(t_loss):
             raise AssertionError(f"{NAME}: a {w['side']} worker's first loss {w['losses'][0]} "
@@ -500,10 +496,7 @@ def report(r: dict) -> str:
                  f"{fs['torch_forward_backward_s']:.1f} s")
     c = r["cold_start"]
     if c:
-        lines.append(f"cold start (empty Numba cache, subprocess): first step {c['first_step_s']:.1f} s"
-                     f" vs steady {c['steady_step_s']:.1f} s -> ~{c['compile_s']:.0f} s compiling; "
-                     f"with the cache: first step {c['warm_cache_first_step_s']:.1f} s; "
-                     f"peak RSS while compiling {c['peak_rss_mib']:.0f} MiB")
+        lines.append(C.cold_start_line(c))
     lt = r["loss_tracking"]
     lines.append(f"loss after {lt['steps_compared']} steps: engine {lt['engine_last']:.5f}, torch "
                  f"{lt['torch_last']:.5f} (max rel diff over steps {lt['max_rel_diff']:.1e})")

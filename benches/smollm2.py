@@ -410,10 +410,7 @@ def run(args=None) -> dict:
                                  f"differs from {t_loss}")
     cold = None
     if "engine_cold" in workers:
-        w, warm = workers["engine_cold"], workers["engine"]
-        cold = {"first_step_s": w["step_s"][0], "steady_step_s": min(w["step_s"][1:]),
-                "compile_s": w["step_s"][0] - min(w["step_s"][1:]),
-                "warm_cache_first_step_s": warm["step_s"][0], "load_s": w["load_s"]}
+        cold = C.cold_start(workers["engine_cold"], workers["engine"])
     c = model.config
     result = {
         "workload": NAME,
@@ -526,8 +523,7 @@ def report(r: dict) -> str:
                     )
     c = r["cold_start"]
     if c:
-        lines.append(f"cold start (empty Numba cache): first step {c['first_step_s']:.1f} s vs steady "
-                     f"{c['steady_step_s']:.1f} s -> ~{c['compile_s']:.0f} s compiling")
+        lines.append(C.cold_start_line(c))
     lt = r["loss_tracking"]
     lines.append(f"loss after {lt['steps_compared']} steps: engine {lt['engine_last']:.5f}, torch "
                  f"{lt['torch_last']:.5f} (max rel diff over steps {lt['max_rel_diff']:.1e})")
