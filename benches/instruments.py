@@ -69,15 +69,22 @@ def run(args=None) -> dict:
     base = engine.load(tmp).params
     t_plain, w_plain, _ = train(False)
     t_cache, w_cache, pc = train(True)
-    worst = max(float(np.linalg.norm((w_cache[n] - base[n]) - (w_plain[n] - base[n]))
-                      / np.linalg.norm(w_plain[n] - base[n]))
-                for n in w_plain if np.any(w_plain[n] != base[n]))
+    # the update each run made, compared over all trainable tensors together: per tensor, those
+    # whose gradient is zero in exact arithmetic (the key biases: softmax ignores a constant
+    # shift) get rounding noise, which Adam's normalization turns into updates of full size
+    names = [n for n in w_plain if np.any(w_plain[n] != base[n])]
+    d_plain = np.concatenate([(w_plain[n] - base[n]).ravel() for n in names]).astype(np.float64)
+    d_cache = np.concatenate([(w_cache[n] - base[n]).ravel() for n in names]).astype(np.float64)
+    worst = float(np.linalg.norm(d_cache - d_plain) / np.linalg.norm(d_plain))
+    per_tensor = {n: float(np.linalg.norm((w_cache[n] - w_plain[n]).astype(np.float64))
+                           / np.linalg.norm((w_plain[n] - base[n]).astype(np.float64))) for n in names}
+    result["prefix_cache_update_difference_per_tensor"] = per_tensor
     steps_total = args.epochs * -(-len(idx) // 4)
     f_full, f_tail = 396.5, 396.5 - 149.0        # GFLOP per step (common.step_flops, k=2)
     bound = steps_total * f_full / (steps_total / args.epochs * f_full + (steps_total - steps_total / args.epochs) * f_tail)
     result["prefix_cache"] = {"seconds_without": t_plain, "seconds_with": t_cache,
                               "speedup": t_plain / t_cache, "flop_bound_speedup": bound,
-                              "max_relative_update_difference": worst, **pc.report()}
+                              "relative_update_difference": worst, **pc.report()}
     print(C.table(["", "without cache", "with cache", "speedup", "FLOP bound", "update diff"],
                   [[f"{args.epochs} epochs x {len(idx)} seq", f"{t_plain:.1f} s", f"{t_cache:.1f} s",
                     f"{t_plain / t_cache:.2f}x", f"{bound:.2f}x", f"{worst:.1e}"]]))

@@ -14,6 +14,8 @@ import time
 
 import numpy as np
 
+from kernels import stats
+
 
 def _linears(block):
     return [m for m in (block.q, block.k, block.v, block.o, block.gate, block.up, block.down) if m]
@@ -84,16 +86,21 @@ def linear_cka(x, y) -> float:
     return float(num / den) if den > 0 else float("nan")
 
 
-def block_outputs(model, tokens) -> list:
-    """Each block's output (N, C) for `tokens`, forward only."""
+def block_outputs(model, tokens, start: int = 0, hidden=None) -> list:
+    """Each block's output (B, T, C) for `tokens`, forward only; with `hidden`, the input of
+    block `start`, only blocks start.. run (the list then begins with block `start`)."""
     tokens = model._tokens(tokens)
     rope = model._rope_tables(tokens.shape[1])
-    x = model.embed(tokens)
+    x = model.embed(tokens) if hidden is None else hidden
     outs = []
-    for b in model.blocks:
+    for b in model.blocks[start:]:
         x, _ = b.forward(model.params, x, rope, False)
-        outs.append(x.reshape(-1, x.shape[-1]).copy())
+        outs.append(x.copy())
     return outs
+
+
+# parameters after the last block: they change no block's output
+_AFTER_BLOCKS = ("ln_f.", "lm_head.")
 
 
 class Telemetry:
@@ -112,6 +119,19 @@ class Telemetry:
         self.w0: dict[str, np.ndarray] = {n: model.params[n].copy() for n in model.grads}
         self.ref = block_outputs(model, self.probe)
         self.before: dict[str, np.ndarray] = {}
+
+    def _lowest_changed(self) -> int:
+        """The lowest block whose output may differ from the pretrained model's: the lowest
+        block with a parameter that has ever been trainable (0 if the embeddings have)."""
+        n_layer = len(self.model.blocks)
+        low = n_layer
+        for n in self.w0:
+            L = _layer_of(n)
+            if L.startswith("blocks."):
+                low = min(low, int(L.split(".")[1]))
+            elif not any(n.startswith(f) for f in _AFTER_BLOCKS):
+                return 0
+        return low
 
     def due(self, step: int) -> bool:
         return step % self.every == 0
@@ -134,20 +154,16 @@ class Telemetry:
 
         for n, g in m.grads.items():
             L = _layer_of(n)
-            p = m.params[n].astype(np.float64).ravel()
-            w0 = self.w0[n].astype(np.float64).ravel()
-            add(L, "grad_sq", float(np.dot(g.ravel(), g.ravel())))
-            add(L, "w_sq", float(np.dot(p, p)))
-            add(L, "w0_sq", float(np.dot(w0, w0)))
-            add(L, "diff_sq", float(np.dot(p - w0, p - w0)))
-            add(L, "dot_w0", float(np.dot(p, w0)))
+            sums = stats.param_sums(m.params[n], self.w0[n], g, self.before.get(n))
+            for key, col in (("grad_sq", stats.GRAD_SQ), ("w_sq", stats.W_SQ), ("w0_sq", stats.W0_SQ),
+                             ("diff_sq", stats.DIFF_SQ), ("dot_w0", stats.DOT_W0)):
+                add(L, key, float(sums[col]))
             if n in self.before:
-                u = p - self.before[n].astype(np.float64).ravel()
-                add(L, "upd_sq", float(np.dot(u, u)))
+                add(L, "upd_sq", float(sums[stats.UPD_SQ]))
             st = opt.state.get(n, {})
             for k in ("m", "v"):
                 if k in st:
-                    add(L, f"{k}_sq", float(np.dot(st[k].ravel(), st[k].ravel())))
+                    add(L, f"{k}_sq", stats.sum_sq(st[k]))
         out = {}
         for L, a in acc.items():
             w, w0 = math.sqrt(a["w_sq"]), math.sqrt(a["w0_sq"])
@@ -157,9 +173,13 @@ class Telemetry:
                       "cosine_to_pretrained": a["dot_w0"] / (w * w0) if w and w0 else None,
                       "adam_m_norm": math.sqrt(a["m_sq"]) if "m_sq" in a else None,
                       "adam_v_norm": math.sqrt(a["v_sq"]) if "v_sq" in a else None}
-        now = block_outputs(m, self.probe)
+        # blocks below the lowest one that ever trained still have their pretrained weights and
+        # input: their outputs equal the reference (CKA 1), so the probe runs from there on
+        start = self._lowest_changed()
+        now = self.ref[:start] + block_outputs(m, self.probe, start, self.ref[start - 1] if start else None)
         for i, (x, y) in enumerate(zip(self.ref, now)):
-            out.setdefault(f"blocks.{i}", {})["cka_to_pretrained"] = linear_cka(x, y)
+            cka = 1.0 if i < start else linear_cka(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]))
+            out.setdefault(f"blocks.{i}", {})["cka_to_pretrained"] = cka
         self.before = {}
         return out
 

@@ -63,7 +63,7 @@ def _exercise() -> None:
     """Run every kernel with the argument types the engine uses."""
     import numpy as np
 
-    from kernels import matmul
+    from kernels import matmul, stats
     from .config import Config
     from .generate import generate
     from .model import Model
@@ -97,6 +97,9 @@ def _exercise() -> None:
         out = np.zeros((7, 7), np.float32) if fn is matmul.gemm_tn else np.zeros((5, 7), np.float32)
         fn(b if fn is matmul.gemm_tn else a, b, out, backend="numba")
         fn(b if fn is matmul.gemm_tn else a, b, out, accumulate=True, backend="numba")
+    stats.param_sums(a, a, a, a)
+    stats.param_sums(a, a, a)
+    stats.sum_sq(a)
 
 
 if __name__ == "__main__":

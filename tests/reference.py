@@ -187,6 +187,14 @@ def adamw(p, g, m, v, lr, b1, b2, eps, wd, t):
     return p - lr * mh / (np.sqrt(vh) + eps), m, v
 
 
+# ---- telemetry reductions ----------------------------------------------------------------
+def param_sums(p, w0, g, before=None):
+    p, w0, g = f64(p, w0, g)
+    upd = 0.0 if before is None else float(((p - f64(before)[0]) ** 2).sum())
+    return np.array([(g * g).sum(), (p * p).sum(), (w0 * w0).sum(), ((p - w0) ** 2).sum(),
+                     (p * w0).sum(), upd])
+
+
 # ---- finite differences -------------------------------------------------------------------
 def directional_fd(f, xs, i, u, h=1e-6):
     """Central difference of scalar f(*xs) along direction u of argument i, in float64."""

@@ -20,6 +20,7 @@ from kernels.loss import crossentropy_forward, crossentropy_forward_backward
 from kernels.matmul import gemm_nn, gemm_nt, gemm_tn
 from kernels.norm import layernorm_backward, layernorm_forward, rmsnorm_backward, rmsnorm_forward
 from kernels.rope import rope_backward, rope_forward, rope_table
+from kernels.stats import param_sums, sum_sq
 from kernels.vexp import exp_inplace
 
 SETTINGS = settings(max_examples=15, deadline=None, derandomize=True)
@@ -417,3 +418,14 @@ def test_adamw_twin_matches_torch():
     opt.step()
     want, _, _ = ref.adamw(p, g, np.zeros(10), np.zeros(10), 1e-2, 0.9, 0.99, 1e-8, 0.1, 1)
     np.testing.assert_allclose(tp.detach().numpy(), want, rtol=1e-12)
+
+
+@SETTINGS
+@given(n=st.sampled_from([0, 1, 7, 65535, 65536, 65537, 200001]), seed=st.integers(0, 2**16),
+       with_before=st.booleans())
+def test_param_sums(n, seed, with_before):
+    rng = rng_of(seed)
+    p, w0, g, before = (randn(rng, n, scale=s) for s in (1.0, 1.0, 1e3, 1.0))
+    b = before if with_before else None
+    np.testing.assert_allclose(param_sums(p, w0, g, b), ref.param_sums(p, w0, g, b), rtol=1e-10, atol=1e-12)
+    assert sum_sq(g) == pytest.approx(float((g.astype(np.float64) ** 2).sum()), rel=1e-10, abs=1e-12)

@@ -56,6 +56,13 @@ def test_telemetry_values_match_direct_computation():
     assert rec["blocks.0"]["cka_to_pretrained"] == pytest.approx(1.0, abs=1e-12)
     assert rec["blocks.1"]["cka_to_pretrained"] == pytest.approx(1.0, abs=1e-12)
     assert rec["blocks.3"]["cka_to_pretrained"] < 1.0 - 1e-6
+    # the probe runs from the lowest trained block only: same CKA as a full forward of both models
+    pre = engine.Model(m.config)
+    pre.params.update(w0)
+    full_ref, full_now = probes.block_outputs(pre, probe), probes.block_outputs(m, probe)
+    for i in (2, 3):
+        x, y = (a.reshape(-1, a.shape[-1]) for a in (full_ref[i], full_now[i]))
+        assert rec[f"blocks.{i}"]["cka_to_pretrained"] == pytest.approx(probes.linear_cka(x, y), abs=1e-9)
     assert "grad_norm" not in rec["blocks.0"]
 
 
