@@ -34,7 +34,7 @@ def run(args=None) -> dict:
     import engine
     from engine import data as D
     from engine.prefix_cache import PrefixCache
-    from engine.probes import Telemetry, measured_table
+    from engine.probes import Telemetry, measured_costs, measured_table
     C.pin_threads(args.threads, torch=False)
     torch.manual_seed(0)
     tmp = tempfile.mkdtemp()
@@ -119,9 +119,17 @@ def run(args=None) -> dict:
     print(f"telemetry: {100 * result['telemetry']['overhead_every_step']:.1f}% of a step when recorded "
           f"every step, {100 * result['telemetry']['overhead_every_10']:.1f}% every 10 steps, 0 when off")
 
-    table = measured_table(model, 4, 256, steps=2)
-    print(table)
-    result["cost_table"] = table
+    costs = measured_costs(model, 4, 256, steps=2)
+    print(measured_table(model, 4, 256, costs=costs))
+    dev = {}
+    for r in costs["rows"]:
+        for ph in ("fwd", "bwd"):
+            if r[f"{ph}_pred"] > 0:
+                dev[f"{r['layer']} {ph}"] = r[f"{ph}_meas"] / r[f"{ph}_pred"] - 1
+    worst = max(dev, key=lambda n: abs(dev[n]))
+    print(f"measured / predicted - 1 per layer and phase: median {np.median(list(dev.values())):+.0%}, "
+          f"worst {dev[worst]:+.0%} ({worst}); step {costs['step_meas'] / costs['step_pred'] - 1:+.0%}")
+    result["cost"] = {**costs, "deviation": dev, "worst": worst}
     result["environment"] = C.environment(("numpy", "numba"))
     if args.json:
         C.write_json(args.json, result)

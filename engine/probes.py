@@ -45,12 +45,14 @@ def block_costs(model, B: int, T: int, everything: bool = False) -> list[dict]:
                         + B * c.n_head * T + 4 * N)
         rows.append({"layer": f"blocks.{b.index}", "params": params,
                      "trainable": any(n in G for n in b.shapes()), "fwd_flops": fwd,
-                     "dx_flops": dx, "dw_flops": dw, "kept_bytes": kept})
+                     "dx_flops": dx, "dw_flops": dw, "kept_bytes": kept,
+                     "attn_fwd_flops": attn_fwd, "attn_bwd_flops": 2.5 * attn_fwd if in_range else 0})
     head = 2 * N * c.d_model * c.vocab_size
     rows.append({"layer": "ln_f + head", "params": c.d_model + c.vocab_size * c.d_model *
                  (0 if c.tie_embeddings else 1), "trainable": any(n in G for n in ("ln_f.weight", model.head)),
                  "fwd_flops": head, "dx_flops": head if low < c.n_layer or "ln_f.weight" in G else 0,
-                 "dw_flops": head if model.head in G else 0, "kept_bytes": 4 * N * c.d_model * 2})
+                 "dw_flops": head if model.head in G else 0, "kept_bytes": 4 * N * c.d_model * 2,
+                 "attn_fwd_flops": 0, "attn_bwd_flops": 0})
     return rows
 
 
@@ -273,27 +275,76 @@ def matmul_rate(seconds: float = 0.5) -> float:
     return 2 * 1024 * 768 * 3072 * n / (time.perf_counter() - t0)
 
 
-def measured_table(model, B: int, T: int, steps: int = 2) -> str:
-    """Predicted (FLOPs / measured GEMM rate) against measured milliseconds per layer."""
+def attention_rates(model, B: int, T: int, repeats: int = 3) -> tuple[float, float]:
+    """FLOP/s of the attention kernels, forward and backward, on this model's head shapes at
+    B x T (their FLOPs as block_costs counts them)."""
+    from kernels.attention import attention_backward, attention_forward
+    c = model.config
+    rng = np.random.default_rng(0)
+    q, dout = (rng.standard_normal((B, T, c.n_head, c.head_dim), dtype=np.float32) for _ in range(2))
+    k, v = (rng.standard_normal((B, T, c.n_kv_head, c.head_dim), dtype=np.float32) for _ in range(2))
+    out, dq = np.empty_like(q), np.empty_like(q)
+    dk, dv = np.empty_like(k), np.empty_like(v)
+    lse = np.empty((B, c.n_head, T), np.float32)
+    fwd, bwd = [], []
+    for _ in range(repeats + 1):   # the first round warms up
+        t0 = time.perf_counter()
+        attention_forward(q, k, v, out, lse, 0)
+        t1 = time.perf_counter()
+        attention_backward(dout, q, k, v, out, lse, dq, dk, dv)
+        fwd.append(t1 - t0)
+        bwd.append(time.perf_counter() - t1)
+    flops = 2 * B * c.n_head * T * T * c.head_dim
+    return flops / float(np.median(fwd[1:])), 2.5 * flops / float(np.median(bwd[1:]))
+
+
+def predicted_ms(rows: list, gemm_rate: float, attn_rates: tuple[float, float]) -> list[dict]:
+    """Per row: forward and backward milliseconds predicted from FLOPs, the GEMM rate for the
+    linear layers and the head, the attention kernels' rates for attention."""
+    out = []
+    for r in rows:
+        af, ab = r["attn_fwd_flops"], r["attn_bwd_flops"]
+        out.append({"fwd": ((r["fwd_flops"] - af) / gemm_rate + af / attn_rates[0]) * 1e3,
+                    "bwd": ((r["dx_flops"] + r["dw_flops"] - ab) / gemm_rate + ab / attn_rates[1]) * 1e3})
+    return out
+
+
+def measured_costs(model, B: int, T: int, steps: int = 2) -> dict:
+    """Per layer, predicted (FLOPs / measured kernel rates) and measured milliseconds of
+    forward and backward in a training step; for the head, forward + input gradient together."""
     rate = matmul_rate()
+    attn = attention_rates(model, B, T)
     got = measure(model, B, T, steps)
     rows = block_costs(model, B, T)
-    lines = [f"per step of {B} x {T} tokens; predicted = FLOPs / {rate / 1e9:.0f} GFLOP/s "
-             f"(numpy.matmul measured now); measured = wall time",
+    ms = got["ms"]
+    out = []
+    for r, p in zip(rows, predicted_ms(rows, rate, attn)):
+        if r["layer"].startswith("ln_f"):
+            out.append({"layer": r["layer"], "fwd_pred": p["fwd"] + p["bwd"],
+                        "fwd_meas": ms.get(("head", "forward+input-grad"), 0.0), "bwd_pred": 0.0,
+                        "bwd_meas": 0.0, "dw_meas": 0.0, "opt_meas": ms.get(("ln_f", "optimizer"), 0.0)})
+            continue
+        L = r["layer"]
+        out.append({"layer": L, "fwd_pred": p["fwd"], "fwd_meas": ms.get((L, "forward"), 0.0),
+                    "bwd_pred": p["bwd"], "bwd_meas": ms.get((L, "backward"), 0.0),
+                    "dw_meas": ms.get((L, "weight-grad"), 0.0), "opt_meas": ms.get((L, "optimizer"), 0.0)})
+    return {"rows": out, "gemm_rate": rate, "attention_rates": attn, "step_meas": got["step_ms"],
+            "step_pred": sum(r["fwd_pred"] + r["bwd_pred"] for r in out)}
+
+
+def measured_table(model, B: int, T: int, steps: int = 2, costs: dict | None = None) -> str:
+    c = costs or measured_costs(model, B, T, steps)
+    lines = [f"per step of {B} x {T} tokens; predicted = FLOPs / rate measured now: GEMM "
+             f"{c['gemm_rate'] / 1e9:.0f} GFLOP/s, attention forward {c['attention_rates'][0] / 1e9:.0f}, "
+             f"backward {c['attention_rates'][1] / 1e9:.0f}; measured = wall time in a step",
              f"{'layer':<14}{'fwd pred':>10}{'fwd meas':>10}{'bwd pred':>10}{'bwd meas':>10}"
              f"{'dW meas':>9}{'opt meas':>9}   ms"]
-    for r in rows:
-        L = "head" if r["layer"].startswith("ln_f") else r["layer"]
-        ms = got["ms"]
-        if L == "head":
-            fwd_m = ms.get(("head", "forward+input-grad"), 0.0)
-            pred_f = (r["fwd_flops"] + r["dx_flops"]) / rate * 1e3
-            lines.append(f"{'ln_f + head':<14}{pred_f:>10.1f}{fwd_m:>10.1f}{'(in fwd)':>10}{'':>10}"
-                         f"{'':>9}{ms.get(('ln_f', 'optimizer'), 0.0):>9.2f}")
+    for r in c["rows"]:
+        if r["layer"].startswith("ln_f"):
+            lines.append(f"{'ln_f + head':<14}{r['fwd_pred']:>10.1f}{r['fwd_meas']:>10.1f}{'(in fwd)':>10}"
+                         f"{'':>10}{'':>9}{r['opt_meas']:>9.2f}")
             continue
-        lines.append(f"{L:<14}{r['fwd_flops'] / rate * 1e3:>10.1f}{ms.get((L, 'forward'), 0.0):>10.1f}"
-                     f"{(r['dx_flops'] + r['dw_flops']) / rate * 1e3:>10.1f}{ms.get((L, 'backward'), 0.0):>10.1f}"
-                     f"{ms.get((L, 'weight-grad'), 0.0):>9.1f}{ms.get((L, 'optimizer'), 0.0):>9.2f}")
-    pred = sum(r["fwd_flops"] + r["dx_flops"] + r["dw_flops"] for r in rows) / rate * 1e3
-    lines.append(f"step: predicted {pred:.0f} ms, measured {got['step_ms']:.0f} ms")
+        lines.append(f"{r['layer']:<14}{r['fwd_pred']:>10.1f}{r['fwd_meas']:>10.1f}{r['bwd_pred']:>10.1f}"
+                     f"{r['bwd_meas']:>10.1f}{r['dw_meas']:>9.1f}{r['opt_meas']:>9.2f}")
+    lines.append(f"step: predicted {c['step_pred']:.0f} ms, measured {c['step_meas']:.0f} ms")
     return "\n".join(lines)
