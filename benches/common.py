@@ -426,6 +426,28 @@ def environment(libs=("numpy", "numba", "torch", "transformers")) -> dict:
     }
 
 
+def add_tolerance_args(p: argparse.ArgumentParser) -> None:
+    """How close the engine's first step must be to torch's before anything is timed."""
+    p.add_argument("--loss-tol", type=float, default=1e-4,
+                   help="relative tolerance of engine vs torch loss at the verification")
+    p.add_argument("--grad-tol", type=float, default=1e-3,
+                   help="tolerance of the max over tensors of max|dg| / max|g_torch|")
+
+
+def add_output_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", metavar="PATH", help="write the result as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no table, no progress lines on stderr")
+
+
+def footer(r: dict) -> str:
+    """The last line of every report: versions, machine, load, commit, date, duration."""
+    env = r["env"]
+    load = (env.get("load_average_start") or [float("nan")])[0]
+    return (f"python {env['python']}, numpy {env['numpy']}, numba {env['numba']}, torch {env['torch']}, "
+            f"transformers {env.get('transformers')}; {env['cpu']} ({env['cores']} cores, load {load:.1f} "
+            f"at start); commit {str(env['git']['commit'])[:10]}; {env['date']}; {r['elapsed_s']:.0f} s")
+
+
 def parse_args(parser: argparse.ArgumentParser, args):
     """A workload's run(args) takes None (defaults), a list of strings, or a parsed Namespace."""
     if args is None or isinstance(args, (list, tuple)):

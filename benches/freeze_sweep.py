@@ -67,10 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify-k", type=int,
                    help="k at which the gradients are verified in this process (default: the largest)")
     p.add_argument("--no-verify", action="store_true", help="skip the gradient verification")
-    p.add_argument("--loss-tol", type=float, default=1e-4,
-                   help="relative tolerance of engine vs torch loss at the verification")
-    p.add_argument("--grad-tol", type=float, default=1e-3,
-                   help="tolerance of the max over tensors of max|dg| / max|g_torch|")
+    C.add_tolerance_args(p)
     p.add_argument("--track-tol", type=float, default=1e-3,
                    help="relative tolerance of engine vs torch loss at every step of the sweep "
                         "(the sides take the same steps; a wrong trainable set shows up here)")
@@ -78,8 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a new pair of worker processes for every k (slower; peak RSS with "
                         "nothing left over from smaller k)")
     p.add_argument("--png", metavar="PATH", help="plot step time and peak RSS against k here")
-    p.add_argument("--json", metavar="PATH", help="write the result as JSON here")
-    p.add_argument("--quiet", action="store_true", help="no table, no progress lines on stderr")
+    C.add_output_args(p)
     p.add_argument("--worker", choices=("engine", "torch"), help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--batch-file", help=argparse.SUPPRESS)
@@ -555,12 +551,7 @@ def report(r: dict) -> str:
                      f"peak RSS {m['intercept']:.0f} MiB + {m['slope']:.1f} MiB x k (R² {m['r2']:.4f})")
     lines.append(f"FLOP model: F(k) = {F['F0'] / 1e9:.1f} G + {F['per_block'] / 1e9:.2f} G x k; "
                  f"slope/intercept {F['slope_over_intercept']:.4f}; F(L)/F(1) = {F['t_all_over_t1']:.3f}")
-    env = r["env"]
-    lines += ["", f"python {env['python']}, numpy {env['numpy']}, numba {env['numba']}, torch "
-                  f"{env['torch']}, transformers {env['transformers']}; {env['cpu']} "
-                  f"({env['cores']} cores, load {(env['load_average_start'] or [float('nan')])[0]:.1f} at "
-                  f"start); commit "
-                  f"{str(env['git']['commit'])[:10]}; {env['date']}; {r['elapsed_s']:.0f} s"]
+    lines += ["", C.footer(r)]
     return "\n".join(lines)
 
 

@@ -95,8 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-numba-gemm", action="store_true",
                    help="skip the Numba GEMM backend (the slowest contender on big shapes)")
     p.add_argument("--seed", type=int, default=0, help="seed of the inputs")
-    p.add_argument("--json", metavar="PATH", help="write the result as JSON here")
-    p.add_argument("--quiet", action="store_true", help="no table, no progress lines on stderr")
+    C.add_output_args(p)
     return p
 
 

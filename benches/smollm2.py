@@ -64,10 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "random ids from the vocabulary")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (both sides)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random batch (--data random)")
-    p.add_argument("--loss-tol", type=float, default=1e-4,
-                   help="relative tolerance of engine vs torch loss")
-    p.add_argument("--grad-tol", type=float, default=1e-3,
-                   help="tolerance of the max over tensors of max|dg| / max|g_torch|")
+    C.add_tolerance_args(p)
     p.add_argument("--gemm-repeats", type=int, default=3,
                    help="timed numpy.matmul calls per GEMM shape, before and after the steps")
     p.add_argument("--profile-steps", type=int, default=1,
@@ -78,8 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the subprocesses (peak RSS per side)")
     p.add_argument("--cold", action="store_true",
                    help="also run an engine worker on an empty Numba cache (compile time; ~1 min)")
-    p.add_argument("--json", metavar="PATH", help="write the result as JSON here")
-    p.add_argument("--quiet", action="store_true", help="no table, no progress lines on stderr")
+    C.add_output_args(p)
     p.add_argument("--worker", choices=("engine", "torch"), help=argparse.SUPPRESS)
     p.add_argument("--batch-file", help=argparse.SUPPRESS)
     return p
@@ -536,11 +532,7 @@ def report(r: dict) -> str:
                               for x in pr["by_tottime"][:10]]))
     if r["notes"]:
         lines += ["", "notes:"] + [f"- {n}" for n in r["notes"]]
-    env = r["env"]
-    lines += ["", f"python {env['python']}, numpy {env['numpy']}, numba {env['numba']}, torch "
-                  f"{env['torch']}, transformers {env['transformers']}; {env['cpu']} "
-                  f"({env['cores']} cores); commit {str(env['git']['commit'])[:10]}; {env['date']}; "
-                  f"{r['elapsed_s']:.0f} s"]
+    lines += ["", C.footer(r)]
     return "\n".join(lines)
 
 
