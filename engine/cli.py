@@ -216,9 +216,13 @@ def _bench(a):
               file=sys.stderr)
         return 2
     import runpy
+    argv, path = sys.argv, list(sys.path)
     sys.argv = [script] + list(a.rest)
     sys.path.insert(0, here)
-    runpy.run_path(script, run_name="__main__")
+    try:
+        runpy.run_path(script, run_name="__main__")
+    finally:     # a caller in the same process (a test, a notebook) keeps its own
+        sys.argv, sys.path[:] = argv, path
     return 0
 
 
