@@ -5,6 +5,9 @@ fast and the Numba kernels load only when a model needs them).
 """
 from importlib import import_module
 
+# The OpenMP wait policy must be set before any library loads OpenMP (kernels/openmp.py).
+import kernels.openmp  # noqa: E402,F401
+
 __version__ = "0.1.0"
 
 _EXPORTS = {

@@ -1,4 +1,6 @@
 """Bad input gets an engine error naming the problem, before any kernel runs."""
+import os
+
 import numpy as np
 import pytest
 
@@ -89,3 +91,17 @@ def test_errors_are_value_errors_too(model):
     """Callers catching ValueError (the usual habit for bad arguments) still catch these."""
     with pytest.raises(ValueError):
         model.forward(np.array([[99]]))
+
+
+def test_warns_when_torch_loaded_openmp_first():
+    """torch loaded first initializes libgomp with spinning threads, which Numba then shares:
+    tailtune says so (and what to do) instead of silently running slower."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    run = lambda code, **kw: subprocess.run([sys.executable, "-c", code], capture_output=True,  # noqa: E731
+                                            text=True, timeout=300, env={**env, **kw})
+    late = run("import torch; import engine")
+    assert late.returncode == 0 and "OMP_WAIT_POLICY=PASSIVE" in late.stderr
+    assert "OMP_WAIT_POLICY" not in run("import engine; import torch").stderr
+    assert "OMP_WAIT_POLICY" not in run("import torch; import engine", OMP_WAIT_POLICY="passive").stderr
