@@ -551,6 +551,42 @@ def _short(file: str) -> str:
         return "/".join(parts[-2:]) if len(parts) >= 2 else file
 
 
+# ---- the side-by-side timing of a training step ---------------------------------------------------
+def time_alternating(args, config, B: int, T: int, k: int, engine_step, torch_step,
+                     losses_e: list, losses_t: list, say) -> dict:
+    """Warm-up, numpy.matmul's rate on the step's GEMM shapes, `args.repeats` rounds of
+    `args.steps` engine steps then as many torch steps (each step's loss appended to losses_e /
+    losses_t), the matmul rate again (the machine drifts), and a cProfile of engine steps."""
+    for i in range(args.warmup):
+        say(f"warm-up {i + 1}/{args.warmup}")
+        losses_e.append(engine_step())
+        losses_t.append(torch_step())
+    blas_in_engine_steps = openblas_all()    # before gemm_rates touches the count
+    flops = step_flops(Dims.from_config(config), B, T, k)
+    shapes = list(flops.gemms)
+    say(f"numpy.matmul rate on {len(shapes)} GEMM shapes ({args.threads} threads)")
+    rates_before = gemm_rates(shapes, args.threads, args.gemm_repeats)
+    e_times, t_times = [], []
+    for r in range(args.repeats):
+        for step, losses, times in ((engine_step, losses_e, e_times), (torch_step, losses_t, t_times)):
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                losses.append(step())
+            times.append((time.perf_counter() - t0) / args.steps)
+        say(f"repeat {r + 1}/{args.repeats}: engine {e_times[-1]:.2f} s/step, "
+            f"torch {t_times[-1]:.2f} s/step")
+    rates_after = gemm_rates(shapes, args.threads, args.gemm_repeats, seed=1)
+    rates = {s: rates_before[s] + rates_after[s] for s in shapes}
+    prof = None
+    if args.profile_steps > 0:
+        say(f"cProfile of {args.profile_steps} engine step(s)")
+        prof = profile_top(engine_step, args.profile_steps, top=15)
+    return {"blas_in_engine_steps": blas_in_engine_steps, "flops": flops, "shapes": shapes,
+            "rates_before": rates_before, "rates_after": rates_after, "rates": rates,
+            "gemm_eff": effective_rate(flops, rates), "e_times": e_times, "t_times": t_times,
+            "prof": prof}
+
+
 # ---- worker subprocesses ----------------------------------------------------------------------
 def emit(result: dict) -> None:
     """A worker's answer: one tagged JSON line on stdout."""

@@ -138,49 +138,9 @@ def torch_side(hf, k, lr, tokens, targets):
 
 # ---- verification -----------------------------------------------------------------------------
 def verify(model, hf, e_loss, t_loss, loss_tol, grad_tol) -> dict:
-    """Engine vs torch after one forward + backward: the loss, and every trainable gradient
-    through the HF names (Conv1D (in, out) layouts and the fused c_attn are undone by
-    engine.io.hf_names.to_engine). Raises AssertionError with the figures when they differ."""
-    import numpy as np
-    from engine.io import hf_names
-    sd = dict(hf.named_parameters())
-    grads = {}
-    for n, p in sd.items():
-        if p.requires_grad:
-            grads[n] = p.grad.detach().numpy()
-        else:
-            if p.grad is not None:
-                raise AssertionError(f"torch computed a gradient for frozen {n}")
-            grads[n] = np.broadcast_to(np.float32(0.0), tuple(p.shape))
-    ref = hf_names.to_engine(model.config, lambda n: grads[n], list(sd))
-    trainable = model.trainable
-    n_torch = sum(p.numel() for p in sd.values() if p.requires_grad)
-    n_engine = model.num_params(trainable_only=True)
-    if n_torch != n_engine:
-        raise AssertionError(f"trainable parameters differ: engine {n_engine}, torch {n_torch}")
-    top = max(float(np.abs(ref[n]).max()) for n in trainable)
-    errs = {}
-    for n in trainable:
-        r, g = ref[n], model.grads[n]
-        # floor: attn.k.bias's exact gradient is 0 (softmax ignores a per-query constant); both
-        # sides hold rounding noise there, so it is judged against the largest gradient
-        scale = max(float(np.abs(r).max()), 1e-3 * top)
-        errs[n] = float(np.abs(g - r).max()) / scale
-    worst = max(errs, key=errs.get)
-    loss_rel = abs(e_loss - t_loss) / abs(t_loss)
-    out = {"loss_engine": e_loss, "loss_torch": t_loss, "loss_rel_err": loss_rel,
-           "grad_max_rel_err": errs[worst], "grad_worst_tensor": worst,
-           "grad_tensors": len(trainable), "trainable_params": n_engine,
-           "loss_tol": loss_tol, "grad_tol": grad_tol,
-           "grad_rel_err": dict(sorted(errs.items(), key=lambda kv: -kv[1]))}
-    if not loss_rel <= loss_tol:
-        raise AssertionError(f"{NAME}: engine loss {e_loss!r} != torch loss {t_loss!r} "
-                             f"(rel {loss_rel:.3g} > {loss_tol})")
-    if not errs[worst] <= grad_tol:
-        bad = [f"{n}: {e:.3g}" for n, e in errs.items() if not e <= grad_tol]
-        raise AssertionError(f"{NAME}: gradients differ from torch (tol {grad_tol}): "
-                             + ", ".join(bad[:10]))
-    return out
+    """Engine vs torch after one forward + backward (common.verify_grads, torch float32 as the
+    reference). Raises AssertionError with the figures when they differ."""
+    return C.verify_grads(model, hf, e_loss, t_loss, loss_tol, grad_tol, NAME)
 
 
 # ---- worker subprocesses ----------------------------------------------------------------------
@@ -292,42 +252,14 @@ def run(args=None) -> dict:
                  "engine_optimizer_s": t_opt_first, "engine_step_s": t_fb + t_opt_first,
                  "torch_forward_backward_s": t_first_torch}
 
-        # 2. warm-up and the machine's matmul rate
-        for i in range(args.warmup):
-            say(f"warm-up {i + 1}/{args.warmup}")
-            losses_e.append(engine_step())
-            losses_t.append(torch_step())
-        blas_in_engine_steps = C.openblas_all()    # before gemm_rates touches the count
-        flops = C.step_flops(C.Dims.from_config(model.config), B, T, k)
-        shapes = list(flops.gemms)
-        say(f"numpy.matmul rate on {len(shapes)} GEMM shapes ({args.threads} threads)")
-        rates_before = C.gemm_rates(shapes, args.threads, args.gemm_repeats)
-
-        # 3. alternating timed repeats
-        e_times, t_times = [], []
-        for r in range(args.repeats):
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                losses_e.append(engine_step())
-            e_times.append((time.perf_counter() - t0) / args.steps)
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                losses_t.append(torch_step())
-            t_times.append((time.perf_counter() - t0) / args.steps)
-            say(f"repeat {r + 1}/{args.repeats}: engine {e_times[-1]:.2f} s/step, "
-                f"torch {t_times[-1]:.2f} s/step")
-
-        # 4. matmul rate again (the machine drifts), then a profile of engine steps
-        rates_after = C.gemm_rates(shapes, args.threads, args.gemm_repeats, seed=1)
-        rates = {s: rates_before[s] + rates_after[s] for s in shapes}
-        gemm_eff = C.effective_rate(flops, rates)
-        prof = None
-        if args.profile_steps > 0:
-            say(f"cProfile of {args.profile_steps} engine step(s)")
-            prof = C.profile_top(engine_step, args.profile_steps, top=15)
+        # 2. warm-up, matmul rate, alternating timed repeats, matmul rate again, profile
+        tm = C.time_alternating(args, model.config, B, T, k, engine_step, torch_step, losses_e, losses_t, say)
+        blas_in_engine_steps, flops, shapes = tm["blas_in_engine_steps"], tm["flops"], tm["shapes"]
+        rates_before, rates_after, rates = tm["rates_before"], tm["rates_after"], tm["rates"]
+        gemm_eff, e_times, t_times, prof = tm["gemm_eff"], tm["e_times"], tm["t_times"], tm["prof"]
         threads = C.thread_counts()      # now Numba's threading layer is known
 
-        # 5. each side alone: peak RSS; the engine from an empty Numba cache
+        # 3. each side alone: peak RSS; the engine from an empty Numba cache
         workers = {}
         if not args.no_workers:
             args.model_dir = tmp
@@ -345,7 +277,7 @@ def run(args=None) -> dict:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    # 6. figures
+    # 4. figures
     def side(times, peak_worker):
         tps = [ntok / t for t in times]
         med_t = float(np.median(times))

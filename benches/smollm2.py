@@ -331,42 +331,14 @@ def run(args=None) -> dict:
              "engine_optimizer_s": t_opt_first, "engine_step_s": t_fb + t_opt_first,
              "torch_forward_backward_s": t_first_torch}
 
-    # 2. warm-up and the machine's matmul rate
-    for i in range(args.warmup):
-        say(f"warm-up {i + 1}/{args.warmup}")
-        losses_e.append(engine_step())
-        losses_t.append(torch_step())
-    blas_in_engine_steps = C.openblas_all()
-    flops = C.step_flops(C.Dims.from_config(model.config), B, T, k)
-    shapes = list(flops.gemms)
-    say(f"numpy.matmul rate on {len(shapes)} GEMM shapes ({args.threads} threads)")
-    rates_before = C.gemm_rates(shapes, args.threads, args.gemm_repeats)
-
-    # 3. alternating timed repeats
-    e_times, t_times = [], []
-    for r in range(args.repeats):
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            losses_e.append(engine_step())
-        e_times.append((time.perf_counter() - t0) / args.steps)
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            losses_t.append(torch_step())
-        t_times.append((time.perf_counter() - t0) / args.steps)
-        say(f"repeat {r + 1}/{args.repeats}: engine {e_times[-1]:.2f} s/step, "
-            f"torch {t_times[-1]:.2f} s/step")
-
-    # 4. matmul rate again, profile
-    rates_after = C.gemm_rates(shapes, args.threads, args.gemm_repeats, seed=1)
-    rates = {s: rates_before[s] + rates_after[s] for s in shapes}
-    gemm_eff = C.effective_rate(flops, rates)
-    prof = None
-    if args.profile_steps > 0:
-        say(f"cProfile of {args.profile_steps} engine step(s)")
-        prof = C.profile_top(engine_step, args.profile_steps, top=15)
+    # 2. warm-up, matmul rate, alternating timed repeats, matmul rate again, profile
+    tm = C.time_alternating(args, model.config, B, T, k, engine_step, torch_step, losses_e, losses_t, say)
+    blas_in_engine_steps, flops, shapes = tm["blas_in_engine_steps"], tm["flops"], tm["shapes"]
+    rates_before, rates_after, rates = tm["rates_before"], tm["rates_after"], tm["rates"]
+    gemm_eff, e_times, t_times, prof = tm["gemm_eff"], tm["e_times"], tm["t_times"], tm["prof"]
     threads = C.thread_counts()
 
-    # 5. each side alone
+    # 3. each side alone
     workers = {}
     if not args.no_workers:
         tmp = tempfile.mkdtemp(prefix="tailtune-bench-smollm2-")
@@ -385,7 +357,7 @@ def run(args=None) -> dict:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    # 6. figures
+    # 4. figures
     def side(times, w):
         tps = [ntok / t for t in times]
         med_t = float(np.median(times))
