@@ -606,6 +606,39 @@ def run_worker(argv, env: dict | None = None, timeout: float = 900) -> dict:
     raise RuntimeError(f"worker {' '.join(map(str, argv))} failed (exit {p.returncode}):\n{tail}")
 
 
+def ratio_and_flops_lines(r: dict) -> list:
+    """Report lines shared by the step workloads: the tokens/s ratio, the FLOP model of the step
+    and the MFU denominator."""
+    ratio, p = r["ratio_engine_over_torch"], r["ratio_engine_over_torch"]["paired"]
+    f, m = r["flops"]["parts"], r["matmul"]
+    return [
+        f"engine/torch tokens/s: {ratio['tokens_per_s']:.2f}x (per-repeat pairs: median "
+        f"{p['median']:.2f}x, {p['min']:.2f}-{p['max']:.2f})",
+        "",
+        f"model FLOPs/step {fmt_si(r['flops']['total'], 'FLOP')}: forward blocks "
+        f"{f['forward_blocks'] / 1e9:.1f} G + head {f['forward_head'] / 1e9:.1f} G, backward head dX "
+        f"{f['backward_head_dx'] / 1e9:.1f} G + last {r['setup']['train_last']} blocks "
+        f"{f['backward_blocks'] / 1e9:.1f} G",
+        f"MFU denominator: numpy.matmul fp32 on the step's {len(m['per_shape'])} GEMM shapes, "
+        f"{m['effective_gflops']:.0f} GFLOP/s (before {m['effective_gflops_before']:.0f}, after "
+        f"{m['effective_gflops_after']:.0f})",
+    ]
+
+
+def profile_lines(pr: dict, cumulative: bool = True) -> list:
+    """A profile_top() result as tables: by own time, and (cumulative) the engine's and
+    kernels' functions by cumulative time."""
+    def rows(xs):
+        return [[x["function"], x["ncalls"], f"{x['tottime']:.3f}", f"{x['cumtime']:.3f}"] for x in xs]
+    head = ["function", "calls", "own s", "cum s"]
+    out = ["", f"engine cProfile ({pr['calls']} step(s), {pr['wall_s']:.2f} s, main thread; top by own time):",
+           table(head, rows(pr["by_tottime"][:10]))]
+    if cumulative:
+        mine = [x for x in pr["by_cumtime"] if x["function"].startswith(("engine/", "kernels/"))]
+        out += ["top by cumulative time (engine and kernels):", table(head, rows(mine[:10]))]
+    return out
+
+
 def cold_start(cold: dict, warm: dict) -> dict:
     """Two engine workers' results, on an empty and on a warm Numba cache. The engine compiles
     when the first Model is built (inside the load, in a child process) and may finish lazily

@@ -427,7 +427,6 @@ def run(args=None) -> dict:
 # ---- the human table --------------------------------------------------------------------------
 def report(r: dict) -> str:
     s, v, e, t = r["setup"], r["verify"], r["engine"], r["torch"]
-    ratio = r["ratio_engine_over_torch"]
     th = r["env"]["threads"]
     lines = [
         f"{NAME}: {s['model']}, B={s['batch_size']} x T={s['seq_len']} "
@@ -462,23 +461,7 @@ def report(r: dict) -> str:
             for name, d in (("tailtune", e), ("torch", t))]
     lines.append(C.table(["", "tokens/s median [min-max]", "s/step", "MFU", "GFLOP/s",
                           "peak RSS MiB", "steps' peak", "alone tok/s"], rows))
-    p = ratio["paired"]
-    lines += [
-        f"engine/torch tokens/s: {ratio['tokens_per_s']:.2f}x (per-repeat pairs: median "
-        f"{p['median']:.2f}x, {p['min']:.2f}-{p['max']:.2f})",
-        "",
-    ]
-    f = r["flops"]["parts"]
-    m = r["matmul"]
-    lines += [
-        f"model FLOPs/step {C.fmt_si(r['flops']['total'], 'FLOP')}: forward blocks "
-        f"{f['forward_blocks'] / 1e9:.1f} G + head {f['forward_head'] / 1e9:.1f} G, backward head dX "
-        f"{f['backward_head_dx'] / 1e9:.1f} G + last {s['train_last']} blocks "
-        f"{f['backward_blocks'] / 1e9:.1f} G",
-        f"MFU denominator: numpy.matmul fp32 on the step's {len(m['per_shape'])} GEMM shapes, "
-        f"{m['effective_gflops']:.0f} GFLOP/s (before {m['effective_gflops_before']:.0f}, after "
-        f"{m['effective_gflops_after']:.0f})",
-    ]
+    lines += C.ratio_and_flops_lines(r)
     fs = r["first_step_in_process"]
     lines.append(f"first engine step in this process {fs['engine_step_s']:.1f} s (forward "
                  f"{fs['engine_forward_s']:.1f} s); first torch forward+backward "
@@ -496,12 +479,7 @@ def report(r: dict) -> str:
     lines.append(f"loss after {lt['steps_compared']} steps: engine {lt['engine_last']:.5f}, torch "
                  f"{lt['torch_last']:.5f} (max rel diff over steps {lt['max_rel_diff']:.1e})")
     if r["profile_engine"]:
-        pr = r["profile_engine"]
-        lines += ["", f"engine cProfile ({pr['calls']} step(s), {pr['wall_s']:.2f} s, main thread; "
-                      "top by own time):"]
-        lines.append(C.table(["function", "calls", "own s", "cum s"],
-                             [[x["function"], x["ncalls"], f"{x['tottime']:.3f}", f"{x['cumtime']:.3f}"]
-                              for x in pr["by_tottime"][:10]]))
+        lines += C.profile_lines(r["profile_engine"], cumulative=False)
     if r["notes"]:
         lines += ["", "notes:"] + [f"- {n}" for n in r["notes"]]
     lines += ["", C.footer(r)]
