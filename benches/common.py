@@ -587,6 +587,22 @@ def time_alternating(args, config, B: int, T: int, k: int, engine_step, torch_st
             "prof": prof}
 
 
+def timing_fields(tm: dict, eng: dict, tor: dict) -> dict:
+    """The result's ratio, FLOP and matmul-rate entries from time_alternating()'s answer and
+    the two sides' summaries."""
+    flops, rates = tm["flops"], tm["rates"]
+    return {"ratio_engine_over_torch": {"tokens_per_s": eng["tokens_per_s"]["median"]
+                                        / tor["tokens_per_s"]["median"],
+                                        "paired": paired_ratios(tm["t_times"], tm["e_times"])},
+            "flops": {**flops.to_json(), "model": "see benches/README.md"},
+            "matmul": {"what": "numpy.matmul fp32 (M,K)@(K,N), OpenBLAS threads = threads",
+                       "effective_gflops": tm["gemm_eff"],
+                       "effective_gflops_before": effective_rate(flops, tm["rates_before"]),
+                       "effective_gflops_after": effective_rate(flops, tm["rates_after"]),
+                       "per_shape": [{"shape": list(s), "gflops": summarize(rates[s])}
+                                     for s in tm["shapes"]]}}
+
+
 # ---- worker subprocesses ----------------------------------------------------------------------
 def emit(result: dict) -> None:
     """A worker's answer: one tagged JSON line on stdout."""

@@ -254,8 +254,7 @@ def run(args=None) -> dict:
 
         # 2. warm-up, matmul rate, alternating timed repeats, matmul rate again, profile
         tm = C.time_alternating(args, model.config, B, T, k, engine_step, torch_step, losses_e, losses_t, say)
-        blas_in_engine_steps, flops, shapes = tm["blas_in_engine_steps"], tm["flops"], tm["shapes"]
-        rates_before, rates_after, rates = tm["rates_before"], tm["rates_after"], tm["rates"]
+        blas_in_engine_steps, flops = tm["blas_in_engine_steps"], tm["flops"]
         gemm_eff, e_times, t_times, prof = tm["gemm_eff"], tm["e_times"], tm["t_times"], tm["prof"]
         threads = C.thread_counts()      # now Numba's threading layer is known
 
@@ -312,16 +311,7 @@ def run(args=None) -> dict:
         "verify": check,
         "engine": eng,
         "torch": tor,
-        "ratio_engine_over_torch": {"tokens_per_s": eng["tokens_per_s"]["median"]
-                                    / tor["tokens_per_s"]["median"],
-                                    "paired": C.paired_ratios(t_times, e_times)},
-        "flops": {**flops.to_json(), "model": "see benches/README.md"},
-        "matmul": {"what": "numpy.matmul fp32 (M,K)@(K,N), OpenBLAS threads = threads",
-                   "effective_gflops": gemm_eff,
-                   "effective_gflops_before": C.effective_rate(flops, rates_before),
-                   "effective_gflops_after": C.effective_rate(flops, rates_after),
-                   "per_shape": [{"shape": list(s), "gflops": C.summarize(rates[s])}
-                                 for s in shapes]},
+        **C.timing_fields(tm, eng, tor),
         "first_step_in_process": first,
         "cold_start": cold,
         "workers": workers,
