@@ -12,6 +12,7 @@ benches show the Numba kernel ahead on a shape (see benches/).
 """
 import numpy as np
 
+from .blas import single_threaded
 from .jit import num_threads, pjit, prange
 from .tiles import dots4x2
 
@@ -160,48 +161,10 @@ def _threads_for(M, N, K):
     global _pool
     n = num_threads()
     if n <= 1 or 2 * M * N * K < _MIN_SPLIT_FLOPS or max(M, N) < 4 * n:
-        _blas_threads(1)
+        single_threaded()
         return 1
     if _pool is None or _pool._max_workers != n - 1:
         from concurrent.futures import ThreadPoolExecutor
-        _blas_threads(1)
+        single_threaded()
         _pool = ThreadPoolExecutor(n - 1, thread_name_prefix="tailtune-gemm")
     return n
-
-
-_blas_single = False
-
-
-def _blas_threads(n):
-    """Set every loaded OpenBLAS to n threads through its C API (as threadpoolctl does). There
-    can be several: numpy's, and scipy's once Numba has loaded it; missing numpy's one leaves
-    its threads spinning inside our pool (measured: 1.3x to 3x slower steps)."""
-    global _blas_single
-    if _blas_single:
-        return
-    for fn in _blas_setters():
-        fn(n)
-    _blas_single = True
-
-
-def _blas_setters():
-    import ctypes
-    try:
-        with open("/proc/self/maps") as f:
-            libs = sorted({line.split()[-1] for line in f if "openblas" in line.lower()})
-    except OSError:
-        return []
-    found = []
-    for path in libs:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for sym in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
-                    "openblas_set_num_threads64_", "openblas_set_num_threads"):
-            fn = getattr(lib, sym, None)
-            if fn is not None:
-                fn.argtypes = [ctypes.c_int]
-                found.append(fn)
-                break
-    return found

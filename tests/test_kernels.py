@@ -5,6 +5,8 @@ include the edges (one row, T = 1, one head, widths that are not multiples of an
 CI runs this file twice: compiled, and with NUMBA_DISABLE_JIT=1 (the plain Python path), so
 shapes stay small.
 """
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ import reference as ref
 from kernels.activation import gelu_backward, gelu_forward, swiglu_backward, swiglu_forward
 from kernels.adamw import adamw_step
 from kernels.attention import attention_backward, attention_forward
+from kernels.blas import SGEMM, NOTRANS, TRANS, sgemm
 from kernels.embedding import embedding_backward, embedding_forward
 from kernels.loss import crossentropy_forward, crossentropy_forward_backward
 from kernels.matmul import gemm_nn, gemm_nt, gemm_tn
@@ -22,6 +25,10 @@ from kernels.norm import layernorm_backward, layernorm_forward, rmsnorm_backward
 from kernels.rope import rope_backward, rope_forward, rope_table
 from kernels.stats import param_sums, sum_sq
 from kernels.vexp import exp_inplace
+
+JIT = os.environ.get("NUMBA_DISABLE_JIT", "0") in ("", "0")
+# the BLAS attention path needs compiled code; the plain-Python run tests the Numba path only
+ATTN_BACKENDS = ["numba", "blas"] if JIT else ["numba"]
 
 SETTINGS = settings(max_examples=15, deadline=None, derandomize=True)
 FWD_TOL = dict(rtol=2e-5, atol=2e-6)   # float32 kernel vs float64 twin, values O(1)
@@ -266,27 +273,29 @@ def _attn_inputs(rng, B, T, H, Hkv, D, scale=1.0):
             randn(rng, B, T, Hkv, D), randn(rng, B, T, H, D))
 
 
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
 @SETTINGS
 @given(B=st.integers(1, 2), T=st.integers(1, 11), Hkv=st.integers(1, 3), group=st.integers(1, 3),
        D=st.integers(1, 9), seed=st.integers(0, 2**16), scale=st.sampled_from([1.0, 30.0]))
-def test_attention(B, T, Hkv, group, D, seed, scale):
+def test_attention(backend, B, T, Hkv, group, D, seed, scale):
     rng = rng_of(seed)
     H = Hkv * group
     q, k, v, dout = _attn_inputs(rng, B, T, H, Hkv, D, scale)
     out, lse = np.empty_like(q), np.empty((B, H, T), np.float32)
-    attention_forward(q, k, v, out, lse, 0)
+    attention_forward(q, k, v, out, lse, 0, backend=backend)
     rout, rlse = ref.attention_fwd(q, k, v)
     close(out, rout, dict(rtol=1e-4, atol=1e-5))
     close(lse, rlse, dict(rtol=1e-5, atol=1e-5))
     dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
-    attention_backward(dout, q, k, v, out, lse, dq, dk, dv)
+    attention_backward(dout, q, k, v, out, lse, dq, dk, dv, backend=backend)
     for got, want in zip((dq, dk, dv), ref.attention_bwd(dout, q, k, v)):
         close(got, want, dict(rtol=1e-3, atol=1e-4), scale=np.abs(want).max() + 1)
 
 
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
 @SETTINGS
 @given(T=st.integers(1, 6), past=st.integers(0, 9), seed=st.integers(0, 2**16))
-def test_attention_with_cache_offset(T, past, seed):
+def test_attention_with_cache_offset(backend, T, past, seed):
     """Queries at positions past.. see the cached keys; keys beyond the query are never read."""
     rng = rng_of(seed)
     B, H, Hkv, D = 2, 4, 2, 5
@@ -294,7 +303,7 @@ def test_attention_with_cache_offset(T, past, seed):
     k, v = randn(rng, B, past + T + 3, Hkv, D), randn(rng, B, past + T + 3, Hkv, D)
     k[:, past + T:] = np.nan  # must not be read
     out, lse = np.empty_like(q), np.empty((B, H, T), np.float32)
-    attention_forward(q, k, v, out, lse, past)
+    attention_forward(q, k, v, out, lse, past, backend=backend)
     rout, rlse = ref.attention_fwd(q, k, v, pos0=past)
     close(out, rout, dict(rtol=1e-4, atol=1e-5))
     close(lse, rlse, dict(rtol=1e-5, atol=1e-5))
@@ -316,16 +325,47 @@ def test_attention_twin_and_torch():
         np.testing.assert_allclose(got, want.grad.transpose(1, 2).numpy(), rtol=1e-9, atol=1e-12)
 
 
-def test_attention_long_sequence():
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
+def test_attention_long_sequence(backend):
     rng = rng_of(3)
     q, k, v, dout = _attn_inputs(rng, 1, 300, 2, 1, 16)
     out, lse = np.empty_like(q), np.empty((1, 2, 300), np.float32)
-    attention_forward(q, k, v, out, lse, 0)
+    attention_forward(q, k, v, out, lse, 0, backend=backend)
     close(out, ref.attention_fwd(q, k, v)[0], dict(rtol=1e-4, atol=1e-5))
     dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
-    attention_backward(dout, q, k, v, out, lse, dq, dk, dv)
+    attention_backward(dout, q, k, v, out, lse, dq, dk, dv, backend=backend)
     for got, want in zip((dq, dk, dv), ref.attention_bwd(dout, q, k, v)):
         close(got, want, dict(rtol=1e-3, atol=1e-4))
+
+
+def test_blas_sgemm_from_numba():
+    """The intrinsic calls numpy's cblas_sgemm with every transpose and strided leading dims."""
+    if not JIT:
+        assert SGEMM == 0   # plain Python cannot run the intrinsic; the kernels fall back
+        return
+    assert SGEMM, "numpy's OpenBLAS (ILP64 cblas_sgemm) not found: attention runs its fallback"
+    from kernels.jit import jit
+
+    @jit
+    def run(addr, ta, tb, a, b, c, alpha, beta):
+        m, n = c.shape[0], c.shape[1] - 3           # c has 3 spare columns: ldc > n
+        k = a.shape[1] - 2 if ta == NOTRANS else a.shape[0]
+        sgemm(addr, ta, tb, m, n, k, alpha, a.ctypes.data, a.shape[1], b.ctypes.data,
+              b.shape[1], beta, c.ctypes.data, c.shape[1])
+
+    rng = rng_of(5)
+    m, n, k = 5, 7, 9
+    for ta in (NOTRANS, TRANS):
+        for tb in (NOTRANS, TRANS):
+            a = randn(rng, m, k + 2) if ta == NOTRANS else randn(rng, k, m)   # spare columns: lda > k
+            b = randn(rng, k, n) if tb == NOTRANS else randn(rng, n, k)
+            c = randn(rng, m, n + 3)
+            opa = a[:, :k] if ta == NOTRANS else a.T
+            opb = b if tb == NOTRANS else b.T
+            want = c.astype(np.float64)
+            want[:, :n] = 0.5 * opa.astype(np.float64) @ opb + 2.0 * want[:, :n]
+            run(SGEMM, ta, tb, a, b, c, np.float32(0.5), np.float32(2.0))
+            close(c, want, FWD_TOL)
 
 
 # ---- embedding ------------------------------------------------------------------------------
