@@ -119,7 +119,7 @@ def run(args=None) -> dict:
     print(f"telemetry: {100 * result['telemetry']['overhead_every_step']:.1f}% of a step when recorded "
           f"every step, {100 * result['telemetry']['overhead_every_10']:.1f}% every 10 steps, 0 when off")
 
-    costs = measured_costs(model, 4, 256, steps=2)
+    costs = measured_costs(model, 4, 256, steps=5)
     print(measured_table(model, 4, 256, costs=costs))
     dev = {}
     for r in costs["rows"]:

@@ -226,10 +226,13 @@ class StepProfile:
         self.t[key] = self.t.get(key, 0.0) + seconds
 
 
-def measure(model, B: int, T: int, steps: int = 2, seed: int = 0) -> dict:
-    """Measured milliseconds per layer and phase of a training step on random tokens (AdamW),
-    averaged over `steps` after one warm-up step. Phases: forward, backward (input + weight
-    gradients), of which weight-grad, optimizer; head: the fused head + loss."""
+def measure(model, B: int, T: int, steps: int = 3, seed: int = 0, between=None) -> dict:
+    """Measured milliseconds per layer and phase of a training step on random tokens (AdamW):
+    the median over `steps` steps after one warm-up step (medians, because a shared machine
+    slows single steps by 30% and more). Phases: forward, backward (input + weight gradients),
+    of which weight-grad, optimizer; head: the fused head + loss. between(), when given, runs
+    before each measured step (measured_costs samples the GEMM rate there, so that predicted
+    and measured see the same machine)."""
     from . import layers
     from .optim import AdamW
     rng = np.random.default_rng(seed)
@@ -245,20 +248,26 @@ def measure(model, B: int, T: int, steps: int = 2, seed: int = 0) -> dict:
         opt.step()
 
     step()
-    prof = StepProfile()
-    layers.PROFILE = prof
+    per_step, totals = [], []
     try:
-        t0 = time.perf_counter()
         for _ in range(steps):
+            if between is not None:
+                between()
+            prof = StepProfile()
+            layers.PROFILE = prof
+            t0 = time.perf_counter()
             step()
-        total = (time.perf_counter() - t0) / steps
+            totals.append(time.perf_counter() - t0)
+            layers.PROFILE = None
+            per_step.append(prof.t)
     finally:
         layers.PROFILE = None
         for n, a in saved.items():     # measuring must not change the model
             model.params[n][...] = a
         model.zero_grad()
-    ms = {k: 1e3 * v / steps for k, v in prof.t.items()}
-    return {"step_ms": 1e3 * total, "ms": ms}
+    keys = {k for t in per_step for k in t}
+    ms = {k: 1e3 * float(np.median([t.get(k, 0.0) for t in per_step])) for k in keys}
+    return {"step_ms": 1e3 * float(np.median(totals)), "ms": ms}
 
 
 def matmul_rate(seconds: float = 0.5) -> float:
@@ -309,12 +318,14 @@ def predicted_ms(rows: list, gemm_rate: float, attn_rates: tuple[float, float]) 
     return out
 
 
-def measured_costs(model, B: int, T: int, steps: int = 2) -> dict:
+def measured_costs(model, B: int, T: int, steps: int = 3) -> dict:
     """Per layer, predicted (FLOPs / measured kernel rates) and measured milliseconds of
-    forward and backward in a training step; for the head, forward + input gradient together."""
-    rate = matmul_rate()
+    forward and backward in a training step; for the head, forward + input gradient together.
+    The GEMM rate is sampled before every measured step and its median used."""
     attn = attention_rates(model, B, T)
-    got = measure(model, B, T, steps)
+    rates = []
+    got = measure(model, B, T, steps, between=lambda: rates.append(matmul_rate(0.25)))
+    rate = float(np.median(rates))
     rows = block_costs(model, B, T)
     ms = got["ms"]
     out = []
@@ -332,7 +343,7 @@ def measured_costs(model, B: int, T: int, steps: int = 2) -> dict:
             "step_pred": sum(r["fwd_pred"] + r["bwd_pred"] for r in out)}
 
 
-def measured_table(model, B: int, T: int, steps: int = 2, costs: dict | None = None) -> str:
+def measured_table(model, B: int, T: int, steps: int = 3, costs: dict | None = None) -> str:
     c = costs or measured_costs(model, B, T, steps)
     lines = [f"per step of {B} x {T} tokens; predicted = FLOPs / rate measured now: GEMM "
              f"{c['gemm_rate'] / 1e9:.0f} GFLOP/s, attention forward {c['attention_rates'][0] / 1e9:.0f}, "
