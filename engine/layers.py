@@ -13,6 +13,7 @@ import numpy as np
 
 from kernels.activation import gelu_backward, gelu_forward, swiglu_backward, swiglu_forward
 from kernels.attention import attention_backward, attention_forward
+from kernels.bias import bias_add
 from kernels.matmul import gemm_nn, gemm_nt, gemm_tn
 from kernels.norm import layernorm_backward, layernorm_forward, rmsnorm_backward, rmsnorm_forward
 from kernels.rope import rope_backward, rope_forward
@@ -44,7 +45,7 @@ class Linear:
         y = np.empty((x.shape[0], self.n_out), np.float32)  # (N, out)
         gemm_nt(x, P[self.w], y)
         if self.b:
-            y += P[self.b]
+            bias_add(y, P[self.b])
         return y
 
     def backward(self, P, G, dy, x, need_dx, dx=None):

@@ -6,6 +6,10 @@ FLOP model (multiply-add = 2 FLOPs; N = B * T tokens):
   triangle); backward 2.5x that (scores recomputed, then four products)
 A block below the lowest trainable one runs forward only; the lowest trainable block needs no
 input gradient at its own input; frozen weights inside the range cost no weight gradient.
+Byte model (elementwise kernels: norms, activation, biases, rope, residual adds, the loss over
+the logits): float32 bytes read and written, from shapes; their time is bytes / the rate those
+kernels reach now (elementwise_rate). GEMM and attention operands are not counted there.
+Optimizer: 28 bytes per trainable parameter (AdamW) / the AdamW kernel's rate (adamw_rate).
 """
 from __future__ import annotations
 
@@ -19,6 +23,23 @@ from kernels import stats
 
 def _linears(block):
     return [m for m in (block.q, block.k, block.v, block.o, block.gate, block.up, block.down) if m]
+
+
+_ADAMW_BYTES = 28   # per trainable parameter: read weight, grad, two moments; write three
+
+
+def _elementwise_bytes(c, N: int, lin: list) -> tuple[int, int]:
+    """float32 bytes moved by a block's elementwise kernels: forward, and backward (input and
+    weight gradients of everything in range; norms and activations read their saved inputs)."""
+    C, F, Hd, Kd = c.d_model, c.d_ff, c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+    swiglu = c.mlp == "swiglu"
+    biased = sum(m.n_out for m in lin if m.b)
+    rope = 2 * (Hd + Kd) if c.positions == "rope" else 0
+    fwd = 2 * 2 * C + 2 * biased + rope + 2 * 3 * C + (3 if swiglu else 2) * F
+    # norms read x, dout and add into dx; the activation reads its inputs and dout; bias grads
+    # read dout; two GEMMs accumulate into dh (read, add, write)
+    bwd = 2 * 4 * C + (5 if swiglu else 3) * F + biased + rope + 2 * 3 * C
+    return 4 * N * fwd, 4 * N * bwd
 
 
 def block_costs(model, B: int, T: int, everything: bool = False) -> list[dict]:
@@ -43,15 +64,22 @@ def block_costs(model, B: int, T: int, everything: bool = False) -> list[dict]:
         if in_range:
             kept = 4 * (N * (5 * C + 2 * Hd + 2 * Kd) + N * F * (3 if c.mlp == "swiglu" else 2)
                         + B * c.n_head * T + 4 * N)
-        rows.append({"layer": f"blocks.{b.index}", "params": params,
+        ew_f, ew_b = _elementwise_bytes(c, N, lin)
+        n_train = sum(model.params[n].size for n in b.shapes() if n in G)
+        rows.append({"layer": f"blocks.{b.index}", "params": params, "opt_bytes": _ADAMW_BYTES * n_train,
                      "trainable": any(n in G for n in b.shapes()), "fwd_flops": fwd,
                      "dx_flops": dx, "dw_flops": dw, "kept_bytes": kept,
+                     "fwd_bytes": ew_f, "bwd_bytes": ew_b if in_range else 0,
                      "attn_fwd_flops": attn_fwd, "attn_bwd_flops": 2.5 * attn_fwd if in_range else 0})
     head = 2 * N * c.d_model * c.vocab_size
-    rows.append({"layer": "ln_f + head", "params": c.d_model + c.vocab_size * c.d_model *
-                 (0 if c.tie_embeddings else 1), "trainable": any(n in G for n in ("ln_f.weight", model.head)),
+    n_train = sum(model.params[n].size for n in ("ln_f.weight", "ln_f.bias", model.head) if n in G)
+    rows.append({"layer": "ln_f + head", "opt_bytes": _ADAMW_BYTES * n_train,
+                 "params": c.d_model + c.vocab_size * c.d_model * (0 if c.tie_embeddings else 1),
+                 "trainable": any(n in G for n in ("ln_f.weight", model.head)),
                  "fwd_flops": head, "dx_flops": head if low < c.n_layer or "ln_f.weight" in G else 0,
                  "dw_flops": head if model.head in G else 0, "kept_bytes": 4 * N * c.d_model * 2,
+                 # final norm, then the loss reads the logits and writes their gradient in place
+                 "fwd_bytes": 4 * N * (2 * c.d_model + 2 * c.vocab_size), "bwd_bytes": 0,
                  "attn_fwd_flops": 0, "attn_bwd_flops": 0})
     return rows
 
@@ -284,6 +312,33 @@ def matmul_rate(seconds: float = 0.5) -> float:
     return 2 * 1024 * 768 * 3072 * n / (time.perf_counter() - t0)
 
 
+class ModelGemmRate:
+    """FLOP/s of the forward GEMMs of this model's own linear layers at B x T rows, a few blocks
+    per sample, rotating through the model: weights come from memory as in a step (a small
+    operand that stays in cache runs 5-10% faster than the step's GEMMs do)."""
+
+    def __init__(self, model, B: int, T: int, blocks_per_sample: int = 2):
+        rng = np.random.default_rng(0)
+        self.model, self.k, self.next = model, blocks_per_sample, 0
+        lins = [_linears(b) for b in model.blocks]
+        self.x = {n: rng.standard_normal((B * T, n), dtype=np.float32)
+                  for n in {m.n_in for ls in lins for m in ls}}
+        self.out = {n: np.empty((B * T, n), np.float32) for n in {m.n_out for ls in lins for m in ls}}
+        self.lins = lins
+
+    def sample(self) -> float:
+        from kernels.matmul import gemm_nt
+        P = self.model.params
+        flops, t0 = 0, time.perf_counter()
+        for _ in range(self.k):
+            for m in self.lins[self.next]:
+                x = self.x[m.n_in]
+                gemm_nt(x, P[m.w], self.out[m.n_out])
+                flops += 2 * x.shape[0] * m.n_in * m.n_out
+            self.next = (self.next + 1) % len(self.lins)
+        return flops / (time.perf_counter() - t0)
+
+
 def attention_rates(model, B: int, T: int, repeats: int = 3) -> tuple[float, float]:
     """FLOP/s of the attention kernels, forward and backward, on this model's head shapes at
     B x T (their FLOPs as block_costs counts them)."""
@@ -307,55 +362,117 @@ def attention_rates(model, B: int, T: int, repeats: int = 3) -> tuple[float, flo
     return flops / float(np.median(fwd[1:])), 2.5 * flops / float(np.median(bwd[1:]))
 
 
-def predicted_ms(rows: list, gemm_rate: float, attn_rates: tuple[float, float]) -> list[dict]:
+def predicted_ms(rows: list, gemm_rate: float, attn_rates: tuple[float, float],
+                 ew_rate: float | None = None, opt_rate: float | None = None) -> list[dict]:
     """Per row: forward and backward milliseconds predicted from FLOPs, the GEMM rate for the
-    linear layers and the head, the attention kernels' rates for attention."""
+    linear layers and the head, the attention kernels' rates for attention, and from bytes,
+    the elementwise kernels' rate (ew_rate, bytes/s) and the optimizer's (opt_rate); None
+    leaves those out."""
     out = []
     for r in rows:
         af, ab = r["attn_fwd_flops"], r["attn_bwd_flops"]
-        out.append({"fwd": ((r["fwd_flops"] - af) / gemm_rate + af / attn_rates[0]) * 1e3,
-                    "bwd": ((r["dx_flops"] + r["dw_flops"] - ab) / gemm_rate + ab / attn_rates[1]) * 1e3})
+        ef = r["fwd_bytes"] / ew_rate if ew_rate else 0.0
+        eb = r["bwd_bytes"] / ew_rate if ew_rate else 0.0
+        out.append({"fwd": ((r["fwd_flops"] - af) / gemm_rate + af / attn_rates[0] + ef) * 1e3,
+                    "bwd": ((r["dx_flops"] + r["dw_flops"] - ab) / gemm_rate + ab / attn_rates[1] + eb) * 1e3,
+                    "opt": (r["opt_bytes"] / opt_rate if opt_rate else 0.0) * 1e3})
     return out
+
+
+def adamw_rate(model, repeats: int = 5) -> float:
+    """Bytes/s (_ADAMW_BYTES per parameter) of the AdamW kernel on one block's parameters, one
+    call per tensor as the optimizer makes them."""
+    from kernels.adamw import adamw_step
+    shapes = list(model.blocks[-1].shapes().values())
+    rng = np.random.default_rng(0)
+    ts = [tuple(rng.standard_normal(s, dtype=np.float32) for _ in range(4)) for s in shapes]
+    for _, _, _, v in ts:
+        np.abs(v, out=v)
+    n = sum(int(np.prod(s)) for s in shapes)
+    times = []
+    for step in range(1, repeats + 2):   # the first round warms up
+        t0 = time.perf_counter()
+        for p, g, m, v in ts:
+            adamw_step(p, g, m, v, 1e-6, 0.9, 0.999, 1e-8, 0.0, step)
+        times.append(time.perf_counter() - t0)
+    return _ADAMW_BYTES * n / float(np.median(times[1:]))
+
+
+def elementwise_rate(model, B: int, T: int, repeats: int = 5) -> float:
+    """Bytes/s of this model's elementwise forward kernels at B x T (norm, activation, a bias
+    add, a residual add), bytes counted as _elementwise_bytes counts them."""
+    from kernels.activation import gelu_forward, swiglu_forward
+    from kernels.bias import bias_add
+    c = model.config
+    N, C, F = B * T, c.d_model, c.d_ff
+    rng = np.random.default_rng(0)
+    x, y = (rng.standard_normal((N, C), dtype=np.float32) for _ in range(2))
+    u, g = (rng.standard_normal((N, F), dtype=np.float32) for _ in range(2))
+    act = np.empty_like(u)
+    bias = np.zeros(F, np.float32)
+    norm = model.blocks[0].ln1
+    swiglu = c.mlp == "swiglu"
+    times = []
+    for _ in range(repeats + 1):   # the first round warms up
+        t0 = time.perf_counter()
+        norm.forward(model.params, x)
+        if swiglu:
+            swiglu_forward(g, u, act)
+        else:
+            gelu_forward(u, act)
+        bias_add(u, bias)
+        x += y
+        times.append(time.perf_counter() - t0)
+    moved = 4 * N * (2 * C + (3 if swiglu else 2) * F + 2 * F + 3 * C)
+    return moved / float(np.median(times[1:]))
 
 
 def measured_costs(model, B: int, T: int, steps: int = 3) -> dict:
     """Per layer, predicted (FLOPs / measured kernel rates) and measured milliseconds of
     forward and backward in a training step; for the head, forward + input gradient together.
-    The GEMM rate is sampled before every measured step and its median used."""
+    The GEMM rate (ModelGemmRate) is sampled before every measured step and its median used."""
     attn = attention_rates(model, B, T)
+    ew = elementwise_rate(model, B, T)
+    opt = adamw_rate(model)
+    sampler = ModelGemmRate(model, B, T)
+    sampler.sample()   # warm-up
     rates = []
-    got = measure(model, B, T, steps, between=lambda: rates.append(matmul_rate(0.25)))
+    got = measure(model, B, T, steps, between=lambda: rates.append(sampler.sample()))
     rate = float(np.median(rates))
     rows = block_costs(model, B, T)
     ms = got["ms"]
     out = []
-    for r, p in zip(rows, predicted_ms(rows, rate, attn)):
+    for r, p in zip(rows, predicted_ms(rows, rate, attn, ew, opt)):
         if r["layer"].startswith("ln_f"):
             out.append({"layer": r["layer"], "fwd_pred": p["fwd"] + p["bwd"],
                         "fwd_meas": ms.get(("head", "forward+input-grad"), 0.0), "bwd_pred": 0.0,
-                        "bwd_meas": 0.0, "dw_meas": 0.0, "opt_meas": ms.get(("ln_f", "optimizer"), 0.0)})
+                        "bwd_meas": 0.0, "dw_meas": 0.0, "opt_pred": p["opt"],
+                        "opt_meas": ms.get(("ln_f", "optimizer"), 0.0)})
             continue
         L = r["layer"]
         out.append({"layer": L, "fwd_pred": p["fwd"], "fwd_meas": ms.get((L, "forward"), 0.0),
                     "bwd_pred": p["bwd"], "bwd_meas": ms.get((L, "backward"), 0.0),
-                    "dw_meas": ms.get((L, "weight-grad"), 0.0), "opt_meas": ms.get((L, "optimizer"), 0.0)})
-    return {"rows": out, "gemm_rate": rate, "attention_rates": attn, "step_meas": got["step_ms"],
-            "step_pred": sum(r["fwd_pred"] + r["bwd_pred"] for r in out)}
+                    "dw_meas": ms.get((L, "weight-grad"), 0.0), "opt_pred": p["opt"],
+                    "opt_meas": ms.get((L, "optimizer"), 0.0)})
+    return {"rows": out, "gemm_rate": rate, "attention_rates": attn, "elementwise_rate": ew,
+            "adamw_rate": opt, "step_meas": got["step_ms"],
+            "step_pred": sum(r["fwd_pred"] + r["bwd_pred"] + r["opt_pred"] for r in out)}
 
 
 def measured_table(model, B: int, T: int, steps: int = 3, costs: dict | None = None) -> str:
     c = costs or measured_costs(model, B, T, steps)
     lines = [f"per step of {B} x {T} tokens; predicted = FLOPs / rate measured now: GEMM "
-             f"{c['gemm_rate'] / 1e9:.0f} GFLOP/s, attention forward {c['attention_rates'][0] / 1e9:.0f}, "
-             f"backward {c['attention_rates'][1] / 1e9:.0f}; measured = wall time in a step",
+             f"{c['gemm_rate'] / 1e9:.0f} GFLOP/s (this model's weights), attention forward {c['attention_rates'][0] / 1e9:.0f}, "
+             f"backward {c['attention_rates'][1] / 1e9:.0f}, elementwise {c['elementwise_rate'] / 1e9:.0f} GB/s, AdamW {c['adamw_rate'] / 1e9:.0f} GB/s; "
+             "measured = wall time in a step",
              f"{'layer':<14}{'fwd pred':>10}{'fwd meas':>10}{'bwd pred':>10}{'bwd meas':>10}"
-             f"{'dW meas':>9}{'opt meas':>9}   ms"]
+             f"{'dW meas':>9}{'opt pred':>9}{'opt meas':>9}   ms"]
     for r in c["rows"]:
         if r["layer"].startswith("ln_f"):
             lines.append(f"{'ln_f + head':<14}{r['fwd_pred']:>10.1f}{r['fwd_meas']:>10.1f}{'(in fwd)':>10}"
-                         f"{'':>10}{'':>9}{r['opt_meas']:>9.2f}")
+                         f"{'':>10}{'':>9}{r['opt_pred']:>9.2f}{r['opt_meas']:>9.2f}")
             continue
         lines.append(f"{r['layer']:<14}{r['fwd_pred']:>10.1f}{r['fwd_meas']:>10.1f}{r['bwd_pred']:>10.1f}"
-                     f"{r['bwd_meas']:>10.1f}{r['dw_meas']:>9.1f}{r['opt_meas']:>9.2f}")
+                     f"{r['bwd_meas']:>10.1f}{r['dw_meas']:>9.1f}{r['opt_pred']:>9.2f}{r['opt_meas']:>9.2f}")
     lines.append(f"step: predicted {c['step_pred']:.0f} ms, measured {c['step_meas']:.0f} ms")
     return "\n".join(lines)

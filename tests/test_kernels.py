@@ -17,6 +17,7 @@ import reference as ref
 from kernels.activation import gelu_backward, gelu_forward, swiglu_backward, swiglu_forward
 from kernels.adamw import adamw_step
 from kernels.attention import attention_backward, attention_forward
+from kernels.bias import bias_add
 from kernels.blas import SGEMM, NOTRANS, TRANS, sgemm
 from kernels.embedding import embedding_backward, embedding_forward
 from kernels.loss import crossentropy_forward, crossentropy_forward_backward
@@ -366,6 +367,16 @@ def test_blas_sgemm_from_numba():
             want[:, :n] = 0.5 * opa.astype(np.float64) @ opb + 2.0 * want[:, :n]
             run(SGEMM, ta, tb, a, b, c, np.float32(0.5), np.float32(2.0))
             close(c, want, FWD_TOL)
+
+
+@SETTINGS
+@given(N=st.integers(1, 40), M=st.integers(1, 70), seed=st.integers(0, 2**16))
+def test_bias_add(N, M, seed):
+    rng = rng_of(seed)
+    y, b = randn(rng, N, M), randn(rng, M)
+    want = y.astype(np.float64) + b
+    bias_add(y, b)
+    close(y, want, FWD_TOL)
 
 
 # ---- embedding ------------------------------------------------------------------------------
