@@ -93,6 +93,18 @@ def test_cost_table_and_measured_profile():
     assert [r["layer"] for r in rows] == ["blocks.0", "blocks.1", "blocks.2", "blocks.3", "ln_f + head"]
     assert rows[0]["dx_flops"] == rows[0]["dw_flops"] == rows[0]["kept_bytes"] == 0
     assert rows[3]["dw_flops"] > rows[2]["dw_flops"] > 0       # attention frozen in block 2
+    # bytes: every block moves bytes forward, only blocks in range backward; AdamW 28 bytes
+    # (7 float32 reads and writes) per trainable parameter
+    assert all(r["fwd_bytes"] > 0 for r in rows)
+    assert rows[0]["bwd_bytes"] == rows[1]["bwd_bytes"] == 0 < rows[2]["bwd_bytes"]
+    for r in rows[:4]:
+        trainable = sum(g.size for n, g in m.grads.items() if n.startswith(r["layer"] + "."))
+        assert r["opt_bytes"] == 28 * trainable
+    pred = probes.predicted_ms(rows, 1e9, (1e9, 1e9), 1e9, 1e9)
+    base = probes.predicted_ms(rows, 1e9, (1e9, 1e9))
+    for r, p, b in zip(rows, pred, base):                      # 1 GB/s: bytes / 1e6 ms
+        assert p["fwd"] - b["fwd"] == pytest.approx(r["fwd_bytes"] / 1e6)
+        assert p["opt"] == pytest.approx(r["opt_bytes"] / 1e6) and b["opt"] == 0
     full = probes.block_costs(m, 2, 16, everything=True)
     assert sum(r["dw_flops"] for r in full) > sum(r["dw_flops"] for r in rows)
     text = probes.cost_table(m, 2, 16)
