@@ -20,7 +20,8 @@ import common as C  # noqa: E402
 
 
 def run(args=None) -> dict:
-    args = _parse(args)
+    args = C.parse_args(build_parser(), args)
+    t0 = time.perf_counter()
     C.set_thread_env(args.threads)
     C.quiet_hf()
     C.ensure_repo_on_path()
@@ -70,29 +71,28 @@ def run(args=None) -> dict:
         res["engine_vs_torch"] = res["engine_cache"]["median"] / res["torch_generate"]["median"]
         results[name] = res
     result = {"workload": "generate", "threads": threads, "results": results,
-              "environment": C.environment()}
+              "environment": C.environment(), "elapsed_s": time.perf_counter() - t0}
+    return C.finish(args, result, report)
+
+
+def report(result: dict) -> str:
     rows = [[name, r["prompt_tokens"], r["new_tokens"], C.fmt_range(r["engine_cache"]),
              C.fmt_range(r["engine_no_cache"]), C.fmt_range(r["torch_generate"]),
-             f"{r['cache_speedup']:.2f}x", f"{r['engine_vs_torch']:.2f}x"] for name, r in results.items()]
-    print(C.table(["prompt", "prompt tok", "new tok", "tailtune cache tok/s", "tailtune no-cache tok/s",
-                   "torch generate tok/s", "cache speedup", "tailtune/torch"], rows))
-    if args.json:
-        C.write_json(args.json, result)
-    return result
+             f"{r['cache_speedup']:.2f}x", f"{r['engine_vs_torch']:.2f}x"]
+            for name, r in result["results"].items()]
+    return (C.table(["prompt", "prompt tok", "new tok", "tailtune cache tok/s", "tailtune no-cache tok/s",
+                     "torch generate tok/s", "cache speedup", "tailtune/torch"], rows)
+            + (f"\n({result['elapsed_s']:.0f} s)" if "elapsed_s" in result else ""))
 
 
-def _parse(args):
-    if isinstance(args, argparse.Namespace):
-        return args
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--json", help="write the results here")
-    return ap.parse_args(args)
+    C.add_output_args(ap)
+    return ap
 
 
 if __name__ == "__main__":
-    t0 = time.perf_counter()
     run(sys.argv[1:])
-    print(f"({time.perf_counter() - t0:.0f} s)")

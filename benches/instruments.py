@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -25,7 +26,8 @@ import common as C  # noqa: E402
 
 
 def run(args=None) -> dict:
-    args = _parse(args)
+    args = C.parse_args(build_parser(), args)
+    start = time.perf_counter()
     C.set_thread_env(args.threads)
     C.quiet_hf()
     C.ensure_repo_on_path()
@@ -36,7 +38,7 @@ def run(args=None) -> dict:
     import engine
     from engine import data as D
     from engine.prefix_cache import PrefixCache
-    from engine.probes import Telemetry, measured_costs, measured_table
+    from engine.probes import Telemetry, measured_costs
     C.pin_threads(args.threads, torch=False)
     torch.manual_seed(0)
     tmp = tempfile.mkdtemp()
@@ -87,12 +89,6 @@ def run(args=None) -> dict:
     result["prefix_cache"] = {"seconds_without": t_plain, "seconds_with": t_cache,
                               "speedup": t_plain / t_cache, "flop_bound_speedup": bound,
                               "relative_update_difference": worst, **pc.report()}
-    print(C.table(["", "without cache", "with cache", "speedup", "FLOP bound", "update diff"],
-                  [[f"{args.epochs} epochs x {len(idx)} seq", f"{t_plain:.1f} s", f"{t_cache:.1f} s",
-                    f"{t_plain / t_cache:.2f}x", f"{bound:.2f}x", f"{worst:.1e}"]]))
-    r = pc.report()
-    print(f"prefix: computed at {r['compute_ms_per_example']:.1f} ms per sequence, read at "
-          f"{r['read_ms_per_example']:.3f} ms ({r['compute_ms_per_example'] / r['read_ms_per_example']:.0f}x cheaper)")
 
     # telemetry overhead
     model = engine.load(tmp).train_last(2)
@@ -128,37 +124,52 @@ def run(args=None) -> dict:
                            "telemetry_s": C.summarize(tel_s),
                            "overhead_every_step": share, "overhead_every_10": share / 10,
                            "step_difference": (np.median(times["every step"]) - off) / off}
-    print(f"telemetry: {100 * share:.1f}% of a step when recorded every step ({1e3 * np.median(tel_s):.0f} ms "
-          f"of {off:.2f} s), {10 * share:.1f}% every 10 steps, 0 when off (difference of the step "
-          f"medians: {100 * result['telemetry']['step_difference']:+.1f}%)")
 
     costs = measured_costs(model, 4, 256, steps=9)
-    print(measured_table(model, 4, 256, costs=costs))
     dev = {}
     for r in costs["rows"]:
         for ph in ("fwd", "bwd", "opt"):
             if r[f"{ph}_pred"] >= 1.0:     # ms; below, per-call overhead is all there is
                 dev[f"{r['layer']} {ph}"] = r[f"{ph}_meas"] / r[f"{ph}_pred"] - 1
     worst = max(dev, key=lambda n: abs(dev[n]))
-    print(f"measured / predicted - 1 per layer and phase (predicted >= 1 ms): median {np.median(list(dev.values())):+.0%}, "
-          f"worst {dev[worst]:+.0%} ({worst}); step {costs['step_meas'] / costs['step_pred'] - 1:+.0%}")
     result["cost"] = {**costs, "deviation": dev, "worst": worst}
     result["environment"] = C.environment(("numpy", "numba"))
-    if args.json:
-        C.write_json(args.json, result)
-    return result
+    result["elapsed_s"] = time.perf_counter() - start
+    return C.finish(args, result, report)
 
 
-def _parse(args):
-    if isinstance(args, argparse.Namespace):
-        return args
+def report(result: dict) -> str:
+    C.ensure_repo_on_path()
+    from engine.probes import measured_table
+    p, t, c = result["prefix_cache"], result["telemetry"], result["cost"]
+    dev = c["deviation"]
+    lines = [C.table(["", "without cache", "with cache", "speedup", "FLOP bound", "update diff"],
+                     [[f"{result['epochs']} epochs x {result['sequences']} seq", f"{p['seconds_without']:.1f} s",
+                       f"{p['seconds_with']:.1f} s", f"{p['speedup']:.2f}x", f"{p['flop_bound_speedup']:.2f}x",
+                       f"{p['relative_update_difference']:.1e}"]]),
+             f"prefix: computed at {p['compute_ms_per_example']:.1f} ms per sequence, read at "
+             f"{p['read_ms_per_example']:.3f} ms ({p['compute_ms_per_example'] / p['read_ms_per_example']:.0f}x cheaper)",
+             f"telemetry: {100 * t['overhead_every_step']:.1f}% of a step when recorded every step "
+             f"({1e3 * t['telemetry_s']['median']:.0f} ms of {t['step_s_off']['median']:.2f} s), "
+             f"{100 * t['overhead_every_10']:.1f}% every 10 steps, 0 when off (difference of the step "
+             f"medians: {100 * t['step_difference']:+.1f}%)",
+             measured_table(None, 4, 256, costs=c),
+             f"measured / predicted - 1 per layer and phase (predicted >= 1 ms): median "
+             f"{statistics.median(dev.values()):+.0%}, worst {dev[c['worst']]:+.0%} ({c['worst']}); "
+             f"step {c['step_meas'] / c['step_pred'] - 1:+.0%}"]
+    if "elapsed_s" in result:
+        lines.append(f"({result['elapsed_s']:.0f} s)")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--sequences", type=int, default=16, help="training sequences of 256 tokens")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--json")
-    return ap.parse_args(args)
+    C.add_output_args(ap)
+    return ap
 
 
 if __name__ == "__main__":

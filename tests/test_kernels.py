@@ -183,6 +183,12 @@ def test_rmsnorm_twin_and_torch():
 
 
 # ---- activations ----------------------------------------------------------------------------
+# exp_inplace also returns the sum of the exps; the activations ignore it, and at scale 100 it
+# overflows to inf. Compiled code does that silently, plain Python (NUMBA_DISABLE_JIT) warns.
+_IGNORED_SUM = pytest.mark.filterwarnings("ignore:overflow encountered in scalar add:RuntimeWarning")
+
+
+@_IGNORED_SUM
 @SETTINGS
 @given(n=st.integers(1, 300), seed=st.integers(0, 2**16), scale=st.sampled_from([1.0, 10.0, 100.0]))
 def test_gelu(n, seed, scale):
@@ -206,6 +212,7 @@ def test_gelu_twin_and_torch():
     np.testing.assert_allclose(tx.grad.numpy(), ref.gelu_bwd(dout, x), rtol=1e-10, atol=1e-14)
 
 
+@_IGNORED_SUM
 @SETTINGS
 @given(n=st.integers(1, 300), seed=st.integers(0, 2**16), scale=st.sampled_from([1.0, 10.0, 100.0]))
 def test_swiglu(n, seed, scale):
