@@ -28,18 +28,24 @@ def _linears(block):
 _ADAMW_BYTES = 28   # per trainable parameter: read weight, grad, two moments; write three
 
 
-def _elementwise_bytes(c, N: int, lin: list) -> tuple[int, int]:
-    """float32 bytes moved by a block's elementwise kernels: forward, and backward (input and
-    weight gradients of everything in range; norms and activations read their saved inputs)."""
+def _elementwise_bytes(c, N: int, lin: list, G) -> tuple[int, int]:
+    """float32 bytes moved by a block's elementwise kernels: forward, and backward with every
+    branch run (norms and activations read their saved inputs). G: the trainable names."""
     C, F, Hd, Kd = c.d_model, c.d_ff, c.n_head * c.head_dim, c.n_kv_head * c.head_dim
     swiglu = c.mlp == "swiglu"
     biased = sum(m.n_out for m in lin if m.b)
     rope = 2 * (Hd + Kd) if c.positions == "rope" else 0
     fwd = 2 * 2 * C + 2 * biased + rope + 2 * 3 * C + (3 if swiglu else 2) * F
-    # norms read x, dout and add into dx; the activation reads its inputs and dout; bias grads
-    # read dout; two GEMMs accumulate into dh (read, add, write)
-    bwd = 2 * 4 * C + (5 if swiglu else 3) * F + biased + rope + 2 * 3 * C
-    return 4 * N * fwd, 4 * N * bwd
+    # norms read x, dout and add into dx; the activation reads its inputs and dout; trainable
+    # biases read dout; k, v (and up, beside gate) add their input gradient into the one before
+    # (read, add, write)
+    accumulated = 2 * C + (C if swiglu else 0)
+    bwd = (2 * 4 * C + (5 if swiglu else 3) * F + sum(m.n_out for m in lin if m.b in G) + rope
+           + 3 * accumulated)
+    # a trainable weight's gradient is added into its accumulator: read both, write one, per
+    # element (N-independent)
+    dw_add = 12 * sum(m.n_in * m.n_out for m in lin if m.w in G)
+    return 4 * N * fwd, 4 * N * bwd + dw_add
 
 
 def block_costs(model, B: int, T: int, everything: bool = False) -> list[dict]:
@@ -64,7 +70,7 @@ def block_costs(model, B: int, T: int, everything: bool = False) -> list[dict]:
         if in_range:
             kept = 4 * (N * (5 * C + 2 * Hd + 2 * Kd) + N * F * (3 if c.mlp == "swiglu" else 2)
                         + B * c.n_head * T + 4 * N)
-        ew_f, ew_b = _elementwise_bytes(c, N, lin)
+        ew_f, ew_b = _elementwise_bytes(c, N, lin, G)
         n_train = sum(model.params[n].size for n in b.shapes() if n in G)
         rows.append({"layer": f"blocks.{b.index}", "params": params, "opt_bytes": _ADAMW_BYTES * n_train,
                      "trainable": any(n in G for n in b.shapes()), "fwd_flops": fwd,
@@ -447,7 +453,8 @@ def measured_costs(model, B: int, T: int, steps: int = 3) -> dict:
             out.append({"layer": r["layer"], "fwd_pred": p["fwd"] + p["bwd"],
                         "fwd_meas": ms.get(("head", "forward+input-grad"), 0.0), "bwd_pred": 0.0,
                         "bwd_meas": 0.0, "dw_meas": 0.0, "opt_pred": p["opt"],
-                        "opt_meas": ms.get(("ln_f", "optimizer"), 0.0)})
+                        "opt_meas": ms.get(("ln_f", "optimizer"), 0.0)
+                        + ms.get((_layer_of(model.head), "optimizer"), 0.0)})
             continue
         L = r["layer"]
         out.append({"layer": L, "fwd_pred": p["fwd"], "fwd_meas": ms.get((L, "forward"), 0.0),

@@ -217,8 +217,8 @@ def _backward_head(qf, gf, kf, vf, kt, lse, delta, dqf, dka, dva, T, D, scale):
 # ---- BLAS path: blocks of query rows, each block's products by numpy's OpenBLAS --------------
 # For a block of _QB query rows: S = scale Q K^T over the keys the block can see, the softmax in
 # place, then O = P V; backward recomputes P and makes dP, dQ, dK, dV with four more GEMMs. Only
-# the upper triangle of the diagonal tile is wasted work. Parallel over heads; OpenBLAS runs
-# single-threaded inside each Numba thread.
+# the upper triangle of the diagonal tile is wasted work. Parallel over heads (forward) or
+# (batch, kv head) pairs (backward); OpenBLAS runs single-threaded inside each Numba thread.
 
 _QB = 64   # query rows per block: S (_QB x T) stays in L2 up to T = 1024
 
@@ -344,23 +344,46 @@ def _backward_blas(addr, dout, q, k, v, out, lse, dq, dk, dv):
 
 
 # ---- dispatch ---------------------------------------------------------------------------------
+def _check(q, k, v, out, lse, pos0, named=()):
+    """Shapes and dtypes, before any kernel indexes (or a BLAS call addresses) these arrays."""
+    if q.ndim != 4 or k.ndim != 4:
+        raise ValueError(f"attention: q and k must be 4-D (B, T, heads, D), got {q.shape}, {k.shape}")
+    B, Tq, H, D = q.shape
+    Hkv = k.shape[2]
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D or Hkv == 0 or H % Hkv:
+        raise ValueError(f"attention: k {k.shape} / v {v.shape} do not fit q {q.shape}")
+    if k.shape[1] < pos0 + Tq:
+        raise ValueError(f"attention: {Tq} queries at position {pos0} need {pos0 + Tq} keys, k has {k.shape[1]}")
+    want = {"out": q.shape, "lse": (B, H, Tq), **{n: s for n, (_, s) in named}}
+    arrays = {"q": q, "k": k, "v": v, "out": out, "lse": lse, **{n: a for n, (a, _) in named}}
+    for n, a in arrays.items():
+        if a.dtype != np.float32:
+            raise ValueError(f"attention: {n} must be float32, got {a.dtype}")
+        if n in want and a.shape != want[n]:
+            raise ValueError(f"attention: {n} has shape {a.shape}, expected {want[n]}")
+    return list(arrays.values())
+
+
 def _use_blas(backend, arrays) -> bool:
     if backend is None:
-        backend = "blas" if SGEMM else "numba"
+        backend = "blas" if SGEMM and all(a.flags.c_contiguous for a in arrays) else "numba"
     if backend == "blas":
         if not SGEMM:
-            raise RuntimeError("attention backend 'blas' needs numpy linked to an ILP64 OpenBLAS")
-        if all(a.flags.c_contiguous for a in arrays):
-            single_threaded()
-            return True
-    elif backend != "numba":
+            raise RuntimeError("attention backend 'blas' needs compiled kernels (not NUMBA_DISABLE_JIT) "
+                               "and numpy linked to an ILP64 OpenBLAS")
+        if not all(a.flags.c_contiguous for a in arrays):
+            raise ValueError("attention backend 'blas' needs C-contiguous arrays")
+        single_threaded()
+        return True
+    if backend != "numba":
         raise ValueError(f"unknown attention backend {backend!r} (blas, numba)")
     return False
 
 
 def attention_forward(q, k, v, out, lse, pos0, backend=None):
     """out = softmax(q k^T / sqrt(D), causal) v; lse per query row. See the module docstring."""
-    if _use_blas(backend, (q, k, v, out, lse)):
+    arrays = _check(q, k, v, out, lse, pos0)
+    if _use_blas(backend, arrays):
         _forward_blas(SGEMM, q, k, v, out, lse, pos0)
     else:
         _forward_numba(q, k, v, out, lse, pos0)
@@ -368,7 +391,11 @@ def attention_forward(q, k, v, out, lse, pos0, backend=None):
 
 def attention_backward(dout, q, k, v, out, lse, dq, dk, dv, backend=None):
     """Training only (pos0 = 0, Tk = Tq). dq, dk, dv written (not accumulated)."""
-    if _use_blas(backend, (dout, q, k, v, out, lse, dq, dk, dv)):
+    if k.ndim == 4 and q.ndim == 4 and k.shape[1] != q.shape[1]:
+        raise ValueError(f"attention backward: k has {k.shape[1]} positions, q {q.shape[1]} (no KV cache in training)")
+    arrays = _check(q, k, v, out, lse, 0, (("dout", (dout, q.shape)), ("dq", (dq, q.shape)),
+                                           ("dk", (dk, k.shape)), ("dv", (dv, k.shape))))
+    if _use_blas(backend, arrays):
         _backward_blas(SGEMM, dout, q, k, v, out, lse, dq, dk, dv)
     else:
         _backward_numba(dout, q, k, v, out, lse, dq, dk, dv)

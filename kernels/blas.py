@@ -2,8 +2,9 @@
 
 - `single_threaded()`: OpenBLAS runs one thread per call; the engine splits work over its own
   threads (one threading runtime at a time, see matmul.py).
-- `SGEMM`: the address of numpy's `cblas_sgemm` (ILP64 scipy-openblas, what numpy >= 2 wheels
-  ship), or 0 when numpy is linked to another BLAS; kernels then use their Numba fallback.
+- `SGEMM`: the address of an ILP64 `cblas_sgemm` from the loaded OpenBLAS libraries, numpy's own
+  first (scipy-openblas64, what numpy >= 2 wheels ship), or 0 when there is none (numpy linked to
+  MKL or Accelerate, or NUMBA_DISABLE_JIT); kernels then use their Numba fallback.
 - `sgemm(addr, ...)`: a Numba intrinsic that calls that address. The address is a run-time
   argument, not a constant baked into the code, so kernels that use it stay in the on-disk cache.
   Pointers are byte addresses (`array.ctypes.data + offset * 4`); row-major throughout.
@@ -38,7 +39,7 @@ def _numpy_blas_dirs() -> list:
 
 
 def _libs():
-    paths = _loaded_openblas()
+    paths = sorted(_loaded_openblas(), key=lambda p: "numpy" not in p)   # numpy's own first
     if not paths:
         for d in _numpy_blas_dirs():
             if os.path.isdir(d):
@@ -53,7 +54,8 @@ def _libs():
 
 
 def _find_sgemm() -> int:
-    if os.environ.get("NUMBA_DISABLE_JIT", "0") not in ("", "0"):
+    from numba import config
+    if config.DISABLE_JIT:
         return 0   # the intrinsic needs compiled code
     for lib in _libs():
         for sym in ("scipy_cblas_sgemm64_", "cblas_sgemm64_"):   # 64-bit integer interfaces only
@@ -70,9 +72,10 @@ _single = False
 
 
 def single_threaded():
-    """Set every loaded OpenBLAS to one thread through its C API (as threadpoolctl does). There
-    can be several: numpy's, and scipy's once Numba has loaded it; missing numpy's one leaves
-    its threads spinning inside our pool (measured: 1.3x to 3x slower steps)."""
+    """Set every OpenBLAS loaded now to one thread through its C API (as threadpoolctl does),
+    once per process: the first GEMM or attention call does it, after `import engine` has loaded
+    numpy and Numba (and with it scipy's OpenBLAS, when scipy is installed). Missing numpy's one
+    leaves its threads spinning inside our pool (measured: 1.3x to 3x slower steps)."""
     global _single
     if _single:
         return

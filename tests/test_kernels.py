@@ -346,10 +346,58 @@ def test_attention_long_sequence(backend):
         close(got, want, dict(rtol=1e-3, atol=1e-4))
 
 
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
+def test_attention_blocks_cache_and_groups(backend):
+    """Several 64-row query blocks, after 37 cached positions, with batch and kv-head groups;
+    keys and values past the queries must never be read; then backward over several blocks."""
+    rng = rng_of(11)
+    B, T, H, Hkv, D, past = 2, 150, 4, 2, 4, 37
+    q = randn(rng, B, T, H, D)
+    k, v = randn(rng, B, past + T + 5, Hkv, D), randn(rng, B, past + T + 5, Hkv, D)
+    k[:, past + T:] = np.nan
+    v[:, past + T:] = np.nan
+    out, lse = np.empty_like(q), np.empty((B, H, T), np.float32)
+    attention_forward(q, k, v, out, lse, past, backend=backend)
+    rout, rlse = ref.attention_fwd(q, k, v, pos0=past)
+    close(out, rout, dict(rtol=1e-4, atol=1e-5))
+    close(lse, rlse, dict(rtol=1e-5, atol=1e-5))
+    k, v, dout = k[:, :T].copy(), v[:, :T].copy(), randn(rng, B, T, H, D)
+    out = np.empty_like(q)
+    attention_forward(q, k, v, out, lse, 0, backend=backend)
+    grads = np.full_like(q, 7.0), np.full_like(k, 7.0), np.full_like(v, 7.0)   # written, not added
+    attention_backward(dout, q, k, v, out, lse, *grads, backend=backend)
+    for got, want in zip(grads, ref.attention_bwd(dout, q, k, v)):
+        close(got, want, dict(rtol=1e-3, atol=1e-4), scale=np.abs(want).max() + 1)
+
+
+def test_attention_rejects_bad_arrays():
+    """Checked before any kernel (or a BLAS call through a raw pointer) touches the arrays."""
+    q = np.zeros((1, 4, 2, 8), np.float32)
+    k = np.zeros((1, 4, 1, 8), np.float32)
+    lse = np.empty((1, 2, 4), np.float32)
+    cases = [((q.astype(np.float64), k, k, np.empty_like(q, np.float64), lse, 0), "float32"),
+             ((q, k, k, np.empty_like(q), np.empty((1, 2, 3), np.float32), 0), "lse has shape"),
+             ((q, k, k, np.empty_like(q), lse, 1), "need 5 keys"),
+             ((q, np.zeros((1, 4, 3, 8), np.float32), np.zeros((1, 4, 3, 8), np.float32),
+               np.empty_like(q), lse, 0), "do not fit")]
+    for args, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            attention_forward(*args)
+    kc = np.zeros((1, 9, 1, 8), np.float32)   # a cache-shaped k: not for training
+    with pytest.raises(ValueError, match="no KV cache in training"):
+        attention_backward(q, q, kc, kc, q, lse, q.copy(), kc.copy(), kc.copy())
+    if JIT:
+        with pytest.raises(ValueError, match="C-contiguous"):
+            attention_forward(q[:, ::2], k[:, ::2], k[:, ::2], np.empty((1, 2, 2, 8), np.float32),
+                              np.empty((1, 2, 2), np.float32), 0, backend="blas")
+
+
 def test_blas_sgemm_from_numba():
     """The intrinsic calls numpy's cblas_sgemm with every transpose and strided leading dims."""
-    if not JIT:
-        assert SGEMM == 0   # plain Python cannot run the intrinsic; the kernels fall back
+    if not JIT:   # plain Python cannot run the intrinsic: asking for the BLAS path says why
+        q = np.zeros((1, 2, 1, 4), np.float32)
+        with pytest.raises(RuntimeError, match="NUMBA_DISABLE_JIT"):
+            attention_forward(q, q, q, np.empty_like(q), np.empty((1, 1, 2), np.float32), 0, backend="blas")
         return
     assert SGEMM, "numpy's OpenBLAS (ILP64 cblas_sgemm) not found: attention runs its fallback"
     from kernels.jit import jit
@@ -366,10 +414,10 @@ def test_blas_sgemm_from_numba():
     for ta in (NOTRANS, TRANS):
         for tb in (NOTRANS, TRANS):
             a = randn(rng, m, k + 2) if ta == NOTRANS else randn(rng, k, m)   # spare columns: lda > k
-            b = randn(rng, k, n) if tb == NOTRANS else randn(rng, n, k)
+            b = randn(rng, k, n + 1) if tb == NOTRANS else randn(rng, n, k + 4)   # ldb > width
             c = randn(rng, m, n + 3)
             opa = a[:, :k] if ta == NOTRANS else a.T
-            opb = b if tb == NOTRANS else b.T
+            opb = b[:, :n] if tb == NOTRANS else b[:, :k].T
             want = c.astype(np.float64)
             want[:, :n] = 0.5 * opa.astype(np.float64) @ opb + 2.0 * want[:, :n]
             run(SGEMM, ta, tb, a, b, c, np.float32(0.5), np.float32(2.0))

@@ -97,6 +97,7 @@ def test_cost_table_and_measured_profile():
     # (7 float32 reads and writes) per trainable parameter
     assert all(r["fwd_bytes"] > 0 for r in rows)
     assert rows[0]["bwd_bytes"] == rows[1]["bwd_bytes"] == 0 < rows[2]["bwd_bytes"]
+    assert rows[2]["bwd_bytes"] < rows[3]["bwd_bytes"]         # frozen attention: no dW to add in
     for r in rows[:4]:
         trainable = sum(g.size for n, g in m.grads.items() if n.startswith(r["layer"] + "."))
         assert r["opt_bytes"] == 28 * trainable
