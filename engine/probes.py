@@ -4,8 +4,9 @@ FLOP model (multiply-add = 2 FLOPs; N = B * T tokens):
   linear forward 2 N in out; its input gradient the same; its weight gradient the same
   causal attention forward 2 * (2 B H T^2 D / 2) (scores and weighted sum over the lower
   triangle); backward 2.5x that (scores recomputed, then four products)
-A block below the lowest trainable one runs forward only; the lowest trainable block needs no
-input gradient at its own input; frozen weights inside the range cost no weight gradient.
+A block below the lowest trainable one runs forward only; inside the range, backward runs only
+the parts that lead to a trainable parameter or to the block's input (the lowest trainable block
+needs no gradient at its own input); frozen weights cost no weight gradient.
 Byte model (elementwise kernels: norms, activation, biases, rope, residual adds, the loss over
 the logits): float32 bytes read and written, from shapes; their time is bytes / the rate those
 kernels reach now (elementwise_rate). GEMM and attention operands are not counted there.
@@ -28,20 +29,46 @@ def _linears(block):
 _ADAMW_BYTES = 28   # per trainable parameter: read weight, grad, two moments; write three
 
 
-def _elementwise_bytes(c, N: int, lin: list, G) -> tuple[int, int]:
-    """float32 bytes moved by a block's elementwise kernels: forward, and backward with every
-    branch run (norms and activations read their saved inputs). G: the trainable names."""
+def _backward_plan(b, G, need_dx: bool) -> dict:
+    """Which parts of Block.backward run (the same tests as engine/layers.py): a part runs only
+    when it leads to a trainable parameter or to the block's input."""
+    tr = lambda *ms: any(n in G for m in ms if m is not None for n in m.names())  # noqa: E731
+    attn = need_dx or tr(b.ln1, b.q, b.k, b.v, b.o)
+    mlp = attn or tr(b.ln2, b.gate, b.up, b.down)
+    need_h2 = mlp and (attn or tr(b.ln2))
+    need_act = mlp and (need_h2 or tr(b.gate, b.up))
+    need_h = attn and (need_dx or tr(b.ln1))
+    need_qkv = attn and (need_h or tr(b.q, b.k, b.v))
+    return dict(mlp=mlp, attn=attn, need_h2=need_h2, need_act=need_act, need_h=need_h,
+                need_qkv=need_qkv)
+
+
+def _input_grad_flops(b, N: int, plan: dict, attn_fwd: float) -> float:
+    lin = lambda *ms: sum(2 * N * m.n_in * m.n_out for m in ms if m is not None)  # noqa: E731
+    return ((lin(b.down) if plan["need_act"] else 0) + (lin(b.gate, b.up) if plan["need_h2"] else 0)
+            + (lin(b.o) + 2.5 * attn_fwd if plan["need_qkv"] else 0)
+            + (lin(b.q, b.k, b.v) if plan["need_h"] else 0))
+
+
+def _elementwise_bytes(c, N: int, b, G, plan: dict | None) -> tuple[int, int]:
+    """float32 bytes moved by a block's elementwise kernels: forward, and backward (plan: the
+    parts that run, None: no backward); norms and activations read their saved inputs."""
     C, F, Hd, Kd = c.d_model, c.d_ff, c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+    lin = _linears(b)
     swiglu = c.mlp == "swiglu"
     biased = sum(m.n_out for m in lin if m.b)
     rope = 2 * (Hd + Kd) if c.positions == "rope" else 0
     fwd = 2 * 2 * C + 2 * biased + rope + 2 * 3 * C + (3 if swiglu else 2) * F
+    if plan is None:
+        return 4 * N * fwd, 0
     # norms read x, dout and add into dx; the activation reads its inputs and dout; trainable
     # biases read dout; k, v (and up, beside gate) add their input gradient into the one before
     # (read, add, write)
-    accumulated = 2 * C + (C if swiglu else 0)
-    bwd = (2 * 4 * C + (5 if swiglu else 3) * F + sum(m.n_out for m in lin if m.b in G) + rope
-           + 3 * accumulated)
+    bwd = ((4 * C + (3 * C if swiglu else 0) if plan["need_h2"] else 0)
+           + (4 * C + 3 * 2 * C if plan["need_h"] else 0)
+           + ((5 if swiglu else 3) * F if plan["need_act"] else 0)
+           + (rope if plan["need_qkv"] else 0)
+           + sum(m.n_out for m in lin if m.b in G))
     # a trainable weight's gradient is added into its accumulator: read both, write one, per
     # element (N-independent)
     dw_add = 12 * sum(m.n_in * m.n_out for m in lin if m.w in G)
@@ -63,20 +90,21 @@ def block_costs(model, B: int, T: int, everything: bool = False) -> list[dict]:
         params = sum(model.params[n].size for n in b.shapes())
         fwd = sum(2 * N * m.n_in * m.n_out for m in lin) + attn_fwd
         in_range = b.index >= low
-        dx = (sum(2 * N * m.n_in * m.n_out for m in lin) + 2.5 * attn_fwd) if in_range else 0
+        plan = _backward_plan(b, G, b.index > low) if in_range else None
+        dx = _input_grad_flops(b, N, plan, attn_fwd) if in_range else 0
         dw = sum(2 * N * m.n_in * m.n_out for m in lin if m.w in G) if in_range else 0
         F, C, Hd, Kd = c.d_ff, c.d_model, c.n_head * c.head_dim, c.n_kv_head * c.head_dim
         kept = 0
         if in_range:
             kept = 4 * (N * (5 * C + 2 * Hd + 2 * Kd) + N * F * (3 if c.mlp == "swiglu" else 2)
                         + B * c.n_head * T + 4 * N)
-        ew_f, ew_b = _elementwise_bytes(c, N, lin, G)
+        ew_f, ew_b = _elementwise_bytes(c, N, b, G, plan)
         n_train = sum(model.params[n].size for n in b.shapes() if n in G)
         rows.append({"layer": f"blocks.{b.index}", "params": params, "opt_bytes": _ADAMW_BYTES * n_train,
                      "trainable": any(n in G for n in b.shapes()), "fwd_flops": fwd,
                      "dx_flops": dx, "dw_flops": dw, "kept_bytes": kept,
-                     "fwd_bytes": ew_f, "bwd_bytes": ew_b if in_range else 0,
-                     "attn_fwd_flops": attn_fwd, "attn_bwd_flops": 2.5 * attn_fwd if in_range else 0})
+                     "fwd_bytes": ew_f, "bwd_bytes": ew_b, "attn_fwd_flops": attn_fwd,
+                     "attn_bwd_flops": 2.5 * attn_fwd if plan and plan["need_qkv"] else 0})
     head = 2 * N * c.d_model * c.vocab_size
     n_train = sum(model.params[n].size for n in ("ln_f.weight", "ln_f.bias", model.head) if n in G)
     rows.append({"layer": "ln_f + head", "opt_bytes": _ADAMW_BYTES * n_train,

@@ -124,3 +124,35 @@ def test_inspect_command(tmp_path, capsys):
                 "--measure"]) == 0
     out = capsys.readouterr().out
     assert "blocks.3" in out and "measured" in out and "full fine-tuning" in out
+
+
+@pytest.mark.parametrize("frozen", [(), ("blocks.2.attn.*",), ("blocks.2.attn.*", "blocks.2.ln1.*"),
+                                    ("blocks.2.*", "blocks.3.attn.*", "blocks.3.ln*")])
+def test_predicted_input_grad_flops_match_what_backward_runs(monkeypatch, frozen):
+    """The FLOP model's input-gradient work against the GEMMs and attention backwards a real
+    backward makes, counted by wrapping the kernels the blocks call."""
+    from engine import layers
+    m = tiny().train_last(2)
+    if frozen:                  # freeze() without patterns would freeze everything
+        m.freeze(*frozen)
+    B, T = 2, 16
+    rows = probes.block_costs(m, B, T)
+    gemm_flops, attn_calls = [0], [0]
+    real_nn, real_attn = layers.gemm_nn, layers.attention_backward
+
+    def nn(a, b, out, accumulate=False):
+        gemm_flops[0] += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        real_nn(a, b, out, accumulate)
+
+    def attn(*args):
+        attn_calls[0] += 1
+        real_attn(*args)
+
+    monkeypatch.setattr(layers, "gemm_nn", nn)
+    monkeypatch.setattr(layers, "attention_backward", attn)
+    tokens = np.random.default_rng(0).integers(0, 257, (B, T))
+    m.forward(tokens, tokens)
+    m.backward()
+    blocks = rows[:-1]
+    assert gemm_flops[0] == sum(r["dx_flops"] - r["attn_bwd_flops"] for r in blocks)
+    assert attn_calls[0] == sum(r["attn_bwd_flops"] > 0 for r in blocks)
