@@ -332,20 +332,6 @@ def measure(model, B: int, T: int, steps: int = 3, seed: int = 0, between=None) 
     return {"step_ms": 1e3 * float(np.median(totals)), "ms": ms}
 
 
-def matmul_rate(seconds: float = 0.5) -> float:
-    """numpy.matmul FLOP/s on this machine now (a 1024 x 768 x 3072 float32 GEMM)."""
-    from kernels.matmul import gemm_nt
-    a = np.ones((1024, 768), np.float32)
-    b = np.ones((3072, 768), np.float32)
-    out = np.empty((1024, 3072), np.float32)
-    gemm_nt(a, b, out)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        gemm_nt(a, b, out)
-        n += 1
-    return 2 * 1024 * 768 * 3072 * n / (time.perf_counter() - t0)
-
-
 class ModelGemmRate:
     """FLOP/s of the forward GEMMs of this model's own linear layers at B x T rows, a few blocks
     per sample, rotating through the model: weights come from memory as in a step (a small

@@ -52,6 +52,35 @@ def _products(a, lda, b, ldb, rows_b, n, out, ld):
         j += 2
 
 
+@jit
+def _softmax_row(row, vis, bits):
+    """row[:vis] becomes softmax probabilities, row[vis:] zero (masked keys); returns the
+    log-sum-exp. Shared by both paths' forward."""
+    mx = row[0]
+    for j in range(vis):
+        mx = max(mx, row[j])
+    for j in range(vis):
+        row[j] -= mx
+    total = exp_inplace(row[:vis], bits)
+    inv = np.float32(1.0) / total
+    for j in range(vis):
+        row[j] *= inv
+    for j in range(vis, row.shape[0]):
+        row[j] = np.float32(0.0)
+    return mx + np.log(total)
+
+
+@jit
+def _probabilities_row(row, vis, lse, bits):
+    """Scores to probabilities again from the saved log-sum-exp: row[:vis] = exp(row - lse),
+    row[vis:] zero. Shared by both paths' backward."""
+    for j in range(vis):
+        row[j] -= lse
+    exp_inplace(row[:vis], bits)
+    for j in range(vis, row.shape[0]):
+        row[j] = np.float32(0.0)
+
+
 @pjit
 def _forward_numba(q, k, v, out, lse, pos0):
     B, Tq, H, D = q.shape
@@ -99,20 +128,7 @@ def _forward_head(qf, kf, vt, o, lse, Tq, Tk, D, pos0):
                 for j in range(n):
                     s[r * Tk + j] = np.float32(0.0)
                 continue
-            m_ = pos0 + i + 1                  # keys this row may see
-            row = s[r * Tk:r * Tk + m_]
-            mx = row[0]
-            for j in range(m_):
-                mx = max(mx, row[j])
-            for j in range(m_):
-                row[j] -= mx
-            total = exp_inplace(row, bits)
-            inv = np.float32(1.0) / total
-            for j in range(m_):
-                row[j] *= inv
-            for j in range(m_, n):
-                s[r * Tk + j] = np.float32(0.0)
-            lse[i] = mx + np.log(total)
+            lse[i] = _softmax_row(s[r * Tk:r * Tk + n], pos0 + i + 1, bits)   # keys 0 .. pos0 + i
         _products(s, Tk, vt, Tk, D, n, ob, D)   # o[r, d] = dot(p_r[:n], vt[d, :n])
         for r in range(_R):
             for d in range(D):
@@ -184,12 +200,7 @@ def _backward_head(qf, gf, kf, vf, kt, lse, delta, dqf, dka, dva, T, D, scale):
                 for j in range(n):
                     row[j] = np.float32(0.0)
                 continue
-            li = lse[i]
-            for j in range(i + 1):
-                row[j] -= li
-            exp_inplace(row[:i + 1], bits)
-            for j in range(i + 1, n):
-                row[j] = np.float32(0.0)
+            _probabilities_row(row, i + 1, lse[i], bits)
         for r in range(_R):
             dl = delta[i0 + r]
             pr = p[r * T:r * T + n]
@@ -224,28 +235,6 @@ _QB = 64   # query rows per block: S (_QB x T) stays in L2 up to T = 1024
 
 
 @jit
-def _softmax_rows(S, n, first, lse_row, bits):
-    """Rows r of S (r-th row: S[r * n : r * n + n]) become probabilities over their first
-    first + r + 1 entries (the rest zero); lse_row[r] gets the log-sum-exp."""
-    m = S.shape[0] // n
-    for r in range(m):
-        vis = first + r + 1
-        row = S[r * n:r * n + vis]
-        mx = row[0]
-        for j in range(vis):
-            mx = max(mx, row[j])
-        for j in range(vis):
-            row[j] -= mx
-        total = exp_inplace(row, bits)
-        inv = np.float32(1.0) / total
-        for j in range(vis):
-            row[j] *= inv
-        for j in range(vis, n):
-            S[r * n + j] = np.float32(0.0)
-        lse_row[r] = mx + np.log(total)
-
-
-@jit
 def _forward_head_blas(addr, q, k, v, out, lse, b, h, pos0, S, bits):
     _, Tq, H, D = q.shape
     Hkv = k.shape[2]
@@ -262,7 +251,8 @@ def _forward_head_blas(addr, q, k, v, out, lse, b, h, pos0, S, bits):
         Sb = S[:m * n]
         sgemm(addr, NOTRANS, TRANS, m, n, D, scale, qp + i0 * H * D * 4, H * D,
               kp, Hkv * D, np.float32(0.0), Sb.ctypes.data, n)
-        _softmax_rows(Sb, n, pos0 + i0, lse[b, h, i0:i0 + m], bits)
+        for r in range(m):
+            lse[b, h, i0 + r] = _softmax_row(Sb[r * n:(r + 1) * n], pos0 + i0 + r + 1, bits)
         sgemm(addr, NOTRANS, NOTRANS, m, D, n, np.float32(1.0), Sb.ctypes.data, n,
               vp, Hkv * D, np.float32(0.0), op + i0 * H * D * 4, H * D)
 
@@ -311,17 +301,13 @@ def _backward_group_blas(addr, dout, q, k, v, out, lse, dq, dk, dv, b, g, P, dP,
             sgemm(addr, NOTRANS, TRANS, m, n, D, one, gp, H * D, vp, Hkv * D, zero, dPb.ctypes.data, n)
             for r in range(m):                                   # P = exp(S - lse), dS = P (dP - delta)
                 vis = i0 + r + 1
-                row = Pb[r * n:r * n + vis]
-                li = lse[b, h, i0 + r]
-                for j in range(vis):
-                    row[j] -= li
-                exp_inplace(row, bits)
+                row = Pb[r * n:(r + 1) * n]
+                _probabilities_row(row, vis, lse[b, h, i0 + r], bits)
                 dl = delta[i0 + r]
-                drow = dPb[r * n:r * n + n]
+                drow = dPb[r * n:(r + 1) * n]
                 for j in range(vis):
                     drow[j] = row[j] * (drow[j] - dl)
                 for j in range(vis, n):
-                    Pb[r * n + j] = zero
                     drow[j] = zero
             # dQ = scale dS K;  dK += scale dS^T Q;  dV += P^T dO
             sgemm(addr, NOTRANS, NOTRANS, m, D, n, scale, dPb.ctypes.data, n, kp, Hkv * D, zero,
@@ -344,7 +330,7 @@ def _backward_blas(addr, dout, q, k, v, out, lse, dq, dk, dv):
 
 
 # ---- dispatch ---------------------------------------------------------------------------------
-def _check(q, k, v, out, lse, pos0, named=()):
+def _check(q, k, v, out, lse, pos0, named=(), training=False):
     """Shapes and dtypes, before any kernel indexes (or a BLAS call addresses) these arrays."""
     if q.ndim != 4 or k.ndim != 4:
         raise ValueError(f"attention: q and k must be 4-D (B, T, heads, D), got {q.shape}, {k.shape}")
@@ -354,6 +340,8 @@ def _check(q, k, v, out, lse, pos0, named=()):
         raise ValueError(f"attention: k {k.shape} / v {v.shape} do not fit q {q.shape}")
     if k.shape[1] < pos0 + Tq:
         raise ValueError(f"attention: {Tq} queries at position {pos0} need {pos0 + Tq} keys, k has {k.shape[1]}")
+    if training and k.shape[1] != Tq:
+        raise ValueError(f"attention backward: k has {k.shape[1]} positions, q {Tq} (no KV cache in training)")
     want = {"out": q.shape, "lse": (B, H, Tq), **{n: s for n, (_, s) in named}}
     arrays = {"q": q, "k": k, "v": v, "out": out, "lse": lse, **{n: a for n, (a, _) in named}}
     for n, a in arrays.items():
@@ -391,10 +379,8 @@ def attention_forward(q, k, v, out, lse, pos0, backend=None):
 
 def attention_backward(dout, q, k, v, out, lse, dq, dk, dv, backend=None):
     """Training only (pos0 = 0, Tk = Tq). dq, dk, dv written (not accumulated)."""
-    if k.ndim == 4 and q.ndim == 4 and k.shape[1] != q.shape[1]:
-        raise ValueError(f"attention backward: k has {k.shape[1]} positions, q {q.shape[1]} (no KV cache in training)")
     arrays = _check(q, k, v, out, lse, 0, (("dout", (dout, q.shape)), ("dq", (dq, q.shape)),
-                                           ("dk", (dk, k.shape)), ("dv", (dv, k.shape))))
+                                           ("dk", (dk, k.shape)), ("dv", (dv, k.shape))), training=True)
     if _use_blas(backend, arrays):
         _backward_blas(SGEMM, dout, q, k, v, out, lse, dq, dk, dv)
     else:
