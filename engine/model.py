@@ -41,7 +41,6 @@ class Model:
         self.grads: dict[str, np.ndarray] = {}
         self._optimizers = weakref.WeakSet()
         self._tape = None
-        self._logits = None   # the head's logits chunk, kept across steps (see _logit_buffer)
         self._rope = None
         self.last_backward_blocks: list[int] = []  # blocks the last backward ran through, top first
         self.unfreeze()
@@ -313,7 +312,7 @@ class Model:
         if need_dw:
             R = N if N * V <= 4 * _LOGIT_CHUNK else R   # fewer passes over the (V, C) gradient
         R = -(-N // -(-N // R))   # equal chunks: 512 + 512 rows, not 682 + 342 (a short GEMM is slow)
-        logits = self._logit_buffer(R, V)
+        logits = np.empty((R, V), np.float32)
         losses = np.empty(N, np.float32)
         lse = np.empty(N, np.float32)
         dh = np.empty_like(h) if need_dh else None
@@ -332,17 +331,6 @@ class Model:
                 crossentropy_forward(lg, targets[r0:r1], losses[r0:r1], lse[r0:r1])
         loss = float(losses.sum(dtype=np.float64) / n_valid) if n_valid else float("nan")
         return loss, dh, dw
-
-    def _logit_buffer(self, rows: int, V: int):
-        """(rows, V) float32 scratch that lives as long as the model. A new 128 MiB array each
-        step is mapped fresh from the OS (glibc maps blocks this large anew every time), and its
-        page faults cost ~0.2 s of a 4 s SmolLM2 step: the first head GEMM ran at 72 GFLOP/s
-        against 112 for the second, which reused the pages."""
-        buf = self._logits
-        if buf is None or buf.shape[0] < rows or buf.shape[1] != V:
-            self._logits = None   # let the old one go before the new one is made
-            buf = self._logits = np.empty((rows, V), np.float32)
-        return buf[:rows]
 
     def backward(self):
         """Fill self.grads (accumulating) from the last forward(tokens, targets)."""

@@ -1,5 +1,5 @@
-"""The fused LM head + cross-entropy works over row chunks with a logits buffer kept across
-steps: any chunking, any order of batch sizes, must give what one chunk gives."""
+"""The fused LM head + cross-entropy works over equal row chunks so that (B, T, V) logits never
+exist: any chunking, any order of batch sizes, must give what one chunk gives."""
 import numpy as np
 import pytest
 
@@ -24,7 +24,7 @@ def _loss_and_grads(m, tokens, targets):
 def test_chunked_head_matches_one_chunk(monkeypatch, rows):
     rng = np.random.default_rng(0)
     batches = []
-    for B, T in ((3, 16), (1, 9), (4, 16)):   # grow, shrink, grow past the buffer again
+    for B, T in ((3, 16), (1, 9), (4, 16)):   # several chunks, one, several again
         tokens = rng.integers(0, 97, (B, T))
         targets = rng.integers(0, 97, (B, T))
         targets[0, :4] = model_mod.IGNORE            # rows without a loss inside a chunk
