@@ -26,6 +26,14 @@ _LOGIT_CHUNK = 1 << 25   # floats of logits alive at once in the fused head + lo
                          # fewer, taller GEMMs (measured 80 -> 135 GFLOP/s from 166 to 667 rows)
 
 
+def head_chunk_rows(N: int, V: int, need_dw: bool) -> int:
+    """Rows per chunk of the fused head + loss over N rows and a vocabulary of V."""
+    R = max(1, min(N, _LOGIT_CHUNK // V))
+    if need_dw:
+        R = N if N * V <= 4 * _LOGIT_CHUNK else R   # fewer passes over the (V, C) gradient
+    return -(-N // -(-N // R))   # equal chunks: 512 + 512 rows, not 682 + 342 (a short GEMM is slow)
+
+
 class Model:
     def __init__(self, config: Config, params: dict | None = None, seed: int = 0):
         from .warmup import ensure_compiled
@@ -308,10 +316,7 @@ class Model:
         N, V = h.shape[0], W.shape[0]
         n_valid = int((targets >= 0).sum())
         scale = 1.0 / n_valid if n_valid else 0.0
-        R = max(1, min(N, _LOGIT_CHUNK // V))
-        if need_dw:
-            R = N if N * V <= 4 * _LOGIT_CHUNK else R   # fewer passes over the (V, C) gradient
-        R = -(-N // -(-N // R))   # equal chunks: 512 + 512 rows, not 682 + 342 (a short GEMM is slow)
+        R = head_chunk_rows(N, V, need_dw)
         logits = np.empty((R, V), np.float32)
         losses = np.empty(N, np.float32)
         lse = np.empty(N, np.float32)
@@ -341,15 +346,20 @@ class Model:
         self._tape = None
         P, G = self.params, self.grads
         self.last_backward_blocks = []
+        prof = layers.PROFILE
+        t0 = perf_counter() if prof else 0.0
         if tape["dw"] is not None:
             G[self.head] += tape["dw"]
         dh = tape["dh"]
-        if dh is None:
+        dx = None
+        if dh is not None:
+            dx = np.zeros_like(dh)                       # (N, C)
+            self.ln_f.backward(P, G, dh, tape["x"], tape["st"], dx)
+        if prof:   # the head's share of backward: its dW added in, the final norm's backward
+            prof.add("head", "backward", perf_counter() - t0)
+        if dx is None:
             return
-        dx = np.zeros_like(dh)                           # (N, C)
-        self.ln_f.backward(P, G, dh, tape["x"], tape["st"], dx)
         low = tape["low"]
-        prof = layers.PROFILE
         for b in reversed(self.blocks):
             if b.index < low or dx is None:
                 break

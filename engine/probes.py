@@ -21,6 +21,8 @@ import numpy as np
 
 from kernels import stats
 
+from .model import head_chunk_rows
+
 
 def _linears(block):
     return [m for m in (block.q, block.k, block.v, block.o, block.gate, block.up, block.down) if m]
@@ -106,14 +108,24 @@ def block_costs(model, B: int, T: int, everything: bool = False) -> list[dict]:
                      "fwd_bytes": ew_f, "bwd_bytes": ew_b, "attn_fwd_flops": attn_fwd,
                      "attn_bwd_flops": 2.5 * attn_fwd if plan and plan["need_qkv"] else 0})
     head = 2 * N * c.d_model * c.vocab_size
+    need_dh = low < c.n_layer or "ln_f.weight" in G
+    need_dw = model.head in G
+    VC = c.vocab_size * c.d_model
+    chunks = -(-N // head_chunk_rows(N, c.vocab_size, need_dw))
     n_train = sum(model.params[n].size for n in ("ln_f.weight", "ln_f.bias", model.head) if n in G)
     rows.append({"layer": "ln_f + head", "opt_bytes": _ADAMW_BYTES * n_train,
-                 "params": c.d_model + c.vocab_size * c.d_model * (0 if c.tie_embeddings else 1),
+                 "params": c.d_model + VC * (0 if c.tie_embeddings else 1),
                  "trainable": any(n in G for n in ("ln_f.weight", model.head)),
-                 "fwd_flops": head, "dx_flops": head if low < c.n_layer or "ln_f.weight" in G else 0,
-                 "dw_flops": head if model.head in G else 0, "kept_bytes": 4 * N * c.d_model * 2,
-                 # final norm, then the loss reads the logits and writes their gradient in place
-                 "fwd_bytes": 4 * N * (2 * c.d_model + 2 * c.vocab_size), "bwd_bytes": 0,
+                 "fwd_flops": head, "dx_flops": head if need_dh else 0,
+                 "dw_flops": head if need_dw else 0, "kept_bytes": 4 * N * c.d_model * 2,
+                 # the fused head + loss (its dx and dW GEMMs run there too): the final norm, the
+                 # loss reading the logits and writing their gradient in place; a trainable
+                 # head's gradient zeroed, then each chunk's added in
+                 "fwd_bytes": 4 * N * (2 * c.d_model + 2 * c.vocab_size)
+                 + ((4 + 12 * chunks) * VC if need_dw else 0),
+                 # in backward(): that gradient added into the accumulator; the final norm's
+                 # backward reads x and dout and adds into a zeroed dx
+                 "bwd_bytes": (12 * VC if need_dw else 0) + (4 * N * 5 * c.d_model if need_dh else 0),
                  "attn_fwd_flops": 0, "attn_bwd_flops": 0})
     return rows
 
@@ -464,9 +476,12 @@ def measured_costs(model, B: int, T: int, steps: int = 3) -> dict:
     out = []
     for r, p in zip(rows, predicted_ms(rows, rate, attn, ew, opt)):
         if r["layer"].startswith("ln_f"):
-            out.append({"layer": r["layer"], "fwd_pred": p["fwd"] + p["bwd"],
-                        "fwd_meas": ms.get(("head", "forward+input-grad"), 0.0), "bwd_pred": 0.0,
-                        "bwd_meas": 0.0, "dw_meas": 0.0, "opt_pred": p["opt"],
+            # the head's input- and weight-gradient GEMMs run in the fused forward; its
+            # backward() part is bytes only
+            late = r["bwd_bytes"] / ew * 1e3
+            out.append({"layer": r["layer"], "fwd_pred": p["fwd"] + p["bwd"] - late,
+                        "fwd_meas": ms.get(("head", "forward+input-grad"), 0.0), "bwd_pred": late,
+                        "bwd_meas": ms.get(("head", "backward"), 0.0), "dw_meas": 0.0, "opt_pred": p["opt"],
                         "opt_meas": ms.get(("ln_f", "optimizer"), 0.0)
                         + ms.get((_layer_of(model.head), "optimizer"), 0.0)})
             continue
@@ -485,14 +500,11 @@ def measured_table(model, B: int, T: int, steps: int = 3, costs: dict | None = N
     lines = [f"per step of {B} x {T} tokens; predicted = FLOPs / rate measured now: GEMM "
              f"{c['gemm_rate'] / 1e9:.0f} GFLOP/s (this model's weights), attention forward {c['attention_rates'][0] / 1e9:.0f}, "
              f"backward {c['attention_rates'][1] / 1e9:.0f}, elementwise {c['elementwise_rate'] / 1e9:.0f} GB/s, AdamW {c['adamw_rate'] / 1e9:.0f} GB/s; "
-             "measured = wall time in a step",
+             "measured = wall time in a step; the head's fwd includes its input- and weight-gradient "
+             "GEMMs (fused with the loss)",
              f"{'layer':<14}{'fwd pred':>10}{'fwd meas':>10}{'bwd pred':>10}{'bwd meas':>10}"
              f"{'dW meas':>9}{'opt pred':>9}{'opt meas':>9}   ms"]
     for r in c["rows"]:
-        if r["layer"].startswith("ln_f"):
-            lines.append(f"{'ln_f + head':<14}{r['fwd_pred']:>10.1f}{r['fwd_meas']:>10.1f}{'(in fwd)':>10}"
-                         f"{'':>10}{'':>9}{r['opt_pred']:>9.2f}{r['opt_meas']:>9.2f}")
-            continue
         lines.append(f"{r['layer']:<14}{r['fwd_pred']:>10.1f}{r['fwd_meas']:>10.1f}{r['bwd_pred']:>10.1f}"
                      f"{r['bwd_meas']:>10.1f}{r['dw_meas']:>9.1f}{r['opt_pred']:>9.2f}{r['opt_meas']:>9.2f}")
     lines.append(f"step: predicted {c['step_pred']:.0f} ms, measured {c['step_meas']:.0f} ms")

@@ -113,9 +113,26 @@ def test_cost_table_and_measured_profile():
     before = {n: p.copy() for n, p in m.params.items()}
     got = probes.measure(m, 2, 16, steps=1)
     assert {("blocks.0", "forward"), ("blocks.3", "backward"), ("blocks.3", "weight-grad"),
-            ("blocks.3", "optimizer"), ("head", "forward+input-grad")} <= set(got["ms"])
+            ("blocks.3", "optimizer"), ("head", "forward+input-grad"), ("head", "backward")} <= set(got["ms"])
     assert ("blocks.0", "backward") not in got["ms"]           # truncated backward
     assert all(np.array_equal(p, before[n]) for n, p in m.params.items())  # measuring changes nothing
+
+
+def test_head_row_charges_what_its_backward_does():
+    """The head row's backward bytes: the final norm's backward when something below needs
+    its input gradient, and a trainable head's gradient added in (12 bytes per element)."""
+    m = tiny().train_last(1)
+    c, N = m.config, 2 * 16
+    frozen_head = probes.block_costs(m, 2, 16)[-1]
+    assert frozen_head["dw_flops"] == 0 and frozen_head["bwd_bytes"] == 4 * N * 5 * c.d_model
+    m.unfreeze("lm_head.weight")
+    head = probes.block_costs(m, 2, 16)[-1]
+    VC = c.vocab_size * c.d_model
+    assert head["dw_flops"] == 2 * N * VC
+    assert head["bwd_bytes"] - frozen_head["bwd_bytes"] == 12 * VC
+    assert head["fwd_bytes"] - frozen_head["fwd_bytes"] == (4 + 12) * VC   # one chunk here
+    got = probes.measured_costs(m, 2, 16, steps=1)["rows"][-1]
+    assert got["bwd_pred"] > 0 and got["bwd_meas"] > 0
 
 
 def test_inspect_command(tmp_path, capsys):
