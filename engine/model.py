@@ -226,16 +226,19 @@ class Model:
         keep = targets is not None and grad and bool(self.grads)
         low = self.lowest_trainable_block() if keep else self.config.n_layer
         rope = self._rope_tables(T)
+        prof = layers.PROFILE
         if hidden is None:
+            t0 = perf_counter() if prof else 0.0
             x = self.embed(tokens)
             start = 0
+            if prof:
+                prof.add("embeddings", "forward", perf_counter() - t0)
         else:
             x = self._hidden(hidden, B, T, start)
             if keep and low < start:
                 raise InputError(f"block {max(low, 0)} (or an embedding) is trainable, below the "
                                  f"given hidden state of block {start}")
         saved = {}
-        prof = layers.PROFILE
         for b in self.blocks[start:]:
             t0 = perf_counter() if prof else 0.0
             x, s = b.forward(self.params, x, rope, keep and b.index >= low)
@@ -369,9 +372,12 @@ class Model:
             if prof:
                 prof.add(f"blocks.{b.index}", "backward", perf_counter() - t0)
         if low == -1 and dx is not None:
+            t0 = perf_counter() if prof else 0.0
             tokens = tape["tokens"]
             embedding_backward(dx.reshape(*tokens.shape, -1), tokens, G.get("wte.weight"),
                                G.get("wpe.weight"))
+            if prof:
+                prof.add("embeddings", "backward", perf_counter() - t0)
 
     def saved_bytes(self) -> int:
         """Bytes of activations the last forward kept for backward."""

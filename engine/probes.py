@@ -86,7 +86,18 @@ def block_costs(model, B: int, T: int, everything: bool = False) -> list[dict]:
     G = set(model.params) if everything else set(model.grads)
     low = -1 if everything else model.lowest_trainable_block()
     attn_fwd = 2 * B * c.n_head * T * T * c.head_dim  # two causal products
-    rows = []
+    C = c.d_model
+    emb = [n for n in ("wte.weight", "wpe.weight") if n in model.params]
+    own = [n for n in emb if n != model.head]        # a tied wte is counted in the head row
+    rows = [{"layer": "embeddings", "params": sum(model.params[n].size for n in emb),
+             "trainable": any(n in G for n in emb),
+             "opt_bytes": _ADAMW_BYTES * sum(model.params[n].size for n in own if n in G),
+             "fwd_flops": 0, "dx_flops": 0, "dw_flops": 0, "kept_bytes": 0,
+             # the lookup reads a row of each table and writes x; backward (only when an
+             # embedding is trainable) reads dx and adds it into each trainable table's rows
+             "fwd_bytes": 4 * N * C * (len(emb) + 1),
+             "bwd_bytes": 12 * N * C * sum(n in G for n in emb) if low == -1 else 0,
+             "attn_fwd_flops": 0, "attn_bwd_flops": 0}]
     for b in model.blocks:
         lin = _linears(b)
         params = sum(model.params[n].size for n in b.shapes())
@@ -108,14 +119,15 @@ def block_costs(model, B: int, T: int, everything: bool = False) -> list[dict]:
                      "fwd_bytes": ew_f, "bwd_bytes": ew_b, "attn_fwd_flops": attn_fwd,
                      "attn_bwd_flops": 2.5 * attn_fwd if plan and plan["need_qkv"] else 0})
     head = 2 * N * c.d_model * c.vocab_size
-    need_dh = low < c.n_layer or "ln_f.weight" in G
+    need_dh = low < c.n_layer or any(n in G for n in model.ln_f.names())
     need_dw = model.head in G
     VC = c.vocab_size * c.d_model
     chunks = -(-N // head_chunk_rows(N, c.vocab_size, need_dw))
-    n_train = sum(model.params[n].size for n in ("ln_f.weight", "ln_f.bias", model.head) if n in G)
+    n_train = sum(model.params[n].size for n in (*model.ln_f.names(), model.head) if n in G)
     rows.append({"layer": "ln_f + head", "opt_bytes": _ADAMW_BYTES * n_train,
-                 "params": c.d_model + VC * (0 if c.tie_embeddings else 1),
-                 "trainable": any(n in G for n in ("ln_f.weight", model.head)),
+                 "params": sum(model.params[n].size for n in model.ln_f.names())
+                 + VC * (0 if c.tie_embeddings else 1),
+                 "trainable": any(n in G for n in (*model.ln_f.names(), model.head)),
                  "fwd_flops": head, "dx_flops": head if need_dh else 0,
                  "dw_flops": head if need_dw else 0, "kept_bytes": 4 * N * c.d_model * 2,
                  # the fused head + loss (its dx and dW GEMMs run there too): the final norm, the
@@ -475,6 +487,14 @@ def measured_costs(model, B: int, T: int, steps: int = 3) -> dict:
     ms = got["ms"]
     out = []
     for r, p in zip(rows, predicted_ms(rows, rate, attn, ew, opt)):
+        if r["layer"] == "embeddings":
+            out.append({"layer": "embeddings", "fwd_pred": p["fwd"],
+                        "fwd_meas": ms.get(("embeddings", "forward"), 0.0), "bwd_pred": p["bwd"],
+                        "bwd_meas": ms.get(("embeddings", "backward"), 0.0), "dw_meas": 0.0,
+                        "opt_pred": p["opt"], "opt_meas": sum(ms.get((n.split(".")[0], "optimizer"), 0.0)
+                                                          for n in ("wte.weight", "wpe.weight")
+                                                          if n != model.head)})
+            continue
         if r["layer"].startswith("ln_f"):
             # the head's input- and weight-gradient GEMMs run in the fused forward; its
             # backward() part is bytes only

@@ -90,7 +90,9 @@ def test_telemetry_in_a_run_and_off_by_default(tmp_path):
 def test_cost_table_and_measured_profile():
     m = tiny().train_last(2).freeze("blocks.2.attn.*")
     rows = probes.block_costs(m, 2, 16)
-    assert [r["layer"] for r in rows] == ["blocks.0", "blocks.1", "blocks.2", "blocks.3", "ln_f + head"]
+    assert [r["layer"] for r in rows] == ["embeddings", "blocks.0", "blocks.1", "blocks.2", "blocks.3",
+                                          "ln_f + head"]
+    rows = rows[1:]                                            # the blocks and the head
     assert rows[0]["dx_flops"] == rows[0]["dw_flops"] == rows[0]["kept_bytes"] == 0
     assert rows[3]["dw_flops"] > rows[2]["dw_flops"] > 0       # attention frozen in block 2
     # bytes: every block moves bytes forward, only blocks in range backward; AdamW 28 bytes
@@ -135,6 +137,31 @@ def test_head_row_charges_what_its_backward_does():
     assert got["bwd_pred"] > 0 and got["bwd_meas"] > 0
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("trainable", ["all", "last2", "embeddings"])
+def test_every_parameter_in_exactly_one_row(kind, trainable):
+    """Parameters and optimizer bytes over the rows add up to the model's: each parameter,
+    tied or not, is charged once. Embedding backward is charged only when one is trainable."""
+    if kind == "llama":
+        m = tiny()
+    else:
+        m = engine.Model(engine.Config.gpt2(vocab_size=257, n_layer=3, n_head=2, d_model=24,
+                                            max_seq_len=32), seed=4)
+    if trainable == "last2":
+        m.train_last(2)
+    elif trainable == "embeddings":
+        m.freeze().unfreeze("wte.weight")
+    rows = probes.block_costs(m, 2, 16)
+    assert sum(r["params"] for r in rows) == m.num_params()
+    assert sum(r["opt_bytes"] for r in rows) == 28 * m.num_params(trainable_only=True)
+    emb = rows[0]
+    assert emb["layer"] == "embeddings"
+    assert (emb["bwd_bytes"] > 0) == (trainable != "last2")
+    got = probes.measure(m, 2, 16, steps=1)["ms"]
+    assert ("embeddings", "forward") in got
+    assert (("embeddings", "backward") in got) == (trainable != "last2")
+
+
 def test_inspect_command(tmp_path, capsys):
     tiny().save(str(tmp_path / "m"))
     assert cli(["inspect", "--model", str(tmp_path / "m"), "--train-last", "1", "--seq-len", "16",
@@ -170,6 +197,6 @@ def test_predicted_input_grad_flops_match_what_backward_runs(monkeypatch, frozen
     tokens = np.random.default_rng(0).integers(0, 257, (B, T))
     m.forward(tokens, tokens)
     m.backward()
-    blocks = rows[:-1]
+    blocks = rows[1:-1]
     assert gemm_flops[0] == sum(r["dx_flops"] - r["attn_bwd_flops"] for r in blocks)
     assert attn_calls[0] == sum(r["attn_bwd_flops"] > 0 for r in blocks)
