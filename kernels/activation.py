@@ -6,6 +6,7 @@ elements; each thread owns its blocks and its scratch.
 """
 import numpy as np
 
+from .checks import same
 from .jit import flat, jit, pjit, prange
 from .vexp import exp_inplace
 
@@ -89,20 +90,24 @@ def _swiglu_backward(dout, gate, up, dgate, dup):
 
 
 def gelu_forward(x, out):
-    """out = gelu_tanh(x); any shape, C-contiguous float32."""
+    """out = gelu_tanh(x); any shape, C-contiguous float32, out of x's shape."""
+    same("gelu_forward", "x", x, out=out)
     _gelu_forward(flat(x), flat(out))
 
 
 def gelu_backward(dout, x, dx):
     """dx = dout * gelu_tanh'(x) (written, not accumulated)."""
+    same("gelu_backward", "x", x, dout=dout, dx=dx)
     _gelu_backward(flat(dout), flat(x), flat(dx))
 
 
 def swiglu_forward(gate, up, out):
     """out = silu(gate) * up."""
+    same("swiglu_forward", "gate", gate, up=up, out=out)
     _swiglu_forward(flat(gate), flat(up), flat(out))
 
 
 def swiglu_backward(dout, gate, up, dgate, dup):
     """dgate, dup written (not accumulated)."""
+    same("swiglu_backward", "gate", gate, dout=dout, up=up, dgate=dgate, dup=dup)
     _swiglu_backward(flat(dout), flat(gate), flat(up), flat(dgate), flat(dup))

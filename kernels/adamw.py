@@ -1,6 +1,7 @@
 """Fused AdamW update over one parameter, in one pass (torch.optim.AdamW's arithmetic)."""
 import numpy as np
 
+from .checks import same
 from .jit import flat, pjit, prange
 
 _BLK = 16384
@@ -28,6 +29,9 @@ def _adamw_step(p, g, m, v, lr, beta1, beta2, eps, wd, bc1, bc2_sqrt):
 
 def adamw_step(p, g, m, v, lr, beta1, beta2, eps, weight_decay, t):
     """Update p in place at step t (1-based); m, v are the first and second moments."""
+    same("adamw_step", "p", p, g=g, m=m, v=v)
+    if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)) or t < 1:
+        raise ValueError(f"adamw_step: t is {t!r}, expected an integer step >= 1")
     bc1 = 1.0 - beta1 ** t
     bc2_sqrt = (1.0 - beta2 ** t) ** 0.5
     _adamw_step(flat(p), flat(g), flat(m), flat(v), lr, beta1, beta2, eps, weight_decay, bc1, bc2_sqrt)

@@ -21,6 +21,7 @@ Two implementations behind `attention_forward` / `attention_backward` (backend=N
 import numpy as np
 
 from .blas import NOTRANS, SGEMM, TRANS, sgemm, single_threaded
+from .checks import position
 from .jit import jit, jit_inline, pjit, prange
 from .tiles import dots4x2
 from .vexp import exp_inplace
@@ -370,6 +371,7 @@ def _use_blas(backend, arrays) -> bool:
 
 def attention_forward(q, k, v, out, lse, pos0, backend=None):
     """out = softmax(q k^T / sqrt(D), causal) v; lse per query row. See the module docstring."""
+    pos0 = position("attention_forward", "pos0", pos0)
     arrays = _check(q, k, v, out, lse, pos0)
     if _use_blas(backend, arrays):
         _forward_blas(SGEMM, q, k, v, out, lse, pos0)

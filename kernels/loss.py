@@ -2,14 +2,17 @@
 
 The model feeds row chunks, so the full (B, T, V) logits never exist. Training uses the fused
 forward_backward: one exp pass gives the loss and overwrites the logits with their gradient.
-Rows whose target is negative (-100) are ignored: loss 0, gradient 0.
+Rows whose target is IGNORE (-100) are ignored: loss 0, gradient 0.
 The per-row work is a plain jit function called from the parallel loop: compiled on its own it
 vectorizes better than as the loop's body.
 """
 import numpy as np
 
+from .checks import floats, indices, shaped
 from .jit import jit, pjit, prange
 from .vexp import exp_inplace
+
+IGNORE = -100   # the target of a row that carries no loss (the kernels skip any negative target)
 
 
 @jit
@@ -39,9 +42,25 @@ def _row_grad(row, tg, sc, bits):
     return m + np.log(s)
 
 
-@pjit
+def _check(fn, logits, targets, losses, lse):
+    """logits (R, V) with V >= 1, losses and lse (R,): C-contiguous float32; targets (R,) in
+    [0, V) or IGNORE, returned as int64."""
+    R, V = floats(fn, "logits", logits, ndim=2, dims="(R, V)").shape
+    if V == 0:
+        raise ValueError(f"{fn}: logits has shape {logits.shape}, expected (R, V) with V >= 1")
+    shaped(fn, (R,), losses=losses, lse=lse)
+    return indices(fn, "targets", targets, (R,), V, IGNORE)
+
+
 def crossentropy_forward(logits, targets, losses, lse):
-    """logits: (R, V) read only; targets: (R,) int64; losses, lse: (R,) written."""
+    """logits: (R, V) read only; targets: (R,) integers in [0, V) or IGNORE (-100); losses, lse:
+    (R,) written."""
+    targets = _check("crossentropy_forward", logits, targets, losses, lse)
+    _crossentropy_forward(logits, targets, losses, lse)
+
+
+@pjit
+def _crossentropy_forward(logits, targets, losses, lse):
     R, V = logits.shape
     for i in prange(R):
         t = np.empty(V, np.float32)
@@ -51,10 +70,15 @@ def crossentropy_forward(logits, targets, losses, lse):
         losses[i] = lse[i] - logits[i, tg] if tg >= 0 else np.float32(0.0)
 
 
-@pjit
 def crossentropy_forward_backward(logits, targets, losses, lse, scale):
     """As crossentropy_forward, then logits (R, V) is overwritten with d(scale * sum of
     losses)/d(logits) = scale * (softmax - onehot(target))."""
+    targets = _check("crossentropy_forward_backward", logits, targets, losses, lse)
+    _crossentropy_forward_backward(logits, targets, losses, lse, scale)
+
+
+@pjit
+def _crossentropy_forward_backward(logits, targets, losses, lse, scale):
     R, V = logits.shape
     sc = np.float32(scale)
     for i in prange(R):

@@ -13,6 +13,7 @@ benches show the Numba kernel ahead on a shape (see benches/).
 import numpy as np
 
 from .blas import single_threaded
+from .checks import floats
 from .jit import num_threads, pjit, prange
 from .tiles import dots4x2
 
@@ -80,18 +81,29 @@ def _gemm_nt(a, b, out, accumulate):
                 i += 1
 
 
-def _check(a, b, out, shape):
-    if out.shape != shape:
-        raise ValueError(f"gemm: out has shape {out.shape}, expected {shape}")
-    for x in (a, b, out):
-        if x.dtype != np.float32:
-            raise ValueError("gemm: arrays must be float32")
+_BACKENDS = ("blas", "numba")
+
+
+def _check(fn, a, b, out, ka, kb, dims, backend):
+    """a, b 2-D float32 sharing the inner dimension K (a's axis ka, b's axis kb); out float32
+    (M, N) from their other axes; a known backend, which is returned. Any strides: the Numba path
+    packs its operands, the BLAS path takes strided views."""
+    floats(fn, "a", a, ndim=2, dims=dims[0], contiguous=False)
+    floats(fn, "b", b, ndim=2, dims=dims[1], contiguous=False)
+    K = a.shape[ka]
+    if b.shape[kb] != K:
+        raise ValueError(f"{fn}: b has shape {b.shape}, expected {dims[1]} with K = {K} "
+                         f"(a has shape {a.shape}, {dims[0]})")
+    floats(fn, "out", out, (a.shape[1 - ka], b.shape[1 - kb]), contiguous=False)
+    backend = backend or BACKEND
+    if backend not in _BACKENDS:
+        raise ValueError(f"{fn}: unknown backend {backend!r}, expected one of {_BACKENDS}")
+    return backend
 
 
 def gemm_nt(a, b, out, accumulate=False, backend=None):
     """out (M, N) = a (M, K) @ b (N, K).T, or += with accumulate."""
-    _check(a, b, out, (a.shape[0], b.shape[0]))
-    if (backend or BACKEND) == "numba":
+    if _check("gemm_nt", a, b, out, 1, 1, ("(M, K)", "(N, K)"), backend) == "numba":
         _gemm_nt(np.ascontiguousarray(a), np.ascontiguousarray(b), out, accumulate)
     else:
         _blas(lambda r: (a[r], b.T), lambda c: (a, b[c].T), out, accumulate)
@@ -99,8 +111,7 @@ def gemm_nt(a, b, out, accumulate=False, backend=None):
 
 def gemm_nn(a, b, out, accumulate=False, backend=None):
     """out (M, N) = a (M, K) @ b (K, N), or += with accumulate."""
-    _check(a, b, out, (a.shape[0], b.shape[1]))
-    if (backend or BACKEND) == "numba":
+    if _check("gemm_nn", a, b, out, 1, 0, ("(M, K)", "(K, N)"), backend) == "numba":
         _gemm_nt(np.ascontiguousarray(a), np.ascontiguousarray(b.T), out, accumulate)
     else:
         _blas(lambda r: (a[r], b), lambda c: (a, b[:, c]), out, accumulate)
@@ -108,8 +119,7 @@ def gemm_nn(a, b, out, accumulate=False, backend=None):
 
 def gemm_tn(a, b, out, accumulate=False, backend=None):
     """out (M, N) = a (K, M).T @ b (K, N), or += with accumulate."""
-    _check(a, b, out, (a.shape[1], b.shape[1]))
-    if (backend or BACKEND) == "numba":
+    if _check("gemm_tn", a, b, out, 0, 0, ("(K, M)", "(K, N)"), backend) == "numba":
         _gemm_nt(np.ascontiguousarray(a.T), np.ascontiguousarray(b.T), out, accumulate)
     else:
         _blas(lambda r: (a[:, r].T, b), lambda c: (a.T, b[:, c]), out, accumulate)

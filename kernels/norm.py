@@ -6,12 +6,22 @@ threads write the same memory.
 """
 import numpy as np
 
+from .checks import floats, optional, shaped
 from .jit import num_threads, pjit, prange
 
 
-@pjit
 def layernorm_forward(x, w, b, out, mean, rstd, eps):
     """x, out: (N, C); w, b: (C,); mean, rstd: (N,) written."""
+    fn = "layernorm_forward"
+    N, C = floats(fn, "x", x, ndim=2, dims="(N, C)").shape
+    shaped(fn, (C,), w=w, b=b)
+    shaped(fn, (N, C), out=out)
+    shaped(fn, (N,), mean=mean, rstd=rstd)
+    _layernorm_forward(x, w, b, out, mean, rstd, eps)
+
+
+@pjit
+def _layernorm_forward(x, w, b, out, mean, rstd, eps):
     N, C = x.shape
     inv_c = np.float32(1.0) / np.float32(C)  # float32 scalars: an int or float64 would promote
     eps32 = np.float32(eps)
@@ -66,6 +76,12 @@ def _layernorm_backward(dout, x, w, mean, rstd, dx, dwp, dbp, nchunk):
 def layernorm_backward(dout, x, w, mean, rstd, dx, dw=None, db=None):
     """Accumulates into dx (N, C) (the residual stream's gradient is already there) and into dw,
     db (C,) when given."""
+    fn = "layernorm_backward"
+    N, C = floats(fn, "x", x, ndim=2, dims="(N, C)").shape
+    shaped(fn, (C,), w=w)
+    shaped(fn, (N, C), dout=dout, dx=dx)
+    shaped(fn, (N,), mean=mean, rstd=rstd)
+    optional(fn, (C,), dw=dw, db=db)
     nchunk = _chunks(x.shape[0])
     C = x.shape[1]
     dwp = np.zeros((nchunk, C), np.float32)
@@ -77,9 +93,18 @@ def layernorm_backward(dout, x, w, mean, rstd, dx, dw=None, db=None):
         db += dbp.sum(0)
 
 
-@pjit
 def rmsnorm_forward(x, w, out, rstd, eps):
     """x, out: (N, C); w: (C,); rstd: (N,) written. out = x / sqrt(mean(x^2) + eps) * w."""
+    fn = "rmsnorm_forward"
+    N, C = floats(fn, "x", x, ndim=2, dims="(N, C)").shape
+    shaped(fn, (C,), w=w)
+    shaped(fn, (N, C), out=out)
+    shaped(fn, (N,), rstd=rstd)
+    _rmsnorm_forward(x, w, out, rstd, eps)
+
+
+@pjit
+def _rmsnorm_forward(x, w, out, rstd, eps):
     N, C = x.shape
     inv_c = np.float32(1.0) / np.float32(C)
     eps32 = np.float32(eps)
@@ -119,6 +144,12 @@ def _rmsnorm_backward(dout, x, w, rstd, dx, dwp, nchunk):
 
 def rmsnorm_backward(dout, x, w, rstd, dx, dw=None):
     """Accumulates into dx (N, C) and into dw (C,) when given."""
+    fn = "rmsnorm_backward"
+    N, C = floats(fn, "x", x, ndim=2, dims="(N, C)").shape
+    shaped(fn, (C,), w=w)
+    shaped(fn, (N, C), dout=dout, dx=dx)
+    shaped(fn, (N,), rstd=rstd)
+    optional(fn, (C,), dw=dw)
     nchunk = _chunks(x.shape[0])
     dwp = np.zeros((nchunk, x.shape[1]), np.float32)
     _rmsnorm_backward(dout, x, w, rstd, dx, dwp, nchunk)

@@ -5,6 +5,7 @@ Applied in place; backward is the inverse rotation, also in place.
 """
 import numpy as np
 
+from .checks import floats
 from .jit import pjit, prange
 
 
@@ -39,12 +40,28 @@ def _rotate(x, cos, sin, sign):
                 xv[j + h2] = x2 * c[j] + x1 * sj
 
 
+def _check(fn, x, xname, cos, sin):
+    """x (B, T, H, D) with D even; cos, sin (P, D // 2) with P >= T (row t is position t of x);
+    all C-contiguous float32."""
+    B, T, H, D = floats(fn, xname, x, ndim=4, dims="(B, T, H, D)").shape
+    if D % 2:
+        raise ValueError(f"{fn}: {xname} has shape {x.shape}, expected (B, T, H, D) with D even")
+    for name, a in (("cos", cos), ("sin", sin)):
+        floats(fn, name, a, ndim=2, dims="(T, D // 2)")
+        if a.shape[0] < T or a.shape[1] != D // 2:
+            raise ValueError(f"{fn}: {name} has shape {a.shape}, expected ({T}, {D // 2}) "
+                             f"(at least {T} rows: one per position of {xname})")
+
+
 def rope_forward(x, cos, sin):
-    """x: (B, T, H, D) rotated in place; cos, sin: (T, D // 2)."""
+    """x: (B, T, H, D) rotated in place; cos, sin: (T, D // 2) (longer is fine: row t rotates
+    x[:, t])."""
+    _check("rope_forward", x, "x", cos, sin)
     _rotate(x, cos, sin, np.float32(1.0))
 
 
 def rope_backward(dx, cos, sin):
     """dx: (B, T, H, D) gradient w.r.t. the rotated x, turned in place into the gradient w.r.t.
     the input (the transpose of a rotation is the rotation by the opposite angle)."""
+    _check("rope_backward", dx, "dx", cos, sin)
     _rotate(dx, cos, sin, np.float32(-1.0))

@@ -46,6 +46,9 @@ def _param_partials(p, w0, before, g, part):
 def param_sums(p, w0, g, before=None):
     """float64 (6,): sum g², sum p², sum w0², sum (p - w0)², sum p·w0, sum (p - before)² (0
     without `before`), over float32 arrays of one shape."""
+    for name, x in (("w0", w0), ("g", g), ("before", before)):
+        if x is not None and np.shape(x) != np.shape(p):
+            raise ValueError(f"param_sums: {name} has shape {np.shape(x)}, expected {np.shape(p)} (p's shape)")
     p, w0, g = (np.ascontiguousarray(a, np.float32).ravel() for a in (p, w0, g))
     b = np.empty(0, np.float32) if before is None else np.ascontiguousarray(before, np.float32).ravel()
     part = np.zeros(((p.size + _BLK - 1) // _BLK, 6), np.float64)
