@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 
 from .errors import ConfigError
@@ -29,6 +31,10 @@ class Config:
     init_std: float = 0.02          # std of the normal init of weights for models built from scratch
 
     def __post_init__(self):
+        # the defaults below are derived from these: check them first (n_head="2" is not a 2)
+        for name in ("n_head", "d_model", "n_kv_head", "head_dim", "d_ff"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
         if self.head_dim is None:
@@ -43,9 +49,7 @@ class Config:
     def validate(self) -> None:
         for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "head_dim", "d_ff",
                      "max_seq_len"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ConfigError(f"Config.{name} must be a positive integer, got {v!r}")
+            _positive_int(name, getattr(self, name))
         if self.n_head % self.n_kv_head:
             raise ConfigError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
         choices = {"model_type": ("gpt2", "llama"), "norm": ("layernorm", "rmsnorm"),
@@ -55,15 +59,24 @@ class Config:
                 raise ConfigError(f"Config.{name}={getattr(self, name)!r}; expected one of {allowed}")
         if self.positions == "rope" and self.head_dim % 2:
             raise ConfigError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
-        if not self.norm_eps > 0:
-            raise ConfigError(f"Config.norm_eps must be positive, got {self.norm_eps}")
+        for name, zero_ok in (("norm_eps", False), ("rope_theta", False), ("init_std", True)):
+            v = getattr(self, name)
+            if (not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v)
+                    or not (v >= 0 if zero_ok else v > 0)):
+                raise ConfigError(f"Config.{name} must be a finite number "
+                                  f"{'>= 0' if zero_ok else '> 0'}, got {v!r}")
+        for name in ("attn_bias", "mlp_bias", "tie_embeddings"):
+            # a truthy string such as "false" would silently mean True
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                raise ConfigError(f"Config.{name} must be True or False, got {v!r}")
 
     @classmethod
     def gpt2(cls, **overrides) -> "Config":
         """GPT-2: learned positions, LayerNorm, GELU MLP, biases, tied head."""
         base = dict(model_type="gpt2", norm="layernorm", mlp="gelu", positions="learned",
                     attn_bias=True, mlp_bias=True, tie_embeddings=True, norm_eps=1e-5)
-        return cls(**{**base, **overrides})
+        return cls.from_dict({**base, **overrides})
 
     @classmethod
     def llama(cls, **overrides) -> "Config":
@@ -72,15 +85,22 @@ class Config:
                     attn_bias=False, mlp_bias=False, tie_embeddings=False, norm_eps=1e-6,
                     vocab_size=32000, n_layer=22, n_head=32, n_kv_head=4, d_model=2048,
                     d_ff=5632, max_seq_len=2048)
-        return cls(**{**base, **overrides})
+        return cls.from_dict({**base, **overrides})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
+        if not isinstance(d, dict):
+            raise ConfigError(f"Config.from_dict needs a dict, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"unknown Config fields: {sorted(unknown)}")
         return cls(**d)
+
+
+def _positive_int(name, v) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise ConfigError(f"Config.{name} must be a positive integer, got {v!r}")

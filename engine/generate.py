@@ -1,6 +1,7 @@
 """Sampling with a KV cache: greedy, temperature, top-k, top-p, stop tokens, seeded."""
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterable
 
 import numpy as np
@@ -19,19 +20,27 @@ def generate(model, ids, max_new_tokens: int = 30, temperature: float = 0.0,
     ends after max_new_tokens, at the context limit, or after emitting a token in `stop` (which
     is included). With use_cache the prompt runs once and each new token costs one position;
     use_cache=False re-runs the whole sequence per token (for checking the cache)."""
-    ids = [int(i) for i in ids]
+    # every argument checked here, before any work: int() would accept "12" and truncate 2.5,
+    # and a NaN temperature would only surface inside numpy's sampler
+    ids = _id_list("prompt ids", ids)
     if not ids:
         raise InputError("generate needs at least one prompt token")
-    if max_new_tokens < 0:
-        raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise InputError(f"temperature must be >= 0, got {temperature}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise InputError(f"top_p must be in (0, 1], got {top_p}")
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not _is_number(temperature) or not 0 <= temperature < math.inf:
+        raise InputError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+        raise InputError(f"top_k must be None or an integer >= 1, got {top_k!r}")
+    if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
+        raise InputError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+    if seed is not None and (not _is_int(seed) or seed < 0):
+        raise InputError(f"seed must be None or an integer >= 0, got {seed!r}")
+    if on_token is not None and not callable(on_token):
+        raise InputError(f"on_token must be None or a function of one token id, got {on_token!r}")
+    stop = set(_id_list("stop", stop))
     limit = model.config.max_seq_len
     if len(ids) > limit:
         raise InputError(f"prompt of {len(ids)} tokens exceeds the model's context of {limit}")
-    stop = set(int(s) for s in stop)
     rng = np.random.default_rng(seed)
     total = min(limit, len(ids) + max_new_tokens)
     out: list[int] = []
@@ -52,6 +61,33 @@ def generate(model, ids, max_new_tokens: int = 30, temperature: float = 0.0,
         else:
             logits = model.forward(np.array([ids + out]))[0, -1]
     return out
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def _id_list(what: str, ids) -> list[int]:
+    """A flat iterable of integer token ids as a list of ints (a str is not one: its characters
+    are not ids; encode it with the tokenizer first)."""
+    if isinstance(ids, (str, bytes)):
+        raise InputError(f"{what} must be integer token ids, got {type(ids).__name__} (encode "
+                         "text with the tokenizer first)")
+    if isinstance(ids, np.ndarray) and ids.ndim != 1:
+        raise InputError(f"{what} must be a flat sequence of token ids, got shape {ids.shape}")
+    try:
+        ids = list(ids)
+    except TypeError:
+        raise InputError(f"{what} must be a list of integer token ids, got "
+                         f"{type(ids).__name__}") from None
+    for i in ids:
+        if not _is_int(i):
+            raise InputError(f"{what} must hold integer token ids, got {i!r}")
+    return [int(i) for i in ids]
 
 
 def pick(logits, temperature, top_k=None, top_p=None, rng=None) -> int:

@@ -12,16 +12,15 @@ from time import perf_counter
 import numpy as np
 
 from kernels.embedding import embedding_backward, embedding_forward
-from kernels.loss import crossentropy_forward, crossentropy_forward_backward
+from kernels.loss import IGNORE, crossentropy_forward, crossentropy_forward_backward
 from kernels.matmul import gemm_nn, gemm_nt, gemm_tn
 from kernels.rope import rope_table
 
 from . import layers
 from .config import Config
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, ConfigError, InputError
 from .layers import Block, Norm
 
-IGNORE = -100            # target id of positions that carry no loss
 _LOGIT_CHUNK = 1 << 25   # floats of logits alive at once in the fused head + loss (128 MiB):
                          # fewer, taller GEMMs (measured 80 -> 135 GFLOP/s from 166 to 667 rows)
 
@@ -38,6 +37,9 @@ class Model:
     def __init__(self, config: Config, params: dict | None = None, seed: int = 0):
         from .warmup import ensure_compiled
         ensure_compiled()  # before any kernel runs in this process (see warmup.py)
+        if not isinstance(config, Config):
+            hint = " (build one with Config.from_dict)" if isinstance(config, dict) else ""
+            raise ConfigError(f"Model needs an engine.Config, got {type(config).__name__}{hint}")
         config.validate()
         self.config = config
         c = config
@@ -84,6 +86,9 @@ class Model:
         return out
 
     def _checked(self, params):
+        if not isinstance(params, dict):
+            raise CheckpointError(f"params must be a dict of name -> array, got "
+                                  f"{type(params).__name__}")
         missing = [n for n in self.shapes if n not in params]
         extra = [n for n in params if n not in self.shapes]
         if missing or extra:
@@ -92,6 +97,10 @@ class Model:
         out = {}
         for n, shape in self.shapes.items():
             a = params[n]
+            if not isinstance(a, np.ndarray) or a.dtype.kind != "f":
+                got = f"dtype {a.dtype}" if isinstance(a, np.ndarray) else type(a).__name__
+                raise CheckpointError(f"parameter {n!r} must be a floating-point NumPy array, "
+                                      f"got {got}")
             if tuple(a.shape) != shape:
                 raise CheckpointError(f"parameter {n!r} has shape {tuple(a.shape)}, the config "
                                       f"needs {shape}")
@@ -112,6 +121,9 @@ class Model:
             return list(self.params)
         names = []
         for p in patterns:
+            if not isinstance(p, str):
+                raise InputError(f"freeze/unfreeze patterns must be strings (globs such as "
+                                 f"'blocks.3.*'), got {p!r}")
             hit = [n for n in self.params if fnmatch.fnmatchcase(n, p)]
             if not hit:
                 raise InputError(f"pattern {p!r} matches no parameter (names look like "
@@ -137,7 +149,7 @@ class Model:
     def train_last(self, k: int):
         """Freeze everything, then unfreeze the last k blocks and the final norm."""
         L = self.config.n_layer
-        if not isinstance(k, (int, np.integer)) or not 0 <= k <= L:
+        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 0 <= k <= L:
             raise InputError(f"train_last(k): k must be an integer in 0..{L}, got {k!r}")
         self.freeze()
         self.unfreeze("ln_f.*", *[f"blocks.{i}.*" for i in range(L - k, L)])
@@ -167,7 +179,11 @@ class Model:
     # ---- forward / backward -----------------------------------------------------------------
     def _tokens(self, tokens, what="tokens", allow_ignore=False):
         if isinstance(tokens, (list, tuple)):
-            tokens = np.asarray(tokens)
+            try:
+                tokens = np.asarray(tokens)
+            except ValueError:  # rows of different lengths
+                raise InputError(f"{what} must be a 2-D integer array (B, T); the rows given have "
+                                 "different lengths (pad them)") from None
         if not isinstance(tokens, np.ndarray):
             raise InputError(f"{what} must be a 2-D integer array (B, T), got {type(tokens).__name__}")
         if tokens.dtype.kind not in "iu":
@@ -180,14 +196,19 @@ class Model:
         if T > self.config.max_seq_len:
             raise InputError(f"sequence length {T} exceeds the model's max_seq_len "
                              f"{self.config.max_seq_len}")
-        t = tokens.astype(np.int64)
         V = self.config.vocab_size
-        bad = (t >= V) | ((t < 0) & ~((t == IGNORE) & allow_ignore))
-        if bad.any():
-            v = t[bad].flat[0]
-            raise InputError(f"{what} holds id {v}, outside the vocabulary 0..{V - 1}"
-                             + (" (or -100 to ignore)" if allow_ignore else ""))
-        return np.ascontiguousarray(t)
+        # range checked on the ids as given, before the int64 cast (a uint64 id >= 2**63 would
+        # wrap to a negative number); the element-wise mask only runs when min or max is out
+        # (or the targets hold -100s)
+        if tokens.min() < 0 or tokens.max() >= V:
+            bad = (tokens >= V) | (tokens < 0)
+            if allow_ignore and tokens.dtype.kind == "i":
+                bad &= tokens != IGNORE
+            if bad.any():
+                v = tokens[bad].flat[0]
+                raise InputError(f"{what} holds id {v}, outside the vocabulary 0..{V - 1}"
+                                 + (" (or -100 to ignore)" if allow_ignore else ""))
+        return np.ascontiguousarray(tokens.astype(np.int64))
 
     def _rope_tables(self, T, pos0=0):
         """cos, sin (T, head_dim / 2) for positions pos0 .. pos0 + T - 1."""
@@ -287,6 +308,9 @@ class Model:
     def new_cache(self, batch: int, length: int) -> list:
         """Per block (k, v) arrays of shape (batch, length, n_kv_head, head_dim)."""
         c = self.config
+        for what, v in (("batch", batch), ("length", length)):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+                raise InputError(f"new_cache {what} must be a positive integer, got {v!r}")
         if length > c.max_seq_len:
             raise InputError(f"cache length {length} exceeds the model's max_seq_len {c.max_seq_len}")
         shape = (batch, length, c.n_kv_head, c.head_dim)
@@ -298,9 +322,13 @@ class Model:
         positions are never run again."""
         tokens = self._tokens(tokens)
         B, T = tokens.shape
-        if pos0 + T > cache[0][0].shape[1]:
-            raise InputError(f"positions up to {pos0 + T} do not fit the cache of length "
-                             f"{cache[0][0].shape[1]}")
+        Bc, Lc = self._cache_shape(cache)
+        if not isinstance(pos0, (int, np.integer)) or isinstance(pos0, bool) or pos0 < 0:
+            raise InputError(f"forward_cached pos0 must be an integer >= 0, got {pos0!r}")
+        if B != Bc:
+            raise InputError(f"tokens have batch {B}, the cache was made for batch {Bc}")
+        if pos0 + T > Lc:
+            raise InputError(f"positions up to {pos0 + T} do not fit the cache of length {Lc}")
         rope = self._rope_tables(T, pos0)
         x = self.embed(tokens, pos0)
         for b, kv in zip(self.blocks, cache):
@@ -310,6 +338,27 @@ class Model:
         logits = np.empty((B, self.config.vocab_size), np.float32)
         gemm_nt(h, self.params[self.head], logits)
         return logits
+
+    def _cache_shape(self, cache) -> tuple[int, int]:
+        """(batch, length) of a cache from new_cache; anything else is an InputError (one
+        attribute check per block: this runs once per generated token)."""
+        c = self.config
+        if not isinstance(cache, (list, tuple)) or len(cache) != c.n_layer:
+            got = type(cache).__name__
+            if isinstance(cache, (list, tuple)):
+                got += f" of length {len(cache)}"
+            raise InputError(f"cache must be the list of {c.n_layer} (k, v) pairs new_cache "
+                             f"returns, got {got}")
+        k0 = cache[0][0] if isinstance(cache[0], (list, tuple)) and len(cache[0]) == 2 else None
+        shape = getattr(k0, "shape", ())
+        for kv in cache:
+            if (not isinstance(kv, (list, tuple)) or len(kv) != 2
+                    or not all(isinstance(a, np.ndarray) and a.dtype == np.float32
+                               and a.shape == shape for a in kv)
+                    or len(shape) != 4 or shape[2:] != (c.n_kv_head, c.head_dim)):
+                raise InputError("cache entries must be (k, v) float32 arrays of shape (batch, "
+                                 f"length, {c.n_kv_head}, {c.head_dim}) as new_cache makes them")
+        return shape[0], shape[1]
 
     def _head_loss(self, h, targets, grad, need_dh, need_dw):
         """Fused LM head + cross-entropy over row chunks, so (B, T, V) logits never exist.

@@ -6,6 +6,7 @@ and dropped when it is frozen (the model calls `_sync` on every change).
 from __future__ import annotations
 
 import math
+import numbers
 from time import perf_counter
 
 import numpy as np
@@ -15,12 +16,22 @@ from kernels.adamw import adamw_step
 from .errors import InputError
 
 
+def _number(what: str, v, lo: float = 0.0, hi: float = math.inf, hi_open: bool = False) -> float:
+    """v as a float in [lo, hi] (or [lo, hi) with hi_open); an InputError naming `what` if not."""
+    ok = (isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+          and lo <= v and (v < hi if hi_open else v <= hi))
+    if not ok:
+        rng = f">= {lo:g}" if hi == math.inf else f"in [{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise InputError(f"{what} must be a number {rng}, got {v!r}")
+    return float(v)
+
+
 class Optimizer:
     def __init__(self, model, lr: float):
-        if not lr >= 0:
-            raise InputError(f"learning rate must be >= 0, got {lr}")
+        if not (hasattr(model, "grads") and hasattr(model, "_optimizers")):
+            raise InputError(f"an optimizer needs an engine Model, got {type(model).__name__}")
+        self.lr = _number("learning rate", lr)
         self.model = model
-        self.lr = float(lr)
         self.lr_scale: dict[str, float] = {}  # per-parameter multipliers (schedules set them)
         self.state: dict[str, dict] = {}
         self.t = 0  # steps taken
@@ -80,9 +91,13 @@ class AdamW(Optimizer):
 
     def __init__(self, model, lr=3e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  decay_filter=_decays):
-        self.betas = (float(betas[0]), float(betas[1]))
-        self.eps = float(eps)
-        self.weight_decay = float(weight_decay)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise InputError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        # beta >= 1 never forgets (and the bias correction divides by 1 - beta^t = 0 or < 0)
+        self.betas = (_number("betas[0]", betas[0], 0.0, 1.0, True),
+                      _number("betas[1]", betas[1], 0.0, 1.0, True))
+        self.eps = _number("eps", eps)
+        self.weight_decay = _number("weight_decay", weight_decay)
         self.decay_filter = decay_filter
         super().__init__(model, lr)
 
@@ -100,8 +115,8 @@ class SGD(Optimizer):
     p -= lr * buf (or lr * (g + momentum * buf) with nesterov)."""
 
     def __init__(self, model, lr=1e-2, momentum=0.0, weight_decay=0.0, nesterov=False):
-        self.momentum = float(momentum)
-        self.weight_decay = float(weight_decay)
+        self.momentum = _number("momentum", momentum)
+        self.weight_decay = _number("weight_decay", weight_decay)
         self.nesterov = bool(nesterov)
         super().__init__(model, lr)
 
@@ -131,6 +146,8 @@ def grad_norm(model) -> float:
 def clip_grad_norm(model, max_norm: float) -> float:
     """Scale the gradients so their global norm is at most max_norm (as torch's
     clip_grad_norm_); returns the norm before clipping."""
+    # a negative max_norm would give a negative coef: every gradient flipped, no error
+    max_norm = _number("clip_grad_norm max_norm", max_norm)
     total = grad_norm(model)
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import time
 
 import numpy as np
@@ -32,6 +33,29 @@ def prefix_hash(model, start: int) -> str:
             h.update(n.encode())
             h.update(np.ascontiguousarray(model.params[n]).data)
     return h.hexdigest()[:24]
+
+
+def _npy_problem(path: str, shape: tuple, dtype: np.dtype) -> str | None:
+    """Why the .npy file at path cannot be reused as an array of shape and dtype, or None."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                got_shape, fortran, got_dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                got_shape, fortran, got_dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                return f"file {path} has .npy version {version}"
+            if got_shape != shape or got_dtype != dtype or fortran:
+                return f"file {path} holds {got_dtype} {got_shape}, this data needs {dtype} {shape}"
+            size, want = os.path.getsize(path), f.tell() + int(np.prod(shape)) * dtype.itemsize
+            if size != want:
+                return f"file {path} has {size} bytes, a whole one has {want} (truncated or corrupt)"
+            if dtype == np.bool_ and (np.fromfile(f, np.uint8) > 1).any():
+                return f"file {path} holds bytes other than 0 and 1 (corrupt)"
+    except (OSError, ValueError) as e:
+        return f"file {path} is unreadable ({e})"
+    return None
 
 
 class PrefixCache:
@@ -56,11 +80,19 @@ class PrefixCache:
         if directory:
             os.makedirs(directory, exist_ok=True)
             base = os.path.join(directory, self.key)
-            mode = "r+" if os.path.exists(base + ".npy") and os.path.exists(base + ".filled.npy") else "w+"
-            self.store = np.lib.format.open_memmap(base + ".npy", mode=mode, dtype=self.dtype, shape=shape)
-            self.filled = np.lib.format.open_memmap(base + ".filled.npy", mode=mode, dtype=np.bool_, shape=(n,))
-            if self.store.shape != shape or self.filled.shape != (n,):
-                raise InputError(f"prefix cache file {base}.npy does not match this data")
+            files = (base + ".npy", base + ".filled.npy")
+            mode = "w+"
+            if all(os.path.exists(f) for f in files):
+                # r+ pads a short file with zeros, which `filled` would then pass off as computed
+                # rows: reuse the files only when both are whole and of this shape and dtype
+                bad = (_npy_problem(files[0], shape, self.dtype)
+                       or _npy_problem(files[1], (n,), np.dtype(np.bool_)))
+                if bad:
+                    print(f"note: prefix cache {bad}; rebuilding it", file=sys.stderr)
+                else:
+                    mode = "r+"
+            self.store = np.lib.format.open_memmap(files[0], mode=mode, dtype=self.dtype, shape=shape)
+            self.filled = np.lib.format.open_memmap(files[1], mode=mode, dtype=np.bool_, shape=(n,))
         else:
             self.store = np.empty(shape, self.dtype)
             self.filled = np.zeros(n, np.bool_)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
+
 from ..config import Config
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InputError
 from . import hf_names
 from .safetensors import SafetensorsFile, write as write_safetensors
 
@@ -22,13 +24,22 @@ def load(path: str):
 def load_params(path: str) -> tuple[Config, dict]:
     from .resolve import resolve_model_path
     path = resolve_model_path(str(path))
-    if os.path.isfile(path) and path.endswith(".gguf"):
+    if os.path.isfile(path) and (path.endswith(".gguf") or _starts_with(path, b"GGUF")):
         from .gguf import load_gguf
         return load_gguf(path)
     if os.path.isdir(path):
         return _load_hf_dir(path)
     raise CheckpointError(f"{path}: not a model (expected a directory with config.json and "
                           f"*.safetensors, or a .gguf file)")
+
+
+def _starts_with(path: str, magic: bytes) -> bool:
+    """Detected by content, as the tokenizer loader does: a GGUF file need not end in .gguf."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e}") from None
 
 
 def read_hf_config(path: str) -> dict:
@@ -54,8 +65,23 @@ def _load_hf_dir(path: str) -> tuple[Config, dict]:
         st = SafetensorsFile(f)
         for name in st.keys():
             where[name] = st
-    params = hf_names.to_engine(cfg, lambda n: where[n].float32(n), where.keys())
+    try:
+        params = hf_names.to_engine(cfg, lambda n: _finite(where[n], n), where.keys())
+    except CheckpointError as e:  # name the directory when the message does not already
+        if str(e).startswith(path):
+            raise
+        raise CheckpointError(f"{path}: {e}") from None
     return cfg, params
+
+
+def _finite(st: SafetensorsFile, name: str):
+    a = st.float32(name)
+    if not np.isfinite(a).all():
+        # A NaN or inf weight makes every loss NaN later, far from the cause: name it here
+        # (the GGUF loader checks the same).
+        raise CheckpointError(f"{st.path}: tensor {name!r} holds NaN or infinite values "
+                              "(corrupt file)")
+    return a
 
 
 def _safetensors_files(path: str) -> list[str]:
@@ -84,11 +110,23 @@ def _safetensors_files(path: str) -> list[str]:
 
 def save_model(model, path: str, dtype: str = "F32") -> None:
     """config.json + model.safetensors in the Hugging Face layout, each written atomically."""
+    torch_dtypes = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+    if dtype not in torch_dtypes:  # checked before anything is written
+        raise InputError(f"save dtype {dtype!r} is not supported; choose one of "
+                         f"{', '.join(torch_dtypes)}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise InputError(f"save path must be a str or path, got {type(path).__name__}")
     cfg = model.config
     hf = hf_names.config_to_hf(cfg)
-    hf["torch_dtype"] = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[dtype]
+    hf["torch_dtype"] = torch_dtypes[dtype]
     tensors = hf_names.to_hf(cfg, model.params)
-    os.makedirs(path, exist_ok=True)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"{path} is an existing file; Model.save writes a directory "
+                         "(config.json + model.safetensors)")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create the directory {path}: {e.strerror or e}") from None
     write_safetensors(os.path.join(path, "model.safetensors"), tensors, {"format": "pt"}, dtype)
     write_json(os.path.join(path, "config.json"), hf)
 

@@ -14,6 +14,29 @@ SUPPORTED = ("gpt2", "llama")
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
 
+_REQUIRED = object()
+
+
+def _get(hf: dict, key: str, kind: str, default=_REQUIRED, within: str = ""):
+    """hf[key] checked to be of `kind` ("size": positive integer, "number", "bool", "dict");
+    a missing required key or a value of the wrong type is a ConfigError naming config.json and
+    the key. A null counts as missing where the default is None (n_inner, head_dim, ...)."""
+    v = hf.get(key, default)
+    if v is _REQUIRED:
+        raise ConfigError(f"config.json has no {within + key!r}")
+    if v is None and default is None:
+        return None
+    ok = {"size": lambda: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+          "number": lambda: isinstance(v, (int, float)) and not isinstance(v, bool),
+          "bool": lambda: isinstance(v, bool),
+          "dict": lambda: isinstance(v, dict)}[kind]()
+    if not ok:
+        what = {"size": "a positive integer", "number": "a number", "bool": "true or false",
+                "dict": "an object"}[kind]
+        raise ConfigError(f"config.json: {within + key}={v!r} is not {what}")
+    return v
+
+
 def config_from_hf(hf: dict) -> Config:
     mt = hf.get("model_type")
     if mt not in SUPPORTED:
@@ -25,33 +48,39 @@ def config_from_hf(hf: dict) -> Config:
                               f"GELU forms {_TANH_GELUS})")
         if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights") is False:
             raise ConfigError("gpt2 attention scaling other than 1/sqrt(head_dim) is not supported")
-        d = hf["n_embd"]
-        return Config.gpt2(vocab_size=hf["vocab_size"], n_layer=hf["n_layer"], n_head=hf["n_head"],
-                           d_model=d, d_ff=hf.get("n_inner") or 4 * d,
-                           max_seq_len=hf.get("n_positions", 1024),
-                           norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                           tie_embeddings=hf.get("tie_word_embeddings", True))
+        d = _get(hf, "n_embd", "size")
+        return Config.gpt2(vocab_size=_get(hf, "vocab_size", "size"),
+                           n_layer=_get(hf, "n_layer", "size"), n_head=_get(hf, "n_head", "size"),
+                           d_model=d, d_ff=_get(hf, "n_inner", "size", None) or 4 * d,
+                           max_seq_len=_get(hf, "n_positions", "size", 1024),
+                           norm_eps=_get(hf, "layer_norm_epsilon", "number", 1e-5),
+                           tie_embeddings=_get(hf, "tie_word_embeddings", "bool", True))
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ConfigError(f"llama hidden_act {act!r} is not supported (only 'silu')")
     if hf.get("pretraining_tp", 1) != 1:
         raise ConfigError("llama pretraining_tp != 1 is not supported")
-    rope = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
+    rope = _get(hf, "rope_parameters", "dict", None) or {}
+    scaling = _get(hf, "rope_scaling", "dict", None) or {}
     rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     if rope_type != "default":
         raise ConfigError(f"llama rope scaling {rope_type!r} is not supported (only default rope)")
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    n_head = hf["num_attention_heads"]
-    return Config.llama(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=n_head,
-                        n_kv_head=hf.get("num_key_value_heads") or n_head, d_model=hf["hidden_size"],
-                        head_dim=hf.get("head_dim") or hf["hidden_size"] // n_head,
-                        d_ff=hf["intermediate_size"],
-                        max_seq_len=hf.get("max_position_embeddings", 2048),
-                        norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
-                        attn_bias=bool(hf.get("attention_bias", False)),
-                        mlp_bias=bool(hf.get("mlp_bias", False)),
-                        tie_embeddings=hf.get("tie_word_embeddings", False))
+    theta = _get(rope, "rope_theta", "number", None, within="rope_parameters.")
+    if theta is None:
+        theta = _get(hf, "rope_theta", "number", 10000.0)
+    n_head = _get(hf, "num_attention_heads", "size")
+    d = _get(hf, "hidden_size", "size")
+    return Config.llama(vocab_size=_get(hf, "vocab_size", "size"),
+                        n_layer=_get(hf, "num_hidden_layers", "size"), n_head=n_head,
+                        n_kv_head=_get(hf, "num_key_value_heads", "size", None) or n_head,
+                        d_model=d,
+                        head_dim=_get(hf, "head_dim", "size", None) or d // n_head,
+                        d_ff=_get(hf, "intermediate_size", "size"),
+                        max_seq_len=_get(hf, "max_position_embeddings", "size", 2048),
+                        norm_eps=_get(hf, "rms_norm_eps", "number", 1e-6), rope_theta=float(theta),
+                        attn_bias=_get(hf, "attention_bias", "bool", False),
+                        mlp_bias=_get(hf, "mlp_bias", "bool", False),
+                        tie_embeddings=_get(hf, "tie_word_embeddings", "bool", False))
 
 
 def config_to_hf(cfg: Config) -> dict:
@@ -113,34 +142,40 @@ def to_engine(cfg: Config, get, names) -> dict[str, np.ndarray]:
     of HF names available. Missing tensors and unexpected shapes raise CheckpointError."""
     names = set(names)
     out: dict[str, np.ndarray] = {}
-    if cfg.model_type == "llama":
+    if cfg.model_type == "llama":  # no slicing or transposing: Model checks shapes by name
         for e, h in _llama_map(cfg).items():
             out[e] = _fetch(get, names, h)
         return out
     prefix = "transformer." if any(n.startswith("transformer.") for n in names) else ""
-    g = lambda n: _fetch(get, names, prefix + n)  # noqa: E731
-    C = cfg.d_model
-    out["wte.weight"] = g("wte.weight")
-    out["wpe.weight"] = g("wpe.weight")
+    C, F = cfg.d_model, cfg.d_ff
+
+    def g(n, shape):
+        # checked under the file's own name before any slicing or transposing: a wrong c_attn
+        # must not be reported as the shape of one of its q, k, v pieces
+        a = _fetch(get, names, prefix + n)
+        _expect(a, shape, prefix + n)
+        return a
+
+    out["wte.weight"] = g("wte.weight", (cfg.vocab_size, C))
+    out["wpe.weight"] = g("wpe.weight", (cfg.max_seq_len, C))
     for i in range(cfg.n_layer):
         e, h = f"blocks.{i}.", f"h.{i}."
         for ln, hl in (("ln1", "ln_1"), ("ln2", "ln_2")):
-            out[e + ln + ".weight"] = g(h + hl + ".weight")
-            out[e + ln + ".bias"] = g(h + hl + ".bias")
-        w = g(h + "attn.c_attn.weight")  # (C, 3C): Conv1D is (in, out)
-        b = g(h + "attn.c_attn.bias")
-        _expect(w, (C, 3 * C), h + "attn.c_attn.weight")
+            out[e + ln + ".weight"] = g(h + hl + ".weight", (C,))
+            out[e + ln + ".bias"] = g(h + hl + ".bias", (C,))
+        w = g(h + "attn.c_attn.weight", (C, 3 * C))  # Conv1D is (in, out)
+        b = g(h + "attn.c_attn.bias", (3 * C,))
         for j, a in enumerate("qkv"):
             out[e + f"attn.{a}.weight"] = np.ascontiguousarray(w[:, j * C:(j + 1) * C].T)
             out[e + f"attn.{a}.bias"] = np.ascontiguousarray(b[j * C:(j + 1) * C])
-        out[e + "attn.o.weight"] = np.ascontiguousarray(g(h + "attn.c_proj.weight").T)
-        out[e + "attn.o.bias"] = g(h + "attn.c_proj.bias")
-        out[e + "mlp.up.weight"] = np.ascontiguousarray(g(h + "mlp.c_fc.weight").T)
-        out[e + "mlp.up.bias"] = g(h + "mlp.c_fc.bias")
-        out[e + "mlp.down.weight"] = np.ascontiguousarray(g(h + "mlp.c_proj.weight").T)
-        out[e + "mlp.down.bias"] = g(h + "mlp.c_proj.bias")
-    out["ln_f.weight"] = g("ln_f.weight")
-    out["ln_f.bias"] = g("ln_f.bias")
+        out[e + "attn.o.weight"] = np.ascontiguousarray(g(h + "attn.c_proj.weight", (C, C)).T)
+        out[e + "attn.o.bias"] = g(h + "attn.c_proj.bias", (C,))
+        out[e + "mlp.up.weight"] = np.ascontiguousarray(g(h + "mlp.c_fc.weight", (C, F)).T)
+        out[e + "mlp.up.bias"] = g(h + "mlp.c_fc.bias", (F,))
+        out[e + "mlp.down.weight"] = np.ascontiguousarray(g(h + "mlp.c_proj.weight", (F, C)).T)
+        out[e + "mlp.down.bias"] = g(h + "mlp.c_proj.bias", (C,))
+    out["ln_f.weight"] = g("ln_f.weight", (C,))
+    out["ln_f.bias"] = g("ln_f.bias", (C,))
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = _fetch(get, names, "lm_head.weight")
     return out

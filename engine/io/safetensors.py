@@ -13,7 +13,7 @@ import struct
 
 import numpy as np
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InputError
 
 MAX_HEADER = 100 * 1024 * 1024  # the format's own limit on the JSON header
 
@@ -125,7 +125,7 @@ class SafetensorsFile:
 def write(path: str, tensors: dict, metadata: dict | None = None, dtype: str = "F32") -> None:
     """Write tensors (name -> ndarray) atomically: a temporary file renamed into place."""
     if dtype not in ("F32", "F16", "BF16"):
-        raise ValueError(f"cannot write dtype {dtype!r}; choose F32, F16 or BF16")
+        raise InputError(f"cannot write dtype {dtype!r}; choose F32, F16 or BF16")
     header, arrays, offset = {}, [], 0
     for name in sorted(tensors):
         a = np.asarray(tensors[name])

@@ -1,0 +1,341 @@
+"""Arguments, configs and files the public API used to accept silently (wrong results) or reject
+with a raw Python error: each now gets an engine error naming the problem."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import engine
+from engine import data as D
+from engine import schedules
+from engine.io import hf_names
+from engine.io.safetensors import SafetensorsFile, write as write_safetensors
+from engine.prefix_cache import PrefixCache
+
+
+def small(kind="gpt2", n_layer=2, **kw):
+    if kind == "llama":
+        cfg = engine.Config.llama(vocab_size=64, n_layer=n_layer, n_head=4, n_kv_head=2, d_model=32,
+                                  d_ff=48, max_seq_len=32, **kw)
+    else:
+        cfg = engine.Config.gpt2(vocab_size=64, n_layer=n_layer, n_head=4, d_model=32,
+                                 max_seq_len=32, **kw)
+    return engine.Model(cfg, seed=1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return small()
+
+
+# ---- silently wrong -----------------------------------------------------------------------
+def test_clip_grad_norm_rejects_a_negative_max_norm(model):
+    model.unfreeze()
+    model.forward(np.array([[1, 2, 3]]), np.array([[2, 3, 4]]))
+    model.backward()
+    before = {n: g.copy() for n, g in model.grads.items()}
+    for bad in (-1.0, float("nan"), "1"):
+        with pytest.raises(engine.InputError, match="max_norm must be a number >= 0"):
+            engine.clip_grad_norm(model, bad)
+    for n, g in model.grads.items():  # untouched (a negative coef used to flip every sign)
+        np.testing.assert_array_equal(g, before[n])
+    model.zero_grad()
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(decay=-2), r"decay must be a number in \(0, 1\], got -2"),
+    (dict(decay=0), "decay"),
+    (dict(decay=1.5), "decay"),
+    (dict(t0=-0.1), r"t0 must be a number in \[0, 1\]"),
+    (dict(t0=1.5), "t0"),
+    (dict(threshold=-1), "threshold must be a number >= 0"),
+    (dict(threshold=float("nan")), "threshold"),
+    (dict(every=0), "every must be an integer >= 1"),
+    (dict(every=2.5), "every"),
+    (dict(seed="x"), "seed must be an integer"),
+    (dict(k=True), "k=True"),
+    (dict(k=1.0), "k=1.0"),
+])
+def test_schedule_parameters_are_checked(kw, match):
+    args = dict(name="lr-decay", n_layer=4, k=2) | kw
+    with pytest.raises(engine.InputError, match=match):
+        schedules.make(**args)
+
+
+def test_lr_decay_scales_stay_in_0_1():
+    s = schedules.make("lr-decay", 4, 4, decay=1.0)
+    assert [s.lr_scale(i, 0) for i in range(4)] == [1.0] * 4
+
+
+def _examples(n=6, T=12, V=64):
+    rng = np.random.default_rng(0)
+    lens = rng.integers(4, T + 2, n)
+    offsets = np.concatenate([[0], np.cumsum(lens)])
+    tokens = rng.integers(0, V, int(offsets[-1])).astype(np.int32)
+    data = D.TokenData(tokens, np.ones_like(tokens, np.uint8), offsets, "examples", "mem")
+    return D.Examples(data, T)
+
+
+def _fill(m, ex, d):
+    c = PrefixCache(m, ex, 1, directory=str(d))
+    x, _, idx = next(D.eval_batches(ex, np.arange(len(ex)), len(ex), 0))
+    h = c.hidden(idx, x)
+    return c, x, idx, h
+
+
+@pytest.mark.parametrize("damage", ["truncate store", "truncate filled", "garbage filled",
+                                    "other dtype"])
+def test_damaged_disk_prefix_cache_is_rebuilt(tmp_path, capsys, damage):
+    m = small("llama").train_last(1)
+    ex = _examples()
+    c, x, idx, want = _fill(m, ex, tmp_path)
+    base = os.path.join(tmp_path, c.key)
+    del c
+    if damage == "truncate store":
+        # r+ used to pad this with zeros that `filled` passed off as computed activations
+        os.truncate(base + ".npy", os.path.getsize(base + ".npy") // 2)
+    elif damage == "truncate filled":
+        os.truncate(base + ".filled.npy", 20)
+    elif damage == "garbage filled":
+        with open(base + ".filled.npy", "r+b") as f:
+            f.seek(-2, os.SEEK_END)
+            f.write(b"\xff\x07")
+    else:
+        np.save(base + ".npy", np.zeros((3, 3), np.float64))
+    capsys.readouterr()
+    c2 = PrefixCache(m, ex, 1, directory=str(tmp_path))
+    assert "rebuilding" in capsys.readouterr().err
+    assert not c2.filled.any()
+    np.testing.assert_array_equal(c2.hidden(idx, x), want)
+    assert c2.computed == len(ex)
+    del c2
+    c3 = PrefixCache(m, ex, 1, directory=str(tmp_path))   # whole again: reused, no note
+    assert "rebuilding" not in capsys.readouterr().err and c3.filled.all()
+    np.testing.assert_array_equal(c3.hidden(idx, x), want)
+    assert c3.computed == 0
+
+
+def test_nan_weights_in_safetensors_are_refused(tmp_path):
+    small().save(str(tmp_path))
+    f = str(tmp_path / "model.safetensors")
+    st = SafetensorsFile(f)
+    _, _, _, begin, end = st.entries["transformer.h.1.mlp.c_proj.bias"]
+    with open(f, "r+b") as fh:
+        fh.seek(st.data_start + begin)
+        fh.write(b"\xff" * (end - begin))
+    with pytest.raises(engine.CheckpointError,
+                       match=r"model.safetensors: tensor 'transformer.h.1.mlp.c_proj.bias' holds NaN"):
+        engine.load(str(tmp_path))
+
+
+def test_adamw_arguments(model):
+    with pytest.raises(engine.InputError, match=r"betas\[0\] must be a number in \[0, 1\), got 1.5"):
+        engine.AdamW(model, lr=1e-3, betas=(1.5, 0.9))
+    with pytest.raises(engine.InputError, match=r"betas\[1\]"):
+        engine.AdamW(model, lr=1e-3, betas=(0.9, 1.0))
+    with pytest.raises(engine.InputError, match="betas must be a pair"):
+        engine.AdamW(model, betas=0.9)
+    with pytest.raises(engine.InputError, match="learning rate must be a number >= 0, got '1e-3'"):
+        engine.AdamW(model, lr="1e-3")
+    with pytest.raises(engine.InputError, match="learning rate"):
+        engine.AdamW(model, lr=float("inf"))
+    with pytest.raises(engine.InputError, match="weight_decay"):
+        engine.AdamW(model, weight_decay=-0.1)
+    with pytest.raises(engine.InputError, match="needs an engine Model, got NoneType"):
+        engine.AdamW(None, lr=1e-3)
+    with pytest.raises(engine.InputError, match="momentum"):
+        engine.SGD(model, momentum=-0.5)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(rope_theta=-5.0), r"Config.rope_theta must be a finite number > 0, got -5.0"),
+    (dict(init_std="x"), r"Config.init_std must be a finite number >= 0, got 'x'"),
+    (dict(norm_eps="1e-5"), r"Config.norm_eps must be a finite number > 0, got '1e-5'"),
+    (dict(norm_eps=float("nan")), "norm_eps"),
+    (dict(tie_embeddings="false"), r"Config.tie_embeddings must be True or False, got 'false'"),
+    (dict(attn_bias=1), "attn_bias"),
+    (dict(n_layers=2), r"unknown Config fields: \['n_layers'\]"),
+    (dict(n_head="2"), "Config.n_head must be a positive integer, got '2'"),
+])
+def test_config_fields_are_type_checked(kw, match):
+    with pytest.raises(engine.ConfigError, match=match):
+        engine.Config.llama(**{**dict(vocab_size=10, n_layer=1, n_head=2, n_kv_head=1, d_model=8,
+                                      d_ff=8), **kw})
+
+
+def test_config_gpt2_overrides_checked_like_from_dict():
+    with pytest.raises(engine.ConfigError, match=r"unknown Config fields: \['n_layers'\]"):
+        engine.Config.gpt2(n_layers=2)
+    with pytest.raises(engine.ConfigError, match="needs a dict"):
+        engine.Config.from_dict([("n_layer", 2)])
+
+
+def test_train_last_rejects_bool(model):
+    with pytest.raises(engine.InputError, match="got True"):
+        model.train_last(True)
+
+
+# ---- config.json --------------------------------------------------------------------------
+GPT2_HF = {"model_type": "gpt2", "vocab_size": 64, "n_positions": 32, "n_embd": 32, "n_layer": 2,
+           "n_head": 4, "layer_norm_epsilon": 1e-5}
+LLAMA_HF = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 32, "rms_norm_eps": 1e-6}
+
+
+@pytest.mark.parametrize("base,key", [(GPT2_HF, k) for k in ("n_embd", "vocab_size", "n_layer", "n_head")]
+                         + [(LLAMA_HF, k) for k in ("hidden_size", "num_attention_heads",
+                                                    "intermediate_size", "vocab_size")])
+def test_config_json_missing_key(base, key):
+    hf = {k: v for k, v in base.items() if k != key}
+    with pytest.raises(engine.ConfigError, match=f"config.json has no '{key}'"):
+        hf_names.config_from_hf(hf)
+
+
+@pytest.mark.parametrize("base,change,match", [
+    (LLAMA_HF, dict(num_attention_heads=0), "config.json: num_attention_heads=0 is not a positive integer"),
+    (LLAMA_HF, dict(rope_theta="abc"), "config.json: rope_theta='abc' is not a number"),
+    (LLAMA_HF, dict(rope_scaling=[1]), r"config.json: rope_scaling=\[1\] is not an object"),
+    (LLAMA_HF, dict(rope_parameters={"rope_theta": "1e4", "rope_type": "default"}),
+     "config.json: rope_parameters.rope_theta=.1e4. is not a number"),
+    (LLAMA_HF, dict(attention_bias="false"), "config.json: attention_bias='false' is not true or false"),
+    (GPT2_HF, dict(tie_word_embeddings="false"), "config.json: tie_word_embeddings='false'"),
+    (GPT2_HF, dict(layer_norm_epsilon="1e-5"), "config.json: layer_norm_epsilon='1e-5' is not a number"),
+    (GPT2_HF, dict(n_inner="64"), "config.json: n_inner='64'"),
+])
+def test_config_json_bad_values(base, change, match):
+    with pytest.raises(engine.ConfigError, match=match):
+        hf_names.config_from_hf({**base, **change})
+
+
+def test_config_json_nulls_mean_defaults():
+    cfg = hf_names.config_from_hf({**LLAMA_HF, "head_dim": None, "rope_scaling": None,
+                                   "num_key_value_heads": None})
+    assert (cfg.head_dim, cfg.n_kv_head) == (8, 4)
+    assert hf_names.config_from_hf({**GPT2_HF, "n_inner": None}).d_ff == 128
+
+
+def test_config_json_error_through_load(tmp_path):
+    small().save(str(tmp_path))
+    hf = json.loads((tmp_path / "config.json").read_text())
+    del hf["n_embd"]
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(engine.ConfigError, match="config.json has no 'n_embd'"):
+        engine.load(str(tmp_path))
+
+
+# ---- checkpoint files ---------------------------------------------------------------------
+def test_wrong_c_attn_bias_named_as_in_the_file(tmp_path):
+    small().save(str(tmp_path))
+    f = str(tmp_path / "model.safetensors")
+    st = SafetensorsFile(f)
+    tensors = {n: st.float32(n) for n in st.keys()}
+    tensors["transformer.h.1.attn.c_attn.bias"] = np.zeros(20, np.float32)
+    write_safetensors(f, tensors)
+    with pytest.raises(engine.CheckpointError,
+                       match=r"tensor 'transformer.h.1.attn.c_attn.bias' has shape \(20,\), "
+                             r"expected \(96,\)"):
+        engine.load(str(tmp_path))
+
+
+def test_gguf_found_by_magic_without_the_extension(tmp_path):
+    pytest.importorskip("gguf")
+    from gguf_fixtures import write_tiny_llama
+    want = write_tiny_llama(tmp_path / "model.bin")
+    m = engine.load(str(tmp_path / "model.bin"))
+    np.testing.assert_array_equal(m.params["ln_f.weight"], want["ln_f.weight"])
+    (tmp_path / "junk.bin").write_bytes(b"not a model at all")
+    with pytest.raises(engine.CheckpointError, match="not a model"):
+        engine.load(str(tmp_path / "junk.bin"))
+
+
+def test_save_dtype_and_path(model, tmp_path):
+    with pytest.raises(engine.InputError, match="save dtype 'F64' is not supported; choose one of "
+                                                "F32, F16, BF16"):
+        model.save(str(tmp_path / "out"), dtype="F64")
+    assert not (tmp_path / "out").exists()        # refused before anything is written
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(engine.InputError, match="afile is an existing file; Model.save writes a "
+                                                "directory"):
+        model.save(str(tmp_path / "afile"))
+    with pytest.raises(engine.InputError, match="cannot create the directory"):
+        model.save(str(tmp_path / "afile" / "sub"))
+
+
+# ---- Model --------------------------------------------------------------------------------
+def test_ragged_tokens_and_huge_unsigned_ids(model):
+    with pytest.raises(engine.InputError, match="rows given have different lengths"):
+        model.forward([[1, 2, 3], [1]])
+    with pytest.raises(engine.InputError, match="id 9223372036854775813, outside"):
+        model.forward(np.array([[2**63 + 5]], dtype=np.uint64))
+    with pytest.raises(engine.InputError, match="targets holds id -7"):   # -100 amid the ids
+        model.forward(np.array([[1, 2, 3]]), np.array([[-100, -7, 2]]))
+    assert model.forward(np.array([[1, 2]], np.uint8)).shape == (1, 2, 64)
+
+
+def test_freeze_patterns_must_be_strings(model):
+    with pytest.raises(engine.InputError, match="patterns must be strings"):
+        model.unfreeze(5)
+    with pytest.raises(engine.InputError, match="patterns must be strings"):
+        model.freeze(["blocks.0.*"])
+
+
+def test_kv_cache_arguments(model):
+    with pytest.raises(engine.InputError, match="new_cache batch must be a positive integer, got -1"):
+        model.new_cache(-1, 4)
+    with pytest.raises(engine.InputError, match="new_cache length"):
+        model.new_cache(1, 2.5)
+    ok = np.array([[1, 2, 3]])
+    with pytest.raises(engine.InputError, match="pos0 must be an integer >= 0, got -3"):
+        model.forward_cached(ok, model.new_cache(1, 8), -3)
+    with pytest.raises(engine.InputError, match="tokens have batch 2, the cache was made for batch 1"):
+        model.forward_cached(np.ones((2, 2), np.int64), model.new_cache(1, 8), 0)
+    with pytest.raises(engine.InputError, match="cache must be the list of 2 .k, v. pairs"):
+        model.forward_cached(ok, [], 0)
+    with pytest.raises(engine.InputError, match="cache entries must be"):
+        model.forward_cached(ok, [(np.zeros((1, 8, 4, 8)), np.zeros((1, 8, 4, 8)))] * 2, 0)
+    with pytest.raises(engine.InputError, match="do not fit the cache of length 8"):
+        model.forward_cached(ok, model.new_cache(1, 8), 6)
+
+
+def test_model_constructor_arguments(model):
+    with pytest.raises(engine.ConfigError, match="Model needs an engine.Config, got dict"):
+        engine.Model({"n_layer": 2})
+    p = dict(model.params)
+    with pytest.raises(engine.CheckpointError,
+                       match="'ln_f.weight' must be a floating-point NumPy array, got list"):
+        engine.Model(model.config, {**p, "ln_f.weight": [1.0] * 32})
+    with pytest.raises(engine.CheckpointError, match="'ln_f.weight' must be a floating-point NumPy "
+                                                     "array, got dtype <U1"):
+        engine.Model(model.config, {**p, "ln_f.weight": np.array(["a"] * 32)})
+    with pytest.raises(engine.CheckpointError, match="params must be a dict"):
+        engine.Model(model.config, list(p.items()))
+
+
+# ---- generate -----------------------------------------------------------------------------
+@pytest.mark.parametrize("args,kw,match", [
+    (("hello",), {}, "prompt ids must be integer token ids, got str"),
+    (([[1, 2]],), {}, r"prompt ids must hold integer token ids, got \[1, 2\]"),
+    (([1, 2.0],), {}, "got 2.0"),
+    ((np.array([[1, 2]]),), {}, r"flat sequence of token ids, got shape \(1, 2\)"),
+    (([1],), dict(max_new_tokens=2.5), "max_new_tokens must be an integer >= 0, got 2.5"),
+    (([1],), dict(stop="ab"), "stop must be integer token ids, got str"),
+    (([1],), dict(stop=5), "stop must be a list of integer token ids, got int"),
+    (([1],), dict(temperature=float("nan")), "temperature must be a finite number >= 0, got nan"),
+    (([1],), dict(temperature="1"), "temperature"),
+    (([1],), dict(top_k=0), "top_k must be None or an integer >= 1, got 0"),
+    (([1],), dict(top_k=-3, temperature=1.0), "top_k"),
+    (([1],), dict(top_p=float("nan")), "top_p"),
+    (([1],), dict(seed=-1), "seed must be None or an integer >= 0"),
+    (([1],), dict(on_token=3), "on_token"),
+])
+def test_generate_arguments(model, args, kw, match):
+    with pytest.raises(engine.InputError, match=match):
+        engine.generate(model, *args, max_new_tokens=kw.pop("max_new_tokens", 2), **kw)
+
+
+def test_generate_still_takes_arrays_and_tuples(model):
+    a = engine.generate(model, np.array([1, 2]), max_new_tokens=3, stop=np.array([7]))
+    assert a == engine.generate(model, (1, 2), max_new_tokens=3, stop=(7,))
+    assert len(a) in (1, 2, 3)
