@@ -24,7 +24,7 @@ def main(argv=None):
     g.add_argument("--train-last", type=int, metavar="K", help="train the last K blocks and the final norm (default 2)")
     g.add_argument("--unfreeze", nargs="+", metavar="GLOB", default=[], help="train the parameters matching these "
                    "glob patterns, e.g. 'blocks.29.mlp.*' (see `tailtune inspect`)")
-    f.add_argument("--steps", type=int, help="optimizer steps (default: --epochs over the data)")
+    f.add_argument("--steps", type=int, help="optimizer steps, >= 1 (default: --epochs over the data)")
     f.add_argument("--epochs", type=float, default=1.0, help="passes over the training data (default 1)")
     f.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch (default 8)")
     f.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
@@ -35,9 +35,11 @@ def main(argv=None):
     f.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay (matrices only)")
     f.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip; 0 disables (default 1)")
     f.add_argument("--eval-data", help="held-out data file (default: --eval-fraction of --data)")
-    f.add_argument("--eval-fraction", type=float, default=0.1, help="share of --data held out (default 0.1)")
+    f.add_argument("--eval-fraction", type=float, default=0.1, help="share of --data held out, in [0, 1) "
+                   "(default 0.1; 0: no held-out loss)")
     f.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: before and after only)")
-    f.add_argument("--eval-batches", type=int, default=50, help="at most this many held-out batches per evaluation")
+    f.add_argument("--eval-batches", type=int, default=50, help="at most this many held-out batches per "
+                   "evaluation (0: all)")
     f.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (always on Ctrl-C)")
     f.add_argument("--seed", type=int, default=0, help="seed of the split and the batch order")
     f.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoint is in DIR")
@@ -107,6 +109,10 @@ def main(argv=None):
     except KeyboardInterrupt:  # before training started, or a second Ctrl-C: nothing half-written
         print(f"\ntailtune {args.cmd}: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:  # last line of defence: a file that could not be read or written
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"tailtune {args.cmd}: error: {where}{err.strerror or err}", file=sys.stderr)
+        return 2
 
 
 def _finetune(a):
@@ -123,7 +129,21 @@ def _finetune(a):
                      prefix_cache=a.prefix_cache, prefix_dtype=a.prefix_dtype,
                      telemetry_every=a.telemetry_every)
     summary = finetune(args, resume=a.resume, log=lambda m: print(m, flush=True))
-    return 130 if summary["status"] == "interrupted" else 0
+    return 128 + summary.get("signal", 2) if summary["status"] == "interrupted" else 0  # 130: SIGINT
+
+
+def _check_flags(*rules):
+    """(flag, value, test, what it must be): checked before anything is loaded, since a bad
+    value otherwise fails late, confusingly, or not at all. None is an omitted option."""
+    from .errors import InputError
+    for flag, v, ok, must in rules:
+        if v is not None and not ok(v):
+            raise InputError(f"{flag} {v}: must be {must}")
+
+
+def _sizes(a):
+    return (("--seq-len", a.seq_len, lambda v: v >= 1, ">= 1"),
+            ("--batch-size", a.batch_size, lambda v: v >= 1, ">= 1"))
 
 
 def _eval(a):
@@ -134,12 +154,14 @@ def _eval(a):
     from .io.resolve import resolve_model_path
     from .tokenizer import load_tokenizer
     from .train import evaluate
+    _check_flags(*_sizes(a))
     model = load(a.model)
     tok = load_tokenizer(resolve_model_path(a.model), model_vocab_size=model.config.vocab_size)
     if a.seq_len > model.config.max_seq_len:
         from .errors import InputError
         raise InputError(f"--seq-len {a.seq_len} exceeds the model's context of {model.config.max_seq_len}")
     ex = D.Examples(D.tokenize_file(a.data, tok), a.seq_len)
+    D.check_targets(ex, np.arange(len(ex)), a.data, lambda m: print(f"warning: {m}", file=sys.stderr))
     pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
     loss = evaluate(model, ex, np.arange(len(ex)), a.batch_size, pad)
     print(f"loss {loss:.4f}  perplexity {math.exp(min(loss, 50)):.3f}  ({len(ex)} examples)")
@@ -151,15 +173,23 @@ def _generate(a):
     from .io import load
     from .io.resolve import resolve_model_path
     from .tokenizer import load_tokenizer
+    _check_flags(("--max-new-tokens", a.max_new_tokens, lambda v: v >= 0, ">= 0"),
+                 ("--temperature", a.temperature, lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+                 ("--top-k", a.top_k, lambda v: v >= 1, ">= 1"),
+                 ("--top-p", a.top_p, lambda v: 0 < v <= 1, "in (0, 1]"),
+                 ("--seed", a.seed, lambda v: v >= 0, ">= 0"))
     model = load(a.model)
     tok = load_tokenizer(resolve_model_path(a.model), model_vocab_size=model.config.vocab_size)
     kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
               top_p=a.top_p, seed=a.seed, stop=tok.eos_ids)
 
-    def stream(ids):
+    def stream(ids, head=""):
         out = []
 
         def show(t):
+            if stream.head is not None:  # written once generate() has accepted its arguments
+                sys.stdout.write(stream.head)
+                stream.head = None
             out.append(t)
             if t not in tok.eos_ids:
                 text = tok.decode(out)
@@ -167,17 +197,16 @@ def _generate(a):
                     sys.stdout.write(text[len(stream.shown):])
                     stream.shown = text
                     sys.stdout.flush()
-        stream.shown = ""
+        stream.shown, stream.head = "", head
         generate(model, ids, on_token=show, **kw)
-        print()
+        print(stream.head or "")  # the head too when no token came
         return [t for t in out if t not in tok.eos_ids]
 
     if not a.chat:
         if a.prompt is None:
             from .errors import InputError
             raise InputError("--prompt is required (or use --chat for an interactive chat)")
-        sys.stdout.write(a.prompt)
-        stream(tok.encode(a.prompt))
+        stream(tok.encode(a.prompt), head=a.prompt)
         return 0
     messages = [{"role": "system", "content": a.system}] if a.system else []
     turns = [a.prompt] if a.prompt is not None else None
@@ -195,9 +224,7 @@ def _generate(a):
             if not user.strip():
                 continue
         messages.append({"role": "user", "content": user})
-        if turns is None:
-            sys.stdout.write("model> ")
-        reply = stream(tok.chat_ids(messages))
+        reply = stream(tok.chat_ids(messages), head="model> " if turns is None else "")
         messages.append({"role": "assistant", "content": tok.decode(reply)})
 
 
@@ -229,6 +256,7 @@ def _bench(a):
 def _inspect(a):
     from .io import load
     from .probes import cost_table
+    _check_flags(*_sizes(a))
     model = load(a.model)
     if a.train_last is not None:
         model.train_last(a.train_last)

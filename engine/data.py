@@ -50,8 +50,13 @@ class TokenData:
 def read_rows(path: str) -> list[dict]:
     """JSONL rows, each checked; errors name the file and the line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded line by line, so a bad byte is reported with its line
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                 f"{e.start + 1}); JSONL files must be UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -146,7 +151,11 @@ def tokenize_file(path: str, tok, use_template: bool | None = None, cache_dir: s
     key = h.hexdigest()[:32]
     d = os.path.join(cache_dir or os.path.join(cache_root(), "data"), key)
     if os.path.isfile(os.path.join(d, "meta.json")):
-        return _load_cached(d, path)
+        data = _load_cached(d, path)
+        if data is not None:
+            return data
+        if log:  # it is only a cache: rebuild it
+            log(f"note: the cached tokens in {d} are damaged; tokenizing again")
     if log:
         log(f"tokenizing {path} (cached afterwards in {d})")
     if kind == "text":
@@ -169,7 +178,10 @@ def tokenize_file(path: str, tok, use_template: bool | None = None, cache_dir: s
     if len(tokens) < 2:
         raise InputError(f"{path}: too little text to train on ({len(tokens)} tokens)")
     _store(d, tokens, mask, offsets, {"kind": kind, "source": os.path.abspath(path)})
-    return _load_cached(d, path)
+    data = _load_cached(d, path)
+    if data is None:
+        raise InputError(f"{d}: the tokenized data just written there cannot be read back")
+    return data
 
 
 def _store(d, tokens, mask, offsets, meta):
@@ -186,11 +198,20 @@ def _store(d, tokens, mask, offsets, meta):
 
 
 def _load_cached(d, path):
-    with open(os.path.join(d, "meta.json")) as f:
-        meta = json.load(f)
-    arr = {n: np.load(os.path.join(d, f"{n}.npy"), mmap_mode="r") for n in ("tokens", "mask", "offsets")}
-    return TokenData(arr["tokens"], arr["mask"], arr["offsets"], meta["kind"], path,
-                     os.path.basename(os.path.normpath(d)))
+    """The cache entry in d, or None when it is unreadable or inconsistent (a truncated or
+    edited file)."""
+    try:
+        with open(os.path.join(d, "meta.json")) as f:
+            meta = json.load(f)
+        arr = {n: np.load(os.path.join(d, f"{n}.npy"), mmap_mode="r") for n in ("tokens", "mask", "offsets")}
+        t, m, o = arr["tokens"], arr["mask"], arr["offsets"]
+        ok = (meta.get("kind") in ("text", "examples") and t.ndim == m.ndim == o.ndim == 1
+              and len(t) == len(m) and len(o) >= 2 and o[0] == 0 and o[-1] == len(t))
+    except (OSError, ValueError, EOFError, AttributeError):  # ValueError: also bad JSON, short mmap
+        return None
+    if not ok:
+        return None
+    return TokenData(t, m, o, meta["kind"], path, os.path.basename(os.path.normpath(d)))
 
 
 # ---- examples, splits, batches ------------------------------------------------------------
@@ -211,6 +232,17 @@ class Examples:
     def __len__(self):
         return self.n
 
+    def targets(self) -> np.ndarray:
+        """Loss tokens of each example as get() returns it (truncated to T + 1 tokens; the
+        first token is never a target)."""
+        if self.data.kind == "text":  # windows of a stream whose mask is all ones
+            a = np.arange(self.n, dtype=np.int64) * self.T
+            return np.maximum(0, np.minimum(a + self.T + 1, len(self.data.tokens)) - (a + 1))
+        o = np.asarray(self.data.offsets, np.int64)
+        cs = np.concatenate([[0], np.cumsum(self.data.mask, dtype=np.int64)])
+        end = np.minimum(o[:-1] + self.T + 1, o[1:])
+        return cs[end] - cs[np.minimum(o[:-1] + 1, end)]
+
     def get(self, i):
         """(ids, mask) of example i, at most T + 1 tokens."""
         if self.data.kind == "text":
@@ -218,6 +250,20 @@ class Examples:
             return self.data.tokens[a:a + self.T + 1], self.data.mask[a:a + self.T + 1]
         ids, mask = self.data.example(i)
         return ids[:self.T + 1], mask[:self.T + 1]
+
+
+def check_targets(examples: Examples, indices, source: str, warn=None):
+    """An InputError when the examples at `indices` hold no loss token (the loss would be NaN,
+    0 / 0, and nothing would train); `warn` is told how many hold none."""
+    per = examples.targets()[np.asarray(indices, np.int64)]
+    if len(per) and not per.any():
+        raise InputError(f"{source}: no tokens to compute the loss on within --seq-len {examples.T}: "
+                         f"no example has a completion or assistant token among its first "
+                         f"{examples.T + 1} tokens (raise --seq-len or shorten the prompts)")
+    empty = int((per == 0).sum())
+    if empty and warn:
+        warn(f"{source}: {empty} of {len(per)} examples have no loss tokens within --seq-len "
+             f"{examples.T} (the prompt fills the window); they add nothing")
 
 
 def split(n: int, eval_fraction: float, seed: int):

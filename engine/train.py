@@ -76,6 +76,38 @@ class TrainArgs:
     prefix_dtype: str = "float32"       # ... stored as float32 or float16
     telemetry_every: int = 0            # per-layer telemetry every N steps (0: off)
 
+    def validate(self):
+        """Reject values that would train silently wrong or fail late with a message that does
+        not name them; called before anything is read or written. Messages name the CLI flag
+        (the field name with dashes)."""
+        pos = lambda v: v >= 1  # noqa: E731
+        nonneg = lambda v: v >= 0  # noqa: E731   (False for NaN too)
+        rules = (("steps", lambda v: v is None or v >= 1, ">= 1 (omit it to train for --epochs)"),
+                 ("epochs", lambda v: 0 < v < math.inf, "a number > 0"),
+                 ("batch_size", pos, ">= 1"), ("seq_len", pos, ">= 1"), ("grad_accum", pos, ">= 1"),
+                 ("lr", lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+                 ("warmup", lambda v: v is None or v >= 0, ">= 0"),
+                 ("min_lr", lambda v: 0 <= v <= self.lr, f"between 0 and --lr {self.lr}"),
+                 ("weight_decay", lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+                 ("clip", nonneg, ">= 0 (0 disables clipping)"),  # a negative clip flips the gradient
+                 ("eval_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
+                 ("eval_every", nonneg, ">= 0 (0: before and after training only)"),
+                 ("eval_batches", nonneg, ">= 0 (0: all)"),
+                 ("save_every", nonneg, ">= 0 (0: at the end and on Ctrl-C only)"),
+                 ("telemetry_every", nonneg, ">= 0 (0: off)"),
+                 ("train_last", lambda v: v is None or v >= 0, ">= 0"),
+                 ("seed", nonneg, ">= 0"), ("sample_tokens", nonneg, ">= 0"),
+                 ("prefix_cache", lambda v: v in ("off", "memory", "disk"), "off, memory or disk"),
+                 ("prefix_dtype", lambda v: v in ("float32", "float16"), "float32 or float16"))
+        for name, ok, must in rules:
+            v = getattr(self, name)
+            try:
+                good = ok(v)
+            except TypeError:  # a string or None where a number belongs (API callers, checkpoints)
+                good = False
+            if not good:
+                raise InputError(f"--{name.replace('_', '-')} {v}: must be {must}")
+
     def training_fields(self) -> dict:
         """What determines the weights: a resumed run must agree on all of it."""
         d = dataclasses.asdict(self)
@@ -138,28 +170,49 @@ def _fmt_time(s):
 
 
 # ---- setup --------------------------------------------------------------------------------
-def _prepare_out(args: TrainArgs, resuming: bool):
+def _check_out(args: TrainArgs, resuming: bool):
+    """Fail early on an --out that cannot be used; the directory itself is created only once
+    everything else has been checked (_make_out), so a failed start leaves nothing behind."""
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise InputError(f"--out {args.out} exists and is not a directory")
     if os.path.isdir(args.out) and os.listdir(args.out) and not resuming:
         raise InputError(f"--out {args.out} already holds {_what_is_in(args)}; nothing was changed. "
                          f"Choose another --out (or delete that directory)")
-    os.makedirs(args.out, exist_ok=True)
+    parent = os.path.abspath(args.out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise InputError(f"--out {args.out}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"--out {args.out}: no permission to write in {parent}")
+
+
+def _make_out(path: str):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"--out {path}: cannot create the directory ({e.strerror or e})") from None
 
 
 def _what_is_in(args: TrainArgs) -> str:
     try:
         with open(os.path.join(args.out, "run.json")) as f:
             old = json.load(f)["args"]
-    except (ValueError, KeyError, TypeError):
+        same = {k: v for k, v in old.items() if k not in _NOT_TRAINING} == args.training_fields()
+    except (ValueError, KeyError, TypeError, AttributeError):
         return "a different run"
     except OSError:
         return "other files"
-    same = {k: v for k, v in old.items() if k not in _NOT_TRAINING} == args.training_fields()
     if not same:
         return "a different run"
     if os.path.exists(os.path.join(args.out, "summary.json")):
         return "this same run, finished"
+    try:
+        _checkpoint_dir(args.out)
+    except CheckpointError:
+        # Not reused: a run still going (no checkpoint until --save-every or Ctrl-C) looks the same.
+        return ("this same run, unfinished and without a checkpoint (it stopped, or is still "
+                "running, before saving one), so there is nothing to resume")
     return f"this same run, unfinished (continue it with --resume {args.out})"
 
 
@@ -169,6 +222,25 @@ def _checkpoint_dir(path: str) -> str:
         if os.path.isfile(os.path.join(cand, STATE)):
             return cand
     raise CheckpointError(f"{path}: no checkpoint to resume (no {STATE} found)")
+
+
+def _read_state(ck: str) -> dict:
+    """trainer_state.json of a checkpoint, checked: a damaged one is named, not a traceback."""
+    path = os.path.join(ck, STATE)
+    try:
+        with open(path) as f:
+            state = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read the trainer state ({e})") from None
+    need = {"step": (int, "an integer"), "data": (dict, "an object"), "args": (dict, "an object"),
+            "base_fingerprint": (str, "a string"), "opt_t": (int, "an integer"),
+            "opt_lr": ((int, float), "a number")}
+    for k, (t, what) in need.items():
+        if not isinstance(state, dict) or not isinstance(state.get(k), t):
+            raise CheckpointError(f"{path}: {k!r} is missing or not {what} (damaged checkpoint)")
+    if not all(isinstance(state["data"].get(k), int) for k in ("epoch", "cursor")):
+        raise CheckpointError(f"{path}: 'data' needs integer 'epoch' and 'cursor' (damaged checkpoint)")
+    return state
 
 
 def _apply_freezing(model: Model, args: TrainArgs):
@@ -205,7 +277,16 @@ def load_data(args: TrainArgs, tok, seq_len, log):
             raise InputError(f"{args.data}: too little data to hold any out; give --eval-data")
         train_idx, eval_idx = D.split(len(ex), args.eval_fraction, args.seed)
         held = ex
+    # without loss tokens the loss is NaN (0 / 0) and nothing trains
+    D.check_targets(ex, train_idx, args.data, _warn)
+    if len(eval_idx):
+        D.check_targets(held, eval_idx, args.eval_data or f"{args.data} (held-out part)",
+                        _warn if args.eval_data else None)
     return ex, train_idx, held, eval_idx
+
+
+def _warn(msg):
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 def evaluate(model: Model, examples, indices, batch_size, pad_id, max_batches=None, cache=None) -> float:
@@ -234,8 +315,6 @@ class _Caches:
     def __init__(self, args, model, examples, held, log):
         self.args, self.model, self.examples, self.held, self.log = args, model, examples, held, log
         self.train = self.eval = None
-        if args.prefix_cache not in ("off", "memory", "disk"):
-            raise InputError(f"--prefix-cache {args.prefix_cache!r}: choose off, memory or disk")
         self.refresh()
 
     def refresh(self):
@@ -285,8 +364,7 @@ def save_checkpoint(dst: str, model, tok, opt, state: dict):
 
 
 def load_checkpoint(src: str, model, opt) -> dict:
-    with open(os.path.join(src, STATE)) as f:
-        state = json.load(f)
+    state = _read_state(src)
     cfg, params = load_params(src)
     if cfg.to_dict() != model.config.to_dict():
         raise CheckpointError(f"{src}: checkpoint holds a different architecture")
@@ -305,21 +383,26 @@ def load_checkpoint(src: str, model, opt) -> dict:
 
 # ---- the run ------------------------------------------------------------------------------
 def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
-    """Run (or continue) a fine-tuning run; returns the summary. On SIGINT the current step
-    finishes, a checkpoint is written and the summary has status 'interrupted'."""
+    """Run (or continue) a fine-tuning run; returns the summary. On SIGINT or SIGTERM the
+    current step finishes, a checkpoint is written and the summary has status 'interrupted'."""
     state = None
+    args.validate()
     if resume:
         ck = _checkpoint_dir(resume)
-        with open(os.path.join(ck, STATE)) as f:
-            state = json.load(f)
-        saved = TrainArgs(**{**state["args"], "out": args.out or resume})
+        state = _read_state(ck)
+        try:
+            saved = TrainArgs(**{**state["args"], "out": args.out or resume})
+            saved.validate()
+        except (TypeError, InputError) as e:
+            raise CheckpointError(f"{os.path.join(ck, STATE)}: the saved arguments are not usable "
+                                  f"({e})") from None
         for k in _NOT_TRAINING[1:]:
             setattr(saved, k, getattr(args, k))
         if os.path.abspath(resolve_model_path(args.model)) != os.path.abspath(resolve_model_path(saved.model)):
             log(f"note: checkpoint was trained from {saved.model}; checking {args.model} is the same model")
         saved.model = args.model
         args = saved
-    _prepare_out(args, resuming=resume is not None)
+    _check_out(args, resuming=resume is not None)
     t_start = time.perf_counter()
     log(f"loading {args.model}")
     cfg, params = load_params(args.model)
@@ -333,8 +416,8 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
     if seq_len > cfg.max_seq_len:
         raise InputError(f"--seq-len {seq_len} exceeds the model's context of {cfg.max_seq_len}")
     pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    schedule = _apply_freezing(model, args)  # before tokenizing: a bad --train-last fails fast
     examples, train_idx, held, eval_idx = load_data(args, tok, seq_len, log)
-    schedule = _apply_freezing(model, args)
     batches = D.Batches(examples, train_idx, args.batch_size, args.seed, pad)
     per_step = args.batch_size * args.grad_accum
     steps = args.steps or max(1, math.ceil(args.epochs * len(train_idx) / per_step))
@@ -361,38 +444,54 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
            "trainable": model.trainable}
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     sample_ids = _sample_prompt(args, tok, held, eval_idx)
+
+    def held_out_loss():  # None without a held-out set (--eval-fraction 0)
+        if not len(eval_idx):
+            return None
+        return evaluate(model, held, eval_idx, args.batch_size, pad, args.eval_batches, caches.eval)
+
+    _make_out(args.out)
     if state is None:
         write_json(os.path.join(args.out, "run.json"), run)
         caches = _Caches(args, model, examples, held, log)
-        before = evaluate(model, held, eval_idx, args.batch_size, pad, args.eval_batches, caches.eval)
+        before = held_out_loss()
         sample_before = _sample(model, tok, sample_ids, args)
         start = 0
         _log_metric(metrics_path, {"step": 0, "eval_loss": before}, truncate=True)
     else:
         run_json = os.path.join(args.out, "run.json")
         if os.path.exists(run_json):
-            with open(run_json) as f:
-                if json.load(f).get("base_fingerprint") != base_fp:
-                    raise CheckpointError(f"{args.out}: run.json belongs to another base model")
+            try:
+                with open(run_json) as f:
+                    old_fp = json.load(f).get("base_fingerprint")
+            except (ValueError, AttributeError) as e:
+                raise CheckpointError(f"{run_json}: not a run description ({e}); "
+                                      f"resume into another --out") from None
+            if old_fp != base_fp:
+                raise CheckpointError(f"{args.out}: run.json belongs to another base model")
         else:  # continuing into a new directory
             write_json(run_json, run)
         state = load_checkpoint(_checkpoint_dir(resume), model, opt)
         caches = _Caches(args, model, examples, held, log)  # after loading: the prefix may have trained
         batches.restore(state["data"])
-        before, sample_before = state["eval_before"], state.get("sample_before")
+        before, sample_before = state.get("eval_before"), state.get("sample_before")
         start = state["step"]
         _truncate_metrics(metrics_path, start)
         log(f"resumed at step {start} of {steps}")
-    log(f"held-out loss before: {before:.4f} (perplexity {math.exp(min(before, 50)):.2f})")
+    if before is None:
+        log("no held-out set (--eval-fraction 0 and no --eval-data): no held-out loss")
+    else:
+        log(f"held-out loss before: {before:.4f} (perplexity {_ppl(before):.2f})")
 
-    interrupted = {"flag": False}
+    stop = {"signal": None}
 
-    def on_sigint(signum, frame):
-        if interrupted["flag"]:
+    def on_signal(signum, frame):  # SIGTERM (a job scheduler, `kill`) is handled as Ctrl-C
+        if stop["signal"] is not None:
             raise KeyboardInterrupt
-        interrupted["flag"] = True
+        stop["signal"] = signum
 
-    prev = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
+    handled = (signal.SIGINT, signal.SIGTERM) if _main_thread() else ()
+    prev = {s: signal.signal(s, on_signal) for s in handled}
     progress = Progress(steps)
 
     def checkpoint(step):
@@ -405,7 +504,7 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
     try:
         step = start
         while step < steps:
-            if interrupted["flag"]:
+            if stop["signal"] is not None:
                 break
             t0 = time.perf_counter()
             if schedule is not None and schedule.apply(model, opt, step, steps):
@@ -424,17 +523,22 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
             if schedule is not None:
                 schedule.observe(model, step)
             gnorm = clip_grad_norm(model, args.clip) if args.clip else float("nan")
+            loss = loss_sum / args.grad_accum
+            if not math.isfinite(loss) or (args.clip and not math.isfinite(gnorm)):
+                # diverged: stop before this update, and save no NaN model as the result
+                raise InputError(f"step {step + 1}: training diverged (loss {loss:.4g}, gradient "
+                                 f"norm {gnorm:.4g}); try a lower --lr than {args.lr:g}. No model "
+                                 f"was saved")
             if telemetry is not None:
                 telemetry.before_update(step)
             opt.step()
-            loss = loss_sum / args.grad_accum
             tok_s = ntok / (time.perf_counter() - t0)
             rec = {"step": step + 1, "loss": loss, "lr": opt.lr, "grad_norm": gnorm, "tokens_per_s": tok_s,
                    "trainable_blocks": sorted({int(n.split(".")[1]) for n in model.grads if n.startswith("blocks.")})}
             if telemetry is not None and telemetry.due(step):
                 rec["telemetry"] = telemetry.record(step, opt)
             step += 1
-            if args.eval_every and step % args.eval_every == 0 and step < steps:
+            if args.eval_every and step % args.eval_every == 0 and step < steps and len(eval_idx):
                 progress.newline()
                 rec["eval_loss"] = evaluate(model, held, eval_idx, args.batch_size, pad,
                                             args.eval_batches, caches.eval)
@@ -449,12 +553,13 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
             log(f"interrupted at step {step}: checkpoint saved; continue with "
                 f"`tailtune finetune --model {args.model} --data {args.data} --out {args.out} "
                 f"--resume {args.out}`")
-            return {"status": "interrupted", "step": step, "out": args.out}
+            return {"status": "interrupted", "step": step, "out": args.out,
+                    "signal": int(stop["signal"])}
     finally:
-        if prev is not None:
-            signal.signal(signal.SIGINT, prev)
+        for s, h in prev.items():
+            signal.signal(s, h)
 
-    after = evaluate(model, held, eval_idx, args.batch_size, pad, args.eval_batches, caches.eval)
+    after = held_out_loss()
     sample_after = _sample(model, tok, sample_ids, args)
     cache_report = caches.report()
     _log_metric(metrics_path, {"step": steps, "eval_loss": after})
@@ -467,7 +572,7 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
     os.replace(tmp, final)
     shutil.rmtree(os.path.join(args.out, "checkpoint"), ignore_errors=True)  # superseded by model/
     summary = {"status": "done", "steps": steps, "eval_loss_before": before, "eval_loss_after": after,
-               "perplexity_before": math.exp(min(before, 50)), "perplexity_after": math.exp(min(after, 50)),
+               "perplexity_before": _ppl(before), "perplexity_after": _ppl(after),
                "trainable_params": n_train, "total_params": model.num_params(),
                "seconds": time.perf_counter() - t_start, "model_dir": final,
                "sample_prompt": tok.decode(sample_ids) if sample_ids else None,
@@ -477,13 +582,17 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
     _plot(metrics_path, os.path.join(args.out, "loss.png"), log)
     if telemetry is not None:
         _plot_telemetry(metrics_path, os.path.join(args.out, "telemetry.png"), log)
-    log(f"held-out loss {before:.4f} -> {after:.4f} (perplexity {summary['perplexity_before']:.2f} -> "
-        f"{summary['perplexity_after']:.2f}); {n_train:,} of {model.num_params():,} parameters "
-        f"trained; {summary['seconds']:.0f} s")
+    change = ("no held-out loss" if after is None else f"held-out loss {before:.4f} -> {after:.4f} "
+              f"(perplexity {_ppl(before):.2f} -> {_ppl(after):.2f})")
+    log(f"{change}; {n_train:,} of {model.num_params():,} parameters trained; {summary['seconds']:.0f} s")
     if sample_ids:
         log(f"sample before: {sample_before!r}\nsample after:  {sample_after!r}")
     log(f"fine-tuned model: {final}")
     return summary
+
+
+def _ppl(loss):
+    return None if loss is None else math.exp(min(loss, 50))
 
 
 def _main_thread():
@@ -522,8 +631,17 @@ def _truncate_metrics(path, step):
     """On resume, drop metric lines written after the checkpoint (they will be redone)."""
     if not os.path.exists(path):
         return
+    keep = []
     with open(path) as f:
-        keep = [line for line in f if json.loads(line)["step"] <= step]
+        for n, line in enumerate(f, 1):
+            if not line.endswith("\n"):  # a write cut off by a crash: after the checkpoint
+                break
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                raise CheckpointError(f"{path}:{n}: not a metrics record with a numeric 'step'; "
+                                      f"fix or delete that line") from None
     with open(path, "w") as f:
         f.writelines(keep)
 
@@ -554,7 +672,8 @@ def _plot(metrics_path, png, log):
         ax.plot(*zip(*ev), "o-", label="held-out loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
-    ax.legend()
+    if tr or ev:  # an empty legend only draws a warning
+        ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
