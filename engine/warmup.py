@@ -17,12 +17,13 @@ import subprocess
 import sys
 
 _done = False
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the checkout or install
 
 
 def _stamp() -> str:
     """A file whose existence says: the cache holds every kernel of these sources."""
     import numba
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = _ROOT
     h = hashlib.sha256(f"{numba.__version__}|{sys.version}|{sys.executable}".encode())
     for pkg in ("kernels", "engine"):
         for path in sorted(glob.glob(os.path.join(root, pkg, "*.py"))):
@@ -48,7 +49,10 @@ def ensure_compiled(quiet: bool = False) -> None:
     if not quiet:
         print("tailtune: compiling kernels (first run after install or upgrade; about a minute)...",
               file=sys.stderr, flush=True)
-    env = {**os.environ, "TAILTUNE_WARMUP_CHILD": "1"}
+    # the child must import this same checkout, also when the caller found it through a
+    # sys.path insert rather than an install
+    path = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "TAILTUNE_WARMUP_CHILD": "1", "PYTHONPATH": path}
     r = subprocess.run([sys.executable, "-m", "engine.warmup"], env=env, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"compiling the kernels failed:\n{r.stdout}\n{r.stderr}")
