@@ -19,6 +19,7 @@ from kernels.rope import rope_table
 from . import layers
 from .config import Config
 from .errors import CheckpointError, ConfigError, InputError
+from .heap import keep_freed_memory
 from .layers import Block, Norm
 
 _LOGIT_CHUNK = 1 << 25   # floats of logits alive at once in the fused head + loss (128 MiB):
@@ -245,6 +246,8 @@ class Model:
             if targets.shape != tokens.shape:
                 raise InputError(f"targets shape {targets.shape} differs from tokens shape {tokens.shape}")
         keep = targets is not None and grad and bool(self.grads)
+        if keep:
+            keep_freed_memory()   # once per process (see heap.py)
         low = self.lowest_trainable_block() if keep else self.config.n_layer
         rope = self._rope_tables(T)
         prof = layers.PROFILE
