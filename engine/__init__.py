@@ -24,6 +24,7 @@ _EXPORTS = {
     "ConfigError": "engine.errors",
     "CheckpointError": "engine.errors",
     "InputError": "engine.errors",
+    "DivergedError": "engine.errors",
 }
 
 __all__ = sorted(_EXPORTS) + ["generate"]

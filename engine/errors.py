@@ -15,3 +15,7 @@ class CheckpointError(TailtuneError, ValueError):
 
 class InputError(TailtuneError, ValueError):
     """Arguments of the wrong shape, dtype or range, or a call made out of order."""
+
+
+class DivergedError(TailtuneError, ArithmeticError):
+    """Training produced a non-finite loss or gradient (learning rate too high, bad data)."""

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import data as D
 from . import schedules
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, DivergedError, InputError
 from .generate import generate
 from .io import load_params, save_model, write_json
 from .io.resolve import resolve_model_path
@@ -526,7 +526,7 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
             loss = loss_sum / args.grad_accum
             if not math.isfinite(loss) or (args.clip and not math.isfinite(gnorm)):
                 # diverged: stop before this update, and save no NaN model as the result
-                raise InputError(f"step {step + 1}: training diverged (loss {loss:.4g}, gradient "
+                raise DivergedError(f"step {step + 1}: training diverged (loss {loss:.4g}, gradient "
                                  f"norm {gnorm:.4g}); try a lower --lr than {args.lr:g}. No model "
                                  f"was saved")
             if telemetry is not None:

@@ -171,6 +171,11 @@ def test_divergence_stops_without_saving_a_nan_model(files, tmp_path, capsys):
     # the rerun must not promise a --resume that would fail
     cap = fails(capsys, argv, "without a checkpoint", "nothing to resume")
     assert "--resume" not in cap.err
+    # the API raises its own error class for it
+    args = T.TrainArgs(model=files["model"], data=files["txt"], out=str(tmp_path / "api"),
+                       seq_len=16, batch_size=4, sample_tokens=0, steps=5, lr=1e30)
+    with pytest.raises(engine.DivergedError, match="training diverged"):
+        T.finetune(args, log=lambda *a: None)
 
 
 @pytest.fixture(scope="module")
