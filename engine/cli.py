@@ -135,10 +135,8 @@ def _finetune(a):
 def _check_flags(*rules):
     """(flag, value, test, what it must be): checked before anything is loaded, since a bad
     value otherwise fails late, confusingly, or not at all. None is an omitted option."""
-    from .errors import InputError
-    for flag, v, ok, must in rules:
-        if v is not None and not ok(v):
-            raise InputError(f"{flag} {v}: must be {must}")
+    from .train import check_flags
+    check_flags(r for r in rules if r[1] is not None)
 
 
 def _sizes(a):

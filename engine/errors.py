@@ -1,4 +1,6 @@
-"""Exceptions the engine raises for bad input; each message names the problem."""
+"""Exceptions the engine raises for bad input; each message names the problem. Also the type
+tests the argument checks share."""
+import numpy as np
 
 
 class TailtuneError(Exception):
@@ -19,3 +21,13 @@ class InputError(TailtuneError, ValueError):
 
 class DivergedError(TailtuneError, ArithmeticError):
     """Training produced a non-finite loss or gradient (learning rate too high, bad data)."""
+
+
+def is_int(v) -> bool:
+    """A Python or numpy integer, not a bool (True is an int to Python, never a count here)."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+    """A Python or numpy int or float, not a bool."""
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)

@@ -6,7 +6,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, is_int, is_number
 
 
 def generate(model, ids, max_new_tokens: int = 30, temperature: float = 0.0,
@@ -25,15 +25,15 @@ def generate(model, ids, max_new_tokens: int = 30, temperature: float = 0.0,
     ids = _id_list("prompt ids", ids)
     if not ids:
         raise InputError("generate needs at least one prompt token")
-    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+    if not is_int(max_new_tokens) or max_new_tokens < 0:
         raise InputError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if not _is_number(temperature) or not 0 <= temperature < math.inf:
+    if not is_number(temperature) or not 0 <= temperature < math.inf:
         raise InputError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if top_k is not None and (not _is_int(top_k) or top_k < 1):
+    if top_k is not None and (not is_int(top_k) or top_k < 1):
         raise InputError(f"top_k must be None or an integer >= 1, got {top_k!r}")
-    if top_p is not None and (not _is_number(top_p) or not 0 < top_p <= 1):
+    if top_p is not None and (not is_number(top_p) or not 0 < top_p <= 1):
         raise InputError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
-    if seed is not None and (not _is_int(seed) or seed < 0):
+    if seed is not None and (not is_int(seed) or seed < 0):
         raise InputError(f"seed must be None or an integer >= 0, got {seed!r}")
     if on_token is not None and not callable(on_token):
         raise InputError(f"on_token must be None or a function of one token id, got {on_token!r}")
@@ -63,14 +63,6 @@ def generate(model, ids, max_new_tokens: int = 30, temperature: float = 0.0,
     return out
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-
-
 def _id_list(what: str, ids) -> list[int]:
     """A flat iterable of integer token ids as a list of ints (a str is not one: its characters
     are not ids; encode it with the tokenizer first)."""
@@ -85,7 +77,7 @@ def _id_list(what: str, ids) -> list[int]:
         raise InputError(f"{what} must be a list of integer token ids, got "
                          f"{type(ids).__name__}") from None
     for i in ids:
-        if not _is_int(i):
+        if not is_int(i):
             raise InputError(f"{what} must hold integer token ids, got {i!r}")
     return [int(i) for i in ids]
 

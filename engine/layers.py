@@ -183,17 +183,28 @@ class Block:
                          g=g, u=u, act=act)
         return out.reshape(B, T, C), saved
 
+    def backward_plan(self, G, need_dx: bool) -> dict:
+        """Which parts of backward run, given the trainable set G: a part runs only when it leads
+        to a trainable parameter or to the block's input (need_dx). The cost model reads it too."""
+        tr = lambda *ms: any(n in G for m in ms if m is not None for n in m.names())  # noqa: E731
+        attn = need_dx or tr(self.ln1, self.q, self.k, self.v, self.o)
+        mlp = attn or tr(self.ln2, self.gate, self.up, self.down)
+        need_h2 = mlp and (attn or tr(self.ln2))
+        need_act = mlp and (need_h2 or tr(self.gate, self.up))
+        need_h = attn and (need_dx or tr(self.ln1))
+        need_qkv = attn and (need_h or tr(self.q, self.k, self.v))
+        return dict(mlp=mlp, attn=attn, need_h2=need_h2, need_act=need_act, need_h=need_h,
+                    need_qkv=need_qkv)
+
     def backward(self, P, G, dout, s, rope_cs, need_dx):
         """dout: (N, C) gradient of the block output; consumed (used as scratch).
         Returns the gradient w.r.t. the block input when need_dx, else None. Runs only the parts
-        of the block that lead to a trainable parameter or to the input."""
-        tr = lambda *ms: any(n in G for m in ms if m is not None for n in m.names())  # noqa: E731
-        attn_branch = need_dx or tr(self.ln1, self.q, self.k, self.v, self.o)
-        mlp_branch = attn_branch or tr(self.ln2, self.gate, self.up, self.down)
+        of the block that lead to a trainable parameter or to the input (backward_plan)."""
+        plan = self.backward_plan(G, need_dx)
+        attn_branch = plan["attn"]
         N = dout.shape[0]
-        if mlp_branch:
-            need_h2 = attn_branch or tr(self.ln2)
-            need_act = need_h2 or tr(self.gate, self.up)
+        if plan["mlp"]:
+            need_h2, need_act = plan["need_h2"], plan["need_act"]
             dact = self.down.backward(P, G, dout, s["act"], need_act)
             if need_act:
                 if self.swiglu:
@@ -213,8 +224,7 @@ class Block:
         if not attn_branch:
             return None
         dx1 = dout
-        need_h = need_dx or tr(self.ln1)
-        need_qkv = need_h or tr(self.q, self.k, self.v)
+        need_h, need_qkv = plan["need_h"], plan["need_qkv"]
         da = self.o.backward(P, G, dx1, s["a"].reshape(N, -1), need_qkv)
         if need_qkv:
             q, k, v = s["q"], s["k"], s["v"]

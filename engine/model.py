@@ -18,7 +18,7 @@ from kernels.rope import rope_table
 
 from . import layers
 from .config import Config
-from .errors import CheckpointError, ConfigError, InputError
+from .errors import CheckpointError, ConfigError, InputError, is_int
 from .heap import keep_freed_memory
 from .layers import Block, Norm
 
@@ -150,7 +150,7 @@ class Model:
     def train_last(self, k: int):
         """Freeze everything, then unfreeze the last k blocks and the final norm."""
         L = self.config.n_layer
-        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 0 <= k <= L:
+        if not is_int(k) or not 0 <= k <= L:
             raise InputError(f"train_last(k): k must be an integer in 0..{L}, got {k!r}")
         self.freeze()
         self.unfreeze("ln_f.*", *[f"blocks.{i}.*" for i in range(L - k, L)])
@@ -312,7 +312,7 @@ class Model:
         """Per block (k, v) arrays of shape (batch, length, n_kv_head, head_dim)."""
         c = self.config
         for what, v in (("batch", batch), ("length", length)):
-            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            if not is_int(v) or v < 1:
                 raise InputError(f"new_cache {what} must be a positive integer, got {v!r}")
         if length > c.max_seq_len:
             raise InputError(f"cache length {length} exceeds the model's max_seq_len {c.max_seq_len}")
@@ -326,7 +326,7 @@ class Model:
         tokens = self._tokens(tokens)
         B, T = tokens.shape
         Bc, Lc = self._cache_shape(cache)
-        if not isinstance(pos0, (int, np.integer)) or isinstance(pos0, bool) or pos0 < 0:
+        if not is_int(pos0) or pos0 < 0:
             raise InputError(f"forward_cached pos0 must be an integer >= 0, got {pos0!r}")
         if B != Bc:
             raise InputError(f"tokens have batch {B}, the cache was made for batch {Bc}")

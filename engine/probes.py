@@ -31,20 +31,6 @@ def _linears(block):
 _ADAMW_BYTES = 28   # per trainable parameter: read weight, grad, two moments; write three
 
 
-def _backward_plan(b, G, need_dx: bool) -> dict:
-    """Which parts of Block.backward run (the same tests as engine/layers.py): a part runs only
-    when it leads to a trainable parameter or to the block's input."""
-    tr = lambda *ms: any(n in G for m in ms if m is not None for n in m.names())  # noqa: E731
-    attn = need_dx or tr(b.ln1, b.q, b.k, b.v, b.o)
-    mlp = attn or tr(b.ln2, b.gate, b.up, b.down)
-    need_h2 = mlp and (attn or tr(b.ln2))
-    need_act = mlp and (need_h2 or tr(b.gate, b.up))
-    need_h = attn and (need_dx or tr(b.ln1))
-    need_qkv = attn and (need_h or tr(b.q, b.k, b.v))
-    return dict(mlp=mlp, attn=attn, need_h2=need_h2, need_act=need_act, need_h=need_h,
-                need_qkv=need_qkv)
-
-
 def _input_grad_flops(b, N: int, plan: dict, attn_fwd: float) -> float:
     lin = lambda *ms: sum(2 * N * m.n_in * m.n_out for m in ms if m is not None)  # noqa: E731
     return ((lin(b.down) if plan["need_act"] else 0) + (lin(b.gate, b.up) if plan["need_h2"] else 0)
@@ -103,7 +89,7 @@ def block_costs(model, B: int, T: int, everything: bool = False) -> list[dict]:
         params = sum(model.params[n].size for n in b.shapes())
         fwd = sum(2 * N * m.n_in * m.n_out for m in lin) + attn_fwd
         in_range = b.index >= low
-        plan = _backward_plan(b, G, b.index > low) if in_range else None
+        plan = b.backward_plan(G, b.index > low) if in_range else None
         dx = _input_grad_flops(b, N, plan, attn_fwd) if in_range else 0
         dw = sum(2 * N * m.n_in * m.n_out for m in lin if m.w in G) if in_range else 0
         F, C, Hd, Kd = c.d_ff, c.d_model, c.n_head * c.head_dim, c.n_kv_head * c.head_dim
@@ -491,7 +477,7 @@ def measured_costs(model, B: int, T: int, steps: int = 3) -> dict:
             out.append({"layer": "embeddings", "fwd_pred": p["fwd"],
                         "fwd_meas": ms.get(("embeddings", "forward"), 0.0), "bwd_pred": p["bwd"],
                         "bwd_meas": ms.get(("embeddings", "backward"), 0.0), "dw_meas": 0.0,
-                        "opt_pred": p["opt"], "opt_meas": sum(ms.get((n.split(".")[0], "optimizer"), 0.0)
+                        "opt_pred": p["opt"], "opt_meas": sum(ms.get((_layer_of(n), "optimizer"), 0.0)
                                                           for n in ("wte.weight", "wpe.weight")
                                                           if n != model.head)})
             continue

@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, is_int, is_number
 
 NAMES = ("static", "gradual", "lr-decay", "freezeout", "autofreeze", "lisa")
 
@@ -32,13 +32,13 @@ def make(name: str, n_layer: int, k: int, every: int = 50, decay: float = 0.8, t
          threshold: float = 0.05, seed: int = 0):
     if name not in NAMES:
         raise InputError(f"unknown schedule {name!r}; choose one of {', '.join(NAMES)}")
-    if not _is_int(n_layer) or n_layer < 1:
+    if not is_int(n_layer) or n_layer < 1:
         raise InputError(f"schedule {name}: n_layer must be a positive integer, got {n_layer!r}")
-    if not _is_int(k) or not 1 <= k <= n_layer:
+    if not is_int(k) or not 1 <= k <= n_layer:
         raise InputError(f"schedule {name}: k={k!r} blocks, the model has {n_layer}")
-    if not _is_int(every) or every < 1:
+    if not is_int(every) or every < 1:
         raise InputError(f"schedule {name}: every must be an integer >= 1, got {every!r}")
-    if not _is_int(seed):
+    if not is_int(seed):
         raise InputError(f"schedule {name}: seed must be an integer, got {seed!r}")
     # all checked whichever schedule is named: a bad value is a mistake either way. decay > 1
     # or <= 0 gives growing or negative rates, t0 outside [0, 1] blocks stopping outside
@@ -46,19 +46,11 @@ def make(name: str, n_layer: int, k: int, every: int = 50, decay: float = 0.8, t
     for what, v, ok, rng in (("decay", decay, lambda x: 0 < x <= 1, "in (0, 1]"),
                              ("t0", t0, lambda x: 0 <= x <= 1, "in [0, 1]"),
                              ("threshold", threshold, lambda x: 0 <= x < math.inf, ">= 0")):
-        if not _is_number(v) or not ok(v):
+        if not is_number(v) or not ok(v):
             raise InputError(f"schedule {name}: {what} must be a number {rng}, got {v!r}")
     cls = {"static": Static, "gradual": Gradual, "lr-decay": LRDecay, "freezeout": FreezeOut,
            "autofreeze": AutoFreeze, "lisa": Lisa}[name]
     return cls(n_layer, k, every=every, decay=decay, t0=t0, threshold=threshold, seed=seed)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 
 
 class Schedule:

@@ -91,9 +91,9 @@ def _resolve(path: str) -> str:
 
 
 def _is_gguf(path: str) -> bool:
+    from .io.gguf import is_gguf
     try:
-        with open(path, "rb") as f:
-            return f.read(4) == b"GGUF"
+        return is_gguf(path)
     except OSError as e:
         raise TokenizerError(f"{path}: cannot read: {e}") from None
 

@@ -99,14 +99,8 @@ class TrainArgs:
                  ("seed", nonneg, ">= 0"), ("sample_tokens", nonneg, ">= 0"),
                  ("prefix_cache", lambda v: v in ("off", "memory", "disk"), "off, memory or disk"),
                  ("prefix_dtype", lambda v: v in ("float32", "float16"), "float32 or float16"))
-        for name, ok, must in rules:
-            v = getattr(self, name)
-            try:
-                good = ok(v)
-            except TypeError:  # a string or None where a number belongs (API callers, checkpoints)
-                good = False
-            if not good:
-                raise InputError(f"--{name.replace('_', '-')} {v}: must be {must}")
+        check_flags((f"--{name.replace('_', '-')}", getattr(self, name), ok, must)
+                    for name, ok, must in rules)
 
     def training_fields(self) -> dict:
         """What determines the weights: a resumed run must agree on all of it."""
@@ -167,6 +161,19 @@ def _fmt_time(s):
         return "--"
     s = int(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def check_flags(rules):
+    """rules: (flag, value, test, what it must be). An InputError naming the first flag whose
+    value fails its test; a TypeError in the test fails it too (a string or None where a number
+    belongs: API callers, saved checkpoints)."""
+    for flag, v, ok, must in rules:
+        try:
+            good = ok(v)
+        except TypeError:
+            good = False
+        if not good:
+            raise InputError(f"{flag} {v}: must be {must}")
 
 
 # ---- setup --------------------------------------------------------------------------------
@@ -527,8 +534,8 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
             if not math.isfinite(loss) or (args.clip and not math.isfinite(gnorm)):
                 # diverged: stop before this update, and save no NaN model as the result
                 raise DivergedError(f"step {step + 1}: training diverged (loss {loss:.4g}, gradient "
-                                 f"norm {gnorm:.4g}); try a lower --lr than {args.lr:g}. No model "
-                                 f"was saved")
+                                    f"norm {gnorm:.4g}); try a lower --lr than {args.lr:g}. No "
+                                    f"model was saved")
             if telemetry is not None:
                 telemetry.before_update(step)
             opt.step()
@@ -540,8 +547,7 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
             step += 1
             if args.eval_every and step % args.eval_every == 0 and step < steps and len(eval_idx):
                 progress.newline()
-                rec["eval_loss"] = evaluate(model, held, eval_idx, args.batch_size, pad,
-                                            args.eval_batches, caches.eval)
+                rec["eval_loss"] = held_out_loss()
                 log(f"step {step}: held-out loss {rec['eval_loss']:.4f}")
             _log_metric(metrics_path, rec)
             progress.update(step - 1, loss, tok_s)

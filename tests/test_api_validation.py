@@ -12,16 +12,11 @@ from engine import schedules
 from engine.io import hf_names
 from engine.io.safetensors import SafetensorsFile, write as write_safetensors
 from engine.prefix_cache import PrefixCache
+from conftest import small_model
 
 
 def small(kind="gpt2", n_layer=2, **kw):
-    if kind == "llama":
-        cfg = engine.Config.llama(vocab_size=64, n_layer=n_layer, n_head=4, n_kv_head=2, d_model=32,
-                                  d_ff=48, max_seq_len=32, **kw)
-    else:
-        cfg = engine.Config.gpt2(vocab_size=64, n_layer=n_layer, n_head=4, d_model=32,
-                                 max_seq_len=32, **kw)
-    return engine.Model(cfg, seed=1)
+    return small_model(kind, n_layer, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 the file (never a traceback, never a silent rc=0 with a wrong result), and nothing left behind
 that a later run trips over."""
 import json
-import os
 import shutil
 import signal
 
@@ -11,6 +10,7 @@ import pytest
 import engine
 import engine.train as T
 from engine.cli import main as cli
+from conftest import signal_after_steps
 
 
 @pytest.fixture(scope="module")
@@ -182,20 +182,9 @@ def test_divergence_stops_without_saving_a_nan_model(files, tmp_path, capsys):
 def stopped(files, tmp_path_factory):
     """A run stopped by SIGTERM after its second step: a real checkpoint to damage."""
     out = tmp_path_factory.mktemp("stopped") / "run"
-    real, calls = T.Progress.update, {"n": 0}
-
-    def term_after_two(self, step, loss, tok_s):
-        real(self, step, loss, tok_s)
-        calls["n"] += 1
-        if calls["n"] == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-
     prev = signal.getsignal(signal.SIGTERM)
-    T.Progress.update = term_after_two
-    try:
+    with signal_after_steps(2, signal.SIGTERM):
         code = cli(ft(files, out, "--steps", "6"))
-    finally:
-        T.Progress.update = real
     assert signal.getsignal(signal.SIGTERM) is prev  # the handler is put back
     return out, code
 

@@ -12,6 +12,7 @@ import pytest
 
 import engine
 from engine.cli import main as cli
+from conftest import signal_after_steps
 
 
 def tiny_model_dir(path, seed=0):
@@ -140,24 +141,12 @@ def test_output_dir_of_another_run_is_left_alone(tiny, tmp_path, capsys):
 def test_resume_into_a_new_directory(tiny, tmp_path):
     """Ctrl-C after step 6 (sent from inside the run), then --resume into another --out: the
     same weights as a straight run."""
-    import engine.train as T
     model, data = tiny
     argv = lambda out: [a if a != "60" else "12" for a in run_args(model, data, out)]  # noqa: E731
     assert cli(argv(str(tmp_path / "straight"))) == 0
     straight = engine.load(str(tmp_path / "straight" / "model")).params
-    real, calls = T.Progress.update, {"n": 0}
-
-    def stop_after_six(self, step, loss, tok_s):
-        real(self, step, loss, tok_s)
-        calls["n"] += 1
-        if calls["n"] == 6:
-            os.kill(os.getpid(), signal.SIGINT)
-
-    T.Progress.update = stop_after_six
-    try:
+    with signal_after_steps(6, signal.SIGINT):
         assert cli(argv(str(tmp_path / "partial"))) == 130
-    finally:
-        T.Progress.update = real
     new = str(tmp_path / "continued")
     assert cli(argv(new) + ["--resume", str(tmp_path / "partial")]) == 0
     resumed = engine.load(os.path.join(new, "model")).params

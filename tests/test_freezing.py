@@ -3,17 +3,12 @@ import numpy as np
 import pytest
 
 import engine
+from conftest import small_model
 from engine import layers
 
 
 def small(n_layer=6, kind="llama", **kw):
-    if kind == "llama":
-        cfg = engine.Config.llama(vocab_size=64, n_layer=n_layer, n_head=4, n_kv_head=2, d_model=32,
-                                  d_ff=48, max_seq_len=32, **kw)
-    else:
-        cfg = engine.Config.gpt2(vocab_size=64, n_layer=n_layer, n_head=4, d_model=32,
-                                 max_seq_len=32, **kw)
-    return engine.Model(cfg, seed=1)
+    return small_model(kind, n_layer, **kw)
 
 
 def data(seed=0, B=2, T=16):

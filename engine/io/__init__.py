@@ -24,7 +24,7 @@ def load(path: str):
 def load_params(path: str) -> tuple[Config, dict]:
     from .resolve import resolve_model_path
     path = resolve_model_path(str(path))
-    if os.path.isfile(path) and (path.endswith(".gguf") or _starts_with(path, b"GGUF")):
+    if os.path.isfile(path) and (path.endswith(".gguf") or _is_gguf(path)):
         from .gguf import load_gguf
         return load_gguf(path)
     if os.path.isdir(path):
@@ -33,11 +33,11 @@ def load_params(path: str) -> tuple[Config, dict]:
                           f"*.safetensors, or a .gguf file)")
 
 
-def _starts_with(path: str, magic: bytes) -> bool:
+def _is_gguf(path: str) -> bool:
     """Detected by content, as the tokenizer loader does: a GGUF file need not end in .gguf."""
+    from .gguf import is_gguf
     try:
-        with open(path, "rb") as f:
-            return f.read(len(magic)) == magic
+        return is_gguf(path)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e}") from None
 

@@ -25,6 +25,12 @@ from ..errors import CheckpointError, ConfigError
 from .safetensors import bf16_to_f32
 
 MAGIC = b"GGUF"
+
+
+def is_gguf(path: str) -> bool:
+    """Whether the file starts with the GGUF magic, whatever its name (OSError if unreadable)."""
+    with open(path, "rb") as f:
+        return f.read(len(MAGIC)) == MAGIC
 VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4            # GGML_MAX_DIMS: llama.cpp rejects tensors with more
