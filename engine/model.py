@@ -366,31 +366,45 @@ class Model:
     def _head_loss(self, h, targets, grad, need_dh, need_dw):
         """Fused LM head + cross-entropy over row chunks, so (B, T, V) logits never exist.
         With grad, the logits' gradient is formed in place and turned at once into dh (N, C)
-        and the head's dW; backward() later only adds them in."""
+        and the head's dW; backward() later only adds them in.
+        Only rows with a target go through the head: a row whose target is -100 (padding, a
+        masked prompt) adds nothing to the loss or to any gradient, so its logits are skipped."""
         W = self.params[self.head]                      # (V, C)
-        N, V = h.shape[0], W.shape[0]
-        n_valid = int((targets >= 0).sum())
-        scale = 1.0 / n_valid if n_valid else 0.0
+        valid = targets != IGNORE
+        n_valid = int(valid.sum())
+        dh = np.zeros_like(h) if need_dh and n_valid < h.shape[0] else None
+        dw = np.zeros_like(W) if need_dw else None
+        if n_valid == 0:
+            return float("nan"), (dh if need_dh else None), dw
+        if n_valid < h.shape[0]:
+            rows = np.flatnonzero(valid)
+            hv, tv = h[rows], targets[rows]
+        else:
+            rows, hv, tv = None, h, targets
+        dhv = np.empty_like(hv) if need_dh else None
+        N, V = hv.shape[0], W.shape[0]
+        scale = 1.0 / n_valid
         R = head_chunk_rows(N, V, need_dw)
         logits = np.empty((R, V), np.float32)
         losses = np.empty(N, np.float32)
         lse = np.empty(N, np.float32)
-        dh = np.empty_like(h) if need_dh else None
-        dw = np.zeros_like(W) if need_dw else None
         for r0 in range(0, N, R):
             r1 = min(N, r0 + R)
             lg = logits[:r1 - r0]
-            gemm_nt(h[r0:r1], W, lg)
+            gemm_nt(hv[r0:r1], W, lg)
             if grad:
-                crossentropy_forward_backward(lg, targets[r0:r1], losses[r0:r1], lse[r0:r1], scale)
+                crossentropy_forward_backward(lg, tv[r0:r1], losses[r0:r1], lse[r0:r1], scale)
                 if need_dh:
-                    gemm_nn(lg, W, dh[r0:r1])
+                    gemm_nn(lg, W, dhv[r0:r1])
                 if need_dw:
-                    gemm_tn(lg, h[r0:r1], dw, accumulate=True)
+                    gemm_tn(lg, hv[r0:r1], dw, accumulate=True)
             else:
-                crossentropy_forward(lg, targets[r0:r1], losses[r0:r1], lse[r0:r1])
-        loss = float(losses.sum(dtype=np.float64) / n_valid) if n_valid else float("nan")
-        return loss, dh, dw
+                crossentropy_forward(lg, tv[r0:r1], losses[r0:r1], lse[r0:r1])
+        if rows is None:
+            dh = dhv
+        elif need_dh:
+            dh[rows] = dhv
+        return float(losses.sum(dtype=np.float64) / n_valid), dh, dw
 
     def backward(self):
         """Fill self.grads (accumulating) from the last forward(tokens, targets)."""

@@ -63,12 +63,16 @@ def _elementwise_bytes(c, N: int, b, G, plan: dict | None) -> tuple[int, int]:
     return 4 * N * fwd, 4 * N * bwd + dw_add
 
 
-def block_costs(model, B: int, T: int, everything: bool = False) -> list[dict]:
+def block_costs(model, B: int, T: int, everything: bool = False,
+                target_rows: int | None = None) -> list[dict]:
     """One row per block plus the head: parameters, trainable, predicted FLOPs of forward,
     input-gradient and weight-gradient work, and activation bytes kept for backward.
-    everything=True: as if every parameter were trainable (full fine-tuning)."""
+    everything=True: as if every parameter were trainable (full fine-tuning).
+    target_rows: how many of the B * T positions have a target (default all); the head runs on
+    those alone."""
     c = model.config
     N = B * T
+    M = N if target_rows is None else target_rows
     G = set(model.params) if everything else set(model.grads)
     low = -1 if everything else model.lowest_trainable_block()
     attn_fwd = 2 * B * c.n_head * T * T * c.head_dim  # two causal products
@@ -104,11 +108,11 @@ def block_costs(model, B: int, T: int, everything: bool = False) -> list[dict]:
                      "dx_flops": dx, "dw_flops": dw, "kept_bytes": kept,
                      "fwd_bytes": ew_f, "bwd_bytes": ew_b, "attn_fwd_flops": attn_fwd,
                      "attn_bwd_flops": 2.5 * attn_fwd if plan and plan["need_qkv"] else 0})
-    head = 2 * N * c.d_model * c.vocab_size
+    head = 2 * M * c.d_model * c.vocab_size
     need_dh = low < c.n_layer or any(n in G for n in model.ln_f.names())
     need_dw = model.head in G
     VC = c.vocab_size * c.d_model
-    chunks = -(-N // head_chunk_rows(N, c.vocab_size, need_dw))
+    chunks = -(-M // head_chunk_rows(M, c.vocab_size, need_dw)) if M else 0
     n_train = sum(model.params[n].size for n in (*model.ln_f.names(), model.head) if n in G)
     rows.append({"layer": "ln_f + head", "opt_bytes": _ADAMW_BYTES * n_train,
                  "params": sum(model.params[n].size for n in model.ln_f.names())
@@ -119,7 +123,7 @@ def block_costs(model, B: int, T: int, everything: bool = False) -> list[dict]:
                  # the fused head + loss (its dx and dW GEMMs run there too): the final norm, the
                  # loss reading the logits and writing their gradient in place; a trainable
                  # head's gradient zeroed, then each chunk's added in
-                 "fwd_bytes": 4 * N * (2 * c.d_model + 2 * c.vocab_size)
+                 "fwd_bytes": 4 * N * 2 * c.d_model + 4 * M * 2 * c.vocab_size
                  + ((4 + 12 * chunks) * VC if need_dw else 0),
                  # in backward(): that gradient added into the accumulator; the final norm's
                  # backward reads x and dout and adds into a zeroed dx

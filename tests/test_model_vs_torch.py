@@ -106,6 +106,29 @@ def test_untied_head_trainable(hf_dirs):
     assert_grads_match(model, hf)
 
 
+@pytest.mark.parametrize("kind", ["gpt2-untied", "llama-tied"])
+def test_mostly_masked_targets_match(hf_dirs, kind):
+    """Chat-style data: only the answers carry a loss (prompts and padding are -100), one row
+    none at all. The head then runs on the target rows alone; loss and gradients must not move."""
+    hf, path = hf_dirs[kind]
+    model = engine.load(path).train_last(2).unfreeze("ln_f.*", model_head(kind))
+    set_torch_trainable(model, hf)
+    tokens, targets = batch(model.config.vocab_size, seed=4)
+    targets[:] = -100
+    targets[0, 12:15] = tokens[0, 13:16]       # an answer after a masked prompt
+    targets[2, 3:6] = tokens[2, 4:7]           # a short example, then padding
+    loss = model.forward(tokens, targets)
+    model.backward()
+    tl = torch_loss(hf, tokens, targets)
+    tl.backward()
+    assert abs(loss - tl.item()) <= 1e-5 * max(1.0, abs(tl.item()))
+    assert_grads_match(model, hf)
+
+
+def model_head(kind):
+    return "lm_head.weight" if kind.endswith("untied") else "wte.weight"
+
+
 def test_gradient_accumulates_over_micro_batches(hf_dirs):
     """Two backward passes without zero_grad sum, as in PyTorch."""
     _, path = hf_dirs["llama"]

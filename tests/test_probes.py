@@ -200,3 +200,30 @@ def test_predicted_input_grad_flops_match_what_backward_runs(monkeypatch, frozen
     blocks = rows[1:-1]
     assert gemm_flops[0] == sum(r["dx_flops"] - r["attn_bwd_flops"] for r in blocks)
     assert attn_calls[0] == sum(r["attn_bwd_flops"] > 0 for r in blocks)
+
+
+@pytest.mark.parametrize("n_targets", [0, 5, 32])
+def test_predicted_head_flops_follow_the_target_rows(monkeypatch, n_targets):
+    """The head runs on the rows that have a target only: the FLOP model given target_rows
+    against the head GEMMs a real forward makes."""
+    import engine.model as model_mod
+    m = tiny().train_last(1).unfreeze("lm_head.weight")
+    B, T = 2, 16
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(0, 257, (B, T))
+    targets = np.full((B, T), model_mod.IGNORE)
+    targets.flat[rng.choice(B * T, n_targets, replace=False)] = rng.integers(0, 257, n_targets)
+    head = probes.block_costs(m, B, T, target_rows=n_targets)[-1]
+    flops = [0]
+    for name in ("gemm_nt", "gemm_nn", "gemm_tn"):
+        real = getattr(model_mod, name)
+
+        def counted(a, b, out, accumulate=False, real=real, name=name):
+            k = a.shape[0] if name == "gemm_tn" else a.shape[1]
+            flops[0] += 2 * out.shape[0] * out.shape[1] * k
+            real(a, b, out, accumulate)
+
+        monkeypatch.setattr(model_mod, name, counted)
+    m.forward(tokens, targets)
+    assert flops[0] == head["fwd_flops"] + head["dx_flops"] + head["dw_flops"]
+    assert head["dw_flops"] == (2 * n_targets * 24 * 257)
