@@ -255,7 +255,7 @@ class StepFlops:
 
 
 def step_flops(d: Dims, B: int, T: int, k: int, final_norm_trainable: bool = True,
-               head_trainable: bool = False) -> StepFlops:
+               head_trainable: bool = False, head_rows: int | None = None) -> StepFlops:
     """Model FLOPs of one training step of a tail-k model (see benches/README.md, "FLOP model").
 
     Counted: matmuls only, one multiply-add = 2 FLOPs; causal attention counts the T(T+1)/2
@@ -269,12 +269,14 @@ def step_flops(d: Dims, B: int, T: int, k: int, final_norm_trainable: bool = Tru
                  dV, dP in attention); nothing for the frozen blocks below.
     Inside the lowest trainable block, q/k/v's input gradient is still needed (ln1 is
     trainable), so 2x is exact for train_last(k); only the O(B T C) layernorm dX is skipped.
+    head_rows: positions that have a target (default all B T); logits of the others are no
+    model work (they add nothing to the loss), so the head counts these rows only.
     """
     N = B * T
     C, H, Hkv, D, F, V, L = d.d_model, d.n_head, d.n_kv_head, d.head_dim, d.d_ff, d.vocab_size, d.n_layer
     block = [(N, C, H * D), (N, C, Hkv * D), (N, C, Hkv * D), (N, H * D, C)]   # q, k, v, o
     block += [(N, C, F)] * (2 if d.mlp == "swiglu" else 1) + [(N, F, C)]      # (gate,) up, down
-    head = (N, C, V)
+    head = (N if head_rows is None else head_rows, C, V)
     attn = 2.0 * B * H * D * T * (T + 1)   # QK^T and PV over T(T+1)/2 pairs each, 2 FLOPs a MAC
 
     gemms: dict = {}
@@ -292,14 +294,14 @@ def step_flops(d: Dims, B: int, T: int, k: int, final_norm_trainable: bool = Tru
         add(s, L)
     add(head)
     fwd_blocks = L * (sum(2.0 * a * b * c for a, b, c in block) + attn)
-    fwd_head = 2.0 * N * C * V
+    fwd_head = 2.0 * head[0] * C * V
     need_below_head = k > 0 or final_norm_trainable
     bwd_head_dx = fwd_head if need_below_head else 0.0
     bwd_head_dw = fwd_head if head_trainable else 0.0
     if bwd_head_dx:
-        add((N, V, C))
+        add((head[0], V, C))
     if bwd_head_dw:
-        add((V, N, C))
+        add((V, head[0], C))
     for _ in range(k):
         for s in block:
             backward_of(s)
@@ -553,7 +555,7 @@ def _short(file: str) -> str:
 
 # ---- the side-by-side timing of a training step ---------------------------------------------------
 def time_alternating(args, config, B: int, T: int, k: int, engine_step, torch_step,
-                     losses_e: list, losses_t: list, say) -> dict:
+                     losses_e: list, losses_t: list, say, head_rows: int | None = None) -> dict:
     """Warm-up, numpy.matmul's rate on the step's GEMM shapes, `args.repeats` rounds of
     `args.steps` engine steps then as many torch steps (each step's loss appended to losses_e /
     losses_t), the matmul rate again (the machine drifts), and a cProfile of engine steps."""
@@ -562,7 +564,7 @@ def time_alternating(args, config, B: int, T: int, k: int, engine_step, torch_st
         losses_e.append(engine_step())
         losses_t.append(torch_step())
     blas_in_engine_steps = openblas_all()    # before gemm_rates touches the count
-    flops = step_flops(Dims.from_config(config), B, T, k)
+    flops = step_flops(Dims.from_config(config), B, T, k, head_rows=head_rows)
     shapes = list(flops.gemms)
     say(f"numpy.matmul rate on {len(shapes)} GEMM shapes ({args.threads} threads)")
     rates_before = gemm_rates(shapes, args.threads, args.gemm_repeats)

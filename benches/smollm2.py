@@ -59,9 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
     p.add_argument("--train-last", type=int, default=4,
                    help="trainable blocks at the top (plus the final norm)")
-    p.add_argument("--data", choices=("text", "random"), default="text",
-                   help="batch: real text (Python's stdlib source, the model's tokenizer) or "
-                        "random ids from the vocabulary")
+    p.add_argument("--data", choices=("text", "random", "claims"), default="text",
+                   help="batch: real text (Python's stdlib source, the model's tokenizer), "
+                        "random ids from the vocabulary, or the README's main job: the first "
+                        "--batch-size chats of examples/claims/train.jsonl, loss on the answers "
+                        "only, padded to the longest (at most --seq-len)")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (both sides)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random batch (--data random)")
     C.add_tolerance_args(p)
@@ -103,6 +105,8 @@ def make_batch(path, B: int, T: int, data: str, seed: int, vocab: int):
     tokenizer, cut into B rows of T + 1 consecutive tokens."""
     import numpy as np
     need = B * (T + 1)
+    if data == "claims":
+        return _claims_batch(path, B, T)
     if data == "random":
         ids = np.random.default_rng(seed).integers(0, vocab, need, dtype=np.int64)
         what = f"random ids 0..{vocab - 1}, seed {seed}"
@@ -125,6 +129,22 @@ def make_batch(path, B: int, T: int, data: str, seed: int, vocab: int):
                 f"{', '.join(used)} modules, first {need} tokens")
     ids = ids.reshape(B, T + 1)
     return np.ascontiguousarray(ids[:, :-1]), np.ascontiguousarray(ids[:, 1:]), what
+
+
+def _claims_batch(path, B: int, T: int):
+    """The main job's batch: chats through the model's chat template, prompts and padding -100
+    (both sides: F.cross_entropy ignores -100 by default)."""
+    import numpy as np
+    import engine
+    from engine import data as D
+    tok = engine.load_tokenizer(path)
+    src = Path(__file__).resolve().parent.parent / "examples" / "claims" / "train.jsonl"
+    ex = D.Examples(D.tokenize_file(str(src), tok), T)
+    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    x, y = D.make_batch(ex, np.arange(B), pad)
+    what = (f"examples/claims/train.jsonl, chats 0..{B - 1} padded to {x.shape[1]}: "
+            f"{int((y >= 0).sum())} of {y.size} positions carry a loss (the answers)")
+    return x, y, what
 
 
 def torch_trainable_prefixes(n_layer: int, k: int) -> tuple:
@@ -291,6 +311,9 @@ def run(args=None) -> dict:
     t_eload, model = C.timed(engine.load, path)
     L = model.config.n_layer
     tokens, targets, data_what = make_batch(path, B, T, args.data, args.seed, model.config.vocab_size)
+    T = tokens.shape[1]               # claims: the longest chat of the batch
+    ntok = B * T
+    head_rows = int((targets >= 0).sum())
     say(f"{model}; engine.load {t_eload:.1f} s; batch: {data_what}")
     say("transformers: from_pretrained(gguf_file=...) (about 40 s)")
     t_hload, hf = C.timed(load_hf_gguf, path)
@@ -332,7 +355,8 @@ def run(args=None) -> dict:
              "torch_forward_backward_s": t_first_torch}
 
     # 2. warm-up, matmul rate, alternating timed repeats, matmul rate again, profile
-    tm = C.time_alternating(args, model.config, B, T, k, engine_step, torch_step, losses_e, losses_t, say)
+    tm = C.time_alternating(args, model.config, B, T, k, engine_step, torch_step, losses_e, losses_t,
+                            say, head_rows=head_rows)
     blas_in_engine_steps, flops = tm["blas_in_engine_steps"], tm["flops"]
     gemm_eff, e_times, t_times, prof = tm["gemm_eff"], tm["e_times"], tm["t_times"], tm["prof"]
     threads = C.thread_counts()
@@ -385,7 +409,7 @@ def run(args=None) -> dict:
                   "n_layer": L, "d_model": c.d_model, "n_head": c.n_head, "n_kv_head": c.n_kv_head,
                   "head_dim": c.head_dim, "d_ff": c.d_ff, "vocab_size": c.vocab_size,
                   "batch_size": B, "seq_len": T, "tokens_per_step": ntok, "train_last": k,
-                  "data": data_what,
+                  "data": data_what, "target_positions": head_rows,
                   "trainable": f"blocks {L - k}..{L - 1} + final norm (tied embedding frozen)",
                   "optimizer": f"AdamW lr={args.lr} betas=(0.9, 0.999) eps=1e-8 weight_decay=0",
                   "steps_per_repeat": args.steps, "repeats": args.repeats, "warmup": args.warmup,
