@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ks", help="trainable top blocks to measure, comma-separated (default: "
                                 + "; ".join(f"{m}: {k}" for m, k in DEFAULT_KS.items()) + ")")
     p.add_argument("--steps", type=int, default=1, help="timed steps per k and side")
+    p.add_argument("--passes", type=int, default=1,
+                   help="sweeps over the ks, alternately ascending and descending; each k's time "
+                        "is the median of its timed steps over all passes, so a slow stretch of a "
+                        "shared machine lands on different ks in different passes (peak RSS: "
+                        "first, ascending pass only)")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed steps per k and side before the timed ones (the first step at a k "
                         "allocates the optimizer state, so the peak needs one more step)")
@@ -84,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _ks(args, n_layer):
+    if args.passes < 1 or args.steps < 1:
+        raise SystemExit(f"freeze-sweep: --passes and --steps must be >= 1, got {args.passes}, {args.steps}")
     ks = sorted({int(x) for x in (args.ks or DEFAULT_KS[args.model]).split(",") if x.strip()})
     bad = [k for k in ks if not 0 <= k <= n_layer]
     if bad:
@@ -318,33 +325,38 @@ def run(args=None) -> dict:
         if workers:
             for s, w in workers.items():
                 loads[s] = w.receive()
-        per_k = []
-        for k in ks:
-            if args.fresh_workers:
-                workers = start_pair()
-                loads = {s: w.receive() for s, w in workers.items()}
-            prep = {s: w.request(cmd="prepare", k=k) for s, w in workers.items()}
-            if prep["engine"]["trainable_params"] != prep["torch"]["trainable_params"]:
-                raise AssertionError(f"{NAME}: k={k}: trainable parameters differ: {prep}")
-            for i in range(args.warmup + args.steps):
-                for w in workers.values():
-                    w.request(cmd="step")
-            fin = {s: w.request(cmd="finish") for s, w in workers.items()}
-            row = _row(args, k, prep, fin, loads if args.fresh_workers or not per_k else None, dims,
-                       B, T)
-            per_k.append(row)
-            say(f"k = {k:2d}: engine {row['engine']['step_s']['median']:.2f} s/step, "
-                f"{row['engine']['peak_rss_mib']:.0f} MiB; torch {row['torch']['step_s']['median']:.2f} "
-                f"s/step, {row['torch']['peak_rss_mib']:.0f} MiB; loss diff "
-                f"{row['loss_max_rel_diff']:.1e}")
-            if not row["loss_max_rel_diff"] <= args.track_tol:
-                raise AssertionError(f"{NAME}: k={k}: engine and torch losses drifted apart "
-                                     f"(rel {row['loss_max_rel_diff']:.3g} > {args.track_tol}): "
-                                     f"{fin['engine']['losses']} vs {fin['torch']['losses']}")
-            if args.fresh_workers:
-                for w in workers.values():
-                    w.close()
-                workers = {}
+        rows = {}
+        for p in range(args.passes):
+            for k in (ks if p % 2 == 0 else ks[::-1]):
+                if args.fresh_workers:
+                    workers = start_pair()
+                    loads = {s: w.receive() for s, w in workers.items()}
+                prep = {s: w.request(cmd="prepare", k=k) for s, w in workers.items()}
+                if prep["engine"]["trainable_params"] != prep["torch"]["trainable_params"]:
+                    raise AssertionError(f"{NAME}: k={k}: trainable parameters differ: {prep}")
+                for i in range(args.warmup + args.steps):
+                    for w in workers.values():
+                        w.request(cmd="step")
+                fin = {s: w.request(cmd="finish") for s, w in workers.items()}
+                if k in rows:          # a later pass: its timed steps join the first pass's
+                    row = _add_pass(args, rows[k], fin)
+                else:
+                    row = rows[k] = _row(args, k, prep, fin, loads if args.fresh_workers or not rows
+                                         else None, dims, B, T)
+                say(f"{'pass ' + str(p + 1) + ', ' if args.passes > 1 else ''}k = {k:2d}: engine "
+                    f"{row['engine']['step_s']['median']:.2f} s/step, "
+                    f"{row['engine']['peak_rss_mib']:.0f} MiB; torch {row['torch']['step_s']['median']:.2f} "
+                    f"s/step, {row['torch']['peak_rss_mib']:.0f} MiB; loss diff "
+                    f"{row['loss_max_rel_diff']:.1e}")
+                if not row["loss_max_rel_diff"] <= args.track_tol:
+                    raise AssertionError(f"{NAME}: k={k}: engine and torch losses drifted apart "
+                                         f"(rel {row['loss_max_rel_diff']:.3g} > {args.track_tol}): "
+                                         f"{fin['engine']['losses']} vs {fin['torch']['losses']}")
+                if args.fresh_workers:
+                    for w in workers.values():
+                        w.close()
+                    workers = {}
+        per_k = [rows[k] for k in ks]
         threads = {"main": C.thread_counts(), **{f"{s}_worker": x["threads"] for s, x in loads.items()}}
     finally:
         for w in workers.values():
@@ -361,9 +373,11 @@ def run(args=None) -> dict:
                   "trainable": "the last k blocks + the final norm (tied embedding frozen)",
                   "optimizer": f"AdamW lr={args.lr} betas=(0.9, 0.999) eps=1e-8 weight_decay=0",
                   "warmup_steps_per_k": args.warmup, "timed_steps_per_k": args.steps,
+                  "passes": args.passes,
                   "threads": args.threads,
                   "workers": "a new pair per k" if args.fresh_workers else
-                  "one per side for all k (ascending), VmHWM reset before each k"},
+                  "one per side for all k (ascending, then alternately descending and ascending "
+                  "with --passes), VmHWM reset before each k"},
         "verify": check,
         "env": {**C.environment(), "threads": threads, "thread_env_set_before_import":
                 {m: not v for m, v in imported_early.items()}, "load_average_start": load_start},
@@ -422,6 +436,23 @@ def _row(args, k, prep, fin, loads, dims, B, T) -> dict:
             row[s]["load"] = loads[s]
     le, lt = fin["engine"]["losses"], fin["torch"]["losses"]
     row["loss_max_rel_diff"] = max(abs(a - b) / abs(b) for a, b in zip(le, lt))
+    return row
+
+
+def _add_pass(args, row, fin) -> dict:
+    """A later pass at the same k: its timed steps join the row's (the median is over all)."""
+    for s in ("engine", "torch"):
+        f = fin[s]
+        r = row[s]
+        r.setdefault("step_s_by_pass", [r["step_s"]["values"]])
+        r["step_s_by_pass"].append(f["step_s"][args.warmup:])
+        r["warmup_s"] += f["step_s"][:args.warmup]
+        r["step_s"] = C.summarize([t for ts in r["step_s_by_pass"] for t in ts])
+        r["gflops"] = row["flops"] / r["step_s"]["median"] / 1e9
+        r["losses"] += f["losses"]
+    le, lt = fin["engine"]["losses"], fin["torch"]["losses"]
+    row["loss_max_rel_diff"] = max(row["loss_max_rel_diff"],
+                                   max(abs(a - b) / abs(b) for a, b in zip(le, lt)))
     return row
 
 
@@ -514,7 +545,9 @@ def report(r: dict) -> str:
     lines = [f"{NAME}: {s['model']}, B={s['batch_size']} x T={s['seq_len']}, {s['trainable']}, "
              f"{s['optimizer']}",
              f"batch: {s['data']}; {s['warmup_steps_per_k']} warm-up + {s['timed_steps_per_k']} timed "
-             f"step(s) per k and side, sides alternating step by step; workers: {s['workers']}"]
+             f"step(s) per k and side" + (f" in each of {s['passes']} passes" if s.get("passes", 1) > 1
+                                          else "") +
+             f", sides alternating step by step; workers: {s['workers']}"]
     v = r["verify"]
     if v:
         extra = ""
