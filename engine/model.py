@@ -368,42 +368,49 @@ class Model:
         With grad, the logits' gradient is formed in place and turned at once into dh (N, C)
         and the head's dW; backward() later only adds them in.
         Only rows with a target go through the head: a row whose target is -100 (padding, a
-        masked prompt) adds nothing to the loss or to any gradient, so its logits are skipped."""
+        masked prompt) adds nothing to the loss or to any gradient, so its logits are skipped.
+        Those rows are gathered (and their dh scattered) a chunk at a time, through (R, C)
+        buffers, so memory stays bounded by the chunk."""
         W = self.params[self.head]                      # (V, C)
+        (N, C), V = h.shape, W.shape[0]
         valid = targets != IGNORE
         n_valid = int(valid.sum())
-        dh = np.zeros_like(h) if need_dh and n_valid < h.shape[0] else None
+        rows = None if n_valid == N else np.flatnonzero(valid)
         dw = np.zeros_like(W) if need_dw else None
+        dh = None
+        if need_dh:
+            dh = np.empty_like(h) if rows is None else np.zeros_like(h)
         if n_valid == 0:
-            return float("nan"), (dh if need_dh else None), dw
-        if n_valid < h.shape[0]:
-            rows = np.flatnonzero(valid)
-            hv, tv = h[rows], targets[rows]
-        else:
-            rows, hv, tv = None, h, targets
-        dhv = np.empty_like(hv) if need_dh else None
-        N, V = hv.shape[0], W.shape[0]
-        scale = 1.0 / n_valid
-        R = head_chunk_rows(N, V, need_dw)
+            return float("nan"), dh, dw
+        tv = targets if rows is None else targets[rows]
+        R = head_chunk_rows(n_valid, V, need_dw)
         logits = np.empty((R, V), np.float32)
-        losses = np.empty(N, np.float32)
-        lse = np.empty(N, np.float32)
-        for r0 in range(0, N, R):
-            r1 = min(N, r0 + R)
+        if rows is not None:
+            hbuf = np.empty((R, C), np.float32)
+            dbuf = np.empty((R, C), np.float32) if need_dh else None
+        losses = np.empty(n_valid, np.float32)
+        lse = np.empty(n_valid, np.float32)
+        scale = 1.0 / n_valid
+        for r0 in range(0, n_valid, R):
+            r1 = min(n_valid, r0 + R)
             lg = logits[:r1 - r0]
-            gemm_nt(hv[r0:r1], W, lg)
+            if rows is None:
+                hc = h[r0:r1]
+                dc = dh[r0:r1] if need_dh else None
+            else:
+                hc = np.take(h, rows[r0:r1], axis=0, out=hbuf[:r1 - r0])
+                dc = dbuf[:r1 - r0] if need_dh else None
+            gemm_nt(hc, W, lg)
             if grad:
                 crossentropy_forward_backward(lg, tv[r0:r1], losses[r0:r1], lse[r0:r1], scale)
                 if need_dh:
-                    gemm_nn(lg, W, dhv[r0:r1])
+                    gemm_nn(lg, W, dc)
+                    if rows is not None:
+                        dh[rows[r0:r1]] = dc
                 if need_dw:
-                    gemm_tn(lg, hv[r0:r1], dw, accumulate=True)
+                    gemm_tn(lg, hc, dw, accumulate=True)
             else:
                 crossentropy_forward(lg, tv[r0:r1], losses[r0:r1], lse[r0:r1])
-        if rows is None:
-            dh = dhv
-        elif need_dh:
-            dh[rows] = dhv
         return float(losses.sum(dtype=np.float64) / n_valid), dh, dw
 
     def backward(self):

@@ -42,3 +42,37 @@ def test_chunked_head_matches_one_chunk(monkeypatch, rows):
         assert got.keys() == grads.keys()
         for n in grads:
             np.testing.assert_allclose(got[n], grads[n], rtol=1e-5, atol=1e-7, err_msg=n)
+
+
+def test_no_target_rows_give_nan_and_zero_gradients():
+    m = _model()
+    m.zero_grad()
+    loss = m.forward(np.arange(12).reshape(2, 6), np.full((2, 6), model_mod.IGNORE))
+    m.backward()
+    assert np.isnan(loss)
+    assert all(not g.any() for g in m.grads.values())
+
+
+def test_masked_rows_cost_no_memory_beyond_a_chunk(monkeypatch):
+    """The target rows are gathered a chunk at a time: besides dh (N, C) and the logits chunk,
+    the head may hold O(chunk) rows, not copies of all N."""
+    import tracemalloc
+    m = _model()
+    N, C, V = 4096, m.config.d_model, m.config.vocab_size
+    monkeypatch.setattr(model_mod, "_LOGIT_CHUNK", 64 * V)          # 64 rows per chunk
+    rng = np.random.default_rng(0)
+    h = rng.standard_normal((N, C), dtype=np.float32)
+    targets = rng.integers(0, V, N)
+    targets[::7] = model_mod.IGNORE
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        loss, dh, dw = m._head_loss(h, targets, True, True, True)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert np.isfinite(loss) and dh.shape == (N, C)
+    # dh + dW + per-row losses and indices (O(N)) + O(chunk) buffers; a full copy of the target
+    # rows of h (and of their gradient) would add 2 * 0.86 * N * C * 4 bytes
+    assert peak < 4 * N * C + 4 * V * C + 40 * N + 4 * 64 * (V + 2 * C) + (1 << 16)

@@ -106,12 +106,18 @@ def test_untied_head_trainable(hf_dirs):
     assert_grads_match(model, hf)
 
 
+@pytest.mark.parametrize("trainable", ["last2+head", "head-only"])
 @pytest.mark.parametrize("kind", ["gpt2-untied", "llama-tied"])
-def test_mostly_masked_targets_match(hf_dirs, kind):
+def test_mostly_masked_targets_match(hf_dirs, kind, trainable):
     """Chat-style data: only the answers carry a loss (prompts and padding are -100), one row
-    none at all. The head then runs on the target rows alone; loss and gradients must not move."""
+    none at all. The head then runs on the target rows alone; loss and gradients must not move.
+    head-only on the untied model: no input gradient below the head at all."""
     hf, path = hf_dirs[kind]
-    model = engine.load(path).train_last(2).unfreeze("ln_f.*", model_head(kind))
+    model = engine.load(path)
+    if trainable == "head-only":
+        model.freeze().unfreeze(model_head(kind))
+    else:
+        model.train_last(2).unfreeze("ln_f.*", model_head(kind))
     set_torch_trainable(model, hf)
     tokens, targets = batch(model.config.vocab_size, seed=4)
     targets[:] = -100
