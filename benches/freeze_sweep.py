@@ -2,7 +2,8 @@
 """freeze-sweep: step time and peak memory against k, the number of trainable top blocks, tailtune vs PyTorch.
 
 For each k (ascending), both sides train the last k blocks and the final norm (k = 0: the final
-norm alone; the tied embedding / LM head stays frozen) with AdamW on the same batch. GPT-2 124M
+norm alone; the tied embedding / LM head stays frozen) with AdamW on the same batch, each k
+from the weights as loaded (restored in place before it). GPT-2 124M
 shapes (random init, as gpt2-small) by default, or the real SmolLM2-135M with --model smollm2.
 
 Each side runs in its own persistent worker subprocess, so each has its own peak RSS; the main
@@ -119,6 +120,25 @@ def load_torch(model: str, model_dir: str):
 
 
 # ---- the workers ------------------------------------------------------------------------------
+class _Snapshot:
+    """The weights as loaded, in a file, read back in place before every k: each k (and pass)
+    trains from the same weights, so the two sides' losses stay comparable however many steps
+    the sweep takes (AdamW on one batch makes float32 rounding differences grow step by step).
+    Written and read through the arrays' own memory, so it adds nothing to the process's RSS."""
+
+    def __init__(self, arrays, path):
+        self.arrays, self.path = arrays, path
+        with open(path, "wb") as f:
+            for a in arrays:
+                f.write(memoryview(a).cast("B"))
+
+    def restore(self):
+        with open(self.path, "rb") as f:
+            for a in self.arrays:
+                if f.readinto(memoryview(a).cast("B")) != a.nbytes:
+                    raise RuntimeError(f"{self.path}: weight snapshot is short")
+
+
 class _EngineSide:
     def __init__(self, args):
         import engine
@@ -127,6 +147,9 @@ class _EngineSide:
         self.n_layer = self.model.config.n_layer
         self.lr = args.lr
         self.opt = None
+
+    def arrays(self):
+        return [self.model.params[n] for n in sorted(self.model.params)]
 
     def prepare(self, k):
         self.opt = None
@@ -160,6 +183,9 @@ class _TorchSide:
         self.n_layer = getattr(cfg, "n_layer", None) or cfg.num_hidden_layers
         self.lr = args.lr
         self.opt = None
+
+    def arrays(self):
+        return [p.detach().numpy() for p in self.hf.parameters()]   # a tied weight once
 
     def prepare(self, k):
         pre = torch_prefixes(self.kind, self.n_layer, k)
@@ -214,12 +240,15 @@ def _worker(args) -> None:
         if cmd == "load":
             t1 = time.perf_counter()
             st["side"] = (_EngineSide if args.worker == "engine" else _TorchSide)(args)
+            st["snapshot"] = _Snapshot(st["side"].arrays(), os.path.join(
+                os.path.dirname(args.batch_file), f"{args.worker}-weights.bin"))
             return {"import_s": t_import, "load_s": time.perf_counter() - t1,
                     "rss_after_load_mib": C.rss_mib(), "peak_rss_load_mib": C.peak_rss_mib(),
                     "threads": C.thread_counts()}
         side = st["side"]
         if cmd == "prepare":
             st.update(k=req["k"], times=[], losses=[], saved=None)
+            st["snapshot"].restore()
             info = side.prepare(req["k"])
             gc.collect()
             C.malloc_trim()
