@@ -95,6 +95,9 @@ def main(argv=None):
     i.add_argument("--train-last", type=int, metavar="K", help="show the trainable set of train_last(K)")
     i.add_argument("--seq-len", type=int, default=256, help="sequence length for the cost estimate")
     i.add_argument("--batch-size", type=int, default=4, help="batch size for the cost estimate")
+    i.add_argument("--target-fraction", type=float, default=1.0, metavar="F",
+                   help="share of positions that carry a loss (chat data with masked prompts and "
+                        "padding: e.g. 0.2); the head runs on those only")
     i.add_argument("--measure", action="store_true", help="also run a few training steps and show "
                    "measured milliseconds per layer and phase beside the prediction")
 
@@ -254,12 +257,15 @@ def _bench(a):
 def _inspect(a):
     from .io import load
     from .probes import cost_table
-    _check_flags(*_sizes(a))
+    _check_flags(*_sizes(a), ("--target-fraction", a.target_fraction, lambda v: 0.0 < v <= 1.0,
+                              "in (0, 1]"))
     model = load(a.model)
     if a.train_last is not None:
         model.train_last(a.train_last)
     print(model)
-    print(cost_table(model, a.batch_size, a.seq_len))
+    n = a.batch_size * a.seq_len
+    print(cost_table(model, a.batch_size, a.seq_len,
+                     None if a.target_fraction == 1.0 else round(a.target_fraction * n)))
     if a.measure:
         from .probes import measured_table
         if not model.trainable:

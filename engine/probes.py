@@ -134,9 +134,10 @@ def block_costs(model, B: int, T: int, everything: bool = False,
     return rows
 
 
-def cost_table(model, B: int, T: int) -> str:
-    rows = block_costs(model, B, T)
-    lines = [f"per training step of {B} x {T} tokens (GFLOP predicted from shapes):",
+def cost_table(model, B: int, T: int, target_rows: int | None = None) -> str:
+    rows = block_costs(model, B, T, target_rows=target_rows)
+    on = "" if target_rows is None else f"; the head on the {target_rows} positions with a target"
+    lines = [f"per training step of {B} x {T} tokens (GFLOP predicted from shapes{on}):",
              f"{'layer':<14}{'params':>12}  {'train':<6}{'forward':>9}{'input-grad':>12}"
              f"{'weight-grad':>13}{'kept MiB':>10}"]
     for r in rows:
@@ -144,7 +145,7 @@ def cost_table(model, B: int, T: int) -> str:
                      f"{r['fwd_flops'] / 1e9:>9.2f}{r['dx_flops'] / 1e9:>12.2f}{r['dw_flops'] / 1e9:>13.2f}"
                      f"{r['kept_bytes'] / 2**20:>10.1f}")
     total = lambda rs: sum(r["fwd_flops"] + r["dx_flops"] + r["dw_flops"] for r in rs)  # noqa: E731
-    step, full = total(rows), total(block_costs(model, B, T, everything=True))
+    step, full = total(rows), total(block_costs(model, B, T, everything=True, target_rows=target_rows))
     lines.append(f"step: {step / 1e9:.1f} GFLOP; full fine-tuning would be about {full / 1e9:.1f} "
                  f"GFLOP ({full / step:.2f}x); trainable {model.num_params(True):,} of "
                  f"{model.num_params():,} parameters")

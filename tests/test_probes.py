@@ -227,3 +227,22 @@ def test_predicted_head_flops_follow_the_target_rows(monkeypatch, n_targets):
     m.forward(tokens, targets)
     assert flops[0] == head["fwd_flops"] + head["dx_flops"] + head["dw_flops"]
     assert head["dw_flops"] == (2 * n_targets * 24 * 257)
+
+
+def test_inspect_target_fraction(tmp_path, capsys):
+    """--target-fraction: the head row's forward GFLOP scale with the share of positions that
+    carry a loss; a share outside (0, 1] is refused by name."""
+    m = engine.Model(engine.Config.llama(vocab_size=4096, n_layer=2, n_head=2, n_kv_head=1,
+                                         d_model=64, d_ff=96, max_seq_len=64), seed=1)
+    m.save(str(tmp_path / "m"))
+
+    def head_forward(*extra):
+        assert cli(["inspect", "--model", str(tmp_path / "m"), "--seq-len", "64", *extra]) == 0
+        line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("ln_f + head")][0]
+        return float(line.split()[5])          # "ln_f + head", params, train, then forward
+    full, quarter = head_forward(), head_forward("--target-fraction", "0.25")
+    assert full == pytest.approx(2 * 4 * 64 * 64 * 4096 / 1e9, abs=0.006)
+    assert quarter == pytest.approx(full / 4, abs=0.006)
+    for bad in ("0", "1.5", "nan"):
+        assert cli(["inspect", "--model", str(tmp_path / "m"), "--target-fraction", bad]) != 0
+        assert "--target-fraction" in capsys.readouterr().err
