@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed numpy.matmul calls per GEMM shape, before and after the steps")
     p.add_argument("--profile-steps", type=int, default=1,
                    help="engine steps run under cProfile after the timing (0: none)")
-    p.add_argument("--worker-steps", type=int, default=1,
-                   help="steps after one warm-up step in each memory worker subprocess")
+    p.add_argument("--worker-steps", type=int, default=3,
+                   help="steps after one warm-up step in each memory worker subprocess (the "
+                        "'alone' tokens/s is their median)")
     p.add_argument("--no-workers", action="store_true",
                    help="skip the subprocesses (peak RSS per side, cold start)")
     p.add_argument("--no-cold", action="store_true",
