@@ -139,11 +139,15 @@ class Block:
             s.update(m.shapes())
         return s
 
-    def forward(self, P, x, rope_cs, keep, cache=None, pos0=0):
+    def forward(self, P, x, rope_cs, keep, cache=None, pos0=0, rows=None):
         """x: (B, T, C). Returns (out (B, T, C), saved or None). With keep=False nothing is
         retained: the frozen prefix runs through here. With a KV cache (k, v arrays of shape
         (B, T_max, Hkv, D)), x holds positions pos0 .. pos0 + T - 1 and their keys and values
-        are written into the cache (generation; no backward)."""
+        are written into the cache (generation; no backward).
+        rows (indices into the B * T positions): the output is wanted at these rows only, as
+        (len(rows), C). Keys and values still come from every position; the attention output
+        projection, the residuals and the MLP run on these rows alone (the top block, when only
+        some positions have a target)."""
         B, T, C = x.shape
         N = B * T
         x2 = x.reshape(N, C)
@@ -162,8 +166,13 @@ class Block:
         a = np.empty((B, T, self.H, self.D), np.float32)
         lse = np.empty((B, self.H, T), np.float32)
         attention_forward(q, k, v, a, lse, pos0)
-        x1 = self.o.forward(P, a.reshape(N, self.H * self.D))
-        x1 += x2                                               # (N, C) residual
+        a2 = a.reshape(N, self.H * self.D)
+        if rows is not None:
+            a2, res = a2[rows], x2[rows]                       # (M, H*D), (M, C)
+        else:
+            res = x2
+        x1 = self.o.forward(P, a2)
+        x1 += res                                              # (N or M, C) residual
         h2, st2 = self.ln2.forward(P, x1)
         if self.swiglu:
             g = self.gate.forward(P, h2)                       # (N, F)
@@ -181,7 +190,9 @@ class Block:
         if keep:
             saved = dict(x=x2, h=h, st1=st1, q=q, k=k, v=v, a=a, lse=lse, x1=x1, h2=h2, st2=st2,
                          g=g, u=u, act=act)
-        return out.reshape(B, T, C), saved
+            if rows is not None:
+                saved.update(rows=rows, a_rows=a2)
+        return (out.reshape(B, T, C) if rows is None else out), saved
 
     def backward_plan(self, G, need_dx: bool) -> dict:
         """Which parts of backward run, given the trainable set G: a part runs only when it leads
@@ -197,12 +208,12 @@ class Block:
                     need_qkv=need_qkv)
 
     def backward(self, P, G, dout, s, rope_cs, need_dx):
-        """dout: (N, C) gradient of the block output; consumed (used as scratch).
+        """dout: (N, C) gradient of the block output ((M, C) after forward(rows=)); consumed
+        (used as scratch); the input gradient is (N, C) either way.
         Returns the gradient w.r.t. the block input when need_dx, else None. Runs only the parts
         of the block that lead to a trainable parameter or to the input (backward_plan)."""
         plan = self.backward_plan(G, need_dx)
         attn_branch = plan["attn"]
-        N = dout.shape[0]
         if plan["mlp"]:
             need_h2, need_act = plan["need_h2"], plan["need_act"]
             dact = self.down.backward(P, G, dout, s["act"], need_act)
@@ -225,7 +236,14 @@ class Block:
             return None
         dx1 = dout
         need_h, need_qkv = plan["need_h"], plan["need_qkv"]
-        da = self.o.backward(P, G, dx1, s["a"].reshape(N, -1), need_qkv)
+        rows = s.get("rows")
+        N = s["x"].shape[0]                                   # every position, even after rows=
+        da = self.o.backward(P, G, dx1, s["a"].reshape(N, -1) if rows is None else s["a_rows"],
+                             need_qkv)
+        if rows is not None and need_qkv:                     # back to every position
+            da_rows, da = da, np.zeros((N, da.shape[1]), np.float32)
+            da[rows] = da_rows
+        dx = None
         if need_qkv:
             q, k, v = s["q"], s["k"], s["v"]
             dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
@@ -238,6 +256,11 @@ class Block:
             dh = self.k.backward(P, G, dk.reshape(N, -1), h, need_h, dh)
             dh = self.v.backward(P, G, dv.reshape(N, -1), h, need_h, dh)
             if need_h:
-                dx = dx1 if need_dx else np.zeros_like(dx1)
+                if rows is not None:
+                    dx = np.zeros_like(s["x"])
+                    if need_dx:
+                        dx[rows] = dx1                         # the residual path
+                else:
+                    dx = dx1 if need_dx else np.zeros_like(dx1)
                 self.ln1.backward(P, G, dh, s["x"], s["st1"], dx)
-        return dx1 if need_dx else None
+        return dx if need_dx else None

@@ -262,17 +262,25 @@ class Model:
             if keep and low < start:
                 raise InputError(f"block {max(low, 0)} (or an embedding) is trainable, below the "
                                  f"given hidden state of block {start}")
+        # Positions without a target (-100: padding, a masked prompt) need no output from the
+        # top block: it runs its projection, residuals and MLP on the target rows alone
+        rows = None
+        if targets is not None and start < self.config.n_layer:
+            valid = targets.reshape(-1) != IGNORE
+            if 0 < int(valid.sum()) < valid.size:
+                rows = np.flatnonzero(valid)
         saved = {}
         for b in self.blocks[start:]:
             t0 = perf_counter() if prof else 0.0
-            x, s = b.forward(self.params, x, rope, keep and b.index >= low)
+            top = rows if b.index == self.config.n_layer - 1 else None
+            x, s = b.forward(self.params, x, rope, keep and b.index >= low, rows=top)
             if prof:
                 prof.add(f"blocks.{b.index}", "forward", perf_counter() - t0)
             if s is not None:
                 saved[b.index] = s
         t0 = perf_counter() if prof else 0.0
         C = self.config.d_model
-        x2 = x.reshape(B * T, C)
+        x2 = x.reshape(-1, C)                       # (B * T, C), or the target rows alone
         h, st = self.ln_f.forward(self.params, x2)
         if targets is None:
             logits = np.empty((B * T, self.config.vocab_size), np.float32)
@@ -280,7 +288,8 @@ class Model:
             return logits.reshape(B, T, -1)
         need_dh = keep and (low < self.config.n_layer or any(n in self.grads for n in self.ln_f.names()))
         need_dw = keep and self.head in self.grads
-        loss, dh, dw = self._head_loss(h, targets.reshape(-1), keep, need_dh, need_dw)
+        t = targets.reshape(-1)
+        loss, dh, dw = self._head_loss(h, t if rows is None else t[rows], keep, need_dh, need_dw)
         if prof:  # the head's input gradient is formed here, inside the fused head + loss
             prof.add("head", "forward+input-grad", perf_counter() - t0)
         if keep:

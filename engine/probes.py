@@ -31,36 +31,48 @@ def _linears(block):
 _ADAMW_BYTES = 28   # per trainable parameter: read weight, grad, two moments; write three
 
 
-def _input_grad_flops(b, N: int, plan: dict, attn_fwd: float) -> float:
-    lin = lambda *ms: sum(2 * N * m.n_in * m.n_out for m in ms if m is not None)  # noqa: E731
+def _rows(b, m, N: int, M: int) -> int:
+    """Rows a linear layer of block b runs on: q, k, v every position; the attention output
+    projection and the MLP M (fewer in the top block when only some positions have a target)."""
+    return N if m in (b.q, b.k, b.v) else M
+
+
+def _input_grad_flops(b, N: int, plan: dict, attn_fwd: float, M: int | None = None) -> float:
+    M = N if M is None else M
+    lin = lambda *ms: sum(2 * _rows(b, m, N, M) * m.n_in * m.n_out for m in ms if m is not None)  # noqa: E731
     return ((lin(b.down) if plan["need_act"] else 0) + (lin(b.gate, b.up) if plan["need_h2"] else 0)
             + (lin(b.o) + 2.5 * attn_fwd if plan["need_qkv"] else 0)
             + (lin(b.q, b.k, b.v) if plan["need_h"] else 0))
 
 
-def _elementwise_bytes(c, N: int, b, G, plan: dict | None) -> tuple[int, int]:
+def _elementwise_bytes(c, N: int, b, G, plan: dict | None, M: int | None = None) -> tuple[int, int]:
     """float32 bytes moved by a block's elementwise kernels: forward, and backward (plan: the
-    parts that run, None: no backward); norms and activations read their saved inputs."""
+    parts that run, None: no backward); norms and activations read their saved inputs. M rows
+    (default N) after attention; fewer adds their gather and scatter."""
+    M = N if M is None else M
     C, F, Hd, Kd = c.d_model, c.d_ff, c.n_head * c.head_dim, c.n_kv_head * c.head_dim
     lin = _linears(b)
     swiglu = c.mlp == "swiglu"
-    biased = sum(m.n_out for m in lin if m.b)
+    biased = sum(m.n_out * _rows(b, m, N, M) for m in lin if m.b)
     rope = 2 * (Hd + Kd) if c.positions == "rope" else 0
-    fwd = 2 * 2 * C + 2 * biased + rope + 2 * 3 * C + (3 if swiglu else 2) * F
+    # ln1 and rope over every position; ln2, both residual adds and the activation over M
+    fwd = N * (2 * C + rope) + M * (2 * C + 2 * 3 * C + (3 if swiglu else 2) * F) + 2 * biased
+    gather = 2 * M * (Hd + C) if M < N else 0               # the attention output and x, read and written
     if plan is None:
-        return 4 * N * fwd, 0
+        return 4 * (fwd + gather), 0
     # norms read x, dout and add into dx; the activation reads its inputs and dout; trainable
     # biases read dout; k, v (and up, beside gate) add their input gradient into the one before
     # (read, add, write)
-    bwd = ((4 * C + (3 * C if swiglu else 0) if plan["need_h2"] else 0)
-           + (4 * C + 3 * 2 * C if plan["need_h"] else 0)
-           + ((5 if swiglu else 3) * F if plan["need_act"] else 0)
-           + (rope if plan["need_qkv"] else 0)
-           + sum(m.n_out for m in lin if m.b in G))
+    bwd = (M * ((4 * C + (3 * C if swiglu else 0) if plan["need_h2"] else 0)
+                + ((5 if swiglu else 3) * F if plan["need_act"] else 0))
+           + N * ((4 * C + 3 * 2 * C if plan["need_h"] else 0) + (rope if plan["need_qkv"] else 0))
+           + sum(m.n_out * _rows(b, m, N, M) for m in lin if m.b in G))
+    if M < N:   # dO and dx scattered back into zeroed arrays of every position
+        bwd += (N + M) * ((Hd if plan["need_qkv"] else 0) + (C if plan["need_h"] else 0))
     # a trainable weight's gradient is added into its accumulator: read both, write one, per
     # element (N-independent)
     dw_add = 12 * sum(m.n_in * m.n_out for m in lin if m.w in G)
-    return 4 * N * fwd, 4 * N * bwd + dw_add
+    return 4 * (fwd + gather), 4 * bwd + dw_add
 
 
 def block_costs(model, B: int, T: int, everything: bool = False,
@@ -68,11 +80,13 @@ def block_costs(model, B: int, T: int, everything: bool = False,
     """One row per block plus the head: parameters, trainable, predicted FLOPs of forward,
     input-gradient and weight-gradient work, and activation bytes kept for backward.
     everything=True: as if every parameter were trainable (full fine-tuning).
-    target_rows: how many of the B * T positions have a target (default all); the head runs on
-    those alone."""
+    target_rows: how many of the B * T positions have a target (default all); the head, and the
+    top block after its attention, run on those alone (Model.forward)."""
     c = model.config
     N = B * T
     M = N if target_rows is None else target_rows
+    top_rows = 0 < M < N                           # the top block hands on the target rows only
+    stats = 1 if c.norm == "rmsnorm" else 2        # per row and norm: rstd (and the mean)
     G = set(model.params) if everything else set(model.grads)
     low = -1 if everything else model.lowest_trainable_block()
     attn_fwd = 2 * B * c.n_head * T * T * c.head_dim  # two causal products
@@ -90,18 +104,22 @@ def block_costs(model, B: int, T: int, everything: bool = False,
              "attn_fwd_flops": 0, "attn_bwd_flops": 0}]
     for b in model.blocks:
         lin = _linears(b)
+        Mb = M if top_rows and b.index == c.n_layer - 1 else N
         params = sum(model.params[n].size for n in b.shapes())
-        fwd = sum(2 * N * m.n_in * m.n_out for m in lin) + attn_fwd
+        fwd = sum(2 * _rows(b, m, N, Mb) * m.n_in * m.n_out for m in lin) + attn_fwd
         in_range = b.index >= low
         plan = b.backward_plan(G, b.index > low) if in_range else None
-        dx = _input_grad_flops(b, N, plan, attn_fwd) if in_range else 0
-        dw = sum(2 * N * m.n_in * m.n_out for m in lin if m.w in G) if in_range else 0
+        dx = _input_grad_flops(b, N, plan, attn_fwd, Mb) if in_range else 0
+        dw = sum(2 * _rows(b, m, N, Mb) * m.n_in * m.n_out for m in lin if m.w in G) if in_range else 0
         F, C, Hd, Kd = c.d_ff, c.d_model, c.n_head * c.head_dim, c.n_kv_head * c.head_dim
         kept = 0
-        if in_range:
-            kept = 4 * (N * (5 * C + 2 * Hd + 2 * Kd) + N * F * (3 if c.mlp == "swiglu" else 2)
-                        + B * c.n_head * T + 4 * N)
-        ew_f, ew_b = _elementwise_bytes(c, N, b, G, plan)
+        if in_range:   # x, h, q, k, v, a, lse, ln1's stats over every position; x1, h2, the MLP's
+            # activations and ln2's stats over Mb; with fewer, the gathered attention output and
+            # the row indices too
+            kept = 4 * (N * (2 * C + 2 * Hd + 2 * Kd + stats) + B * c.n_head * T
+                        + Mb * (2 * C + F * (3 if c.mlp == "swiglu" else 2) + stats)
+                        + (Mb * (Hd + 2) if Mb < N else 0))
+        ew_f, ew_b = _elementwise_bytes(c, N, b, G, plan, Mb)
         n_train = sum(model.params[n].size for n in b.shapes() if n in G)
         rows.append({"layer": f"blocks.{b.index}", "params": params, "opt_bytes": _ADAMW_BYTES * n_train,
                      "trainable": any(n in G for n in b.shapes()), "fwd_flops": fwd,
@@ -109,6 +127,7 @@ def block_costs(model, B: int, T: int, everything: bool = False,
                      "fwd_bytes": ew_f, "bwd_bytes": ew_b, "attn_fwd_flops": attn_fwd,
                      "attn_bwd_flops": 2.5 * attn_fwd if plan and plan["need_qkv"] else 0})
     head = 2 * M * c.d_model * c.vocab_size
+    Nh = M if top_rows else N                      # rows reaching the final norm
     need_dh = low < c.n_layer or any(n in G for n in model.ln_f.names())
     need_dw = model.head in G
     VC = c.vocab_size * c.d_model
@@ -119,17 +138,18 @@ def block_costs(model, B: int, T: int, everything: bool = False,
                  + VC * (0 if c.tie_embeddings else 1),
                  "trainable": any(n in G for n in (*model.ln_f.names(), model.head)),
                  "fwd_flops": head, "dx_flops": head if need_dh else 0,
-                 "dw_flops": head if need_dw else 0, "kept_bytes": 4 * N * c.d_model * 2,
+                 "dw_flops": head if need_dw else 0, "kept_bytes": 4 * Nh * (2 * c.d_model + stats),
                  # the fused head + loss (its dx and dW GEMMs run there too): the final norm, the
                  # loss reading the logits and writing their gradient in place; a trainable
                  # head's gradient zeroed, then each chunk's added in
-                 "fwd_bytes": 4 * N * 2 * c.d_model + 4 * M * 2 * c.vocab_size
+                 "fwd_bytes": 4 * Nh * 2 * c.d_model + 4 * M * 2 * c.vocab_size
                  + ((4 + 12 * chunks) * VC if need_dw else 0)
-                 # rows without a target: the others gathered, their dh scattered into zeros
-                 + (8 * M * c.d_model + (4 * N + 8 * M) * c.d_model * need_dh if M < N else 0),
+                 # rows without a target reaching the head: the others gathered, their dh
+                 # scattered into zeros
+                 + (8 * M * c.d_model + (4 * N + 8 * M) * c.d_model * need_dh if M < Nh else 0),
                  # in backward(): that gradient added into the accumulator; the final norm's
                  # backward reads x and dout and adds into a zeroed dx
-                 "bwd_bytes": (12 * VC if need_dw else 0) + (4 * N * 5 * c.d_model if need_dh else 0),
+                 "bwd_bytes": (12 * VC if need_dw else 0) + (4 * Nh * 5 * c.d_model if need_dh else 0),
                  "attn_fwd_flops": 0, "attn_bwd_flops": 0})
     return rows
 

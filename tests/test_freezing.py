@@ -23,9 +23,9 @@ def spy(monkeypatch):
     calls = {"forward_keep": [], "forward_nokeep": [], "backward": []}
     fwd, bwd = layers.Block.forward, layers.Block.backward
 
-    def forward(self, P, x, rope, keep):
+    def forward(self, P, x, rope, keep, **kw):
         calls["forward_keep" if keep else "forward_nokeep"].append(self.index)
-        return fwd(self, P, x, rope, keep)
+        return fwd(self, P, x, rope, keep, **kw)
 
     def backward(self, *a, **k):
         calls["backward"].append(self.index)

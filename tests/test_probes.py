@@ -246,3 +246,47 @@ def test_inspect_target_fraction(tmp_path, capsys):
     for bad in ("0", "1.5", "nan"):
         assert cli(["inspect", "--model", str(tmp_path / "m"), "--target-fraction", bad]) != 0
         assert "--target-fraction" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n_targets", [5, 32])
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_predicted_step_flops_and_memory_with_masked_targets(monkeypatch, kind, n_targets):
+    """Every GEMM of a training step (blocks and head, forward and backward), counted by wrapping
+    the kernels, against the cost model given target_rows: with 5 of 32 positions carrying a
+    loss the top block runs its output projection and MLP on those 5 rows alone. And the
+    activation bytes the forward keeps against the rows' kept_bytes."""
+    import engine.model as model_mod
+    from engine import layers
+    if kind == "llama":
+        m = tiny()
+    else:
+        m = engine.Model(engine.Config.gpt2(vocab_size=257, n_layer=4, n_head=2, d_model=24,
+                                            max_seq_len=32), seed=4)
+    m.train_last(2)
+    B, T = 2, 16
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(0, 257, (B, T))
+    targets = np.full((B, T), model_mod.IGNORE)
+    targets.flat[rng.choice(B * T, n_targets, replace=False)] = rng.integers(0, 257, n_targets)
+    rows = probes.block_costs(m, B, T, target_rows=n_targets)
+    flops = [0]
+    for mod in (layers, model_mod):
+        for name in ("gemm_nt", "gemm_nn", "gemm_tn"):
+            real = getattr(mod, name)
+
+            def counted(a, b, out, accumulate=False, real=real, name=name):
+                k = a.shape[0] if name == "gemm_tn" else a.shape[1]
+                flops[0] += 2 * out.shape[0] * out.shape[1] * k
+                real(a, b, out, accumulate)
+
+            monkeypatch.setattr(mod, name, counted)
+    m.forward(tokens, targets)
+    kept = m.saved_bytes()
+    m.backward()
+    want = sum(r["fwd_flops"] + r["dx_flops"] + r["dw_flops"] - r["attn_fwd_flops"] - r["attn_bwd_flops"]
+               for r in rows)
+    assert flops[0] == want
+    # the tape also holds the tokens (int64, for the embedding backward) and the rope tables
+    c = m.config
+    rope = 2 * 4 * T * (c.head_dim // 2) if c.positions == "rope" else 0
+    assert kept == sum(r["kept_bytes"] for r in rows) + 8 * B * T + rope
