@@ -269,8 +269,9 @@ def step_flops(d: Dims, B: int, T: int, k: int, final_norm_trainable: bool = Tru
                  dV, dP in attention); nothing for the frozen blocks below.
     Inside the lowest trainable block, q/k/v's input gradient is still needed (ln1 is
     trainable), so 2x is exact for train_last(k); only the O(B T C) layernorm dX is skipped.
-    head_rows: positions that have a target (default all B T); logits of the others are no
-    model work (they add nothing to the loss), so the head counts these rows only.
+    head_rows: positions that have a target (default all B T); outputs at the others are no
+    model work (they add nothing to the loss), so the head, and the top block after its
+    attention, count these rows only (as engine.Model.forward runs them).
     """
     N = B * T
     C, H, Hkv, D, F, V, L = d.d_model, d.n_head, d.n_kv_head, d.head_dim, d.d_ff, d.vocab_size, d.n_layer
@@ -293,21 +294,23 @@ def step_flops(d: Dims, B: int, T: int, k: int, final_norm_trainable: bool = Tru
     # with fewer target rows the top block also runs its output projection and MLP on those
     # alone (engine.Model.forward): its other rows' outputs are no model work either
     M = head[0]
-    top = block[:3] + [(M, K, Nn) for _, K, Nn in block[3:]] if M < N else block
+    top = block[:3] + [(M, K, Nn) for _, K, Nn in block[3:]] if 0 < M < N else block
     for s in block:
-        add(s, L - 1)
+        if L > 1:
+            add(s, L - 1)
     for s in top:
         add(s, 1)
-    add(head)
+    if M:
+        add(head)
     fwd_top = sum(2.0 * a * b * c for a, b, c in top) + attn
     fwd_blocks = (L - 1) * (sum(2.0 * a * b * c for a, b, c in block) + attn) + fwd_top
     fwd_head = 2.0 * head[0] * C * V
     need_below_head = k > 0 or final_norm_trainable
     bwd_head_dx = fwd_head if need_below_head else 0.0
     bwd_head_dw = fwd_head if head_trainable else 0.0
-    if bwd_head_dx:
+    if bwd_head_dx and M:
         add((head[0], V, C))
-    if bwd_head_dw:
+    if bwd_head_dw and M:
         add((V, head[0], C))
     for i in range(k):
         for s in (top if i == 0 else block):

@@ -138,7 +138,9 @@ def block_costs(model, B: int, T: int, everything: bool = False,
                  + VC * (0 if c.tie_embeddings else 1),
                  "trainable": any(n in G for n in (*model.ln_f.names(), model.head)),
                  "fwd_flops": head, "dx_flops": head if need_dh else 0,
-                 "dw_flops": head if need_dw else 0, "kept_bytes": 4 * Nh * (2 * c.d_model + stats),
+                 "dw_flops": head if need_dw else 0,
+                 # ln_f's input and stats, dh (when needed) and a trainable head's dW
+                 "kept_bytes": 4 * Nh * (c.d_model * (1 + need_dh) + stats) + (4 * VC if need_dw else 0),
                  # the fused head + loss (its dx and dW GEMMs run there too): the final norm, the
                  # loss reading the logits and writing their gradient in place; a trainable
                  # head's gradient zeroed, then each chunk's added in
@@ -156,7 +158,8 @@ def block_costs(model, B: int, T: int, everything: bool = False,
 
 def cost_table(model, B: int, T: int, target_rows: int | None = None) -> str:
     rows = block_costs(model, B, T, target_rows=target_rows)
-    on = "" if target_rows is None else f"; the head on the {target_rows} positions with a target"
+    on = "" if target_rows is None else (f"; the head, and the top block after its attention, on "
+                                         f"the {target_rows} positions with a target")
     lines = [f"per training step of {B} x {T} tokens (GFLOP predicted from shapes{on}):",
              f"{'layer':<14}{'params':>12}  {'train':<6}{'forward':>9}{'input-grad':>12}"
              f"{'weight-grad':>13}{'kept MiB':>10}"]

@@ -33,3 +33,52 @@ def test_tailtune_bench_unknown_workload(capsys):
     assert cli(["bench", "nonsense"]) == 2
     err = capsys.readouterr().err
     assert "unknown workload 'nonsense'" in err and "gpt2-small" in err and "common" not in err
+
+
+def _bench_common(monkeypatch):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_common", os.path.join(ROOT, "benches", "common.py"))
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, mod)     # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("n_layer", [1, 3])
+def test_step_flops_counts_what_the_engine_multiplies(monkeypatch, n_layer):
+    """The benches' FLOP model (the MFU numerator) against every GEMM of a real training step,
+    counted by wrapping the engine's kernels: each k, every position a target or a few."""
+    import numpy as np
+
+    import engine
+    import engine.model as model_mod
+    from engine import layers
+    C = _bench_common(monkeypatch)
+    flops = [0]
+    for mod in (layers, model_mod):
+        for name in ("gemm_nt", "gemm_nn", "gemm_tn"):
+            real = getattr(mod, name)
+
+            def counted(a, b, out, accumulate=False, real=real, name=name):
+                k = a.shape[0] if name == "gemm_tn" else a.shape[1]
+                flops[0] += 2 * out.shape[0] * out.shape[1] * k
+                real(a, b, out, accumulate)
+
+            monkeypatch.setattr(mod, name, counted)
+    cfg = engine.Config.llama(vocab_size=257, n_layer=n_layer, n_head=4, n_kv_head=2, d_model=24,
+                              d_ff=40, max_seq_len=32)
+    B, T = 2, 16
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(0, 257, (B, T))
+    for k in range(n_layer + 1):
+        for n_targets in (1, 5, B * T):
+            m = engine.Model(cfg, seed=4).train_last(k)
+            targets = np.full((B, T), -100)
+            targets.flat[rng.choice(B * T, n_targets, replace=False)] = rng.integers(0, 257, n_targets)
+            flops[0] = 0
+            m.forward(tokens, targets)
+            m.backward()
+            f = C.step_flops(C.Dims.from_config(cfg), B, T, k,
+                             head_rows=None if n_targets == B * T else n_targets)
+            assert f.total - f.attention == flops[0] == sum(f.gemms.values()), (k, n_targets)
+            assert all(v > 0 for v in f.gemms.values())

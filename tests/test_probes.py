@@ -248,9 +248,10 @@ def test_inspect_target_fraction(tmp_path, capsys):
         assert "--target-fraction" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("trainable", ["last2", "head-only", "everything"])
 @pytest.mark.parametrize("n_targets", [5, 32])
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_predicted_step_flops_and_memory_with_masked_targets(monkeypatch, kind, n_targets):
+def test_predicted_step_flops_and_memory_with_masked_targets(monkeypatch, kind, n_targets, trainable):
     """Every GEMM of a training step (blocks and head, forward and backward), counted by wrapping
     the kernels, against the cost model given target_rows: with 5 of 32 positions carrying a
     loss the top block runs its output projection and MLP on those 5 rows alone. And the
@@ -262,7 +263,10 @@ def test_predicted_step_flops_and_memory_with_masked_targets(monkeypatch, kind, 
     else:
         m = engine.Model(engine.Config.gpt2(vocab_size=257, n_layer=4, n_head=2, d_model=24,
                                             max_seq_len=32), seed=4)
-    m.train_last(2)
+    if trainable == "last2":
+        m.train_last(2)
+    elif trainable == "head-only":
+        m.freeze().unfreeze(m.head)
     B, T = 2, 16
     rng = np.random.default_rng(2)
     tokens = rng.integers(0, 257, (B, T))
