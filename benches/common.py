@@ -295,15 +295,16 @@ def step_flops(d: Dims, B: int, T: int, k: int, final_norm_trainable: bool = Tru
     # alone (engine.Model.forward): its other rows' outputs are no model work either
     M = head[0]
     top = block[:3] + [(M, K, Nn) for _, K, Nn in block[3:]] if 0 < M < N else block
-    for s in block:
-        if L > 1:
+    if L > 1:
+        for s in block:
             add(s, L - 1)
     for s in top:
         add(s, 1)
     if M:
         add(head)
+    fwd_block = sum(2.0 * a * b * c for a, b, c in block) + attn
     fwd_top = sum(2.0 * a * b * c for a, b, c in top) + attn
-    fwd_blocks = (L - 1) * (sum(2.0 * a * b * c for a, b, c in block) + attn) + fwd_top
+    fwd_blocks = (L - 1) * fwd_block + fwd_top
     fwd_head = 2.0 * head[0] * C * V
     need_below_head = k > 0 or final_norm_trainable
     bwd_head_dx = fwd_head if need_below_head else 0.0
@@ -315,8 +316,7 @@ def step_flops(d: Dims, B: int, T: int, k: int, final_norm_trainable: bool = Tru
     for i in range(k):
         for s in (top if i == 0 else block):
             backward_of(s)
-    bwd_blocks = 2.0 * (fwd_top + ((k - 1) * (fwd_blocks - fwd_top) / (L - 1) if k > 1 else 0.0)
-                        ) if k else 0.0
+    bwd_blocks = 2.0 * (fwd_top + (k - 1) * fwd_block) if k else 0.0
     parts = {"forward_blocks": fwd_blocks, "forward_head": fwd_head,
              "backward_head_dx": bwd_head_dx, "backward_head_dw": bwd_head_dw,
              "backward_blocks": bwd_blocks}

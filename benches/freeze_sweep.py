@@ -463,8 +463,7 @@ def _row(args, k, prep, fin, loads, dims, B, T) -> dict:
                   "gflops": row["flops"] / statistics_median(timed_s) / 1e9}
         if loads:
             row[s]["load"] = loads[s]
-    le, lt = fin["engine"]["losses"], fin["torch"]["losses"]
-    row["loss_max_rel_diff"] = max(abs(a - b) / abs(b) for a, b in zip(le, lt))
+    row["loss_max_rel_diff"] = _loss_diff(fin)
     return row
 
 
@@ -479,10 +478,13 @@ def _add_pass(args, row, fin) -> dict:
         r["step_s"] = C.summarize([t for ts in r["step_s_by_pass"] for t in ts])
         r["gflops"] = row["flops"] / r["step_s"]["median"] / 1e9
         r["losses"] += f["losses"]
-    le, lt = fin["engine"]["losses"], fin["torch"]["losses"]
-    row["loss_max_rel_diff"] = max(row["loss_max_rel_diff"],
-                                   max(abs(a - b) / abs(b) for a, b in zip(le, lt)))
+    row["loss_max_rel_diff"] = max(row["loss_max_rel_diff"], _loss_diff(fin))
     return row
+
+
+def _loss_diff(fin) -> float:
+    """Largest relative difference between the two sides' losses, step by step."""
+    return max(abs(a - b) / abs(b) for a, b in zip(fin["engine"]["losses"], fin["torch"]["losses"]))
 
 
 def statistics_median(v):

@@ -141,7 +141,7 @@ def _claims_batch(path, B: int, T: int):
     tok = engine.load_tokenizer(path)
     src = Path(__file__).resolve().parent.parent / "examples" / "claims" / "train.jsonl"
     ex = D.Examples(D.tokenize_file(str(src), tok), T)
-    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    pad = tok.batch_pad_id
     x, y = D.make_batch(ex, np.arange(B), pad)
     what = (f"examples/claims/train.jsonl, chats 0..{B - 1} padded to {x.shape[1]}: "
             f"{int((y >= 0).sum())} of {y.size} positions carry a loss (the answers)")
@@ -307,7 +307,6 @@ def run(args=None) -> dict:
     threads = C.pin_threads(args.threads)
 
     B, T, k = args.batch_size, args.seq_len, args.train_last
-    ntok = B * T
     path = model_path()
     t_eload, model = C.timed(engine.load, path)
     L = model.config.n_layer

@@ -163,7 +163,7 @@ def _eval(a):
         raise InputError(f"--seq-len {a.seq_len} exceeds the model's context of {model.config.max_seq_len}")
     ex = D.Examples(D.tokenize_file(a.data, tok), a.seq_len)
     D.check_targets(ex, np.arange(len(ex)), a.data, lambda m: print(f"warning: {m}", file=sys.stderr))
-    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    pad = tok.batch_pad_id
     loss = evaluate(model, ex, np.arange(len(ex)), a.batch_size, pad)
     print(f"loss {loss:.4f}  perplexity {math.exp(min(loss, 50)):.3f}  ({len(ex)} examples)")
     return 0

@@ -263,9 +263,10 @@ class Model:
                 raise InputError(f"block {max(low, 0)} (or an embedding) is trainable, below the "
                                  f"given hidden state of block {start}")
         # Positions without a target (-100: padding, a masked prompt) need no output from the
-        # top block: it runs its projection, residuals and MLP on the target rows alone
+        # top block: it runs its projection, residuals and MLP on the target rows alone, and
+        # the final norm and the head see only those
         rows = None
-        if targets is not None and start < self.config.n_layer:
+        if targets is not None:
             valid = targets.reshape(-1) != IGNORE
             if 0 < int(valid.sum()) < valid.size:
                 rows = np.flatnonzero(valid)
@@ -281,6 +282,8 @@ class Model:
         t0 = perf_counter() if prof else 0.0
         C = self.config.d_model
         x2 = x.reshape(-1, C)                       # (B * T, C), or the target rows alone
+        if rows is not None and start == self.config.n_layer:
+            x2 = x2[rows]       # no block ran; nothing is trainable below (checked above)
         h, st = self.ln_f.forward(self.params, x2)
         if targets is None:
             logits = np.empty((B * T, self.config.vocab_size), np.float32)
@@ -375,51 +378,32 @@ class Model:
     def _head_loss(self, h, targets, grad, need_dh, need_dw):
         """Fused LM head + cross-entropy over row chunks, so (B, T, V) logits never exist.
         With grad, the logits' gradient is formed in place and turned at once into dh (N, C)
-        and the head's dW; backward() later only adds them in.
-        Only rows with a target go through the head: a row whose target is -100 (padding, a
-        masked prompt) adds nothing to the loss or to any gradient, so its logits are skipped.
-        Those rows are gathered (and their dh scattered) a chunk at a time, through (R, C)
-        buffers, so memory stays bounded by the chunk."""
+        and the head's dW; backward() later only adds them in. A row whose target is -100 adds
+        nothing (forward() hands the head the target rows alone when there are others)."""
         W = self.params[self.head]                      # (V, C)
-        (N, C), V = h.shape, W.shape[0]
-        valid = targets != IGNORE
-        n_valid = int(valid.sum())
-        rows = None if n_valid == N else np.flatnonzero(valid)
+        N, V = h.shape[0], W.shape[0]
+        n_valid = int((targets != IGNORE).sum())
         dw = np.zeros_like(W) if need_dw else None
-        dh = None
-        if need_dh:
-            dh = np.empty_like(h) if rows is None else np.zeros_like(h)
-        if n_valid == 0:
-            return float("nan"), dh, dw
-        tv = targets if rows is None else targets[rows]
-        R = head_chunk_rows(n_valid, V, need_dw)
+        if n_valid == 0:                                # nothing to average, as torch: NaN
+            return float("nan"), (np.zeros_like(h) if need_dh else None), dw
+        R = head_chunk_rows(N, V, need_dw)
         logits = np.empty((R, V), np.float32)
-        if rows is not None:
-            hbuf = np.empty((R, C), np.float32)
-            dbuf = np.empty((R, C), np.float32) if need_dh else None
-        losses = np.empty(n_valid, np.float32)
-        lse = np.empty(n_valid, np.float32)
-        scale = 1.0 / n_valid
-        for r0 in range(0, n_valid, R):
-            r1 = min(n_valid, r0 + R)
+        losses = np.empty(N, np.float32)
+        lse = np.empty(N, np.float32)
+        dh = np.empty_like(h) if need_dh else None
+        for r0 in range(0, N, R):
+            r1 = min(N, r0 + R)
             lg = logits[:r1 - r0]
-            if rows is None:
-                hc = h[r0:r1]
-                dc = dh[r0:r1] if need_dh else None
-            else:
-                hc = np.take(h, rows[r0:r1], axis=0, out=hbuf[:r1 - r0])
-                dc = dbuf[:r1 - r0] if need_dh else None
-            gemm_nt(hc, W, lg)
+            gemm_nt(h[r0:r1], W, lg)
             if grad:
-                crossentropy_forward_backward(lg, tv[r0:r1], losses[r0:r1], lse[r0:r1], scale)
+                crossentropy_forward_backward(lg, targets[r0:r1], losses[r0:r1], lse[r0:r1],
+                                              1.0 / n_valid)
                 if need_dh:
-                    gemm_nn(lg, W, dc)
-                    if rows is not None:
-                        dh[rows[r0:r1]] = dc
+                    gemm_nn(lg, W, dh[r0:r1])
                 if need_dw:
-                    gemm_tn(lg, hc, dw, accumulate=True)
+                    gemm_tn(lg, h[r0:r1], dw, accumulate=True)
             else:
-                crossentropy_forward(lg, tv[r0:r1], losses[r0:r1], lse[r0:r1])
+                crossentropy_forward(lg, targets[r0:r1], losses[r0:r1], lse[r0:r1])
         return float(losses.sum(dtype=np.float64) / n_valid), dh, dw
 
     def backward(self):

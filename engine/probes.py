@@ -145,10 +145,7 @@ def block_costs(model, B: int, T: int, everything: bool = False,
                  # loss reading the logits and writing their gradient in place; a trainable
                  # head's gradient zeroed, then each chunk's added in
                  "fwd_bytes": 4 * Nh * 2 * c.d_model + 4 * M * 2 * c.vocab_size
-                 + ((4 + 12 * chunks) * VC if need_dw else 0)
-                 # rows without a target reaching the head: the others gathered, their dh
-                 # scattered into zeros
-                 + (8 * M * c.d_model + (4 * N + 8 * M) * c.d_model * need_dh if M < Nh else 0),
+                 + ((4 + 12 * chunks) * VC if need_dw else 0),
                  # in backward(): that gradient added into the accumulator; the final norm's
                  # backward reads x and dout and adds into a zeroed dx
                  "bwd_bytes": (12 * VC if need_dw else 0) + (4 * Nh * 5 * c.d_model if need_dh else 0),

@@ -239,6 +239,12 @@ class _Tokenizer:
         return self._named_id("pad_token")
 
     @property
+    def batch_pad_id(self) -> int:
+        """The id that fills padding in a batch: pad, else eos, else 0 (padding carries no loss,
+        so any id in the vocabulary will do)."""
+        return self.pad_id if self.pad_id is not None else (self.eos_id or 0)
+
+    @property
     def unk_id(self) -> int | None:
         return self._named_id("unk_token")
 

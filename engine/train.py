@@ -422,7 +422,7 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
     seq_len = args.seq_len
     if seq_len > cfg.max_seq_len:
         raise InputError(f"--seq-len {seq_len} exceeds the model's context of {cfg.max_seq_len}")
-    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    pad = tok.batch_pad_id
     schedule = _apply_freezing(model, args)  # before tokenizing: a bad --train-last fails fast
     examples, train_idx, held, eval_idx = load_data(args, tok, seq_len, log)
     batches = D.Batches(examples, train_idx, args.batch_size, args.seed, pad)

@@ -100,7 +100,7 @@ def _step_tokens(cfg):
     from engine.tokenizer import load_tokenizer
     tok = load_tokenizer(resolve_model_path(cfg["model"]))
     ex = D.Examples(D.tokenize_file(cfg["data"], tok, log=lambda m: None), cfg["seq_len"])
-    pad = tok.pad_id if tok.pad_id is not None else (tok.eos_id or 0)
+    pad = tok.batch_pad_id
     batches = D.Batches(ex, np.arange(len(ex)), cfg["batch_size"], cfg["seed"], pad)
     return [int(batches.next()[0].size) for _ in range(cfg["steps"])], batches.steps_per_epoch()
 

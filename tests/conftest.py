@@ -136,6 +136,23 @@ def small_model(kind="llama", n_layer=6, **kw):
     return engine.Model(cfg, seed=1)
 
 
+def count_gemm_flops(monkeypatch, modules, names=("gemm_nt", "gemm_nn", "gemm_tn")) -> list:
+    """Wrap the GEMM kernels as `modules` (engine.layers, engine.model) call them; the returned
+    one-element list holds the FLOPs they have run since (set it to 0 to start again)."""
+    flops = [0]
+    for mod in modules:
+        for name in names:
+            real = getattr(mod, name)
+
+            def counted(a, b, out, accumulate=False, real=real, name=name):
+                k = a.shape[0] if name == "gemm_tn" else a.shape[1]
+                flops[0] += 2 * out.shape[0] * out.shape[1] * k
+                real(a, b, out, accumulate)
+
+            monkeypatch.setattr(mod, name, counted)
+    return flops
+
+
 @contextlib.contextmanager
 def signal_after_steps(n: int, signum=signal.SIGINT):
     """While active, a finetune run sends itself `signum` right after its n-th step (Ctrl-C, or

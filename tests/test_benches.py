@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from conftest import count_gemm_flops
 from engine.cli import main as cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,17 +55,7 @@ def test_step_flops_counts_what_the_engine_multiplies(monkeypatch, n_layer):
     import engine.model as model_mod
     from engine import layers
     C = _bench_common(monkeypatch)
-    flops = [0]
-    for mod in (layers, model_mod):
-        for name in ("gemm_nt", "gemm_nn", "gemm_tn"):
-            real = getattr(mod, name)
-
-            def counted(a, b, out, accumulate=False, real=real, name=name):
-                k = a.shape[0] if name == "gemm_tn" else a.shape[1]
-                flops[0] += 2 * out.shape[0] * out.shape[1] * k
-                real(a, b, out, accumulate)
-
-            monkeypatch.setattr(mod, name, counted)
+    flops = count_gemm_flops(monkeypatch, (layers, model_mod))
     cfg = engine.Config.llama(vocab_size=257, n_layer=n_layer, n_head=4, n_kv_head=2, d_model=24,
                               d_ff=40, max_seq_len=32)
     B, T = 2, 16

@@ -54,8 +54,8 @@ def test_no_target_rows_give_nan_and_zero_gradients():
 
 
 def test_masked_rows_cost_no_memory_beyond_a_chunk(monkeypatch):
-    """The target rows are gathered a chunk at a time: besides dh (N, C) and the logits chunk,
-    the head may hold O(chunk) rows, not copies of all N."""
+    """Rows without a target inside the head: besides dh (N, C) and the logits chunk, it may
+    hold O(chunk) rows, not copies of all N."""
     import tracemalloc
     m = _model()
     N, C, V = 4096, m.config.d_model, m.config.vocab_size
@@ -73,6 +73,6 @@ def test_masked_rows_cost_no_memory_beyond_a_chunk(monkeypatch):
     finally:
         tracemalloc.stop()
     assert np.isfinite(loss) and dh.shape == (N, C)
-    # dh + dW + per-row losses and indices (O(N)) + O(chunk) buffers; a full copy of the target
-    # rows of h (and of their gradient) would add 2 * 0.86 * N * C * 4 bytes
+    # dh + dW + per-row losses (O(N)) + O(chunk) buffers; a copy of the target rows of h (and
+    # of their gradient) would add 2 * 0.86 * N * C * 4 bytes
     assert peak < 4 * N * C + 4 * V * C + 40 * N + 4 * 64 * (V + 2 * C) + (1 << 16)

@@ -51,6 +51,16 @@ def assert_grads_match(model, hf):
         np.testing.assert_allclose(model.grads[n], r, rtol=1e-3, atol=2e-5 * scale, err_msg=n)
 
 
+def assert_step_matches(model, hf, tokens, targets):
+    """One forward + backward on each side: the losses and every trainable gradient agree."""
+    loss = model.forward(tokens, targets)
+    model.backward()
+    tl = torch_loss(hf, tokens, targets)
+    tl.backward()
+    assert abs(loss - tl.item()) <= 1e-5 * max(1.0, abs(tl.item()))
+    assert_grads_match(model, hf)
+
+
 FREEZES = {
     "all": lambda m: m.unfreeze(),
     "last1": lambda m: m.train_last(1),
@@ -83,12 +93,7 @@ def test_loss_and_grads_match(hf_dirs, kind, freeze):
     FREEZES[freeze](model)
     set_torch_trainable(model, hf)
     tokens, targets = batch(model.config.vocab_size, seed=1)
-    loss = model.forward(tokens, targets)
-    model.backward()
-    tl = torch_loss(hf, tokens, targets)
-    tl.backward()
-    assert abs(loss - tl.item()) <= 1e-5 * max(1.0, abs(tl.item()))
-    assert_grads_match(model, hf)
+    assert_step_matches(model, hf, tokens, targets)
     for n, p in hf.named_parameters():
         if not p.requires_grad:
             assert p.grad is None
@@ -123,12 +128,7 @@ def test_mostly_masked_targets_match(hf_dirs, kind, trainable):
     targets[:] = -100
     targets[0, 12:15] = tokens[0, 13:16]       # an answer after a masked prompt
     targets[2, 3:6] = tokens[2, 4:7]           # a short example, then padding
-    loss = model.forward(tokens, targets)
-    model.backward()
-    tl = torch_loss(hf, tokens, targets)
-    tl.backward()
-    assert abs(loss - tl.item()) <= 1e-5 * max(1.0, abs(tl.item()))
-    assert_grads_match(model, hf)
+    assert_step_matches(model, hf, tokens, targets)
 
 
 def model_head(kind):

@@ -8,6 +8,7 @@ import pytest
 
 import engine
 from engine import probes
+from conftest import count_gemm_flops
 from engine.cli import main as cli
 
 
@@ -181,18 +182,14 @@ def test_predicted_input_grad_flops_match_what_backward_runs(monkeypatch, frozen
         m.freeze(*frozen)
     B, T = 2, 16
     rows = probes.block_costs(m, B, T)
-    gemm_flops, attn_calls = [0], [0]
-    real_nn, real_attn = layers.gemm_nn, layers.attention_backward
-
-    def nn(a, b, out, accumulate=False):
-        gemm_flops[0] += 2 * a.shape[0] * a.shape[1] * b.shape[1]
-        real_nn(a, b, out, accumulate)
+    attn_calls = [0]
+    real_attn = layers.attention_backward
 
     def attn(*args):
         attn_calls[0] += 1
         real_attn(*args)
 
-    monkeypatch.setattr(layers, "gemm_nn", nn)
+    gemm_flops = count_gemm_flops(monkeypatch, (layers,), names=("gemm_nn",))
     monkeypatch.setattr(layers, "attention_backward", attn)
     tokens = np.random.default_rng(0).integers(0, 257, (B, T))
     m.forward(tokens, tokens)
@@ -214,16 +211,7 @@ def test_predicted_head_flops_follow_the_target_rows(monkeypatch, n_targets):
     targets = np.full((B, T), model_mod.IGNORE)
     targets.flat[rng.choice(B * T, n_targets, replace=False)] = rng.integers(0, 257, n_targets)
     head = probes.block_costs(m, B, T, target_rows=n_targets)[-1]
-    flops = [0]
-    for name in ("gemm_nt", "gemm_nn", "gemm_tn"):
-        real = getattr(model_mod, name)
-
-        def counted(a, b, out, accumulate=False, real=real, name=name):
-            k = a.shape[0] if name == "gemm_tn" else a.shape[1]
-            flops[0] += 2 * out.shape[0] * out.shape[1] * k
-            real(a, b, out, accumulate)
-
-        monkeypatch.setattr(model_mod, name, counted)
+    flops = count_gemm_flops(monkeypatch, (model_mod,))
     m.forward(tokens, targets)
     assert flops[0] == head["fwd_flops"] + head["dx_flops"] + head["dw_flops"]
     assert head["dw_flops"] == (2 * n_targets * 24 * 257)
@@ -273,17 +261,7 @@ def test_predicted_step_flops_and_memory_with_masked_targets(monkeypatch, kind, 
     targets = np.full((B, T), model_mod.IGNORE)
     targets.flat[rng.choice(B * T, n_targets, replace=False)] = rng.integers(0, 257, n_targets)
     rows = probes.block_costs(m, B, T, target_rows=n_targets)
-    flops = [0]
-    for mod in (layers, model_mod):
-        for name in ("gemm_nt", "gemm_nn", "gemm_tn"):
-            real = getattr(mod, name)
-
-            def counted(a, b, out, accumulate=False, real=real, name=name):
-                k = a.shape[0] if name == "gemm_tn" else a.shape[1]
-                flops[0] += 2 * out.shape[0] * out.shape[1] * k
-                real(a, b, out, accumulate)
-
-            monkeypatch.setattr(mod, name, counted)
+    flops = count_gemm_flops(monkeypatch, (layers, model_mod))
     m.forward(tokens, targets)
     kept = m.saved_bytes()
     m.backward()
