@@ -60,11 +60,12 @@ def load_tokenizer(path, model_vocab_size: int | None = None):
 
     The ids must fit the model: against `model_vocab_size` when given, else against the
     `vocab_size` of a `config.json` next to the tokenizer files (or the GGUF's own metadata)."""
+    from .io.gguf import is_gguf
     path = _resolve(os.fspath(path))
     if os.path.isdir(path):
         tok = _load_dir(path)
         model_vocab_size = model_vocab_size or _dir_vocab_size(path)
-    elif _is_gguf(path):
+    elif is_gguf(path, TokenizerError):
         tok = BPETokenizer.from_gguf(path)
         model_vocab_size = model_vocab_size or tok._model_vocab_size
     elif os.path.basename(path) == "tokenizer.json":
@@ -88,14 +89,6 @@ def _resolve(path: str) -> str:
         return resolve_model_path(path)
     except CheckpointError as e:
         raise TokenizerError(str(e)) from None
-
-
-def _is_gguf(path: str) -> bool:
-    from .io.gguf import is_gguf
-    try:
-        return is_gguf(path)
-    except OSError as e:
-        raise TokenizerError(f"{path}: cannot read: {e}") from None
 
 
 def _load_dir(d: str):

@@ -10,7 +10,7 @@ import numpy as np
 from ..config import Config
 from ..errors import CheckpointError, InputError
 from . import hf_names
-from .safetensors import SafetensorsFile, write as write_safetensors
+from .safetensors import WRITE_DTYPES, SafetensorsFile, write as write_safetensors
 
 
 def load(path: str):
@@ -24,22 +24,13 @@ def load(path: str):
 def load_params(path: str) -> tuple[Config, dict]:
     from .resolve import resolve_model_path
     path = resolve_model_path(str(path))
-    if os.path.isfile(path) and (path.endswith(".gguf") or _is_gguf(path)):
-        from .gguf import load_gguf
+    from .gguf import is_gguf, load_gguf   # by content too: a GGUF file need not end in .gguf
+    if os.path.isfile(path) and (path.endswith(".gguf") or is_gguf(path)):
         return load_gguf(path)
     if os.path.isdir(path):
         return _load_hf_dir(path)
     raise CheckpointError(f"{path}: not a model (expected a directory with config.json and "
                           f"*.safetensors, or a .gguf file)")
-
-
-def _is_gguf(path: str) -> bool:
-    """Detected by content, as the tokenizer loader does: a GGUF file need not end in .gguf."""
-    from .gguf import is_gguf
-    try:
-        return is_gguf(path)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read: {e}") from None
 
 
 def read_hf_config(path: str) -> dict:
@@ -110,15 +101,14 @@ def _safetensors_files(path: str) -> list[str]:
 
 def save_model(model, path: str, dtype: str = "F32") -> None:
     """config.json + model.safetensors in the Hugging Face layout, each written atomically."""
-    torch_dtypes = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
-    if dtype not in torch_dtypes:  # checked before anything is written
+    if dtype not in WRITE_DTYPES:  # checked before anything is written
         raise InputError(f"save dtype {dtype!r} is not supported; choose one of "
-                         f"{', '.join(torch_dtypes)}")
+                         f"{', '.join(WRITE_DTYPES)}")
     if not isinstance(path, (str, os.PathLike)):
         raise InputError(f"save path must be a str or path, got {type(path).__name__}")
     cfg = model.config
     hf = hf_names.config_to_hf(cfg)
-    hf["torch_dtype"] = torch_dtypes[dtype]
+    hf["torch_dtype"] = WRITE_DTYPES[dtype]
     tensors = hf_names.to_hf(cfg, model.params)
     if os.path.exists(path) and not os.path.isdir(path):
         raise InputError(f"{path} is an existing file; Model.save writes a directory "

@@ -27,10 +27,14 @@ from .safetensors import bf16_to_f32
 MAGIC = b"GGUF"
 
 
-def is_gguf(path: str) -> bool:
-    """Whether the file starts with the GGUF magic, whatever its name (OSError if unreadable)."""
-    with open(path, "rb") as f:
-        return f.read(len(MAGIC)) == MAGIC
+def is_gguf(path: str, error: type = CheckpointError) -> bool:
+    """Whether the file starts with the GGUF magic, whatever its name; an unreadable file raises
+    `error` (the model and tokenizer loaders each name their own)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError as e:
+        raise error(f"{path}: cannot read: {e}") from None
 VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4            # GGML_MAX_DIMS: llama.cpp rejects tensors with more

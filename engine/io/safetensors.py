@@ -17,6 +17,9 @@ from ..errors import CheckpointError, InputError
 
 MAX_HEADER = 100 * 1024 * 1024  # the format's own limit on the JSON header
 
+# What `write` (and so Model.save) can store: safetensors name -> config.json's torch_dtype.
+WRITE_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
 _DTYPES = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
     "BF16": np.dtype("<u2"),  # raw bits; widened to float32 by to_float32
@@ -124,8 +127,8 @@ class SafetensorsFile:
 
 def write(path: str, tensors: dict, metadata: dict | None = None, dtype: str = "F32") -> None:
     """Write tensors (name -> ndarray) atomically: a temporary file renamed into place."""
-    if dtype not in ("F32", "F16", "BF16"):
-        raise InputError(f"cannot write dtype {dtype!r}; choose F32, F16 or BF16")
+    if dtype not in WRITE_DTYPES:
+        raise InputError(f"cannot write dtype {dtype!r}; choose one of {', '.join(WRITE_DTYPES)}")
     header, arrays, offset = {}, [], 0
     for name in sorted(tensors):
         a = np.asarray(tensors[name])
