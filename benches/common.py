@@ -466,11 +466,27 @@ def footer(r: dict) -> str:
             f"at start); commit {str(env['git']['commit'])[:10]}; {env['date']}; {r['elapsed_s']:.0f} s")
 
 
-def parse_args(parser: argparse.ArgumentParser, args):
-    """A workload's run(args) takes None (defaults), a list of strings, or a parsed Namespace."""
+REFERENCE = ("torch", "transformers")   # what every workload but `kernels` compares against
+
+
+def parse_args(parser: argparse.ArgumentParser, args, needs=REFERENCE):
+    """A workload's run(args) takes None (defaults), a list of strings, or a parsed Namespace.
+    Then the reference libraries it `needs` are checked (after parsing, so --help works without
+    them): a user without them gets one line naming what to install, not an ImportError from
+    the middle of a run."""
     if args is None or isinstance(args, (list, tuple)):
-        return parser.parse_args(list(args or []))
+        args = parser.parse_args(list(args or []))
+    require(parser.prog, needs)
     return args
+
+
+def require(prog: str, needs) -> None:
+    import importlib.util
+    missing = [m for m in needs if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"{prog}: compares against {', '.join(needs)}; not installed: "
+                         f"{', '.join(missing)}. Install the pinned references with "
+                         f"pip install -e '.[bench]' (from the source checkout).")
 
 
 def finish(args, result: dict, report) -> dict:

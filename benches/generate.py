@@ -20,7 +20,7 @@ import common as C  # noqa: E402
 
 
 def run(args=None) -> dict:
-    args = C.parse_args(build_parser(), args)
+    args = C.parse_args(build_parser(), args, C.REFERENCE + ("accelerate", "gguf"))
     t0 = time.perf_counter()
     C.set_thread_env(args.threads)
     C.quiet_hf()

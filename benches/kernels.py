@@ -412,7 +412,7 @@ def bench_loss(b: Bench, rng):
 
 # ---- the run ----------------------------------------------------------------------------------
 def run(args=None) -> dict:
-    args = C.parse_args(build_parser(), args)
+    args = C.parse_args(build_parser(), args, ("torch",))
     say = (lambda m: None) if args.quiet else C.log
     t_start = time.perf_counter()
     load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None

@@ -288,7 +288,7 @@ def _worker_argv(args, side, batch_file):
 
 # ---- the run ----------------------------------------------------------------------------------
 def run(args=None) -> dict:
-    args = C.parse_args(build_parser(), args)
+    args = C.parse_args(build_parser(), args, C.REFERENCE + ("accelerate", "gguf"))
     if args.worker:
         return _worker(args)
     say = (lambda m: None) if args.quiet else C.log

@@ -22,6 +22,20 @@ def test_bench_script_parses_its_options(name):
     assert "usage:" in r.stdout and "--json" in r.stdout
 
 
+@pytest.mark.parametrize("name", WORKLOADS)
+def test_bench_without_torch_names_what_to_install(name):
+    """A user with only the engine installed gets one line saying what is missing and which
+    extra installs it, not an ImportError traceback from the middle of a run."""
+    script = os.path.join(ROOT, "benches", name.replace("-", "_") + ".py")
+    code = ("import runpy, sys; sys.modules['torch'] = None; "     # None: import torch fails
+            f"sys.argv = [{script!r}]; runpy.run_path({script!r}, run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=ROOT)
+    assert r.returncode != 0
+    assert "not installed: torch" in r.stderr and "pip install -e '.[bench]'" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_tailtune_bench_runs_a_workload_by_name(capsys):
     with pytest.raises(SystemExit) as e:     # argparse's --help exits 0 after printing
         cli(["bench", "freeze-sweep", "--help"])
