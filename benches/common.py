@@ -277,7 +277,8 @@ def step_flops(d: Dims, B: int, T: int, k: int, final_norm_trainable: bool = Tru
     C, H, Hkv, D, F, V, L = d.d_model, d.n_head, d.n_kv_head, d.head_dim, d.d_ff, d.vocab_size, d.n_layer
     block = [(N, C, H * D), (N, C, Hkv * D), (N, C, Hkv * D), (N, H * D, C)]   # q, k, v, o
     block += [(N, C, F)] * (2 if d.mlp == "swiglu" else 1) + [(N, F, C)]      # (gate,) up, down
-    head = (N if head_rows is None else head_rows, C, V)
+    M = N if head_rows is None else head_rows   # rows with a target
+    head = (M, C, V)
     attn = 2.0 * B * H * D * T * (T + 1)   # QK^T and PV over T(T+1)/2 pairs each, 2 FLOPs a MAC
 
     gemms: dict = {}
@@ -293,7 +294,6 @@ def step_flops(d: Dims, B: int, T: int, k: int, final_norm_trainable: bool = Tru
 
     # with fewer target rows the top block also runs its output projection and MLP on those
     # alone (engine.Model.forward): its other rows' outputs are no model work either
-    M = head[0]
     top = block[:3] + [(M, K, Nn) for _, K, Nn in block[3:]] if 0 < M < N else block
     if L > 1:
         for s in block:
@@ -305,14 +305,14 @@ def step_flops(d: Dims, B: int, T: int, k: int, final_norm_trainable: bool = Tru
     fwd_block = sum(2.0 * a * b * c for a, b, c in block) + attn
     fwd_top = sum(2.0 * a * b * c for a, b, c in top) + attn
     fwd_blocks = (L - 1) * fwd_block + fwd_top
-    fwd_head = 2.0 * head[0] * C * V
+    fwd_head = 2.0 * M * C * V
     need_below_head = k > 0 or final_norm_trainable
     bwd_head_dx = fwd_head if need_below_head else 0.0
     bwd_head_dw = fwd_head if head_trainable else 0.0
     if bwd_head_dx and M:
-        add((head[0], V, C))
+        add((M, V, C))
     if bwd_head_dw and M:
-        add((V, head[0], C))
+        add((V, M, C))
     for i in range(k):
         for s in (top if i == 0 else block):
             backward_of(s)

@@ -104,10 +104,10 @@ def make_batch(path, B: int, T: int, data: str, seed: int, vocab: int):
     """tokens (B, T), targets (B, T) (targets[:, t] = the token after tokens[:, t]) and a
     description. "text": Python's own argparse (then json, inspect) source through the model's
     tokenizer, cut into B rows of T + 1 consecutive tokens."""
-    import numpy as np
-    need = B * (T + 1)
     if data == "claims":
         return _claims_batch(path, B, T)
+    import numpy as np
+    need = B * (T + 1)
     if data == "random":
         ids = np.random.default_rng(seed).integers(0, vocab, need, dtype=np.int64)
         what = f"random ids 0..{vocab - 1}, seed {seed}"

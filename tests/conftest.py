@@ -153,6 +153,14 @@ def count_gemm_flops(monkeypatch, modules, names=("gemm_nt", "gemm_nn", "gemm_tn
     return flops
 
 
+def sparse_targets(rng, B: int, T: int, n: int, vocab: int = 257):
+    """(B, T) targets: n random positions carry a token, the others -100 (no loss), as prompts
+    and padding do in chat data."""
+    targets = np.full((B, T), -100)
+    targets.flat[rng.choice(B * T, n, replace=False)] = rng.integers(0, vocab, n)
+    return targets
+
+
 @contextlib.contextmanager
 def signal_after_steps(n: int, signum=signal.SIGINT):
     """While active, a finetune run sends itself `signum` right after its n-th step (Ctrl-C, or

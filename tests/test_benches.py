@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import count_gemm_flops
+from conftest import count_gemm_flops, sparse_targets
 from engine.cli import main as cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,8 +78,7 @@ def test_step_flops_counts_what_the_engine_multiplies(monkeypatch, n_layer):
     for k in range(n_layer + 1):
         for n_targets in (1, 5, B * T):
             m = engine.Model(cfg, seed=4).train_last(k)
-            targets = np.full((B, T), -100)
-            targets.flat[rng.choice(B * T, n_targets, replace=False)] = rng.integers(0, 257, n_targets)
+            targets = sparse_targets(rng, B, T, n_targets)
             flops[0] = 0
             m.forward(tokens, targets)
             m.backward()

@@ -8,7 +8,7 @@ import pytest
 
 import engine
 from engine import probes
-from conftest import count_gemm_flops
+from conftest import count_gemm_flops, sparse_targets
 from engine.cli import main as cli
 
 
@@ -16,6 +16,14 @@ def tiny(vocab=257):
     cfg = engine.Config.llama(vocab_size=vocab, n_layer=4, n_head=2, n_kv_head=1, d_model=24,
                               d_ff=32, max_seq_len=32)
     return engine.Model(cfg, seed=4)
+
+
+def tiny_of(kind, gpt2_layers=4):
+    """tiny() for "llama"; a GPT-2 model of the same width (layernorm, GELU, biases) otherwise."""
+    if kind == "llama":
+        return tiny()
+    return engine.Model(engine.Config.gpt2(vocab_size=257, n_layer=gpt2_layers, n_head=2,
+                                           d_model=24, max_seq_len=32), seed=4)
 
 
 def test_linear_cka_properties():
@@ -143,11 +151,7 @@ def test_head_row_charges_what_its_backward_does():
 def test_every_parameter_in_exactly_one_row(kind, trainable):
     """Parameters and optimizer bytes over the rows add up to the model's: each parameter,
     tied or not, is charged once. Embedding backward is charged only when one is trainable."""
-    if kind == "llama":
-        m = tiny()
-    else:
-        m = engine.Model(engine.Config.gpt2(vocab_size=257, n_layer=3, n_head=2, d_model=24,
-                                            max_seq_len=32), seed=4)
+    m = tiny_of(kind, gpt2_layers=3)
     if trainable == "last2":
         m.train_last(2)
     elif trainable == "embeddings":
@@ -208,8 +212,7 @@ def test_predicted_head_flops_follow_the_target_rows(monkeypatch, n_targets):
     B, T = 2, 16
     rng = np.random.default_rng(1)
     tokens = rng.integers(0, 257, (B, T))
-    targets = np.full((B, T), model_mod.IGNORE)
-    targets.flat[rng.choice(B * T, n_targets, replace=False)] = rng.integers(0, 257, n_targets)
+    targets = sparse_targets(rng, B, T, n_targets)
     head = probes.block_costs(m, B, T, target_rows=n_targets)[-1]
     flops = count_gemm_flops(monkeypatch, (model_mod,))
     m.forward(tokens, targets)
@@ -246,11 +249,7 @@ def test_predicted_step_flops_and_memory_with_masked_targets(monkeypatch, kind, 
     activation bytes the forward keeps against the rows' kept_bytes."""
     import engine.model as model_mod
     from engine import layers
-    if kind == "llama":
-        m = tiny()
-    else:
-        m = engine.Model(engine.Config.gpt2(vocab_size=257, n_layer=4, n_head=2, d_model=24,
-                                            max_seq_len=32), seed=4)
+    m = tiny_of(kind, gpt2_layers=4)
     if trainable == "last2":
         m.train_last(2)
     elif trainable == "head-only":
@@ -258,8 +257,7 @@ def test_predicted_step_flops_and_memory_with_masked_targets(monkeypatch, kind, 
     B, T = 2, 16
     rng = np.random.default_rng(2)
     tokens = rng.integers(0, 257, (B, T))
-    targets = np.full((B, T), model_mod.IGNORE)
-    targets.flat[rng.choice(B * T, n_targets, replace=False)] = rng.integers(0, 257, n_targets)
+    targets = sparse_targets(rng, B, T, n_targets)
     rows = probes.block_costs(m, B, T, target_rows=n_targets)
     flops = count_gemm_flops(monkeypatch, (layers, model_mod))
     m.forward(tokens, targets)

@@ -35,6 +35,8 @@ def is_gguf(path: str, error: type = CheckpointError) -> bool:
             return f.read(len(MAGIC)) == MAGIC
     except OSError as e:
         raise error(f"{path}: cannot read: {e}") from None
+
+
 VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4            # GGML_MAX_DIMS: llama.cpp rejects tensors with more
