@@ -299,15 +299,21 @@ class Model:
             self._tape = dict(tokens=tokens, saved=saved, low=low, x=x2, st=st, dh=dh, dw=dw, rope=rope)
         return loss
 
-    def prefix(self, tokens, upto: int):
+    def prefix(self, tokens, upto: int, hidden=None, start: int = 0):
         """The input of block `upto` (B, T, d_model): embeddings and blocks below it, run
-        forward without keeping anything. forward(..., hidden=, start=upto) continues from it."""
+        forward without keeping anything. forward(..., hidden=, start=upto) continues from it.
+        With hidden (the input of block `start`), only blocks start .. upto - 1 run."""
         tokens = self._tokens(tokens)
         if not 0 <= upto <= self.config.n_layer:
             raise InputError(f"prefix upto={upto}: the model has blocks 0..{self.config.n_layer - 1}")
         rope = self._rope_tables(tokens.shape[1])
-        x = self.embed(tokens)
-        for b in self.blocks[:upto]:
+        if hidden is None:
+            x, start = self.embed(tokens), 0
+        else:
+            if not is_int(start) or not 0 <= start <= upto:
+                raise InputError(f"prefix start={start!r} must be an integer in 0..upto={upto}")
+            x = self._hidden(hidden, *tokens.shape, start)
+        for b in self.blocks[start:upto]:
             x, _ = b.forward(self.params, x, rope, False)
         return x
 

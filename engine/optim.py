@@ -1,7 +1,9 @@
 """Optimizers with state only for trainable parameters, gradient clipping, LR schedules.
 
 An optimizer follows its model's trainable set: state is created when a parameter is unfrozen
-and dropped when it is frozen (the model calls `_sync` on every change).
+and dropped when it is frozen (the model calls `_sync` on every change). Each parameter's state
+counts its own steps (as torch's per-parameter state['step']): a block a schedule unfreezes late
+starts its Adam bias correction at step 1, not at the run's step.
 """
 from __future__ import annotations
 
@@ -74,6 +76,8 @@ class Optimizer:
         for n, s in d["state"].items():
             if n not in self.state:
                 raise InputError(f"optimizer state for {n!r}, which is not trainable in this model")
+            if "t" in self.state[n] and "t" not in s:   # saved before per-parameter step counts
+                s = {**s, "t": self.t}
             for k, a in s.items():
                 if isinstance(a, np.ndarray) and a.shape != self.state[n][k].shape:
                     raise InputError(f"optimizer state {n}.{k} has shape {a.shape}, expected "
@@ -102,12 +106,13 @@ class AdamW(Optimizer):
         super().__init__(model, lr)
 
     def _new_state(self, p):
-        return {"m": np.zeros_like(p), "v": np.zeros_like(p)}
+        return {"m": np.zeros_like(p), "v": np.zeros_like(p), "t": 0}
 
     def _update(self, name, p, g, st):
         wd = self.weight_decay if self.decay_filter(name, p) else 0.0
         lr = self.lr * self.lr_scale.get(name, 1.0)
-        adamw_step(p, g, st["m"], st["v"], lr, self.betas[0], self.betas[1], self.eps, wd, self.t)
+        st["t"] += 1
+        adamw_step(p, g, st["m"], st["v"], lr, self.betas[0], self.betas[1], self.eps, wd, st["t"])
 
 
 class SGD(Optimizer):

@@ -5,11 +5,15 @@ it is computed once (the first time the example is drawn) and read back on every
 a step then costs only the trainable tail. Entries are keyed by a hash of the prefix's weights
 (embeddings and blocks below `start`), the data and the sequence length: a cache for another
 prefix is never read. When a schedule unfreezes a block below `start`, the cache is dropped and
-rebuilt at the new lowest trainable block.
+rebuilt at the new lowest trainable block; when it freezes the lowest ones (FreezeOut,
+AutoFreeze), the old rows are carried up through the newly frozen blocks into a cache at the
+new lowest block.
 
-Storage is in memory, or a memory-mapped file (survives the run: a later run on the same base
-model and data reuses it), in float32 (same weights as without the cache, to float32 rounding)
-or float16 (half the memory; hidden states rounded to 11 significant bits).
+Storage is in memory, or a memory-mapped file, in float32 (same weights as without the cache, to
+float32 rounding) or float16 (half the memory; hidden states rounded to 11 significant bits).
+A file whose prefix holds only pretrained weights survives the run: a later run on the same base
+model and data reuses it. The training loop deletes the files of prefixes that hold weights the
+run trained (no later run can reproduce those).
 """
 from __future__ import annotations
 
@@ -58,11 +62,21 @@ def _npy_problem(path: str, shape: tuple, dtype: np.dtype) -> str | None:
     return None
 
 
+def _tokens_hash(examples) -> str:
+    """Hash of the token ids an Examples set serves (when the caller gives no data key)."""
+    h = hashlib.sha256()
+    for i in range(len(examples)):
+        ids = np.ascontiguousarray(examples.get(i)[0], np.int64)
+        h.update(np.int64(len(ids)).tobytes())
+        h.update(ids.data)
+    return h.hexdigest()[:24]
+
+
 class PrefixCache:
     """Hidden states at the input of block `start` for the examples of an Examples set."""
 
     def __init__(self, model, examples, start: int, dtype="float32", directory: str | None = None,
-                 data_key: str = ""):
+                 data_key: str | None = None, disposable: bool = False):
         if dtype not in ("float32", "float16"):
             raise InputError(f"prefix cache dtype must be float32 or float16, got {dtype!r}")
         low = model.lowest_trainable_block()
@@ -70,34 +84,41 @@ class PrefixCache:
             raise InputError(f"cannot cache the prefix below block {start}: block {max(low, 0)} "
                              "(or an embedding) is trainable")
         self.model, self.examples, self.start = model, examples, start
+        self.disposable = disposable     # close() deletes the files (a prefix no run can reuse)
         self.dtype = np.dtype(dtype)
         n = len(examples)
         lengths = np.array([max(0, len(examples.get(i)[0]) - 1) for i in range(n)], np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(lengths)])
         C = model.config.d_model
+        if not data_key:   # the data's own key, else the tokens: never another dataset's rows
+            data_key = getattr(getattr(examples, "data", None), "key", "") or _tokens_hash(examples)
         self.key = f"{prefix_hash(model, start)}-{data_key}-{examples.T}-{dtype}"
         shape = (int(self.offsets[-1]), C)
+        self.files: tuple[str, ...] = ()
         if directory:
             os.makedirs(directory, exist_ok=True)
             base = os.path.join(directory, self.key)
-            files = (base + ".npy", base + ".filled.npy")
+            self.files = (base + ".npy", base + ".filled.npy")
             mode = "w+"
-            if all(os.path.exists(f) for f in files):
+            if all(os.path.exists(f) for f in self.files):
                 # r+ pads a short file with zeros, which `filled` would then pass off as computed
                 # rows: reuse the files only when both are whole and of this shape and dtype
-                bad = (_npy_problem(files[0], shape, self.dtype)
-                       or _npy_problem(files[1], (n,), np.dtype(np.bool_)))
+                bad = (_npy_problem(self.files[0], shape, self.dtype)
+                       or _npy_problem(self.files[1], (n,), np.dtype(np.bool_)))
                 if bad:
                     print(f"note: prefix cache {bad}; rebuilding it", file=sys.stderr)
                 else:
                     mode = "r+"
-            self.store = np.lib.format.open_memmap(files[0], mode=mode, dtype=self.dtype, shape=shape)
-            self.filled = np.lib.format.open_memmap(files[1], mode=mode, dtype=np.bool_, shape=(n,))
+            self.store = np.lib.format.open_memmap(self.files[0], mode=mode, dtype=self.dtype, shape=shape)
+            self.filled = np.lib.format.open_memmap(self.files[1], mode=mode, dtype=np.bool_, shape=(n,))
         else:
             self.store = np.empty(shape, self.dtype)
             self.filled = np.zeros(n, np.bool_)
+        self.nbytes = int(self.store.nbytes)
         self.compute_s = self.read_s = 0.0
         self.computed = self.read = 0
+        # the first forward in a process loads the compiled kernels (~1 s): not a recompute's cost
+        model.prefix(np.zeros((1, 1), np.int64), min(start, 1))
 
     def valid_for(self, model) -> bool:
         """Still the input of the tail: nothing at or below the cached prefix became trainable."""
@@ -111,15 +132,7 @@ class PrefixCache:
         out = np.zeros((B, T, self.model.config.d_model), np.float32)
         missing = [r for r, i in enumerate(idx) if not self.filled[i]]
         if missing:
-            t0 = time.perf_counter()
-            h = self.model.prefix(tokens[missing], self.start)    # (len(missing), T, C)
-            for r, hr in zip(missing, h):
-                i = int(idx[r])
-                a, b = self.offsets[i], self.offsets[i + 1]
-                self.store[a:b] = hr[:b - a]
-                self.filled[i] = True
-            self.compute_s += time.perf_counter() - t0
-            self.computed += len(missing)
+            self._compute(np.asarray(idx)[missing], tokens[missing])
         t0 = time.perf_counter()
         for r, i in enumerate(idx):
             a, b = self.offsets[i], self.offsets[i + 1]
@@ -128,6 +141,42 @@ class PrefixCache:
         self.read += len(idx)
         return out
 
+    def _compute(self, idx, tokens, below: "PrefixCache | None" = None):
+        """Fill the rows of examples idx (padded batch `tokens`): from the embeddings, or from
+        the rows of a cache `below` at a lower block, through the blocks in between."""
+        t0 = time.perf_counter()
+        if below is None:
+            h = self.model.prefix(tokens, self.start)                 # (len(idx), T, C)
+        else:
+            h = self.model.prefix(tokens, self.start, below.hidden(idx, tokens), below.start)
+        for i, hr in zip(idx, h):
+            a, b = self.offsets[i], self.offsets[i + 1]
+            self.store[a:b] = hr[:b - a]
+            self.filled[i] = True
+        self.compute_s += time.perf_counter() - t0
+        self.computed += len(idx)
+
+    def fill_from(self, below: "PrefixCache", batch_size: int, pad_id: int):
+        """Every row `below` (same examples, a lower block, still frozen) holds, carried up
+        through the blocks in between: when a schedule freezes the lowest trainable blocks the
+        cache moves up without running the whole prefix again."""
+        if not (below.examples is self.examples and below.start < self.start and below.valid_for(self.model)):
+            raise InputError(f"fill_from needs a cache of the same examples below block {self.start}, "
+                             "whose prefix is still frozen")
+        from .data import eval_batches
+        for x, _, idx in eval_batches(self.examples, np.flatnonzero(below.filled & ~self.filled),
+                                      batch_size, pad_id):
+            self._compute(idx, x, below)
+
+    def close(self):
+        """Let the rows go (the counters stay for report()); a disposable cache's files too."""
+        self.store = self.filled = None
+        for f in self.files if self.disposable else ():
+            try:
+                os.remove(f)
+            except FileNotFoundError:
+                pass
+
     def report(self) -> dict:
         """Measured cost of computing a prefix against reading it back, per example."""
         per_compute = self.compute_s / self.computed if self.computed else float("nan")
@@ -135,4 +184,4 @@ class PrefixCache:
         return {"start_block": self.start, "examples_computed": self.computed,
                 "reads": self.read, "compute_ms_per_example": 1e3 * per_compute,
                 "read_ms_per_example": 1e3 * per_read,
-                "bytes": int(self.store.nbytes), "dtype": str(self.dtype)}
+                "bytes": self.nbytes, "dtype": str(self.dtype)}

@@ -11,7 +11,8 @@ and may scale the learning rate per parameter. The final norm always trains.
   freezeout   FreezeOut: each of the last k blocks anneals its rate to 0 by a cosine at its own
               time t_i (lowest first; t_i runs from t0 to 1 of training), then leaves backward
   autofreeze  AutoFreeze's criterion: every N steps, freeze the lowest trainable blocks whose
-              gradient norm changed by less than a threshold (relative) since the last check
+              gradient norm, summed over the N steps, changed by less than a threshold
+              (relative) from the previous N steps' sum
   lisa        LISA: k blocks drawn at random (seeded) from all L, redrawn every N steps
 
 Every schedule is a function of the step and the seed (autofreeze also of the gradient norms it
@@ -41,10 +42,11 @@ def make(name: str, n_layer: int, k: int, every: int = 50, decay: float = 0.8, t
     if not is_int(seed):
         raise InputError(f"schedule {name}: seed must be an integer, got {seed!r}")
     # all checked whichever schedule is named: a bad value is a mistake either way. decay > 1
-    # or <= 0 gives growing or negative rates, t0 outside [0, 1] blocks stopping outside
-    # training, a negative threshold (never met) silently disables AutoFreeze.
+    # or <= 0 gives growing or negative rates, t0 outside (0, 1] blocks stopping outside
+    # training (at 0, before their first step), a negative threshold (never met) silently
+    # disables AutoFreeze.
     for what, v, ok, rng in (("decay", decay, lambda x: 0 < x <= 1, "in (0, 1]"),
-                             ("t0", t0, lambda x: 0 <= x <= 1, "in [0, 1]"),
+                             ("t0", t0, lambda x: 0 < x <= 1, "in (0, 1]"),
                              ("threshold", threshold, lambda x: 0 <= x < math.inf, ">= 0")):
         if not is_number(v) or not ok(v):
             raise InputError(f"schedule {name}: {what} must be a number {rng}, got {v!r}")
@@ -73,9 +75,12 @@ class Schedule:
         want = sorted(set(self.blocks(step)))
         have = sorted({int(n.split(".")[1]) for n in model.grads if n.startswith("blocks.")})
         changed = want != have or "ln_f.weight" not in model.grads
-        if changed:
-            model.freeze()
-            model.unfreeze("ln_f.*", *[f"blocks.{i}.*" for i in want])
+        if changed:   # only the blocks that leave or join: the others keep their Adam state
+            gone = [f"blocks.{i}.*" for i in have if i not in want]
+            new = [f"blocks.{i}.*" for i in want if i not in have]
+            if gone:
+                model.freeze(*gone)
+            model.unfreeze("ln_f.*", *new)
         scales = {}
         for n in model.grads:
             if n.startswith("blocks."):
@@ -112,9 +117,10 @@ class LRDecay(Schedule):
 
 class FreezeOut(Schedule):
     def _t(self, block):
-        """Fraction of training at which `block` stops: t0 for the lowest of the k, 1 for the top."""
+        """Fraction of training at which `block` stops: t0 for the lowest of the k, 1 for the top
+        (so with k = 1 the one block trains throughout, its rate annealed)."""
         lo = self.L - self.k
-        frac = (block - lo) / max(1, self.k - 1)
+        frac = (block - lo) / (self.k - 1) if self.k > 1 else 1.0
         return self.t0 + (1.0 - self.t0) * frac
 
     def blocks(self, step):
@@ -127,24 +133,30 @@ class FreezeOut(Schedule):
 
 
 class AutoFreeze(Schedule):
+    """Each block's gradient norm is summed over every step of an interval of `every` steps
+    (one step's norm is too noisy to compare: it moves by tens of percent from batch to batch);
+    at the end of the interval the sums are compared with the previous interval's."""
+
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.frozen_below = self.L - self.k      # blocks below this are frozen
         self.last_norms: dict[int, float] = {}
-        self.norms: dict[int, float] = {}
+        self.sums: dict[int, float] = {}         # this interval's summed norms so far
 
     def blocks(self, step):
         return list(range(self.frozen_below, self.L))
 
     def observe(self, model, step):
-        if (step + 1) % self.every:
-            return
-        norms = {}
+        sq: dict[int, float] = {}
         for n, g in model.grads.items():
             if n.startswith("blocks."):
                 i = int(n.split(".")[1])
-                norms[i] = norms.get(i, 0.0) + float(np.dot(g.ravel(), g.ravel()))
-        norms = {i: math.sqrt(v) for i, v in norms.items()}
+                sq[i] = sq.get(i, 0.0) + float(np.dot(g.ravel(), g.ravel()))
+        for i, v in sq.items():
+            self.sums[i] = self.sums.get(i, 0.0) + math.sqrt(v)
+        if (step + 1) % self.every:
+            return
+        norms, self.sums = self.sums, {}
         if self.last_norms:
             # freeze from the bottom while the change is small; always keep the top block
             for i in range(self.frozen_below, self.L - 1):
@@ -156,11 +168,13 @@ class AutoFreeze(Schedule):
 
     def state_dict(self):
         return {"frozen_below": self.frozen_below,
-                "last_norms": {str(i): v for i, v in self.last_norms.items()}}
+                "last_norms": {str(i): v for i, v in self.last_norms.items()},
+                "sums": {str(i): v for i, v in self.sums.items()}}
 
     def load_state_dict(self, d):
         self.frozen_below = int(d["frozen_below"])
         self.last_norms = {int(i): float(v) for i, v in d["last_norms"].items()}
+        self.sums = {int(i): float(v) for i, v in d.get("sums", {}).items()}
 
 
 class Lisa(Schedule):

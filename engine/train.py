@@ -28,7 +28,7 @@ import numpy as np
 
 from . import data as D
 from . import schedules
-from .errors import CheckpointError, DivergedError, InputError
+from .errors import CheckpointError, DivergedError, InputError, is_int
 from .generate import generate
 from .io import load_params, save_model, write_json
 from .io.resolve import resolve_model_path
@@ -96,6 +96,10 @@ class TrainArgs:
                  ("save_every", nonneg, ">= 0 (0: at the end and on Ctrl-C only)"),
                  ("telemetry_every", nonneg, ">= 0 (0: off)"),
                  ("train_last", lambda v: v is None or v >= 0, ">= 0"),
+                 ("schedule_every", pos, ">= 1"),
+                 ("lr_decay", lambda v: 0 < v <= 1, "in (0, 1]"),
+                 ("freezeout_t0", lambda v: 0 < v <= 1, "in (0, 1]"),
+                 ("autofreeze_threshold", lambda v: 0 <= v < math.inf, "a finite number >= 0"),
                  ("seed", nonneg, ">= 0"), ("sample_tokens", nonneg, ">= 0"),
                  ("prefix_cache", lambda v: v in ("off", "memory", "disk"), "off, memory or disk"),
                  ("prefix_dtype", lambda v: v in ("float32", "float16"), "float32 or float16"))
@@ -247,6 +251,15 @@ def _read_state(ck: str) -> dict:
             raise CheckpointError(f"{path}: {k!r} is missing or not {what} (damaged checkpoint)")
     if not all(isinstance(state["data"].get(k), int) for k in ("epoch", "cursor")):
         raise CheckpointError(f"{path}: 'data' needs integer 'epoch' and 'cursor' (damaged checkpoint)")
+    counts = state.get("opt_counts", {})   # absent in checkpoints written before it existed
+    if not (isinstance(counts, dict) and all(
+            isinstance(c, dict) and all(isinstance(v, (int, bool)) for v in c.values())
+            for c in counts.values())):
+        raise CheckpointError(f"{path}: 'opt_counts' must map parameters to integer step counts "
+                              "(damaged checkpoint)")
+    if not all(is_int(b) for b in state.get("trained_blocks", [])) or not isinstance(
+            state.get("trained_blocks", []), list):
+        raise CheckpointError(f"{path}: 'trained_blocks' must be a list of block numbers (damaged checkpoint)")
     return state
 
 
@@ -309,6 +322,10 @@ def evaluate(model: Model, examples, indices, batch_size, pad_id, max_batches=No
     return total / count if count else float("nan")
 
 
+def _trainable_blocks(model) -> list[int]:
+    return sorted({int(n.split(".")[1]) for n in model.grads if n.startswith("blocks.")})
+
+
 def _forward(model, x, y, idx, cache, grad=True):
     if cache is None:
         return model.forward(x, y, grad=grad)
@@ -316,37 +333,78 @@ def _forward(model, x, y, idx, cache, grad=True):
 
 
 class _Caches:
-    """The frozen-prefix caches of a run (training and held-out data), rebuilt when a
-    schedule unfreezes a block inside the cached prefix."""
+    """The frozen-prefix caches of a run (training and held-out data), moved when a schedule
+    changes the lowest trainable block: rebuilt lower when it unfreezes a block inside the
+    cached prefix, filled from the old rows when it freezes the lowest blocks. `trained` holds
+    every block the run has trained so far: a disk file whose prefix holds one of them can
+    never be reused, and is deleted when the cache moves and at the end of the run."""
 
-    def __init__(self, args, model, examples, held, log):
+    def __init__(self, args, model, examples, held, log, trained: set, pad_id: int):
         self.args, self.model, self.examples, self.held, self.log = args, model, examples, held, log
+        self.trained, self.pad_id = trained, pad_id
         self.train = self.eval = None
+        self.built: list[PrefixCache] = []     # every training-data cache of the run, for report()
+        self.held_built: list[PrefixCache] = []
         self.refresh()
 
     def refresh(self):
         if self.args.prefix_cache == "off":
             return
-        if self.train is not None and self.train.valid_for(self.model):
-            return
         start = self.model.lowest_trainable_block()
+        if self.train is not None and self.train.start == start:
+            return
         if start <= 0:
+            if not self.built:
+                self.log("prefix cache: not used while block 0 (or an embedding) is trainable: "
+                         "there is no frozen prefix")
+            self.close()
             self.train = self.eval = None
             return
         d = os.path.join(D.cache_root(), "prefix") if self.args.prefix_cache == "disk" else None
-        mk = lambda ex: PrefixCache(self.model, ex, start, self.args.prefix_dtype, d, ex.data.key)  # noqa: E731
-        self.train = mk(self.examples)
-        self.eval = self.train if self.held is self.examples else mk(self.held)
+
+        up = self.train is not None and self.train.start < start   # the lowest blocks froze
+
+        def make(ex, old):
+            c = PrefixCache(self.model, ex, start, self.args.prefix_dtype, d, ex.data.key,
+                            disposable=any(b < start for b in self.trained))
+            if up:
+                c.fill_from(old, self.args.batch_size, self.pad_id)
+            return c
+
+        old_train, old_eval = self.train, self.eval
+        self.train = make(self.examples, old_train)
+        self.eval = self.train if self.held is self.examples else make(self.held, old_eval)
+        self.built.append(self.train)
+        if self.eval is not self.train:
+            self.held_built.append(self.eval)
+        for c in (old_train, old_eval):
+            if c is not None:
+                c.close()
+        mib = (self.train.nbytes + (self.eval.nbytes if self.eval is not self.train else 0)) / 2**20
+        how = f", {int(self.train.filled.sum())} rows carried up from block {old_train.start}" if up else ""
         self.log(f"prefix cache: inputs of block {start} ({self.args.prefix_dtype}, "
-                 f"{self.args.prefix_cache}, {(self.train.store.nbytes + (self.eval.store.nbytes if self.eval is not self.train else 0)) / 2**20:.0f} MiB)")
+                 f"{self.args.prefix_cache}, {mib:.0f} MiB{how})")
+
+    def close(self):
+        """At the end of the run: every cache let go, the disposable files deleted."""
+        for c in self.built + self.held_built:
+            c.close()
 
     def report(self):
-        if self.train is None:
+        """Measured cost of a prefix recompute against a read, over every cache of the run."""
+        if not self.built:
             return None
-        r = self.train.report()
-        self.log(f"prefix cache: computed {r['examples_computed']} prefixes at "
-                 f"{r['compute_ms_per_example']:.2f} ms each, read {r['reads']} at "
-                 f"{r['read_ms_per_example']:.3f} ms each")
+        rs = [c.report() for c in self.built]
+        computed, reads = sum(r["examples_computed"] for r in rs), sum(r["reads"] for r in rs)
+        compute_s, read_s = sum(c.compute_s for c in self.built), sum(c.read_s for c in self.built)
+        r = {**rs[-1], "examples_computed": computed, "reads": reads,
+             "compute_ms_per_example": 1e3 * compute_s / computed if computed else float("nan"),
+             "read_ms_per_example": 1e3 * read_s / reads if reads else float("nan"),
+             "caches": rs}
+        self.log(f"prefix cache: computed {computed} prefixes at {r['compute_ms_per_example']:.2f} ms "
+                 f"each, read {reads} at {r['read_ms_per_example']:.3f} ms each"
+                 + (f" (over {len(rs)} caches, at blocks {', '.join(str(x['start_block']) for x in rs)})"
+                    if len(rs) > 1 else ""))
         return r
 
 
@@ -358,9 +416,13 @@ def save_checkpoint(dst: str, model, tok, opt, state: dict):
         shutil.rmtree(tmp)
     save_model(model, tmp)
     tok.save(tmp)
-    tensors = {f"{n}:{k}": a for n, st in opt.state.items() for k, a in st.items()}
+    tensors = {f"{n}:{k}": a for n, st in opt.state.items() for k, a in st.items()
+               if isinstance(a, np.ndarray)}
+    counts = {n: {k: a for k, a in st.items() if not isinstance(a, np.ndarray)}
+              for n, st in opt.state.items()}           # per-parameter step counts
     write_safetensors(os.path.join(tmp, "optimizer.safetensors"), tensors)
-    write_json(os.path.join(tmp, STATE), {**state, "opt_t": opt.t, "opt_lr": opt.lr})
+    write_json(os.path.join(tmp, STATE), {**state, "opt_t": opt.t, "opt_lr": opt.lr,
+                                          "opt_counts": counts})
     if os.path.exists(dst):
         if os.path.exists(old):
             shutil.rmtree(old)
@@ -384,8 +446,26 @@ def load_checkpoint(src: str, model, opt) -> dict:
         if n not in loaded:
             raise CheckpointError(f"{src}: optimizer state for {n}, which this run does not train")
         loaded[n][k] = st.float32(key)
+    for n, c in state.get("opt_counts", {}).items():
+        if n in loaded:
+            loaded[n].update(c)
     opt.load_state_dict({"t": state["opt_t"], "lr": state["opt_lr"], "state": loaded})
     return state
+
+
+def _check_resume_args(args: TrainArgs, saved: TrainArgs):
+    """A resumed run continues with its own training arguments: one given (not left at its
+    default) that differs from the run's is an error, not silently ignored."""
+    defaults = TrainArgs(model="", data="", out="").training_fields()
+    mine, theirs = args.training_fields(), saved.training_fields()
+    differ = [f"--{k.replace('_', '-')} {mine[k]!r} (the run has {theirs[k]!r})"
+              for k in mine if k not in ("model", "data") and mine[k] != defaults[k] and mine[k] != theirs[k]]
+    if os.path.abspath(args.data) != os.path.abspath(saved.data):
+        differ.insert(0, f"--data {args.data} (the run trained on {saved.data})")
+    if differ:
+        raise InputError("--resume continues a run with its own training arguments, and these "
+                         f"differ from them: {'; '.join(differ)}. Drop them, or start a new run "
+                         "in another --out")
 
 
 # ---- the run ------------------------------------------------------------------------------
@@ -403,6 +483,7 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
         except (TypeError, InputError) as e:
             raise CheckpointError(f"{os.path.join(ck, STATE)}: the saved arguments are not usable "
                                   f"({e})") from None
+        _check_resume_args(args, saved)
         for k in _NOT_TRAINING[1:]:
             setattr(saved, k, getattr(args, k))
         if os.path.abspath(resolve_model_path(args.model)) != os.path.abspath(resolve_model_path(saved.model)):
@@ -458,9 +539,12 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
         return evaluate(model, held, eval_idx, args.batch_size, pad, args.eval_batches, caches.eval)
 
     _make_out(args.out)
+    # blocks trained so far (a checkpoint older than this record: assume every block)
+    trained = set(_trainable_blocks(model)) if state is None else set(
+        state.get("trained_blocks", range(model.config.n_layer)))
     if state is None:
         write_json(os.path.join(args.out, "run.json"), run)
-        caches = _Caches(args, model, examples, held, log)
+        caches = _Caches(args, model, examples, held, log, trained, pad)
         before = held_out_loss()
         sample_before = _sample(model, tok, sample_ids, args)
         start = 0
@@ -479,7 +563,8 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
         else:  # continuing into a new directory
             write_json(run_json, run)
         state = load_checkpoint(_checkpoint_dir(resume), model, opt)
-        caches = _Caches(args, model, examples, held, log)  # after loading: the prefix may have trained
+        trained.update(_trainable_blocks(model))
+        caches = _Caches(args, model, examples, held, log, trained, pad)  # after loading: the prefix may have trained
         batches.restore(state["data"])
         before, sample_before = state.get("eval_before"), state.get("sample_before")
         start = state["step"]
@@ -506,7 +591,8 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
                         {"step": step, "data": batches.state(), "args": run["args"],
                          "base_fingerprint": base_fp, "eval_before": before,
                          "sample_before": sample_before,
-                         "schedule": schedule.state_dict() if schedule else {}})
+                         "schedule": schedule.state_dict() if schedule else {},
+                         "trained_blocks": sorted(trained)})
 
     try:
         step = start
@@ -516,6 +602,7 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
             t0 = time.perf_counter()
             if schedule is not None and schedule.apply(model, opt, step, steps):
                 caches.refresh()
+                trained.update(_trainable_blocks(model))
             opt.lr = sched(step)
             model.zero_grad()
             loss_sum, ntok = 0.0, 0
@@ -541,7 +628,7 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
             opt.step()
             tok_s = ntok / (time.perf_counter() - t0)
             rec = {"step": step + 1, "loss": loss, "lr": opt.lr, "grad_norm": gnorm, "tokens_per_s": tok_s,
-                   "trainable_blocks": sorted({int(n.split(".")[1]) for n in model.grads if n.startswith("blocks.")})}
+                   "trainable_blocks": _trainable_blocks(model)}
             if telemetry is not None and telemetry.due(step):
                 rec["telemetry"] = telemetry.record(step, opt)
             step += 1
@@ -564,10 +651,13 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
     finally:
         for s, h in prev.items():
             signal.signal(s, h)
+        if step < steps:   # interrupted or failed: the prefix caches are not read again
+            caches.close()
 
     after = held_out_loss()
     sample_after = _sample(model, tok, sample_ids, args)
     cache_report = caches.report()
+    caches.close()
     _log_metric(metrics_path, {"step": steps, "eval_loss": after})
     final = os.path.join(args.out, "model")
     tmp = final + f".tmp{os.getpid()}"

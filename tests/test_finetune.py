@@ -181,5 +181,5 @@ def test_resume_from_another_model(tiny, tmp_path, capsys):
                     {"step": 1, "data": {"epoch": 0, "cursor": 4}, "args": run["args"],
                      "base_fingerprint": run["base_fingerprint"], "eval_before": 1.0})
     before = sorted(os.listdir(out))
-    fails(capsys, run_args(other, data, out, "--resume", ck), "trained from a different model")
+    fails(capsys, proc_args[:2] + [other] + proc_args[3:] + ["--resume", ck], "trained from a different model")
     assert sorted(os.listdir(out)) == before

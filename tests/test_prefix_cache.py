@@ -117,3 +117,62 @@ def test_hidden_matches_full_forward(setup):
     got = m.forward(x2, y2, grad=False, hidden=c.hidden(idx2, x2), start=3)
     assert got == pytest.approx(m.forward(x2, y2, grad=False), rel=1e-6)
     assert c.computed == 9
+
+
+def test_freezeout_moves_the_cache_up_from_the_old_rows_and_matches(setup):
+    """FreezeOut freezes block 2, then 3: the cache follows the lowest trainable block up,
+    filling each new cache from the previous one's rows, and training is unchanged."""
+    extra = ["--train-last", "3", "--schedule", "freezeout", "--freezeout-t0", "0.3"]
+    plain, _ = finetune(setup, "fplain", *extra)
+    cached, s = finetune(setup, "fcached", "--prefix-cache", "memory", *extra)
+    assert update_error(engine.load(setup[0]).params, cached, plain) < 1e-3
+    r = s["prefix_cache"]
+    assert [c["start_block"] for c in r["caches"]] == [2, 3, 4]
+    assert r["start_block"] == 4
+    # 40 prefixes at block 2, then each moved up once per block: from the old rows, not
+    # from the embeddings
+    assert r["examples_computed"] == sum(c["examples_computed"] for c in r["caches"]) == 3 * 40
+
+
+def test_disk_files_of_trained_prefixes_are_deleted(setup, tmp_path, monkeypatch):
+    """A prefix holding blocks the run trained can never be reused: its file goes at the end
+    of the run. The first cache, over pretrained blocks only, stays for later runs."""
+    monkeypatch.setenv("TAILTUNE_CACHE", str(tmp_path / "cache"))
+    _, s = finetune(setup, "fdisk", "--prefix-cache", "disk", "--train-last", "3",
+                    "--schedule", "freezeout", "--freezeout-t0", "0.3")
+    first = s["prefix_cache"]["caches"][0]
+    assert first["start_block"] == 2
+    files = sorted(os.listdir(tmp_path / "cache" / "prefix"))
+    assert len(files) == 2          # .npy + .filled.npy (the held-out split shares the cache)
+    m = engine.load(setup[0])
+    from engine.prefix_cache import prefix_hash
+    assert all(f.startswith(prefix_hash(m, 2)) for f in files)
+
+
+def test_default_key_tells_datasets_of_equal_lengths_apart(setup, tmp_path):
+    """Two datasets with the same example lengths and different tokens never share rows, even
+    through the API without a data key."""
+    model, _, _ = setup
+    m = engine.load(model).train_last(2)
+    tok = engine.load_tokenizer(model)
+    sets = []
+    for name, ch in (("a", "a"), ("b", "b")):
+        p = tmp_path / f"{name}.jsonl"
+        p.write_text("".join(json.dumps({"prompt": ch * 9, "completion": " " + ch * 3}) + "\n"
+                             for _ in range(4)))
+        data = D.tokenize_file(str(p), tok)
+        data.key = ""                                  # as an API caller's own TokenData
+        sets.append(D.Examples(data, 48))
+    d = str(tmp_path / "pc")
+    for ex in sets:
+        c = PrefixCache(m, ex, 3, directory=d)
+        x, y, idx = next(D.eval_batches(ex, np.arange(4), 4, 0))
+        h = c.hidden(idx, x)
+        assert c.computed == 4                         # nothing read from the other set's file
+        np.testing.assert_allclose(h, m.prefix(x, 3), rtol=1e-6, atol=1e-6)
+
+
+def test_cache_with_every_block_trainable_says_so(setup, capsys):
+    _, s = finetune(setup, "allk", "--prefix-cache", "memory", "--train-last", "5")
+    assert s["prefix_cache"] is None
+    assert "no frozen prefix" in capsys.readouterr().out

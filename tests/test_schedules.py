@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import signal_after_steps
 
 import engine
 from engine import schedules
@@ -87,6 +88,96 @@ def test_freezeout():
     assert s.lr_scale(5, 50) == pytest.approx(0.5)          # half way to its stop at 100
     assert s.lr_scale(3, 25) == pytest.approx(0.5)          # half way to its stop at 50
     assert s.lr_scale(3, 0) == 1.0
+
+
+def test_schedule_change_keeps_adam_state_and_a_new_block_starts_at_step_one():
+    """Gradual unfreezing adds block 3 at step 4: blocks 4, 5 keep their moments (the change
+    creates state for block 3 only), and block 3's first update is a first Adam step
+    (bias-corrected: p - lr * g / (|g| + eps)), not one corrected as the run's 5th step."""
+    s = schedules.make("gradual", 6, 2, every=4)
+    m = tiny()
+    m.train_last(2)
+    opt = engine.AdamW(m, lr=1e-2)
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 50, (2, 8)), rng.integers(0, 50, (2, 8))
+    for step in range(5):
+        if step == 4:
+            kept = {n: {k: a.copy() for k, a in opt.state[n].items() if k != "t"} for n in opt.state}
+            state_objects = {n: opt.state[n] for n in opt.state}
+        s.apply(m, opt, step, 10)
+        if step == 4:
+            assert blocks(m) == [3, 4, 5]
+            for n, st in kept.items():   # the same state, untouched by the change
+                assert opt.state[n] is state_objects[n] and opt.state[n]["t"] == 4
+                assert all(np.array_equal(opt.state[n][k], a) for k, a in st.items())
+            w = m.params["blocks.3.mlp.down.weight"].copy()
+        m.zero_grad()
+        m.forward(x, y)
+        m.backward()
+        if step == 4:
+            g = m.grads["blocks.3.mlp.down.weight"].astype(np.float64)
+        opt.step()
+    want = w - 1e-2 * g / (np.abs(g) + 1e-8)
+    np.testing.assert_allclose(m.params["blocks.3.mlp.down.weight"], want, rtol=1e-5, atol=1e-7)
+    assert opt.state["blocks.3.mlp.down.weight"]["t"] == 1 and opt.state["ln_f.weight"]["t"] == 5
+
+
+def test_resumed_gradual_run_equals_the_uninterrupted_one(tmp_path):
+    """Per-parameter step counts are in the checkpoint: a gradual run stopped after step 5
+    (block 3 joined at step 4) and resumed ends with the uninterrupted run's weights."""
+    model = _tiny_dir(tmp_path / "m")
+    data = _text(tmp_path / "d.txt")
+
+    def args(out, *extra):
+        return ["finetune", "--model", model, "--data", data, "--out", str(out), "--train-last", "2",
+                "--steps", "10", "--batch-size", "2", "--seq-len", "16", "--schedule", "gradual",
+                "--schedule-every", "4", "--sample-tokens", "0", *extra]
+
+    assert cli(args(tmp_path / "straight")) == 0
+    with signal_after_steps(5):
+        assert cli(args(tmp_path / "resumed")) == 130
+    assert cli(args(tmp_path / "resumed", "--resume", str(tmp_path / "resumed"))) == 0
+    a, b = (engine.load(str(tmp_path / r / "model")).params for r in ("straight", "resumed"))
+    assert all(np.array_equal(a[n], b[n]) for n in a)
+
+
+def test_resume_refuses_training_flags_that_differ_from_the_run(tmp_path, capsys):
+    model = _tiny_dir(tmp_path / "m")
+    data = _text(tmp_path / "d.txt")
+    base = ["finetune", "--model", model, "--data", data, "--out", str(tmp_path / "r"), "--train-last",
+            "2", "--steps", "10", "--batch-size", "2", "--seq-len", "16", "--sample-tokens", "0"]
+    with signal_after_steps(2):
+        assert cli(base + ["--schedule", "gradual"]) == 130
+    capsys.readouterr()
+    assert cli(base + ["--schedule", "lisa", "--lr", "0.5", "--resume", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "--lr 0.5 (the run has 0.0001)" in err and "--schedule 'lisa' (the run has 'gradual')" in err
+    # flags left at their defaults, or given as the run had them, are fine
+    assert cli(base + ["--schedule", "gradual", "--resume", str(tmp_path / "r")]) == 0
+
+
+def test_freezeout_with_one_block_trains_it_throughout():
+    s = schedules.make("freezeout", 6, 1, t0=0.5)
+    seen, _, _ = run_schedule(s, 20)
+    assert all(b == [5] for b in seen)
+    assert s.lr_scale(5, 10) == pytest.approx(0.5)           # annealed over the whole run
+
+
+def test_autofreeze_compares_norms_summed_over_the_interval():
+    """Per-step norms 1, 3 then 3, 1: each interval sums to 4, so the block is stable and
+    freezes, although step 1 and step 3 alone differ by a factor of 3."""
+    s = schedules.make("autofreeze", 6, 3, every=2, threshold=0.05)
+    m = tiny().train_last(3)
+    opt = engine.AdamW(m)
+    s.apply(m, opt, 0, 10)
+    for step, scale in enumerate((1.0, 3.0, 3.0, 1.0)):
+        for n, g in m.grads.items():
+            g[...] = scale
+        s.observe(m, step)
+    assert s.frozen_below == 5
+    s2 = schedules.make("autofreeze", 6, 3, every=2, threshold=0.05)
+    s2.load_state_dict(json.loads(json.dumps(s.state_dict())))
+    assert s2.state_dict() == s.state_dict()
 
 
 def test_autofreeze_freezes_lowest_stable_blocks():
