@@ -23,7 +23,7 @@ def main(argv=None):
     g = f.add_mutually_exclusive_group()
     g.add_argument("--train-last", type=int, metavar="K", help="train the last K blocks and the final norm (default 2)")
     g.add_argument("--unfreeze", nargs="+", metavar="GLOB", default=[], help="train the parameters matching these "
-                   "glob patterns, e.g. 'blocks.29.mlp.*' (see `tailtune inspect`)")
+                   "glob patterns, e.g. 'blocks.29.mlp.*' (`tailtune inspect --params` lists the names)")
     f.add_argument("--steps", type=int, help="optimizer steps, >= 1 (default: --epochs over the data)")
     f.add_argument("--epochs", type=float, default=1.0, help="passes over the training data (default 1)")
     f.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch (default 8)")
@@ -86,8 +86,8 @@ def main(argv=None):
     gen.add_argument("--seed", type=int)
 
     b = sub.add_parser("bench", help="benchmarks side by side with PyTorch (see benches/README.md)")
-    b.add_argument("workload", nargs="?", default="gpt2-small", help="gpt2-small (default), smollm2, "
-                   "freeze-sweep, kernels, generate")
+    b.add_argument("workload", nargs="?", default="gpt2-small", help="one of: "
+                   + (", ".join(_workloads()) or "(benches/ is not installed)") + " (default gpt2-small)")
     b.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the workload")
 
     i = sub.add_parser("inspect", help="parameters, layers, trainable set and cost per layer")
@@ -100,6 +100,8 @@ def main(argv=None):
                         "padding: e.g. 0.2); the head runs on those only")
     i.add_argument("--measure", action="store_true", help="also run a few training steps and show "
                    "measured milliseconds per layer and phase beside the prediction")
+    i.add_argument("--params", action="store_true", help="also list every parameter: name (what "
+                   "finetune --unfreeze globs match), shape, size, trainable or frozen")
 
     args = ap.parse_args(argv)
     from .errors import TailtuneError
@@ -225,22 +227,67 @@ def _generate(a):
             if not user.strip():
                 continue
         messages.append({"role": "user", "content": user})
-        reply = stream(tok.chat_ids(messages), head="model> " if turns is None else "")
+        # interactive: a conversation outgrows the context, and the session goes on
+        ids = (tok.chat_ids(messages) if turns is not None
+               else _fit_chat(tok, messages, model.config.max_seq_len, a.max_new_tokens))
+        if ids is None:
+            messages.pop()
+            continue
+        reply = stream(ids, head="model> " if turns is None else "")
         messages.append({"role": "assistant", "content": tok.decode(reply)})
+
+
+_MIN_REPLY = 16   # tokens of room a chat turn needs at the least to be worth generating
+
+
+def _fit_chat(tok, messages, limit: int, max_new_tokens: int):
+    """The prompt ids of `messages` (ending with the new user message) once the oldest
+    user + assistant turns after any system message are dropped from `messages` until the
+    prompt and max_new_tokens fit the context; None (and a note) when even the new message
+    alone leaves no room for a reply."""
+    start = 1 if messages[0]["role"] == "system" else 0
+    room = min(max_new_tokens, _MIN_REPLY)
+    alone = len(tok.chat_ids(messages[:start] + messages[-1:]))
+    if alone + room > limit:
+        print(f"note: this message takes {alone} tokens with the chat template, too many for the "
+              f"model's context of {limit} with room for a reply; not sent, try a shorter one",
+              file=sys.stderr)
+        return None
+    ids, dropped = tok.chat_ids(messages), 0
+    while len(ids) + max_new_tokens > limit and len(messages) - start > 1:
+        del messages[start:start + 2]
+        dropped += 1
+        ids = tok.chat_ids(messages)
+    if dropped:
+        print(f"note: dropped the {dropped} oldest turn{'s' * (dropped > 1)} of the conversation "
+              f"to fit the model's context of {limit} tokens", file=sys.stderr)
+    return ids
+
+
+def _benches_dir() -> str:
+    import os
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benches")
+
+
+def _workloads() -> list[str]:
+    """Workload names (benches/*.py with dashes), read from the folder so --help stays in step
+    with it; none when benches/ is not installed."""
+    import os
+    here = _benches_dir()
+    return sorted(n[:-3].replace("_", "-") for n in (os.listdir(here) if os.path.isdir(here) else ())
+                  if n.endswith(".py") and n != "common.py")
 
 
 def _bench(a):
     import os
-    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benches")
+    here = _benches_dir()
     if not os.path.isdir(here):
         print("tailtune bench: the benches/ directory is not installed; run from a source checkout",
               file=sys.stderr)
         return 2
     script = os.path.join(here, a.workload.replace("-", "_") + ".py")
     if not os.path.isfile(script):
-        names = sorted(n[:-3].replace("_", "-") for n in os.listdir(here)
-                       if n.endswith(".py") and n != "common.py")
-        print(f"tailtune bench: unknown workload {a.workload!r}; available: {', '.join(names)}",
+        print(f"tailtune bench: unknown workload {a.workload!r}; available: {', '.join(_workloads())}",
               file=sys.stderr)
         return 2
     import runpy
@@ -255,24 +302,40 @@ def _bench(a):
 
 
 def _inspect(a):
+    from .errors import InputError
     from .io import load
     from .probes import cost_table
     _check_flags(*_sizes(a), ("--target-fraction", a.target_fraction, lambda v: 0.0 < v <= 1.0,
                               "in (0, 1]"))
     model = load(a.model)
+    if a.seq_len > model.config.max_seq_len:
+        raise InputError(f"--seq-len {a.seq_len} exceeds the model's context of {model.config.max_seq_len}")
     if a.train_last is not None:
         model.train_last(a.train_last)
     print(model)
+    if a.params:
+        print(_param_table(model))
     n = a.batch_size * a.seq_len
-    print(cost_table(model, a.batch_size, a.seq_len,
-                     None if a.target_fraction == 1.0 else round(a.target_fraction * n)))
-    if a.measure:
+    rows = None if a.target_fraction == 1.0 else max(1, round(a.target_fraction * n))
+    print(cost_table(model, a.batch_size, a.seq_len, rows))
+    if a.measure:   # the same share of target positions (the first ones masked, as prompts)
         from .probes import measured_table
         if not model.trainable:
             model.train_last(2)
         print()
-        print(measured_table(model, a.batch_size, a.seq_len))
+        print(measured_table(model, a.batch_size, a.seq_len, target_rows=rows))
     return 0
+
+
+def _param_table(model) -> str:
+    """One line per parameter: its name (the glob patterns of --unfreeze match these), shape,
+    size and whether it is trainable."""
+    w, trainable = max(len(n) for n in model.params), set(model.trainable)
+    lines = [f"{'parameter':<{w}}  {'shape':<14}{'size':>12}  train"]
+    for n, p in model.params.items():
+        lines.append(f"{n:<{w}}  {' x '.join(map(str, p.shape)):<14}{p.size:>12,}  "
+                     f"{'trainable' if n in trainable else 'frozen'}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,16 @@ class Config:
     mlp_bias: bool = True           # biases on the MLP projections
     tie_embeddings: bool = True     # the LM head is the token embedding (one parameter)
     init_std: float = 0.02          # std of the normal init of weights for models built from scratch
+    # Not architecture: carried from the loaded files to the saved ones, so that transformers
+    # generates (and stops) as it did with the source. None = unknown.
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None  # several ids: any of them ends generation
+    pad_token_id: int | None = None
+    generation: dict | None = None  # the source's generation_config.json; None = built from the ids
 
     def __post_init__(self):
+        if isinstance(self.eos_token_id, tuple):  # e.g. tok.eos_ids; a list is what JSON gives back
+            self.eos_token_id = list(self.eos_token_id)
         # the defaults below are derived from these: check them first (n_head="2" is not a 2)
         for name in ("n_head", "d_model", "n_kv_head", "head_dim", "d_ff"):
             if getattr(self, name) is not None:
@@ -70,6 +78,17 @@ class Config:
             v = getattr(self, name)
             if not isinstance(v, bool):
                 raise ConfigError(f"Config.{name} must be True or False, got {v!r}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            ids = v if name == "eos_token_id" and isinstance(v, list) else [v]
+            if not ids or not all(map(_is_id, ids)):
+                what = "an id or a non-empty list of ids" if name == "eos_token_id" else "an id"
+                raise ConfigError(f"Config.{name} must be a token {what} (or None), got {v!r}")
+        if self.generation is not None and not isinstance(self.generation, dict):
+            raise ConfigError(f"Config.generation must be a dict (generation_config.json) or None, "
+                              f"got {type(self.generation).__name__}")
 
     @classmethod
     def gpt2(cls, **overrides) -> "Config":
@@ -90,6 +109,14 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def architecture(self) -> dict:
+        """to_dict() without the token ids and generation settings: what the model computes.
+        Fingerprints and checkpoint checks use it (a run's identity does not hang on an eos id)."""
+        d = self.to_dict()
+        for k in _NOT_ARCHITECTURE:
+            d.pop(k)
+        return d
+
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
         if not isinstance(d, dict):
@@ -99,6 +126,15 @@ class Config:
         if unknown:
             raise ConfigError(f"unknown Config fields: {sorted(unknown)}")
         return cls(**d)
+
+
+_NOT_ARCHITECTURE = ("bos_token_id", "eos_token_id", "pad_token_id", "generation")
+
+
+def _is_id(v) -> bool:
+    # any integer: configs in the wild hold ids past the vocabulary (GPT-2's 50256 in small
+    # models) and pad -1; the engine only carries them through to the saved files
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _positive_int(name, v) -> None:

@@ -86,11 +86,16 @@ def pick(logits, temperature, top_k=None, top_p=None, rng=None) -> int:
     """One token id from a (V,) logits vector."""
     if temperature == 0:
         return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
+    # the max subtracted before dividing: logits / a tiny temperature (1e-320) overflow to inf
+    # and inf - inf is NaN; this way the best logit stays 0 and the others go to -inf, so any
+    # positive temperature works and a tiny one samples among the tied best only (greedy)
+    logits = logits.astype(np.float64)
+    with np.errstate(over="ignore"):
+        z = (logits - logits.max()) / temperature
     if top_k is not None and 0 < top_k < z.size:
         kth = np.partition(z, -top_k)[-top_k]
         z = np.where(z < kth, -np.inf, z)
-    p = np.exp(z - z.max())
+    p = np.exp(z)
     p /= p.sum()
     if top_p is not None and top_p < 1:
         order = np.argsort(-p, kind="stable")

@@ -29,7 +29,7 @@ from .errors import InputError
 
 def prefix_hash(model, start: int) -> str:
     """Hash of everything below block `start`: config and the weights there."""
-    h = hashlib.sha256(repr(sorted(model.config.to_dict().items())).encode())
+    h = hashlib.sha256(repr(sorted(model.config.architecture().items())).encode())
     h.update(str(start).encode())
     for n in sorted(model.params):
         below = (n.startswith("blocks.") and int(n.split(".")[1]) < start) or n in ("wte.weight", "wpe.weight")

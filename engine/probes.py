@@ -159,16 +159,19 @@ def cost_table(model, B: int, T: int, target_rows: int | None = None) -> str:
                                          f"the {target_rows} positions with a target")
     lines = [f"per training step of {B} x {T} tokens (GFLOP predicted from shapes{on}):",
              f"{'layer':<14}{'params':>12}  {'train':<6}{'forward':>9}{'input-grad':>12}"
-             f"{'weight-grad':>13}{'kept MiB':>10}"]
+             f"{'weight-grad':>13}{'kept MiB':>10}{'MiB moved':>11}"]
     for r in rows:
+        moved = r["fwd_bytes"] + r["bwd_bytes"] + r["opt_bytes"]
         lines.append(f"{r['layer']:<14}{r['params']:>12,}  {'yes' if r['trainable'] else '-':<6}"
                      f"{r['fwd_flops'] / 1e9:>9.2f}{r['dx_flops'] / 1e9:>12.2f}{r['dw_flops'] / 1e9:>13.2f}"
-                     f"{r['kept_bytes'] / 2**20:>10.1f}")
+                     f"{r['kept_bytes'] / 2**20:>10.1f}{moved / 2**20:>11.1f}")
     total = lambda rs: sum(r["fwd_flops"] + r["dx_flops"] + r["dw_flops"] for r in rs)  # noqa: E731
     step, full = total(rows), total(block_costs(model, B, T, everything=True, target_rows=target_rows))
     lines.append(f"step: {step / 1e9:.1f} GFLOP; full fine-tuning would be about {full / 1e9:.1f} "
                  f"GFLOP ({full / step:.2f}x); trainable {model.num_params(True):,} of "
                  f"{model.num_params():,} parameters")
+    lines.append("kept MiB: activations kept for backward; MiB moved: bytes the elementwise")
+    lines.append("kernels and AdamW read and write (GEMM and attention operands not counted)")
     return "\n".join(lines)
 
 
@@ -177,14 +180,28 @@ def _layer_of(name: str) -> str:
     return ".".join(name.split(".")[:2]) if name.startswith("blocks.") else name.split(".")[0]
 
 
+def _centered_gram(x):
+    """(N, N) Gram matrix of the rows of x (..., C) flattened to (N, C), each column's mean
+    (taken in float64) removed first: one float32 BLAS product."""
+    x = x.reshape(-1, x.shape[-1])
+    x = (x - x.mean(0, dtype=np.float64)).astype(np.float32)
+    return x @ x.T
+
+
+def _cka_of_grams(kx, ky, ky_norm: float) -> float:
+    num = float(np.dot(kx.ravel().astype(np.float64), ky.ravel().astype(np.float64)))
+    den = math.sqrt(stats.sum_sq(kx)) * ky_norm
+    return num / den if den > 0 else float("nan")
+
+
 def linear_cka(x, y) -> float:
     """Linear CKA of two (N, C) representations (Kornblith et al. 2019): 1 = same up to an
-    orthogonal transform and scale."""
-    x = x.astype(np.float64) - x.mean(0)
-    y = y.astype(np.float64) - y.mean(0)
-    num = np.linalg.norm(y.T @ x) ** 2
-    den = np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)
-    return float(num / den) if den > 0 else float("nan")
+    orthogonal transform and scale. From the centered rows' (N, N) Gram matrices, as
+    ||Y^T X||² = <X X^T, Y Y^T>: float32 products, float64 sums (on SmolLM2's blocks within
+    1e-9 of float64 throughout; the (C, C) form in float32 was 1e-6 off, as large as 1 - CKA
+    of a barely changed block). Meant for a probe's few hundred rows: the Grams are N x N."""
+    ky = _centered_gram(y)
+    return _cka_of_grams(_centered_gram(x), ky, math.sqrt(stats.sum_sq(ky)))
 
 
 def block_outputs(model, tokens, start: int = 0, hidden=None) -> list:
@@ -202,24 +219,40 @@ def block_outputs(model, tokens, start: int = 0, hidden=None) -> list:
 
 # parameters after the last block: they change no block's output
 _AFTER_BLOCKS = ("ln_f.", "lm_head.")
+# the probe's size cap: CKA is stable at a few hundred tokens, and the probe's forward through
+# every block above the lowest trained one is most of a record's time
+PROBE_TOKENS = 512
 
 
 class Telemetry:
-    """Per-layer statistics every `every` steps: gradient norm, update-to-weight ratio, drift
-    from the pretrained weights (relative distance and cosine), Adam moment norms, and linear
-    CKA of each block's output against the pretrained model's on a fixed probe batch.
+    """Per-layer statistics on the steps `due` says: after every `every` updates (0-based steps
+    every - 1, 2 * every - 1, ...) and after the last one (step + 1 == total_steps, when given).
+    They are: gradient norm (before clipping), update-to-weight ratio, drift from the pretrained
+    weights (relative distance and cosine), Adam moment norms, and linear CKA of each block's
+    output against the pretrained model's on a fixed probe batch (its first rows, at most
+    PROBE_TOKENS tokens; at least one row).
+
+    Per step: before_update(step) once the gradients are final but before clipping them and
+    before the optimizer step; record(step, opt) after the step, when due(step).
 
     Pretrained weights are copied lazily, the first time a parameter becomes trainable (until
-    then it is untouched), so memory follows what has trained. Costs nothing when off; when on,
-    one probe forward and a few norms per recorded step."""
+    then it is untouched), so memory follows what has trained. `pretrained` names parameters
+    that have trained before (a resumed run's earlier blocks, frozen now or not): construct
+    before loading a checkpoint, so that their current values are still the pretrained ones.
+    Costs nothing when off; when on, one probe forward and a few norms per recorded step."""
 
-    def __init__(self, model, probe_tokens, every: int = 10):
-        self.model, self.every = model, max(1, every)
-        self.probe = np.asarray(probe_tokens)
-        # made before a resumed run loads its checkpoint, so these are the pretrained weights
-        self.w0: dict[str, np.ndarray] = {n: model.params[n].copy() for n in model.grads}
+    def __init__(self, model, probe_tokens, every: int = 10, total_steps: int | None = None,
+                 pretrained=()):
+        self.model, self.every, self.total_steps = model, max(1, every), total_steps
+        probe = np.asarray(probe_tokens)
+        self.probe = probe[:max(1, PROBE_TOKENS // probe.shape[1])]
+        self.w0: dict[str, np.ndarray] = {n: model.params[n].copy() for n in (*model.grads, *pretrained)}
         self.ref = block_outputs(model, self.probe)
+        # the reference side of each block's CKA, made once
+        self.ref_gram = [_centered_gram(y) for y in self.ref]                 # (N, N) each
+        self.ref_gram_norm = [math.sqrt(stats.sum_sq(k)) for k in self.ref_gram]
         self.before: dict[str, np.ndarray] = {}
+        self.grad_sq: dict[str, float] = {}
 
     def _lowest_changed(self) -> int:
         """The lowest block whose output may differ from the pretrained model's: the lowest
@@ -235,79 +268,105 @@ class Telemetry:
         return low
 
     def due(self, step: int) -> bool:
-        return step % self.every == 0
+        return (step + 1) % self.every == 0 or step + 1 == self.total_steps
 
     def before_update(self, step: int) -> None:
-        """Snapshot what the update will change (only on recorded steps)."""
+        """Before clipping and the update: on a recorded step, each layer's gradient sum of
+        squares (clipping would scale every layer to the same global norm) and the weights (for
+        the update ratio)."""
         for n in self.model.grads:
             if n not in self.w0:
                 self.w0[n] = self.model.params[n].copy()
         if self.due(step):
             self.before = {n: self.model.params[n].copy() for n in self.model.grads}
+            self.grad_sq = {}
+            for n, g in self.model.grads.items():
+                L = _layer_of(n)
+                self.grad_sq[L] = self.grad_sq.get(L, 0.0) + stats.sum_sq(g)
 
     def record(self, step: int, opt) -> dict:
-        """Statistics after the update of `step`, per layer (block, embedding, final norm)."""
+        """Statistics after the update of `step`, per layer (block, embedding, final norm):
+        drift and cosine for every layer that has trained, the rest for the trainable ones."""
         m, acc = self.model, {}
 
         def add(layer, key, value):
             acc.setdefault(layer, {}).setdefault(key, 0.0)
             acc[layer][key] += value
 
-        for n, g in m.grads.items():
-            L = _layer_of(n)
-            sums = stats.param_sums(m.params[n], self.w0[n], g, self.before.get(n))
-            for key, col in (("grad_sq", stats.GRAD_SQ), ("w_sq", stats.W_SQ), ("w0_sq", stats.W0_SQ),
-                             ("diff_sq", stats.DIFF_SQ), ("dot_w0", stats.DOT_W0)):
+        for n, w0 in self.w0.items():
+            L, p = _layer_of(n), m.params[n]
+            # a parameter frozen since it trained has no gradient: its weight stands in (that
+            # column is unused, grad_sq comes from before_update)
+            sums = stats.param_sums(p, w0, m.grads.get(n, p), self.before.get(n))
+            for key, col in (("w_sq", stats.W_SQ), ("w0_sq", stats.W0_SQ), ("diff_sq", stats.DIFF_SQ),
+                             ("dot_w0", stats.DOT_W0)):
                 add(L, key, float(sums[col]))
-            if n in self.before:
+            if n in self.before:   # the ratio over the weights that were updated
                 add(L, "upd_sq", float(sums[stats.UPD_SQ]))
-            st = opt.state.get(n, {})
+                add(L, "upd_w_sq", float(sums[stats.W_SQ]))
+            st = opt.state.get(n, {}) if n in m.grads else {}
             for k in ("m", "v"):
                 if k in st:
                     add(L, f"{k}_sq", stats.sum_sq(st[k]))
+        trainable = {_layer_of(n) for n in m.grads}
         out = {}
         for L, a in acc.items():
             w, w0 = math.sqrt(a["w_sq"]), math.sqrt(a["w0_sq"])
-            out[L] = {"grad_norm": math.sqrt(a["grad_sq"]),
-                      "update_ratio": math.sqrt(a.get("upd_sq", 0.0)) / w if w else None,
-                      "drift": math.sqrt(a["diff_sq"]) / w0 if w0 else None,
-                      "cosine_to_pretrained": a["dot_w0"] / (w * w0) if w and w0 else None,
-                      "adam_m_norm": math.sqrt(a["m_sq"]) if "m_sq" in a else None,
-                      "adam_v_norm": math.sqrt(a["v_sq"]) if "v_sq" in a else None}
+            out[L] = {"drift": math.sqrt(a["diff_sq"]) / w0 if w0 else None,
+                      "cosine_to_pretrained": a["dot_w0"] / (w * w0) if w and w0 else None}
+            if L in trainable:
+                wu = math.sqrt(a.get("upd_w_sq", 0.0))
+                out[L].update({
+                    "grad_norm": math.sqrt(self.grad_sq[L]) if L in self.grad_sq else None,
+                    "update_ratio": math.sqrt(a["upd_sq"]) / wu if wu else None,
+                    "adam_m_norm": math.sqrt(a["m_sq"]) if "m_sq" in a else None,
+                    "adam_v_norm": math.sqrt(a["v_sq"]) if "v_sq" in a else None})
         # blocks below the lowest one that ever trained still have their pretrained weights and
         # input: their outputs equal the reference (CKA 1), so the probe runs from there on
         start = self._lowest_changed()
-        now = self.ref[:start] + block_outputs(m, self.probe, start, self.ref[start - 1] if start else None)
-        for i, (x, y) in enumerate(zip(self.ref, now)):
-            cka = 1.0 if i < start else linear_cka(x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1]))
+        now = block_outputs(m, self.probe, start, self.ref[start - 1] if start else None)
+        for i in range(len(self.ref)):
+            cka = 1.0 if i < start else _cka_of_grams(_centered_gram(now[i - start]), self.ref_gram[i],
+                                                      self.ref_gram_norm[i])
             out.setdefault(f"blocks.{i}", {})["cka_to_pretrained"] = cka
-        self.before = {}
+        self.before, self.grad_sq = {}, {}
         return out
 
 
 def plot_telemetry(records: list, png: str) -> None:
-    """One panel per statistic, one line per layer, over steps (needs matplotlib)."""
+    """One panel per statistic, one line per layer over steps (needs matplotlib). A layer has
+    one colour in every panel and the figure one legend of all layers: panels plot different
+    layer sets (frozen blocks have only CKA), so per-panel colour cycles would disagree."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    keys = ["grad_norm", "update_ratio", "drift", "cosine_to_pretrained", "adam_v_norm",
-            "cka_to_pretrained"]
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
+    from matplotlib.lines import Line2D
+    keys = ["grad_norm", "update_ratio", "drift", "cosine_to_pretrained", "adam_m_norm",
+            "adam_v_norm", "cka_to_pretrained"]
+    fig, axes = plt.subplots(2, 4, figsize=(18, 7))
     layers = sorted({L for r in records for L in r["telemetry"]},
                     key=lambda s: (not s.startswith("blocks."), int(s.split(".")[1]) if s.startswith("blocks.") else 0))
+    # beyond 10 layers colours follow depth, and neighbours, close in colour, differ in marker
+    few = len(layers) <= 10
+    cmap = plt.get_cmap("tab10" if few else "turbo")
+    style = {L: dict(color=cmap(i if few else i / (len(layers) - 1)), marker="os^Dv"[i % 5], ms=3.5,
+                     lw=1, label=L) for i, L in enumerate(layers)}   # markers: one record is a point
     for ax, key in zip(axes.ravel(), keys):
         for L in layers:
             pts = [(r["step"], r["telemetry"][L].get(key)) for r in records
                    if L in r["telemetry"] and r["telemetry"][L].get(key) is not None]
             if pts and (key != "cka_to_pretrained" or any(abs(v - 1) > 1e-9 for _, v in pts)):
-                ax.plot(*zip(*pts), label=L, lw=1)
+                ax.plot(*zip(*pts), **style[L])
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    handles, labels = axes.ravel()[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="center right", fontsize=7)
-    fig.tight_layout(rect=(0, 0, 0.88, 1))
+    spare = axes.ravel()[-1]                # 7 statistics on 8 panels: the legend goes there
+    spare.axis("off")
+    fig.tight_layout()
+    if layers:
+        handles = [Line2D([], [], **style[L]) for L in layers]
+        fig.legend(handles=handles, loc="center", bbox_to_anchor=spare.get_position().bounds,
+                   ncol=math.ceil(len(layers) / 20), fontsize=7)
     fig.savefig(png, dpi=90)
     plt.close(fig)
 
@@ -325,7 +384,8 @@ class StepProfile:
         self.t[key] = self.t.get(key, 0.0) + seconds
 
 
-def measure(model, B: int, T: int, steps: int = 3, seed: int = 0, between=None) -> dict:
+def measure(model, B: int, T: int, steps: int = 3, seed: int = 0, between=None,
+            target_rows: int | None = None) -> dict:
     """Measured milliseconds per layer and phase of a training step on random tokens (AdamW):
     the median over `steps` steps after one warm-up step (medians, because a shared machine
     slows single steps by 30% and more). Phases: forward, backward (input + weight gradients),
@@ -337,6 +397,8 @@ def measure(model, B: int, T: int, steps: int = 3, seed: int = 0, between=None) 
     rng = np.random.default_rng(seed)
     V = model.config.vocab_size
     x, y = rng.integers(0, V, (B, T)), rng.integers(0, V, (B, T))
+    if target_rows is not None:   # the first positions carry no loss, as a chat's prompts
+        y.reshape(-1)[:B * T - target_rows] = -100
     saved = {n: model.params[n].copy() for n in model.grads}
     opt = AdamW(model, lr=1e-6)
 
@@ -484,7 +546,7 @@ def elementwise_rate(model, B: int, T: int, repeats: int = 5) -> float:
     return moved / float(np.median(times[1:]))
 
 
-def measured_costs(model, B: int, T: int, steps: int = 3) -> dict:
+def measured_costs(model, B: int, T: int, steps: int = 3, target_rows: int | None = None) -> dict:
     """Per layer, predicted (FLOPs / measured kernel rates) and measured milliseconds of
     forward and backward in a training step; for the head, forward + input gradient together.
     The GEMM rate (ModelGemmRate) is sampled before every measured step and its median used."""
@@ -494,9 +556,10 @@ def measured_costs(model, B: int, T: int, steps: int = 3) -> dict:
     sampler = ModelGemmRate(model, B, T)
     sampler.sample()   # warm-up
     rates = []
-    got = measure(model, B, T, steps, between=lambda: rates.append(sampler.sample()))
+    got = measure(model, B, T, steps, between=lambda: rates.append(sampler.sample()),
+                  target_rows=target_rows)
     rate = float(np.median(rates))
-    rows = block_costs(model, B, T)
+    rows = block_costs(model, B, T, target_rows=target_rows)
     ms = got["ms"]
     out = []
     for r, p in zip(rows, predicted_ms(rows, rate, attn, ew, opt)):
@@ -521,6 +584,7 @@ def measured_costs(model, B: int, T: int, steps: int = 3) -> dict:
         L = r["layer"]
         out.append({"layer": L, "fwd_pred": p["fwd"], "fwd_meas": ms.get((L, "forward"), 0.0),
                     "bwd_pred": p["bwd"], "bwd_meas": ms.get((L, "backward"), 0.0),
+                    "dw_pred": r["dw_flops"] / rate * 1e3,   # its GEMMs; part of bwd pred
                     "dw_meas": ms.get((L, "weight-grad"), 0.0), "opt_pred": p["opt"],
                     "opt_meas": ms.get((L, "optimizer"), 0.0)})
     return {"rows": out, "gemm_rate": rate, "attention_rates": attn, "elementwise_rate": ew,
@@ -528,17 +592,19 @@ def measured_costs(model, B: int, T: int, steps: int = 3) -> dict:
             "step_pred": sum(r["fwd_pred"] + r["bwd_pred"] + r["opt_pred"] for r in out)}
 
 
-def measured_table(model, B: int, T: int, steps: int = 3, costs: dict | None = None) -> str:
-    c = costs or measured_costs(model, B, T, steps)
+def measured_table(model, B: int, T: int, steps: int = 3, costs: dict | None = None,
+                   target_rows: int | None = None) -> str:
+    c = costs or measured_costs(model, B, T, steps, target_rows)
     lines = [f"per step of {B} x {T} tokens; predicted = FLOPs / rate measured now: GEMM "
              f"{c['gemm_rate'] / 1e9:.0f} GFLOP/s (this model's weights), attention forward {c['attention_rates'][0] / 1e9:.0f}, "
              f"backward {c['attention_rates'][1] / 1e9:.0f}, elementwise {c['elementwise_rate'] / 1e9:.0f} GB/s, AdamW {c['adamw_rate'] / 1e9:.0f} GB/s; "
              "measured = wall time in a step; the head's fwd includes its input- and weight-gradient "
              "GEMMs (fused with the loss)",
              f"{'layer':<14}{'fwd pred':>10}{'fwd meas':>10}{'bwd pred':>10}{'bwd meas':>10}"
-             f"{'dW meas':>9}{'opt pred':>9}{'opt meas':>9}   ms"]
+             f"{'dW pred':>9}{'dW meas':>9}{'opt pred':>9}{'opt meas':>9}   ms"]
     for r in c["rows"]:
         lines.append(f"{r['layer']:<14}{r['fwd_pred']:>10.1f}{r['fwd_meas']:>10.1f}{r['bwd_pred']:>10.1f}"
-                     f"{r['bwd_meas']:>10.1f}{r['dw_meas']:>9.1f}{r['opt_pred']:>9.2f}{r['opt_meas']:>9.2f}")
+                     f"{r['bwd_meas']:>10.1f}{r.get('dw_pred', 0.0):>9.1f}{r['dw_meas']:>9.1f}"
+                     f"{r['opt_pred']:>9.2f}{r['opt_meas']:>9.2f}")
     lines.append(f"step: predicted {c['step_pred']:.0f} ms, measured {c['step_meas']:.0f} ms")
     return "\n".join(lines)

@@ -79,12 +79,8 @@ def load_tokenizer(path, model_vocab_size: int | None = None):
 
 
 def _resolve(path: str) -> str:
-    if os.path.exists(path):
-        return path
-    try:
-        from .io.resolve import resolve_model_path
-    except ImportError:
-        raise TokenizerError(f"{path}: no such file or directory") from None
+    """A file or model directory as given, a finished run's model/, or a packaged model."""
+    from .io.resolve import resolve_model_path
     try:
         return resolve_model_path(path)
     except CheckpointError as e:

@@ -121,7 +121,7 @@ _NOT_TRAINING = ("out", "eval_every", "save_every", "sample_prompt", "sample_tok
 
 def fingerprint(model: Model) -> str:
     """Hash of the config and every weight: identifies the base model of a run."""
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    h = hashlib.sha256(json.dumps(model.config.architecture(), sort_keys=True).encode())
     for n in sorted(model.params):
         h.update(n.encode())
         h.update(np.ascontiguousarray(model.params[n]).data)
@@ -131,7 +131,8 @@ def fingerprint(model: Model) -> str:
 class Progress:
     """One status line on a terminal (loss, tokens/s, ETA); plain lines otherwise."""
 
-    def __init__(self, total, stream=sys.stderr, every=10):
+    def __init__(self, total, stream=None, every=10):
+        stream = stream or sys.stderr   # looked up now: sys.stderr may be replaced after import
         self.total, self.stream, self.every = total, stream, every
         self.tty = stream.isatty()
         self.t0 = time.perf_counter()
@@ -435,7 +436,7 @@ def save_checkpoint(dst: str, model, tok, opt, state: dict):
 def load_checkpoint(src: str, model, opt) -> dict:
     state = _read_state(src)
     cfg, params = load_params(src)
-    if cfg.to_dict() != model.config.to_dict():
+    if cfg.architecture() != model.config.architecture():
         raise CheckpointError(f"{src}: checkpoint holds a different architecture")
     for n in model.params:  # all: a schedule may have frozen blocks after training them
         model.params[n][...] = params[n]
@@ -518,10 +519,17 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
             schedule.apply(model, opt, state["step"], steps)
     elif schedule is not None:
         schedule.apply(model, opt, 0, steps)
+    # blocks trained so far (a checkpoint older than this record: assume every block)
+    trained = set(_trainable_blocks(model)) if state is None else set(
+        state.get("trained_blocks", range(model.config.n_layer)))
     telemetry = None
     if args.telemetry_every:
         probe = D.make_batch(held, eval_idx[:4] if len(eval_idx) else train_idx[:4], pad)[0]
-        telemetry = Telemetry(model, probe, args.telemetry_every)
+        # made before a resumed run loads its checkpoint: every block trained before it
+        # still holds its pretrained weights here, for drift and CKA
+        earlier = [n for n in model.params if state is not None and n.startswith("blocks.")
+                   and int(n.split(".")[1]) in trained]
+        telemetry = Telemetry(model, probe, args.telemetry_every, total_steps=steps, pretrained=earlier)
     n_train = model.num_params(trainable_only=True)
     log(f"{model}; {len(train_idx)} training / {len(eval_idx)} held-out examples of up to "
         f"{seq_len + 1} tokens; {steps} steps of {per_step} examples")
@@ -539,9 +547,6 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
         return evaluate(model, held, eval_idx, args.batch_size, pad, args.eval_batches, caches.eval)
 
     _make_out(args.out)
-    # blocks trained so far (a checkpoint older than this record: assume every block)
-    trained = set(_trainable_blocks(model)) if state is None else set(
-        state.get("trained_blocks", range(model.config.n_layer)))
     if state is None:
         write_json(os.path.join(args.out, "run.json"), run)
         caches = _Caches(args, model, examples, held, log, trained, pad)
@@ -616,6 +621,8 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
                     g *= np.float32(1.0 / args.grad_accum)
             if schedule is not None:
                 schedule.observe(model, step)
+            if telemetry is not None:   # before clipping: the layers' own gradient norms
+                telemetry.before_update(step)
             gnorm = clip_grad_norm(model, args.clip) if args.clip else float("nan")
             loss = loss_sum / args.grad_accum
             if not math.isfinite(loss) or (args.clip and not math.isfinite(gnorm)):
@@ -623,8 +630,6 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
                 raise DivergedError(f"step {step + 1}: training diverged (loss {loss:.4g}, gradient "
                                     f"norm {gnorm:.4g}); try a lower --lr than {args.lr:g}. No "
                                     f"model was saved")
-            if telemetry is not None:
-                telemetry.before_update(step)
             opt.step()
             tok_s = ntok / (time.perf_counter() - t0)
             rec = {"step": step + 1, "loss": loss, "lr": opt.lr, "grad_norm": gnorm, "tokens_per_s": tok_s,
@@ -648,24 +653,29 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
                 f"--resume {args.out}`")
             return {"status": "interrupted", "step": step, "out": args.out,
                     "signal": int(stop["signal"])}
+        # Every step is done. The handlers stay until model/ is written: a first Ctrl-C now
+        # lets the final evaluation and save finish; a failure (a second Ctrl-C, a full disk)
+        # leaves a checkpoint of the last step, so --resume redoes only this final part.
+        try:
+            after = held_out_loss()
+            sample_after = _sample(model, tok, sample_ids, args)
+            cache_report = caches.report()
+            final = _save_final(model, tok, args.out)
+            _log_metric(metrics_path, {"step": steps, "eval_loss": after})
+        except BaseException:
+            try:
+                checkpoint(step)
+                log(f"the final evaluation or save did not finish; the trained weights are in a "
+                    f"checkpoint: finish with `tailtune finetune --model {args.model} --data "
+                    f"{args.data} --out {args.out} --resume {args.out}`")
+            except Exception:   # the disk that failed the save may fail this too: keep its error
+                pass
+            raise
     finally:
         for s, h in prev.items():
             signal.signal(s, h)
-        if step < steps:   # interrupted or failed: the prefix caches are not read again
-            caches.close()
+        caches.close()
 
-    after = held_out_loss()
-    sample_after = _sample(model, tok, sample_ids, args)
-    cache_report = caches.report()
-    caches.close()
-    _log_metric(metrics_path, {"step": steps, "eval_loss": after})
-    final = os.path.join(args.out, "model")
-    tmp = final + f".tmp{os.getpid()}"
-    save_model(model, tmp)
-    tok.save(tmp)
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
     shutil.rmtree(os.path.join(args.out, "checkpoint"), ignore_errors=True)  # superseded by model/
     summary = {"status": "done", "steps": steps, "eval_loss_before": before, "eval_loss_after": after,
                "perplexity_before": _ppl(before), "perplexity_after": _ppl(after),
@@ -685,6 +695,26 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
         log(f"sample before: {sample_before!r}\nsample after:  {sample_after!r}")
     log(f"fine-tuned model: {final}")
     return summary
+
+
+def _save_final(model, tok, out: str) -> str:
+    """model/ written whole (to a temporary sibling, then swapped in) or not at all."""
+    final = os.path.join(out, "model")
+    tmp = final + f".tmp{os.getpid()}"
+    try:
+        save_model(model, tmp)
+        tok.save(tmp)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except (OSError, CheckpointError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{final}: could not write the fine-tuned model "
+                              f"({getattr(e, 'strerror', None) or e})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
 
 
 def _ppl(loss):
@@ -717,10 +747,20 @@ def _sample(model, tok, ids, args):
     return tok.decode([t for t in out if t not in tok.eos_ids])
 
 
+def _finite(v):
+    """NaN and infinities as null, at any depth (strict JSON has no NaN)."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
+
+
 def _log_metric(path, rec, truncate=False):
     with open(path, "w" if truncate else "a") as f:
-        f.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                            for k, v in rec.items()}) + "\n")
+        f.write(json.dumps(_finite(rec), allow_nan=False) + "\n")
 
 
 def _truncate_metrics(path, step):

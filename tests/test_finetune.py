@@ -183,3 +183,51 @@ def test_resume_from_another_model(tiny, tmp_path, capsys):
     before = sorted(os.listdir(out))
     fails(capsys, proc_args[:2] + [other] + proc_args[3:] + ["--resume", ck], "trained from a different model")
     assert sorted(os.listdir(out)) == before
+
+
+def test_failed_final_save_leaves_a_checkpoint_and_resume_finishes(tiny, tmp_path, monkeypatch, capsys):
+    """Every step done, then model/ cannot be written (a full disk): the error names model/,
+    no half-written directory stays, the last step is checkpointed, and --resume only redoes
+    the final part, ending with the weights of a run that never failed."""
+    import engine.train as T
+    model, data = tiny
+
+    def short(out, *extra):
+        a = run_args(model, data, out, *extra)
+        a[a.index("--steps") + 1] = "5"
+        return a
+
+    straight = str(tmp_path / "straight")
+    assert cli(short(straight)) == 0
+    out = str(tmp_path / "full")
+    real = T.save_model
+
+    def full_disk(m, path, *a, **k):   # only model/ fails; the checkpoint written after it fits
+        if os.path.basename(path).startswith("checkpoint"):
+            return real(m, path, *a, **k)
+        os.makedirs(path, exist_ok=True)
+        open(os.path.join(path, "model.safetensors"), "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(T, "save_model", full_disk)
+    assert cli(short(out)) == 2
+    err = capsys.readouterr()
+    assert os.path.join(out, "model") in err.err and "No space left on device" in err.err
+    assert "--resume" in err.out
+    assert sorted(os.listdir(out)) == ["checkpoint", "metrics.jsonl", "run.json"]
+    monkeypatch.setattr(T, "save_model", real)
+    assert cli(short(out) + ["--resume", out]) == 0
+    a, b = weights(straight), weights(out)
+    assert all(np.array_equal(a[n], b[n]) for n in a)
+    steps = [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert steps == [0, 1, 2, 3, 4, 5, 5]          # the final evaluation's line once
+
+
+def test_metrics_lines_are_strict_json(tmp_path):
+    from engine.train import _log_metric
+    p = str(tmp_path / "m.jsonl")
+    _log_metric(p, {"step": 1, "loss": float("nan"),
+                    "telemetry": {"blocks.0": {"cka_to_pretrained": float("nan"), "drift": float("inf")}}},
+                truncate=True)
+    rec = json.loads(open(p).read(), parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
+    assert rec == {"step": 1, "loss": None, "telemetry": {"blocks.0": {"cka_to_pretrained": None, "drift": None}}}

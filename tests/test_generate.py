@@ -62,14 +62,20 @@ def test_top_k_and_top_p_restrict_choices():
     np.testing.assert_allclose(np.bincount(draws, minlength=4) / 4000, [0.5, 0.3, 0.15, 0.05], atol=0.03)
 
 
-def test_generate_command(tmp_path, capsys):
-    from engine.cli import main as cli
-    cfg = engine.Config.llama(vocab_size=257, n_layer=2, n_head=2, n_kv_head=1, d_model=16, d_ff=24,
-                              max_seq_len=64)
-    engine.Model(cfg, seed=0).save(str(tmp_path))
+def chat_model_dir(path, n_layer, max_seq_len):
+    """A tiny llama with a byte tokenizer that has a chat template, saved to path."""
+    cfg = engine.Config.llama(vocab_size=257, n_layer=n_layer, n_head=2, n_kv_head=1, d_model=16,
+                              d_ff=24, max_seq_len=max_seq_len)
+    engine.Model(cfg, seed=0).save(str(path))
     tok = engine.ByteTokenizer(chat_template="{% for m in messages %}<{{ m.role }}>{{ m.content }}"
                                              "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
-    tok.save(str(tmp_path))
+    tok.save(str(path))
+    return tok
+
+
+def test_generate_command(tmp_path, capsys):
+    from engine.cli import main as cli
+    tok = chat_model_dir(tmp_path, n_layer=2, max_seq_len=64)
     model = engine.load(str(tmp_path))
     want = tok.decode(engine.generate(model, tok.encode("hi"), max_new_tokens=5, stop=tok.eos_ids))
     assert cli(["generate", "--model", str(tmp_path), "--prompt", "hi", "--max-new-tokens", "5"]) == 0
@@ -80,3 +86,66 @@ def test_generate_command(tmp_path, capsys):
     assert capsys.readouterr().out == want + "\n"
     assert cli(["generate", "--model", str(tmp_path)]) == 2
     assert "--prompt is required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("temperature", [1e-320, 5e-324, 1e-300, 1e-8, 1e300])
+def test_any_positive_temperature_samples(temperature):
+    """logits / a tiny temperature overflow to inf (inf - inf = NaN in the sampler): the max is
+    subtracted first, so a tiny temperature picks among the tied best logits, a huge one from
+    all of them."""
+    logits = np.array([1.0, 3.0, 2.0, 3.0], np.float32)
+    rng = np.random.default_rng(0)
+    got = {pick(logits, temperature, rng=rng) for _ in range(200)}
+    assert got == ({0, 1, 2, 3} if temperature > 1 else {1, 3})
+    assert pick(logits, temperature, top_k=1, rng=rng) in (1, 3)
+
+
+def test_generate_command_tiny_temperature(tmp_path, capsys):
+    from engine.cli import main as cli
+    cfg = engine.Config.llama(vocab_size=257, n_layer=1, n_head=2, n_kv_head=1, d_model=16, d_ff=24,
+                              max_seq_len=64)
+    engine.Model(cfg, seed=0).save(str(tmp_path))
+    engine.ByteTokenizer().save(str(tmp_path))
+    assert cli(["generate", "--model", str(tmp_path), "--prompt", "hello there", "--max-new-tokens", "4",
+                "--temperature", "1e-320", "--seed", "1"]) == 0
+    greedy = capsys.readouterr().out
+    assert cli(["generate", "--model", str(tmp_path), "--prompt", "hello there", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out == greedy   # random logits have no ties: the same as greedy
+
+
+def test_interactive_chat_drops_old_turns_to_fit_the_context(tmp_path, capsys, monkeypatch):
+    """An interactive chat longer than the context drops its oldest user + assistant turns (the
+    system message stays) with a note; a message too long on its own is not sent, with a note,
+    and the chat goes on."""
+    import importlib
+    import io
+
+    from engine.cli import main as cli
+    G = importlib.import_module("engine.generate")   # the package's `generate` is the function
+    tok = chat_model_dir(tmp_path, n_layer=1, max_seq_len=128)
+    prompts = []
+
+    def reply(model, ids, on_token, max_new_tokens, **kw):   # "ok." every time: known lengths
+        prompts.append(tok.decode(ids))
+        assert len(ids) + max_new_tokens <= 128
+        for t in tok.encode("ok."):
+            on_token(t)
+
+    monkeypatch.setattr(G, "generate", reply)
+    lines = ["first question here", "second question here", "", "third question here",
+             "x" * 150, "fourth question here"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(lines) + "\n"))
+    assert cli(["generate", "--model", str(tmp_path), "--chat", "--system", "be brief",
+                "--max-new-tokens", "20"]) == 0
+    out, err = capsys.readouterr()
+    assert out.count("model> ok.") == 4                               # the long line was not sent
+    # one byte a token: 52 + 20 fits, 92 + 20 fits, 131 + 20 does not: the first turn goes
+    assert prompts == ["<system>be brief<user>first question here<assistant>",
+                       "<system>be brief<user>first question here<assistant>ok."
+                       "<user>second question here<assistant>",
+                       "<system>be brief<user>second question here<assistant>ok."
+                       "<user>third question here<assistant>",
+                       "<system>be brief<user>third question here<assistant>ok."
+                       "<user>fourth question here<assistant>"]
+    assert err.count("note: dropped the 1 oldest turn of the conversation") == 2
+    assert "note: this message takes 183 tokens" in err and "not sent" in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import signal
 import struct
 import sys
@@ -18,6 +19,7 @@ from gguf_fixtures import (  # noqa: E402
     Q, REFERENCE, TINY, VT, header_fields, llama_gguf_tensors, llamacpp_permute, random_blocks,
     tiny_llama_metadata, write_gguf, write_tiny_llama)
 
+import engine  # noqa: E402
 from engine.errors import CheckpointError, ConfigError  # noqa: E402
 from engine.io import gguf as G  # noqa: E402
 from engine.io.gguf import GGUFFile, load_gguf, read_metadata  # noqa: E402
@@ -215,6 +217,33 @@ def test_linear_rope_scaling_by_one_is_plain_rope(tmp_path):
     write_tiny_llama(tmp_path / "l.gguf", metadata={**meta, "llama.rope.scaling.factor": 2.0})
     with pytest.raises(ConfigError, match="rope scaling 'linear'"):
         load_gguf(tmp_path / "l.gguf")
+
+
+@pytest.mark.parametrize("ids, want", [
+    ({}, (None, None, None)),
+    ({"bos": 1, "eos": 2, "padding": 0}, (1, 2, 0)),
+    ({"eos": 2, "eot": 5, "eom": 5}, (None, [2, 5], None)),   # end of turn / message end too
+])
+def test_token_ids_reach_the_saved_config(tmp_path, ids, want):
+    meta = {f"tokenizer.ggml.{k}_token_id": v for k, v in ids.items()}
+    write_tiny_llama(tmp_path / "t.gguf", metadata=meta)
+    cfg, _ = load_gguf(tmp_path / "t.gguf")
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == want
+    engine.load(str(tmp_path / "t.gguf")).save(str(tmp_path / "saved"))
+    with open(tmp_path / "saved" / "config.json") as f:
+        hf = json.load(f)
+    assert (hf["bos_token_id"], hf["eos_token_id"], hf["pad_token_id"]) == want
+    with open(tmp_path / "saved" / "generation_config.json") as f:
+        gen = json.load(f)
+    names = ("bos_token_id", "eos_token_id", "pad_token_id")
+    assert gen == {k: v for k, v in zip(names, want) if v is not None}
+    assert engine.load(str(tmp_path / "saved")).config == cfg
+
+
+def test_token_id_of_the_wrong_type(tmp_path):
+    write_tiny_llama(tmp_path / "t.gguf", metadata={"tokenizer.ggml.eos_token_id": "2"})
+    with pytest.raises(ConfigError, match="'tokenizer.ggml.eos_token_id'.*integer"):
+        load_gguf(tmp_path / "t.gguf")
 
 
 def test_missing_metadata_key(tmp_path):

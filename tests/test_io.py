@@ -27,7 +27,7 @@ def test_save_loads_in_transformers_with_same_logits(hf_dirs, kind, tmp_path):
     opt.step()
     out = tmp_path / "saved"
     model.save(str(out))
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors"]
     hf = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     with torch.no_grad():
         want = hf(torch.tensor(tokens)).logits.numpy()
@@ -173,7 +173,109 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     real = np.ascontiguousarray
     monkeypatch.setattr(st.np, "ascontiguousarray",
                         lambda a, dtype=None: Boom() if a is arrays["b"] else real(a, dtype=dtype))
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(engine.CheckpointError, match="m.safetensors: cannot write: disk full"):
         st.write(str(target), arrays)
     assert target.read_bytes() == good
     assert os.listdir(tmp_path) == ["m.safetensors"]
+
+
+def _snapshot(d) -> dict:
+    return {n: (d / n).read_bytes() for n in sorted(os.listdir(d)) if (d / n).is_file()}
+
+
+def test_save_over_a_directory_named_config_json_changes_nothing(tmp_path):
+    """The destination is checked before anything is replaced: no new weights next to an old
+    config, no stray temporary files."""
+    from conftest import small_model
+    d = tmp_path / "m"
+    small_model("gpt2", n_layer=1).save(str(d))
+    os.remove(d / "config.json")
+    os.mkdir(d / "config.json")
+    before = _snapshot(d)
+    other = small_model("gpt2", n_layer=1)
+    other.params["wte.weight"] += 1.0
+    with pytest.raises(engine.InputError, match="config.json exists and is not a file"):
+        other.save(str(d))
+    assert _snapshot(d) == before
+    assert sorted(os.listdir(d)) == ["config.json", "generation_config.json", "model.safetensors"]
+
+
+def test_failed_save_keeps_the_old_model_whole(tmp_path, monkeypatch):
+    from conftest import small_model
+    from engine import io
+    d = tmp_path / "m"
+    old = small_model("llama", n_layer=1)
+    old.save(str(d))
+    before = _snapshot(d)
+    real = io.write_json
+
+    def full_disk(path, obj):   # the last file written fails, after the weights were written
+        if path.endswith(os.sep + "config.json"):
+            raise engine.CheckpointError(f"{path}: cannot write: No space left on device")
+        real(path, obj)
+
+    monkeypatch.setattr(io, "write_json", full_disk)
+    new = small_model("llama", n_layer=1, eos_token_id=3)
+    new.params["wte.weight"] += 1.0
+    with pytest.raises(engine.CheckpointError, match="No space left"):
+        new.save(str(d))
+    assert _snapshot(d) == before and sorted(os.listdir(d)) == sorted(before)
+    with pytest.raises(engine.CheckpointError, match="No space left"):
+        new.save(str(tmp_path / "fresh"))
+    assert not os.path.exists(tmp_path / "fresh")   # a new directory is not left half-made
+
+
+def test_write_json_failure_is_named_and_cleaned_up(tmp_path):
+    from engine.io import write_json
+    os.mkdir(tmp_path / "config.json")
+    with pytest.raises(engine.CheckpointError, match=r"config.json: cannot write"):
+        write_json(str(tmp_path / "config.json"), {"a": 1})
+    with pytest.raises(engine.InputError, match=r"x.json: cannot write as JSON"):
+        write_json(str(tmp_path / "x.json"), {"a": object()})
+    assert os.listdir(tmp_path) == ["config.json"]
+
+
+def test_f16_save_refuses_values_beyond_its_range(tmp_path):
+    """float16 tops out at 65504: a larger weight would be stored as inf (which tailtune then
+    refuses to load). Refused before anything is written, naming the tensor and the value."""
+    from conftest import small_model
+    model = small_model("llama", n_layer=1)
+    model.params["blocks.0.mlp.up.weight"][3, 5] = -7.0e4
+    with pytest.raises(engine.InputError, match=r"'model.layers.0.mlp.up_proj.weight': max "
+                                                r"\|value\| 70000 .*F16.*'BF16' or 'F32'"):
+        model.save(str(tmp_path / "new"), dtype="F16")
+    assert not os.path.exists(tmp_path / "new")
+    d = tmp_path / "old"
+    model.save(str(d))
+    before = _snapshot(d)
+    with pytest.raises(engine.InputError, match="max"):
+        model.save(str(d), dtype="F16")
+    assert _snapshot(d) == before and sorted(os.listdir(d)) == sorted(before)
+    model.save(str(tmp_path / "bf16"), dtype="BF16")
+    assert engine.load(str(tmp_path / "bf16")).params["blocks.0.mlp.up.weight"][3, 5] == -70144.0
+    # rounds down to the largest float16, not to inf: allowed
+    model.params["blocks.0.mlp.up.weight"][3, 5] = 65519.0
+    model.save(str(tmp_path / "f16"), dtype="F16")
+    assert engine.load(str(tmp_path / "f16")).params["blocks.0.mlp.up.weight"][3, 5] == 65504.0
+
+
+def test_run_directory_loads_its_final_model(tmp_path):
+    """`--model RUN_DIR` of a finished run means RUN_DIR/model; an unfinished run says what to
+    use instead of only 'no config.json'."""
+    from conftest import small_model
+    from engine.io.resolve import resolve_model_path
+    model = small_model("gpt2", n_layer=1)
+    run = tmp_path / "run"
+    model.save(str(run / "model"))
+    (run / "metrics.jsonl").write_text("")
+    assert resolve_model_path(str(run)) == str(run / "model")
+    loaded = engine.load(str(run))
+    assert all(np.array_equal(loaded.params[n], p) for n, p in model.params.items())
+    unfinished = tmp_path / "unfinished"
+    model.save(str(unfinished / "checkpoint"))
+    with pytest.raises(engine.CheckpointError, match=r"without a final model/.*"
+                                                     r"unfinished/checkpoint.*--resume"):
+        engine.load(str(unfinished))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(engine.CheckpointError, match="empty: no config.json"):
+        engine.load(str(tmp_path / "empty"))

@@ -26,6 +26,13 @@ def tiny_of(kind, gpt2_layers=4):
                                            d_model=24, max_seq_len=32), seed=4)
 
 
+def cka64(x, y):
+    """Linear CKA in float64 from the (C, C) cross-covariances: the reference."""
+    x, y = (a.reshape(-1, a.shape[-1]).astype(np.float64) for a in (x, y))
+    x, y = x - x.mean(0), y - y.mean(0)
+    return np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+
+
 def test_linear_cka_properties():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((200, 12))
@@ -70,9 +77,147 @@ def test_telemetry_values_match_direct_computation():
     pre.params.update(w0)
     full_ref, full_now = probes.block_outputs(pre, probe), probes.block_outputs(m, probe)
     for i in (2, 3):
-        x, y = (a.reshape(-1, a.shape[-1]) for a in (full_ref[i], full_now[i]))
-        assert rec[f"blocks.{i}"]["cka_to_pretrained"] == pytest.approx(probes.linear_cka(x, y), abs=1e-9)
+        assert rec[f"blocks.{i}"]["cka_to_pretrained"] == pytest.approx(cka64(full_ref[i], full_now[i]), abs=1e-7)
     assert "grad_norm" not in rec["blocks.0"]
+
+
+def train_step(m, opt, tel, step, rng, clip=None):
+    """One step in train.py's order: before_update before clipping and the update."""
+    x, y = rng.integers(0, 257, (2, 16)), rng.integers(0, 257, (2, 16))
+    m.zero_grad()
+    m.forward(x, y)
+    m.backward()
+    tel.before_update(step)
+    if clip is not None:
+        engine.clip_grad_norm(m, clip)
+    opt.step()
+    return tel.record(step, opt) if tel.due(step) else None
+
+
+def test_grad_norm_is_taken_before_clipping():
+    """Per-layer gradient norms of the raw gradients: their squares add up to the global norm
+    clip_grad_norm saw, not to the clip value."""
+    m = tiny().train_last(2)
+    opt = engine.AdamW(m, lr=1e-2)
+    rng = np.random.default_rng(3)
+    tel = probes.Telemetry(m, rng.integers(0, 257, (2, 16)), every=1)
+    x, y = rng.integers(0, 257, (2, 16)), rng.integers(0, 257, (2, 16))
+    m.zero_grad()
+    m.forward(x, y)
+    m.backward()
+    raw = {n: g.astype(np.float64) for n, g in m.grads.items()}
+    tel.before_update(0)
+    total = engine.clip_grad_norm(m, 1e-3)
+    opt.step()
+    rec = tel.record(0, opt)
+    assert total > 1e-2                                        # clipping did scale
+    for L in ("blocks.2", "blocks.3", "ln_f"):
+        want = np.sqrt(sum((g ** 2).sum() for n, g in raw.items() if n.startswith(L + ".")))
+        assert rec[L]["grad_norm"] == pytest.approx(want, rel=1e-6)
+    got = np.sqrt(sum(r["grad_norm"] ** 2 for r in rec.values() if "grad_norm" in r))
+    assert got == pytest.approx(total, rel=1e-6)
+
+
+def test_resumed_run_sees_blocks_trained_before_the_checkpoint():
+    """Blocks 1 and 3 train, then the run resumes with block 1 frozen: Telemetry, made from
+    the base weights with pretrained= naming block 1, still reports block 1's drift against
+    the base weights and runs the probe from block 1 (CKA against a float64 reference)."""
+    rng = np.random.default_rng(5)
+    m = tiny().freeze().unfreeze("blocks.1.*", "blocks.3.*")
+    opt = engine.AdamW(m, lr=1e-2)
+    tel = probes.Telemetry(m, rng.integers(0, 257, (2, 16)), every=1)
+    for step in range(2):
+        train_step(m, opt, tel, step, rng)
+    checkpoint = {n: p.copy() for n, p in m.params.items()}
+
+    base = tiny()
+    r = tiny().freeze().unfreeze("blocks.3.*")               # resumed: block 1 frozen now
+    probe = rng.integers(0, 257, (2, 16))
+    tel = probes.Telemetry(r, probe, every=1, pretrained=[n for n in r.params if n.startswith("blocks.1.")])
+    for n, p in checkpoint.items():                           # load_checkpoint
+        r.params[n][...] = p
+    opt = engine.AdamW(r, lr=1e-2)
+    rec = train_step(r, opt, tel, 2, rng)
+    names = [n for n in r.params if n.startswith("blocks.1.")]
+    w = np.concatenate([r.params[n].ravel().astype(np.float64) for n in names])
+    w0 = np.concatenate([base.params[n].ravel().astype(np.float64) for n in names])
+    assert np.linalg.norm(w - w0) > 0
+    assert rec["blocks.1"]["drift"] == pytest.approx(np.linalg.norm(w - w0) / np.linalg.norm(w0), rel=1e-6)
+    cosine = w @ w0 / np.linalg.norm(w) / np.linalg.norm(w0)
+    assert rec["blocks.1"]["cosine_to_pretrained"] == pytest.approx(cosine, rel=1e-9)
+    assert "grad_norm" not in rec["blocks.1"]                 # frozen: no gradient this step
+    ref, now = probes.block_outputs(base, probe), probes.block_outputs(r, probe)
+    assert rec["blocks.0"]["cka_to_pretrained"] == 1.0
+    for i in (1, 2, 3):
+        assert rec[f"blocks.{i}"]["cka_to_pretrained"] == pytest.approx(cka64(ref[i], now[i]), abs=1e-7)
+    assert rec["blocks.2"]["cka_to_pretrained"] < 1 - 1e-6   # frozen, but its input changed
+
+
+def test_due_after_every_n_updates_and_at_the_last():
+    m = tiny().train_last(1)
+    probe = np.zeros((1, 8), np.int64)
+    assert [s for s in range(10) if probes.Telemetry(m, probe, every=3).due(s)] == [2, 5, 8]
+    tel = probes.Telemetry(m, probe, every=3, total_steps=10)
+    assert [s for s in range(10) if tel.due(s)] == [2, 5, 8, 9]
+    assert [s for s in range(4) if probes.Telemetry(m, probe, every=1, total_steps=4).due(s)] == [0, 1, 2, 3]
+
+
+def test_probe_is_capped_and_cka_matches_float64():
+    """The probe keeps its first rows up to PROBE_TOKENS tokens; CKA (float32 products) agrees
+    with a float64 computation on those rows, also where 1 - CKA is small."""
+    m = tiny().freeze().unfreeze("blocks.0.*")
+    T = 16
+    n_rows = probes.PROBE_TOKENS // T
+    rng = np.random.default_rng(7)
+    probe = rng.integers(0, 257, (n_rows + 3, T))
+    w0 = {n: p.copy() for n, p in m.params.items()}
+    tel = probes.Telemetry(m, probe, every=1)
+    assert tel.probe.shape == (n_rows, T)
+    for n in m.grads:                                         # a small change to block 0
+        m.params[n] += 1e-4 * rng.standard_normal(m.params[n].shape).astype(np.float32)
+    rec = tel.record(0, engine.AdamW(m))
+    pre = engine.Model(m.config)
+    pre.params.update(w0)
+    ref, now = probes.block_outputs(pre, probe[:n_rows]), probes.block_outputs(m, probe[:n_rows])
+    for i in range(4):
+        want = cka64(ref[i], now[i])
+        assert 1e-8 < 1 - want < 1e-3
+        assert rec[f"blocks.{i}"]["cka_to_pretrained"] == pytest.approx(want, abs=1e-8)
+        assert probes.linear_cka(ref[i][0], now[i][0]) == pytest.approx(cka64(ref[i][0], now[i][0]), abs=1e-8)
+
+
+def test_plot_of_one_record_shows_every_layer(tmp_path, monkeypatch):
+    """One record: every panel has data (points with markers), a layer has one colour in every
+    panel, one figure legend names every layer, Adam's first moment has its panel."""
+    import matplotlib.image
+    import matplotlib.pyplot as plt
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)
+    full = {"grad_norm": 0.5, "update_ratio": 1e-3, "drift": 1e-2, "cosine_to_pretrained": 0.99,
+            "adam_m_norm": 0.1, "adam_v_norm": 1e-4, "cka_to_pretrained": 0.9}
+    tel = {"blocks.0": {"cka_to_pretrained": 0.95},           # frozen, below a changed block
+           "blocks.3": dict(full), "ln_f": {k: v for k, v in full.items() if k != "cka_to_pretrained"}}
+    png = str(tmp_path / "t.png")
+    probes.plot_telemetry([{"step": 7, "telemetry": tel}], png)
+    fig, = figs
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    assert set(panels) == set(full)
+    colours = {}
+    for key, ax in panels.items():
+        assert ax.lines, key
+        for line in ax.lines:
+            assert line.get_marker() not in (None, "", " ", "None") and list(line.get_xdata()) == [7]
+            assert colours.setdefault(line.get_label(), line.get_color()) == line.get_color()
+    assert len(set(map(str, colours.values()))) == 3
+    legend, = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["blocks.0", "blocks.3", "ln_f"]
+    # and the image shows them: coloured pixels inside each panel (grid and frame are grey)
+    img = matplotlib.image.imread(png)[..., :3]
+    scale = img.shape[0] / fig.bbox.height
+    for key, ax in panels.items():
+        x0, y0, x1, y1 = (v * scale for v in ax.get_window_extent().extents)
+        box = img[int(img.shape[0] - y1):int(img.shape[0] - y0), int(x0):int(x1)]
+        assert ((box.max(-1) - box.min(-1)) > 0.3).sum() > 10, key
 
 
 def test_telemetry_in_a_run_and_off_by_default(tmp_path):
@@ -82,12 +227,12 @@ def test_telemetry_in_a_run_and_off_by_default(tmp_path):
     import json as j
     (tmp_path / "d.txt").write_text(inspect.getsource(j.decoder)[:12000])
     base = ["finetune", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "d.txt"),
-            "--train-last", "2", "--steps", "6", "--batch-size", "2", "--seq-len", "16",
+            "--train-last", "2", "--steps", "5", "--batch-size", "2", "--seq-len", "16",
             "--sample-tokens", "0"]
     assert cli(base + ["--out", str(tmp_path / "on"), "--telemetry-every", "2"]) == 0
     recs = [json.loads(line) for line in open(tmp_path / "on" / "metrics.jsonl")]
     tel = [r for r in recs if "telemetry" in r]
-    assert [r["step"] for r in tel] == [1, 3, 5]
+    assert [r["step"] for r in tel] == [2, 4, 5]       # after every 2 updates, and the last
     assert set(tel[-1]["telemetry"]["blocks.3"]) >= {"grad_norm", "update_ratio", "drift",
                                                      "cosine_to_pretrained", "adam_m_norm",
                                                      "adam_v_norm", "cka_to_pretrained"}

@@ -2,15 +2,19 @@
 directories `Model.save` writes (which are Hugging Face directories)."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
+import shutil
 
 import numpy as np
 
 from ..config import Config
 from ..errors import CheckpointError, InputError
 from . import hf_names
-from .safetensors import WRITE_DTYPES, SafetensorsFile, write as write_safetensors
+from .safetensors import WRITE_DTYPES, SafetensorsFile, write_atomic
+from .safetensors import write as write_safetensors
 
 
 def load(path: str):
@@ -37,19 +41,29 @@ def read_hf_config(path: str) -> dict:
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"{path}: no config.json (not a Hugging Face model directory)")
+    return _read_json_object(cfg_path)
+
+
+def _read_json_object(path: str) -> dict:
     try:
-        with open(cfg_path, encoding="utf-8") as f:
-            hf = json.load(f)
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{cfg_path}: unreadable ({e})") from None
-    if not isinstance(hf, dict):
-        raise CheckpointError(f"{cfg_path}: not a JSON object")
-    return hf
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return obj
 
 
 def _load_hf_dir(path: str) -> tuple[Config, dict]:
     hf = read_hf_config(path)
     cfg = hf_names.config_from_hf(hf)
+    gen_path = os.path.join(path, "generation_config.json")
+    gen = _read_json_object(gen_path) if os.path.isfile(gen_path) else None
+    # one that says no more than the ids is left to be rebuilt from them (Model.save writes such
+    # a file), so a save and load gives back an equal Config
+    if gen is not None and gen != generation_config(cfg):
+        cfg = dataclasses.replace(cfg, generation=gen)
     files = _safetensors_files(path)
     where: dict[str, SafetensorsFile] = {}
     for f in files:
@@ -99,13 +113,21 @@ def _safetensors_files(path: str) -> list[str]:
     raise CheckpointError(f"{path}: no model.safetensors (or sharded index) in the directory")
 
 
+# What Model.save writes, in the order the files are swapped in (config.json last: a directory
+# whose config.json is new holds the new weights too).
+SAVED_FILES = ("model.safetensors", "generation_config.json", "config.json")
+
+
 def save_model(model, path: str, dtype: str = "F32") -> None:
-    """config.json + model.safetensors in the Hugging Face layout, each written atomically."""
+    """config.json, generation_config.json and model.safetensors in the Hugging Face layout.
+    All three are written to a staging folder inside `path` first and only then moved into place,
+    so a failure leaves an existing model whole instead of new weights next to an old config."""
     if dtype not in WRITE_DTYPES:  # checked before anything is written
         raise InputError(f"save dtype {dtype!r} is not supported; choose one of "
                          f"{', '.join(WRITE_DTYPES)}")
     if not isinstance(path, (str, os.PathLike)):
         raise InputError(f"save path must be a str or path, got {type(path).__name__}")
+    path = os.fspath(path)
     cfg = model.config
     hf = hf_names.config_to_hf(cfg)
     hf["torch_dtype"] = WRITE_DTYPES[dtype]
@@ -113,18 +135,45 @@ def save_model(model, path: str, dtype: str = "F32") -> None:
     if os.path.exists(path) and not os.path.isdir(path):
         raise InputError(f"{path} is an existing file; Model.save writes a directory "
                          "(config.json + model.safetensors)")
+    for name in SAVED_FILES:
+        dst = os.path.join(path, name)
+        if os.path.lexists(dst) and not os.path.isfile(dst):
+            raise InputError(f"{dst} exists and is not a file; Model.save will not replace it")
+    created = not os.path.exists(path)
+    stage = os.path.join(path, f".save.tmp{os.getpid()}")
     try:
-        os.makedirs(path, exist_ok=True)
+        os.makedirs(stage, exist_ok=True)  # one left by a killed save is reused, then removed
     except OSError as e:
         raise InputError(f"cannot create the directory {path}: {e.strerror or e}") from None
-    write_safetensors(os.path.join(path, "model.safetensors"), tensors, {"format": "pt"}, dtype)
-    write_json(os.path.join(path, "config.json"), hf)
+    try:
+        write_safetensors(os.path.join(stage, "model.safetensors"), tensors, {"format": "pt"},
+                          dtype)
+        write_json(os.path.join(stage, "generation_config.json"), generation_config(cfg))
+        write_json(os.path.join(stage, "config.json"), hf)
+        for name in SAVED_FILES:
+            os.replace(os.path.join(stage, name), os.path.join(path, name))
+    except OSError as e:
+        raise CheckpointError(f"{path}: could not save the model: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created:  # a failed save into a new directory leaves none behind
+            with contextlib.suppress(OSError):
+                os.rmdir(path)  # only if empty
+
+
+def generation_config(cfg: Config) -> dict:
+    """generation_config.json: the source model's as loaded, else the token ids that are known."""
+    if cfg.generation is not None:
+        return cfg.generation
+    return {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+            if getattr(cfg, k) is not None}
 
 
 def write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """obj as JSON, atomically; a failure leaves no temporary file and raises a CheckpointError
+    naming the path."""
+    try:
+        text = json.dumps(obj, indent=2)
+    except (TypeError, ValueError) as e:  # before any file is touched
+        raise InputError(f"{path}: cannot write as JSON: {e}") from None
+    write_atomic(path, [text.encode("utf-8")])

@@ -462,9 +462,19 @@ def config_from_gguf(f: GGUFFile) -> Config:
                        norm_eps=get.number("llama.attention.layer_norm_rms_epsilon"),
                        rope_theta=theta,
                        attn_bias=attn_bias, mlp_bias=mlp_bias,
-                       tie_embeddings="output.weight" not in names)
+                       tie_embeddings="output.weight" not in names, **_token_ids(get))
     _reject_unknown_tensors(f, cfg)
     return cfg
+
+
+def _token_ids(get) -> dict:
+    """bos / eos / pad ids for the saved config.json. End of turn and end of message (Llama 3's
+    eot, eom) end generation as eos does, so they join it as a list."""
+    ids = {k: get.integer(f"tokenizer.ggml.{k}_token_id", None)
+           for k in ("bos", "eos", "eot", "eom", "padding")}
+    eos = list(dict.fromkeys(ids[k] for k in ("eos", "eot", "eom") if ids[k] is not None))
+    return {"bos_token_id": ids["bos"], "eos_token_id": eos[0] if len(eos) == 1 else eos or None,
+            "pad_token_id": ids["padding"]}
 
 
 def _vocab_size(f: GGUFFile, get) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import Config
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, is_int
 
 SUPPORTED = ("gpt2", "llama")
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
@@ -18,7 +18,8 @@ _REQUIRED = object()
 
 
 def _get(hf: dict, key: str, kind: str, default=_REQUIRED, within: str = ""):
-    """hf[key] checked to be of `kind` ("size": positive integer, "number", "bool", "dict");
+    """hf[key] checked to be of `kind` ("size": positive integer, "number", "bool", "dict", "id":
+    an integer, "ids": an integer or a non-empty list of them);
     a missing required key or a value of the wrong type is a ConfigError naming config.json and
     the key. A null counts as missing where the default is None (n_inner, head_dim, ...)."""
     v = hf.get(key, default)
@@ -29,12 +30,21 @@ def _get(hf: dict, key: str, kind: str, default=_REQUIRED, within: str = ""):
     ok = {"size": lambda: isinstance(v, int) and not isinstance(v, bool) and v > 0,
           "number": lambda: isinstance(v, (int, float)) and not isinstance(v, bool),
           "bool": lambda: isinstance(v, bool),
-          "dict": lambda: isinstance(v, dict)}[kind]()
+          "dict": lambda: isinstance(v, dict),
+          "id": lambda: is_int(v),
+          "ids": lambda: is_int(v) or isinstance(v, list) and v and all(map(is_int, v))}[kind]()
     if not ok:
         what = {"size": "a positive integer", "number": "a number", "bool": "true or false",
-                "dict": "an object"}[kind]
+                "dict": "an object", "id": "a token id",
+                "ids": "a token id or a non-empty list of them"}[kind]
         raise ConfigError(f"config.json: {within + key}={v!r} is not {what}")
     return v
+
+
+def _token_ids(hf: dict) -> dict:
+    return {"bos_token_id": _get(hf, "bos_token_id", "id", None),
+            "eos_token_id": _get(hf, "eos_token_id", "ids", None),
+            "pad_token_id": _get(hf, "pad_token_id", "id", None)}
 
 
 def config_from_hf(hf: dict) -> Config:
@@ -54,7 +64,8 @@ def config_from_hf(hf: dict) -> Config:
                            d_model=d, d_ff=_get(hf, "n_inner", "size", None) or 4 * d,
                            max_seq_len=_get(hf, "n_positions", "size", 1024),
                            norm_eps=_get(hf, "layer_norm_epsilon", "number", 1e-5),
-                           tie_embeddings=_get(hf, "tie_word_embeddings", "bool", True))
+                           tie_embeddings=_get(hf, "tie_word_embeddings", "bool", True),
+                           **_token_ids(hf))
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ConfigError(f"llama hidden_act {act!r} is not supported (only 'silu')")
@@ -80,11 +91,15 @@ def config_from_hf(hf: dict) -> Config:
                         norm_eps=_get(hf, "rms_norm_eps", "number", 1e-6), rope_theta=float(theta),
                         attn_bias=_get(hf, "attention_bias", "bool", False),
                         mlp_bias=_get(hf, "mlp_bias", "bool", False),
-                        tie_embeddings=_get(hf, "tie_word_embeddings", "bool", False))
+                        tie_embeddings=_get(hf, "tie_word_embeddings", "bool", False),
+                        **_token_ids(hf))
 
 
 def config_to_hf(cfg: Config) -> dict:
-    """config.json for transformers; refuses configs that are neither gpt2 nor llama."""
+    """config.json for transformers; refuses configs that are neither gpt2 nor llama. The token
+    ids are written even when unknown (null): a missing one would become transformers' default
+    (gpt2: 50256, llama: 1 and 2), which need not be a token of this model at all."""
+    ids = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     if cfg.model_type == "gpt2":
         want = dict(norm="layernorm", mlp="gelu", positions="learned", attn_bias=True, mlp_bias=True)
         _require(cfg, want)
@@ -97,7 +112,7 @@ def config_to_hf(cfg: Config) -> dict:
                 "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": cfg.d_ff,
                 "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-                "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32"}
+                "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32", **ids}
     _require(cfg, dict(norm="rmsnorm", mlp="swiglu", positions="rope"))
     return {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
             "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
@@ -107,7 +122,7 @@ def config_to_hf(cfg: Config) -> dict:
             "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
             "rope_theta": cfg.rope_theta, "attention_bias": cfg.attn_bias,
             "mlp_bias": cfg.mlp_bias, "tie_word_embeddings": cfg.tie_embeddings,
-            "attention_dropout": 0.0, "torch_dtype": "float32"}
+            "attention_dropout": 0.0, "torch_dtype": "float32", **ids}
 
 
 def _require(cfg: Config, want: dict) -> None:

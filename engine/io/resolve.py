@@ -14,6 +14,8 @@ def resolve_model_path(name_or_path: str) -> str:
     """An existing file or directory is returned as is; a packaged model's short name (e.g.
     "smollm2", any case) becomes the path of its file. Anything else is a CheckpointError."""
     p = os.fspath(name_or_path)
+    if os.path.isdir(p) and not os.path.exists(os.path.join(p, "config.json")):
+        return _run_model(p)
     if os.path.exists(p):
         return p
     key = p.lower()
@@ -22,6 +24,19 @@ def resolve_model_path(name_or_path: str) -> str:
     known = ", ".join(sorted(PACKAGED))
     raise CheckpointError(f"{p}: no such file or directory (and not a packaged model name: "
                           f"{known})")
+
+
+def _run_model(p: str) -> str:
+    """A `tailtune finetune` run directory stands for its final model, in model/."""
+    final = os.path.join(p, "model")
+    if os.path.isfile(os.path.join(final, "config.json")):
+        return final
+    checkpoint = os.path.join(p, "checkpoint")
+    if os.path.isdir(checkpoint):
+        raise CheckpointError(f"{p}: a run directory without a final model/ (the run is unfinished "
+                              f"or was interrupted): load its last checkpoint with --model "
+                              f"{checkpoint}, or continue the run with --resume {p}")
+    return p  # the loader says what is missing
 
 
 def _packaged(key: str) -> str:

@@ -7,6 +7,8 @@ anything is allocated or read.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
 import struct
@@ -131,13 +133,16 @@ def write(path: str, tensors: dict, metadata: dict | None = None, dtype: str = "
         raise InputError(f"cannot write dtype {dtype!r}; choose one of {', '.join(WRITE_DTYPES)}")
     header, arrays, offset = {}, [], 0
     for name in sorted(tensors):
-        a = np.asarray(tensors[name])
+        src = np.asarray(tensors[name])
         if dtype == "F32":
-            a = np.ascontiguousarray(a, dtype="<f4")
+            a = np.ascontiguousarray(src, dtype="<f4")
         elif dtype == "F16":
-            a = np.ascontiguousarray(a, dtype="<f2")
+            with np.errstate(over="ignore"):  # checked below, with the tensor's name
+                a = np.ascontiguousarray(src, dtype="<f2")
         else:
-            a = f32_to_bf16(a)
+            a = f32_to_bf16(src)
+        if dtype != "F32":
+            _check_in_range(name, src, a, dtype)
         header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
         offset += a.nbytes
         arrays.append(a)
@@ -145,17 +150,38 @@ def write(path: str, tensors: dict, metadata: dict | None = None, dtype: str = "
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned
+    # one tensor's bytes at a time, not a second copy of the whole model
+    write_atomic(path, itertools.chain([struct.pack("<Q", len(raw)), raw],
+                                       (a.tobytes() for a in arrays)))
+
+
+def _check_in_range(name: str, src: np.ndarray, half: np.ndarray, dtype: str) -> None:
+    """Values past the half type's range would be stored as inf, and the loader refuses
+    non-finite weights: refuse them here, before anything is written."""
+    widened = half.astype(np.float32) if dtype == "F16" else bf16_to_f32(half)
+    overflow = np.isinf(widened) & np.isfinite(src)
+    if overflow.any():
+        top = float(np.abs(src[overflow]).max())
+        limit, better = {"F16": ("65504", "'BF16' or 'F32'"), "BF16": ("3.39e38", "'F32'")}[dtype]
+        raise InputError(f"tensor {name!r}: max |value| {top:.6g} is beyond the {dtype} range "
+                         f"(±{limit}) and would be stored as inf; save with dtype={better}")
+
+
+def write_atomic(path: str, chunks) -> None:
+    """Write the byte chunks to a temporary file renamed into place, so `path` is whole or
+    untouched. On failure the temporary is removed and an OSError becomes a CheckpointError that
+    names the path."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
-            for a in arrays:
-                f.write(a.tobytes())
+            for c in chunks:
+                f.write(c)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(e, OSError):
+            raise CheckpointError(f"{path}: cannot write: {e.strerror or e}") from None
         raise
