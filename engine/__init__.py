@@ -34,9 +34,16 @@ __all__ = sorted(_EXPORTS) + ["generate"]
 from .generate import generate  # noqa: E402
 
 
+# Submodules the README shows as engine.<name>.<thing>, loaded on first use as well.
+_SUBMODULES = ("schedules", "prefix_cache", "probes", "data")
+
+
 def __getattr__(name):
     if name in _EXPORTS:
         value = getattr(import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    elif name in _SUBMODULES:
+        value = import_module(f"engine.{name}")
+    else:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    globals()[name] = value
+    return value

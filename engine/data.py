@@ -252,7 +252,7 @@ class Examples:
         return ids[:self.T + 1], mask[:self.T + 1]
 
 
-def check_targets(examples: Examples, indices, source: str, warn=None):
+def check_targets(examples: Examples, indices, source: str, warn=None, what="they add nothing"):
     """An InputError when the examples at `indices` hold no loss token (the loss would be NaN,
     0 / 0, and nothing would train); `warn` is told how many hold none."""
     per = examples.targets()[np.asarray(indices, np.int64)]
@@ -263,7 +263,7 @@ def check_targets(examples: Examples, indices, source: str, warn=None):
     empty = int((per == 0).sum())
     if empty and warn:
         warn(f"{source}: {empty} of {len(per)} examples have no loss tokens within --seq-len "
-             f"{examples.T} (the prompt fills the window); they add nothing")
+             f"{examples.T} (the prompt fills the window); {what}")
 
 
 def split(n: int, eval_fraction: float, seed: int):

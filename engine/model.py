@@ -304,8 +304,9 @@ class Model:
         forward without keeping anything. forward(..., hidden=, start=upto) continues from it.
         With hidden (the input of block `start`), only blocks start .. upto - 1 run."""
         tokens = self._tokens(tokens)
-        if not 0 <= upto <= self.config.n_layer:
-            raise InputError(f"prefix upto={upto}: the model has blocks 0..{self.config.n_layer - 1}")
+        if not is_int(upto) or not 0 <= upto <= self.config.n_layer:
+            raise InputError(f"prefix upto={upto!r} must be an integer in 0..{self.config.n_layer} "
+                             "(the model's blocks run below it)")
         rope = self._rope_tables(tokens.shape[1])
         if hidden is None:
             x, start = self.embed(tokens), 0
@@ -318,8 +319,9 @@ class Model:
         return x
 
     def _hidden(self, hidden, B, T, start):
-        if not 0 <= start <= self.config.n_layer:
-            raise InputError(f"start={start}: the model has blocks 0..{self.config.n_layer - 1}")
+        if not is_int(start) or not 0 <= start <= self.config.n_layer:
+            raise InputError(f"start={start!r} must be an integer in 0..{self.config.n_layer} "
+                             "(the block whose input hidden is)")
         h = np.asarray(hidden)
         if h.shape != (B, T, self.config.d_model):
             raise InputError(f"hidden has shape {h.shape}, expected {(B, T, self.config.d_model)}")

@@ -15,7 +15,7 @@ import numpy as np
 
 from kernels.adamw import adamw_step
 
-from .errors import InputError
+from .errors import InputError, is_int
 
 
 def _number(what: str, v, lo: float = 0.0, hi: float = math.inf, hi_open: bool = False) -> float:
@@ -71,18 +71,40 @@ class Optimizer:
         return {"t": self.t, "lr": self.lr, "state": {n: dict(s) for n, s in self.state.items()}}
 
     def load_state_dict(self, d: dict):
-        self.t = int(d["t"])
-        self.lr = float(d["lr"])
+        """State from state_dict(), checked whole before any of it is taken."""
+        if not (isinstance(d, dict) and is_int(d.get("t")) and d["t"] >= 0
+                and isinstance(d.get("state"), dict)):
+            raise InputError("an optimizer state_dict needs 't' (an integer >= 0), 'lr' and 'state' "
+                             "(a dict per parameter), as state_dict() returns")
+        lr = _number("state_dict lr", d.get("lr"))
+        new = {}
         for n, s in d["state"].items():
             if n not in self.state:
                 raise InputError(f"optimizer state for {n!r}, which is not trainable in this model")
+            if not isinstance(s, dict):
+                raise InputError(f"optimizer state for {n!r} must be a dict, got {type(s).__name__}")
             if "t" in self.state[n] and "t" not in s:   # saved before per-parameter step counts
-                s = {**s, "t": self.t}
+                s = {**s, "t": d["t"]}
+            mine = self.state[n]
             for k, a in s.items():
-                if isinstance(a, np.ndarray) and a.shape != self.state[n][k].shape:
-                    raise InputError(f"optimizer state {n}.{k} has shape {a.shape}, expected "
-                                     f"{self.state[n][k].shape}")
-                self.state[n][k] = np.array(a, dtype=np.float32) if isinstance(a, np.ndarray) else a
+                want = mine.get(k)
+                if k not in mine:
+                    raise InputError(f"optimizer state {n}.{k}: no such entry (this optimizer "
+                                     f"keeps {', '.join(mine)})")
+                if isinstance(want, np.ndarray):
+                    if not isinstance(a, np.ndarray) or a.shape != want.shape or not np.isfinite(a).all():
+                        raise InputError(f"optimizer state {n}.{k} must be a finite array of shape "
+                                         f"{want.shape}, got {getattr(a, 'shape', type(a).__name__)}")
+                    if k == "v" and (a < 0).any():   # a second moment is a mean of squares
+                        raise InputError(f"optimizer state {n}.v holds negative values")
+                elif type(a) is not type(want) or (is_int(a) and a < 0):
+                    raise InputError(f"optimizer state {n}.{k} must be of type "
+                                     f"{type(want).__name__} (>= 0), got {a!r}")
+            new[n] = {k: np.array(a, dtype=np.float32) if isinstance(a, np.ndarray) else a
+                      for k, a in s.items()}
+        self.t, self.lr = int(d["t"]), lr
+        for n, s in new.items():
+            self.state[n].update(s)
 
 
 def _decays(name: str, p: np.ndarray) -> bool:
@@ -165,9 +187,10 @@ class CosineSchedule:
     """Linear warmup from 0 to lr over `warmup` steps, then cosine decay to min_lr at `total`."""
 
     def __init__(self, lr: float, total: int, warmup: int = 0, min_lr: float = 0.0):
-        if total <= 0 or warmup < 0:
-            raise InputError(f"schedule needs total > 0 and warmup >= 0, got {total}, {warmup}")
-        self.lr, self.total, self.warmup, self.min_lr = lr, total, warmup, min_lr
+        if not (is_int(total) and total > 0 and is_int(warmup) and warmup >= 0):
+            raise InputError(f"schedule needs integers total > 0 and warmup >= 0, got {total!r}, {warmup!r}")
+        self.lr, self.min_lr = _number("schedule lr", lr), _number("schedule min_lr", min_lr)
+        self.total, self.warmup = total, warmup
 
     def __call__(self, step: int) -> float:
         """LR for step (0-based)."""

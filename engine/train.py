@@ -258,9 +258,11 @@ def _read_state(ck: str) -> dict:
             for c in counts.values())):
         raise CheckpointError(f"{path}: 'opt_counts' must map parameters to integer step counts "
                               "(damaged checkpoint)")
-    if not all(is_int(b) for b in state.get("trained_blocks", [])) or not isinstance(
-            state.get("trained_blocks", []), list):
-        raise CheckpointError(f"{path}: 'trained_blocks' must be a list of block numbers (damaged checkpoint)")
+    for k in ("trained", "trainable"):   # absent in checkpoints written before they existed
+        names = state.get(k, ["-"])
+        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+            raise CheckpointError(f"{path}: {k!r} must be a non-empty list of parameter names "
+                                  "(damaged checkpoint)")
     return state
 
 
@@ -298,8 +300,10 @@ def load_data(args: TrainArgs, tok, seq_len, log):
             raise InputError(f"{args.data}: too little data to hold any out; give --eval-data")
         train_idx, eval_idx = D.split(len(ex), args.eval_fraction, args.seed)
         held = ex
-    # without loss tokens the loss is NaN (0 / 0) and nothing trains
-    D.check_targets(ex, train_idx, args.data, _warn)
+    # without loss tokens the loss is NaN (0 / 0) and nothing trains; a batch of only such
+    # examples would stop the run as diverged, so they are left out
+    D.check_targets(ex, train_idx, args.data, _warn, "they are left out of training")
+    train_idx = train_idx[ex.targets()[train_idx] > 0]
     if len(eval_idx):
         D.check_targets(held, eval_idx, args.eval_data or f"{args.data} (held-out part)",
                         _warn if args.eval_data else None)
@@ -337,7 +341,7 @@ class _Caches:
     """The frozen-prefix caches of a run (training and held-out data), moved when a schedule
     changes the lowest trainable block: rebuilt lower when it unfreezes a block inside the
     cached prefix, filled from the old rows when it freezes the lowest blocks. `trained` holds
-    every block the run has trained so far: a disk file whose prefix holds one of them can
+    every parameter the run has trained so far: a disk file whose prefix holds one of them can
     never be reused, and is deleted when the cache moves and at the end of the run."""
 
     def __init__(self, args, model, examples, held, log, trained: set, pad_id: int):
@@ -367,7 +371,8 @@ class _Caches:
 
         def make(ex, old):
             c = PrefixCache(self.model, ex, start, self.args.prefix_dtype, d, ex.data.key,
-                            disposable=any(b < start for b in self.trained))
+                            disposable=any(n.startswith("blocks.") and int(n.split(".")[1]) < start
+                                           or n in ("wte.weight", "wpe.weight") for n in self.trained))
             if up:
                 c.fill_from(old, self.args.batch_size, self.pad_id)
             return c
@@ -509,28 +514,30 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
     examples, train_idx, held, eval_idx = load_data(args, tok, seq_len, log)
     batches = D.Batches(examples, train_idx, args.batch_size, args.seed, pad)
     per_step = args.batch_size * args.grad_accum
-    steps = args.steps or max(1, math.ceil(args.epochs * len(train_idx) / per_step))
+    # an epoch is steps_per_epoch() batches, its last one short when B does not divide it
+    steps = args.steps or max(1, math.ceil(args.epochs * batches.steps_per_epoch() / args.grad_accum))
     warmup = args.warmup if args.warmup is not None else max(1, steps // 20)
     sched = CosineSchedule(args.lr, total=steps, warmup=min(warmup, steps), min_lr=args.min_lr)
     opt = AdamW(model, lr=args.lr, weight_decay=args.weight_decay)
     if state is not None:
         if schedule is not None:
             schedule.load_state_dict(state.get("schedule", {}))
-            schedule.apply(model, opt, state["step"], steps)
+            if "trainable" in state:   # the set the checkpoint's optimizer state belongs to;
+                model.freeze()         # the loop then changes it at `start` as the run did
+                model.unfreeze(*state["trainable"])
+            else:
+                schedule.apply(model, opt, state["step"], steps)
     elif schedule is not None:
         schedule.apply(model, opt, 0, steps)
-    # blocks trained so far (a checkpoint older than this record: assume every block)
-    trained = set(_trainable_blocks(model)) if state is None else set(
-        state.get("trained_blocks", range(model.config.n_layer)))
+    # parameters trained so far (a checkpoint older than this record: assume all of them)
+    trained = set(model.trainable) if state is None else set(state.get("trained", model.params))
     telemetry = None
     if args.telemetry_every:
         probe = D.make_batch(held, eval_idx[:4] if len(eval_idx) else train_idx[:4], pad)[0]
-        # made before a resumed run loads its checkpoint: every block trained before it
-        # still holds its pretrained weights here, for drift and CKA
-        earlier = [n for n in model.params if state is not None and n.startswith("blocks.")
-                   and int(n.split(".")[1]) in trained]
+        # made before a resumed run loads its checkpoint: what trained before it still holds
+        # its pretrained weights here, for drift and CKA
+        earlier = sorted(trained) if state is not None else ()
         telemetry = Telemetry(model, probe, args.telemetry_every, total_steps=steps, pretrained=earlier)
-    n_train = model.num_params(trainable_only=True)
     log(f"{model}; {len(train_idx)} training / {len(eval_idx)} held-out examples of up to "
         f"{seq_len + 1} tokens; {steps} steps of {per_step} examples")
     if examples.data.kind == "examples" and examples.truncated:
@@ -568,7 +575,7 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
         else:  # continuing into a new directory
             write_json(run_json, run)
         state = load_checkpoint(_checkpoint_dir(resume), model, opt)
-        trained.update(_trainable_blocks(model))
+        trained.update(model.trainable)
         caches = _Caches(args, model, examples, held, log, trained, pad)  # after loading: the prefix may have trained
         batches.restore(state["data"])
         before, sample_before = state.get("eval_before"), state.get("sample_before")
@@ -597,7 +604,7 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
                          "base_fingerprint": base_fp, "eval_before": before,
                          "sample_before": sample_before,
                          "schedule": schedule.state_dict() if schedule else {},
-                         "trained_blocks": sorted(trained)})
+                         "trained": sorted(trained), "trainable": model.trainable})
 
     try:
         step = start
@@ -607,7 +614,7 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
             t0 = time.perf_counter()
             if schedule is not None and schedule.apply(model, opt, step, steps):
                 caches.refresh()
-                trained.update(_trainable_blocks(model))
+                trained.update(model.trainable)
             opt.lr = sched(step)
             model.zero_grad()
             loss_sum, ntok = 0.0, 0
@@ -677,6 +684,7 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
         caches.close()
 
     shutil.rmtree(os.path.join(args.out, "checkpoint"), ignore_errors=True)  # superseded by model/
+    n_train = sum(model.params[n].size for n in trained)   # under a schedule: all that ever trained
     summary = {"status": "done", "steps": steps, "eval_loss_before": before, "eval_loss_after": after,
                "perplexity_before": _ppl(before), "perplexity_after": _ppl(after),
                "trainable_params": n_train, "total_params": model.num_params(),

@@ -335,3 +335,44 @@ def test_generate_still_takes_arrays_and_tuples(model):
     a = engine.generate(model, np.array([1, 2]), max_new_tokens=3, stop=np.array([7]))
     assert a == engine.generate(model, (1, 2), max_new_tokens=3, stop=(7,))
     assert len(a) in (1, 2, 3)
+
+
+def test_prefix_and_start_must_be_integers(model):
+    x = np.zeros((1, 4), np.int64)
+    for bad in (2.0, "2", None):
+        with pytest.raises(engine.InputError, match="prefix upto="):
+            model.prefix(x, bad)
+        with pytest.raises(engine.InputError, match="start="):
+            model.forward(x, x, hidden=np.zeros((1, 4, model.config.d_model), np.float32), start=bad)
+
+
+@pytest.mark.parametrize("args,match", [
+    ((1e-3, "10"), "integers total > 0"), ((1e-3, None), "integers total > 0"),
+    ((1e-3, 10, -1), "warmup >= 0"), (("x", 10), "schedule lr"), ((1e-3, 10, 0, float("nan")), "min_lr"),
+])
+def test_cosine_schedule_arguments(args, match):
+    with pytest.raises(engine.InputError, match=match):
+        engine.CosineSchedule(*args)
+
+
+def test_optimizer_load_state_dict_checks_everything_first(model):
+    model.train_last(1)
+    opt = engine.AdamW(model)
+    good = opt.state_dict()
+    n = next(iter(good["state"]))
+    shape = good["state"][n]["m"].shape
+    bad = [({}, "needs 't'"),
+           ({**good, "t": "3"}, "needs 't'"),
+           ({**good, "lr": "x"}, "state_dict lr"),
+           ({**good, "state": {n: {"buf": np.zeros(shape, np.float32)}}}, "no such entry"),
+           ({**good, "state": {n: {"m": [0.0]}}}, "finite array"),
+           ({**good, "state": {n: {"v": -np.ones(shape, np.float32)}}}, "negative"),
+           ({**good, "state": {n: {"t": "3"}}}, "must be of type int"),
+           ({**good, "state": {"nope": {}}}, "not trainable")]
+    before = {k: {a: (b.copy() if isinstance(b, np.ndarray) else b) for a, b in st.items()}
+              for k, st in opt.state.items()}
+    for d, match in bad:
+        with pytest.raises(engine.InputError, match=match):
+            opt.load_state_dict(d)
+    assert opt.t == 0 and all(np.array_equal(opt.state[k]["m"], before[k]["m"]) for k in before)
+    model.unfreeze()

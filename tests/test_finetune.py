@@ -231,3 +231,29 @@ def test_metrics_lines_are_strict_json(tmp_path):
                 truncate=True)
     rec = json.loads(open(p).read(), parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
     assert rec == {"step": 1, "loss": None, "telemetry": {"blocks.0": {"cka_to_pretrained": None, "drift": None}}}
+
+
+def test_examples_without_targets_are_left_out_not_diverged(tiny, tmp_path, capsys):
+    """Prompts longer than --seq-len leave no loss token; with batches of one such an example
+    alone made a NaN loss that stopped the run as diverged. They are left out, with a warning."""
+    model, _ = tiny
+    rows = [{"prompt": "p" * (200 if i % 3 == 0 else 5), "completion": " ok"} for i in range(9)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "o"
+    assert cli(["finetune", "--model", model, "--data", str(data), "--out", str(out), "--seq-len", "64",
+                "--batch-size", "1", "--epochs", "1", "--eval-fraction", "0", "--sample-tokens", "0"]) == 0
+    assert "3 of 9 examples have no loss tokens" in capsys.readouterr().err
+    steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl")]
+    assert max(steps) == 6                             # one epoch over the 6 with targets
+
+
+def test_epochs_count_short_last_batches(tiny, tmp_path):
+    """9 examples in batches of 8 are 2 batches an epoch (8 + 1): --epochs 2 is 4 steps."""
+    model, _ = tiny
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": " a"}) + "\n" for i in range(9)))
+    out = tmp_path / "o"
+    assert cli(["finetune", "--model", model, "--data", str(data), "--out", str(out), "--seq-len", "32",
+                "--batch-size", "8", "--epochs", "2", "--eval-fraction", "0", "--sample-tokens", "0"]) == 0
+    assert json.load(open(out / "summary.json"))["steps"] == 4

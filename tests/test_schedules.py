@@ -141,6 +141,44 @@ def test_resumed_gradual_run_equals_the_uninterrupted_one(tmp_path):
     assert all(np.array_equal(a[n], b[n]) for n in a)
 
 
+@pytest.mark.parametrize("name", ["freezeout", "lisa"])
+def test_resume_at_a_step_where_blocks_leave(tmp_path, name):
+    """Stopped after step 4, where FreezeOut stops block 4 (t0 = 0.5 of 8 steps) and LISA draws
+    its next blocks: the checkpoint's optimizer state belongs to step 3's set, which the resumed
+    run restores before the loop changes it, so it ends as the uninterrupted run does."""
+    model = _tiny_dir(tmp_path / "m")
+    data = _text(tmp_path / "d.txt")
+
+    def args(out, *extra):
+        return ["finetune", "--model", model, "--data", data, "--out", str(out), "--train-last", "2",
+                "--steps", "8", "--batch-size", "2", "--seq-len", "16", "--schedule", name,
+                "--schedule-every", "4", "--seed", "3", "--sample-tokens", "0", *extra]
+
+    assert cli(args(tmp_path / "straight")) == 0
+    with signal_after_steps(4):
+        assert cli(args(tmp_path / "resumed")) == 130
+    ck = json.load(open(tmp_path / "resumed" / "checkpoint" / "trainer_state.json"))
+    assert ck["step"] == 4
+    assert cli(args(tmp_path / "resumed", "--resume", str(tmp_path / "resumed"))) == 0
+    a, b = (engine.load(str(tmp_path / r / "model")).params for r in ("straight", "resumed"))
+    assert all(np.array_equal(a[n], b[n]) for n in a)
+    sets = [json.loads(line).get("trainable_blocks") for line in open(tmp_path / "straight" / "metrics.jsonl")]
+    assert sets[4] != sets[5]                        # the set did change at the resumed step
+
+
+def test_summary_counts_every_parameter_the_schedule_trained(tmp_path):
+    model = _tiny_dir(tmp_path / "m")
+    data = _text(tmp_path / "d.txt")
+    out = tmp_path / "g"
+    assert cli(["finetune", "--model", model, "--data", data, "--out", str(out), "--train-last", "1",
+                "--steps", "6", "--batch-size", "2", "--seq-len", "16", "--schedule", "gradual",
+                "--schedule-every", "2", "--sample-tokens", "0"]) == 0
+    m = engine.load(model)
+    want = sum(p.size for n, p in m.params.items()
+               if n.startswith(("blocks.3.", "blocks.4.", "blocks.5.", "ln_f.")))
+    assert json.load(open(out / "summary.json"))["trainable_params"] == want
+
+
 def test_resume_refuses_training_flags_that_differ_from_the_run(tmp_path, capsys):
     model = _tiny_dir(tmp_path / "m")
     data = _text(tmp_path / "d.txt")
