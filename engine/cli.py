@@ -165,6 +165,9 @@ def _eval(a):
         raise InputError(f"--seq-len {a.seq_len} exceeds the model's context of {model.config.max_seq_len}")
     ex = D.Examples(D.tokenize_file(a.data, tok), a.seq_len)
     D.check_targets(ex, np.arange(len(ex)), a.data, lambda m: print(f"warning: {m}", file=sys.stderr))
+    if ex.data.kind == "examples" and ex.truncated:   # the loss is then of the cut examples
+        print(f"note: {ex.truncated} examples are longer than --seq-len {a.seq_len} and were "
+              "truncated", file=sys.stderr)
     pad = tok.batch_pad_id
     loss = evaluate(model, ex, np.arange(len(ex)), a.batch_size, pad)
     print(f"loss {loss:.4f}  perplexity {math.exp(min(loss, 50)):.3f}  ({len(ex)} examples)")

@@ -19,8 +19,9 @@ import numpy as np
 
 from .errors import InputError
 from .model import IGNORE
+from .tokenizer import ChatTemplateError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2   # 2: the file kind in the key, BOMs stripped, a text file's short last window
 
 
 def cache_root() -> str:
@@ -47,11 +48,13 @@ class TokenData:
 
 
 # ---- reading and tokenizing ---------------------------------------------------------------
-def read_rows(path: str) -> list[dict]:
-    """JSONL rows, each checked; errors name the file and the line."""
+def read_rows(path: str) -> list[tuple[int, dict]]:
+    """(line number, row) of each JSONL row, checked; errors name the file and the line."""
     rows = []
     with open(path, "rb") as f:  # decoded line by line, so a bad byte is reported with its line
         for n, raw in enumerate(f, 1):
+            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):   # a BOM (Notepad, PowerShell)
+                raw = raw[3:]
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -63,7 +66,7 @@ def read_rows(path: str) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise InputError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            rows.append(_check_row(row, path, n))
+            rows.append((n, _check_row(row, path, n)))
     return rows
 
 
@@ -124,8 +127,17 @@ def _chat_segments(tok, msgs):
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        prompt = tok.chat_prompt(msgs[:i], add_generation_prompt=True) if i else ""
         full = tok.chat_prompt(msgs[:i + 1], add_generation_prompt=False)
+        if i:
+            prompt = tok.chat_prompt(msgs[:i], add_generation_prompt=True)
+        else:   # an opening assistant turn: the prompt is what the template puts before its
+            # content (a default system prompt, the role header), found through a placeholder
+            mark = "\x00tailtune-content\x00"
+            head = tok.chat_prompt([{**m, "content": mark}], add_generation_prompt=False)
+            if mark not in head:
+                raise InputError("the chat template changes message contents; cannot tell the "
+                                 "opening assistant turn's prompt apart")
+            prompt = head[:head.index(mark)]
         if not (prompt.startswith(done) and full.startswith(prompt)):
             raise InputError("the chat template does not render conversations prefix by prefix; "
                              "cannot tell assistant turns apart")
@@ -147,7 +159,7 @@ def tokenize_file(path: str, tok, use_template: bool | None = None, cache_dir: s
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    h.update(f"|{tok.fingerprint()}|{use_template}|{CACHE_VERSION}".encode())
+    h.update(f"|{kind}|{tok.fingerprint()}|{use_template}|{CACHE_VERSION}".encode())
     key = h.hexdigest()[:32]
     d = os.path.join(cache_dir or os.path.join(cache_root(), "data"), key)
     if os.path.isfile(os.path.join(d, "meta.json")):
@@ -159,9 +171,7 @@ def tokenize_file(path: str, tok, use_template: bool | None = None, cache_dir: s
     if log:
         log(f"tokenizing {path} (cached afterwards in {d})")
     if kind == "text":
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
-        ids = tok.encode(text)
+        ids = tok.encode(_read_text(path))
         if tok.eos_id is not None:
             ids.append(tok.eos_id)
         tokens = np.asarray(ids, np.int32)
@@ -171,7 +181,14 @@ def tokenize_file(path: str, tok, use_template: bool | None = None, cache_dir: s
         rows = read_rows(path)
         if not rows:
             raise InputError(f"{path}: no examples in the file")
-        parts = [_encode_example(tok, r, use_template) for r in rows]
+        parts = []
+        for n, r in rows:
+            try:
+                parts.append(_encode_example(tok, r, use_template))
+            except (InputError, ChatTemplateError) as e:   # name the row the template refused
+                raise type(e)(f"{path}:{n}: {e}") from None
+            except ValueError as e:   # e.g. a lone surrogate ("\ud83d", a cut emoji)
+                raise InputError(f"{path}:{n}: cannot encode this row ({e})") from None
         tokens = np.asarray([t for ids, _ in parts for t in ids], np.int32)
         mask = np.asarray([m for _, ms in parts for m in ms], np.uint8)
         offsets = np.cumsum([0] + [len(ids) for ids, _ in parts]).astype(np.int64)
@@ -182,6 +199,20 @@ def tokenize_file(path: str, tok, use_template: bool | None = None, cache_dir: s
     if data is None:
         raise InputError(f"{d}: the tokenized data just written there cannot be read back")
     return data
+
+
+def _read_text(path: str) -> str:
+    """A text file as UTF-8 (a BOM dropped); a byte that is not UTF-8 is named by line and
+    column, as in JSONL files, instead of becoming U+FFFD in the training text."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise InputError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {col}); "
+                         "text files must be UTF-8") from None
 
 
 def _store(d, tokens, mask, offsets, meta):
@@ -223,7 +254,9 @@ class Examples:
         self.data, self.T = data, seq_len
         if data.kind == "text":
             n = len(data.tokens)
-            self.n = max(1, (n - 1) // seq_len)   # windows of T + 1 overlapping by one token
+            # windows of T + 1 overlapping by one token; the last one shorter, so that no
+            # trailing token goes untrained (or unevaluated)
+            self.n = max(1, -(-(n - 1) // seq_len))
         else:
             self.n = data.n_examples
             lengths = np.diff(np.asarray(data.offsets))

@@ -258,6 +258,9 @@ def _read_state(ck: str) -> dict:
             for c in counts.values())):
         raise CheckpointError(f"{path}: 'opt_counts' must map parameters to integer step counts "
                               "(damaged checkpoint)")
+    keys = state.get("data_keys", {})
+    if not (isinstance(keys, dict) and all(isinstance(v, str) for v in keys.values())):
+        raise CheckpointError(f"{path}: 'data_keys' must map 'train' and 'eval' to strings (damaged checkpoint)")
     for k in ("trained", "trainable"):   # absent in checkpoints written before they existed
         names = state.get(k, ["-"])
         if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
@@ -512,6 +515,11 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
     pad = tok.batch_pad_id
     schedule = _apply_freezing(model, args)  # before tokenizing: a bad --train-last fails fast
     examples, train_idx, held, eval_idx = load_data(args, tok, seq_len, log)
+    data_keys = {"train": examples.data.key, "eval": held.data.key}   # the files' contents
+    if state is not None and state.get("data_keys", data_keys) != data_keys:
+        raise CheckpointError(f"{resume}: the data changed since the checkpoint ({args.data}"
+                              f"{' or ' + args.eval_data if args.eval_data else ''} holds other "
+                              "contents now); a resumed run needs the same data: start a new run")
     batches = D.Batches(examples, train_idx, args.batch_size, args.seed, pad)
     per_step = args.batch_size * args.grad_accum
     # an epoch is steps_per_epoch() batches, its last one short when B does not divide it
@@ -604,7 +612,8 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
                          "base_fingerprint": base_fp, "eval_before": before,
                          "sample_before": sample_before,
                          "schedule": schedule.state_dict() if schedule else {},
-                         "trained": sorted(trained), "trainable": model.trainable})
+                         "trained": sorted(trained), "trainable": model.trainable,
+                         "data_keys": data_keys})
 
     try:
         step = start

@@ -257,3 +257,16 @@ def test_epochs_count_short_last_batches(tiny, tmp_path):
     assert cli(["finetune", "--model", model, "--data", str(data), "--out", str(out), "--seq-len", "32",
                 "--batch-size", "8", "--epochs", "2", "--eval-fraction", "0", "--sample-tokens", "0"]) == 0
     assert json.load(open(out / "summary.json"))["steps"] == 4
+
+
+def test_resume_refuses_data_whose_contents_changed(tiny, tmp_path, capsys):
+    from conftest import signal_after_steps
+    model, data = tiny
+    mine = tmp_path / "d.txt"
+    mine.write_text(open(data).read())
+    out = str(tmp_path / "r")
+    argv = run_args(model, str(mine), out)
+    with signal_after_steps(2):
+        assert cli(argv) == 130
+    mine.write_text(open(data).read()[::-1])            # same name, other contents
+    fails(capsys, argv + ["--resume", out], "the data changed since the checkpoint")

@@ -1,0 +1,102 @@
+"""Training data: chat loss masks, the token cache's key, text windows, encodings, and errors
+that name the row."""
+import json
+
+import numpy as np
+import pytest
+
+import engine
+from engine import data as D
+from engine.cli import main as cli
+
+# a template with a default system prompt, as SmolLM2's: an opening assistant turn must not
+# train on it
+TEMPLATE = ("{% if messages[0].role != 'system' %}<sys>be brief</s>{% endif %}"
+            "{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def tok():
+    return engine.ByteTokenizer(chat_template=TEMPLATE)
+
+
+def write(path, text, mode="w"):
+    if mode == "wb":
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    return str(path)
+
+
+def trained_text(t, data):
+    ids, mask = np.asarray(data.tokens), np.asarray(data.mask)
+    return t.decode([int(i) for i in ids[mask == 1]])
+
+
+def test_opening_assistant_turn_trains_on_its_content_only(tmp_path):
+    t = tok()
+    p = write(tmp_path / "a.jsonl", json.dumps({"messages": [
+        {"role": "assistant", "content": "hello"}, {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "bye"}]}) + "\n")
+    data = D.tokenize_file(p, t, cache_dir=str(tmp_path / "c"))
+    assert t.decode([int(i) for i in data.tokens]) == t.chat_prompt(
+        [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "hi"},
+         {"role": "assistant", "content": "bye"}], add_generation_prompt=False)
+    assert trained_text(t, data) == "hello</s>bye</s>"
+
+
+def test_cache_key_tells_a_text_file_from_jsonl_with_the_same_bytes(tmp_path):
+    row = json.dumps({"prompt": "question", "completion": " answer"}) + "\n"
+    c = str(tmp_path / "c")
+    rows = D.tokenize_file(write(tmp_path / "same.jsonl", row), tok(), cache_dir=c)
+    text = D.tokenize_file(write(tmp_path / "same.txt", row), tok(), cache_dir=c)
+    assert rows.kind == "examples" and text.kind == "text"
+    assert int(np.asarray(text.mask).sum()) == len(text.tokens)   # every token a target
+
+
+def test_text_windows_keep_the_trailing_tokens(tmp_path):
+    """465 tokens in windows of 256: two windows, the second short; every token after the
+    first is a target exactly once."""
+    t = engine.ByteTokenizer()
+    data = D.tokenize_file(write(tmp_path / "t.txt", "x" * (465 - 1)), t, cache_dir=str(tmp_path / "c"))
+    assert len(data.tokens) == 465                       # 464 bytes and the end-of-text token
+    ex = D.Examples(data, 256)
+    assert len(ex) == 2 and len(ex.get(1)[0]) == 465 - 256
+    assert int(ex.targets().sum()) == 464
+    full = D.Examples(data, 232)                         # 464 = 2 x 232: no short window
+    assert len(full) == 2 and int(full.targets().sum()) == 464
+
+
+def test_byte_order_marks_are_dropped(tmp_path):
+    t = engine.ByteTokenizer()
+    c = str(tmp_path / "c")
+    row = json.dumps({"prompt": "q", "completion": " a"}).encode() + b"\n"
+    rows = D.tokenize_file(write(tmp_path / "b.jsonl", b"\xef\xbb\xbf" + row, "wb"), t, cache_dir=c)
+    assert rows.n_examples == 1
+    text = D.tokenize_file(write(tmp_path / "b.txt", b"\xef\xbb\xbfabc", "wb"), t, cache_dir=c)
+    assert t.decode([int(i) for i in text.tokens[:3]]) == "abc"
+
+
+def test_text_that_is_not_utf8_is_named_by_line_and_column(tmp_path):
+    p = write(tmp_path / "latin1.txt", "first line\nCaf\xe9 cr\xe8me\n".encode("latin-1"), "wb")
+    with pytest.raises(engine.InputError, match=r"latin1.txt:2: not UTF-8 text \(byte 0xe9 at column 4\)"):
+        D.tokenize_file(p, engine.ByteTokenizer(), cache_dir=str(tmp_path / "c"))
+
+
+def test_a_row_that_cannot_be_encoded_is_named(tmp_path):
+    p = write(tmp_path / "s.jsonl", json.dumps({"prompt": "ok", "completion": " ok"}) + "\n\n"
+              + '{"prompt": "cut \\ud83d", "completion": " x"}\n')
+    with pytest.raises(engine.InputError, match=r"s.jsonl:3: .*lone surrogate"):
+        D.tokenize_file(p, engine.ByteTokenizer(), cache_dir=str(tmp_path / "c"))
+
+
+def test_eval_says_when_it_truncated(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TAILTUNE_CACHE", str(tmp_path / "cache"))
+    cfg = engine.Config.llama(vocab_size=257, n_layer=1, n_head=2, n_kv_head=1, d_model=16, d_ff=24,
+                              max_seq_len=64)
+    engine.Model(cfg, seed=0).save(str(tmp_path / "m"))
+    engine.ByteTokenizer().save(str(tmp_path / "m"))
+    p = write(tmp_path / "e.jsonl", "".join(json.dumps({"prompt": "q" * n, "completion": " answer"}) + "\n"
+                                            for n in (5, 30)))
+    assert cli(["eval", "--model", str(tmp_path / "m"), "--data", p, "--seq-len", "20"]) == 0
+    assert "1 examples are longer than --seq-len 20 and were truncated" in capsys.readouterr().err
