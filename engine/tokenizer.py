@@ -457,13 +457,16 @@ def _config_json(special_tokens: dict, chat_template) -> dict:
 
 
 def _write_files(directory, tokenizer_json: str, cfg: dict) -> None:
+    """Each file whole or untouched (written to a temporary, then renamed), as the model's."""
+    from .io.safetensors import write_atomic
     directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "tokenizer.json"), "w", encoding="utf-8") as f:
-        f.write(tokenizer_json)
-    with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump(cfg, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise TokenizerError(f"cannot create the directory {directory}: {e.strerror or e}") from None
+    write_atomic(os.path.join(directory, "tokenizer.json"), [tokenizer_json.encode("utf-8")])
+    write_atomic(os.path.join(directory, "tokenizer_config.json"),
+                 [(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n").encode("utf-8")])
 
 
 # --------------------------------------------------------------------------------------------

@@ -607,3 +607,11 @@ def test_missing_tokenizers_package_says_how_to_install(tmp_path, monkeypatch, t
     monkeypatch.setitem(__import__("sys").modules, "tokenizers", None)
     with pytest.raises(TokenizerError, match=r"pip install 'tailtune\[hf\]'"):
         engine.load_tokenizer(tmp_path)
+
+
+def test_tokenizer_save_fails_cleanly(tmp_path):
+    """A file that cannot be replaced is named, and no temporary file stays behind."""
+    (tmp_path / "tokenizer.json").mkdir()
+    with pytest.raises(engine.TailtuneError, match="tokenizer.json: cannot write"):
+        ByteTokenizer().save(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["tokenizer.json"]
