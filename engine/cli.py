@@ -246,8 +246,8 @@ _MIN_REPLY = 16   # tokens of room a chat turn needs at the least to be worth ge
 def _fit_chat(tok, messages, limit: int, max_new_tokens: int):
     """The prompt ids of `messages` (ending with the new user message) once the oldest
     user + assistant turns after any system message are dropped from `messages` until the
-    prompt and max_new_tokens fit the context; None (and a note) when even the new message
-    alone leaves no room for a reply."""
+    prompt and a reply fit the context; None (and a note) when even the new message alone
+    leaves no room for a reply."""
     start = 1 if messages[0]["role"] == "system" else 0
     room = min(max_new_tokens, _MIN_REPLY)
     alone = len(tok.chat_ids(messages[:start] + messages[-1:]))
@@ -256,8 +256,12 @@ def _fit_chat(tok, messages, limit: int, max_new_tokens: int):
               f"model's context of {limit} with room for a reply; not sent, try a shorter one",
               file=sys.stderr)
         return None
+    # history is kept while a reply of max_new_tokens fits, but never for less than a quarter
+    # of the context: generate() stops at the context anyway, and a --max-new-tokens as large
+    # as the context would otherwise drop every earlier turn
+    budget = min(max_new_tokens, max(room, limit // 4))
     ids, dropped = tok.chat_ids(messages), 0
-    while len(ids) + max_new_tokens > limit and len(messages) - start > 1:
+    while len(ids) + budget > limit and len(messages) - start > 1:
         del messages[start:start + 2]
         dropped += 1
         ids = tok.chat_ids(messages)

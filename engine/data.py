@@ -37,6 +37,7 @@ class TokenData:
         self.kind = kind              # "text" or "examples"
         self.source = source
         self.key = key                # hash of the file and the tokenizer
+        self.file_hash = ""           # hash of the file's bytes alone (a resumed run checks it)
 
     @property
     def n_examples(self) -> int:
@@ -159,8 +160,16 @@ def tokenize_file(path: str, tok, use_template: bool | None = None, cache_dir: s
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    file_hash = h.hexdigest()[:32]
     h.update(f"|{kind}|{tok.fingerprint()}|{use_template}|{CACHE_VERSION}".encode())
     key = h.hexdigest()[:32]
+    data = _tokenize(path, kind, key, tok, use_template, cache_dir, log)
+    data.file_hash = file_hash
+    return data
+
+
+def _tokenize(path, kind, key, tok, use_template, cache_dir, log) -> TokenData:
+    """The cache entry `key`, or the file tokenized and stored there."""
     d = os.path.join(cache_dir or os.path.join(cache_root(), "data"), key)
     if os.path.isfile(os.path.join(d, "meta.json")):
         data = _load_cached(d, path)

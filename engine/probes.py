@@ -21,7 +21,7 @@ import numpy as np
 
 from kernels import stats
 
-from .model import head_chunk_rows
+from .model import IGNORE, head_chunk_rows
 
 
 def _linears(block):
@@ -398,7 +398,7 @@ def measure(model, B: int, T: int, steps: int = 3, seed: int = 0, between=None,
     V = model.config.vocab_size
     x, y = rng.integers(0, V, (B, T)), rng.integers(0, V, (B, T))
     if target_rows is not None:   # the first positions carry no loss, as a chat's prompts
-        y.reshape(-1)[:B * T - target_rows] = -100
+        y.reshape(-1)[:B * T - target_rows] = IGNORE
     saved = {n: model.params[n].copy() for n in model.grads}
     opt = AdamW(model, lr=1e-6)
 

@@ -114,6 +114,9 @@ class TrainArgs:
         return d
 
 
+DEFAULT_TRAIN_LAST = 2   # blocks trained when neither --train-last nor --unfreeze is given
+
+
 # Arguments that do not change the weights: a resumed run takes them from the command line.
 _NOT_TRAINING = ("out", "eval_every", "save_every", "sample_prompt", "sample_tokens", "eval_batches",
                  "prefix_cache", "telemetry_every")
@@ -252,21 +255,20 @@ def _read_state(ck: str) -> dict:
             raise CheckpointError(f"{path}: {k!r} is missing or not {what} (damaged checkpoint)")
     if not all(isinstance(state["data"].get(k), int) for k in ("epoch", "cursor")):
         raise CheckpointError(f"{path}: 'data' needs integer 'epoch' and 'cursor' (damaged checkpoint)")
-    counts = state.get("opt_counts", {})   # absent in checkpoints written before it existed
-    if not (isinstance(counts, dict) and all(
-            isinstance(c, dict) and all(isinstance(v, (int, bool)) for v in c.values())
-            for c in counts.values())):
-        raise CheckpointError(f"{path}: 'opt_counts' must map parameters to integer step counts "
-                              "(damaged checkpoint)")
-    keys = state.get("data_keys", {})
-    if not (isinstance(keys, dict) and all(isinstance(v, str) for v in keys.values())):
-        raise CheckpointError(f"{path}: 'data_keys' must map 'train' and 'eval' to strings (damaged checkpoint)")
-    for k in ("trained", "trainable"):   # absent in checkpoints written before they existed
-        names = state.get(k, ["-"])
-        if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-            raise CheckpointError(f"{path}: {k!r} must be a non-empty list of parameter names "
-                                  "(damaged checkpoint)")
+    # written since 2026-11-30 (older checkpoints lack them: each has a fallback where it is used)
+    optional = {"opt_counts": lambda v: isinstance(v, dict) and all(
+                    isinstance(c, dict) and all(is_int(x) and x >= 0 for x in c.values()) for c in v.values()),
+                "data_hashes": lambda v: isinstance(v, dict) and set(v) == {"train", "eval"}
+                    and all(isinstance(x, str) for x in v.values()),
+                "trained": _names, "trainable": _names}
+    for k, ok in optional.items():
+        if k in state and not ok(state[k]):
+            raise CheckpointError(f"{path}: {k!r} is not what tailtune writes there (damaged checkpoint)")
     return state
+
+
+def _names(v) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(n, str) for n in v)
 
 
 def _apply_freezing(model: Model, args: TrainArgs):
@@ -280,7 +282,7 @@ def _apply_freezing(model: Model, args: TrainArgs):
         model.unfreeze(*args.unfreeze)
         schedule = None
     else:
-        k = 2 if args.train_last is None else args.train_last
+        k = DEFAULT_TRAIN_LAST if args.train_last is None else args.train_last
         if not 0 <= k <= model.config.n_layer:
             raise InputError(f"--train-last {k}: the model has {model.config.n_layer} blocks")
         model.train_last(k)
@@ -441,6 +443,12 @@ def save_checkpoint(dst: str, model, tok, opt, state: dict):
         shutil.rmtree(old)
 
 
+def _optimizer_names(src: str) -> list[str]:
+    """The parameters a checkpoint holds optimizer state for (its trainable set)."""
+    st = SafetensorsFile(os.path.join(src, "optimizer.safetensors"))
+    return sorted({key.rsplit(":", 1)[0] for key in st.keys()})
+
+
 def load_checkpoint(src: str, model, opt) -> dict:
     state = _read_state(src)
     cfg, params = load_params(src)
@@ -458,7 +466,10 @@ def load_checkpoint(src: str, model, opt) -> dict:
     for n, c in state.get("opt_counts", {}).items():
         if n in loaded:
             loaded[n].update(c)
-    opt.load_state_dict({"t": state["opt_t"], "lr": state["opt_lr"], "state": loaded})
+    try:
+        opt.load_state_dict({"t": state["opt_t"], "lr": state["opt_lr"], "state": loaded})
+    except InputError as e:
+        raise CheckpointError(f"{src}: {e} (damaged checkpoint)") from None
     return state
 
 
@@ -467,6 +478,8 @@ def _check_resume_args(args: TrainArgs, saved: TrainArgs):
     default) that differs from the run's is an error, not silently ignored."""
     defaults = TrainArgs(model="", data="", out="").training_fields()
     mine, theirs = args.training_fields(), saved.training_fields()
+    if not saved.unfreeze and theirs["train_last"] is None:   # what None meant for the run
+        theirs["train_last"] = DEFAULT_TRAIN_LAST
     differ = [f"--{k.replace('_', '-')} {mine[k]!r} (the run has {theirs[k]!r})"
               for k in mine if k not in ("model", "data") and mine[k] != defaults[k] and mine[k] != theirs[k]]
     if os.path.abspath(args.data) != os.path.abspath(saved.data):
@@ -515,11 +528,15 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
     pad = tok.batch_pad_id
     schedule = _apply_freezing(model, args)  # before tokenizing: a bad --train-last fails fast
     examples, train_idx, held, eval_idx = load_data(args, tok, seq_len, log)
-    data_keys = {"train": examples.data.key, "eval": held.data.key}   # the files' contents
-    if state is not None and state.get("data_keys", data_keys) != data_keys:
+    data_hashes = {"train": examples.data.file_hash, "eval": held.data.file_hash}
+    if state is not None and state.get("data_hashes", data_hashes) != data_hashes:
         raise CheckpointError(f"{resume}: the data changed since the checkpoint ({args.data}"
                               f"{' or ' + args.eval_data if args.eval_data else ''} holds other "
                               "contents now); a resumed run needs the same data: start a new run")
+    if state is not None and "data_hashes" not in state:
+        _warn(f"{resume}: a checkpoint written before tailtune recorded its data; the data is not "
+              "checked, and a text file now yields its last short window too, so the batch order "
+              "may differ from the run's")
     batches = D.Batches(examples, train_idx, args.batch_size, args.seed, pad)
     per_step = args.batch_size * args.grad_accum
     # an epoch is steps_per_epoch() batches, its last one short when B does not divide it
@@ -537,8 +554,9 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
                 schedule.apply(model, opt, state["step"], steps)
     elif schedule is not None:
         schedule.apply(model, opt, 0, steps)
-    # parameters trained so far (a checkpoint older than this record: assume all of them)
-    trained = set(model.trainable) if state is None else set(state.get("trained", model.params))
+    # parameters trained so far (a checkpoint older than this record: those it has state for)
+    trained = set(model.trainable) if state is None else set(
+        state.get("trained") or _optimizer_names(_checkpoint_dir(resume)))
     telemetry = None
     if args.telemetry_every:
         probe = D.make_batch(held, eval_idx[:4] if len(eval_idx) else train_idx[:4], pad)[0]
@@ -613,7 +631,7 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
                          "sample_before": sample_before,
                          "schedule": schedule.state_dict() if schedule else {},
                          "trained": sorted(trained), "trainable": model.trainable,
-                         "data_keys": data_keys})
+                         "data_hashes": data_hashes})
 
     try:
         step = start
@@ -684,8 +702,8 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
                 log(f"the final evaluation or save did not finish; the trained weights are in a "
                     f"checkpoint: finish with `tailtune finetune --model {args.model} --data "
                     f"{args.data} --out {args.out} --resume {args.out}`")
-            except Exception:   # the disk that failed the save may fail this too: keep its error
-                pass
+            except Exception as e:   # the disk that failed the save may fail this too
+                log(f"no checkpoint of the last step either ({e})")
             raise
     finally:
         for s, h in prev.items():

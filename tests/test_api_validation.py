@@ -356,23 +356,29 @@ def test_cosine_schedule_arguments(args, match):
 
 
 def test_optimizer_load_state_dict_checks_everything_first(model):
+    """Each bad state_dict holds a valid entry for one parameter (different from the state now)
+    before a bad one for another: nothing at all is taken, not even t or lr."""
     model.train_last(1)
     opt = engine.AdamW(model)
     good = opt.state_dict()
-    n = next(iter(good["state"]))
+    first, n = list(good["state"])[:2]
     shape = good["state"][n]["m"].shape
+    ones = {k: np.ones_like(v) for k, v in good["state"][first].items() if k in ("m", "v")}
+    valid = {first: {**ones, "t": 7}}
     bad = [({}, "needs 't'"),
            ({**good, "t": "3"}, "needs 't'"),
-           ({**good, "lr": "x"}, "state_dict lr"),
-           ({**good, "state": {n: {"buf": np.zeros(shape, np.float32)}}}, "no such entry"),
-           ({**good, "state": {n: {"m": [0.0]}}}, "finite array"),
-           ({**good, "state": {n: {"v": -np.ones(shape, np.float32)}}}, "negative"),
-           ({**good, "state": {n: {"t": "3"}}}, "must be of type int"),
-           ({**good, "state": {"nope": {}}}, "not trainable")]
-    before = {k: {a: (b.copy() if isinstance(b, np.ndarray) else b) for a, b in st.items()}
-              for k, st in opt.state.items()}
+           ({**good, "t": 9, "lr": "x"}, "state_dict lr"),
+           ({"t": 9, "lr": 0.5, "state": {**valid, n: {"buf": np.zeros(shape, np.float32)}}}, "no such entry"),
+           ({"t": 9, "lr": 0.5, "state": {**valid, n: {"m": [0.0]}}}, "finite array"),
+           ({"t": 9, "lr": 0.5, "state": {**valid, n: {"v": -np.ones(shape, np.float32)}}}, "negative"),
+           ({"t": 9, "lr": 0.5, "state": {**valid, n: {"t": "3"}}}, "must be of type int"),
+           ({"t": 9, "lr": 0.5, "state": {**valid, "nope": {}}}, "not trainable")]
     for d, match in bad:
         with pytest.raises(engine.InputError, match=match):
             opt.load_state_dict(d)
-    assert opt.t == 0 and all(np.array_equal(opt.state[k]["m"], before[k]["m"]) for k in before)
+    assert (opt.t, opt.lr) == (good["t"], good["lr"])
+    for k, st in opt.state.items():
+        assert st["t"] == 0 and not st["m"].any() and not st["v"].any(), k
+    opt.load_state_dict({"t": 9, "lr": 0.5, "state": valid})       # and a valid one is taken
+    assert opt.t == 9 and opt.state[first]["t"] == 7 and opt.state[first]["m"].all()
     model.unfreeze()

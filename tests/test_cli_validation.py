@@ -225,6 +225,10 @@ def edit(fn):
     (damage(state=edit(lambda s: s["args"].update(steps=-4))), "trainer_state.json", "--steps -4"),
     (damage(state=edit(lambda s: s.update(step="abc"))), "trainer_state.json",
      "'step' is missing or not an integer"),
+    (damage(state=edit(lambda s: s["opt_counts"]["ln_f.weight"].update(t=True))), "trainer_state.json",
+     "'opt_counts' is not what tailtune writes"),
+    (damage(state=edit(lambda s: s.update(trainable=[]))), "trainer_state.json", "'trainable'"),
+    (damage(state=edit(lambda s: s.update(data_hashes={}))), "trainer_state.json", "'data_hashes'"),
     (damage(metrics=lambda t: '{"step": 1}\nnot json\n' + t), "metrics.jsonl:2", "not a metrics record"),
     (damage(run="{garbled"), "run.json", "not a run description"),
 ])
@@ -243,3 +247,24 @@ def test_resume_drops_a_metrics_line_cut_off_by_a_crash(stopped, files, tmp_path
     assert cli(ft(files, out, "--steps", "6", "--resume", str(out))) == 0
     steps = [r["step"] for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r]
     assert steps == list(range(1, 7))
+
+
+def test_resume_of_a_checkpoint_older_than_its_records(stopped, files, tmp_path, capsys):
+    """A checkpoint written before tailtune recorded the trained set, the trainable set and the
+    data's hash: the run resumes, warns that the data is not checked, and counts as trained
+    what the checkpoint holds optimizer state for."""
+    out = tmp_path / "copy"
+    shutil.copytree(stopped[0], out)
+    old = edit(lambda s: [s.pop(k) for k in ("trained", "trainable", "data_hashes", "opt_counts")])
+    damage(state=old)(out)
+    assert cli(ft(files, out, "--steps", "6", "--resume", str(out))) == 0
+    assert "the data is not checked" in capsys.readouterr().err
+    m = engine.load(files["model"]).train_last(2)
+    assert json.load(open(out / "summary.json"))["trainable_params"] == m.num_params(trainable_only=True)
+
+
+def test_resume_accepts_flags_equal_to_the_runs_defaults(stopped, files, tmp_path):
+    """The run left --train-last at its default (2): giving --train-last 2 now is the same."""
+    out = tmp_path / "copy"
+    shutil.copytree(stopped[0], out)
+    assert cli(ft(files, out, "--steps", "6", "--train-last", "2", "--resume", str(out))) == 0

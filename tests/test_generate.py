@@ -149,3 +149,26 @@ def test_interactive_chat_drops_old_turns_to_fit_the_context(tmp_path, capsys, m
                        "<user>fourth question here<assistant>"]
     assert err.count("note: dropped the 1 oldest turn of the conversation") == 2
     assert "note: this message takes 183 tokens" in err and "not sent" in err
+
+
+def test_interactive_chat_keeps_history_with_a_large_max_new_tokens(tmp_path, capsys, monkeypatch):
+    """--max-new-tokens as large as the context: generate() stops at the context anyway, so
+    earlier turns stay while a quarter of the context is left for the reply."""
+    import importlib
+    import io
+
+    from engine.cli import main as cli
+    G = importlib.import_module("engine.generate")
+    tok = chat_model_dir(tmp_path, n_layer=1, max_seq_len=128)
+    prompts = []
+
+    def reply(model, ids, on_token, max_new_tokens, **kw):
+        prompts.append(tok.decode(ids))
+        for t in tok.encode("ok."):
+            on_token(t)
+
+    monkeypatch.setattr(G, "generate", reply)
+    monkeypatch.setattr("sys.stdin", io.StringIO("first\nsecond\n"))
+    assert cli(["generate", "--model", str(tmp_path), "--chat", "--max-new-tokens", "200"]) == 0
+    assert prompts[1] == "<user>first<assistant>ok.<user>second<assistant>"
+    assert "dropped" not in capsys.readouterr().err
