@@ -133,7 +133,8 @@ _NOT_ARCHITECTURE = ("bos_token_id", "eos_token_id", "pad_token_id", "generation
 
 def _is_id(v) -> bool:
     # any integer: configs in the wild hold ids past the vocabulary (GPT-2's 50256 in small
-    # models) and pad -1; the engine only carries them through to the saved files
+    # models) and pad -1; the engine only carries them through to the saved files. A Python
+    # int, not errors.is_int's numpy integers too: these go into config.json as they are
     return isinstance(v, int) and not isinstance(v, bool)
 
 

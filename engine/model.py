@@ -34,6 +34,12 @@ def head_chunk_rows(N: int, V: int, need_dw: bool) -> int:
     return -(-N // -(-N // R))   # equal chunks: 512 + 512 rows, not 682 + 342 (a short GEMM is slow)
 
 
+def block_of(name: str) -> int | None:
+    """The block of a parameter or layer name ('blocks.3.mlp.up.weight', 'blocks.3' -> 3);
+    None outside the blocks."""
+    return int(name.split(".")[1]) if name.startswith("blocks.") else None
+
+
 class Model:
     def __init__(self, config: Config, params: dict | None = None, seed: int = 0):
         from .warmup import ensure_compiled
@@ -165,6 +171,10 @@ class Model:
         for g in self.grads.values():
             g.fill(0.0)
 
+    def trainable_blocks(self) -> list[int]:
+        """Blocks holding a trainable parameter, in order."""
+        return sorted({block_of(n) for n in self.grads} - {None})
+
     def lowest_trainable_block(self) -> int:
         """-1 when an embedding is trainable (backward reaches the lookup), n_layer when only
         the final norm / head are, else the lowest block holding a trainable parameter."""
@@ -172,7 +182,7 @@ class Model:
         low = L
         for n in self.grads:
             if n.startswith("blocks."):
-                low = min(low, int(n.split(".")[1]))
+                low = min(low, block_of(n))
             elif n in ("wte.weight", "wpe.weight"):
                 return -1
         return low

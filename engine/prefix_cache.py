@@ -25,6 +25,14 @@ import time
 import numpy as np
 
 from .errors import InputError
+from .model import block_of
+
+
+def in_prefix(name: str, start: int) -> bool:
+    """Whether parameter `name` is part of the prefix below block `start` (an embedding, or a
+    lower block's)."""
+    b = block_of(name)
+    return name in ("wte.weight", "wpe.weight") if b is None else b < start
 
 
 def prefix_hash(model, start: int) -> str:
@@ -32,8 +40,7 @@ def prefix_hash(model, start: int) -> str:
     h = hashlib.sha256(repr(sorted(model.config.architecture().items())).encode())
     h.update(str(start).encode())
     for n in sorted(model.params):
-        below = (n.startswith("blocks.") and int(n.split(".")[1]) < start) or n in ("wte.weight", "wpe.weight")
-        if below:
+        if in_prefix(n, start):
             h.update(n.encode())
             h.update(np.ascontiguousarray(model.params[n]).data)
     return h.hexdigest()[:24]

@@ -21,7 +21,7 @@ import numpy as np
 
 from kernels import stats
 
-from .model import IGNORE, head_chunk_rows
+from .model import IGNORE, block_of, head_chunk_rows
 
 
 def _linears(block):
@@ -262,7 +262,7 @@ class Telemetry:
         for n in self.w0:
             L = _layer_of(n)
             if L.startswith("blocks."):
-                low = min(low, int(L.split(".")[1]))
+                low = min(low, block_of(L))
             elif not any(n.startswith(f) for f in _AFTER_BLOCKS):
                 return 0
         return low
@@ -345,7 +345,7 @@ def plot_telemetry(records: list, png: str) -> None:
             "adam_v_norm", "cka_to_pretrained"]
     fig, axes = plt.subplots(2, 4, figsize=(18, 7))
     layers = sorted({L for r in records for L in r["telemetry"]},
-                    key=lambda s: (not s.startswith("blocks."), int(s.split(".")[1]) if s.startswith("blocks.") else 0))
+                    key=lambda s: (block_of(s) is None, block_of(s) or 0))
     # beyond 10 layers colours follow depth, and neighbours, close in colour, differ in marker
     few = len(layers) <= 10
     cmap = plt.get_cmap("tab10" if few else "turbo")

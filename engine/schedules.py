@@ -25,6 +25,7 @@ import math
 import numpy as np
 
 from .errors import InputError, is_int, is_number
+from .model import block_of
 
 NAMES = ("static", "gradual", "lr-decay", "freezeout", "autofreeze", "lisa")
 
@@ -73,7 +74,7 @@ class Schedule:
         `step`; True when the trainable set changed."""
         self.total = total
         want = sorted(set(self.blocks(step)))
-        have = sorted({int(n.split(".")[1]) for n in model.grads if n.startswith("blocks.")})
+        have = model.trainable_blocks()
         changed = want != have or "ln_f.weight" not in model.grads
         if changed:   # only the blocks that leave or join: the others keep their Adam state
             gone = [f"blocks.{i}.*" for i in have if i not in want]
@@ -83,8 +84,8 @@ class Schedule:
             model.unfreeze("ln_f.*", *new)
         scales = {}
         for n in model.grads:
-            if n.startswith("blocks."):
-                s = self.lr_scale(int(n.split(".")[1]), step)
+            if block_of(n) is not None:
+                s = self.lr_scale(block_of(n), step)
                 if s != 1.0:
                     scales[n] = s
         opt.lr_scale = scales
@@ -149,8 +150,8 @@ class AutoFreeze(Schedule):
     def observe(self, model, step):
         sq: dict[int, float] = {}
         for n, g in model.grads.items():
-            if n.startswith("blocks."):
-                i = int(n.split(".")[1])
+            i = block_of(n)
+            if i is not None:
                 sq[i] = sq.get(i, 0.0) + float(np.dot(g.ravel(), g.ravel()))
         for i, v in sq.items():
             self.sums[i] = self.sums.get(i, 0.0) + math.sqrt(v)

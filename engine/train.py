@@ -35,7 +35,7 @@ from .io.resolve import resolve_model_path
 from .io.safetensors import SafetensorsFile, write as write_safetensors
 from .model import Model
 from .optim import AdamW, CosineSchedule, clip_grad_norm
-from .prefix_cache import PrefixCache
+from .prefix_cache import PrefixCache, in_prefix
 from .probes import Telemetry, plot_telemetry
 from .tokenizer import load_tokenizer
 
@@ -332,10 +332,6 @@ def evaluate(model: Model, examples, indices, batch_size, pad_id, max_batches=No
     return total / count if count else float("nan")
 
 
-def _trainable_blocks(model) -> list[int]:
-    return sorted({int(n.split(".")[1]) for n in model.grads if n.startswith("blocks.")})
-
-
 def _forward(model, x, y, idx, cache, grad=True):
     if cache is None:
         return model.forward(x, y, grad=grad)
@@ -376,8 +372,7 @@ class _Caches:
 
         def make(ex, old):
             c = PrefixCache(self.model, ex, start, self.args.prefix_dtype, d, ex.data.key,
-                            disposable=any(n.startswith("blocks.") and int(n.split(".")[1]) < start
-                                           or n in ("wte.weight", "wpe.weight") for n in self.trained))
+                            disposable=any(in_prefix(n, start) for n in self.trained))
             if up:
                 c.fill_from(old, self.args.batch_size, self.pad_id)
             return c
@@ -667,7 +662,7 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
             opt.step()
             tok_s = ntok / (time.perf_counter() - t0)
             rec = {"step": step + 1, "loss": loss, "lr": opt.lr, "grad_norm": gnorm, "tokens_per_s": tok_s,
-                   "trainable_blocks": _trainable_blocks(model)}
+                   "trainable_blocks": model.trainable_blocks()}
             if telemetry is not None and telemetry.due(step):
                 rec["telemetry"] = telemetry.record(step, opt)
             step += 1
