@@ -180,9 +180,9 @@ def _tokenize(path, kind, key, tok, use_template, cache_dir, log) -> TokenData:
     if log:
         log(f"tokenizing {path} (cached afterwards in {d})")
     if kind == "text":
-        ids = tok.encode(_read_text(path))
+        ids = encode_text(tok, _read_text(path))
         if tok.eos_id is not None:
-            ids.append(tok.eos_id)
+            ids = np.append(ids, np.int32(tok.eos_id))
         tokens = np.asarray(ids, np.int32)
         mask = np.ones(len(tokens), np.uint8)
         offsets = np.array([0, len(tokens)], np.int64)
@@ -208,6 +208,45 @@ def _tokenize(path, kind, key, tok, use_template, cache_dir, log) -> TokenData:
     if data is None:
         raise InputError(f"{d}: the tokenized data just written there cannot be read back")
     return data
+
+
+TEXT_CHUNK = 1 << 20   # characters per encode call of a long text
+
+
+def encode_text(tok, text: str, chunk: int = TEXT_CHUNK) -> np.ndarray:
+    """tok.encode(text) as int32, for a text of any length. One encode call over a whole file
+    holds ~170 bytes per character (a 30 MB file: 5.2 GB), so a long text is encoded in pieces
+    that end after a newline standing alone between two non-space characters: a byte-level
+    BPE's pre-tokenizer always splits on both sides of it, so the ids are the same (after a run
+    of whitespace it would not: at a text's end the run is one piece, inside it is not). Each cut is checked (the two
+    lines around it encoded together and apart); a tokenizer that does not split there (one
+    that marks the start of a text, as SentencePiece does) gets the single call instead."""
+    if len(text) <= chunk:
+        return np.asarray(tok.encode(text), np.int32)
+    cuts, at = [], chunk
+    while at < len(text):
+        nl = text.find("\n", at)   # a newline alone between two non-space characters
+        while nl != -1 and nl + 1 < len(text) and (text[nl + 1].isspace() or text[nl - 1].isspace()):
+            nl = text.find("\n", nl + 1)
+        if nl == -1 or nl + 1 >= len(text):
+            break
+        cuts.append(nl + 1)
+        at = nl + 1 + chunk
+    pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+    for c in cuts:   # the lines on either side of each cut
+        before = text[text.rfind("\n", 0, c - 1) + 1:c]
+        after = text[c:text.find("\n", c) + 1 or len(text)]
+        if tok.encode(before + after, add_special_tokens=False) != (
+                tok.encode(before, add_special_tokens=False) + tok.encode(after, add_special_tokens=False)):
+            return np.asarray(tok.encode(text), np.int32)
+    # what the whole-text call adds around the ids (a BOS, an EOS), found on a sample
+    bare, full = tok.encode("a", add_special_tokens=False), tok.encode("a")
+    at = next(i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare)
+    head, tail = full[:at], full[at + len(bare):]
+    parts = [np.asarray(head, np.int32)]
+    parts += [np.asarray(tok.encode(p, add_special_tokens=False), np.int32) for p in pieces]
+    parts.append(np.asarray(tail, np.int32))
+    return np.concatenate(parts)
 
 
 def _read_text(path: str) -> str:

@@ -100,3 +100,53 @@ def test_eval_says_when_it_truncated(tmp_path, capsys, monkeypatch):
                                             for n in (5, 30)))
     assert cli(["eval", "--model", str(tmp_path / "m"), "--data", p, "--seq-len", "20"]) == 0
     assert "1 examples are longer than --seq-len 20 and were truncated" in capsys.readouterr().err
+
+
+def _long_text():
+    import argparse
+    import inspect
+    import textwrap
+    return ("".join(inspect.getsource(m) for m in (argparse, textwrap)) * 2
+            + "\n\n  trailing \n\n\n日本語 😀\nend")
+
+
+class _Backend:
+    """A `tokenizers.Tokenizer` with tailtune's encode signature."""
+
+    def __init__(self, tk):
+        self.tk = tk
+
+    def encode(self, text, add_special_tokens=True):
+        return self.tk.encode(text, add_special_tokens=add_special_tokens).ids
+
+
+def test_long_text_in_pieces_gives_the_whole_texts_ids():
+    """Byte-level BPE (SmolLM2's), bare and with a BOS + EOS post-processor: pieces cut after a
+    lone newline give exactly the ids of one encode call."""
+    from tokenizers.processors import TemplateProcessing
+    smol = engine.load_tokenizer("smollm2")
+    text = _long_text()
+    assert np.array_equal(D.encode_text(smol, text, chunk=2000), smol.encode(text))
+    tk = type(smol._tk).from_str(smol._tk.to_str())
+    tk.post_processor = TemplateProcessing(single="<|im_start|> $A <|im_end|>",
+                                           special_tokens=[("<|im_start|>", 1), ("<|im_end|>", 2)])
+    wrapped = _Backend(tk)
+    want = wrapped.encode(text)
+    assert want[0] == 1 and want[-1] == 2
+    assert np.array_equal(D.encode_text(wrapped, text, chunk=2000), want)
+
+
+def test_long_text_with_a_start_marking_tokenizer_is_encoded_whole():
+    """A SentencePiece-style tokenizer (Metaspace: a word's start is part of its token) does not
+    split at a newline; the cut check sees it and the text is encoded in one call."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    text = _long_text()
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    tk.train_from_iterator([text], trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>"]))
+    wrapped = _Backend(tk)
+    want = wrapped.encode(text)
+    cut = next(i + 1 for i in range(2000, len(text))     # the first cut encode_text would make
+               if text[i] == "\n" and not text[i - 1].isspace() and not text[i + 1].isspace())
+    assert wrapped.encode(text[:cut]) + wrapped.encode(text[cut:]) != want   # pieces would differ
+    assert np.array_equal(D.encode_text(wrapped, text, chunk=2000), want)
