@@ -377,7 +377,7 @@ def plot(summary: dict, png: str, n_layer: int = 30) -> None:
     ax.set_xlim(-1, n_layer + 1)
     rel = [r.get(c) for r in rows for c in ("rel_loss_gain", "rel_field_accuracy", "rel_exact_match")]
     rel = [v for v in rel if v is not None]
-    ax.set_ylim(min(0.0, *rel) - 0.02, max(1.1, *rel) + 0.02)
+    ax.set_ylim(min([0.0, *rel]) - 0.02, max([1.1, *rel]) + 0.02)   # rel is empty without k = 30
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     bx.plot(ks, [r["step_s_first_epoch_min"] for r in rows], "o-", color="tab:blue",
