@@ -135,17 +135,21 @@ class PrefixCache:
         """(B, T', d_model) for the examples idx whose padded token batch is `tokens`; rows past
         an example's length are zeros (padding: causal attention never lets them reach a real
         position, and their targets are ignored)."""
-        B, T = tokens.shape
-        out = np.zeros((B, T, self.model.config.d_model), np.float32)
         missing = [r for r, i in enumerate(idx) if not self.filled[i]]
         if missing:
             self._compute(np.asarray(idx)[missing], tokens[missing])
         t0 = time.perf_counter()
+        out = self._rows(idx, tokens.shape)
+        self.read_s += time.perf_counter() - t0
+        self.read += len(idx)
+        return out
+
+    def _rows(self, idx, shape) -> np.ndarray:
+        """The stored rows of examples idx (all filled) as a zero-padded (B, T', d_model) batch."""
+        out = np.zeros((*shape, self.model.config.d_model), np.float32)
         for r, i in enumerate(idx):
             a, b = self.offsets[i], self.offsets[i + 1]
             out[r, :b - a] = self.store[a:b]
-        self.read_s += time.perf_counter() - t0
-        self.read += len(idx)
         return out
 
     def _compute(self, idx, tokens, below: "PrefixCache | None" = None):
@@ -155,7 +159,8 @@ class PrefixCache:
         if below is None:
             h = self.model.prefix(tokens, self.start)                 # (len(idx), T, C)
         else:
-            h = self.model.prefix(tokens, self.start, below.hidden(idx, tokens), below.start)
+            # below's rows feed the carry; they are not reads of a training step
+            h = self.model.prefix(tokens, self.start, below._rows(idx, tokens.shape), below.start)
         for i, hr in zip(idx, h):
             a, b = self.offsets[i], self.offsets[i + 1]
             self.store[a:b] = hr[:b - a]

@@ -403,7 +403,7 @@ class _Caches:
         rs = [c.report() for c in self.built]
         computed, reads = sum(r["examples_computed"] for r in rs), sum(r["reads"] for r in rs)
         compute_s, read_s = sum(c.compute_s for c in self.built), sum(c.read_s for c in self.built)
-        r = {**rs[-1], "examples_computed": computed, "reads": reads,
+        r = {**rs[-1], "examples_computed": computed, "reads": reads,   # bytes: the last cache's
              "compute_ms_per_example": 1e3 * compute_s / computed if computed else float("nan"),
              "read_ms_per_example": 1e3 * read_s / reads if reads else float("nan"),
              "caches": rs}

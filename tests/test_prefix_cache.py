@@ -132,6 +132,7 @@ def test_freezeout_moves_the_cache_up_from_the_old_rows_and_matches(setup):
     # 40 prefixes at block 2, then each moved up once per block: from the old rows, not
     # from the embeddings
     assert r["examples_computed"] == sum(c["examples_computed"] for c in r["caches"]) == 3 * 40
+    assert r["reads"] == 3 * 32 + 2 * 8    # training's epochs, the evaluations before and after
 
 
 def test_disk_files_of_trained_prefixes_are_deleted(setup, tmp_path, monkeypatch):
