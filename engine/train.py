@@ -415,20 +415,17 @@ class _Caches:
 
 
 # ---- checkpoints --------------------------------------------------------------------------
-def save_checkpoint(dst: str, model, tok, opt, state: dict):
-    """Write a complete checkpoint to dst.tmp, then swap it in."""
+def _write_dir(dst: str, fill) -> None:
+    """dst whole or untouched: fill(tmp) writes a temporary sibling, which is then swapped in
+    (an old dst kept aside as dst.old until the swap is done). A failure removes the temporary."""
     tmp, old = dst + f".tmp{os.getpid()}", dst + ".old"
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
-    save_model(model, tmp)
-    tok.save(tmp)
-    tensors = {f"{n}:{k}": a for n, st in opt.state.items() for k, a in st.items()
-               if isinstance(a, np.ndarray)}
-    counts = {n: {k: a for k, a in st.items() if not isinstance(a, np.ndarray)}
-              for n, st in opt.state.items()}           # per-parameter step counts
-    write_safetensors(os.path.join(tmp, "optimizer.safetensors"), tensors)
-    write_json(os.path.join(tmp, STATE), {**state, "opt_t": opt.t, "opt_lr": opt.lr,
-                                          "opt_counts": counts})
+    try:
+        fill(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if os.path.exists(dst):
         if os.path.exists(old):
             shutil.rmtree(old)
@@ -436,6 +433,21 @@ def save_checkpoint(dst: str, model, tok, opt, state: dict):
     os.replace(tmp, dst)
     if os.path.exists(old):
         shutil.rmtree(old)
+
+
+def save_checkpoint(dst: str, model, tok, opt, state: dict):
+    """A complete checkpoint in dst (written aside, then swapped in)."""
+    def fill(tmp):
+        save_model(model, tmp)
+        tok.save(tmp)
+        tensors = {f"{n}:{k}": a for n, st in opt.state.items() for k, a in st.items()
+                   if isinstance(a, np.ndarray)}
+        counts = {n: {k: a for k, a in st.items() if not isinstance(a, np.ndarray)}
+                  for n, st in opt.state.items()}           # per-parameter step counts
+        write_safetensors(os.path.join(tmp, "optimizer.safetensors"), tensors)
+        write_json(os.path.join(tmp, STATE), {**state, "opt_t": opt.t, "opt_lr": opt.lr,
+                                              "opt_counts": counts})
+    _write_dir(dst, fill)
 
 
 def _optimizer_names(src: str) -> list[str]:
@@ -728,22 +740,17 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
 
 
 def _save_final(model, tok, out: str) -> str:
-    """model/ written whole (to a temporary sibling, then swapped in) or not at all."""
+    """model/ written whole or not at all."""
     final = os.path.join(out, "model")
-    tmp = final + f".tmp{os.getpid()}"
-    try:
+
+    def fill(tmp):
         save_model(model, tmp)
         tok.save(tmp)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+    try:
+        _write_dir(final, fill)
     except (OSError, CheckpointError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"{final}: could not write the fine-tuned model "
                               f"({getattr(e, 'strerror', None) or e})") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
