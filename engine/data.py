@@ -59,8 +59,7 @@ def read_rows(path: str) -> list[tuple[int, dict]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise InputError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
-                                 f"{e.start + 1}); JSONL files must be UTF-8") from None
+                raise _not_utf8(path, n, raw, e.start, "JSONL") from None
             if not line.strip():
                 continue
             try:
@@ -218,9 +217,10 @@ def encode_text(tok, text: str, chunk: int = TEXT_CHUNK) -> np.ndarray:
     holds ~170 bytes per character (a 30 MB file: 5.2 GB), so a long text is encoded in pieces
     that end after a newline standing alone between two non-space characters: a byte-level
     BPE's pre-tokenizer always splits on both sides of it, so the ids are the same (after a run
-    of whitespace it would not: at a text's end the run is one piece, inside it is not). Each cut is checked (the two
-    lines around it encoded together and apart); a tokenizer that does not split there (one
-    that marks the start of a text, as SentencePiece does) gets the single call instead."""
+    of whitespace it would not: at a text's end the run is one piece, inside it is not). Each
+    cut is checked (the two lines around it encoded together and apart); a tokenizer that does
+    not split there (one that marks the start of a text, as SentencePiece does) gets the single
+    call instead."""
     if len(text) <= chunk:
         return np.asarray(tok.encode(text), np.int32)
     cuts, at = [], chunk
@@ -257,10 +257,15 @@ def _read_text(path: str) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
-        raise InputError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {col}); "
-                         "text files must be UTF-8") from None
+        line_start = raw.rfind(b"\n", 0, e.start) + 1
+        raise _not_utf8(path, raw.count(b"\n", 0, e.start) + 1, raw[line_start:], e.start - line_start,
+                        "text") from None
+
+
+def _not_utf8(path, line_no: int, line: bytes, at: int, kind: str) -> InputError:
+    """The error for byte `at` of a line that is not UTF-8, named by line and column."""
+    return InputError(f"{path}:{line_no}: not UTF-8 text (byte 0x{line[at]:02x} at column "
+                      f"{at + 1}); {kind} files must be UTF-8")
 
 
 def _store(d, tokens, mask, offsets, meta):

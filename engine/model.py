@@ -181,8 +181,9 @@ class Model:
         L = self.config.n_layer
         low = L
         for n in self.grads:
-            if n.startswith("blocks."):
-                low = min(low, block_of(n))
+            b = block_of(n)
+            if b is not None:
+                low = min(low, b)
             elif n in ("wte.weight", "wpe.weight"):
                 return -1
         return low

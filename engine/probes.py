@@ -566,7 +566,7 @@ def measured_costs(model, B: int, T: int, steps: int = 3, target_rows: int | Non
         if r["layer"] == "embeddings":
             out.append({"layer": "embeddings", "fwd_pred": p["fwd"],
                         "fwd_meas": ms.get(("embeddings", "forward"), 0.0), "bwd_pred": p["bwd"],
-                        "bwd_meas": ms.get(("embeddings", "backward"), 0.0), "dw_meas": 0.0,
+                        "bwd_meas": ms.get(("embeddings", "backward"), 0.0), "dw_pred": 0.0, "dw_meas": 0.0,
                         "opt_pred": p["opt"], "opt_meas": sum(ms.get((_layer_of(n), "optimizer"), 0.0)
                                                           for n in ("wte.weight", "wpe.weight")
                                                           if n != model.head)})
@@ -577,7 +577,8 @@ def measured_costs(model, B: int, T: int, steps: int = 3, target_rows: int | Non
             late = r["bwd_bytes"] / ew * 1e3
             out.append({"layer": r["layer"], "fwd_pred": p["fwd"] + p["bwd"] - late,
                         "fwd_meas": ms.get(("head", "forward+input-grad"), 0.0), "bwd_pred": late,
-                        "bwd_meas": ms.get(("head", "backward"), 0.0), "dw_meas": 0.0, "opt_pred": p["opt"],
+                        "bwd_meas": ms.get(("head", "backward"), 0.0), "dw_pred": 0.0, "dw_meas": 0.0,
+                        "opt_pred": p["opt"],
                         "opt_meas": ms.get(("ln_f", "optimizer"), 0.0)
                         + ms.get((_layer_of(model.head), "optimizer"), 0.0)})
             continue
@@ -604,7 +605,7 @@ def measured_table(model, B: int, T: int, steps: int = 3, costs: dict | None = N
              f"{'dW pred':>9}{'dW meas':>9}{'opt pred':>9}{'opt meas':>9}   ms"]
     for r in c["rows"]:
         lines.append(f"{r['layer']:<14}{r['fwd_pred']:>10.1f}{r['fwd_meas']:>10.1f}{r['bwd_pred']:>10.1f}"
-                     f"{r['bwd_meas']:>10.1f}{r.get('dw_pred', 0.0):>9.1f}{r['dw_meas']:>9.1f}"
+                     f"{r['bwd_meas']:>10.1f}{r['dw_pred']:>9.1f}{r['dw_meas']:>9.1f}"
                      f"{r['opt_pred']:>9.2f}{r['opt_meas']:>9.2f}")
     lines.append(f"step: predicted {c['step_pred']:.0f} ms, measured {c['step_meas']:.0f} ms")
     return "\n".join(lines)

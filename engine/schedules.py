@@ -29,6 +29,13 @@ from .model import block_of
 
 NAMES = ("static", "gradual", "lr-decay", "freezeout", "autofreeze", "lisa")
 
+# The schedules' numeric settings (train.TrainArgs checks its flags with these too). decay > 1
+# or <= 0 gives growing or negative rates, t0 outside (0, 1] blocks stopping outside training
+# (at 0, before their first step), a negative threshold (never met) silently disables AutoFreeze.
+RANGES = {"decay": (lambda x: 0 < x <= 1, "in (0, 1]"),
+          "t0": (lambda x: 0 < x <= 1, "in (0, 1]"),
+          "threshold": (lambda x: 0 <= x < math.inf, ">= 0")}
+
 
 def make(name: str, n_layer: int, k: int, every: int = 50, decay: float = 0.8, t0: float = 0.5,
          threshold: float = 0.05, seed: int = 0):
@@ -42,13 +49,9 @@ def make(name: str, n_layer: int, k: int, every: int = 50, decay: float = 0.8, t
         raise InputError(f"schedule {name}: every must be an integer >= 1, got {every!r}")
     if not is_int(seed):
         raise InputError(f"schedule {name}: seed must be an integer, got {seed!r}")
-    # all checked whichever schedule is named: a bad value is a mistake either way. decay > 1
-    # or <= 0 gives growing or negative rates, t0 outside (0, 1] blocks stopping outside
-    # training (at 0, before their first step), a negative threshold (never met) silently
-    # disables AutoFreeze.
-    for what, v, ok, rng in (("decay", decay, lambda x: 0 < x <= 1, "in (0, 1]"),
-                             ("t0", t0, lambda x: 0 < x <= 1, "in (0, 1]"),
-                             ("threshold", threshold, lambda x: 0 <= x < math.inf, ">= 0")):
+    # all checked whichever schedule is named: a bad value is a mistake either way
+    for what, v in (("decay", decay), ("t0", t0), ("threshold", threshold)):
+        ok, rng = RANGES[what]
         if not is_number(v) or not ok(v):
             raise InputError(f"schedule {name}: {what} must be a number {rng}, got {v!r}")
     cls = {"static": Static, "gradual": Gradual, "lr-decay": LRDecay, "freezeout": FreezeOut,
@@ -84,8 +87,9 @@ class Schedule:
             model.unfreeze("ln_f.*", *new)
         scales = {}
         for n in model.grads:
-            if block_of(n) is not None:
-                s = self.lr_scale(block_of(n), step)
+            b = block_of(n)
+            if b is not None:
+                s = self.lr_scale(b, step)
                 if s != 1.0:
                     scales[n] = s
         opt.lr_scale = scales

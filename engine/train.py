@@ -97,9 +97,9 @@ class TrainArgs:
                  ("telemetry_every", nonneg, ">= 0 (0: off)"),
                  ("train_last", lambda v: v is None or v >= 0, ">= 0"),
                  ("schedule_every", pos, ">= 1"),
-                 ("lr_decay", lambda v: 0 < v <= 1, "in (0, 1]"),
-                 ("freezeout_t0", lambda v: 0 < v <= 1, "in (0, 1]"),
-                 ("autofreeze_threshold", lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+                 ("lr_decay", *schedules.RANGES["decay"]),
+                 ("freezeout_t0", *schedules.RANGES["t0"]),
+                 ("autofreeze_threshold", *schedules.RANGES["threshold"]),
                  ("seed", nonneg, ">= 0"), ("sample_tokens", nonneg, ">= 0"),
                  ("prefix_cache", lambda v: v in ("off", "memory", "disk"), "off, memory or disk"),
                  ("prefix_dtype", lambda v: v in ("float32", "float16"), "float32 or float16"))
