@@ -156,13 +156,11 @@ def _eval(a):
     from .io import load
     from .io.resolve import resolve_model_path
     from .tokenizer import load_tokenizer
-    from .train import evaluate
+    from .train import check_seq_len, evaluate
     _check_flags(*_sizes(a))
     model = load(a.model)
     tok = load_tokenizer(resolve_model_path(a.model), model_vocab_size=model.config.vocab_size)
-    if a.seq_len > model.config.max_seq_len:
-        from .errors import InputError
-        raise InputError(f"--seq-len {a.seq_len} exceeds the model's context of {model.config.max_seq_len}")
+    check_seq_len(a.seq_len, model.config)
     ex = D.Examples(D.tokenize_file(a.data, tok), a.seq_len)
     D.check_targets(ex, np.arange(len(ex)), a.data, lambda m: print(f"warning: {m}", file=sys.stderr))
     if ex.data.kind == "examples" and ex.truncated:   # the loss is then of the cut examples
@@ -309,14 +307,13 @@ def _bench(a):
 
 
 def _inspect(a):
-    from .errors import InputError
     from .io import load
     from .probes import cost_table
+    from .train import check_seq_len
     _check_flags(*_sizes(a), ("--target-fraction", a.target_fraction, lambda v: 0.0 < v <= 1.0,
                               "in (0, 1]"))
     model = load(a.model)
-    if a.seq_len > model.config.max_seq_len:
-        raise InputError(f"--seq-len {a.seq_len} exceeds the model's context of {model.config.max_seq_len}")
+    check_seq_len(a.seq_len, model.config)
     if a.train_last is not None:
         model.train_last(a.train_last)
     print(model)

@@ -271,6 +271,13 @@ def _names(v) -> bool:
     return isinstance(v, list) and bool(v) and all(isinstance(n, str) for n in v)
 
 
+def check_seq_len(seq_len: int, cfg) -> int:
+    """--seq-len, refused when past the model's context (finetune, eval and inspect)."""
+    if seq_len > cfg.max_seq_len:
+        raise InputError(f"--seq-len {seq_len} exceeds the model's context of {cfg.max_seq_len}")
+    return seq_len
+
+
 def _apply_freezing(model: Model, args: TrainArgs):
     """The initial trainable set; returns the schedule (None for a fixed set)."""
     if args.train_last is not None and args.unfreeze:
@@ -529,9 +536,7 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
         raise CheckpointError(f"{resume}: the checkpoint was trained from a different model than "
                               f"{args.model} (base fingerprints differ)")
     tok = load_tokenizer(resolve_model_path(args.model), model_vocab_size=cfg.vocab_size)
-    seq_len = args.seq_len
-    if seq_len > cfg.max_seq_len:
-        raise InputError(f"--seq-len {seq_len} exceeds the model's context of {cfg.max_seq_len}")
+    seq_len = check_seq_len(args.seq_len, cfg)
     pad = tok.batch_pad_id
     schedule = _apply_freezing(model, args)  # before tokenizing: a bad --train-last fails fast
     examples, train_idx, held, eval_idx = load_data(args, tok, seq_len, log)
