@@ -185,7 +185,7 @@ def _generate(a):
     model = load(a.model)
     tok = load_tokenizer(resolve_model_path(a.model), model_vocab_size=model.config.vocab_size)
     kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-              top_p=a.top_p, seed=a.seed, stop=tok.eos_ids)
+              top_p=a.top_p, seed=a.seed, stop=tok.eos_ids, vocab_size=tok.vocab_size)
 
     def stream(ids, head=""):
         out = []

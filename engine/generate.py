@@ -12,14 +12,17 @@ from .errors import InputError, is_int, is_number
 def generate(model, ids, max_new_tokens: int = 30, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, stop: Iterable[int] = (),
              seed: int | None = None, use_cache: bool = True,
-             on_token: Callable[[int], None] | None = None) -> list[int]:
+             on_token: Callable[[int], None] | None = None,
+             vocab_size: int | None = None) -> list[int]:
     """Continue the token ids `ids` (a list of ints) and return the new ids.
 
     temperature 0 is greedy (argmax); otherwise logits / temperature are sampled, restricted to
     the top_k most likely and to the smallest set whose probability reaches top_p. Generation
     ends after max_new_tokens, at the context limit, or after emitting a token in `stop` (which
     is included). With use_cache the prompt runs once and each new token costs one position;
-    use_cache=False re-runs the whole sequence per token (for checking the cache)."""
+    use_cache=False re-runs the whole sequence per token (for checking the cache).
+    vocab_size (e.g. `tok.vocab_size`) keeps every new id below it: a model whose vocabulary is
+    padded past its tokenizer's would otherwise be able to emit ids the tokenizer cannot decode."""
     # every argument checked here, before any work: int() would accept "12" and truncate 2.5,
     # and a NaN temperature would only surface inside numpy's sampler
     ids = _id_list("prompt ids", ids)
@@ -37,6 +40,10 @@ def generate(model, ids, max_new_tokens: int = 30, temperature: float = 0.0,
         raise InputError(f"seed must be None or an integer >= 0, got {seed!r}")
     if on_token is not None and not callable(on_token):
         raise InputError(f"on_token must be None or a function of one token id, got {on_token!r}")
+    V = model.config.vocab_size
+    if vocab_size is not None and (not is_int(vocab_size) or not 1 <= vocab_size <= V):
+        raise InputError(f"vocab_size must be None or an integer in 1..{V} (the model's "
+                         f"vocabulary), got {vocab_size!r}")
     stop = set(_id_list("stop", stop))
     limit = model.config.max_seq_len
     if len(ids) > limit:
@@ -50,7 +57,7 @@ def generate(model, ids, max_new_tokens: int = 30, temperature: float = 0.0,
     else:
         logits = model.forward(np.array([ids]))[0, -1]
     while len(ids) + len(out) < total:
-        tok = pick(logits, temperature, top_k, top_p, rng)
+        tok = pick(logits[:vocab_size], temperature, top_k, top_p, rng)
         out.append(tok)
         if on_token is not None:
             on_token(tok)

@@ -548,7 +548,12 @@ class BPETokenizer(_Tokenizer):
         texts = list(texts)
         for t in texts:
             _check_text(t)
-        encs = self._tk.encode_batch_fast(texts, add_special_tokens=add_special_tokens)
+        try:
+            encs = self._tk.encode_batch_fast(texts, add_special_tokens=add_special_tokens)
+        except TypeError:
+            for t in texts:
+                _utf8(t)  # a lone surrogate: say so instead of the library's type error
+            raise
         return [e.ids for e in encs]
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
@@ -639,6 +644,8 @@ class BPETokenizer(_Tokenizer):
             if isinstance(i, int) and 0 <= i < len(tokens):
                 named[name] = tokens[i]
         add_bos = meta.get("tokenizer.ggml.add_bos_token")
+        if add_bos is None and meta.get("tokenizer.ggml.pre") in _LLAMA3_GROUP:
+            add_bos = True   # llama.cpp's default for this group; Llama 3 GGUFs omit the key
         add_eos = meta.get("tokenizer.ggml.add_eos_token")
         cfg = {**named, "chat_template": meta.get("tokenizer.chat_template"),
                "_generation_eos_ids": [meta.get(f"tokenizer.ggml.{k}_token_id")
@@ -706,6 +713,10 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+# The pre names llama.cpp treats as Llama 3's (LLAMA_VOCAB_PRE_TYPE_LLAMA3): a word that is a
+# whole vocabulary entry is one token even when the merges cannot build it (ignore_merges, as
+# Llama 3's tokenizer.json says too), and BOS is added unless the file says otherwise.
+_LLAMA3_GROUP = frozenset({"llama3", "llama-v3", "llama-bpe", "falcon3"})
 _PRE_SPLITS = {
     # GPT-2's own split (the regex built into the ByteLevel pre-tokenizer)
     "gpt2": "gpt2", "mpt": "gpt2", "olmo": "gpt2",
@@ -755,7 +766,8 @@ def _gguf_backend(path, meta, tokens, merges):
     vocab = {t: i for i, t in enumerate(spelled)}
     try:
         pairs = [tuple(m.split(" ", 1)) for m in merges]
-        model = tk.models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, dropout=None)
+        model = tk.models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, dropout=None,
+                              ignore_merges=meta.get("tokenizer.ggml.pre") in _LLAMA3_GROUP)
     except Exception as e:
         raise TokenizerError(f"{path}: GGUF vocabulary and merges do not form a BPE model: "
                              f"{e}") from None

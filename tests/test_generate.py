@@ -172,3 +172,22 @@ def test_interactive_chat_keeps_history_with_a_large_max_new_tokens(tmp_path, ca
     assert cli(["generate", "--model", str(tmp_path), "--chat", "--max-new-tokens", "200"]) == 0
     assert prompts[1] == "<user>first<assistant>ok.<user>second<assistant>"
     assert "dropped" not in capsys.readouterr().err
+
+
+def test_padded_vocabulary_samples_only_the_tokenizer_ids(tmp_path, capsys):
+    """A model vocabulary padded past the tokenizer's (check_vocab allows it): generation keeps
+    to the tokenizer's ids when given its size, so every token decodes."""
+    from engine.cli import main as cli
+    cfg = engine.Config.gpt2(vocab_size=320, n_layer=1, n_head=2, d_model=32, max_seq_len=128)
+    model = engine.Model(cfg, seed=0)
+    model.save(str(tmp_path))
+    tok = engine.ByteTokenizer()
+    tok.save(str(tmp_path))
+    kw = dict(max_new_tokens=100, temperature=5.0, seed=0)
+    assert max(engine.generate(model, [104, 105], **kw)) >= tok.vocab_size   # the padding is reachable
+    assert max(engine.generate(model, [104, 105], vocab_size=tok.vocab_size, **kw)) < tok.vocab_size
+    with pytest.raises(engine.InputError, match="vocab_size must be"):
+        engine.generate(model, [1], vocab_size=321)
+    assert cli(["generate", "--model", str(tmp_path), "--prompt", "hi", "--max-new-tokens", "60",
+                "--temperature", "5", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.startswith("hi")

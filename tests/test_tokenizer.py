@@ -615,3 +615,49 @@ def test_tokenizer_save_fails_cleanly(tmp_path):
     with pytest.raises(engine.TailtuneError, match="tokenizer.json: cannot write"):
         ByteTokenizer().save(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["tokenizer.json"]
+
+
+def _write_small_bpe_gguf(path, pre, add_bos=None):
+    """A byte vocabulary plus "ab" and "abc", with the single merge "a b": "abc" is a whole
+    vocabulary entry that no merge builds."""
+    import gguf
+    b2u = engine.tokenizer._byte_to_unicode()
+    tokens = [b2u[b] for b in range(256)] + ["ab", "abc"]
+    w = gguf.GGUFWriter(str(path), arch="llama")
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types([1] * len(tokens))
+    w.add_token_merges(["a b"])
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(1)
+    if add_bos is not None:
+        w.add_add_bos_token(add_bos)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return tokens
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "llama3", "qwen2", "gpt2"])
+def test_gguf_llama3_group_ignores_merges_and_adds_bos_by_default(tmp_path, pre):
+    # llama.cpp (llama-vocab.cpp) gives the Llama 3 pre names ignore_merges and add_bos = true;
+    # Llama 3's tokenizer.json has "ignore_merges": true. The reference is the tokenizers
+    # library's BPE configured that way directly.
+    from tokenizers import Tokenizer, models
+    tokens = _write_small_bpe_gguf(tmp_path / "t.gguf", pre)
+    group = pre in ("llama-bpe", "llama3")
+    ours = engine.load_tokenizer(tmp_path / "t.gguf")
+    ref = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[("a", "b")],
+                               ignore_merges=group))
+    assert ours.encode("abc", add_special_tokens=False) == ref.encode("abc").ids
+    assert ours.encode("abc", add_special_tokens=False) == ([257] if group else [256, ord("c")])
+    assert (ours.encode("ab")[0] == 0) == group   # BOS only where llama.cpp adds it by default
+    _write_small_bpe_gguf(tmp_path / "no_bos.gguf", pre, add_bos=False)   # the file's flag wins
+    assert engine.load_tokenizer(tmp_path / "no_bos.gguf").encode("ab") == [256]
+
+
+def test_encode_batch_names_a_lone_surrogate(smol):
+    with pytest.raises(InputError, match="lone surrogate at index 1"):
+        smol.encode_batch(["ok", "a\ud800b"])
