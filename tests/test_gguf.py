@@ -461,9 +461,23 @@ def test_resolve_existing_and_missing_paths(tmp_path):
     f = tmp_path / "m.gguf"
     f.write_bytes(b"")
     assert resolve_model_path(str(f)) == str(f)
-    assert resolve_model_path(str(tmp_path)) == str(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert resolve_model_path(str(empty)) == str(empty)   # the loader says what is missing
     with pytest.raises(CheckpointError, match="nowhere/model.gguf"):
         resolve_model_path(str(tmp_path / "nowhere" / "model.gguf"))
+
+
+def test_directory_holding_one_gguf_loads_it(tmp_path):
+    # as a model package's directory does; engine.load and load_tokenizer take the same paths
+    want = write_tiny_llama(tmp_path / "tiny.gguf")
+    assert resolve_model_path(str(tmp_path)) == str(tmp_path / "tiny.gguf")
+    model = engine.load(str(tmp_path))
+    for name, a in want.items():
+        np.testing.assert_array_equal(model.params[name], a)
+    write_tiny_llama(tmp_path / "other.gguf")
+    with pytest.raises(CheckpointError, match="holds 2 .gguf files.*pass the path of one"):
+        engine.load(str(tmp_path))
 
 
 @needs_smollm2

@@ -150,6 +150,15 @@ def test_wrong_tensor_shape(hf_dirs, tmp_path):
         engine.load(str(d))
 
 
+def test_tensor_disagreeing_with_config_names_the_directory(hf_dirs, tmp_path):
+    d = copy_of(hf_dirs, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["vocab_size"] -= 3
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(engine.CheckpointError, match=f"^{d}: .*wte.weight.*shape"):
+        engine.load(str(d))
+
+
 def test_pickle_only_directory_is_refused(tmp_path, hf_dirs):
     d = copy_of(hf_dirs, tmp_path)
     os.remove(d / "model.safetensors")

@@ -21,8 +21,13 @@ def load(path: str):
     """A Model from a Hugging Face directory (config.json + *.safetensors; gpt2 or llama),
     a .gguf file (llama), a directory written by Model.save, or a short name such as 'smollm2'."""
     from ..model import Model
+    from .resolve import resolve_model_path
+    path = resolve_model_path(str(path))
     cfg, params = load_params(path)
-    return Model(cfg, params)
+    try:
+        return Model(cfg, params)
+    except CheckpointError as e:   # a tensor that disagrees with the file's own config
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def load_params(path: str) -> tuple[Config, dict]:

@@ -27,7 +27,8 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def _run_model(p: str) -> str:
-    """A `tailtune finetune` run directory stands for its final model, in model/."""
+    """A `tailtune finetune` run directory stands for its final model, in model/; a directory
+    holding one .gguf file (and no config.json), such as a model package's, for that file."""
     final = os.path.join(p, "model")
     if os.path.isfile(os.path.join(final, "config.json")):
         return final
@@ -36,6 +37,12 @@ def _run_model(p: str) -> str:
         raise CheckpointError(f"{p}: a run directory without a final model/ (the run is unfinished "
                               f"or was interrupted): load its last checkpoint with --model "
                               f"{checkpoint}, or continue the run with --resume {p}")
+    ggufs = sorted(f for f in os.listdir(p) if f.endswith(".gguf"))
+    if len(ggufs) == 1:
+        return os.path.join(p, ggufs[0])
+    if ggufs:
+        raise CheckpointError(f"{p}: holds {len(ggufs)} .gguf files ({', '.join(ggufs)}) and no "
+                              "config.json; pass the path of one of them")
     return p  # the loader says what is missing
 
 
