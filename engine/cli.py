@@ -9,6 +9,9 @@ MODEL_HELP = ("model: a Hugging Face directory (config.json + *.safetensors), a 
               "directory written by tailtune, or 'smollm2' (the packaged SmolLM2-135M-Instruct)")
 
 
+_UNSET = object()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="tailtune", description="Fine-tune the last layers of a "
                                  "pretrained transformer on a CPU.")
@@ -104,6 +107,9 @@ def main(argv=None):
                    "finetune --unfreeze globs match), shape, size, trainable or frozen")
 
     args = ap.parse_args(argv)
+    if args.cmd == "finetune":   # which flags were given: a resumed run keeps the others
+        f.set_defaults(**{k: _UNSET for k in vars(args)})
+        args.given = {k for k, v in vars(ap.parse_args(argv)).items() if v is not _UNSET}
     from .errors import TailtuneError
     try:
         return {"finetune": _finetune, "eval": _eval, "generate": _generate, "bench": _bench,
@@ -133,7 +139,7 @@ def _finetune(a):
                      freezeout_t0=a.freezeout_t0, autofreeze_threshold=a.autofreeze_threshold,
                      prefix_cache=a.prefix_cache, prefix_dtype=a.prefix_dtype,
                      telemetry_every=a.telemetry_every)
-    summary = finetune(args, resume=a.resume, log=lambda m: print(m, flush=True))
+    summary = finetune(args, resume=a.resume, log=lambda m: print(m, flush=True), given=a.given)
     return 128 + summary.get("signal", 2) if summary["status"] == "interrupted" else 0  # 130: SIGINT
 
 

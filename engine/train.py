@@ -487,15 +487,25 @@ def load_checkpoint(src: str, model, opt) -> dict:
     return state
 
 
-def _check_resume_args(args: TrainArgs, saved: TrainArgs):
-    """A resumed run continues with its own training arguments: one given (not left at its
-    default) that differs from the run's is an error, not silently ignored."""
-    defaults = TrainArgs(model="", data="", out="").training_fields()
+def _given(args: TrainArgs, given) -> set:
+    """The fields the user set: `given` when the caller knows it (the CLI does), else those
+    that differ from their defaults."""
+    if given is not None:
+        return set(given)
+    defaults = dataclasses.asdict(TrainArgs(model="", data="", out=""))
+    return {k for k, v in dataclasses.asdict(args).items() if v != defaults[k]}
+
+
+def _check_resume_args(args: TrainArgs, saved: TrainArgs, given: set):
+    """A resumed run continues with its own training arguments: one given that differs from
+    the run's is an error, not silently ignored."""
     mine, theirs = args.training_fields(), saved.training_fields()
+    for d in (mine, theirs):   # a path as given and as recorded (absolute) name one file
+        d["eval_data"] = d["eval_data"] and os.path.abspath(d["eval_data"])
     if not saved.unfreeze and theirs["train_last"] is None:   # what None meant for the run
         theirs["train_last"] = DEFAULT_TRAIN_LAST
     differ = [f"--{k.replace('_', '-')} {mine[k]!r} (the run has {theirs[k]!r})"
-              for k in mine if k not in ("model", "data") and mine[k] != defaults[k] and mine[k] != theirs[k]]
+              for k in mine if k not in ("model", "data") and k in given and mine[k] != theirs[k]]
     if os.path.abspath(args.data) != os.path.abspath(saved.data):
         differ.insert(0, f"--data {args.data} (the run trained on {saved.data})")
     if differ:
@@ -505,9 +515,14 @@ def _check_resume_args(args: TrainArgs, saved: TrainArgs):
 
 
 # ---- the run ------------------------------------------------------------------------------
-def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
+def finetune(args: TrainArgs, resume: str | None = None, log=print, given=None) -> dict:
     """Run (or continue) a fine-tuning run; returns the summary. On SIGINT or SIGTERM the
-    current step finishes, a checkpoint is written and the summary has status 'interrupted'."""
+    current step finishes, a checkpoint is written and the summary has status 'interrupted'.
+
+    A resumed run keeps its own arguments; of those that do not change the weights (evaluation,
+    samples, telemetry, checkpoints, the prefix cache) the ones set in `args` replace the run's.
+    `given` names the fields the user set (the CLI passes its flags); without it, the fields
+    that differ from their defaults count as set."""
     state = None
     args.validate()
     if resume:
@@ -519,9 +534,11 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
         except (TypeError, InputError) as e:
             raise CheckpointError(f"{os.path.join(ck, STATE)}: the saved arguments are not usable "
                                   f"({e})") from None
-        _check_resume_args(args, saved)
+        given = _given(args, given)
+        _check_resume_args(args, saved, given)
         for k in _NOT_TRAINING[1:]:
-            setattr(saved, k, getattr(args, k))
+            if k in given:
+                setattr(saved, k, getattr(args, k))
         if os.path.abspath(resolve_model_path(args.model)) != os.path.abspath(resolve_model_path(saved.model)):
             log(f"note: checkpoint was trained from {saved.model}; checking {args.model} is the same model")
         saved.model = args.model
@@ -581,8 +598,14 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
     if examples.data.kind == "examples" and examples.truncated:
         log(f"note: {examples.truncated} examples are longer than --seq-len and were truncated")
 
-    run = {"args": dataclasses.asdict(args), "base_fingerprint": base_fp,
+    # data paths recorded absolute: the run can be resumed from any working directory
+    recorded = dataclasses.replace(args, data=os.path.abspath(args.data), eval_data=(
+        os.path.abspath(args.eval_data) if args.eval_data else None))
+    run = {"args": dataclasses.asdict(recorded), "base_fingerprint": base_fp,
            "trainable": model.trainable}
+    out_abs = os.path.abspath(args.out)
+    resume_cmd = (f"`tailtune finetune --model {args.model} --data {recorded.data} --out "
+                  f"{out_abs} --resume {out_abs}`")
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     sample_ids = _sample_prompt(args, tok, held, eval_idx)
 
@@ -694,9 +717,7 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
         if step < steps:
             progress.newline()
             checkpoint(step)
-            log(f"interrupted at step {step}: checkpoint saved; continue with "
-                f"`tailtune finetune --model {args.model} --data {args.data} --out {args.out} "
-                f"--resume {args.out}`")
+            log(f"interrupted at step {step}: checkpoint saved; continue with {resume_cmd}")
             return {"status": "interrupted", "step": step, "out": args.out,
                     "signal": int(stop["signal"])}
         # Every step is done. The handlers stay until model/ is written: a first Ctrl-C now
@@ -712,8 +733,7 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print) -> dict:
             try:
                 checkpoint(step)
                 log(f"the final evaluation or save did not finish; the trained weights are in a "
-                    f"checkpoint: finish with `tailtune finetune --model {args.model} --data "
-                    f"{args.data} --out {args.out} --resume {args.out}`")
+                    f"checkpoint: finish with {resume_cmd}")
             except Exception as e:   # the disk that failed the save may fail this too
                 log(f"no checkpoint of the last step either ({e})")
             raise

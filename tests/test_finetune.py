@@ -153,6 +153,38 @@ def test_resume_into_a_new_directory(tiny, tmp_path):
     assert all(np.array_equal(straight[n], resumed[n]) for n in straight)
 
 
+def test_resume_keeps_the_runs_settings_and_works_from_another_directory(tiny, tmp_path, monkeypatch,
+                                                                        capsys):
+    """A run started with relative paths and telemetry / held-out evaluation every few steps,
+    interrupted, then resumed from another working directory with only the command the
+    interruption prints: the resumed steps keep recording, and an explicit flag still wins."""
+    import shutil
+    model, data = tiny
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(data, work / "data.txt")
+    monkeypatch.chdir(work)
+    argv = run_args(model, "data.txt", "run", "--telemetry-every", "2", "--eval-every", "4")
+    argv[argv.index("--steps") + 1] = "12"
+    with signal_after_steps(5, signal.SIGINT):
+        assert cli(argv) == 130
+    printed = capsys.readouterr().out
+    command = printed.split("continue with `")[1].split("`")[0].split()
+    monkeypatch.chdir(tmp_path)
+    assert command[command.index("--data") + 1] == str(work / "data.txt")
+    assert cli(command[1:]) == 0
+    rows = [json.loads(r) for r in open(work / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "telemetry" in r] == [2, 4, 6, 8, 10, 12]
+    assert [r["step"] for r in rows if r.get("eval_loss") is not None] == [0, 4, 8, 12]
+    # an explicit value replaces the run's, even when it equals the default
+    with signal_after_steps(3, signal.SIGINT):
+        assert cli(run_args(model, str(work / "data.txt"), "again", "--telemetry-every", "1")) == 130
+    assert cli(run_args(model, str(work / "data.txt"), "again", "--telemetry-every", "0",
+                        "--resume", "again")) == 0
+    rows = [json.loads(r) for r in open(tmp_path / "again" / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "telemetry" in r] == [1, 2, 3]
+
+
 def test_rerunning_a_finished_run_says_so(tiny, tmp_path, capsys):
     out = str(tmp_path / "done")
     argv = run_args(tiny[0], tiny[1], out)
