@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# the name usage lines show: `tailtune bench` sets it (runpy makes argv[0] the script's path)
+PROG = None
 WORKER_TAG = "TAILTUNE-BENCH-RESULT "   # prefix of the one stdout line a worker answers with
 
 

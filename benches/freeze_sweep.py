@@ -48,7 +48,7 @@ DEFAULT_KS = {"gpt2": "0,1,2,3,4,6,8,10,12", "smollm2": "0,1,2,4,8,12,16,22,30"}
 def build_parser() -> argparse.ArgumentParser:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     p = argparse.ArgumentParser(
-        prog="freeze_sweep.py", description=__doc__.split("\n\n")[0],
+        prog=C.PROG, description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", choices=("gpt2", "smollm2"), default="gpt2",
                    help="gpt2: GPT-2 124M shapes, random init; smollm2: the packaged GGUF "

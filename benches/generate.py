@@ -86,7 +86,7 @@ def report(result: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog=C.PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)

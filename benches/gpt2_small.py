@@ -42,7 +42,7 @@ GPT2_SMALL = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_
 def build_parser() -> argparse.ArgumentParser:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     p = argparse.ArgumentParser(
-        prog="gpt2_small.py", description=__doc__.split("\n\n")[0],
+        prog=C.PROG, description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--steps", type=int, default=1,
                    help="training steps per timed repeat (per side)")

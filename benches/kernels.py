@@ -79,7 +79,7 @@ def gemm_cases(model: str) -> list:
 def build_parser() -> argparse.ArgumentParser:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     p = argparse.ArgumentParser(
-        prog="kernels.py", description=__doc__.split("\n\n")[0],
+        prog=C.PROG, description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--only", default=",".join(GROUPS),
                    help="comma-separated groups to run: " + ", ".join(GROUPS))

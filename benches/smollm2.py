@@ -46,7 +46,7 @@ TEXT_MODULES = ("argparse", "json", "inspect")   # stdlib sources the real-text 
 def build_parser() -> argparse.ArgumentParser:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     p = argparse.ArgumentParser(
-        prog="smollm2.py", description=__doc__.split("\n\n")[0],
+        prog=C.PROG, description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--steps", type=int, default=1, help="training steps per timed repeat (per side)")
     p.add_argument("--repeats", type=int, default=5,

@@ -34,27 +34,35 @@ def main(argv=None):
     f.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     f.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
     f.add_argument("--warmup", type=int, help="warmup steps (default 5%% of steps)")
-    f.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine decay")
-    f.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay (matrices only)")
+    f.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine "
+                   "decay (default 0)")
+    f.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay, matrices "
+                   "only (default 0)")
     f.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip; 0 disables (default 1)")
     f.add_argument("--eval-data", help="held-out data file (default: --eval-fraction of --data)")
     f.add_argument("--eval-fraction", type=float, default=0.1, help="share of --data held out, in [0, 1) "
                    "(default 0.1; 0: no held-out loss)")
     f.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: before and after only)")
     f.add_argument("--eval-batches", type=int, default=50, help="at most this many held-out batches per "
-                   "evaluation (0: all)")
-    f.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (always on Ctrl-C)")
-    f.add_argument("--seed", type=int, default=0, help="seed of the split and the batch order")
+                   "evaluation (default 50, i.e. 50 x --batch-size examples; 0: all)")
+    f.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default 0: "
+                   "only on Ctrl-C, SIGTERM or a failure; a killed run keeps nothing)")
+    f.add_argument("--seed", type=int, default=0, help="seed of the split, the batch order and "
+                   "schedules (default 0)")
     f.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoint is in DIR")
-    f.add_argument("--sample-prompt", help="generate from this prompt before and after training")
-    f.add_argument("--sample-tokens", type=int, default=48, help="tokens to generate for the sample")
+    f.add_argument("--sample-prompt", help="generate from this prompt before and after "
+                   "training, wrapped in the chat template when the model has one (default: a held-out prompt)")
+    f.add_argument("--sample-tokens", type=int, default=48, help="tokens to generate for the sample (default "
+                   "48; 0: no sample)")
     from .schedules import NAMES
-    f.add_argument("--schedule", default="static", choices=NAMES, help="freezing schedule over the "
-                   "last K blocks (--train-last K): static; gradual (ULMFiT: one more block every "
-                   "--schedule-every steps); lr-decay (rate x --lr-decay per block down); freezeout "
-                   "(blocks anneal and leave backward, lowest first from --freezeout-t0); autofreeze "
-                   "(freeze the lowest blocks whose gradient norm changes less than "
-                   "--autofreeze-threshold); lisa (K random blocks, redrawn every --schedule-every)")
+    f.add_argument("--schedule", default="static", choices=NAMES, help="freezing schedule, with K = "
+                   "--train-last (default static): static (the last K blocks); gradual (ULMFiT: "
+                   "starts with the last K, one more block below every --schedule-every steps); "
+                   "lr-decay (the last K, rate x --lr-decay per block down); freezeout (the last K "
+                   "anneal and leave backward, lowest first from --freezeout-t0); autofreeze (the "
+                   "last K; the lowest freeze when their gradient norm changes less than "
+                   "--autofreeze-threshold); lisa (K blocks drawn from all, redrawn every "
+                   "--schedule-every steps)")
     f.add_argument("--schedule-every", type=int, default=50, help="steps between schedule changes (default 50)")
     f.add_argument("--lr-decay", type=float, default=0.8, help="lr-decay factor per block (default 0.8)")
     f.add_argument("--freezeout-t0", type=float, default=0.5, help="freezeout: fraction of training at "
@@ -63,17 +71,19 @@ def main(argv=None):
                    "gradient-norm change below which a block freezes (default 0.05)")
     f.add_argument("--prefix-cache", default="off", choices=("off", "memory", "disk"), help="cache the "
                    "input of the lowest trainable block per example, so later epochs skip the frozen "
-                   "prefix (disk: a memory-mapped file reused by later runs)")
+                   "prefix (default off; disk: a memory-mapped file in $TAILTUNE_CACHE/prefix, "
+                   "TAILTUNE_CACHE defaulting to ~/.cache/tailtune, reused by later runs)")
     f.add_argument("--prefix-dtype", default="float32", choices=("float32", "float16"),
-                   help="precision of the prefix cache (float16: half the memory)")
+                   help="precision of the prefix cache (default float32; float16: half the memory)")
     f.add_argument("--telemetry-every", type=int, default=0, help="record per-layer gradient norms, "
                    "update ratios, drift, Adam moments and CKA every N steps (0: off)")
 
     e = sub.add_parser("eval", help="held-out loss and perplexity of a model on a data file")
     e.add_argument("--model", required=True, help=MODEL_HELP)
     e.add_argument("--data", required=True, help="a .txt or .jsonl file (as for finetune)")
-    e.add_argument("--seq-len", type=int, default=256)
-    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--seq-len", type=int, default=256, help="tokens per sequence; longer examples "
+                   "are cut, a text file is read in windows of this length (default 256)")
+    e.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
 
     gen = sub.add_parser("generate", help="generate text with a KV cache")
     gen.add_argument("--model", required=True, help=MODEL_HELP)
@@ -82,11 +92,13 @@ def main(argv=None):
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template "
                      "(instruct models); without --prompt, chat interactively")
     gen.add_argument("--system", help="system message for --chat")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--max-new-tokens", type=int, default=128, help="at most this many new tokens; "
+                     "generation also stops at the model's end-of-text token (default 128)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-k", type=int)
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--seed", type=int)
+    gen.add_argument("--top-k", type=int, help="sample among the K most likely tokens only (default: all)")
+    gen.add_argument("--top-p", type=float, help="sample among the most likely tokens whose "
+                     "probabilities add up to P, in (0, 1] (default 1: all)")
+    gen.add_argument("--seed", type=int, help="seed of the sampling (default: a new one each run)")
 
     b = sub.add_parser("bench", help="benchmarks side by side with PyTorch (see benches/README.md)")
     b.add_argument("workload", nargs="?", default="gpt2-small", help="one of: "
@@ -212,6 +224,10 @@ def _generate(a):
         print(stream.head or "")  # the head too when no token came
         return [t for t in out if t not in tok.eos_ids]
 
+    if a.chat and not tok.chat_template:
+        from .errors import InputError
+        raise InputError(f"--chat needs a chat template and {a.model} ships none (a base model, "
+                         "not an instruct one): drop --chat to continue a plain-text prompt")
     if not a.chat:
         if a.prompt is None:
             from .errors import InputError
@@ -305,23 +321,26 @@ def _bench(a):
     argv, path = sys.argv, list(sys.path)
     sys.argv = [script] + list(a.rest)
     sys.path.insert(0, here)
+    import common   # the module the script imports too
+    common.PROG = f"tailtune bench {a.workload}"
     try:
         runpy.run_path(script, run_name="__main__")
     finally:     # a caller in the same process (a test, a notebook) keeps its own
         sys.argv, sys.path[:] = argv, path
+        common.PROG = None
     return 0
 
 
 def _inspect(a):
     from .io import load
     from .probes import cost_table
-    from .train import check_seq_len
+    from .train import check_seq_len, check_train_last
     _check_flags(*_sizes(a), ("--target-fraction", a.target_fraction, lambda v: 0.0 < v <= 1.0,
                               "in (0, 1]"))
     model = load(a.model)
     check_seq_len(a.seq_len, model.config)
     if a.train_last is not None:
-        model.train_last(a.train_last)
+        model.train_last(check_train_last(a.train_last, model.config))
     print(model)
     if a.params:
         print(_param_table(model))

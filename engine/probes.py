@@ -346,17 +346,23 @@ def plot_telemetry(records: list, png: str) -> None:
     fig, axes = plt.subplots(2, 4, figsize=(18, 7))
     layers = sorted({L for r in records for L in r["telemetry"]},
                     key=lambda s: (block_of(s) is None, block_of(s) or 0))
-    # beyond 10 layers colours follow depth, and neighbours, close in colour, differ in marker
-    few = len(layers) <= 10
-    cmap = plt.get_cmap("tab10" if few else "turbo")
-    style = {L: dict(color=cmap(i if few else i / (len(layers) - 1)), marker="os^Dv"[i % 5], ms=3.5,
-                     lw=1, label=L) for i, L in enumerate(layers)}   # markers: one record is a point
-    for ax, key in zip(axes.ravel(), keys):
+    lines = {}   # (statistic, layer) -> points; a CKA that stays 1 (an unchanged block) is left out
+    for key in keys:
         for L in layers:
             pts = [(r["step"], r["telemetry"][L].get(key)) for r in records
                    if L in r["telemetry"] and r["telemetry"][L].get(key) is not None]
             if pts and (key != "cka_to_pretrained" or any(abs(v - 1) > 1e-9 for _, v in pts)):
-                ax.plot(*zip(*pts), **style[L])
+                lines[key, L] = pts
+    layers = [L for L in layers if any((k, L) in lines for k in keys)]   # the legend: drawn ones
+    # beyond 10 layers colours follow depth, and neighbours, close in colour, differ in marker
+    few = len(layers) <= 10
+    cmap = plt.get_cmap("tab10" if few else "turbo")
+    style = {L: dict(color=cmap(i if few else i / max(1, len(layers) - 1)), marker="os^Dv"[i % 5],
+                     ms=3.5, lw=1, label=L) for i, L in enumerate(layers)}   # markers: one record is a point
+    for ax, key in zip(axes.ravel(), keys):
+        for L in layers:
+            if (key, L) in lines:
+                ax.plot(*zip(*lines[key, L]), **style[L])
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -601,8 +607,8 @@ def measured_table(model, B: int, T: int, steps: int = 3, costs: dict | None = N
              f"backward {c['attention_rates'][1] / 1e9:.0f}, elementwise {c['elementwise_rate'] / 1e9:.0f} GB/s, AdamW {c['adamw_rate'] / 1e9:.0f} GB/s; "
              "measured = wall time in a step; the head's fwd includes its input- and weight-gradient "
              "GEMMs (fused with the loss)",
-             f"{'layer':<14}{'fwd pred':>10}{'fwd meas':>10}{'bwd pred':>10}{'bwd meas':>10}"
-             f"{'dW pred':>9}{'dW meas':>9}{'opt pred':>9}{'opt meas':>9}   ms"]
+             f"{'layer (ms)':<14}{'fwd pred':>10}{'fwd meas':>10}{'bwd pred':>10}{'bwd meas':>10}"
+             f"{'dW pred':>9}{'dW meas':>9}{'opt pred':>9}{'opt meas':>9}"]
     for r in c["rows"]:
         lines.append(f"{r['layer']:<14}{r['fwd_pred']:>10.1f}{r['fwd_meas']:>10.1f}{r['bwd_pred']:>10.1f}"
                      f"{r['bwd_meas']:>10.1f}{r['dw_pred']:>9.1f}{r['dw_meas']:>9.1f}"

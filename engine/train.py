@@ -34,7 +34,7 @@ from .io import load_params, save_model, write_json
 from .io.resolve import resolve_model_path
 from .io.safetensors import SafetensorsFile, write as write_safetensors
 from .model import Model
-from .optim import AdamW, CosineSchedule, clip_grad_norm
+from .optim import AdamW, CosineSchedule, clip_grad_norm, grad_norm
 from .prefix_cache import PrefixCache, in_prefix
 from .probes import Telemetry, plot_telemetry
 from .tokenizer import load_tokenizer
@@ -236,6 +236,10 @@ def _checkpoint_dir(path: str) -> str:
     for cand in (os.path.join(path, "checkpoint"), path, os.path.join(path, "checkpoint.old")):
         if os.path.isfile(os.path.join(cand, STATE)):
             return cand
+    if os.path.isfile(os.path.join(path, "model", "config.json")):
+        raise CheckpointError(f"{path}: the run finished (its model is in {path}/model), so there "
+                              f"is nothing to resume; to train further, start a new run with "
+                              f"--model {path}")
     raise CheckpointError(f"{path}: no checkpoint to resume (no {STATE} found)")
 
 
@@ -278,6 +282,13 @@ def check_seq_len(seq_len: int, cfg) -> int:
     return seq_len
 
 
+def check_train_last(k: int, cfg) -> int:
+    """--train-last, refused when past the model's depth (finetune and inspect)."""
+    if not 0 <= k <= cfg.n_layer:
+        raise InputError(f"--train-last {k}: the model has {cfg.n_layer} blocks")
+    return k
+
+
 def _apply_freezing(model: Model, args: TrainArgs):
     """The initial trainable set; returns the schedule (None for a fixed set)."""
     if args.train_last is not None and args.unfreeze:
@@ -289,9 +300,8 @@ def _apply_freezing(model: Model, args: TrainArgs):
         model.unfreeze(*args.unfreeze)
         schedule = None
     else:
-        k = DEFAULT_TRAIN_LAST if args.train_last is None else args.train_last
-        if not 0 <= k <= model.config.n_layer:
-            raise InputError(f"--train-last {k}: the model has {model.config.n_layer} blocks")
+        k = check_train_last(DEFAULT_TRAIN_LAST if args.train_last is None else args.train_last,
+                             model.config)
         model.train_last(k)
         schedule = None if args.schedule == "static" else schedules.make(
             args.schedule, model.config.n_layer, k, every=args.schedule_every, decay=args.lr_decay,
@@ -414,8 +424,10 @@ class _Caches:
              "compute_ms_per_example": 1e3 * compute_s / computed if computed else float("nan"),
              "read_ms_per_example": 1e3 * read_s / reads if reads else float("nan"),
              "caches": rs}
-        self.log(f"prefix cache: computed {computed} prefixes at {r['compute_ms_per_example']:.2f} ms "
-                 f"each, read {reads} at {r['read_ms_per_example']:.3f} ms each"
+        each = lambda n, ms, p: f" at {ms:.{p}f} ms each" if n else ""   # noqa: E731
+        self.log(f"prefix cache: computed {computed} prefixes"
+                 f"{each(computed, r['compute_ms_per_example'], 2)}, read {reads}"
+                 f"{each(reads, r['read_ms_per_example'], 3)}"
                  + (f" (over {len(rs)} caches, at blocks {', '.join(str(x['start_block']) for x in rs)})"
                     if len(rs) > 1 else ""))
         return r
@@ -594,7 +606,7 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print, given=None) 
         earlier = sorted(trained) if state is not None else ()
         telemetry = Telemetry(model, probe, args.telemetry_every, total_steps=steps, pretrained=earlier)
     log(f"{model}; {len(train_idx)} training / {len(eval_idx)} held-out examples of up to "
-        f"{seq_len + 1} tokens; {steps} steps of {per_step} examples")
+        f"{seq_len} tokens; {steps} steps of {min(per_step, len(train_idx))} examples")
     if examples.data.kind == "examples" and examples.truncated:
         log(f"note: {examples.truncated} examples are longer than --seq-len and were truncated")
 
@@ -692,7 +704,7 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print, given=None) 
                 schedule.observe(model, step)
             if telemetry is not None:   # before clipping: the layers' own gradient norms
                 telemetry.before_update(step)
-            gnorm = clip_grad_norm(model, args.clip) if args.clip else float("nan")
+            gnorm = clip_grad_norm(model, args.clip) if args.clip else grad_norm(model)
             loss = loss_sum / args.grad_accum
             if not math.isfinite(loss) or (args.clip and not math.isfinite(gnorm)):
                 # diverged: stop before this update, and save no NaN model as the result
@@ -758,7 +770,7 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print, given=None) 
     change = ("no held-out loss" if after is None else f"held-out loss {before:.4f} -> {after:.4f} "
               f"(perplexity {_ppl(before):.2f} -> {_ppl(after):.2f})")
     log(f"{change}; {n_train:,} of {model.num_params():,} parameters trained; {summary['seconds']:.0f} s")
-    if sample_ids:
+    if sample_ids and args.sample_tokens:
         log(f"sample before: {sample_before!r}\nsample after:  {sample_after!r}")
     log(f"fine-tuned model: {final}")
     return summary

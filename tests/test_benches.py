@@ -40,8 +40,9 @@ def test_tailtune_bench_runs_a_workload_by_name(capsys):
     with pytest.raises(SystemExit) as e:     # argparse's --help exits 0 after printing
         cli(["bench", "freeze-sweep", "--help"])
     assert e.value.code == 0
-    assert "freeze_sweep.py" in capsys.readouterr().out
+    assert capsys.readouterr().out.startswith("usage: tailtune bench freeze-sweep ")
     assert not any(p.endswith("benches") for p in sys.path)   # the caller's path is restored
+    assert sys.modules["common"].PROG is None   # and the script run alone names itself
 
 
 def test_tailtune_bench_unknown_workload(capsys):

@@ -77,6 +77,7 @@ def test_measure_uses_the_target_fraction(capsys, model_dir, monkeypatch):
 
 @pytest.mark.parametrize("extra, message", [
     (["--seq-len", "33"], "--seq-len 33 exceeds the model's context of 32"),
+    (["--seq-len", "16", "--train-last", "4"], "--train-last 4: the model has 3 blocks"),   # as finetune says
 ])
 def test_refused_up_front(capsys, model_dir, extra, message):
     assert cli(["inspect", "--model", model_dir, *extra]) == 2

@@ -185,6 +185,18 @@ def test_resume_keeps_the_runs_settings_and_works_from_another_directory(tiny, t
     assert [r["step"] for r in rows if "telemetry" in r] == [1, 2, 3]
 
 
+def test_clip_0_still_logs_the_gradient_norm_and_finished_runs_are_not_resumed(tiny, tmp_path, capsys):
+    model, data = tiny
+    out = str(tmp_path / "r")
+    argv = run_args(model, data, out, "--clip", "0")
+    argv[argv.index("--steps") + 1] = "2"
+    assert cli(argv) == 0
+    assert "sample before" not in capsys.readouterr().out   # --sample-tokens 0: no sample lines
+    norms = [r["grad_norm"] for r in map(json.loads, open(os.path.join(out, "metrics.jsonl"))) if "loss" in r]
+    assert len(norms) == 2 and all(isinstance(g, float) and g > 0 for g in norms)
+    fails(capsys, argv + ["--resume", out], "the run finished")
+
+
 def test_rerunning_a_finished_run_says_so(tiny, tmp_path, capsys):
     out = str(tmp_path / "done")
     argv = run_args(tiny[0], tiny[1], out)

@@ -86,6 +86,9 @@ def test_generate_command(tmp_path, capsys):
     assert capsys.readouterr().out == want + "\n"
     assert cli(["generate", "--model", str(tmp_path)]) == 2
     assert "--prompt is required" in capsys.readouterr().err
+    engine.ByteTokenizer().save(str(tmp_path))   # the same model without a chat template
+    assert cli(["generate", "--model", str(tmp_path), "--chat", "--prompt", "yo"]) == 2
+    assert "ships none (a base model, not an instruct one): drop --chat" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("temperature", [1e-320, 5e-324, 1e-300, 1e-8, 1e300])

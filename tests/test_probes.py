@@ -196,6 +196,7 @@ def test_plot_of_one_record_shows_every_layer(tmp_path, monkeypatch):
     full = {"grad_norm": 0.5, "update_ratio": 1e-3, "drift": 1e-2, "cosine_to_pretrained": 0.99,
             "adam_m_norm": 0.1, "adam_v_norm": 1e-4, "cka_to_pretrained": 0.9}
     tel = {"blocks.0": {"cka_to_pretrained": 0.95},           # frozen, below a changed block
+           "blocks.1": {"cka_to_pretrained": 1.0},            # unchanged: nothing drawn, no legend
            "blocks.3": dict(full), "ln_f": {k: v for k, v in full.items() if k != "cka_to_pretrained"}}
     png = str(tmp_path / "t.png")
     probes.plot_telemetry([{"step": 7, "telemetry": tel}], png)
