@@ -3,7 +3,12 @@
 Every machine with Python has this corpus. The model should end far below the unigram entropy of
 the bytes (what a model that ignores context can reach).
 
-    python examples/train_from_scratch.py --steps 600
+    python examples/train_from_scratch.py --steps 600 --save runs/stdlib-gpt
+    tailtune generate --model runs/stdlib-gpt --prompt "def " --max-new-tokens 80
+
+`--save DIR` writes the model and its tokenizer (bytes as ids: `ByteTokenizer(eos=False)`), so
+DIR works with `tailtune generate` and `tailtune eval` like any other model directory (`eval`
+with `--seq-len 128` or less: the model's context).
 """
 import argparse
 import glob
@@ -62,7 +67,10 @@ def train(steps=600, batch_size=16, seq_len=128, lr=3e-3, corpus_bytes=2_000_000
     data = stdlib_bytes(corpus_bytes)
     split = int(len(data) * 0.95)
     train_data, held_out = data[:split], data[split:]
-    cfg = engine.Config.gpt2(vocab_size=256, n_layer=n_layer, n_head=n_head, d_model=d_model,
+    # The ids are the raw bytes, which is what ByteTokenizer(eos=False) encodes: 256 ids, no
+    # end-of-text token. Saved beside the model, it lets the CLI read and write text for it.
+    tok = engine.ByteTokenizer(eos=False)
+    cfg = engine.Config.gpt2(vocab_size=tok.vocab_size, n_layer=n_layer, n_head=n_head, d_model=d_model,
                              max_seq_len=seq_len)
     model = engine.Model(cfg, seed=seed)
     opt = engine.AdamW(model, lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -86,7 +94,7 @@ def train(steps=600, batch_size=16, seq_len=128, lr=3e-3, corpus_bytes=2_000_000
     held = eval_loss(model, held_out[:200_000], batch_size, seq_len)
     log(f"held-out loss {held:.3f} nats ({held / math.log(2):.2f} bits/byte) vs unigram "
         f"entropy {entropy:.3f} nats; {time.perf_counter() - t0:.0f} s")
-    return {"held_out_loss": held, "unigram_entropy": entropy, "model": model}
+    return {"held_out_loss": held, "unigram_entropy": entropy, "model": model, "tokenizer": tok}
 
 
 def main():
@@ -95,11 +103,13 @@ def main():
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    ap.add_argument("--save", help="directory to save the trained model to (Hugging Face layout)")
+    ap.add_argument("--save", help="directory to save the trained model and its tokenizer to "
+                    "(Hugging Face layout)")
     a = ap.parse_args()
     out = train(steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr)
     if a.save:
         out["model"].save(a.save)
+        out["tokenizer"].save(a.save)   # without it the CLI cannot load the directory
         print(f"saved to {a.save}")
 
 
