@@ -56,6 +56,7 @@ class Model:
         self.shapes = self._shapes()
         self.params = self._init(seed) if params is None else self._checked(params)
         self.grads: dict[str, np.ndarray] = {}
+        self._no_grad_yet: set[str] = set()   # unfrozen since the last backward
         self._optimizers = weakref.WeakSet()
         self._tape = None
         self._rope = None
@@ -142,14 +143,18 @@ class Model:
         """Freeze the parameters matching the glob patterns; no pattern freezes everything."""
         for n in self._match(patterns):
             self.grads.pop(n, None)
+            self._no_grad_yet.discard(n)
         self._trainable_changed()
         return self
 
     def unfreeze(self, *patterns):
-        """Make the matching parameters trainable (a zeroed gradient buffer each)."""
+        """Make the matching parameters trainable (a zeroed gradient buffer each). Until a
+        backward fills it, an optimizer step leaves a newly trainable parameter alone (torch skips
+        a parameter whose .grad is None)."""
         for n in self._match(patterns):
             if n not in self.grads:
                 self.grads[n] = np.zeros_like(self.params[n])
+                self._no_grad_yet.add(n)
         self._trainable_changed()
         return self
 
@@ -429,9 +434,12 @@ class Model:
         """Fill self.grads (accumulating) from the last forward(tokens, targets)."""
         tape = self._tape
         if tape is None:
-            raise InputError("backward() needs a preceding forward(tokens, targets) with trainable "
-                             "parameters (and no freeze/unfreeze in between)")
+            raise InputError("backward() needs the tape of a forward(tokens, targets) with trainable "
+                             "parameters, and any later forward (an evaluation, say), "
+                             "freeze/unfreeze or backward replaces it: run forward(tokens, "
+                             "targets) again right before backward()")
         self._tape = None
+        self._no_grad_yet.clear()
         P, G = self.params, self.grads
         self.last_backward_blocks = []
         prof = layers.PROFILE

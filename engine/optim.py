@@ -58,6 +58,8 @@ class Optimizer:
         self.t += 1
         prof = layers.PROFILE
         for n, st in self.state.items():
+            if n in self.model._no_grad_yet:   # unfrozen after the last backward: no gradient
+                continue
             t0 = perf_counter() if prof else 0.0
             self._update(n, self.model.params[n], self.model.grads[n], st)
             if prof:
@@ -113,7 +115,11 @@ def _decays(name: str, p: np.ndarray) -> bool:
 
 
 class AdamW(Optimizer):
-    """torch.optim.AdamW semantics: decoupled decay p *= 1 - lr * wd, bias-corrected moments."""
+    """torch.optim.AdamW semantics: decoupled decay p *= 1 - lr * wd, bias-corrected moments.
+    One difference in the default: weight decay applies to matrices only, not to norm weights
+    and biases (GPT-2 / nanoGPT practice; torch would need two parameter groups for it).
+    `decay_filter(name, array) -> bool` chooses otherwise: `lambda n, p: True` is torch's
+    single-group behaviour."""
 
     def __init__(self, model, lr=3e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  decay_filter=_decays):
@@ -139,7 +145,8 @@ class AdamW(Optimizer):
 
 class SGD(Optimizer):
     """torch.optim.SGD semantics: g += wd * p; buf = momentum * buf + g (buf = g at first);
-    p -= lr * buf (or lr * (g + momentum * buf) with nesterov)."""
+    p -= lr * buf (or lr * (g + momentum * buf) with nesterov). Weight decay, as in torch,
+    applies to every parameter (AdamW's default keeps it to matrices)."""
 
     def __init__(self, model, lr=1e-2, momentum=0.0, weight_decay=0.0, nesterov=False):
         self.momentum = _number("momentum", momentum)

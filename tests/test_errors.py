@@ -54,15 +54,19 @@ def test_targets_shape_mismatch(model):
 
 def test_backward_without_forward():
     m = engine.Model(engine.Config.gpt2(vocab_size=20, n_layer=1, n_head=1, d_model=8, max_seq_len=8))
-    with pytest.raises(engine.InputError, match="preceding forward"):
+    with pytest.raises(engine.InputError, match="needs the tape of a forward"):
         m.backward()
     m.forward(np.zeros((1, 3), np.int64))  # no targets: nothing to differentiate
-    with pytest.raises(engine.InputError, match="preceding forward"):
+    with pytest.raises(engine.InputError, match="needs the tape of a forward"):
         m.backward()
     m.forward(np.zeros((1, 3), np.int64), np.zeros((1, 3), np.int64))
     m.backward()
-    with pytest.raises(engine.InputError, match="preceding forward"):
+    with pytest.raises(engine.InputError, match="needs the tape of a forward"):
         m.backward()  # the tape is consumed
+    m.forward(np.zeros((1, 3), np.int64), np.zeros((1, 3), np.int64))
+    m.forward(np.zeros((1, 3), np.int64))   # an evaluation in between replaces the tape
+    with pytest.raises(engine.InputError, match="any later forward"):
+        m.backward()
 
 
 def test_freeze_pattern_matching_nothing(model):

@@ -114,6 +114,31 @@ def test_grad_buffers_and_optimizer_state_only_for_trainable():
     assert all(s == {} for s in sgd.state.values())  # no momentum, no state
 
 
+@pytest.mark.parametrize("make_opt", [lambda m: engine.AdamW(m, lr=0.1, weight_decay=0.5),
+                                      lambda m: engine.SGD(m, lr=0.1, momentum=0.9, weight_decay=0.5)])
+def test_a_parameter_unfrozen_after_backward_is_not_stepped(make_opt):
+    """As torch.optim skips a parameter whose .grad is None: unfrozen between backward() and
+    step(), it keeps its value and gets no step; the next backward gives it a gradient."""
+    m = small().train_last(1)
+    opt = make_opt(m)
+    x = np.random.default_rng(0).integers(0, m.config.vocab_size, (2, 8))
+    m.forward(x, x)
+    m.backward()
+    m.unfreeze("blocks.0.mlp.up.weight")
+    w0 = m.params["blocks.0.mlp.up.weight"].copy()
+    top = m.params["blocks.5.mlp.up.weight"].copy()
+    opt.step()
+    assert np.array_equal(m.params["blocks.0.mlp.up.weight"], w0)
+    assert not np.array_equal(m.params["blocks.5.mlp.up.weight"], top)
+    assert opt.state["blocks.0.mlp.up.weight"].get("t", 0) == 0
+    assert not opt.state["blocks.0.mlp.up.weight"].get("m", np.zeros(1)).any()
+    m.zero_grad()
+    m.forward(x, x)
+    m.backward()
+    opt.step()
+    assert not np.array_equal(m.params["blocks.0.mlp.up.weight"], w0)
+
+
 def test_saved_activations_grow_with_trainable_blocks_not_depth():
     tokens, targets = data()
     sizes = {}
