@@ -46,6 +46,42 @@ def prefix_hash(model, start: int) -> str:
     return h.hexdigest()[:24]
 
 
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_room(need: int, n: int, directory: str | None, key: str) -> None:
+    """Refuse a cache that would not fit, before allocating it: in memory numpy would fail with
+    a raw MemoryError (or the machine swap); on disk, writes into a memory-mapped file on a full
+    disk kill the process (SIGBUS) mid-epoch, with no checkpoint."""
+    gib = need / 2**30
+    fix = "use --prefix-dtype float16 (half), less data, or --prefix-cache off"
+    if directory:
+        import shutil
+        os.makedirs(directory, exist_ok=True)
+        have = shutil.disk_usage(directory).free
+        existing = os.path.join(directory, key + ".npy")
+        if os.path.exists(existing):
+            have += os.path.getsize(existing)
+        if need > 0.9 * have:
+            raise InputError(f"--prefix-cache disk needs {gib:.1f} GiB in {directory} for the "
+                             f"prefixes of {n} examples, and {have / 2**30:.1f} GiB is free: {fix}")
+        return
+    have = _available_memory()
+    if have is not None and need > 0.7 * have:
+        raise InputError(f"--prefix-cache memory needs {gib:.1f} GiB for the prefixes of {n} "
+                         f"examples, and {have / 2**30:.1f} GiB of memory is available: use "
+                         "--prefix-cache disk, --prefix-dtype float16 (half), less data, or "
+                         "--prefix-cache off")
+
+
 def _npy_problem(path: str, shape: tuple, dtype: np.dtype) -> str | None:
     """Why the .npy file at path cannot be reused as an array of shape and dtype, or None."""
     try:
@@ -83,7 +119,8 @@ class PrefixCache:
     """Hidden states at the input of block `start` for the examples of an Examples set."""
 
     def __init__(self, model, examples, start: int, dtype="float32", directory: str | None = None,
-                 data_key: str | None = None, disposable: bool = False):
+                 data_key: str | None = None, disposable: bool = False, rows=None):
+        """rows: the examples the cache will serve (default all); the others take no room."""
         if dtype not in ("float32", "float16"):
             raise InputError(f"prefix cache dtype must be float32 or float16, got {dtype!r}")
         low = model.lowest_trainable_block()
@@ -94,13 +131,20 @@ class PrefixCache:
         self.disposable = disposable     # close() deletes the files (a prefix no run can reuse)
         self.dtype = np.dtype(dtype)
         n = len(examples)
-        lengths = np.array([max(0, len(examples.get(i)[0]) - 1) for i in range(n)], np.int64)
+        serve = np.ones(n, bool) if rows is None else np.zeros(n, bool)
+        if rows is not None:
+            serve[np.asarray(rows, np.int64)] = True
+        lengths = np.array([max(0, len(examples.get(i)[0]) - 1) if serve[i] else 0
+                            for i in range(n)], np.int64)
+        self.serve = serve
         self.offsets = np.concatenate([[0], np.cumsum(lengths)])
         C = model.config.d_model
         if not data_key:   # the data's own key, else the tokens: never another dataset's rows
             data_key = getattr(getattr(examples, "data", None), "key", "") or _tokens_hash(examples)
-        self.key = f"{prefix_hash(model, start)}-{data_key}-{examples.T}-{dtype}"
+        subset = "" if serve.all() else "-" + hashlib.sha256(serve.tobytes()).hexdigest()[:12]
+        self.key = f"{prefix_hash(model, start)}-{data_key}{subset}-{examples.T}-{dtype}"
         shape = (int(self.offsets[-1]), C)
+        _check_room(shape[0] * C * self.dtype.itemsize, n, directory, self.key)
         self.files: tuple[str, ...] = ()
         if directory:
             os.makedirs(directory, exist_ok=True)
@@ -135,6 +179,8 @@ class PrefixCache:
         """(B, T', d_model) for the examples idx whose padded token batch is `tokens`; rows past
         an example's length are zeros (padding: causal attention never lets them reach a real
         position, and their targets are ignored)."""
+        if not self.serve[np.asarray(idx)].all():
+            raise InputError("prefix cache: asked for an example it was not made to serve")
         missing = [r for r, i in enumerate(idx) if not self.filled[i]]
         if missing:
             self._compute(np.asarray(idx)[missing], tokens[missing])
@@ -176,7 +222,7 @@ class PrefixCache:
             raise InputError(f"fill_from needs a cache of the same examples below block {self.start}, "
                              "whose prefix is still frozen")
         from .data import eval_batches
-        for x, _, idx in eval_batches(self.examples, np.flatnonzero(below.filled & ~self.filled),
+        for x, _, idx in eval_batches(self.examples, np.flatnonzero(below.filled & ~self.filled & self.serve),
                                       batch_size, pad_id):
             self._compute(idx, x, below)
 

@@ -362,9 +362,14 @@ class _Caches:
     every parameter the run has trained so far: a disk file whose prefix holds one of them can
     never be reused, and is deleted when the cache moves and at the end of the run."""
 
-    def __init__(self, args, model, examples, held, log, trained: set, pad_id: int):
+    def __init__(self, args, model, examples, held, log, trained: set, pad_id: int, train_idx,
+                 eval_idx):
         self.args, self.model, self.examples, self.held, self.log = args, model, examples, held, log
         self.trained, self.pad_id = trained, pad_id
+        # room only for the examples a run reads: its training ones, and the held-out ones that
+        # evaluate() reaches under --eval-batches
+        cap = args.eval_batches * args.batch_size if args.eval_batches else None
+        self.train_rows, self.eval_rows = np.asarray(train_idx), np.asarray(eval_idx)[:cap]
         self.train = self.eval = None
         self.built: list[PrefixCache] = []     # every training-data cache of the run, for report()
         self.held_built: list[PrefixCache] = []
@@ -387,16 +392,19 @@ class _Caches:
 
         up = self.train is not None and self.train.start < start   # the lowest blocks froze
 
-        def make(ex, old):
+        shared = self.held is self.examples   # one cache serves both
+
+        def make(ex, old, rows):
             c = PrefixCache(self.model, ex, start, self.args.prefix_dtype, d, ex.data.key,
-                            disposable=any(in_prefix(n, start) for n in self.trained))
+                            disposable=any(in_prefix(n, start) for n in self.trained), rows=rows)
             if up:
                 c.fill_from(old, self.args.batch_size, self.pad_id)
             return c
 
         old_train, old_eval = self.train, self.eval
-        self.train = make(self.examples, old_train)
-        self.eval = self.train if self.held is self.examples else make(self.held, old_eval)
+        self.train = make(self.examples, old_train, np.union1d(self.train_rows, self.eval_rows)
+                          if shared else self.train_rows)
+        self.eval = self.train if shared else make(self.held, old_eval, self.eval_rows)
         self.built.append(self.train)
         if self.eval is not self.train:
             self.held_built.append(self.eval)
@@ -626,10 +634,11 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print, given=None) 
             return None
         return evaluate(model, held, eval_idx, args.batch_size, pad, args.eval_batches, caches.eval)
 
+    if state is None:   # before the run directory: a cache with no room leaves nothing behind
+        caches = _Caches(args, model, examples, held, log, trained, pad, train_idx, eval_idx)
     _make_out(args.out)
     if state is None:
         write_json(os.path.join(args.out, "run.json"), run)
-        caches = _Caches(args, model, examples, held, log, trained, pad)
         before = held_out_loss()
         sample_before = _sample(model, tok, sample_ids, args)
         start = 0
@@ -649,7 +658,7 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print, given=None) 
             write_json(run_json, run)
         state = load_checkpoint(_checkpoint_dir(resume), model, opt)
         trained.update(model.trainable)
-        caches = _Caches(args, model, examples, held, log, trained, pad)  # after loading: the prefix may have trained
+        caches = _Caches(args, model, examples, held, log, trained, pad, train_idx, eval_idx)  # after loading: the prefix may have trained
         batches.restore(state["data"])
         before, sample_before = state.get("eval_before"), state.get("sample_before")
         start = state["step"]

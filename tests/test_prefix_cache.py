@@ -177,3 +177,40 @@ def test_cache_with_every_block_trainable_says_so(setup, capsys):
     _, s = finetune(setup, "allk", "--prefix-cache", "memory", "--train-last", "5")
     assert s["prefix_cache"] is None
     assert "no frozen prefix" in capsys.readouterr().out
+
+
+def test_cache_takes_room_for_the_rows_it_serves_and_checks_there_is_room(setup, tmp_path, monkeypatch,
+                                                                          capsys):
+    from engine import prefix_cache as PC
+    model, data, d = setup
+    m = engine.load(model).train_last(2)
+    ex = D.Examples(D.tokenize_file(data, engine.load_tokenizer(model)), 48)
+    rows = np.array([2, 5, 11])
+    c = PrefixCache(m, ex, 3, rows=rows)
+    C = m.config.d_model
+    assert c.nbytes == sum(len(ex.get(i)[0]) - 1 for i in rows) * C * 4
+    assert c.key != PrefixCache(m, ex, 3).key    # a disk file of a subset is not the whole set's
+    x, y, idx = next(D.eval_batches(ex, rows, 3, 0))
+    assert m.forward(x, y, grad=False, hidden=c.hidden(idx, x), start=3) == pytest.approx(
+        m.forward(x, y, grad=False), rel=1e-6)
+    with pytest.raises(engine.InputError, match="not made to serve"):
+        c.hidden(np.array([0]), x[:1])
+    # too big for memory or disk: refused before anything is allocated, as the CLI's error
+    need = PrefixCache(m, ex, 3).nbytes
+    monkeypatch.setattr(PC, "_available_memory", lambda: need)
+    with pytest.raises(engine.InputError, match=r"--prefix-cache memory needs .* GiB of memory is available"):
+        PrefixCache(m, ex, 3)
+    monkeypatch.setattr(PC, "_available_memory", lambda: 10 * need)
+    PrefixCache(m, ex, 3)
+    import shutil
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=need // 2))
+    with pytest.raises(engine.InputError, match="--prefix-cache disk needs .* is free"):
+        PrefixCache(m, ex, 3, directory=str(tmp_path / "pc"))
+    assert not [f for f in os.listdir(tmp_path / "pc") if f.endswith(".npy")]
+    monkeypatch.setenv("TAILTUNE_CACHE", str(tmp_path / "c"))
+    args = ["finetune", "--model", model, "--data", data, "--out", str(tmp_path / "run"), "--steps", "2",
+            "--batch-size", "4", "--seq-len", "48", "--sample-tokens", "0", "--prefix-cache", "disk"]
+    assert cli(args) == 2
+    assert "--prefix-cache disk needs" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "run")   # nothing half-made
