@@ -174,18 +174,19 @@ def _eval(a):
     from .io import load
     from .io.resolve import resolve_model_path
     from .tokenizer import load_tokenizer
-    from .train import check_seq_len, evaluate
+    from .train import EvalProgress, check_seq_len, evaluate
     _check_flags(*_sizes(a))
     model = load(a.model)
     tok = load_tokenizer(resolve_model_path(a.model), model_vocab_size=model.config.vocab_size)
     check_seq_len(a.seq_len, model.config)
-    ex = D.Examples(D.tokenize_file(a.data, tok), a.seq_len)
+    ex = D.Examples(D.tokenize_file(a.data, tok, log=lambda m: print(m, file=sys.stderr, flush=True)),
+                    a.seq_len)
     D.check_targets(ex, np.arange(len(ex)), a.data, lambda m: print(f"warning: {m}", file=sys.stderr))
     if ex.data.kind == "examples" and ex.truncated:   # the loss is then of the cut examples
         print(f"note: {ex.truncated} examples are longer than --seq-len {a.seq_len} and were "
               "truncated", file=sys.stderr)
     pad = tok.batch_pad_id
-    loss = evaluate(model, ex, np.arange(len(ex)), a.batch_size, pad)
+    loss = evaluate(model, ex, np.arange(len(ex)), a.batch_size, pad, progress=EvalProgress("eval"))
     print(f"loss {loss:.4f}  perplexity {math.exp(min(loss, 50)):.3f}  ({len(ex)} examples)")
     return 0
 

@@ -336,9 +336,13 @@ def _warn(msg):
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
-def evaluate(model: Model, examples, indices, batch_size, pad_id, max_batches=None, cache=None) -> float:
-    """Mean loss per target token over the held-out examples."""
+def evaluate(model: Model, examples, indices, batch_size, pad_id, max_batches=None, cache=None,
+             progress=None) -> float:
+    """Mean loss per target token over the held-out examples. progress(done, total) after
+    each batch (an EvalProgress shows a long evaluation is moving)."""
     total, count = 0.0, 0
+    n_batches = math.ceil(len(indices) / batch_size)
+    n_batches = min(n_batches, max_batches) if max_batches else n_batches
     for b, (x, y, idx) in enumerate(D.eval_batches(examples, indices, batch_size, pad_id)):
         if max_batches and b >= max_batches:
             break
@@ -346,7 +350,33 @@ def evaluate(model: Model, examples, indices, batch_size, pad_id, max_batches=No
         if n:
             total += _forward(model, x, y, idx, cache, grad=False) * n
             count += n
+        if progress is not None:
+            progress(b + 1, n_batches)
     return total / count if count else float("nan")
+
+
+class EvalProgress:
+    """Silent for a quick evaluation; one that runs past `after` seconds shows batches done and
+    the time left (in place on a terminal, a line every `every` seconds otherwise), so a long
+    held-out pass is not mistaken for a hang."""
+
+    def __init__(self, what="held-out loss", stream=None, after=5.0, every=30.0):
+        self.what, self.stream = what, stream or sys.stderr
+        self.after, self.every = after, every
+        self.t0, self.last, self.shown = time.perf_counter(), None, False
+
+    def __call__(self, done, total):
+        now = time.perf_counter()
+        el = now - self.t0
+        tty = self.stream.isatty()
+        if el < self.after or (not tty and self.last is not None and now - self.last < self.every
+                               and done < total):
+            return
+        msg = (f"{self.what}: batch {done}/{total} | {_fmt_time(el)} so far, ETA "
+               f"{_fmt_time(el / done * (total - done))}")
+        self.stream.write(("\r" + msg + "\x1b[K" + ("\n" if done == total else "")) if tty else msg + "\n")
+        self.stream.flush()
+        self.last, self.shown = now, True
 
 
 def _forward(model, x, y, idx, cache, grad=True):
@@ -632,7 +662,8 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print, given=None) 
     def held_out_loss():  # None without a held-out set (--eval-fraction 0)
         if not len(eval_idx):
             return None
-        return evaluate(model, held, eval_idx, args.batch_size, pad, args.eval_batches, caches.eval)
+        return evaluate(model, held, eval_idx, args.batch_size, pad, args.eval_batches, caches.eval,
+                        EvalProgress())
 
     if state is None:   # before the run directory: a cache with no room leaves nothing behind
         caches = _Caches(args, model, examples, held, log, trained, pad, train_idx, eval_idx)

@@ -4,12 +4,16 @@ import contextlib
 import importlib.util
 import os
 import signal
+import tempfile
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# token and prefix caches of the tests' runs in a directory of their own, not the user's
+# ~/.cache/tailtune (subprocesses inherit it)
+os.environ["TAILTUNE_CACHE"] = tempfile.mkdtemp(prefix="tailtune-test-cache-")
 
 # Before any kernel runs in the test process: compile in a child so that this process, like
 # every other, runs the cached code (fresh and cached code round differently; engine/warmup.py).
@@ -179,3 +183,8 @@ def signal_after_steps(n: int, signum=signal.SIGINT):
         yield
     finally:
         T.Progress.update = real
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import shutil
+    shutil.rmtree(os.environ["TAILTUNE_CACHE"], ignore_errors=True)

@@ -314,3 +314,30 @@ def test_resume_refuses_data_whose_contents_changed(tiny, tmp_path, capsys):
         assert cli(argv) == 130
     mine.write_text(open(data).read()[::-1])            # same name, other contents
     fails(capsys, argv + ["--resume", out], "the data changed since the checkpoint")
+
+
+def test_long_evaluations_show_progress(tiny, tmp_path, capsys):
+    import io
+    from engine.train import EvalProgress, evaluate
+    from engine import data as D
+    model_dir, data = tiny
+    model, tok = engine.load(model_dir), engine.load_tokenizer(model_dir)
+    ex = D.Examples(D.tokenize_file(data, tok), 32)
+    calls = []
+    loss = evaluate(model, ex, np.arange(10), 4, 0, progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(1, 3), (2, 3), (3, 3)] and np.isfinite(loss)
+    calls.clear()
+    evaluate(model, ex, np.arange(10), 4, 0, max_batches=2, progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(1, 2), (2, 2)]
+    out = io.StringIO()
+    quiet, shown = EvalProgress(stream=out), EvalProgress("eval", stream=out, after=0, every=0)
+    quiet(1, 3)                                        # a quick evaluation says nothing
+    assert out.getvalue() == ""
+    shown(1, 3)
+    shown(3, 3)
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("eval: batch 1/3 |") and lines[1].startswith("eval: batch 3/3 |")
+    fresh = tmp_path / "fresh.txt"
+    fresh.write_text(open(data).read()[:3000])
+    assert cli(["eval", "--model", model_dir, "--data", str(fresh), "--seq-len", "32"]) == 0
+    assert f"tokenizing {fresh}" in capsys.readouterr().err
