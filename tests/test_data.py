@@ -150,3 +150,22 @@ def test_long_text_with_a_start_marking_tokenizer_is_encoded_whole():
                if text[i] == "\n" and not text[i - 1].isspace() and not text[i + 1].isspace())
     assert wrapped.encode(text[:cut]) + wrapped.encode(text[cut:]) != want   # pieces would differ
     assert np.array_equal(D.encode_text(wrapped, text, chunk=2000), want)
+
+
+def test_jsonl_tokenization_memory_stays_near_the_arrays(tmp_path):
+    """A JSONL file is read row by row and each example becomes arrays at once: Python-side
+    peak memory stays a few bytes per token (lists of ints cost ~60 bytes a token)."""
+    import tracemalloc
+    rows = [{"prompt": f"claim {i}: " + "water damage to the roof " * 20, "completion": " route A " * 10}
+            for i in range(1500)]
+    f = tmp_path / "rows.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = engine.ByteTokenizer()
+    tracemalloc.start()
+    data = D.tokenize_file(str(f), tok, cache_dir=str(tmp_path / "c"))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    n = len(data.tokens)
+    assert n > 700_000
+    assert peak / n < 20, f"{peak / n:.1f} bytes of Python memory per token"   # was 32
+    assert data.tokens[:len("claim 0")].tolist() == list(b"claim 0")
