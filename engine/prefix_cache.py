@@ -144,7 +144,7 @@ class PrefixCache:
         subset = "" if serve.all() else "-" + hashlib.sha256(serve.tobytes()).hexdigest()[:12]
         self.key = f"{prefix_hash(model, start)}-{data_key}{subset}-{examples.T}-{dtype}"
         shape = (int(self.offsets[-1]), C)
-        _check_room(shape[0] * C * self.dtype.itemsize, n, directory, self.key)
+        _check_room(shape[0] * C * self.dtype.itemsize, int(serve.sum()), directory, self.key)
         self.files: tuple[str, ...] = ()
         if directory:
             os.makedirs(directory, exist_ok=True)

@@ -363,7 +363,7 @@ class EvalProgress:
     def __init__(self, what="held-out loss", stream=None, after=5.0, every=30.0):
         self.what, self.stream = what, stream or sys.stderr
         self.after, self.every = after, every
-        self.t0, self.last, self.shown = time.perf_counter(), None, False
+        self.t0, self.last = time.perf_counter(), None
 
     def __call__(self, done, total):
         now = time.perf_counter()
@@ -376,7 +376,7 @@ class EvalProgress:
                f"{_fmt_time(el / done * (total - done))}")
         self.stream.write(("\r" + msg + "\x1b[K" + ("\n" if done == total else "")) if tty else msg + "\n")
         self.stream.flush()
-        self.last, self.shown = now, True
+        self.last = now
 
 
 def _forward(model, x, y, idx, cache, grad=True):
