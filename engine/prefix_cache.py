@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
 import time
 
@@ -64,7 +65,6 @@ def _check_room(need: int, n: int, directory: str | None, key: str) -> None:
     gib = need / 2**30
     fix = "use --prefix-dtype float16 (half), less data, or --prefix-cache off"
     if directory:
-        import shutil
         os.makedirs(directory, exist_ok=True)
         have = shutil.disk_usage(directory).free
         existing = os.path.join(directory, key + ".npy")

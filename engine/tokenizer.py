@@ -102,11 +102,8 @@ def _load_dir(d: str):
         raise TokenizerError(f"{d}: holds only a SentencePiece tokenizer.model, which tailtune "
                              "does not read; save the tokenizer with transformers "
                              "(save_pretrained) to get a tokenizer.json")
-    ggufs = sorted(f for f in os.listdir(d) if f.endswith(".gguf"))
-    if len(ggufs) == 1:
-        return BPETokenizer.from_gguf(os.path.join(d, ggufs[0]))
-    found = f"; it holds {len(ggufs)} .gguf files, pass one of them" if ggufs else ""
-    raise TokenizerError(f"{d}: no tokenizer files (looked for {', '.join(_HF_FILES)}){found}")
+    # (a directory holding only a .gguf never gets here: resolve_model_path gives its file)
+    raise TokenizerError(f"{d}: no tokenizer files (looked for {', '.join(_HF_FILES)})")
 
 
 def _read_json(path: str, what: str):
