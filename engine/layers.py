@@ -140,8 +140,9 @@ class Block:
         return s
 
     def forward(self, P, x, rope_cs, keep, cache=None, pos0=0, rows=None):
-        """x: (B, T, C). Returns (out (B, T, C), saved or None). With keep=False nothing is
-        retained: the frozen prefix runs through here. With a KV cache (k, v arrays of shape
+        """x: (B, T, C). Returns (out (B, T, C), saved or None). keep: the names of the values
+        backward will read (backward_plan(...)["keep"]); None or empty: nothing is retained,
+        and the frozen prefix runs through here. With a KV cache (k, v arrays of shape
         (B, T_max, Hkv, D)), x holds positions pos0 .. pos0 + T - 1 and their keys and values
         are written into the cache (generation; no backward).
         rows (indices into the B * T positions): the output is wanted at these rows only, as
@@ -188,24 +189,39 @@ class Block:
         out += x1
         saved = None
         if keep:
-            saved = dict(x=x2, h=h, st1=st1, q=q, k=k, v=v, a=a, lse=lse, x1=x1, h2=h2, st2=st2,
-                         g=g, u=u, act=act)
+            saved = dict(n=N, x=x2, h=h, st1=st1, q=q, k=k, v=v, a=a, lse=lse, x1=x1, h2=h2,
+                         st2=st2, g=g, u=u, act=act)
             if rows is not None:
                 saved.update(rows=rows, a_rows=a2)
+            saved = {n: s for n, s in saved.items() if n in keep}
         return (out.reshape(B, T, C) if rows is None else out), saved
 
-    def backward_plan(self, G, need_dx: bool) -> dict:
+    def backward_plan(self, G, need_dx: bool, gathered: bool = False) -> dict:
         """Which parts of backward run, given the trainable set G: a part runs only when it leads
-        to a trainable parameter or to the block's input (need_dx). The cost model reads it too."""
+        to a trainable parameter or to the block's input (need_dx); and "keep", the values of the
+        forward those parts read (gathered: the forward ran with rows=). The cost model reads it
+        too."""
         tr = lambda *ms: any(n in G for m in ms if m is not None for n in m.names())  # noqa: E731
+        dw = lambda *ms: any(m is not None and m.w in G for m in ms)  # noqa: E731
         attn = need_dx or tr(self.ln1, self.q, self.k, self.v, self.o)
         mlp = attn or tr(self.ln2, self.gate, self.up, self.down)
         need_h2 = mlp and (attn or tr(self.ln2))
         need_act = mlp and (need_h2 or tr(self.gate, self.up))
         need_h = attn and (need_dx or tr(self.ln1))
         need_qkv = attn and (need_h or tr(self.q, self.k, self.v))
+        # a weight's gradient reads its layer's input; an input gradient through a norm or an
+        # activation reads what that op saw (a frozen weight in range keeps nothing for itself)
+        keep = {"n", "rows"}
+        keep |= {"act"} if mlp and dw(self.down) else set()
+        keep |= ({"g", "u"} if self.swiglu else {"u"}) if need_act else set()
+        keep |= {"h2"} if need_act and dw(self.gate, self.up) else set()
+        keep |= {"x1", "st2"} if need_h2 else set()
+        keep |= {("a_rows" if gathered else "a")} if attn and dw(self.o) else set()
+        keep |= {"q", "k", "v", "a", "lse"} if need_qkv else set()
+        keep |= {"h"} if need_qkv and dw(self.q, self.k, self.v) else set()
+        keep |= {"x", "st1"} if need_h else set()
         return dict(mlp=mlp, attn=attn, need_h2=need_h2, need_act=need_act, need_h=need_h,
-                    need_qkv=need_qkv)
+                    need_qkv=need_qkv, keep=keep)
 
     def backward(self, P, G, dout, s, rope_cs, need_dx):
         """dout: (N, C) gradient of the block output ((M, C) after forward(rows=)); consumed
@@ -216,18 +232,18 @@ class Block:
         attn_branch = plan["attn"]
         if plan["mlp"]:
             need_h2, need_act = plan["need_h2"], plan["need_act"]
-            dact = self.down.backward(P, G, dout, s["act"], need_act)
+            dact = self.down.backward(P, G, dout, s.get("act"), need_act)
             if need_act:
                 if self.swiglu:
                     dg = np.empty_like(dact)
                     du = np.empty_like(dact)
                     swiglu_backward(dact, s["g"], s["u"], dg, du)
-                    dh2 = self.gate.backward(P, G, dg, s["h2"], need_h2)
-                    dh2 = self.up.backward(P, G, du, s["h2"], need_h2, dh2)
+                    dh2 = self.gate.backward(P, G, dg, s.get("h2"), need_h2)
+                    dh2 = self.up.backward(P, G, du, s.get("h2"), need_h2, dh2)
                 else:
                     du = np.empty_like(dact)
                     gelu_backward(dact, s["u"], du)
-                    dh2 = self.up.backward(P, G, du, s["h2"], need_h2)
+                    dh2 = self.up.backward(P, G, du, s.get("h2"), need_h2)
                 if need_h2:
                     # dout becomes d(x1): the residual path plus the norm's input gradient
                     dx1 = dout if attn_branch else np.zeros_like(dout)
@@ -237,8 +253,9 @@ class Block:
         dx1 = dout
         need_h, need_qkv = plan["need_h"], plan["need_qkv"]
         rows = s.get("rows")
-        N = s["x"].shape[0]                                   # every position, even after rows=
-        da = self.o.backward(P, G, dx1, s["a"].reshape(N, -1) if rows is None else s["a_rows"],
+        N = s["n"]                                            # every position, even after rows=
+        o_in = s.get("a_rows") if rows is not None else s.get("a")   # None: o is frozen
+        da = self.o.backward(P, G, dx1, None if o_in is None else o_in.reshape(-1, self.H * self.D),
                              need_qkv)
         if rows is not None and need_qkv:                     # back to every position
             da_rows, da = da, np.zeros((N, da.shape[1]), np.float32)
@@ -251,7 +268,7 @@ class Block:
             if self.rope:
                 rope_backward(dq, *rope_cs)
                 rope_backward(dk, *rope_cs)
-            h = s["h"]
+            h = s.get("h")
             dh = self.q.backward(P, G, dq.reshape(N, -1), h, need_h)
             dh = self.k.backward(P, G, dk.reshape(N, -1), h, need_h, dh)
             dh = self.v.backward(P, G, dv.reshape(N, -1), h, need_h, dh)

@@ -290,7 +290,9 @@ class Model:
         for b in self.blocks[start:]:
             t0 = perf_counter() if prof else 0.0
             top = rows if b.index == self.config.n_layer - 1 else None
-            x, s = b.forward(self.params, x, rope, keep and b.index >= low, rows=top)
+            kept = (b.backward_plan(self.grads, b.index > low, top is not None)["keep"]
+                    if keep and b.index >= low else None)
+            x, s = b.forward(self.params, x, rope, kept, rows=top)
             if prof:
                 prof.add(f"blocks.{b.index}", "forward", perf_counter() - t0)
             if s is not None:

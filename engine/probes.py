@@ -75,6 +75,19 @@ def _elementwise_bytes(c, N: int, b, G, plan: dict | None, M: int | None = None)
     return 4 * (fwd + gather), 4 * bwd + dw_add
 
 
+def _kept_bytes(c, B: int, T: int, M: int, keep: set) -> int:
+    """Bytes of the values a block's forward keeps (Block.backward_plan's "keep"): those before
+    attention over every position, those after it over M rows (fewer in the top block when only
+    some positions have a target: then also the gathered attention output and the row indices)."""
+    N = B * T
+    C, F, Hd, Kd = c.d_model, c.d_ff, c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+    per_row = 1 if c.norm == "rmsnorm" else 2      # norm statistics: rstd (and the mean)
+    elements = dict(x=N * C, h=N * C, st1=N * per_row, q=N * Hd, k=N * Kd, v=N * Kd, a=N * Hd,
+                    lse=B * c.n_head * T, x1=M * C, h2=M * C, st2=M * per_row, g=M * F, u=M * F,
+                    act=M * F, a_rows=M * Hd if M < N else 0, rows=2 * M if M < N else 0)
+    return 4 * sum(elements.get(n, 0) for n in keep)
+
+
 def block_costs(model, B: int, T: int, everything: bool = False,
                 target_rows: int | None = None) -> list[dict]:
     """One row per block plus the head: parameters, trainable, predicted FLOPs of forward,
@@ -108,17 +121,10 @@ def block_costs(model, B: int, T: int, everything: bool = False,
         params = sum(model.params[n].size for n in b.shapes())
         fwd = sum(2 * _rows(b, m, N, Mb) * m.n_in * m.n_out for m in lin) + attn_fwd
         in_range = b.index >= low
-        plan = b.backward_plan(G, b.index > low) if in_range else None
+        plan = b.backward_plan(G, b.index > low, Mb < N) if in_range else None
         dx = _input_grad_flops(b, N, plan, attn_fwd, Mb) if in_range else 0
         dw = sum(2 * _rows(b, m, N, Mb) * m.n_in * m.n_out for m in lin if m.w in G) if in_range else 0
-        F, C, Hd, Kd = c.d_ff, c.d_model, c.n_head * c.head_dim, c.n_kv_head * c.head_dim
-        kept = 0
-        if in_range:   # x, h, q, k, v, a, lse, ln1's stats over every position; x1, h2, the MLP's
-            # activations and ln2's stats over Mb; with fewer, the gathered attention output and
-            # the row indices too
-            kept = 4 * (N * (2 * C + 2 * Hd + 2 * Kd + stats) + B * c.n_head * T
-                        + Mb * (2 * C + F * (3 if c.mlp == "swiglu" else 2) + stats)
-                        + (Mb * (Hd + 2) if Mb < N else 0))
+        kept = _kept_bytes(c, B, T, Mb, plan["keep"]) if in_range else 0
         ew_f, ew_b = _elementwise_bytes(c, N, b, G, plan, Mb)
         n_train = sum(model.params[n].size for n in b.shapes() if n in G)
         rows.append({"layer": f"blocks.{b.index}", "params": params, "opt_bytes": _ADAMW_BYTES * n_train,

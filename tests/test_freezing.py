@@ -156,6 +156,31 @@ def test_saved_activations_grow_with_trainable_blocks_not_depth():
     assert m.saved_bytes() < per_block  # only the final norm's input and the head's dh
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_a_block_keeps_only_what_its_trainable_parts_read(kind):
+    """The lowest trainable block training its MLP side alone keeps nothing of its attention
+    (its input, ln1's output and statistics, q, k, v, the attention output and its log-sum-exp);
+    a frozen weight inside the range keeps no input for a weight gradient (down: the activation,
+    d_ff wide). Sizes from the config, counted here."""
+    tokens, targets = data()
+    B, T = tokens.shape
+    m = small(n_layer=4, kind=kind)
+    c = m.config
+    stats = 1 if c.norm == "rmsnorm" else 2
+    attention = 4 * (B * T * (2 * c.d_model + stats + 2 * c.n_head * c.head_dim
+                              + 2 * c.n_kv_head * c.head_dim) + B * c.n_head * T)
+
+    def kept(*frozen):
+        m.train_last(1)
+        if frozen:          # freeze() alone freezes everything
+            m.freeze(*frozen)
+        m.forward(tokens, targets)
+        return m.saved_bytes()
+    full = kept()
+    assert full - kept("blocks.3.attn.*", "blocks.3.ln1.*") == attention
+    assert full - kept("blocks.3.mlp.down.*") == 4 * B * T * c.d_ff
+
+
 def test_nothing_kept_without_targets_or_with_grad_false():
     m = small()
     tokens, targets = data()

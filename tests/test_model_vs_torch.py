@@ -71,6 +71,14 @@ FREEZES = {
     "tied-embedding": lambda m: m.freeze().unfreeze("wte.weight"),
     "final-norm-only": lambda m: m.freeze().unfreeze("ln_f.*"),
     "middle-block": lambda m: m.freeze().unfreeze("blocks.1.*"),
+    # the forward keeps only what these need: the lowest block's MLP side alone; frozen weights
+    # inside the range (their layer inputs not kept); the top block's output projection alone,
+    # on the gathered target rows
+    "lowest-mlp-only": lambda m: m.train_last(2).freeze(f"blocks.{m.config.n_layer - 2}.attn.*",
+                                                        f"blocks.{m.config.n_layer - 2}.ln1.*"),
+    "frozen-down-and-o-in-range": lambda m: m.train_last(2).freeze(
+        "blocks.*.mlp.down.*", f"blocks.{m.config.n_layer - 1}.attn.o.*"),
+    "top-o-only": lambda m: m.freeze().unfreeze(f"blocks.{m.config.n_layer - 1}.attn.o.*"),
 }
 
 

@@ -385,7 +385,8 @@ def test_inspect_target_fraction(tmp_path, capsys):
         assert "--target-fraction" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("trainable", ["last2", "head-only", "everything"])
+@pytest.mark.parametrize("trainable", ["last2", "head-only", "everything", "lowest-mlp-only",
+                                       "top-o-only", "frozen-down-in-range"])
 @pytest.mark.parametrize("n_targets", [5, 32])
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_predicted_step_flops_and_memory_with_masked_targets(monkeypatch, kind, n_targets, trainable):
@@ -400,6 +401,12 @@ def test_predicted_step_flops_and_memory_with_masked_targets(monkeypatch, kind, 
         m.train_last(2)
     elif trainable == "head-only":
         m.freeze().unfreeze(m.head)
+    elif trainable == "lowest-mlp-only":
+        m.train_last(2).freeze("blocks.2.attn.*", "blocks.2.ln1.*")
+    elif trainable == "top-o-only":
+        m.freeze().unfreeze("blocks.3.attn.o.*")
+    elif trainable == "frozen-down-in-range":
+        m.train_last(2).freeze("blocks.*.mlp.down.*")
     B, T = 2, 16
     rng = np.random.default_rng(2)
     tokens = rng.integers(0, 257, (B, T))
