@@ -9,8 +9,8 @@ the parts that lead to a trainable parameter or to the block's input (the lowest
 needs no gradient at its own input); frozen weights cost no weight gradient.
 Byte model (elementwise kernels: norms, activation, biases, rope, residual adds, the loss over
 the logits): float32 bytes read and written, from shapes; their time is bytes / the rate those
-kernels reach now (elementwise_rate). GEMM and attention operands are not counted there.
-Optimizer: 28 bytes per trainable parameter (AdamW) / the AdamW kernel's rate (adamw_rate).
+kernels reach now (ElementwiseRate). GEMM and attention operands are not counted there.
+Optimizer: 28 bytes per trainable parameter (AdamW) / the AdamW kernel's rate (AdamWRate).
 """
 from __future__ import annotations
 
@@ -470,27 +470,30 @@ class ModelGemmRate:
         return flops / (time.perf_counter() - t0)
 
 
-def attention_rates(model, B: int, T: int, repeats: int = 3) -> tuple[float, float]:
+class AttentionRates:
     """FLOP/s of the attention kernels, forward and backward, on this model's head shapes at
-    B x T (their FLOPs as block_costs counts them)."""
-    from kernels.attention import attention_backward, attention_forward
-    c = model.config
-    rng = np.random.default_rng(0)
-    q, dout = (rng.standard_normal((B, T, c.n_head, c.head_dim), dtype=np.float32) for _ in range(2))
-    k, v = (rng.standard_normal((B, T, c.n_kv_head, c.head_dim), dtype=np.float32) for _ in range(2))
-    out, dq = np.empty_like(q), np.empty_like(q)
-    dk, dv = np.empty_like(k), np.empty_like(v)
-    lse = np.empty((B, c.n_head, T), np.float32)
-    fwd, bwd = [], []
-    for _ in range(repeats + 1):   # the first round warms up
+    B x T (their FLOPs as block_costs counts them); sample() times one call of each."""
+
+    def __init__(self, model, B: int, T: int):
+        c = model.config
+        rng = np.random.default_rng(0)
+        self.q, self.dout = (rng.standard_normal((B, T, c.n_head, c.head_dim), dtype=np.float32)
+                             for _ in range(2))
+        self.k, self.v = (rng.standard_normal((B, T, c.n_kv_head, c.head_dim), dtype=np.float32)
+                          for _ in range(2))
+        self.out, self.dq = np.empty_like(self.q), np.empty_like(self.q)
+        self.dk, self.dv = np.empty_like(self.k), np.empty_like(self.v)
+        self.lse = np.empty((B, c.n_head, T), np.float32)
+        self.flops = 2 * B * c.n_head * T * T * c.head_dim
+
+    def sample(self) -> tuple[float, float]:
+        from kernels.attention import attention_backward, attention_forward
         t0 = time.perf_counter()
-        attention_forward(q, k, v, out, lse, 0)
+        attention_forward(self.q, self.k, self.v, self.out, self.lse, 0)
         t1 = time.perf_counter()
-        attention_backward(dout, q, k, v, out, lse, dq, dk, dv)
-        fwd.append(t1 - t0)
-        bwd.append(time.perf_counter() - t1)
-    flops = 2 * B * c.n_head * T * T * c.head_dim
-    return flops / float(np.median(fwd[1:])), 2.5 * flops / float(np.median(bwd[1:]))
+        attention_backward(self.dout, self.q, self.k, self.v, self.out, self.lse, self.dq,
+                           self.dk, self.dv)
+        return self.flops / (t1 - t0), 2.5 * self.flops / (time.perf_counter() - t1)
 
 
 def predicted_ms(rows: list, gemm_rate: float, attn_rates: tuple[float, float],
@@ -510,67 +513,77 @@ def predicted_ms(rows: list, gemm_rate: float, attn_rates: tuple[float, float],
     return out
 
 
-def adamw_rate(model, repeats: int = 5) -> float:
+class AdamWRate:
     """Bytes/s (_ADAMW_BYTES per parameter) of the AdamW kernel on one block's parameters, one
-    call per tensor as the optimizer makes them."""
-    from kernels.adamw import adamw_step
-    shapes = list(model.blocks[-1].shapes().values())
-    rng = np.random.default_rng(0)
-    ts = [tuple(rng.standard_normal(s, dtype=np.float32) for _ in range(4)) for s in shapes]
-    for _, _, _, v in ts:
-        np.abs(v, out=v)
-    n = sum(int(np.prod(s)) for s in shapes)
-    times = []
-    for step in range(1, repeats + 2):   # the first round warms up
+    call per tensor as the optimizer makes them; sample() times one pass."""
+
+    def __init__(self, model):
+        rng = np.random.default_rng(0)
+        shapes = list(model.blocks[-1].shapes().values())
+        self.ts = [tuple(rng.standard_normal(s, dtype=np.float32) for _ in range(4)) for s in shapes]
+        for _, _, _, v in self.ts:
+            np.abs(v, out=v)
+        self.bytes = _ADAMW_BYTES * sum(int(np.prod(s)) for s in shapes)
+        self.step = 0
+
+    def sample(self) -> float:
+        from kernels.adamw import adamw_step
+        self.step += 1
         t0 = time.perf_counter()
-        for p, g, m, v in ts:
-            adamw_step(p, g, m, v, 1e-6, 0.9, 0.999, 1e-8, 0.0, step)
-        times.append(time.perf_counter() - t0)
-    return _ADAMW_BYTES * n / float(np.median(times[1:]))
+        for p, g, m, v in self.ts:
+            adamw_step(p, g, m, v, 1e-6, 0.9, 0.999, 1e-8, 0.0, self.step)
+        return self.bytes / (time.perf_counter() - t0)
 
 
-def elementwise_rate(model, B: int, T: int, repeats: int = 5) -> float:
+class ElementwiseRate:
     """Bytes/s of this model's elementwise forward kernels at B x T (norm, activation, a bias
-    add, a residual add), bytes counted as _elementwise_bytes counts them."""
-    from kernels.activation import gelu_forward, swiglu_forward
-    from kernels.bias import bias_add
-    c = model.config
-    N, C, F = B * T, c.d_model, c.d_ff
-    rng = np.random.default_rng(0)
-    x, y = (rng.standard_normal((N, C), dtype=np.float32) for _ in range(2))
-    u, g = (rng.standard_normal((N, F), dtype=np.float32) for _ in range(2))
-    act = np.empty_like(u)
-    bias = np.zeros(F, np.float32)
-    norm = model.blocks[0].ln1
-    swiglu = c.mlp == "swiglu"
-    times = []
-    for _ in range(repeats + 1):   # the first round warms up
+    add, a residual add), bytes counted as _elementwise_bytes counts them; sample() times one
+    round."""
+
+    def __init__(self, model, B: int, T: int):
+        c = model.config
+        N, C, F = B * T, c.d_model, c.d_ff
+        rng = np.random.default_rng(0)
+        self.model = model
+        self.x, self.y = (rng.standard_normal((N, C), dtype=np.float32) for _ in range(2))
+        self.u, self.g = (rng.standard_normal((N, F), dtype=np.float32) for _ in range(2))
+        self.act = np.empty_like(self.u)
+        self.bias = np.zeros(F, np.float32)
+        self.swiglu = c.mlp == "swiglu"
+        self.bytes = 4 * N * (2 * C + (3 if self.swiglu else 2) * F + 2 * F + 3 * C)
+
+    def sample(self) -> float:
+        from kernels.activation import gelu_forward, swiglu_forward
+        from kernels.bias import bias_add
         t0 = time.perf_counter()
-        norm.forward(model.params, x)
-        if swiglu:
-            swiglu_forward(g, u, act)
+        self.model.blocks[0].ln1.forward(self.model.params, self.x)
+        if self.swiglu:
+            swiglu_forward(self.g, self.u, self.act)
         else:
-            gelu_forward(u, act)
-        bias_add(u, bias)
-        x += y
-        times.append(time.perf_counter() - t0)
-    moved = 4 * N * (2 * C + (3 if swiglu else 2) * F + 2 * F + 3 * C)
-    return moved / float(np.median(times[1:]))
+            gelu_forward(self.u, self.act)
+        bias_add(self.u, self.bias)
+        self.x += self.y
+        return self.bytes / (time.perf_counter() - t0)
 
 
 def measured_costs(model, B: int, T: int, steps: int = 3, target_rows: int | None = None) -> dict:
     """Per layer, predicted (FLOPs / measured kernel rates) and measured milliseconds of
     forward and backward in a training step; for the head, forward + input gradient together.
-    The GEMM rate (ModelGemmRate) is sampled before every measured step and its median used."""
-    attn = attention_rates(model, B, T)
-    ew = elementwise_rate(model, B, T)
-    opt = adamw_rate(model)
-    sampler = ModelGemmRate(model, B, T)
-    sampler.sample()   # warm-up
-    rates = []
-    got = measure(model, B, T, steps, between=lambda: rates.append(sampler.sample()),
-                  target_rows=target_rows)
-    rate = float(np.median(rates))
+    Every rate (GEMM on this model's weights, attention, elementwise, AdamW) is sampled before
+    each measured step and its median used: a shared machine's speed drifts during a
+    measurement, and rates sampled once at the start missed by up to 30%."""
+    samplers = {"gemm": ModelGemmRate(model, B, T), "attn": AttentionRates(model, B, T),
+                "ew": ElementwiseRate(model, B, T), "opt": AdamWRate(model)}
+    for sampler in samplers.values():
+        sampler.sample()   # warm-up
+    samples = {k: [] for k in samplers}
+
+    def between():
+        for k, sampler in samplers.items():
+            samples[k].append(sampler.sample())
+    got = measure(model, B, T, steps, between=between, target_rows=target_rows)
+    rate, ew, opt = (float(np.median(samples[k])) for k in ("gemm", "ew", "opt"))
+    attn = tuple(float(r) for r in np.median(samples["attn"], axis=0))
     rows = block_costs(model, B, T, target_rows=target_rows)
     ms = got["ms"]
     out = []
