@@ -6,6 +6,7 @@ trainable one run forward without keeping activations, and backward stops at tha
 from __future__ import annotations
 
 import fnmatch
+import math
 import weakref
 from time import perf_counter
 
@@ -432,8 +433,12 @@ class Model:
                 crossentropy_forward(lg, targets[r0:r1], losses[r0:r1], lse[r0:r1])
         return float(losses.sum(dtype=np.float64) / n_valid), dh, dw
 
-    def backward(self):
-        """Fill self.grads (accumulating) from the last forward(tokens, targets)."""
+    def backward(self, scale: float = 1.0):
+        """Fill self.grads (accumulating) from the last forward(tokens, targets): the gradients
+        of scale x its mean loss (torch's (scale * loss).backward()). Accumulating micro-batches
+        as one batch weights each by its share of the target positions."""
+        if not isinstance(scale, (int, float, np.integer, np.floating)) or not math.isfinite(scale):
+            raise InputError(f"backward scale must be a finite number, got {scale!r}")
         tape = self._tape
         if tape is None:
             raise InputError("backward() needs the tape of a forward(tokens, targets) with trainable "
@@ -446,9 +451,13 @@ class Model:
         self.last_backward_blocks = []
         prof = layers.PROFILE
         t0 = perf_counter() if prof else 0.0
-        if tape["dw"] is not None:
-            G[self.head] += tape["dw"]
-        dh = tape["dh"]
+        dh, dw = tape["dh"], tape["dw"]
+        if scale != 1.0:   # every gradient below is linear in the head's (the tape's own arrays)
+            for a in (dh, dw):
+                if a is not None:
+                    a *= np.float32(scale)
+        if dw is not None:
+            G[self.head] += dw
         dx = None
         if dh is not None:
             dx = np.zeros_like(dh)                       # (N, C)

@@ -179,7 +179,8 @@ def grad_norm(model) -> float:
 
 def clip_grad_norm(model, max_norm: float) -> float:
     """Scale the gradients so their global norm is at most max_norm (as torch's
-    clip_grad_norm_); returns the norm before clipping."""
+    clip_grad_norm_); returns the norm before clipping. A NaN norm leaves the gradients as they
+    are (torch turns them all NaN): check the returned norm, as the training loop does."""
     # a negative max_norm would give a negative coef: every gradient flipped, no error
     max_norm = _number("clip_grad_norm max_norm", max_norm)
     total = grad_norm(model)

@@ -82,6 +82,9 @@ def _check_room(need: int, n: int, directory: str | None, key: str) -> None:
                          "--prefix-cache off")
 
 
+_HALF_MAX = float(np.finfo(np.float16).max)
+
+
 def _npy_problem(path: str, shape: tuple, dtype: np.dtype) -> str | None:
     """Why the .npy file at path cannot be reused as an array of shape and dtype, or None."""
     try:
@@ -207,6 +210,12 @@ class PrefixCache:
         else:
             # below's rows feed the carry; they are not reads of a training step
             h = self.model.prefix(tokens, self.start, below._rows(idx, tokens.shape), below.start)
+        if self.dtype == np.float16:
+            top = float(np.abs(h).max())
+            if not top <= _HALF_MAX:   # inf in the cache: a NaN loss that looks like divergence
+                raise InputError(f"the frozen prefix's output (the input of block {self.start}) "
+                                 f"reaches {top:.4g}, beyond float16's range ({_HALF_MAX:.0f}): "
+                                 "use --prefix-dtype float32")
         for i, hr in zip(idx, h):
             a, b = self.offsets[i], self.offsets[i + 1]
             self.store[a:b] = hr[:b - a]

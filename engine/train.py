@@ -33,7 +33,7 @@ from .generate import generate
 from .io import load_params, save_model, write_json
 from .io.resolve import resolve_model_path
 from .io.safetensors import SafetensorsFile, write as write_safetensors
-from .model import Model
+from .model import IGNORE, Model
 from .optim import AdamW, CosineSchedule, clip_grad_norm, grad_norm
 from .prefix_cache import PrefixCache, in_prefix
 from .probes import Telemetry, plot_telemetry
@@ -731,26 +731,30 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print, given=None) 
                 trained.update(model.trainable)
             opt.lr = sched(step)
             model.zero_grad()
-            loss_sum, ntok = 0.0, 0
-            for _ in range(args.grad_accum):
-                x, y, idx = batches.next()
-                loss_sum += _forward(model, x, y, idx, caches.train)
-                model.backward()
+            # accumulated micro-batches give what one batch of them all would: each weighted by
+            # its share of the target positions (not 1 / grad_accum: a micro-batch with few
+            # targets would weigh each of them more)
+            micro = [batches.next() for _ in range(args.grad_accum)]
+            n_targets = [int((y != IGNORE).sum()) for _, y, _ in micro]
+            loss, ntok = 0.0, 0
+            for (x, y, idx), n in zip(micro, n_targets):
                 ntok += x.size
-            if args.grad_accum > 1:
-                for g in model.grads.values():
-                    g *= np.float32(1.0 / args.grad_accum)
+                if n:
+                    share = n / sum(n_targets)
+                    loss += share * _forward(model, x, y, idx, caches.train)
+                    model.backward(scale=share)
             if schedule is not None:
                 schedule.observe(model, step)
             if telemetry is not None:   # before clipping: the layers' own gradient norms
                 telemetry.before_update(step)
             gnorm = clip_grad_norm(model, args.clip) if args.clip else grad_norm(model)
-            loss = loss_sum / args.grad_accum
-            if not math.isfinite(loss) or (args.clip and not math.isfinite(gnorm)):
+            if not (math.isfinite(loss) and math.isfinite(gnorm)):
                 # diverged: stop before this update, and save no NaN model as the result
+                why = (f"try a lower --lr than {args.lr:g}" if step else
+                       "this is before any update, so the model or the data give it, not the "
+                       "learning rate (with --prefix-dtype float16, try float32)")
                 raise DivergedError(f"step {step + 1}: training diverged (loss {loss:.4g}, gradient "
-                                    f"norm {gnorm:.4g}); try a lower --lr than {args.lr:g}. No "
-                                    f"model was saved")
+                                    f"norm {gnorm:.4g}); {why}. No model was saved")
             opt.step()
             tok_s = ntok / (time.perf_counter() - t0)
             rec = {"step": step + 1, "loss": loss, "lr": opt.lr, "grad_norm": gnorm, "tokens_per_s": tok_s,

@@ -15,31 +15,39 @@ from .vexp import exp_inplace
 IGNORE = -100   # the target of a row that carries no loss (the kernels skip any negative target)
 
 
+# The loss is read from the shifted row (target - max, exact), not formed as lse - target:
+# with every logit near 1e4 that difference of two large numbers keeps ~1e-3 of the loss in
+# float32, and fast-math reassociation turns (max - target) + log-sum-exp back into it.
 @jit
-def _row_lse(row, t, bits):
-    """log-sum-exp of row (V,), using t (V,) as scratch for exp(row - max)."""
+def _row_lse(row, tg, t, bits):
+    """(log-sum-exp of row (V,), -log softmax of target tg or 0 when tg < 0), using t (V,) as
+    scratch for exp(row - max)."""
     m = row[0]
     for j in range(row.shape[0]):
         m = max(m, row[j])
     for j in range(row.shape[0]):
         t[j] = row[j] - m
-    return m + np.log(exp_inplace(t, bits))
+    shifted = t[tg] if tg >= 0 else np.float32(0.0)
+    ls = np.log(exp_inplace(t, bits))
+    return m + ls, (ls - shifted if tg >= 0 else np.float32(0.0))
 
 
 @jit
 def _row_grad(row, tg, sc, bits):
-    """row <- sc * (softmax(row) - onehot(tg)); returns the row's log-sum-exp."""
+    """row <- sc * (softmax(row) - onehot(tg)); returns (log-sum-exp, -log softmax of tg)."""
     m = row[0]
     for j in range(row.shape[0]):
         m = max(m, row[j])
     for j in range(row.shape[0]):
         row[j] = row[j] - m
+    shifted = row[tg]
     s = exp_inplace(row, bits)
     f = sc / s
     for j in range(row.shape[0]):
         row[j] *= f
     row[tg] -= sc
-    return m + np.log(s)
+    ls = np.log(s)
+    return m + ls, ls - shifted
 
 
 def _check(fn, logits, targets, losses, lse):
@@ -65,9 +73,7 @@ def _crossentropy_forward(logits, targets, losses, lse):
     for i in prange(R):
         t = np.empty(V, np.float32)
         bits = np.empty(V, np.int32)
-        lse[i] = _row_lse(logits[i], t, bits)
-        tg = targets[i]
-        losses[i] = lse[i] - logits[i, tg] if tg >= 0 else np.float32(0.0)
+        lse[i], losses[i] = _row_lse(logits[i], targets[i], t, bits)
 
 
 def crossentropy_forward_backward(logits, targets, losses, lse, scale):
@@ -88,7 +94,5 @@ def _crossentropy_forward_backward(logits, targets, losses, lse, scale):
             losses[i] = np.float32(0.0)
             lse[i] = np.float32(0.0)
             continue
-        target_logit = logits[i, tg]
         bits = np.empty(V, np.int32)
-        lse[i] = _row_grad(logits[i], tg, sc, bits)
-        losses[i] = lse[i] - target_logit
+        lse[i], losses[i] = _row_grad(logits[i], tg, sc, bits)

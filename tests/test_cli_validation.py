@@ -178,6 +178,18 @@ def test_divergence_stops_without_saving_a_nan_model(files, tmp_path, capsys):
         T.finetune(args, log=lambda *a: None)
 
 
+def test_non_finite_gradient_stops_the_run_without_clipping_too(files, tmp_path, capsys, monkeypatch):
+    """--clip 0 still computes the gradient norm: an inf in it (an overflow in backward) stops
+    the run before the update instead of saving a model that cannot be loaded; a non-finite
+    loss at the first step is not blamed on the learning rate."""
+    monkeypatch.setattr(T, "grad_norm", lambda model: float("inf"))
+    out = tmp_path / "o"
+    cap = fails(capsys, ft(files, out, "--steps", "3", "--clip", "0"), "training diverged",
+                "gradient norm inf", "No model was saved")
+    assert "step 1:" in cap.err and "before any update" in cap.err and "lower --lr" not in cap.err
+    assert not (out / "model").exists()
+
+
 @pytest.fixture(scope="module")
 def stopped(files, tmp_path_factory):
     """A run stopped by SIGTERM after its second step: a real checkpoint to damage."""

@@ -292,6 +292,31 @@ def test_examples_without_targets_are_left_out_not_diverged(tiny, tmp_path, caps
     assert max(steps) == 6                             # one epoch over the 6 with targets
 
 
+def test_accumulated_micro_batches_equal_one_batch(tiny, tmp_path):
+    """--batch-size 2 --grad-accum 2 is the step of --batch-size 4 on the same 4 examples
+    (loss, gradient norm, weights), even when the micro-batches hold very different numbers of
+    target positions: each weighs by its share of them, not by 1 / grad_accum."""
+    model, _ = tiny
+    rows = [{"prompt": f"question {i}?", "completion": " " + ("a long answer " * 3 if i % 4 < 2 else "ok")}
+            for i in range(16)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = {}
+    for b, acc in ((4, 1), (2, 2)):
+        out = tmp_path / f"b{b}"
+        assert cli(["finetune", "--model", model, "--data", str(data), "--out", str(out),
+                    "--seq-len", "64", "--batch-size", str(b), "--grad-accum", str(acc),
+                    "--steps", "1", "--eval-fraction", "0", "--sample-tokens", "0",
+                    "--train-last", "4", "--seed", "3"]) == 0
+        step = next(r for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r)
+        got[b] = (step, weights(str(out)))
+    (m4, w4), (m2, w2) = got[4], got[2]
+    assert m2["loss"] == pytest.approx(m4["loss"], rel=1e-5)
+    assert m2["grad_norm"] == pytest.approx(m4["grad_norm"], rel=1e-4)
+    for n in w4:
+        np.testing.assert_allclose(w2[n], w4[n], atol=2e-6, err_msg=n)
+
+
 def test_epochs_count_short_last_batches(tiny, tmp_path):
     """9 examples in batches of 8 are 2 batches an epoch (8 + 1): --epochs 2 is 4 steps."""
     model, _ = tiny

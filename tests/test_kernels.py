@@ -489,6 +489,21 @@ def test_crossentropy(R, V, seed, scale):
     close(g, ref.crossentropy_bwd(logits, targets, 0.25), dict(rtol=1e-4, atol=1e-6))
 
 
+@pytest.mark.parametrize("offset", [1e3, 1e4, 1e5])
+def test_crossentropy_keeps_precision_when_logits_share_a_large_offset(offset):
+    """The loss is a difference of the log-sum-exp and the target's logit: with every logit near
+    1e4 that difference must be formed before adding the offset back, or float32 keeps ~1e-3 of
+    it. Against float64, as close as torch's float32 (~1e-5)."""
+    rng = rng_of(1)
+    logits = (randn(rng, 16, 1000, scale=3) + np.float32(offset)).astype(np.float32)
+    targets = rng.integers(0, 1000, 16)
+    rloss, _ = ref.crossentropy_fwd(logits.astype(np.float64), targets)
+    for fn in (crossentropy_forward, lambda x, *a: crossentropy_forward_backward(x.copy(), *a, 1.0)):
+        losses, lse = np.empty(16, np.float32), np.empty(16, np.float32)
+        fn(logits, targets, losses, lse)
+        assert np.abs(losses - rloss).max() < 3e-5
+
+
 def test_crossentropy_twin_and_torch():
     rng = rng_of(0)
     logits = randn(rng, 5, 17, scale=3)

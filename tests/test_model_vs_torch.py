@@ -107,6 +107,26 @@ def test_loss_and_grads_match(hf_dirs, kind, freeze):
             assert p.grad is None
 
 
+@pytest.mark.parametrize("kind,freeze", [("gpt2", "tied-embedding"), ("llama", "last2"),
+                                         ("llama", "top-o-only")])
+def test_two_scaled_backwards_accumulate_like_torch(hf_dirs, kind, freeze):
+    """backward(scale=w) is torch's (w * loss).backward(): two batches accumulated with
+    weights 0.3 and 0.7 (how the training loop weighs micro-batches by their targets)."""
+    hf, path = hf_dirs[kind]
+    model = engine.load(path)
+    FREEZES[freeze](model)
+    set_torch_trainable(model, hf)
+    for seed, w in ((1, 0.3), (2, 0.7)):
+        tokens, targets = batch(model.config.vocab_size, seed=seed)
+        model.forward(tokens, targets)
+        model.backward(scale=w)
+        (w * torch_loss(hf, tokens, targets)).backward()
+    assert_grads_match(model, hf)
+    with pytest.raises(engine.InputError, match="scale must be a finite number"):
+        model.forward(tokens, targets)
+        model.backward(scale=float("nan"))
+
+
 def test_untied_head_trainable(hf_dirs):
     hf, path = hf_dirs["llama"]
     model = engine.load(path)

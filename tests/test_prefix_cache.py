@@ -119,6 +119,20 @@ def test_hidden_matches_full_forward(setup):
     assert c.computed == 9
 
 
+def test_float16_cache_refuses_values_beyond_its_range(setup):
+    """A residual stream above 65504 (large models have such channels) would be cached as inf
+    and show up as a NaN loss blamed on the learning rate: the cache refuses it, naming
+    float32."""
+    model, data, _ = setup
+    m = engine.load(model).train_last(2)
+    m.params["wte.weight"][:, 0] = 1e5          # one channel of every token, in the residual stream
+    ex = D.Examples(D.tokenize_file(data, engine.load_tokenizer(model)), 48)
+    x, _, idx = next(D.eval_batches(ex, np.arange(4), 4, 0))
+    with pytest.raises(engine.InputError, match="beyond float16's range .*--prefix-dtype float32"):
+        PrefixCache(m, ex, 3, dtype="float16").hidden(idx, x)
+    assert np.isfinite(PrefixCache(m, ex, 3).hidden(idx, x)).all()
+
+
 def test_freezeout_moves_the_cache_up_from_the_old_rows_and_matches(setup):
     """FreezeOut freezes block 2, then 3: the cache follows the lowest trainable block up,
     filling each new cache from the previous one's rows, and training is unchanged."""
