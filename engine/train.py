@@ -13,6 +13,7 @@ never leaves a checkpoint that looks valid but is not.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -209,11 +210,18 @@ def _make_out(path: str):
         raise InputError(f"--out {path}: cannot create the directory ({e.strerror or e})") from None
 
 
+def _paths_absolute(fields: dict) -> dict:
+    """Training fields with the data paths absolute, as run.json records them."""
+    return {**fields, **{k: fields[k] and os.path.abspath(fields[k])
+                         for k in ("data", "eval_data") if k in fields}}
+
+
 def _what_is_in(args: TrainArgs) -> str:
     try:
         with open(os.path.join(args.out, "run.json")) as f:
             old = json.load(f)["args"]
-        same = {k: v for k, v in old.items() if k not in _NOT_TRAINING} == args.training_fields()
+        same = _paths_absolute({k: v for k, v in old.items() if k not in _NOT_TRAINING}) == \
+            _paths_absolute(args.training_fields())
     except (ValueError, KeyError, TypeError, AttributeError):
         return "a different run"
     except OSError:
@@ -257,14 +265,18 @@ def _read_state(ck: str) -> dict:
     for k, (t, what) in need.items():
         if not isinstance(state, dict) or not isinstance(state.get(k), t):
             raise CheckpointError(f"{path}: {k!r} is missing or not {what} (damaged checkpoint)")
-    if not all(isinstance(state["data"].get(k), int) for k in ("epoch", "cursor")):
-        raise CheckpointError(f"{path}: 'data' needs integer 'epoch' and 'cursor' (damaged checkpoint)")
+    if not all(is_int(state["data"].get(k)) and state["data"][k] >= 0 for k in ("epoch", "cursor")) \
+            or state["step"] < 0 or state["opt_t"] < 0:
+        raise CheckpointError(f"{path}: 'step', 'opt_t' and the data position ('epoch', 'cursor') "
+                              "must be integers >= 0 (damaged checkpoint)")
     # written since 2026-11-30 (older checkpoints lack them: each has a fallback where it is used)
     optional = {"opt_counts": lambda v: isinstance(v, dict) and all(
                     isinstance(c, dict) and all(is_int(x) and x >= 0 for x in c.values()) for c in v.values()),
                 "data_hashes": lambda v: isinstance(v, dict) and set(v) == {"train", "eval"}
                     and all(isinstance(x, str) for x in v.values()),
-                "trained": _names, "trainable": _names}
+                "trained": _names, "trainable": _names,
+                "eval_before": lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)),
+                "sample_before": lambda v: v is None or isinstance(v, str)}
     for k, ok in optional.items():
         if k in state and not ok(state[k]):
             raise CheckpointError(f"{path}: {k!r} is not what tailtune writes there (damaged checkpoint)")
@@ -523,10 +535,18 @@ def load_checkpoint(src: str, model, opt) -> dict:
     st = SafetensorsFile(os.path.join(src, "optimizer.safetensors"))
     loaded = {n: {} for n in opt.state}
     for key in st.keys():
+        if ":" not in key:
+            raise CheckpointError(f"{src}: optimizer tensor {key!r} is not named parameter:entry "
+                                  "(damaged checkpoint)")
         n, k = key.rsplit(":", 1)
         if n not in loaded:
             raise CheckpointError(f"{src}: optimizer state for {n}, which this run does not train")
         loaded[n][k] = st.float32(key)
+    for n, entries in loaded.items():   # moments restarted at zero would not resume exactly
+        lost = [k for k, a in opt.state[n].items() if isinstance(a, np.ndarray) and k not in entries]
+        if lost:
+            raise CheckpointError(f"{src}: optimizer state of {n} lacks {', '.join(lost)} "
+                                  "(damaged checkpoint)")
     for n, c in state.get("opt_counts", {}).items():
         if n in loaded:
             loaded[n].update(c)
@@ -549,9 +569,8 @@ def _given(args: TrainArgs, given) -> set:
 def _check_resume_args(args: TrainArgs, saved: TrainArgs, given: set):
     """A resumed run continues with its own training arguments: one given that differs from
     the run's is an error, not silently ignored."""
-    mine, theirs = args.training_fields(), saved.training_fields()
-    for d in (mine, theirs):   # a path as given and as recorded (absolute) name one file
-        d["eval_data"] = d["eval_data"] and os.path.abspath(d["eval_data"])
+    # a path as given and as recorded (absolute) name one file
+    mine, theirs = _paths_absolute(args.training_fields()), _paths_absolute(saved.training_fields())
     if not saved.unfreeze and theirs["train_last"] is None:   # what None meant for the run
         theirs["train_last"] = DEFAULT_TRAIN_LAST
     differ = [f"--{k.replace('_', '-')} {mine[k]!r} (the run has {theirs[k]!r})"
@@ -657,7 +676,7 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print, given=None) 
     resume_cmd = (f"`tailtune finetune --model {args.model} --data {recorded.data} --out "
                   f"{out_abs} --resume {out_abs}`")
     metrics_path = os.path.join(args.out, "metrics.jsonl")
-    sample_ids = _sample_prompt(args, tok, held, eval_idx)
+    sample_ids = _sample_prompt(args, tok, held, eval_idx, cfg.max_seq_len)
 
     def held_out_loss():  # None without a held-out set (--eval-fraction 0)
         if not len(eval_idx):
@@ -667,13 +686,25 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print, given=None) 
 
     if state is None:   # before the run directory: a cache with no room leaves nothing behind
         caches = _Caches(args, model, examples, held, log, trained, pad, train_idx, eval_idx)
+    created = not os.path.exists(args.out)
     _make_out(args.out)
     if state is None:
-        write_json(os.path.join(args.out, "run.json"), run)
-        before = held_out_loss()
-        sample_before = _sample(model, tok, sample_ids, args)
-        start = 0
-        _log_metric(metrics_path, {"step": 0, "eval_loss": before}, truncate=True)
+        try:
+            write_json(os.path.join(args.out, "run.json"), run)
+            before = held_out_loss()
+            sample_before = _sample(model, tok, sample_ids, args)
+            start = 0
+            _log_metric(metrics_path, {"step": 0, "eval_loss": before}, truncate=True)
+        except BaseException:
+            # stopped before the first step (Ctrl-C in the first evaluation, say): nothing to
+            # resume, so leave nothing that would make the same command refuse this --out
+            if created:
+                shutil.rmtree(args.out, ignore_errors=True)
+            else:   # an empty directory given as --out
+                for f in ("run.json", "metrics.jsonl"):
+                    with contextlib.suppress(OSError):
+                        os.remove(os.path.join(args.out, f))
+            raise
     else:
         run_json = os.path.join(args.out, "run.json")
         if os.path.exists(run_json):
@@ -693,6 +724,9 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print, given=None) 
         batches.restore(state["data"])
         before, sample_before = state.get("eval_before"), state.get("sample_before")
         start = state["step"]
+        if start > steps:
+            raise CheckpointError(f"{resume}: the checkpoint is at step {start}, past the run's "
+                                  f"{steps} steps (damaged checkpoint)")
         _truncate_metrics(metrics_path, start)
         log(f"resumed at step {start} of {steps}")
     if before is None:
@@ -844,18 +878,23 @@ def _main_thread():
     return threading.current_thread() is threading.main_thread()
 
 
-def _sample_prompt(args, tok, held, eval_idx):
+def _sample_prompt(args, tok, held, eval_idx, context: int):
     """Ids to generate from before and after: --sample-prompt (chat-templated when the model
-    has a template), else the prompt part of the first held-out example."""
+    has a template), else the prompt part of the first held-out example; context: the model's
+    max_seq_len."""
     if args.sample_prompt:
-        if tok.chat_template:
-            return tok.chat_ids([{"role": "user", "content": args.sample_prompt}])
-        return tok.encode(args.sample_prompt)
+        ids = (tok.chat_ids([{"role": "user", "content": args.sample_prompt}]) if tok.chat_template
+               else tok.encode(args.sample_prompt))
+        if args.sample_tokens > 0 and len(ids) >= context:   # before the run directory exists
+            raise InputError(f"--sample-prompt is {len(ids)} tokens, the model's context "
+                             f"{context}: give a shorter one (or --sample-tokens 0)")
+        return ids
     if held.data.kind != "examples" or len(eval_idx) == 0:
         return None
     ids, mask = held.data.example(int(eval_idx[0]))
     first = int(np.argmax(np.asarray(mask) > 0)) if np.asarray(mask).any() else len(ids)
-    return [int(i) for i in ids[:first]] or None
+    # a prompt longer than the context keeps its end: the text the completion follows
+    return [int(i) for i in ids[:first][-(context - 1):]] or None
 
 
 def _sample(model, tok, ids, args):

@@ -208,8 +208,13 @@ def test_sigterm_checkpoints_like_ctrl_c(stopped):
     assert state["step"] == 2
 
 
-def damage(state=None, metrics=None, run=None):
+def damage(state=None, metrics=None, run=None, opt=None):
     def f(d):
+        if opt:   # opt: {name: array} -> {name: array}, on the optimizer tensors
+            from engine.io.safetensors import SafetensorsFile, write
+            p = str(d / "checkpoint" / "optimizer.safetensors")
+            st = SafetensorsFile(p)
+            write(p, opt({k: st.float32(k) for k in st.keys()}))
         if state:
             p = d / "checkpoint" / "trainer_state.json"
             p.write_text(state(p.read_text()))
@@ -241,6 +246,12 @@ def edit(fn):
      "'opt_counts' is not what tailtune writes"),
     (damage(state=edit(lambda s: s.update(trainable=[]))), "trainer_state.json", "'trainable'"),
     (damage(state=edit(lambda s: s.update(data_hashes={}))), "trainer_state.json", "'data_hashes'"),
+    (damage(state=edit(lambda s: s["data"].update(epoch=-1))), "trainer_state.json", "integers >= 0"),
+    (damage(state=edit(lambda s: s.update(eval_before="low"))), "trainer_state.json", "'eval_before'"),
+    (damage(state=edit(lambda s: s.update(step=99))), "checkpoint", "at step 99, past the run's 6 steps"),
+    (damage(opt=lambda t: {k.replace(":", "_"): a for k, a in t.items()}), "checkpoint",
+     "is not named parameter:entry"),
+    (damage(opt=lambda t: {k: a for k, a in t.items() if not k.endswith(":v")}), "checkpoint", "lacks v"),
     (damage(metrics=lambda t: '{"step": 1}\nnot json\n' + t), "metrics.jsonl:2", "not a metrics record"),
     (damage(run="{garbled"), "run.json", "not a run description"),
 ])

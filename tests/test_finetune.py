@@ -138,6 +138,38 @@ def test_output_dir_of_another_run_is_left_alone(tiny, tmp_path, capsys):
     assert (out / "notes.txt").read_text() == "keep me"
 
 
+def test_the_same_command_again_is_recognised_with_relative_paths(tiny, tmp_path, monkeypatch, capsys):
+    """run.json records the data path absolute; the command as typed (relative) is the same run,
+    not "a different run" whose directory the message tells the user to delete."""
+    model, data = tiny
+    monkeypatch.chdir(os.path.dirname(data))
+    argv = [a if a != "60" else "2" for a in run_args(model, os.path.basename(data), "rel")]
+    assert cli(argv) == 0
+    fails(capsys, argv, "already holds this same run, finished")
+
+
+def test_stopped_before_the_first_step_leaves_no_directory(tiny, tmp_path, monkeypatch, capsys):
+    """Ctrl-C during the evaluation before training (minutes on long held-out data): no
+    checkpoint can exist yet, so the directory goes, and the same command simply runs again."""
+    import engine.train as T
+    model, data = tiny
+    out = tmp_path / "early"
+    argv = [a if a != "60" else "2" for a in run_args(model, data, str(out))]
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(T, "evaluate", interrupted)
+        assert cli(argv) == 130
+    assert not out.exists()
+    assert cli(argv) == 0
+    # a --sample-prompt longer than the context is refused before the directory exists
+    long = tmp_path / "long"
+    fails(capsys, run_args(model, data, str(long), "--sample-prompt", "x" * 300, "--sample-tokens", "5"),
+          "--sample-prompt is 300 tokens, the model's context 128")
+    assert not long.exists()
+
+
 def test_resume_into_a_new_directory(tiny, tmp_path):
     """Ctrl-C after step 6 (sent from inside the run), then --resume into another --out: the
     same weights as a straight run."""
