@@ -63,6 +63,11 @@ def read_rows(path: str):
                 raise _not_utf8(path, n, raw, e.start, "JSONL") from None
             if not line.strip():
                 continue
+            if line.lstrip().startswith("["):   # a whole file as one JSON array (a .json export)
+                raise InputError(
+                    f"{path}:{n}: a JSON array; tailtune reads JSONL, one JSON object per line "
+                    "(convert it with: python -c \"import json, sys; [print(json.dumps(r)) for r "
+                    f"in json.load(open(sys.argv[1]))]\" {path} > data.jsonl)")
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:

@@ -31,7 +31,7 @@ from . import data as D
 from . import schedules
 from .errors import CheckpointError, DivergedError, InputError, is_int
 from .generate import generate
-from .io import load_params, save_model, write_json
+from .io import load_params, remove_abandoned, save_model, write_json
 from .io.resolve import resolve_model_path
 from .io.safetensors import SafetensorsFile, write as write_safetensors
 from .model import IGNORE, Model
@@ -488,6 +488,7 @@ def _write_dir(dst: str, fill) -> None:
     """dst whole or untouched: fill(tmp) writes a temporary sibling, which is then swapped in
     (an old dst kept aside as dst.old until the swap is done). A failure removes the temporary."""
     tmp, old = dst + f".tmp{os.getpid()}", dst + ".old"
+    remove_abandoned(os.path.dirname(os.path.abspath(dst)), os.path.basename(dst) + ".tmp")
     if os.path.exists(tmp):
         shutil.rmtree(tmp)
     try:

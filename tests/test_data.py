@@ -169,3 +169,18 @@ def test_jsonl_tokenization_memory_stays_near_the_arrays(tmp_path):
     assert n > 700_000
     assert peak / n < 20, f"{peak / n:.1f} bytes of Python memory per token"   # was 32
     assert data.tokens[:len("claim 0")].tolist() == list(b"claim 0")
+
+
+def test_a_json_array_file_is_named_with_the_way_to_convert_it(tmp_path):
+    """A .json export holding one array of rows (pretty-printed or on one line) is not JSONL:
+    the error says so and gives a command that converts it, which works."""
+    import subprocess
+    rows = [{"prompt": "a", "completion": " b"}, {"prompt": "c", "completion": " d"}]
+    for name, text in (("pretty.json", json.dumps(rows, indent=2)), ("line.json", json.dumps(rows))):
+        p = tmp_path / name
+        p.write_text(text)
+        with pytest.raises(engine.InputError, match="a JSON array; tailtune reads JSONL") as e:
+            list(D.read_rows(str(p)))
+    cmd = str(e.value).split("convert it with: ")[1][:-1]
+    subprocess.run(cmd, shell=True, check=True, cwd=tmp_path)
+    assert [r for _, r in D.read_rows(str(tmp_path / "data.jsonl"))] == rows

@@ -268,6 +268,47 @@ def test_f16_save_refuses_values_beyond_its_range(tmp_path):
     assert engine.load(str(tmp_path / "f16")).params["blocks.0.mlp.up.weight"][3, 5] == 65504.0
 
 
+@pytest.mark.parametrize("spoil,match", [
+    (lambda p: p["blocks.0.ln1.weight"].__setitem__(0, np.nan), "blocks.0.ln1.weight holds NaN"),
+    (lambda p: p.__setitem__("ln_f.weight", np.ones(5, np.float32)), r"ln_f.weight is float32 \(5,\)"),
+    (lambda p: p.__setitem__("ln_f.weight", np.ones(16)), "ln_f.weight is float64"),
+])
+def test_save_refuses_what_load_would_refuse(tmp_path, monkeypatch, spoil, match):
+    """A NaN weight (a diverged loop), an array of another shape or dtype put in params by
+    hand: refused before anything is written, instead of a file engine.load calls corrupt."""
+    from conftest import small_model
+    model = small_model("llama", n_layer=1)
+    spoil(model.params)
+    with pytest.raises(engine.InputError, match=match + ".*nothing was saved"):
+        model.save(str(tmp_path / "m"))
+    assert not os.path.exists(tmp_path / "m")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(engine.InputError, match="save path is empty"):
+        small_model("llama", n_layer=1).save("")
+    assert os.listdir(tmp_path) == []
+
+
+def test_staging_folders_of_killed_saves_are_removed(tmp_path):
+    """A save or checkpoint killed outright leaves its <name>.tmp<pid> staging folder; the next
+    save removes those whose process is gone, and leaves a running process's alone."""
+    import subprocess
+    from conftest import small_model
+    from engine.train import _write_dir
+    dead = subprocess.Popen(["true"])   # a pid whose process has ended
+    dead.wait()
+    model = small_model("llama", n_layer=1)
+    d = tmp_path / "m"
+    model.save(str(d))
+    for name in (f".save.tmp{dead.pid}", f".save.tmp{os.getppid()}"):
+        (d / name).mkdir()
+        (d / name / "model.safetensors.tmp").write_bytes(b"x" * 100)
+    (tmp_path / f"checkpoint.tmp{dead.pid}").mkdir()
+    model.save(str(d))
+    assert sorted(n for n in os.listdir(d) if n.startswith(".")) == [f".save.tmp{os.getppid()}"]
+    _write_dir(str(tmp_path / "checkpoint"), lambda t: os.makedirs(t))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint", "m"]
+
+
 def test_run_directory_loads_its_final_model(tmp_path):
     """`--model RUN_DIR` of a finished run means RUN_DIR/model; an unfinished run says what to
     use instead of only 'no config.json'."""

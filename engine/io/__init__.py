@@ -133,6 +133,9 @@ def save_model(model, path: str, dtype: str = "F32") -> None:
     if not isinstance(path, (str, os.PathLike)):
         raise InputError(f"save path must be a str or path, got {type(path).__name__}")
     path = os.fspath(path)
+    if not path:
+        raise InputError("save path is empty (Model.save writes a directory: name one)")
+    _check_params(model)
     cfg = model.config
     hf = hf_names.config_to_hf(cfg)
     hf["torch_dtype"] = WRITE_DTYPES[dtype]
@@ -145,6 +148,7 @@ def save_model(model, path: str, dtype: str = "F32") -> None:
         if os.path.lexists(dst) and not os.path.isfile(dst):
             raise InputError(f"{dst} exists and is not a file; Model.save will not replace it")
     created = not os.path.exists(path)
+    remove_abandoned(path, ".save.tmp")
     stage = os.path.join(path, f".save.tmp{os.getpid()}")
     try:
         os.makedirs(stage, exist_ok=True)  # one left by a killed save is reused, then removed
@@ -164,6 +168,42 @@ def save_model(model, path: str, dtype: str = "F32") -> None:
         if created:  # a failed save into a new directory leaves none behind
             with contextlib.suppress(OSError):
                 os.rmdir(path)  # only if empty
+
+
+def _check_params(model) -> None:
+    """Every parameter as the model's shapes say, float32 and finite: what engine.load accepts
+    back (a diverged loop's NaN, an array replaced by hand, would save and then not load)."""
+    for n, shape in model._shapes().items():
+        a = model.params.get(n)
+        if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.shape != shape:
+            got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+            raise InputError(f"parameter {n} is {got}, expected float32 {shape}: nothing was saved")
+        if not np.isfinite(a).all():
+            raise InputError(f"parameter {n} holds NaN or infinite values (a diverged training "
+                             "step?): nothing was saved")
+
+
+def remove_abandoned(parent: str, prefix: str) -> None:
+    """Remove parent/<prefix><pid> staging folders of processes no longer running: a save
+    killed outright (SIGKILL, the OOM killer) cannot clean up after itself."""
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(prefix):]
+        if name.startswith(prefix) and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:   # another user's process
+        return True
+    return True
 
 
 def generation_config(cfg: Config) -> dict:
