@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 from datetime import datetime
 
 from .errors import CheckpointError, InputError
@@ -270,10 +271,15 @@ class _Tokenizer:
         """Refuse a tokenizer whose ids would index past the model's embedding table. A model
         vocabulary larger than the tokenizer's is fine (many are padded to a round size)."""
         if self.vocab_size > model_vocab_size:
+            past = list(range(model_vocab_size, self.vocab_size))
+            named = ", ".join(repr(self.decode([i])) for i in past[:5]) + (", ..." if len(past) > 5 else "")
+            hint = ("this tokenizer belongs to a different model" if len(past) > 16 else
+                    f"the token(s) {named} are past the model's vocabulary: a token the tokenizer "
+                    "config declares (eos_token, pad_token, additional_special_tokens) that the "
+                    "vocabulary lacks, say a typo, or a token added without resizing the model")
             raise TokenizerError(
                 f"tokenizer ids run to {self.vocab_size - 1} but the model's vocabulary has "
-                f"{model_vocab_size} entries (ids 0..{model_vocab_size - 1}): this tokenizer "
-                "belongs to a different model")
+                f"{model_vocab_size} entries (ids 0..{model_vocab_size - 1}): {hint}")
 
     def chat_prompt(self, messages, add_generation_prompt: bool = True, *, tools=None,
                     documents=None, template: str | None = None, **kwargs) -> str:
@@ -464,6 +470,24 @@ def _write_files(directory, tokenizer_json: str, cfg: dict) -> None:
     write_atomic(os.path.join(directory, "tokenizer.json"), [tokenizer_json.encode("utf-8")])
     write_atomic(os.path.join(directory, "tokenizer_config.json"),
                  [(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n").encode("utf-8")])
+    # files of another tokenizer saved here before, which loaders read over (or beside) the
+    # config just written: an old chat template would win over this tokenizer's
+    for name in _OVERRIDING_FILES:
+        p = os.path.join(directory, name)
+        try:
+            if os.path.isdir(p):
+                shutil.rmtree(p)
+            else:
+                os.remove(p)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise TokenizerError(f"cannot remove {p}, which would override the saved tokenizer: "
+                                 f"{e.strerror or e}") from None
+
+
+_OVERRIDING_FILES = ("special_tokens_map.json", "chat_template.jinja", "chat_template.json",
+                     "additional_chat_templates")
 
 
 # --------------------------------------------------------------------------------------------

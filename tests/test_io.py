@@ -88,6 +88,15 @@ def copy_of(hf_dirs, tmp_path, kind="llama"):
     return dst
 
 
+def test_shard_index_whose_weight_map_is_not_an_object(tmp_path):
+    from conftest import small_model
+    small_model("gpt2", n_layer=1).save(str(tmp_path))
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["a"]}))
+    with pytest.raises(engine.CheckpointError, match="unreadable shard index"):
+        engine.load(str(tmp_path))
+
+
 def test_missing_path():
     with pytest.raises(engine.CheckpointError, match="no-such-dir"):
         engine.load("/tmp/no-such-dir")
@@ -128,6 +137,7 @@ def test_corrupt_header_and_offsets(tmp_path):
     for bad in ({"a": {**header["a"], "data_offsets": [0, 10**12]}},
                 {"a": {**header["a"], "shape": [2, 4]}},
                 {"a": {**header["a"], "dtype": "Q4"}},
+                {"a": {**header["a"], "shape": [True, 6]}},
                 {"a": "nonsense"}):
         body = json.dumps(bad).encode()
         f.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n:])
@@ -156,6 +166,34 @@ def test_tensor_disagreeing_with_config_names_the_directory(hf_dirs, tmp_path):
     cfg["vocab_size"] -= 3
     (d / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(engine.CheckpointError, match=f"^{d}: .*wte.weight.*shape"):
+        engine.load(str(d))
+
+
+def test_tensors_with_no_place_in_the_model_are_refused(tmp_path):
+    """A file holding more blocks than config.json says (or an adapter's tensors) would load as
+    a different model, silently: refused, naming them. Buffers transformers saves (GPT-2's
+    causal mask) and a tied model's copy of lm_head are not weights and are accepted."""
+    from conftest import small_model
+    for kind, extra_block in (("gpt2", "transformer.h.1.ln_1.weight"), ("llama", "model.layers.1.")):
+        d = tmp_path / kind
+        small_model(kind, n_layer=2).save(str(d))
+        cfg = json.loads((d / "config.json").read_text())
+        key = "n_layer" if kind == "gpt2" else "num_hidden_layers"
+        cfg[key] = 1
+        (d / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(engine.CheckpointError, match=f"model of config.json .1 layers. has no "
+                                                         f"place for: .*{extra_block}"):
+            engine.load(str(d))
+    d = tmp_path / "buffers"
+    m = small_model("gpt2", n_layer=1)
+    m.save(str(d))
+    f = st.SafetensorsFile(str(d / "model.safetensors"))
+    tensors = {k: f.float32(k) for k in f.keys()}
+    st.write(str(d / "model.safetensors"), {**tensors, "transformer.h.0.attn.bias": np.ones((1, 1, 4, 4), np.float32),
+                                            "lm_head.weight": tensors["transformer.wte.weight"]})
+    assert engine.load(str(d)).params.keys() == m.params.keys()
+    st.write(str(d / "model.safetensors"), {**tensors, "score.weight": np.ones((2, 4), np.float32)})
+    with pytest.raises(engine.CheckpointError, match="no place for: score.weight"):
         engine.load(str(d))
 
 

@@ -349,6 +349,22 @@ def test_save_round_trip_loads_in_both(tmp_path, smol):
     assert again.special_ids == smol.special_ids
 
 
+def test_save_over_another_tokenizers_files_takes_their_place(tmp_path, smol):
+    """A directory where transformers saved another tokenizer (its template in
+    chat_template.jinja and additional_chat_templates/, a special_tokens_map.json): after
+    save, both loaders see this tokenizer's template and tokens, not the old files'."""
+    (tmp_path / "chat_template.jinja").write_text("OLD TEMPLATE {{ messages }}")
+    (tmp_path / "additional_chat_templates").mkdir()
+    (tmp_path / "additional_chat_templates" / "tool_use.jinja").write_text("OLD")
+    (tmp_path / "special_tokens_map.json").write_text('{"unk_token": "<|old|>"}')
+    smol.save(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["tokenizer.json", "tokenizer_config.json"]
+    msgs = CHATS[next(iter(CHATS))]
+    assert engine.load_tokenizer(tmp_path).chat_prompt(msgs) == smol.chat_prompt(msgs)
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == smol.chat_prompt(msgs)
+
+
 # ---------------------------------------------------------------------------------------------
 # vocab.json + merges.txt, and small GGUF files written here
 
@@ -518,8 +534,14 @@ def test_vocab_must_fit_model(tmp_path, smol):
         engine.load_tokenizer(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 49152}))
     assert engine.load_tokenizer(tmp_path).vocab_size == 49152
-    with pytest.raises(TokenizerError, match="model's vocabulary has 256"):
+    with pytest.raises(TokenizerError, match=r"model's vocabulary has 256.*'<\|endoftext\|>'"):
         ByteTokenizer().check_vocab(256)
+    # an eos_token with a typo, missing from the vocabulary: the token is named
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg["eos_token"] = "<|im_end>"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(TokenizerError, match=r"the token.s. '<\|im_end>' are past the model's vocabulary.*eos_token"):
+        engine.load_tokenizer(tmp_path)
 
 
 def test_bad_paths_and_files(tmp_path):

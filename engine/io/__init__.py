@@ -75,13 +75,30 @@ def _load_hf_dir(path: str) -> tuple[Config, dict]:
         st = SafetensorsFile(f)
         for name in st.keys():
             where[name] = st
+    used = set()
+
+    def get(name):
+        used.add(name)
+        return _finite(where[name], name)
     try:
-        params = hf_names.to_engine(cfg, lambda n: _finite(where[n], n), where.keys())
+        params = hf_names.to_engine(cfg, get, where.keys())
     except CheckpointError as e:  # name the directory when the message does not already
         if str(e).startswith(path):
             raise
         raise CheckpointError(f"{path}: {e}") from None
+    # a tensor with no place in the model (a block past config.json's layer count, an adapter)
+    # means a model the engine would run wrongly; buffers transformers saves are not weights
+    extra = sorted(n for n in set(where) - used if not n.endswith(_BUFFERS)
+                   and not (cfg.tie_embeddings and n == "lm_head.weight"))
+    if extra:
+        shown = ", ".join(extra[:8]) + (f" and {len(extra) - 8} more" if len(extra) > 8 else "")
+        raise CheckpointError(f"{path}: tensors the {cfg.model_type} model of config.json "
+                              f"({cfg.n_layer} layers) has no place for: {shown}")
     return cfg, params
+
+
+# non-weight tensors some transformers versions save: GPT-2's causal mask, rotary frequencies
+_BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
 
 def _finite(st: SafetensorsFile, name: str):
@@ -103,7 +120,7 @@ def _safetensors_files(path: str) -> list[str]:
         try:
             with open(index, encoding="utf-8") as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:   # weight_map not a dict
             raise CheckpointError(f"{index}: unreadable shard index ({e})") from None
         for s in shards:
             if not isinstance(s, str) or os.path.basename(s) != s:

@@ -15,7 +15,7 @@ import struct
 
 import numpy as np
 
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError, InputError, is_int
 
 MAX_HEADER = 100 * 1024 * 1024  # the format's own limit on the JSON header
 
@@ -83,9 +83,9 @@ class SafetensorsFile:
             raise CheckpointError(f"{where}: unsupported dtype {dt!r}")
         shape = e.get("shape")
         offs = e.get("data_offsets")
-        if (not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape)
+        if (not isinstance(shape, list) or not all(is_int(s) and s >= 0 for s in shape)
                 or not isinstance(offs, list) or len(offs) != 2
-                or not all(isinstance(o, int) and o >= 0 for o in offs)):
+                or not all(is_int(o) and o >= 0 for o in offs)):   # is_int: not bool
             raise CheckpointError(f"{where}: malformed shape {shape!r} or data_offsets {offs!r}")
         begin, end = offs
         count = 1
