@@ -259,7 +259,7 @@ def bench_gemm(b: Bench, rng):
             if a_.no_numba_gemm:
                 del contenders["engine numba"]
             # numpy.matmul gets numpy's OpenBLAS at n threads; the engine's dispatch runs every
-            # OpenBLAS single-threaded under its own split (kernels.blas.single_threaded)
+            # OpenBLAS single-threaded under its own split (kernels.blas.one_thread)
             setup = {"numpy.matmul": lambda: C.openblas_threads(n),
                      "engine blas": lambda: C.openblas_threads(1),
                      "engine numba": lambda: C.openblas_threads(1),

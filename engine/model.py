@@ -6,12 +6,14 @@ trainable one run forward without keeping activations, and backward stops at tha
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 import weakref
 from time import perf_counter
 
 import numpy as np
 
+from kernels.blas import one_thread
 from kernels.embedding import embedding_backward, embedding_forward
 from kernels.loss import IGNORE, crossentropy_forward, crossentropy_forward_backward
 from kernels.matmul import gemm_nn, gemm_nt, gemm_tn
@@ -39,6 +41,16 @@ def block_of(name: str) -> int | None:
     """The block of a parameter or layer name ('blocks.3.mlp.up.weight', 'blocks.3' -> 3);
     None outside the blocks."""
     return int(name.split(".")[1]) if name.startswith("blocks.") else None
+
+
+def _blas_one_thread(method):
+    """OpenBLAS at one thread while the engine runs (it splits GEMMs over its own threads), and
+    the host's setting back after: see kernels.blas.one_thread."""
+    @functools.wraps(method)
+    def scoped(*args, **kwargs):
+        with one_thread():
+            return method(*args, **kwargs)
+    return scoped
 
 
 class Model:
@@ -249,6 +261,7 @@ class Model:
         embedding_forward(tokens, P["wte.weight"], wpe, pos0, x)
         return x
 
+    @_blas_one_thread
     def forward(self, tokens, targets=None, *, grad=True, hidden=None, start=0):
         """tokens (B, T) -> logits (B, T, V); with targets (B, T) -> mean loss over positions
         whose target is not -100. With targets and grad=True, keeps what backward() needs for
@@ -318,6 +331,7 @@ class Model:
             self._tape = dict(tokens=tokens, saved=saved, low=low, x=x2, st=st, dh=dh, dw=dw, rope=rope)
         return loss
 
+    @_blas_one_thread
     def prefix(self, tokens, upto: int, hidden=None, start: int = 0):
         """The input of block `upto` (B, T, d_model): embeddings and blocks below it, run
         forward without keeping anything. forward(..., hidden=, start=upto) continues from it.
@@ -358,6 +372,7 @@ class Model:
         shape = (batch, length, c.n_kv_head, c.head_dim)
         return [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in self.blocks]
 
+    @_blas_one_thread
     def forward_cached(self, tokens, cache, pos0: int):
         """Logits (B, V) of the last of `tokens` (B, T), which sit at positions pos0 ..
         pos0 + T - 1; their keys and values are appended to `cache` (from new_cache), so earlier
@@ -433,6 +448,7 @@ class Model:
                 crossentropy_forward(lg, targets[r0:r1], losses[r0:r1], lse[r0:r1])
         return float(losses.sum(dtype=np.float64) / n_valid), dh, dw
 
+    @_blas_one_thread
     def backward(self, scale: float = 1.0):
         """Fill self.grads (accumulating) from the last forward(tokens, targets): the gradients
         of scale x its mean loss (torch's (scale * loss).backward()). Accumulating micro-batches

@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from kernels import stats
+from kernels.blas import one_thread
 
 from .model import IGNORE, block_of, head_chunk_rows
 
@@ -191,7 +192,8 @@ def _centered_gram(x):
     (taken in float64) removed first: one float32 BLAS product."""
     x = x.reshape(-1, x.shape[-1])
     x = (x - x.mean(0, dtype=np.float64)).astype(np.float32)
-    return x @ x.T
+    with one_thread():    # no OpenBLAS threads left spinning beside the engine's
+        return x @ x.T
 
 
 def _cka_of_grams(kx, ky, ky_norm: float) -> float:

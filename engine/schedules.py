@@ -24,6 +24,8 @@ import math
 
 import numpy as np
 
+from kernels import stats
+
 from .errors import InputError, is_int, is_number
 from .model import block_of
 
@@ -156,7 +158,7 @@ class AutoFreeze(Schedule):
         for n, g in model.grads.items():
             i = block_of(n)
             if i is not None:
-                sq[i] = sq.get(i, 0.0) + float(np.dot(g.ravel(), g.ravel()))
+                sq[i] = sq.get(i, 0.0) + stats.sum_sq(g)
         for i, v in sq.items():
             self.sums[i] = self.sums.get(i, 0.0) + math.sqrt(v)
         if (step + 1) % self.every:

@@ -20,7 +20,7 @@ Two implementations behind `attention_forward` / `attention_backward` (backend=N
 """
 import numpy as np
 
-from .blas import NOTRANS, SGEMM, TRANS, sgemm, single_threaded
+from .blas import NOTRANS, SGEMM, TRANS, one_thread, sgemm
 from .checks import position
 from .jit import jit, jit_inline, pjit, prange
 from .tiles import dots4x2
@@ -362,7 +362,6 @@ def _use_blas(backend, arrays) -> bool:
                                "and numpy linked to an ILP64 OpenBLAS")
         if not all(a.flags.c_contiguous for a in arrays):
             raise ValueError("attention backend 'blas' needs C-contiguous arrays")
-        single_threaded()
         return True
     if backend != "numba":
         raise ValueError(f"unknown attention backend {backend!r} (blas, numba)")
@@ -374,7 +373,8 @@ def attention_forward(q, k, v, out, lse, pos0, backend=None):
     pos0 = position("attention_forward", "pos0", pos0)
     arrays = _check(q, k, v, out, lse, pos0)
     if _use_blas(backend, arrays):
-        _forward_blas(SGEMM, q, k, v, out, lse, pos0)
+        with one_thread():
+            _forward_blas(SGEMM, q, k, v, out, lse, pos0)
     else:
         _forward_numba(q, k, v, out, lse, pos0)
 
@@ -384,6 +384,7 @@ def attention_backward(dout, q, k, v, out, lse, dq, dk, dv, backend=None):
     arrays = _check(q, k, v, out, lse, 0, (("dout", (dout, q.shape)), ("dq", (dq, q.shape)),
                                            ("dk", (dk, k.shape)), ("dv", (dv, k.shape))), training=True)
     if _use_blas(backend, arrays):
-        _backward_blas(SGEMM, dout, q, k, v, out, lse, dq, dk, dv)
+        with one_thread():
+            _backward_blas(SGEMM, dout, q, k, v, out, lse, dq, dk, dv)
     else:
         _backward_numba(dout, q, k, v, out, lse, dq, dk, dv)

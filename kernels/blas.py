@@ -1,7 +1,7 @@
 """numpy's own OpenBLAS, reached from Python and from inside Numba kernels.
 
-- `single_threaded()`: OpenBLAS runs one thread per call; the engine splits work over its own
-  threads (one threading runtime at a time, see matmul.py).
+- `one_thread()`: OpenBLAS runs one thread per call inside it; the engine splits work over its
+  own threads (one threading runtime at a time, see matmul.py).
 - `SGEMM`: the address of an ILP64 `cblas_sgemm` from the loaded OpenBLAS libraries, numpy's own
   first (scipy-openblas64, what numpy >= 2 wheels ship), or 0 when there is none (numpy linked to
   MKL or Accelerate, or NUMBA_DISABLE_JIT); kernels then use their Numba fallback.
@@ -9,8 +9,10 @@
   argument, not a constant baked into the code, so kernels that use it stay in the on-disk cache.
   Pointers are byte addresses (`array.ctypes.data + offset * 4`); row-major throughout.
 """
+import contextlib
 import ctypes
 import os
+import threading
 
 import numpy as np
 from llvmlite import ir
@@ -68,26 +70,52 @@ def _find_sgemm() -> int:
 SGEMM = _find_sgemm()
 
 
-_single = False
+_controls = None        # per OpenBLAS library: (set_num_threads, get_num_threads)
+_lock = threading.Lock()
+_depth = 0              # callers inside one_thread(), over all Python threads
+_saved: list = []
 
 
-def single_threaded():
-    """Set every OpenBLAS loaded now to one thread through its C API (as threadpoolctl does),
-    once per process: the first GEMM or attention call does it, after `import engine` has loaded
-    numpy and Numba (and with it scipy's OpenBLAS, when scipy is installed). Missing numpy's one
-    leaves its threads spinning inside our pool (measured: 1.3x to 3x slower steps)."""
-    global _single
-    if _single:
-        return
-    for lib in _libs():
-        for sym in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
-                    "openblas_set_num_threads64_", "openblas_set_num_threads"):
-            fn = getattr(lib, sym, None)
-            if fn is not None:
-                fn.argtypes = [ctypes.c_int]
-                fn(1)
-                break
-    _single = True
+_THREAD_API = [(f"{p}_set_num_threads{x}", f"{p}_get_num_threads{x}")
+               for p in ("scipy_openblas", "openblas") for x in ("64_", "")]
+
+
+def _thread_controls() -> list:
+    global _controls
+    if _controls is None:   # looked up once: after `import engine` has loaded numpy and Numba
+        _controls = []      # (and with it scipy's OpenBLAS, when scipy is installed)
+        for lib in _libs():
+            for set_name, get_name in _THREAD_API:
+                set_fn, get_fn = getattr(lib, set_name, None), getattr(lib, get_name, None)
+                if set_fn is not None and get_fn is not None:
+                    set_fn.argtypes, get_fn.restype = [ctypes.c_int], ctypes.c_int
+                    _controls.append((set_fn, get_fn))
+                    break
+    return _controls
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Every loaded OpenBLAS at one thread inside this block (through its C API, as
+    threadpoolctl does), and back to its own setting after: the engine splits work over its own
+    threads, and numpy's OpenBLAS threads left spinning inside that pool cost 1.3x to 3x. The
+    host application's numpy keeps its threads outside. Nests, and holds across Python threads
+    until the last one leaves."""
+    global _depth, _saved
+    with _lock:
+        if _depth == 0:
+            _saved = [(set_fn, get_fn()) for set_fn, get_fn in _thread_controls()]
+            for set_fn, _ in _saved:
+                set_fn(1)
+        _depth += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                for set_fn, n in _saved:
+                    set_fn(n)
 
 
 @intrinsic

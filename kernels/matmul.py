@@ -12,7 +12,7 @@ benches show the Numba kernel ahead on a shape (see benches/).
 """
 import numpy as np
 
-from .blas import single_threaded
+from .blas import one_thread
 from .checks import floats
 from .jit import num_threads, pjit, prange
 from .tiles import dots4x2
@@ -139,6 +139,11 @@ _pool = None
 def _blas(by_rows, by_cols, out, accumulate):
     """out (+)= x @ y, split over the threads by rows of out, or by columns when there are too
     few rows (decoding: M = 1). by_rows(slice) / by_cols(slice) give the operands of a part."""
+    with one_thread():
+        _blas_split(by_rows, by_cols, out, accumulate)
+
+
+def _blas_split(by_rows, by_cols, out, accumulate):
     M, N = out.shape
     K = by_rows(slice(0, 1))[0].shape[1]
     n = _threads_for(M, N, K)
@@ -171,10 +176,8 @@ def _threads_for(M, N, K):
     global _pool
     n = num_threads()
     if n <= 1 or 2 * M * N * K < _MIN_SPLIT_FLOPS or max(M, N) < 4 * n:
-        single_threaded()
         return 1
     if _pool is None or _pool._max_workers != n - 1:
         from concurrent.futures import ThreadPoolExecutor
-        single_threaded()
         _pool = ThreadPoolExecutor(n - 1, thread_name_prefix="tailtune-gemm")
     return n

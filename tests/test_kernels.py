@@ -18,6 +18,8 @@ from kernels.activation import gelu_backward, gelu_forward, swiglu_backward, swi
 from kernels.adamw import adamw_step
 from kernels.attention import attention_backward, attention_forward
 from kernels.bias import bias_add
+import engine
+from kernels import blas as blas_mod
 from kernels.blas import SGEMM, NOTRANS, TRANS, sgemm
 from kernels.embedding import embedding_backward, embedding_forward
 from kernels.loss import crossentropy_forward, crossentropy_forward_backward
@@ -550,3 +552,29 @@ def test_param_sums(n, seed, with_before):
     b = before if with_before else None
     np.testing.assert_allclose(param_sums(p, w0, g, b), ref.param_sums(p, w0, g, b), rtol=1e-10, atol=1e-12)
     assert sum_sq(g) == pytest.approx(float((g.astype(np.float64) ** 2).sum()), rel=1e-10, abs=1e-12)
+
+
+@pytest.mark.skipif(not blas_mod._thread_controls(), reason="numpy is not linked to OpenBLAS")
+def test_openblas_runs_one_thread_inside_the_engine_and_the_hosts_setting_after(monkeypatch):
+    """The engine splits GEMMs over its own threads with OpenBLAS at one thread; the host's
+    numpy gets its own thread count back after every engine call (a library must not leave
+    the process's numpy single-threaded)."""
+    from conftest import small_model
+    from kernels import matmul
+    set_fn, get_fn = blas_mod._thread_controls()[0]
+    before = get_fn()
+    set_fn(3)
+    seen = []
+    part = matmul._blas_part
+    monkeypatch.setattr(matmul, "_blas_part", lambda *a: (seen.append(get_fn()), part(*a)))
+    try:
+        m = small_model("llama", n_layer=2).train_last(1)
+        rng = rng_of(0)
+        m.forward(rng.integers(0, 64, (2, 8)), rng.integers(0, 64, (2, 8)))
+        assert get_fn() == 3
+        m.backward()
+        engine.generate(m, [1, 2, 3], max_new_tokens=2)
+        assert get_fn() == 3
+        assert seen and set(seen) == {1}
+    finally:
+        set_fn(before)
