@@ -214,7 +214,13 @@ def _tokenize(path, kind, key, tok, use_template, cache_dir, log) -> TokenData:
         del ids_parts, mask_parts
     if len(tokens) < 2:
         raise InputError(f"{path}: too little text to train on ({len(tokens)} tokens)")
-    _store(d, tokens, mask, offsets, {"kind": kind, "source": os.path.abspath(path)})
+    try:
+        _store(d, tokens, mask, offsets, {"kind": kind, "source": os.path.abspath(path)})
+    except OSError as e:   # a read-only home, a full disk: it is only a cache
+        if log:
+            log(f"note: cannot cache the tokens in {d} ({e.strerror or e}); kept in memory "
+                "(set TAILTUNE_CACHE to a writable directory to cache them)")
+        return TokenData(tokens, mask, offsets, kind, path, key)
     data = _load_cached(d, path)
     if data is None:
         raise InputError(f"{d}: the tokenized data just written there cannot be read back")

@@ -31,3 +31,25 @@ def is_int(v) -> bool:
 def is_number(v) -> bool:
     """A Python or numpy int or float, not a bool."""
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+HF_EXTRA = "pip install 'tailtune[hf]'"
+
+
+def optional_import(package: str, *modules: str, error=TailtuneError, what: str):
+    """Import an optional package (and its submodules `modules`), or raise `error`: when the
+    package itself is missing, saying how to install it; when it is there but fails to import
+    (a module it needs and does not declare), naming what is missing instead."""
+    import importlib
+    try:
+        mod = importlib.import_module(package)
+        for m in modules:
+            importlib.import_module(m)
+        return mod
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] == package:
+            raise error(f"{what} needs the '{package}' package: {HF_EXTRA}") from None
+        raise error(f"the '{package}' package is installed but does not import ({e}); install "
+                    f"what it names, or another version of {package}") from None
+    except ImportError as e:
+        raise error(f"the '{package}' package is installed but does not import ({e})") from None

@@ -20,7 +20,7 @@ import os
 import shutil
 from datetime import datetime
 
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, InputError, optional_import
 
 
 class TokenizerError(CheckpointError):
@@ -31,8 +31,6 @@ class TokenizerError(CheckpointError):
 class ChatTemplateError(TokenizerError):
     """A chat template that is missing, invalid, unsafe, or that rejected the messages."""
 
-
-INSTALL_HINT = "pip install 'tailtune[hf]'"
 
 # Named special tokens, in the order transformers lists them (its SPECIAL_TOKENS_ATTRIBUTES);
 # chat templates see each one that is set as a variable (`bos_token`, `eos_token`, ...).
@@ -495,12 +493,7 @@ _OVERRIDING_FILES = ("special_tokens_map.json", "chat_template.jinja", "chat_tem
 
 
 def _tokenizers():
-    try:
-        import tokenizers
-    except ImportError:
-        raise TokenizerError("BPE tokenizers need the 'tokenizers' package: "
-                             f"{INSTALL_HINT}") from None
-    return tokenizers
+    return optional_import("tokenizers", error=TokenizerError, what="BPE tokenizers")
 
 
 class BPETokenizer(_Tokenizer):
@@ -819,14 +812,8 @@ _MAX_POWER_BITS = 1_000_000  # largest integer `**` may build, in bits (2 ** 10 
 
 
 def _jinja():
-    try:
-        import jinja2
-        import jinja2.ext
-        import jinja2.sandbox
-    except ImportError:
-        raise ChatTemplateError("chat templates need the 'jinja2' package: "
-                                f"{INSTALL_HINT}") from None
-    return jinja2
+    return optional_import("jinja2", "jinja2.ext", "jinja2.sandbox", error=ChatTemplateError,
+                           what="chat templates")
 
 
 @functools.lru_cache(maxsize=1)

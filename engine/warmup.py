@@ -50,10 +50,14 @@ def ensure_compiled(quiet: bool = False) -> None:
         print("tailtune: compiling kernels (first run after install or upgrade; about a minute)...",
               file=sys.stderr, flush=True)
     # the child must import this same checkout, also when the caller found it through a
-    # sys.path insert rather than an install
+    # sys.path insert rather than an install; it runs in _ROOT because `-m` puts the working
+    # directory first on sys.path, where a user's own engine/ or kernels/ folder would win
     path = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "TAILTUNE_WARMUP_CHILD": "1", "PYTHONPATH": path}
-    r = subprocess.run([sys.executable, "-m", "engine.warmup"], env=env, capture_output=True, text=True)
+    if env.get("NUMBA_CACHE_DIR"):
+        env["NUMBA_CACHE_DIR"] = os.path.abspath(env["NUMBA_CACHE_DIR"])
+    r = subprocess.run([sys.executable, "-m", "engine.warmup"], env=env, capture_output=True,
+                       text=True, cwd=_ROOT)
     if r.returncode != 0:
         raise RuntimeError(f"compiling the kernels failed:\n{r.stdout}\n{r.stderr}")
     os.makedirs(os.path.dirname(stamp), exist_ok=True)

@@ -10,6 +10,33 @@ FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 prange = numba.prange
 
 
+def _check_cache_location() -> None:
+    """Compiled kernels are cached on disk (cache=True): beside these files, else in Numba's
+    user-wide cache directory, or in NUMBA_CACHE_DIR. With none writable (a read-only install
+    and home: a service account, a container), Numba stops with "no locator available" at
+    the first kernel; say what to set instead."""
+    import errno
+    import os
+    import tempfile
+    from numba.misc.appdirs import AppDirs
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")
+    places = [d for d in (numba.config.CACHE_DIR, here,
+                          AppDirs(appname="numba", appauthor=False).user_cache_dir) if d]
+    for d in places:
+        try:
+            os.makedirs(d, exist_ok=True)
+            tempfile.TemporaryFile(dir=d).close()
+            return
+        except OSError:
+            continue
+    raise PermissionError(errno.EACCES, "no writable directory for the compiled kernels (tried "
+                          f"{', '.join(places)}): set NUMBA_CACHE_DIR to a writable directory")
+
+
+if not numba.config.DISABLE_JIT:
+    _check_cache_location()
+
+
 # error_model="numpy": float division by zero gives inf/nan instead of raising; Python's model
 # puts a zero test before every division, which stops vectorization (measured 4x on GELU).
 _OPTIONS = dict(cache=True, fastmath=FASTMATH, error_model="numpy")

@@ -184,3 +184,18 @@ def test_a_json_array_file_is_named_with_the_way_to_convert_it(tmp_path):
     cmd = str(e.value).split("convert it with: ")[1][:-1]
     subprocess.run(cmd, shell=True, check=True, cwd=tmp_path)
     assert [r for _, r in D.read_rows(str(tmp_path / "data.jsonl"))] == rows
+
+
+def test_an_unwritable_token_cache_keeps_the_tokens_in_memory(tmp_path, monkeypatch):
+    """It is only a cache: a read-only home (or a file where the cache directory should be)
+    gives the same tokens, with a note, not an error that stops `tailtune eval`."""
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("")
+    monkeypatch.setenv("TAILTUNE_CACHE", str(blocked))
+    text = tmp_path / "t.txt"
+    text.write_text("hello world, hello cache\n" * 20)
+    notes = []
+    tok = engine.ByteTokenizer()
+    data = D.tokenize_file(str(text), tok, log=notes.append)
+    assert np.array_equal(np.asarray(data.tokens), tok.encode(text.read_text()) + [256])
+    assert any("kept in memory" in n and "TAILTUNE_CACHE" in n for n in notes)

@@ -109,3 +109,21 @@ def test_warns_when_torch_loaded_openmp_first():
     assert late.returncode == 0 and "OMP_WAIT_POLICY=PASSIVE" in late.stderr
     assert "OMP_WAIT_POLICY" not in run("import engine; import torch").stderr
     assert "OMP_WAIT_POLICY" not in run("import torch; import engine", OMP_WAIT_POLICY="passive").stderr
+
+
+def test_optional_packages_missing_or_broken_are_told_apart(monkeypatch, tmp_path):
+    """A missing optional package says how to install it; one that is installed but fails to
+    import (gguf 0.10 needs sentencepiece without declaring it) names what is missing instead
+    of claiming the package is absent."""
+    import sys
+    from engine.errors import optional_import
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    with pytest.raises(engine.CheckpointError, match=r"reading GGUF files needs the 'gguf' package: "
+                                                     r"pip install 'tailtune\[hf\]'"):
+        optional_import("gguf", error=engine.CheckpointError, what="reading GGUF files")
+    (tmp_path / "brokenpkg").mkdir()
+    (tmp_path / "brokenpkg" / "__init__.py").write_text("import sentencepiece_not_here\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(engine.CheckpointError, match="'brokenpkg' package is installed but does "
+                                                     "not import .*sentencepiece_not_here"):
+        optional_import("brokenpkg", error=engine.CheckpointError, what="x")

@@ -352,3 +352,16 @@ def test_adamw_bias_param_sums_valid():
     np.testing.assert_allclose(y, want, **TOL)
     a, c = r32(3, 4), r32(3, 4, seed=1)
     np.testing.assert_allclose(param_sums(a, c, a, c), ref.param_sums(a, c, a, c), rtol=1e-6)
+
+
+def test_no_writable_place_for_compiled_kernels_names_numba_cache_dir(monkeypatch):
+    """A read-only install and home (a service account, a container): instead of Numba's "no
+    locator available" at the first kernel, an error that says what to set."""
+    import tempfile
+    from kernels import jit
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    with pytest.raises(PermissionError, match="set NUMBA_CACHE_DIR to a writable directory"):
+        jit._check_cache_location()

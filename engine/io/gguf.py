@@ -21,7 +21,7 @@ import struct
 import numpy as np
 
 from ..config import Config
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, optional_import
 from .safetensors import bf16_to_f32
 
 MAGIC = b"GGUF"
@@ -63,13 +63,7 @@ SUPPORTED_TYPES = tuple(_PLAIN) + _QUANTIZED
 
 def _gguf():
     """The optional `gguf` package, or a CheckpointError that says how to install it."""
-    try:
-        import gguf
-        import gguf.quants  # noqa: F401
-    except ImportError:
-        raise CheckpointError("reading GGUF files needs the 'gguf' package: "
-                              "pip install 'tailtune[hf]'") from None
-    return gguf
+    return optional_import("gguf", "gguf.quants", error=CheckpointError, what="reading GGUF files")
 
 
 class _Cursor:
