@@ -310,8 +310,9 @@ def _bench(a):
     import os
     here = _benches_dir()
     if not os.path.isdir(here):
-        print("tailtune bench: the benches/ directory is not installed; run from a source checkout",
-              file=sys.stderr)
+        print("tailtune bench: the benchmarks live in the source checkout's benches/, which a "
+              "regular install does not include: in the checkout, install it editable "
+              "(pip install -e '.[bench]') or run python benches/<workload>.py", file=sys.stderr)
         return 2
     script = os.path.join(here, a.workload.replace("-", "_") + ".py")
     if not os.path.isfile(script):

@@ -522,6 +522,16 @@ class Model:
         from .io import save_model
         save_model(self, path, dtype=dtype)
 
+    def __getstate__(self):
+        """Pickling and copying (multiprocessing, joblib): parameters, gradients and the
+        trainable set; not the optimizers that track the model, a pending backward's tape, or
+        the rotary table (rebuilt on demand)."""
+        return {**self.__dict__, "_optimizers": None, "_tape": None, "_rope": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._optimizers = weakref.WeakSet()
+
     def __repr__(self):
         c = self.config
         return (f"Model({c.model_type}, {c.n_layer} blocks, d_model={c.d_model}, "

@@ -346,12 +346,12 @@ def plot_telemetry(records: list, png: str) -> None:
     one colour in every panel and the figure one legend of all layers: panels plot different
     layer sets (frozen blocks have only CKA), so per-panel colour cycles would disagree."""
     import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure   # not pyplot: the host's backend and figures stay as they are
     from matplotlib.lines import Line2D
     keys = ["grad_norm", "update_ratio", "drift", "cosine_to_pretrained", "adam_m_norm",
             "adam_v_norm", "cka_to_pretrained"]
-    fig, axes = plt.subplots(2, 4, figsize=(18, 7))
+    fig = Figure(figsize=(18, 7))
+    axes = fig.subplots(2, 4)
     layers = sorted({L for r in records for L in r["telemetry"]},
                     key=lambda s: (block_of(s) is None, block_of(s) or 0))
     lines = {}   # (statistic, layer) -> points; a CKA that stays 1 (an unchanged block) is left out
@@ -364,7 +364,7 @@ def plot_telemetry(records: list, png: str) -> None:
     layers = [L for L in layers if any((k, L) in lines for k in keys)]   # the legend: drawn ones
     # beyond 10 layers colours follow depth, and neighbours, close in colour, differ in marker
     few = len(layers) <= 10
-    cmap = plt.get_cmap("tab10" if few else "turbo")
+    cmap = matplotlib.colormaps["tab10" if few else "turbo"]
     style = {L: dict(color=cmap(i if few else i / max(1, len(layers) - 1)), marker="os^Dv"[i % 5],
                      ms=3.5, lw=1, label=L) for i, L in enumerate(layers)}   # markers: one record is a point
     for ax, key in zip(axes.ravel(), keys):
@@ -382,7 +382,6 @@ def plot_telemetry(records: list, png: str) -> None:
         fig.legend(handles=handles, loc="center", bbox_to_anchor=spare.get_position().bounds,
                    ncol=math.ceil(len(layers) / 20), fontsize=7)
     fig.savefig(png, dpi=90)
-    plt.close(fig)
 
 
 # ---- measured cost per layer --------------------------------------------------------------

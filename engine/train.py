@@ -949,17 +949,16 @@ def _plot_telemetry(metrics_path, png, log):
 
 
 def _plot(metrics_path, png, log):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    try:   # not pyplot: a host application's backend and figures stay as they are
+        from matplotlib.figure import Figure
     except ImportError:
         log("(no loss plot: pip install 'tailtune[plot]' for matplotlib)")
         return
     recs = [json.loads(line) for line in open(metrics_path)]
     tr = [(r["step"], r["loss"]) for r in recs if r.get("loss") is not None]
     ev = [(r["step"], r["eval_loss"]) for r in recs if r.get("eval_loss") is not None]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     if tr:
         ax.plot(*zip(*tr), label="training loss", lw=1)
     if ev:
@@ -971,4 +970,3 @@ def _plot(metrics_path, png, log):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png, dpi=100)
-    plt.close(fig)

@@ -382,3 +382,31 @@ def test_optimizer_load_state_dict_checks_everything_first(model):
     opt.load_state_dict({"t": 9, "lr": 0.5, "state": valid})       # and a valid one is taken
     assert opt.t == 9 and opt.state[first]["t"] == 7 and opt.state[first]["m"].all()
     model.unfreeze()
+
+
+def test_a_trained_model_pickles_and_copies(tmp_path):
+    """multiprocessing and joblib pickle what they hand to workers: a model with gradients and
+    an optimizer attached comes back with the same outputs and trainable set, untracked by
+    that optimizer (a step on the original leaves the copy alone)."""
+    import copy
+    import pickle
+    from conftest import small_model
+    m = small_model("llama", n_layer=2).train_last(1)
+    opt = engine.AdamW(m, lr=1e-2)
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 64, (2, 8)), rng.integers(0, 64, (2, 8))
+    m.forward(x, y)
+    m.backward()
+    copies = (pickle.loads(pickle.dumps(m)), copy.deepcopy(m))
+    for c in copies:
+        assert c.trainable == m.trainable
+        assert all(np.array_equal(c.grads[n], m.grads[n]) for n in m.grads)
+        np.testing.assert_array_equal(c.forward(x), m.forward(x))
+    before = {n: m.params[n].copy() for n in m.trainable}
+    opt.step()
+    for c in copies:
+        assert all(np.array_equal(c.params[n], before[n]) for n in before)
+        c.forward(x, y)
+        c.backward()
+        engine.AdamW(c, lr=1e-2).step()
+        assert not all(np.array_equal(c.params[n], before[n]) for n in before)

@@ -189,10 +189,13 @@ def test_probe_is_capped_and_cka_matches_float64():
 def test_plot_of_one_record_shows_every_layer(tmp_path, monkeypatch):
     """One record: every panel has data (points with markers), a layer has one colour in every
     panel, one figure legend names every layer, Adam's first moment has its panel."""
+    import matplotlib
     import matplotlib.image
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
     figs = []
-    monkeypatch.setattr(plt, "close", figs.append)
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (figs.append(fig), save(fig, *a, **k)))
+    monkeypatch.setattr(matplotlib, "use", lambda *a, **k: pytest.fail("the host's backend was switched"))
     full = {"grad_norm": 0.5, "update_ratio": 1e-3, "drift": 1e-2, "cosine_to_pretrained": 0.99,
             "adam_m_norm": 0.1, "adam_v_norm": 1e-4, "cka_to_pretrained": 0.9}
     tel = {"blocks.0": {"cka_to_pretrained": 0.95},           # frozen, below a changed block

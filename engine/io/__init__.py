@@ -190,7 +190,7 @@ def save_model(model, path: str, dtype: str = "F32") -> None:
 def _check_params(model) -> None:
     """Every parameter as the model's shapes say, float32 and finite: what engine.load accepts
     back (a diverged loop's NaN, an array replaced by hand, would save and then not load)."""
-    for n, shape in model._shapes().items():
+    for n, shape in model.shapes.items():
         a = model.params.get(n)
         if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.shape != shape:
             got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
