@@ -58,8 +58,9 @@ def main(argv=None):
     f.add_argument("--schedule", default="static", choices=NAMES, help="freezing schedule, with K = "
                    "--train-last (default static): static (the last K blocks); gradual (ULMFiT: "
                    "starts with the last K, one more block below every --schedule-every steps); "
-                   "lr-decay (the last K, rate x --lr-decay per block down); freezeout (the last K "
-                   "anneal and leave backward, lowest first from --freezeout-t0); autofreeze (the "
+                   "lr-decay (the last K, rate x --lr-decay per block down); freezeout (the last K, each "
+                   "annealing its rate by its own cosine, in place of the global decay, and "
+                   "leaving backward, lowest first from --freezeout-t0); autofreeze (the "
                    "last K; the lowest freeze when their gradient norm changes less than "
                    "--autofreeze-threshold); lisa (K blocks drawn from all, redrawn every "
                    "--schedule-every steps)")

@@ -62,6 +62,10 @@ def make(name: str, n_layer: int, k: int, every: int = 50, decay: float = 0.8, t
 
 
 class Schedule:
+    # True when the schedule anneals each block's rate itself (FreezeOut): the run's global
+    # schedule then only warms up, or each block's rate would be annealed twice
+    anneals = False
+
     def __init__(self, n_layer, k, every=50, decay=0.8, t0=0.5, threshold=0.05, seed=0):
         self.L, self.k, self.every = n_layer, k, every
         self.decay, self.t0, self.threshold, self.seed = decay, t0, threshold, seed
@@ -88,12 +92,11 @@ class Schedule:
                 model.freeze(*gone)
             model.unfreeze("ln_f.*", *new)
         scales = {}
-        for n in model.grads:
+        for n in model.grads:   # the final norm goes at the top block's rate
             b = block_of(n)
-            if b is not None:
-                s = self.lr_scale(b, step)
-                if s != 1.0:
-                    scales[n] = s
+            s = self.lr_scale(self.L - 1 if b is None else b, step)
+            if s != 1.0:
+                scales[n] = s
         opt.lr_scale = scales
         return changed
 
@@ -123,6 +126,10 @@ class LRDecay(Schedule):
 
 
 class FreezeOut(Schedule):
+    """Brock et al. 2017: block i's rate is 0.5 lr (1 + cos(pi t / t_i)) until it leaves at
+    t_i, in place of a global decay (anneals = True)."""
+    anneals = True
+
     def _t(self, block):
         """Fraction of training at which `block` stops: t0 for the lowest of the k, 1 for the top
         (so with k = 1 the one block trains throughout, its rate annealed)."""

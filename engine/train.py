@@ -641,7 +641,10 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print, given=None) 
     # an epoch is steps_per_epoch() batches, its last one short when B does not divide it
     steps = args.steps or max(1, math.ceil(args.epochs * batches.steps_per_epoch() / args.grad_accum))
     warmup = args.warmup if args.warmup is not None else max(1, steps // 20)
-    sched = CosineSchedule(args.lr, total=steps, warmup=min(warmup, steps), min_lr=args.min_lr)
+    # a schedule that anneals each block itself (FreezeOut) keeps only the global warmup
+    anneal_itself = schedule is not None and schedule.anneals
+    sched = CosineSchedule(args.lr, total=steps, warmup=min(warmup, steps),
+                           min_lr=args.lr if anneal_itself else args.min_lr)
     opt = AdamW(model, lr=args.lr, weight_decay=args.weight_decay)
     if state is not None:
         if schedule is not None:

@@ -88,6 +88,11 @@ def test_freezeout():
     assert s.lr_scale(5, 50) == pytest.approx(0.5)          # half way to its stop at 100
     assert s.lr_scale(3, 25) == pytest.approx(0.5)          # half way to its stop at 50
     assert s.lr_scale(3, 0) == 1.0
+    m = tiny()
+    opt = engine.AdamW(m, lr=1e-2)
+    s.apply(m, opt, 50, 100)
+    # the final norm anneals with the top block (it used to follow the global cosine instead)
+    assert opt.lr_scale["ln_f.weight"] == opt.lr_scale["blocks.5.mlp.up.weight"] == pytest.approx(0.5)
 
 
 def test_schedule_change_keeps_adam_state_and_a_new_block_starts_at_step_one():
@@ -290,3 +295,7 @@ def test_schedule_runs_are_reproducible(tmp_path, name):
         assert sets[0] == [4, 5] and sets[4] == [3, 4, 5] and sets[8] == [2, 3, 4, 5]
     if name == "freezeout":
         assert sets[0] == [4, 5] and sets[-1] == [5]
+        # each block anneals by its own cosine in place of the global decay: after warmup the
+        # run's rate stays at --lr (the default 1e-4) instead of being annealed a second time
+        lrs = [r["lr"] for r in recs if "lr" in r]
+        assert lrs[1:] == [pytest.approx(1e-4)] * (len(lrs) - 1)
