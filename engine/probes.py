@@ -238,7 +238,8 @@ class Telemetry:
     They are: gradient norm (before clipping), update-to-weight ratio, drift from the pretrained
     weights (relative distance and cosine), Adam moment norms, and linear CKA of each block's
     output against the pretrained model's on a fixed probe batch (its first rows, at most
-    PROBE_TOKENS tokens; at least one row).
+    PROBE_TOKENS tokens; at least one row; over the real tokens of each row when `lengths`
+    gives them).
 
     Per step: before_update(step) once the gradients are final but before clipping them and
     before the optimizer step; record(step, opt) after the step, when due(step).
@@ -250,17 +251,25 @@ class Telemetry:
     Costs nothing when off; when on, one probe forward and a few norms per recorded step."""
 
     def __init__(self, model, probe_tokens, every: int = 10, total_steps: int | None = None,
-                 pretrained=()):
+                 pretrained=(), lengths=None):
         self.model, self.every, self.total_steps = model, max(1, every), total_steps
         probe = np.asarray(probe_tokens)
         self.probe = probe[:max(1, PROBE_TOKENS // probe.shape[1])]
+        # lengths: each probe row's real tokens; CKA compares those rows only (padding never
+        # carries a loss: its rows would add untrained positions to the similarity)
+        self.real = None if lengths is None else (
+            np.arange(self.probe.shape[1]) < np.asarray(lengths)[:len(self.probe), None])  # (B, T)
         self.w0: dict[str, np.ndarray] = {n: model.params[n].copy() for n in (*model.grads, *pretrained)}
         self.ref = block_outputs(model, self.probe)
         # the reference side of each block's CKA, made once
-        self.ref_gram = [_centered_gram(y) for y in self.ref]                 # (N, N) each
+        self.ref_gram = [_centered_gram(self._real(y)) for y in self.ref]     # (N, N) each
         self.ref_gram_norm = [math.sqrt(stats.sum_sq(k)) for k in self.ref_gram]
         self.before: dict[str, np.ndarray] = {}
         self.grad_sq: dict[str, float] = {}
+
+    def _real(self, out):
+        """A block output (B, T, C) as the rows of the probe's real tokens (N, C)."""
+        return out if self.real is None else out[self.real]
 
     def _lowest_changed(self) -> int:
         """The lowest block whose output may differ from the pretrained model's: the lowest
@@ -334,8 +343,8 @@ class Telemetry:
         start = self._lowest_changed()
         now = block_outputs(m, self.probe, start, self.ref[start - 1] if start else None)
         for i in range(len(self.ref)):
-            cka = 1.0 if i < start else _cka_of_grams(_centered_gram(now[i - start]), self.ref_gram[i],
-                                                      self.ref_gram_norm[i])
+            cka = 1.0 if i < start else _cka_of_grams(_centered_gram(self._real(now[i - start])),
+                                                      self.ref_gram[i], self.ref_gram_norm[i])
             out.setdefault(f"blocks.{i}", {})["cka_to_pretrained"] = cka
         self.before, self.grad_sq = {}, {}
         return out

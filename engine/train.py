@@ -661,11 +661,14 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print, given=None) 
         state.get("trained") or _optimizer_names(_checkpoint_dir(resume)))
     telemetry = None
     if args.telemetry_every:
-        probe = D.make_batch(held, eval_idx[:4] if len(eval_idx) else train_idx[:4], pad)[0]
+        src, probe_idx = (held, eval_idx[:4]) if len(eval_idx) else (examples, train_idx[:4])
+        probe = D.make_batch(src, probe_idx, pad)[0]
+        probe_len = [max(1, len(src.get(int(i))[0]) - 1) for i in probe_idx]   # without padding
         # made before a resumed run loads its checkpoint: what trained before it still holds
         # its pretrained weights here, for drift and CKA
         earlier = sorted(trained) if state is not None else ()
-        telemetry = Telemetry(model, probe, args.telemetry_every, total_steps=steps, pretrained=earlier)
+        telemetry = Telemetry(model, probe, args.telemetry_every, total_steps=steps,
+                              pretrained=earlier, lengths=probe_len)
     log(f"{model}; {len(train_idx)} training / {len(eval_idx)} held-out examples of up to "
         f"{seq_len} tokens; {steps} steps of {min(per_step, len(train_idx))} examples")
     if examples.data.kind == "examples" and examples.truncated:

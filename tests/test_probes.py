@@ -81,6 +81,26 @@ def test_telemetry_values_match_direct_computation():
     assert "grad_norm" not in rec["blocks.0"]
 
 
+def test_cka_compares_the_real_tokens_of_padded_probe_rows():
+    """With lengths, the probe's padding positions (no loss, never trained towards anything)
+    are left out of the similarity: CKA over the real tokens alone, computed here directly."""
+    m = tiny().train_last(2)
+    opt = engine.AdamW(m, lr=1e-2)
+    rng = np.random.default_rng(1)
+    probe = rng.integers(0, 257, (3, 16))
+    lengths = [16, 9, 4]
+    w0 = {n: p.copy() for n, p in m.params.items()}
+    tel = probes.Telemetry(m, probe, every=1, lengths=lengths)
+    rec = train_step(m, opt, tel, 0, rng)
+    pre = engine.Model(m.config)
+    pre.params.update(w0)
+    real = np.arange(16) < np.array(lengths)[:, None]
+    ref, now = probes.block_outputs(pre, probe)[3], probes.block_outputs(m, probe)[3]
+    want = cka64(ref[real], now[real])
+    assert rec["blocks.3"]["cka_to_pretrained"] == pytest.approx(want, abs=1e-7)
+    assert abs(cka64(ref, now) - want) > 1e-4       # the padded rows would have changed it
+
+
 def train_step(m, opt, tel, step, rng, clip=None):
     """One step in train.py's order: before_update before clipping and the update."""
     x, y = rng.integers(0, 257, (2, 16)), rng.integers(0, 257, (2, 16))
