@@ -53,6 +53,7 @@ class TokenData:
 def read_rows(path: str):
     """(line number, row) of each JSONL row, checked, one at a time (a large file is never held
     parsed whole); errors name the file and the line."""
+    first = True   # the first line that is not blank
     with open(path, "rb") as f:  # decoded line by line, so a bad byte is reported with its line
         for n, raw in enumerate(f, 1):
             if n == 1 and raw.startswith(b"\xef\xbb\xbf"):   # a BOM (Notepad, PowerShell)
@@ -63,11 +64,12 @@ def read_rows(path: str):
                 raise _not_utf8(path, n, raw, e.start, "JSONL") from None
             if not line.strip():
                 continue
-            if line.lstrip().startswith("["):   # a whole file as one JSON array (a .json export)
+            if first and line.lstrip().startswith("["):   # the file is one JSON array (an export)
                 raise InputError(
                     f"{path}:{n}: a JSON array; tailtune reads JSONL, one JSON object per line "
                     "(convert it with: python -c \"import json, sys; [print(json.dumps(r)) for r "
                     f"in json.load(open(sys.argv[1]))]\" {path} > data.jsonl)")
+            first = False
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:

@@ -254,7 +254,7 @@ class Block:
         need_h, need_qkv = plan["need_h"], plan["need_qkv"]
         rows = s.get("rows")
         N = s["n"]                                            # every position, even after rows=
-        o_in = s.get("a_rows") if rows is not None else s.get("a")   # None: o is frozen
+        o_in = s.get("a_rows") if rows is not None else s.get("a")   # read only when o trains
         da = self.o.backward(P, G, dx1, None if o_in is None else o_in.reshape(-1, self.H * self.D),
                              need_qkv)
         if rows is not None and need_qkv:                     # back to every position

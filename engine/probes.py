@@ -197,7 +197,8 @@ def _centered_gram(x):
 
 
 def _cka_of_grams(kx, ky, ky_norm: float) -> float:
-    num = float(np.dot(kx.ravel().astype(np.float64), ky.ravel().astype(np.float64)))
+    with one_thread():    # a long dot: OpenBLAS would split it over threads left spinning
+        num = float(np.dot(kx.ravel().astype(np.float64), ky.ravel().astype(np.float64)))
     den = math.sqrt(stats.sum_sq(kx)) * ky_norm
     return num / den if den > 0 else float("nan")
 

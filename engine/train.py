@@ -544,6 +544,8 @@ def load_checkpoint(src: str, model, opt) -> dict:
             raise CheckpointError(f"{src}: optimizer state for {n}, which this run does not train")
         loaded[n][k] = st.float32(key)
     for n, entries in loaded.items():   # moments restarted at zero would not resume exactly
+        if not entries and "trainable" not in state:
+            continue   # an older checkpoint, its trainable set rebuilt: a block joining here
         lost = [k for k, a in opt.state[n].items() if isinstance(a, np.ndarray) and k not in entries]
         if lost:
             raise CheckpointError(f"{src}: optimizer state of {n} lacks {', '.join(lost)} "
@@ -695,6 +697,20 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print, given=None) 
         caches = _Caches(args, model, examples, held, log, trained, pad, train_idx, eval_idx)
     created = not os.path.exists(args.out)
     _make_out(args.out)
+
+    def discard_unstarted():
+        """A new run stopped before its first update and before any checkpoint (Ctrl-C in the
+        first evaluation, a float16 cache out of range in step 1): nothing to resume, so leave
+        nothing that would make the same command, or a corrected one, refuse this --out."""
+        if any(os.path.exists(os.path.join(args.out, d)) for d in ("checkpoint", "checkpoint.old")):
+            return
+        if created:
+            shutil.rmtree(args.out, ignore_errors=True)
+        else:   # an empty directory given as --out
+            for f in ("run.json", "metrics.jsonl"):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(args.out, f))
+
     if state is None:
         try:
             write_json(os.path.join(args.out, "run.json"), run)
@@ -703,14 +719,7 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print, given=None) 
             start = 0
             _log_metric(metrics_path, {"step": 0, "eval_loss": before}, truncate=True)
         except BaseException:
-            # stopped before the first step (Ctrl-C in the first evaluation, say): nothing to
-            # resume, so leave nothing that would make the same command refuse this --out
-            if created:
-                shutil.rmtree(args.out, ignore_errors=True)
-            else:   # an empty directory given as --out
-                for f in ("run.json", "metrics.jsonl"):
-                    with contextlib.suppress(OSError):
-                        os.remove(os.path.join(args.out, f))
+            discard_unstarted()
             raise
     else:
         run_json = os.path.join(args.out, "run.json")
@@ -834,6 +843,10 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print, given=None) 
             except Exception as e:   # the disk that failed the save may fail this too
                 log(f"no checkpoint of the last step either ({e})")
             raise
+    except BaseException:
+        if state is None and step == 0:
+            discard_unstarted()
+        raise
     finally:
         for s, h in prev.items():
             signal.signal(s, h)

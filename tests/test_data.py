@@ -199,3 +199,10 @@ def test_an_unwritable_token_cache_keeps_the_tokens_in_memory(tmp_path, monkeypa
     data = D.tokenize_file(str(text), tok, log=notes.append)
     assert np.array_equal(np.asarray(data.tokens), tok.encode(text.read_text()) + [256])
     assert any("kept in memory" in n and "TAILTUNE_CACHE" in n for n in notes)
+
+
+def test_a_list_on_a_later_line_is_a_bad_row_not_a_json_array_file(tmp_path):
+    p = tmp_path / "rows.jsonl"
+    p.write_text('{"prompt": "a", "completion": " b"}\n\n["x"]\n')
+    with pytest.raises(engine.InputError, match=r"rows.jsonl:3: expected a JSON object, got list"):
+        list(D.read_rows(str(p)))

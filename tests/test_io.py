@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -328,7 +329,8 @@ def test_save_refuses_what_load_would_refuse(tmp_path, monkeypatch, spoil, match
 
 def test_staging_folders_of_killed_saves_are_removed(tmp_path):
     """A save or checkpoint killed outright leaves its <name>.tmp<pid> staging folder; the next
-    save removes those whose process is gone, and leaves a running process's alone."""
+    save removes those whose process is gone and that nothing wrote to for ten minutes, and
+    leaves a running process's alone."""
     import subprocess
     from conftest import small_model
     from engine.train import _write_dir
@@ -337,12 +339,20 @@ def test_staging_folders_of_killed_saves_are_removed(tmp_path):
     model = small_model("llama", n_layer=1)
     d = tmp_path / "m"
     model.save(str(d))
-    for name in (f".save.tmp{dead.pid}", f".save.tmp{os.getppid()}"):
-        (d / name).mkdir()
-        (d / name / "model.safetensors.tmp").write_bytes(b"x" * 100)
-    (tmp_path / f"checkpoint.tmp{dead.pid}").mkdir()
+    old = time.time() - 3600
+
+    def staging(path, age=old):
+        path.mkdir()
+        (path / "model.safetensors.tmp").write_bytes(b"x" * 100)
+        for p in (path / "model.safetensors.tmp", path):
+            os.utime(p, (age, age))
+    staging(d / f".save.tmp{dead.pid}")
+    staging(d / f".save.tmp{os.getppid()}")                  # a live process's
+    staging(d / f".save.tmp{dead.pid + 1}", time.time())      # written just now: maybe another host's
+    staging(tmp_path / f"checkpoint.tmp{dead.pid}")
     model.save(str(d))
-    assert sorted(n for n in os.listdir(d) if n.startswith(".")) == [f".save.tmp{os.getppid()}"]
+    assert sorted(n for n in os.listdir(d) if n.startswith(".")) == sorted(
+        [f".save.tmp{os.getppid()}", f".save.tmp{dead.pid + 1}"])
     _write_dir(str(tmp_path / "checkpoint"), lambda t: os.makedirs(t))
     assert sorted(os.listdir(tmp_path)) == ["checkpoint", "m"]
 

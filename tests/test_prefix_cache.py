@@ -133,6 +133,23 @@ def test_float16_cache_refuses_values_beyond_its_range(setup):
     assert np.isfinite(PrefixCache(m, ex, 3).hidden(idx, x)).all()
 
 
+def test_a_run_refused_in_its_first_step_leaves_no_directory(setup, tmp_path):
+    """The float16 refusal comes in step 1, after the run directory was made: the run leaves
+    nothing behind, so the corrected command (float32) runs in the same --out."""
+    model, data, d = setup
+    m = engine.load(model)
+    m.params["wte.weight"][:, 0] = 1e5
+    m.save(str(tmp_path / "big"))
+    engine.ByteTokenizer().save(str(tmp_path / "big"))
+    out = tmp_path / "run"
+    args = ["finetune", "--model", str(tmp_path / "big"), "--data", data, "--out", str(out),
+            "--train-last", "2", "--steps", "2", "--batch-size", "4", "--seq-len", "48",
+            "--sample-tokens", "0", "--eval-fraction", "0", "--prefix-cache", "memory"]
+    assert cli(args + ["--prefix-dtype", "float16"]) == 2
+    assert not out.exists()
+    assert cli(args + ["--prefix-dtype", "float32"]) == 0
+
+
 def test_freezeout_moves_the_cache_up_from_the_old_rows_and_matches(setup):
     """FreezeOut freezes block 2, then 3: the cache follows the lowest trainable block up,
     filling each new cache from the previous one's rows, and training is unchanged."""

@@ -171,6 +171,26 @@ def test_resume_at_a_step_where_blocks_leave(tmp_path, name):
     assert sets[4] != sets[5]                        # the set did change at the resumed step
 
 
+def test_an_older_checkpoint_stopped_where_a_block_joins_still_resumes(tmp_path):
+    """Checkpoints from before tailtune recorded the trainable set rebuild it from the
+    schedule; at a step where gradual unfreezing adds a block, that block has no optimizer
+    state yet, which is not a damaged checkpoint."""
+    model = _tiny_dir(tmp_path / "m")
+    data = _text(tmp_path / "d.txt")
+    out = tmp_path / "run"
+    args = ["finetune", "--model", model, "--data", data, "--out", str(out), "--train-last", "2",
+            "--steps", "6", "--batch-size", "2", "--seq-len", "16", "--schedule", "gradual",
+            "--schedule-every", "3", "--sample-tokens", "0"]
+    with signal_after_steps(3):
+        assert cli(args) == 130
+    p = out / "checkpoint" / "trainer_state.json"
+    state = json.load(open(p))
+    for k in ("trainable", "trained", "data_hashes"):
+        state.pop(k)
+    p.write_text(json.dumps(state))
+    assert cli(args + ["--resume", str(out)]) == 0
+
+
 def test_summary_counts_every_parameter_the_schedule_trained(tmp_path):
     model = _tiny_dir(tmp_path / "m")
     data = _text(tmp_path / "d.txt")

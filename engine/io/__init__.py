@@ -200,17 +200,35 @@ def _check_params(model) -> None:
                              "step?): nothing was saved")
 
 
+_ABANDONED_AFTER = 600   # seconds without a write
+
+
 def remove_abandoned(parent: str, prefix: str) -> None:
     """Remove parent/<prefix><pid> staging folders of processes no longer running: a save
-    killed outright (SIGKILL, the OOM killer) cannot clean up after itself."""
+    killed outright (SIGKILL, the OOM killer) cannot clean up after itself. Only when nothing in
+    the folder was written for ten minutes too: a pid is local, and the same folder may be
+    in use from another container or host, where that pid means another process."""
     try:
         names = os.listdir(parent)
     except OSError:
         return
     for name in names:
         pid = name[len(prefix):]
-        if name.startswith(prefix) and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        path = os.path.join(parent, name)
+        if (name.startswith(prefix) and pid.isdigit() and int(pid) != os.getpid()
+                and not _alive(int(pid)) and _idle_for(path) > _ABANDONED_AFTER):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _idle_for(path: str) -> float:
+    """Seconds since anything in the folder `path` was last written."""
+    import time
+    newest = 0.0
+    for root, _, files in os.walk(path):
+        for f in (root, *(os.path.join(root, f) for f in files)):
+            with contextlib.suppress(OSError):
+                newest = max(newest, os.stat(f).st_mtime)
+    return time.time() - newest
 
 
 def _alive(pid: int) -> bool:
