@@ -323,7 +323,9 @@ def summarize(results: list[dict], n_layer: int = 30) -> dict:
                "step_s_first_epoch_min": min(r["step_s_all"][:per_epoch]),
                "step_s_later_min": min(r["step_s_all"][per_epoch:]) if r["step_s_all"][per_epoch:] else None,
                "peak_rss_mib": r["peak_rss_bytes"] / 2**20, "run_seconds": r.get("wall_seconds"),
-               "run_cpu_seconds": r.get("cpu_seconds")}
+               "run_cpu_seconds": r.get("cpu_seconds"),
+               # the code that made this run (a reused run may be older than the report)
+               "commit": _commit_of(r)}
         if acc:
             row.update({"eval_rows": acc["examples"], "exact_match": acc["exact_match"],
                         **{f: acc[f] for f in FIELDS}, "mean_field_accuracy": _mean_field(acc)})
@@ -340,6 +342,12 @@ def summarize(results: list[dict], n_layer: int = 30) -> dict:
             "lrs_per_k": {str(k): sorted({r["lr"] for r in runs if r["k"] == k}) for k in best}}
 
 
+def _commit_of(run: dict) -> str:
+    git = run.get("git") or {}
+    c = git.get("commit", "")[:7]
+    return (c + " (with local changes)" if git.get("dirty") else c) if c else "not recorded"
+
+
 def _f(x, fmt):
     return "" if x is None else format(x, fmt)
 
@@ -347,8 +355,8 @@ def _f(x, fmt):
 def markdown(summary: dict) -> str:
     head = ("| k | trainable params | lr | held-out loss | loss gain vs full | exact | category | severity "
             "| fraud risk | route | field acc. vs full | step s, epoch 1: median / min | step s, later (cached): "
-            "median / min | peak RSS MiB |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+            "median / min | peak RSS MiB | run's commit |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     lines = []
     for r in summary["rows"]:
         lines.append("| " + " | ".join([
@@ -358,7 +366,7 @@ def markdown(summary: dict) -> str:
             _f(r.get("rel_field_accuracy"), ".0%"),
             f"{r['step_s_first_epoch']:.2f} / {r['step_s_first_epoch_min']:.2f}",
             f"{r['step_s_later']:.2f} / {r['step_s_later_min']:.2f}" if r["step_s_later"] else "",
-            f"{r['peak_rss_mib']:.0f}"]) + " |")
+            f"{r['peak_rss_mib']:.0f}", r.get("commit", "not recorded")]) + " |")
     rows = summary["rows"]
     note = ""
     if rows:
@@ -368,7 +376,9 @@ def markdown(summary: dict) -> str:
                 "(loss_before - loss_k) / (loss_before - loss_30); field acc. vs full = mean of the four "
                 "field accuracies / that of k = 30. Step times: median over the phase's steps, and the "
                 "fastest step (the machine is shared: the median includes other jobs' load, the minimum "
-                "is close to the cost on an idle machine).\n")
+                "is close to the cost on an idle machine). Peak RSS includes the in-memory prefix "
+                "cache (every k below the full model). A finished run is reused while its settings "
+                "match, whatever code made it: the last column says which; --force runs them again.\n")
     return head + "\n".join(lines) + "\n" + note
 
 
@@ -379,7 +389,7 @@ def write_outputs(summary: dict, out: str) -> None:
     cols = ["k", "trainable_params", "lr", "steps", "eval_loss_before", "eval_loss", "train_loss_last10",
             "rel_loss_gain", "eval_rows", "exact_match", *FIELDS, "mean_field_accuracy",
             "rel_field_accuracy", "rel_exact_match", "step_s_first_epoch", "step_s_first_epoch_min",
-            "step_s_later", "step_s_later_min", "peak_rss_mib", "run_seconds", "run_cpu_seconds"]
+            "step_s_later", "step_s_later_min", "peak_rss_mib", "run_seconds", "run_cpu_seconds", "commit"]
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
@@ -465,7 +475,8 @@ def main():
                         "eval_rows": a.eval_rows, "model": a.model,
                         "compute_seconds": sum(r.get("wall_seconds", 0) for r in results),
                         "cpu_seconds": sum(r.get("cpu_seconds", 0) for r in results),
-                        "git": _git_state()}
+                        "report_written_at": _git_state(),
+                        "runs_made_at": sorted({r["commit"] for r in summary["rows"]})}
     write_outputs(summary, a.out)
     print(markdown(summary))
     print(f"wrote {os.path.relpath(a.out)}/results.{{json,csv,md}} and freeze_curve.png "
