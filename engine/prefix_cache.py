@@ -171,6 +171,7 @@ class PrefixCache:
         self.nbytes = int(self.store.nbytes)
         self.compute_s = self.read_s = 0.0
         self.computed = self.read = 0
+        self.hits = 0      # rows served that were in the cache already (read counts every row served)
         # the first forward in a process loads the compiled kernels (~1 s): not a recompute's cost
         model.prefix(np.zeros((1, 1), np.int64), min(start, 1))
 
@@ -185,6 +186,7 @@ class PrefixCache:
         if not self.serve[np.asarray(idx)].all():
             raise InputError("prefix cache: asked for an example it was not made to serve")
         missing = [r for r, i in enumerate(idx) if not self.filled[i]]
+        self.hits += len(idx) - len(missing)
         if missing:
             self._compute(np.asarray(idx)[missing], tokens[missing])
         t0 = time.perf_counter()
@@ -249,6 +251,6 @@ class PrefixCache:
         per_compute = self.compute_s / self.computed if self.computed else float("nan")
         per_read = self.read_s / self.read if self.read else float("nan")
         return {"start_block": self.start, "examples_computed": self.computed,
-                "reads": self.read, "compute_ms_per_example": 1e3 * per_compute,
+                "reads": self.read, "hits": self.hits, "compute_ms_per_example": 1e3 * per_compute,
                 "read_ms_per_example": 1e3 * per_read,
                 "bytes": self.nbytes, "dtype": str(self.dtype)}

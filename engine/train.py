@@ -464,19 +464,24 @@ class _Caches:
             c.close()
 
     def report(self):
-        """Measured cost of a prefix recompute against a read, over every cache of the run."""
+        """Measured cost of a prefix recompute against a read, over every cache of the run
+        (the training data's, and a separate held-out file's)."""
         if not self.built:
             return None
-        rs = [c.report() for c in self.built]
+        rs = [c.report() for c in self.built + self.held_built]
         computed, reads = sum(r["examples_computed"] for r in rs), sum(r["reads"] for r in rs)
-        compute_s, read_s = sum(c.compute_s for c in self.built), sum(c.read_s for c in self.built)
-        r = {**rs[-1], "examples_computed": computed, "reads": reads,   # bytes: the last cache's
+        hits = sum(r["hits"] for r in rs)
+        compute_s = sum(c.compute_s for c in self.built + self.held_built)
+        read_s = sum(c.read_s for c in self.built + self.held_built)
+        r = {**rs[len(self.built) - 1], "examples_computed": computed, "reads": reads, "hits": hits,  # bytes: the last training cache's
              "compute_ms_per_example": 1e3 * compute_s / computed if computed else float("nan"),
              "read_ms_per_example": 1e3 * read_s / reads if reads else float("nan"),
              "caches": rs}
         each = lambda n, ms, p: f" at {ms:.{p}f} ms each" if n else ""   # noqa: E731
         self.log(f"prefix cache: computed {computed} prefixes"
-                 f"{each(computed, r['compute_ms_per_example'], 2)}, read {reads}"
+                 f"{each(computed, r['compute_ms_per_example'], 2)}, served {reads} rows to "
+                 f"training steps and evaluations ({hits} from the cache, the rest computed when "
+                 "first asked for)"
                  f"{each(reads, r['read_ms_per_example'], 3)}"
                  + (f" (over {len(rs)} caches, at blocks {', '.join(str(x['start_block']) for x in rs)})"
                     if len(rs) > 1 else ""))

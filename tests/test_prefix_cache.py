@@ -59,6 +59,7 @@ def test_three_epochs_same_weights_each_prefix_computed_once(setup):
     assert r["start_block"] == 3
     assert r["examples_computed"] == 40            # 32 training + 8 held-out, once each
     assert r["reads"] > 3 * 32                     # three epochs of reads, plus evaluations
+    assert r["hits"] == r["reads"] - 40            # all but each example's first serving
 
 
 def test_float16_cache_within_documented_tolerance(setup):
