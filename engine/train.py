@@ -473,7 +473,8 @@ class _Caches:
         hits = sum(r["hits"] for r in rs)
         compute_s = sum(c.compute_s for c in self.built + self.held_built)
         read_s = sum(c.read_s for c in self.built + self.held_built)
-        r = {**rs[len(self.built) - 1], "examples_computed": computed, "reads": reads, "hits": hits,  # bytes: the last training cache's
+        last = rs[len(self.built) - 1]              # start block, bytes: the last training cache's
+        r = {**last, "examples_computed": computed, "reads": reads, "hits": hits,
              "compute_ms_per_example": 1e3 * compute_s / computed if computed else float("nan"),
              "read_ms_per_example": 1e3 * read_s / reads if reads else float("nan"),
              "caches": rs}

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 
 import numpy as np
 
@@ -222,7 +223,6 @@ def remove_abandoned(parent: str, prefix: str) -> None:
 
 def _idle_for(path: str) -> float:
     """Seconds since anything in the folder `path` was last written."""
-    import time
     newest = 0.0
     for root, _, files in os.walk(path):
         for f in (root, *(os.path.join(root, f) for f in files)):
