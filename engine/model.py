@@ -21,7 +21,7 @@ from kernels.rope import rope_table
 
 from . import layers
 from .config import Config
-from .errors import CheckpointError, ConfigError, InputError, is_int
+from .errors import CheckpointError, ConfigError, InputError, is_int, is_number
 from .heap import keep_freed_memory
 from .layers import Block, Norm
 
@@ -453,7 +453,7 @@ class Model:
         """Fill self.grads (accumulating) from the last forward(tokens, targets): the gradients
         of scale x its mean loss (torch's (scale * loss).backward()). Accumulating micro-batches
         as one batch weights each by its share of the target positions."""
-        if not isinstance(scale, (int, float, np.integer, np.floating)) or not math.isfinite(scale):
+        if not is_number(scale) or not math.isfinite(scale):
             raise InputError(f"backward scale must be a finite number, got {scale!r}")
         tape = self._tape
         if tape is None:

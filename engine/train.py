@@ -29,7 +29,7 @@ import numpy as np
 
 from . import data as D
 from . import schedules
-from .errors import CheckpointError, DivergedError, InputError, is_int
+from .errors import CheckpointError, DivergedError, InputError, is_int, is_number
 from .generate import generate
 from .io import load_params, remove_abandoned, save_model, write_json
 from .io.resolve import resolve_model_path
@@ -275,7 +275,7 @@ def _read_state(ck: str) -> dict:
                 "data_hashes": lambda v: isinstance(v, dict) and set(v) == {"train", "eval"}
                     and all(isinstance(x, str) for x in v.values()),
                 "trained": _names, "trainable": _names,
-                "eval_before": lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)),
+                "eval_before": lambda v: v is None or is_number(v),
                 "sample_before": lambda v: v is None or isinstance(v, str)}
     for k, ok in optional.items():
         if k in state and not ok(state[k]):
@@ -468,11 +468,11 @@ class _Caches:
         (the training data's, and a separate held-out file's)."""
         if not self.built:
             return None
-        rs = [c.report() for c in self.built + self.held_built]
+        caches = self.built + self.held_built
+        rs = [c.report() for c in caches]
         computed, reads = sum(r["examples_computed"] for r in rs), sum(r["reads"] for r in rs)
         hits = sum(r["hits"] for r in rs)
-        compute_s = sum(c.compute_s for c in self.built + self.held_built)
-        read_s = sum(c.read_s for c in self.built + self.held_built)
+        compute_s, read_s = sum(c.compute_s for c in caches), sum(c.read_s for c in caches)
         last = rs[len(self.built) - 1]              # start block, bytes: the last training cache's
         r = {**last, "examples_computed": computed, "reads": reads, "hits": hits,
              "compute_ms_per_example": 1e3 * compute_s / computed if computed else float("nan"),
