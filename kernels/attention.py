@@ -350,18 +350,18 @@ def _check(q, k, v, out, lse, pos0, named=(), training=False):
             raise ValueError(f"attention: {n} must be float32, got {a.dtype}")
         if n in want and a.shape != want[n]:
             raise ValueError(f"attention: {n} has shape {a.shape}, expected {want[n]}")
-    return list(arrays.values())
+        # Both paths assume C order; a strided view would compile a new Numba signature (~8 s).
+        if not a.flags.c_contiguous:
+            raise ValueError(f"attention: {n} (shape {a.shape}, strides {a.strides}) is not C-contiguous")
 
 
-def _use_blas(backend, arrays) -> bool:
+def _use_blas(backend) -> bool:
     if backend is None:
-        backend = "blas" if SGEMM and all(a.flags.c_contiguous for a in arrays) else "numba"
+        backend = "blas" if SGEMM else "numba"
     if backend == "blas":
         if not SGEMM:
             raise RuntimeError("attention backend 'blas' needs compiled kernels (not NUMBA_DISABLE_JIT) "
                                "and numpy linked to an ILP64 OpenBLAS")
-        if not all(a.flags.c_contiguous for a in arrays):
-            raise ValueError("attention backend 'blas' needs C-contiguous arrays")
         return True
     if backend != "numba":
         raise ValueError(f"unknown attention backend {backend!r} (blas, numba)")
@@ -371,8 +371,8 @@ def _use_blas(backend, arrays) -> bool:
 def attention_forward(q, k, v, out, lse, pos0, backend=None):
     """out = softmax(q k^T / sqrt(D), causal) v; lse per query row. See the module docstring."""
     pos0 = position("attention_forward", "pos0", pos0)
-    arrays = _check(q, k, v, out, lse, pos0)
-    if _use_blas(backend, arrays):
+    _check(q, k, v, out, lse, pos0)
+    if _use_blas(backend):
         with one_thread():
             _forward_blas(SGEMM, q, k, v, out, lse, pos0)
     else:
@@ -381,9 +381,9 @@ def attention_forward(q, k, v, out, lse, pos0, backend=None):
 
 def attention_backward(dout, q, k, v, out, lse, dq, dk, dv, backend=None):
     """Training only (pos0 = 0, Tk = Tq). dq, dk, dv written (not accumulated)."""
-    arrays = _check(q, k, v, out, lse, 0, (("dout", (dout, q.shape)), ("dq", (dq, q.shape)),
+    _check(q, k, v, out, lse, 0, (("dout", (dout, q.shape)), ("dq", (dq, q.shape)),
                                            ("dk", (dk, k.shape)), ("dv", (dv, k.shape))), training=True)
-    if _use_blas(backend, arrays):
+    if _use_blas(backend):
         with one_thread():
             _backward_blas(SGEMM, dout, q, k, v, out, lse, dq, dk, dv)
     else:

@@ -167,6 +167,11 @@ BAD = [
     # ---- attention (its own _check; pos0 is new)
     ("attn pos0 negative", lambda: attention_forward(r32(1, 4, 2, 8), r32(1, 4, 2, 8), r32(1, 4, 2, 8), f32(1, 4, 2, 8), f32(1, 2, 4), -3),
      "attention_forward: pos0 is -3, expected >= 0"),
+    ("attn k not contiguous", lambda: attention_forward(r32(1, 4, 2, 8), r32(1, 8, 2, 8)[:, ::2], r32(1, 4, 2, 8), f32(1, 4, 2, 8), f32(1, 2, 4), 0),
+     "attention: k (shape (1, 4, 2, 8), strides (512, 128, 32, 4)) is not C-contiguous"),
+    ("attn dq not contiguous", lambda: attention_backward(r32(1, 4, 2, 8), r32(1, 4, 2, 8), r32(1, 4, 2, 8), r32(1, 4, 2, 8), r32(1, 4, 2, 8), f32(1, 2, 4),
+                                                           f32(1, 4, 2, 16)[..., ::2], f32(1, 4, 2, 8), f32(1, 4, 2, 8), backend="numba"),
+     "attention: dq (shape (1, 4, 2, 8), strides (512, 128, 64, 8)) is not C-contiguous"),
     ("attn pos0 float", lambda: attention_forward(r32(1, 4, 2, 8), r32(1, 4, 2, 8), r32(1, 4, 2, 8), f32(1, 4, 2, 8), f32(1, 2, 4), 0.0),
      "attention_forward: pos0 must be an integer, got float"),
     # ---- optimizer, bias, telemetry
