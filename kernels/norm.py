@@ -31,11 +31,17 @@ def _layernorm_forward(x, w, b, out, mean, rstd, eps):
         for j in range(C):
             s += xi[j]
         m = s * inv_c
+        # Corrected two-pass: the deviations' own sum fixes the float32 rounding of the mean
+        # (a constant row then normalizes to exactly 0, not to rounding error times 1/sqrt(eps)).
         v = np.float32(0.0)
+        sd = np.float32(0.0)
         for j in range(C):
             d = xi[j] - m
+            sd += d
             v += d * d
-        r = np.float32(1.0) / np.sqrt(v * inv_c + eps32)
+        sd *= inv_c
+        m += sd
+        r = np.float32(1.0) / np.sqrt(max(v * inv_c - sd * sd, np.float32(0.0)) + eps32)
         oi = out[i]
         for j in range(C):
             oi[j] = (xi[j] - m) * r * w[j] + b[j]

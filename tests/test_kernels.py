@@ -138,6 +138,20 @@ def test_layernorm(N, C, seed, scale):
     close(dx2, 2 * rdx, dict(rtol=1e-3, atol=1e-5), scale=terms)
 
 
+@pytest.mark.parametrize("C", [7, 768, 2048])
+def test_layernorm_rows_far_from_zero(C):
+    # A row whose spread is small against its mean: float32 rounding of the mean, divided by
+    # sqrt(var + eps), must not show. A constant row normalizes to exactly b.
+    rng = rng_of(C)
+    w, b = randn(rng, C), randn(rng, C)
+    x = np.stack([np.full(C, 13.37, np.float32),
+                  (50 + 1e-3 * rng.standard_normal(C)).astype(np.float32)])
+    out, mean, rstd = np.empty_like(x), np.empty(2, np.float32), np.empty(2, np.float32)
+    layernorm_forward(x, w, b, out, mean, rstd, 1e-5)
+    np.testing.assert_allclose(out[0], b, rtol=0, atol=1e-6)
+    close(out[1:], ref.layernorm_fwd(x[1:], w, b, 1e-5), dict(rtol=0, atol=2e-3))
+
+
 def test_layernorm_twin_and_torch():
     rng = rng_of(0)
     x, w, b, dout = randn(rng, 5, 13), randn(rng, 13), randn(rng, 13), randn(rng, 5, 13)
