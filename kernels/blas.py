@@ -76,6 +76,14 @@ _depth = 0              # callers inside one_thread(), over all Python threads
 _saved: list = []
 
 
+def _after_fork_in_child():
+    global _lock, _depth      # the child has only the forking thread: no caller is inside
+    _lock, _depth = threading.Lock(), 0
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 _THREAD_API = [(f"{p}_set_num_threads{x}", f"{p}_get_num_threads{x}")
                for p in ("scipy_openblas", "openblas") for x in ("64_", "")]
 

@@ -1,6 +1,10 @@
 """The one place where Numba compile and threading options are set."""
 from . import openmp  # noqa: F401  (the wait policy, before Numba starts OpenMP)
 
+import functools  # noqa: E402
+import os  # noqa: E402
+import threading  # noqa: E402
+
 import numba  # noqa: E402
 
 # Reassociation and contraction let LLVM vectorize reductions and fuse multiply-adds. No-NaN and
@@ -53,8 +57,9 @@ def jit_inline(fn):
 
 
 def pjit(fn):
-    """Parallel kernel: `prange` loops split across threads; each thread writes only its own rows."""
-    return numba.njit(parallel=True, **_OPTIONS)(fn)
+    """Parallel kernel: `prange` loops split across threads; each thread writes only its own rows.
+    Called from Python only, through a wrapper that guards the threading layer (below)."""
+    return _launcher(numba.njit(parallel=True, **_OPTIONS)(fn), fn)
 
 
 def num_threads() -> int:
@@ -66,3 +71,56 @@ def flat(a):
     if not a.flags.c_contiguous:
         raise ValueError("kernel arrays must be C-contiguous")
     return a.reshape(-1)
+
+
+
+# ---- Numba's threading layer, forks and Python threads ----------------------------------------
+# GNU OpenMP cannot run in a child forked after the parent used it: Numba then terminates the
+# child at its first parallel kernel (SIGTERM; a multiprocessing Pool waits for it forever).
+# Numba's workqueue layer aborts the process when two Python threads launch kernels at once.
+# Every parallel kernel is launched through pjit's wrapper, which checks for both.
+_forked_after_gnu_omp = False
+_serial = threading.RLock()
+_serialize = True       # until the first launch has chosen a layer that takes concurrent launches
+
+
+def _after_fork_in_child():
+    global _forked_after_gnu_omp, _serial
+    _serial = threading.RLock()     # a lock another thread of the parent held stays held here
+    try:
+        layer = numba.threading_layer()
+    except ValueError:      # the parent ran no parallel kernel: the child chooses its own layer
+        return
+    if layer == "omp":
+        from numba.np.ufunc import omppool
+        _forked_after_gnu_omp = omppool.openmp_vendor == "GNU"
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _refuse_forked():
+    raise RuntimeError(
+        "tailtune cannot run its kernels in this process: it was forked (multiprocessing's "
+        "default 'fork' start method on Linux) from one that had already run them on GNU OpenMP, "
+        "which does not work after a fork. Use multiprocessing.get_context('spawn') or "
+        "'forkserver', or start the child processes before the parent runs the model.")
+
+
+def _launcher(kernel, fn):
+    @functools.wraps(fn)
+    def launch(*args):
+        global _serialize
+        if _forked_after_gnu_omp:
+            _refuse_forked()
+        if not _serialize:
+            return kernel(*args)
+        with _serial:
+            out = kernel(*args)
+        try:
+            _serialize = numba.threading_layer() == "workqueue"
+        except ValueError:  # NUMBA_DISABLE_JIT: no layer, and no harm in the lock
+            pass
+        return out
+    launch.kernel = kernel
+    return launch

@@ -10,6 +10,8 @@ that form first; packing is O(K (M + N)) against O(M N K) of arithmetic.
 `BACKEND` picks the implementation; "blas" (numpy.matmul on OpenBLAS) is the default until the
 benches show the Numba kernel ahead on a shape (see benches/).
 """
+import os
+
 import numpy as np
 
 from .blas import one_thread
@@ -134,6 +136,14 @@ def gemm_tn(a, b, out, accumulate=False, backend=None):
 
 _MIN_SPLIT_FLOPS = 1 << 22   # below this, one thread: the pool hand-off costs more than it saves
 _pool = None
+
+
+def _forget_pool():
+    global _pool     # a forked child inherits the pool but not its threads: parts would never run
+    _pool = None
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _blas(by_rows, by_cols, out, accumulate):
