@@ -22,9 +22,14 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the chec
 
 def _stamp() -> str:
     """A file whose existence says: the cache holds every kernel of these sources."""
+    import llvmlite
     import numba
+    import numpy
     root = _ROOT
-    h = hashlib.sha256(f"{numba.__version__}|{sys.version}|{sys.executable}".encode())
+    # what the cached code depends on; not the interpreter's path (python, python3 and the
+    # console script's python3.11 are one interpreter, and would each compile again)
+    versions = (numba.__version__, llvmlite.__version__, numpy.__version__, sys.version)
+    h = hashlib.sha256("|".join(versions).encode())
     for pkg in ("kernels", "engine"):
         for path in sorted(glob.glob(os.path.join(root, pkg, "*.py"))):
             with open(path, "rb") as f:

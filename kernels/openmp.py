@@ -19,7 +19,11 @@ def _openmp_loaded() -> bool:
         return False
 
 
-LATE = os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE" and _openmp_loaded()
+# Only where Numba can pick OpenMP: its workqueue and TBB layers start no OpenMP threads.
+_NOT_OMP = ("workqueue", "tbb", "safe")
+LATE = (os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE"
+        and os.environ.get("NUMBA_THREADING_LAYER", "").lower() not in _NOT_OMP
+        and _openmp_loaded())
 if LATE:   # printed, like the compile notice: other libraries' warning filters can hide warnings
     print("tailtune: an OpenMP runtime (torch's?) was loaded before tailtune without "
           "OMP_WAIT_POLICY=PASSIVE; its spinning threads slow tailtune's steps by 15-25% in this "
