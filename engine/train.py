@@ -216,6 +216,15 @@ def _paths_absolute(fields: dict) -> dict:
                          for k in ("data", "eval_data") if k in fields}}
 
 
+def _model_place(model: str):
+    """Where a --model names, for comparing two of them; the name itself when it names nothing
+    here (a run recorded before model paths were recorded absolute, from another directory)."""
+    try:
+        return os.path.abspath(resolve_model_path(model))
+    except (CheckpointError, InputError):
+        return model
+
+
 def _what_is_in(args: TrainArgs) -> str:
     try:
         with open(os.path.join(args.out, "run.json")) as f:
@@ -617,7 +626,7 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print, given=None) 
         for k in _NOT_TRAINING[1:]:
             if k in given:
                 setattr(saved, k, getattr(args, k))
-        if os.path.abspath(resolve_model_path(args.model)) != os.path.abspath(resolve_model_path(saved.model)):
+        if _model_place(args.model) != _model_place(saved.model):
             log(f"note: checkpoint was trained from {saved.model}; checking {args.model} is the same model")
         saved.model = args.model
         args = saved
@@ -682,13 +691,16 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print, given=None) 
     if examples.data.kind == "examples" and examples.truncated:
         log(f"note: {examples.truncated} examples are longer than --seq-len and were truncated")
 
-    # data paths recorded absolute: the run can be resumed from any working directory
-    recorded = dataclasses.replace(args, data=os.path.abspath(args.data), eval_data=(
-        os.path.abspath(args.eval_data) if args.eval_data else None))
+    # paths recorded absolute (a packaged model's name stays a name): the run can be resumed
+    # from any working directory
+    recorded = dataclasses.replace(
+        args, model=os.path.abspath(args.model) if os.path.exists(args.model) else args.model,
+        data=os.path.abspath(args.data),
+        eval_data=os.path.abspath(args.eval_data) if args.eval_data else None)
     run = {"args": dataclasses.asdict(recorded), "base_fingerprint": base_fp,
            "trainable": model.trainable}
     out_abs = os.path.abspath(args.out)
-    resume_cmd = (f"`tailtune finetune --model {args.model} --data {recorded.data} --out "
+    resume_cmd = (f"`tailtune finetune --model {recorded.model} --data {recorded.data} --out "
                   f"{out_abs} --resume {out_abs}`")
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     sample_ids = _sample_prompt(args, tok, held, eval_idx, cfg.max_seq_len)

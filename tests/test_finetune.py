@@ -187,7 +187,7 @@ def test_resume_into_a_new_directory(tiny, tmp_path):
 
 def test_resume_keeps_the_runs_settings_and_works_from_another_directory(tiny, tmp_path, monkeypatch,
                                                                         capsys):
-    """A run started with relative paths and telemetry / held-out evaluation every few steps,
+    """A run started with relative paths (model and data) and telemetry / held-out evaluation every few steps,
     interrupted, then resumed from another working directory with only the command the
     interruption prints: the resumed steps keep recording, and an explicit flag still wins."""
     import shutil
@@ -195,8 +195,9 @@ def test_resume_keeps_the_runs_settings_and_works_from_another_directory(tiny, t
     work = tmp_path / "work"
     work.mkdir()
     shutil.copy(data, work / "data.txt")
+    shutil.copytree(model, work / "base")
     monkeypatch.chdir(work)
-    argv = run_args(model, "data.txt", "run", "--telemetry-every", "2", "--eval-every", "4")
+    argv = run_args("base", "data.txt", "run", "--telemetry-every", "2", "--eval-every", "4")
     argv[argv.index("--steps") + 1] = "12"
     with signal_after_steps(5, signal.SIGINT):
         assert cli(argv) == 130
@@ -204,6 +205,7 @@ def test_resume_keeps_the_runs_settings_and_works_from_another_directory(tiny, t
     command = printed.split("continue with `")[1].split("`")[0].split()
     monkeypatch.chdir(tmp_path)
     assert command[command.index("--data") + 1] == str(work / "data.txt")
+    assert command[command.index("--model") + 1] == str(work / "base")
     assert cli(command[1:]) == 0
     rows = [json.loads(r) for r in open(work / "run" / "metrics.jsonl")]
     assert [r["step"] for r in rows if "telemetry" in r] == [2, 4, 6, 8, 10, 12]
