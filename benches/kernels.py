@@ -53,8 +53,10 @@ ATTENTION_CASES = [
 def gemm_cases(model: str) -> list:
     """(label, layout, M, K, N) of one training step's GEMMs, N_tok = 4 x 256 tokens. Layouts:
     nt out = a @ b.T (forward, W (out, in)); nn out = a @ b (input gradient dX = dY @ W);
-    tn out = a.T @ b (weight gradient dW = dY.T @ X). The LM head runs on row chunks of
-    2^25 / V rows (engine.model._LOGIT_CHUNK)."""
+    tn out = a.T @ b (weight gradient dW = dY.T @ X). The LM head runs on the row chunks a step
+    uses (engine.model.head_chunk_rows): 2 x 512 rows when the head is frozen, all 1024 rows at
+    once when it trains."""
+    from engine.model import head_chunk_rows
     n = 1024
     if model == "gpt2":
         C_, F, V = 768, 3072, 50257
@@ -62,7 +64,7 @@ def gemm_cases(model: str) -> list:
     else:
         C_, F, V = 576, 1536, 49152
         proj = [("q/o", C_, C_), ("k/v", C_, 192), ("mlp gate/up", C_, F), ("mlp down", F, C_)]
-    R = (1 << 25) // V
+    R, R_dw = head_chunk_rows(n, V, need_dw=False), head_chunk_rows(n, V, need_dw=True)
     out = []
     for name, fin, fout in proj:
         out.append((f"{model} {name} fwd", "nt", n, fin, fout))
@@ -72,7 +74,7 @@ def gemm_cases(model: str) -> list:
     out.append((f"{model} LM head dX (chunk)", "nn", R, V, C_))
     for name, fin, fout in proj:
         out.append((f"{model} {name} dW", "tn", fout, n, fin))
-    out.append((f"{model} LM head dW (chunk, trainable head)", "tn", V, R, C_))
+    out.append((f"{model} LM head dW (trainable head)", "tn", V, R_dw, C_))
     return out
 
 
