@@ -86,7 +86,9 @@ class Optimizer:
                 raise InputError(f"optimizer state for {n!r}, which is not trainable in this model")
             if not isinstance(s, dict):
                 raise InputError(f"optimizer state for {n!r} must be a dict, got {type(s).__name__}")
-            if "t" in self.state[n] and "t" not in s:   # saved before per-parameter step counts
+            # moments saved before per-parameter step counts: they share the global count (no
+            # moments at all: a parameter that joins here, at step 0 of its own)
+            if s and "t" in self.state[n] and "t" not in s:
                 s = {**s, "t": d["t"]}
             mine = self.state[n]
             for k, a in s.items():

@@ -236,7 +236,6 @@ def test_wrong_c_attn_bias_named_as_in_the_file(tmp_path):
 
 
 def test_gguf_found_by_magic_without_the_extension(tmp_path):
-    pytest.importorskip("gguf")
     from gguf_fixtures import write_tiny_llama
     want = write_tiny_llama(tmp_path / "model.bin")
     m = engine.load(str(tmp_path / "model.bin"))

@@ -58,10 +58,11 @@ def test_sigint_then_resume_gives_the_uninterrupted_weights(tiny, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", *run_args(model, data, out)],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = os.path.join(out, "metrics.jsonl")
-    deadline = time.time() + 120
-    while time.time() < deadline:  # wait until a few steps are done, then press Ctrl-C
-        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 6:
-            break
+    deadline = time.time() + 600
+    while not (os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 6):
+        if time.time() > deadline or proc.poll() is not None:  # wait for a few steps, then Ctrl-C
+            proc.kill()
+            pytest.fail(f"the run did not reach 6 steps: {proc.communicate()[0][-2000:]}")
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     log = proc.communicate(timeout=120)[0]

@@ -157,6 +157,34 @@ def test_saved_activations_grow_with_trainable_blocks_not_depth():
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_memory_follows_trainable_blocks_not_depth(kind):
+    """The same as above, measured by tracemalloc (numpy reports its buffers to it) instead of
+    the model's own account: what a training forward leaves held, and the peak of forward +
+    backward, are the same for 4 and 8 blocks with the same trainable tail."""
+    import tracemalloc
+    tokens, targets = data(B=4, T=32)
+    held, peak = {}, {}
+    for depth in (4, 8):
+        for k in (1, 2):
+            m = small(n_layer=depth, kind=kind).train_last(k)
+            m.forward(tokens, targets)
+            m.backward()            # the gradient buffers exist from here on
+            tracemalloc.start()
+            try:
+                m.forward(tokens, targets)
+                held[depth, k] = tracemalloc.get_traced_memory()[0]
+                m.backward()
+                peak[depth, k] = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+    per_block = held[4, 2] - held[4, 1]
+    assert per_block > 20_000, held          # a block's saved activations: tens of KB here
+    for k in (1, 2):
+        assert abs(held[8, k] - held[4, k]) < 0.05 * per_block, held
+        assert abs(peak[8, k] - peak[4, k]) < 0.05 * per_block, peak
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_a_block_keeps_only_what_its_trainable_parts_read(kind):
     """The lowest trainable block training its MLP side alone keeps nothing of its attention
     (its input, ln1's output and statistics, q, k, v, the attention output and its log-sum-exp);

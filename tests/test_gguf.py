@@ -333,7 +333,7 @@ def _load_mutated(folder, data: bytes, name="mut.gguf"):
         raise TimeoutError("GGUF loading hung")
 
     old = signal.signal(signal.SIGALRM, timeout)
-    signal.setitimer(signal.ITIMER_REAL, 5.0)
+    signal.setitimer(signal.ITIMER_REAL, 60.0)   # a hang, not a slow machine
     tracemalloc.start()
     try:
         with contextlib.suppress(CheckpointError, ConfigError):
@@ -446,7 +446,7 @@ def _mutations(draw, data, fields, header_end):
 def test_fuzzed_headers(valid_file):
     folder, data, fields, header_end = valid_file
 
-    @hypothesis.settings(max_examples=400, deadline=1000, database=None,
+    @hypothesis.settings(max_examples=400, deadline=None, database=None,
                          suppress_health_check=[hypothesis.HealthCheck.too_slow])
     @hypothesis.given(_mutations(data, fields, header_end))
     def check(mutated):

@@ -244,7 +244,9 @@ def test_norms_valid():
     rdx, rdw, _ = ref.layernorm_bwd(dout, x, w, 1e-5)
     np.testing.assert_allclose(dx, rdx, **TOL)
     np.testing.assert_allclose(dw, rdw, **TOL)
-    layernorm_backward(dout, x, w, mean, rstd, f32(3, 8))          # neither dw nor db
+    dx = f32(3, 8)
+    layernorm_backward(dout, x, w, mean, rstd, dx)                 # neither dw nor db
+    np.testing.assert_allclose(dx, rdx, **TOL)
     rmsnorm_forward(x, w, out, rstd, 1e-5)
     np.testing.assert_allclose(out, ref.rmsnorm_fwd(x, w, 1e-5), **TOL)
     dx, dw = f32(3, 8), f32(8)
@@ -296,8 +298,11 @@ def test_embedding_valid(dtype):
     rwte, rwpe = ref.embedding_bwd(dout, tokens.astype(np.int64), 10, 5, 2)
     np.testing.assert_allclose(dwte, rwte, **TOL)
     np.testing.assert_allclose(dwpe, rwpe, **TOL)
-    embedding_backward(dout, tokens, None, dwpe, 2)            # position table only
+    embedding_backward(dout, tokens, None, dwpe, 2)            # position table only: adds
+    np.testing.assert_allclose(dwpe, 2 * rwpe, **TOL)
+    before = dout.copy()
     embedding_backward(dout, tokens)                            # nothing trainable
+    assert np.array_equal(dout, before)
 
 
 def test_activations_valid():

@@ -189,6 +189,10 @@ def test_an_older_checkpoint_stopped_where_a_block_joins_still_resumes(tmp_path)
         state.pop(k)
     p.write_text(json.dumps(state))
     assert cli(args + ["--resume", str(out)]) == 0
+    straight = tmp_path / "straight"
+    assert cli([str(straight) if a == str(out) else a for a in args]) == 0
+    a, b = (engine.load(str(r / "model")).params for r in (straight, out))
+    assert all(np.array_equal(a[n], b[n]) for n in a)        # it ends as if never stopped
 
 
 def test_summary_counts_every_parameter_the_schedule_trained(tmp_path):
