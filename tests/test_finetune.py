@@ -171,6 +171,39 @@ def test_stopped_before_the_first_step_leaves_no_directory(tiny, tmp_path, monke
     assert not long.exists()
 
 
+def test_save_every_leaves_checkpoints_a_killed_run_resumes_from(tiny, tmp_path):
+    """--save-every 3: checkpoint/ holds the latest multiple of 3 while the run goes on, and a
+    run killed outright (SIGKILL: no handler runs, nothing is saved at the end) resumes from it
+    to the uninterrupted run's weights."""
+    model, data = tiny
+    straight = str(tmp_path / "straight")
+    assert cli(run_args(model, data, straight)) == 0
+    out = str(tmp_path / "killed")
+    argv = run_args(model, data, out, "--save-every", "3")
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    state = os.path.join(out, "checkpoint", "trainer_state.json")
+
+    def saved_step():
+        try:
+            return json.load(open(state))["step"]
+        except (OSError, ValueError):   # not written yet, or being replaced
+            return 0
+    deadline = time.time() + 600
+    while saved_step() < 6:
+        if time.time() > deadline or proc.poll() is not None:
+            proc.kill()
+            pytest.fail(f"no checkpoint at step 6 or later: {proc.communicate()[1][-2000:]}")
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    step = saved_step()
+    assert step % 3 == 0 and step < 60 and not os.path.exists(os.path.join(out, "model"))
+    assert cli(argv + ["--resume", out]) == 0
+    a, b = weights(straight), weights(out)
+    assert all(np.array_equal(a[n], b[n]) for n in a)
+
+
 def test_resume_into_a_new_directory(tiny, tmp_path):
     """Ctrl-C after step 6 (sent from inside the run), then --resume into another --out: the
     same weights as a straight run."""

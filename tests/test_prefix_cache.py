@@ -62,6 +62,30 @@ def test_three_epochs_same_weights_each_prefix_computed_once(setup):
     assert r["hits"] == r["reads"] - 40            # all but each example's first serving
 
 
+@pytest.mark.parametrize("kind", ["disk", "memory"])
+def test_resume_with_the_cache(setup, tmp_path, monkeypatch, kind):
+    """Ctrl-C in epoch 2, then --resume: the disk cache is read back and the run ends with the
+    uninterrupted run's weights exactly; the memory cache is recomputed in the resumed
+    process, in other batches, which moves its rows in the last bits (README: ~1e-8)."""
+    from conftest import signal_after_steps
+    monkeypatch.setenv("TAILTUNE_CACHE", str(tmp_path / "cache"))
+    straight, _ = finetune(setup, f"straight-{kind}", "--prefix-cache", kind)
+    model, data, d = setup
+    out = str(d / f"stopped-{kind}")
+    args = ["finetune", "--model", model, "--data", data, "--out", out, "--train-last", "2",
+            "--epochs", "3", "--batch-size", "4", "--seq-len", "48", "--lr", "3e-3",
+            "--sample-tokens", "0", "--eval-fraction", "0.2", "--prefix-cache", kind]
+    with signal_after_steps(12):       # 8 steps an epoch: stopped inside the second
+        assert cli(args) == 130
+    assert cli(args + ["--resume", out]) == 0
+    resumed = engine.load(os.path.join(out, "model")).params
+    worst = max(float(np.abs(resumed[n] - straight[n]).max()) for n in straight)
+    if kind == "disk":
+        assert worst == 0.0
+    else:
+        assert worst < 1e-6, worst
+
+
 def test_float16_cache_within_documented_tolerance(setup):
     plain, _ = finetune(setup, "plain16")
     half, s = finetune(setup, "half", "--prefix-cache", "memory", "--prefix-dtype", "float16")
