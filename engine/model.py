@@ -411,10 +411,11 @@ class Model:
         for kv in cache:
             if (not isinstance(kv, (list, tuple)) or len(kv) != 2
                     or not all(isinstance(a, np.ndarray) and a.dtype == np.float32
-                               and a.shape == shape for a in kv)
+                               and a.shape == shape and a.flags.c_contiguous for a in kv)
                     or len(shape) != 4 or shape[2:] != (c.n_kv_head, c.head_dim)):
-                raise InputError("cache entries must be (k, v) float32 arrays of shape (batch, "
-                                 f"length, {c.n_kv_head}, {c.head_dim}) as new_cache makes them")
+                raise InputError("cache entries must be (k, v) C-contiguous float32 arrays of "
+                                 f"shape (batch, length, {c.n_kv_head}, {c.head_dim}) as new_cache "
+                                 "makes them")
         return shape[0], shape[1]
 
     def _head_loss(self, h, targets, grad, need_dh, need_dw):

@@ -211,9 +211,12 @@ def _make_out(path: str):
 
 
 def _paths_absolute(fields: dict) -> dict:
-    """Training fields with the data paths absolute, as run.json records them."""
-    return {**fields, **{k: fields[k] and os.path.abspath(fields[k])
-                         for k in ("data", "eval_data") if k in fields}}
+    """Training fields with the paths absolute, as run.json records them."""
+    out = {**fields, **{k: fields[k] and os.path.abspath(fields[k])
+                        for k in ("data", "eval_data") if k in fields}}
+    if "model" in fields:
+        out["model"] = _model_place(fields["model"])
+    return out
 
 
 def _model_place(model: str):

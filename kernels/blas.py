@@ -78,6 +78,9 @@ _saved: list = []
 
 def _after_fork_in_child():
     global _lock, _depth      # the child has only the forking thread: no caller is inside
+    if _depth:                # another thread of the parent was: the host's setting back
+        for set_fn, n in _saved:
+            set_fn(n)
     _lock, _depth = threading.Lock(), 0
 
 

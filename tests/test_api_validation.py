@@ -290,6 +290,9 @@ def test_kv_cache_arguments(model):
         model.forward_cached(ok, [], 0)
     with pytest.raises(engine.InputError, match="cache entries must be"):
         model.forward_cached(ok, [(np.zeros((1, 8, 4, 8)), np.zeros((1, 8, 4, 8)))] * 2, 0)
+    strided = [(k[:, ::2], v[:, ::2]) for k, v in model.new_cache(2, 16)]   # a view, not a copy
+    with pytest.raises(engine.InputError, match="cache entries must be .k, v. C-contiguous"):
+        model.forward_cached(np.ones((2, 2), np.int64), strided, 0)
     with pytest.raises(engine.InputError, match="do not fit the cache of length 8"):
         model.forward_cached(ok, model.new_cache(1, 8), 6)
 

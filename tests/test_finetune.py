@@ -180,25 +180,18 @@ def test_save_every_leaves_checkpoints_a_killed_run_resumes_from(tiny, tmp_path)
     assert cli(run_args(model, data, straight)) == 0
     out = str(tmp_path / "killed")
     argv = run_args(model, data, out, "--save-every", "3")
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", *argv], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    state = os.path.join(out, "checkpoint", "trainer_state.json")
-
-    def saved_step():
-        try:
-            return json.load(open(state))["step"]
-        except (OSError, ValueError):   # not written yet, or being replaced
-            return 0
-    deadline = time.time() + 600
-    while saved_step() < 6:
-        if time.time() > deadline or proc.poll() is not None:
-            proc.kill()
-            pytest.fail(f"no checkpoint at step 6 or later: {proc.communicate()[1][-2000:]}")
-        time.sleep(0.01)
-    proc.kill()
-    proc.wait()
-    step = saved_step()
-    assert step % 3 == 0 and step < 60 and not os.path.exists(os.path.join(out, "model"))
+    # the run kills itself right after its 7th step, as the out-of-memory killer would
+    code = ("import os, signal, sys\nimport engine.train as T\nfrom engine.cli import main\n"
+            "real = T.Progress.update\n"
+            "def update(self, step, *a):\n"
+            "    real(self, step, *a)\n"
+            "    if step + 1 == 7:\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)\n"
+            f"T.Progress.update = update\nsys.exit(main({argv!r}))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    state = json.load(open(os.path.join(out, "checkpoint", "trainer_state.json")))
+    assert state["step"] == 6 and not os.path.exists(os.path.join(out, "model"))
     assert cli(argv + ["--resume", out]) == 0
     a, b = weights(straight), weights(out)
     assert all(np.array_equal(a[n], b[n]) for n in a)
@@ -237,6 +230,7 @@ def test_resume_keeps_the_runs_settings_and_works_from_another_directory(tiny, t
         assert cli(argv) == 130
     printed = capsys.readouterr().out
     command = printed.split("continue with `")[1].split("`")[0].split()
+    fails(capsys, argv, "this same run, unfinished (continue it with --resume")  # the same command again
     monkeypatch.chdir(tmp_path)
     assert command[command.index("--data") + 1] == str(work / "data.txt")
     assert command[command.index("--model") + 1] == str(work / "base")
