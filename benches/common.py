@@ -119,6 +119,8 @@ def thread_counts() -> dict:
         out["torch_interop_threads"] = th.get_num_interop_threads()
     out["openblas_threads"] = openblas_threads()      # numpy's
     out["openblas_all"] = openblas_all()
+    if "kernels.blas" in sys.modules:
+        out["openblas_in_engine"] = openblas_in_engine()
     return out
 
 
@@ -168,6 +170,14 @@ def openblas_threads(n: int | None = None) -> int | None:
 def openblas_all() -> dict:
     """Thread count of every loaded OpenBLAS (file name -> threads)."""
     return {Path(p).name: int(get()) for p, get, _ in _openblas_libs()}
+
+
+def openblas_in_engine() -> dict:
+    """openblas_all() as the engine's own calls see it: it sets every OpenBLAS to one thread
+    inside them (kernels.blas.one_thread) and leaves the host's setting alone outside."""
+    from kernels.blas import one_thread
+    with one_thread():
+        return openblas_all()
 
 
 # ---- timing -----------------------------------------------------------------------------------
@@ -592,7 +602,7 @@ def time_alternating(args, config, B: int, T: int, k: int, engine_step, torch_st
         say(f"warm-up {i + 1}/{args.warmup}")
         losses_e.append(engine_step())
         losses_t.append(torch_step())
-    blas_in_engine_steps = openblas_all()    # before gemm_rates touches the count
+    blas_in_engine_steps = openblas_in_engine()    # before gemm_rates touches the count
     flops = step_flops(Dims.from_config(config), B, T, k, head_rows=head_rows)
     shapes = list(flops.gemms)
     say(f"numpy.matmul rate on {len(shapes)} GEMM shapes ({args.threads} threads)")

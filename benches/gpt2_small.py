@@ -340,15 +340,16 @@ def notes(args, threads, blas_main, workers, load_start) -> list:
                    "compare ratios, not times")
     n = threads.get("numba_threads") or 1
     for where, blas in [("main process", blas_main)] + [
-            (f"{k} worker", w["threads"].get("openblas_all") or {}) for k, w in workers.items()
+            (f"{k} worker", w["threads"].get("openblas_in_engine") or {}) for k, w in workers.items()
             if k.startswith("engine")]:
         numpy_blas = next((v for lib, v in blas.items() if lib.startswith("libscipy_openblas64")
                            or "numpy" in lib), None)
         if numpy_blas is None and blas:
             numpy_blas = next(iter(blas.values()))
         if n > 1 and numpy_blas and numpy_blas > 1:
-            out.append(f"WARNING {where}: numpy's OpenBLAS kept {numpy_blas} threads while the engine "
-                       f"splits each GEMM over {n} threads of its own ({n} x {numpy_blas} threads "
+            out.append(f"WARNING {where}: numpy's OpenBLAS kept {numpy_blas} threads inside the "
+                       f"engine's calls, where it splits each GEMM over {n} threads of its own "
+                       f"({n} x {numpy_blas} threads "
                        f"on {os.cpu_count()} cores); loaded OpenBLAS libraries and their thread "
                        f"counts: {blas}")
     return out
