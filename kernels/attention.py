@@ -382,7 +382,7 @@ def attention_forward(q, k, v, out, lse, pos0, backend=None):
 def attention_backward(dout, q, k, v, out, lse, dq, dk, dv, backend=None):
     """Training only (pos0 = 0, Tk = Tq). dq, dk, dv written (not accumulated)."""
     _check(q, k, v, out, lse, 0, (("dout", (dout, q.shape)), ("dq", (dq, q.shape)),
-                                           ("dk", (dk, k.shape)), ("dv", (dv, k.shape))), training=True)
+                                  ("dk", (dk, k.shape)), ("dv", (dv, k.shape))), training=True)
     if _use_blas(backend):
         with one_thread():
             _backward_blas(SGEMM, dout, q, k, v, out, lse, dq, dk, dv)

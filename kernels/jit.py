@@ -73,7 +73,6 @@ def flat(a):
     return a.reshape(-1)
 
 
-
 # ---- Numba's threading layer, forks and Python threads ----------------------------------------
 # GNU OpenMP cannot run in a child forked after the parent used it: Numba then terminates the
 # child at its first parallel kernel (SIGTERM; a multiprocessing Pool waits for it forever).
