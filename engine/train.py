@@ -612,7 +612,36 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print, given=None) 
     A resumed run keeps its own arguments; of those that do not change the weights (evaluation,
     samples, telemetry, checkpoints, the prefix cache) the ones set in `args` replace the run's.
     `given` names the fields the user set (the CLI passes its flags); without it, the fields
-    that differ from their defaults count as set."""
+    that differ from their defaults count as set.
+
+    While it runs, the --out directory is locked: a second process training into it (a
+    --resume of a run that is still going) is refused instead of writing into the same files."""
+    locks: list = []
+    try:
+        return _finetune(args, resume, log, given, locks)
+    finally:
+        for fd in locks:
+            os.close(fd)     # releases the lock (and the process's end would, however it ends)
+
+
+def _lock_out(path: str):
+    """An exclusive flock on the --out directory itself (no lock file to leave behind), or None
+    where the platform has no flock."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise InputError(f"--out {path}: another process is training into this directory now "
+                         "(a run that is still going?); let it finish or stop it first") from None
+    return fd
+
+
+def _finetune(args: TrainArgs, resume, log, given, locks: list) -> dict:
     state = None
     args.validate()
     if resume:
@@ -718,6 +747,9 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print, given=None) 
         caches = _Caches(args, model, examples, held, log, trained, pad, train_idx, eval_idx)
     created = not os.path.exists(args.out)
     _make_out(args.out)
+    fd = _lock_out(args.out)
+    if fd is not None:
+        locks.append(fd)
 
     def discard_unstarted():
         """A new run stopped before its first update and before any checkpoint (Ctrl-C in the

@@ -197,6 +197,27 @@ def test_save_every_leaves_checkpoints_a_killed_run_resumes_from(tiny, tmp_path)
     assert all(np.array_equal(a[n], b[n]) for n in a)
 
 
+def test_a_run_still_going_is_not_resumed_into(tiny, tmp_path, capsys):
+    """--resume of a run whose process is still training (it holds the --out directory's lock,
+    as an interrupted one never does): refused before anything is written; once it has ended,
+    the same command resumes."""
+    import fcntl
+    model, data = tiny
+    out = str(tmp_path / "busy")
+    argv = run_args(model, data, out)
+    with signal_after_steps(3):
+        assert cli(argv) == 130
+    metrics = open(os.path.join(out, "metrics.jsonl")).read()
+    fd = os.open(out, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)          # what the still-running process would hold
+    try:
+        fails(capsys, argv + ["--resume", out], "another process is training into this directory")
+    finally:
+        os.close(fd)
+    assert open(os.path.join(out, "metrics.jsonl")).read() == metrics
+    assert cli(argv + ["--resume", out]) == 0
+
+
 def test_resume_into_a_new_directory(tiny, tmp_path):
     """Ctrl-C after step 6 (sent from inside the run), then --resume into another --out: the
     same weights as a straight run."""
