@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -634,8 +635,10 @@ def _lock_out(path: str):
     fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
         os.close(fd)
+        if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+            return None     # a filesystem without locks: train unguarded rather than refuse
         raise InputError(f"--out {path}: another process is training into this directory now "
                          "(a run that is still going?); let it finish or stop it first") from None
     return fd

@@ -218,6 +218,17 @@ def test_a_run_still_going_is_not_resumed_into(tiny, tmp_path, capsys):
     assert cli(argv + ["--resume", out]) == 0
 
 
+def test_a_filesystem_without_locks_trains_unguarded(monkeypatch, tmp_path):
+    import errno
+    import fcntl
+    import engine.train as T
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert T._lock_out(str(tmp_path)) is None      # not "another process is training"
+
+
 def test_resume_into_a_new_directory(tiny, tmp_path):
     """Ctrl-C after step 6 (sent from inside the run), then --resume into another --out: the
     same weights as a straight run."""
