@@ -617,12 +617,8 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print, given=None) 
 
     While it runs, the --out directory is locked: a second process training into it (a
     --resume of a run that is still going) is refused instead of writing into the same files."""
-    locks: list = []
-    try:
-        return _finetune(args, resume, log, given, locks)
-    finally:
-        for fd in locks:
-            os.close(fd)     # releases the lock (and the process's end would, however it ends)
+    with contextlib.ExitStack() as cleanup:   # closing the lock's fd releases it (so would the
+        return _finetune(args, resume, log, given, cleanup)   # process's end, however it ends)
 
 
 def _lock_out(path: str):
@@ -644,7 +640,7 @@ def _lock_out(path: str):
     return fd
 
 
-def _finetune(args: TrainArgs, resume, log, given, locks: list) -> dict:
+def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack) -> dict:
     state = None
     args.validate()
     if resume:
@@ -752,7 +748,7 @@ def _finetune(args: TrainArgs, resume, log, given, locks: list) -> dict:
     _make_out(args.out)
     fd = _lock_out(args.out)
     if fd is not None:
-        locks.append(fd)
+        cleanup.callback(os.close, fd)
 
     def discard_unstarted():
         """A new run stopped before its first update and before any checkpoint (Ctrl-C in the

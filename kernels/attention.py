@@ -21,7 +21,7 @@ Two implementations behind `attention_forward` / `attention_backward` (backend=N
 import numpy as np
 
 from .blas import NOTRANS, SGEMM, TRANS, one_thread, sgemm
-from .checks import position
+from .checks import floats, position
 from .jit import jit, jit_inline, pjit, prange
 from .tiles import dots4x2
 from .vexp import exp_inplace
@@ -346,13 +346,9 @@ def _check(q, k, v, out, lse, pos0, named=(), training=False):
     want = {"out": q.shape, "lse": (B, H, Tq), **{n: s for n, (_, s) in named}}
     arrays = {"q": q, "k": k, "v": v, "out": out, "lse": lse, **{n: a for n, (a, _) in named}}
     for n, a in arrays.items():
-        if a.dtype != np.float32:
-            raise ValueError(f"attention: {n} must be float32, got {a.dtype}")
-        if n in want and a.shape != want[n]:
-            raise ValueError(f"attention: {n} has shape {a.shape}, expected {want[n]}")
-        # Both paths assume C order; a strided view would compile a new Numba signature (~8 s).
-        if not a.flags.c_contiguous:
-            raise ValueError(f"attention: {n} (shape {a.shape}, strides {a.strides}) is not C-contiguous")
+        # C order too: both paths assume it, and a strided view would compile a new Numba
+        # signature (~8 s) on the fallback
+        floats("attention", n, a, want.get(n))
 
 
 def _use_blas(backend) -> bool:

@@ -121,5 +121,4 @@ def _launcher(kernel, fn):
         except ValueError:  # NUMBA_DISABLE_JIT: no layer, and no harm in the lock
             pass
         return out
-    launch.kernel = kernel
     return launch
