@@ -22,7 +22,9 @@ from .errors import InputError
 from .model import IGNORE
 from .tokenizer import ChatTemplateError
 
-CACHE_VERSION = 2   # 2: the file kind in the key, BOMs stripped, a text file's short last window
+# 2: the file kind in the key, BOMs stripped, a text file's short last window; 3: no loss after
+# an assistant turn's end token, one EOS where the tokenizer adds its own, text line ends as "\n"
+CACHE_VERSION = 3
 
 
 def cache_root() -> str:
@@ -110,17 +112,19 @@ def _file_kind(path):
     raise InputError(f"{path}: unknown data format {ext!r} (use .txt or .jsonl)")
 
 
-def _encode_example(tok, row, use_template):
-    """(ids, mask) of one row: mask 1 on the tokens the loss is computed on."""
+def _encode_example(tok, row, use_template, head):
+    """(ids, mask) of one row: mask 1 on the tokens the loss is computed on. head: what the
+    tokenizer puts before a text (a BOS; _added_around)."""
     if "messages" in row:
         msgs = row["messages"]
     elif use_template:
         msgs = [{"role": "user", "content": row["prompt"]},
                 {"role": "assistant", "content": row["completion"]}]
     else:
-        p = tok.encode(row["prompt"])
-        c = tok.encode(row["completion"], add_special_tokens=False)
-        c = c + ([tok.eos_id] if tok.eos_id is not None else [])
+        # the prompt takes what the tokenizer puts before a text (a BOS), not what it puts
+        # after (an EOS would sit between prompt and completion); the completion ends in EOS
+        p = head + tok.encode(row["prompt"], add_special_tokens=False)
+        c = list(_with_eos(tok.encode(row["completion"], add_special_tokens=False), tok.eos_id))
         return p + c, [0] * len(p) + [1] * len(c)
     if not use_template:
         raise InputError("'messages' rows need a tokenizer with a chat template")
@@ -131,6 +135,7 @@ def _chat_segments(tok, msgs):
     """Render the conversation turn by turn: each assistant turn is the text the template adds
     between the prompt for it (with the generation prompt) and the conversation including it."""
     ids, mask, done = [], [], ""
+    stops = set(tok.eos_ids)
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
@@ -151,9 +156,18 @@ def _chat_segments(tok, msgs):
         for text, m_val in ((prompt[len(done):], 0), (full[len(prompt):], 1)):
             seg = tok.encode(text, add_special_tokens=False) if text else []
             ids += seg
-            mask += [m_val] * len(seg)
+            mask += [m_val] * len(seg) if m_val == 0 else _through_turn_end(seg, stops)
         done = full
     return ids, mask
+
+
+def _through_turn_end(seg, stops):
+    """The loss mask of an assistant turn's tokens: 1 up to and including its last end-of-turn
+    token, 0 after it. What a template writes after that token (ChatML's newline after
+    <|im_end|>) is never generated (generation stops at the token), so it is not trained, as
+    transformers' assistant-token masks leave it out. A turn with no such token trains whole."""
+    end = max((i for i, t in enumerate(seg) if t in stops), default=len(seg) - 1)
+    return [1] * (end + 1) + [0] * (len(seg) - end - 1)
 
 
 def tokenize_file(path: str, tok, use_template: bool | None = None, cache_dir: str | None = None,
@@ -162,19 +176,24 @@ def tokenize_file(path: str, tok, use_template: bool | None = None, cache_dir: s
     kind = _file_kind(path)
     if use_template is None:
         use_template = bool(tok.chat_template)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    h = _hash_file(path)
     file_hash = h.hexdigest()[:32]
     h.update(f"|{kind}|{tok.fingerprint()}|{use_template}|{CACHE_VERSION}".encode())
     key = h.hexdigest()[:32]
-    data = _tokenize(path, kind, key, tok, use_template, cache_dir, log)
+    data = _tokenize(path, kind, key, tok, use_template, cache_dir, log, file_hash)
     data.file_hash = file_hash
     return data
 
 
-def _tokenize(path, kind, key, tok, use_template, cache_dir, log) -> TokenData:
+def _hash_file(path: str):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h
+
+
+def _tokenize(path, kind, key, tok, use_template, cache_dir, log, file_hash) -> TokenData:
     """The cache entry `key`, or the file tokenized and stored there."""
     d = os.path.join(cache_dir or os.path.join(cache_root(), "data"), key)
     if os.path.isfile(os.path.join(d, "meta.json")):
@@ -186,20 +205,18 @@ def _tokenize(path, kind, key, tok, use_template, cache_dir, log) -> TokenData:
     if log:
         log(f"tokenizing {path} (cached afterwards in {d})")
     if kind == "text":
-        ids = encode_text(tok, _read_text(path))
-        if tok.eos_id is not None:
-            ids = np.append(ids, np.int32(tok.eos_id))
-        tokens = np.asarray(ids, np.int32)
+        tokens = np.asarray(_with_eos(encode_text(tok, _read_text(path)), tok.eos_id), np.int32)
         mask = np.ones(len(tokens), np.uint8)
         offsets = np.array([0, len(tokens)], np.int64)
     else:
         # each example's ids become arrays at once: Python lists of ints cost ~60 bytes a
         # token (a 100 MB file peaked at 1.8 GB), the arrays 5
         ids_parts, mask_parts = [], []
+        head = _added_around(tok)[0]
         said = time.perf_counter()
         for n, r in read_rows(path):
             try:
-                ids, ms = _encode_example(tok, r, use_template)
+                ids, ms = _encode_example(tok, r, use_template, head)
             except (InputError, ChatTemplateError) as e:   # name the row the template refused
                 raise type(e)(f"{path}:{n}: {e}") from None
             except ValueError as e:   # e.g. a lone surrogate ("\ud83d", a cut emoji)
@@ -216,6 +233,11 @@ def _tokenize(path, kind, key, tok, use_template, cache_dir, log) -> TokenData:
         del ids_parts, mask_parts
     if len(tokens) < 2:
         raise InputError(f"{path}: too little text to train on ({len(tokens)} tokens)")
+    # the key names the bytes hashed before tokenizing: tokens of other bytes must not be
+    # stored under it (a file still being written when the run started)
+    if _hash_file(path).hexdigest()[:32] != file_hash:
+        raise InputError(f"{path} changed while it was being tokenized (is something still "
+                         "writing it?); run again once the file is complete")
     try:
         _store(d, tokens, mask, offsets, {"kind": kind, "source": os.path.abspath(path)})
     except OSError as e:   # a read-only home, a full disk: it is only a cache
@@ -259,10 +281,7 @@ def encode_text(tok, text: str, chunk: int = TEXT_CHUNK) -> np.ndarray:
         if tok.encode(before + after, add_special_tokens=False) != (
                 tok.encode(before, add_special_tokens=False) + tok.encode(after, add_special_tokens=False)):
             return np.asarray(tok.encode(text), np.int32)
-    # what the whole-text call adds around the ids (a BOS, an EOS), found on a sample
-    bare, full = tok.encode("a", add_special_tokens=False), tok.encode("a")
-    at = next(i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare)
-    head, tail = full[:at], full[at + len(bare):]
+    head, tail = _added_around(tok)
     parts = [np.asarray(head, np.int32)]
     # a few pieces at a time through encode_batch, which the tokenizers library runs on every
     # core (1.4x faster on 2 busy cores); any object with encode alone works too
@@ -275,13 +294,31 @@ def encode_text(tok, text: str, chunk: int = TEXT_CHUNK) -> np.ndarray:
     return np.concatenate(parts)
 
 
+def _added_around(tok) -> tuple[list, list]:
+    """What tok.encode(text) adds before and after the text's own ids (a BOS, an EOS: the
+    tokenizer's post-processor), found on a sample."""
+    bare, full = tok.encode("a", add_special_tokens=False), tok.encode("a")
+    at = next(i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare)
+    return full[:at], full[at + len(bare):]
+
+
+def _with_eos(ids, eos_id):
+    """ids ending with one EOS: added unless the tokenizer's post-processor (or the text) put
+    it there already (two in a row would train EOS -> EOS)."""
+    if eos_id is None or (len(ids) and ids[-1] == eos_id):
+        return ids
+    return np.append(np.asarray(ids, np.int32), np.int32(eos_id))
+
+
 def _read_text(path: str) -> str:
-    """A text file as UTF-8 (a BOM dropped); a byte that is not UTF-8 is named by line and
-    column, as in JSONL files, instead of becoming U+FFFD in the training text."""
+    """A text file as UTF-8 (a BOM dropped), with Windows and old Mac line ends read as "\n",
+    as Python's text mode reads them (else the model would learn to write "\r"); a byte that is
+    not UTF-8 is named by line and column, as in JSONL files, instead of becoming U+FFFD in the
+    training text."""
     with open(path, "rb") as f:
         raw = f.read()
     try:
-        return raw.decode("utf-8-sig")
+        return raw.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
     except UnicodeDecodeError as e:
         line_start = raw.rfind(b"\n", 0, e.start) + 1
         raise _not_utf8(path, raw.count(b"\n", 0, e.start) + 1, raw[line_start:], e.start - line_start,

@@ -195,7 +195,9 @@ def clip_grad_norm(model, max_norm: float) -> float:
 
 
 class CosineSchedule:
-    """Linear warmup from 0 to lr over `warmup` steps, then cosine decay to min_lr at `total`."""
+    """Linear warmup, step s < warmup at lr (s + 1) / warmup (no step at 0: it would only move
+    Adam's moments), then cosine decay from lr, reached at step `warmup`, towards min_lr, reached
+    at step `total` (just past the last step, 0-based total - 1)."""
 
     def __init__(self, lr: float, total: int, warmup: int = 0, min_lr: float = 0.0):
         if not (is_int(total) and total > 0 and is_int(warmup) and warmup >= 0):

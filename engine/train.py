@@ -686,8 +686,12 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
               "may differ from the run's")
     batches = D.Batches(examples, train_idx, args.batch_size, args.seed, pad)
     per_step = args.batch_size * args.grad_accum
-    # an epoch is steps_per_epoch() batches, its last one short when B does not divide it
-    steps = args.steps or max(1, math.ceil(args.epochs * batches.steps_per_epoch() / args.grad_accum))
+    # an epoch is steps_per_epoch() batches, its last one short when B does not divide it; with
+    # --epochs the run draws exactly that many passes' batches, so its last step may
+    # accumulate fewer than --grad-accum of them
+    micro_total = (args.steps * args.grad_accum if args.steps
+                   else max(1, math.ceil(args.epochs * batches.steps_per_epoch())))
+    steps = math.ceil(micro_total / args.grad_accum)
     warmup = args.warmup if args.warmup is not None else max(1, steps // 20)
     # a schedule that anneals each block itself (FreezeOut) keeps only the global warmup
     anneal_itself = schedule is not None and schedule.anneals
@@ -836,11 +840,11 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
             # accumulated micro-batches give what one batch of them all would: each weighted by
             # its share of the target positions (not 1 / grad_accum: a micro-batch with few
             # targets would weigh each of them more)
-            micro = [batches.next() for _ in range(args.grad_accum)]
+            micro = [batches.next() for _ in range(min(args.grad_accum, micro_total - step * args.grad_accum))]
             n_targets = [int((y != IGNORE).sum()) for _, y, _ in micro]
             loss, ntok = 0.0, 0
             for (x, y, idx), n in zip(micro, n_targets):
-                ntok += x.size
+                ntok += sum(len(examples.get(int(i))[0]) - 1 for i in idx)   # inputs, not padding
                 if n:
                     share = n / sum(n_targets)
                     loss += share * _forward(model, x, y, idx, caches.train)
@@ -859,7 +863,9 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
                                     f"norm {gnorm:.4g}); {why}. No model was saved")
             opt.step()
             tok_s = ntok / (time.perf_counter() - t0)
-            rec = {"step": step + 1, "loss": loss, "lr": opt.lr, "grad_norm": gnorm, "tokens_per_s": tok_s,
+            # under lr-decay and FreezeOut each block has its own rate: the highest one applied
+            top = max((opt.lr_scale.get(n, 1.0) for n in model.grads), default=1.0)
+            rec = {"step": step + 1, "loss": loss, "lr": opt.lr * top, "grad_norm": gnorm, "tokens": ntok, "tokens_per_s": tok_s,
                    "trainable_blocks": model.trainable_blocks()}
             if telemetry is not None and telemetry.due(step):
                 rec["telemetry"] = telemetry.record(step, opt)

@@ -205,6 +205,18 @@ def test_config_json_bad_values(base, change, match):
         hf_names.config_from_hf({**base, **change})
 
 
+@pytest.mark.parametrize("change", [
+    # transformers applies the linear x4 of rope_scaling over a default rope_parameters
+    dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+         rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    dict(rope_parameters={"type": "linear", "factor": 4.0, "rope_theta": 1e4}),   # the old key
+    dict(rope_scaling={"type": "dynamic", "factor": 2.0}),
+])
+def test_rope_scaling_in_any_place_transformers_reads_it_is_refused(change):
+    with pytest.raises(engine.ConfigError, match="rope scaling .*(linear|dynamic)"):
+        hf_names.config_from_hf({**LLAMA_HF, **change})
+
+
 def test_config_json_nulls_mean_defaults():
     cfg = hf_names.config_from_hf({**LLAMA_HF, "head_dim": None, "rope_scaling": None,
                                    "num_key_value_heads": None})

@@ -206,3 +206,91 @@ def test_a_list_on_a_later_line_is_a_bad_row_not_a_json_array_file(tmp_path):
     p.write_text('{"prompt": "a", "completion": " b"}\n\n["x"]\n')
     with pytest.raises(engine.InputError, match=r"rows.jsonl:3: expected a JSON object, got list"):
         list(D.read_rows(str(p)))
+
+
+def test_chatml_turns_train_through_im_end_but_not_the_newline_after_it(tmp_path):
+    """SmolLM2's ChatML template writes "<|im_end|>\\n" after each turn; generation stops at
+    <|im_end|>, so the newline is context, never a target (transformers' assistant-token mask
+    leaves it out too). The ids stay those of the whole rendered conversation."""
+    t = engine.load_tokenizer("smollm2")
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"},
+            {"role": "assistant", "content": "6, of course."}]
+    p = write(tmp_path / "c.jsonl", json.dumps({"messages": msgs}) + "\n")
+    data = D.tokenize_file(p, t, cache_dir=str(tmp_path / "c"))
+    assert t.decode([int(i) for i in data.tokens]) == t.chat_prompt(msgs, add_generation_prompt=False)
+    assert trained_text(t, data) == "4<|im_end|>6, of course.<|im_end|>"
+    ids, mask = np.asarray(data.tokens), np.asarray(data.mask)
+    ends = np.flatnonzero((ids == t.eos_id) & (mask == 1))
+    assert len(ends) == 2 and all(t.decode([int(ids[e + 1])]) == "\n" and mask[e + 1] == 0 for e in ends)
+
+
+def _tokenizer_adding(tmp_path, single):
+    """SmolLM2's tokenizer without its chat template, <|endoftext|> as BOS and EOS, and a
+    post-processor `single` (e.g. "$A:0 <|endoftext|>:0": one that appends EOS itself)."""
+    from tokenizers import Tokenizer, processors
+    d = tmp_path / "tok"
+    engine.load_tokenizer("smollm2").save(str(d))
+    e = "<|endoftext|>"
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    cfg.update(bos_token=e, eos_token=e)
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    for f in d.glob("chat_template*"):
+        f.unlink()
+    tk = Tokenizer.from_file(str(d / "tokenizer.json"))
+    tk.post_processor = processors.TemplateProcessing(single=single, special_tokens=[(e, tk.token_to_id(e))])
+    tk.save(str(d / "tokenizer.json"))
+    t = engine.load_tokenizer(str(d))
+    assert not t.chat_template and t.encode("hi")[-1 if "$A:0 " in single else 0] == t.eos_id
+    return t
+
+
+@pytest.mark.parametrize("single", ["$A:0 <|endoftext|>:0", "<|endoftext|>:0 $A:0 <|endoftext|>:0",
+                                    "<|endoftext|>:0 $A:0"])
+def test_one_eos_whatever_the_tokenizer_adds_itself(tmp_path, single):
+    """A text file ends in one EOS, and a prompt/completion row has none between prompt and
+    completion, whether or not the tokenizer's post-processor appends one; a BOS it puts first
+    stays first."""
+    t = _tokenizer_adding(tmp_path, single)
+    e = t.eos_id
+    bos = [e] if single.startswith("<|endoftext|>") else []
+    c = str(tmp_path / "c")
+    text = D.tokenize_file(write(tmp_path / "d.txt", "doc one\n"), t, cache_dir=c)
+    assert [int(i) for i in text.tokens] == bos + t.encode("doc one\n", add_special_tokens=False) + [e]
+    rows = D.tokenize_file(write(tmp_path / "r.jsonl", json.dumps({"prompt": "Q?", "completion": " A"}) + "\n"),
+                           t, cache_dir=c)
+    p, a = t.encode("Q?", add_special_tokens=False), t.encode(" A", add_special_tokens=False)
+    assert [int(i) for i in rows.tokens] == bos + p + a + [e]
+    assert [int(m) for m in rows.mask] == [0] * (len(bos) + len(p)) + [1] * (len(a) + 1)
+
+
+def test_text_line_ends_are_read_as_in_python_text_mode(tmp_path):
+    """Windows (CRLF) and old Mac (CR) line ends become "\\n", as open(path).read() gives them:
+    the same tokens as the LF file."""
+    t = engine.load_tokenizer("smollm2")
+    c = str(tmp_path / "c")
+    lf = D.tokenize_file(write(tmp_path / "lf.txt", b"line one\nline two\n", "wb"), t, cache_dir=c)
+    for name, raw in (("crlf", b"line one\r\nline two\r\n"), ("cr", b"line one\rline two\r")):
+        other = D.tokenize_file(write(tmp_path / f"{name}.txt", raw, "wb"), t, cache_dir=c)
+        assert np.array_equal(other.tokens, lf.tokens), name
+
+
+def test_a_file_that_changes_while_it_is_tokenized_is_not_cached_under_the_old_key(tmp_path):
+    """The cache key hashes the bytes before tokenizing; a file rewritten meanwhile (still being
+    written by another program) is refused, and nothing is stored under the old bytes' key: the
+    old content, tokenized later, gets its own tokens."""
+    t = engine.load_tokenizer("smollm2")
+    p = tmp_path / "race.jsonl"
+    a = json.dumps({"prompt": "colour?", "completion": "red"}) + "\n"
+    b = json.dumps({"prompt": "colour?", "completion": "blue and green"}) + "\n"
+    p.write_text(a)
+
+    def log(msg):   # runs between the hash and the tokenizer's read
+        if msg.startswith("tokenizing"):
+            p.write_text(b)
+    c = str(tmp_path / "c")
+    with pytest.raises(engine.InputError, match="changed while it was being tokenized"):
+        D.tokenize_file(str(p), t, cache_dir=c, log=log)
+    p.write_text(a)
+    assert trained_text(t, D.tokenize_file(str(p), t, cache_dir=c)).startswith("red")

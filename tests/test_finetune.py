@@ -422,6 +422,72 @@ def test_epochs_count_short_last_batches(tiny, tmp_path):
     assert json.load(open(out / "summary.json"))["steps"] == 4
 
 
+def test_epochs_with_grad_accum_draw_each_example_once(tiny, tmp_path, monkeypatch):
+    """37 examples in batches of 4 are 10 batches an epoch; --grad-accum 4 makes 3 steps, the
+    last one accumulating the 2 batches left, not 4 (which would train 8 examples twice)."""
+    from engine import data as D
+    model, _ = tiny
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": " a"}) + "\n" for i in range(37)))
+    drawn = []
+    real_next = D.Batches.next
+
+    def next_(self):
+        batch = real_next(self)
+        drawn.extend(int(i) for i in batch[2])
+        return batch
+    monkeypatch.setattr(D.Batches, "next", next_)
+    out = tmp_path / "o"
+    assert cli(["finetune", "--model", model, "--data", str(data), "--out", str(out), "--seq-len", "32",
+                "--batch-size", "4", "--grad-accum", "4", "--epochs", "1", "--eval-fraction", "0",
+                "--sample-tokens", "0"]) == 0
+    assert json.load(open(out / "summary.json"))["steps"] == 3
+    assert sorted(drawn) == list(range(37))
+
+
+def test_logged_lr_is_the_highest_rate_applied(tiny, tmp_path, monkeypatch):
+    """Under FreezeOut the blocks anneal their own rates while the global one only warms up:
+    the logged lr is the highest rate an update used at that step, not the global rate."""
+    model, data = tiny
+    applied = {}
+    real_update = engine.AdamW._update
+
+    def update(self, name, p, g, st):
+        step = len(applied_steps)
+        applied.setdefault(step, []).append(self.lr * self.lr_scale.get(name, 1.0))
+        return real_update(self, name, p, g, st)
+    applied_steps = []
+    real_step = engine.AdamW.step
+
+    def step_(self):
+        real_step(self)
+        applied_steps.append(1)
+    monkeypatch.setattr(engine.AdamW, "_update", update)
+    monkeypatch.setattr(engine.AdamW, "step", step_)
+    out = tmp_path / "o"
+    assert cli(run_args(model, data, str(out), "--steps", "12", "--warmup", "2", "--schedule",
+                        "freezeout", "--eval-fraction", "0")) == 0
+    logged = [r["lr"] for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r]
+    assert len(logged) == 12
+    assert logged == pytest.approx([max(applied[s]) for s in range(12)], rel=1e-12)
+    assert logged[-1] < 0.5 * 1e-3      # annealed, where the global rate stays at --lr 1e-3
+
+
+def test_logged_tokens_leave_padding_out(tiny, tmp_path):
+    """A step's `tokens` (and tokens_per_s) count its examples' input tokens, not the padded
+    batch: 4 rows of 3 inputs and 4 of 12 are 60, where the padded batch holds 8 x 12."""
+    model, _ = tiny
+    data = tmp_path / "d.jsonl"   # byte tokens: "q" + " a" + EOS = 4, 3 of them inputs
+    data.write_text("".join(json.dumps({"prompt": "q" * (1 + 9 * (i % 2)), "completion": " a"}) + "\n"
+                            for i in range(8)))
+    out = tmp_path / "o"
+    assert cli(["finetune", "--model", model, "--data", str(data), "--out", str(out), "--seq-len", "32",
+                "--batch-size", "8", "--steps", "1", "--eval-fraction", "0", "--sample-tokens", "0"]) == 0
+    rec = next(r for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r)
+    assert rec["tokens"] == 4 * 3 + 4 * 12
+    assert rec["tokens_per_s"] > 0
+
+
 def test_resume_refuses_data_whose_contents_changed(tiny, tmp_path, capsys):
     from conftest import signal_after_steps
     model, data = tiny

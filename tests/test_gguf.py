@@ -219,6 +219,17 @@ def test_linear_rope_scaling_by_one_is_plain_rope(tmp_path):
         load_gguf(tmp_path / "l.gguf")
 
 
+@pytest.mark.parametrize("meta", [{"llama.rope.scaling.factor": 4.0},     # no type key: linear
+                                  {"llama.rope.scale_linear": 4.0},       # the older key
+                                  {"llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 4.0}])
+def test_a_rope_factor_without_its_type_is_not_ignored(tmp_path, meta):
+    """llama.cpp reads a missing scaling type as linear and takes the factor from either key:
+    such a file must not load as plain rope."""
+    write_tiny_llama(tmp_path / "f.gguf", metadata=meta)
+    with pytest.raises(ConfigError, match="rope scaling .* factor 4"):
+        load_gguf(tmp_path / "f.gguf")
+
+
 @pytest.mark.parametrize("ids, want", [
     ({}, (None, None, None)),
     ({"bos": 1, "eos": 2, "padding": 0}, (1, 2, 0)),
@@ -306,6 +317,19 @@ def test_llama_with_biases(tmp_path):
         for k, e in (("q", "q"), ("k", "k"), ("v", "v"), ("output", "o")):
             np.testing.assert_array_equal(params[f"blocks.{i}.attn.{e}.bias"],
                                           raw[f"blk.{i}.attn_{k}.bias"])
+
+
+def test_qkv_only_biases_are_named_as_such(tmp_path):
+    """Qwen2-style q/k/v biases without an output bias: the message says the engine's llama
+    takes all attention biases or none, not that the file is missing a tensor."""
+    s, rng = TINY, np.random.default_rng(7)
+    extra = {f"blk.{i}.attn_{k}.bias": rng.standard_normal(n).astype(np.float32)
+             for i in range(s["L"]) for k, n in (("q", s["H"] * s["D"]), ("k", s["Hkv"] * s["D"]),
+                                                 ("v", s["Hkv"] * s["D"]))}
+    write_tiny_llama(tmp_path / "q.gguf", extra=extra)
+    with pytest.raises(CheckpointError, match=r"attention .* have biases and 'blk.0.attn_output.bias' "
+                                              r"has none.*all of them or none"):
+        load_gguf(tmp_path / "q.gguf")
 
 
 # ------------------------------------------------------------------------------- bad files

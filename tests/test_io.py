@@ -89,6 +89,39 @@ def copy_of(hf_dirs, tmp_path, kind="llama"):
     return dst
 
 
+@pytest.mark.parametrize("kind", ["gpt2-untied", "llama"])
+def test_a_tied_config_with_a_distinct_head_loads_as_transformers_runs_it(hf_dirs, tmp_path, kind, capfd):
+    """config.json says tied (or, for gpt2, says nothing: tied by default) while the file holds
+    an lm_head.weight unlike the embedding: transformers uses that head ("will NOT tie them"),
+    so the engine must too, not drop it; and a save keeps it."""
+    from transformers import AutoModelForCausalLM
+    d = str(copy_of(hf_dirs, tmp_path, kind))
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    cfg.pop("tie_word_embeddings") if kind.startswith("gpt2") else cfg.update(tie_word_embeddings=True)
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    assert hf.lm_head.weight.data_ptr() != hf.get_input_embeddings().weight.data_ptr()
+    tokens = np.random.default_rng(1).integers(0, hf.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        want = hf(torch.tensor(tokens)).logits.numpy()
+    model = engine.load(d)
+    assert "lm_head.weight differs" in capfd.readouterr().err
+    np.testing.assert_allclose(model.forward(tokens), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    model.save(str(tmp_path / "saved"))
+    np.testing.assert_array_equal(engine.load(str(tmp_path / "saved")).forward(tokens), model.forward(tokens))
+
+
+def test_a_tied_head_copy_in_the_file_stays_tied(hf_dirs, tmp_path):
+    """transformers' tied models may carry lm_head.weight equal to the embedding: still tied."""
+    from engine.io import safetensors as S
+    d = str(copy_of(hf_dirs, tmp_path, "llama-tied"))
+    f = os.path.join(d, "model.safetensors")
+    tensors = {n: S.SafetensorsFile(f).float32(n) for n in S.SafetensorsFile(f).keys()}
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].copy()
+    S.write(f, tensors)
+    assert engine.load(d).config.tie_embeddings
+
+
 def test_shard_index_whose_weight_map_is_not_an_object(tmp_path):
     from conftest import small_model
     small_model("gpt2", n_layer=1).save(str(tmp_path))

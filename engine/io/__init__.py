@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import time
 
 import numpy as np
@@ -87,15 +88,32 @@ def _load_hf_dir(path: str) -> tuple[Config, dict]:
         if str(e).startswith(path):
             raise
         raise CheckpointError(f"{path}: {e}") from None
+    if cfg.tie_embeddings and "lm_head.weight" in where:
+        cfg = _untie_a_distinct_head(path, cfg, params, get("lm_head.weight"))
     # a tensor with no place in the model (a block past config.json's layer count, an adapter)
     # means a model the engine would run wrongly; buffers transformers saves are not weights
-    extra = sorted(n for n in set(where) - used if not n.endswith(_BUFFERS)
-                   and not (cfg.tie_embeddings and n == "lm_head.weight"))
+    extra = sorted(n for n in set(where) - used if not n.endswith(_BUFFERS))
     if extra:
         shown = ", ".join(extra[:8]) + (f" and {len(extra) - 8} more" if len(extra) > 8 else "")
         raise CheckpointError(f"{path}: tensors the {cfg.model_type} model of config.json "
                               f"({cfg.n_layer} layers) has no place for: {shown}")
     return cfg, params
+
+
+def _untie_a_distinct_head(path: str, cfg: Config, params: dict, head) -> Config:
+    """A config that ties the embeddings, and a file with an lm_head.weight of its own: a copy
+    of the embedding is the tied head; a different one is what transformers runs ("will NOT tie
+    them"), so the model is untied with that head instead of dropping it."""
+    wte = params["wte.weight"]
+    if head.shape != wte.shape:
+        raise CheckpointError(f"{path}: lm_head.weight has shape {head.shape}, the embedding "
+                              f"{wte.shape}")
+    if np.array_equal(head, wte):
+        return cfg
+    print(f"tailtune: {path}: config.json ties the embeddings, but lm_head.weight differs from "
+          "them; loaded untied with that head, as transformers does", file=sys.stderr, flush=True)
+    params["lm_head.weight"] = head
+    return dataclasses.replace(cfg, tie_embeddings=False)
 
 
 # non-weight tensors some transformers versions save: GPT-2's causal mask, rotary frequencies

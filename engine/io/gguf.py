@@ -343,6 +343,12 @@ def load_gguf(path) -> tuple[Config, dict[str, np.ndarray]]:
     names = _name_map(cfg)
     for g, e in names.items():
         if g not in f._tensors:
+            if g.endswith(".bias"):   # the config switches biases per kind, not per projection
+                kind = "attention (q, k, v and output)" if ".attn_" in g else "MLP (gate, up, down)"
+                raise CheckpointError(f"{f.path}: some {kind} projections have biases and "
+                                      f"{g!r} has none: tailtune's llama has either all of "
+                                      "them or none (Qwen2-style q/k/v-only biases are not "
+                                      "supported)")
             raise CheckpointError(f"{f.path}: missing tensor {g!r} (needed for {e!r})")
         shape, want = f._tensors[g].shape, _expected_shape(cfg, e)
         if shape != want:
@@ -413,11 +419,14 @@ def config_from_gguf(f: GGUFFile) -> Config:
     get = _MetaGetter(f)
     if get.integer("llama.expert_count", 0) > 0:
         raise ConfigError(f"{f.path}: mixture-of-experts llama models are not supported")
-    scaling = get.text("llama.rope.scaling.type", "none")
-    if scaling != "none" and not (scaling == "linear"
-                                  and get.number("llama.rope.scaling.factor", 1.0) == 1.0):
-        raise ConfigError(f"{f.path}: rope scaling {scaling!r} is not supported (only plain "
-                          "rotary embeddings)")
+    # as llama.cpp reads them: no type key means linear, the factor may be the older
+    # rope.scale_linear, and 0 or no factor means 1
+    scaling = get.text("llama.rope.scaling.type", "linear")
+    factor = (get.number("llama.rope.scaling.factor", 0.0)
+              or get.number("llama.rope.scale_linear", 0.0) or 1.0)
+    if scaling not in ("none", "linear") or factor != 1.0:
+        raise ConfigError(f"{f.path}: rope scaling {scaling!r} with factor {factor:g} is not "
+                          "supported (only plain rotary embeddings)")
     if "rope_freqs.weight" in f._tensors:
         raise ConfigError(f"{f.path}: rope scaling by per-frequency factors (rope_freqs.weight, "
                           "as in Llama 3.1) is not supported (only plain rotary embeddings)")

@@ -73,9 +73,13 @@ def config_from_hf(hf: dict) -> Config:
         raise ConfigError("llama pretraining_tp != 1 is not supported")
     rope = _get(hf, "rope_parameters", "dict", None) or {}
     scaling = _get(hf, "rope_scaling", "dict", None) or {}
-    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise ConfigError(f"llama rope scaling {rope_type!r} is not supported (only default rope)")
+    # transformers reads either dict, and either key, and lets rope_scaling win: refuse a
+    # non-default type in any of them rather than guess which one applies
+    for where, d in (("rope_parameters", rope), ("rope_scaling", scaling)):
+        for key in ("rope_type", "type"):
+            if d.get(key, "default") != "default":
+                raise ConfigError(f"llama rope scaling {where}.{key}={d[key]!r} is not supported "
+                                  "(only default rope)")
     theta = _get(rope, "rope_theta", "number", None, within="rope_parameters.")
     if theta is None:
         theta = _get(hf, "rope_theta", "number", 10000.0)
