@@ -23,8 +23,9 @@ from .model import IGNORE
 from .tokenizer import ChatTemplateError
 
 # 2: the file kind in the key, BOMs stripped, a text file's short last window; 3: no loss after
-# an assistant turn's end token, one EOS where the tokenizer adds its own, text line ends as "\n"
-CACHE_VERSION = 3
+# an assistant turn's end token, one EOS where the tokenizer adds its own, text line ends as "\n";
+# 4: the end token is the template's, not one inside the content
+CACHE_VERSION = 4
 
 
 def cache_root() -> str:
@@ -156,17 +157,23 @@ def _chat_segments(tok, msgs):
         for text, m_val in ((prompt[len(done):], 0), (full[len(prompt):], 1)):
             seg = tok.encode(text, add_special_tokens=False) if text else []
             ids += seg
-            mask += [m_val] * len(seg) if m_val == 0 else _through_turn_end(seg, stops)
+            mask += [0] * len(seg) if m_val == 0 else _through_turn_end(tok, seg, text, m["content"], stops)
         done = full
     return ids, mask
 
 
-def _through_turn_end(seg, stops):
-    """The loss mask of an assistant turn's tokens: 1 up to and including its last end-of-turn
-    token, 0 after it. What a template writes after that token (ChatML's newline after
-    <|im_end|>) is never generated (generation stops at the token), so it is not trained, as
-    transformers' assistant-token masks leave it out. A turn with no such token trains whole."""
-    end = max((i for i, t in enumerate(seg) if t in stops), default=len(seg) - 1)
+def _through_turn_end(tok, seg, text, content, stops):
+    """The loss mask of an assistant turn's tokens `seg` (of `text`, its content as rendered
+    and what the template writes after it): 1 up to and including the end-of-turn token the
+    template writes, 0 after it. What follows that token (ChatML's newline after <|im_end|>)
+    is never generated (generation stops at the token), so it is not trained, as transformers'
+    assistant-token masks leave it out. A template that ends turns with no such token trains
+    the whole turn, even when the content itself holds one."""
+    at = text.find(content) if content else -1
+    after = text[at + len(content):] if at >= 0 else text   # what the template adds after it
+    if not any(t in stops for t in tok.encode(after, add_special_tokens=False)):
+        return [1] * len(seg)
+    end = max(i for i, t in enumerate(seg) if t in stops)    # the template's: it comes last
     return [1] * (end + 1) + [0] * (len(seg) - end - 1)
 
 

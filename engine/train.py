@@ -285,8 +285,7 @@ def _read_state(ck: str) -> dict:
     # written since 2026-11-30 (older checkpoints lack them: each has a fallback where it is used)
     optional = {"opt_counts": lambda v: isinstance(v, dict) and all(
                     isinstance(c, dict) and all(is_int(x) and x >= 0 for x in c.values()) for c in v.values()),
-                "data_hashes": lambda v: isinstance(v, dict) and set(v) == {"train", "eval"}
-                    and all(isinstance(x, str) for x in v.values()),
+                "data_hashes": _two_strings, "data_keys": _two_strings,   # data_keys: 12-01
                 "trained": _names, "trainable": _names,
                 "eval_before": lambda v: v is None or is_number(v),
                 "sample_before": lambda v: v is None or isinstance(v, str)}
@@ -294,6 +293,10 @@ def _read_state(ck: str) -> dict:
         if k in state and not ok(state[k]):
             raise CheckpointError(f"{path}: {k!r} is not what tailtune writes there (damaged checkpoint)")
     return state
+
+
+def _two_strings(v) -> bool:
+    return isinstance(v, dict) and set(v) == {"train", "eval"} and all(isinstance(x, str) for x in v.values())
 
 
 def _names(v) -> bool:
@@ -680,10 +683,20 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
         raise CheckpointError(f"{resume}: the data changed since the checkpoint ({args.data}"
                               f"{' or ' + args.eval_data if args.eval_data else ''} holds other "
                               "contents now); a resumed run needs the same data: start a new run")
-    if state is not None and "data_hashes" not in state:
-        _warn(f"{resume}: a checkpoint written before tailtune recorded its data; the data is not "
-              "checked, and a text file now yields its last short window too, so the batch order "
-              "may differ from the run's")
+    # the same bytes tokenized otherwise (a tailtune that reads data differently, another
+    # tokenizer) are other examples: the saved batch position would not continue the run's
+    data_keys = {"train": examples.data.key, "eval": held.data.key}
+    if state is not None and state.get("data_keys", data_keys) != data_keys:
+        raise CheckpointError(f"{resume}: the data files are unchanged, but they tokenize into other "
+                              "examples than when the checkpoint was written (this tailtune reads "
+                              "data differently, or the tokenizer changed), so the run cannot "
+                              "continue where it stopped: start a new run")
+    if state is not None and "data_keys" not in state:
+        unchecked = "" if "data_hashes" in state else "the data is not checked, and "
+        _warn(f"{resume}: a checkpoint written before tailtune recorded how it tokenized the data; "
+              f"{unchecked}this version may tokenize it differently (12-01: text files' line ends, "
+              "chat turns' loss masks; 11-30: a text file's last short window), and then the batch "
+              "order differs from the run's")
     batches = D.Batches(examples, train_idx, args.batch_size, args.seed, pad)
     per_step = args.batch_size * args.grad_accum
     # an epoch is steps_per_epoch() batches, its last one short when B does not divide it; with
@@ -797,8 +810,10 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
         before, sample_before = state.get("eval_before"), state.get("sample_before")
         start = state["step"]
         if start > steps:
+            why = ("damaged checkpoint" if "data_keys" in state else "a damaged checkpoint, or "
+                   "one from a tailtune that tokenized the data into more examples")
             raise CheckpointError(f"{resume}: the checkpoint is at step {start}, past the run's "
-                                  f"{steps} steps (damaged checkpoint)")
+                                  f"{steps} steps ({why})")
         _truncate_metrics(metrics_path, start)
         log(f"resumed at step {start} of {steps}")
     if before is None:
@@ -824,7 +839,7 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
                          "sample_before": sample_before,
                          "schedule": schedule.state_dict() if schedule else {},
                          "trained": sorted(trained), "trainable": model.trainable,
-                         "data_hashes": data_hashes})
+                         "data_hashes": data_hashes, "data_keys": data_keys})
 
     try:
         step = start

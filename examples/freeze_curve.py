@@ -128,20 +128,6 @@ def _load_evaluate():
     return mod.evaluate
 
 
-def _step_tokens(cfg):
-    """Tokens (padded B x T') of each training step, rebuilt from the same seeded batch order."""
-    import numpy as np
-
-    from engine import data as D
-    from engine.io.resolve import resolve_model_path
-    from engine.tokenizer import load_tokenizer
-    tok = load_tokenizer(resolve_model_path(cfg["model"]))
-    ex = D.Examples(D.tokenize_file(cfg["data"], tok, log=lambda m: None), cfg["seq_len"])
-    pad = tok.batch_pad_id
-    batches = D.Batches(ex, np.arange(len(ex)), cfg["batch_size"], cfg["seed"], pad)
-    return [int(batches.next()[0].size) for _ in range(cfg["steps"])], batches.steps_per_epoch()
-
-
 def run_child(cfg: dict) -> None:
     import numpy as np
 
@@ -157,9 +143,8 @@ def run_child(cfg: dict) -> None:
     train_s = time.perf_counter() - t0
     peak_train = _vm("VmHWM")          # before the evaluation loads a second copy of the model
     recs = [json.loads(line) for line in open(os.path.join(train_dir, "metrics.jsonl"))]
-    tps = [r["tokens_per_s"] for r in recs if r.get("tokens_per_s")]
-    ntok, per_epoch = _step_tokens(cfg)
-    step_s = [n / t for n, t in zip(ntok, tps)]
+    step_s = [r["tokens"] / r["tokens_per_s"] for r in recs if r.get("tokens_per_s")]
+    per_epoch = _steps_per_epoch(cfg)
     first, later = step_s[:per_epoch], step_s[per_epoch:]
     res = {"config": _key(cfg), "k": cfg["k"], "lr": cfg["lr"], "steps": cfg["steps"],
            "trainable_params": summary["trainable_params"], "total_params": summary["total_params"],
@@ -372,7 +357,8 @@ def markdown(summary: dict) -> str:
     if rows:
         n = rows[0].get("eval_rows")
         note = (f"\nHeld-out loss: all rows of test.jsonl (before fine-tuning {rows[0]['eval_loss_before']:.3f}). "
-                f"Accuracies: greedy answers to the first {n} held-out rows. Loss gain vs full = "
+                + (f"Accuracies: greedy answers to the first {n} held-out rows. " if n else
+                   "No accuracies (--eval-rows 0). ") + "Loss gain vs full = "
                 "(loss_before - loss_k) / (loss_before - loss_30); field acc. vs full = mean of the four "
                 "field accuracies / that of k = 30. Step times: median over the phase's steps, and the "
                 "fastest step (the machine is shared: the median includes other jobs' load, the minimum "

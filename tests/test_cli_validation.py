@@ -246,6 +246,9 @@ def edit(fn):
      "'opt_counts' is not what tailtune writes"),
     (damage(state=edit(lambda s: s.update(trainable=[]))), "trainer_state.json", "'trainable'"),
     (damage(state=edit(lambda s: s.update(data_hashes={}))), "trainer_state.json", "'data_hashes'"),
+    (damage(state=edit(lambda s: s.update(data_keys={"train": 1}))), "trainer_state.json", "'data_keys'"),
+    (damage(state=edit(lambda s: s.update(data_keys={"train": "x", "eval": "x"}))), "checkpoint",
+     "tokenize into other examples than when the checkpoint was written"),
     (damage(state=edit(lambda s: s["data"].update(epoch=-1))), "trainer_state.json", "integers >= 0"),
     (damage(state=edit(lambda s: s.update(eval_before="low"))), "trainer_state.json", "'eval_before'"),
     (damage(state=edit(lambda s: s.update(step=99))), "checkpoint", "at step 99, past the run's 6 steps"),
@@ -278,10 +281,12 @@ def test_resume_of_a_checkpoint_older_than_its_records(stopped, files, tmp_path,
     what the checkpoint holds optimizer state for."""
     out = tmp_path / "copy"
     shutil.copytree(stopped[0], out)
-    old = edit(lambda s: [s.pop(k) for k in ("trained", "trainable", "data_hashes", "opt_counts")])
+    old = edit(lambda s: [s.pop(k) for k in ("trained", "trainable", "data_hashes", "data_keys",
+                                             "opt_counts")])
     damage(state=old)(out)
     assert cli(ft(files, out, "--steps", "6", "--resume", str(out))) == 0
-    assert "the data is not checked" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the data is not checked" in err and "may tokenize it differently" in err
     m = engine.load(files["model"]).train_last(2)
     assert json.load(open(out / "summary.json"))["trainable_params"] == m.num_params(trainable_only=True)
 

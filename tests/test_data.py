@@ -225,6 +225,25 @@ def test_chatml_turns_train_through_im_end_but_not_the_newline_after_it(tmp_path
     assert len(ends) == 2 and all(t.decode([int(ids[e + 1])]) == "\n" and mask[e + 1] == 0 for e in ends)
 
 
+def test_a_stop_token_inside_an_answer_does_not_cut_its_turn(tmp_path):
+    """A template that ends turns with a plain newline (no stop token) trains the whole turn,
+    even when the answer mentions <|endoftext|>; with ChatML the mask still ends at the
+    template's <|im_end|>, past one quoted in the answer."""
+    plain = engine.ByteTokenizer(chat_template=(
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"))
+    answer = "It is <|endoftext|>, written after every document."
+    msgs = [{"role": "user", "content": "Which token ends a document?"},
+            {"role": "assistant", "content": answer}]
+    p = write(tmp_path / "s.jsonl", json.dumps({"messages": msgs}) + "\n")
+    assert trained_text(plain, D.tokenize_file(p, plain, cache_dir=str(tmp_path / "c"))) == answer + "\n"
+    smol = engine.load_tokenizer("smollm2")
+    quoted = [msgs[0], {"role": "assistant", "content": "Type <|im_end|> to stop."}]
+    p = write(tmp_path / "q.jsonl", json.dumps({"messages": quoted}) + "\n")
+    got = trained_text(smol, D.tokenize_file(p, smol, cache_dir=str(tmp_path / "c")))
+    assert got == "Type <|im_end|> to stop.<|im_end|>"
+
+
 def _tokenizer_adding(tmp_path, single):
     """SmolLM2's tokenizer without its chat template, <|endoftext|> as BOS and EOS, and a
     post-processor `single` (e.g. "$A:0 <|endoftext|>:0": one that appends EOS itself)."""
