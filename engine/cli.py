@@ -35,7 +35,9 @@ def main(argv=None):
     f.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
     f.add_argument("--warmup", type=int, help="linear warmup steps W: step s < W (from 0) runs at "
                    "lr (s + 1) / W, then the rate decays by a cosine from lr to --min-lr "
-                   "(default 5%% of steps, at least 1)")
+                   "(default 5%% of steps, at least 1; cut to the step count; under "
+                   "--schedule freezeout the rate stays at lr after warmup: each block anneals "
+                   "its own)")
     f.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the cosine "
                    "decay (default 0)")
     f.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay, matrices "
