@@ -20,6 +20,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from .jit import in_forked_child
+
 NOTRANS = 111   # CBLAS_TRANSPOSE values
 TRANS = 112
 _ROW_MAJOR = 101
@@ -84,7 +86,7 @@ def _after_fork_in_child():
     _lock, _depth = threading.Lock(), 0
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+in_forked_child(_after_fork_in_child)
 
 
 _THREAD_API = [(f"{p}_set_num_threads{x}", f"{p}_get_num_threads{x}")

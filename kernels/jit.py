@@ -95,7 +95,15 @@ def _after_fork_in_child():
         _forked_after_gnu_omp = omppool.openmp_vendor == "GNU"
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+def in_forked_child(fn):
+    """Run fn in the child of every fork; a no-op where there is no fork (Windows has no
+    os.register_at_fork, and `import engine` must not fail there)."""
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=fn)
+    return fn
+
+
+in_forked_child(_after_fork_in_child)
 
 
 def _refuse_forked():

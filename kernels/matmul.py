@@ -10,13 +10,11 @@ that form first; packing is O(K (M + N)) against O(M N K) of arithmetic.
 `BACKEND` picks the implementation; "blas" (numpy.matmul on OpenBLAS) is the default until the
 benches show the Numba kernel ahead on a shape (see benches/).
 """
-import os
-
 import numpy as np
 
 from .blas import one_thread
 from .checks import floats
-from .jit import num_threads, pjit, prange
+from .jit import in_forked_child, num_threads, pjit, prange
 from .tiles import dots4x2
 
 BACKEND = "blas"
@@ -143,7 +141,7 @@ def _forget_pool():
     _pool = None
 
 
-os.register_at_fork(after_in_child=_forget_pool)
+in_forked_child(_forget_pool)
 
 
 def _blas(by_rows, by_cols, out, accumulate):

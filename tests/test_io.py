@@ -390,6 +390,16 @@ def test_staging_folders_of_killed_saves_are_removed(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["checkpoint", "m"]
 
 
+def test_on_windows_no_process_is_probed_with_kill(monkeypatch):
+    """os.kill(pid, 0) terminates the process on Windows: there a staging folder's pid is never
+    probed (the folder is kept), instead of killing whatever process has that pid now."""
+    from engine import io as engine_io
+    calls = []
+    monkeypatch.setattr(engine_io, "_WINDOWS", True, raising=False)
+    monkeypatch.setattr(engine_io.os, "kill", lambda *a: calls.append(a))
+    assert engine_io._alive(12345) and calls == []
+
+
 def test_run_directory_loads_its_final_model(tmp_path):
     """`--model RUN_DIR` of a finished run means RUN_DIR/model; an unfinished run says what to
     use instead of only 'no config.json'."""

@@ -249,7 +249,12 @@ def _idle_for(path: str) -> float:
     return time.time() - newest
 
 
+_WINDOWS = os.name == "nt"
+
+
 def _alive(pid: int) -> bool:
+    if _WINDOWS:   # there os.kill(pid, 0) is TerminateProcess: never probe, keep the folder
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
