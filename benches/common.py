@@ -29,7 +29,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -220,6 +219,7 @@ def peak_rss_mib() -> float:
 
 def ru_maxrss_mib() -> float:
     """getrusage(RUSAGE_SELF).ru_maxrss in MiB (KiB on Linux, bytes on macOS)."""
+    import resource   # Unix only: imported here so the other benches run without it
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return kib / 1024.0 if sys.platform != "darwin" else kib / 2 ** 20
 

@@ -124,6 +124,10 @@ def main(argv=None):
                    "finetune --unfreeze globs match), shape, size, trainable or frozen")
 
     args = ap.parse_args(argv)
+    # a file or pipe on Windows gets the ANSI code page, which cannot encode every character of
+    # a generated sample: write those as escapes rather than fail after the work is done
+    if hasattr(sys.stdout, "reconfigure") and (sys.stdout.encoding or "").lower().replace("-", "") != "utf8":
+        sys.stdout.reconfigure(errors="backslashreplace")
     if args.cmd == "finetune":   # which flags were given: a resumed run keeps the others
         f.set_defaults(**{k: _UNSET for k in vars(args)})
         args.given = {k for k, v in vars(ap.parse_args(argv)).items() if v is not _UNSET}

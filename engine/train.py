@@ -624,12 +624,17 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print, given=None) 
         return _finetune(args, resume, log, given, cleanup)   # process's end, however it ends)
 
 
-def _lock_out(path: str):
+_UNLOCKED = ("note: --out is not locked ({why}): a --resume of this run from another process "
+             "while it trains would write into the same files")
+
+
+def _lock_out(path: str, log=print):
     """An exclusive flock on the --out directory itself (no lock file to leave behind), or None
-    where the platform has no flock."""
+    where the platform or the filesystem has no flock (said in the log)."""
     try:
         import fcntl
     except ImportError:
+        log(_UNLOCKED.format(why="this platform has no flock"))
         return None
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -637,6 +642,7 @@ def _lock_out(path: str):
     except OSError as e:
         os.close(fd)
         if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+            log(_UNLOCKED.format(why=f"the filesystem refuses flock: {e.strerror or e}"))
             return None     # a filesystem without locks: train unguarded rather than refuse
         raise InputError(f"--out {path}: another process is training into this directory now "
                          "(a run that is still going?); let it finish or stop it first") from None
@@ -763,7 +769,7 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
         caches = _Caches(args, model, examples, held, log, trained, pad, train_idx, eval_idx)
     created = not os.path.exists(args.out)
     _make_out(args.out)
-    fd = _lock_out(args.out)
+    fd = _lock_out(args.out, log)
     if fd is not None:
         cleanup.callback(os.close, fd)
 
@@ -828,7 +834,9 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
             raise KeyboardInterrupt
         stop["signal"] = signum
 
-    handled = (signal.SIGINT, signal.SIGTERM) if _main_thread() else ()
+    # SIGBREAK: Ctrl-Break, the one a Windows console can send besides Ctrl-C
+    handled = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGBREAK")
+                    if hasattr(signal, n)) if _main_thread() else ()
     prev = {s: signal.signal(s, on_signal) for s in handled}
     progress = Progress(steps)
 

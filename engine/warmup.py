@@ -49,7 +49,9 @@ def ensure_compiled(quiet: bool = False) -> None:
         return
     _done = True
     stamp = _stamp()
-    if os.path.exists(stamp):
+    # where a stamp goes when its own folder refuses it (below)
+    home = os.path.join(os.path.expanduser("~"), ".cache", "tailtune", os.path.basename(stamp))
+    if os.path.exists(stamp) or os.path.exists(home):
         return
     if not quiet:
         print("tailtune: compiling kernels (first run after install or upgrade; about a minute)...",
@@ -65,9 +67,16 @@ def ensure_compiled(quiet: bool = False) -> None:
                        text=True, cwd=_ROOT)
     if r.returncode != 0:
         raise RuntimeError(f"compiling the kernels failed:\n{r.stdout}\n{r.stderr}")
-    os.makedirs(os.path.dirname(stamp), exist_ok=True)
-    with open(stamp, "w") as f:
-        f.write("ok\n")
+    # a read-only install that os.access called writable (Windows says so of every folder)
+    # refuses the stamp: the user's cache takes it, or the next run would compile again
+    for place in (stamp, home):
+        try:
+            os.makedirs(os.path.dirname(place), exist_ok=True)
+            with open(place, "w") as f:
+                f.write("ok\n")
+            break
+        except OSError:
+            continue
     if not quiet:
         print("tailtune: kernels compiled and cached.", file=sys.stderr, flush=True)
 

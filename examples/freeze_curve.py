@@ -112,11 +112,15 @@ def _where(ap, a) -> tuple[bool, str, str]:
 
 # ---- one run, in a child process ------------------------------------------------------------
 def _vm(field: str, pid="self") -> int:
-    """A /proc/<pid>/status field in bytes (VmHWM: peak resident set size)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
+    """A /proc/<pid>/status field in bytes (VmHWM: peak resident set size); 0 where there is no
+    /proc (macOS, Windows): the table then has no memory column's figures, the runs still count."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return 0
 
 

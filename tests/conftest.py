@@ -176,7 +176,7 @@ def signal_after_steps(n: int, signum=signal.SIGINT):
         real(self, step, loss, tok_s)
         calls["n"] += 1
         if calls["n"] == n:
-            os.kill(os.getpid(), signum)
+            signal.raise_signal(signum)   # not os.kill: on Windows that terminates the process
 
     T.Progress.update = update
     try:

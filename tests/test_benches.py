@@ -87,3 +87,12 @@ def test_step_flops_counts_what_the_engine_multiplies(monkeypatch, n_layer):
                              head_rows=None if n_targets == B * T else n_targets)
             assert f.total - f.attention == flops[0] == sum(f.gemms.values()), (k, n_targets)
             assert all(v > 0 for v in f.gemms.values())
+
+
+def test_benches_start_without_the_unix_resource_module():
+    """`resource` is Unix only: on Windows the bench commands must still start."""
+    code = ("import sys; sys.modules['resource'] = None; sys.path.append(sys.argv[1]); "
+            "import common; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code, os.path.join(ROOT, "benches")],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-2000:]

@@ -124,6 +124,29 @@ def test_compiled_stamp_is_the_same_for_every_name_of_the_interpreter(monkeypatc
     assert _stamp() == before
 
 
+def test_a_stamp_folder_that_refuses_writes_sends_the_stamp_home(monkeypatch, tmp_path):
+    """A read-only install that os.access calls writable (Windows says so of every folder):
+    the compiled-kernels stamp goes to the user's cache instead of failing the model's
+    construction, and the next process finds it there and compiles nothing."""
+    import subprocess
+    from engine import warmup
+    blocker = tmp_path / "install"
+    blocker.write_text("a file where the stamp's folder would be")   # makedirs / open fail
+    monkeypatch.setattr(warmup, "_stamp", lambda: str(blocker / "tailtune-compiled-x"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    runs = []
+    monkeypatch.setattr(warmup.subprocess, "run",
+                        lambda *a, **k: runs.append(a) or subprocess.CompletedProcess(a, 0, "", ""))
+    monkeypatch.setattr(warmup, "_done", False)
+    monkeypatch.delenv("TAILTUNE_WARMUP_CHILD", raising=False)
+    monkeypatch.delenv("NUMBA_DISABLE_JIT", raising=False)
+    warmup.ensure_compiled(quiet=True)
+    assert len(runs) == 1 and (tmp_path / "home" / ".cache" / "tailtune" / "tailtune-compiled-x").exists()
+    monkeypatch.setattr(warmup, "_done", False)
+    warmup.ensure_compiled(quiet=True)
+    assert len(runs) == 1
+
+
 def test_optional_packages_missing_or_broken_are_told_apart(monkeypatch, tmp_path):
     """A missing optional package says how to install it; one that is installed but fails to
     import (gguf 0.10 needs sentencepiece without declaring it) names what is missing instead

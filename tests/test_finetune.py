@@ -226,7 +226,25 @@ def test_a_filesystem_without_locks_trains_unguarded(monkeypatch, tmp_path):
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
     monkeypatch.setattr(fcntl, "flock", no_locks)
-    assert T._lock_out(str(tmp_path)) is None      # not "another process is training"
+    said = []
+    assert T._lock_out(str(tmp_path), said.append) is None      # not "another process is training"
+    assert "--out is not locked (the filesystem refuses flock" in said[0]
+
+
+def test_a_platform_without_flock_says_the_run_is_not_locked(monkeypatch, tmp_path):
+    """Windows has no fcntl: the run trains, and says that --out is not guarded."""
+    import builtins
+    import engine.train as T
+    real_import = builtins.__import__
+
+    def no_fcntl(name, *a, **k):
+        if name == "fcntl":
+            raise ImportError("No module named 'fcntl'")
+        return real_import(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", no_fcntl)
+    said = []
+    assert T._lock_out(str(tmp_path), said.append) is None
+    assert said == [T._UNLOCKED.format(why="this platform has no flock")]
 
 
 def test_resume_into_a_new_directory(tiny, tmp_path):

@@ -113,3 +113,19 @@ def test_a_platform_without_fork_imports_and_trains():
             + "\nl = train()\nassert l[1] < l[0], l\nprint('trained', gemm())\n")
     out = subprocess.run([sys.executable, "-c", body], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "trained" in out.stdout, out.stderr[-3000:]
+
+
+def test_output_to_a_file_in_a_legacy_code_page_does_not_fail(tmp_path):
+    """Windows gives a file or pipe its ANSI code page (cp1252): a generated sample with
+    characters it lacks is written with escapes instead of failing the command."""
+    import engine
+    cfg = engine.Config.llama(vocab_size=257, n_layer=1, n_head=2, n_kv_head=1, d_model=16, d_ff=24,
+                              max_seq_len=64)
+    engine.Model(cfg, seed=0).save(str(tmp_path / "m"))
+    engine.ByteTokenizer().save(str(tmp_path / "m"))
+    env = {**os.environ, "PYTHONPATH": ROOT, "PYTHONIOENCODING": "cp1252"}
+    out = subprocess.run([sys.executable, "-m", "engine.cli", "generate", "--model", str(tmp_path / "m"),
+                          "--prompt", "日本 → ok", "--max-new-tokens", "40"], env=env,
+                         capture_output=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert b"\\u" in out.stdout or b"\\x" in out.stdout       # escaped, not lost
