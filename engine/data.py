@@ -157,7 +157,8 @@ def _chat_segments(tok, msgs):
         for text, m_val in ((prompt[len(done):], 0), (full[len(prompt):], 1)):
             seg = tok.encode(text, add_special_tokens=False) if text else []
             ids += seg
-            mask += [0] * len(seg) if m_val == 0 else _through_turn_end(tok, seg, text, m["content"], stops)
+            mask += ([0] * len(seg) if m_val == 0
+                     else _through_turn_end(tok, seg, text, m["content"], stops))
         done = full
     return ids, mask
 

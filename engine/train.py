@@ -863,7 +863,8 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
             # accumulated micro-batches give what one batch of them all would: each weighted by
             # its share of the target positions (not 1 / grad_accum: a micro-batch with few
             # targets would weigh each of them more)
-            micro = [batches.next() for _ in range(min(args.grad_accum, micro_total - step * args.grad_accum))]
+            n_micro = min(args.grad_accum, micro_total - step * args.grad_accum)
+            micro = [batches.next() for _ in range(n_micro)]
             n_targets = [int((y != IGNORE).sum()) for _, y, _ in micro]
             loss, ntok = 0.0, 0
             for (x, y, idx), n in zip(micro, n_targets):
@@ -888,8 +889,8 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
             tok_s = ntok / (time.perf_counter() - t0)
             # under lr-decay and FreezeOut each block has its own rate: the highest one applied
             top = max((opt.lr_scale.get(n, 1.0) for n in model.grads), default=1.0)
-            rec = {"step": step + 1, "loss": loss, "lr": opt.lr * top, "grad_norm": gnorm, "tokens": ntok, "tokens_per_s": tok_s,
-                   "trainable_blocks": model.trainable_blocks()}
+            rec = {"step": step + 1, "loss": loss, "lr": opt.lr * top, "grad_norm": gnorm,
+                   "tokens": ntok, "tokens_per_s": tok_s, "trainable_blocks": model.trainable_blocks()}
             if telemetry is not None and telemetry.due(step):
                 rec["telemetry"] = telemetry.record(step, opt)
             step += 1
