@@ -132,8 +132,10 @@ def _openblas_libs() -> list:
     try:
         with open("/proc/self/maps") as f:
             paths = {ln.split()[-1] for ln in f if "openblas" in ln.lower()}
-    except OSError:
-        return []
+    except OSError:   # no /proc (macOS, Windows): numpy's wheel folders, where kernels.blas looks
+        from kernels.blas import _numpy_blas_dirs
+        paths = {os.path.join(d, n) for d in _numpy_blas_dirs() if os.path.isdir(d)
+                 for n in os.listdir(d) if "openblas" in n.lower()}
     out = []
     for path in sorted(paths, key=lambda p: ("numpy" not in Path(p).parent.name, p)):
         try:

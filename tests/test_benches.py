@@ -96,3 +96,19 @@ def test_benches_start_without_the_unix_resource_module():
     out = subprocess.run([sys.executable, "-c", code, os.path.join(ROOT, "benches")],
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-2000:]
+
+
+def test_benches_find_numpys_openblas_without_proc():
+    """macOS and Windows have no /proc/self/maps: the benches still find numpy's OpenBLAS (its
+    wheel folder, as the engine does) to set its threads, instead of leaving them as they are."""
+    code = ("import builtins, sys; sys.path.append(sys.argv[1]); real = builtins.open\n"
+            "def fake(f, *a, **k):\n"
+            "    if str(f).startswith('/proc/'): raise FileNotFoundError(f)\n"
+            "    return real(f, *a, **k)\n"
+            "builtins.open = fake\n"
+            "import common; libs = common._openblas_libs(); print(len(libs), common.openblas_threads())")
+    out = subprocess.run([sys.executable, "-c", code, os.path.join(ROOT, "benches")],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    n, threads = out.stdout.split()
+    assert int(n) >= 1 and threads != "None", out.stdout
