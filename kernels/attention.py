@@ -18,6 +18,9 @@ Two implementations behind `attention_forward` / `attention_backward` (backend=N
   stops vectorization. About 0.8x SDPA at T=1024: its dot products over D=64 end in horizontal
   sums, and each 4-row block streams all earlier keys and values through L2.
 """
+import sys
+
+import numba
 import numpy as np
 
 from .blas import NOTRANS, SGEMM, TRANS, one_thread, sgemm
@@ -351,9 +354,18 @@ def _check(q, k, v, out, lse, pos0, named=(), training=False):
         floats("attention", n, a, want.get(n))
 
 
+_told = False
+
+
 def _use_blas(backend) -> bool:
+    global _told
     if backend is None:
         backend = "blas" if SGEMM else "numba"
+        if not SGEMM and not _told and not numba.config.DISABLE_JIT:
+            _told = True   # once per process, printed like the compile notice
+            print("tailtune: numpy's BLAS is not an ILP64 OpenBLAS (MKL, Accelerate, a conda "
+                  "build?): attention runs its Numba path (about 0.8x torch's SDPA at T = 1024, the "
+                  "OpenBLAS path 1.1-1.6x; a pip-installed numpy wheel brings OpenBLAS)", file=sys.stderr, flush=True)
     if backend == "blas":
         if not SGEMM:
             raise RuntimeError("attention backend 'blas' needs compiled kernels (not NUMBA_DISABLE_JIT) "

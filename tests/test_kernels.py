@@ -408,6 +408,25 @@ def test_attention_rejects_bad_arrays():
                               np.empty((1, 2, 2), np.float32), 0, backend="blas")
 
 
+def test_attention_without_openblas_says_it_runs_the_slower_path(monkeypatch, capsys):
+    """numpy on MKL or Accelerate has no ILP64 OpenBLAS: attention falls back to its Numba path,
+    gives the same result, and says so once (not under NUMBA_DISABLE_JIT, where it always does)."""
+    import kernels.attention as A
+    monkeypatch.setattr(A, "SGEMM", 0)
+    monkeypatch.setattr(A, "_told", False)
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 8, 2, 8), dtype=np.float32) for _ in range(3))
+    outs = []
+    for _ in range(2):
+        out, lse = np.empty_like(q), np.empty((1, 2, 8), np.float32)
+        attention_forward(q, k, v, out, lse, 0)
+        outs.append(out)
+    want = ref.attention_fwd(q.astype(np.float64), k.astype(np.float64), v.astype(np.float64))[0]
+    np.testing.assert_allclose(outs[0], want, rtol=1e-4, atol=1e-5)
+    err = capsys.readouterr().err
+    assert err.count("attention runs its Numba path") == (1 if JIT else 0)
+
+
 def test_blas_sgemm_from_numba():
     """The intrinsic calls numpy's cblas_sgemm with every transpose and strided leading dims."""
     if not JIT:   # plain Python cannot run the intrinsic: asking for the BLAS path says why
