@@ -365,7 +365,8 @@ def _use_blas(backend) -> bool:
             _told = True   # once per process, printed like the compile notice
             print("tailtune: numpy's BLAS is not an ILP64 OpenBLAS (MKL, Accelerate, a conda "
                   "build?): attention runs its Numba path (about 0.8x torch's SDPA at T = 1024, the "
-                  "OpenBLAS path 1.1-1.6x; a pip-installed numpy wheel brings OpenBLAS)", file=sys.stderr, flush=True)
+                  "OpenBLAS path 1.1-1.6x; a pip-installed numpy wheel brings OpenBLAS)",
+                  file=sys.stderr, flush=True)
     if backend == "blas":
         if not SGEMM:
             raise RuntimeError("attention backend 'blas' needs compiled kernels (not NUMBA_DISABLE_JIT) "
