@@ -55,6 +55,10 @@ def _blas_one_thread(method):
 
 class Model:
     def __init__(self, config: Config, params: dict | None = None, seed: int = 0):
+        """A model of `config`: random weights from `seed`, or `params` (name -> array). Arrays
+        that are float32 and C-contiguous already are used as they are, not copied (a model
+        loads without a second copy of its weights): training this model changes them, so give
+        a copy (`{n: p.copy() for n, p in other.params.items()}`) to train a clone."""
         from .warmup import ensure_compiled
         ensure_compiled()  # before any kernel runs in this process (see warmup.py)
         if not isinstance(config, Config):
@@ -70,6 +74,7 @@ class Model:
         self.params = self._init(seed) if params is None else self._checked(params)
         self.grads: dict[str, np.ndarray] = {}
         self._no_grad_yet: set[str] = set()   # unfrozen since the last backward
+        self._updates = 0                      # optimizer steps taken (backward checks it)
         self._optimizers = weakref.WeakSet()
         self._tape = None
         self._rope = None
@@ -328,7 +333,8 @@ class Model:
         if prof:  # the head's input gradient is formed here, inside the fused head + loss
             prof.add("head", "forward+input-grad", perf_counter() - t0)
         if keep:
-            self._tape = dict(tokens=tokens, saved=saved, low=low, x=x2, st=st, dh=dh, dw=dw, rope=rope)
+            self._tape = dict(tokens=tokens, saved=saved, low=low, x=x2, st=st, dh=dh, dw=dw, rope=rope,
+                              weights=self._weights_now())
         return loss
 
     @_blas_one_thread
@@ -462,6 +468,10 @@ class Model:
                              "parameters, and any later forward (an evaluation, say), "
                              "freeze/unfreeze or backward replaces it: run forward(tokens, "
                              "targets) again right before backward()")
+        if tape["weights"] != self._weights_now():
+            raise InputError("the weights changed between forward(tokens, targets) and backward() "
+                             "(an optimizer step, or a parameter replaced): the saved activations "
+                             "belong to the old ones; run forward again before backward()")
         self._tape = None
         self._no_grad_yet.clear()
         P, G = self.params, self.grads
@@ -500,6 +510,11 @@ class Model:
             if prof:
                 prof.add("embeddings", "backward", perf_counter() - t0)
 
+    def _weights_now(self) -> tuple:
+        """What backward checks against the forward's: the optimizer steps taken, and which
+        array each parameter is (edits in place by hand are not seen)."""
+        return self._updates, tuple(id(p) for p in self.params.values())
+
     def saved_bytes(self) -> int:
         """Bytes of activations the last forward kept for backward."""
         if self._tape is None:
@@ -531,6 +546,7 @@ class Model:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self.__dict__.setdefault("_updates", 0)   # pickled before the count existed
         self._optimizers = weakref.WeakSet()
 
     def __repr__(self):

@@ -57,6 +57,17 @@ class Optimizer:
         from . import layers
         self._sync()
         self.t += 1
+        self.model._updates += 1
+        for n in self.state:   # updated in place: name the parameter a kernel could not write
+            p = self.model.params[n]
+            if not (isinstance(p, np.ndarray) and p.dtype == np.float32 and p.flags.c_contiguous
+                    and p.flags.writeable):
+                what = (f"{p.dtype}, {'C' if p.flags.c_contiguous else 'not C'}-contiguous, "
+                        f"{'writable' if p.flags.writeable else 'read-only'}"
+                        if isinstance(p, np.ndarray) else type(p).__name__)
+                raise InputError(f"parameter {n!r} must be a writable C-contiguous float32 array to "
+                                 f"be updated in place, got {what} (a memory-mapped file opened "
+                                 "read-only? a transposed view?)")
         prof = layers.PROFILE
         for n, st in self.state.items():
             if n in self.model._no_grad_yet:   # unfrozen after the last backward: no gradient
@@ -65,6 +76,12 @@ class Optimizer:
             self._update(n, self.model.params[n], self.model.grads[n], st)
             if prof:
                 prof.add(n, "optimizer", perf_counter() - t0)
+
+    def __setstate__(self, state):
+        """A copy (deepcopy, pickle) of a model forgets its optimizers: a copied optimizer joins
+        its copied model again, so freezing there still frees its state."""
+        self.__dict__.update(state)
+        self.model._optimizers.add(self)
 
     def state_bytes(self) -> int:
         return sum(a.nbytes for st in self.state.values() for a in st.values()
@@ -155,6 +172,8 @@ class SGD(Optimizer):
         self.momentum = _number("momentum", momentum)
         self.weight_decay = _number("weight_decay", weight_decay)
         self.nesterov = bool(nesterov)
+        if self.nesterov and not self.momentum:   # torch refuses it too: it would be plain SGD
+            raise InputError("SGD nesterov=True needs momentum > 0")
         super().__init__(model, lr)
 
     def _new_state(self, p):

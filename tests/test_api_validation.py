@@ -424,3 +424,82 @@ def test_a_trained_model_pickles_and_copies(tmp_path):
         c.backward()
         engine.AdamW(c, lr=1e-2).step()
         assert not all(np.array_equal(c.params[n], before[n]) for n in before)
+
+
+def _one_step(m, opt, seed=0):
+    tok = np.random.default_rng(seed).integers(0, m.config.vocab_size, (2, 9))
+    m.zero_grad()
+    m.forward(tok[:, :-1], tok[:, 1:])
+    m.backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_model_and_optimizer_still_free_state_on_freeze(how):
+    """Copied together (a checkpoint in memory, a multiprocessing hand-off), the optimizer still
+    follows its model: freezing a parameter frees its state there too, and the copy trains as
+    the original does."""
+    import copy
+    import pickle
+    runs = []
+    for copied in (False, True):
+        m = small_model("llama", n_layer=2)
+        m.train_last(1)
+        opt = engine.AdamW(m, lr=1e-2)
+        for s in range(3):
+            _one_step(m, opt, s)
+        if copied:
+            m, opt = copy.deepcopy((m, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((m, opt)))
+        n = m.trainable[0]
+        m.freeze(n)
+        assert n not in opt.state, "the frozen parameter's state was kept"
+        m.unfreeze(n)
+        _one_step(m, opt, 3)
+        runs.append(m.params)
+    for n in runs[0]:
+        assert np.array_equal(runs[0][n], runs[1][n]), n
+
+
+def test_weights_changed_between_forward_and_backward_are_refused():
+    """An optimizer step or a replaced parameter between forward and backward would mix the old
+    weights' activations with the new weights (torch refuses the same order)."""
+    m = small_model("llama", n_layer=2)
+    m.train_last(1)
+    opt = engine.AdamW(m, lr=1e-2)
+    tok = np.random.default_rng(0).integers(0, m.config.vocab_size, (2, 9))
+    m.forward(tok[:, :-1], tok[:, 1:])
+    m.backward()
+    m.forward(tok[:, :-1], tok[:, 1:])
+    opt.step()
+    with pytest.raises(engine.InputError, match="weights changed between forward"):
+        m.backward()
+    m.forward(tok[:, :-1], tok[:, 1:])
+    n = m.trainable[0]
+    m.params[n] = m.params[n].copy()
+    with pytest.raises(engine.InputError, match="weights changed between forward"):
+        m.backward()
+    m.forward(tok[:, :-1], tok[:, 1:])
+    m.backward()                                    # the usual order still works
+
+
+@pytest.mark.parametrize("spoil, match", [
+    (lambda p: np.lib.stride_tricks.as_strided(p, writeable=False), "read-only"),
+    (lambda p: np.asfortranarray(p.reshape(p.shape[0], -1)).reshape(p.shape) if p.ndim == 1
+     else np.asfortranarray(p), "not C-contiguous"),
+])
+def test_a_parameter_the_optimizer_cannot_write_is_named(spoil, match):
+    m = small_model("llama", n_layer=2)
+    m.train_last(1)
+    opt = engine.SGD(m, lr=1e-2)
+    n = next(n for n in m.trainable if m.params[n].ndim == 2)
+    m.params[n] = spoil(m.params[n])
+    tok = np.random.default_rng(0).integers(0, m.config.vocab_size, (2, 9))
+    m.forward(tok[:, :-1], tok[:, 1:])
+    m.backward()
+    with pytest.raises(engine.InputError, match=f"parameter '{n}' must be a writable C-contiguous.*{match}"):
+        opt.step()
+
+
+def test_nesterov_needs_momentum():
+    with pytest.raises(engine.InputError, match="nesterov=True needs momentum"):
+        engine.SGD(small_model("llama", n_layer=1), lr=0.1, nesterov=True)
