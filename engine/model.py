@@ -191,8 +191,12 @@ class Model:
             opt._sync()
 
     def zero_grad(self):
-        for g in self.grads.values():
+        """Gradients to zero. Until a backward fills them, an optimizer step leaves the
+        parameters alone, as after torch's zero_grad() (set_to_none=True, its default): Adam's
+        moments would otherwise move them on a step that saw no data."""
+        for n, g in self.grads.items():
             g.fill(0.0)
+            self._no_grad_yet.add(n)
 
     def trainable_blocks(self) -> list[int]:
         """Blocks holding a trainable parameter, in order."""

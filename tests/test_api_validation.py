@@ -503,3 +503,19 @@ def test_a_parameter_the_optimizer_cannot_write_is_named(spoil, match):
 def test_nesterov_needs_momentum():
     with pytest.raises(engine.InputError, match="nesterov=True needs momentum"):
         engine.SGD(small_model("llama", n_layer=1), lr=0.1, nesterov=True)
+
+
+def test_a_step_after_zero_grad_without_backward_changes_nothing():
+    """torch's zero_grad() sets .grad to None and AdamW then skips the parameter; here too, a
+    step with no backward since zero_grad leaves every weight as it was (Adam's moments alone
+    would move them)."""
+    m = small_model("llama", n_layer=2)
+    m.train_last(1)
+    opt = engine.AdamW(m, lr=1e-2)
+    _one_step(m, opt)
+    before = {n: p.copy() for n, p in m.params.items()}
+    m.zero_grad()
+    opt.step()
+    assert all(np.array_equal(before[n], m.params[n]) for n in before)
+    _one_step(m, opt, 1)                              # and the next real step moves them
+    assert not all(np.array_equal(before[n], m.params[n]) for n in m.trainable)
