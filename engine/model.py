@@ -73,7 +73,7 @@ class Model:
         self.shapes = self._shapes()
         self.params = self._init(seed) if params is None else self._checked(params)
         self.grads: dict[str, np.ndarray] = {}
-        self._no_grad_yet: set[str] = set()   # unfrozen since the last backward
+        self._no_grad_yet: set[str] = set()   # unfrozen or zeroed since the last backward
         self._updates = 0                      # optimizer steps taken (backward checks it)
         self._optimizers = weakref.WeakSet()
         self._tape = None

@@ -70,7 +70,7 @@ class Optimizer:
                                  "read-only? a transposed view?)")
         prof = layers.PROFILE
         for n, st in self.state.items():
-            if n in self.model._no_grad_yet:   # unfrozen after the last backward: no gradient
+            if n in self.model._no_grad_yet:   # no backward since unfrozen or zeroed
                 continue
             t0 = perf_counter() if prof else 0.0
             self._update(n, self.model.params[n], self.model.grads[n], st)
