@@ -129,13 +129,8 @@ def _openblas_libs() -> list:
     compilation; only numpy's runs numpy.matmul."""
     import numpy as np
     np.ones((2, 2), np.float32) @ np.ones((2, 2), np.float32)   # make sure numpy's is mapped
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {ln.split()[-1] for ln in f if "openblas" in ln.lower()}
-    except OSError:   # no /proc (macOS, Windows): numpy's wheel folders, where kernels.blas looks
-        from kernels.blas import _numpy_blas_dirs
-        paths = {os.path.join(d, n) for d in _numpy_blas_dirs() if os.path.isdir(d)
-                 for n in os.listdir(d) if "openblas" in n.lower()}
+    from kernels.blas import openblas_paths   # /proc, else numpy's wheel folder
+    paths = openblas_paths()
     out = []
     for path in sorted(paths, key=lambda p: ("numpy" not in Path(p).parent.name, p)):
         try:

@@ -36,8 +36,13 @@ def _stamp() -> str:
                 h.update(f.read())
     d = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(root, "kernels", "__pycache__")
     if not os.access(os.path.dirname(d) if not os.path.exists(d) else d, os.W_OK):
-        d = os.path.join(os.path.expanduser("~"), ".cache", "tailtune")
+        d = _home_cache()
     return os.path.join(d, f"tailtune-compiled-{h.hexdigest()[:16]}")
+
+
+def _home_cache() -> str:
+    """Where a stamp goes when the install's own folder cannot take it."""
+    return os.path.join(os.path.expanduser("~"), ".cache", "tailtune")
 
 
 def ensure_compiled(quiet: bool = False) -> None:
@@ -49,8 +54,7 @@ def ensure_compiled(quiet: bool = False) -> None:
         return
     _done = True
     stamp = _stamp()
-    # where a stamp goes when its own folder refuses it (below)
-    home = os.path.join(os.path.expanduser("~"), ".cache", "tailtune", os.path.basename(stamp))
+    home = os.path.join(_home_cache(), os.path.basename(stamp))   # if its folder refuses it (below)
     if os.path.exists(stamp) or os.path.exists(home):
         return
     if not quiet:

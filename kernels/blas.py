@@ -42,14 +42,20 @@ def _numpy_blas_dirs() -> list:
     return [os.path.join(base, d) for d in ("numpy.libs", "numpy/.dylibs", "scipy_openblas64/lib")]
 
 
-def _libs():
-    paths = sorted(_loaded_openblas(), key=lambda p: "numpy" not in p)   # numpy's own first
+def openblas_paths() -> list:
+    """The OpenBLAS libraries of this process (from /proc), else numpy's wheel's (no /proc:
+    macOS, Windows); numpy's own first. The benches read the same list."""
+    paths = sorted(_loaded_openblas(), key=lambda p: "numpy" not in p)
     if not paths:
         for d in _numpy_blas_dirs():
             if os.path.isdir(d):
                 paths += [os.path.join(d, f) for f in sorted(os.listdir(d)) if "openblas" in f.lower()]
+    return paths
+
+
+def _libs():
     out = []
-    for p in paths:
+    for p in openblas_paths():
         try:
             out.append(ctypes.CDLL(p))
         except OSError:
