@@ -20,8 +20,10 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -249,7 +251,14 @@ def _what_is_in(args: TrainArgs) -> str:
         # Not reused: a run still going (no checkpoint until --save-every or Ctrl-C) looks the same.
         return ("this same run, unfinished and without a checkpoint (it stopped, or is still "
                 "running, before saving one), so there is nothing to resume")
-    return f"this same run, unfinished (continue it with --resume {args.out})"
+    return f"this same run, unfinished (continue it with {_command_line(['--resume', args.out])})"
+
+
+def _command_line(argv: list[str]) -> str:
+    """argv as the user's shell reads it back (paths with spaces or quotes stay one argument)."""
+    if os.name == "nt":
+        return subprocess.list2cmdline(argv)
+    return shlex.join(argv)
 
 
 def _checkpoint_dir(path: str) -> str:
@@ -754,8 +763,8 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
     run = {"args": dataclasses.asdict(recorded), "base_fingerprint": base_fp,
            "trainable": model.trainable}
     out_abs = os.path.abspath(args.out)
-    resume_cmd = (f"`tailtune finetune --model {recorded.model} --data {recorded.data} --out "
-                  f"{out_abs} --resume {out_abs}`")
+    resume_cmd = "`" + _command_line(["tailtune", "finetune", "--model", recorded.model, "--data",
+                                      recorded.data, "--out", out_abs, "--resume", out_abs]) + "`"
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     sample_ids = _sample_prompt(args, tok, held, eval_idx, cfg.max_seq_len)
 

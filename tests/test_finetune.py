@@ -266,10 +266,12 @@ def test_resume_keeps_the_runs_settings_and_works_from_another_directory(tiny, t
                                                                         capsys):
     """A run started with relative paths (model and data) and telemetry / held-out evaluation every few steps,
     interrupted, then resumed from another working directory with only the command the
-    interruption prints: the resumed steps keep recording, and an explicit flag still wins."""
+    interruption prints (pasted into a shell: the folder's name has a space and a quote): the
+    resumed steps keep recording, and an explicit flag still wins."""
+    import shlex
     import shutil
     model, data = tiny
-    work = tmp_path / "work"
+    work = tmp_path / "my work's"
     work.mkdir()
     shutil.copy(data, work / "data.txt")
     shutil.copytree(model, work / "base")
@@ -279,7 +281,7 @@ def test_resume_keeps_the_runs_settings_and_works_from_another_directory(tiny, t
     with signal_after_steps(5, signal.SIGINT):
         assert cli(argv) == 130
     printed = capsys.readouterr().out
-    command = printed.split("continue with `")[1].split("`")[0].split()
+    command = shlex.split(printed.split("continue with `")[1].split("`")[0])
     fails(capsys, argv, "this same run, unfinished (continue it with --resume")  # the same command again
     monkeypatch.chdir(tmp_path)
     assert command[command.index("--data") + 1] == str(work / "data.txt")
