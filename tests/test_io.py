@@ -420,3 +420,22 @@ def test_run_directory_loads_its_final_model(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(engine.CheckpointError, match="empty: no config.json"):
         engine.load(str(tmp_path / "empty"))
+
+
+def test_a_config_no_hugging_face_model_holds_is_refused_and_can_still_be_kept(tmp_path):
+    """GPT-2 with grouped-query attention trains, but transformers has no such model: save
+    refuses before writing anything, names the field and how to keep the work (pickle), and
+    the pickled model comes back with its weights and configuration."""
+    import pickle
+    cfg = engine.Config.gpt2(vocab_size=64, n_layer=1, n_head=2, n_kv_head=1, d_model=16,
+                             d_ff=32, max_seq_len=16)
+    model = engine.Model(cfg)
+    with pytest.raises(engine.ConfigError, match="n_kv_head must equal n_head.*nothing was saved"
+                                                 ".*pickle"):
+        model.save(str(tmp_path / "m"))
+    assert not os.path.exists(tmp_path / "m")
+    back = pickle.loads(pickle.dumps(model))
+    assert back.config == cfg
+    assert all(np.array_equal(back.params[n], model.params[n]) for n in model.params)
+    x = np.arange(8).reshape(1, 8)
+    np.testing.assert_array_equal(back.forward(x), model.forward(x))

@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from ..config import Config
-from ..errors import CheckpointError, InputError
+from ..errors import CheckpointError, ConfigError, InputError
 from . import hf_names
 from .safetensors import WRITE_DTYPES, SafetensorsFile, write_atomic
 from .safetensors import write as write_safetensors
@@ -173,7 +173,12 @@ def save_model(model, path: str, dtype: str = "F32") -> None:
         raise InputError("save path is empty (Model.save writes a directory: name one)")
     _check_params(model)
     cfg = model.config
-    hf = hf_names.config_to_hf(cfg)
+    try:
+        hf = hf_names.config_to_hf(cfg)
+    except ConfigError as e:   # a research config (GQA in GPT-2, ...): say how to keep the work
+        raise ConfigError(f"{e}: no Hugging Face model holds this configuration, so nothing was "
+                          "saved; pickle the model (pickle.dump(model, f)) to keep its weights "
+                          "and configuration") from None
     hf["torch_dtype"] = WRITE_DTYPES[dtype]
     tensors = hf_names.to_hf(cfg, model.params)
     if os.path.exists(path) and not os.path.isdir(path):
