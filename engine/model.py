@@ -75,6 +75,7 @@ class Model:
         self.grads: dict[str, np.ndarray] = {}
         self._no_grad_yet: set[str] = set()   # unfrozen or zeroed since the last backward
         self._updates = 0                      # optimizer steps taken (backward checks it)
+        self._updated: dict[str, int] = {}     # per parameter: optimizer updates applied to it
         self._optimizers = weakref.WeakSet()
         self._tape = None
         self._rope = None
@@ -177,12 +178,32 @@ class Model:
         return self
 
     def train_last(self, k: int):
-        """Freeze everything, then unfreeze the last k blocks and the final norm."""
+        """Exactly the last k blocks and the final norm trainable, everything else frozen. What
+        stays trainable keeps its gradient and optimizer state (growing k mid-run, ULMFiT by
+        hand, does not restart the Adam moments of the blocks already training)."""
         L = self.config.n_layer
         if not is_int(k) or not 0 <= k <= L:
             raise InputError(f"train_last(k): k must be an integer in 0..{L}, got {k!r}")
-        self.freeze()
-        self.unfreeze("ln_f.*", *[f"blocks.{i}.*" for i in range(L - k, L)])
+        return self.set_trainable(self._match(["ln_f.*", *[f"blocks.{i}.*" for i in range(L - k, L)]]))
+
+    def set_trainable(self, names):
+        """Exactly the parameters `names` trainable, all others frozen. Those that stay
+        trainable keep their gradient buffer and optimizer state; a parameter frozen loses its
+        state, and one unfrozen starts afresh (as after unfreeze)."""
+        names = set(names)
+        unknown = sorted(names - set(self.params))
+        if unknown:
+            raise InputError(f"set_trainable: no parameter named {unknown[0]!r}")
+        gone = [n for n in self.grads if n not in names]
+        new = [n for n in self.params if n in names and n not in self.grads]
+        for n in gone:
+            del self.grads[n]
+            self._no_grad_yet.discard(n)
+        for n in new:
+            self.grads[n] = np.zeros_like(self.params[n])
+            self._no_grad_yet.add(n)
+        if gone or new:
+            self._trainable_changed()
         return self
 
     def _trainable_changed(self):
@@ -550,7 +571,8 @@ class Model:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self.__dict__.setdefault("_updates", 0)   # pickled before the count existed
+        self.__dict__.setdefault("_updates", 0)   # pickled before the counts existed
+        self.__dict__.setdefault("_updated", {})
         self._optimizers = weakref.WeakSet()
 
     def __repr__(self):

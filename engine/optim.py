@@ -74,6 +74,7 @@ class Optimizer:
                 continue
             t0 = perf_counter() if prof else 0.0
             self._update(n, self.model.params[n], self.model.grads[n], st)
+            self.model._updated[n] = self.model._updated.get(n, 0) + 1
             if prof:
                 prof.add(n, "optimizer", perf_counter() - t0)
 

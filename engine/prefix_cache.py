@@ -47,6 +47,14 @@ def prefix_hash(model, start: int) -> str:
     return h.hexdigest()[:24]
 
 
+def _prefix_version(model, start: int) -> tuple:
+    """Which array each prefix parameter is and how many optimizer updates it took: what
+    prefix_hash would see change, without hashing the weights on every step (an edit in place
+    by hand is not seen)."""
+    return tuple((n, id(p), model._updated.get(n, 0))
+                 for n, p in model.params.items() if in_prefix(n, start))
+
+
 def _available_memory() -> int | None:
     try:
         with open("/proc/meminfo") as f:
@@ -146,6 +154,7 @@ class PrefixCache:
             data_key = getattr(getattr(examples, "data", None), "key", "") or _tokens_hash(examples)
         subset = "" if serve.all() else "-" + hashlib.sha256(serve.tobytes()).hexdigest()[:12]
         self.key = f"{prefix_hash(model, start)}-{data_key}{subset}-{examples.T}-{dtype}"
+        self.version = _prefix_version(model, start)
         shape = (int(self.offsets[-1]), C)
         _check_room(shape[0] * C * self.dtype.itemsize, int(serve.sum()), directory, self.key)
         self.files: tuple[str, ...] = ()
@@ -176,8 +185,10 @@ class PrefixCache:
         model.prefix(np.zeros((1, 1), np.int64), min(start, 1))
 
     def valid_for(self, model) -> bool:
-        """Still the input of the tail: nothing at or below the cached prefix became trainable."""
-        return model.lowest_trainable_block() >= self.start
+        """Still the input of the tail: nothing at or below the cached prefix is trainable, nor
+        was trained (or replaced) since the cache was made."""
+        return (model is self.model and model.lowest_trainable_block() >= self.start
+                and _prefix_version(model, self.start) == self.version)
 
     def hidden(self, idx, tokens) -> np.ndarray:
         """(B, T', d_model) for the examples idx whose padded token batch is `tokens`; rows past
@@ -185,6 +196,10 @@ class PrefixCache:
         position, and their targets are ignored)."""
         if not self.serve[np.asarray(idx)].all():
             raise InputError("prefix cache: asked for an example it was not made to serve")
+        if not self.valid_for(self.model):
+            raise InputError(f"prefix cache: the blocks below {self.start} (or the embeddings) are "
+                             "trainable, or trained since the cache was made: its rows are not "
+                             "their output any more; make a new cache")
         missing = [r for r, i in enumerate(idx) if not self.filled[i]]
         self.hits += len(idx) - len(missing)
         if missing:

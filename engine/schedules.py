@@ -41,6 +41,20 @@ RANGES = {"decay": (lambda x: 0 < x <= 1, "in (0, 1]"),
 
 def make(name: str, n_layer: int, k: int, every: int = 50, decay: float = 0.8, t0: float = 0.5,
          threshold: float = 0.05, seed: int = 0):
+    """The schedule `name` (one of NAMES) over a model of n_layer blocks, k its block count.
+    In one's own loop it is used as `tailtune finetune --schedule` uses it:
+
+        for step in range(total):
+            sched.apply(model, opt, step, total)   # the step's trainable set and block rates
+            model.zero_grad(); model.forward(x, y); model.backward()
+            sched.observe(model, step)             # before clipping: AutoFreeze reads the norms
+            engine.clip_grad_norm(model, 1.0); opt.step()
+
+    apply() sets exactly the schedule's blocks and the final norm trainable (the embeddings
+    and head of a model fresh from engine.load are frozen by it). With `sched.anneals`
+    (FreezeOut) the global rate should stay constant after warmup: the schedule anneals each
+    block itself. To resume, keep state_dict() (AutoFreeze's norms) and give it back with
+    load_state_dict(); the trainable set follows from the next apply()."""
     if name not in NAMES:
         raise InputError(f"unknown schedule {name!r}; choose one of {', '.join(NAMES)}")
     if not is_int(n_layer) or n_layer < 1:
@@ -82,15 +96,11 @@ class Schedule:
         """Set the model's trainable set and the optimizer's per-parameter rate scales for
         `step`; True when the trainable set changed."""
         self.total = total
-        want = sorted(set(self.blocks(step)))
-        have = model.trainable_blocks()
-        changed = want != have or "ln_f.weight" not in model.grads
-        if changed:   # only the blocks that leave or join: the others keep their Adam state
-            gone = [f"blocks.{i}.*" for i in have if i not in want]
-            new = [f"blocks.{i}.*" for i in want if i not in have]
-            if gone:
-                model.freeze(*gone)
-            model.unfreeze("ln_f.*", *new)
+        want = set(model._match(["ln_f.*", *[f"blocks.{i}.*" for i in set(self.blocks(step))]]))
+        # exactly these: a model fresh from engine.load (all trainable) loses its embeddings and
+        # head here; blocks that stay keep their Adam state
+        changed = want != set(model.grads)
+        model.set_trainable(want)
         scales = {}
         for n in model.grads:   # the final norm goes at the top block's rate
             b = block_of(n)

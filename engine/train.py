@@ -446,7 +446,7 @@ class _Caches:
         if self.args.prefix_cache == "off":
             return
         start = self.model.lowest_trainable_block()
-        if self.train is not None and self.train.start == start:
+        if self.train is not None and self.train.start == start and self.train.valid_for(self.model):
             return
         if start <= 0:
             if not self.built:
@@ -457,7 +457,8 @@ class _Caches:
             return
         d = os.path.join(D.cache_root(), "prefix") if self.args.prefix_cache == "disk" else None
 
-        up = self.train is not None and self.train.start < start   # the lowest blocks froze
+        # the lowest blocks froze, and what lies below them did not train
+        up = self.train is not None and self.train.start < start and self.train.valid_for(self.model)
 
         shared = self.held is self.examples   # one cache serves both
 

@@ -270,3 +270,35 @@ def test_cache_takes_room_for_the_rows_it_serves_and_checks_there_is_room(setup,
     assert cli(args) == 2
     assert "--prefix-cache disk needs" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "run")   # nothing half-made
+
+
+def test_a_cache_whose_prefix_trained_since_is_never_read():
+    """A block of the cached prefix unfrozen, trained and frozen again: the cache's rows are
+    not its output any more, so the cache says it is no longer valid and refuses to serve
+    (instead of the stale rows: a loss 1% off here), and a new cache serves the right rows."""
+    m = tiny(L=4).train_last(1)
+    opt = engine.AdamW(m, lr=1e-2)
+    rng = np.random.default_rng(0)
+    lens = rng.integers(6, 20, 8)
+    off = np.concatenate([[0], np.cumsum(lens)])
+    toks = rng.integers(0, 257, int(off[-1])).astype(np.int32)
+    ex = D.Examples(D.TokenData(toks, np.ones_like(toks, np.uint8), off, "examples", "mem"), 32)
+    x, y, idx = next(D.eval_batches(ex, np.arange(8), 8, 0))
+    cache = PrefixCache(m, ex, 3)
+    cache.hidden(idx, x)
+    assert cache.valid_for(m)
+    m.unfreeze("blocks.2.*")
+    for _ in range(3):
+        m.zero_grad()
+        m.forward(x, y)
+        m.backward()
+        opt.step()
+    m.freeze("blocks.2.*")
+    assert not cache.valid_for(m)
+    with pytest.raises(engine.InputError, match="trained since the cache was made"):
+        cache.hidden(idx, x)
+    fresh = PrefixCache(m, ex, 3)
+    real = np.arange(x.shape[1]) < (lens[idx] - 1)[:, None]     # rows past an example are zeros
+    np.testing.assert_allclose(fresh.hidden(idx, x)[real], m.prefix(x, 3)[real], rtol=0, atol=1e-6)
+    m.params["wte.weight"] = m.params["wte.weight"].copy()   # an array replaced by hand
+    assert not fresh.valid_for(m)

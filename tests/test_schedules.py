@@ -326,3 +326,63 @@ def test_schedule_runs_are_reproducible(tmp_path, name):
         lrs = [r["lr"] for r in recs if "lr" in r]
         assert lrs[1:] == [pytest.approx(1e-4 * 0.5 * (1 + math.cos(math.pi * s / 12)), rel=1e-9)
                            for s in range(1, 12)]
+
+
+def test_growing_train_last_by_hand_keeps_the_adam_state_of_blocks_already_training():
+    """ULMFiT written by hand with train_last(k), k growing, trains exactly as the gradual
+    schedule does: the blocks already training keep their moments and step counts (a freeze-all
+    then unfreeze restarted them), and the new block starts its own."""
+    def run(by_hand):
+        m = tiny(4).train_last(1)
+        opt = engine.AdamW(m, lr=1e-2)
+        s = schedules.make("gradual", 4, 1, every=3)
+        for step in range(9):
+            if by_hand:
+                m.train_last(1 + step // 3)
+            else:
+                s.apply(m, opt, step, 9)
+            if step == 3:
+                assert opt.state["blocks.3.mlp.up.weight"]["t"] == 3
+                assert opt.state["blocks.2.mlp.up.weight"]["t"] == 0
+            r = np.random.default_rng([2, step])
+            x = r.integers(0, 50, (2, 8))
+            m.zero_grad()
+            m.forward(x, np.roll(x, -1, 1))
+            m.backward()
+            opt.step()
+        return m
+    a, b = run(True), run(False)
+    assert all(np.array_equal(a.params[n], b.params[n]) for n in a.params)
+
+
+def test_set_trainable_sets_exactly_the_named_parameters():
+    m = tiny(3)   # everything trainable, as engine.Model and engine.load return it
+    opt = engine.AdamW(m, lr=1e-2)
+    x = np.arange(16).reshape(2, 8)
+    m.forward(x, np.roll(x, -1, 1))
+    m.backward()
+    opt.step()
+    kept = opt.state["blocks.2.attn.q.weight"]
+    m.set_trainable(["blocks.2.attn.q.weight", "ln_f.weight"])
+    assert m.trainable == ["blocks.2.attn.q.weight", "ln_f.weight"]
+    assert set(opt.state) == set(m.trainable) and opt.state["blocks.2.attn.q.weight"] is kept
+    assert kept["t"] == 1
+    with pytest.raises(engine.InputError, match="no parameter named 'blocks.9.x'"):
+        m.set_trainable(["blocks.9.x"])
+    assert m.trainable == ["blocks.2.attn.q.weight", "ln_f.weight"]
+
+
+@pytest.mark.parametrize("name", schedules.NAMES)
+def test_a_schedule_applied_to_a_fully_trainable_model_trains_only_its_blocks(name):
+    """engine.load returns every parameter trainable; a schedule applied to it in one's own loop
+    (without train_last first) leaves the embeddings and the head frozen, as the CLI's run does,
+    so backward stops at the schedule's lowest block."""
+    m = tiny(6)
+    opt = engine.AdamW(m, lr=1e-2)
+    s = schedules.make(name, 6, 2, every=2, seed=1)
+    s.apply(m, opt, 0, 10)
+    want = s.blocks(0)
+    assert blocks(m) == sorted(want)
+    assert [n for n in m.trainable if not n.startswith("blocks.")] == ["ln_f.weight"]
+    assert set(opt.state) == set(m.trainable)
+    assert m.lowest_trainable_block() == min(want)
