@@ -145,6 +145,10 @@ def main(argv=None):
         where = f"{err.filename}: " if err.filename else ""
         print(f"tailtune {args.cmd}: error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
+    except MemoryError as err:   # numpy names the array it could not allocate
+        print(f"tailtune {args.cmd}: error: out of memory ({err or 'an allocation failed'}); try a "
+              "smaller --batch-size or --seq-len", file=sys.stderr)
+        return 2
 
 
 def _finetune(a):

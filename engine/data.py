@@ -11,6 +11,7 @@ Formats:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -342,14 +343,20 @@ def _not_utf8(path, line_no: int, line: bytes, at: int, kind: str) -> InputError
 def _store(d, tokens, mask, offsets, meta):
     """Write the arrays, then meta.json last: a cache entry without it is incomplete."""
     os.makedirs(d, exist_ok=True)
-    for name, a in (("tokens", tokens), ("mask", mask), ("offsets", offsets)):
-        tmp = os.path.join(d, f"{name}.tmp{os.getpid()}.npy")
-        np.save(tmp, a)
-        os.replace(tmp, os.path.join(d, f"{name}.npy"))
-    tmp = os.path.join(d, f"meta.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump({**meta, "version": CACHE_VERSION}, f)
-    os.replace(tmp, os.path.join(d, "meta.json"))
+    tmp = None
+    try:   # a failed write (a full disk) leaves no temporary file behind
+        for name, a in (("tokens", tokens), ("mask", mask), ("offsets", offsets)):
+            tmp = os.path.join(d, f"{name}.tmp{os.getpid()}.npy")
+            np.save(tmp, a)
+            os.replace(tmp, os.path.join(d, f"{name}.npy"))
+        tmp = os.path.join(d, f"meta.tmp{os.getpid()}")
+        with open(tmp, "w") as f:
+            json.dump({**meta, "version": CACHE_VERSION}, f)
+        os.replace(tmp, os.path.join(d, "meta.json"))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def _load_cached(d, path):

@@ -17,6 +17,8 @@ run trained (no later run can reproduce those).
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -70,24 +72,57 @@ def _check_room(need: int, n: int, directory: str | None, key: str) -> None:
     """Refuse a cache that would not fit, before allocating it: in memory numpy would fail with
     a raw MemoryError (or the machine swap); on disk, writes into a memory-mapped file on a full
     disk kill the process (SIGBUS) mid-epoch, with no checkpoint."""
-    gib = need / 2**30
     fix = "use --prefix-dtype float16 (half), less data, or --prefix-cache off"
     if directory:
-        os.makedirs(directory, exist_ok=True)
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"--prefix-cache disk: cannot create {directory} ({e.strerror or e}); "
+                             "set TAILTUNE_CACHE to a writable directory, or use --prefix-cache "
+                             "memory") from None
         have = shutil.disk_usage(directory).free
         existing = os.path.join(directory, key + ".npy")
-        if os.path.exists(existing):
-            have += os.path.getsize(existing)
+        if os.path.exists(existing):   # what it holds on disk: a file filled in part is sparse
+            st = os.stat(existing)
+            have += st.st_blocks * 512 if hasattr(st, "st_blocks") else st.st_size
         if need > 0.9 * have:
-            raise InputError(f"--prefix-cache disk needs {gib:.1f} GiB in {directory} for the "
-                             f"prefixes of {n} examples, and {have / 2**30:.1f} GiB is free: {fix}")
+            raise InputError(f"--prefix-cache disk needs {_size(need)} in {directory} for the "
+                             f"prefixes of {n} examples, and {_size(have)} is free: {fix}")
         return
     have = _available_memory()
     if have is not None and need > 0.7 * have:
-        raise InputError(f"--prefix-cache memory needs {gib:.1f} GiB for the prefixes of {n} "
-                         f"examples, and {have / 2**30:.1f} GiB of memory is available: use "
+        raise InputError(f"--prefix-cache memory needs {_size(need)} for the prefixes of {n} "
+                         f"examples, and {_size(have)} of memory is available: use "
                          "--prefix-cache disk, --prefix-dtype float16 (half), less data, or "
                          "--prefix-cache off")
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def _reserve(files, fresh: bool) -> None:
+    """Allocate the files' blocks now. A memory-mapped file is sparse, and a store into a hole
+    on a full disk is a SIGBUS that kills the run mid-epoch with no checkpoint; here it is an
+    error before training. fresh: the files were just created (removed again on failure)."""
+    if not hasattr(os, "posix_fallocate"):   # macOS, Windows: the room check is all there is
+        return
+    for path in files:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                continue   # a filesystem that cannot (EOPNOTSUPP): as without the call
+            if fresh:
+                for f in files:
+                    with contextlib.suppress(OSError):
+                        os.remove(f)
+            raise InputError(f"--prefix-cache disk: no room for {path} ({e.strerror}); use "
+                             "--prefix-dtype float16 (half), less data, or --prefix-cache "
+                             "memory or off") from None
+        finally:
+            os.close(fd)
 
 
 _HALF_MAX = float(np.finfo(np.float16).max)
@@ -174,6 +209,11 @@ class PrefixCache:
                     mode = "r+"
             self.store = np.lib.format.open_memmap(self.files[0], mode=mode, dtype=self.dtype, shape=shape)
             self.filled = np.lib.format.open_memmap(self.files[1], mode=mode, dtype=np.bool_, shape=(n,))
+            try:
+                _reserve(self.files, fresh=mode == "w+")
+            except InputError:
+                self.store = self.filled = None
+                raise
         else:
             self.store = np.empty(shape, self.dtype)
             self.filled = np.zeros(n, np.bool_)

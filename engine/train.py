@@ -245,6 +245,9 @@ def _what_is_in(args: TrainArgs) -> str:
         return "a different run"
     if os.path.exists(os.path.join(args.out, "summary.json")):
         return "this same run, finished"
+    if (os.path.isfile(os.path.join(args.out, "model", "config.json"))
+            and not os.path.isdir(os.path.join(args.out, "checkpoint"))):
+        return f"this same run, finished (its model is in {os.path.join(args.out, 'model')})"
     try:
         _checkpoint_dir(args.out)
     except CheckpointError:
@@ -549,7 +552,11 @@ def save_checkpoint(dst: str, model, tok, opt, state: dict):
         write_safetensors(os.path.join(tmp, "optimizer.safetensors"), tensors)
         write_json(os.path.join(tmp, STATE), {**state, "opt_t": opt.t, "opt_lr": opt.lr,
                                               "opt_counts": counts})
-    _write_dir(dst, fill)
+    try:
+        _write_dir(dst, fill)
+    except (OSError, CheckpointError) as e:   # named by the checkpoint, not its staging folder
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).rsplit(": ", 1)[-1]
+        raise CheckpointError(f"{dst}: could not write the checkpoint: {why}") from None
 
 
 def _optimizer_names(src: str) -> list[str]:
@@ -850,68 +857,91 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
     prev = {s: signal.signal(s, on_signal) for s in handled}
     progress = Progress(steps)
 
-    def checkpoint(step):
+    def after_update():
+        """What a checkpoint of the steps done so far records, taken once a step's update is
+        complete: a failure in the next step (out of memory, a full disk) checkpoints these, not
+        a loader that has drawn that step's batch or AutoFreeze norms that counted it."""
+        return batches.state(), schedule.state_dict() if schedule else {}
+
+    def checkpoint(step, done=None):
+        data, sched_state = done or after_update()
         save_checkpoint(os.path.join(args.out, "checkpoint"), model, tok, opt,
-                        {"step": step, "data": batches.state(), "args": run["args"],
+                        {"step": step, "data": data, "args": run["args"],
                          "base_fingerprint": base_fp, "eval_before": before,
                          "sample_before": sample_before,
-                         "schedule": schedule.state_dict() if schedule else {},
+                         "schedule": sched_state,
                          "trained": sorted(trained), "trainable": model.trainable,
                          "data_hashes": data_hashes, "data_keys": data_keys})
 
     try:
         step = start
-        while step < steps:
-            if stop["signal"] is not None:
-                break
-            t0 = time.perf_counter()
-            if schedule is not None and schedule.apply(model, opt, step, steps):
-                caches.refresh()
-                trained.update(model.trainable)
-            opt.lr = sched(step)
-            model.zero_grad()
-            # accumulated micro-batches give what one batch of them all would: each weighted by
-            # its share of the target positions (not 1 / grad_accum: a micro-batch with few
-            # targets would weigh each of them more)
-            n_micro = min(args.grad_accum, micro_total - step * args.grad_accum)
-            micro = [batches.next() for _ in range(n_micro)]
-            n_targets = [int((y != IGNORE).sum()) for _, y, _ in micro]
-            loss, ntok = 0.0, 0
-            for (x, y, idx), n in zip(micro, n_targets):
-                ntok += sum(len(examples.get(int(i))[0]) - 1 for i in idx)   # inputs, not padding
-                if n:
-                    share = n / sum(n_targets)
-                    loss += share * _forward(model, x, y, idx, caches.train)
-                    model.backward(scale=share)
-            if schedule is not None:
-                schedule.observe(model, step)
-            if telemetry is not None:   # before clipping: the layers' own gradient norms
-                telemetry.before_update(step)
-            gnorm = clip_grad_norm(model, args.clip) if args.clip else grad_norm(model)
-            if not (math.isfinite(loss) and math.isfinite(gnorm)):
-                # diverged: stop before this update, and save no NaN model as the result
-                why = (f"try a lower --lr than {args.lr:g}" if step else
-                       "this is before any update, so the model or the data give it, not the "
-                       "learning rate (with --prefix-dtype float16, try float32)")
-                raise DivergedError(f"step {step + 1}: training diverged (loss {loss:.4g}, gradient "
-                                    f"norm {gnorm:.4g}); {why}. No model was saved")
-            opt.step()
-            tok_s = ntok / (time.perf_counter() - t0)
-            # under lr-decay and FreezeOut each block has its own rate: the highest one applied
-            top = max((opt.lr_scale.get(n, 1.0) for n in model.grads), default=1.0)
-            rec = {"step": step + 1, "loss": loss, "lr": opt.lr * top, "grad_norm": gnorm,
-                   "tokens": ntok, "tokens_per_s": tok_s, "trainable_blocks": model.trainable_blocks()}
-            if telemetry is not None and telemetry.due(step):
-                rec["telemetry"] = telemetry.record(step, opt)
-            step += 1
-            if args.eval_every and step % args.eval_every == 0 and step < steps and len(eval_idx):
-                progress.newline()
-                rec["eval_loss"] = held_out_loss()
-                log(f"step {step}: held-out loss {rec['eval_loss']:.4f}")
-            _log_metric(metrics_path, rec)
-            progress.update(step - 1, loss, tok_s)
-            if args.save_every and step % args.save_every == 0 and step < steps:
-                checkpoint(step)
+        done, updating = after_update(), False
+        try:
+            while step < steps:
+                if stop["signal"] is not None:
+                    break
+                t0 = time.perf_counter()
+                if schedule is not None and schedule.apply(model, opt, step, steps):
+                    caches.refresh()
+                    trained.update(model.trainable)
+                opt.lr = sched(step)
+                model.zero_grad()
+                # accumulated micro-batches give what one batch of them all would: each weighted by
+                # its share of the target positions (not 1 / grad_accum: a micro-batch with few
+                # targets would weigh each of them more)
+                n_micro = min(args.grad_accum, micro_total - step * args.grad_accum)
+                micro = [batches.next() for _ in range(n_micro)]
+                n_targets = [int((y != IGNORE).sum()) for _, y, _ in micro]
+                loss, ntok = 0.0, 0
+                for (x, y, idx), n in zip(micro, n_targets):
+                    ntok += sum(len(examples.get(int(i))[0]) - 1 for i in idx)   # inputs, not padding
+                    if n:
+                        share = n / sum(n_targets)
+                        loss += share * _forward(model, x, y, idx, caches.train)
+                        model.backward(scale=share)
+                if schedule is not None:
+                    schedule.observe(model, step)
+                if telemetry is not None:   # before clipping: the layers' own gradient norms
+                    telemetry.before_update(step)
+                gnorm = clip_grad_norm(model, args.clip) if args.clip else grad_norm(model)
+                if not (math.isfinite(loss) and math.isfinite(gnorm)):
+                    # diverged: stop before this update, and save no NaN model as the result
+                    why = (f"try a lower --lr than {args.lr:g}" if step else
+                           "this is before any update, so the model or the data give it, not the "
+                           "learning rate (with --prefix-dtype float16, try float32)")
+                    raise DivergedError(f"step {step + 1}: training diverged (loss {loss:.4g}, gradient "
+                                        f"norm {gnorm:.4g}); {why}. No model was saved")
+                updating = True
+                opt.step()
+                updating = False
+                step += 1   # whole from here: a failure after this point keeps it
+                done = after_update()
+                tok_s = ntok / (time.perf_counter() - t0)
+                # under lr-decay and FreezeOut each block has its own rate: the highest one applied
+                top = max((opt.lr_scale.get(n, 1.0) for n in model.grads), default=1.0)
+                rec = {"step": step, "loss": loss, "lr": opt.lr * top, "grad_norm": gnorm,
+                       "tokens": ntok, "tokens_per_s": tok_s, "trainable_blocks": model.trainable_blocks()}
+                if telemetry is not None and telemetry.due(step - 1):
+                    rec["telemetry"] = telemetry.record(step - 1, opt)
+                if args.eval_every and step % args.eval_every == 0 and step < steps and len(eval_idx):
+                    progress.newline()
+                    rec["eval_loss"] = held_out_loss()
+                    log(f"step {step}: held-out loss {rec['eval_loss']:.4f}")
+                _log_metric(metrics_path, rec)
+                progress.update(step - 1, loss, tok_s)
+                if args.save_every and step % args.save_every == 0 and step < steps:
+                    checkpoint(step)
+        except Exception as e:   # not a second Ctrl-C (stop now) nor a divergence (no model)
+            if isinstance(e, DivergedError) or updating or step == start:
+                raise
+            progress.newline()
+            try:   # the steps done so far are whole: keep them
+                checkpoint(step, done)
+                log(f"training stopped after step {step} (the error follows); the steps done are "
+                    f"in a checkpoint: continue with {resume_cmd}")
+            except Exception as e2:   # the disk that failed may fail this too
+                log(f"no checkpoint of the steps done either ({e2})")
+            raise
         if step < steps:
             progress.newline()
             checkpoint(step)
@@ -944,7 +974,6 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
             signal.signal(s, h)
         caches.close()
 
-    shutil.rmtree(os.path.join(args.out, "checkpoint"), ignore_errors=True)  # superseded by model/
     n_train = sum(model.params[n].size for n in trained)   # under a schedule: all that ever trained
     summary = {"status": "done", "steps": steps, "eval_loss_before": before, "eval_loss_after": after,
                "perplexity_before": _ppl(before), "perplexity_after": _ppl(after),
@@ -953,10 +982,22 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
                "sample_prompt": tok.decode(sample_ids) if sample_ids else None,
                "sample_before": sample_before, "sample_after": sample_after,
                "prefix_cache": cache_report}
-    write_json(os.path.join(args.out, "summary.json"), summary)
-    _plot(metrics_path, os.path.join(args.out, "loss.png"), log)
-    if telemetry is not None:
-        _plot_telemetry(metrics_path, os.path.join(args.out, "telemetry.png"), log)
+    try:
+        write_json(os.path.join(args.out, "summary.json"), summary)
+    except CheckpointError as e:   # a checkpoint stays: --resume writes model/ and this again
+        again = (f"; --resume {args.out} writes it" if
+                 os.path.isdir(os.path.join(args.out, "checkpoint")) else "")
+        raise CheckpointError(f"the fine-tuned model is in {final}, but {e}{again}") from None
+    # superseded by model/ and the summary (written first: a run with neither is resumable)
+    shutil.rmtree(os.path.join(args.out, "checkpoint"), ignore_errors=True)
+    for plot, png in ((_plot, "loss.png"), (_plot_telemetry if telemetry is not None else None,
+                                            "telemetry.png")):
+        if plot is None:
+            continue
+        try:   # a picture of metrics.jsonl: its failure (a full disk) does not fail the run
+            plot(metrics_path, os.path.join(args.out, png), log)
+        except OSError as e:
+            log(f"note: no {png} ({e.strerror or e})")
     change = ("no held-out loss" if after is None else f"held-out loss {before:.4f} -> {after:.4f} "
               f"(perplexity {_ppl(before):.2f} -> {_ppl(after):.2f})")
     log(f"{change}; {n_train:,} of {model.num_params():,} parameters trained; {summary['seconds']:.0f} s")
@@ -1028,8 +1069,11 @@ def _finite(v):
 
 
 def _log_metric(path, rec, truncate=False):
-    with open(path, "w" if truncate else "a") as f:
-        f.write(json.dumps(_finite(rec), allow_nan=False) + "\n")
+    try:
+        with open(path, "w" if truncate else "a") as f:
+            f.write(json.dumps(_finite(rec), allow_nan=False) + "\n")
+    except OSError as e:   # a full disk: name the file (a cut-off line is dropped on resume)
+        raise CheckpointError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
 def _truncate_metrics(path, step):

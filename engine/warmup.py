@@ -16,6 +16,8 @@ import os
 import subprocess
 import sys
 
+from .errors import TailtuneError
+
 _done = False
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the checkout or install
 
@@ -34,7 +36,10 @@ def _stamp() -> str:
         for path in sorted(glob.glob(os.path.join(root, pkg, "*.py"))):
             with open(path, "rb") as f:
                 h.update(f.read())
-    d = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(root, "kernels", "__pycache__")
+    cache = os.environ.get("NUMBA_CACHE_DIR") or os.path.join(root, "kernels", "__pycache__")
+    # a stamp speaks for one cache: one sent home (below) must not vouch for another, empty one
+    h.update(os.path.abspath(cache).encode())
+    d = cache
     if not os.access(os.path.dirname(d) if not os.path.exists(d) else d, os.W_OK):
         d = _home_cache()
     return os.path.join(d, f"tailtune-compiled-{h.hexdigest()[:16]}")
@@ -52,10 +57,10 @@ def ensure_compiled(quiet: bool = False) -> None:
             or os.environ.get("TAILTUNE_WARMUP_CHILD")):
         _done = True
         return
-    _done = True
     stamp = _stamp()
     home = os.path.join(_home_cache(), os.path.basename(stamp))   # if its folder refuses it (below)
     if os.path.exists(stamp) or os.path.exists(home):
+        _done = True
         return
     if not quiet:
         print("tailtune: compiling kernels (first run after install or upgrade; about a minute)...",
@@ -69,8 +74,9 @@ def ensure_compiled(quiet: bool = False) -> None:
         env["NUMBA_CACHE_DIR"] = os.path.abspath(env["NUMBA_CACHE_DIR"])
     r = subprocess.run([sys.executable, "-m", "engine.warmup"], env=env, capture_output=True,
                        text=True, cwd=_ROOT)
-    if r.returncode != 0:
-        raise RuntimeError(f"compiling the kernels failed:\n{r.stdout}\n{r.stderr}")
+    if r.returncode != 0:   # not _done: a caller that frees memory and tries again compiles again
+        raise TailtuneError(_failed(r.returncode, r.stdout + r.stderr))
+    _done = True
     # a read-only install that os.access called writable (Windows says so of every folder)
     # refuses the stamp: the user's cache takes it, or the next run would compile again
     for place in (stamp, home):
@@ -83,6 +89,24 @@ def ensure_compiled(quiet: bool = False) -> None:
             continue
     if not quiet:
         print("tailtune: kernels compiled and cached.", file=sys.stderr, flush=True)
+
+
+def _failed(returncode: int, output: str) -> str:
+    """Why compiling failed, in one message: the child's last lines, or the signal that killed
+    it (the out-of-memory killer's SIGKILL leaves no output at all)."""
+    if returncode < 0:
+        import signal
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        why = f"the compiling process was killed by {name}" + (
+            " (out of memory?)" if -returncode == getattr(signal, "SIGKILL", 9) else "")
+    else:
+        lines = [ln for ln in output.strip().splitlines() if ln.strip()]
+        why = f"exit status {returncode}" + (": " + " | ".join(lines[-3:]) if lines else "")
+    return (f"compiling the kernels failed ({why}); nothing was cached, and the next run "
+            "compiles again")
 
 
 def _exercise() -> None:

@@ -1,6 +1,7 @@
 """Training data: chat loss masks, the token cache's key, text windows, encodings, and errors
 that name the row."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -313,3 +314,28 @@ def test_a_file_that_changes_while_it_is_tokenized_is_not_cached_under_the_old_k
         D.tokenize_file(str(p), t, cache_dir=c, log=log)
     p.write_text(a)
     assert trained_text(t, D.tokenize_file(str(p), t, cache_dir=c)).startswith("red")
+
+
+def test_a_token_cache_write_cut_short_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """A full disk while the cache is written: the tokens are kept in memory with a note, and
+    the half-written temporary file is removed (each failed run used to leave one, filling the
+    disk further)."""
+    monkeypatch.setenv("TAILTUNE_CACHE", str(tmp_path / "cache"))
+    text = tmp_path / "t.txt"
+    text.write_text("hello world, hello cache\n" * 20)
+    real = np.save
+
+    def full_disk(path, a, *args, **kw):
+        if "mask" in str(path):
+            with open(path, "wb") as f:
+                f.write(b"\x93NUMPY partial")
+            raise OSError(28, "No space left on device")
+        return real(path, a, *args, **kw)
+    monkeypatch.setattr(D.np, "save", full_disk)
+    notes = []
+    tok = engine.ByteTokenizer()
+    data = D.tokenize_file(str(text), tok, log=notes.append)
+    assert np.array_equal(np.asarray(data.tokens), tok.encode(text.read_text()) + [256])
+    assert any("No space left on device" in n for n in notes)
+    left = [f for _, _, fs in os.walk(tmp_path / "cache") for f in fs]
+    assert not any(".tmp" in f for f in left), left

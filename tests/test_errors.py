@@ -163,3 +163,40 @@ def test_optional_packages_missing_or_broken_are_told_apart(monkeypatch, tmp_pat
     with pytest.raises(engine.CheckpointError, match="'brokenpkg' package is installed but does "
                                                      "not import .*sentencepiece_not_here"):
         optional_import("brokenpkg", error=engine.CheckpointError, what="x")
+
+
+def test_a_compile_stamp_vouches_for_its_own_kernel_cache_only(monkeypatch, tmp_path):
+    """A stamp sent to the home folder (its cache's folder refused it) must not make a process
+    with another, empty NUMBA_CACHE_DIR skip compiling: that process would run fresh code, not
+    reproduced bit for bit by later runs."""
+    from engine.warmup import _stamp
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "a"))
+    a = _stamp()
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "b"))
+    assert os.path.basename(_stamp()) != os.path.basename(a)
+
+
+@pytest.mark.parametrize("returncode,output,match", [
+    (-9, "", r"killed by SIGKILL \(out of memory\?\)"),
+    (1, "Traceback ...\nOpenBLAS error: Memory allocation still failed after 10 retries\n",
+     r"exit status 1: Traceback ... \| OpenBLAS error: Memory allocation still failed"),
+])
+def test_a_failed_compile_is_one_error_and_the_next_try_compiles_again(monkeypatch, tmp_path,
+                                                                       returncode, output, match):
+    """The compiling child killed (the out-of-memory killer) or failing: an engine error saying
+    why (the CLI prints it on one line), not a RuntimeError with blank lines; and a caller that
+    tries again compiles again instead of running fresh code."""
+    import subprocess
+    from engine import warmup
+    monkeypatch.setattr(warmup, "_stamp", lambda: str(tmp_path / "tailtune-compiled-x"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    runs = []
+    monkeypatch.setattr(warmup.subprocess, "run", lambda *a, **k: runs.append(a) or
+                        subprocess.CompletedProcess(a, returncode, output, ""))
+    monkeypatch.setattr(warmup, "_done", False)
+    monkeypatch.delenv("TAILTUNE_WARMUP_CHILD", raising=False)
+    monkeypatch.delenv("NUMBA_DISABLE_JIT", raising=False)
+    for attempt in (1, 2):
+        with pytest.raises(engine.TailtuneError, match="compiling the kernels failed.*" + match):
+            warmup.ensure_compiled(quiet=True)
+        assert len(runs) == attempt

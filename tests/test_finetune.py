@@ -546,3 +546,98 @@ def test_long_evaluations_show_progress(tiny, tmp_path, capsys):
     fresh.write_text(open(data).read()[:3000])
     assert cli(["eval", "--model", model_dir, "--data", str(fresh), "--seq-len", "32"]) == 0
     assert f"tokenizing {fresh}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["forward", "metrics"])
+def test_a_step_that_fails_keeps_the_steps_before_it(tiny, tmp_path, monkeypatch, capsys, where):
+    """Out of memory in step 4's forward, or a full disk appending step 3's metrics line: the
+    error is one line naming the problem (and the file), the steps already done are written to
+    a checkpoint (not lost, as they were without --save-every), and --resume ends with the
+    weights of a run that never failed."""
+    import engine.train as T
+    model, data = tiny
+
+    def short(out, *extra):
+        a = run_args(model, data, out, *extra)
+        a[a.index("--steps") + 1] = "6"
+        return a
+
+    straight = str(tmp_path / "straight")
+    assert cli(short(straight)) == 0
+    out = str(tmp_path / "failed")
+    calls = {"n": 0}
+    if where == "forward":
+        real = T._forward
+
+        def failing(model, x, y, idx, cache, grad=True):
+            if grad:
+                calls["n"] += 1
+                if calls["n"] == 4:
+                    raise MemoryError("Unable to allocate 1.91 GiB for an array")
+            return real(model, x, y, idx, cache, grad)
+        monkeypatch.setattr(T, "_forward", failing)
+    else:
+        import builtins
+        real = builtins.open
+
+        def failing(path, mode="r", *a, **k):   # the third line appended: step 3's
+            if str(path).endswith("metrics.jsonl") and mode == "a":
+                calls["n"] += 1
+                if calls["n"] == 3:
+                    raise OSError(28, "No space left on device")
+            return real(path, mode, *a, **k)
+        monkeypatch.setattr(T, "open", failing, raising=False)
+    assert cli(short(out)) == 2
+    printed = capsys.readouterr()
+    if where == "forward":
+        assert "out of memory (Unable to allocate 1.91 GiB" in printed.err
+    else:
+        assert os.path.join(out, "metrics.jsonl") in printed.err and "No space left" in printed.err
+    assert "Traceback" not in printed.err
+    assert "training stopped after step 3" in printed.out and "--resume" in printed.out
+    state = json.load(open(os.path.join(out, "checkpoint", "trainer_state.json")))
+    assert state["step"] == 3
+    if where == "forward":
+        monkeypatch.setattr(T, "_forward", real)
+    else:
+        monkeypatch.delattr(T, "open")
+    assert cli(short(out) + ["--resume", out]) == 0
+    a, b = weights(straight), weights(out)
+    assert all(np.array_equal(a[n], b[n]) for n in a)
+
+
+def test_a_summary_that_cannot_be_written_leaves_the_run_resumable(tiny, tmp_path, monkeypatch,
+                                                                      capsys):
+    """model/ is written, then summary.json is not (a full disk): the error says where the
+    model is, the checkpoint stays, and --resume finishes the run; a plot that cannot be
+    written is a note, not a failed run."""
+    import engine.train as T
+    model, data = tiny
+    a = run_args(model, data, str(tmp_path / "r"))
+    a[a.index("--steps") + 1] = "3"
+    real = T.write_json
+
+    def full(path, obj):
+        if path.endswith("summary.json"):
+            raise engine.CheckpointError(f"{path}: cannot write: No space left on device")
+        return real(path, obj)
+    monkeypatch.setattr(T, "write_json", full)
+    assert cli(a + ["--save-every", "2"]) == 2      # with a checkpoint: --resume writes it
+    err = capsys.readouterr().err
+    assert f"the fine-tuned model is in {tmp_path / 'r' / 'model'}" in err and "--resume" in err
+    assert os.path.isdir(tmp_path / "r" / "checkpoint")
+    b = run_args(model, data, str(tmp_path / "s"))
+    b[b.index("--steps") + 1] = "3"
+    assert cli(b) == 2                               # without one, the model is the result
+    assert "--resume" not in capsys.readouterr().err
+    fails(capsys, b, "this same run, finished (its model is in")
+    monkeypatch.setattr(T, "write_json", real)
+
+    def no_room(*args, **kw):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(T, "_plot", no_room)
+    assert cli(a + ["--save-every", "2", "--resume", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "note: no loss.png (No space left on device)" in out and "fine-tuned model:" in out
+    assert os.path.exists(tmp_path / "r" / "summary.json")
+    assert not os.path.exists(tmp_path / "r" / "checkpoint")

@@ -439,3 +439,25 @@ def test_a_config_no_hugging_face_model_holds_is_refused_and_can_still_be_kept(t
     assert all(np.array_equal(back.params[n], model.params[n]) for n in model.params)
     x = np.arange(8).reshape(1, 8)
     np.testing.assert_array_equal(back.forward(x), model.forward(x))
+
+
+def test_a_failed_save_names_the_target_not_its_staging_folder(tmp_path, monkeypatch):
+    """A full disk (or a file-size limit) while saving: the error names the directory the user
+    asked for and the reason, not the hidden staging folder inside it."""
+    import engine.io as io
+    from conftest import small_model
+    from engine.train import save_checkpoint
+
+    def too_large(path, *a, **k):
+        raise engine.CheckpointError(f"{path}: cannot write: File too large")
+    monkeypatch.setattr(io, "write_safetensors", too_large)
+    model = small_model("llama", n_layer=1)
+    d = str(tmp_path / "m")
+    with pytest.raises(engine.CheckpointError) as e:
+        model.save(d)
+    assert str(e.value) == f"{d}: could not save the model: model.safetensors: cannot write: File too large"
+    ck = str(tmp_path / "run" / "checkpoint")
+    with pytest.raises(engine.CheckpointError) as e:
+        save_checkpoint(ck, model, engine.ByteTokenizer(), engine.AdamW(model), {"step": 1})
+    assert str(e.value) == f"{ck}: could not write the checkpoint: File too large"
+    assert os.listdir(tmp_path / "run") == []

@@ -254,7 +254,7 @@ def test_cache_takes_room_for_the_rows_it_serves_and_checks_there_is_room(setup,
     # too big for memory or disk: refused before anything is allocated, as the CLI's error
     need = PrefixCache(m, ex, 3).nbytes
     monkeypatch.setattr(PC, "_available_memory", lambda: need)
-    with pytest.raises(engine.InputError, match=r"--prefix-cache memory needs .* GiB of memory is available"):
+    with pytest.raises(engine.InputError, match=r"--prefix-cache memory needs .* MiB of memory is available"):
         PrefixCache(m, ex, 3)
     monkeypatch.setattr(PC, "_available_memory", lambda: 10 * need)
     PrefixCache(m, ex, 3)
@@ -302,3 +302,49 @@ def test_a_cache_whose_prefix_trained_since_is_never_read():
     np.testing.assert_allclose(fresh.hidden(idx, x)[real], m.prefix(x, 3)[real], rtol=0, atol=1e-6)
     m.params["wte.weight"] = m.params["wte.weight"].copy()   # an array replaced by hand
     assert not fresh.valid_for(m)
+
+
+def _examples(n=6, vocab=257, seed=0):
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(6, 20, n)
+    off = np.concatenate([[0], np.cumsum(lens)])
+    toks = rng.integers(0, vocab, int(off[-1])).astype(np.int32)
+    return D.Examples(D.TokenData(toks, np.ones_like(toks, np.uint8), off, "examples", "mem"), 32)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="no posix_fallocate here")
+def test_a_disk_cache_without_room_is_refused_before_training_not_a_sigbus(tmp_path, monkeypatch):
+    """The cache file is memory-mapped and sparse: a store into it on a full disk kills the
+    process (SIGBUS) mid-epoch. Its blocks are reserved when it is made, so a full disk is an
+    error naming the file then, and no half-made file is left."""
+    import errno
+    m = tiny(L=4).train_last(1)
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(engine.InputError, match=r"--prefix-cache disk: no room for .*\.npy "
+                                                r"\(No space left on device\)"):
+        PrefixCache(m, _examples(), 3, directory=str(tmp_path / "c"))
+    assert os.listdir(tmp_path / "c") == []
+    monkeypatch.undo()
+    c = PrefixCache(m, _examples(), 3, directory=str(tmp_path / "c"))
+    st = os.stat(c.files[0])
+    assert st.st_blocks * 512 >= st.st_size       # allocated whole, not sparse
+
+
+def test_the_room_check_counts_what_a_reused_file_holds_on_disk_not_its_size(tmp_path, monkeypatch):
+    """A cache file filled in part is sparse: reusing it needs the room its holes will take.
+    Crediting its apparent size let a run start that a full disk then killed."""
+    from engine import prefix_cache as P
+    d = tmp_path / "c"
+    d.mkdir()
+    with open(d / "k.npy", "wb") as f:
+        f.truncate(100 << 20)                     # 100 MiB apparent, nothing allocated
+    monkeypatch.setattr(P.shutil, "disk_usage", lambda p: type("U", (), {"free": 10 << 20})())
+    with pytest.raises(engine.InputError, match=r"needs 50.0 MiB in .* and 10.0 MiB is free"):
+        P._check_room(50 << 20, 4, str(d), "k")
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    with pytest.raises(engine.InputError, match="cannot create .*TAILTUNE_CACHE"):
+        P._check_room(1, 1, str(blocked / "prefix"), "k")

@@ -202,8 +202,9 @@ def save_model(model, path: str, dtype: str = "F32") -> None:
         write_json(os.path.join(stage, "config.json"), hf)
         for name in SAVED_FILES:
             os.replace(os.path.join(stage, name), os.path.join(path, name))
-    except OSError as e:
-        raise CheckpointError(f"{path}: could not save the model: {e.strerror or e}") from None
+    except (OSError, CheckpointError) as e:   # named by the file, not the staging folder
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).replace(stage + os.sep, "")
+        raise CheckpointError(f"{path}: could not save the model: {why}") from None
     finally:
         shutil.rmtree(stage, ignore_errors=True)
         if created:  # a failed save into a new directory leaves none behind
