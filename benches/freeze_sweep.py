@@ -153,7 +153,7 @@ class _EngineSide:
 
     def prepare(self, k):
         self.opt = None
-        self.model.train_last(k)      # drops the old gradient buffers, makes the new ones
+        self.model.train_last(k)      # frees the buffers of blocks leaving, makes the new ones
         gc.collect()
         self.opt = self.engine.AdamW(self.model, lr=self.lr)
         return {"trainable_params": self.model.num_params(trainable_only=True)}

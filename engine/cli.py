@@ -146,8 +146,10 @@ def main(argv=None):
         print(f"tailtune {args.cmd}: error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
     except MemoryError as err:   # numpy names the array it could not allocate
-        print(f"tailtune {args.cmd}: error: out of memory ({err or 'an allocation failed'}); try a "
-              "smaller --batch-size or --seq-len", file=sys.stderr)
+        hint = ("; try a smaller --batch-size or --seq-len" if args.cmd in ("finetune", "eval")
+                else "")
+        print(f"tailtune {args.cmd}: error: out of memory ({err or 'an allocation failed'}){hint}",
+              file=sys.stderr)
         return 2
 
 

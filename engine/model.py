@@ -195,13 +195,14 @@ class Model:
         if unknown:
             raise InputError(f"set_trainable: no parameter named {unknown[0]!r}")
         gone = [n for n in self.grads if n not in names]
-        new = [n for n in self.params if n in names and n not in self.grads]
+        # allocated before anything changes: out of memory here leaves the set as it was
+        new = {n: np.zeros_like(self.params[n]) for n in self.params
+               if n in names and n not in self.grads}
         for n in gone:
             del self.grads[n]
             self._no_grad_yet.discard(n)
-        for n in new:
-            self.grads[n] = np.zeros_like(self.params[n])
-            self._no_grad_yet.add(n)
+        self.grads.update(new)
+        self._no_grad_yet.update(new)
         if gone or new:
             self._trainable_changed()
         return self

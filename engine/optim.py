@@ -43,12 +43,12 @@ class Optimizer:
 
     def _sync(self):
         live = self.model.grads
+        # made before any is dropped: out of memory here leaves the state as it was
+        new = {n: self._new_state(self.model.params[n]) for n in live if n not in self.state}
         for n in list(self.state):
             if n not in live:
                 del self.state[n]
-        for n in live:
-            if n not in self.state:
-                self.state[n] = self._new_state(self.model.params[n])
+        self.state.update(new)
 
     def _new_state(self, p) -> dict:
         raise NotImplementedError

@@ -18,6 +18,7 @@ run trained (no later run can reproduce those).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import os
@@ -101,28 +102,46 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
+def _linux_fallocate():
+    """fallocate(2) from the C library, or None (not Linux). Not os.posix_fallocate: where a
+    filesystem cannot allocate (NFSv3, some FUSE), glibc imitates it by writing a zero into
+    every block that reads as zero, which races with another run filling a shared cache file."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = getattr(libc, "fallocate64", None) or libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_FALLOCATE = _linux_fallocate()
+
+
 def _reserve(files, fresh: bool) -> None:
     """Allocate the files' blocks now. A memory-mapped file is sparse, and a store into a hole
     on a full disk is a SIGBUS that kills the run mid-epoch with no checkpoint; here it is an
-    error before training. fresh: the files were just created (removed again on failure)."""
-    if not hasattr(os, "posix_fallocate"):   # macOS, Windows: the room check is all there is
+    error before training. fresh: the files were just created (removed again on failure).
+    Elsewhere than Linux, or on a filesystem that cannot allocate, the room check is all."""
+    if _FALLOCATE is None:
         return
     for path in files:
         fd = os.open(path, os.O_RDWR)
         try:
-            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
-        except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                continue   # a filesystem that cannot (EOPNOTSUPP): as without the call
+            err = ctypes.get_errno() if _FALLOCATE(fd, 0, 0, os.fstat(fd).st_size) else 0
+        finally:
+            os.close(fd)
+        if err in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             if fresh:
                 for f in files:
                     with contextlib.suppress(OSError):
                         os.remove(f)
-            raise InputError(f"--prefix-cache disk: no room for {path} ({e.strerror}); use "
+            raise InputError(f"--prefix-cache disk: no room for {path} ({os.strerror(err)}); use "
                              "--prefix-dtype float16 (half), less data, or --prefix-cache "
-                             "memory or off") from None
-        finally:
-            os.close(fd)
+                             "memory or off")
 
 
 _HALF_MAX = float(np.finfo(np.float16).max)

@@ -236,7 +236,8 @@ PROBE_TOKENS = 512
 class Telemetry:
     """Per-layer statistics on the steps `due` says: after every `every` updates (0-based steps
     every - 1, 2 * every - 1, ...) and after the last one (step + 1 == total_steps, when given).
-    They are: gradient norm (before clipping), update-to-weight ratio, drift from the pretrained
+    They are: gradient norm (before clipping), update-to-weight ratio (the update's norm over
+    the weights' norm after it), drift from the pretrained
     weights (relative distance and cosine), Adam moment norms, and linear CKA of each block's
     output against the pretrained model's on a fixed probe batch (its first rows, at most
     PROBE_TOKENS tokens; at least one row; over the real tokens of each row when `lengths`
@@ -352,7 +353,9 @@ class Telemetry:
 
 
 def plot_telemetry(records: list, png: str) -> None:
-    """One panel per statistic, one line per layer over steps (needs matplotlib). A layer has
+    """One panel per statistic, one line per layer over steps (needs matplotlib). records:
+    {"step": s, "telemetry": Telemetry.record(...)} dicts, as the metrics log's lines hold
+    them. A layer has
     one colour in every panel and the figure one legend of all layers: panels plot different
     layer sets (frozen blocks have only CKA), so per-panel colour cycles would disagree."""
     import matplotlib
@@ -423,6 +426,7 @@ def measure(model, B: int, T: int, steps: int = 3, seed: int = 0, between=None,
     if target_rows is not None:   # the first positions carry no loss, as a chat's prompts
         y.reshape(-1)[:B * T - target_rows] = IGNORE
     saved = {n: model.params[n].copy() for n in model.grads}
+    updated = dict(model._updated)   # restored with the weights: nothing changed for a cache
     opt = AdamW(model, lr=1e-6)
 
     def step():
@@ -448,6 +452,7 @@ def measure(model, B: int, T: int, steps: int = 3, seed: int = 0, between=None,
         layers.PROFILE = None
         for n, a in saved.items():     # measuring must not change the model
             model.params[n][...] = a
+        model._updated = updated
         model.zero_grad()
     keys = {k for t in per_step for k in t}
     ms = {k: 1e3 * float(np.median([t.get(k, 0.0) for t in per_step])) for k in keys}

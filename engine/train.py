@@ -475,8 +475,8 @@ class _Caches:
         old_train, old_eval = self.train, self.eval
         self.train = make(self.examples, old_train, np.union1d(self.train_rows, self.eval_rows)
                           if shared else self.train_rows)
+        self.built.append(self.train)   # before the next can fail: close() deletes its files
         self.eval = self.train if shared else make(self.held, old_eval, self.eval_rows)
-        self.built.append(self.train)
         if self.eval is not self.train:
             self.held_built.append(self.eval)
         for c in (old_train, old_eval):
@@ -572,6 +572,7 @@ def load_checkpoint(src: str, model, opt) -> dict:
         raise CheckpointError(f"{src}: checkpoint holds a different architecture")
     for n in model.params:  # all: a schedule may have frozen blocks after training them
         model.params[n][...] = params[n]
+        model._updated[n] = model._updated.get(n, 0) + 1   # new weights: a prefix cache sees it
     st = SafetensorsFile(os.path.join(src, "optimizer.safetensors"))
     loaded = {n: {} for n in opt.state}
     for key in st.keys():
@@ -875,7 +876,7 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
 
     try:
         step = start
-        done, updating = after_update(), False
+        done, updating, unlogged = after_update(), False, None
         try:
             while step < steps:
                 if stop["signal"] is not None:
@@ -919,8 +920,9 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
                 tok_s = ntok / (time.perf_counter() - t0)
                 # under lr-decay and FreezeOut each block has its own rate: the highest one applied
                 top = max((opt.lr_scale.get(n, 1.0) for n in model.grads), default=1.0)
-                rec = {"step": step, "loss": loss, "lr": opt.lr * top, "grad_norm": gnorm,
-                       "tokens": ntok, "tokens_per_s": tok_s, "trainable_blocks": model.trainable_blocks()}
+                rec = unlogged = {"step": step, "loss": loss, "lr": opt.lr * top, "grad_norm": gnorm,
+                                  "tokens": ntok, "tokens_per_s": tok_s,
+                                  "trainable_blocks": model.trainable_blocks()}
                 if telemetry is not None and telemetry.due(step - 1):
                     rec["telemetry"] = telemetry.record(step - 1, opt)
                 if args.eval_every and step % args.eval_every == 0 and step < steps and len(eval_idx):
@@ -928,6 +930,7 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
                     rec["eval_loss"] = held_out_loss()
                     log(f"step {step}: held-out loss {rec['eval_loss']:.4f}")
                 _log_metric(metrics_path, rec)
+                unlogged = None
                 progress.update(step - 1, loss, tok_s)
                 if args.save_every and step % args.save_every == 0 and step < steps:
                     checkpoint(step)
@@ -935,12 +938,20 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
             if isinstance(e, DivergedError) or updating or step == start:
                 raise
             progress.newline()
+            if unlogged is not None:   # the last step's line, as far as it got (a resume
+                with contextlib.suppress(Exception):   # does not redo that step)
+                    _log_metric(metrics_path, unlogged)
+            if set(opt.state) != set(model.grads):   # failed while the trainable set changed
+                log(f"training stopped after step {step} (the error follows), while the trainable "
+                    "set was changing: no checkpoint of it; an earlier one, if any, is unchanged")
+                raise
             try:   # the steps done so far are whole: keep them
                 checkpoint(step, done)
                 log(f"training stopped after step {step} (the error follows); the steps done are "
                     f"in a checkpoint: continue with {resume_cmd}")
             except Exception as e2:   # the disk that failed may fail this too
-                log(f"no checkpoint of the steps done either ({e2})")
+                log(f"training stopped after step {step} (the error follows), and no checkpoint of "
+                    f"it could be written ({e2}); an earlier one, if any, is unchanged")
             raise
         if step < steps:
             progress.newline()
@@ -985,7 +996,7 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
     try:
         write_json(os.path.join(args.out, "summary.json"), summary)
     except CheckpointError as e:   # a checkpoint stays: --resume writes model/ and this again
-        again = (f"; --resume {args.out} writes it" if
+        again = (f"; {_command_line(['--resume', args.out])} writes it" if
                  os.path.isdir(os.path.join(args.out, "checkpoint")) else "")
         raise CheckpointError(f"the fine-tuned model is in {final}, but {e}{again}") from None
     # superseded by model/ and the summary (written first: a run with neither is resumable)

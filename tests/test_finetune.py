@@ -548,17 +548,18 @@ def test_long_evaluations_show_progress(tiny, tmp_path, capsys):
     assert f"tokenizing {fresh}" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("where", ["forward", "metrics"])
+@pytest.mark.parametrize("where", ["forward", "metrics", "eval"])
 def test_a_step_that_fails_keeps_the_steps_before_it(tiny, tmp_path, monkeypatch, capsys, where):
-    """Out of memory in step 4's forward, or a full disk appending step 3's metrics line: the
-    error is one line naming the problem (and the file), the steps already done are written to
-    a checkpoint (not lost, as they were without --save-every), and --resume ends with the
-    weights of a run that never failed."""
+    """Out of memory in step 4's forward or in the held-out evaluation after step 3, or a full
+    disk appending step 3's metrics line: the error is one line naming the problem (and the
+    file), the steps already done are written to a checkpoint (not lost, as they were without
+    --save-every), and --resume ends with the weights and the metrics lines of a run that
+    never failed (step 3's line is written, as far as it got)."""
     import engine.train as T
     model, data = tiny
 
     def short(out, *extra):
-        a = run_args(model, data, out, *extra)
+        a = run_args(model, data, out, "--eval-every", "3", *extra)
         a[a.index("--steps") + 1] = "6"
         return a
 
@@ -566,14 +567,13 @@ def test_a_step_that_fails_keeps_the_steps_before_it(tiny, tmp_path, monkeypatch
     assert cli(short(straight)) == 0
     out = str(tmp_path / "failed")
     calls = {"n": 0}
-    if where == "forward":
+    if where in ("forward", "eval"):
         real = T._forward
 
         def failing(model, x, y, idx, cache, grad=True):
-            if grad:
-                calls["n"] += 1
-                if calls["n"] == 4:
-                    raise MemoryError("Unable to allocate 1.91 GiB for an array")
+            calls["n"] += grad
+            if (calls["n"] == 4 and grad) if where == "forward" else (calls["n"] == 3 and not grad):
+                raise MemoryError("Unable to allocate 1.91 GiB for an array")
             return real(model, x, y, idx, cache, grad)
         monkeypatch.setattr(T, "_forward", failing)
     else:
@@ -589,7 +589,7 @@ def test_a_step_that_fails_keeps_the_steps_before_it(tiny, tmp_path, monkeypatch
         monkeypatch.setattr(T, "open", failing, raising=False)
     assert cli(short(out)) == 2
     printed = capsys.readouterr()
-    if where == "forward":
+    if where != "metrics":
         assert "out of memory (Unable to allocate 1.91 GiB" in printed.err
     else:
         assert os.path.join(out, "metrics.jsonl") in printed.err and "No space left" in printed.err
@@ -597,11 +597,50 @@ def test_a_step_that_fails_keeps_the_steps_before_it(tiny, tmp_path, monkeypatch
     assert "training stopped after step 3" in printed.out and "--resume" in printed.out
     state = json.load(open(os.path.join(out, "checkpoint", "trainer_state.json")))
     assert state["step"] == 3
-    if where == "forward":
-        monkeypatch.setattr(T, "_forward", real)
-    else:
+    if where == "metrics":
         monkeypatch.delattr(T, "open")
+    else:
+        monkeypatch.setattr(T, "_forward", real)
     assert cli(short(out) + ["--resume", out]) == 0
+    a, b = weights(straight), weights(out)
+    assert all(np.array_equal(a[n], b[n]) for n in a)
+
+    def steps(d):
+        return [json.loads(line)["step"] for line in open(os.path.join(d, "metrics.jsonl"))]
+    assert steps(out) == steps(straight) == [0, 1, 2, 3, 4, 5, 6, 6]
+
+
+def test_out_of_memory_while_a_schedule_adds_a_block_keeps_the_last_good_checkpoint(
+        tiny, tmp_path, monkeypatch, capsys):
+    """The optimizer state of a block a schedule unfreezes cannot be allocated: the trainable
+    set and the optimizer state are left as they were (not half changed), no checkpoint of a
+    mismatched pair replaces the last good one, and --resume from it ends as a run that never
+    failed."""
+    model, data = tiny
+
+    def args(out, *extra):
+        a = run_args(model, data, out, "--schedule", "gradual", "--schedule-every", "3",
+                     "--save-every", "2", *extra)
+        a[a.index("--steps") + 1] = "5"
+        return a
+    straight = str(tmp_path / "straight")
+    assert cli(args(straight)) == 0
+    out = str(tmp_path / "failed")
+    real = engine.AdamW._new_state
+    grown = {"n": 0}
+
+    def no_memory(self, p):
+        if self.model.trainable_blocks() == [1, 2, 3]:   # step 4: block 1 joins
+            grown["n"] += 1
+            raise MemoryError("Unable to allocate")
+        return real(self, p)
+    monkeypatch.setattr(engine.AdamW, "_new_state", no_memory)
+    assert cli(args(out)) == 2
+    assert grown["n"] == 1 and "while the trainable set was changing" in capsys.readouterr().out
+    state = json.load(open(os.path.join(out, "checkpoint", "trainer_state.json")))
+    assert state["step"] == 2
+    monkeypatch.setattr(engine.AdamW, "_new_state", real)
+    assert cli(args(out, "--resume", out)) == 0
     a, b = weights(straight), weights(out)
     assert all(np.array_equal(a[n], b[n]) for n in a)
 

@@ -2,6 +2,7 @@
 invalidated and rebuilt when a lower block is unfrozen, reused from disk by a later run."""
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -312,17 +313,20 @@ def _examples(n=6, vocab=257, seed=0):
     return D.Examples(D.TokenData(toks, np.ones_like(toks, np.uint8), off, "examples", "mem"), 32)
 
 
-@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="no posix_fallocate here")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fallocate(2) is Linux's")
 def test_a_disk_cache_without_room_is_refused_before_training_not_a_sigbus(tmp_path, monkeypatch):
     """The cache file is memory-mapped and sparse: a store into it on a full disk kills the
     process (SIGBUS) mid-epoch. Its blocks are reserved when it is made, so a full disk is an
     error naming the file then, and no half-made file is left."""
+    import ctypes
     import errno
+    from engine import prefix_cache as P
     m = tiny(L=4).train_last(1)
 
-    def full(fd, offset, length):
-        raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(os, "posix_fallocate", full)
+    def full(fd, mode, offset, length):
+        ctypes.set_errno(errno.ENOSPC)
+        return -1
+    monkeypatch.setattr(P, "_FALLOCATE", full)
     with pytest.raises(engine.InputError, match=r"--prefix-cache disk: no room for .*\.npy "
                                                 r"\(No space left on device\)"):
         PrefixCache(m, _examples(), 3, directory=str(tmp_path / "c"))
@@ -348,3 +352,28 @@ def test_the_room_check_counts_what_a_reused_file_holds_on_disk_not_its_size(tmp
     blocked.write_text("")
     with pytest.raises(engine.InputError, match="cannot create .*TAILTUNE_CACHE"):
         P._check_room(1, 1, str(blocked / "prefix"), "k")
+
+
+def test_measuring_a_step_leaves_a_cache_valid_and_loading_a_checkpoint_does_not(tmp_path):
+    """probes.measure trains a few steps and puts the weights back: a cache made before stays
+    valid (nothing changed). Weights copied in from a checkpoint are new: a cache made before
+    is refused."""
+    from engine import probes
+    from engine.train import load_checkpoint, save_checkpoint
+    m = tiny(L=4)
+    m.train_last(4)
+    ex = _examples()
+    probes.measure(m, 2, 8, steps=1)
+    m.train_last(1)
+    cache = PrefixCache(m, ex, 3)
+    m.train_last(4)
+    probes.measure(m, 2, 8, steps=1)
+    m.train_last(1)
+    assert cache.valid_for(m)
+    other = engine.Model(m.config, seed=9).train_last(1)
+    save_checkpoint(str(tmp_path / "ck"), other, engine.ByteTokenizer(), engine.AdamW(other),
+                    {"step": 1, "data": {"epoch": 0, "cursor": 0}, "args": {},
+                     "base_fingerprint": "x"})
+    load_checkpoint(str(tmp_path / "ck"), m, engine.AdamW(m))
+    assert np.array_equal(m.params["blocks.0.mlp.up.weight"], other.params["blocks.0.mlp.up.weight"])
+    assert not cache.valid_for(m)
