@@ -206,9 +206,9 @@ def run(args=None) -> dict:
     C.quiet_hf()
     imported_early = C.set_thread_env(args.threads)
     worker_env = dict(os.environ)   # the user's environment + thread counts, before the engine's
-    # torch first: kernels.jit sets OMP_WAIT_POLICY=PASSIVE (for Numba's OpenMP pool) when it is
-    # imported, and torch's OpenMP runtime reads the variable when it loads; this order leaves
-    # torch with the environment a user's torch script would see.
+    # OMP_WAIT_POLICY=PASSIVE is set (set_thread_env, above) before torch loads, so both sides
+    # run with it: one OpenMP runtime serves both, and spinning threads cost the engine 15-25%;
+    # torch's steps with and without it differ within the noise (benches/README.md)
     omp_wait_at_torch = os.environ.get("OMP_WAIT_POLICY")
     import numpy as np
     import torch

@@ -176,7 +176,7 @@ def bench_attention(b: Bench, rng):
 
         # torch in its own layout (B, heads, T, D), contiguous: what SDPA is fastest on
         def tl(x, grad=False):
-            return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 1, 3))).requires_grad_(grad)
+            return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 1, 3))).clone().requires_grad_(grad)
         qt, kt, vt = tl(q, True), tl(k, True), tl(v, True)
         dot = tl(dout)
 
@@ -251,7 +251,10 @@ def bench_gemm(b: Bench, rng):
                 def np_op(x, y, o): return np.matmul(x.T, y, out=o)      # noqa: E704
                 def t_op(x, y, o): return torch.matmul(x.T, y, out=o)    # noqa: E704
             outs = {c: np.empty((M, N), np.float32) for c in ("blas", "numba", "numpy", "torch")}
-            at, wt, ot = torch.from_numpy(a), torch.from_numpy(w), torch.from_numpy(outs["torch"])
+            # torch's operands in torch's own (64-byte aligned) memory: numpy's 16-byte aligned
+            # arrays cost torch.mm 1.1-1.5x here, a handicap no torch user has
+            at, wt, ot = torch.from_numpy(a).clone(), torch.from_numpy(w).clone(), torch.empty((M, N))
+            outs["torch"] = ot.numpy()
             contenders = {
                 "engine blas": lambda: fn(a, w, outs["blas"], backend="blas"),
                 "engine numba": lambda: fn(a, w, outs["numba"], backend="numba"),
@@ -304,10 +307,10 @@ def bench_norm(b: Bench, rng):
             out = np.empty_like(x)
             mean, rstd = np.empty(N, np.float32), np.empty(N, np.float32)
             dx, dw, db = np.zeros_like(x), np.zeros_like(w), np.zeros_like(bias)
-            xt = torch.from_numpy(x.copy()).requires_grad_(True)
-            wt = torch.from_numpy(w.copy()).requires_grad_(True)
-            bt = torch.from_numpy(bias.copy()).requires_grad_(True)
-            dot = torch.from_numpy(dout)
+            xt = torch.from_numpy(x).clone().requires_grad_(True)   # torch's own memory
+            wt = torch.from_numpy(w).clone().requires_grad_(True)
+            bt = torch.from_numpy(bias).clone().requires_grad_(True)
+            dot = torch.from_numpy(dout).clone()
             if kind == "layernorm":
                 def e_fwd():
                     layernorm_forward(x, w, bias, out, mean, rstd, eps)
@@ -369,8 +372,8 @@ def bench_loss(b: Bench, rng):
     targets = rng.integers(0, V, R, dtype=np.int64)
     work = np.empty_like(logits)
     losses, lse = np.empty(R, np.float32), np.empty(R, np.float32)
-    lt = torch.from_numpy(logits.copy()).requires_grad_(True)
-    tt = torch.from_numpy(targets)
+    lt = torch.from_numpy(logits).clone().requires_grad_(True)   # torch's own memory
+    tt = torch.from_numpy(targets).clone()
 
     def e_fwd():
         crossentropy_forward(logits, targets, losses, lse)
