@@ -237,8 +237,8 @@ class Telemetry:
     """Per-layer statistics on the steps `due` says: after every `every` updates (0-based steps
     every - 1, 2 * every - 1, ...) and after the last one (step + 1 == total_steps, when given).
     They are: gradient norm (before clipping), update-to-weight ratio (the update's norm over
-    the weights' norm after it), drift from the pretrained
-    weights (relative distance and cosine), Adam moment norms, and linear CKA of each block's
+    the weights' norm after it), drift from the pretrained weights (relative distance and
+    cosine), Adam moment norms, and linear CKA of each block's
     output against the pretrained model's on a fixed probe batch (its first rows, at most
     PROBE_TOKENS tokens; at least one row; over the real tokens of each row when `lengths`
     gives them).
@@ -355,9 +355,9 @@ class Telemetry:
 def plot_telemetry(records: list, png: str) -> None:
     """One panel per statistic, one line per layer over steps (needs matplotlib). records:
     {"step": s, "telemetry": Telemetry.record(...)} dicts, as the metrics log's lines hold
-    them. A layer has
-    one colour in every panel and the figure one legend of all layers: panels plot different
-    layer sets (frozen blocks have only CKA), so per-panel colour cycles would disagree."""
+    them. A layer has one colour in every panel and the figure one legend of all layers: panels
+    plot different layer sets (frozen blocks have only CKA), so per-panel colour cycles would
+    disagree."""
     import matplotlib
     from matplotlib.figure import Figure   # not pyplot: the host's backend and figures stay as they are
     from matplotlib.lines import Line2D

@@ -1080,10 +1080,14 @@ def _finite(v):
 
 
 def _log_metric(path, rec, truncate=False):
+    line = json.dumps(_finite(rec), allow_nan=False) + "\n"
+    size = 0 if truncate or not os.path.exists(path) else os.path.getsize(path)
     try:
         with open(path, "w" if truncate else "a") as f:
-            f.write(json.dumps(_finite(rec), allow_nan=False) + "\n")
-    except OSError as e:   # a full disk: name the file (a cut-off line is dropped on resume)
+            f.write(line)
+    except OSError as e:   # a full disk: no cut-off line left (a later line would join it)
+        with contextlib.suppress(OSError):
+            os.truncate(path, size)
         raise CheckpointError(f"{path}: cannot write ({e.strerror or e})") from None
 
 

@@ -680,3 +680,37 @@ def test_a_summary_that_cannot_be_written_leaves_the_run_resumable(tiny, tmp_pat
     assert "note: no loss.png (No space left on device)" in out and "fine-tuned model:" in out
     assert os.path.exists(tmp_path / "r" / "summary.json")
     assert not os.path.exists(tmp_path / "r" / "checkpoint")
+
+
+def test_a_metrics_line_cut_off_by_a_full_disk_is_taken_back(tmp_path, monkeypatch):
+    """The disk fills in the middle of a metrics line: the part written is removed, so the
+    line written again later (or the next one) does not join a fragment into a line that a
+    resume then refuses."""
+    import builtins
+    import engine.train as T
+    p = str(tmp_path / "metrics.jsonl")
+    T._log_metric(p, {"step": 0, "eval_loss": 1.0}, truncate=True)
+    real = builtins.open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            self.f.write(text[:7])
+            self.f.flush()
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(T, "open", lambda path, mode="r", *a, **k: Full(real(path, mode, *a, **k)),
+                        raising=False)
+    with pytest.raises(engine.CheckpointError, match="metrics.jsonl: cannot write"):
+        T._log_metric(p, {"step": 1, "loss": 2.0})
+    monkeypatch.delattr(T, "open")
+    T._log_metric(p, {"step": 1, "loss": 2.0})
+    assert [json.loads(line)["step"] for line in open(p)] == [0, 1]
