@@ -35,7 +35,7 @@ from .generate import generate  # noqa: E402
 
 
 # Submodules the README shows as engine.<name>.<thing>, loaded on first use as well.
-_SUBMODULES = ("schedules", "prefix_cache", "probes", "data")
+_SUBMODULES = ("schedules", "prefix_cache", "probes", "data", "train")
 
 
 def __getattr__(name):

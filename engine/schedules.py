@@ -40,7 +40,7 @@ RANGES = {"decay": (lambda x: 0 < x <= 1, "in (0, 1]"),
 
 
 def make(name: str, n_layer: int, k: int, every: int = 50, decay: float = 0.8, t0: float = 0.5,
-         threshold: float = 0.05, seed: int = 0):
+         threshold: float = 0.05, seed: int = 0, total: int | None = None):
     """The schedule `name` (one of NAMES) over a model of n_layer blocks, k its block count.
     In one's own loop it is used as `tailtune finetune --schedule` uses it:
 
@@ -54,7 +54,8 @@ def make(name: str, n_layer: int, k: int, every: int = 50, decay: float = 0.8, t
     and head of a model fresh from engine.load are frozen by it). With `sched.anneals`
     (FreezeOut) the global rate should stay constant after warmup: the schedule anneals each
     block itself. To resume, keep state_dict() (AutoFreeze's norms) and give it back with
-    load_state_dict(); the trainable set follows from the next apply()."""
+    load_state_dict(); the trainable set follows from the next apply(). total: the run's steps,
+    which FreezeOut's blocks() depend on (apply() gives it too)."""
     if name not in NAMES:
         raise InputError(f"unknown schedule {name!r}; choose one of {', '.join(NAMES)}")
     if not is_int(n_layer) or n_layer < 1:
@@ -65,6 +66,8 @@ def make(name: str, n_layer: int, k: int, every: int = 50, decay: float = 0.8, t
         raise InputError(f"schedule {name}: every must be an integer >= 1, got {every!r}")
     if not is_int(seed):
         raise InputError(f"schedule {name}: seed must be an integer, got {seed!r}")
+    if total is not None and (not is_int(total) or total < 1):
+        raise InputError(f"schedule {name}: total must be an integer >= 1, got {total!r}")
     # all checked whichever schedule is named: a bad value is a mistake either way
     for what, v in (("decay", decay), ("t0", t0), ("threshold", threshold)):
         ok, rng = RANGES[what]
@@ -72,7 +75,9 @@ def make(name: str, n_layer: int, k: int, every: int = 50, decay: float = 0.8, t
             raise InputError(f"schedule {name}: {what} must be a number {rng}, got {v!r}")
     cls = {"static": Static, "gradual": Gradual, "lr-decay": LRDecay, "freezeout": FreezeOut,
            "autofreeze": AutoFreeze, "lisa": Lisa}[name]
-    return cls(n_layer, k, every=every, decay=decay, t0=t0, threshold=threshold, seed=seed)
+    sched = cls(n_layer, k, every=every, decay=decay, t0=t0, threshold=threshold, seed=seed)
+    sched.total = total
+    return sched
 
 
 class Schedule:
@@ -83,7 +88,7 @@ class Schedule:
     def __init__(self, n_layer, k, every=50, decay=0.8, t0=0.5, threshold=0.05, seed=0):
         self.L, self.k, self.every = n_layer, k, every
         self.decay, self.t0, self.threshold, self.seed = decay, t0, threshold, seed
-        self.total = 1
+        self.total: int | None = None   # the run's steps: make(total=) or apply() sets it
 
     def blocks(self, step: int) -> list[int]:
         """Trainable blocks before optimizer step `step` (0-based)."""
@@ -147,12 +152,18 @@ class FreezeOut(Schedule):
         frac = (block - lo) / (self.k - 1) if self.k > 1 else 1.0
         return self.t0 + (1.0 - self.t0) * frac
 
+    def _progress(self, step) -> float:
+        if self.total is None:   # a block's time is a fraction of the run: it needs the length
+            raise InputError("freezeout: which blocks train depends on the run's length; give "
+                             "make(..., total=N) or call apply() first")
+        return step / max(1, self.total)
+
     def blocks(self, step):
-        f = step / max(1, self.total)
+        f = self._progress(step)
         return [i for i in range(self.L - self.k, self.L) if f < self._t(i)]
 
     def lr_scale(self, block, step):
-        f = step / max(1, self.total)
+        f = self._progress(step)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, f / self._t(block))))
 
 

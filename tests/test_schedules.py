@@ -386,3 +386,16 @@ def test_a_schedule_applied_to_a_fully_trainable_model_trains_only_its_blocks(na
     assert [n for n in m.trainable if not n.startswith("blocks.")] == ["ln_f.weight"]
     assert set(opt.state) == set(m.trainable)
     assert m.lowest_trainable_block() == min(want)
+
+
+def test_freezeout_asked_for_its_blocks_before_it_knows_the_run_length_says_so():
+    """FreezeOut's blocks are a function of the fraction of the run done: asked before apply()
+    (a researcher planning a study) it used a run of one step and answered wrongly; now it
+    takes the length from make(total=) or refuses."""
+    s = schedules.make("freezeout", 6, 4, t0=0.5)
+    with pytest.raises(engine.InputError, match="make\\(..., total=N\\) or call apply\\(\\) first"):
+        s.blocks(10)
+    s = schedules.make("freezeout", 6, 4, t0=0.5, total=100)
+    assert s.blocks(0) == [2, 3, 4, 5] and s.blocks(55) == [3, 4, 5] and s.blocks(99) == [5]
+    with pytest.raises(engine.InputError, match="total must be an integer >= 1"):
+        schedules.make("freezeout", 6, 4, total=0)
