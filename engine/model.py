@@ -198,13 +198,21 @@ class Model:
         # allocated before anything changes: out of memory here leaves the set as it was
         new = {n: np.zeros_like(self.params[n]) for n in self.params
                if n in names and n not in self.grads}
+        before = dict(self.grads), set(self._no_grad_yet)
         for n in gone:
             del self.grads[n]
             self._no_grad_yet.discard(n)
         self.grads.update(new)
         self._no_grad_yet.update(new)
         if gone or new:
-            self._trainable_changed()
+            try:
+                self._trainable_changed()
+            except BaseException:   # an optimizer could not make its state: back as it was
+                self.grads.clear()
+                self.grads.update(before[0])
+                self._no_grad_yet = before[1]
+                self._trainable_changed()
+                raise
         return self
 
     def _trainable_changed(self):

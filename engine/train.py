@@ -443,7 +443,11 @@ class _Caches:
         self.train = self.eval = None
         self.built: list[PrefixCache] = []     # every training-data cache of the run, for report()
         self.held_built: list[PrefixCache] = []
-        self.refresh()
+        try:
+            self.refresh()
+        except BaseException:   # the run's own close() never comes: delete disposable files now
+            self.close()
+            raise
 
     def refresh(self):
         if self.args.prefix_cache == "off":

@@ -377,3 +377,32 @@ def test_measuring_a_step_leaves_a_cache_valid_and_loading_a_checkpoint_does_not
     load_checkpoint(str(tmp_path / "ck"), m, engine.AdamW(m))
     assert np.array_equal(m.params["blocks.0.mlp.up.weight"], other.params["blocks.0.mlp.up.weight"])
     assert not cache.valid_for(m)
+
+
+def test_a_held_out_cache_without_room_takes_the_training_cache_of_a_trained_prefix_with_it(
+        tmp_path, monkeypatch):
+    """A run's caches made at its start (a resume whose prefix holds a block it trained, so the
+    files are disposable): the held-out data's cache finds no room after the training data's was
+    made. The error stands, and the training cache's files, which no run can reuse, are
+    deleted instead of left in the cache folder."""
+    import ctypes
+    import errno
+    from engine import prefix_cache as P, train as T
+    monkeypatch.setenv("TAILTUNE_CACHE", str(tmp_path / "tc"))
+    m = tiny(L=4).train_last(1)
+    calls = {"n": 0}
+    real = P._FALLOCATE
+
+    def third_file_on_full(fd, mode, offset, length):
+        calls["n"] += 1
+        if calls["n"] >= 3:   # the held-out cache's two files
+            ctypes.set_errno(errno.ENOSPC)
+            return -1
+        return real(fd, mode, offset, length)
+    monkeypatch.setattr(P, "_FALLOCATE", third_file_on_full)
+    args = T.TrainArgs(model="x", data="y", out="z", prefix_cache="disk", batch_size=2)
+    trained = {"blocks.0.mlp.up.weight", *m.trainable}
+    with pytest.raises(engine.InputError, match="no room"):
+        T._Caches(args, m, _examples(6), _examples(5, seed=1), print, trained, 0, np.arange(6),
+                  np.arange(5))
+    assert os.listdir(tmp_path / "tc" / "prefix") == []

@@ -399,3 +399,27 @@ def test_freezeout_asked_for_its_blocks_before_it_knows_the_run_length_says_so()
     assert s.blocks(0) == [2, 3, 4, 5] and s.blocks(55) == [3, 4, 5] and s.blocks(99) == [5]
     with pytest.raises(engine.InputError, match="total must be an integer >= 1"):
         schedules.make("freezeout", 6, 4, total=0)
+
+
+def test_a_swap_whose_new_state_cannot_be_allocated_changes_nothing(monkeypatch):
+    """LISA-style swap (one block leaves, another joins) when the joining block's optimizer
+    state cannot be allocated: the trainable set and the leaving block's moments stay as they
+    were (dropping them first would restart its Adam at step 0), and the error propagates."""
+    m = tiny(4).train_last(1)
+    opt = engine.AdamW(m, lr=1e-2)
+    x = np.arange(16).reshape(2, 8) % 50
+    m.forward(x, np.roll(x, -1, 1))
+    m.backward()
+    opt.step()
+    before = list(m.trainable)
+    real = engine.AdamW._new_state
+
+    def no_memory(self, p):
+        raise MemoryError("Unable to allocate")
+    monkeypatch.setattr(engine.AdamW, "_new_state", no_memory)
+    with pytest.raises(MemoryError):
+        m.set_trainable(m._match(["ln_f.*", "blocks.1.*"]))
+    assert m.trainable == before and set(opt.state) == set(before)
+    assert opt.state["blocks.3.mlp.up.weight"]["t"] == 1
+    monkeypatch.setattr(engine.AdamW, "_new_state", real)
+    assert engine.train.TrainArgs is not None   # the lazy submodule the README names
