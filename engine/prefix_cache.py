@@ -312,8 +312,10 @@ class PrefixCache:
             self._compute(idx, x, below)
 
     def close(self):
-        """Let the rows go (the counters stay for report()); a disposable cache's files too."""
-        self.store = self.filled = None
+        """Let the rows go (the counters stay for report()); a disposable cache's files too. A
+        run keeps every cache it made for its report: nothing per example may stay (a schedule
+        that moves the cache every few steps made RSS climb ~11 MiB per 1000 steps)."""
+        self.store = self.filled = self.offsets = self.serve = self.version = None
         for f in self.files if self.disposable else ():
             try:
                 os.remove(f)

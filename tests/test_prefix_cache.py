@@ -406,3 +406,19 @@ def test_a_held_out_cache_without_room_takes_the_training_cache_of_a_trained_pre
         T._Caches(args, m, _examples(6), _examples(5, seed=1), print, trained, 0, np.arange(6),
                   np.arange(5))
     assert os.listdir(tmp_path / "tc" / "prefix") == []
+
+
+def test_a_closed_cache_keeps_only_its_counters(tmp_path):
+    """A run keeps every cache it made (for the report), and LISA moves the cache every few
+    steps: a closed cache must hold nothing per example, or memory climbs all run long."""
+    m = tiny(L=4).train_last(1)
+    ex = _examples(40)
+    x, y, idx = next(D.eval_batches(ex, np.arange(4), 4, 0))
+    for directory in (None, str(tmp_path / "c")):
+        c = PrefixCache(m, ex, 3, directory=directory)
+        c.hidden(idx, x)
+        c.close()
+        kept = [k for k, v in vars(c).items() if isinstance(v, (np.ndarray, tuple)) and len(v)]
+        assert kept in ([], ["files"]), kept
+        r = c.report()
+        assert r["examples_computed"] == 4 and r["reads"] == 4
