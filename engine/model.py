@@ -74,8 +74,7 @@ class Model:
         self.params = self._init(seed) if params is None else self._checked(params)
         self.grads: dict[str, np.ndarray] = {}
         self._no_grad_yet: set[str] = set()   # unfrozen or zeroed since the last backward
-        self._updates = 0                      # optimizer steps taken (backward checks it)
-        self._updated: dict[str, int] = {}     # per parameter: optimizer updates applied to it
+        self._updated: dict[str, int] = {}     # per parameter: updates applied (_weights_now)
         self._optimizers = weakref.WeakSet()
         self._tape = None
         self._rope = None
@@ -544,10 +543,12 @@ class Model:
             if prof:
                 prof.add("embeddings", "backward", perf_counter() - t0)
 
-    def _weights_now(self) -> tuple:
-        """What backward checks against the forward's: the optimizer steps taken, and which
-        array each parameter is (edits in place by hand are not seen)."""
-        return self._updates, tuple(id(p) for p in self.params.values())
+    def _weights_now(self, names=None) -> tuple:
+        """Which array each parameter (of `names`, default all) is and how many updates it has
+        taken: backward checks it against its forward's, a prefix cache against its prefix's
+        when it was made (edits in place by hand are not seen)."""
+        return tuple((n, id(self.params[n]), self._updated.get(n, 0))
+                     for n in (self.params if names is None else names))
 
     def saved_bytes(self) -> int:
         """Bytes of activations the last forward kept for backward."""
@@ -580,8 +581,7 @@ class Model:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self.__dict__.setdefault("_updates", 0)   # pickled before the counts existed
-        self.__dict__.setdefault("_updated", {})
+        self.__dict__.setdefault("_updated", {})   # pickled before the counts existed
         self._optimizers = weakref.WeakSet()
 
     def __repr__(self):

@@ -57,7 +57,6 @@ class Optimizer:
         from . import layers
         self._sync()
         self.t += 1
-        self.model._updates += 1
         for n in self.state:   # updated in place: name the parameter a kernel could not write
             p = self.model.params[n]
             if not (isinstance(p, np.ndarray) and p.dtype == np.float32 and p.flags.c_contiguous

@@ -51,11 +51,8 @@ def prefix_hash(model, start: int) -> str:
 
 
 def _prefix_version(model, start: int) -> tuple:
-    """Which array each prefix parameter is and how many optimizer updates it took: what
-    prefix_hash would see change, without hashing the weights on every step (an edit in place
-    by hand is not seen)."""
-    return tuple((n, id(p), model._updated.get(n, 0))
-                 for n, p in model.params.items() if in_prefix(n, start))
+    """What prefix_hash would see change, without hashing the weights on every read."""
+    return model._weights_now([n for n in model.params if in_prefix(n, start)])
 
 
 def _available_memory() -> int | None:

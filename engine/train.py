@@ -1005,10 +1005,10 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
         raise CheckpointError(f"the fine-tuned model is in {final}, but {e}{again}") from None
     # superseded by model/ and the summary (written first: a run with neither is resumable)
     shutil.rmtree(os.path.join(args.out, "checkpoint"), ignore_errors=True)
-    for plot, png in ((_plot, "loss.png"), (_plot_telemetry if telemetry is not None else None,
-                                            "telemetry.png")):
-        if plot is None:
-            continue
+    plots = [(_plot, "loss.png")]
+    if telemetry is not None:
+        plots.append((_plot_telemetry, "telemetry.png"))
+    for plot, png in plots:
         try:   # a picture of metrics.jsonl: its failure (a full disk) does not fail the run
             plot(metrics_path, os.path.join(args.out, png), log)
         except OSError as e:
