@@ -72,6 +72,13 @@ def main(argv=None):
     f.add_argument("--lr-decay", type=float, default=0.8, help="lr-decay factor per block (default 0.8)")
     f.add_argument("--freezeout-t0", type=float, default=0.5, help="freezeout: fraction of training at "
                    "which the lowest block stops (default 0.5)")
+    f.add_argument("--freezeout-spacing", default="linear", choices=("linear", "squared", "cubic"),
+                   help="freezeout: how the blocks' stop times t_i run from --freezeout-t0 to 1: "
+                   "evenly, or as the paper's squared / cubic strategies, which leave the upper "
+                   "blocks more time (default linear)")
+    f.add_argument("--freezeout-scaled", action="store_true", help="freezeout: start each block at "
+                   "lr / t_i, so that blocks that stop early travel as far (the paper's scaled "
+                   "variant; default off: every block starts at lr)")
     f.add_argument("--autofreeze-threshold", type=float, default=0.05, help="autofreeze: relative "
                    "gradient-norm change below which a block freezes (default 0.05)")
     f.add_argument("--prefix-cache", default="off", choices=("off", "memory", "disk"), help="cache the "
@@ -163,7 +170,8 @@ def _finetune(a):
                      eval_batches=a.eval_batches, save_every=a.save_every, seed=a.seed,
                      sample_prompt=a.sample_prompt, sample_tokens=a.sample_tokens,
                      schedule=a.schedule, schedule_every=a.schedule_every, lr_decay=a.lr_decay,
-                     freezeout_t0=a.freezeout_t0, autofreeze_threshold=a.autofreeze_threshold,
+                     freezeout_t0=a.freezeout_t0, freezeout_spacing=a.freezeout_spacing,
+                     freezeout_scaled=a.freezeout_scaled, autofreeze_threshold=a.autofreeze_threshold,
                      prefix_cache=a.prefix_cache, prefix_dtype=a.prefix_dtype,
                      telemetry_every=a.telemetry_every)
     summary = finetune(args, resume=a.resume, log=lambda m: print(m, flush=True), given=a.given)

@@ -9,7 +9,9 @@ and may scale the learning rate per parameter. The final norm always trains.
               every N steps
   lr-decay    the last k blocks, block i at lr * decay^(L-1-i) (discriminative rates)
   freezeout   FreezeOut: each of the last k blocks anneals its rate to 0 by a cosine at its own
-              time t_i (lowest first; t_i runs from t0 to 1 of training), then leaves backward
+              time t_i (lowest first; t_i runs from t0 to 1 of training, spaced linearly or,
+              as the paper's squared and cubic strategies, closer together near t0), then
+              leaves backward; `scaled` starts block i at lr / t_i (the paper's "scaled")
   autofreeze  AutoFreeze's criterion: every N steps, freeze the lowest trainable blocks whose
               gradient norm, summed over the N steps, changed by less than a threshold
               (relative) from the previous N steps' sum
@@ -30,6 +32,7 @@ from .errors import InputError, is_int, is_number
 from .model import block_of
 
 NAMES = ("static", "gradual", "lr-decay", "freezeout", "autofreeze", "lisa")
+SPACINGS = {"linear": 1, "squared": 2, "cubic": 3}   # FreezeOut's t_i: the power of its spacing
 
 # The schedules' numeric settings (train.TrainArgs checks its flags with these too). decay > 1
 # or <= 0 gives growing or negative rates, t0 outside (0, 1] blocks stopping outside training
@@ -40,7 +43,8 @@ RANGES = {"decay": (lambda x: 0 < x <= 1, "in (0, 1]"),
 
 
 def make(name: str, n_layer: int, k: int, every: int = 50, decay: float = 0.8, t0: float = 0.5,
-         threshold: float = 0.05, seed: int = 0, total: int | None = None):
+         threshold: float = 0.05, seed: int = 0, total: int | None = None,
+         spacing: str = "linear", scaled: bool = False):
     """The schedule `name` (one of NAMES) over a model of n_layer blocks, k its block count.
     In one's own loop it is used as `tailtune finetune --schedule` uses it:
 
@@ -55,7 +59,11 @@ def make(name: str, n_layer: int, k: int, every: int = 50, decay: float = 0.8, t
     (FreezeOut) the global rate should stay constant after warmup: the schedule anneals each
     block itself. To resume, keep state_dict() (AutoFreeze's norms) and give it back with
     load_state_dict(); the trainable set follows from the next apply(). total: the run's steps,
-    which FreezeOut's blocks() depend on (apply() gives it too)."""
+    which FreezeOut's blocks() depend on (apply() gives it too). spacing and scaled: FreezeOut's
+    strategies (Brock et al. 2017): block i leaves at t_i = (b + (1 - b) f_i)^p, f_i running from
+    0 (the lowest of the k) to 1 (the top), p = 1, 2, 3 for linear, squared, cubic, b = t0^(1/p)
+    so that the lowest leaves at t0 whatever the spacing (the paper gives t0 before the power);
+    scaled multiplies block i's rate by 1 / t_i, so that every block travels as far."""
     if name not in NAMES:
         raise InputError(f"unknown schedule {name!r}; choose one of {', '.join(NAMES)}")
     if not is_int(n_layer) or n_layer < 1:
@@ -73,10 +81,14 @@ def make(name: str, n_layer: int, k: int, every: int = 50, decay: float = 0.8, t
         ok, rng = RANGES[what]
         if not is_number(v) or not ok(v):
             raise InputError(f"schedule {name}: {what} must be a number {rng}, got {v!r}")
+    if spacing not in SPACINGS:
+        raise InputError(f"schedule {name}: spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
+    if not isinstance(scaled, bool):
+        raise InputError(f"schedule {name}: scaled must be True or False, got {scaled!r}")
     cls = {"static": Static, "gradual": Gradual, "lr-decay": LRDecay, "freezeout": FreezeOut,
            "autofreeze": AutoFreeze, "lisa": Lisa}[name]
     sched = cls(n_layer, k, every=every, decay=decay, t0=t0, threshold=threshold, seed=seed)
-    sched.total = total
+    sched.total, sched.spacing, sched.scaled = total, spacing, scaled
     return sched
 
 
@@ -89,6 +101,7 @@ class Schedule:
         self.L, self.k, self.every = n_layer, k, every
         self.decay, self.t0, self.threshold, self.seed = decay, t0, threshold, seed
         self.total: int | None = None   # the run's steps: make(total=) or apply() sets it
+        self.spacing, self.scaled = "linear", False   # FreezeOut's strategy (make() sets them)
 
     def blocks(self, step: int) -> list[int]:
         """Trainable blocks before optimizer step `step` (0-based)."""
@@ -142,7 +155,7 @@ class LRDecay(Schedule):
 
 class FreezeOut(Schedule):
     """Brock et al. 2017: block i's rate is 0.5 lr (1 + cos(pi t / t_i)) until it leaves at
-    t_i, in place of a global decay (anneals = True)."""
+    t_i, in place of a global decay (anneals = True); scaled: lr / t_i in place of lr."""
     anneals = True
 
     def _t(self, block):
@@ -150,7 +163,11 @@ class FreezeOut(Schedule):
         (so with k = 1 the one block trains throughout, its rate annealed)."""
         lo = self.L - self.k
         frac = (block - lo) / (self.k - 1) if self.k > 1 else 1.0
-        return self.t0 + (1.0 - self.t0) * frac
+        if frac == 0:   # exactly t0: its p-th root raised to p again may land a step later
+            return self.t0
+        p = SPACINGS[self.spacing]
+        b = self.t0 ** (1.0 / p)
+        return (b + (1.0 - b) * frac) ** p
 
     def _progress(self, step) -> float:
         if self.total is None:   # a block's time is a fraction of the run: it needs the length
@@ -163,8 +180,8 @@ class FreezeOut(Schedule):
         return [i for i in range(self.L - self.k, self.L) if f < self._t(i)]
 
     def lr_scale(self, block, step):
-        f = self._progress(step)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, f / self._t(block))))
+        f, t = self._progress(step), self._t(block)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, f / t))) / (t if self.scaled else 1.0)
 
 
 class AutoFreeze(Schedule):

@@ -75,6 +75,8 @@ class TrainArgs:
     schedule_every: int = 50            # gradual / autofreeze / lisa: steps between changes
     lr_decay: float = 0.8               # lr-decay: factor per block below the top
     freezeout_t0: float = 0.5           # freezeout: when the lowest trainable block stops
+    freezeout_spacing: str = "linear"   # freezeout: the blocks' stop times, linear | squared | cubic
+    freezeout_scaled: bool = False      # freezeout: block i starts at lr / t_i (its stop time)
     autofreeze_threshold: float = 0.05  # autofreeze: relative gradient-norm change to freeze
     prefix_cache: str = "off"           # frozen-prefix activation cache: off | memory | disk
     prefix_dtype: str = "float32"       # ... stored as float32 or float16
@@ -103,6 +105,8 @@ class TrainArgs:
                  ("schedule_every", pos, ">= 1"),
                  ("lr_decay", *schedules.RANGES["decay"]),
                  ("freezeout_t0", *schedules.RANGES["t0"]),
+                 ("freezeout_spacing", lambda v: v in schedules.SPACINGS, "linear, squared or cubic"),
+                 ("freezeout_scaled", lambda v: isinstance(v, bool), "True or False"),
                  ("autofreeze_threshold", *schedules.RANGES["threshold"]),
                  ("seed", nonneg, ">= 0"), ("sample_tokens", nonneg, ">= 0"),
                  ("prefix_cache", lambda v: v in ("off", "memory", "disk"), "off, memory or disk"),
@@ -345,7 +349,8 @@ def _apply_freezing(model: Model, args: TrainArgs):
         model.train_last(k)
         schedule = None if args.schedule == "static" else schedules.make(
             args.schedule, model.config.n_layer, k, every=args.schedule_every, decay=args.lr_decay,
-            t0=args.freezeout_t0, threshold=args.autofreeze_threshold, seed=args.seed)
+            t0=args.freezeout_t0, threshold=args.autofreeze_threshold, seed=args.seed,
+            spacing=args.freezeout_spacing, scaled=args.freezeout_scaled)
     if not model.trainable:
         raise InputError("nothing is trainable")
     return schedule

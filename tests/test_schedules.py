@@ -96,6 +96,28 @@ def test_freezeout():
     assert opt.lr_scale["ln_f.weight"] == opt.lr_scale["blocks.5.mlp.up.weight"] == pytest.approx(0.5)
 
 
+def test_freezeout_cubic_spacing_and_scaled_rates_follow_the_paper():
+    """Brock et al.'s strategies: t_i = (b + (1 - b) i / (k - 1))^3 with b = t0^(1/3) (the
+    lowest block still leaves at t0), and the scaled variant's rate lr / t_i at the start."""
+    s = schedules.make("freezeout", 6, 3, t0=0.5, spacing="cubic", scaled=True)
+    b = 0.5 ** (1 / 3)
+    stops = {3: 0.5, 4: (b + (1 - b) / 2) ** 3, 5: 1.0}        # 4 leaves at 0.7214
+    assert stops[4] == pytest.approx(0.72137, abs=1e-5)
+    seen, _, _ = run_schedule(s, 1000)
+    for i, t in stops.items():   # in the trainable set exactly while step / 1000 < t_i
+        assert [step for step in range(1000) if i in seen[step]] == list(range(math.ceil(t * 1000)))
+    for i, t in stops.items():
+        assert s.lr_scale(i, 0) == pytest.approx(1 / t)
+        assert s.lr_scale(i, 100) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.1 / t)) / t)
+    lin = schedules.make("freezeout", 6, 3, t0=0.5, spacing="squared", total=100)
+    assert lin.blocks(72) == [4, 5] and lin.blocks(73) == [5]  # (sqrt .5 + (1 - sqrt .5) / 2)^2 = .7286
+    assert lin.lr_scale(3, 0) == 1.0                           # unscaled: every block starts at lr
+    for bad, msg in ((dict(spacing="quartic"), "spacing must be one of linear, squared, cubic"),
+                     (dict(scaled="yes"), "scaled must be True or False")):
+        with pytest.raises(engine.InputError, match=msg):
+            schedules.make("freezeout", 6, 3, **bad)
+
+
 def test_schedule_change_keeps_adam_state_and_a_new_block_starts_at_step_one():
     """Gradual unfreezing adds block 3 at step 4: blocks 4, 5 keep their moments (the change
     creates state for block 3 only), and block 3's first update is a first Adam step
@@ -423,3 +445,23 @@ def test_a_swap_whose_new_state_cannot_be_allocated_changes_nothing(monkeypatch)
     assert opt.state["blocks.3.mlp.up.weight"]["t"] == 1
     monkeypatch.setattr(engine.AdamW, "_new_state", real)
     assert engine.train.TrainArgs is not None   # the lazy submodule the README names
+
+
+def test_freezeout_strategy_flags_reach_the_run(tmp_path):
+    """--freezeout-spacing cubic --freezeout-scaled: the logged (highest) rate after the warmup
+    step is the larger of block 4's, 0.5 (1 + cos(pi f / 0.5)) / 0.5 while it trains, and the
+    top block's, 0.5 (1 + cos(pi f)), f = step / 12."""
+    model = _tiny_dir(tmp_path / "m")
+    data = _text(tmp_path / "d.txt")
+    out = str(tmp_path / "r")
+    assert cli(["finetune", "--model", model, "--data", data, "--out", out, "--train-last", "2",
+                "--steps", "12", "--batch-size", "2", "--seq-len", "16", "--schedule", "freezeout",
+                "--freezeout-spacing", "cubic", "--freezeout-scaled", "--sample-tokens", "0"]) == 0
+    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    lrs = [r["lr"] for r in recs if "lr" in r]
+    want = [1e-4 * max(0.5 * (1 + math.cos(math.pi * s / 12)),
+                       (1 + math.cos(math.pi * s / 6)) if s < 6 else 0.0) for s in range(1, 12)]
+    assert lrs[1:] == [pytest.approx(w, rel=1e-9) for w in want]
+    assert [r["trainable_blocks"] for r in recs if "lr" in r][5:7] == [[4, 5], [5]]
+    with pytest.raises(engine.InputError, match="--freezeout-spacing quartic: must be linear, squared or cubic"):
+        engine.train.TrainArgs(model=model, data=data, out=out, freezeout_spacing="quartic").validate()
