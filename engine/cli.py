@@ -23,10 +23,12 @@ def main(argv=None):
     f.add_argument("--data", required=True, help="training data: .txt, or .jsonl with "
                    "{'prompt','completion'} or {'messages'} rows (loss on completions / assistant turns)")
     f.add_argument("--out", required=True, help="run directory (checkpoints, metrics, final model)")
-    g = f.add_mutually_exclusive_group()
-    g.add_argument("--train-last", type=int, metavar="K", help="train the last K blocks and the final norm (default 2)")
-    g.add_argument("--unfreeze", nargs="+", metavar="GLOB", default=[], help="train the parameters matching these "
-                   "glob patterns, e.g. 'blocks.29.mlp.*' (`tailtune inspect --params` lists the names)")
+    f.add_argument("--train-last", type=int, metavar="K", help="train the last K blocks and the final "
+                   "norm (default 2, unless --unfreeze alone is given)")
+    f.add_argument("--unfreeze", nargs="+", metavar="GLOB", default=[], help="train the parameters matching these "
+                   "glob patterns, e.g. 'blocks.29.mlp.*' (`tailtune inspect --params` lists the names); "
+                   "with --train-last, beside its blocks and under any --schedule, throughout (LISA as "
+                   "its paper runs it: --schedule lisa --unfreeze 'wte.*' 'lm_head.*')")
     f.add_argument("--steps", type=int, help="optimizer steps, >= 1 (default: --epochs over the data)")
     f.add_argument("--epochs", type=float, default=1.0, help="passes over the training data (default 1)")
     f.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch (default 8)")

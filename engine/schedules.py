@@ -44,7 +44,7 @@ RANGES = {"decay": (lambda x: 0 < x <= 1, "in (0, 1]"),
 
 def make(name: str, n_layer: int, k: int, every: int = 50, decay: float = 0.8, t0: float = 0.5,
          threshold: float = 0.05, seed: int = 0, total: int | None = None,
-         spacing: str = "linear", scaled: bool = False):
+         spacing: str = "linear", scaled: bool = False, also: tuple = ()):
     """The schedule `name` (one of NAMES) over a model of n_layer blocks, k its block count.
     In one's own loop it is used as `tailtune finetune --schedule` uses it:
 
@@ -63,7 +63,10 @@ def make(name: str, n_layer: int, k: int, every: int = 50, decay: float = 0.8, t
     strategies (Brock et al. 2017): block i leaves at t_i = (b + (1 - b) f_i)^p, f_i running from
     0 (the lowest of the k) to 1 (the top), p = 1, 2, 3 for linear, squared, cubic, b = t0^(1/p)
     so that the lowest leaves at t0 whatever the spacing (the paper gives t0 before the power);
-    scaled multiplies block i's rate by 1 / t_i, so that every block travels as far."""
+    scaled multiplies block i's rate by 1 / t_i, so that every block travels as far. also: glob
+    patterns of parameters that train throughout beside the schedule's blocks (LISA as its
+    paper runs it: also=("wte.*", "lm_head.*"), the embeddings and head; a trainable embedding
+    takes backward down through every block)."""
     if name not in NAMES:
         raise InputError(f"unknown schedule {name!r}; choose one of {', '.join(NAMES)}")
     if not is_int(n_layer) or n_layer < 1:
@@ -85,10 +88,12 @@ def make(name: str, n_layer: int, k: int, every: int = 50, decay: float = 0.8, t
         raise InputError(f"schedule {name}: spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
     if not isinstance(scaled, bool):
         raise InputError(f"schedule {name}: scaled must be True or False, got {scaled!r}")
+    if isinstance(also, str) or not all(isinstance(p, str) for p in also):
+        raise InputError(f"schedule {name}: also must be a list of glob patterns, got {also!r}")
     cls = {"static": Static, "gradual": Gradual, "lr-decay": LRDecay, "freezeout": FreezeOut,
            "autofreeze": AutoFreeze, "lisa": Lisa}[name]
     sched = cls(n_layer, k, every=every, decay=decay, t0=t0, threshold=threshold, seed=seed)
-    sched.total, sched.spacing, sched.scaled = total, spacing, scaled
+    sched.total, sched.spacing, sched.scaled, sched.also = total, spacing, scaled, tuple(also)
     return sched
 
 
@@ -102,6 +107,7 @@ class Schedule:
         self.decay, self.t0, self.threshold, self.seed = decay, t0, threshold, seed
         self.total: int | None = None   # the run's steps: make(total=) or apply() sets it
         self.spacing, self.scaled = "linear", False   # FreezeOut's strategy (make() sets them)
+        self.also: tuple = ()   # globs of parameters trained throughout (make() sets them)
 
     def blocks(self, step: int) -> list[int]:
         """Trainable blocks before optimizer step `step` (0-based)."""
@@ -114,9 +120,10 @@ class Schedule:
         """Set the model's trainable set and the optimizer's per-parameter rate scales for
         `step`; True when the trainable set changed."""
         self.total = total
-        want = set(model._match(["ln_f.*", *[f"blocks.{i}.*" for i in set(self.blocks(step))]]))
+        want = set(model._match(["ln_f.*", *[f"blocks.{i}.*" for i in set(self.blocks(step))],
+                                 *self.also]))
         # exactly these: a model fresh from engine.load (all trainable) loses its embeddings and
-        # head here; blocks that stay keep their Adam state
+        # head here unless `also` names them; blocks that stay keep their Adam state
         changed = want != set(model.grads)
         model.set_trainable(want)
         scales = {}

@@ -54,7 +54,7 @@ class TrainArgs:
     eval_data: str | None = None        # held-out file; else eval_fraction of data
     eval_fraction: float = 0.1
     train_last: int | None = None       # trainable tail: last K blocks + final norm
-    unfreeze: list = field(default_factory=list)  # or glob patterns of trainable params
+    unfreeze: list = field(default_factory=list)  # globs of trainable params (with train_last: beside its blocks)
     steps: int | None = None            # optimizer steps (default: from epochs)
     epochs: float = 1.0
     batch_size: int = 8
@@ -335,11 +335,10 @@ def check_train_last(k: int, cfg) -> int:
 
 def _apply_freezing(model: Model, args: TrainArgs):
     """The initial trainable set; returns the schedule (None for a fixed set)."""
-    if args.train_last is not None and args.unfreeze:
-        raise InputError("give --train-last or --unfreeze, not both")
-    if args.unfreeze:
+    if args.unfreeze and args.train_last is None:   # the globs alone
         if args.schedule != "static":
-            raise InputError(f"--schedule {args.schedule} works on blocks: use --train-last, not --unfreeze")
+            raise InputError(f"--schedule {args.schedule} works on blocks: give --train-last K "
+                             "(--unfreeze then adds its parameters to the schedule's blocks)")
         model.freeze()
         model.unfreeze(*args.unfreeze)
         schedule = None
@@ -347,10 +346,12 @@ def _apply_freezing(model: Model, args: TrainArgs):
         k = check_train_last(DEFAULT_TRAIN_LAST if args.train_last is None else args.train_last,
                              model.config)
         model.train_last(k)
+        if args.unfreeze:   # beside the blocks, throughout
+            model.unfreeze(*args.unfreeze)
         schedule = None if args.schedule == "static" else schedules.make(
             args.schedule, model.config.n_layer, k, every=args.schedule_every, decay=args.lr_decay,
             t0=args.freezeout_t0, threshold=args.autofreeze_threshold, seed=args.seed,
-            spacing=args.freezeout_spacing, scaled=args.freezeout_scaled)
+            spacing=args.freezeout_spacing, scaled=args.freezeout_scaled, also=args.unfreeze)
     if not model.trainable:
         raise InputError("nothing is trainable")
     return schedule

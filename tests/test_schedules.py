@@ -465,3 +465,44 @@ def test_freezeout_strategy_flags_reach_the_run(tmp_path):
     assert [r["trainable_blocks"] for r in recs if "lr" in r][5:7] == [[4, 5], [5]]
     with pytest.raises(engine.InputError, match="--freezeout-spacing quartic: must be linear, squared or cubic"):
         engine.train.TrainArgs(model=model, data=data, out=out, freezeout_spacing="quartic").validate()
+
+
+def test_lisa_with_the_embeddings_and_head_trains_them_throughout():
+    """LISA as its paper runs it: the drawn blocks change, the embeddings and head train at
+    every step (and keep their Adam state across redraws); frozen blocks stay bit-identical."""
+    s = schedules.make("lisa", 6, 2, every=3, seed=1, also=("wte.*", "lm_head.*"))
+    seen, m, opt = run_schedule(s, 12, train=True)
+    assert len({tuple(b) for b in seen}) > 1                       # redrawn
+    assert {"wte.weight", "lm_head.weight", "ln_f.weight"} <= set(m.grads)
+    assert opt.state["wte.weight"]["t"] == opt.state["lm_head.weight"]["t"] == 12   # never reset
+    assert m.lowest_trainable_block() == -1                        # backward reaches the lookup
+    plain = schedules.make("lisa", 6, 2, every=3, seed=1)
+    assert [plain.blocks(i) for i in range(12)] == seen             # the same draws either way
+    with pytest.raises(engine.InputError, match="also must be a list of glob patterns"):
+        schedules.make("lisa", 6, 2, also="wte.*")
+
+
+def test_train_last_and_unfreeze_together(tmp_path, capsys):
+    """--train-last 2 --unfreeze 'lm_head.*': the last two blocks, the final norm and the head
+    train, nothing else moves; under a schedule the globs train beside its blocks."""
+    model = _tiny_dir(tmp_path / "m")
+    data = _text(tmp_path / "d.txt")
+    base = ["finetune", "--model", model, "--data", data, "--steps", "6", "--batch-size", "2",
+            "--seq-len", "16", "--sample-tokens", "0", "--lr", "1e-2"]
+    out = str(tmp_path / "a")
+    assert cli(base + ["--out", out, "--train-last", "2", "--unfreeze", "lm_head.*"]) == 0
+    before, after = engine.load(model).params, engine.load(os.path.join(out, "model")).params
+    moved = {n for n in before if not np.array_equal(before[n], after[n])}
+    assert moved == {n for n in before if n.startswith(("blocks.4.", "blocks.5.", "ln_f.", "lm_head."))}
+    out = str(tmp_path / "b")
+    assert cli(base + ["--out", out, "--train-last", "1", "--schedule", "lisa", "--schedule-every", "2",
+                       "--unfreeze", "wte.*", "lm_head.*"]) == 0
+    after = engine.load(os.path.join(out, "model")).params
+    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    drawn = {b for r in recs if "trainable_blocks" in r for b in r["trainable_blocks"]}
+    moved = {n for n in before if not np.array_equal(before[n], after[n])}
+    assert moved == {n for n in before if n.startswith(("wte.", "lm_head.", "ln_f."))
+                     or any(n.startswith(f"blocks.{b}.") for b in drawn)}
+    capsys.readouterr()
+    assert cli(base + ["--out", str(tmp_path / "c"), "--unfreeze", "lm_head.*", "--schedule", "lisa"]) == 2
+    assert "--schedule lisa works on blocks: give --train-last K" in capsys.readouterr().err
