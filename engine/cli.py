@@ -86,7 +86,9 @@ def main(argv=None):
     f.add_argument("--prefix-cache", default="off", choices=("off", "memory", "disk"), help="cache the "
                    "input of the lowest trainable block per example, so later epochs skip the frozen "
                    "prefix (default off; disk: a memory-mapped file in $TAILTUNE_CACHE/prefix, "
-                   "TAILTUNE_CACHE defaulting to ~/.cache/tailtune, reused by later runs)")
+                   "TAILTUNE_CACHE defaulting to ~/.cache/tailtune, reused by later runs; what earlier "
+                   "runs left is kept under $TAILTUNE_PREFIX_CACHE_GIB, default 20, least recently "
+                   "used removed first)")
     f.add_argument("--prefix-dtype", default="float32", choices=("float32", "float16"),
                    help="precision of the prefix cache (default float32; float16: half the memory)")
     f.add_argument("--telemetry-every", type=int, default=0, help="record per-layer gradient norms, "

@@ -66,10 +66,75 @@ def _available_memory() -> int | None:
     return None
 
 
+MAX_ENV = "TAILTUNE_PREFIX_CACHE_GIB"   # cap on what disk caches of earlier runs keep
+MAX_DEFAULT_GIB = 20.0
+
+
+def _max_kept() -> int:
+    v = os.environ.get(MAX_ENV, "")
+    try:
+        gib = float(v) if v.strip() else MAX_DEFAULT_GIB
+    except ValueError:
+        gib = -1.0
+    if not 0 <= gib < float("inf"):
+        raise InputError(f"{MAX_ENV}={v!r}: must be a number of GiB >= 0 (the most the disk "
+                         f"prefix caches of earlier runs may keep; default {MAX_DEFAULT_GIB:g})")
+    return int(gib * 2**30)
+
+
+def _on_disk(path: str) -> int:
+    st = os.stat(path)   # a file filled in part is sparse: count what it holds
+    return st.st_blocks * 512 if hasattr(st, "st_blocks") else st.st_size
+
+
+def _kept_caches(directory: str) -> dict:
+    """key -> [last use (mtime), bytes on disk, files] of each cache in the directory."""
+    kept: dict = {}
+    for name in os.listdir(directory):
+        key = name[:-len(".filled.npy")] if name.endswith(".filled.npy") else (
+            name[:-len(".npy")] if name.endswith(".npy") else None)
+        if key is None:
+            continue
+        path = os.path.join(directory, name)
+        try:
+            mtime, size = os.stat(path).st_mtime, _on_disk(path)
+        except OSError:   # removed by another run meanwhile
+            continue
+        k = kept.setdefault(key, [0.0, 0, []])
+        k[0], k[1] = max(k[0], mtime), k[1] + size
+        k[2].append(path)
+    return kept
+
+
+def _evict(directory: str, key: str, need: int, have: int) -> int:
+    """Remove the least recently used caches of earlier runs (never `key`'s) while they hold
+    more than the cap with this one, or the disk lacks room for it; returns the free bytes."""
+    cap = _max_kept()
+    kept = _kept_caches(directory)
+    kept.pop(key, None)
+    total = sum(k[1] for k in kept.values())
+    if need > 0.9 * (have + total):   # removing them all would not make room: keep them
+        return have
+    for other, (mtime, size, files) in sorted(kept.items(), key=lambda kv: kv[1][0]):
+        if total + need <= cap and need <= 0.9 * have:
+            break
+        try:
+            for f in files:   # another run still using it keeps its mapping (Linux)
+                os.remove(f)
+        except OSError:       # in use elsewhere (Windows) or gone: leave it
+            continue
+        total, have = total - size, have + size
+        print(f"note: prefix cache: removed {other} ({_size(size)}, last used "
+              f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(mtime))}): the disk caches of "
+              f"earlier runs keep at most {_size(cap)} ({MAX_ENV})", file=sys.stderr)
+    return have
+
+
 def _check_room(need: int, n: int, directory: str | None, key: str) -> None:
     """Refuse a cache that would not fit, before allocating it: in memory numpy would fail with
     a raw MemoryError (or the machine swap); on disk, writes into a memory-mapped file on a full
-    disk kill the process (SIGBUS) mid-epoch, with no checkpoint."""
+    disk kill the process (SIGBUS) mid-epoch, with no checkpoint. On disk, the caches that
+    earlier runs left are kept under a cap, least recently used removed first."""
     fix = "use --prefix-dtype float16 (half), less data, or --prefix-cache off"
     if directory:
         try:
@@ -80,9 +145,9 @@ def _check_room(need: int, n: int, directory: str | None, key: str) -> None:
                              "memory") from None
         have = shutil.disk_usage(directory).free
         existing = os.path.join(directory, key + ".npy")
-        if os.path.exists(existing):   # what it holds on disk: a file filled in part is sparse
-            st = os.stat(existing)
-            have += st.st_blocks * 512 if hasattr(st, "st_blocks") else st.st_size
+        if os.path.exists(existing):
+            have += _on_disk(existing)
+        have = _evict(directory, key, need, have)
         if need > 0.9 * have:
             raise InputError(f"--prefix-cache disk needs {_size(need)} in {directory} for the "
                              f"prefixes of {n} examples, and {_size(have)} is free: {fix}")
@@ -223,6 +288,9 @@ class PrefixCache:
                     print(f"note: prefix cache {bad}; rebuilding it", file=sys.stderr)
                 else:
                     mode = "r+"
+                    for f in self.files:   # used now: the last to be evicted
+                        with contextlib.suppress(OSError):
+                            os.utime(f)
             self.store = np.lib.format.open_memmap(self.files[0], mode=mode, dtype=self.dtype, shape=shape)
             self.filled = np.lib.format.open_memmap(self.files[1], mode=mode, dtype=np.bool_, shape=(n,))
             try:

@@ -422,3 +422,53 @@ def test_a_closed_cache_keeps_only_its_counters(tmp_path):
         assert kept in ([], ["files"]), kept
         r = c.report()
         assert r["examples_computed"] == 4 and r["reads"] == 4
+
+
+def _old_cache(d, key, mib, mtime):
+    for name, size in ((f"{key}.npy", mib << 20), (f"{key}.filled.npy", 4096)):
+        (d / name).write_bytes(b"\1" * size)      # written: blocks allocated, as a filled cache's
+        os.utime(d / name, (mtime, mtime))
+
+
+def test_disk_caches_of_earlier_runs_are_kept_under_a_cap_least_recently_used_first(
+        tmp_path, monkeypatch, capsys):
+    """Each dataset and base model leaves its pretrained-prefix file for later runs; without a
+    cap they filled the disk. Over TAILTUNE_PREFIX_CACHE_GIB, or short of room on the disk,
+    the least recently used go first; the cache being made is never removed."""
+    from engine import prefix_cache as P
+    d = tmp_path / "c"
+    d.mkdir()
+    for key, t in (("a", 1000), ("b", 2000), ("c", 3000)):
+        _old_cache(d, key, 1, t)
+    monkeypatch.setenv(P.MAX_ENV, str(2.5 / 1024))                 # 2.5 MiB
+    P._check_room(1 << 20, 4, str(d), "new")
+    assert sorted(os.listdir(d)) == ["c.filled.npy", "c.npy"]      # a, then b: 1 + 1 MiB fits
+    err = capsys.readouterr().err
+    assert "removed a (1.0 MiB, last used" in err and "removed b" in err and "removed c" not in err
+    assert "keep at most 2.5 MiB (TAILTUNE_PREFIX_CACHE_GIB)" in err
+
+    for key, t in (("a", 1000), ("b", 2000)):
+        _old_cache(d, key, 1, t)
+    monkeypatch.delenv(P.MAX_ENV)                                  # the 20 GiB default: no cap hit
+    monkeypatch.setattr(P.shutil, "disk_usage", lambda p: type("U", (), {"free": 3 << 19})())
+    with pytest.raises(engine.InputError, match=r"needs 5.0 MiB .* and 1.5 MiB is free"):
+        P._check_room(5 << 20, 4, str(d), "new")    # removing all three would not do: none goes
+    assert len(os.listdir(d)) == 6
+    P._check_room(3 << 20, 4, str(d), "new")        # 1.5 MiB free, 3 MiB needed: a and b go
+    assert sorted(os.listdir(d)) == ["c.filled.npy", "c.npy"]
+    P._check_room(2 << 20, 4, str(d), "c")          # c's own file counts as room, never removed
+    assert sorted(os.listdir(d)) == ["c.filled.npy", "c.npy"]
+    for bad in ("lots", "-1", "nan"):
+        monkeypatch.setenv(P.MAX_ENV, bad)
+        with pytest.raises(engine.InputError, match=f"TAILTUNE_PREFIX_CACHE_GIB='{bad}': must be a number"):
+            P._check_room(1, 1, str(d), "new")
+
+
+def test_a_reused_disk_cache_counts_as_used_now(tmp_path):
+    m = tiny(L=4).train_last(1)
+    c = PrefixCache(m, _examples(), 3, directory=str(tmp_path / "c"))
+    for f in c.files:
+        os.utime(f, (1000, 1000))
+    c.close()
+    again = PrefixCache(m, _examples(), 3, directory=str(tmp_path / "c"))
+    assert again.files == c.files and all(os.stat(f).st_mtime > 1e9 for f in again.files)
