@@ -87,6 +87,9 @@ def _on_disk(path: str) -> int:
     return st.st_blocks * 512 if hasattr(st, "st_blocks") else st.st_size
 
 
+_OPEN: set = set()   # paths of the disk caches this process has open: never evicted
+
+
 def _kept_caches(directory: str) -> dict:
     """key -> [last use (mtime), bytes on disk, files] of each cache in the directory."""
     kept: dict = {}
@@ -110,8 +113,8 @@ def _evict(directory: str, key: str, need: int, have: int) -> int:
     """Remove the least recently used caches of earlier runs (never `key`'s) while they hold
     more than the cap with this one, or the disk lacks room for it; returns the free bytes."""
     cap = _max_kept()
-    kept = _kept_caches(directory)
-    kept.pop(key, None)
+    kept = {k: v for k, v in _kept_caches(directory).items()
+            if k != key and os.path.abspath(os.path.join(directory, k + ".npy")) not in _OPEN}
     total = sum(k[1] for k in kept.values())
     if need > 0.9 * (have + total):   # removing them all would not make room: keep them
         return have
@@ -298,6 +301,7 @@ class PrefixCache:
             except InputError:
                 self.store = self.filled = None
                 raise
+            _OPEN.add(os.path.abspath(self.files[0]))
         else:
             self.store = np.empty(shape, self.dtype)
             self.filled = np.zeros(n, np.bool_)
@@ -381,6 +385,7 @@ class PrefixCache:
         run keeps every cache it made for its report: nothing per example may stay (a schedule
         that moves the cache every few steps made RSS climb ~11 MiB per 1000 steps)."""
         self.store = self.filled = self.offsets = self.serve = self.version = None
+        _OPEN.discard(os.path.abspath(self.files[0]) if self.files else None)
         for f in self.files if self.disposable else ():
             try:
                 os.remove(f)

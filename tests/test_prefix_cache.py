@@ -458,6 +458,15 @@ def test_disk_caches_of_earlier_runs_are_kept_under_a_cap_least_recently_used_fi
     assert sorted(os.listdir(d)) == ["c.filled.npy", "c.npy"]
     P._check_room(2 << 20, 4, str(d), "c")          # c's own file counts as room, never removed
     assert sorted(os.listdir(d)) == ["c.filled.npy", "c.npy"]
+    monkeypatch.undo()
+    monkeypatch.setenv(P.MAX_ENV, "0")                             # keep nothing of earlier runs...
+    m = tiny(L=4).train_last(1)
+    train = PrefixCache(m, _examples(), 3, directory=str(d))
+    held = PrefixCache(m, _examples(seed=1), 3, directory=str(d))
+    assert os.path.exists(train.files[0]) and not os.path.exists(d / "c.npy")  # ...but what is open
+    train.close()
+    PrefixCache(m, _examples(seed=2), 3, directory=str(d))
+    assert not os.path.exists(train.files[0]) and os.path.exists(held.files[0])
     for bad in ("lots", "-1", "nan"):
         monkeypatch.setenv(P.MAX_ENV, bad)
         with pytest.raises(engine.InputError, match=f"TAILTUNE_PREFIX_CACHE_GIB='{bad}': must be a number"):
