@@ -593,8 +593,8 @@ def _short(file: str) -> str:
 def time_alternating(args, config, B: int, T: int, k: int, engine_step, torch_step,
                      losses_e: list, losses_t: list, say, head_rows: int | None = None) -> dict:
     """Warm-up, numpy.matmul's rate on the step's GEMM shapes, `args.repeats` rounds of
-    `args.steps` engine steps then as many torch steps (each step's loss appended to losses_e /
-    losses_t), the matmul rate again (the machine drifts), and a cProfile of engine steps."""
+    `args.steps` engine steps and as many torch steps, in ABBA order (each step's loss appended
+    to losses_e / losses_t), the matmul rate again (the machine drifts), and a cProfile of engine steps."""
     for i in range(args.warmup):
         say(f"warm-up {i + 1}/{args.warmup}")
         losses_e.append(engine_step())
@@ -606,7 +606,10 @@ def time_alternating(args, config, B: int, T: int, k: int, engine_step, torch_st
     rates_before = gemm_rates(shapes, args.threads, args.gemm_repeats)
     e_times, t_times = [], []
     for r in range(args.repeats):
-        for step, losses, times in ((engine_step, losses_e, e_times), (torch_step, losses_t, t_times)):
+        sides = ((engine_step, losses_e, e_times), (torch_step, losses_t, t_times))
+        # ABBA: the order flips every round, so a machine slowing or speeding up through the
+        # run favours neither side
+        for step, losses, times in sides if r % 2 == 0 else sides[::-1]:
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 losses.append(step())
@@ -881,8 +884,10 @@ def alternate(contenders: dict, rounds: int, calls: dict, gap_s: float = 0.0,
     each interval, so that the previous contender's runtime (OpenBLAS, OpenMP) has parked its
     spinning threads and does not steal cores from the next one."""
     out = {n: [] for n in contenders}
-    for _ in range(rounds):
-        for name, fn in contenders.items():
+    order = list(contenders)
+    for r in range(rounds):
+        for name in order if r % 2 == 0 else order[::-1]:   # ABBA: drift favours no one
+            fn = contenders[name]
             n = calls[name]
             if setup and name in setup:
                 setup[name]()

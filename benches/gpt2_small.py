@@ -9,7 +9,7 @@ One step = zero_grad, forward with loss, backward, optimizer step.
 Order of a run:
   1. verify: first step on both sides; loss and every trainable gradient must agree (fails loudly)
   2. warm-up steps (untimed), numpy.matmul rate on the step's GEMM shapes
-  3. R repeats of [N engine steps, N torch steps], each repeat timed as one interval
+  3. R repeats of N engine steps and N torch steps (ABBA order), each timed as one interval
   4. numpy.matmul rate again, cProfile of engine steps
   5. worker subprocesses: peak RSS of each side alone; engine cold start with an empty Numba cache
   6. a table on stdout, JSON with --json
@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=1,
                    help="training steps per timed repeat (per side)")
     p.add_argument("--repeats", type=int, default=5,
-                   help="timed repeats; each runs the engine's steps, then torch's")
+                   help="timed repeats; each runs the engine's steps and torch's, in turn first (ABBA)")
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed steps per side after the verification step")
     p.add_argument("--threads", type=int, default=cores,
