@@ -112,3 +112,24 @@ def test_benches_find_numpys_openblas_without_proc():
     assert out.returncode == 0, out.stderr[-2000:]
     n, threads = out.stdout.split()
     assert int(n) >= 1 and threads != "None", out.stdout
+
+
+def test_alternation_flips_the_order_every_round(monkeypatch):
+    """ABBA: whichever side runs first in a round runs second in the next, so a machine that
+    drifts through the run favours neither; the training-step alternation does the same."""
+    C = _bench_common(monkeypatch)
+    calls = []
+    out = C.alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 4,
+                      {"a": 1, "b": 1})
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"] and len(out["a"]) == len(out["b"]) == 4
+    calls.clear()
+    args = type("A", (), {"warmup": 0, "threads": 1, "gemm_repeats": 1, "repeats": 3, "steps": 2,
+                          "profile_steps": 0})()
+    monkeypatch.setattr(C, "gemm_rates", lambda shapes, *a, **k: {s: [1.0] for s in shapes})
+    monkeypatch.setattr(C, "openblas_in_engine", lambda: 0)
+    import engine
+    cfg = engine.Config.gpt2(vocab_size=64, n_layer=2, n_head=2, d_model=16, max_seq_len=8)
+    le, lt = [], []
+    C.time_alternating(args, cfg, 1, 8, 1, lambda: calls.append("e") or 1.0,
+                       lambda: calls.append("t") or 2.0, le, lt, lambda m: None)
+    assert "".join(calls) == "eettttee" + "eett" and le == [1.0] * 6 and lt == [2.0] * 6
