@@ -73,6 +73,14 @@ class Config:
                     or not (v >= 0 if zero_ok else v > 0)):
                 raise ConfigError(f"Config.{name} must be a finite number "
                                   f"{'>= 0' if zero_ok else '> 0'}, got {v!r}")
+        # past these every logit is NaN or inf (a float32 eps of 1e308 is inf; a base below 1
+        # makes the rotary frequencies overflow): a config from an untrusted file
+        if self.norm_eps > 1:
+            raise ConfigError(f"Config.norm_eps must be at most 1 (models use 1e-5 or 1e-6), "
+                              f"got {self.norm_eps!r}")
+        if self.positions == "rope" and self.rope_theta < 1:
+            raise ConfigError(f"Config.rope_theta must be at least 1 (models use 1e4 to 1e6), "
+                              f"got {self.rope_theta!r}")
         for name in ("attn_bias", "mlp_bias", "tie_embeddings"):
             # a truthy string such as "false" would silently mean True
             v = getattr(self, name)

@@ -149,6 +149,8 @@ def test_adamw_arguments(model):
     (dict(init_std="x"), r"Config.init_std must be a finite number >= 0, got 'x'"),
     (dict(norm_eps="1e-5"), r"Config.norm_eps must be a finite number > 0, got '1e-5'"),
     (dict(norm_eps=float("nan")), "norm_eps"),
+    (dict(norm_eps=1e308), r"Config.norm_eps must be at most 1"),          # every logit NaN
+    (dict(rope_theta=1e-300), r"Config.rope_theta must be at least 1"),
     (dict(tie_embeddings="false"), r"Config.tie_embeddings must be True or False, got 'false'"),
     (dict(attn_bias=1), "attn_bias"),
     (dict(n_layers=2), r"unknown Config fields: \['n_layers'\]"),

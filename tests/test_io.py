@@ -172,6 +172,8 @@ def test_corrupt_header_and_offsets(tmp_path):
                 {"a": {**header["a"], "shape": [2, 4]}},
                 {"a": {**header["a"], "dtype": "Q4"}},
                 {"a": {**header["a"], "shape": [True, 6]}},
+                {"a": {**header["a"], "dtype": ["F32"]}},                   # unhashable
+                {"a": {**header["a"], "shape": [2**62, 0], "data_offsets": [0, 0]}},
                 {"a": "nonsense"}):
         body = json.dumps(bad).encode()
         f.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n:])
@@ -183,6 +185,35 @@ def test_corrupt_header_and_offsets(tmp_path):
     f.write_bytes(struct.pack("<Q", 4) + b"{{{{" + raw[8 + n:])
     with pytest.raises(engine.CheckpointError, match="not valid JSON"):
         st.SafetensorsFile(str(f))
+    # json's own limits: past 4300 digits a plain ValueError, deep nesting a RecursionError
+    for body in (b'{"a": ' + b"1" * 5000 + b"}", b"[" * 100000 + b"]" * 100000):
+        f.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n:])
+        with pytest.raises(engine.CheckpointError, match="not valid JSON"):
+            st.SafetensorsFile(str(f))
+
+
+@pytest.mark.parametrize("name", ["config.json", "generation_config.json",
+                                  "model.safetensors.index.json"])
+def test_json_files_beyond_jsons_limits_are_named(tmp_path, name):
+    from conftest import small_model
+    small_model("llama", n_layer=1).save(str(tmp_path))
+    if name.endswith("index.json"):
+        (tmp_path / "model.safetensors").unlink()
+    for body in ('{"n_layer": ' + "1" * 5000 + "}", "[" * 100000 + "]" * 100000):
+        (tmp_path / name).write_text(body)
+        with pytest.raises(engine.CheckpointError, match=name.replace(".", r"\.")):
+            engine.load(str(tmp_path))
+
+
+def test_a_config_of_a_billion_layers_is_refused_before_the_name_map(tmp_path):
+    """The names of 10^9 layers took minutes and GBs before any tensor was looked at."""
+    from conftest import small_model
+    small_model("llama", n_layer=1).save(str(tmp_path))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 10**9}))
+    with pytest.raises(engine.CheckpointError, match="config.json has 1000000000 layers, and the "
+                                                     "checkpoint holds only 12 tensors"):
+        engine.load(str(tmp_path))
 
 
 def test_wrong_tensor_shape(hf_dirs, tmp_path):

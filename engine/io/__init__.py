@@ -55,8 +55,9 @@ def _read_json_object(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        # ValueError: also a number past int()'s 4300 digits; RecursionError: deep nesting
+        raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: not a JSON object")
     return obj
@@ -139,7 +140,8 @@ def _safetensors_files(path: str) -> list[str]:
         try:
             with open(index, encoding="utf-8") as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:   # weight_map not a dict
+        except (OSError, ValueError, KeyError, TypeError, AttributeError,   # weight_map not a dict
+                RecursionError) as e:
             raise CheckpointError(f"{index}: unreadable shard index ({e})") from None
         for s in shards:
             if not isinstance(s, str) or os.path.basename(s) != s:

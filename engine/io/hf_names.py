@@ -160,6 +160,10 @@ def to_engine(cfg: Config, get, names) -> dict[str, np.ndarray]:
     """Build engine params from HF tensors. `get(name)` returns a float32 array, `names` the set
     of HF names available. Missing tensors and unexpected shapes raise CheckpointError."""
     names = set(names)
+    if cfg.n_layer * 9 > len(names):   # every layer has at least 9 tensors (Llama's; GPT-2's 12)
+        # before the name map is built: a config.json of 10^9 layers would take minutes and GBs
+        raise CheckpointError(f"config.json has {cfg.n_layer} layers, and the checkpoint holds "
+                              f"only {len(names)} tensors: too few for them (a wrong config.json?)")
     out: dict[str, np.ndarray] = {}
     if cfg.model_type == "llama":  # no slicing or transposing: Model checks shapes by name
         for e, h in _llama_map(cfg).items():

@@ -63,8 +63,10 @@ class SafetensorsFile:
             raw = f.read(n)
         try:
             header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{self.path}: header is not valid JSON ({e})") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            # ValueError: also a number past int()'s 4300 digits; RecursionError: deep nesting
+            raise CheckpointError(f"{self.path}: header is not valid JSON "
+                                  f"({type(e).__name__}: {str(e)[:200]})") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path}: header is not a JSON object")
         self.metadata = header.pop("__metadata__", None) or {}
@@ -79,7 +81,7 @@ class SafetensorsFile:
         if not isinstance(e, dict):
             raise CheckpointError(f"{where}: entry is not an object")
         dt = e.get("dtype")
-        if dt not in _DTYPES:
+        if not isinstance(dt, str) or dt not in _DTYPES:   # a list or dict is not hashable
             raise CheckpointError(f"{where}: unsupported dtype {dt!r}")
         shape = e.get("shape")
         offs = e.get("data_offsets")
@@ -87,6 +89,10 @@ class SafetensorsFile:
                 or not isinstance(offs, list) or len(offs) != 2
                 or not all(is_int(o) and o >= 0 for o in offs)):   # is_int: not bool
             raise CheckpointError(f"{where}: malformed shape {shape!r} or data_offsets {offs!r}")
+        if 0 in shape:
+            # no model weight is empty, and numpy refuses some empty shapes (a zero next to a
+            # dimension of 2^62): corruption, as the GGUF reader treats it
+            raise CheckpointError(f"{where} has an empty dimension: shape {shape}")
         begin, end = offs
         count = 1
         for s in shape:
