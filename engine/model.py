@@ -367,7 +367,7 @@ class Model:
             prof.add("head", "forward+input-grad", perf_counter() - t0)
         if keep:
             self._tape = dict(tokens=tokens, saved=saved, low=low, x=x2, st=st, dh=dh, dw=dw, rope=rope,
-                              weights=self._weights_now())
+                              weights=self._weights_now(), empty=not (t != IGNORE).any())
         return loss
 
     @_blas_one_thread
@@ -506,6 +506,11 @@ class Model:
                              "(an optimizer step, or a parameter replaced): the saved activations "
                              "belong to the old ones; run forward again before backward()")
         self._tape = None
+        if tape["empty"]:
+            # no target in the batch: it adds nothing, and a step after it alone must not move
+            # the weights (Adam's moments and weight decay would; torch's gradients are NaN)
+            self.last_backward_blocks = []
+            return
         self._no_grad_yet.clear()
         P, G = self.params, self.grads
         self.last_backward_blocks = []

@@ -224,3 +224,34 @@ def test_grad_false_loss_equals_training_loss():
     m = small().train_last(2)
     tokens, targets = data()
     assert m.forward(tokens, targets, grad=False) == pytest.approx(m.forward(tokens, targets), rel=1e-6)
+
+
+def test_a_batch_without_targets_adds_nothing_and_its_step_moves_nothing(spy):
+    """Every target -100: the loss is NaN (no mean), backward adds nothing and runs no block,
+    and an optimizer step after it alone leaves every weight as it was (Adam's moments and
+    weight decay moved all of them before); accumulated with a real batch, the sum is that
+    batch's gradient."""
+    m = small().train_last(2)
+    opt = engine.AdamW(m, lr=1e-2, weight_decay=0.1)
+    x, y = data()
+    m.forward(x, y)
+    m.backward()
+    opt.step()                                  # moments now nonzero
+    before = {n: p.copy() for n, p in m.params.items()}
+    m.zero_grad()
+    spy["backward"].clear()
+    assert np.isnan(m.forward(x, np.full_like(y, -100)))
+    m.backward()
+    assert spy["backward"] == []
+    opt.step()
+    assert all(np.array_equal(before[n], m.params[n]) for n in m.params)
+    m.zero_grad()
+    m.forward(x, np.full_like(y, -100))
+    m.backward(scale=0.5)
+    m.forward(x, y)
+    m.backward()
+    got = {n: g.copy() for n, g in m.grads.items()}
+    m.zero_grad()
+    m.forward(x, y)
+    m.backward()
+    assert all(np.array_equal(got[n], m.grads[n]) for n in got)

@@ -470,6 +470,13 @@ def test_a_config_no_hugging_face_model_holds_is_refused_and_can_still_be_kept(t
     assert all(np.array_equal(back.params[n], model.params[n]) for n in model.params)
     x = np.arange(8).reshape(1, 8)
     np.testing.assert_array_equal(back.forward(x), model.forward(x))
+    # a Llama whose width is no multiple of its heads (head_dim given apart): transformers'
+    # LlamaConfig refuses to load it, so it is not saved as one
+    odd = engine.Model(engine.Config.llama(vocab_size=32, n_layer=1, n_head=6, n_kv_head=6,
+                                           d_model=50, head_dim=24, d_ff=16, max_seq_len=16))
+    with pytest.raises(engine.ConfigError, match="d_model a multiple of n_head.*d_model=50, n_head=6"):
+        odd.save(str(tmp_path / "odd"))
+    assert not os.path.exists(tmp_path / "odd")
 
 
 def test_a_failed_save_names_the_target_not_its_staging_folder(tmp_path, monkeypatch):

@@ -118,6 +118,9 @@ def config_to_hf(cfg: Config) -> dict:
                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
                 "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32", **ids}
     _require(cfg, dict(norm="rmsnorm", mlp="swiglu", positions="rope"))
+    if cfg.d_model % cfg.n_head:   # transformers' LlamaConfig refuses it, whatever head_dim says
+        raise ConfigError(f"llama in transformers needs d_model a multiple of n_head; this model "
+                          f"has d_model={cfg.d_model}, n_head={cfg.n_head}")
     return {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
             "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
             "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layer,
