@@ -96,7 +96,9 @@ def main(argv=None):
 
     e = sub.add_parser("eval", help="held-out loss and perplexity of a model on a data file")
     e.add_argument("--model", required=True, help=MODEL_HELP)
-    e.add_argument("--data", required=True, help="a .txt or .jsonl file (as for finetune)")
+    e.add_argument("--data", required=True, help="a .txt or .jsonl file (as for finetune: a .txt "
+                   "counts one end-of-text target after its last token, and its windows of "
+                   "--seq-len do not overlap, so no token sees more context than its window)")
     e.add_argument("--seq-len", type=int, default=256, help="tokens per sequence; longer examples "
                    "are cut, a text file is read in windows of this length (default 256)")
     e.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
@@ -109,8 +111,10 @@ def main(argv=None):
                      "(instruct models); without --prompt, chat interactively")
     gen.add_argument("--system", help="system message for --chat")
     gen.add_argument("--max-new-tokens", type=int, default=128, help="at most this many new tokens; "
-                     "generation also stops at the model's end-of-text token (default 128)")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+                     "generation also stops at the model's end-of-text token, and where the "
+                     "prompt and reply fill the model's context (said on stderr) (default 128)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default; "
+                     "--top-k, --top-p and --seed then do nothing)")
     gen.add_argument("--top-k", type=int, help="sample among the K most likely tokens only (default: all)")
     gen.add_argument("--top-p", type=float, help="sample among the most likely tokens whose "
                      "probabilities add up to P, in (0, 1] (default 1: all)")
@@ -219,7 +223,7 @@ def _eval(a):
 
 
 def _generate(a):
-    from .generate import generate
+    from .generate import generate, stop_ids
     from .io import load
     from .io.resolve import resolve_model_path
     from .tokenizer import load_tokenizer
@@ -230,8 +234,12 @@ def _generate(a):
                  ("--seed", a.seed, lambda v: v >= 0, ">= 0"))
     model = load(a.model)
     tok = load_tokenizer(resolve_model_path(a.model), model_vocab_size=model.config.vocab_size)
+    if a.temperature == 0 and (a.top_k, a.top_p, a.seed) != (None, None, None):
+        print("note: --temperature 0 (the default) is greedy: --top-k, --top-p and --seed "
+              "apply only when sampling (give --temperature, e.g. 0.7)", file=sys.stderr)
+    stops = stop_ids(model, tok)
     kw = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-              top_p=a.top_p, seed=a.seed, stop=tok.eos_ids, vocab_size=tok.vocab_size)
+              top_p=a.top_p, seed=a.seed, stop=stops, vocab_size=tok.vocab_size)
 
     def stream(ids, head=""):
         out = []
@@ -241,7 +249,7 @@ def _generate(a):
                 sys.stdout.write(stream.head)
                 stream.head = None
             out.append(t)
-            if t not in tok.eos_ids:
+            if t not in stops:
                 text = tok.decode(out)
                 if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
                     sys.stdout.write(text[len(stream.shown):])
@@ -250,7 +258,12 @@ def _generate(a):
         stream.shown, stream.head = "", head
         generate(model, ids, on_token=show, **kw)
         print(stream.head or "")  # the head too when no token came
-        return [t for t in out if t not in tok.eos_ids]
+        room = model.config.max_seq_len - len(ids)
+        if len(out) == room < a.max_new_tokens and not (out and out[-1] in stops):
+            print(f"note: stopped after {room} new tokens: the prompt ({len(ids)} tokens) and "
+                  f"the reply fill the model's context of {model.config.max_seq_len}",
+                  file=sys.stderr)
+        return [t for t in out if t not in stops]
 
     if a.chat and not tok.chat_template:
         from .errors import InputError

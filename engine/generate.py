@@ -112,3 +112,12 @@ def pick(logits, temperature, top_k=None, top_p=None, rng=None) -> int:
         mask[keep] = p[keep]
         p = mask / mask.sum()
     return int((rng or np.random.default_rng()).choice(p.size, p=p))
+
+
+def stop_ids(model, tok) -> tuple[int, ...]:
+    """The ids that end a generation: the tokenizer's end tokens and those the model's
+    config.json lists (transformers takes its generation config from config.json when a
+    directory ships no generation_config.json)."""
+    e = model.config.eos_token_id
+    extra = e if isinstance(e, list) else ([] if e is None else [e])
+    return tuple(dict.fromkeys([*tok.eos_ids, *extra]))

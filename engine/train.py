@@ -33,7 +33,7 @@ import numpy as np
 from . import data as D
 from . import schedules
 from .errors import CheckpointError, DivergedError, InputError, is_int, is_number
-from .generate import generate
+from .generate import generate, stop_ids
 from .io import load_params, remove_abandoned, save_model, write_json
 from .io.resolve import resolve_model_path
 from .io.safetensors import SafetensorsFile, write as write_safetensors
@@ -1074,8 +1074,12 @@ def _sample_prompt(args, tok, held, eval_idx, context: int):
 def _sample(model, tok, ids, args):
     if not ids or args.sample_tokens <= 0:
         return None
-    out = generate(model, ids, max_new_tokens=args.sample_tokens, temperature=0.0, stop=tok.eos_ids)
-    return tok.decode([t for t in out if t not in tok.eos_ids])
+    stops = stop_ids(model, tok)
+    # vocab_size: a model whose vocabulary is padded past the tokenizer's must not pick an id
+    # the tokenizer cannot decode
+    out = generate(model, ids, max_new_tokens=args.sample_tokens, temperature=0.0, stop=stops,
+                   vocab_size=tok.vocab_size)
+    return tok.decode([t for t in out if t not in stops])
 
 
 def _finite(v):

@@ -1,5 +1,7 @@
 """Generation: the KV cache gives the same tokens as re-running the sequence, sampling is seeded,
 and top-k / top-p restrict the choice as specified."""
+import json
+
 import numpy as np
 import pytest
 
@@ -194,3 +196,59 @@ def test_padded_vocabulary_samples_only_the_tokenizer_ids(tmp_path, capsys):
     assert cli(["generate", "--model", str(tmp_path), "--prompt", "hi", "--max-new-tokens", "60",
                 "--temperature", "5", "--seed", "0"]) == 0
     assert capsys.readouterr().out.startswith("hi")
+
+
+def _always(tmp_path, pick: int, eos, vocab=257, ctx=128):
+    """A saved Llama whose greedy choice is always `pick`, with config.json's eos ids `eos` and
+    no generation_config.json (as many Hugging Face directories have none)."""
+    cfg = engine.Config.llama(vocab_size=vocab, n_layer=1, n_head=2, n_kv_head=1, d_model=16,
+                              d_ff=24, max_seq_len=ctx, eos_token_id=eos)
+    m = engine.Model(cfg, seed=0)
+    for n in ("blocks.0.attn.o.weight", "blocks.0.mlp.down.weight", "lm_head.weight"):
+        m.params[n][:] = 0
+    m.params["wte.weight"][:] = 1.0
+    m.params["lm_head.weight"][pick] = 1.0
+    d = tmp_path / "m"
+    m.save(str(d))
+    engine.ByteTokenizer().save(str(d))
+    (d / "generation_config.json").unlink()
+    return str(d), m
+
+
+def test_generate_stops_at_end_tokens_config_json_lists(tmp_path, capsys):
+    """config.json's eos_token_id [256, 17] and no generation_config.json: transformers stops
+    at 17 (its generation config comes from config.json); `tailtune generate` went on."""
+    from engine.cli import main as cli
+    d, m = _always(tmp_path, 17, [256, 17])
+    assert engine.generate(m, [104, 105], max_new_tokens=5) == [17] * 5
+    assert cli(["generate", "--model", d, "--prompt", "hi", "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out == "hi\n"
+
+
+def test_finetune_samples_a_padded_vocabulary_model_within_the_tokenizers_ids(tmp_path):
+    """Greedy picks a padding id (300 of 320; the tokenizer has 257): the before/after sample
+    of finetune failed the run with 'token id 300 is outside the tokenizer's vocabulary'."""
+    from engine.cli import main as cli
+    d, m = _always(tmp_path, 300, 256, vocab=320)
+    assert engine.generate(m, [104], max_new_tokens=1) == [300]
+    (tmp_path / "t.txt").write_text("hello there, general text " * 40)
+    out = tmp_path / "run"
+    assert cli(["finetune", "--model", d, "--data", str(tmp_path / "t.txt"), "--out", str(out),
+                "--steps", "1", "--seq-len", "16", "--batch-size", "2", "--sample-prompt", "hello",
+                "--sample-tokens", "4", "--lr", "0", "--train-last", "1"]) == 0
+    assert json.load(open(out / "summary.json"))["status"] == "done"
+
+
+def test_generate_says_when_the_context_or_greedy_decoding_overrides_a_flag(tmp_path, capsys):
+    from engine.cli import main as cli
+    d, _ = _always(tmp_path, 65, 256, ctx=8)                   # always "A"
+    assert cli(["generate", "--model", d, "--prompt", "hello", "--max-new-tokens", "10"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out == "helloAAA\n"
+    assert "stopped after 3 new tokens: the prompt (5 tokens) and the reply fill the model's " \
+           "context of 8" in cap.err
+    assert cli(["generate", "--model", d, "--prompt", "hel", "--max-new-tokens", "2",
+                "--top-p", "0.9", "--seed", "3"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out == "helAA\n" and "stopped" not in cap.err
+    assert "--temperature 0 (the default) is greedy: --top-k, --top-p and --seed apply only" in cap.err
