@@ -27,8 +27,9 @@ def main(argv=None):
                    "norm (default 2, unless --unfreeze alone is given)")
     f.add_argument("--unfreeze", nargs="+", metavar="GLOB", default=[], help="train the parameters matching these "
                    "glob patterns, e.g. 'blocks.29.mlp.*' (`tailtune inspect --params` lists the names); "
-                   "with --train-last, beside its blocks and under any --schedule, throughout (LISA as "
-                   "its paper runs it: --schedule lisa --unfreeze 'wte.*' 'lm_head.*')")
+                   "with --train-last, beside its blocks and under any --schedule, throughout, at the "
+                   "top block's rate (LISA as its paper runs it: --schedule lisa --unfreeze 'wte.*' "
+                   "'lm_head.*', or 'wte.*' alone where the head is tied to it)")
     f.add_argument("--steps", type=int, help="optimizer steps, >= 1 (default: --epochs over the data)")
     f.add_argument("--epochs", type=float, default=1.0, help="passes over the training data (default 1)")
     f.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch (default 8)")
@@ -77,7 +78,8 @@ def main(argv=None):
     f.add_argument("--freezeout-spacing", default="linear", choices=("linear", "squared", "cubic"),
                    help="freezeout: how the blocks' stop times t_i run from --freezeout-t0 to 1: "
                    "evenly, or as the paper's squared / cubic strategies, which leave the upper "
-                   "blocks more time (default linear)")
+                   "blocks more time; the lowest still stops at --freezeout-t0 (the paper gives "
+                   "its t0 before the power) (default linear)")
     f.add_argument("--freezeout-scaled", action="store_true", help="freezeout: start each block at "
                    "lr / t_i, so that blocks that stop early travel as far (the paper's scaled "
                    "variant; default off: every block starts at lr)")
@@ -97,7 +99,7 @@ def main(argv=None):
     e = sub.add_parser("eval", help="held-out loss and perplexity of a model on a data file")
     e.add_argument("--model", required=True, help=MODEL_HELP)
     e.add_argument("--data", required=True, help="a .txt or .jsonl file (as for finetune: a .txt "
-                   "counts one end-of-text target after its last token, and its windows of "
+                   "counts one end-of-text target after its last token where the tokenizer has one, and its windows of "
                    "--seq-len do not overlap, so no token sees more context than its window)")
     e.add_argument("--seq-len", type=int, default=256, help="tokens per sequence; longer examples "
                    "are cut, a text file is read in windows of this length (default 256)")

@@ -66,7 +66,8 @@ def make(name: str, n_layer: int, k: int, every: int = 50, decay: float = 0.8, t
     scaled multiplies block i's rate by 1 / t_i, so that every block travels as far. also: glob
     patterns of parameters that train throughout beside the schedule's blocks (LISA as its
     paper runs it: also=("wte.*", "lm_head.*"), the embeddings and head; a trainable embedding
-    takes backward down through every block)."""
+    takes backward down through every block; a tied model's head is its embedding, wte). What
+    `also` adds trains at the top block's rate, as the final norm does."""
     if name not in NAMES:
         raise InputError(f"unknown schedule {name!r}; choose one of {', '.join(NAMES)}")
     if not is_int(n_layer) or n_layer < 1:
@@ -88,7 +89,9 @@ def make(name: str, n_layer: int, k: int, every: int = 50, decay: float = 0.8, t
         raise InputError(f"schedule {name}: spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
     if not isinstance(scaled, bool):
         raise InputError(f"schedule {name}: scaled must be True or False, got {scaled!r}")
-    if isinstance(also, str) or not all(isinstance(p, str) for p in also):
+    also = () if also is None else also
+    if isinstance(also, str) or not isinstance(also, (list, tuple)) or not all(
+            isinstance(p, str) for p in also):
         raise InputError(f"schedule {name}: also must be a list of glob patterns, got {also!r}")
     cls = {"static": Static, "gradual": Gradual, "lr-decay": LRDecay, "freezeout": FreezeOut,
            "autofreeze": AutoFreeze, "lisa": Lisa}[name]
@@ -126,10 +129,13 @@ class Schedule:
         # head here unless `also` names them; blocks that stay keep their Adam state
         changed = want != set(model.grads)
         model.set_trainable(want)
+        # what `also` adds trains throughout: at the top block's rate, as the final norm does
+        # (FreezeOut's stop time of a block outside its k would be negative, its rate too)
+        always = set(model._match(list(self.also))) if self.also else set()
         scales = {}
-        for n in model.grads:   # the final norm goes at the top block's rate
+        for n in model.grads:
             b = block_of(n)
-            s = self.lr_scale(self.L - 1 if b is None else b, step)
+            s = self.lr_scale(self.L - 1 if b is None or n in always else b, step)
             if s != 1.0:
                 scales[n] = s
         opt.lr_scale = scales

@@ -506,3 +506,28 @@ def test_train_last_and_unfreeze_together(tmp_path, capsys):
     capsys.readouterr()
     assert cli(base + ["--out", str(tmp_path / "c"), "--unfreeze", "lm_head.*", "--schedule", "lisa"]) == 2
     assert "--schedule lisa works on blocks: give --train-last K" in capsys.readouterr().err
+
+
+def test_what_also_adds_trains_at_the_top_blocks_rate_under_every_schedule():
+    """FreezeOut's stop time extrapolated to a block below its k was negative (linear, cubic)
+    or early (squared): block 0 added by --unfreeze went at -0.67x the rate (gradient ascent),
+    -32002x, or 0 while still trainable. It now trains throughout at the top block's rate."""
+    m = tiny()
+    opt = engine.AdamW(m, lr=1e-2)
+    for spacing in ("linear", "squared", "cubic"):
+        s = schedules.make("freezeout", 6, 2, t0=0.5, spacing=spacing, scaled=True,
+                           also=["blocks.0.*", "blocks.4.mlp.*"])
+        for step in range(0, 100, 7):
+            s.apply(m, opt, step, 100)
+            assert 0 in blocks(m) and 4 in blocks(m) and 5 in blocks(m)
+            top = s.lr_scale(5, step)
+            for n in m.grads:
+                if n.startswith(("blocks.0.", "blocks.4.mlp.", "ln_f.", "blocks.5.")):
+                    assert opt.lr_scale.get(n, 1.0) == pytest.approx(top) and top >= 0, (spacing, step, n)
+    s = schedules.make("lr-decay", 6, 2, decay=0.5, also=("blocks.1.*",))
+    s.apply(m, opt, 0, 10)
+    assert opt.lr_scale.get("blocks.1.mlp.up.weight", 1.0) == 1.0 and opt.lr_scale["blocks.4.mlp.up.weight"] == 0.5
+    for bad in ("wte.*", None.__class__, 3):
+        with pytest.raises(engine.InputError, match="also must be a list of glob patterns"):
+            schedules.make("lisa", 6, 2, also=bad)
+    assert schedules.make("lisa", 6, 2, also=None).also == ()
