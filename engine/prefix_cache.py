@@ -87,11 +87,54 @@ def _on_disk(path: str) -> int:
     return st.st_blocks * 512 if hasattr(st, "st_blocks") else st.st_size
 
 
-_OPEN: set = set()   # paths of the disk caches this process has open: never evicted
+try:
+    import fcntl
+except ImportError:   # Windows: a file another process has mapped cannot be removed anyway
+    fcntl = None
+
+
+def _hold(path: str) -> int | None:
+    """A shared lock on an open cache's file, so that no run (this one or another) evicts it
+    while it is in use: a removed file frees no room while it is mapped, and is lost to later
+    runs. None where there is no flock (the file system or the platform)."""
+    if fcntl is None:
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _remove_unused(npy: str, files: list) -> bool:
+    """Remove a cache's files unless a run has it open (its shared lock); True when gone."""
+    fd = None
+    if fcntl is not None:
+        try:
+            fd = os.open(npy, os.O_RDONLY)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except FileNotFoundError:
+            pass
+        except OSError:   # held by a run, or no flock here: leave it
+            if fd is not None:
+                os.close(fd)
+            return False
+    try:
+        for f in files:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(f)
+        return True
+    except OSError:       # mapped by a run (Windows): leave it
+        return False
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _kept_caches(directory: str) -> dict:
-    """key -> [last use (mtime), bytes on disk, files] of each cache in the directory."""
+    """key -> (last use (mtime), bytes on disk, files) of each cache in the directory."""
     kept: dict = {}
     for name in os.listdir(directory):
         key = name[:-len(".filled.npy")] if name.endswith(".filled.npy") else (
@@ -103,34 +146,31 @@ def _kept_caches(directory: str) -> dict:
             mtime, size = os.stat(path).st_mtime, _on_disk(path)
         except OSError:   # removed by another run meanwhile
             continue
-        k = kept.setdefault(key, [0.0, 0, []])
-        k[0], k[1] = max(k[0], mtime), k[1] + size
-        k[2].append(path)
+        last, total, files = kept.get(key, (0.0, 0, ()))
+        kept[key] = (max(last, mtime), total + size, (*files, path))
     return kept
 
 
-def _evict(directory: str, key: str, need: int, have: int) -> int:
-    """Remove the least recently used caches of earlier runs (never `key`'s) while they hold
-    more than the cap with this one, or the disk lacks room for it; returns the free bytes."""
+def _evict(directory: str, key: str, need: int, room) -> None:
+    """Remove the least recently used caches of earlier runs (never `key`'s, never one a run
+    has open) while they hold more than the cap, or the disk lacks room for this one;
+    room() gives the free bytes now."""
     cap = _max_kept()
-    kept = {k: v for k, v in _kept_caches(directory).items()
-            if k != key and os.path.abspath(os.path.join(directory, k + ".npy")) not in _OPEN}
-    total = sum(k[1] for k in kept.values())
-    if need > 0.9 * (have + total):   # removing them all would not make room: keep them
-        return have
+    kept = {k: v for k, v in _kept_caches(directory).items() if k != key}
+    total = sum(v[1] for v in kept.values())
+    if need > 0.9 * (room() + total):   # removing them all would not make room: keep them
+        return
     for other, (mtime, size, files) in sorted(kept.items(), key=lambda kv: kv[1][0]):
-        if total + need <= cap and need <= 0.9 * have:
+        short = need > 0.9 * room()
+        if total <= cap and not short:
             break
-        try:
-            for f in files:   # another run still using it keeps its mapping (Linux)
-                os.remove(f)
-        except OSError:       # in use elsewhere (Windows) or gone: leave it
+        if not _remove_unused(os.path.join(directory, other + ".npy"), list(files)):
             continue
-        total, have = total - size, have + size
+        total -= size
+        why = (f"to make room for this run's ({_size(need)})" if short else
+               f"to keep the caches of earlier runs under {_size(cap)} ({MAX_ENV})")
         print(f"note: prefix cache: removed {other} ({_size(size)}, last used "
-              f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(mtime))}): the disk caches of "
-              f"earlier runs keep at most {_size(cap)} ({MAX_ENV})", file=sys.stderr)
-    return have
+              f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(mtime))}) {why}", file=sys.stderr)
 
 
 def _check_room(need: int, n: int, directory: str | None, key: str) -> None:
@@ -146,11 +186,13 @@ def _check_room(need: int, n: int, directory: str | None, key: str) -> None:
             raise InputError(f"--prefix-cache disk: cannot create {directory} ({e.strerror or e}); "
                              "set TAILTUNE_CACHE to a writable directory, or use --prefix-cache "
                              "memory") from None
-        have = shutil.disk_usage(directory).free
         existing = os.path.join(directory, key + ".npy")
-        if os.path.exists(existing):
-            have += _on_disk(existing)
-        have = _evict(directory, key, need, have)
+
+        def room():   # free now, and what a reused file of this key holds already
+            have = shutil.disk_usage(directory).free
+            return have + (_on_disk(existing) if os.path.exists(existing) else 0)
+        _evict(directory, key, need, room)
+        have = room()
         if need > 0.9 * have:
             raise InputError(f"--prefix-cache disk needs {_size(need)} in {directory} for the "
                              f"prefixes of {n} examples, and {_size(have)} is free: {fix}")
@@ -277,6 +319,7 @@ class PrefixCache:
         shape = (int(self.offsets[-1]), C)
         _check_room(shape[0] * C * self.dtype.itemsize, int(serve.sum()), directory, self.key)
         self.files: tuple[str, ...] = ()
+        self._lock = None   # a shared flock on the file while open (eviction skips it)
         if directory:
             os.makedirs(directory, exist_ok=True)
             base = os.path.join(directory, self.key)
@@ -301,7 +344,7 @@ class PrefixCache:
             except InputError:
                 self.store = self.filled = None
                 raise
-            _OPEN.add(os.path.abspath(self.files[0]))
+            self._lock = _hold(self.files[0])
         else:
             self.store = np.empty(shape, self.dtype)
             self.filled = np.zeros(n, np.bool_)
@@ -385,7 +428,9 @@ class PrefixCache:
         run keeps every cache it made for its report: nothing per example may stay (a schedule
         that moves the cache every few steps made RSS climb ~11 MiB per 1000 steps)."""
         self.store = self.filled = self.offsets = self.serve = self.version = None
-        _OPEN.discard(os.path.abspath(self.files[0]) if self.files else None)
+        if self._lock is not None:
+            os.close(self._lock)   # closing the descriptor releases the lock
+            self._lock = None
         for f in self.files if self.disposable else ():
             try:
                 os.remove(f)

@@ -185,6 +185,9 @@ def test_corrupt_header_and_offsets(tmp_path):
     f.write_bytes(struct.pack("<Q", 4) + b"{{{{" + raw[8 + n:])
     with pytest.raises(engine.CheckpointError, match="not valid JSON"):
         st.SafetensorsFile(str(f))
+    body = json.dumps({**header, "empty": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}}).encode()
+    f.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n:])
+    assert st.SafetensorsFile(str(f)).raw("empty").shape == (0,)   # an empty buffer is fine
     # json's own limits: past 4300 digits a plain ValueError, deep nesting a RecursionError
     for body in (b'{"a": ' + b"1" * 5000 + b"}", b"[" * 100000 + b"]" * 100000):
         f.write_bytes(struct.pack("<Q", len(body)) + body + raw[8 + n:])

@@ -426,36 +426,45 @@ def test_a_closed_cache_keeps_only_its_counters(tmp_path):
 
 def _old_cache(d, key, mib, mtime):
     for name, size in ((f"{key}.npy", mib << 20), (f"{key}.filled.npy", 4096)):
-        (d / name).write_bytes(b"\1" * size)      # written: blocks allocated, as a filled cache's
+        # random bytes: allocated on disk even where the file system compresses
+        (d / name).write_bytes(os.urandom(size))
         os.utime(d / name, (mtime, mtime))
 
 
 def test_disk_caches_of_earlier_runs_are_kept_under_a_cap_least_recently_used_first(
         tmp_path, monkeypatch, capsys):
     """Each dataset and base model leaves its pretrained-prefix file for later runs; without a
-    cap they filled the disk. Over TAILTUNE_PREFIX_CACHE_GIB, or short of room on the disk,
-    the least recently used go first; the cache being made is never removed."""
+    cap they filled the disk. Over TAILTUNE_PREFIX_CACHE_GIB, or short of room on the disk
+    for the new one, the least recently used go first; the cache being made is never removed,
+    nor one a run has open."""
     from engine import prefix_cache as P
     d = tmp_path / "c"
     d.mkdir()
     for key, t in (("a", 1000), ("b", 2000), ("c", 3000)):
         _old_cache(d, key, 1, t)
     monkeypatch.setenv(P.MAX_ENV, str(2.5 / 1024))                 # 2.5 MiB
-    P._check_room(1 << 20, 4, str(d), "new")
-    assert sorted(os.listdir(d)) == ["c.filled.npy", "c.npy"]      # a, then b: 1 + 1 MiB fits
+    P._check_room(5 << 20, 4, str(d), "new")        # the new one's size does not count
+    assert sorted(os.listdir(d)) == ["b.filled.npy", "b.npy", "c.filled.npy", "c.npy"]
     err = capsys.readouterr().err
-    assert "removed a (1.0 MiB, last used" in err and "removed b" in err and "removed c" not in err
-    assert "keep at most 2.5 MiB (TAILTUNE_PREFIX_CACHE_GIB)" in err
+    assert "removed a (1.0 MiB, last used" in err and "removed b" not in err
+    assert "to keep the caches of earlier runs under 2.5 MiB (TAILTUNE_PREFIX_CACHE_GIB)" in err
 
-    for key, t in (("a", 1000), ("b", 2000)):
-        _old_cache(d, key, 1, t)
+    _old_cache(d, "a", 1, 1000)
     monkeypatch.delenv(P.MAX_ENV)                                  # the 20 GiB default: no cap hit
-    monkeypatch.setattr(P.shutil, "disk_usage", lambda p: type("U", (), {"free": 3 << 19})())
+    free = {"now": 3 << 19}                                        # 1.5 MiB, and what removals free
+    monkeypatch.setattr(P.shutil, "disk_usage", lambda p: type("U", (), {"free": free["now"]})())
+    real_remove = os.remove
+
+    def remove(f):
+        free["now"] += os.stat(f).st_blocks * 512
+        real_remove(f)
+    monkeypatch.setattr(P.os, "remove", remove)
     with pytest.raises(engine.InputError, match=r"needs 5.0 MiB .* and 1.5 MiB is free"):
         P._check_room(5 << 20, 4, str(d), "new")    # removing all three would not do: none goes
     assert len(os.listdir(d)) == 6
     P._check_room(3 << 20, 4, str(d), "new")        # 1.5 MiB free, 3 MiB needed: a and b go
     assert sorted(os.listdir(d)) == ["c.filled.npy", "c.npy"]
+    assert "to make room for this run's (3.0 MiB)" in capsys.readouterr().err
     P._check_room(2 << 20, 4, str(d), "c")          # c's own file counts as room, never removed
     assert sorted(os.listdir(d)) == ["c.filled.npy", "c.npy"]
     monkeypatch.undo()
@@ -471,6 +480,30 @@ def test_disk_caches_of_earlier_runs_are_kept_under_a_cap_least_recently_used_fi
         monkeypatch.setenv(P.MAX_ENV, bad)
         with pytest.raises(engine.InputError, match=f"TAILTUNE_PREFIX_CACHE_GIB='{bad}': must be a number"):
             P._check_room(1, 1, str(d), "new")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or sys.platform == "darwin", reason="flock on Linux")
+def test_eviction_skips_a_cache_another_process_has_open(tmp_path, monkeypatch):
+    """Removing a file another run has mapped frees no room (the mapping keeps it) and loses it
+    for later runs; the open cache's shared lock keeps it."""
+    import subprocess
+    from engine import prefix_cache as P
+    d = tmp_path / "c"
+    d.mkdir()
+    _old_cache(d, "busy", 1, 1000)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, fcntl, os; fd = os.open(sys.argv[1], os.O_RDONLY); "
+        "fcntl.flock(fd, fcntl.LOCK_SH); print('held', flush=True); sys.stdin.read()"),
+        str(d / "busy.npy")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setenv(P.MAX_ENV, "0")
+        P._check_room(1, 1, str(d), "new")
+        assert (d / "busy.npy").exists()
+    finally:
+        holder.communicate("")
+    P._check_room(1, 1, str(d), "new")              # let go: an earlier run's, over the cap
+    assert not (d / "busy.npy").exists()
 
 
 def test_a_reused_disk_cache_counts_as_used_now(tmp_path):

@@ -89,10 +89,13 @@ class SafetensorsFile:
                 or not isinstance(offs, list) or len(offs) != 2
                 or not all(is_int(o) and o >= 0 for o in offs)):   # is_int: not bool
             raise CheckpointError(f"{where}: malformed shape {shape!r} or data_offsets {offs!r}")
-        if 0 in shape:
-            # no model weight is empty, and numpy refuses some empty shapes (a zero next to a
-            # dimension of 2^62): corruption, as the GGUF reader treats it
-            raise CheckpointError(f"{where} has an empty dimension: shape {shape}")
+        span = 1
+        for s in shape:
+            span *= max(s, 1)
+        if span * _DTYPES[dt].itemsize >= 2**63:
+            # numpy refuses such a shape even when a zero makes it empty (a zero next to 2^62);
+            # an empty tensor itself is fine (transformers saves some, unused)
+            raise CheckpointError(f"{where}: shape {shape} is beyond any array")
         begin, end = offs
         count = 1
         for s in shape:
