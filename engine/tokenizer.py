@@ -9,18 +9,19 @@ Two kinds:
   `transformers` by construction instead of by a re-implementation we would have to keep in step.
 
 `load_tokenizer(path)` picks the right one. Chat templates come from model files, which are
-untrusted: they are rendered in Jinja's immutable sandbox, set up the way `transformers` does it
-so prompts match `apply_chat_template` character for character.
+untrusted: they are rendered in a bounded sandbox (engine/chat_template.py). The files
+themselves are read only if they are regular files inside the model directory.
 """
 from __future__ import annotations
 
 import functools
+import heapq
 import json
 import os
 import shutil
-from datetime import datetime
+import stat
 
-from .errors import CheckpointError, InputError, optional_import
+from .errors import CheckpointError, InputError, is_int, optional_import
 
 
 class TokenizerError(CheckpointError):
@@ -93,9 +94,11 @@ def _load_dir(d: str):
                              chat_template=cfg.get("chat_template"))
     tj = os.path.join(d, "tokenizer.json")
     vocab, merges = os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt")
-    if os.path.isfile(tj):
-        return BPETokenizer.from_tokenizer_json(tj, cfg)
-    if os.path.isfile(vocab) and os.path.isfile(merges):
+    if os.path.lexists(tj):
+        return BPETokenizer.from_tokenizer_json(tj, cfg, root=d)
+    if os.path.lexists(vocab) and os.path.lexists(merges):
+        for p in (vocab, merges):
+            _check_file(p, _stat(_model_path(p, d), p), _MAX_TOKENIZER_FILE)
         return BPETokenizer.from_vocab_merges(vocab, merges, cfg)
     if os.path.isfile(os.path.join(d, "tokenizer.model")):
         raise TokenizerError(f"{d}: holds only a SentencePiece tokenizer.model, which tailtune "
@@ -105,11 +108,90 @@ def _load_dir(d: str):
     raise TokenizerError(f"{d}: no tokenizer files (looked for {', '.join(_HF_FILES)})")
 
 
-def _read_json(path: str, what: str):
+# Model files are untrusted, and so is where they point: a FIFO never ends a read, /dev/zero never
+# ends at all, and a chat_template.jinja linked to ~/.netrc would become the template that
+# `tok.save` then publishes beside the fine-tuned model. So only regular files inside the model
+# directory are read, each up to a size no real one comes near.
+_MAX_TEMPLATE_FILE = 1 << 20      # a chat template .jinja (real ones: a few KB)
+_MAX_JSON_FILE = 64 << 20         # tokenizer_config.json and the other small JSON files
+_MAX_TOKENIZER_FILE = 256 << 20   # tokenizer.json, vocab.json, merges.txt (real ones: < 40 MB)
+_MAX_EXTRA_TEMPLATES = 64         # files in additional_chat_templates/ (real models: a few)
+
+
+def _model_path(path: str, root: str | None) -> str:
+    """`path` with its links followed, refused if that leaves the model directory `root`."""
+    real = os.path.realpath(path)
+    if root is not None and not _inside(real, root):
+        raise TokenizerError(f"{path}: links to {real}, outside the model directory {root}; "
+                             "a model's files must be inside it (copy the file in if you trust it)")
+    return real
+
+
+def _inside(real: str, root: str) -> bool:
+    """Whether `real` is in the model directory `root`, or a file of the Hugging Face cache:
+    a snapshot (.../models--org--name/snapshots/<rev>/) links each file to ../../blobs/<hash>,
+    and `huggingface-cli download --local-dir` has linked large files there too."""
+    blobs = os.path.dirname(real)
+    if (os.path.basename(blobs) == "blobs"
+            and os.path.basename(os.path.dirname(blobs)).startswith("models--")):
+        return True
+    root = os.path.realpath(root)
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return os.path.commonpath([real, root]) == root
+    except ValueError:  # another drive (Windows)
+        return False
+
+
+def _stat(real: str, path: str) -> os.stat_result:
+    try:
+        return os.stat(real)
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
+def _check_file(path: str, st: os.stat_result, limit: int) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+                else "a socket" if stat.S_ISSOCK(st.st_mode) else "a device")
+        raise TokenizerError(f"{path}: {kind}, not a regular file; a model's files must be "
+                             "regular files")
+    if st.st_size > limit:
+        raise TokenizerError(f"{path}: {st.st_size} bytes, more than the {limit} a file of this "
+                             "kind may have (none real comes near)")
+
+
+def _read_bytes(path: str, root: str | None, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes, inside `root` when given."""
+    real = _model_path(path, root)
+    try:
+        # O_NONBLOCK: a FIFO put in the file's place since any earlier check opens without
+        # waiting for a writer, and the fstat below refuses it
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            _check_file(path, st, limit)
+            data = f.read(st.st_size + 1)  # (read(limit) would allocate the limit up front)
+    except OSError as e:
+        raise TokenizerError(f"{path}: cannot read: {e.strerror or e}") from None
+    if len(data) > st.st_size:
+        raise TokenizerError(f"{path}: grew while being read")
+    return data
+
+
+def _read_text(path: str, root: str | None = None, limit: int = _MAX_TEMPLATE_FILE) -> str:
+    try:
+        return _read_bytes(path, root, limit).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TokenizerError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _read_json(path: str, what: str, root: str | None = None, limit: int = _MAX_JSON_FILE):
+    text = _read_text(path, root, limit)
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise TokenizerError(f"{path}: cannot read {what}: JSON nested too deeply") from None
+    except ValueError as e:  # bad JSON, or a number of more digits than int() takes
         raise TokenizerError(f"{path}: cannot read {what}: {e}") from None
 
 
@@ -119,36 +201,45 @@ def _read_hf_config(d: str) -> dict:
     cfg = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         p = os.path.join(d, name)
-        if os.path.isfile(p):
-            data = _read_json(p, name)
+        if os.path.lexists(p):
+            data = _read_json(p, name, d)
             if not isinstance(data, dict):
                 raise TokenizerError(f"{p}: expected a JSON object")
             cfg.update(data)
     templates = _template_dict(cfg.get("chat_template"))
     jinja = os.path.join(d, "chat_template.jinja")
-    if os.path.isfile(jinja):
-        templates["default"] = _read_text(jinja)
+    if os.path.lexists(jinja):
+        templates["default"] = _read_text(jinja, d)
     extra = os.path.join(d, "additional_chat_templates")
     if os.path.isdir(extra):
-        for f in sorted(os.listdir(extra)):
-            if f.endswith(".jinja"):
-                templates[f[:-len(".jinja")]] = _read_text(os.path.join(extra, f))
+        names = sorted(f for f in os.listdir(extra) if f.endswith(".jinja"))
+        if len(names) > _MAX_EXTRA_TEMPLATES:
+            raise TokenizerError(f"{extra}: {len(names)} templates, more than the "
+                                 f"{_MAX_EXTRA_TEMPLATES} a model may ship")
+        for f in names:
+            templates[f[:-len(".jinja")]] = _read_text(os.path.join(extra, f), d)
     cfg["chat_template"] = _template_value(templates)
     gen = os.path.join(d, "generation_config.json")
-    if os.path.isfile(gen):
-        eos = _read_json(gen, "generation_config.json")
-        eos = eos.get("eos_token_id") if isinstance(eos, dict) else None
-        cfg["_generation_eos_ids"] = [eos] if isinstance(eos, int) else list(
-            eos if isinstance(eos, list) else [])
+    if os.path.lexists(gen):
+        cfg["_generation_eos_ids"] = _generation_eos_ids(
+            gen, _read_json(gen, "generation_config.json", d))
     return cfg
 
 
-def _read_text(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{path}: cannot read: {e}") from None
+def _generation_eos_ids(path: str, gen) -> list[int]:
+    """eos_token_id of a generation_config.json (an id or a list of ids): stop tokens, so a
+    negative or non-integer one is refused here rather than never matching in generation."""
+    eos = gen.get("eos_token_id") if isinstance(gen, dict) else None
+    ids = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    if not all(is_int(i) and i >= 0 for i in ids):
+        raise TokenizerError(f"{path}: eos_token_id must be a token id or a list of token ids, "
+                             f"got {_clip(repr(eos))}")
+    return [int(i) for i in ids]
+
+
+def _clip(text: str, n: int = 200) -> str:
+    """`text`, cut to about `n` characters for an error message."""
+    return text if len(text) <= n else text[:n] + f"... ({len(text)} characters)"
 
 
 def _template_dict(value) -> dict:
@@ -176,11 +267,12 @@ def _dir_vocab_size(d: str) -> int | None:
     p = os.path.join(d, "config.json")
     if not os.path.isfile(p):
         return None
-    cfg = _read_json(p, "config.json")
+    cfg = _read_json(p, "config.json", d)
     if not isinstance(cfg, dict):
         return None
-    v = cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
-    return v if isinstance(v, int) and not isinstance(v, bool) else None
+    text = cfg.get("text_config")
+    v = cfg.get("vocab_size") or (text.get("vocab_size") if isinstance(text, dict) else None)
+    return v if is_int(v) and v > 0 else None
 
 
 def _token_str(v) -> str | None:
@@ -268,16 +360,21 @@ class _Tokenizer:
     def check_vocab(self, model_vocab_size: int) -> None:
         """Refuse a tokenizer whose ids would index past the model's embedding table. A model
         vocabulary larger than the tokenizer's is fine (many are padded to a round size)."""
-        if self.vocab_size > model_vocab_size:
-            past = list(range(model_vocab_size, self.vocab_size))
-            named = ", ".join(repr(self.decode([i])) for i in past[:5]) + (", ..." if len(past) > 5 else "")
-            hint = ("this tokenizer belongs to a different model" if len(past) > 16 else
-                    f"the token(s) {named} are past the model's vocabulary: a token the tokenizer "
-                    "config declares (eos_token, pad_token, additional_special_tokens) that the "
-                    "vocabulary lacks, say a typo, or a token added without resizing the model")
-            raise TokenizerError(
-                f"tokenizer ids run to {self.vocab_size - 1} but the model's vocabulary has "
-                f"{model_vocab_size} entries (ids 0..{model_vocab_size - 1}): {hint}")
+        if self.vocab_size <= model_vocab_size:
+            return
+        count, first = self._ids_past(model_vocab_size)
+        named = ", ".join(repr(self.decode([i])) for i in first) + (", ..." if count > 5 else "")
+        hint = ("this tokenizer belongs to a different model" if count > 16 else
+                f"the token(s) {named} are past the model's vocabulary: a token the tokenizer "
+                "config declares (eos_token, pad_token, additional_special_tokens) that the "
+                "vocabulary lacks, say a typo, or a token added without resizing the model")
+        raise TokenizerError(
+            f"tokenizer ids run to {self.vocab_size - 1} but the model's vocabulary has "
+            f"{model_vocab_size} entries (ids 0..{model_vocab_size - 1}): {hint}")
+
+    def _ids_past(self, n: int) -> tuple[int, list[int]]:
+        """How many ids are n or more, and the first five of them."""
+        return self.vocab_size - n, list(range(n, min(n + 5, self.vocab_size)))
 
     def chat_prompt(self, messages, add_generation_prompt: bool = True, *, tools=None,
                     documents=None, template: str | None = None, **kwargs) -> str:
@@ -286,6 +383,7 @@ class _Tokenizer:
         arguments become template variables. `template` names one of several templates."""
         source = self._select_template(template, tools)
         variables = {**self.special_tokens, **kwargs}
+        from .chat_template import render_chat_template   # it imports this module's errors
         return render_chat_template(source, messages, add_generation_prompt=add_generation_prompt,
                                     tools=tools, documents=documents, **variables)
 
@@ -300,6 +398,9 @@ class _Tokenizer:
         if not t:
             raise ChatTemplateError("this tokenizer has no chat template (the model files ship "
                                     "none); set tok.chat_template to a Jinja template string")
+        if not isinstance(t, (str, dict)):
+            raise ChatTemplateError(f"chat_template must be a string or a dict of them, got "
+                                    f"{type(t).__name__}")
         if isinstance(t, str):
             if name not in (None, "default"):
                 raise ChatTemplateError(f"no chat template named {name!r}; this tokenizer has "
@@ -496,6 +597,31 @@ def _tokenizers():
     return optional_import("tokenizers", error=TokenizerError, what="BPE tokenizers")
 
 
+class _NoPanic:
+    """`with _NoPanic(source, doing):` around calls into the tokenizers library: a Rust panic
+    there (a hostile regex past Oniguruma's retry limit, a post-processor naming a token that
+    is not there, a garbage normalizer table) arrives as pyo3's PanicException, a BaseException
+    that `except Exception` misses; it becomes a TokenizerError. pyo3_runtime, which defines it,
+    is not reliably importable, so the type is matched by name. (The message is put together
+    only on a panic: encode runs this on every call.)"""
+
+    __slots__ = ("source", "doing")
+
+    def __init__(self, source: str, doing: str = ""):
+        self.source, self.doing = source, doing
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if kind is not None and kind.__name__ == "PanicException":
+            where = f"{self.source}: {self.doing}" if self.doing else self.source
+            raise TokenizerError(f"{where}: the tokenizers library crashed ({_clip(str(e))}); "
+                                 "the tokenizer's files are corrupt or were made to crash "
+                                 "it") from None
+        return False
+
+
 class BPETokenizer(_Tokenizer):
     """A `tokenizers.Tokenizer` plus what transformers keeps beside it: the named special tokens
     and the chat template. Whether BOS / EOS are added lives in the backend's post-processor.
@@ -504,18 +630,24 @@ class BPETokenizer(_Tokenizer):
     def __init__(self, backend, special_tokens: dict, *, chat_template=None, extra_eos_ids=(),
                  source: str = "<memory>"):
         self._tk = backend
-        # Encoding never truncates or pads: a tokenizer.json may carry settings for either,
-        # which transformers also switches off unless asked per call.
-        self._tk.no_truncation()
-        self._tk.no_padding()
+        self.source = source
+        with _NoPanic(source):
+            # Encoding never truncates or pads: a tokenizer.json may carry settings for either,
+            # which transformers also switches off unless asked per call.
+            self._tk.no_truncation()
+            self._tk.no_padding()
+            vocab = self._tk.get_vocab(with_added_tokens=True)
+            added = self._tk.get_added_tokens_decoder()
         self.special_tokens = dict(special_tokens)
         self.chat_template = chat_template
-        self._extra_eos = [i for i in extra_eos_ids if isinstance(i, int)]
-        self.source = source
         self._model_vocab_size = None  # set from GGUF metadata
-        vocab = self._tk.get_vocab(with_added_tokens=True)
         self._vocab_size = 1 + max(vocab.values(), default=-1)
-        added = self._tk.get_added_tokens_decoder()
+        self._extra_eos = [i for i in extra_eos_ids if is_int(i)]
+        for i in self._extra_eos:
+            if i >= self._vocab_size:
+                raise TokenizerError(f"{source}: the generation config's eos_token_id {i} is "
+                                     f"past the tokenizer's vocabulary (ids 0.."
+                                     f"{self._vocab_size - 1})")
         self._special_ids = frozenset(i for i, t in added.items() if t.special) | frozenset(
             i for n in self.special_tokens if (i := self._named_id(n)) is not None)
 
@@ -545,6 +677,12 @@ class BPETokenizer(_Tokenizer):
     def id_to_token(self, i: int) -> str | None:
         return self._tk.id_to_token(int(i))
 
+    def _ids_past(self, n: int) -> tuple[int, list[int]]:
+        # from the vocabulary itself: its ids can have gaps (one id of 2e9 in a tokenizer.json
+        # makes vocab_size 2e9 with a handful of tokens)
+        past = [i for i in self._tk.get_vocab(with_added_tokens=True).values() if i >= n]
+        return len(past), heapq.nsmallest(5, past)
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Ids of `text`. Special-token strings in the text (e.g. `<|im_end|>`) become their
         single ids, as in transformers. BOS / EOS are added only where the model's tokenizer
@@ -552,7 +690,8 @@ class BPETokenizer(_Tokenizer):
         token for are dropped, as the reference tokenizer drops them."""
         _check_text(text)
         try:
-            return self._tk.encode(text, add_special_tokens=add_special_tokens).ids
+            with _NoPanic(self.source, "encoding a text"):
+                return self._tk.encode(text, add_special_tokens=add_special_tokens).ids
         except TypeError:
             _utf8(text)  # a lone surrogate: say so instead of the library's type error
             raise
@@ -563,7 +702,8 @@ class BPETokenizer(_Tokenizer):
         for t in texts:
             _check_text(t)
         try:
-            encs = self._tk.encode_batch_fast(texts, add_special_tokens=add_special_tokens)
+            with _NoPanic(self.source, "encoding texts"):
+                encs = self._tk.encode_batch_fast(texts, add_special_tokens=add_special_tokens)
         except TypeError:
             for t in texts:
                 _utf8(t)  # a lone surrogate: say so instead of the library's type error
@@ -572,25 +712,34 @@ class BPETokenizer(_Tokenizer):
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """Text of `ids`; special tokens are kept unless `skip_special_tokens`."""
-        return self._tk.decode(_check_ids(ids, self.vocab_size),
-                               skip_special_tokens=skip_special_tokens)
+        ids = _check_ids(ids, self.vocab_size)
+        with _NoPanic(self.source, "decoding ids"):
+            return self._tk.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def save(self, directory) -> None:
         """tokenizer.json (with the post-processor that adds BOS / EOS, if any) +
         tokenizer_config.json (special tokens, chat template): `load_tokenizer` and
         `transformers.AutoTokenizer` both load the directory and give the same ids."""
         cfg = _config_json(self.special_tokens, self.chat_template)
-        _write_files(directory, self._tk.to_str(), cfg)
+        with _NoPanic(self.source, "saving"):
+            body = self._tk.to_str()
+        _write_files(directory, body, cfg)
 
     # ---- constructors
 
     @classmethod
-    def from_tokenizer_json(cls, path, config: dict | None = None) -> "BPETokenizer":
-        """A tokenizer.json, with a tokenizer_config.json's contents as `config`."""
+    def from_tokenizer_json(cls, path, config: dict | None = None, *,
+                            root: str | None = None) -> "BPETokenizer":
+        """A tokenizer.json, with a tokenizer_config.json's contents as `config`. `root`: the
+        model directory the file was found in, which it must not link out of."""
         tk = _tokenizers()
         path = os.fspath(path)
+        text = _read_text(path, root, _MAX_TOKENIZER_FILE)
         try:
-            backend = tk.Tokenizer.from_file(path)
+            with _NoPanic(path):
+                backend = tk.Tokenizer.from_str(text)
+        except TokenizerError:
+            raise
         except Exception as e:  # the library raises a bare Exception for bad JSON or schema
             raise TokenizerError(f"{path}: not a valid tokenizer.json: {e}") from None
         # The tokenizer.json's own post-processor decides BOS / EOS; transformers (v5) ignores
@@ -606,7 +755,10 @@ class BPETokenizer(_Tokenizer):
         tk = _tokenizers()
         config = dict(config or {})
         try:
-            model = tk.models.BPE.from_file(os.fspath(vocab_path), os.fspath(merges_path))
+            with _NoPanic(f"{vocab_path}, {merges_path}"):
+                model = tk.models.BPE.from_file(os.fspath(vocab_path), os.fspath(merges_path))
+        except TokenizerError:
+            raise
         except Exception as e:
             raise TokenizerError(f"{vocab_path}, {merges_path}: not a valid GPT-2 vocabulary "
                                  f"and merges pair: {e}") from None
@@ -626,10 +778,11 @@ class BPETokenizer(_Tokenizer):
         config declares but the backend lacks are added, and explicit add_bos_token /
         add_eos_token flags (or a missing post-processor) give a new post-processor."""
         named = _named_specials(cfg)
-        _add_declared_tokens(backend, cfg, named)
-        add_bos, add_eos = cfg.get("add_bos_token"), cfg.get("add_eos_token")
-        if add_bos is not None or add_eos is not None or backend.post_processor is None:
-            _set_bos_eos(backend, named, bool(add_bos), bool(add_eos))
+        with _NoPanic(source):
+            _add_declared_tokens(backend, cfg, named)
+            add_bos, add_eos = cfg.get("add_bos_token"), cfg.get("add_eos_token")
+            if add_bos is not None or add_eos is not None or backend.post_processor is None:
+                _set_bos_eos(backend, named, bool(add_bos), bool(add_eos))
         return cls(backend, named, chat_template=cfg.get("chat_template"),
                    extra_eos_ids=cfg.get("_generation_eos_ids", ()), source=source)
 
@@ -640,39 +793,79 @@ class BPETokenizer(_Tokenizer):
         from .io.gguf import read_metadata
         path = os.fspath(path)
         meta = read_metadata(path)
-        kind = meta.get("tokenizer.ggml.model")
+
+        def get(key, kind, length=None):
+            return _gguf_value(meta, key, kind, path, length)
+
+        kind = get("tokenizer.ggml.model", "str")
         if kind != "gpt2":
             what = {"llama": "SentencePiece ('llama')", None: "none"}.get(kind, repr(kind))
             raise TokenizerError(f"{path}: GGUF tokenizer model {what} is not supported; "
                                  "tailtune reads byte-level BPE ('gpt2') GGUF tokenizers")
-        tokens = meta.get("tokenizer.ggml.tokens")
-        merges = meta.get("tokenizer.ggml.merges")
-        if not isinstance(tokens, list) or not isinstance(merges, list):
+        tokens, merges = get("tokenizer.ggml.tokens", "strs"), get("tokenizer.ggml.merges", "strs")
+        if tokens is None or merges is None:
             raise TokenizerError(f"{path}: GGUF metadata lacks tokenizer.ggml.tokens or "
                                  "tokenizer.ggml.merges (string arrays)")
-        backend = _gguf_backend(path, meta, tokens, merges)
+        pre = get("tokenizer.ggml.pre", "str")
+        types = get("tokenizer.ggml.token_type", "ints", len(tokens))
+        backend = _gguf_backend(path, tokens, merges, pre, types)
         named = {}
         for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
                           ("pad_token", "padding")):
             i = meta.get(f"tokenizer.ggml.{key}_token_id")
-            if isinstance(i, int) and 0 <= i < len(tokens):
+            if is_int(i) and 0 <= i < len(tokens):
                 named[name] = tokens[i]
-        add_bos = meta.get("tokenizer.ggml.add_bos_token")
-        if add_bos is None and meta.get("tokenizer.ggml.pre") in _LLAMA3_GROUP:
+        add_bos = get("tokenizer.ggml.add_bos_token", "bool")
+        if add_bos is None and pre in _LLAMA3_GROUP:
             add_bos = True   # llama.cpp's default for this group; Llama 3 GGUFs omit the key
-        add_eos = meta.get("tokenizer.ggml.add_eos_token")
-        cfg = {**named, "chat_template": meta.get("tokenizer.chat_template"),
-               "_generation_eos_ids": [meta.get(f"tokenizer.ggml.{k}_token_id")
-                                       for k in ("eot", "eom")]}
+        add_eos = get("tokenizer.ggml.add_eos_token", "bool")
+        # end-of-turn ids that are not ids of this vocabulary are ignored, as bos / eos above
+        ends = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eot", "eom")]
+        cfg = {**named, "chat_template": get("tokenizer.chat_template", "str"),
+               "_generation_eos_ids": [i for i in ends if is_int(i) and 0 <= i < len(tokens)]}
         if add_bos is not None:
-            cfg["add_bos_token"] = bool(add_bos)
+            cfg["add_bos_token"] = add_bos
         if add_eos is not None:
-            cfg["add_eos_token"] = bool(add_eos)
+            cfg["add_eos_token"] = add_eos
         tok = cls._with_config(backend, cfg, path)
         arch = meta.get("general.architecture")
-        declared = meta.get(f"{arch}.vocab_size")
-        tok._model_vocab_size = declared if isinstance(declared, int) else None
+        declared = meta.get(f"{arch}.vocab_size") if isinstance(arch, str) else None
+        tok._model_vocab_size = declared if is_int(declared) and declared > 0 else None
         return tok
+
+
+# What each GGUF tokenizer key must hold: checked on reading, since a model file is untrusted
+# and a value of another type would fail later with a Python error that names nothing.
+_GGUF_KINDS = {"str": "a string", "bool": "a bool", "strs": "an array of strings",
+               "ints": "an array of integers"}
+
+
+def _gguf_value(meta: dict, key: str, kind: str, path: str, length: int | None = None):
+    """meta[key], or None when absent; TokenizerError when it is not of `kind` (or, for an
+    array, not `length` long)."""
+    v = meta.get(key)
+    if v is None:
+        return None
+    if kind == "str":
+        ok = isinstance(v, str)
+    elif kind == "bool":
+        ok = isinstance(v, bool)
+    elif kind == "strs":
+        ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
+    else:  # numeric arrays come as 1-D numpy arrays
+        ok = getattr(v, "ndim", None) == 1 and v.dtype.kind in "iu"
+    if ok and (length is None or len(v) == length):
+        return v
+    want = _GGUF_KINDS[kind] + (f" of {length} elements (one per token)" if length else "")
+    raise TokenizerError(f"{path}: GGUF metadata {key} must be {want}, got {_gguf_type(v)}")
+
+
+def _gguf_type(v) -> str:
+    if hasattr(v, "dtype"):
+        return f"an array of {len(v)} {v.dtype}"
+    if isinstance(v, list):
+        return f"an array of {len(v)} {'strings' if v and isinstance(v[0], str) else 'arrays'}"
+    return f"{type(v).__name__} {_clip(repr(v), 60)}"
 
 
 def _add_declared_tokens(backend, cfg: dict, named: dict) -> None:
@@ -682,7 +875,7 @@ def _add_declared_tokens(backend, cfg: dict, named: dict) -> None:
     present = {t.content for t in backend.get_added_tokens_decoder().values()}
     decl = cfg.get("added_tokens_decoder")
     decl = decl if isinstance(decl, dict) else {}
-    ordered = sorted(decl.items(), key=lambda kv: int(kv[0]) if str(kv[0]).isdigit() else 0)
+    ordered = sorted(decl.items(), key=lambda kv: _declared_id(kv[0]))
     extra = [_added_token(tk, t) for _, t in ordered
              if isinstance(t, dict) and _token_str(t) and t["content"] not in present]
     listed = [*named.values()]
@@ -697,6 +890,14 @@ def _add_declared_tokens(backend, cfg: dict, named: dict) -> None:
     backend.add_tokens([t for t in extra if not t.special])
 
 
+def _declared_id(key) -> int:
+    """The id an added_tokens_decoder key names, for ordering. A key that is not a plain number
+    of sensible length sorts first: "²" passes isdigit() but not int(), and int() refuses
+    numbers of more than 4300 digits."""
+    key = str(key)
+    return int(key) if key.isdecimal() and len(key) <= 18 else 0
+
+
 def _added_token(tk, t: dict):
     return tk.AddedToken(t["content"], single_word=bool(t.get("single_word", False)),
                          lstrip=bool(t.get("lstrip", False)), rstrip=bool(t.get("rstrip", False)),
@@ -706,17 +907,29 @@ def _added_token(tk, t: dict):
 
 def _set_bos_eos(backend, named: dict, add_bos: bool, add_eos: bool) -> None:
     """A post-processor adding BOS / EOS around a single sequence (and a pair), as
-    transformers' update_post_processor writes it."""
+    transformers' update_post_processor writes it. Built from its JSON form: the string form
+    ("<s>:0 $A:0") would parse the token's text, and a token such as "a b", "a:1" or "$A" would
+    break it or be taken for something else."""
     tk = _tokenizers()
     bos, eos = named.get("bos_token"), named.get("eos_token")
     add_bos = add_bos and bos is not None and backend.token_to_id(bos) is not None
     add_eos = add_eos and eos is not None and backend.token_to_id(eos) is not None
-    single = f"{bos + ':0 ' if add_bos else ''}$A:0{' ' + eos + ':0' if add_eos else ''}"
-    pair = (f"{single}{' ' + bos + ':1' if add_bos else ''} $B:1"
-            f"{' ' + eos + ':1' if add_eos else ''}")
-    specials = [(t, backend.token_to_id(t)) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
-    backend.post_processor = tk.processors.TemplateProcessing(single=single, pair=pair,
-                                                              special_tokens=specials)
+
+    def around(seq: str, type_id: int) -> list:
+        def special(t):
+            return {"SpecialToken": {"id": t, "type_id": type_id}}
+        return [*([special(bos)] if add_bos else []), {"Sequence": {"id": seq, "type_id": type_id}},
+                *([special(eos)] if add_eos else [])]
+
+    specials = {t: {"id": t, "ids": [backend.token_to_id(t)], "tokens": [t]}
+                for t, on in ((bos, add_bos), (eos, add_eos)) if on}
+    spec = {"type": "TemplateProcessing", "single": around("A", 0),
+            "pair": around("A", 0) + around("B", 1), "special_tokens": specials}
+    # the library builds a post-processor from JSON only as part of a whole tokenizer
+    shell = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
+             "normalizer": None, "pre_tokenizer": None, "post_processor": spec, "decoder": None,
+             "model": {"type": "BPE", "vocab": {}, "merges": []}}
+    backend.post_processor = tk.Tokenizer.from_str(json.dumps(shell)).post_processor
 
 
 # GGUF `tokenizer.ggml.pre` -> how the text is split before BPE. The names and their splits are
@@ -767,7 +980,7 @@ def _pre_tokenizer(tk, pre, path):
 _CONTROL, _USER_DEFINED = 3, 4
 
 
-def _gguf_backend(path, meta, tokens, merges):
+def _gguf_backend(path, tokens, merges, pre, types):
     """vocab + merges + pre-tokenizer -> tokenizers.Tokenizer. Control tokens become special
     added tokens and user-defined ones plain added tokens, so both match whole in the text."""
     tk = _tokenizers()
@@ -778,216 +991,31 @@ def _gguf_backend(path, meta, tokens, merges):
     spelled = [t if set(t) <= alphabet else "".join(b2u[b] for b in t.encode("utf-8"))
                for t in tokens]
     vocab = {t: i for i, t in enumerate(spelled)}
+    bad = next((m for m in merges if " " not in m), None)
+    if bad is not None:
+        raise TokenizerError(f"{path}: GGUF tokenizer.ggml.merges entry {_clip(repr(bad), 60)} "
+                             "is not two tokens separated by a space")
     try:
-        pairs = [tuple(m.split(" ", 1)) for m in merges]
-        model = tk.models.BPE(vocab=vocab, merges=pairs, fuse_unk=False, dropout=None,
-                              ignore_merges=meta.get("tokenizer.ggml.pre") in _LLAMA3_GROUP)
+        with _NoPanic(path, "GGUF vocabulary and merges"):
+            model = tk.models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges],
+                                  fuse_unk=False, dropout=None, ignore_merges=pre in _LLAMA3_GROUP)
+    except TokenizerError:
+        raise
     except Exception as e:
         raise TokenizerError(f"{path}: GGUF vocabulary and merges do not form a BPE model: "
                              f"{e}") from None
     backend = tk.Tokenizer(model)
-    backend.pre_tokenizer = _pre_tokenizer(tk, meta.get("tokenizer.ggml.pre"), path)
+    backend.pre_tokenizer = _pre_tokenizer(tk, pre, path)
     backend.decoder = tk.decoders.ByteLevel()
-    types = meta.get("tokenizer.ggml.token_type")
-    if types is not None and len(types) == len(tokens):
-        types = [int(x) for x in types]
+    if types is not None:
+        types = types.tolist()
         # A control token spelled outside the byte alphabet is a mislabel in the file: adding
         # it would create an id past the model's vocabulary.
         control = [tk.AddedToken(t, special=True, normalized=False)
                    for t, k in zip(tokens, types) if k == _CONTROL and set(t) <= alphabet]
         user = [tk.AddedToken(t, special=False, normalized=False)
                 for t, s, k in zip(tokens, spelled, types) if k == _USER_DEFINED and t == s]
-        backend.add_special_tokens(control)
-        backend.add_tokens(user)
+        with _NoPanic(path, "GGUF control and user-defined tokens"):
+            backend.add_special_tokens(control)
+            backend.add_tokens(user)
     return backend
-
-
-# --------------------------------------------------------------------------------------------
-# Chat templates
-
-
-# A template must not exhaust memory or time with one operator.
-_MAX_BUILD = 1_000_000   # longest string / list one `*` may build
-_MAX_POWER_BITS = 1_000_000  # largest integer `**` may build, in bits (2 ** 10 ** 9: minutes)
-
-
-def _jinja():
-    return optional_import("jinja2", "jinja2.ext", "jinja2.sandbox", error=ChatTemplateError,
-                           what="chat templates")
-
-
-@functools.lru_cache(maxsize=1)
-def _environment():
-    """Jinja's immutable sandbox with transformers' settings and helpers. The sandbox refuses
-    underscore attributes (the way to Python internals), unsafe callables and in-place changes
-    to the caller's objects; we also bound `*` and `**`, so a template cannot make one huge
-    string or number."""
-    jinja2 = _jinja()
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class Environment(ImmutableSandboxedEnvironment):
-        intercepted_binops = frozenset(["*", "**"])
-
-        def call_binop(self, context, operator, left, right):
-            _check_binop(jinja2, operator, left, right)
-            return super().call_binop(context, operator, left, right)
-
-        def unsafe_undefined(self, obj, attribute):
-            # Jinja returns an Undefined that prints as "" and fails only when used further;
-            # a template reaching for Python internals should fail right there, visibly.
-            raise jinja2.exceptions.SecurityError(
-                f"access to attribute {attribute!r} of a {type(obj).__name__!r} object is unsafe")
-
-    class Generation(jinja2.ext.Extension):
-        """`{% generation %}...{% endgeneration %}` marks assistant text for transformers'
-        assistant masks; rendering keeps the body unchanged."""
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            call = jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body)
-            return call.set_lineno(lineno)
-
-        def _body(self, caller):
-            return caller()
-
-    env = Environment(trim_blocks=True, lstrip_blocks=True,
-                      extensions=[Generation, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    env.globals["dict"] = _TemplateDict()
-    env.globals["namespace"] = _namespace_class(jinja2)
-    return env
-
-
-def _check_binop(jinja2, operator, left, right) -> None:
-    if operator == "*":
-        for seq, n in ((left, right), (right, left)):
-            if (isinstance(seq, (str, list, tuple)) and isinstance(n, int)
-                    and len(seq) * n > _MAX_BUILD):
-                raise jinja2.exceptions.SecurityError(
-                    f"the template repeats a sequence of {len(seq)} items {n} times "
-                    f"(more than {_MAX_BUILD} in all)")
-    elif (isinstance(left, int) and isinstance(right, int) and right > 0
-          and abs(left).bit_length() * right > _MAX_POWER_BITS):
-        raise jinja2.exceptions.SecurityError(
-            f"the template raises an integer to the power {right}: more than "
-            f"{_MAX_POWER_BITS} bits")
-
-
-def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    # Jinja's own tojson escapes HTML characters (<, >, &, '), which would change the prompt.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
-
-
-class _TemplateRaised(Exception):
-    """raise_exception(...) called by the template: it rejects the conversation."""
-
-
-def _raise_exception(message):
-    raise _TemplateRaised(message)
-
-
-def _strftime_now(fmt):
-    return datetime.now().strftime(fmt)
-
-
-class _TemplateDict:
-    """`dict(...)` for templates without handing them the `dict` type itself."""
-
-    def __call__(self, *args, **kwargs):
-        return dict(*args, **kwargs)
-
-    def fromkeys(self, *args, **kwargs):
-        return dict.fromkeys(*args, **kwargs)
-
-
-@functools.lru_cache(maxsize=1)
-def _namespace_class(jinja2):
-    class Namespace(jinja2.utils.Namespace):
-        """Jinja's namespace, refusing underscore names (they could shadow internals)."""
-
-        def __init__(*args, **kwargs):  # same signature trick as jinja2.utils.Namespace
-            self, args = args[0], args[1:]
-            attrs = dict(*args, **kwargs)
-            for name in attrs:
-                Namespace._check(name)
-            jinja2.utils.Namespace.__init__(self, attrs)
-
-        def __setitem__(self, name, value):
-            Namespace._check(name)
-            jinja2.utils.Namespace.__setitem__(self, name, value)
-
-        @staticmethod
-        def _check(name):
-            if isinstance(name, str) and name.startswith("_"):
-                raise jinja2.exceptions.SecurityError(
-                    f"namespace attribute {name!r}: underscore names are not allowed")
-
-    return Namespace
-
-
-@functools.lru_cache(maxsize=16)
-def _compile(source: str):
-    jinja2 = _jinja()
-    try:
-        return _environment().from_string(source)
-    except jinja2.exceptions.TemplateSyntaxError as e:
-        raise ChatTemplateError(f"the chat template is not valid Jinja (line {e.lineno}): "
-                                f"{e.message}") from None
-
-
-def render_chat_template(source: str, messages, add_generation_prompt: bool = True,
-                         **variables) -> str:
-    """Render a chat template in the sandbox. Messages are copied to plain JSON data first, so
-    the template never sees the caller's objects; keys whose value is None are dropped, as
-    transformers drops them (templates test for a missing key, not for None)."""
-    jinja2 = _jinja()
-    template = _compile(source)
-    chat = [_message(m) for m in messages]
-    variables = {k: _plain(v) for k, v in variables.items()}
-    try:
-        return template.render(messages=chat, add_generation_prompt=bool(add_generation_prompt),
-                               **variables)
-    except jinja2.exceptions.SecurityError as e:
-        raise ChatTemplateError(f"the chat template tried an operation the sandbox forbids "
-                                f"(model files are untrusted; refusing to render): {e}") from None
-    except _TemplateRaised as e:
-        raise ChatTemplateError(f"the chat template rejected the messages: {e}") from None
-    except jinja2.exceptions.TemplateError as e:
-        raise ChatTemplateError(f"the chat template failed: {e}") from None
-    except (TypeError, ValueError, AttributeError, KeyError, IndexError, ZeroDivisionError,
-            OverflowError, RecursionError) as e:
-        raise ChatTemplateError(f"the chat template failed: {type(e).__name__}: {e}") from None
-
-
-def _message(m) -> dict:
-    if not isinstance(m, dict):
-        raise InputError(f"chat messages must be dicts like {{'role': ..., 'content': ...}}, "
-                         f"got {type(m).__name__}")
-    return {k: _plain(v) for k, v in m.items() if v is not None}
-
-
-def _plain(v):
-    """JSON-like data rebuilt from plain types; anything else becomes an inert '<TypeName>'
-    string (objects could carry methods the sandbox does not know to be dangerous)."""
-    if v is None or type(v) in (str, int, float, bool):
-        return v
-    if isinstance(v, str):
-        return str.__str__(v)
-    if isinstance(v, int):
-        return int.__int__(v)
-    if isinstance(v, float):
-        return float.__float__(v)
-    if isinstance(v, dict):
-        return {_plain(k): _plain(x) for k, x in v.items()}
-    if isinstance(v, tuple) and type(v) is tuple:
-        return tuple(_plain(x) for x in v)
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    if hasattr(v, "item") and callable(v.item) and getattr(v, "shape", None) == ():
-        return _plain(v.item())  # a numpy scalar
-    return f"<{type(v).__name__}>"

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 import engine
 import tokenizer_corpus as C
 from engine.errors import InputError
-from engine.tokenizer import (BPETokenizer, ByteTokenizer, ChatTemplateError, TokenizerError,
-                              render_chat_template)
+from engine.chat_template import render_chat_template
+from engine.tokenizer import BPETokenizer, ByteTokenizer, ChatTemplateError, TokenizerError
 
 import tokenizers  # noqa: E402,F401
 import transformers  # noqa: E402

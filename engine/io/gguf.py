@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import reprlib
+import stat
 import struct
 
 import numpy as np
@@ -31,7 +32,13 @@ def is_gguf(path: str, error: type = CheckpointError) -> bool:
     """Whether the file starts with the GGUF magic, whatever its name; an unreadable file raises
     `error` (the model and tokenizer loaders each name their own)."""
     try:
-        with open(path, "rb") as f:
+        # O_NONBLOCK, then a regular file only: opening a FIFO would wait for a writer, and
+        # reading a device may never end
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise error(f"{path}: not a regular file (a FIFO, device or socket); a model "
+                            "file must be a regular file")
             return f.read(len(MAGIC)) == MAGIC
     except OSError as e:
         raise error(f"{path}: cannot read: {e}") from None
