@@ -99,11 +99,15 @@ def main(argv=None):
     e = sub.add_parser("eval", help="held-out loss and perplexity of a model on a data file")
     e.add_argument("--model", required=True, help=MODEL_HELP)
     e.add_argument("--data", required=True, help="a .txt or .jsonl file (as for finetune: a .txt "
-                   "counts one end-of-text target after its last token where the tokenizer has one, and its windows of "
-                   "--seq-len do not overlap, so no token sees more context than its window)")
+                   "counts one end-of-text target after its last token where the tokenizer has one, "
+                   "and is read in windows of --seq-len; see --stride)")
     e.add_argument("--seq-len", type=int, default=256, help="tokens per sequence; longer examples "
                    "are cut, a text file is read in windows of this length (default 256)")
     e.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    e.add_argument("--stride", type=int, help="a .txt only: windows of --seq-len start every N "
+                   "tokens and each scores only the tokens the one before did not, so every token "
+                   "has at least --seq-len - N tokens of context (sliding-window perplexity; "
+                   "default --seq-len: windows that do not overlap)")
 
     gen = sub.add_parser("generate", help="generate text with a KV cache")
     gen.add_argument("--model", required=True, help=MODEL_HELP)
@@ -208,12 +212,16 @@ def _eval(a):
     from .io.resolve import resolve_model_path
     from .tokenizer import load_tokenizer
     from .train import EvalProgress, check_seq_len, evaluate
-    _check_flags(*_sizes(a))
+    _check_flags(*_sizes(a), ("--stride", a.stride, lambda v: 1 <= v <= a.seq_len,
+                              f"in 1..--seq-len {a.seq_len}"))
     model = load(a.model)
     tok = load_tokenizer(resolve_model_path(a.model), model_vocab_size=model.config.vocab_size)
     check_seq_len(a.seq_len, model.config)
-    ex = D.Examples(D.tokenize_file(a.data, tok, log=lambda m: print(m, file=sys.stderr, flush=True)),
-                    a.seq_len)
+    data = D.tokenize_file(a.data, tok, log=lambda m: print(m, file=sys.stderr, flush=True))
+    if a.stride is not None and data.kind != "text":
+        print("note: --stride applies to a .txt; the rows of a .jsonl are scored whole",
+              file=sys.stderr)
+    ex = D.Examples(data, a.seq_len, a.stride if data.kind == "text" else None)
     D.check_targets(ex, np.arange(len(ex)), a.data, lambda m: print(f"warning: {m}", file=sys.stderr))
     if ex.data.kind == "examples" and ex.truncated:   # the loss is then of the cut examples
         print(f"note: {ex.truncated} examples are longer than --seq-len {a.seq_len} and were "

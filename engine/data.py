@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, is_int
 from .model import IGNORE
 from .tokenizer import ChatTemplateError
 
@@ -381,13 +381,19 @@ class Examples:
     """Index space of training examples: windows of a token stream, or the rows of a JSONL
     file truncated to seq_len + 1 tokens."""
 
-    def __init__(self, data: TokenData, seq_len: int):
+    def __init__(self, data: TokenData, seq_len: int, stride: int | None = None):
+        """stride (text only): windows start every `stride` tokens and each scores only the
+        targets the one before did not, so every target keeps at least seq_len - stride tokens
+        of context (sliding-window perplexity); default seq_len, windows that do not overlap."""
         self.data, self.T = data, seq_len
+        self.stride = seq_len if stride is None else stride
+        if not is_int(self.stride) or not 1 <= self.stride <= seq_len:
+            raise InputError(f"stride {stride!r}: must be an integer in 1..seq_len {seq_len}")
         if data.kind == "text":
             n = len(data.tokens)
-            # windows of T + 1 overlapping by one token; the last one shorter, so that no
+            # windows of T + 1 tokens, each stride further; the last one shorter, so that no
             # trailing token goes untrained (or unevaluated)
-            self.n = max(1, -(-(n - 1) // seq_len))
+            self.n = 1 + max(0, -(-(n - 1 - seq_len) // self.stride))
         else:
             self.n = data.n_examples
             lengths = np.diff(np.asarray(data.offsets))
@@ -400,8 +406,10 @@ class Examples:
         """Loss tokens of each example as get() returns it (truncated to T + 1 tokens; the
         first token is never a target)."""
         if self.data.kind == "text":  # windows of a stream whose mask is all ones
-            a = np.arange(self.n, dtype=np.int64) * self.T
-            return np.maximum(0, np.minimum(a + self.T + 1, len(self.data.tokens)) - (a + 1))
+            a = np.arange(self.n, dtype=np.int64) * self.stride
+            n = np.maximum(0, np.minimum(a + self.T + 1, len(self.data.tokens)) - (a + 1))
+            n[1:] = np.maximum(0, n[1:] - (self.T - self.stride))   # scored by the window before
+            return n
         o = np.asarray(self.data.offsets, np.int64)
         cs = np.concatenate([[0], np.cumsum(self.data.mask, dtype=np.int64)])
         end = np.minimum(o[:-1] + self.T + 1, o[1:])
@@ -410,8 +418,12 @@ class Examples:
     def get(self, i):
         """(ids, mask) of example i, at most T + 1 tokens."""
         if self.data.kind == "text":
-            a = i * self.T
-            return self.data.tokens[a:a + self.T + 1], self.data.mask[a:a + self.T + 1]
+            a = i * self.stride
+            ids, mask = self.data.tokens[a:a + self.T + 1], self.data.mask[a:a + self.T + 1]
+            if i and self.stride < self.T:   # its first T - stride targets: the window before's
+                mask = np.array(mask)
+                mask[1:1 + self.T - self.stride] = 0
+            return ids, mask
         ids, mask = self.data.example(i)
         return ids[:self.T + 1], mask[:self.T + 1]
 

@@ -339,3 +339,37 @@ def test_a_token_cache_write_cut_short_leaves_no_temporary_file(tmp_path, monkey
     assert any("No space left on device" in n for n in notes)
     left = [f for _, _, fs in os.walk(tmp_path / "cache") for f in fs]
     assert not any(".tmp" in f for f in left), left
+
+
+def test_eval_stride_scores_each_token_with_a_sliding_windows_context(tmp_path, capsys):
+    """`eval --stride S`: windows of T start every S tokens and each scores only what the one
+    before did not, so a target j > T is predicted from the tokens since S * ceil((j - T) / S)
+    (transformers' sliding-window perplexity). The reference runs the model once per target
+    on exactly that context."""
+    from engine.train import evaluate
+    cfg = engine.Config.llama(vocab_size=257, n_layer=2, n_head=2, n_kv_head=1, d_model=16,
+                              d_ff=24, max_seq_len=32)
+    m = engine.Model(cfg, seed=1)
+    m.save(str(tmp_path / "m"))
+    tok = engine.ByteTokenizer()
+    tok.save(str(tmp_path / "m"))
+    (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog; " * 3)
+    data = D.tokenize_file(str(tmp_path / "t.txt"), tok, cache_dir=str(tmp_path / "c"))
+    ids, T = np.asarray(data.tokens), 16
+    for S in (1, 5, 16):
+        ex = D.Examples(data, T, stride=S)
+        assert ex.targets().sum() == len(ids) - 1           # every target once
+        got = evaluate(m, ex, np.arange(len(ex)), 3, 0)
+        want = []
+        for j in range(1, len(ids)):
+            a = 0 if j <= T else S * -(-(j - T) // S)
+            z = m.forward(ids[None, a:j])[0, -1].astype(np.float64)
+            want.append(np.log(np.exp(z - z.max()).sum()) + z.max() - z[ids[j]])
+        assert got == pytest.approx(np.mean(want), rel=1e-5), S
+    assert cli(["eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "t.txt"),
+                "--seq-len", "16", "--stride", "5", "--batch-size", "3"]) == 0
+    ex = D.Examples(data, T, stride=5)
+    assert f"loss {evaluate(m, ex, np.arange(len(ex)), 3, 0):.4f}" in capsys.readouterr().out
+    assert cli(["eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "t.txt"),
+                "--seq-len", "16", "--stride", "17"]) == 2
+    assert "--stride 17: must be in 1..--seq-len 16" in capsys.readouterr().err
