@@ -424,6 +424,20 @@ def test_deeply_nested_arrays(tmp_path):
         GGUFFile(path)
 
 
+def test_a_metadata_list_of_more_strings_than_any_vocabulary_is_refused(tmp_path, monkeypatch):
+    """Each string becomes a Python object of ~8x its bytes in the file: a crafted list of a
+    billion one-character tokens would exhaust memory; more than MAX_OBJECT_ARRAY is refused
+    (here lowered to 100, with a file of 101)."""
+    from engine.io import gguf as G
+    monkeypatch.setattr(G, "MAX_OBJECT_ARRAY", 100)
+    body = struct.pack("<Q", 1) + b"x" + struct.pack("<I", 9) + struct.pack("<IQ", 8, 101)
+    body += (struct.pack("<Q", 1) + b"a") * 101
+    path = tmp_path / "many.gguf"
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + body)
+    with pytest.raises(CheckpointError, match="metadata array 'x' has 101 elements, more than the 100"):
+        GGUFFile(path)
+
+
 def test_truncated_files(valid_file):
     folder, data, _, header_end = valid_file
     f = GGUFFile(folder / "base.gguf")

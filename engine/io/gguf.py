@@ -48,6 +48,10 @@ VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4            # GGML_MAX_DIMS: llama.cpp rejects tensors with more
 MAX_ARRAY_NESTING = 4   # the spec allows arrays of arrays; a deep chain would exhaust the stack
+# Elements of one metadata array of strings or arrays: each becomes a Python object of ~50+
+# bytes (8x a short string's bytes in the file), so a crafted multi-GB token list would exhaust
+# memory. Real vocabularies stay under a million tokens.
+MAX_OBJECT_ARRAY = 1 << 24
 DEQUANT_CHUNK = 1 << 20  # elements dequantized per step: bounds gguf's float32 temporaries
 # Longest context_length accepted: the model may size rotary tables by it, and a mutated
 # header must not turn into a huge allocation there.
@@ -155,6 +159,10 @@ def _read_value(cur: _Cursor, vtype: int, key: str, depth: int = 0):
     # Strings and arrays take at least 8 / 12 bytes each: a count the file cannot hold is
     # refused before the loop starts.
     cur.need(count * (8 if etype == _STRING else 12), f"array {key!r} ({count} elements)")
+    if count > MAX_OBJECT_ARRAY:
+        raise CheckpointError(f"{cur.path}: metadata array {key!r} has {count} elements, more "
+                              f"than the {MAX_OBJECT_ARRAY} any model needs (each would take "
+                              "memory many times its size in the file)")
     if etype == _STRING:
         return cur.strings(count, f"element of {key!r}")
     return [_read_value(cur, etype, key, depth + 1) for _ in range(count)]
