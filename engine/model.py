@@ -333,10 +333,11 @@ class Model:
         # Positions without a target (-100: padding, a masked prompt) need no output from the
         # top block: it runs its projection, residuals and MLP on the target rows alone, and
         # the final norm and the head see only those
-        rows = None
+        rows, n_targets = None, 0
         if targets is not None:
             valid = targets.reshape(-1) != IGNORE
-            if 0 < int(valid.sum()) < valid.size:
+            n_targets = int(valid.sum())
+            if 0 < n_targets < valid.size:
                 rows = np.flatnonzero(valid)
         saved = {}
         for b in self.blocks[start:]:
@@ -367,7 +368,7 @@ class Model:
             prof.add("head", "forward+input-grad", perf_counter() - t0)
         if keep:
             self._tape = dict(tokens=tokens, saved=saved, low=low, x=x2, st=st, dh=dh, dw=dw, rope=rope,
-                              weights=self._weights_now(), empty=not (t != IGNORE).any())
+                              weights=self._weights_now(), empty=n_targets == 0)
         return loss
 
     @_blas_one_thread

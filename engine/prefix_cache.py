@@ -26,6 +26,11 @@ import shutil
 import sys
 import time
 
+try:
+    import fcntl
+except ImportError:   # Windows: a file another process has mapped cannot be removed anyway
+    fcntl = None
+
 import numpy as np
 
 from .errors import InputError
@@ -85,12 +90,6 @@ def _max_kept() -> int:
 def _on_disk(path: str) -> int:
     st = os.stat(path)   # a file filled in part is sparse: count what it holds
     return st.st_blocks * 512 if hasattr(st, "st_blocks") else st.st_size
-
-
-try:
-    import fcntl
-except ImportError:   # Windows: a file another process has mapped cannot be removed anyway
-    fcntl = None
 
 
 def _hold(path: str) -> int | None:

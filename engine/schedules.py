@@ -95,8 +95,9 @@ def make(name: str, n_layer: int, k: int, every: int = 50, decay: float = 0.8, t
         raise InputError(f"schedule {name}: also must be a list of glob patterns, got {also!r}")
     cls = {"static": Static, "gradual": Gradual, "lr-decay": LRDecay, "freezeout": FreezeOut,
            "autofreeze": AutoFreeze, "lisa": Lisa}[name]
-    sched = cls(n_layer, k, every=every, decay=decay, t0=t0, threshold=threshold, seed=seed)
-    sched.total, sched.spacing, sched.scaled, sched.also = total, spacing, scaled, tuple(also)
+    sched = cls(n_layer, k, every=every, decay=decay, t0=t0, threshold=threshold, seed=seed,
+                spacing=spacing, scaled=scaled, also=tuple(also))
+    sched.total = total
     return sched
 
 
@@ -105,12 +106,12 @@ class Schedule:
     # schedule then only warms up, or each block's rate would be annealed twice
     anneals = False
 
-    def __init__(self, n_layer, k, every=50, decay=0.8, t0=0.5, threshold=0.05, seed=0):
+    def __init__(self, n_layer, k, every=50, decay=0.8, t0=0.5, threshold=0.05, seed=0,
+                 spacing="linear", scaled=False, also=()):
         self.L, self.k, self.every = n_layer, k, every
         self.decay, self.t0, self.threshold, self.seed = decay, t0, threshold, seed
+        self.spacing, self.scaled, self.also = spacing, scaled, also   # see make()
         self.total: int | None = None   # the run's steps: make(total=) or apply() sets it
-        self.spacing, self.scaled = "linear", False   # FreezeOut's strategy (make() sets them)
-        self.also: tuple = ()   # globs of parameters trained throughout (make() sets them)
 
     def blocks(self, step: int) -> list[int]:
         """Trainable blocks before optimizer step `step` (0-based)."""
@@ -123,15 +124,14 @@ class Schedule:
         """Set the model's trainable set and the optimizer's per-parameter rate scales for
         `step`; True when the trainable set changed."""
         self.total = total
-        want = set(model._match(["ln_f.*", *[f"blocks.{i}.*" for i in set(self.blocks(step))],
-                                 *self.also]))
+        always = set(model._match(list(self.also))) if self.also else set()
+        want = always | set(model._match(["ln_f.*", *[f"blocks.{i}.*" for i in set(self.blocks(step))]]))
         # exactly these: a model fresh from engine.load (all trainable) loses its embeddings and
         # head here unless `also` names them; blocks that stay keep their Adam state
         changed = want != set(model.grads)
         model.set_trainable(want)
         # what `also` adds trains throughout: at the top block's rate, as the final norm does
         # (FreezeOut's stop time of a block outside its k would be negative, its rate too)
-        always = set(model._match(list(self.also))) if self.also else set()
         scales = {}
         for n in model.grads:
             b = block_of(n)
