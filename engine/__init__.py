@@ -14,6 +14,7 @@ _EXPORTS = {
     "Config": "engine.config",
     "Model": "engine.model",
     "load": "engine.io",
+    "Trainer": "engine.trainer",
     "AdamW": "engine.optim",
     "SGD": "engine.optim",
     "clip_grad_norm": "engine.optim",
@@ -35,7 +36,7 @@ from .generate import generate  # noqa: E402
 
 
 # Submodules the README shows as engine.<name>.<thing>, loaded on first use as well.
-_SUBMODULES = ("schedules", "prefix_cache", "probes", "data", "train")
+_SUBMODULES = ("schedules", "prefix_cache", "probes", "data", "train", "trainer")
 
 
 def __getattr__(name):

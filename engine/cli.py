@@ -211,7 +211,8 @@ def _eval(a):
     from .io import load
     from .io.resolve import resolve_model_path
     from .tokenizer import load_tokenizer
-    from .train import EvalProgress, check_seq_len, evaluate
+    from .train import EvalProgress, check_seq_len
+    from .trainer import evaluate
     _check_flags(*_sizes(a), ("--stride", a.stride, lambda v: 1 <= v <= a.seq_len,
                               f"in 1..--seq-len {a.seq_len}"))
     model = load(a.model)

@@ -194,6 +194,88 @@ def tokenize_file(path: str, tok, use_template: bool | None = None, cache_dir: s
     return data
 
 
+def from_rows(tok, rows, use_template: bool | None = None) -> TokenData:
+    """Rows in memory, as a JSONL file holds them ({"prompt": ..., "completion": ...} or
+    {"messages": [...]}), tokenized as tokenize_file would (the same ids and loss mask)."""
+    if isinstance(rows, (str, bytes, dict)):
+        raise InputError(f"rows: expected a list of row dicts, got {type(rows).__name__}")
+    if use_template is None:
+        use_template = bool(tok.chat_template)
+    head = _added_around(tok)[0]
+    ids_parts, mask_parts = [], []
+    for n, row in enumerate(rows):
+        where = f"rows[{n}]"
+        try:
+            ids, ms = _encode_example(tok, _check_row(row, "rows", n), use_template, head)
+        except InputError as e:
+            msg = str(e)
+            raise InputError(where + msg[len(f"rows:{n}"):] if msg.startswith(f"rows:{n}:")
+                             else f"{where}: {msg}") from None
+        except ChatTemplateError as e:
+            raise ChatTemplateError(f"{where}: {e}") from None
+        except ValueError as e:   # e.g. a lone surrogate ("\ud83d", a cut emoji)
+            raise InputError(f"{where}: cannot encode this row ({e})") from None
+        ids_parts.append(np.asarray(ids, np.int32))
+        mask_parts.append(np.asarray(ms, np.uint8))
+    if not ids_parts:
+        raise InputError("rows: no examples")
+    return _in_memory(ids_parts, mask_parts, "examples",
+                      f"|examples|{tok.fingerprint()}|{use_template}|{CACHE_VERSION}")
+
+
+def from_text(tok, text: str) -> TokenData:
+    """A text in memory as one token stream, as tokenize_file reads a .txt file."""
+    if not isinstance(text, str):
+        raise InputError(f"text: expected a str, got {type(text).__name__}")
+    text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")   # as _read_text
+    tokens = np.asarray(_with_eos(encode_text(tok, text), tok.eos_id), np.int32)
+    return _in_memory([tokens], None, "text", f"|text|{tok.fingerprint()}|{CACHE_VERSION}")
+
+
+def from_tokens(sequences, masks=None) -> TokenData:
+    """Token id sequences, one example each; masks (same lengths, 0/1) mark the tokens the
+    loss is computed on (default: all)."""
+    if isinstance(sequences, np.ndarray) and sequences.ndim == 1:
+        raise InputError("sequences: expected a list of sequences (or a 2-D array), got one 1-D array")
+    ids_parts = []
+    for n, seq in enumerate(sequences):
+        a = np.asarray(seq)
+        if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
+            raise InputError(f"sequences[{n}]: expected a 1-D sequence of integer token ids")
+        if a.size and (a.min() < 0 or a.max() > np.iinfo(np.int32).max):
+            raise InputError(f"sequences[{n}]: token ids must be >= 0 and fit in int32")
+        ids_parts.append(a.astype(np.int32))
+    if not ids_parts:
+        raise InputError("sequences: no examples")
+    mask_parts = None
+    if masks is not None:
+        mask_parts = [np.asarray(m) for m in masks]
+        if len(mask_parts) != len(ids_parts):
+            raise InputError(f"masks: {len(mask_parts)} masks for {len(ids_parts)} sequences")
+        for n, (m, a) in enumerate(zip(mask_parts, ids_parts)):
+            if m.shape != a.shape or not np.isin(m, (0, 1)).all():
+                raise InputError(f"masks[{n}]: expected {len(a)} values of 0 or 1 (one per token)")
+        mask_parts = [m.astype(np.uint8) for m in mask_parts]
+    return _in_memory(ids_parts, mask_parts, "examples", f"|tokens|{CACHE_VERSION}")
+
+
+def _in_memory(ids_parts, mask_parts, kind, salt) -> TokenData:
+    """TokenData over arrays in memory, keyed (for the disk prefix cache) by their contents."""
+    tokens = np.concatenate(ids_parts)
+    mask = np.concatenate(mask_parts) if mask_parts is not None else np.ones(len(tokens), np.uint8)
+    offsets = np.cumsum([0] + [len(a) for a in ids_parts]).astype(np.int64)
+    if len(tokens) < 2:
+        raise InputError(f"too little data to train on ({len(tokens)} tokens)")
+    h = hashlib.sha256()
+    for a in (tokens, mask, offsets):
+        h.update(np.ascontiguousarray(a).data)
+    data = TokenData(tokens, mask, offsets, kind, "<memory>", "")
+    data.file_hash = h.hexdigest()[:32]
+    h.update(salt.encode())
+    data.key = h.hexdigest()[:32]
+    return data
+
+
 def _hash_file(path: str):
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -1,5 +1,6 @@
-"""The fine-tuning loop: accumulation, schedule, clipping, held-out evaluation, checkpoints,
-exact resume, SIGINT, progress and metrics.
+"""A fine-tuning run from files to a run directory: `tailtune finetune`. The steps themselves
+are engine/trainer.py's Trainer; around it this adds the data files, held-out evaluations on a
+timetable, checkpoints and exact resume, SIGINT, progress and metrics.
 
 A run directory holds:
   run.json            the arguments and the base model's fingerprint (what makes it "this run")
@@ -37,11 +38,10 @@ from .generate import generate, stop_ids
 from .io import load_params, remove_abandoned, save_model, write_json
 from .io.resolve import resolve_model_path
 from .io.safetensors import SafetensorsFile, write as write_safetensors
-from .model import IGNORE, Model
-from .optim import AdamW, CosineSchedule, clip_grad_norm, grad_norm
-from .prefix_cache import PrefixCache, in_prefix
-from .probes import Telemetry, plot_telemetry
+from .model import Model
+from .probes import plot_telemetry
 from .tokenizer import load_tokenizer
+from .trainer import Trainer, count_steps
 
 STATE = "trainer_state.json"
 
@@ -382,25 +382,6 @@ def _warn(msg):
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
-def evaluate(model: Model, examples, indices, batch_size, pad_id, max_batches=None, cache=None,
-             progress=None) -> float:
-    """Mean loss per target token over the held-out examples. progress(done, total) after
-    each batch (an EvalProgress shows a long evaluation is moving)."""
-    total, count = 0.0, 0
-    n_batches = math.ceil(len(indices) / batch_size)
-    n_batches = min(n_batches, max_batches) if max_batches else n_batches
-    for b, (x, y, idx) in enumerate(D.eval_batches(examples, indices, batch_size, pad_id)):
-        if max_batches and b >= max_batches:
-            break
-        n = int((y >= 0).sum())
-        if n:
-            total += _forward(model, x, y, idx, cache, grad=False) * n
-            count += n
-        if progress is not None:
-            progress(b + 1, n_batches)
-    return total / count if count else float("nan")
-
-
 class EvalProgress:
     """Silent for a quick evaluation; one that runs past `after` seconds shows batches done and
     the time left (in place on a terminal, a line every `every` seconds otherwise), so a long
@@ -423,109 +404,6 @@ class EvalProgress:
         self.stream.write(("\r" + msg + "\x1b[K" + ("\n" if done == total else "")) if tty else msg + "\n")
         self.stream.flush()
         self.last = now
-
-
-def _forward(model, x, y, idx, cache, grad=True):
-    if cache is None:
-        return model.forward(x, y, grad=grad)
-    return model.forward(x, y, grad=grad, hidden=cache.hidden(idx, x), start=cache.start)
-
-
-class _Caches:
-    """The frozen-prefix caches of a run (training and held-out data), moved when a schedule
-    changes the lowest trainable block: rebuilt lower when it unfreezes a block inside the
-    cached prefix, filled from the old rows when it freezes the lowest blocks. `trained` holds
-    every parameter the run has trained so far: a disk file whose prefix holds one of them can
-    never be reused, and is deleted when the cache moves and at the end of the run."""
-
-    def __init__(self, args, model, examples, held, log, trained: set, pad_id: int, train_idx,
-                 eval_idx):
-        self.args, self.model, self.examples, self.held, self.log = args, model, examples, held, log
-        self.trained, self.pad_id = trained, pad_id
-        # room only for the examples a run reads: its training ones, and the held-out ones that
-        # evaluate() reaches under --eval-batches
-        cap = args.eval_batches * args.batch_size if args.eval_batches else None
-        self.train_rows, self.eval_rows = np.asarray(train_idx), np.asarray(eval_idx)[:cap]
-        self.train = self.eval = None
-        self.built: list[PrefixCache] = []     # every training-data cache of the run, for report()
-        self.held_built: list[PrefixCache] = []
-        try:
-            self.refresh()
-        except BaseException:   # the run's own close() never comes: delete disposable files now
-            self.close()
-            raise
-
-    def refresh(self):
-        if self.args.prefix_cache == "off":
-            return
-        start = self.model.lowest_trainable_block()
-        if self.train is not None and self.train.start == start and self.train.valid_for(self.model):
-            return
-        if start <= 0:
-            if not self.built:
-                self.log("prefix cache: not used while block 0 (or an embedding) is trainable: "
-                         "there is no frozen prefix")
-            self.close()
-            self.train = self.eval = None
-            return
-        d = os.path.join(D.cache_root(), "prefix") if self.args.prefix_cache == "disk" else None
-
-        # the lowest blocks froze, and what lies below them did not train
-        up = self.train is not None and self.train.start < start and self.train.valid_for(self.model)
-
-        shared = self.held is self.examples   # one cache serves both
-
-        def make(ex, old, rows):
-            c = PrefixCache(self.model, ex, start, self.args.prefix_dtype, d, ex.data.key,
-                            disposable=any(in_prefix(n, start) for n in self.trained), rows=rows)
-            if up:
-                c.fill_from(old, self.args.batch_size, self.pad_id)
-            return c
-
-        old_train, old_eval = self.train, self.eval
-        self.train = make(self.examples, old_train, np.union1d(self.train_rows, self.eval_rows)
-                          if shared else self.train_rows)
-        self.built.append(self.train)   # before the next can fail: close() deletes its files
-        self.eval = self.train if shared else make(self.held, old_eval, self.eval_rows)
-        if self.eval is not self.train:
-            self.held_built.append(self.eval)
-        for c in (old_train, old_eval):
-            if c is not None:
-                c.close()
-        mib = (self.train.nbytes + (self.eval.nbytes if self.eval is not self.train else 0)) / 2**20
-        how = f", {int(self.train.filled.sum())} rows carried up from block {old_train.start}" if up else ""
-        self.log(f"prefix cache: inputs of block {start} ({self.args.prefix_dtype}, "
-                 f"{self.args.prefix_cache}, {mib:.0f} MiB{how})")
-
-    def close(self):
-        """At the end of the run: every cache let go, the disposable files deleted."""
-        for c in self.built + self.held_built:
-            c.close()
-
-    def report(self):
-        """Measured cost of a prefix recompute against a read, over every cache of the run
-        (the training data's, and a separate held-out file's)."""
-        if not self.built:
-            return None
-        caches = self.built + self.held_built
-        rs = [c.report() for c in caches]
-        computed, reads = sum(r["examples_computed"] for r in rs), sum(r["reads"] for r in rs)
-        hits = sum(r["hits"] for r in rs)
-        compute_s, read_s = sum(c.compute_s for c in caches), sum(c.read_s for c in caches)
-        last = rs[len(self.built) - 1]              # start block, bytes: the last training cache's
-        r = {**last, "examples_computed": computed, "reads": reads, "hits": hits,
-             "compute_ms_per_example": 1e3 * compute_s / computed if computed else float("nan"),
-             "read_ms_per_example": 1e3 * read_s / reads if reads else float("nan"),
-             "caches": rs}
-        each = lambda n, ms, p: f" at {ms:.{p}f} ms each" if n else ""   # noqa: E731
-        self.log(f"prefix cache: computed {computed} prefixes"
-                 f"{each(computed, r['compute_ms_per_example'], 2)}, served {reads} rows to "
-                 f"training steps and evaluations ({hits} from the cache, the rest computed when "
-                 "first asked for)"
-                 f"{each(reads, r['read_ms_per_example'], 3)}"
-                 + (f" (over {len(rs)} caches, at blocks {', '.join(str(x['start_block']) for x in rs)})"
-                    if len(rs) > 1 else ""))
-        return r
 
 
 # ---- checkpoints --------------------------------------------------------------------------
@@ -731,45 +609,29 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
               f"{unchecked}this version may tokenize it differently (12-01: text files' line ends, "
               "chat turns' loss masks; 11-30: a text file's last short window), and then the batch "
               "order differs from the run's")
-    batches = D.Batches(examples, train_idx, args.batch_size, args.seed, pad)
-    per_step = args.batch_size * args.grad_accum
-    # an epoch is steps_per_epoch() batches, its last one short when B does not divide it; with
-    # --epochs the run draws exactly that many passes' batches, so its last step may
-    # accumulate fewer than --grad-accum of them
-    micro_total = (args.steps * args.grad_accum if args.steps
-                   else max(1, math.ceil(args.epochs * batches.steps_per_epoch())))
-    steps = math.ceil(micro_total / args.grad_accum)
-    warmup = args.warmup if args.warmup is not None else max(1, steps // 20)
-    # a schedule that anneals each block itself (FreezeOut) keeps only the global warmup
-    anneal_itself = schedule is not None and schedule.anneals
-    sched = CosineSchedule(args.lr, total=steps, warmup=min(warmup, steps),
-                           min_lr=args.lr if anneal_itself else args.min_lr)
-    opt = AdamW(model, lr=args.lr, weight_decay=args.weight_decay)
-    if state is not None:
-        if schedule is not None:
-            schedule.load_state_dict(state.get("schedule", {}))
-            if "trainable" in state:   # the set the checkpoint's optimizer state belongs to;
-                model.freeze()         # the loop then changes it at `start` as the run did
-                model.unfreeze(*state["trainable"])
-            else:
-                schedule.apply(model, opt, state["step"], steps)
-    elif schedule is not None:
-        schedule.apply(model, opt, 0, steps)
-    # parameters trained so far (a checkpoint older than this record: those it has state for)
-    trained = set(model.trainable) if state is None else set(
-        state.get("trained") or _optimizer_names(_checkpoint_dir(resume)))
-    telemetry = None
-    if args.telemetry_every:
-        src, probe_idx = (held, eval_idx[:4]) if len(eval_idx) else (examples, train_idx[:4])
-        probe = D.make_batch(src, probe_idx, pad)[0]
-        probe_len = [max(1, len(src.get(int(i))[0]) - 1) for i in probe_idx]   # without padding
-        # made before a resumed run loads its checkpoint: what trained before it still holds
-        # its pretrained weights here, for drift and CKA
-        earlier = sorted(trained) if state is not None else ()
-        telemetry = Telemetry(model, probe, args.telemetry_every, total_steps=steps,
-                              pretrained=earlier, lengths=probe_len)
+    if state is not None and not state.get("trained"):   # older than the record: those it has
+        state["trained"] = _optimizer_names(ck)              # optimizer state for
+
+    def make_trainer(load=None):
+        # a new run's prefix cache is made before the run directory: one with no room leaves
+        # nothing behind; a resumed run's after its checkpoint is loaded (the prefix may have
+        # trained)
+        return Trainer(model, examples, held, train_idx=train_idx, eval_idx=eval_idx,
+                       steps=args.steps, epochs=args.epochs, batch_size=args.batch_size,
+                       grad_accum=args.grad_accum, lr=args.lr, warmup=args.warmup,
+                       min_lr=args.min_lr, weight_decay=args.weight_decay, clip=args.clip,
+                       seed=args.seed, schedule=schedule, prefix_cache=args.prefix_cache,
+                       prefix_dtype=args.prefix_dtype, eval_batches=args.eval_batches,
+                       telemetry_every=args.telemetry_every, pad_id=pad, log=log, state=state,
+                       load=load)
+
+    if state is None:
+        trainer = make_trainer()
+        cleanup.callback(trainer.close)
+    steps = count_steps(len(train_idx), args.batch_size, args.grad_accum, args.steps, args.epochs)[1]
     log(f"{model}; {len(train_idx)} training / {len(eval_idx)} held-out examples of up to "
-        f"{seq_len} tokens; {steps} steps of {min(per_step, len(train_idx))} examples")
+        f"{seq_len} tokens; {steps} steps of {min(args.batch_size * args.grad_accum, len(train_idx))} "
+        "examples")
     if examples.data.kind == "examples" and examples.truncated:
         log(f"note: {examples.truncated} examples are longer than --seq-len and were truncated")
 
@@ -788,13 +650,8 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
     sample_ids = _sample_prompt(args, tok, held, eval_idx, cfg.max_seq_len)
 
     def held_out_loss():  # None without a held-out set (--eval-fraction 0)
-        if not len(eval_idx):
-            return None
-        return evaluate(model, held, eval_idx, args.batch_size, pad, args.eval_batches, caches.eval,
-                        EvalProgress())
+        return trainer.evaluate(progress=EvalProgress())
 
-    if state is None:   # before the run directory: a cache with no room leaves nothing behind
-        caches = _Caches(args, model, examples, held, log, trained, pad, train_idx, eval_idx)
     created = not os.path.exists(args.out)
     _make_out(args.out)
     fd = _lock_out(args.out, log)
@@ -837,12 +694,11 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
                 raise CheckpointError(f"{args.out}: run.json belongs to another base model")
         else:  # continuing into a new directory
             write_json(run_json, run)
-        state = load_checkpoint(_checkpoint_dir(resume), model, opt)
-        trained.update(model.trainable)
-        caches = _Caches(args, model, examples, held, log, trained, pad, train_idx, eval_idx)  # after loading: the prefix may have trained
-        batches.restore(state["data"])
-        before, sample_before = state.get("eval_before"), state.get("sample_before")
-        start = state["step"]
+        loaded = {}
+        trainer = make_trainer(load=lambda m, o: loaded.update(load_checkpoint(ck, m, o)))
+        cleanup.callback(trainer.close)
+        before, sample_before = loaded.get("eval_before"), loaded.get("sample_before")
+        start = trainer.step_no
         if start > steps:
             why = ("damaged checkpoint" if "data_keys" in state else "a damaged checkpoint, or "
                    "one from a tailtune that tokenized the data into more examples")
@@ -868,104 +724,55 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
     prev = {s: signal.signal(s, on_signal) for s in handled}
     progress = Progress(steps)
 
-    def after_update():
-        """What a checkpoint of the steps done so far records, taken once a step's update is
-        complete: a failure in the next step (out of memory, a full disk) checkpoints these, not
-        a loader that has drawn that step's batch or AutoFreeze norms that counted it."""
-        return batches.state(), schedule.state_dict() if schedule else {}
-
-    def checkpoint(step, done=None):
-        data, sched_state = done or after_update()
-        save_checkpoint(os.path.join(args.out, "checkpoint"), model, tok, opt,
-                        {"step": step, "data": data, "args": run["args"],
-                         "base_fingerprint": base_fp, "eval_before": before,
-                         "sample_before": sample_before,
-                         "schedule": sched_state,
-                         "trained": sorted(trained), "trainable": model.trainable,
+    def checkpoint():
+        save_checkpoint(os.path.join(args.out, "checkpoint"), model, tok, trainer.opt,
+                        {**trainer.state(), "args": run["args"], "base_fingerprint": base_fp,
+                         "eval_before": before, "sample_before": sample_before,
                          "data_hashes": data_hashes, "data_keys": data_keys})
 
     try:
-        step = start
-        done, updating, unlogged = after_update(), False, None
+        unlogged = None
         try:
-            while step < steps:
+            while trainer.step_no < steps:
                 if stop["signal"] is not None:
                     break
-                t0 = time.perf_counter()
-                if schedule is not None and schedule.apply(model, opt, step, steps):
-                    caches.refresh()
-                    trained.update(model.trainable)
-                opt.lr = sched(step)
-                model.zero_grad()
-                # accumulated micro-batches give what one batch of them all would: each weighted by
-                # its share of the target positions (not 1 / grad_accum: a micro-batch with few
-                # targets would weigh each of them more)
-                n_micro = min(args.grad_accum, micro_total - step * args.grad_accum)
-                micro = [batches.next() for _ in range(n_micro)]
-                n_targets = [int((y != IGNORE).sum()) for _, y, _ in micro]
-                loss, ntok = 0.0, 0
-                for (x, y, idx), n in zip(micro, n_targets):
-                    ntok += sum(len(examples.get(int(i))[0]) - 1 for i in idx)   # inputs, not padding
-                    if n:
-                        share = n / sum(n_targets)
-                        loss += share * _forward(model, x, y, idx, caches.train)
-                        model.backward(scale=share)
-                if schedule is not None:
-                    schedule.observe(model, step)
-                if telemetry is not None:   # before clipping: the layers' own gradient norms
-                    telemetry.before_update(step)
-                gnorm = clip_grad_norm(model, args.clip) if args.clip else grad_norm(model)
-                if not (math.isfinite(loss) and math.isfinite(gnorm)):
-                    # diverged: stop before this update, and save no NaN model as the result
-                    why = (f"try a lower --lr than {args.lr:g}" if step else
-                           "this is before any update, so the model or the data give it, not the "
-                           "learning rate (with --prefix-dtype float16, try float32)")
-                    raise DivergedError(f"step {step + 1}: training diverged (loss {loss:.4g}, gradient "
-                                        f"norm {gnorm:.4g}); {why}. No model was saved")
-                updating = True
-                opt.step()
-                updating = False
-                step += 1   # whole from here: a failure after this point keeps it
-                done = after_update()
-                tok_s = ntok / (time.perf_counter() - t0)
-                # under lr-decay and FreezeOut each block has its own rate: the highest one applied
-                top = max((opt.lr_scale.get(n, 1.0) for n in model.grads), default=1.0)
-                rec = unlogged = {"step": step, "loss": loss, "lr": opt.lr * top, "grad_norm": gnorm,
-                                  "tokens": ntok, "tokens_per_s": tok_s,
-                                  "trainable_blocks": model.trainable_blocks()}
-                if telemetry is not None and telemetry.due(step - 1):
-                    rec["telemetry"] = telemetry.record(step - 1, opt)
+                trainer.record = None
+                rec = unlogged = trainer.step()
+                step = trainer.step_no
                 if args.eval_every and step % args.eval_every == 0 and step < steps and len(eval_idx):
                     progress.newline()
                     rec["eval_loss"] = held_out_loss()
                     log(f"step {step}: held-out loss {rec['eval_loss']:.4f}")
                 _log_metric(metrics_path, rec)
                 unlogged = None
-                progress.update(step - 1, loss, tok_s)
+                progress.update(step - 1, rec["loss"], rec["tokens_per_s"])
                 if args.save_every and step % args.save_every == 0 and step < steps:
-                    checkpoint(step)
+                    checkpoint()
         except Exception as e:   # not a second Ctrl-C (stop now) nor a divergence (no model)
-            if isinstance(e, DivergedError) or updating or step == start:
+            step = trainer.step_no
+            if isinstance(e, DivergedError) or trainer.updating or step == start:
                 raise
             progress.newline()
-            if unlogged is not None:   # the last step's line, as far as it got (a resume
-                with contextlib.suppress(Exception):   # does not redo that step)
+            unlogged = unlogged or trainer.record   # the last step's line, as far as it got
+            if unlogged is not None:                # (a resume does not redo that step)
+                with contextlib.suppress(Exception):
                     _log_metric(metrics_path, unlogged)
-            if set(opt.state) != set(model.grads):   # failed while the trainable set changed
+            if trainer.changing:   # failed while the trainable set changed
                 log(f"training stopped after step {step} (the error follows), while the trainable "
                     "set was changing: no checkpoint of it; an earlier one, if any, is unchanged")
                 raise
             try:   # the steps done so far are whole: keep them
-                checkpoint(step, done)
+                checkpoint()
                 log(f"training stopped after step {step} (the error follows); the steps done are "
                     f"in a checkpoint: continue with {resume_cmd}")
             except Exception as e2:   # the disk that failed may fail this too
                 log(f"training stopped after step {step} (the error follows), and no checkpoint of "
                     f"it could be written ({e2}); an earlier one, if any, is unchanged")
             raise
+        step = trainer.step_no
         if step < steps:
             progress.newline()
-            checkpoint(step)
+            checkpoint()
             log(f"interrupted at step {step}: checkpoint saved; continue with {resume_cmd}")
             return {"status": "interrupted", "step": step, "out": args.out,
                     "signal": int(stop["signal"])}
@@ -975,26 +782,27 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
         try:
             after = held_out_loss()
             sample_after = _sample(model, tok, sample_ids, args)
-            cache_report = caches.report()
+            cache_report = trainer.prefix_cache_report()
             final = _save_final(model, tok, args.out)
             _log_metric(metrics_path, {"step": steps, "eval_loss": after})
         except BaseException:
             try:
-                checkpoint(step)
+                checkpoint()
                 log(f"the final evaluation or save did not finish; the trained weights are in a "
                     f"checkpoint: finish with {resume_cmd}")
             except Exception as e:   # the disk that failed the save may fail this too
                 log(f"no checkpoint of the last step either ({e})")
             raise
     except BaseException:
-        if state is None and step == 0:
+        if state is None and trainer.step_no == 0:
             discard_unstarted()
         raise
     finally:
         for s, h in prev.items():
             signal.signal(s, h)
-        caches.close()
+        trainer.close()
 
+    trained = trainer.trained
     n_train = sum(model.params[n].size for n in trained)   # under a schedule: all that ever trained
     summary = {"status": "done", "steps": steps, "eval_loss_before": before, "eval_loss_after": after,
                "perplexity_before": _ppl(before), "perplexity_after": _ppl(after),
@@ -1012,7 +820,7 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
     # superseded by model/ and the summary (written first: a run with neither is resumable)
     shutil.rmtree(os.path.join(args.out, "checkpoint"), ignore_errors=True)
     plots = [(_plot, "loss.png")]
-    if telemetry is not None:
+    if trainer.telemetry is not None:
         plots.append((_plot_telemetry, "telemetry.png"))
     for plot, png in plots:
         try:   # a picture of metrics.jsonl: its failure (a full disk) does not fail the run

@@ -182,7 +182,8 @@ def test_non_finite_gradient_stops_the_run_without_clipping_too(files, tmp_path,
     """--clip 0 still computes the gradient norm: an inf in it (an overflow in backward) stops
     the run before the update instead of saving a model that cannot be loaded; a non-finite
     loss at the first step is not blamed on the learning rate."""
-    monkeypatch.setattr(T, "grad_norm", lambda model: float("inf"))
+    import engine.trainer as TR
+    monkeypatch.setattr(TR, "grad_norm", lambda model: float("inf"))
     out = tmp_path / "o"
     cap = fails(capsys, ft(files, out, "--steps", "3", "--clip", "0"), "training diverged",
                 "gradient norm inf", "No model was saved")

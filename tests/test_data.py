@@ -346,7 +346,7 @@ def test_eval_stride_scores_each_token_with_a_sliding_windows_context(tmp_path, 
     before did not, so a target j > T is predicted from the tokens since S * ceil((j - T) / S)
     (transformers' sliding-window perplexity). The reference runs the model once per target
     on exactly that context."""
-    from engine.train import evaluate
+    from engine.trainer import evaluate
     cfg = engine.Config.llama(vocab_size=257, n_layer=2, n_head=2, n_kv_head=1, d_model=16,
                               d_ff=24, max_seq_len=32)
     m = engine.Model(cfg, seed=1)

@@ -152,7 +152,7 @@ def test_the_same_command_again_is_recognised_with_relative_paths(tiny, tmp_path
 def test_stopped_before_the_first_step_leaves_no_directory(tiny, tmp_path, monkeypatch, capsys):
     """Ctrl-C during the evaluation before training (minutes on long held-out data): no
     checkpoint can exist yet, so the directory goes, and the same command simply runs again."""
-    import engine.train as T
+    import engine.trainer as TR
     model, data = tiny
     out = tmp_path / "early"
     argv = [a if a != "60" else "2" for a in run_args(model, data, str(out))]
@@ -160,7 +160,7 @@ def test_stopped_before_the_first_step_leaves_no_directory(tiny, tmp_path, monke
     def interrupted(*a, **k):
         raise KeyboardInterrupt
     with monkeypatch.context() as m:
-        m.setattr(T, "evaluate", interrupted)
+        m.setattr(TR, "evaluate", interrupted)
         assert cli(argv) == 130
     assert not out.exists()
     assert cli(argv) == 0
@@ -523,7 +523,8 @@ def test_resume_refuses_data_whose_contents_changed(tiny, tmp_path, capsys):
 
 def test_long_evaluations_show_progress(tiny, tmp_path, capsys):
     import io
-    from engine.train import EvalProgress, evaluate
+    from engine.train import EvalProgress
+    from engine.trainer import evaluate
     from engine import data as D
     model_dir, data = tiny
     model, tok = engine.load(model_dir), engine.load_tokenizer(model_dir)
@@ -568,14 +569,15 @@ def test_a_step_that_fails_keeps_the_steps_before_it(tiny, tmp_path, monkeypatch
     out = str(tmp_path / "failed")
     calls = {"n": 0}
     if where in ("forward", "eval"):
-        real = T._forward
+        import engine.trainer as TR
+        real = TR._forward
 
         def failing(model, x, y, idx, cache, grad=True):
             calls["n"] += grad
             if (calls["n"] == 4 and grad) if where == "forward" else (calls["n"] == 3 and not grad):
                 raise MemoryError("Unable to allocate 1.91 GiB for an array")
             return real(model, x, y, idx, cache, grad)
-        monkeypatch.setattr(T, "_forward", failing)
+        monkeypatch.setattr(TR, "_forward", failing)
     else:
         import builtins
         real = builtins.open
@@ -600,7 +602,7 @@ def test_a_step_that_fails_keeps_the_steps_before_it(tiny, tmp_path, monkeypatch
     if where == "metrics":
         monkeypatch.delattr(T, "open")
     else:
-        monkeypatch.setattr(T, "_forward", real)
+        monkeypatch.setattr(TR, "_forward", real)
     assert cli(short(out) + ["--resume", out]) == 0
     a, b = weights(straight), weights(out)
     assert all(np.array_equal(a[n], b[n]) for n in a)

@@ -387,7 +387,7 @@ def test_a_held_out_cache_without_room_takes_the_training_cache_of_a_trained_pre
     deleted instead of left in the cache folder."""
     import ctypes
     import errno
-    from engine import prefix_cache as P, train as T
+    from engine import prefix_cache as P, trainer as TR
     monkeypatch.setenv("TAILTUNE_CACHE", str(tmp_path / "tc"))
     m = tiny(L=4).train_last(1)
     calls = {"n": 0}
@@ -400,11 +400,10 @@ def test_a_held_out_cache_without_room_takes_the_training_cache_of_a_trained_pre
             return -1
         return real(fd, mode, offset, length)
     monkeypatch.setattr(P, "_FALLOCATE", third_file_on_full)
-    args = T.TrainArgs(model="x", data="y", out="z", prefix_cache="disk", batch_size=2)
     trained = {"blocks.0.mlp.up.weight", *m.trainable}
     with pytest.raises(engine.InputError, match="no room"):
-        T._Caches(args, m, _examples(6), _examples(5, seed=1), print, trained, 0, np.arange(6),
-                  np.arange(5))
+        TR._Caches(m, _examples(6), _examples(5, seed=1), np.arange(6), np.arange(5), trained,
+                   "disk", batch_size=2)
     assert os.listdir(tmp_path / "tc" / "prefix") == []
 
 

@@ -1,0 +1,194 @@
+"""engine.Trainer and engine.data.from_*: a fine-tuning run over data in memory, with no files.
+
+The reference for every run here is `tailtune finetune` on the same data written to a file:
+the in-memory run must give its weights bit for bit (one loop serves both), and the data
+constructors must give the ids and loss masks the file reader gives."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import engine
+from engine import data as D
+from engine.cli import main as cli
+from test_finetune import text_file, tiny_model_dir, weights
+
+ROWS = [{"prompt": f"Claim {i}: water damage in the {'kitchen' if i % 2 else 'attic'}.",
+         "completion": f" Route to team {'A' if i % 3 else 'B'}."} for i in range(24)]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tmp_path_factory.mktemp("trainer")
+    jsonl = base / "rows.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return tiny_model_dir(base / "model"), str(jsonl), text_file(base / "data.txt", 6000), base
+
+
+def test_rows_and_text_tokenize_as_the_file_reader_does(setup):
+    model_dir, jsonl, txt, _ = setup
+    tok = engine.load_tokenizer(model_dir)
+    for mem, f in ((D.from_rows(tok, ROWS), D.tokenize_file(jsonl, tok)),
+                   (D.from_text(tok, open(txt).read()), D.tokenize_file(txt, tok))):
+        assert mem.kind == f.kind
+        for a, b in ((mem.tokens, f.tokens), (mem.mask, f.mask), (mem.offsets, f.offsets)):
+            assert np.array_equal(np.asarray(a), np.asarray(b))
+    # the Windows line ends and BOM a text file is read without
+    crlf = D.from_text(tok, "\ufeff" + open(txt).read().replace("\n", "\r\n"))
+    assert np.array_equal(crlf.tokens, np.asarray(D.tokenize_file(txt, tok).tokens))
+
+
+def test_in_memory_run_gives_the_cli_runs_weights(setup, tmp_path):
+    """Same rows, same settings (held-out split, grad accumulation, warmup, clipping): the
+    Trainer over rows in memory ends with the CLI run's weights, bit for bit."""
+    model_dir, jsonl, _, _ = setup
+    out = str(tmp_path / "cli")
+    assert cli(["finetune", "--model", model_dir, "--data", jsonl, "--out", out, "--train-last", "2",
+                "--steps", "8", "--batch-size", "3", "--grad-accum", "2", "--seq-len", "48",
+                "--lr", "3e-3", "--sample-tokens", "0", "--seed", "5"]) == 0
+    tok = engine.load_tokenizer(model_dir)
+    model = engine.load(model_dir)
+    model.train_last(2)
+    ex = D.Examples(D.from_rows(tok, ROWS), 48)
+    train_idx, eval_idx = D.split(len(ex), 0.1, 5)
+    with engine.Trainer(model, ex, ex, train_idx=train_idx, eval_idx=eval_idx, steps=8,
+                        batch_size=3, grad_accum=2, lr=3e-3, seed=5, pad_id=tok.batch_pad_id,
+                        log=lambda *a: None) as t:
+        recs = list(t)
+        held = t.evaluate()
+    ref = weights(out)
+    for n, w in model.params.items():
+        assert np.array_equal(w, ref[n]), n
+    metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["loss"] for r in recs] == [m["loss"] for m in metrics if "loss" in m]
+    assert held == pytest.approx(json.load(open(os.path.join(out, "summary.json")))["eval_loss_after"],
+                                 rel=1e-6)
+    assert [r["step"] for r in recs] == list(range(1, 9))
+
+
+def test_schedule_cache_and_telemetry_in_memory(setup):
+    """A schedule changes the trainable set from the first step, the prefix cache follows it
+    (same weights as without one, to float32 rounding) and telemetry lands in the records."""
+    model_dir, _, _, _ = setup
+    tok = engine.load_tokenizer(model_dir)
+    data = D.from_rows(tok, ROWS)
+    runs = {}
+    for cache in ("off", "memory"):
+        model = engine.load(model_dir)
+        sched = engine.schedules.make("gradual", model.config.n_layer, 1, every=3)
+        with engine.Trainer(model, data, seq_len=48, steps=7, batch_size=4, lr=3e-3,
+                            schedule=sched, prefix_cache=cache, telemetry_every=3,
+                            log=lambda *a: None) as t:
+            recs = list(t)
+            if cache == "memory":
+                report = t.prefix_cache_report()
+        runs[cache] = model.params
+        assert [r["trainable_blocks"] for r in recs] == [[3]] * 3 + [[2, 3]] * 3 + [[1, 2, 3]]
+        assert [r["step"] for r in recs if "telemetry" in r] == [3, 6, 7]
+    assert report["caches"][0]["start_block"] == 3 and len(report["caches"]) == 3
+    for n, w in runs["off"].items():
+        np.testing.assert_allclose(runs["memory"][n], w, rtol=2e-5, atol=1e-6, err_msg=n)
+
+
+def test_epochs_draw_every_example_once_per_pass(setup):
+    model_dir, _, _, _ = setup
+    model = engine.load(model_dir)
+    model.train_last(1)
+    data = D.from_tokens([np.arange(10) + i for i in range(10)])
+    with engine.Trainer(model, data, seq_len=8, epochs=2, batch_size=4, log=lambda *a: None) as t:
+        assert t.steps == 6          # 3 batches a pass (4 + 4 + 2)
+        assert sum(r["tokens"] for r in t) == 2 * 10 * 8   # inputs of 9 tokens, cut to 8
+        with pytest.raises(engine.InputError, match="6 steps are done"):
+            t.step()
+
+
+def test_masks_choose_the_loss_positions(setup):
+    """A mask of 0 keeps a token out of the loss: the loss equals the model's on the targets
+    the mask leaves, computed directly."""
+    model_dir, _, _, _ = setup
+    model = engine.load(model_dir)
+    model.train_last(1)
+    seqs = [np.arange(20) * 7 % 257, np.arange(15) * 3 % 257]
+    masks = [np.r_[np.zeros(10), np.ones(10)], np.r_[np.zeros(5), np.ones(10)]]
+    data = D.from_tokens(seqs, masks)
+    t = engine.Trainer(model, data, seq_len=32, steps=1, batch_size=2, lr=0.0, log=lambda *a: None)
+    x = np.zeros((2, 19), np.int64)
+    y = np.full((2, 19), -100)
+    for r, (s, m) in enumerate(zip(seqs, masks)):
+        x[r, :len(s) - 1] = s[:-1]
+        y[r, :len(s) - 1] = np.where(m[1:] > 0, s[1:], -100)
+    direct = model.forward(x, y, grad=False)
+    assert t.evaluate(data) == pytest.approx(direct, rel=1e-6)
+    assert t.step()["loss"] == pytest.approx(direct, rel=1e-6)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: D.from_tokens([[1, 2, 3], [4, -1]]), r"sequences\[1\]: token ids must be >= 0"),
+    (lambda: D.from_tokens([[1.5, 2.0]]), r"sequences\[0\]: expected a 1-D sequence of integer"),
+    (lambda: D.from_tokens(np.arange(5)), "got one 1-D array"),
+    (lambda: D.from_tokens([]), "no examples"),
+    (lambda: D.from_tokens([[1]]), "too little data"),
+    (lambda: D.from_tokens([[1, 2, 3]], [[1, 0]]), r"masks\[0\]: expected 3 values"),
+    (lambda: D.from_tokens([[1, 2, 3]], [[1, 0, 2]]), r"masks\[0\]: expected 3 values of 0 or 1"),
+    (lambda: D.from_tokens([[1, 2, 3]], []), "0 masks for 1 sequences"),
+])
+def test_bad_token_data_is_named(make, match):
+    with pytest.raises(engine.InputError, match=match):
+        make()
+
+
+def test_bad_rows_are_named(setup):
+    tok = engine.load_tokenizer(setup[0])
+    for rows, match in (([{"prompt": "a"}], r"rows\[0\]: a row needs 'prompt' and 'completion'"),
+                        ([ROWS[0], "text"], r"rows\[1\]: expected a JSON object, got str"),
+                        ("just a string", "expected a list of row dicts"),
+                        ([], "no examples"),
+                        ([{"messages": [{"role": "user", "content": "x"}]}], r"rows\[0\]: no assistant"),
+                        ([{"messages": [{"role": "assistant", "content": "x"}]}],
+                         r"rows\[0\]: 'messages' rows need a tokenizer with a chat template")):
+        with pytest.raises(engine.InputError, match=match):
+            D.from_rows(tok, rows)
+    with pytest.raises(engine.InputError, match="expected a str"):
+        D.from_text(tok, b"bytes")
+
+
+def test_bad_trainer_arguments_are_named(setup):
+    model = engine.load(setup[0])
+    model.train_last(1)
+    data = D.from_tokens([np.arange(12)] * 4)
+    quiet = {"log": lambda *a: None}
+    for kw, match in (({"batch_size": 0}, "batch_size 0: must be >= 1"),
+                      ({"lr": float("nan")}, "lr nan: must be a finite number"),
+                      ({"min_lr": 1.0}, "min_lr 1.0: must be between 0 and lr"),
+                      ({"prefix_cache": "ram"}, "prefix_cache ram: must be off, memory or disk"),
+                      ({"steps": 0}, "steps 0: must be >= 1")):
+        with pytest.raises(engine.InputError, match=match):
+            engine.Trainer(model, data, seq_len=8, **kw, **quiet)
+    with pytest.raises(engine.InputError, match="token data needs seq_len"):
+        engine.Trainer(model, data, **quiet)
+    with pytest.raises(engine.InputError, match="expected engine.data.Examples or TokenData"):
+        engine.Trainer(model, [[1, 2, 3]], seq_len=8, **quiet)
+    with pytest.raises(engine.InputError, match="token id 300, outside the model's vocabulary 0..256"):
+        engine.Trainer(model, D.from_tokens([np.arange(290, 301)]), seq_len=8, **quiet)
+    model.freeze()
+    with pytest.raises(engine.InputError, match="nothing is trainable"):
+        engine.Trainer(model, data, seq_len=8, **quiet)
+
+
+def test_chat_rows_render_as_the_file_reader_renders_them(require_smollm2, tmp_path):
+    """Messages and prompt/completion rows through SmolLM2's chat template: the ids and the
+    loss mask (assistant turns only) of a JSONL file of the same rows."""
+    tok = engine.load_tokenizer("smollm2")
+    rows = [{"messages": [{"role": "system", "content": "Triage claims."},
+                          {"role": "user", "content": "Pipe burst."},
+                          {"role": "assistant", "content": "Team A."},
+                          {"role": "user", "content": "And hail?"},
+                          {"role": "assistant", "content": "Team B."}]},
+            {"prompt": "Fire in garage.", "completion": "Team C."}]
+    f = tmp_path / "chat.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    mem, ref = D.from_rows(tok, rows), D.tokenize_file(str(f), tok)
+    for a, b in ((mem.tokens, ref.tokens), (mem.mask, ref.mask), (mem.offsets, ref.offsets)):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert 0 < mem.mask.sum() < len(mem.mask) / 2
