@@ -197,7 +197,7 @@ def tokenize_file(path: str, tok, use_template: bool | None = None, cache_dir: s
 def from_rows(tok, rows, use_template: bool | None = None) -> TokenData:
     """Rows in memory, as a JSONL file holds them ({"prompt": ..., "completion": ...} or
     {"messages": [...]}), tokenized as tokenize_file would (the same ids and loss mask)."""
-    if isinstance(rows, (str, bytes, dict)):
+    if isinstance(rows, (str, bytes, dict)) or not hasattr(rows, "__iter__"):
         raise InputError(f"rows: expected a list of row dicts, got {type(rows).__name__}")
     if use_template is None:
         use_template = bool(tok.chat_template)
@@ -237,6 +237,8 @@ def from_tokens(sequences, masks=None) -> TokenData:
     loss is computed on (default: all)."""
     if isinstance(sequences, np.ndarray) and sequences.ndim == 1:
         raise InputError("sequences: expected a list of sequences (or a 2-D array), got one 1-D array")
+    if isinstance(sequences, (str, bytes)) or not hasattr(sequences, "__iter__"):
+        raise InputError(f"sequences: expected a list of sequences, got {type(sequences).__name__}")
     ids_parts = []
     for n, seq in enumerate(sequences):
         a = np.asarray(seq)
@@ -558,7 +560,8 @@ class Batches:
         self.B, self.seed, self.pad_id = batch_size, seed, pad_id
         self.epoch, self.cursor = 0, 0
         if len(self.indices) == 0:
-            raise InputError("no training examples left after the held-out split")
+            raise InputError("no training examples (none left after the held-out split, or "
+                             "none given)")
 
     def _order(self):
         return np.random.default_rng([self.seed, self.epoch]).permutation(self.indices)

@@ -625,9 +625,6 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
                        telemetry_every=args.telemetry_every, pad_id=pad, log=log, state=state,
                        load=load)
 
-    if state is None:
-        trainer = make_trainer()
-        cleanup.callback(trainer.close)
     steps = count_steps(len(train_idx), args.batch_size, args.grad_accum, args.steps, args.epochs)[1]
     log(f"{model}; {len(train_idx)} training / {len(eval_idx)} held-out examples of up to "
         f"{seq_len} tokens; {steps} steps of {min(args.batch_size * args.grad_accum, len(train_idx))} "
@@ -635,6 +632,9 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
     if examples.data.kind == "examples" and examples.truncated:
         log(f"note: {examples.truncated} examples are longer than --seq-len and were truncated")
 
+    if state is None:
+        trainer = make_trainer()
+        cleanup.callback(trainer.close)
     # paths recorded absolute (a packaged model's name stays a name): the run can be resumed
     # from any working directory
     recorded = dataclasses.replace(
@@ -744,7 +744,7 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
                     rec["eval_loss"] = held_out_loss()
                     log(f"step {step}: held-out loss {rec['eval_loss']:.4f}")
                 _log_metric(metrics_path, rec)
-                unlogged = None
+                unlogged = trainer.record = None   # logged: a failure after this adds no line
                 progress.update(step - 1, rec["loss"], rec["tokens_per_s"])
                 if args.save_every and step % args.save_every == 0 and step < steps:
                     checkpoint()

@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from . import data as D
-from .errors import DivergedError, InputError
+from .errors import DivergedError, InputError, is_int
 from .model import IGNORE
 from .optim import AdamW, CosineSchedule, clip_grad_norm, grad_norm
 from .prefix_cache import PrefixCache, in_prefix
@@ -72,6 +72,9 @@ def count_steps(n_train, batch_size, grad_accum, steps=None, epochs=1.0):
 def _examples(data, seq_len, what):
     """An Examples set from Examples or TokenData (cut into seq_len windows / rows)."""
     if isinstance(data, D.Examples):
+        if seq_len is not None and seq_len != data.T:
+            raise InputError(f"{what}: Examples cut for seq_len {data.T}, and seq_len {seq_len} "
+                             "was given (give TokenData to cut it, or leave seq_len out)")
         return data
     if isinstance(data, D.TokenData):
         if seq_len is None:
@@ -79,6 +82,17 @@ def _examples(data, seq_len, what):
         return D.Examples(data, seq_len)
     raise InputError(f"{what}: expected engine.data.Examples or TokenData (engine.data.from_rows, "
                      f"from_text, from_tokens), got {type(data).__name__}")
+
+
+def _indices(idx, n, what) -> np.ndarray:
+    """Example indices, checked: integers in 0..n-1 (a negative one would wrap around)."""
+    a = np.asarray(idx)
+    if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
+        raise InputError(f"{what}: expected a 1-D sequence of integer example indices")
+    a = a.astype(np.int64)
+    if a.size and (a.min() < 0 or a.max() >= n):
+        raise InputError(f"{what}: indices must be in 0..{n - 1} (there are {n} examples)")
+    return a
 
 
 class Trainer:
@@ -103,36 +117,65 @@ class Trainer:
                  min_lr=0.0, weight_decay=0.0, clip=1.0, seed=0, opt=None, schedule=None,
                  prefix_cache="off", prefix_dtype="float32", eval_batches=0, telemetry_every=0,
                  pad_id=0, log=print, state=None, load=None):
+        from .model import Model
         from .train import check_flags   # the same rules (and messages) as the CLI's flags
-        nonneg = lambda v: v >= 0  # noqa: E731   (False for NaN too)
+        if not isinstance(model, Model):
+            raise InputError(f"model: expected an engine.Model (engine.load(path)), got "
+                             f"{type(model).__name__}")
+        V = model.config.vocab_size
+        count = lambda lo: lambda v: is_int(v) and v >= lo  # noqa: E731
         check_flags((
-            ("steps", steps, lambda v: v is None or v >= 1, ">= 1 (None: train for `epochs`)"),
+            ("steps", steps, lambda v: v is None or count(1)(v), "an integer >= 1 (None: train for `epochs`)"),
             ("epochs", epochs, lambda v: 0 < v < math.inf, "a number > 0"),
-            ("batch_size", batch_size, lambda v: v >= 1, ">= 1"),
-            ("grad_accum", grad_accum, lambda v: v >= 1, ">= 1"),
+            ("batch_size", batch_size, count(1), "an integer >= 1"),
+            ("grad_accum", grad_accum, count(1), "an integer >= 1"),
+            ("seq_len", seq_len, lambda v: v is None or count(1)(v), "an integer >= 1"),
             ("lr", lr, lambda v: 0 <= v < math.inf, "a finite number >= 0"),
             ("min_lr", min_lr, lambda v: 0 <= v <= lr, f"between 0 and lr {lr}"),
-            ("warmup", warmup, lambda v: v is None or v >= 0, ">= 0"),
-            ("clip", clip, nonneg, ">= 0 (0 disables clipping)"),
-            ("eval_batches", eval_batches, nonneg, ">= 0 (0: all)"),
-            ("telemetry_every", telemetry_every, nonneg, ">= 0 (0: off)"),
+            ("warmup", warmup, lambda v: v is None or count(0)(v), "an integer >= 0"),
+            ("weight_decay", weight_decay, lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+            ("clip", clip, lambda v: v >= 0, ">= 0 (0 disables clipping)"),
+            ("seed", seed, count(0), "an integer >= 0"),
+            ("eval_batches", eval_batches, count(0), "an integer >= 0 (0: all)"),
+            ("telemetry_every", telemetry_every, count(0), "an integer >= 0 (0: off)"),
+            ("pad_id", pad_id, lambda v: is_int(v) and 0 <= v < V,
+             f"a token id in 0..{V - 1} (tok.batch_pad_id)"),
             ("prefix_cache", prefix_cache, lambda v: v in ("off", "memory", "disk"),
              "off, memory or disk")))
+        if schedule is not None and getattr(schedule, "L", None) != model.config.n_layer:
+            raise InputError(f"schedule: made for {getattr(schedule, 'L', '?')} blocks, the model "
+                             f"has {model.config.n_layer} (engine.schedules.make(name, "
+                             f"{model.config.n_layer}, k, ...))")
+        if held is None and eval_idx is not None:
+            raise InputError("eval_idx picks examples of `held`, and no held set was given")
         self.model, self.schedule, self.log = model, schedule, log
         self.examples = _examples(data, seq_len, "data")
         self.held = None if held is None else (
             self.examples if held is data else _examples(held, seq_len, "held"))
-        V = model.config.vocab_size
         for what, ex in (("data", self.examples), ("held", self.held)):
-            top = int(ex.data.tokens.max()) if ex is not None and len(ex.data.tokens) else -1
+            if ex is None:
+                continue
+            top = int(ex.data.tokens.max()) if len(ex.data.tokens) else -1
             if top >= V:   # found here, not in the middle of the run
                 raise InputError(f"{what} holds token id {top}, outside the model's vocabulary "
                                  f"0..{V - 1} (tokenized for another model?)")
-        if train_idx is None:   # without loss tokens an example adds nothing (its loss is 0 / 0)
-            train_idx = np.flatnonzero(self.examples.targets() > 0)
-        self.train_idx = np.asarray(train_idx, np.int64)
+        if eval_idx is not None:
+            eval_idx = _indices(eval_idx, len(self.held), "eval_idx")
+        if train_idx is None:   # every example; of a split `held`, those it does not hold out
+            train_idx = np.arange(len(self.examples))
+            if self.held is self.examples and eval_idx is not None:
+                train_idx = np.setdiff1d(train_idx, eval_idx)
+        train_idx = _indices(train_idx, len(self.examples), "train_idx")
+        # without loss tokens an example adds nothing (its loss is 0 / 0): left out, and none
+        # at all is an error naming why
+        D.check_targets(self.examples, train_idx, "data", lambda m: log(f"note: {m}"),
+                        "they are left out of training")
+        self.train_idx = train_idx[self.examples.targets()[train_idx] > 0]
         self.eval_idx = (np.zeros(0, np.int64) if self.held is None else
-                         np.arange(len(self.held)) if eval_idx is None else np.asarray(eval_idx, np.int64))
+                         np.arange(len(self.held)) if eval_idx is None else eval_idx)
+        if len(self.eval_idx):
+            D.check_targets(self.held, self.eval_idx, "held")
+        self._closed = False
         self.pad_id, self.batch_size, self.grad_accum, self.clip = pad_id, batch_size, grad_accum, clip
         self.eval_batches = eval_batches
         self.batches = D.Batches(self.examples, self.train_idx, batch_size, seed, pad_id)
@@ -205,6 +248,7 @@ class Trainer:
     def step(self) -> dict:
         """One optimizer step; its record: step, loss, lr, grad_norm, tokens, tokens_per_s,
         trainable_blocks (and telemetry when due). A DivergedError before a non-finite update."""
+        self._check_open()
         if self.step_no >= self.steps:
             raise InputError(f"the run's {self.steps} steps are done")
         model, opt, step = self.model, self.opt, self.step_no
@@ -261,6 +305,7 @@ class Trainer:
     def evaluate(self, data=None, indices=None, max_batches=None, progress=None):
         """Mean loss per target token: of `held` (through its prefix cache; None without a
         held-out set), or of other data (Examples / TokenData, cut as the training data)."""
+        self._check_open()
         if data is None:
             if not len(self.eval_idx):
                 return None
@@ -274,8 +319,13 @@ class Trainer:
         return self.caches.report()
 
     def close(self):
-        """Lets the prefix caches go (their disposable files deleted)."""
+        """Lets the prefix caches go (their disposable files deleted); the trainer is done."""
+        self._closed = True
         self.caches.close()
+
+    def _check_open(self):
+        if self._closed:
+            raise InputError("this Trainer is closed (its prefix caches are gone): make a new one")
 
     def __enter__(self):
         return self

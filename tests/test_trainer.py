@@ -151,6 +151,20 @@ def test_bad_rows_are_named(setup):
             D.from_rows(tok, rows)
     with pytest.raises(engine.InputError, match="expected a str"):
         D.from_text(tok, b"bytes")
+    for bad in (None, 5):
+        with pytest.raises(engine.InputError, match="expected a list of row dicts"):
+            D.from_rows(tok, bad)
+        with pytest.raises(engine.InputError, match="expected a list of sequences"):
+            D.from_tokens(bad)
+
+
+def test_a_split_held_set_is_left_out_of_training(setup):
+    """held = data with eval_idx and no train_idx: training takes the other examples only."""
+    model = engine.load(setup[0])
+    model.train_last(1)
+    data = D.Examples(D.from_tokens([np.arange(12) + i for i in range(6)]), 8)
+    with engine.Trainer(model, data, data, eval_idx=[1, 4], steps=1, log=lambda *a: None) as t:
+        assert list(t.train_idx) == [0, 2, 3, 5] and list(t.eval_idx) == [1, 4]
 
 
 def test_bad_trainer_arguments_are_named(setup):
@@ -158,13 +172,45 @@ def test_bad_trainer_arguments_are_named(setup):
     model.train_last(1)
     data = D.from_tokens([np.arange(12)] * 4)
     quiet = {"log": lambda *a: None}
-    for kw, match in (({"batch_size": 0}, "batch_size 0: must be >= 1"),
+    for kw, match in (({"batch_size": 0}, "batch_size 0: must be an integer >= 1"),
                       ({"lr": float("nan")}, "lr nan: must be a finite number"),
                       ({"min_lr": 1.0}, "min_lr 1.0: must be between 0 and lr"),
                       ({"prefix_cache": "ram"}, "prefix_cache ram: must be off, memory or disk"),
-                      ({"steps": 0}, "steps 0: must be >= 1")):
+                      ({"steps": 0}, "steps 0: must be an integer >= 1")):
         with pytest.raises(engine.InputError, match=match):
             engine.Trainer(model, data, seq_len=8, **kw, **quiet)
+    for kw, match in (({"steps": 2.5}, "steps 2.5: must be an integer >= 1"),
+                      ({"grad_accum": 1.5}, "grad_accum 1.5: must be an integer"),
+                      ({"batch_size": 2.5}, "batch_size 2.5: must be an integer"),
+                      ({"seed": -1}, "seed -1: must be an integer >= 0"),
+                      ({"seed": 1.5}, "seed 1.5: must be an integer >= 0"),
+                      ({"pad_id": None}, "pad_id None: must be a token id in 0..256"),
+                      ({"pad_id": 257}, "pad_id 257: must be a token id in 0..256"),
+                      ({"seq_len": 0}, "seq_len 0: must be an integer >= 1"),
+                      ({"train_idx": [100]}, r"train_idx: indices must be in 0..3"),
+                      ({"train_idx": [-1]}, r"train_idx: indices must be in 0..3"),
+                      ({"train_idx": [0.0, 1.0]}, "train_idx: expected a 1-D sequence of integer"),
+                      ({"train_idx": []}, "no training examples"),
+                      ({"eval_idx": [0]}, "eval_idx picks examples of `held`, and no held set"),
+                      ({"schedule": engine.schedules.make("gradual", 2, 1)},
+                       r"schedule: made for 2 blocks, the model has 4")):
+        with pytest.raises(engine.InputError, match=match):
+            engine.Trainer(model, data, **{"seq_len": 8, **kw}, **quiet)
+    with pytest.raises(engine.InputError, match="expected an engine.Model"):
+        engine.Trainer("path/to/model", data, seq_len=8, **quiet)
+    with pytest.raises(engine.InputError, match="Examples cut for seq_len 8, and seq_len 4"):
+        engine.Trainer(model, D.Examples(data, 8), seq_len=4, **quiet)
+    prompt_only = D.from_tokens([np.arange(12)] * 4, [np.r_[np.ones(11), 0]] * 2 + [np.zeros(12)] * 2)
+    with pytest.raises(engine.InputError, match="held: no tokens to compute the loss on"):
+        engine.Trainer(model, data, prompt_only, train_idx=[0], eval_idx=[2, 3], seq_len=8, **quiet)
+    with pytest.raises(engine.InputError, match="data: no tokens to compute the loss on"):
+        engine.Trainer(model, prompt_only, train_idx=[2, 3], seq_len=8, **quiet)
+    notes = []
+    t = engine.Trainer(model, prompt_only, seq_len=8, log=notes.append)
+    assert list(t.train_idx) == [0, 1] and "2 of 4 examples have no loss tokens" in notes[0]
+    t.close()
+    with pytest.raises(engine.InputError, match="this Trainer is closed"):
+        t.step()
     with pytest.raises(engine.InputError, match="token data needs seq_len"):
         engine.Trainer(model, data, **quiet)
     with pytest.raises(engine.InputError, match="expected engine.data.Examples or TokenData"):
@@ -192,3 +238,29 @@ def test_chat_rows_render_as_the_file_reader_renders_them(require_smollm2, tmp_p
     for a, b in ((mem.tokens, ref.tokens), (mem.mask, ref.mask), (mem.offsets, ref.offsets)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
     assert 0 < mem.mask.sum() < len(mem.mask) / 2
+
+
+def test_a_failed_periodic_checkpoint_logs_each_step_once(setup, tmp_path, monkeypatch, capsys):
+    """--save-every's checkpoint failing (a full disk) after its step's metrics line was
+    written: the run stops with the step in a checkpoint, and no line is written twice (the
+    resumed run would keep the duplicate)."""
+    import engine.train as T
+    model_dir, jsonl, _, _ = setup
+    real, calls = T.save_checkpoint, {"n": 0}
+
+    def first_fails(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise engine.CheckpointError("checkpoint: could not write the checkpoint: No space left")
+        return real(*a, **k)
+    monkeypatch.setattr(T, "save_checkpoint", first_fails)
+    out = str(tmp_path / "run")
+    argv = ["finetune", "--model", model_dir, "--data", jsonl, "--out", out, "--train-last", "1",
+            "--steps", "6", "--batch-size", "4", "--seq-len", "48", "--sample-tokens", "0",
+            "--save-every", "2"]
+    assert cli(argv) != 0
+    assert "training stopped after step 2" in capsys.readouterr().out
+    steps = lambda: [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))]  # noqa: E731
+    assert steps() == [0, 1, 2]
+    assert cli(argv + ["--resume", out]) == 0
+    assert steps() == [0, 1, 2, 3, 4, 5, 6, 6]   # the last: the final held-out loss
