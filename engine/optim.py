@@ -15,6 +15,7 @@ import numpy as np
 
 from kernels import stats
 from kernels.adamw import adamw_step
+from kernels.sgd import sgd_step
 
 from .errors import InputError, is_int
 
@@ -180,17 +181,10 @@ class SGD(Optimizer):
         return {"buf": np.zeros_like(p), "started": False} if self.momentum else {}
 
     def _update(self, name, p, g, st):
-        d = g + np.float32(self.weight_decay) * p if self.weight_decay else g
+        sgd_step(p, g, st.get("buf", g), np.float32(self.lr * self.lr_scale.get(name, 1.0)),
+                 self.momentum, self.weight_decay, self.nesterov, st.get("started", True))
         if self.momentum:
-            buf = st["buf"]
-            if st["started"]:
-                buf *= np.float32(self.momentum)
-                buf += d
-            else:
-                buf[...] = d
-                st["started"] = True
-            d = d + np.float32(self.momentum) * buf if self.nesterov else buf
-        p -= np.float32(self.lr * self.lr_scale.get(name, 1.0)) * d
+            st["started"] = True
 
 
 def grad_norm(model) -> float:

@@ -145,8 +145,9 @@ in_forked_child(_forget_pool)
 
 
 def _blas(by_rows, by_cols, out, accumulate):
-    """out (+)= x @ y, split over the threads by rows of out, or by columns when there are too
-    few rows (decoding: M = 1). by_rows(slice) / by_cols(slice) give the operands of a part."""
+    """out (+)= x @ y, split over the threads by rows of out, or by columns when there are few
+    rows (decoding: M = 1; a short batch). by_rows(slice) / by_cols(slice) give the operands of
+    a part."""
     with one_thread():
         _blas_split(by_rows, by_cols, out, accumulate)
 
@@ -158,7 +159,10 @@ def _blas_split(by_rows, by_cols, out, accumulate):
     if n == 1:
         _blas_part(by_rows, out, accumulate, slice(0, M), None)
         return
-    rows = M >= 4 * n
+    # few rows against many columns (the LM head over a short batch, decoding): split the
+    # columns, so that each thread streams half of the weight instead of all of it (measured
+    # 10-20% faster at 32-64 rows, the head 5% at 128-256; at 512 rows it makes no difference)
+    rows = M >= 4 * n and not ((M <= 64 and N >= 2 * M) or (M <= 256 and N >= 16 * M))
     size = M if rows else N
     bounds = [size * i // n for i in range(n + 1)]
     parts = [slice(bounds[i], bounds[i + 1]) for i in range(n)]

@@ -187,6 +187,16 @@ def adamw(p, g, m, v, lr, b1, b2, eps, wd, t):
     return p - lr * mh / (np.sqrt(vh) + eps), m, v
 
 
+def sgd(p, g, buf, lr, momentum, wd, nesterov, started):
+    """torch.optim.SGD's step, in float64: (p, buf) after it."""
+    p, g, buf = f64(p, g, buf)
+    d = g + wd * p
+    if momentum:
+        buf = momentum * buf + d if started else d
+        d = d + momentum * buf if nesterov else buf
+    return p - lr * d, buf
+
+
 # ---- telemetry reductions ----------------------------------------------------------------
 def param_sums(p, w0, g, before=None):
     p, w0, g = f64(p, w0, g)

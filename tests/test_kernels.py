@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 import reference as ref
 from kernels.activation import gelu_backward, gelu_forward, swiglu_backward, swiglu_forward
 from kernels.adamw import adamw_step
+from kernels.sgd import sgd_step
 from kernels.attention import attention_backward, attention_forward
 from kernels.bias import bias_add
 import engine
@@ -102,6 +103,29 @@ def test_gemm(layout, backend, M, K, N, seed, acc):
     fn = {"nt": gemm_nt, "nn": gemm_nn, "tn": gemm_tn}[layout]
     fn(a, b, out, accumulate=acc, backend=backend)
     close(out, base + ref.gemm(a, b, layout), FWD_TOL, scale=np.sqrt(K) + 1)
+
+
+@pytest.mark.parametrize("layout", ["nt", "nn", "tn"])
+@pytest.mark.parametrize("M, N, axis", [(3, 50, 1), (40, 100, 1), (100, 1700, 1), (100, 150, 0),
+                                        (300, 1000, 0)])
+@pytest.mark.parametrize("acc", [False, True])
+def test_gemm_split_over_threads_by_rows_or_columns(monkeypatch, layout, M, N, axis, acc):
+    """The BLAS path split over the engine's threads: by rows, or by columns where there are
+    few rows against many columns (the LM head over a short batch); both give the product."""
+    import kernels.matmul as MM
+    if MM.num_threads() < 2:
+        pytest.fail("needs 2 threads (NUMBA_NUM_THREADS) to split a GEMM")
+    monkeypatch.setattr(MM, "_MIN_SPLIT_FLOPS", 0)
+    axes, real = [], MM._blas_part
+    monkeypatch.setattr(MM, "_blas_part", lambda ops, out, a, part, ax: (axes.append(ax), real(ops, out, a, part, ax)))
+    rng, K = rng_of(M + N), 33
+    shapes = {"nt": ((M, K), (N, K)), "nn": ((M, K), (K, N)), "tn": ((K, M), (K, N))}[layout]
+    a, b = randn(rng, *shapes[0]), randn(rng, *shapes[1])
+    out = randn(rng, M, N)
+    base = out.astype(np.float64) if acc else 0.0
+    {"nt": gemm_nt, "nn": gemm_nn, "tn": gemm_tn}[layout](a, b, out, accumulate=acc, backend="blas")
+    close(out, base + ref.gemm(a, b, layout), FWD_TOL, scale=np.sqrt(K) + 1)
+    assert axes and set(axes) == {axis}
 
 
 def test_gemm_large_k_blocks():
@@ -579,6 +603,48 @@ def test_adamw_twin_matches_torch():
     tp.grad = torch.tensor(g, dtype=torch.float64)
     opt.step()
     want, _, _ = ref.adamw(p, g, np.zeros(10), np.zeros(10), 1e-2, 0.9, 0.99, 1e-8, 0.1, 1)
+    np.testing.assert_allclose(tp.detach().numpy(), want, rtol=1e-12)
+
+
+# ---- SGD ------------------------------------------------------------------------------------
+@SETTINGS
+@given(n=st.sampled_from([1, 7, 16384, 16385, 40000]), momentum=st.sampled_from([0.0, 0.9]),
+       wd=st.sampled_from([0.0, 0.01]), nesterov=st.booleans(), started=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_sgd(n, momentum, wd, nesterov, started, seed):
+    nesterov = nesterov and momentum > 0
+    rng = rng_of(seed)
+    p, g, buf = randn(rng, n), randn(rng, n), randn(rng, n)
+    want_p, want_buf = ref.sgd(p, g, buf, 0.05, momentum, wd, nesterov, started)
+    before = buf.copy()
+    sgd_step(p, g, buf, 0.05, momentum, wd, nesterov, started)
+    close(p, want_p, dict(rtol=1e-6, atol=1e-7))
+    if momentum:
+        close(buf, want_buf, dict(rtol=1e-6, atol=1e-7))
+    else:   # no buffer without momentum: not touched
+        assert np.array_equal(buf, before)
+
+
+def test_sgd_without_decay_leaves_an_infinite_weight_finite_steps():
+    """torch adds no decay term when weight_decay is 0: 0 * inf would make the weight NaN."""
+    p, g = np.array([np.inf, 1.0], np.float32), np.array([0.5, 0.5], np.float32)
+    sgd_step(p, g, g.copy(), 0.1)
+    assert p[0] == np.inf and p[1] == np.float32(1.0) - np.float32(0.1) * np.float32(0.5)
+
+
+@pytest.mark.parametrize("momentum, wd, nesterov", [(0.0, 0.0, False), (0.9, 0.01, False),
+                                                    (0.9, 0.01, True)])
+def test_sgd_twin_matches_torch(momentum, wd, nesterov):
+    rng = rng_of(1)
+    p = randn(rng, 10)
+    tp = torch.nn.Parameter(torch.tensor(p, dtype=torch.float64))
+    opt = torch.optim.SGD([tp], lr=0.05, momentum=momentum, weight_decay=wd, nesterov=nesterov)
+    want, buf = p.astype(np.float64), np.zeros(10)
+    for step in range(3):
+        g = randn(rng, 10)
+        tp.grad = torch.tensor(g, dtype=torch.float64)
+        opt.step()
+        want, buf = ref.sgd(want, g, buf, 0.05, momentum, wd, nesterov, step > 0)
     np.testing.assert_allclose(tp.detach().numpy(), want, rtol=1e-12)
 
 
