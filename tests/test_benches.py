@@ -11,7 +11,7 @@ from conftest import count_gemm_flops, sparse_targets
 from engine.cli import main as cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKLOADS = ["gpt2-small", "smollm2", "freeze-sweep", "kernels", "generate", "instruments"]
+WORKLOADS = ["gpt2-small", "smollm2", "freeze-sweep", "kernels", "generate", "instruments", "shapes"]
 
 
 @pytest.mark.parametrize("name", WORKLOADS)
@@ -34,6 +34,15 @@ def test_bench_without_torch_names_what_to_install(name):
     assert r.returncode != 0
     assert "not installed: torch" in r.stderr and "pip install -e '.[bench]'" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("bad, why", [("4x256:k13", "k <= 12"), ("4x2000", "T <= 1024"),
+                                      ("4by256", "expected BxT"), ("4x256:adam", "expected BxT")])
+def test_shapes_bench_names_a_bad_case(bad, why):
+    script = os.path.join(ROOT, "benches", "shapes.py")
+    r = subprocess.run([sys.executable, script, "--cases", "1x64", bad], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and repr(bad) in r.stderr and why in r.stderr, r.stderr
 
 
 def test_tailtune_bench_runs_a_workload_by_name(capsys):
