@@ -141,7 +141,11 @@ class Trainer:
             ("pad_id", pad_id, lambda v: is_int(v) and 0 <= v < V,
              f"a token id in 0..{V - 1} (tok.batch_pad_id)"),
             ("prefix_cache", prefix_cache, lambda v: v in ("off", "memory", "disk"),
-             "off, memory or disk")))
+             "off, memory or disk"),
+            ("prefix_dtype", prefix_dtype, lambda v: v in ("float32", "float16"),
+             "float32 or float16")))
+        if opt is not None and getattr(opt, "model", None) is not model:
+            raise InputError("opt: an optimizer made over this model (engine.AdamW(model, ...))")
         if schedule is not None and getattr(schedule, "L", None) != model.config.n_layer:
             raise InputError(f"schedule: made for {getattr(schedule, 'L', '?')} blocks, the model "
                              f"has {model.config.n_layer} (engine.schedules.make(name, "

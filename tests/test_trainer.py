@@ -192,6 +192,8 @@ def test_bad_trainer_arguments_are_named(setup):
                       ({"train_idx": [0.0, 1.0]}, "train_idx: expected a 1-D sequence of integer"),
                       ({"train_idx": []}, "no training examples"),
                       ({"eval_idx": [0]}, "eval_idx picks examples of `held`, and no held set"),
+                      ({"prefix_dtype": "bfloat16"}, "prefix_dtype bfloat16: must be float32 or float16"),
+                      ({"opt": engine.SGD(engine.load(setup[0]), lr=0.1)}, "opt: an optimizer made over this model"),
                       ({"schedule": engine.schedules.make("gradual", 2, 1)},
                        r"schedule: made for 2 blocks, the model has 4")):
         with pytest.raises(engine.InputError, match=match):
