@@ -106,9 +106,9 @@ def engine_side(model_dir, k, lr, tokens, targets):
     return model, opt, step
 
 
-def torch_side(hf, k, lr, tokens, targets):
-    """What a user writes: requires_grad=False on the frozen parameters, torch.optim.AdamW over
-    the trainable ones, transformers' logits and F.cross_entropy on the engine's targets
+def torch_side(hf, k, lr, tokens, targets, optimizer="adamw"):
+    """What a user writes: requires_grad=False on the frozen parameters, torch.optim.AdamW (or
+    SGD) over the trainable ones, transformers' logits and F.cross_entropy on the engine's targets
     (transformers' labels= would shift them once more). use_cache=False: a training step keeps
     no KV cache. weight_decay=0.0 as the engine's default (torch's default is 0.01)."""
     import torch
@@ -119,7 +119,8 @@ def torch_side(hf, k, lr, tokens, targets):
         p.requires_grad_(n.startswith(pre))
     hf.train()
     params = [p for p in hf.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = (torch.optim.SGD(params, lr=lr) if optimizer == "sgd"
+           else torch.optim.AdamW(params, lr=lr, weight_decay=0.0))
     X = torch.from_numpy(tokens)
     Y = torch.from_numpy(targets).reshape(-1)
 

@@ -29,11 +29,11 @@ from pathlib import Path
 
 try:
     from . import common as C
-    from .gpt2_small import GPT2_SMALL, make_batch, torch_trainable_prefixes
+    from .gpt2_small import GPT2_SMALL, make_batch, torch_side
 except ImportError:         # run as a script: benches/ is not a package
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import common as C
-    from gpt2_small import GPT2_SMALL, make_batch, torch_trainable_prefixes
+    from gpt2_small import GPT2_SMALL, make_batch, torch_side
 
 NAME = "shapes"
 CASES = ("1x64:k2", "1x256:k2", "1x1024:k2", "16x128:k2", "4x256:k0", "4x256:k12",
@@ -75,8 +75,7 @@ def _sides(c, model, hf, lr, tokens, targets):
     training, their first forward + backward (loss) for the verification."""
     import engine
     import torch
-    import torch.nn.functional as F
-    X, Y = torch.from_numpy(tokens), torch.from_numpy(targets).reshape(-1)
+    X = torch.from_numpy(tokens)
     if c["infer"]:
         def e_step():
             return model.forward(tokens)
@@ -86,22 +85,10 @@ def _sides(c, model, hf, lr, tokens, targets):
                 return hf(input_ids=X, use_cache=False).logits
         return e_step, t_step, None
     model.train_last(c["k"])
-    pre = torch_trainable_prefixes(hf.config.n_layer, c["k"])
-    for n, p in hf.named_parameters():
-        p.requires_grad_(n.startswith(pre))
+    for p in hf.parameters():   # the case before's gradients
         p.grad = None
-    hf.train()
-    params = [p for p in hf.parameters() if p.requires_grad]
-    if c["opt"] == "sgd":
-        eopt, topt = engine.SGD(model, lr=lr), torch.optim.SGD(params, lr=lr)
-    else:   # weight_decay 0: the engine's default (torch's is 0.01)
-        eopt, topt = engine.AdamW(model, lr=lr), torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-
-    def t_fwd_bwd():
-        logits = hf(input_ids=X, use_cache=False).logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), Y)
-        loss.backward()
-        return loss.item()
+    eopt = engine.SGD(model, lr=lr) if c["opt"] == "sgd" else engine.AdamW(model, lr=lr)
+    topt, t_step, t_fwd_bwd = torch_side(hf, c["k"], lr, tokens, targets, c["opt"])
 
     def e_step():
         model.zero_grad()
@@ -110,18 +97,12 @@ def _sides(c, model, hf, lr, tokens, targets):
         eopt.step()
         return loss
 
-    def t_step():
-        topt.zero_grad()
-        loss = t_fwd_bwd()
-        topt.step()
-        return loss
-
     def first():
         model.zero_grad()
         e_loss = model.forward(tokens, targets)
         model.backward()
         topt.zero_grad()
-        t_loss = t_fwd_bwd()
+        t_loss = t_fwd_bwd().item()
         return e_loss, t_loss, lambda: (eopt.step(), topt.step())
     return e_step, t_step, first
 
