@@ -266,3 +266,36 @@ def test_a_failed_periodic_checkpoint_logs_each_step_once(setup, tmp_path, monke
     assert steps() == [0, 1, 2]
     assert cli(argv + ["--resume", out]) == 0
     assert steps() == [0, 1, 2, 3, 4, 5, 6, 6]   # the last: the final held-out loss
+
+
+def test_a_run_continued_from_state_and_a_checkpoint_matches_one_straight_run(setup, tmp_path):
+    """The library's resume: state() and a checkpoint after step 3, a new process's model and
+    Trainer(state=..., load=...) for the rest: the weights of 6 steps straight, bit for bit,
+    under a schedule that changes the trainable set on the way."""
+    from engine.train import load_checkpoint, save_checkpoint
+    model_dir = setup[0]
+    tok = engine.load_tokenizer(model_dir)
+    data = D.from_rows(tok, ROWS)
+
+    def trainer(model, **kw):
+        sched = engine.schedules.make("gradual", model.config.n_layer, 1, every=2)
+        return engine.Trainer(model, data, seq_len=48, steps=6, batch_size=4, lr=3e-3, seed=3,
+                              schedule=sched, log=lambda *a: None, **kw)
+    straight = engine.load(model_dir)
+    with trainer(straight) as t:
+        list(t)
+    first = engine.load(model_dir)
+    with trainer(first) as t:
+        for _ in range(3):
+            t.step()
+        state = t.state()
+        save_checkpoint(str(tmp_path / "ck"), first, tok, t.opt, {**state, "base_fingerprint": "x",
+                                                                  "args": {}})
+    second = engine.load(model_dir)
+    with trainer(second, state=json.loads(json.dumps(state)),
+                 load=lambda m, o: load_checkpoint(str(tmp_path / "ck"), m, o)) as t:
+        assert t.step_no == 3
+        recs = list(t)
+    assert [r["step"] for r in recs] == [4, 5, 6] and recs[-1]["trainable_blocks"] == [1, 2, 3]
+    for n, w in straight.params.items():
+        assert np.array_equal(second.params[n], w), n
