@@ -195,7 +195,7 @@ def _finetune(a):
 def _check_flags(*rules):
     """(flag, value, test, what it must be): checked before anything is loaded, since a bad
     value otherwise fails late, confusingly, or not at all. None is an omitted option."""
-    from .train import check_flags
+    from .errors import check_flags
     check_flags(r for r in rules if r[1] is not None)
 
 

@@ -78,11 +78,11 @@ def read_rows(path: str):
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise InputError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            yield n, _check_row(row, path, n)
+            yield n, _check_row(row, f"{path}:{n}")
 
 
-def _check_row(row, path, n):
-    where = f"{path}:{n}"
+def _check_row(row, where):
+    """row, checked (errors start with `where`: file:line, or rows[i])."""
     if not isinstance(row, dict):
         raise InputError(f"{where}: expected a JSON object, got {type(row).__name__}")
     if "messages" in row:
@@ -205,12 +205,11 @@ def from_rows(tok, rows, use_template: bool | None = None) -> TokenData:
     ids_parts, mask_parts = [], []
     for n, row in enumerate(rows):
         where = f"rows[{n}]"
+        row = _check_row(row, where)
         try:
-            ids, ms = _encode_example(tok, _check_row(row, "rows", n), use_template, head)
+            ids, ms = _encode_example(tok, row, use_template, head)
         except InputError as e:
-            msg = str(e)
-            raise InputError(where + msg[len(f"rows:{n}"):] if msg.startswith(f"rows:{n}:")
-                             else f"{where}: {msg}") from None
+            raise InputError(f"{where}: {e}") from None
         except ChatTemplateError as e:
             raise ChatTemplateError(f"{where}: {e}") from None
         except ValueError as e:   # e.g. a lone surrogate ("\ud83d", a cut emoji)

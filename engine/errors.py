@@ -23,6 +23,19 @@ class DivergedError(TailtuneError, ArithmeticError):
     """Training produced a non-finite loss or gradient (learning rate too high, bad data)."""
 
 
+def check_flags(rules):
+    """rules: (flag, value, test, what it must be). An InputError naming the first flag whose
+    value fails its test; a TypeError in the test fails it too (a string or None where a number
+    belongs: API callers, saved checkpoints)."""
+    for flag, v, ok, must in rules:
+        try:
+            good = ok(v)
+        except TypeError:
+            good = False
+        if not good:
+            raise InputError(f"{flag} {v}: must be {must}")
+
+
 def is_int(v) -> bool:
     """A Python or numpy integer, not a bool (True is an int to Python, never a count here)."""
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)

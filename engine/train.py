@@ -33,7 +33,7 @@ import numpy as np
 
 from . import data as D
 from . import schedules
-from .errors import CheckpointError, DivergedError, InputError, is_int, is_number
+from .errors import CheckpointError, DivergedError, InputError, check_flags, is_int, is_number
 from .generate import generate, stop_ids
 from .io import load_params, remove_abandoned, save_model, write_json
 from .io.resolve import resolve_model_path
@@ -41,7 +41,7 @@ from .io.safetensors import SafetensorsFile, write as write_safetensors
 from .model import Model
 from .probes import plot_telemetry
 from .tokenizer import load_tokenizer
-from .trainer import Trainer, count_steps
+from .trainer import Trainer, count_steps, loop_rules
 
 STATE = "trainer_state.json"
 
@@ -88,19 +88,11 @@ class TrainArgs:
         (the field name with dashes)."""
         pos = lambda v: v >= 1  # noqa: E731
         nonneg = lambda v: v >= 0  # noqa: E731   (False for NaN too)
-        rules = (("steps", lambda v: v is None or v >= 1, ">= 1 (omit it to train for --epochs)"),
-                 ("epochs", lambda v: 0 < v < math.inf, "a number > 0"),
-                 ("batch_size", pos, ">= 1"), ("seq_len", pos, ">= 1"), ("grad_accum", pos, ">= 1"),
-                 ("lr", lambda v: 0 <= v < math.inf, "a finite number >= 0"),
-                 ("warmup", lambda v: v is None or v >= 0, ">= 0"),
-                 ("min_lr", lambda v: 0 <= v <= self.lr, f"between 0 and --lr {self.lr}"),
-                 ("weight_decay", lambda v: 0 <= v < math.inf, "a finite number >= 0"),
-                 ("clip", nonneg, ">= 0 (0 disables clipping)"),  # a negative clip flips the gradient
+        # the loop's own settings by the Trainer's rules; then what only a run from files has
+        rules = (*loop_rules(self.lr), ("seq_len", lambda v: is_int(v) and v >= 1, "an integer >= 1"),
                  ("eval_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
                  ("eval_every", nonneg, ">= 0 (0: before and after training only)"),
-                 ("eval_batches", nonneg, ">= 0 (0: all)"),
                  ("save_every", nonneg, ">= 0 (0: at the end and on Ctrl-C only)"),
-                 ("telemetry_every", nonneg, ">= 0 (0: off)"),
                  ("train_last", lambda v: v is None or v >= 0, ">= 0"),
                  ("schedule_every", pos, ">= 1"),
                  ("lr_decay", *schedules.RANGES["decay"]),
@@ -108,9 +100,7 @@ class TrainArgs:
                  ("freezeout_spacing", lambda v: v in schedules.SPACINGS, "linear, squared or cubic"),
                  ("freezeout_scaled", lambda v: isinstance(v, bool), "True or False"),
                  ("autofreeze_threshold", *schedules.RANGES["threshold"]),
-                 ("seed", nonneg, ">= 0"), ("sample_tokens", nonneg, ">= 0"),
-                 ("prefix_cache", lambda v: v in ("off", "memory", "disk"), "off, memory or disk"),
-                 ("prefix_dtype", lambda v: v in ("float32", "float16"), "float32 or float16"))
+                 ("sample_tokens", nonneg, ">= 0"))
         check_flags((f"--{name.replace('_', '-')}", getattr(self, name), ok, must)
                     for name, ok, must in rules)
 
@@ -177,19 +167,6 @@ def _fmt_time(s):
         return "--"
     s = int(s)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def check_flags(rules):
-    """rules: (flag, value, test, what it must be). An InputError naming the first flag whose
-    value fails its test; a TypeError in the test fails it too (a string or None where a number
-    belongs: API callers, saved checkpoints)."""
-    for flag, v, ok, must in rules:
-        try:
-            good = ok(v)
-        except TypeError:
-            good = False
-        if not good:
-            raise InputError(f"{flag} {v}: must be {must}")
 
 
 # ---- setup --------------------------------------------------------------------------------
@@ -800,7 +777,6 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
     finally:
         for s, h in prev.items():
             signal.signal(s, h)
-        trainer.close()
 
     trained = trainer.trained
     n_train = sum(model.params[n].size for n in trained)   # under a schedule: all that ever trained

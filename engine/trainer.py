@@ -28,8 +28,8 @@ import time
 import numpy as np
 
 from . import data as D
-from .errors import DivergedError, InputError, is_int
-from .model import IGNORE
+from .errors import DivergedError, InputError, check_flags, is_int
+from .model import IGNORE, Model
 from .optim import AdamW, CosineSchedule, clip_grad_norm, grad_norm
 from .prefix_cache import PrefixCache, in_prefix
 from .probes import Telemetry
@@ -67,6 +67,26 @@ def count_steps(n_train, batch_size, grad_accum, steps=None, epochs=1.0):
     grad_accum of them."""
     micro = steps * grad_accum if steps else max(1, math.ceil(epochs * -(-n_train // batch_size)))
     return micro, math.ceil(micro / grad_accum)
+
+
+def loop_rules(lr) -> tuple:
+    """(name, test, what it must be) of the settings the Trainer checks; `tailtune finetune`
+    checks its flags by the same ones (prefixed --) before anything is read."""
+    count = lambda lo: lambda v: is_int(v) and v >= lo  # noqa: E731
+    return (("steps", lambda v: v is None or count(1)(v), "an integer >= 1 (or none: train for epochs)"),
+            ("epochs", lambda v: 0 < v < math.inf, "a number > 0"),
+            ("batch_size", count(1), "an integer >= 1"),
+            ("grad_accum", count(1), "an integer >= 1"),
+            ("lr", lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+            ("min_lr", lambda v: 0 <= v <= lr, f"between 0 and lr {lr}"),
+            ("warmup", lambda v: v is None or count(0)(v), "an integer >= 0"),
+            ("weight_decay", lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+            ("clip", lambda v: v >= 0, ">= 0 (0 disables clipping)"),  # a negative one flips the gradient
+            ("seed", count(0), "an integer >= 0"),
+            ("eval_batches", count(0), "an integer >= 0 (0: all)"),
+            ("telemetry_every", count(0), "an integer >= 0 (0: off)"),
+            ("prefix_cache", lambda v: v in ("off", "memory", "disk"), "off, memory or disk"),
+            ("prefix_dtype", lambda v: v in ("float32", "float16"), "float32 or float16"))
 
 
 def _examples(data, seq_len, what):
@@ -117,33 +137,16 @@ class Trainer:
                  min_lr=0.0, weight_decay=0.0, clip=1.0, seed=0, opt=None, schedule=None,
                  prefix_cache="off", prefix_dtype="float32", eval_batches=0, telemetry_every=0,
                  pad_id=0, log=print, state=None, load=None):
-        from .model import Model
-        from .train import check_flags   # the same rules (and messages) as the CLI's flags
         if not isinstance(model, Model):
             raise InputError(f"model: expected an engine.Model (engine.load(path)), got "
                              f"{type(model).__name__}")
         V = model.config.vocab_size
-        count = lambda lo: lambda v: is_int(v) and v >= lo  # noqa: E731
+        given = locals()   # the arguments, by name
         check_flags((
-            ("steps", steps, lambda v: v is None or count(1)(v), "an integer >= 1 (None: train for `epochs`)"),
-            ("epochs", epochs, lambda v: 0 < v < math.inf, "a number > 0"),
-            ("batch_size", batch_size, count(1), "an integer >= 1"),
-            ("grad_accum", grad_accum, count(1), "an integer >= 1"),
-            ("seq_len", seq_len, lambda v: v is None or count(1)(v), "an integer >= 1"),
-            ("lr", lr, lambda v: 0 <= v < math.inf, "a finite number >= 0"),
-            ("min_lr", min_lr, lambda v: 0 <= v <= lr, f"between 0 and lr {lr}"),
-            ("warmup", warmup, lambda v: v is None or count(0)(v), "an integer >= 0"),
-            ("weight_decay", weight_decay, lambda v: 0 <= v < math.inf, "a finite number >= 0"),
-            ("clip", clip, lambda v: v >= 0, ">= 0 (0 disables clipping)"),
-            ("seed", seed, count(0), "an integer >= 0"),
-            ("eval_batches", eval_batches, count(0), "an integer >= 0 (0: all)"),
-            ("telemetry_every", telemetry_every, count(0), "an integer >= 0 (0: off)"),
+            *((name, given[name], ok, must) for name, ok, must in loop_rules(lr)),
+            ("seq_len", seq_len, lambda v: v is None or (is_int(v) and v >= 1), "an integer >= 1"),
             ("pad_id", pad_id, lambda v: is_int(v) and 0 <= v < V,
-             f"a token id in 0..{V - 1} (tok.batch_pad_id)"),
-            ("prefix_cache", prefix_cache, lambda v: v in ("off", "memory", "disk"),
-             "off, memory or disk"),
-            ("prefix_dtype", prefix_dtype, lambda v: v in ("float32", "float16"),
-             "float32 or float16")))
+             f"a token id in 0..{V - 1} (tok.batch_pad_id)")))
         if opt is not None and getattr(opt, "model", None) is not model:
             raise InputError("opt: an optimizer made over this model (engine.AdamW(model, ...))")
         if schedule is not None and getattr(schedule, "L", None) != model.config.n_layer:
@@ -157,7 +160,7 @@ class Trainer:
         self.held = None if held is None else (
             self.examples if held is data else _examples(held, seq_len, "held"))
         for what, ex in (("data", self.examples), ("held", self.held)):
-            if ex is None:
+            if ex is None or (what == "held" and ex is self.examples):
                 continue
             top = int(ex.data.tokens.max()) if len(ex.data.tokens) else -1
             if top >= V:   # found here, not in the middle of the run
