@@ -1,4 +1,4 @@
-"""`tailtune finetune | generate | eval | bench | inspect`."""
+"""`tailtune finetune | generate | eval | bench | inspect | export`."""
 from __future__ import annotations
 
 import argparse
@@ -144,6 +144,18 @@ def main(argv=None):
     i.add_argument("--params", action="store_true", help="also list every parameter: name (what "
                    "finetune --unfreeze globs match), shape, size, trainable or frozen")
 
+    x = sub.add_parser("export", help="write a model and its tokenizer as one GGUF file "
+                       "(llama.cpp and the tools built on it run it)",
+                       description="Write a Llama-architecture model (a fine-tuned run's "
+                       "directory, a Hugging Face directory, a .gguf file) and its tokenizer as "
+                       "one GGUF file.")
+    x.add_argument("--model", required=True, help=MODEL_HELP)
+    x.add_argument("--out", required=True, help="the GGUF file to write, e.g. model.gguf")
+    x.add_argument("--dtype", default="F32", metavar="TYPE",
+                   help="matrices as F32 (default: the weights unchanged), F16, BF16, Q8_0, "
+                        "Q5_1, Q5_0, Q4_1 or Q4_0; norms stay F32. For K-quants, write F16 "
+                        "and run llama.cpp's llama-quantize")
+
     args = ap.parse_args(argv)
     # a file or pipe on Windows gets the ANSI code page, which cannot encode every character of
     # a generated sample: write those as escapes rather than fail after the work is done
@@ -155,7 +167,7 @@ def main(argv=None):
     from .errors import TailtuneError
     try:
         return {"finetune": _finetune, "eval": _eval, "generate": _generate, "bench": _bench,
-                "inspect": _inspect}[args.cmd](args)
+                "inspect": _inspect, "export": _export}[args.cmd](args)
     except TailtuneError as err:
         print(f"tailtune {args.cmd}: error: {err}", file=sys.stderr)
         return 2
@@ -406,6 +418,23 @@ def _inspect(a):
             model.train_last(2)
         print()
         print(measured_table(model, a.batch_size, a.seq_len, target_rows=rows))
+    return 0
+
+
+def _export(a):
+    import os
+
+    from .io import load
+    from .io.gguf_write import check_dtype, save_gguf
+    from .io.resolve import resolve_model_path
+    from .tokenizer import load_tokenizer
+    dtype = check_dtype(a.dtype)   # before the load
+    model = load(a.model)
+    tok = load_tokenizer(resolve_model_path(a.model), model_vocab_size=model.config.vocab_size)
+    save_gguf(model, a.out, tok, dtype=dtype)
+    print(f"wrote {a.out} ({os.path.getsize(a.out) / 2**20:.1f} MiB, {dtype}): "
+          f"{model.config.n_layer} blocks, {model.num_params() / 1e6:.1f}M parameters, "
+          f"{tok.vocab_size} tokens")
     return 0
 
 

@@ -573,11 +573,19 @@ class Model:
         return total
 
     # ---- saving -----------------------------------------------------------------------------
-    def save(self, path: str, dtype: str = "F32"):
+    def save(self, path: str, dtype: str = "F32", tokenizer=None):
         """Write a Hugging Face directory (config.json + model.safetensors) that transformers'
-        AutoModelForCausalLM.from_pretrained loads."""
+        AutoModelForCausalLM.from_pretrained loads, and `tokenizer`'s files beside it if given.
+        A path ending in .gguf writes one GGUF file instead (Llama models; llama.cpp runs it),
+        which needs the tokenizer; dtype may then also be a GGUF quantization such as Q8_0."""
+        if str(path).lower().endswith(".gguf"):
+            from .io.gguf_write import save_gguf
+            save_gguf(self, path, tokenizer, dtype=dtype)
+            return
         from .io import save_model
         save_model(self, path, dtype=dtype)
+        if tokenizer is not None:
+            tokenizer.save(path)
 
     def __getstate__(self):
         """Pickling and copying (multiprocessing, joblib): parameters, gradients and the

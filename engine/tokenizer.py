@@ -641,6 +641,7 @@ class BPETokenizer(_Tokenizer):
         self.special_tokens = dict(special_tokens)
         self.chat_template = chat_template
         self._model_vocab_size = None  # set from GGUF metadata
+        self.gguf_pre = None           # llama.cpp's name of the split, when read from GGUF
         self._vocab_size = 1 + max(vocab.values(), default=-1)
         self._extra_eos = [i for i in extra_eos_ids if is_int(i)]
         for i in self._extra_eos:
@@ -828,6 +829,7 @@ class BPETokenizer(_Tokenizer):
         if add_eos is not None:
             cfg["add_eos_token"] = add_eos
         tok = cls._with_config(backend, cfg, path)
+        tok.gguf_pre = pre   # a GGUF export writes the same name back
         arch = meta.get("general.architecture")
         declared = meta.get(f"{arch}.vocab_size") if isinstance(arch, str) else None
         tok._model_vocab_size = declared if is_int(declared) and declared > 0 else None

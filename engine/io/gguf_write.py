@@ -1,0 +1,292 @@
+"""Write a Llama-architecture model and its tokenizer as one GGUF file: what llama.cpp (and the
+tools built on it) run, and what `engine.load` / `engine.load_tokenizer` read back.
+
+The layout follows llama.cpp's own converter: `llama.*` hyperparameters, `blk.{i}.*` tensors
+with q / k rows permuted to its interleaved rotary layout, 1-D tensors (norms, biases) in F32,
+and the tokenizer as `tokenizer.ggml.*` (byte-level BPE: tokens, token types, merges, the
+pre-tokenizer's name, special ids, chat template). Tensors are converted and written one at a
+time, so a save needs little memory beyond the model; the file appears under its name only when
+whole. The `gguf` package (the `hf` extra) does the writing and the quantization.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+import numpy as np
+
+from ..errors import CheckpointError, ConfigError, InputError, optional_import
+from .gguf import _expected_shape, _name_map, permute_rope
+
+# What save_gguf writes matrices as; llama.cpp's general.file_type code of each. K-quants
+# (Q4_K, Q6_K, ...) have no quantizer in the gguf package: write F32 or F16, then run
+# llama.cpp's llama-quantize.
+GGUF_DTYPES = {"F32": 0, "F16": 1, "BF16": 32, "Q8_0": 7, "Q5_1": 9, "Q5_0": 8, "Q4_1": 3,
+               "Q4_0": 2}
+
+# llama.cpp token types (tokenizer.ggml.token_type)
+_NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5
+
+
+def _gguf():
+    return optional_import("gguf", "gguf.quants", error=CheckpointError,
+                           what="writing GGUF files")
+
+
+def save_gguf(model, path, tokenizer, dtype: str = "F32", name: str | None = None) -> None:
+    """`model` and `tokenizer` as one GGUF file at `path`, matrices as `dtype` (one of
+    GGUF_DTYPES; a matrix whose rows do not divide into the type's blocks is written F16). Every
+    check runs before the file is opened; a failure leaves no file (and an existing one whole)."""
+    from . import _check_params
+    dtype = check_dtype(dtype)
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise InputError("the GGUF path must be a non-empty str or path")
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a directory; a GGUF model is one file (name it, e.g. "
+                         "model.gguf)")
+    if tokenizer is None:
+        raise InputError("a GGUF file carries its tokenizer (llama.cpp needs it): pass "
+                         "tokenizer=engine.load_tokenizer(...) of the model")
+    cfg = model.config
+    _check_llama(cfg)
+    _check_params(model)
+    gguf = _gguf()
+    writer = gguf.GGUFWriter(None, "llama")
+    _add_model_keys(writer, cfg, dtype, name or _stem(path))
+    _add_tokenizer_keys(writer, tokenizer, cfg.vocab_size)
+    plan = _tensor_plan(gguf, cfg, dtype)
+    for gname, (_, shape, qtype, nbytes) in plan.items():
+        writer.add_tensor_info(gname, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        writer.open_output_file(tmp)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for gname, (ename, shape, qtype, nbytes) in plan.items():
+            data = _converted(gguf, cfg, ename, model.params[ename], qtype)
+            if data.nbytes != nbytes:   # the header already promised this size
+                raise CheckpointError(f"{gname}: converted to {data.nbytes} bytes, "
+                                      f"expected {nbytes}")
+            writer.write_tensor_data(data)
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException as e:
+        writer.close()
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise CheckpointError(f"{path}: cannot write: {e.strerror or e}") from None
+        raise
+
+
+def check_dtype(dtype) -> str:
+    """The GGUF type name (any case) as GGUF_DTYPES spells it, or an InputError."""
+    if not isinstance(dtype, str) or dtype.upper() not in GGUF_DTYPES:
+        raise InputError(f"GGUF dtype {dtype!r} is not supported; choose one of "
+                         f"{', '.join(GGUF_DTYPES)} (for K-quants, write F16 and run llama.cpp's "
+                         "llama-quantize)")
+    return dtype.upper()
+
+
+def _stem(path: str) -> str:
+    base = os.path.basename(path)
+    return base[:-5] if base.lower().endswith(".gguf") else base
+
+
+def _check_llama(cfg) -> None:
+    """What llama.cpp's llama architecture runs: RMSNorm, SwiGLU, rotary embeddings."""
+    if cfg.model_type != "llama":
+        raise ConfigError(f"GGUF export covers Llama-architecture models; this is "
+                          f"{cfg.model_type!r}: save it in the Hugging Face layout instead "
+                          "(model.save(directory); llama.cpp's converter reads that)")
+    for k, v in dict(norm="rmsnorm", mlp="swiglu", positions="rope").items():
+        if getattr(cfg, k) != v:
+            raise ConfigError(f"cannot write a llama GGUF: it needs {k}={v!r}, this model has "
+                              f"{getattr(cfg, k)!r}")
+
+
+def _add_model_keys(w, cfg, dtype: str, name: str) -> None:
+    w.add_type("model")
+    w.add_name(name)
+    w.add_file_type(GGUF_DTYPES[dtype])
+    if dtype.startswith("Q"):
+        w.add_quantization_version(2)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.d_model)
+    w.add_block_count(cfg.n_layer)
+    w.add_feed_forward_length(cfg.d_ff)
+    w.add_head_count(cfg.n_head)
+    w.add_head_count_kv(cfg.n_kv_head)
+    w.add_rope_dimension_count(cfg.head_dim)
+    if cfg.head_dim * cfg.n_head != cfg.d_model:   # llama.cpp's default is d_model / n_head
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+    w.add_rope_freq_base(float(cfg.rope_theta))
+    w.add_layer_norm_rms_eps(float(cfg.norm_eps))
+
+
+def _tensor_plan(gguf, cfg, dtype: str) -> dict:
+    """GGUF name -> (engine name, shape, GGML type, bytes), in the order they are written."""
+    T = gguf.GGMLQuantizationType
+    out = {}
+    for gname, ename in _name_map(cfg).items():
+        shape = _expected_shape(cfg, ename)
+        qtype = T[dtype]
+        if len(shape) == 1:
+            qtype = T.F32          # as llama.cpp's converter: norms and biases stay F32
+        elif qtype not in (T.F32, T.F16, T.BF16) and shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+            qtype = T.F16          # rows that do not split into whole blocks
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        out[gname] = (ename, shape, qtype, int(np.prod(shape)) // block * size)
+    return out
+
+
+def _converted(gguf, cfg, ename: str, a: np.ndarray, qtype) -> np.ndarray:
+    """One parameter as its GGUF bytes: q / k rows permuted to llama.cpp's rotary layout."""
+    if ename.endswith(("attn.q.weight", "attn.q.bias")):
+        a = permute_rope(a, cfg.n_head)
+    elif ename.endswith(("attn.k.weight", "attn.k.bias")):
+        a = permute_rope(a, cfg.n_kv_head)
+    T = gguf.GGMLQuantizationType
+    if qtype == T.F32:
+        return np.ascontiguousarray(a, dtype="<f4")
+    if qtype == T.F16:
+        return a.astype("<f2")
+    return gguf.quants.quantize(np.ascontiguousarray(a, dtype=np.float32), qtype)
+
+
+# ---- the tokenizer as tokenizer.ggml.* ----------------------------------------------------
+
+def _add_tokenizer_keys(w, tok, vocab_size: int) -> None:
+    meta = tokenizer_metadata(tok, vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(meta["pre"])
+    w.add_token_list(meta["tokens"])
+    w.add_token_types(meta["types"])
+    w.add_token_merges(meta["merges"])
+    for key, adder in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id),
+                       ("unk", w.add_unk_token_id), ("pad", w.add_pad_token_id),
+                       ("eot", w.add_eot_token_id)):
+        if meta.get(key) is not None:
+            adder(meta[key])
+    w.add_add_bos_token(meta["add_bos"])
+    w.add_add_eos_token(meta["add_eos"])
+    template = meta.get("chat_template")
+    if isinstance(template, dict):
+        template = [{"name": k, "template": v} for k, v in template.items()]
+    if template:
+        w.add_chat_template(template)
+
+
+# llama.cpp refuses a "gpt2" vocabulary without its merges key, and the gguf package cannot
+# write an empty array: a tokenizer without merges has no GGUF form.
+_NO_MERGES = ("a GGUF vocabulary needs BPE merges and this tokenizer has none (the byte "
+              "tokenizer of models trained from scratch): save the model in the Hugging Face "
+              "layout instead (model.save(directory, tokenizer=tok))")
+
+
+def tokenizer_metadata(tok, vocab_size: int) -> dict:
+    """A byte-level BPE tokenizer as llama.cpp's "gpt2" vocabulary:
+    one token per model id (ids the tokenizer lacks become unused "[PAD{id}]" entries, as in
+    llama.cpp's converter), their types, the merges, the pre-tokenizer's llama.cpp name, the
+    special ids and whether BOS / EOS are added. A tokenizer llama.cpp would split or join
+    differently is refused (TokenizerError) rather than written to give other ids."""
+    from ..tokenizer import ByteTokenizer, TokenizerError
+    if tok.vocab_size > vocab_size:
+        raise TokenizerError(f"the tokenizer has {tok.vocab_size} tokens, the model only "
+                             f"{vocab_size} embedding rows")
+    if isinstance(tok, ByteTokenizer):
+        raise TokenizerError(_NO_MERGES)
+    tokens, types, merges, pre = _bpe_vocabulary(tok)
+    if not merges:
+        raise TokenizerError(f"{tok.source}: {_NO_MERGES}")
+    add_bos, add_eos = _added_specials(tok)
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), vocab_size)]
+    types += [_UNUSED] * (vocab_size - len(types))
+    # end of turn as the source said it (GGUF eot / eom, a generation config's eos list); the
+    # document end tokens that eos_ids also lists are llama.cpp's to find (it does, by text)
+    extra = [i for i in tok._extra_eos_ids() if i != tok.eos_id]
+    return {"tokens": tokens, "types": types, "merges": merges, "pre": pre,
+            "bos": tok.bos_id, "eos": tok.eos_id, "unk": tok.unk_id, "pad": tok.pad_id,
+            "eot": extra[0] if extra else None, "add_bos": add_bos, "add_eos": add_eos,
+            "chat_template": tok.chat_template}
+
+
+def _bpe_vocabulary(tok) -> tuple[list, list, list, str]:
+    from ..tokenizer import TokenizerError
+    spec = json.loads(tok.backend.to_str())
+    model = spec.get("model") or {}
+    where = f"{tok.source}: "
+    if (model.get("type") != "BPE" or model.get("byte_fallback") or model.get("dropout")
+            or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix")):
+        raise TokenizerError(f"{where}GGUF export writes byte-level BPE tokenizers (llama.cpp's "
+                             f"'gpt2' vocabulary); this one is {model.get('type')!r} with options "
+                             "llama.cpp's has not")
+    if (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        raise TokenizerError(f"{where}GGUF export needs a byte-level tokenizer (ByteLevel "
+                             "decoder); this one decodes otherwise")
+    pre = _pre_name(tok, spec)
+    n = tok.vocab_size
+    tokens, types = [""] * n, [_UNUSED] * n
+    for t, i in model["vocab"].items():
+        tokens[i], types[i] = t, _NORMAL
+    for a in spec.get("added_tokens") or []:
+        tokens[a["id"]] = a["content"]
+        types[a["id"]] = _CONTROL if a.get("special") else _USER_DEFINED
+    for i in range(n):
+        if types[i] == _UNUSED:
+            tokens[i] = f"[PAD{i}]"
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    return tokens, types, merges, pre
+
+
+# The llama.cpp pre-tokenizer names whose splits tailtune knows (tokenizer._PRE_SPLITS), one
+# per distinct split, tried in this order when the tokenizer was not read from a GGUF file.
+_PRE_CANDIDATES = ("gpt2", "smollm", "llama-bpe", "qwen2")
+
+
+def _pre_name(tok, spec: dict) -> str:
+    """The llama.cpp name of the tokenizer's split: the one its GGUF source gave, if the split
+    is still that one, else the known split equal to it."""
+    from ..tokenizer import TokenizerError, _pre_tokenizer, _tokenizers
+    tk = _tokenizers()
+    have = _comparable(spec.get("pre_tokenizer"))
+    norm = spec.get("normalizer")
+    for name in ((tok.gguf_pre,) if tok.gguf_pre else ()) + _PRE_CANDIDATES:
+        want = _comparable(json.loads(_pre_tokenizer(tk, name, "").__getstate__()))
+        # Qwen2's tokenizer.json NFC-normalizes; llama.cpp does not (they differ on text not in NFC)
+        if have == want and (norm is None or name == "qwen2" and norm.get("type") == "NFC"):
+            return name
+    where = f"{tok.source}: "
+    raise TokenizerError(f"{where}its pre-tokenizer {json.dumps(spec.get('pre_tokenizer'))[:200]}"
+                         f"{' with a normalizer' if norm else ''} is not one of the splits "
+                         f"llama.cpp names that tailtune knows ({', '.join(_PRE_CANDIDATES)}); "
+                         "a GGUF file with another name would tokenize differently")
+
+
+def _comparable(pre) -> object:
+    """A pre-tokenizer's JSON without what does not change ids (ByteLevel's trim_offsets)."""
+    if isinstance(pre, dict):
+        return {k: _comparable(v) for k, v in pre.items() if k != "trim_offsets"}
+    if isinstance(pre, list):
+        return [_comparable(v) for v in pre]
+    return pre
+
+
+def _added_specials(tok) -> tuple[bool, bool]:
+    """Whether encode adds BOS / EOS around a text, found by encoding one: the post-processor's
+    JSON has several forms. Anything else it adds has no GGUF key: refused."""
+    from ..tokenizer import TokenizerError
+    plain, full = tok.encode("a", add_special_tokens=False), tok.encode("a")
+    add_bos = tok.bos_id is not None and full[:1] == [tok.bos_id] and plain[:1] != [tok.bos_id]
+    body = full[1:] if add_bos else full
+    add_eos = (tok.eos_id is not None and body[-1:] == [tok.eos_id] and body[:-1] == plain)
+    if (body[:-1] if add_eos else body) != plain:
+        raise TokenizerError(f"the tokenizer adds {full} around the ids {plain} of 'a'; GGUF "
+                             "can only say 'add BOS' and 'add EOS'")
+    return add_bos, add_eos

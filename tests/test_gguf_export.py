@@ -1,0 +1,383 @@
+"""GGUF export (engine/io/gguf_write.py): what it writes is checked against independent readers
+and writers: the `gguf` package's GGUFReader, llama.cpp's converter (the SmolLM2 file it wrote,
+and its q / k permutation as tests/gguf_fixtures.py spells it), transformers' GGUF loader, and
+NumPy for the rounding of each type."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import engine
+from engine.errors import CheckpointError, ConfigError, InputError
+from engine.io.gguf import GGUFFile
+from engine.io.gguf_write import GGUF_DTYPES, save_gguf, tokenizer_metadata
+from engine.tokenizer import ByteTokenizer, TokenizerError
+
+gguf = pytest.importorskip("gguf")
+from gguf_fixtures import llamacpp_permute  # noqa: E402
+
+TEXTS = ["Hello world! 12345 def f(x):\n    return x ** 2\n\n", "  Ünïcödé 日本語 🎉 tabs\tand\r\n",
+         "<|im_start|>user\nhi<|im_end|> <|endoftext|> 3.14159", "a" * 300 + " b  c   d"]
+
+
+@pytest.fixture(scope="module")
+def smol_tok(require_smollm2_session):
+    return engine.load_tokenizer(require_smollm2_session)
+
+
+@pytest.fixture(scope="module")
+def small_tok(tmp_path_factory):
+    """A byte-level BPE of 263 tokens with GPT-2's split and a user-defined token."""
+    d = tmp_path_factory.mktemp("small_tok")
+    (d / "tokenizer.json").write_text(_bpe_json(_BYTELEVEL, ["<tool>"]))
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    return engine.load_tokenizer(str(d))
+
+
+def _tiny(vocab=49152, d_model=64, d_ff=96, n_head=4, n_kv_head=2, head_dim=None, **kw):
+    cfg = engine.Config.llama(vocab_size=vocab, n_layer=2, n_head=n_head, n_kv_head=n_kv_head,
+                              d_model=d_model, d_ff=d_ff, head_dim=head_dim, max_seq_len=128,
+                              rope_theta=5000.0, **kw)
+    m = engine.Model(cfg, seed=3)
+    rng = np.random.default_rng(0)
+    for a in m.params.values():   # norms away from 1, so a swapped or dropped one shows
+        a += (0.3 if a.ndim == 1 else 0.02) * rng.standard_normal(a.shape).astype(np.float32)
+    return m
+
+
+def _raw(path, name) -> tuple[str, np.ndarray]:
+    """A tensor as the gguf package's reader gives it: (type name, array in numpy order)."""
+    r = gguf.GGUFReader(path)
+    t = next(t for t in r.tensors if t.name == name)
+    return t.tensor_type.name, np.asarray(t.data)
+
+
+def test_real_model_round_trip_and_tokenizer_as_llamacpp_wrote_it(tmp_path, smol_tok,
+                                                                   require_smollm2_session):
+    """SmolLM2 after a step on its last 2 blocks, saved F32: engine.load gives every weight bit
+    for bit, and the tokenizer keys equal those llama.cpp's converter wrote in the source."""
+    m = engine.load(require_smollm2_session)
+    m.train_last(2)
+    opt = engine.AdamW(m, lr=1e-3)
+    ids = np.array([smol_tok.encode(TEXTS[0] + TEXTS[1])])
+    m.forward(ids[:, :-1], ids[:, 1:])
+    m.backward()
+    opt.step()
+    out = str(tmp_path / "tuned.gguf")
+    m.save(out, tokenizer=smol_tok)
+    back = engine.load(out)
+    assert set(back.params) == set(m.params)
+    for n, a in m.params.items():
+        np.testing.assert_array_equal(back.params[n], a, err_msg=n)
+    src, got = GGUFFile(require_smollm2_session).metadata, GGUFFile(out).metadata
+    for k in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens",
+              "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+              "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id",
+              "tokenizer.ggml.add_bos_token", "tokenizer.chat_template", "llama.vocab_size",
+              "llama.context_length", "llama.embedding_length", "llama.block_count",
+              "llama.feed_forward_length", "llama.attention.head_count",
+              "llama.attention.head_count_kv", "llama.rope.freq_base",
+              "llama.attention.layer_norm_rms_epsilon", "llama.rope.dimension_count",
+              "general.architecture"):
+        assert got[k] == src[k], k
+    np.testing.assert_array_equal(got["tokenizer.ggml.token_type"], src["tokenizer.ggml.token_type"])
+    assert "tokenizer.ggml.eot_token_id" not in got   # the source has none either
+    tok = engine.load_tokenizer(out)
+    for t in TEXTS:
+        assert tok.encode(t) == smol_tok.encode(t)
+    chat = [{"role": "user", "content": "Triage this claim."}]
+    assert tok.chat_prompt(chat) == smol_tok.chat_prompt(chat)
+
+
+def test_qk_rows_are_permuted_as_llamacpp_does(tmp_path, small_tok):
+    """Read with the gguf package's own reader: q and k as llama.cpp's converter permutes them,
+    everything else as the engine holds it, norms F32."""
+    m = _tiny(vocab=300, n_head=4, n_kv_head=2)
+    out = str(tmp_path / "m.gguf")
+    save_gguf(m, out, small_tok)
+    p = m.params
+    for name, want in (("blk.1.attn_q.weight", llamacpp_permute(p["blocks.1.attn.q.weight"], 4, 4)),
+                       ("blk.1.attn_k.weight", llamacpp_permute(p["blocks.1.attn.k.weight"], 4, 2)),
+                       ("blk.1.attn_v.weight", p["blocks.1.attn.v.weight"]),
+                       ("blk.0.ffn_down.weight", p["blocks.0.mlp.down.weight"]),
+                       ("blk.0.attn_norm.weight", p["blocks.0.ln1.weight"]),
+                       ("token_embd.weight", p["wte.weight"])):
+        kind, a = _raw(out, name)
+        assert kind == "F32"
+        np.testing.assert_array_equal(a, want, err_msg=name)
+
+
+@pytest.mark.parametrize("tied,head_dim", [(True, None), (False, 24)])
+def test_transformers_loads_the_export(tmp_path, small_tok, tied, head_dim):
+    """transformers' GGUF loader (its own dequantization, permutation and tokenizer conversion)
+    gives the engine's logits and ids; tied and untied heads, heads wider than d_model / n_head.
+    (SmolLM2's tokenizer is checked above against what llama.cpp wrote: transformers takes 40 s
+    to convert it.)"""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = small_tok
+    m = _tiny(vocab=300, tie_embeddings=tied, head_dim=head_dim, n_head=3, n_kv_head=1,
+              d_model=48, d_ff=80)
+    out = tmp_path / "m.gguf"
+    m.save(str(out), tokenizer=tok)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name,
+                                              dtype=torch.float32).eval()
+    ids = tok.encode(TEXTS[0] + TEXTS[2])[:60]
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits.numpy()
+    got = m.forward(np.array([ids]))
+    np.testing.assert_allclose(got, want, atol=2e-4 * np.abs(want).max(), rtol=0)
+    ht = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
+    for t in TEXTS:
+        assert ht(t)["input_ids"] == tok.encode(t)
+
+
+def _bf16(a: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 -> float32, rounding to nearest even, from the bits."""
+    b = a.view(np.uint32).astype(np.uint64)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) >> 16 << 16
+    return b.astype(np.uint32).view(np.float32)
+
+
+# (block size, the largest rounding error in a block as a share of its largest magnitude; for
+# the types with a minimum, of its range), from ggml-quants.c's quantize_row_*_ref: half a
+# step, but a full one for Q5_0 and Q4_0, whose levels run -16..15 (-8..7) with the largest
+# magnitude at the end of 16 (8) steps: a value as large on the other side is clipped a step.
+_BLOCKS = {"Q8_0": (32, 1 / 127 / 2), "Q5_0": (32, 1 / 16), "Q4_0": (32, 1 / 8),
+           "Q5_1": (32, 1 / 31 / 2), "Q4_1": (32, 1 / 15 / 2)}
+
+
+@pytest.mark.parametrize("dtype", list(GGUF_DTYPES))
+def test_each_type_rounds_as_it_should(tmp_path, smol_tok, dtype):
+    """Read back by engine.load: F32 exact, F16 and BF16 as NumPy rounds, block types within
+    each block's quantization step. A matrix whose rows do not split into 32-element blocks
+    (ffn_down's 80) is written F16 instead; norms F32."""
+    m = _tiny(d_ff=80)
+    out = str(tmp_path / "m.gguf")
+    save_gguf(m, out, smol_tok, dtype=dtype.lower())
+    f = GGUFFile(out)
+    assert f.metadata["general.file_type"] == GGUF_DTYPES[dtype]
+    assert f.tensor_info("blk.0.ffn_norm.weight").type_name == "F32"
+    assert f.tensor_info("blk.0.attn_q.weight").type_name == dtype
+    assert f.tensor_info("blk.0.ffn_down.weight").type_name == ("F32" if dtype == "F32" else
+                                                                "BF16" if dtype == "BF16" else "F16")
+    back = engine.load(out)
+    for n, a in m.params.items():
+        got = back.params[n]
+        kind = f.tensor_info(_gguf_name(n)).type_name
+        if kind == "F32":
+            np.testing.assert_array_equal(got, a, err_msg=n)
+        elif kind == "F16":
+            np.testing.assert_array_equal(got, a.astype(np.float16).astype(np.float32), err_msg=n)
+        elif kind == "BF16":
+            np.testing.assert_array_equal(got, _bf16(a), err_msg=n)
+        else:
+            size, share = _BLOCKS[kind]
+            blocks, err = a.reshape(-1, size), np.abs(got - a).reshape(-1, size)
+            span = (blocks.max(1) - blocks.min(1) if kind.endswith("_1")
+                    else np.abs(blocks).max(1))
+            # half a step, plus what storing the scale (and minimum) as float16 moves: 2^-11 of
+            # the most levels times the step (the span), and of the minimum (at most `big`)
+            big = np.abs(blocks).max(1)
+            assert (err.max(1) <= span * share + (span + big) * 2.0**-11 + 1e-7).all(), n
+            assert err.max() > 0, n   # quantized, not passed through
+
+
+def _gguf_name(n: str) -> str:
+    if n.startswith("blocks."):
+        _, i, rest = n.split(".", 2)
+        return _GGUF_OF[rest].format(i=i)
+    return _GGUF_OF[n]
+
+
+_GGUF_OF = {"wte.weight": "token_embd.weight", "ln_f.weight": "output_norm.weight",
+            "lm_head.weight": "output.weight", "ln1.weight": "blk.{i}.attn_norm.weight",
+            "ln2.weight": "blk.{i}.ffn_norm.weight", "attn.q.weight": "blk.{i}.attn_q.weight",
+            "attn.k.weight": "blk.{i}.attn_k.weight", "attn.v.weight": "blk.{i}.attn_v.weight",
+            "attn.o.weight": "blk.{i}.attn_output.weight", "mlp.gate.weight": "blk.{i}.ffn_gate.weight",
+            "mlp.up.weight": "blk.{i}.ffn_up.weight", "mlp.down.weight": "blk.{i}.ffn_down.weight"}
+
+
+# ---- tokenizers from other sources ----------------------------------------------------------
+
+def _export_tokenizer(tmp_path, tok, vocab):
+    m = _tiny(vocab=vocab, d_model=32, d_ff=64)
+    out = str(tmp_path / "t.gguf")
+    save_gguf(m, out, tok)
+    return out
+
+
+def test_tokenizer_json_source_gets_its_llamacpp_name(tmp_path, smol_tok):
+    """SmolLM2's tokenizer saved as tokenizer.json (as a finetune run keeps it) and read back
+    has no GGUF name any more: the split is recognised as llama.cpp's 'smollm' again."""
+    smol_tok.save(tmp_path / "tok")
+    tok = engine.load_tokenizer(str(tmp_path / "tok"))
+    assert tok.gguf_pre is None
+    out = _export_tokenizer(tmp_path, tok, 49152)
+    assert GGUFFile(out).metadata["tokenizer.ggml.pre"] == "smollm"
+    back = engine.load_tokenizer(out)
+    for t in TEXTS:
+        assert back.encode(t) == smol_tok.encode(t)
+
+
+def _bpe_json(pre: dict, extra_added=()) -> str:
+    """A small byte-level BPE tokenizer.json: the 256 byte symbols, a few merges, <|endoftext|>."""
+    from engine.tokenizer import _byte_to_unicode
+    b2u = _byte_to_unicode()
+    vocab = {b2u[b]: b for b in range(256)}
+    merges = [("h", "e"), ("l", "l"), ("he", "ll"), ("Ġ", "w"), ("1", "2")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    added = [{"id": len(vocab), "content": "<|endoftext|>", "single_word": False, "lstrip": False,
+              "rstrip": False, "normalized": False, "special": True}]
+    for k, t in enumerate(extra_added):
+        added.append({"id": len(vocab) + 1 + k, "content": t, "single_word": False,
+                      "lstrip": False, "rstrip": False, "normalized": False, "special": False})
+    return json.dumps({"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+                       "normalizer": None, "pre_tokenizer": pre, "post_processor": None,
+                       "decoder": {"type": "ByteLevel", "add_prefix_space": True,
+                                   "trim_offsets": True, "use_regex": True},
+                       "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                                 "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                                 "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                                 "vocab": vocab, "merges": [f"{a} {b}" for a, b in merges]}})
+
+
+_BYTELEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
+              "use_regex": True}
+_LLAMA3 = {"type": "Sequence", "pretokenizers": [
+    {"type": "Split", "pattern": {"Regex": "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+"
+                                  "|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"},
+     "behavior": "Isolated", "invert": False},
+    {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+
+
+@pytest.mark.parametrize("pre,name", [(_BYTELEVEL, "gpt2"), (_LLAMA3, "llama-bpe")])
+def test_known_splits_are_named_and_user_tokens_kept(tmp_path, pre, name):
+    """GPT-2's split and Llama 3's (written the way their tokenizer.json files spell them), and
+    a user-defined added token (llama.cpp type 4, matched whole but not special)."""
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text(_bpe_json(pre, ["<tool>"]))
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    tok = engine.load_tokenizer(str(tmp_path / "tok"))
+    assert tok.vocab_size == 263
+    out = _export_tokenizer(tmp_path, tok, 300)
+    meta = GGUFFile(out).metadata
+    assert meta["tokenizer.ggml.pre"] == name
+    types = meta["tokenizer.ggml.token_type"]
+    n = tok.vocab_size
+    assert list(types[n - 2:n]) == [3, 4] and (types[:n - 2] == 1).all() and (types[n:] == 5).all()
+    assert meta["tokenizer.ggml.tokens"][n:n + 2] == [f"[PAD{n}]", f"[PAD{n + 1}]"]
+    assert meta["tokenizer.ggml.eos_token_id"] == n - 2
+    back = engine.load_tokenizer(out)
+    for t in ["hello world 12345", "say <tool> then <|endoftext|>", TEXTS[1]]:
+        assert back.encode(t) == tok.encode(t)
+        assert back.decode(back.encode(t)) == t
+
+
+def test_unknown_split_is_refused_and_nothing_written(tmp_path):
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text(
+        _bpe_json({"type": "Sequence", "pretokenizers": [{"type": "WhitespaceSplit"}, _BYTELEVEL]}))
+    tok = engine.load_tokenizer(str(tmp_path / "tok"))
+    with pytest.raises(TokenizerError, match="pre-tokenizer .*WhitespaceSplit.* not one of"):
+        _export_tokenizer(tmp_path, tok, 300)
+    assert os.listdir(tmp_path) == ["tok"]
+
+
+def test_byte_tokenizer_is_refused_with_the_way_out(tmp_path):
+    """No merges, no GGUF vocabulary (llama.cpp requires the key, the writer refuses it empty)."""
+    with pytest.raises(TokenizerError, match="needs BPE merges.*Hugging Face layout"):
+        _export_tokenizer(tmp_path, ByteTokenizer(), 260)
+    assert os.listdir(tmp_path) == []
+
+
+def test_added_bos_is_said_and_other_additions_refused(smol_tok):
+    from tokenizers.processors import TemplateProcessing
+    tok = engine.load_tokenizer(smol_tok.source)
+    tok.backend.post_processor = TemplateProcessing(single="<|im_start|> $A", pair="$A $B",
+                                                    special_tokens=[("<|im_start|>", 1)])
+    meta = tokenizer_metadata(tok, 49152)
+    assert meta["add_bos"] is True and meta["add_eos"] is False
+    tok.backend.post_processor = TemplateProcessing(single="$A <|im_end|>", pair="$A $B",
+                                                    special_tokens=[("<|im_end|>", 2)])
+    meta = tokenizer_metadata(tok, 49152)
+    assert meta["add_bos"] is False and meta["add_eos"] is True
+    tok.backend.post_processor = TemplateProcessing(single="<|endoftext|> $A", pair="$A $B",
+                                                    special_tokens=[("<|endoftext|>", 0)])
+    with pytest.raises(TokenizerError, match="only say 'add BOS' and 'add EOS'"):
+        tokenizer_metadata(tok, 49152)
+
+
+# ---- bad input: a clear error, and no file (an existing one whole) -------------------------
+
+def test_bad_input(tmp_path, smol_tok):
+    m = _tiny(d_model=32, d_ff=64)
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"old")
+    with pytest.raises(InputError, match="Q4_K.*llama-quantize"):
+        save_gguf(m, out, smol_tok, dtype="Q4_K")
+    with pytest.raises(InputError, match="carries its tokenizer"):
+        m.save(str(out))
+    with pytest.raises(InputError, match="is a directory"):
+        save_gguf(m, tmp_path, smol_tok)
+    with pytest.raises(TokenizerError, match="49152 tokens, the model only 1000"):
+        save_gguf(_tiny(vocab=1000, d_model=32, d_ff=64), out, smol_tok)
+    gpt2 = engine.Model(engine.Config.gpt2(vocab_size=49152, n_layer=1, n_head=2, d_model=16))
+    with pytest.raises(ConfigError, match="Llama-architecture.*'gpt2'.*Hugging Face layout"):
+        save_gguf(gpt2, out, smol_tok)
+    m.params["blocks.1.mlp.up.weight"][3, 4] = np.nan
+    with pytest.raises(InputError, match="NaN.*nothing was saved"):
+        save_gguf(m, out, smol_tok)
+    with pytest.raises(CheckpointError, match="cannot write"):
+        save_gguf(_tiny(d_model=32, d_ff=64), tmp_path / "no" / "such" / "m.gguf", smol_tok)
+    assert out.read_bytes() == b"old"
+    assert sorted(os.listdir(tmp_path)) == ["m.gguf"]
+
+
+def test_failure_while_writing_leaves_the_old_file(tmp_path, smol_tok, monkeypatch):
+    from engine.io import gguf_write
+    out = tmp_path / "m.gguf"
+    save_gguf(_tiny(d_model=32, d_ff=64), out, smol_tok)
+    before = out.read_bytes()
+    real, calls = gguf_write._converted, []
+
+    def failing(*a):
+        calls.append(1)
+        if len(calls) == 5:
+            raise OSError(28, "No space left on device")
+        return real(*a)
+    monkeypatch.setattr(gguf_write, "_converted", failing)
+    with pytest.raises(CheckpointError, match="m.gguf: cannot write: No space left"):
+        save_gguf(_tiny(d_model=32, d_ff=64), out, smol_tok)
+    assert out.read_bytes() == before and os.listdir(tmp_path) == ["m.gguf"]
+
+
+def test_save_to_a_directory_with_the_tokenizer(tmp_path, smol_tok):
+    m = _tiny(d_model=32, d_ff=64)
+    m.save(str(tmp_path / "d"), tokenizer=smol_tok)
+    assert engine.load_tokenizer(str(tmp_path / "d")).encode(TEXTS[0]) == smol_tok.encode(TEXTS[0])
+    assert engine.load(str(tmp_path / "d")).config.vocab_size == 49152
+
+
+def test_cli_export(tmp_path, smol_tok):
+    m = _tiny(d_model=32, d_ff=64)
+    m.save(str(tmp_path / "run"), tokenizer=smol_tok)
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "engine.cli", "export", *args],
+                              capture_output=True, text=True, timeout=300)
+    r = run("--model", str(tmp_path / "run"), "--out", str(tmp_path / "m.gguf"), "--dtype", "q8_0")
+    assert r.returncode == 0, r.stderr
+    assert "Q8_0" in r.stdout and "49152 tokens" in r.stdout
+    assert GGUFFile(str(tmp_path / "m.gguf")).tensor_info("blk.0.attn_q.weight").type_name == "Q8_0"
+    r = run("--model", str(tmp_path / "run"), "--out", str(tmp_path / "x.gguf"), "--dtype", "q6_k")
+    assert r.returncode == 2 and "error: GGUF dtype 'q6_k' is not supported" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "x.gguf").exists()
+    m.save(str(tmp_path / "bare"))   # no tokenizer files
+    r = run("--model", str(tmp_path / "bare"), "--out", str(tmp_path / "x.gguf"))
+    assert r.returncode == 2 and "tokenizer" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x.gguf").exists()
