@@ -152,9 +152,10 @@ def main(argv=None):
     x.add_argument("--model", required=True, help=MODEL_HELP)
     x.add_argument("--out", required=True, help="the GGUF file to write, e.g. model.gguf")
     x.add_argument("--dtype", default="F32", metavar="TYPE",
-                   help="matrices as F32 (default: the weights unchanged), F16, BF16, Q8_0, "
-                        "Q5_1, Q5_0, Q4_1 or Q4_0; norms stay F32. For K-quants, write F16 "
-                        "and run llama.cpp's llama-quantize")
+                   help="matrices as F32 (default: float32, as tailtune holds them), F16, BF16, Q8_0, "
+                        "Q5_1, Q5_0, Q4_1 or Q4_0; norms stay F32, and under Q5/Q4 the output "
+                        "projection is Q8_0. For K-quants, write F16 and run llama.cpp's "
+                        "llama-quantize")
 
     args = ap.parse_args(argv)
     # a file or pipe on Windows gets the ANSI code page, which cannot encode every character of
@@ -424,11 +425,15 @@ def _inspect(a):
 def _export(a):
     import os
 
+    from .errors import InputError
     from .io import load
     from .io.gguf_write import check_dtype, save_gguf
     from .io.resolve import resolve_model_path
     from .tokenizer import load_tokenizer
     dtype = check_dtype(a.dtype)   # before the load
+    if not a.out.lower().endswith(".gguf"):
+        raise InputError(f"--out {a.out}: name the file *.gguf (the tools that read GGUF "
+                         "expect it, and Model.save picks the format by that ending)")
     model = load(a.model)
     tok = load_tokenizer(resolve_model_path(a.model), model_vocab_size=model.config.vocab_size)
     save_gguf(model, a.out, tok, dtype=dtype)

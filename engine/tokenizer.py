@@ -822,7 +822,7 @@ class BPETokenizer(_Tokenizer):
         add_eos = get("tokenizer.ggml.add_eos_token", "bool")
         # end-of-turn ids that are not ids of this vocabulary are ignored, as bos / eos above
         ends = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eot", "eom")]
-        cfg = {**named, "chat_template": get("tokenizer.chat_template", "str"),
+        cfg = {**named, "chat_template": _gguf_templates(meta, path),
                "_generation_eos_ids": [i for i in ends if is_int(i) and 0 <= i < len(tokens)]}
         if add_bos is not None:
             cfg["add_bos_token"] = add_bos
@@ -834,6 +834,19 @@ class BPETokenizer(_Tokenizer):
         declared = meta.get(f"{arch}.vocab_size") if isinstance(arch, str) else None
         tok._model_vocab_size = declared if is_int(declared) and declared > 0 else None
         return tok
+
+
+def _gguf_templates(meta: dict, path: str):
+    """tokenizer.chat_template, plus the named ones llama.cpp's converter writes as
+    tokenizer.chat_template.<name> (listed in tokenizer.chat_templates): a string, a dict, or
+    None."""
+    default = _gguf_value(meta, "tokenizer.chat_template", "str", path)
+    names = _gguf_value(meta, "tokenizer.chat_templates", "strs", path) or []
+    named = {n: _gguf_value(meta, f"tokenizer.chat_template.{n}", "str", path) for n in names}
+    named = {n: t for n, t in named.items() if t is not None}
+    if not named:
+        return default
+    return {**({"default": default} if default is not None else {}), **named}
 
 
 # What each GGUF tokenizer key must hold: checked on reading, since a model file is untrusted
@@ -947,8 +960,9 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
 # Llama 3's tokenizer.json says too), and BOS is added unless the file says otherwise.
 _LLAMA3_GROUP = frozenset({"llama3", "llama-v3", "llama-bpe", "falcon3"})
 _PRE_SPLITS = {
-    # GPT-2's own split (the regex built into the ByteLevel pre-tokenizer)
-    "gpt2": "gpt2", "mpt": "gpt2", "olmo": "gpt2",
+    # GPT-2's own split (the regex built into the ByteLevel pre-tokenizer); llama.cpp names it
+    # "gpt-2" (files that say "gpt2" are read too)
+    "gpt-2": "gpt2", "phi-2": "gpt2", "gpt2": "gpt2", "mpt": "gpt2", "olmo": "gpt2",
     # each digit alone, then GPT-2's split: the StarCoder family. SmolLM's tokenizer.json says
     # Digits(individual_digits) + ByteLevel; llama.cpp splits \p{N} first, the same thing.
     "smollm": "digits", "starcoder": "digits", "refact": "digits", "codeshell": "digits",
@@ -990,8 +1004,11 @@ def _gguf_backend(path, tokens, merges, pre, types):
     alphabet = set(b2u.values())
     # Byte-level vocabularies spell every byte with GPT-2's printable characters; a token with
     # any other character is respelled from its UTF-8 bytes (transformers does the same).
-    spelled = [t if set(t) <= alphabet else "".join(b2u[b] for b in t.encode("utf-8"))
-               for t in tokens]
+    # Control and user-defined tokens are matched whole in the text, never built by merges:
+    # those keep their own spelling (DeepSeek's "<｜User｜>", a token with a space).
+    kinds = types.tolist() if types is not None else [0] * len(tokens)
+    spelled = [t if set(t) <= alphabet or k in (_CONTROL, _USER_DEFINED)
+               else "".join(b2u[b] for b in t.encode("utf-8")) for t, k in zip(tokens, kinds)]
     vocab = {t: i for i, t in enumerate(spelled)}
     bad = next((m for m in merges if " " not in m), None)
     if bad is not None:
@@ -1010,13 +1027,10 @@ def _gguf_backend(path, tokens, merges, pre, types):
     backend.pre_tokenizer = _pre_tokenizer(tk, pre, path)
     backend.decoder = tk.decoders.ByteLevel()
     if types is not None:
-        types = types.tolist()
-        # A control token spelled outside the byte alphabet is a mislabel in the file: adding
-        # it would create an id past the model's vocabulary.
         control = [tk.AddedToken(t, special=True, normalized=False)
-                   for t, k in zip(tokens, types) if k == _CONTROL and set(t) <= alphabet]
+                   for t, k in zip(tokens, kinds) if k == _CONTROL]
         user = [tk.AddedToken(t, special=False, normalized=False)
-                for t, s, k in zip(tokens, spelled, types) if k == _USER_DEFINED and t == s]
+                for t, k in zip(tokens, kinds) if k == _USER_DEFINED]
         with _NoPanic(path, "GGUF control and user-defined tokens"):
             backend.add_special_tokens(control)
             backend.add_tokens(user)

@@ -223,7 +223,7 @@ def test_tokenizer_json_source_gets_its_llamacpp_name(tmp_path, smol_tok):
         assert back.encode(t) == smol_tok.encode(t)
 
 
-def _bpe_json(pre: dict, extra_added=()) -> str:
+def _bpe_json(pre: dict, extra_added=(), ignore_merges=False, special_added=()) -> str:
     """A small byte-level BPE tokenizer.json: the 256 byte symbols, a few merges, <|endoftext|>."""
     from engine.tokenizer import _byte_to_unicode
     b2u = _byte_to_unicode()
@@ -233,16 +233,17 @@ def _bpe_json(pre: dict, extra_added=()) -> str:
         vocab[a + b] = len(vocab)
     added = [{"id": len(vocab), "content": "<|endoftext|>", "single_word": False, "lstrip": False,
               "rstrip": False, "normalized": False, "special": True}]
-    for k, t in enumerate(extra_added):
-        added.append({"id": len(vocab) + 1 + k, "content": t, "single_word": False,
-                      "lstrip": False, "rstrip": False, "normalized": False, "special": False})
+    for t, special in [(t, False) for t in extra_added] + [(t, True) for t in special_added]:
+        added.append({"id": len(vocab) + len(added), "content": t, "single_word": False,
+                      "lstrip": False, "rstrip": False, "normalized": False, "special": special})
     return json.dumps({"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
                        "normalizer": None, "pre_tokenizer": pre, "post_processor": None,
                        "decoder": {"type": "ByteLevel", "add_prefix_space": True,
                                    "trim_offsets": True, "use_regex": True},
                        "model": {"type": "BPE", "dropout": None, "unk_token": None,
                                  "continuing_subword_prefix": None, "end_of_word_suffix": None,
-                                 "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                                 "fuse_unk": False, "byte_fallback": False,
+                                 "ignore_merges": ignore_merges,
                                  "vocab": vocab, "merges": [f"{a} {b}" for a, b in merges]}})
 
 
@@ -255,12 +256,37 @@ _LLAMA3 = {"type": "Sequence", "pretokenizers": [
     {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
 
 
-@pytest.mark.parametrize("pre,name", [(_BYTELEVEL, "gpt2"), (_LLAMA3, "llama-bpe")])
-def test_known_splits_are_named_and_user_tokens_kept(tmp_path, pre, name):
-    """GPT-2's split and Llama 3's (written the way their tokenizer.json files spell them), and
-    a user-defined added token (llama.cpp type 4, matched whole but not special)."""
+def _tok_dir(tmp_path, body: str, config=None):
     (tmp_path / "tok").mkdir()
-    (tmp_path / "tok" / "tokenizer.json").write_text(_bpe_json(pre, ["<tool>"]))
+    (tmp_path / "tok" / "tokenizer.json").write_text(body, encoding="utf-8")
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(
+        json.dumps(config or {"eos_token": "<|endoftext|>"}))
+    return engine.load_tokenizer(str(tmp_path / "tok"))
+
+
+# The pre-tokenizer names llama.cpp's llama-vocab.cpp accepts (of the llama.cpp that
+# llama-cpp-python 0.3.36 vendors; the ones whose split and merge rule tailtune knows). It
+# refuses to load a file with any name it does not list.
+LLAMACPP_PRE_NAMES = {"gpt-2", "phi-2", "smollm", "starcoder", "llama3", "llama-v3", "llama-bpe",
+                      "falcon3", "qwen2", "deepseek-r1-qwen", "mpt", "olmo", "refact",
+                      "command-r", "codeshell", "exaone", "minerva-7b", "dbrx", "smaug-bpe"}
+
+
+def test_written_names_are_llamacpps():
+    from engine.io.gguf_write import _PRE_CANDIDATES
+    from engine.tokenizer import _PRE_SPLITS
+    assert set(_PRE_CANDIDATES) <= LLAMACPP_PRE_NAMES
+    assert LLAMACPP_PRE_NAMES <= set(_PRE_SPLITS)   # and read back
+
+
+@pytest.mark.parametrize("pre,name,ignore", [(_BYTELEVEL, "gpt-2", False),
+                                             (_LLAMA3, "llama-bpe", True)])
+def test_known_splits_are_named_and_user_tokens_kept(tmp_path, pre, name, ignore):
+    """GPT-2's split and Llama 3's (written the way their tokenizer.json files spell them, with
+    the merge rule each has), and a user-defined added token (llama.cpp type 4, matched whole
+    but not special)."""
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text(_bpe_json(pre, ["<tool>"], ignore_merges=ignore))
     (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
     tok = engine.load_tokenizer(str(tmp_path / "tok"))
     assert tok.vocab_size == 263
@@ -276,6 +302,51 @@ def test_known_splits_are_named_and_user_tokens_kept(tmp_path, pre, name):
     for t in ["hello world 12345", "say <tool> then <|endoftext|>", TEXTS[1]]:
         assert back.encode(t) == tok.encode(t)
         assert back.decode(back.encode(t)) == t
+
+
+@pytest.mark.parametrize("pre,ignore", [(_BYTELEVEL, True), (_LLAMA3, False)])
+def test_a_merge_rule_llamacpp_would_not_follow_is_refused(tmp_path, pre, ignore):
+    """llama.cpp decides ignore_merges by the pre-tokenizer's name: a split with the other rule
+    has no name that says it ("hello" would be one token in one and two in the other)."""
+    tok = _tok_dir(tmp_path, _bpe_json(pre, ignore_merges=ignore))
+    with pytest.raises(TokenizerError, match=f"ignore_merges {str(ignore).lower()}"):
+        _export_tokenizer(tmp_path, tok, 300)
+
+
+def test_added_tokens_outside_the_byte_alphabet_survive(tmp_path):
+    """DeepSeek-style specials and a token with a space are matched whole by llama.cpp; read
+    back and exported again they stay the same strings and types."""
+    tok = _tok_dir(tmp_path, _bpe_json(_BYTELEVEL, ["<tool call>"], special_added=["<｜User｜>"]))
+    first = _export_tokenizer(tmp_path, tok, 300)
+    back = engine.load_tokenizer(first)
+    text = "hello <｜User｜> world <tool call> hello"
+    assert back.encode(text) == tok.encode(text)
+    assert tok.encode("<｜User｜>") == [tok.vocab_size - 1]
+    m = _tiny(vocab=300, d_model=32, d_ff=64)
+    save_gguf(m, tmp_path / "again.gguf", back)
+    a, b = GGUFFile(first).metadata, GGUFFile(str(tmp_path / "again.gguf")).metadata
+    assert a["tokenizer.ggml.tokens"] == b["tokenizer.ggml.tokens"]
+    np.testing.assert_array_equal(a["tokenizer.ggml.token_type"], b["tokenizer.ggml.token_type"])
+    assert a["tokenizer.ggml.tokens"][tok.vocab_size - 2:tok.vocab_size] == ["<tool call>", "<｜User｜>"]
+    assert list(a["tokenizer.ggml.token_type"][tok.vocab_size - 2:tok.vocab_size]) == [4, 3]
+    assert (a["tokenizer.ggml.token_type"][tok.vocab_size:] == 5).all()   # padding rows stay unused
+
+
+@pytest.mark.parametrize("templates", [{"default": "D {{ messages }}", "tool_use": "T"},
+                                       {"rag": "R", "tool-use": "T"}])
+def test_named_chat_templates_round_trip(tmp_path, small_tok, templates):
+    tok = engine.load_tokenizer(small_tok.source)
+    tok.chat_template = templates
+    out = _export_tokenizer(tmp_path, tok, 300)
+    assert engine.load_tokenizer(out).chat_template == templates
+
+
+def test_tokens_that_strip_spaces_are_refused(tmp_path):
+    body = json.loads(_bpe_json(_BYTELEVEL, special_added=["<|end|>"]))
+    body["added_tokens"][-1]["rstrip"] = True
+    tok = _tok_dir(tmp_path, json.dumps(body))
+    with pytest.raises(TokenizerError, match="'<\\|end\\|>' strips spaces"):
+        _export_tokenizer(tmp_path, tok, 300)
 
 
 def test_unknown_split_is_refused_and_nothing_written(tmp_path):
@@ -338,6 +409,41 @@ def test_bad_input(tmp_path, smol_tok):
     assert sorted(os.listdir(tmp_path)) == ["m.gguf"]
 
 
+def test_values_beyond_float16_are_refused_for_float16_types(tmp_path, small_tok):
+    m = _tiny(vocab=300, d_model=32, d_ff=64)
+    m.params["blocks.0.mlp.up.weight"][0, 0] = 1e5
+    for dtype in ("F16", "Q8_0"):
+        with pytest.raises(InputError, match="blocks.0.mlp.up.weight holds values up to 1e\\+05"):
+            save_gguf(m, tmp_path / "m.gguf", small_tok, dtype=dtype)
+    assert os.listdir(tmp_path) == []
+    save_gguf(m, tmp_path / "m.gguf", small_tok, dtype="BF16")   # bfloat16 has float32's range
+    assert engine.load(str(tmp_path / "m.gguf")).params["blocks.0.mlp.up.weight"][0, 0] == 99840.0
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_four_bit_types_keep_the_output_projection_at_eight(tmp_path, small_tok, tied):
+    m = _tiny(vocab=320, d_model=64, d_ff=96, tie_embeddings=tied)
+    save_gguf(m, tmp_path / "m.gguf", small_tok, dtype="Q4_0")
+    f = GGUFFile(str(tmp_path / "m.gguf"))
+    assert f.tensor_info("token_embd.weight").type_name == ("Q8_0" if tied else "Q4_0")
+    if not tied:
+        assert f.tensor_info("output.weight").type_name == "Q8_0"
+    assert f.tensor_info("blk.1.ffn_up.weight").type_name == "Q4_0"
+
+
+def test_paths_long_names_and_links(tmp_path, small_tok):
+    m = _tiny(vocab=300, d_model=32, d_ff=64)
+    long = tmp_path / ("x" * 245 + ".gguf")   # a legal name: no room for a suffix on it
+    save_gguf(m, long, small_tok)
+    assert engine.load(str(long)).config.n_layer == 2
+    (tmp_path / "real.gguf").write_bytes(b"old")
+    os.symlink(tmp_path / "real.gguf", tmp_path / "link.gguf")
+    m.save(str(tmp_path / "link.gguf"), tokenizer=small_tok)
+    assert os.path.islink(tmp_path / "link.gguf")
+    assert engine.load(str(tmp_path / "real.gguf")).config.n_layer == 2
+    assert sorted(os.listdir(tmp_path)) == sorted([long.name, "real.gguf", "link.gguf"])
+
+
 def test_failure_while_writing_leaves_the_old_file(tmp_path, smol_tok, monkeypatch):
     from engine.io import gguf_write
     out = tmp_path / "m.gguf"
@@ -374,6 +480,8 @@ def test_cli_export(tmp_path, smol_tok):
     assert r.returncode == 0, r.stderr
     assert "Q8_0" in r.stdout and "49152 tokens" in r.stdout
     assert GGUFFile(str(tmp_path / "m.gguf")).tensor_info("blk.0.attn_q.weight").type_name == "Q8_0"
+    r = run("--model", str(tmp_path / "run"), "--out", str(tmp_path / "x.bin"))
+    assert r.returncode == 2 and "name the file *.gguf" in r.stderr
     r = run("--model", str(tmp_path / "run"), "--out", str(tmp_path / "x.gguf"), "--dtype", "q6_k")
     assert r.returncode == 2 and "error: GGUF dtype 'q6_k' is not supported" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "x.gguf").exists()

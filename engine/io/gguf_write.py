@@ -11,6 +11,7 @@ whole. The `gguf` package (the `hf` extra) does the writing and the quantization
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 
@@ -36,8 +37,9 @@ def _gguf():
 
 def save_gguf(model, path, tokenizer, dtype: str = "F32", name: str | None = None) -> None:
     """`model` and `tokenizer` as one GGUF file at `path`, matrices as `dtype` (one of
-    GGUF_DTYPES; a matrix whose rows do not divide into the type's blocks is written F16). Every
-    check runs before the file is opened; a failure leaves no file (and an existing one whole)."""
+    GGUF_DTYPES; a matrix whose rows do not divide into the type's blocks is written F16, and
+    under the 4- and 5-bit types the output projection is Q8_0). Every check runs before the
+    file is opened; a failure leaves no file (and an existing one whole)."""
     from . import _check_params
     dtype = check_dtype(dtype)
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
@@ -57,10 +59,15 @@ def save_gguf(model, path, tokenizer, dtype: str = "F32", name: str | None = Non
     _add_model_keys(writer, cfg, dtype, name or _stem(path))
     _add_tokenizer_keys(writer, tokenizer, cfg.vocab_size)
     plan = _tensor_plan(gguf, cfg, dtype)
-    for gname, (_, shape, qtype, nbytes) in plan.items():
+    for gname, (ename, shape, qtype, nbytes) in plan.items():
+        _check_range(gguf, ename, model.params[ename], qtype)
         writer.add_tensor_info(gname, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
 
-    tmp = f"{path}.tmp{os.getpid()}"
+    if os.path.islink(path):   # replace what the link points to, as a plain write would
+        path = os.path.realpath(path)
+    # beside the target (one file system, so the rename is atomic), short whatever its name
+    tag = hashlib.sha1(os.path.basename(path).encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    tmp = os.path.join(os.path.dirname(path), f".tailtune-{os.getpid()}-{tag}.gguf.tmp")
     try:
         writer.open_output_file(tmp)
         writer.write_header_to_file()
@@ -72,6 +79,9 @@ def save_gguf(model, path, tokenizer, dtype: str = "F32", name: str | None = Non
                 raise CheckpointError(f"{gname}: converted to {data.nbytes} bytes, "
                                       f"expected {nbytes}")
             writer.write_tensor_data(data)
+        for f in writer.fout:
+            f.flush()
+            os.fsync(f.fileno())
         writer.close()
         os.replace(tmp, path)
     except BaseException as e:
@@ -133,17 +143,38 @@ def _add_model_keys(w, cfg, dtype: str, name: str) -> None:
 def _tensor_plan(gguf, cfg, dtype: str) -> dict:
     """GGUF name -> (engine name, shape, GGML type, bytes), in the order they are written."""
     T = gguf.GGMLQuantizationType
+    head = "token_embd.weight" if cfg.tie_embeddings else "output.weight"
     out = {}
     for gname, ename in _name_map(cfg).items():
         shape = _expected_shape(cfg, ename)
         qtype = T[dtype]
         if len(shape) == 1:
             qtype = T.F32          # as llama.cpp's converter: norms and biases stay F32
-        elif qtype not in (T.F32, T.F16, T.BF16) and shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        elif gname == head and dtype[:2] in ("Q4", "Q5"):
+            # the output projection is where 4- and 5-bit rounding hurts most; llama-quantize
+            # keeps it at 6 bits (Q6_K), which has no quantizer here: 8
+            qtype = T.Q8_0
+        if qtype not in (T.F32, T.F16, T.BF16) and shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
             qtype = T.F16          # rows that do not split into whole blocks
         block, size = gguf.GGML_QUANT_SIZES[qtype]
         out[gname] = (ename, shape, qtype, int(np.prod(shape)) // block * size)
     return out
+
+
+_F16_MAX = 65504.0
+
+
+def _check_range(gguf, ename: str, a: np.ndarray, qtype) -> None:
+    """float16 holds values up to 65504, and block types keep their scales in it: a larger
+    weight would be written as inf, a file that then loads nowhere."""
+    T = gguf.GGMLQuantizationType
+    if qtype in (T.F32, T.BF16):
+        return
+    big = float(np.abs(a).max(initial=0.0))
+    if big > _F16_MAX:
+        raise InputError(f"parameter {ename} holds values up to {big:.4g}, beyond float16's "
+                         f"{_F16_MAX:g} (GGUF type {qtype.name}): save it as F32 or BF16; "
+                         "nothing was saved")
 
 
 def _converted(gguf, cfg, ename: str, a: np.ndarray, qtype) -> np.ndarray:
@@ -177,10 +208,16 @@ def _add_tokenizer_keys(w, tok, vocab_size: int) -> None:
     w.add_add_bos_token(meta["add_bos"])
     w.add_add_eos_token(meta["add_eos"])
     template = meta.get("chat_template")
-    if isinstance(template, dict):
-        template = [{"name": k, "template": v} for k, v in template.items()]
-    if template:
+    if isinstance(template, str):
         w.add_chat_template(template)
+    elif template:   # named templates: the default one under the plain key, as llama.cpp reads
+        named = {k: v for k, v in template.items() if k != "default"}
+        if "default" in template:
+            w.add_chat_template(template["default"])
+        for k, v in named.items():
+            w.add_string(f"tokenizer.chat_template.{k}", v)
+        if named:
+            w.add_array("tokenizer.chat_templates", list(named))
 
 
 # llama.cpp refuses a "gpt2" vocabulary without its merges key, and the gguf package cannot
@@ -236,37 +273,50 @@ def _bpe_vocabulary(tok) -> tuple[list, list, list, str]:
     for t, i in model["vocab"].items():
         tokens[i], types[i] = t, _NORMAL
     for a in spec.get("added_tokens") or []:
+        if a.get("lstrip") or a.get("rstrip") or a.get("single_word"):
+            # llama.cpp sets such attributes only for models it recognises by name
+            raise TokenizerError(f"{where}added token {a['content']!r} strips spaces around it "
+                                 "or matches whole words only, which a GGUF vocabulary cannot "
+                                 "say; llama.cpp would tokenize text around it differently")
         tokens[a["id"]] = a["content"]
         types[a["id"]] = _CONTROL if a.get("special") else _USER_DEFINED
     for i in range(n):
-        if types[i] == _UNUSED:
-            tokens[i] = f"[PAD{i}]"
+        # rows a GGUF file (ours or llama.cpp's converter) padded the vocabulary with, read
+        # back as plain tokens: unused again
+        if types[i] == _UNUSED or types[i] == _NORMAL and tokens[i] == f"[PAD{i}]":
+            tokens[i], types[i] = f"[PAD{i}]", _UNUSED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     return tokens, types, merges, pre
 
 
 # The llama.cpp pre-tokenizer names whose splits tailtune knows (tokenizer._PRE_SPLITS), one
 # per distinct split, tried in this order when the tokenizer was not read from a GGUF file.
-_PRE_CANDIDATES = ("gpt2", "smollm", "llama-bpe", "qwen2")
+# Each is a name llama.cpp's llama-vocab.cpp accepts (it refuses a name it does not know).
+_PRE_CANDIDATES = ("gpt-2", "smollm", "llama-bpe", "qwen2")
 
 
 def _pre_name(tok, spec: dict) -> str:
     """The llama.cpp name of the tokenizer's split: the one its GGUF source gave, if the split
-    is still that one, else the known split equal to it."""
-    from ..tokenizer import TokenizerError, _pre_tokenizer, _tokenizers
+    is still that one, else the known split equal to it. The name also sets whether a word
+    that is a whole vocabulary entry skips the merges (Llama 3's ignore_merges): that must
+    agree too."""
+    from ..tokenizer import _LLAMA3_GROUP, TokenizerError, _pre_tokenizer, _tokenizers
     tk = _tokenizers()
     have = _comparable(spec.get("pre_tokenizer"))
     norm = spec.get("normalizer")
+    ignore_merges = bool(spec["model"].get("ignore_merges"))
     for name in ((tok.gguf_pre,) if tok.gguf_pre else ()) + _PRE_CANDIDATES:
         want = _comparable(json.loads(_pre_tokenizer(tk, name, "").__getstate__()))
         # Qwen2's tokenizer.json NFC-normalizes; llama.cpp does not (they differ on text not in NFC)
-        if have == want and (norm is None or name == "qwen2" and norm.get("type") == "NFC"):
+        if (have == want and (name in _LLAMA3_GROUP) == ignore_merges
+                and (norm is None or name == "qwen2" and norm.get("type") == "NFC")):
             return name
     where = f"{tok.source}: "
     raise TokenizerError(f"{where}its pre-tokenizer {json.dumps(spec.get('pre_tokenizer'))[:200]}"
-                         f"{' with a normalizer' if norm else ''} is not one of the splits "
-                         f"llama.cpp names that tailtune knows ({', '.join(_PRE_CANDIDATES)}); "
-                         "a GGUF file with another name would tokenize differently")
+                         f"{' with a normalizer' if norm else ''} (ignore_merges "
+                         f"{str(ignore_merges).lower()}) is not one of the splits llama.cpp "
+                         f"names that tailtune knows ({', '.join(_PRE_CANDIDATES)}); a GGUF file "
+                         "with another name would tokenize differently")
 
 
 def _comparable(pre) -> object:
