@@ -489,3 +489,18 @@ def test_cli_export(tmp_path, smol_tok):
     r = run("--model", str(tmp_path / "bare"), "--out", str(tmp_path / "x.gguf"))
     assert r.returncode == 2 and "tokenizer" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_run_in_llamacpp_example(tmp_path, capsys, require_smollm2_session):
+    """The example exports and answers; without llama-cpp-python it prints llama.cpp's command."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+    try:
+        import run_in_llamacpp
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "smol.gguf"
+    rc = run_in_llamacpp.main(["--model", require_smollm2_session, "--out", str(out),
+                               "--max-new-tokens", "6"])
+    text = capsys.readouterr().out
+    assert rc == 0 and out.exists() and "tailtune:  '" in text
+    assert ("llama-cli -m " + str(out)) in text or "same greedy tokens" in text
