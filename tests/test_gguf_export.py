@@ -341,6 +341,17 @@ def test_named_chat_templates_round_trip(tmp_path, small_tok, templates):
     assert engine.load_tokenizer(out).chat_template == templates
 
 
+def test_a_tokenizer_without_eos_is_refused(tmp_path):
+    """llama.cpp's "gpt2" vocabulary defaults eos to id 11 when the key is missing."""
+    tok = _tok_dir(tmp_path, _bpe_json(_BYTELEVEL))
+    del tok.special_tokens["eos_token"]
+    with pytest.raises(TokenizerError, match="no end-of-text token.*id 11"):
+        _export_tokenizer(tmp_path, tok, 300)
+    tok.special_tokens["eos_token"] = "<|endoftext|>"
+    meta = GGUFFile(_export_tokenizer(tmp_path, tok, 300)).metadata
+    assert meta["tokenizer.ggml.eos_token_id"] == tok.vocab_size - 1
+
+
 def test_tokens_that_strip_spaces_are_refused(tmp_path):
     body = json.loads(_bpe_json(_BYTELEVEL, special_added=["<|end|>"]))
     body["added_tokens"][-1]["rstrip"] = True
@@ -350,10 +361,8 @@ def test_tokens_that_strip_spaces_are_refused(tmp_path):
 
 
 def test_unknown_split_is_refused_and_nothing_written(tmp_path):
-    (tmp_path / "tok").mkdir()
-    (tmp_path / "tok" / "tokenizer.json").write_text(
-        _bpe_json({"type": "Sequence", "pretokenizers": [{"type": "WhitespaceSplit"}, _BYTELEVEL]}))
-    tok = engine.load_tokenizer(str(tmp_path / "tok"))
+    tok = _tok_dir(tmp_path, _bpe_json(
+        {"type": "Sequence", "pretokenizers": [{"type": "WhitespaceSplit"}, _BYTELEVEL]}))
     with pytest.raises(TokenizerError, match="pre-tokenizer .*WhitespaceSplit.* not one of"):
         _export_tokenizer(tmp_path, tok, 300)
     assert os.listdir(tmp_path) == ["tok"]

@@ -239,6 +239,10 @@ def tokenizer_metadata(tok, vocab_size: int) -> dict:
                              f"{vocab_size} embedding rows")
     if isinstance(tok, ByteTokenizer):
         raise TokenizerError(_NO_MERGES)
+    if tok.eos_id is None:   # no key for "none": llama.cpp would take its default, id 11
+        raise TokenizerError(f"{tok.source}: the tokenizer names no end-of-text token (eos); "
+                             "without one llama.cpp takes id 11 for it and stops generating "
+                             "there: set tokenizer.special_tokens['eos_token'] first")
     tokens, types, merges, pre = _bpe_vocabulary(tok)
     if not merges:
         raise TokenizerError(f"{tok.source}: {_NO_MERGES}")
