@@ -576,7 +576,7 @@ class Model:
     def save(self, path: str, dtype: str = "F32", tokenizer=None):
         """Write a Hugging Face directory (config.json + model.safetensors) that transformers'
         AutoModelForCausalLM.from_pretrained loads, and `tokenizer`'s files beside it if given.
-        A path ending in .gguf writes one GGUF file instead (Llama models; llama.cpp runs it),
+        A path ending in .gguf writes one GGUF file instead (llama.cpp runs it),
         which needs the tokenizer; dtype may then also be a GGUF quantization such as Q8_0."""
         if str(path).lower().endswith(".gguf"):
             from .io.gguf_write import save_gguf

@@ -189,8 +189,8 @@ def test_unpermute_inverts_permute():
 
 
 def test_unsupported_architecture(tmp_path):
-    write_tiny_llama(tmp_path / "g.gguf", arch="gpt2")
-    with pytest.raises(ConfigError, match="'gpt2'"):
+    write_tiny_llama(tmp_path / "g.gguf", arch="qwen2")
+    with pytest.raises(ConfigError, match="'qwen2' is not supported.*'llama' and 'gpt2'"):
         load_gguf(tmp_path / "g.gguf")
 
 

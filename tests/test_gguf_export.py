@@ -135,6 +135,77 @@ def test_transformers_loads_the_export(tmp_path, small_tok, tied, head_dim):
         assert ht(t)["input_ids"] == tok.encode(t)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_gpt2_round_trip_and_transformers(tmp_path, small_tok, tied):
+    """llama.cpp's GPT-2 layout: q, k, v rows in one attn_qkv (as the gguf package reads it),
+    position table, biases; engine.load gives every weight back and transformers' GGUF loader
+    the engine's logits (its GPT-2 import sizes the position table at 1024 whatever the file
+    says, hence 1024 here)."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+    cfg = engine.Config.gpt2(vocab_size=300, n_layer=2, n_head=4, d_model=64, max_seq_len=1024,
+                             tie_embeddings=tied)
+    m = engine.Model(cfg, seed=2)
+    rng = np.random.default_rng(0)
+    for a in m.params.values():
+        a += (0.3 if a.ndim == 1 else 0.05) * rng.standard_normal(a.shape).astype(np.float32)
+    out = tmp_path / "g.gguf"
+    m.save(str(out), tokenizer=small_tok)
+    p = m.params
+    for name, want in (("blk.1.attn_qkv.weight", np.concatenate(
+                            [p[f"blocks.1.attn.{x}.weight"] for x in "qkv"])),
+                       ("blk.1.attn_qkv.bias", np.concatenate(
+                            [p[f"blocks.1.attn.{x}.bias"] for x in "qkv"])),
+                       ("position_embd.weight", p["wpe.weight"]),
+                       ("output_norm.bias", p["ln_f.bias"])):
+        np.testing.assert_array_equal(_raw(str(out), name)[1], want, err_msg=name)
+    back = engine.load(str(out))
+    got, want_cfg = back.config.architecture(), m.config.architecture()
+    assert got.pop("norm_eps") == pytest.approx(want_cfg.pop("norm_eps"))   # GGUF keeps float32
+    assert got == want_cfg
+    for n, a in p.items():
+        np.testing.assert_array_equal(back.params[n], a, err_msg=n)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name,
+                                              dtype=torch.float32).eval()
+    ids = small_tok.encode(TEXTS[0] + TEXTS[1])[:50]
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits.numpy()
+    np.testing.assert_allclose(m.forward(np.array([ids])), want, atol=2e-5 * np.abs(want).max(),
+                               rtol=0)
+
+
+def _gpt2_file(path, drop=(), **meta):
+    """A one-block GPT-2 GGUF written with the gguf package directly (not by save_gguf)."""
+    from gguf_fixtures import write_gguf
+    C, V, T = 8, 16, 12
+    r = np.random.default_rng(0).standard_normal
+    tensors = {"token_embd.weight": r((V, C)), "position_embd.weight": r((T, C)),
+               "output_norm.weight": r(C), "output_norm.bias": r(C)}
+    for g, rows in (("attn_norm", C), ("attn_qkv", 3 * C), ("attn_output", C), ("ffn_norm", C),
+                    ("ffn_up", 4 * C), ("ffn_down", C)):
+        cols = () if "norm" in g else (4 * C,) if g == "ffn_down" else (C,)
+        tensors[f"blk.0.{g}.weight"], tensors[f"blk.0.{g}.bias"] = r((rows, *cols)), r(rows)
+    for k in drop:
+        del tensors[k]
+    md = {"gpt2.block_count": 1, "gpt2.context_length": T, "gpt2.embedding_length": C,
+          "gpt2.feed_forward_length": 4 * C, "gpt2.attention.head_count": 2,
+          "gpt2.attention.layer_norm_epsilon": 1e-5, **meta}
+    return write_gguf(path, "gpt2", md, {k: v.astype(np.float32) for k, v in tensors.items()})
+
+
+def test_gpt2_files_from_elsewhere(tmp_path):
+    from engine.io.gguf import load_gguf
+    cfg, params = load_gguf(_gpt2_file(tmp_path / "ok.gguf"))
+    assert (cfg.model_type, cfg.n_head, cfg.d_ff, cfg.max_seq_len, cfg.tie_embeddings) == (
+        "gpt2", 2, 32, 12, True)
+    assert params["blocks.0.attn.v.bias"].shape == (8,)
+    with pytest.raises(CheckpointError, match="missing tensor 'blk.0.attn_qkv.bias' \\(needed "
+                       "for blocks.0.attn.q.bias \\+ blocks.0.attn.k.bias \\+ blocks.0.attn.v.bias"):
+        load_gguf(_gpt2_file(tmp_path / "a.gguf", drop=["blk.0.attn_qkv.bias"]))
+    with pytest.raises(ConfigError, match="grouped-query attention in a gpt2 GGUF"):
+        load_gguf(_gpt2_file(tmp_path / "b.gguf", **{"gpt2.attention.head_count_kv": 1}))
+
+
 def _bf16(a: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 -> float32, rounding to nearest even, from the bits."""
     b = a.view(np.uint32).astype(np.uint64)
@@ -406,9 +477,14 @@ def test_bad_input(tmp_path, smol_tok):
         save_gguf(m, tmp_path, smol_tok)
     with pytest.raises(TokenizerError, match="49152 tokens, the model only 1000"):
         save_gguf(_tiny(vocab=1000, d_model=32, d_ff=64), out, smol_tok)
-    gpt2 = engine.Model(engine.Config.gpt2(vocab_size=49152, n_layer=1, n_head=2, d_model=16))
-    with pytest.raises(ConfigError, match="Llama-architecture.*'gpt2'.*Hugging Face layout"):
-        save_gguf(gpt2, out, smol_tok)
+    gqa = engine.Model(engine.Config.gpt2(vocab_size=49152, n_layer=1, n_head=2, n_kv_head=1,
+                                          d_model=16))
+    with pytest.raises(ConfigError, match="gpt2 GGUF.*without grouped-query attention"):
+        save_gguf(gqa, out, smol_tok)
+    odd = engine.Model(engine.Config.llama(vocab_size=49152, n_layer=1, n_head=2, n_kv_head=1,
+                                           d_model=16, d_ff=32, norm="layernorm"))
+    with pytest.raises(ConfigError, match="llama GGUF: it needs norm='rmsnorm'"):
+        save_gguf(odd, out, smol_tok)
     m.params["blocks.1.mlp.up.weight"][3, 4] = np.nan
     with pytest.raises(InputError, match="NaN.*nothing was saved"):
         save_gguf(m, out, smol_tok)

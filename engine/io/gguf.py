@@ -1,4 +1,5 @@
-"""GGUF (llama.cpp) checkpoints: a validating header parser, dequantization, Llama -> engine.
+"""GGUF (llama.cpp) checkpoints: a validating header parser, dequantization, Llama and GPT-2 ->
+engine.
 
 Format (v2/v3, little-endian): magic "GGUF", u32 version, u64 tensor count, u64 key/value count;
 the key/value pairs (string key, u32 value type, value); one info record per tensor (string name,
@@ -345,30 +346,42 @@ _GLOBAL_NAMES = {"token_embd.weight": "wte.weight", "output_norm.weight": "ln_f.
 _BLOCK_NAMES = {"attn_norm": "ln1", "ffn_norm": "ln2",
                 "attn_q": "attn.q", "attn_k": "attn.k", "attn_v": "attn.v", "attn_output": "attn.o",
                 "ffn_gate": "mlp.gate", "ffn_up": "mlp.up", "ffn_down": "mlp.down"}
+# llama.cpp's GPT-2 architecture: every norm and projection has a bias, and q, k, v are one
+# tensor (attn_qkv: their rows one after the other), as Hugging Face's c_attn is.
+_GPT2_GLOBAL = {"token_embd.weight": "wte.weight", "position_embd.weight": "wpe.weight",
+                "output_norm.weight": "ln_f.weight", "output_norm.bias": "ln_f.bias",
+                "output.weight": "lm_head.weight"}
+_GPT2_BLOCK = {"attn_norm": ("ln1",), "attn_qkv": ("attn.q", "attn.k", "attn.v"),
+               "attn_output": ("attn.o",), "ffn_norm": ("ln2",), "ffn_up": ("mlp.up",),
+               "ffn_down": ("mlp.down",)}
 
 
 def load_gguf(path) -> tuple[Config, dict[str, np.ndarray]]:
-    """A Llama GGUF file -> (Config, engine params as float32 arrays, weights (out, in)).
+    """A Llama or GPT-2 GGUF file -> (Config, engine params as float32 arrays, weights (out,
+    in)).
 
-    q and k are un-permuted from llama.cpp's interleaved rotary layout to the rotate_half layout
-    the engine (and Hugging Face) use. Names and shapes are all checked from the header before
-    the first tensor is dequantized; tensors are then read one at a time."""
+    Llama's q and k are un-permuted from llama.cpp's interleaved rotary layout to the
+    rotate_half layout the engine (and Hugging Face) use; GPT-2's fused qkv is split. Names and
+    shapes are all checked from the header before the first tensor is dequantized; tensors are
+    then read one at a time."""
     f = GGUFFile(path)
     cfg = config_from_gguf(f)
     names = _name_map(cfg)
     for g, e in names.items():
         if g not in f._tensors:
-            if g.endswith(".bias"):   # the config switches biases per kind, not per projection
+            if g.endswith(".bias") and cfg.model_type == "llama":
+                # the config switches biases per kind, not per projection
                 kind = "attention (q, k, v and output)" if ".attn_" in g else "MLP (gate, up, down)"
                 raise CheckpointError(f"{f.path}: some {kind} projections have biases and "
                                       f"{g!r} has none: tailtune's llama has either all of "
                                       "them or none (Qwen2-style q/k/v-only biases are not "
                                       "supported)")
-            raise CheckpointError(f"{f.path}: missing tensor {g!r} (needed for {e!r})")
-        shape, want = f._tensors[g].shape, _expected_shape(cfg, e)
+            raise CheckpointError(f"{f.path}: missing tensor {g!r} (needed for "
+                                  f"{' + '.join(e)})")
+        shape, want = f._tensors[g].shape, gguf_shape(cfg, e)
         if shape != want:
             raise CheckpointError(f"{f.path}: tensor {g!r} has shape {shape}, expected {want} "
-                                  f"for {e!r} from the model's metadata")
+                                  f"for {' + '.join(e)} from the model's metadata")
     params = {}
     for g, e in names.items():
         a = f.float32(g)
@@ -376,12 +389,28 @@ def load_gguf(path) -> tuple[Config, dict[str, np.ndarray]]:
             # A NaN or inf weight makes every loss NaN later, far from the cause: name it here.
             raise CheckpointError(f"{f.path}: tensor {g!r} holds NaN or infinite values "
                                   "(corrupt file)")
-        if e.endswith(("attn.q.weight", "attn.q.bias")):
-            a = unpermute_rope(a, cfg.n_head)
-        elif e.endswith(("attn.k.weight", "attn.k.bias")):
-            a = unpermute_rope(a, cfg.n_kv_head)
-        params[e] = a
+        parts = np.split(a, np.cumsum([_expected_shape(cfg, n)[0] for n in e])[:-1])
+        for n, part in zip(e, parts):
+            params[n] = from_gguf_layout(cfg, n, np.ascontiguousarray(part))
     return cfg, params
+
+
+def from_gguf_layout(cfg: Config, name: str, a: np.ndarray) -> np.ndarray:
+    """One engine parameter from its rows in the file: llama's q / k rows un-permuted."""
+    if cfg.model_type == "llama" and name.endswith(("attn.q.weight", "attn.q.bias")):
+        return unpermute_rope(a, cfg.n_head)
+    if cfg.model_type == "llama" and name.endswith(("attn.k.weight", "attn.k.bias")):
+        return unpermute_rope(a, cfg.n_kv_head)
+    return a
+
+
+def to_gguf_layout(cfg: Config, name: str, a: np.ndarray) -> np.ndarray:
+    """The inverse of from_gguf_layout."""
+    if cfg.model_type == "llama" and name.endswith(("attn.q.weight", "attn.q.bias")):
+        return permute_rope(a, cfg.n_head)
+    if cfg.model_type == "llama" and name.endswith(("attn.k.weight", "attn.k.bias")):
+        return permute_rope(a, cfg.n_kv_head)
+    return a
 
 
 def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -401,22 +430,38 @@ def permute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
     return np.ascontiguousarray(v.swapaxes(1, 2)).reshape(w.shape)
 
 
-def _name_map(cfg: Config) -> dict[str, str]:
-    """GGUF name -> engine name for every tensor the config needs."""
-    m = {g: e for g, e in _GLOBAL_NAMES.items() if g != "output.weight" or not cfg.tie_embeddings}
+def _name_map(cfg: Config) -> dict[str, tuple[str, ...]]:
+    """GGUF name -> the engine names whose rows it holds, in order, for every tensor the config
+    needs."""
+    tied = {"output.weight"} if cfg.tie_embeddings else set()
+    if cfg.model_type == "gpt2":
+        m = {g: (e,) for g, e in _GPT2_GLOBAL.items() if g not in tied}
+        for i in range(cfg.n_layer):
+            for g, es in _GPT2_BLOCK.items():
+                for kind in ("weight", "bias"):
+                    m[f"blk.{i}.{g}.{kind}"] = tuple(f"blocks.{i}.{e}.{kind}" for e in es)
+        return m
+    m = {g: (e,) for g, e in _GLOBAL_NAMES.items() if g not in tied}
     for i in range(cfg.n_layer):
         for g, e in _BLOCK_NAMES.items():
-            m[f"blk.{i}.{g}.weight"] = f"blocks.{i}.{e}.weight"
+            m[f"blk.{i}.{g}.weight"] = (f"blocks.{i}.{e}.weight",)
             if (cfg.attn_bias and g.startswith("attn_") and g != "attn_norm"
                     or cfg.mlp_bias and g.startswith("ffn_") and g != "ffn_norm"):
-                m[f"blk.{i}.{g}.bias"] = f"blocks.{i}.{e}.bias"
+                m[f"blk.{i}.{g}.bias"] = (f"blocks.{i}.{e}.bias",)
     return m
+
+
+def gguf_shape(cfg: Config, names: tuple[str, ...]) -> tuple:
+    """Shape of the GGUF tensor that holds these engine parameters' rows."""
+    shapes = [_expected_shape(cfg, n) for n in names]
+    return (sum(s[0] for s in shapes), *shapes[0][1:])
 
 
 def _expected_shape(cfg: Config, name: str) -> tuple:
     C, F, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
     Q, KV = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
-    shapes = {"wte": (V, C), "lm_head": (V, C), "ln_f": (C,), "ln1": (C,), "ln2": (C,),
+    shapes = {"wte": (V, C), "wpe": (cfg.max_seq_len, C), "lm_head": (V, C), "ln_f": (C,),
+              "ln1": (C,), "ln2": (C,),
               "q": (Q, C), "k": (KV, C), "v": (KV, C), "o": (C, Q),
               "gate": (F, C), "up": (F, C), "down": (C, F)}
     parts = name.split(".")
@@ -425,13 +470,16 @@ def _expected_shape(cfg: Config, name: str) -> tuple:
 
 
 def config_from_gguf(f: GGUFFile) -> Config:
-    """Config.llama from the `llama.*` metadata; refuses what the engine cannot represent."""
+    """Config.llama from the `llama.*` metadata, or Config.gpt2 from `gpt2.*`; refuses what the
+    engine cannot represent."""
     meta = f.metadata
     arch = meta.get("general.architecture")
-    if arch != "llama":
+    if arch not in ("llama", "gpt2"):
         raise ConfigError(f"{f.path}: GGUF architecture {arch!r} is not supported; tailtune "
-                          "reads only 'llama' GGUF files")
+                          "reads 'llama' and 'gpt2' GGUF files")
     get = _MetaGetter(f)
+    if arch == "gpt2":
+        return _gpt2_config(f, get)
     if get.integer("llama.expert_count", 0) > 0:
         raise ConfigError(f"{f.path}: mixture-of-experts llama models are not supported")
     # as llama.cpp reads them: no type key means linear, the factor may be the older
@@ -468,7 +516,7 @@ def config_from_gguf(f: GGUFFile) -> Config:
     theta = get.number("llama.rope.freq_base", 10000.0)
     if not 0 < theta < float("inf"):
         raise ConfigError(f"{f.path}: rope.freq_base {theta} is not a positive number")
-    vocab = _vocab_size(f, get)
+    vocab = _vocab_size(f, get, "llama")
     names = f._tensors
     attn_bias = any(n.startswith("blk.") and n.endswith(".bias") and ".attn_" in n for n in names)
     mlp_bias = any(n.startswith("blk.") and n.endswith(".bias") and ".ffn_" in n for n in names)
@@ -485,6 +533,30 @@ def config_from_gguf(f: GGUFFile) -> Config:
     return cfg
 
 
+def _gpt2_config(f: GGUFFile, get) -> Config:
+    n_layer = get.integer("gpt2.block_count")
+    per_block = 2 * len(_GPT2_BLOCK)
+    if n_layer * per_block > len(f._tensors):   # before the name map is built (as for llama)
+        raise CheckpointError(f"{f.path}: block_count {n_layer} needs {per_block} tensors per "
+                              f"block, the file holds {len(f._tensors)} tensors")
+    max_seq = get.integer("gpt2.context_length")
+    if max_seq > MAX_CONTEXT:
+        raise ConfigError(f"{f.path}: context_length {max_seq} is beyond {MAX_CONTEXT}")
+    n_head, d_model = get.integer("gpt2.attention.head_count"), get.integer("gpt2.embedding_length")
+    if n_head <= 0 or d_model % n_head:
+        raise ConfigError(f"{f.path}: embedding_length {d_model} is not a multiple of "
+                          f"head_count {n_head}")
+    if get.integer("gpt2.attention.head_count_kv", n_head) != n_head:
+        raise ConfigError(f"{f.path}: grouped-query attention in a gpt2 GGUF is not supported")
+    cfg = Config.gpt2(vocab_size=_vocab_size(f, get, "gpt2"), n_layer=n_layer, n_head=n_head,
+                      d_model=d_model, d_ff=get.integer("gpt2.feed_forward_length"),
+                      max_seq_len=max_seq,
+                      norm_eps=get.number("gpt2.attention.layer_norm_epsilon"),
+                      tie_embeddings="output.weight" not in f._tensors, **_token_ids(get))
+    _reject_unknown_tensors(f, cfg)
+    return cfg
+
+
 def _token_ids(get) -> dict:
     """bos / eos / pad ids for the saved config.json. End of turn and end of message (Llama 3's
     eot, eom) end generation as eos does, so they join it as a list."""
@@ -495,7 +567,7 @@ def _token_ids(get) -> dict:
             "pad_token_id": ids["padding"]}
 
 
-def _vocab_size(f: GGUFFile, get) -> int:
+def _vocab_size(f: GGUFFile, get, arch: str) -> int:
     """Rows of the token embedding; the vocab_size key and the token list must agree with it."""
     if "token_embd.weight" not in f._tensors:
         raise CheckpointError(f"{f.path}: missing tensor 'token_embd.weight'")
@@ -503,11 +575,11 @@ def _vocab_size(f: GGUFFile, get) -> int:
     if len(shape) != 2:
         raise CheckpointError(f"{f.path}: token_embd.weight has shape {shape}, expected 2-D")
     vocab = shape[0]
-    declared = get.integer("llama.vocab_size", vocab)
+    declared = get.integer(f"{arch}.vocab_size", vocab)
     tokens = f.metadata.get("tokenizer.ggml.tokens")
     n_tokens = len(tokens) if isinstance(tokens, list) else vocab
     if declared != vocab or n_tokens > vocab:
-        raise ConfigError(f"{f.path}: token embedding has {vocab} rows but llama.vocab_size is "
+        raise ConfigError(f"{f.path}: token embedding has {vocab} rows but {arch}.vocab_size is "
                           f"{declared} and the tokenizer lists {n_tokens} tokens")
     return vocab
 

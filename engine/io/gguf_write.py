@@ -1,8 +1,9 @@
-"""Write a Llama-architecture model and its tokenizer as one GGUF file: what llama.cpp (and the
+"""Write a Llama or GPT-2 model and its tokenizer as one GGUF file: what llama.cpp (and the
 tools built on it) run, and what `engine.load` / `engine.load_tokenizer` read back.
 
-The layout follows llama.cpp's own converter: `llama.*` hyperparameters, `blk.{i}.*` tensors
-with q / k rows permuted to its interleaved rotary layout, 1-D tensors (norms, biases) in F32,
+The layout follows llama.cpp's own converter: `llama.*` / `gpt2.*` hyperparameters, `blk.{i}.*`
+tensors (llama's q / k rows permuted to its interleaved rotary layout, GPT-2's q, k, v in one
+attn_qkv), 1-D tensors (norms, biases) in F32,
 and the tokenizer as `tokenizer.ggml.*` (byte-level BPE: tokens, token types, merges, the
 pre-tokenizer's name, special ids, chat template). Tensors are converted and written one at a
 time, so a save needs little memory beyond the model; the file appears under its name only when
@@ -18,7 +19,7 @@ import os
 import numpy as np
 
 from ..errors import CheckpointError, ConfigError, InputError, optional_import
-from .gguf import _expected_shape, _name_map, permute_rope
+from .gguf import _name_map, gguf_shape, to_gguf_layout
 
 # What save_gguf writes matrices as; llama.cpp's general.file_type code of each. K-quants
 # (Q4_K, Q6_K, ...) have no quantizer in the gguf package: write F32 or F16, then run
@@ -52,15 +53,16 @@ def save_gguf(model, path, tokenizer, dtype: str = "F32", name: str | None = Non
         raise InputError("a GGUF file carries its tokenizer (llama.cpp needs it): pass "
                          "tokenizer=engine.load_tokenizer(...) of the model")
     cfg = model.config
-    _check_llama(cfg)
+    _check_architecture(cfg)
     _check_params(model)
     gguf = _gguf()
-    writer = gguf.GGUFWriter(None, "llama")
+    writer = gguf.GGUFWriter(None, cfg.model_type)
     _add_model_keys(writer, cfg, dtype, name or _stem(path))
     _add_tokenizer_keys(writer, tokenizer, cfg.vocab_size)
     plan = _tensor_plan(gguf, cfg, dtype)
-    for gname, (ename, shape, qtype, nbytes) in plan.items():
-        _check_range(gguf, ename, model.params[ename], qtype)
+    for gname, (enames, shape, qtype, nbytes) in plan.items():
+        for e in enames:
+            _check_range(gguf, e, model.params[e], qtype)
         writer.add_tensor_info(gname, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
 
     if os.path.islink(path):   # replace what the link points to, as a plain write would
@@ -73,8 +75,8 @@ def save_gguf(model, path, tokenizer, dtype: str = "F32", name: str | None = Non
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for gname, (ename, shape, qtype, nbytes) in plan.items():
-            data = _converted(gguf, cfg, ename, model.params[ename], qtype)
+        for gname, (enames, shape, qtype, nbytes) in plan.items():
+            data = _converted(gguf, cfg, enames, model.params, qtype)
             if data.nbytes != nbytes:   # the header already promised this size
                 raise CheckpointError(f"{gname}: converted to {data.nbytes} bytes, "
                                       f"expected {nbytes}")
@@ -107,16 +109,26 @@ def _stem(path: str) -> str:
     return base[:-5] if base.lower().endswith(".gguf") else base
 
 
-def _check_llama(cfg) -> None:
-    """What llama.cpp's llama architecture runs: RMSNorm, SwiGLU, rotary embeddings."""
-    if cfg.model_type != "llama":
-        raise ConfigError(f"GGUF export covers Llama-architecture models; this is "
-                          f"{cfg.model_type!r}: save it in the Hugging Face layout instead "
-                          "(model.save(directory); llama.cpp's converter reads that)")
-    for k, v in dict(norm="rmsnorm", mlp="swiglu", positions="rope").items():
+# What llama.cpp's two architectures run, as Config fields.
+_ARCHITECTURES = {
+    "llama": dict(norm="rmsnorm", mlp="swiglu", positions="rope"),
+    "gpt2": dict(norm="layernorm", mlp="gelu", positions="learned", attn_bias=True,
+                 mlp_bias=True),
+}
+
+
+def _check_architecture(cfg) -> None:
+    want = _ARCHITECTURES.get(cfg.model_type)
+    if want is None:
+        raise ConfigError(f"GGUF export covers llama and gpt2 models, not {cfg.model_type!r}")
+    for k, v in want.items():
         if getattr(cfg, k) != v:
-            raise ConfigError(f"cannot write a llama GGUF: it needs {k}={v!r}, this model has "
-                              f"{getattr(cfg, k)!r}")
+            raise ConfigError(f"cannot write a {cfg.model_type} GGUF: it needs {k}={v!r}, this "
+                              f"model has {getattr(cfg, k)!r}")
+    if cfg.model_type == "gpt2" and (cfg.n_kv_head != cfg.n_head
+                                     or cfg.head_dim * cfg.n_head != cfg.d_model):
+        raise ConfigError("cannot write a gpt2 GGUF: llama.cpp's GPT-2 has n_head heads of "
+                          "d_model / n_head, without grouped-query attention")
 
 
 def _add_model_keys(w, cfg, dtype: str, name: str) -> None:
@@ -131,6 +143,9 @@ def _add_model_keys(w, cfg, dtype: str, name: str) -> None:
     w.add_block_count(cfg.n_layer)
     w.add_feed_forward_length(cfg.d_ff)
     w.add_head_count(cfg.n_head)
+    if cfg.model_type == "gpt2":
+        w.add_layer_norm_eps(float(cfg.norm_eps))
+        return
     w.add_head_count_kv(cfg.n_kv_head)
     w.add_rope_dimension_count(cfg.head_dim)
     if cfg.head_dim * cfg.n_head != cfg.d_model:   # llama.cpp's default is d_model / n_head
@@ -141,12 +156,12 @@ def _add_model_keys(w, cfg, dtype: str, name: str) -> None:
 
 
 def _tensor_plan(gguf, cfg, dtype: str) -> dict:
-    """GGUF name -> (engine name, shape, GGML type, bytes), in the order they are written."""
+    """GGUF name -> (engine names, shape, GGML type, bytes), in the order they are written."""
     T = gguf.GGMLQuantizationType
     head = "token_embd.weight" if cfg.tie_embeddings else "output.weight"
     out = {}
-    for gname, ename in _name_map(cfg).items():
-        shape = _expected_shape(cfg, ename)
+    for gname, enames in _name_map(cfg).items():
+        shape = gguf_shape(cfg, enames)
         qtype = T[dtype]
         if len(shape) == 1:
             qtype = T.F32          # as llama.cpp's converter: norms and biases stay F32
@@ -157,7 +172,7 @@ def _tensor_plan(gguf, cfg, dtype: str) -> dict:
         if qtype not in (T.F32, T.F16, T.BF16) and shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
             qtype = T.F16          # rows that do not split into whole blocks
         block, size = gguf.GGML_QUANT_SIZES[qtype]
-        out[gname] = (ename, shape, qtype, int(np.prod(shape)) // block * size)
+        out[gname] = (enames, shape, qtype, int(np.prod(shape)) // block * size)
     return out
 
 
@@ -177,12 +192,11 @@ def _check_range(gguf, ename: str, a: np.ndarray, qtype) -> None:
                          "nothing was saved")
 
 
-def _converted(gguf, cfg, ename: str, a: np.ndarray, qtype) -> np.ndarray:
-    """One parameter as its GGUF bytes: q / k rows permuted to llama.cpp's rotary layout."""
-    if ename.endswith(("attn.q.weight", "attn.q.bias")):
-        a = permute_rope(a, cfg.n_head)
-    elif ename.endswith(("attn.k.weight", "attn.k.bias")):
-        a = permute_rope(a, cfg.n_kv_head)
+def _converted(gguf, cfg, enames: tuple, params: dict, qtype) -> np.ndarray:
+    """One GGUF tensor's bytes from the parameters whose rows it holds (llama's q / k rows
+    permuted to llama.cpp's rotary layout)."""
+    parts = [to_gguf_layout(cfg, e, params[e]) for e in enames]
+    a = parts[0] if len(parts) == 1 else np.concatenate(parts)
     T = gguf.GGMLQuantizationType
     if qtype == T.F32:
         return np.ascontiguousarray(a, dtype="<f4")
