@@ -331,7 +331,7 @@ def _tok_dir(tmp_path, body: str, config=None):
     (tmp_path / "tok").mkdir()
     (tmp_path / "tok" / "tokenizer.json").write_text(body, encoding="utf-8")
     (tmp_path / "tok" / "tokenizer_config.json").write_text(
-        json.dumps(config or {"eos_token": "<|endoftext|>"}))
+        json.dumps({"eos_token": "<|endoftext|>"} if config is None else config))
     return engine.load_tokenizer(str(tmp_path / "tok"))
 
 
@@ -412,15 +412,22 @@ def test_named_chat_templates_round_trip(tmp_path, small_tok, templates):
     assert engine.load_tokenizer(out).chat_template == templates
 
 
-def test_a_tokenizer_without_eos_is_refused(tmp_path):
-    """llama.cpp's "gpt2" vocabulary defaults eos to id 11 when the key is missing."""
-    tok = _tok_dir(tmp_path, _bpe_json(_BYTELEVEL))
-    del tok.special_tokens["eos_token"]
-    with pytest.raises(TokenizerError, match="no end-of-text token.*id 11"):
+def test_end_of_text_falls_back_as_llamacpps_converter_does(tmp_path):
+    """Without an eos token in the tokenizer, the model config's eos id (llama.cpp's converter
+    reads config.json too); with neither, refused: the file cannot say "none", and llama.cpp's
+    byte-level vocabulary then takes id 11 as end of text."""
+    body = json.loads(_bpe_json(_BYTELEVEL))
+    body["added_tokens"][0]["content"] = "<|stop|>"   # special, but no end token by name
+    tok = _tok_dir(tmp_path, json.dumps(body), config={})
+    assert tok.eos_ids == ()
+    with pytest.raises(TokenizerError, match="names an end-of-text token.*id 11.*"
+                       "tokenizer_config.json"):
         _export_tokenizer(tmp_path, tok, 300)
-    tok.special_tokens["eos_token"] = "<|endoftext|>"
-    meta = GGUFFile(_export_tokenizer(tmp_path, tok, 300)).metadata
+    m = _tiny(vocab=300, d_model=32, d_ff=64, eos_token_id=tok.vocab_size - 1)
+    save_gguf(m, tmp_path / "m.gguf", tok)
+    meta = GGUFFile(str(tmp_path / "m.gguf")).metadata
     assert meta["tokenizer.ggml.eos_token_id"] == tok.vocab_size - 1
+    assert engine.load_tokenizer(str(tmp_path / "m.gguf")).eos_id == tok.vocab_size - 1
 
 
 def test_tokens_that_strip_spaces_are_refused(tmp_path):
@@ -514,6 +521,16 @@ def test_four_bit_types_keep_the_output_projection_at_eight(tmp_path, small_tok,
     if not tied:
         assert f.tensor_info("output.weight").type_name == "Q8_0"
     assert f.tensor_info("blk.1.ffn_up.weight").type_name == "Q4_0"
+
+
+def test_gpt2_position_table_stays_f32(tmp_path, small_tok):
+    """As llama.cpp's converter and llama-quantize keep it, whatever the type."""
+    m = engine.Model(engine.Config.gpt2(vocab_size=300, n_layer=1, n_head=2, d_model=64,
+                                        max_seq_len=64))
+    save_gguf(m, tmp_path / "g.gguf", small_tok, dtype="Q4_0")
+    f = GGUFFile(str(tmp_path / "g.gguf"))
+    assert f.tensor_info("position_embd.weight").type_name == "F32"
+    assert f.tensor_info("blk.0.attn_qkv.weight").type_name == "Q4_0"
 
 
 def test_paths_long_names_and_links(tmp_path, small_tok):

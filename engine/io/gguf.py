@@ -589,7 +589,8 @@ def _reject_unknown_tensors(f: GGUFFile, cfg: Config) -> None:
     extra = sorted(set(f._tensors) - set(_name_map(cfg)))
     if extra:
         shown = ", ".join(extra[:8]) + (f" and {len(extra) - 8} more" if len(extra) > 8 else "")
-        raise CheckpointError(f"{f.path}: tensors the llama model has no place for: {shown}")
+        raise CheckpointError(f"{f.path}: tensors the {cfg.model_type} model has no place "
+                              f"for: {shown}")
 
 
 class _MetaGetter:

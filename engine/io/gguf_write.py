@@ -58,7 +58,7 @@ def save_gguf(model, path, tokenizer, dtype: str = "F32", name: str | None = Non
     gguf = _gguf()
     writer = gguf.GGUFWriter(None, cfg.model_type)
     _add_model_keys(writer, cfg, dtype, name or _stem(path))
-    _add_tokenizer_keys(writer, tokenizer, cfg.vocab_size)
+    _add_tokenizer_keys(writer, tokenizer, cfg)
     plan = _tensor_plan(gguf, cfg, dtype)
     for gname, (enames, shape, qtype, nbytes) in plan.items():
         for e in enames:
@@ -163,8 +163,10 @@ def _tensor_plan(gguf, cfg, dtype: str) -> dict:
     for gname, enames in _name_map(cfg).items():
         shape = gguf_shape(cfg, enames)
         qtype = T[dtype]
-        if len(shape) == 1:
-            qtype = T.F32          # as llama.cpp's converter: norms and biases stay F32
+        if len(shape) == 1 or gname == "position_embd.weight":
+            # as llama.cpp's converter: norms, biases and GPT-2's position table stay F32
+            # (llama-quantize never quantizes the position table either)
+            qtype = T.F32
         elif gname == head and dtype[:2] in ("Q4", "Q5"):
             # the output projection is where 4- and 5-bit rounding hurts most; llama-quantize
             # keeps it at 6 bits (Q6_K), which has no quantizer here: 8
@@ -207,8 +209,8 @@ def _converted(gguf, cfg, enames: tuple, params: dict, qtype) -> np.ndarray:
 
 # ---- the tokenizer as tokenizer.ggml.* ----------------------------------------------------
 
-def _add_tokenizer_keys(w, tok, vocab_size: int) -> None:
-    meta = tokenizer_metadata(tok, vocab_size)
+def _add_tokenizer_keys(w, tok, cfg) -> None:
+    meta = tokenizer_metadata(tok, cfg.vocab_size, cfg.eos_token_id)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(meta["pre"])
     w.add_token_list(meta["tokens"])
@@ -241,22 +243,28 @@ _NO_MERGES = ("a GGUF vocabulary needs BPE merges and this tokenizer has none (t
               "layout instead (model.save(directory, tokenizer=tok))")
 
 
-def tokenizer_metadata(tok, vocab_size: int) -> dict:
+def tokenizer_metadata(tok, vocab_size: int, model_eos=None) -> dict:
     """A byte-level BPE tokenizer as llama.cpp's "gpt2" vocabulary:
     one token per model id (ids the tokenizer lacks become unused "[PAD{id}]" entries, as in
     llama.cpp's converter), their types, the merges, the pre-tokenizer's llama.cpp name, the
     special ids and whether BOS / EOS are added. A tokenizer llama.cpp would split or join
-    differently is refused (TokenizerError) rather than written to give other ids."""
+    differently is refused (TokenizerError) rather than written to give other ids. Without an
+    eos token of its own, the first id generation stops at (tok.eos_ids), else the model
+    config's `model_eos`, is the end of text, as llama.cpp's converter falls back to
+    config.json."""
     from ..tokenizer import ByteTokenizer, TokenizerError
     if tok.vocab_size > vocab_size:
         raise TokenizerError(f"the tokenizer has {tok.vocab_size} tokens, the model only "
                              f"{vocab_size} embedding rows")
     if isinstance(tok, ByteTokenizer):
         raise TokenizerError(_NO_MERGES)
-    if tok.eos_id is None:   # no key for "none": llama.cpp would take its default, id 11
-        raise TokenizerError(f"{tok.source}: the tokenizer names no end-of-text token (eos); "
-                             "without one llama.cpp takes id 11 for it and stops generating "
-                             "there: set tokenizer.special_tokens['eos_token'] first")
+    eos = _end_of_text(tok, model_eos)
+    if eos is None:   # no key for "none": llama.cpp would take its default, id 11
+        raise TokenizerError(f"{tok.source}: neither the tokenizer nor the model config names "
+                             "an end-of-text token (eos) of this vocabulary; without one "
+                             "llama.cpp takes id 11 for it and stops generating there: add "
+                             "\"eos_token\" to tokenizer_config.json (or set "
+                             "tok.special_tokens['eos_token'])")
     tokens, types, merges, pre = _bpe_vocabulary(tok)
     if not merges:
         raise TokenizerError(f"{tok.source}: {_NO_MERGES}")
@@ -265,11 +273,18 @@ def tokenizer_metadata(tok, vocab_size: int) -> dict:
     types += [_UNUSED] * (vocab_size - len(types))
     # end of turn as the source said it (GGUF eot / eom, a generation config's eos list); the
     # document end tokens that eos_ids also lists are llama.cpp's to find (it does, by text)
-    extra = [i for i in tok._extra_eos_ids() if i != tok.eos_id]
+    extra = [i for i in tok._extra_eos_ids() if i != eos]
     return {"tokens": tokens, "types": types, "merges": merges, "pre": pre,
-            "bos": tok.bos_id, "eos": tok.eos_id, "unk": tok.unk_id, "pad": tok.pad_id,
+            "bos": tok.bos_id, "eos": eos, "unk": tok.unk_id, "pad": tok.pad_id,
             "eot": extra[0] if extra else None, "add_bos": add_bos, "add_eos": add_eos,
             "chat_template": tok.chat_template}
+
+
+def _end_of_text(tok, model_eos) -> int | None:
+    if tok.eos_ids:
+        return tok.eos_ids[0]
+    ids = model_eos if isinstance(model_eos, list) else [model_eos]
+    return next((i for i in ids if isinstance(i, int) and 0 <= i < tok.vocab_size), None)
 
 
 def _bpe_vocabulary(tok) -> tuple[list, list, list, str]:
