@@ -395,22 +395,27 @@ def load_gguf(path) -> tuple[Config, dict[str, np.ndarray]]:
     return cfg, params
 
 
+def _rope_heads(cfg: Config, name: str) -> int | None:
+    """Heads of the llama q / k rows llama.cpp's converter permutes; None for other tensors."""
+    if cfg.model_type != "llama":
+        return None
+    if name.endswith(("attn.q.weight", "attn.q.bias")):
+        return cfg.n_head
+    if name.endswith(("attn.k.weight", "attn.k.bias")):
+        return cfg.n_kv_head
+    return None
+
+
 def from_gguf_layout(cfg: Config, name: str, a: np.ndarray) -> np.ndarray:
     """One engine parameter from its rows in the file: llama's q / k rows un-permuted."""
-    if cfg.model_type == "llama" and name.endswith(("attn.q.weight", "attn.q.bias")):
-        return unpermute_rope(a, cfg.n_head)
-    if cfg.model_type == "llama" and name.endswith(("attn.k.weight", "attn.k.bias")):
-        return unpermute_rope(a, cfg.n_kv_head)
-    return a
+    heads = _rope_heads(cfg, name)
+    return a if heads is None else unpermute_rope(a, heads)
 
 
 def to_gguf_layout(cfg: Config, name: str, a: np.ndarray) -> np.ndarray:
     """The inverse of from_gguf_layout."""
-    if cfg.model_type == "llama" and name.endswith(("attn.q.weight", "attn.q.bias")):
-        return permute_rope(a, cfg.n_head)
-    if cfg.model_type == "llama" and name.endswith(("attn.k.weight", "attn.k.bias")):
-        return permute_rope(a, cfg.n_kv_head)
-    return a
+    heads = _rope_heads(cfg, name)
+    return a if heads is None else permute_rope(a, heads)
 
 
 def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
