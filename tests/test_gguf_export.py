@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import gguf
 import numpy as np
 import pytest
 
@@ -16,8 +17,7 @@ from engine.io.gguf import GGUFFile
 from engine.io.gguf_write import GGUF_DTYPES, save_gguf, tokenizer_metadata
 from engine.tokenizer import ByteTokenizer, TokenizerError
 
-gguf = pytest.importorskip("gguf")
-from gguf_fixtures import llamacpp_permute  # noqa: E402
+from gguf_fixtures import llamacpp_permute
 
 TEXTS = ["Hello world! 12345 def f(x):\n    return x ** 2\n\n", "  Ünïcödé 日本語 🎉 tabs\tand\r\n",
          "<|im_start|>user\nhi<|im_end|> <|endoftext|> 3.14159", "a" * 300 + " b  c   d"]
@@ -116,7 +116,7 @@ def test_transformers_loads_the_export(tmp_path, small_tok, tied, head_dim):
     gives the engine's logits and ids; tied and untied heads, heads wider than d_model / n_head.
     (SmolLM2's tokenizer is checked above against what llama.cpp wrote: transformers takes 40 s
     to convert it.)"""
-    torch = pytest.importorskip("torch")
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = small_tok
     m = _tiny(vocab=300, tie_embeddings=tied, head_dim=head_dim, n_head=3, n_kv_head=1,
@@ -141,7 +141,7 @@ def test_gpt2_round_trip_and_transformers(tmp_path, small_tok, tied):
     position table, biases; engine.load gives every weight back and transformers' GGUF loader
     the engine's logits (its GPT-2 import sizes the position table at 1024 whatever the file
     says, hence 1024 here)."""
-    torch = pytest.importorskip("torch")
+    import torch
     from transformers import AutoModelForCausalLM
     cfg = engine.Config.gpt2(vocab_size=300, n_layer=2, n_head=4, d_model=64, max_seq_len=1024,
                              tie_embeddings=tied)
