@@ -203,11 +203,14 @@ def test_unsupported_architecture(tmp_path):
     ({"llama.rope.freq_base": -1.0}, "freq_base"),
     ({"llama.context_length": (2**40, VT.UINT64)}, "context_length"),
     ({"llama.block_count": ("x", VT.STRING)}, "'llama.block_count'.*integer"),
+    # Config's own checks, named by the file too
+    ({"llama.attention.layer_norm_rms_epsilon": 5.0}, "Config.norm_eps must be at most 1"),
 ])
 def test_unrepresentable_llama_config(tmp_path, meta, match):
     write_tiny_llama(tmp_path / "c.gguf", metadata=meta)
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(ConfigError, match=match) as e:
         load_gguf(tmp_path / "c.gguf")
+    assert str(e.value).startswith(f"{tmp_path / 'c.gguf'}: ")
 
 
 def test_linear_rope_scaling_by_one_is_plain_rope(tmp_path):

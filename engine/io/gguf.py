@@ -476,7 +476,16 @@ def _expected_shape(cfg: Config, name: str) -> tuple:
 
 def config_from_gguf(f: GGUFFile) -> Config:
     """Config.llama from the `llama.*` metadata, or Config.gpt2 from `gpt2.*`; refuses what the
-    engine cannot represent."""
+    engine cannot represent. Every refusal names the file (Config's own checks do not)."""
+    try:
+        return _config_from_gguf(f)
+    except ConfigError as e:
+        if str(e).startswith(f"{f.path}:"):
+            raise
+        raise ConfigError(f"{f.path}: {e}") from None
+
+
+def _config_from_gguf(f: GGUFFile) -> Config:
     meta = f.metadata
     arch = meta.get("general.architecture")
     if arch not in ("llama", "gpt2"):
