@@ -177,6 +177,17 @@ def openblas_in_engine() -> dict:
 
 
 # ---- timing -----------------------------------------------------------------------------------
+def engine_step(model, opt, tokens, targets):
+    """The engine's training step as a user writes it; returns the loss."""
+    def step():
+        model.zero_grad()
+        loss = model.forward(tokens, targets)
+        model.backward()
+        opt.step()
+        return loss
+    return step
+
+
 def timed(fn, *args, **kwargs):
     """(seconds, result) of one call."""
     t0 = time.perf_counter()

@@ -96,14 +96,7 @@ def engine_side(model_dir, k, lr, tokens, targets):
     model = engine.load(model_dir)
     model.train_last(k)
     opt = engine.AdamW(model, lr=lr)
-
-    def step():
-        model.zero_grad()
-        loss = model.forward(tokens, targets)
-        model.backward()
-        opt.step()
-        return loss
-    return model, opt, step
+    return model, opt, C.engine_step(model, opt, tokens, targets)
 
 
 def torch_side(hf, k, lr, tokens, targets, optimizer="adamw"):

@@ -157,14 +157,7 @@ def engine_side(model, k, lr, tokens, targets):
     import engine
     model.train_last(k)
     opt = engine.AdamW(model, lr=lr)
-
-    def step():
-        model.zero_grad()
-        loss = model.forward(tokens, targets)
-        model.backward()
-        opt.step()
-        return loss
-    return opt, step
+    return opt, C.engine_step(model, opt, tokens, targets)
 
 
 def torch_side(hf, k, lr, tokens, targets):

@@ -11,8 +11,6 @@ whole. The `gguf` package (the `hf` extra) does the writing and the quantization
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import os
 
@@ -20,6 +18,7 @@ import numpy as np
 
 from ..errors import CheckpointError, ConfigError, InputError, optional_import
 from .gguf import _name_map, gguf_shape, to_gguf_layout
+from .safetensors import atomic_file
 
 # What save_gguf writes matrices as; llama.cpp's general.file_type code of each. K-quants
 # (Q4_K, Q6_K, ...) have no quantizer in the gguf package: write F32 or F16, then run
@@ -65,34 +64,20 @@ def save_gguf(model, path, tokenizer, dtype: str = "F32", name: str | None = Non
             _check_range(gguf, e, model.params[e], qtype)
         writer.add_tensor_info(gname, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
 
-    if os.path.islink(path):   # replace what the link points to, as a plain write would
-        path = os.path.realpath(path)
-    # beside the target (one file system, so the rename is atomic), short whatever its name
-    tag = hashlib.sha1(os.path.basename(path).encode("utf-8", "surrogatepass")).hexdigest()[:8]
-    tmp = os.path.join(os.path.dirname(path), f".tailtune-{os.getpid()}-{tag}.gguf.tmp")
-    try:
-        writer.open_output_file(tmp)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for gname, (enames, shape, qtype, nbytes) in plan.items():
-            data = _converted(gguf, cfg, enames, model.params, qtype)
-            if data.nbytes != nbytes:   # the header already promised this size
-                raise CheckpointError(f"{gname}: converted to {data.nbytes} bytes, "
-                                      f"expected {nbytes}")
-            writer.write_tensor_data(data)
-        for f in writer.fout:
-            f.flush()
-            os.fsync(f.fileno())
-        writer.close()
-        os.replace(tmp, path)
-    except BaseException as e:
-        writer.close()
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            raise CheckpointError(f"{path}: cannot write: {e.strerror or e}") from None
-        raise
+    with atomic_file(path) as tmp:
+        try:
+            writer.open_output_file(tmp)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for gname, (enames, shape, qtype, nbytes) in plan.items():
+                data = _converted(gguf, cfg, enames, model.params, qtype)
+                if data.nbytes != nbytes:   # the header already promised this size
+                    raise CheckpointError(f"{gname}: converted to {data.nbytes} bytes, "
+                                          f"expected {nbytes}")
+                writer.write_tensor_data(data)
+        finally:
+            writer.close()
 
 
 def check_dtype(dtype) -> str:

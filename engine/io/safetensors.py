@@ -8,6 +8,7 @@ anything is allocated or read.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import os
@@ -177,16 +178,30 @@ def _check_in_range(name: str, src: np.ndarray, half: np.ndarray, dtype: str) ->
 
 
 def write_atomic(path: str, chunks) -> None:
-    """Write the byte chunks to a temporary file renamed into place, so `path` is whole or
-    untouched. On failure the temporary is removed and an OSError becomes a CheckpointError that
-    names the path."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    """Write the byte chunks to `path` through atomic_file."""
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        for c in chunks:
+            f.write(c)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str):
+    """Yields a temporary path to write `path`'s new contents to; when the block ends, the file
+    is synced to disk and renamed into place, so `path` is whole or untouched. On failure the
+    temporary is removed and an OSError becomes a CheckpointError that names the path. A link
+    at `path` keeps pointing where it did: its target is what is replaced."""
+    if os.path.islink(path):
+        path = os.path.realpath(path)
+    # beside the target (one file system: the rename is atomic), short whatever its name's length
+    tag = hashlib.sha1(os.path.basename(path).encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    tmp = os.path.join(os.path.dirname(path), f".tailtune-{os.getpid()}-{tag}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            for c in chunks:
-                f.write(c)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDWR)   # Windows' fsync needs a handle that may write
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
