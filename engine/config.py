@@ -11,7 +11,7 @@ from .errors import ConfigError
 
 @dataclass
 class Config:
-    model_type: str = "gpt2"        # Hugging Face family used when saving: "gpt2" or "llama"
+    model_type: str = "gpt2"        # Hugging Face family used when saving: "gpt2", "llama", "qwen2"
     vocab_size: int = 50257         # number of token ids
     n_layer: int = 12               # transformer blocks
     n_head: int = 12                # query heads
@@ -26,6 +26,8 @@ class Config:
     positions: str = "learned"      # "learned" absolute position table, or "rope" rotary embeddings
     rope_theta: float = 10000.0     # rotary base frequency (rope only)
     attn_bias: bool = True          # biases on the q, k, v and output projections
+    attn_out_bias: bool | None = None  # bias on the output projection; None = attn_bias
+                                       # (Qwen2: q, k, v have biases, the output has none)
     mlp_bias: bool = True           # biases on the MLP projections
     tie_embeddings: bool = True     # the LM head is the token embedding (one parameter)
     init_std: float = 0.02          # std of the normal init of weights for models built from scratch
@@ -52,6 +54,8 @@ class Config:
             self.head_dim = self.d_model // self.n_head
         if self.d_ff is None:
             self.d_ff = 4 * self.d_model
+        if self.attn_out_bias is None:
+            self.attn_out_bias = self.attn_bias
         self.validate()
 
     def validate(self) -> None:
@@ -60,7 +64,7 @@ class Config:
             _positive_int(name, getattr(self, name))
         if self.n_head % self.n_kv_head:
             raise ConfigError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
-        choices = {"model_type": ("gpt2", "llama"), "norm": ("layernorm", "rmsnorm"),
+        choices = {"model_type": FAMILIES, "norm": ("layernorm", "rmsnorm"),
                    "mlp": ("gelu", "swiglu"), "positions": ("learned", "rope")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -81,7 +85,7 @@ class Config:
         if self.positions == "rope" and self.rope_theta < 1:
             raise ConfigError(f"Config.rope_theta must be at least 1 (models use 1e4 to 1e6), "
                               f"got {self.rope_theta!r}")
-        for name in ("attn_bias", "mlp_bias", "tie_embeddings"):
+        for name in ("attn_bias", "attn_out_bias", "mlp_bias", "tie_embeddings"):
             # a truthy string such as "false" would silently mean True
             v = getattr(self, name)
             if not isinstance(v, bool):
@@ -114,6 +118,15 @@ class Config:
                     d_ff=5632, max_seq_len=2048)
         return cls.from_dict({**base, **overrides})
 
+    @classmethod
+    def qwen2(cls, **overrides) -> "Config":
+        """Qwen2 (Qwen2.5): Llama's blocks with biases on q, k, v (not on the output)."""
+        base = dict(model_type="qwen2", norm="rmsnorm", mlp="swiglu", positions="rope",
+                    attn_bias=True, attn_out_bias=False, mlp_bias=False, tie_embeddings=True,
+                    norm_eps=1e-6, rope_theta=1000000.0, vocab_size=151936, n_layer=24,
+                    n_head=14, n_kv_head=2, d_model=896, d_ff=4864, max_seq_len=32768)
+        return cls.from_dict({**base, **overrides})
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -123,6 +136,9 @@ class Config:
         d = self.to_dict()
         for k in _NOT_ARCHITECTURE:
             d.pop(k)
+        if d["attn_out_bias"] == d["attn_bias"]:
+            # what it was before the field existed: runs made then still resume
+            d.pop("attn_out_bias")
         return d
 
     @classmethod
@@ -136,6 +152,7 @@ class Config:
         return cls(**d)
 
 
+FAMILIES = ("gpt2", "llama", "qwen2")   # model_type: the Hugging Face families saved and loaded
 _NOT_ARCHITECTURE = ("bos_token_id", "eos_token_id", "pad_token_id", "generation")
 
 

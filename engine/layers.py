@@ -124,7 +124,7 @@ class Block:
         self.q = Linear(p + "attn.q", C, H * D, cfg.attn_bias)
         self.k = Linear(p + "attn.k", C, Hkv * D, cfg.attn_bias)
         self.v = Linear(p + "attn.v", C, Hkv * D, cfg.attn_bias)
-        self.o = Linear(p + "attn.o", H * D, C, cfg.attn_bias)
+        self.o = Linear(p + "attn.o", H * D, C, cfg.attn_out_bias)
         self.gate = Linear(p + "mlp.gate", C, F, cfg.mlp_bias) if self.swiglu else None
         self.up = Linear(p + "mlp.up", C, F, cfg.mlp_bias)
         self.down = Linear(p + "mlp.down", F, C, cfg.mlp_bias)

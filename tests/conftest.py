@@ -34,6 +34,10 @@ HF_CONFIGS = {
     "llama-tied": dict(vocab_size=103, hidden_size=42, intermediate_size=70, num_hidden_layers=3,
                        num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=64,
                        tie_word_embeddings=True),
+    # Qwen2: biases on q, k, v only; tied, as the small Qwen2.5 models are
+    "qwen2": dict(vocab_size=107, hidden_size=40, intermediate_size=76, num_hidden_layers=3,
+                  num_attention_heads=5, num_key_value_heads=1, max_position_embeddings=64,
+                  rope_theta=2000.0, tie_word_embeddings=True),
 }
 
 
@@ -41,10 +45,13 @@ def build_hf(kind: str, seed: int = 0, boost: bool = True):
     """A random-init transformers model of the given kind, in float32, eval mode (no dropout).
     boost scales weights up so every path carries signal (and some GELUs saturate)."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM)
     torch.manual_seed(seed)
     if kind.startswith("gpt2"):
         m = GPT2LMHeadModel(GPT2Config(**HF_CONFIGS[kind]))
+    elif kind.startswith("qwen2"):
+        m = Qwen2ForCausalLM(Qwen2Config(**HF_CONFIGS[kind]))
     else:
         m = LlamaForCausalLM(LlamaConfig(**HF_CONFIGS[kind]))
     with torch.no_grad():
@@ -129,11 +136,12 @@ def require_smollm2_session():
 
 
 def small_model(kind="llama", n_layer=6, **kw):
-    """A tiny engine model built in memory: vocab 64, width 32, 4 heads (llama: 2 KV heads)."""
+    """A tiny engine model built in memory: vocab 64, width 32, 4 heads (llama, qwen2: 2 KV
+    heads)."""
     import engine
-    if kind == "llama":
-        cfg = engine.Config.llama(vocab_size=64, n_layer=n_layer, n_head=4, n_kv_head=2, d_model=32,
-                                  d_ff=48, max_seq_len=32, **kw)
+    if kind in ("llama", "qwen2"):
+        cfg = getattr(engine.Config, kind)(vocab_size=64, n_layer=n_layer, n_head=4, n_kv_head=2,
+                                           d_model=32, d_ff=48, max_seq_len=32, **kw)
     else:
         cfg = engine.Config.gpt2(vocab_size=64, n_layer=n_layer, n_head=4, d_model=32,
                                  max_seq_len=32, **kw)

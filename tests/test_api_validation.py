@@ -153,6 +153,9 @@ def test_adamw_arguments(model):
     (dict(rope_theta=1e-300), r"Config.rope_theta must be at least 1"),
     (dict(tie_embeddings="false"), r"Config.tie_embeddings must be True or False, got 'false'"),
     (dict(attn_bias=1), "attn_bias"),
+    (dict(attn_out_bias="no"), r"Config.attn_out_bias must be True or False, got 'no'"),
+    (dict(model_type="mistral"), r"Config.model_type='mistral'; expected one of \('gpt2', 'llama', "
+                                 r"'qwen2'\)"),
     (dict(n_layers=2), r"unknown Config fields: \['n_layers'\]"),
     (dict(n_head="2"), "Config.n_head must be a positive integer, got '2'"),
 ])
@@ -217,6 +220,47 @@ def test_config_json_bad_values(base, change, match):
 def test_rope_scaling_in_any_place_transformers_reads_it_is_refused(change):
     with pytest.raises(engine.ConfigError, match="rope scaling .*(linear|dynamic)"):
         hf_names.config_from_hf({**LLAMA_HF, **change})
+
+
+def test_qwen2_config_json():
+    """Qwen2: biases on q, k, v and none on the output or the MLP, whatever attention_bias or
+    mlp_bias keys say (transformers' Qwen2 reads neither); windowed attention refused."""
+    q = {**LLAMA_HF, "model_type": "qwen2", "attention_bias": False, "mlp_bias": True}
+    cfg = hf_names.config_from_hf(q)
+    assert (cfg.model_type, cfg.attn_bias, cfg.attn_out_bias, cfg.mlp_bias) == ("qwen2", True,
+                                                                                  False, False)
+    assert hf_names.config_from_hf(hf_names.config_to_hf(cfg)) == cfg
+    with pytest.raises(engine.ConfigError, match="qwen2 use_sliding_window=true is not supported"):
+        hf_names.config_from_hf({**q, "use_sliding_window": True})
+    with pytest.raises(engine.ConfigError, match="qwen2 rope scaling .*yarn"):
+        hf_names.config_from_hf({**q, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+
+
+@pytest.mark.parametrize("family,change,match", [
+    # llama has one attention_bias for all four projections
+    ("llama", dict(attn_bias=True, attn_out_bias=False), "cannot save as llama: it needs "
+                                                         "attn_out_bias=True, this model has False"),
+    ("qwen2", dict(mlp_bias=True), "cannot save as qwen2: it needs mlp_bias=False"),
+    ("qwen2", dict(attn_out_bias=True), "cannot save as qwen2: it needs attn_out_bias=False"),
+    ("gpt2", dict(attn_out_bias=False), "cannot save as gpt2: it needs attn_out_bias=True"),
+])
+def test_bias_layouts_no_family_holds_are_refused_on_save(tmp_path, family, change, match):
+    cfg = getattr(engine.Config, family)(**{**dict(vocab_size=10, n_layer=1, n_head=2,
+                                                   n_kv_head=2, d_model=8, d_ff=8), **change})
+    with pytest.raises(engine.ConfigError, match=match):
+        engine.Model(cfg).save(str(tmp_path / "m"))
+    assert not (tmp_path / "m").exists()
+
+
+def test_architecture_omits_an_output_bias_that_follows_attn_bias():
+    """Run fingerprints hash Config.architecture(): a config that does not use attn_out_bias
+    hashes the fields it had before that field existed, so earlier runs still resume."""
+    before = {"model_type", "vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "head_dim",
+              "d_ff", "max_seq_len", "norm", "norm_eps", "mlp", "positions", "rope_theta",
+              "attn_bias", "mlp_bias", "tie_embeddings", "init_std"}
+    assert set(engine.Config.gpt2().architecture()) == before
+    assert set(engine.Config.llama(attn_bias=True).architecture()) == before
+    assert set(engine.Config.qwen2().architecture()) == before | {"attn_out_bias"}
 
 
 def test_config_json_nulls_mean_defaults():

@@ -94,6 +94,38 @@ def test_run_outputs_and_frozen_blocks_untouched(tiny, tmp_path):
     assert engine.load_tokenizer(os.path.join(out, "model")).encode("abc") == [97, 98, 99]
 
 
+def test_qwen2_run_loads_in_transformers(tmp_path):
+    """The whole workflow on a Qwen2 (q, k, v biases, tied head) built by transformers: the
+    trained block's biases change, the frozen ones do not, and transformers' Qwen2 loads the
+    run's model to the engine's logits."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from conftest import HF_CONFIGS
+    src = tmp_path / "src"
+    torch.manual_seed(4)
+    Qwen2ForCausalLM(Qwen2Config(**{**HF_CONFIGS["qwen2"], "vocab_size": 257})).save_pretrained(src)
+    engine.ByteTokenizer().save(str(src))
+    big = engine.load(str(src))
+    out = str(tmp_path / "run")
+    data = text_file(tmp_path / "data.txt", 20_000)
+    assert cli(["finetune", "--model", str(src), "--data", data, "--out", out, "--train-last", "1",
+                "--steps", "15", "--batch-size", "4", "--seq-len", "48", "--lr", "3e-3",
+                "--sample-tokens", "0"]) == 0
+    s = json.load(open(os.path.join(out, "summary.json")))
+    assert s["eval_loss_after"] < s["eval_loss_before"]
+    tuned = engine.load(os.path.join(out, "model"))
+    assert tuned.config.model_type == "qwen2"
+    top = f"blocks.{tuned.config.n_layer - 1}."
+    for n, a in big.params.items():
+        assert np.array_equal(a, tuned.params[n]) == (not n.startswith((top, "ln_f."))), n
+    assert not np.array_equal(big.params[top + "attn.q.bias"], tuned.params[top + "attn.q.bias"])
+    hf = Qwen2ForCausalLM.from_pretrained(os.path.join(out, "model"), dtype=torch.float32).eval()
+    ids = np.random.default_rng(0).integers(0, 257, (2, 30))
+    with torch.no_grad():
+        want = hf(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(tuned.forward(ids), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
 # ---- bad input ------------------------------------------------------------------------------
 def fails(capsys, argv, match):
     code = cli(argv)

@@ -189,8 +189,8 @@ def test_unpermute_inverts_permute():
 
 
 def test_unsupported_architecture(tmp_path):
-    write_tiny_llama(tmp_path / "g.gguf", arch="qwen2")
-    with pytest.raises(ConfigError, match="'qwen2' is not supported.*'llama' and 'gpt2'"):
+    write_tiny_llama(tmp_path / "g.gguf", arch="phi3")
+    with pytest.raises(ConfigError, match="'phi3' is not supported.*'llama', 'qwen2' and 'gpt2'"):
         load_gguf(tmp_path / "g.gguf")
 
 
@@ -322,17 +322,31 @@ def test_llama_with_biases(tmp_path):
                                           raw[f"blk.{i}.attn_{k}.bias"])
 
 
-def test_qkv_only_biases_are_named_as_such(tmp_path):
-    """Qwen2-style q/k/v biases without an output bias: the message says the engine's llama
-    takes all attention biases or none, not that the file is missing a tensor."""
+def test_qkv_only_biases(tmp_path):
+    """q/k/v biases without an output bias (as Qwen2 has) in a llama file: loaded so, q and k
+    biases un-permuted as their weights are. Some of q, k, v without: refused, by name."""
     s, rng = TINY, np.random.default_rng(7)
-    extra = {f"blk.{i}.attn_{k}.bias": rng.standard_normal(n).astype(np.float32)
-             for i in range(s["L"]) for k, n in (("q", s["H"] * s["D"]), ("k", s["Hkv"] * s["D"]),
-                                                 ("v", s["Hkv"] * s["D"]))}
+    raw = {f"blk.{i}.attn_{k}.bias": rng.standard_normal(n).astype(np.float32)
+           for i in range(s["L"]) for k, n in (("q", s["H"] * s["D"]), ("k", s["Hkv"] * s["D"]),
+                                               ("v", s["Hkv"] * s["D"]))}
+    extra = dict(raw)
+    for i in range(s["L"]):
+        for k, heads in (("q", s["H"]), ("k", s["Hkv"])):
+            extra[f"blk.{i}.attn_{k}.bias"] = llamacpp_permute(raw[f"blk.{i}.attn_{k}.bias"],
+                                                               s["H"], heads)
     write_tiny_llama(tmp_path / "q.gguf", extra=extra)
-    with pytest.raises(CheckpointError, match=r"attention .* have biases and 'blk.0.attn_output.bias' "
-                                              r"has none.*all of them or none"):
-        load_gguf(tmp_path / "q.gguf")
+    cfg, params = load_gguf(tmp_path / "q.gguf")
+    assert (cfg.attn_bias, cfg.attn_out_bias, cfg.mlp_bias) == (True, False, False)
+    assert not any(n.endswith("attn.o.bias") for n in params)
+    for i in range(s["L"]):
+        for k in "qkv":
+            np.testing.assert_array_equal(params[f"blocks.{i}.attn.{k}.bias"],
+                                          raw[f"blk.{i}.attn_{k}.bias"])
+    del extra["blk.0.attn_v.bias"]
+    write_tiny_llama(tmp_path / "p.gguf", extra=extra)
+    with pytest.raises(CheckpointError, match=r"attention \(q, k and v\) projections have biases "
+                                              r"and 'blk.0.attn_v.bias' has none.*all of them"):
+        load_gguf(tmp_path / "p.gguf")
 
 
 # ------------------------------------------------------------------------------- bad files

@@ -37,8 +37,9 @@ def small_tok(tmp_path_factory):
     return engine.load_tokenizer(str(d))
 
 
-def _tiny(vocab=49152, d_model=64, d_ff=96, n_head=4, n_kv_head=2, head_dim=None, **kw):
-    cfg = engine.Config.llama(vocab_size=vocab, n_layer=2, n_head=n_head, n_kv_head=n_kv_head,
+def _tiny(vocab=49152, d_model=64, d_ff=96, n_head=4, n_kv_head=2, head_dim=None,
+          family=engine.Config.llama, **kw):
+    cfg = family(vocab_size=vocab, n_layer=2, n_head=n_head, n_kv_head=n_kv_head,
                               d_model=d_model, d_ff=d_ff, head_dim=head_dim, max_seq_len=128,
                               rope_theta=5000.0, **kw)
     m = engine.Model(cfg, seed=3)
@@ -133,6 +134,45 @@ def test_transformers_loads_the_export(tmp_path, small_tok, tied, head_dim):
     ht = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
     for t in TEXTS:
         assert ht(t)["input_ids"] == tok.encode(t)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_qwen2_round_trip_and_transformers(tmp_path, small_tok, tied):
+    """llama.cpp's qwen2 layout: q and k rows as they are (its rotary runs in the NeoX layout),
+    biases on q, k, v only (F32); engine.load gives every weight back bit for bit, and
+    transformers' GGUF loader gives the engine's logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    m = _tiny(vocab=300, family=engine.Config.qwen2, tie_embeddings=tied, n_head=3, n_kv_head=1,
+              d_model=48, d_ff=80)
+    assert "blocks.1.attn.q.bias" in m.params and "blocks.1.attn.o.bias" not in m.params
+    out = tmp_path / "m.gguf"
+    m.save(str(out), tokenizer=small_tok)
+    assert GGUFFile(str(out)).metadata["general.architecture"] == "qwen2"
+    p = m.params
+    for name, want in (("blk.1.attn_q.weight", p["blocks.1.attn.q.weight"]),
+                       ("blk.1.attn_k.weight", p["blocks.1.attn.k.weight"]),
+                       ("blk.1.attn_k.bias", p["blocks.1.attn.k.bias"]),
+                       ("blk.0.attn_q.bias", p["blocks.0.attn.q.bias"])):
+        kind, a = _raw(str(out), name)
+        assert kind == "F32"
+        np.testing.assert_array_equal(a, want, err_msg=name)
+    assert not any(t.name.endswith(("attn_output.bias", "ffn_up.bias"))
+                   for t in gguf.GGUFReader(str(out)).tensors)
+    back = engine.load(str(out))
+    got, want = back.config.architecture(), m.config.architecture()
+    assert got.pop("norm_eps") == pytest.approx(want.pop("norm_eps"), rel=1e-6)  # float32 in GGUF
+    assert got == want
+    for n, a in m.params.items():
+        np.testing.assert_array_equal(back.params[n], a, err_msg=n)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name,
+                                              dtype=torch.float32).eval()
+    assert type(hf).__name__ == "Qwen2ForCausalLM"
+    ids = small_tok.encode(TEXTS[0] + TEXTS[2])[:60]
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits.numpy()
+    got = m.forward(np.array([ids]))
+    np.testing.assert_allclose(got, want, atol=2e-4 * np.abs(want).max(), rtol=0)
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -1,5 +1,5 @@
-"""GGUF (llama.cpp) checkpoints: a validating header parser, dequantization, Llama and GPT-2 ->
-engine.
+"""GGUF (llama.cpp) checkpoints: a validating header parser, dequantization, Llama, Qwen2 and
+GPT-2 -> engine.
 
 Format (v2/v3, little-endian): magic "GGUF", u32 version, u64 tensor count, u64 key/value count;
 the key/value pairs (string key, u32 value type, value); one info record per tensor (string name,
@@ -340,7 +340,7 @@ def read_metadata(path) -> dict:
     return GGUFFile(path).metadata
 
 
-# GGUF llama tensor name -> engine name; {i} is the block index.
+# GGUF llama (and qwen2) tensor name -> engine name; {i} is the block index.
 _GLOBAL_NAMES = {"token_embd.weight": "wte.weight", "output_norm.weight": "ln_f.weight",
                  "output.weight": "lm_head.weight"}
 _BLOCK_NAMES = {"attn_norm": "ln1", "ffn_norm": "ln2",
@@ -357,8 +357,8 @@ _GPT2_BLOCK = {"attn_norm": ("ln1",), "attn_qkv": ("attn.q", "attn.k", "attn.v")
 
 
 def load_gguf(path) -> tuple[Config, dict[str, np.ndarray]]:
-    """A Llama or GPT-2 GGUF file -> (Config, engine params as float32 arrays, weights (out,
-    in)).
+    """A Llama, Qwen2 or GPT-2 GGUF file -> (Config, engine params as float32 arrays, weights
+    (out, in)).
 
     Llama's q and k are un-permuted from llama.cpp's interleaved rotary layout to the
     rotate_half layout the engine (and Hugging Face) use; GPT-2's fused qkv is split. Names and
@@ -369,13 +369,13 @@ def load_gguf(path) -> tuple[Config, dict[str, np.ndarray]]:
     names = _name_map(cfg)
     for g, e in names.items():
         if g not in f._tensors:
-            if g.endswith(".bias") and cfg.model_type == "llama":
+            if g.endswith(".bias") and cfg.model_type != "gpt2":
                 # the config switches biases per kind, not per projection
-                kind = "attention (q, k, v and output)" if ".attn_" in g else "MLP (gate, up, down)"
+                kind = ("attention (q, k and v)" if ".attn_" in g and "attn_output" not in g
+                        else "attention output" if ".attn_" in g else "MLP (gate, up, down)")
                 raise CheckpointError(f"{f.path}: some {kind} projections have biases and "
-                                      f"{g!r} has none: tailtune's llama has either all of "
-                                      "them or none (Qwen2-style q/k/v-only biases are not "
-                                      "supported)")
+                                      f"{g!r} has none: tailtune's blocks have either all of "
+                                      "them or none")
             raise CheckpointError(f"{f.path}: missing tensor {g!r} (needed for "
                                   f"{' + '.join(e)})")
         shape, want = f._tensors[g].shape, gguf_shape(cfg, e)
@@ -396,7 +396,8 @@ def load_gguf(path) -> tuple[Config, dict[str, np.ndarray]]:
 
 
 def _rope_heads(cfg: Config, name: str) -> int | None:
-    """Heads of the llama q / k rows llama.cpp's converter permutes; None for other tensors."""
+    """Heads of the llama q / k rows llama.cpp's converter permutes; None for other tensors
+    (qwen2's are not permuted: llama.cpp runs its rotary embedding in the NeoX layout)."""
     if cfg.model_type != "llama":
         return None
     if name.endswith(("attn.q.weight", "attn.q.bias")):
@@ -450,7 +451,8 @@ def _name_map(cfg: Config) -> dict[str, tuple[str, ...]]:
     for i in range(cfg.n_layer):
         for g, e in _BLOCK_NAMES.items():
             m[f"blk.{i}.{g}.weight"] = (f"blocks.{i}.{e}.weight",)
-            if (cfg.attn_bias and g.startswith("attn_") and g != "attn_norm"
+            if (g == "attn_output" and cfg.attn_out_bias
+                    or cfg.attn_bias and g in ("attn_q", "attn_k", "attn_v")
                     or cfg.mlp_bias and g.startswith("ffn_") and g != "ffn_norm"):
                 m[f"blk.{i}.{g}.bias"] = (f"blocks.{i}.{e}.bias",)
     return m
@@ -475,8 +477,8 @@ def _expected_shape(cfg: Config, name: str) -> tuple:
 
 
 def config_from_gguf(f: GGUFFile) -> Config:
-    """Config.llama from the `llama.*` metadata, or Config.gpt2 from `gpt2.*`; refuses what the
-    engine cannot represent. Every refusal names the file (Config's own checks do not)."""
+    """Config.llama from the `llama.*` metadata, Config.qwen2 from `qwen2.*`, or Config.gpt2 from
+    `gpt2.*`; refuses what the engine cannot represent. Every refusal names the file (Config's own checks do not)."""
     try:
         return _config_from_gguf(f)
     except ConfigError as e:
@@ -488,61 +490,66 @@ def config_from_gguf(f: GGUFFile) -> Config:
 def _config_from_gguf(f: GGUFFile) -> Config:
     meta = f.metadata
     arch = meta.get("general.architecture")
-    if arch not in ("llama", "gpt2"):
+    if arch not in ("llama", "qwen2", "gpt2"):
         raise ConfigError(f"{f.path}: GGUF architecture {arch!r} is not supported; tailtune "
-                          "reads 'llama' and 'gpt2' GGUF files")
+                          "reads 'llama', 'qwen2' and 'gpt2' GGUF files")
     get = _MetaGetter(f)
     if arch == "gpt2":
         return _gpt2_config(f, get)
-    if get.integer("llama.expert_count", 0) > 0:
-        raise ConfigError(f"{f.path}: mixture-of-experts llama models are not supported")
+    if get.integer(f"{arch}.expert_count", 0) > 0:
+        raise ConfigError(f"{f.path}: mixture-of-experts {arch} models are not supported")
     # as llama.cpp reads them: no type key means linear, the factor may be the older
     # rope.scale_linear, and 0 or no factor means 1
-    scaling = get.text("llama.rope.scaling.type", "linear")
-    factor = (get.number("llama.rope.scaling.factor", 0.0)
-              or get.number("llama.rope.scale_linear", 0.0) or 1.0)
+    scaling = get.text(f"{arch}.rope.scaling.type", "linear")
+    factor = (get.number(f"{arch}.rope.scaling.factor", 0.0)
+              or get.number(f"{arch}.rope.scale_linear", 0.0) or 1.0)
     if scaling not in ("none", "linear") or factor != 1.0:
         raise ConfigError(f"{f.path}: rope scaling {scaling!r} with factor {factor:g} is not "
                           "supported (only plain rotary embeddings)")
     if "rope_freqs.weight" in f._tensors:
         raise ConfigError(f"{f.path}: rope scaling by per-frequency factors (rope_freqs.weight, "
                           "as in Llama 3.1) is not supported (only plain rotary embeddings)")
-    n_layer = get.integer("llama.block_count")
+    n_layer = get.integer(f"{arch}.block_count")
     if n_layer * len(_BLOCK_NAMES) > len(f._tensors):
         # Checked before the name map is built: a mutated count must not cost a huge loop.
         raise CheckpointError(f"{f.path}: block_count {n_layer} needs {len(_BLOCK_NAMES)} "
                               f"tensors per block, the file holds {len(f._tensors)} tensors")
-    max_seq = get.integer("llama.context_length")
+    max_seq = get.integer(f"{arch}.context_length")
     if max_seq > MAX_CONTEXT:
         raise ConfigError(f"{f.path}: context_length {max_seq} is beyond {MAX_CONTEXT}")
-    n_head = get.integer("llama.attention.head_count")
-    d_model = get.integer("llama.embedding_length")
+    n_head = get.integer(f"{arch}.attention.head_count")
+    d_model = get.integer(f"{arch}.embedding_length")
     if n_head <= 0 or d_model % n_head:
         raise ConfigError(f"{f.path}: embedding_length {d_model} is not a multiple of "
                           f"head_count {n_head}")
-    head_dim = get.integer("llama.attention.key_length", d_model // n_head)
-    if get.integer("llama.attention.value_length", head_dim) != head_dim:
+    head_dim = get.integer(f"{arch}.attention.key_length", d_model // n_head)
+    if get.integer(f"{arch}.attention.value_length", head_dim) != head_dim:
         raise ConfigError(f"{f.path}: different key and value head widths are not supported")
-    if get.integer("llama.rope.dimension_count", head_dim) != head_dim:
+    if get.integer(f"{arch}.rope.dimension_count", head_dim) != head_dim:
         raise ConfigError(f"{f.path}: partial rotary embeddings (rope.dimension_count "
-                          f"{meta['llama.rope.dimension_count']} != head width {head_dim}) are "
-                          "not supported")
-    theta = get.number("llama.rope.freq_base", 10000.0)
+                          f"{meta[f'{arch}.rope.dimension_count']} != head width {head_dim}) "
+                          "are not supported")
+    theta = get.number(f"{arch}.rope.freq_base", 10000.0)
     if not 0 < theta < float("inf"):
         raise ConfigError(f"{f.path}: rope.freq_base {theta} is not a positive number")
-    vocab = _vocab_size(f, get, "llama")
+    vocab = _vocab_size(f, get, arch)
     names = f._tensors
-    attn_bias = any(n.startswith("blk.") and n.endswith(".bias") and ".attn_" in n for n in names)
-    mlp_bias = any(n.startswith("blk.") and n.endswith(".bias") and ".ffn_" in n for n in names)
-    cfg = Config.llama(vocab_size=vocab, n_layer=n_layer, n_head=n_head,
-                       n_kv_head=get.integer("llama.attention.head_count_kv", n_head),
-                       d_model=d_model, head_dim=head_dim,
-                       d_ff=get.integer("llama.feed_forward_length"),
-                       max_seq_len=max_seq,
-                       norm_eps=get.number("llama.attention.layer_norm_rms_epsilon"),
-                       rope_theta=theta,
-                       attn_bias=attn_bias, mlp_bias=mlp_bias,
-                       tie_embeddings="output.weight" not in names, **_token_ids(get))
+
+    def has_bias(*kinds):
+        return any(n.startswith("blk.") and n.endswith(".bias") and n.split(".")[2] in kinds
+                   for n in names)
+    family = Config.qwen2 if arch == "qwen2" else Config.llama
+    cfg = family(vocab_size=vocab, n_layer=n_layer, n_head=n_head,
+                 n_kv_head=get.integer(f"{arch}.attention.head_count_kv", n_head),
+                 d_model=d_model, head_dim=head_dim,
+                 d_ff=get.integer(f"{arch}.feed_forward_length"),
+                 max_seq_len=max_seq,
+                 norm_eps=get.number(f"{arch}.attention.layer_norm_rms_epsilon"),
+                 rope_theta=theta,
+                 attn_bias=has_bias("attn_q", "attn_k", "attn_v"),
+                 attn_out_bias=has_bias("attn_output"),
+                 mlp_bias=has_bias("ffn_gate", "ffn_up", "ffn_down"),
+                 tie_embeddings="output.weight" not in names, **_token_ids(get))
     _reject_unknown_tensors(f, cfg)
     return cfg
 

@@ -1,9 +1,9 @@
-"""Write a Llama or GPT-2 model and its tokenizer as one GGUF file: what llama.cpp (and the
+"""Write a Llama, Qwen2 or GPT-2 model and its tokenizer as one GGUF file: what llama.cpp (and the
 tools built on it) run, and what `engine.load` / `engine.load_tokenizer` read back.
 
-The layout follows llama.cpp's own converter: `llama.*` / `gpt2.*` hyperparameters, `blk.{i}.*`
-tensors (llama's q / k rows permuted to its interleaved rotary layout, GPT-2's q, k, v in one
-attn_qkv), 1-D tensors (norms, biases) in F32,
+The layout follows llama.cpp's own converter: `llama.*` / `qwen2.*` / `gpt2.*` hyperparameters,
+`blk.{i}.*` tensors (llama's q / k rows permuted to its interleaved rotary layout, qwen2's as
+they are, GPT-2's q, k, v in one attn_qkv), 1-D tensors (norms, biases) in F32,
 and the tokenizer as `tokenizer.ggml.*` (byte-level BPE: tokens, token types, merges, the
 pre-tokenizer's name, special ids, chat template). Tensors are converted and written one at a
 time, so a save needs little memory beyond the model; the file appears under its name only when
@@ -94,9 +94,11 @@ def _stem(path: str) -> str:
     return base[:-5] if base.lower().endswith(".gguf") else base
 
 
-# What llama.cpp's two architectures run, as Config fields.
+# What llama.cpp's architectures run, as Config fields.
 _ARCHITECTURES = {
     "llama": dict(norm="rmsnorm", mlp="swiglu", positions="rope"),
+    "qwen2": dict(norm="rmsnorm", mlp="swiglu", positions="rope", attn_bias=True,
+                  attn_out_bias=False, mlp_bias=False),
     "gpt2": dict(norm="layernorm", mlp="gelu", positions="learned", attn_bias=True,
                  mlp_bias=True),
 }
@@ -105,7 +107,8 @@ _ARCHITECTURES = {
 def _check_architecture(cfg) -> None:
     want = _ARCHITECTURES.get(cfg.model_type)
     if want is None:
-        raise ConfigError(f"GGUF export covers llama and gpt2 models, not {cfg.model_type!r}")
+        raise ConfigError(f"GGUF export covers {', '.join(_ARCHITECTURES)} models, not "
+                          f"{cfg.model_type!r}")
     for k, v in want.items():
         if getattr(cfg, k) != v:
             raise ConfigError(f"cannot write a {cfg.model_type} GGUF: it needs {k}={v!r}, this "

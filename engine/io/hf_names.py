@@ -1,4 +1,5 @@
-"""Hugging Face <-> engine: config.json fields and tensor names for the gpt2 and llama families.
+"""Hugging Face <-> engine: config.json fields and tensor names for the gpt2, llama and qwen2
+families (qwen2 names its tensors as llama does).
 
 Engine weights are (out, in) like torch.nn.Linear. GPT-2's Conv1D stores (in, out) and fuses
 q, k, v into one c_attn; both are undone on load and redone on save.
@@ -7,10 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..config import Config
+from ..config import FAMILIES, Config
 from ..errors import CheckpointError, ConfigError, is_int
 
-SUPPORTED = ("gpt2", "llama")
+SUPPORTED = FAMILIES
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
 
@@ -68,9 +69,12 @@ def config_from_hf(hf: dict) -> Config:
                            **_token_ids(hf))
     act = hf.get("hidden_act", "silu")
     if act != "silu":
-        raise ConfigError(f"llama hidden_act {act!r} is not supported (only 'silu')")
+        raise ConfigError(f"{mt} hidden_act {act!r} is not supported (only 'silu')")
     if hf.get("pretraining_tp", 1) != 1:
-        raise ConfigError("llama pretraining_tp != 1 is not supported")
+        raise ConfigError(f"{mt} pretraining_tp != 1 is not supported")
+    if mt == "qwen2" and hf.get("use_sliding_window"):
+        # transformers then gives the layers past max_window_layers windowed attention
+        raise ConfigError("qwen2 use_sliding_window=true is not supported (only full attention)")
     rope = _get(hf, "rope_parameters", "dict", None) or {}
     scaling = _get(hf, "rope_scaling", "dict", None) or {}
     # transformers reads either dict, and either key, and lets rope_scaling win: refuse a
@@ -78,14 +82,20 @@ def config_from_hf(hf: dict) -> Config:
     for where, d in (("rope_parameters", rope), ("rope_scaling", scaling)):
         for key in ("rope_type", "type"):
             if d.get(key, "default") != "default":
-                raise ConfigError(f"llama rope scaling {where}.{key}={d[key]!r} is not supported "
+                raise ConfigError(f"{mt} rope scaling {where}.{key}={d[key]!r} is not supported "
                                   "(only default rope)")
     theta = _get(rope, "rope_theta", "number", None, within="rope_parameters.")
     if theta is None:
         theta = _get(hf, "rope_theta", "number", 10000.0)
     n_head = _get(hf, "num_attention_heads", "size")
     d = _get(hf, "hidden_size", "size")
-    return Config.llama(vocab_size=_get(hf, "vocab_size", "size"),
+    if mt == "qwen2":   # transformers' Qwen2: biases on q, k, v always, none elsewhere
+        family, bias = Config.qwen2, dict(attn_bias=True, attn_out_bias=False, mlp_bias=False)
+    else:
+        family = Config.llama
+        bias = dict(attn_bias=_get(hf, "attention_bias", "bool", False),
+                    mlp_bias=_get(hf, "mlp_bias", "bool", False))
+    return family(vocab_size=_get(hf, "vocab_size", "size"),
                         n_layer=_get(hf, "num_hidden_layers", "size"), n_head=n_head,
                         n_kv_head=_get(hf, "num_key_value_heads", "size", None) or n_head,
                         d_model=d,
@@ -93,19 +103,18 @@ def config_from_hf(hf: dict) -> Config:
                         d_ff=_get(hf, "intermediate_size", "size"),
                         max_seq_len=_get(hf, "max_position_embeddings", "size", 2048),
                         norm_eps=_get(hf, "rms_norm_eps", "number", 1e-6), rope_theta=float(theta),
-                        attn_bias=_get(hf, "attention_bias", "bool", False),
-                        mlp_bias=_get(hf, "mlp_bias", "bool", False),
                         tie_embeddings=_get(hf, "tie_word_embeddings", "bool", False),
-                        **_token_ids(hf))
+                        **bias, **_token_ids(hf))
 
 
 def config_to_hf(cfg: Config) -> dict:
-    """config.json for transformers; refuses configs that are neither gpt2 nor llama. The token
+    """config.json for transformers; refuses configs no such family holds. The token
     ids are written even when unknown (null): a missing one would become transformers' default
     (gpt2: 50256, llama: 1 and 2), which need not be a token of this model at all."""
     ids = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     if cfg.model_type == "gpt2":
-        want = dict(norm="layernorm", mlp="gelu", positions="learned", attn_bias=True, mlp_bias=True)
+        want = dict(norm="layernorm", mlp="gelu", positions="learned", attn_bias=True,
+                    attn_out_bias=True, mlp_bias=True)
         _require(cfg, want)
         if cfg.head_dim * cfg.n_head != cfg.d_model:
             raise ConfigError("gpt2 needs head_dim * n_head == d_model")
@@ -117,19 +126,27 @@ def config_to_hf(cfg: Config) -> dict:
                 "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
                 "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32", **ids}
-    _require(cfg, dict(norm="rmsnorm", mlp="swiglu", positions="rope"))
+    want = dict(norm="rmsnorm", mlp="swiglu", positions="rope")
+    if cfg.model_type == "qwen2":
+        want.update(attn_bias=True, attn_out_bias=False, mlp_bias=False)
+    else:   # one attention_bias switch for all four projections
+        want.update(attn_out_bias=cfg.attn_bias)
+    _require(cfg, want)
     if cfg.d_model % cfg.n_head:   # transformers' LlamaConfig refuses it, whatever head_dim says
-        raise ConfigError(f"llama in transformers needs d_model a multiple of n_head; this model "
-                          f"has d_model={cfg.d_model}, n_head={cfg.n_head}")
-    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
-            "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
-            "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layer,
-            "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
-            "head_dim": cfg.head_dim, "hidden_act": "silu",
-            "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-            "rope_theta": cfg.rope_theta, "attention_bias": cfg.attn_bias,
-            "mlp_bias": cfg.mlp_bias, "tie_word_embeddings": cfg.tie_embeddings,
-            "attention_dropout": 0.0, "torch_dtype": "float32", **ids}
+        raise ConfigError(f"{cfg.model_type} in transformers needs d_model a multiple of n_head; "
+                          f"this model has d_model={cfg.d_model}, n_head={cfg.n_head}")
+    common = {"vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+              "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layer,
+              "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
+              "head_dim": cfg.head_dim, "hidden_act": "silu",
+              "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+              "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings,
+              "attention_dropout": 0.0, "torch_dtype": "float32", **ids}
+    if cfg.model_type == "qwen2":
+        return {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], **common,
+                "use_sliding_window": False}
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], **common,
+            "attention_bias": cfg.attn_bias, "mlp_bias": cfg.mlp_bias}
 
 
 def _require(cfg: Config, want: dict) -> None:
@@ -150,7 +167,7 @@ def _llama_map(cfg: Config) -> dict[str, str]:
         m[e + "ln2.weight"] = h + "post_attention_layernorm.weight"
         for a, b in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "o_proj")):
             m[e + f"attn.{a}.weight"] = h + f"self_attn.{b}.weight"
-            if cfg.attn_bias:
+            if cfg.attn_out_bias if a == "o" else cfg.attn_bias:
                 m[e + f"attn.{a}.bias"] = h + f"self_attn.{b}.bias"
         for a, b in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
             m[e + f"mlp.{a}.weight"] = h + f"mlp.{b}.weight"
@@ -168,7 +185,7 @@ def to_engine(cfg: Config, get, names) -> dict[str, np.ndarray]:
         raise CheckpointError(f"config.json has {cfg.n_layer} layers, and the checkpoint holds "
                               f"only {len(names)} tensors: too few for them (a wrong config.json?)")
     out: dict[str, np.ndarray] = {}
-    if cfg.model_type == "llama":  # no slicing or transposing: Model checks shapes by name
+    if cfg.model_type != "gpt2":  # no slicing or transposing: Model checks shapes by name
         for e, h in _llama_map(cfg).items():
             out[e] = _fetch(get, names, h)
         return out
@@ -209,7 +226,7 @@ def to_engine(cfg: Config, get, names) -> dict[str, np.ndarray]:
 
 def to_hf(cfg: Config, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """HF tensors (as transformers' save_pretrained names them) from engine params."""
-    if cfg.model_type == "llama":
+    if cfg.model_type != "gpt2":
         return {h: params[e] for e, h in _llama_map(cfg).items()}
     out = {"transformer.wte.weight": params["wte.weight"], "transformer.wpe.weight": params["wpe.weight"]}
     for i in range(cfg.n_layer):
