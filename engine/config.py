@@ -11,7 +11,7 @@ from .errors import ConfigError
 
 @dataclass
 class Config:
-    model_type: str = "gpt2"        # Hugging Face family used when saving: "gpt2", "llama", "qwen2"
+    model_type: str = "gpt2"        # Hugging Face family used when saving (FAMILIES)
     vocab_size: int = 50257         # number of token ids
     n_layer: int = 12               # transformer blocks
     n_head: int = 12                # query heads
@@ -29,6 +29,8 @@ class Config:
     attn_out_bias: bool | None = None  # bias on the output projection; None = attn_bias
                                        # (Qwen2: q, k, v have biases, the output has none)
     mlp_bias: bool = True           # biases on the MLP projections
+    qk_norm: bool = False           # RMSNorm over each head of q and of k (head_dim wide, a weight
+                                    # each) before the rotary embedding (Qwen3)
     tie_embeddings: bool = True     # the LM head is the token embedding (one parameter)
     init_std: float = 0.02          # std of the normal init of weights for models built from scratch
     # Not architecture: carried from the loaded files to the saved ones, so that transformers
@@ -69,6 +71,8 @@ class Config:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"Config.{name}={getattr(self, name)!r}; expected one of {allowed}")
+        if self.qk_norm and self.norm != "rmsnorm":
+            raise ConfigError("Config.qk_norm needs norm='rmsnorm' (Qwen3's per-head q and k norms)")
         if self.positions == "rope" and self.head_dim % 2:
             raise ConfigError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
         for name, zero_ok in (("norm_eps", False), ("rope_theta", False), ("init_std", True)):
@@ -85,7 +89,7 @@ class Config:
         if self.positions == "rope" and self.rope_theta < 1:
             raise ConfigError(f"Config.rope_theta must be at least 1 (models use 1e4 to 1e6), "
                               f"got {self.rope_theta!r}")
-        for name in ("attn_bias", "attn_out_bias", "mlp_bias", "tie_embeddings"):
+        for name in ("attn_bias", "attn_out_bias", "mlp_bias", "qk_norm", "tie_embeddings"):
             # a truthy string such as "false" would silently mean True
             v = getattr(self, name)
             if not isinstance(v, bool):
@@ -127,6 +131,16 @@ class Config:
                     n_head=14, n_kv_head=2, d_model=896, d_ff=4864, max_seq_len=32768)
         return cls.from_dict({**base, **overrides})
 
+    @classmethod
+    def qwen3(cls, **overrides) -> "Config":
+        """Qwen3: Llama's blocks with an RMSNorm on each head of q and k, heads 128 wide."""
+        base = dict(model_type="qwen3", norm="rmsnorm", mlp="swiglu", positions="rope",
+                    attn_bias=False, mlp_bias=False, qk_norm=True, tie_embeddings=True,
+                    norm_eps=1e-6, rope_theta=1000000.0, vocab_size=151936, n_layer=28,
+                    n_head=16, n_kv_head=8, d_model=1024, head_dim=128, d_ff=3072,
+                    max_seq_len=40960)
+        return cls.from_dict({**base, **overrides})
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -136,9 +150,12 @@ class Config:
         d = self.to_dict()
         for k in _NOT_ARCHITECTURE:
             d.pop(k)
+        # fields added later, at the value that means "absent": left out, so that the runs made
+        # before they existed still resume
         if d["attn_out_bias"] == d["attn_bias"]:
-            # what it was before the field existed: runs made then still resume
             d.pop("attn_out_bias")
+        if not d["qk_norm"]:
+            d.pop("qk_norm")
         return d
 
     @classmethod
@@ -152,7 +169,7 @@ class Config:
         return cls(**d)
 
 
-FAMILIES = ("gpt2", "llama", "qwen2")   # model_type: the Hugging Face families saved and loaded
+FAMILIES = ("gpt2", "llama", "qwen2", "qwen3")   # model_type: the Hugging Face families saved and loaded
 _NOT_ARCHITECTURE = ("bos_token_id", "eos_token_id", "pad_token_id", "generation")
 
 

@@ -73,10 +73,10 @@ class Linear:
 class Norm:
     """LayerNorm (weight, bias) or RMSNorm (weight) over the last axis."""
 
-    def __init__(self, cfg: Config, name: str):
+    def __init__(self, cfg: Config, name: str, width: int | None = None):
         self.rms = cfg.norm == "rmsnorm"
         self.eps = cfg.norm_eps
-        self.C = cfg.d_model
+        self.C = width or cfg.d_model
         self.w = name + ".weight"
         self.b = None if self.rms else name + ".bias"
 
@@ -110,7 +110,9 @@ class Norm:
 
 
 class Block:
-    """Pre-norm transformer block: x1 = x + attn(ln1(x)); out = x1 + mlp(ln2(x1))."""
+    """Pre-norm transformer block: x1 = x + attn(ln1(x)); out = x1 + mlp(ln2(x1)). With qk_norm,
+    each head of q and of k is normalized (a weight of head_dim each) before the rotary
+    embedding."""
 
     def __init__(self, cfg: Config, index: int):
         p = f"blocks.{index}."
@@ -128,10 +130,12 @@ class Block:
         self.gate = Linear(p + "mlp.gate", C, F, cfg.mlp_bias) if self.swiglu else None
         self.up = Linear(p + "mlp.up", C, F, cfg.mlp_bias)
         self.down = Linear(p + "mlp.down", F, C, cfg.mlp_bias)
+        self.q_norm = Norm(cfg, p + "attn.q_norm", D) if cfg.qk_norm else None
+        self.k_norm = Norm(cfg, p + "attn.k_norm", D) if cfg.qk_norm else None
 
     def layers(self):
-        return [m for m in (self.ln1, self.q, self.k, self.v, self.o, self.ln2, self.gate, self.up,
-                            self.down) if m is not None]
+        return [m for m in (self.ln1, self.q, self.q_norm, self.k, self.k_norm, self.v, self.o,
+                            self.ln2, self.gate, self.up, self.down) if m is not None]
 
     def shapes(self) -> dict:
         s = {}
@@ -153,8 +157,15 @@ class Block:
         N = B * T
         x2 = x.reshape(N, C)
         h, st1 = self.ln1.forward(P, x2)                       # (N, C)
-        q = self.q.forward(P, h).reshape(B, T, self.H, self.D)
-        k = self.k.forward(P, h).reshape(B, T, self.Hkv, self.D)
+        q_pre, k_pre = self.q.forward(P, h), self.k.forward(P, h)    # (N, H*D), (N, Hkv*D)
+        stq = stk = None
+        if self.q_norm:    # one row per head: (N * H, D)
+            q, stq = self.q_norm.forward(P, q_pre.reshape(-1, self.D))
+            k, stk = self.k_norm.forward(P, k_pre.reshape(-1, self.D))
+        else:
+            q, k = q_pre, k_pre
+        q = q.reshape(B, T, self.H, self.D)
+        k = k.reshape(B, T, self.Hkv, self.D)
         v = self.v.forward(P, h).reshape(B, T, self.Hkv, self.D)
         if self.rope:
             rope_forward(q, *rope_cs)
@@ -190,7 +201,7 @@ class Block:
         saved = None
         if keep:
             saved = dict(n=N, x=x2, h=h, st1=st1, q=q, k=k, v=v, a=a, lse=lse, x1=x1, h2=h2,
-                         st2=st2, g=g, u=u, act=act)
+                         st2=st2, g=g, u=u, act=act, q_pre=q_pre, k_pre=k_pre, stq=stq, stk=stk)
             if rows is not None:
                 saved.update(rows=rows, a_rows=a2)
             saved = {n: s for n, s in saved.items() if n in keep}
@@ -203,12 +214,12 @@ class Block:
         too."""
         tr = lambda *ms: any(n in G for m in ms if m is not None for n in m.names())  # noqa: E731
         dw = lambda *ms: any(m is not None and m.w in G for m in ms)  # noqa: E731
-        attn = need_dx or tr(self.ln1, self.q, self.k, self.v, self.o)
+        attn = need_dx or tr(self.ln1, self.q, self.q_norm, self.k, self.k_norm, self.v, self.o)
         mlp = attn or tr(self.ln2, self.gate, self.up, self.down)
         need_h2 = mlp and (attn or tr(self.ln2))
         need_act = mlp and (need_h2 or tr(self.gate, self.up))
         need_h = attn and (need_dx or tr(self.ln1))
-        need_qkv = attn and (need_h or tr(self.q, self.k, self.v))
+        need_qkv = attn and (need_h or tr(self.q, self.q_norm, self.k, self.k_norm, self.v))
         # a weight's gradient reads its layer's input; an input gradient through a norm or an
         # activation reads what that op saw (a frozen weight in range keeps nothing for itself)
         keep = {"n", "rows"}
@@ -218,6 +229,8 @@ class Block:
         keep |= {"x1", "st2"} if need_h2 else set()
         keep |= {("a_rows" if gathered else "a")} if attn and dw(self.o) else set()
         keep |= {"q", "k", "v", "a", "lse"} if need_qkv else set()
+        # the q / k norms' backward reads their inputs (the projections' outputs)
+        keep |= {"q_pre", "stq", "k_pre", "stk"} if need_qkv and self.q_norm else set()
         keep |= {"h"} if need_qkv and dw(self.q, self.k, self.v) else set()
         keep |= {"x", "st1"} if need_h else set()
         return dict(mlp=mlp, attn=attn, need_h2=need_h2, need_act=need_act, need_h=need_h,
@@ -268,6 +281,8 @@ class Block:
             if self.rope:
                 rope_backward(dq, *rope_cs)
                 rope_backward(dk, *rope_cs)
+            if self.q_norm:      # back through the per-head norms, to the projections' outputs
+                dq, dk = self._qk_norm_backward(P, G, dq, dk, s)
             h = s.get("h")
             dh = self.q.backward(P, G, dq.reshape(N, -1), h, need_h)
             dh = self.k.backward(P, G, dk.reshape(N, -1), h, need_h, dh)
@@ -281,3 +296,12 @@ class Block:
                     dx = dx1 if need_dx else np.zeros_like(dx1)
                 self.ln1.backward(P, G, dh, s["x"], s["st1"], dx)
         return dx if need_dx else None
+
+    def _qk_norm_backward(self, P, G, dq, dk, s):
+        D = self.D
+        dq_pre, dk_pre = np.zeros_like(s["q_pre"]), np.zeros_like(s["k_pre"])   # (N, H*D), (N, Hkv*D)
+        self.q_norm.backward(P, G, dq.reshape(-1, D), s["q_pre"].reshape(-1, D), s["stq"],
+                             dq_pre.reshape(-1, D))
+        self.k_norm.backward(P, G, dk.reshape(-1, D), s["k_pre"].reshape(-1, D), s["stk"],
+                             dk_pre.reshape(-1, D))
+        return dq_pre, dk_pre

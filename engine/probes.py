@@ -56,8 +56,11 @@ def _elementwise_bytes(c, N: int, b, G, plan: dict | None, M: int | None = None)
     swiglu = c.mlp == "swiglu"
     biased = sum(m.n_out * _rows(b, m, N, M) for m in lin if m.b)
     rope = 2 * (Hd + Kd) if c.positions == "rope" else 0
-    # ln1 and rope over every position; ln2, both residual adds and the activation over M
-    fwd = N * (2 * C + rope) + M * (2 * C + 2 * 3 * C + (3 if swiglu else 2) * F) + 2 * biased
+    qk = 2 * (Hd + Kd) if c.qk_norm else 0       # the q and k norms read and write q and k
+    # ln1, the q / k norms and rope over every position; ln2, both residual adds and the
+    # activation over M
+    fwd = (N * (2 * C + qk + rope) + M * (2 * C + 2 * 3 * C + (3 if swiglu else 2) * F)
+           + 2 * biased)
     gather = 2 * M * (Hd + C) if M < N else 0               # the attention output and x, read and written
     if plan is None:
         return 4 * (fwd + gather), 0
@@ -66,7 +69,8 @@ def _elementwise_bytes(c, N: int, b, G, plan: dict | None, M: int | None = None)
     # (read, add, write)
     bwd = (M * ((4 * C + (3 * C if swiglu else 0) if plan["need_h2"] else 0)
                 + ((5 if swiglu else 3) * F if plan["need_act"] else 0))
-           + N * ((4 * C + 3 * 2 * C if plan["need_h"] else 0) + (rope if plan["need_qkv"] else 0))
+           + N * ((4 * C + 3 * 2 * C if plan["need_h"] else 0)
+                  + (rope + 2 * qk if plan["need_qkv"] else 0))
            + sum(m.n_out * _rows(b, m, N, M) for m in lin if m.b in G))
     if M < N:   # dO and dx scattered back into zeroed arrays of every position
         bwd += (N + M) * ((Hd if plan["need_qkv"] else 0) + (C if plan["need_h"] else 0))
@@ -85,7 +89,8 @@ def _kept_bytes(c, B: int, T: int, M: int, keep: set) -> int:
     per_row = 1 if c.norm == "rmsnorm" else 2      # norm statistics: rstd (and the mean)
     elements = dict(x=N * C, h=N * C, st1=N * per_row, q=N * Hd, k=N * Kd, v=N * Kd, a=N * Hd,
                     lse=B * c.n_head * T, x1=M * C, h2=M * C, st2=M * per_row, g=M * F, u=M * F,
-                    act=M * F, a_rows=M * Hd if M < N else 0, rows=2 * M if M < N else 0)
+                    act=M * F, a_rows=M * Hd if M < N else 0, rows=2 * M if M < N else 0,
+                    q_pre=N * Hd, k_pre=N * Kd, stq=N * c.n_head, stk=N * c.n_kv_head)
     return 4 * sum(elements.get(n, 0) for n in keep)
 
 

@@ -38,6 +38,10 @@ HF_CONFIGS = {
     "qwen2": dict(vocab_size=107, hidden_size=40, intermediate_size=76, num_hidden_layers=3,
                   num_attention_heads=5, num_key_value_heads=1, max_position_embeddings=64,
                   rope_theta=2000.0, tie_word_embeddings=True),
+    # Qwen3: an RMSNorm on each head of q and k; heads wider than hidden / heads
+    "qwen3": dict(vocab_size=109, hidden_size=40, intermediate_size=68, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=14,
+                  max_position_embeddings=64, rope_theta=3000.0, tie_word_embeddings=False),
 }
 
 
@@ -46,12 +50,14 @@ def build_hf(kind: str, seed: int = 0, boost: bool = True):
     boost scales weights up so every path carries signal (and some GELUs saturate)."""
     import torch
     from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-                              Qwen2Config, Qwen2ForCausalLM)
+                              Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
     torch.manual_seed(seed)
     if kind.startswith("gpt2"):
         m = GPT2LMHeadModel(GPT2Config(**HF_CONFIGS[kind]))
     elif kind.startswith("qwen2"):
         m = Qwen2ForCausalLM(Qwen2Config(**HF_CONFIGS[kind]))
+    elif kind.startswith("qwen3"):
+        m = Qwen3ForCausalLM(Qwen3Config(**HF_CONFIGS[kind]))
     else:
         m = LlamaForCausalLM(LlamaConfig(**HF_CONFIGS[kind]))
     with torch.no_grad():
@@ -136,10 +142,10 @@ def require_smollm2_session():
 
 
 def small_model(kind="llama", n_layer=6, **kw):
-    """A tiny engine model built in memory: vocab 64, width 32, 4 heads (llama, qwen2: 2 KV
-    heads)."""
+    """A tiny engine model built in memory: vocab 64, width 32, 4 heads (llama, qwen2,
+    qwen3: 2 KV heads)."""
     import engine
-    if kind in ("llama", "qwen2"):
+    if kind in ("llama", "qwen2", "qwen3"):
         cfg = getattr(engine.Config, kind)(vocab_size=64, n_layer=n_layer, n_head=4, n_kv_head=2,
                                            d_model=32, d_ff=48, max_seq_len=32, **kw)
     else:

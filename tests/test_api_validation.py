@@ -155,7 +155,9 @@ def test_adamw_arguments(model):
     (dict(attn_bias=1), "attn_bias"),
     (dict(attn_out_bias="no"), r"Config.attn_out_bias must be True or False, got 'no'"),
     (dict(model_type="mistral"), r"Config.model_type='mistral'; expected one of \('gpt2', 'llama', "
-                                 r"'qwen2'\)"),
+                                 r"'qwen2', 'qwen3'\)"),
+    (dict(qk_norm=1), r"Config.qk_norm must be True or False, got 1"),
+    (dict(qk_norm=True, norm="layernorm"), r"Config.qk_norm needs norm='rmsnorm'"),
     (dict(n_layers=2), r"unknown Config fields: \['n_layers'\]"),
     (dict(n_head="2"), "Config.n_head must be a positive integer, got '2'"),
 ])
@@ -236,6 +238,20 @@ def test_qwen2_config_json():
         hf_names.config_from_hf({**q, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_qwen3_config_json(bias):
+    """Qwen3: per-head q / k norms; attention_bias on all four projections as llama's; no MLP
+    biases whatever mlp_bias says; heads as wide as head_dim says."""
+    q = {**LLAMA_HF, "model_type": "qwen3", "attention_bias": bias, "mlp_bias": True,
+         "head_dim": 20}
+    cfg = hf_names.config_from_hf(q)
+    assert (cfg.model_type, cfg.qk_norm, cfg.attn_bias, cfg.attn_out_bias, cfg.mlp_bias,
+            cfg.head_dim) == ("qwen3", True, bias, bias, False, 20)
+    assert hf_names.config_from_hf(hf_names.config_to_hf(cfg)) == cfg
+    with pytest.raises(engine.ConfigError, match="qwen3 use_sliding_window=true is not supported"):
+        hf_names.config_from_hf({**q, "use_sliding_window": True})
+
+
 @pytest.mark.parametrize("family,change,match", [
     # llama has one attention_bias for all four projections
     ("llama", dict(attn_bias=True, attn_out_bias=False), "cannot save as llama: it needs "
@@ -243,6 +259,10 @@ def test_qwen2_config_json():
     ("qwen2", dict(mlp_bias=True), "cannot save as qwen2: it needs mlp_bias=False"),
     ("qwen2", dict(attn_out_bias=True), "cannot save as qwen2: it needs attn_out_bias=False"),
     ("gpt2", dict(attn_out_bias=False), "cannot save as gpt2: it needs attn_out_bias=True"),
+    ("llama", dict(qk_norm=True), "cannot save as llama: it needs qk_norm=False"),
+    ("qwen3", dict(qk_norm=False), "cannot save as qwen3: it needs qk_norm=True"),
+    ("qwen3", dict(attn_bias=True, attn_out_bias=False), "cannot save as qwen3: it needs "
+                                                          "attn_out_bias=True"),
 ])
 def test_bias_layouts_no_family_holds_are_refused_on_save(tmp_path, family, change, match):
     cfg = getattr(engine.Config, family)(**{**dict(vocab_size=10, n_layer=1, n_head=2,
@@ -252,15 +272,16 @@ def test_bias_layouts_no_family_holds_are_refused_on_save(tmp_path, family, chan
     assert not (tmp_path / "m").exists()
 
 
-def test_architecture_omits_an_output_bias_that_follows_attn_bias():
-    """Run fingerprints hash Config.architecture(): a config that does not use attn_out_bias
-    hashes the fields it had before that field existed, so earlier runs still resume."""
+def test_architecture_omits_fields_added_later_at_their_absent_value():
+    """Run fingerprints hash Config.architecture(): a config that uses neither attn_out_bias nor
+    qk_norm hashes the fields it had before they existed, so earlier runs still resume."""
     before = {"model_type", "vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "head_dim",
               "d_ff", "max_seq_len", "norm", "norm_eps", "mlp", "positions", "rope_theta",
               "attn_bias", "mlp_bias", "tie_embeddings", "init_std"}
     assert set(engine.Config.gpt2().architecture()) == before
     assert set(engine.Config.llama(attn_bias=True).architecture()) == before
     assert set(engine.Config.qwen2().architecture()) == before | {"attn_out_bias"}
+    assert set(engine.Config.qwen3().architecture()) == before | {"qk_norm"}
 
 
 def test_config_json_nulls_mean_defaults():

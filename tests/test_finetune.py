@@ -94,16 +94,19 @@ def test_run_outputs_and_frozen_blocks_untouched(tiny, tmp_path):
     assert engine.load_tokenizer(os.path.join(out, "model")).encode("abc") == [97, 98, 99]
 
 
-def test_qwen2_run_loads_in_transformers(tmp_path):
-    """The whole workflow on a Qwen2 (q, k, v biases, tied head) built by transformers: the
-    trained block's biases change, the frozen ones do not, and transformers' Qwen2 loads the
-    run's model to the engine's logits."""
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_qwen_run_loads_in_transformers(tmp_path, family):
+    """The whole workflow on a Qwen2 (q, k, v biases, tied head) and a Qwen3 (q / k norms)
+    built by transformers: the trained block's parameters change, the frozen ones do not, and
+    transformers loads the run's model to the engine's logits."""
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    import transformers
     from conftest import HF_CONFIGS
+    name = family.capitalize()
+    config = getattr(transformers, f"{name}Config")(**{**HF_CONFIGS[family], "vocab_size": 257})
     src = tmp_path / "src"
     torch.manual_seed(4)
-    Qwen2ForCausalLM(Qwen2Config(**{**HF_CONFIGS["qwen2"], "vocab_size": 257})).save_pretrained(src)
+    getattr(transformers, f"{name}ForCausalLM")(config).save_pretrained(src)
     engine.ByteTokenizer().save(str(src))
     big = engine.load(str(src))
     out = str(tmp_path / "run")
@@ -114,12 +117,15 @@ def test_qwen2_run_loads_in_transformers(tmp_path):
     s = json.load(open(os.path.join(out, "summary.json")))
     assert s["eval_loss_after"] < s["eval_loss_before"]
     tuned = engine.load(os.path.join(out, "model"))
-    assert tuned.config.model_type == "qwen2"
+    assert tuned.config.model_type == family
     top = f"blocks.{tuned.config.n_layer - 1}."
     for n, a in big.params.items():
         assert np.array_equal(a, tuned.params[n]) == (not n.startswith((top, "ln_f."))), n
-    assert not np.array_equal(big.params[top + "attn.q.bias"], tuned.params[top + "attn.q.bias"])
-    hf = Qwen2ForCausalLM.from_pretrained(os.path.join(out, "model"), dtype=torch.float32).eval()
+    own = top + ("attn.q.bias" if family == "qwen2" else "attn.k_norm.weight")
+    assert not np.array_equal(big.params[own], tuned.params[own])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, "model"),
+                                                           dtype=torch.float32).eval()
+    assert type(hf).__name__ == f"{name}ForCausalLM"
     ids = np.random.default_rng(0).integers(0, 257, (2, 30))
     with torch.no_grad():
         want = hf(torch.tensor(ids)).logits.numpy()

@@ -136,24 +136,32 @@ def test_transformers_loads_the_export(tmp_path, small_tok, tied, head_dim):
         assert ht(t)["input_ids"] == tok.encode(t)
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_qwen2_round_trip_and_transformers(tmp_path, small_tok, tied):
-    """llama.cpp's qwen2 layout: q and k rows as they are (its rotary runs in the NeoX layout),
-    biases on q, k, v only (F32); engine.load gives every weight back bit for bit, and
-    transformers' GGUF loader gives the engine's logits."""
+@pytest.mark.parametrize("family,tied", [("qwen2", True), ("qwen2", False), ("qwen3", True)])
+def test_qwen_round_trip_and_transformers(tmp_path, small_tok, family, tied):
+    """llama.cpp's qwen2 and qwen3 layouts: q and k rows as they are (its rotary runs in the
+    NeoX layout); qwen2's biases on q, k, v only, qwen3's per-head q / k norms, both F32;
+    engine.load gives every weight back bit for bit, and transformers' GGUF loader gives the
+    engine's logits."""
     import torch
     from transformers import AutoModelForCausalLM
-    m = _tiny(vocab=300, family=engine.Config.qwen2, tie_embeddings=tied, n_head=3, n_kv_head=1,
-              d_model=48, d_ff=80)
-    assert "blocks.1.attn.q.bias" in m.params and "blocks.1.attn.o.bias" not in m.params
+    # qwen3: heads 128 wide, as Qwen3's (transformers' GGUF loader reads no key_length for
+    # qwen3 and takes its default, 128)
+    m = _tiny(vocab=300, family=getattr(engine.Config, family), tie_embeddings=tied, n_head=3,
+              n_kv_head=1, d_model=48, d_ff=80, head_dim=128 if family == "qwen3" else None)
     out = tmp_path / "m.gguf"
     m.save(str(out), tokenizer=small_tok)
-    assert GGUFFile(str(out)).metadata["general.architecture"] == "qwen2"
+    assert GGUFFile(str(out)).metadata["general.architecture"] == family
     p = m.params
-    for name, want in (("blk.1.attn_q.weight", p["blocks.1.attn.q.weight"]),
-                       ("blk.1.attn_k.weight", p["blocks.1.attn.k.weight"]),
-                       ("blk.1.attn_k.bias", p["blocks.1.attn.k.bias"]),
-                       ("blk.0.attn_q.bias", p["blocks.0.attn.q.bias"])):
+    raw = {"blk.1.attn_q.weight": p["blocks.1.attn.q.weight"],
+           "blk.1.attn_k.weight": p["blocks.1.attn.k.weight"]}
+    if family == "qwen2":
+        assert "blocks.1.attn.q.bias" in p and "blocks.1.attn.o.bias" not in p
+        raw.update({"blk.1.attn_k.bias": p["blocks.1.attn.k.bias"],
+                    "blk.0.attn_q.bias": p["blocks.0.attn.q.bias"]})
+    else:
+        raw.update({"blk.1.attn_q_norm.weight": p["blocks.1.attn.q_norm.weight"],
+                    "blk.0.attn_k_norm.weight": p["blocks.0.attn.k_norm.weight"]})
+    for name, want in raw.items():
         kind, a = _raw(str(out), name)
         assert kind == "F32"
         np.testing.assert_array_equal(a, want, err_msg=name)
@@ -167,7 +175,7 @@ def test_qwen2_round_trip_and_transformers(tmp_path, small_tok, tied):
         np.testing.assert_array_equal(back.params[n], a, err_msg=n)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name,
                                               dtype=torch.float32).eval()
-    assert type(hf).__name__ == "Qwen2ForCausalLM"
+    assert type(hf).__name__ == f"{family.capitalize()}ForCausalLM"
     ids = small_tok.encode(TEXTS[0] + TEXTS[2])[:60]
     with torch.no_grad():
         want = hf(torch.tensor([ids])).logits.numpy()

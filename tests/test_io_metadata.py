@@ -28,7 +28,7 @@ def _ids(path) -> tuple:
     return c.get("bos_token_id"), c.get("eos_token_id"), c.get("pad_token_id")
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2", "qwen3"])
 def test_saved_model_stops_where_the_source_does(kind, tmp_path):
     hf = build_hf(kind, seed=1)
     with torch.no_grad():

@@ -83,7 +83,7 @@ FREEZES = {
 }
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "gpt2-untied", "llama", "llama-tied", "qwen2"])
+@pytest.mark.parametrize("kind", ["gpt2", "gpt2-untied", "llama", "llama-tied", "qwen2", "qwen3"])
 def test_logits_match(hf_dirs, kind):
     hf, path = hf_dirs[kind]
     model = engine.load(path)
@@ -95,7 +95,7 @@ def test_logits_match(hf_dirs, kind):
 
 
 @pytest.mark.parametrize("freeze", list(FREEZES))
-@pytest.mark.parametrize("kind", ["gpt2", "gpt2-untied", "llama", "llama-tied", "qwen2"])
+@pytest.mark.parametrize("kind", ["gpt2", "gpt2-untied", "llama", "llama-tied", "qwen2", "qwen3"])
 def test_loss_and_grads_match(hf_dirs, kind, freeze):
     hf, path = hf_dirs[kind]
     model = engine.load(path)
@@ -106,6 +106,21 @@ def test_loss_and_grads_match(hf_dirs, kind, freeze):
     for n, p in hf.named_parameters():
         if not p.requires_grad:
             assert p.grad is None
+
+
+@pytest.mark.parametrize("freeze", [
+    lambda m: m.freeze().unfreeze("blocks.1.attn.q_norm.*", "blocks.2.attn.k_norm.*"),
+    lambda m: m.train_last(1).freeze("blocks.2.attn.q.*", "blocks.2.attn.k.*"),
+    lambda m: m.train_last(2).freeze("blocks.*.attn.q_norm.*", "blocks.*.attn.k_norm.*"),
+], ids=["norms-only", "norms-above-frozen-projections", "projections-below-frozen-norms"])
+def test_qk_norm_gradients_match(hf_dirs, freeze):
+    """Qwen3's per-head q / k norms trained alone, above frozen projections, and frozen between
+    trainable projections and the attention."""
+    hf, path = hf_dirs["qwen3"]
+    model = engine.load(path)
+    freeze(model)
+    set_torch_trainable(model, hf)
+    assert_step_matches(model, hf, *batch(model.config.vocab_size, seed=3))
 
 
 @pytest.mark.parametrize("kind,freeze", [("gpt2", "tied-embedding"), ("llama", "last2"),
@@ -210,7 +225,7 @@ def train_both(model, hf, opt, topt, steps, seed):
         topt.step()
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2", "qwen3"])
 def test_adamw_steps_match_torch(kind):
     # Default init, not boosted: saturated GELUs give near-zero gradients that Adam's
     # normalization would blow up to lr-sized steps driven by rounding (torch's tanh flushes

@@ -1,5 +1,5 @@
-"""GGUF (llama.cpp) checkpoints: a validating header parser, dequantization, Llama, Qwen2 and
-GPT-2 -> engine.
+"""GGUF (llama.cpp) checkpoints: a validating header parser, dequantization, Llama, Qwen2,
+Qwen3 and GPT-2 -> engine.
 
 Format (v2/v3, little-endian): magic "GGUF", u32 version, u64 tensor count, u64 key/value count;
 the key/value pairs (string key, u32 value type, value); one info record per tensor (string name,
@@ -340,12 +340,13 @@ def read_metadata(path) -> dict:
     return GGUFFile(path).metadata
 
 
-# GGUF llama (and qwen2) tensor name -> engine name; {i} is the block index.
+# GGUF llama (and qwen2, qwen3) tensor name -> engine name; {i} is the block index.
 _GLOBAL_NAMES = {"token_embd.weight": "wte.weight", "output_norm.weight": "ln_f.weight",
                  "output.weight": "lm_head.weight"}
 _BLOCK_NAMES = {"attn_norm": "ln1", "ffn_norm": "ln2",
                 "attn_q": "attn.q", "attn_k": "attn.k", "attn_v": "attn.v", "attn_output": "attn.o",
                 "ffn_gate": "mlp.gate", "ffn_up": "mlp.up", "ffn_down": "mlp.down"}
+_QK_NORM_NAMES = {"attn_q_norm": "attn.q_norm", "attn_k_norm": "attn.k_norm"}   # qwen3
 # llama.cpp's GPT-2 architecture: every norm and projection has a bias, and q, k, v are one
 # tensor (attn_qkv: their rows one after the other), as Hugging Face's c_attn is.
 _GPT2_GLOBAL = {"token_embd.weight": "wte.weight", "position_embd.weight": "wpe.weight",
@@ -356,9 +357,12 @@ _GPT2_BLOCK = {"attn_norm": ("ln1",), "attn_qkv": ("attn.q", "attn.k", "attn.v")
                "ffn_down": ("mlp.down",)}
 
 
+_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gpt2")   # general.architecture values read
+
+
 def load_gguf(path) -> tuple[Config, dict[str, np.ndarray]]:
-    """A Llama, Qwen2 or GPT-2 GGUF file -> (Config, engine params as float32 arrays, weights
-    (out, in)).
+    """A Llama, Qwen2, Qwen3 or GPT-2 GGUF file -> (Config, engine params as float32 arrays,
+    weights (out, in)).
 
     Llama's q and k are un-permuted from llama.cpp's interleaved rotary layout to the
     rotate_half layout the engine (and Hugging Face) use; GPT-2's fused qkv is split. Names and
@@ -397,7 +401,8 @@ def load_gguf(path) -> tuple[Config, dict[str, np.ndarray]]:
 
 def _rope_heads(cfg: Config, name: str) -> int | None:
     """Heads of the llama q / k rows llama.cpp's converter permutes; None for other tensors
-    (qwen2's are not permuted: llama.cpp runs its rotary embedding in the NeoX layout)."""
+    (qwen2's and qwen3's are not permuted: llama.cpp runs their rotary embedding in the NeoX
+    layout)."""
     if cfg.model_type != "llama":
         return None
     if name.endswith(("attn.q.weight", "attn.q.bias")):
@@ -448,8 +453,9 @@ def _name_map(cfg: Config) -> dict[str, tuple[str, ...]]:
                     m[f"blk.{i}.{g}.{kind}"] = tuple(f"blocks.{i}.{e}.{kind}" for e in es)
         return m
     m = {g: (e,) for g, e in _GLOBAL_NAMES.items() if g not in tied}
+    block = {**_BLOCK_NAMES, **_QK_NORM_NAMES} if cfg.qk_norm else _BLOCK_NAMES
     for i in range(cfg.n_layer):
-        for g, e in _BLOCK_NAMES.items():
+        for g, e in block.items():
             m[f"blk.{i}.{g}.weight"] = (f"blocks.{i}.{e}.weight",)
             if (g == "attn_output" and cfg.attn_out_bias
                     or cfg.attn_bias and g in ("attn_q", "attn_k", "attn_v")
@@ -470,15 +476,16 @@ def _expected_shape(cfg: Config, name: str) -> tuple:
     shapes = {"wte": (V, C), "wpe": (cfg.max_seq_len, C), "lm_head": (V, C), "ln_f": (C,),
               "ln1": (C,), "ln2": (C,),
               "q": (Q, C), "k": (KV, C), "v": (KV, C), "o": (C, Q),
-              "gate": (F, C), "up": (F, C), "down": (C, F)}
+              "gate": (F, C), "up": (F, C), "down": (C, F),
+              "q_norm": (cfg.head_dim,), "k_norm": (cfg.head_dim,)}
     parts = name.split(".")
     shape = shapes[parts[-2]]
     return shape[:1] if parts[-1] == "bias" else shape
 
 
 def config_from_gguf(f: GGUFFile) -> Config:
-    """Config.llama from the `llama.*` metadata, Config.qwen2 from `qwen2.*`, or Config.gpt2 from
-    `gpt2.*`; refuses what the engine cannot represent. Every refusal names the file (Config's own checks do not)."""
+    """Config.llama / qwen2 / qwen3 / gpt2 from the `llama.*` / `qwen2.*` / `qwen3.*` / `gpt2.*`
+    metadata; refuses what the engine cannot represent. Every refusal names the file (Config's own checks do not)."""
     try:
         return _config_from_gguf(f)
     except ConfigError as e:
@@ -490,9 +497,9 @@ def config_from_gguf(f: GGUFFile) -> Config:
 def _config_from_gguf(f: GGUFFile) -> Config:
     meta = f.metadata
     arch = meta.get("general.architecture")
-    if arch not in ("llama", "qwen2", "gpt2"):
+    if arch not in _ARCHITECTURES:
         raise ConfigError(f"{f.path}: GGUF architecture {arch!r} is not supported; tailtune "
-                          "reads 'llama', 'qwen2' and 'gpt2' GGUF files")
+                          f"reads {', '.join(map(repr, _ARCHITECTURES))} GGUF files")
     get = _MetaGetter(f)
     if arch == "gpt2":
         return _gpt2_config(f, get)
@@ -538,18 +545,17 @@ def _config_from_gguf(f: GGUFFile) -> Config:
     def has_bias(*kinds):
         return any(n.startswith("blk.") and n.endswith(".bias") and n.split(".")[2] in kinds
                    for n in names)
-    family = Config.qwen2 if arch == "qwen2" else Config.llama
-    cfg = family(vocab_size=vocab, n_layer=n_layer, n_head=n_head,
-                 n_kv_head=get.integer(f"{arch}.attention.head_count_kv", n_head),
-                 d_model=d_model, head_dim=head_dim,
-                 d_ff=get.integer(f"{arch}.feed_forward_length"),
-                 max_seq_len=max_seq,
-                 norm_eps=get.number(f"{arch}.attention.layer_norm_rms_epsilon"),
-                 rope_theta=theta,
-                 attn_bias=has_bias("attn_q", "attn_k", "attn_v"),
-                 attn_out_bias=has_bias("attn_output"),
-                 mlp_bias=has_bias("ffn_gate", "ffn_up", "ffn_down"),
-                 tie_embeddings="output.weight" not in names, **_token_ids(get))
+    cfg = getattr(Config, arch)(vocab_size=vocab, n_layer=n_layer, n_head=n_head,
+                                n_kv_head=get.integer(f"{arch}.attention.head_count_kv", n_head),
+                                d_model=d_model, head_dim=head_dim,
+                                d_ff=get.integer(f"{arch}.feed_forward_length"),
+                                max_seq_len=max_seq,
+                                norm_eps=get.number(f"{arch}.attention.layer_norm_rms_epsilon"),
+                                rope_theta=theta,
+                                attn_bias=has_bias("attn_q", "attn_k", "attn_v"),
+                                attn_out_bias=has_bias("attn_output"),
+                                mlp_bias=has_bias("ffn_gate", "ffn_up", "ffn_down"),
+                                tie_embeddings="output.weight" not in names, **_token_ids(get))
     _reject_unknown_tensors(f, cfg)
     return cfg
 

@@ -1,9 +1,9 @@
-"""Write a Llama, Qwen2 or GPT-2 model and its tokenizer as one GGUF file: what llama.cpp (and the
+"""Write a Llama, Qwen2, Qwen3 or GPT-2 model and its tokenizer as one GGUF file: what llama.cpp (and the
 tools built on it) run, and what `engine.load` / `engine.load_tokenizer` read back.
 
-The layout follows llama.cpp's own converter: `llama.*` / `qwen2.*` / `gpt2.*` hyperparameters,
-`blk.{i}.*` tensors (llama's q / k rows permuted to its interleaved rotary layout, qwen2's as
-they are, GPT-2's q, k, v in one attn_qkv), 1-D tensors (norms, biases) in F32,
+The layout follows llama.cpp's own converter: `llama.*` / `qwen2.*` / `qwen3.*` / `gpt2.*`
+hyperparameters, `blk.{i}.*` tensors (llama's q / k rows permuted to its interleaved rotary
+layout, qwen2's and qwen3's as they are, GPT-2's q, k, v in one attn_qkv), 1-D tensors (norms, biases) in F32,
 and the tokenizer as `tokenizer.ggml.*` (byte-level BPE: tokens, token types, merges, the
 pre-tokenizer's name, special ids, chat template). Tensors are converted and written one at a
 time, so a save needs little memory beyond the model; the file appears under its name only when
@@ -96,11 +96,13 @@ def _stem(path: str) -> str:
 
 # What llama.cpp's architectures run, as Config fields.
 _ARCHITECTURES = {
-    "llama": dict(norm="rmsnorm", mlp="swiglu", positions="rope"),
+    "llama": dict(norm="rmsnorm", mlp="swiglu", positions="rope", qk_norm=False),
     "qwen2": dict(norm="rmsnorm", mlp="swiglu", positions="rope", attn_bias=True,
-                  attn_out_bias=False, mlp_bias=False),
+                  attn_out_bias=False, mlp_bias=False, qk_norm=False),
+    "qwen3": dict(norm="rmsnorm", mlp="swiglu", positions="rope", attn_bias=False,
+                  attn_out_bias=False, mlp_bias=False, qk_norm=True),
     "gpt2": dict(norm="layernorm", mlp="gelu", positions="learned", attn_bias=True,
-                 mlp_bias=True),
+                 attn_out_bias=True, mlp_bias=True, qk_norm=False),
 }
 
 

@@ -1,5 +1,5 @@
-"""Hugging Face <-> engine: config.json fields and tensor names for the gpt2, llama and qwen2
-families (qwen2 names its tensors as llama does).
+"""Hugging Face <-> engine: config.json fields and tensor names for the gpt2, llama, qwen2 and
+qwen3 families (qwen2 and qwen3 name their tensors as llama does; qwen3 adds q_norm, k_norm).
 
 Engine weights are (out, in) like torch.nn.Linear. GPT-2's Conv1D stores (in, out) and fuses
 q, k, v into one c_attn; both are undone on load and redone on save.
@@ -72,9 +72,9 @@ def config_from_hf(hf: dict) -> Config:
         raise ConfigError(f"{mt} hidden_act {act!r} is not supported (only 'silu')")
     if hf.get("pretraining_tp", 1) != 1:
         raise ConfigError(f"{mt} pretraining_tp != 1 is not supported")
-    if mt == "qwen2" and hf.get("use_sliding_window"):
+    if mt in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
         # transformers then gives the layers past max_window_layers windowed attention
-        raise ConfigError("qwen2 use_sliding_window=true is not supported (only full attention)")
+        raise ConfigError(f"{mt} use_sliding_window=true is not supported (only full attention)")
     rope = _get(hf, "rope_parameters", "dict", None) or {}
     scaling = _get(hf, "rope_scaling", "dict", None) or {}
     # transformers reads either dict, and either key, and lets rope_scaling win: refuse a
@@ -91,6 +91,9 @@ def config_from_hf(hf: dict) -> Config:
     d = _get(hf, "hidden_size", "size")
     if mt == "qwen2":   # transformers' Qwen2: biases on q, k, v always, none elsewhere
         family, bias = Config.qwen2, dict(attn_bias=True, attn_out_bias=False, mlp_bias=False)
+    elif mt == "qwen3":   # attention_bias for all four projections, as llama; no MLP biases
+        family = Config.qwen3
+        bias = dict(attn_bias=_get(hf, "attention_bias", "bool", False), mlp_bias=False)
     else:
         family = Config.llama
         bias = dict(attn_bias=_get(hf, "attention_bias", "bool", False),
@@ -114,7 +117,7 @@ def config_to_hf(cfg: Config) -> dict:
     ids = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     if cfg.model_type == "gpt2":
         want = dict(norm="layernorm", mlp="gelu", positions="learned", attn_bias=True,
-                    attn_out_bias=True, mlp_bias=True)
+                    attn_out_bias=True, mlp_bias=True, qk_norm=False)
         _require(cfg, want)
         if cfg.head_dim * cfg.n_head != cfg.d_model:
             raise ConfigError("gpt2 needs head_dim * n_head == d_model")
@@ -126,11 +129,13 @@ def config_to_hf(cfg: Config) -> dict:
                 "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
                 "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32", **ids}
-    want = dict(norm="rmsnorm", mlp="swiglu", positions="rope")
+    want = dict(norm="rmsnorm", mlp="swiglu", positions="rope", qk_norm=cfg.model_type == "qwen3")
     if cfg.model_type == "qwen2":
         want.update(attn_bias=True, attn_out_bias=False, mlp_bias=False)
     else:   # one attention_bias switch for all four projections
         want.update(attn_out_bias=cfg.attn_bias)
+    if cfg.model_type == "qwen3":
+        want.update(mlp_bias=False)
     _require(cfg, want)
     if cfg.d_model % cfg.n_head:   # transformers' LlamaConfig refuses it, whatever head_dim says
         raise ConfigError(f"{cfg.model_type} in transformers needs d_model a multiple of n_head; "
@@ -145,6 +150,9 @@ def config_to_hf(cfg: Config) -> dict:
     if cfg.model_type == "qwen2":
         return {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], **common,
                 "use_sliding_window": False}
+    if cfg.model_type == "qwen3":
+        return {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], **common,
+                "attention_bias": cfg.attn_bias, "use_sliding_window": False}
     return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], **common,
             "attention_bias": cfg.attn_bias, "mlp_bias": cfg.mlp_bias}
 
@@ -165,6 +173,9 @@ def _llama_map(cfg: Config) -> dict[str, str]:
         e, h = f"blocks.{i}.", f"model.layers.{i}."
         m[e + "ln1.weight"] = h + "input_layernorm.weight"
         m[e + "ln2.weight"] = h + "post_attention_layernorm.weight"
+        if cfg.qk_norm:
+            m[e + "attn.q_norm.weight"] = h + "self_attn.q_norm.weight"
+            m[e + "attn.k_norm.weight"] = h + "self_attn.k_norm.weight"
         for a, b in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj"), ("o", "o_proj")):
             m[e + f"attn.{a}.weight"] = h + f"self_attn.{b}.weight"
             if cfg.attn_out_bias if a == "o" else cfg.attn_bias:
