@@ -25,9 +25,16 @@ class Config:
     mlp: str = "gelu"               # "gelu": down(gelu_tanh(up x)); "swiglu": down(silu(gate x) * up x)
     positions: str = "learned"      # "learned" absolute position table, or "rope" rotary embeddings
     rope_theta: float = 10000.0     # rotary base frequency (rope only)
-    attn_bias: bool = True          # biases on the q, k, v and output projections
+    rope_scaling: dict | None = None  # rotary frequencies rescaled as Hugging Face's rope_scaling
+                                      # says: {"rope_type": "linear", "factor"} or "llama3" (Llama
+                                      # 3.1 / 3.2) with factor, low_freq_factor, high_freq_factor,
+                                      # original_max_position_embeddings; None = plain
+    attn_bias: bool = True          # biases on the q, k and v projections (and the output's,
+                                    # unless attn_out_bias says otherwise)
     attn_out_bias: bool | None = None  # bias on the output projection; None = attn_bias
-                                       # (Qwen2: q, k, v have biases, the output has none)
+                                       # (Qwen2: q, k, v have biases, the output has none).
+                                       # Resolved on creation: dataclasses.replace of attn_bias
+                                       # alone keeps the old output bias
     mlp_bias: bool = True           # biases on the MLP projections
     qk_norm: bool = False           # RMSNorm over each head of q and of k (head_dim wide, a weight
                                     # each) before the rotary embedding (Qwen3)
@@ -86,6 +93,8 @@ class Config:
         if self.norm_eps > 1:
             raise ConfigError(f"Config.norm_eps must be at most 1 (models use 1e-5 or 1e-6), "
                               f"got {self.norm_eps!r}")
+        if self.rope_scaling is not None:
+            _check_rope_scaling(self.rope_scaling, self.positions)
         if self.positions == "rope" and self.rope_theta < 1:
             raise ConfigError(f"Config.rope_theta must be at least 1 (models use 1e4 to 1e6), "
                               f"got {self.rope_theta!r}")
@@ -154,8 +163,9 @@ class Config:
         # before they existed still resume
         if d["attn_out_bias"] == d["attn_bias"]:
             d.pop("attn_out_bias")
-        if not d["qk_norm"]:
-            d.pop("qk_norm")
+        for k in ("qk_norm", "rope_scaling"):
+            if not d[k]:
+                d.pop(k)
         return d
 
     @classmethod
@@ -171,6 +181,32 @@ class Config:
 
 FAMILIES = ("gpt2", "llama", "qwen2", "qwen3")   # model_type: the Hugging Face families saved and loaded
 _NOT_ARCHITECTURE = ("bos_token_id", "eos_token_id", "pad_token_id", "generation")
+
+
+ROPE_SCALING_KEYS = {"linear": ("factor",),
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                "original_max_position_embeddings")}
+
+
+def _check_rope_scaling(d, positions: str) -> None:
+    if positions != "rope":
+        raise ConfigError("Config.rope_scaling needs positions='rope'")
+    kind = d.get("rope_type") if isinstance(d, dict) else None
+    if kind not in ROPE_SCALING_KEYS:
+        raise ConfigError(f"Config.rope_scaling must be a dict whose rope_type is one of "
+                          f"{tuple(ROPE_SCALING_KEYS)}, got {d!r}")
+    want = {"rope_type", *ROPE_SCALING_KEYS[kind]}
+    if set(d) != want:
+        raise ConfigError(f"Config.rope_scaling of type {kind!r} needs exactly the keys "
+                          f"{sorted(want)}, got {sorted(d)}")
+    for k in ROPE_SCALING_KEYS[kind]:
+        v = d[k]
+        if (not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v)
+                or v <= 0):
+            raise ConfigError(f"Config.rope_scaling[{k!r}] must be a finite number > 0, got {v!r}")
+    if kind == "llama3" and d["high_freq_factor"] <= d["low_freq_factor"]:
+        raise ConfigError("Config.rope_scaling: high_freq_factor must be above low_freq_factor, "
+                          f"got {d['high_freq_factor']!r} and {d['low_freq_factor']!r}")
 
 
 def _is_id(v) -> bool:

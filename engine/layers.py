@@ -16,12 +16,32 @@ from kernels.attention import attention_backward, attention_forward
 from kernels.bias import bias_add
 from kernels.matmul import gemm_nn, gemm_nt, gemm_tn
 from kernels.norm import layernorm_backward, layernorm_forward, rmsnorm_backward, rmsnorm_forward
-from kernels.rope import rope_backward, rope_forward
+from kernels.rope import inverse_frequencies, rope_backward, rope_forward
 
 from .config import Config
 
 # Set to a probes.StepProfile to time phases per layer; None (the default) costs one check.
 PROFILE = None
+
+
+def rope_frequencies(cfg: Config) -> np.ndarray:
+    """The rotary inverse frequencies (head_dim // 2,), rescaled as cfg.rope_scaling says, in
+    float32 step by step as transformers computes them (its _compute_llama3_parameters)."""
+    inv = inverse_frequencies(cfg.head_dim, cfg.rope_theta)
+    sc = cfg.rope_scaling
+    if sc is None:
+        return inv
+    factor = np.float32(sc["factor"])
+    if sc["rope_type"] == "linear":
+        return (inv / factor).astype(np.float32)
+    low, high = sc["low_freq_factor"], sc["high_freq_factor"]
+    old = sc["original_max_position_embeddings"]
+    wavelen = (2 * np.pi / inv).astype(np.float32)
+    scaled = np.where(wavelen > old / low, inv / factor, inv).astype(np.float32)
+    smooth = ((old / wavelen - low) / (high - low)).astype(np.float32)
+    smoothed = ((1 - smooth) * scaled / factor + smooth * scaled).astype(np.float32)
+    medium = ~(wavelen < old / high) & ~(wavelen > old / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
 class Linear:

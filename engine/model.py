@@ -23,7 +23,7 @@ from . import layers
 from .config import Config
 from .errors import CheckpointError, ConfigError, InputError, is_int, is_number
 from .heap import keep_freed_memory
-from .layers import Block, Norm
+from .layers import Block, Norm, rope_frequencies
 
 _LOGIT_CHUNK = 1 << 25   # floats of logits alive at once in the fused head + loss (128 MiB):
                          # fewer, taller GEMMs (measured 80 -> 135 GFLOP/s from 166 to 667 rows)
@@ -285,7 +285,8 @@ class Model:
             return None
         end = pos0 + T
         if self._rope is None or self._rope[0].shape[0] < end:  # grown on demand: context may be huge
-            self._rope = rope_table(max(end, 256), c.head_dim, c.rope_theta)
+            self._rope = rope_table(max(end, 256), c.head_dim, c.rope_theta,
+                                    inv_freq=rope_frequencies(c))
         cos, sin = self._rope
         return np.ascontiguousarray(cos[pos0:end]), np.ascontiguousarray(sin[pos0:end])
 

@@ -9,13 +9,24 @@ from .checks import floats
 from .jit import pjit, prange
 
 
-def rope_table(n_pos, head_dim, theta, offset=0):
-    """cos, sin of shape (n_pos, head_dim // 2) for positions offset .. offset + n_pos - 1.
+def inverse_frequencies(head_dim, theta):
+    """theta^(-2i / head_dim) for i < head_dim / 2, in float32 as transformers computes them."""
+    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    return (1.0 / (np.float32(theta) ** exponent)).astype(np.float32)  # (half,)
+
+
+def rope_table(n_pos, head_dim, theta, offset=0, inv_freq=None):
+    """cos, sin of shape (n_pos, head_dim // 2) for positions offset .. offset + n_pos - 1, from
+    inverse_frequencies(head_dim, theta) or the given (rescaled) ones.
 
     Computed in float32 the way transformers does (inv_freq and the angle products in float32),
     so that long positions round the same way."""
-    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
-    inv_freq = (1.0 / (np.float32(theta) ** exponent)).astype(np.float32)  # (half,)
+    if inv_freq is None:
+        inv_freq = inverse_frequencies(head_dim, theta)
+    elif np.shape(inv_freq) != (head_dim // 2,):
+        raise ValueError(f"rope_table: inv_freq has shape {np.shape(inv_freq)}, expected "
+                         f"({head_dim // 2},)")
+    inv_freq = np.asarray(inv_freq, np.float32)
     pos = np.arange(offset, offset + n_pos, dtype=np.float32)
     ang = pos[:, None] * inv_freq[None, :]  # (n_pos, half) float32
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)

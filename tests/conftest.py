@@ -1,6 +1,7 @@
 """Shared fixtures: small random-init transformers models (odd sizes) saved as HF directories,
 and the mapping between their parameters and the engine's."""
 import contextlib
+import copy
 import importlib.util
 import os
 import signal
@@ -34,6 +35,14 @@ HF_CONFIGS = {
     "llama-tied": dict(vocab_size=103, hidden_size=42, intermediate_size=70, num_hidden_layers=3,
                        num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=64,
                        tie_word_embeddings=True),
+    # Llama 3.1 / 3.2's rope scaling, with an original context short enough that the heads'
+    # frequencies fall in all three of its bands (kept, smoothed, divided by the factor).
+    # (transformers' configs write into the dicts they are given: pass copies)
+    "llama3": dict(vocab_size=103, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                   rope_theta=500.0, tie_word_embeddings=True,
+                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
     # Qwen2: biases on q, k, v only; tied, as the small Qwen2.5 models are
     "qwen2": dict(vocab_size=107, hidden_size=40, intermediate_size=76, num_hidden_layers=3,
                   num_attention_heads=5, num_key_value_heads=1, max_position_embeddings=64,
@@ -53,13 +62,13 @@ def build_hf(kind: str, seed: int = 0, boost: bool = True):
                               Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
     torch.manual_seed(seed)
     if kind.startswith("gpt2"):
-        m = GPT2LMHeadModel(GPT2Config(**HF_CONFIGS[kind]))
+        m = GPT2LMHeadModel(GPT2Config(**copy.deepcopy(HF_CONFIGS[kind])))
     elif kind.startswith("qwen2"):
-        m = Qwen2ForCausalLM(Qwen2Config(**HF_CONFIGS[kind]))
+        m = Qwen2ForCausalLM(Qwen2Config(**copy.deepcopy(HF_CONFIGS[kind])))
     elif kind.startswith("qwen3"):
-        m = Qwen3ForCausalLM(Qwen3Config(**HF_CONFIGS[kind]))
+        m = Qwen3ForCausalLM(Qwen3Config(**copy.deepcopy(HF_CONFIGS[kind])))
     else:
-        m = LlamaForCausalLM(LlamaConfig(**HF_CONFIGS[kind]))
+        m = LlamaForCausalLM(LlamaConfig(**copy.deepcopy(HF_CONFIGS[kind])))
     with torch.no_grad():
         for n, p in (m.named_parameters() if boost else ()):
             if p.ndim == 2:

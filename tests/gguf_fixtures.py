@@ -6,6 +6,7 @@ Everything here is independent of engine/io/gguf.py, so the tests compare two im
 """
 from __future__ import annotations
 
+import math
 import struct
 
 import numpy as np
@@ -316,3 +317,18 @@ def header_fields(data: bytes) -> tuple[list[tuple[int, int, str]], int]:
         fields.append((pos + 4, 8, "data_offset"))
         pos += 12
     return fields, pos
+
+
+def converter_rope_factors(head_dim, theta, factor, low=1.0, high=4.0, old=8192):
+    """rope_freqs.weight as llama.cpp's converter writes it for a Llama 3.1 config.json."""
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * theta ** (i / head_dim)
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, np.float32)

@@ -157,6 +157,15 @@ def test_adamw_arguments(model):
     (dict(model_type="mistral"), r"Config.model_type='mistral'; expected one of \('gpt2', 'llama', "
                                  r"'qwen2', 'qwen3'\)"),
     (dict(qk_norm=1), r"Config.qk_norm must be True or False, got 1"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), r"rope_type is one of \('linear', "
+                                                            r"'llama3'\)"),
+    (dict(rope_scaling={"rope_type": "linear"}), r"needs exactly the keys \['factor', 'rope_type'\]"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": -2.0}), r"rope_scaling\['factor'\] must be "
+                                                                 r"a finite number > 0"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
+                        "high_freq_factor": 1.0, "original_max_position_embeddings": 8192}),
+     "high_freq_factor must be above low_freq_factor"),
+    (dict(rope_scaling=[8.0]), "rope_scaling must be a dict"),
     (dict(qk_norm=True, norm="layernorm"), r"Config.qk_norm needs norm='rmsnorm'"),
     (dict(n_layers=2), r"unknown Config fields: \['n_layers'\]"),
     (dict(n_head="2"), "Config.n_head must be a positive integer, got '2'"),
@@ -217,11 +226,16 @@ def test_config_json_bad_values(base, change, match):
     dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4},
          rope_scaling={"rope_type": "linear", "factor": 4.0}),
     dict(rope_parameters={"type": "linear", "factor": 4.0, "rope_theta": 1e4}),   # the old key
-    dict(rope_scaling={"type": "dynamic", "factor": 2.0}),
 ])
-def test_rope_scaling_in_any_place_transformers_reads_it_is_refused(change):
-    with pytest.raises(engine.ConfigError, match="rope scaling .*(linear|dynamic)"):
-        hf_names.config_from_hf({**LLAMA_HF, **change})
+def test_linear_rope_scaling_in_any_place_transformers_reads_it(change):
+    cfg = hf_names.config_from_hf({**LLAMA_HF, **change})
+    assert cfg.rope_scaling == {"rope_type": "linear", "factor": 4.0}
+
+
+def test_other_rope_scaling_is_refused():
+    with pytest.raises(engine.ConfigError, match="rope scaling rope_scaling type 'dynamic' is not "
+                                                 "supported .only default, linear, llama3"):
+        hf_names.config_from_hf({**LLAMA_HF, "rope_scaling": {"type": "dynamic", "factor": 2.0}})
 
 
 def test_qwen2_config_json():
@@ -236,6 +250,38 @@ def test_qwen2_config_json():
         hf_names.config_from_hf({**q, "use_sliding_window": True})
     with pytest.raises(engine.ConfigError, match="qwen2 rope scaling .*yarn"):
         hf_names.config_from_hf({**q, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize("change", [
+    dict(rope_scaling=LLAMA3_ROPE),                                   # Llama 3.2's config.json
+    dict(rope_parameters={**LLAMA3_ROPE, "rope_theta": 5e5}),          # as transformers 5 saves it
+    dict(rope_scaling={**{k: v for k, v in LLAMA3_ROPE.items() if k != "rope_type"},
+                       "type": "llama3"}),                            # the older key
+    dict(rope_scaling=LLAMA3_ROPE, rope_parameters={**LLAMA3_ROPE, "rope_theta": 5e5}),
+])
+def test_llama3_rope_scaling_read_where_transformers_reads_it(change):
+    cfg = hf_names.config_from_hf({**LLAMA_HF, **change})
+    assert cfg.rope_scaling == LLAMA3_ROPE
+    assert hf_names.config_from_hf(hf_names.config_to_hf(cfg)) == cfg
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(rope_scaling={**LLAMA3_ROPE, "rope_type": "yarn"}), "rope scaling rope_scaling type 'yarn' "
+                                                              "is not supported"),
+    (dict(rope_scaling={k: v for k, v in LLAMA3_ROPE.items() if k != "low_freq_factor"}),
+     "config.json has no 'rope_scaling.low_freq_factor'"),
+    (dict(rope_scaling=LLAMA3_ROPE, rope_parameters={**LLAMA3_ROPE, "factor": 8.0}),
+     "rope_parameters and rope_scaling disagree"),
+    (dict(rope_scaling={"rope_type": "linear", "type": "dynamic", "factor": 2.0}),
+     "names two rope types"),
+])
+def test_rope_scaling_refusals(change, match):
+    with pytest.raises(engine.ConfigError, match=match):
+        hf_names.config_from_hf({**LLAMA_HF, **change})
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -273,8 +319,9 @@ def test_bias_layouts_no_family_holds_are_refused_on_save(tmp_path, family, chan
 
 
 def test_architecture_omits_fields_added_later_at_their_absent_value():
-    """Run fingerprints hash Config.architecture(): a config that uses neither attn_out_bias nor
-    qk_norm hashes the fields it had before they existed, so earlier runs still resume."""
+    """Run fingerprints hash Config.architecture(): a config that uses none of attn_out_bias,
+    qk_norm and rope_scaling hashes the fields it had before they existed, so earlier runs
+    still resume."""
     before = {"model_type", "vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "head_dim",
               "d_ff", "max_seq_len", "norm", "norm_eps", "mlp", "positions", "rope_theta",
               "attn_bias", "mlp_bias", "tie_embeddings", "init_std"}
@@ -282,6 +329,8 @@ def test_architecture_omits_fields_added_later_at_their_absent_value():
     assert set(engine.Config.llama(attn_bias=True).architecture()) == before
     assert set(engine.Config.qwen2().architecture()) == before | {"attn_out_bias"}
     assert set(engine.Config.qwen3().architecture()) == before | {"qk_norm"}
+    assert set(engine.Config.llama(rope_scaling={"rope_type": "linear", "factor": 2.0})
+               .architecture()) == before | {"rope_scaling"}
 
 
 def test_config_json_nulls_mean_defaults():

@@ -16,8 +16,8 @@ import pytest
 import gguf  # noqa: E402
 
 from gguf_fixtures import (  # noqa: E402
-    Q, REFERENCE, TINY, VT, header_fields, llama_gguf_tensors, llamacpp_permute, random_blocks,
-    tiny_llama_metadata, write_gguf, write_tiny_llama)
+    Q, REFERENCE, TINY, VT, converter_rope_factors, header_fields, llama_gguf_tensors,
+    llamacpp_permute, random_blocks, tiny_llama_metadata, write_gguf, write_tiny_llama)
 
 import engine  # noqa: E402
 from engine.errors import CheckpointError, ConfigError  # noqa: E402
@@ -190,7 +190,7 @@ def test_unpermute_inverts_permute():
 
 def test_unsupported_architecture(tmp_path):
     write_tiny_llama(tmp_path / "g.gguf", arch="phi3")
-    with pytest.raises(ConfigError, match="'phi3' is not supported.*'llama', 'qwen2' and 'gpt2'"):
+    with pytest.raises(ConfigError, match="'phi3' is not supported.*'llama', 'qwen2', 'qwen3', 'gpt2'"):
         load_gguf(tmp_path / "g.gguf")
 
 
@@ -213,24 +213,22 @@ def test_unrepresentable_llama_config(tmp_path, meta, match):
     assert str(e.value).startswith(f"{tmp_path / 'c.gguf'}: ")
 
 
-def test_linear_rope_scaling_by_one_is_plain_rope(tmp_path):
+def test_linear_rope_scaling(tmp_path):
     meta = {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 1.0}
     write_tiny_llama(tmp_path / "l.gguf", metadata=meta)
-    assert load_gguf(tmp_path / "l.gguf")[0].rope_theta == 10000.0
+    assert load_gguf(tmp_path / "l.gguf")[0].rope_scaling is None     # a factor of 1: plain
     write_tiny_llama(tmp_path / "l.gguf", metadata={**meta, "llama.rope.scaling.factor": 2.0})
-    with pytest.raises(ConfigError, match="rope scaling 'linear'"):
-        load_gguf(tmp_path / "l.gguf")
+    assert load_gguf(tmp_path / "l.gguf")[0].rope_scaling == {"rope_type": "linear", "factor": 2.0}
 
 
 @pytest.mark.parametrize("meta", [{"llama.rope.scaling.factor": 4.0},     # no type key: linear
                                   {"llama.rope.scale_linear": 4.0},       # the older key
                                   {"llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 4.0}])
 def test_a_rope_factor_without_its_type_is_not_ignored(tmp_path, meta):
-    """llama.cpp reads a missing scaling type as linear and takes the factor from either key:
-    such a file must not load as plain rope."""
+    """llama.cpp scales the frequencies by the factor from either key whatever the type says
+    (unless it is yarn or the like): such a file loads with that linear scaling, not plain."""
     write_tiny_llama(tmp_path / "f.gguf", metadata=meta)
-    with pytest.raises(ConfigError, match="rope scaling .* factor 4"):
-        load_gguf(tmp_path / "f.gguf")
+    assert load_gguf(tmp_path / "f.gguf")[0].rope_scaling == {"rope_type": "linear", "factor": 4.0}
 
 
 @pytest.mark.parametrize("ids, want", [
@@ -269,10 +267,35 @@ def test_missing_metadata_key(tmp_path):
         load_gguf(tmp_path / "c.gguf")
 
 
-def test_rope_freqs_tensor_rejected(tmp_path):
+def test_rope_freqs_tensor(tmp_path):
+    """Llama 3.1 / 3.2's per-frequency factors become their rope_scaling (the 16-wide heads have
+    frequencies in all three bands); any other factors, a wrong shape,
+    and factors beside a linear scaling are refused; all ones are plain rope."""
+    theta = 500000.0    # Llama 3's
+    meta = {"llama.rope.freq_base": theta}
+    factors = converter_rope_factors(16, theta, 32.0)
+    assert 1.0 in factors and 32.0 in factors and ((factors > 1) & (factors < 32)).any()
+    write_tiny_llama(tmp_path / "r.gguf", metadata=meta, extra={"rope_freqs.weight": factors})
+    assert load_gguf(tmp_path / "r.gguf")[0].rope_scaling == {
+        "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}
     write_tiny_llama(tmp_path / "r.gguf", extra={"rope_freqs.weight": np.ones(8, np.float32)})
-    with pytest.raises(ConfigError, match="rope_freqs"):
-        load_gguf(tmp_path / "r.gguf")
+    assert load_gguf(tmp_path / "r.gguf")[0].rope_scaling is None
+    for extra, m, error in (
+            ({"rope_freqs.weight": np.arange(1, 9, dtype=np.float32)}, meta,
+             "does not hold Llama 3's rope scaling"),
+            ({"rope_freqs.weight": factors[:4]}, meta, r"shape \(4,\), expected \(8,\)"),
+            ({"rope_freqs.weight": factors}, {**meta, "llama.rope.scaling.factor": 2.0},
+             "rope_freqs.weight in a llama file with linear scaling")):
+        write_tiny_llama(tmp_path / "r.gguf", metadata=m, extra=extra)
+        with pytest.raises((ConfigError, CheckpointError), match=error):
+            load_gguf(tmp_path / "r.gguf")
+
+
+def test_a_malformed_block_tensor_name_is_refused_by_name(tmp_path):
+    write_tiny_llama(tmp_path / "b.gguf", extra={"blk.bias": np.ones(4, np.float32)})
+    with pytest.raises(CheckpointError, match="no place for: blk.bias"):
+        load_gguf(tmp_path / "b.gguf")
 
 
 def test_missing_tensor(tmp_path):

@@ -17,7 +17,7 @@ from engine.io.gguf import GGUFFile
 from engine.io.gguf_write import GGUF_DTYPES, save_gguf, tokenizer_metadata
 from engine.tokenizer import ByteTokenizer, TokenizerError
 
-from gguf_fixtures import llamacpp_permute
+from gguf_fixtures import converter_rope_factors, llamacpp_permute
 
 TEXTS = ["Hello world! 12345 def f(x):\n    return x ** 2\n\n", "  Ünïcödé 日本語 🎉 tabs\tand\r\n",
          "<|im_start|>user\nhi<|im_end|> <|endoftext|> 3.14159", "a" * 300 + " b  c   d"]
@@ -181,6 +181,64 @@ def test_qwen_round_trip_and_transformers(tmp_path, small_tok, family, tied):
         want = hf(torch.tensor([ids])).logits.numpy()
     got = m.forward(np.array([ids]))
     np.testing.assert_allclose(got, want, atol=2e-4 * np.abs(want).max(), rtol=0)
+
+
+def test_llama3_rope_scaling_round_trip(tmp_path, small_tok):
+    """Llama 3.1 / 3.2's rope scaling: written as llama.cpp's converter writes it (a
+    rope_freqs.weight of per-frequency factors; with Llama 3's theta one of the heads'
+    frequencies is in the smoothed band), read back as the same rope_scaling, and the GGUF's
+    model gives the logits of transformers' LlamaForCausalLM with that rope_scaling.
+    (transformers' GGUF loader has no place for rope_freqs: the model it builds from the
+    safetensors is the oracle.) Factors of other constants than Llama 3's are refused."""
+    import copy
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from conftest import HF_CONFIGS
+    sc = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(**{**copy.deepcopy(HF_CONFIGS["llama3"]), "vocab_size": 300,
+                                         "rope_theta": 500000.0, "rope_scaling": dict(sc)})).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    m = engine.load(str(tmp_path / "hf"))
+    assert m.config.rope_scaling == sc
+    out = str(tmp_path / "m.gguf")
+    m.save(out, tokenizer=small_tok)
+    kind, factors = _raw(out, "rope_freqs.weight")
+    want = converter_rope_factors(m.config.head_dim, m.config.rope_theta, 8.0)
+    assert kind == "F32" and ((want > 1) & (want < 8)).any() and (want == 1).any()
+    np.testing.assert_allclose(factors, want, rtol=1e-6)
+    back = engine.load(out)
+    assert back.config.rope_scaling == sc
+    ids = np.array([small_tok.encode(TEXTS[0] + TEXTS[1] + TEXTS[2])[:60]])
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(back.forward(ids), ref, atol=2e-4 * np.abs(ref).max(), rtol=0)
+    m.config.rope_scaling = {**sc, "original_max_position_embeddings": 4096}
+    m.save(out, tokenizer=small_tok)
+    with pytest.raises(engine.ConfigError, match="does not hold Llama 3's rope scaling"):
+        engine.load(out)
+
+
+def test_review_refusals_and_bos(tmp_path, small_tok):
+    """A qwen2 with heads other than d_model / n_head (llama.cpp's qwen2 reads no head width),
+    a gpt2 without the output bias: refused before writing. A tokenizer with no bos of its own
+    (Qwen2.5's) gets the model config's, as llama.cpp's converter takes it from config.json."""
+    q = _tiny(vocab=300, family=engine.Config.qwen2, n_head=4, n_kv_head=2, d_model=64,
+              head_dim=32)
+    with pytest.raises(engine.ConfigError, match="llama.cpp's qwen2 has heads of d_model / n_head"):
+        q.save(str(tmp_path / "q.gguf"), tokenizer=small_tok)
+    g = engine.Model(engine.Config.gpt2(vocab_size=300, n_layer=1, n_head=2, d_model=64,
+                                        attn_out_bias=False))
+    with pytest.raises(engine.ConfigError, match="cannot write a gpt2 GGUF: it needs "
+                                                 "attn_out_bias=True"):
+        g.save(str(tmp_path / "g.gguf"), tokenizer=small_tok)
+    assert not list(tmp_path.iterdir())
+    assert small_tok.bos_id is None
+    m = _tiny(vocab=300, bos_token_id=7)
+    m.save(str(tmp_path / "b.gguf"), tokenizer=small_tok)
+    assert GGUFFile(str(tmp_path / "b.gguf")).metadata["tokenizer.ggml.bos_token_id"] == 7
+    assert engine.load(str(tmp_path / "b.gguf")).config.bos_token_id == 7
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -83,7 +83,7 @@ FREEZES = {
 }
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "gpt2-untied", "llama", "llama-tied", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["gpt2", "gpt2-untied", "llama", "llama-tied", "llama3", "qwen2", "qwen3"])
 def test_logits_match(hf_dirs, kind):
     hf, path = hf_dirs[kind]
     model = engine.load(path)
@@ -94,8 +94,23 @@ def test_logits_match(hf_dirs, kind):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("kind", ["llama", "llama3"])
+def test_rotary_frequencies_equal_transformers(hf_dirs, kind):
+    """Bit for bit, Llama 3's rescaled ones too (computed in float32 as transformers does)."""
+    from engine.layers import rope_frequencies
+    hf, path = hf_dirs[kind]
+    want = hf.model.rotary_emb.inv_freq.numpy()
+    got = rope_frequencies(engine.load(path).config)
+    np.testing.assert_array_equal(got, want)
+    if kind == "llama3":    # all three bands: kept, smoothed, divided by the factor
+        plain = rope_frequencies(engine.Config.from_dict(
+            {**engine.load(path).config.to_dict(), "rope_scaling": None}))
+        ratio = plain / got
+        assert (ratio == 1).any() and (ratio == 8).any() and ((ratio > 1) & (ratio < 8)).any()
+
+
 @pytest.mark.parametrize("freeze", list(FREEZES))
-@pytest.mark.parametrize("kind", ["gpt2", "gpt2-untied", "llama", "llama-tied", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["gpt2", "gpt2-untied", "llama", "llama-tied", "llama3", "qwen2", "qwen3"])
 def test_loss_and_grads_match(hf_dirs, kind, freeze):
     hf, path = hf_dirs[kind]
     model = engine.load(path)

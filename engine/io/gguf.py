@@ -505,17 +505,6 @@ def _config_from_gguf(f: GGUFFile) -> Config:
         return _gpt2_config(f, get)
     if get.integer(f"{arch}.expert_count", 0) > 0:
         raise ConfigError(f"{f.path}: mixture-of-experts {arch} models are not supported")
-    # as llama.cpp reads them: no type key means linear, the factor may be the older
-    # rope.scale_linear, and 0 or no factor means 1
-    scaling = get.text(f"{arch}.rope.scaling.type", "linear")
-    factor = (get.number(f"{arch}.rope.scaling.factor", 0.0)
-              or get.number(f"{arch}.rope.scale_linear", 0.0) or 1.0)
-    if scaling not in ("none", "linear") or factor != 1.0:
-        raise ConfigError(f"{f.path}: rope scaling {scaling!r} with factor {factor:g} is not "
-                          "supported (only plain rotary embeddings)")
-    if "rope_freqs.weight" in f._tensors:
-        raise ConfigError(f"{f.path}: rope scaling by per-frequency factors (rope_freqs.weight, "
-                          "as in Llama 3.1) is not supported (only plain rotary embeddings)")
     n_layer = get.integer(f"{arch}.block_count")
     if n_layer * len(_BLOCK_NAMES) > len(f._tensors):
         # Checked before the name map is built: a mutated count must not cost a huge loop.
@@ -541,10 +530,11 @@ def _config_from_gguf(f: GGUFFile) -> Config:
         raise ConfigError(f"{f.path}: rope.freq_base {theta} is not a positive number")
     vocab = _vocab_size(f, get, arch)
     names = f._tensors
+    rope_scaling = _rope_scaling(f, get, arch, head_dim, theta)
 
-    def has_bias(*kinds):
-        return any(n.startswith("blk.") and n.endswith(".bias") and n.split(".")[2] in kinds
-                   for n in names)
+    def has_bias(*kinds):   # blk.{i}.{kind}.bias (other names are refused as unknown later)
+        return any(len(p) == 4 and p[0] == "blk" and p[2] in kinds and p[3] == "bias"
+                   for p in (n.split(".") for n in names))
     cfg = getattr(Config, arch)(vocab_size=vocab, n_layer=n_layer, n_head=n_head,
                                 n_kv_head=get.integer(f"{arch}.attention.head_count_kv", n_head),
                                 d_model=d_model, head_dim=head_dim,
@@ -555,9 +545,72 @@ def _config_from_gguf(f: GGUFFile) -> Config:
                                 attn_bias=has_bias("attn_q", "attn_k", "attn_v"),
                                 attn_out_bias=has_bias("attn_output"),
                                 mlp_bias=has_bias("ffn_gate", "ffn_up", "ffn_down"),
-                                tie_embeddings="output.weight" not in names, **_token_ids(get))
+                                tie_embeddings="output.weight" not in names,
+                                rope_scaling=rope_scaling, **_token_ids(get))
     _reject_unknown_tensors(f, cfg)
     return cfg
+
+
+# Llama 3.1 / 3.2 / 3.3's rope scaling, as their config.json files give it
+LLAMA3_ROPE = dict(low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+
+
+def llama3_rope_factors(head_dim: int, theta: float, sc: dict) -> np.ndarray:
+    """rope_freqs.weight as llama.cpp's converter computes it from a "llama3" rope_scaling: per
+    frequency, what llama.cpp divides it by."""
+    freqs = 1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32)
+                                         / np.float32(head_dim)))
+    old, low, high = (sc["original_max_position_embeddings"], sc["low_freq_factor"],
+                      sc["high_freq_factor"])
+    out = []
+    for freq in freqs.astype(np.float32):
+        wavelen = 2 * np.pi / float(freq)
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(sc["factor"])
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / sc["factor"] + smooth))
+    return np.array(out, np.float32)
+
+
+def _rope_scaling(f: GGUFFile, get, arch: str, head_dim: int, theta: float) -> dict | None:
+    """Config.rope_scaling from the file: linear from rope.scaling.*, "llama3" from the
+    per-frequency factors of rope_freqs.weight (Llama 3.1 / 3.2), when they are Llama 3's."""
+    # as llama.cpp reads them: the factor may be the older rope.scale_linear, 0 or none means
+    # 1, and it scales the frequencies linearly whatever the type says unless that is yarn
+    # (or another type llama.cpp treats on its own)
+    kind = get.text(f"{arch}.rope.scaling.type", "linear")
+    factor = (get.number(f"{arch}.rope.scaling.factor", 0.0)
+              or get.number(f"{arch}.rope.scale_linear", 0.0) or 1.0)
+    if kind not in ("none", "linear"):
+        raise ConfigError(f"{f.path}: rope scaling {kind!r} is not supported (only linear "
+                          "and Llama 3's)")
+    if not 0 < factor < float("inf"):
+        raise ConfigError(f"{f.path}: rope scaling factor {factor} is not a positive number")
+    linear = {"rope_type": "linear", "factor": factor} if factor != 1.0 else None
+    if "rope_freqs.weight" not in f._tensors:
+        return linear
+    if arch != "llama" or linear:
+        raise ConfigError(f"{f.path}: rope_freqs.weight in a {arch} file"
+                          f"{' with linear scaling' if linear else ''} is not supported")
+    info = f._tensors["rope_freqs.weight"]
+    if info.shape != (head_dim // 2,):
+        raise CheckpointError(f"{f.path}: rope_freqs.weight has shape {info.shape}, expected "
+                              f"({head_dim // 2},) (half the head width)")
+    got = f.float32("rope_freqs.weight")
+    if not np.isfinite(got).all() or (got <= 0).any():
+        raise CheckpointError(f"{f.path}: rope_freqs.weight holds values that are not positive "
+                              "numbers")
+    if (got == 1).all():
+        return None
+    sc = {"rope_type": "llama3", "factor": float(got.max()), **LLAMA3_ROPE}
+    if not np.allclose(llama3_rope_factors(head_dim, theta, sc), got, rtol=1e-5, atol=0):
+        raise ConfigError(f"{f.path}: rope_freqs.weight does not hold Llama 3's rope scaling "
+                          f"(factor {sc['factor']:g}, low / high frequency factors 1 / 4, "
+                          "original context 8192); other per-frequency factors are not supported")
+    return sc
 
 
 def _gpt2_config(f: GGUFFile, get) -> Config:
@@ -613,7 +666,9 @@ def _vocab_size(f: GGUFFile, get, arch: str) -> int:
 
 def _reject_unknown_tensors(f: GGUFFile, cfg: Config) -> None:
     """A tensor the engine has no place for means a model it would run wrongly: refuse it."""
-    extra = sorted(set(f._tensors) - set(_name_map(cfg)))
+    # rope_freqs.weight is not a parameter: it became the config's rope_scaling
+    rope = {"rope_freqs.weight"} if cfg.positions == "rope" else set()
+    extra = sorted(set(f._tensors) - set(_name_map(cfg)) - rope)
     if extra:
         shown = ", ".join(extra[:8]) + (f" and {len(extra) - 8} more" if len(extra) > 8 else "")
         raise CheckpointError(f"{f.path}: tensors the {cfg.model_type} model has no place "

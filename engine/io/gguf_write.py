@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 from ..errors import CheckpointError, ConfigError, InputError, optional_import
-from .gguf import _name_map, gguf_shape, to_gguf_layout
+from .gguf import _name_map, gguf_shape, llama3_rope_factors, to_gguf_layout
 from .safetensors import atomic_file
 
 # What save_gguf writes matrices as; llama.cpp's general.file_type code of each. K-quants
@@ -56,7 +56,7 @@ def save_gguf(model, path, tokenizer, dtype: str = "F32", name: str | None = Non
     _check_params(model)
     gguf = _gguf()
     writer = gguf.GGUFWriter(None, cfg.model_type)
-    _add_model_keys(writer, cfg, dtype, name or _stem(path))
+    _add_model_keys(gguf, writer, cfg, dtype, name or _stem(path))
     _add_tokenizer_keys(writer, tokenizer, cfg)
     plan = _tensor_plan(gguf, cfg, dtype)
     for gname, (enames, shape, qtype, nbytes) in plan.items():
@@ -71,7 +71,9 @@ def save_gguf(model, path, tokenizer, dtype: str = "F32", name: str | None = Non
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
             for gname, (enames, shape, qtype, nbytes) in plan.items():
-                data = _converted(gguf, cfg, enames, model.params, qtype)
+                data = (llama3_rope_factors(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+                        if gname == "rope_freqs.weight"
+                        else _converted(gguf, cfg, enames, model.params, qtype))
                 if data.nbytes != nbytes:   # the header already promised this size
                     raise CheckpointError(f"{gname}: converted to {data.nbytes} bytes, "
                                           f"expected {nbytes}")
@@ -115,13 +117,21 @@ def _check_architecture(cfg) -> None:
         if getattr(cfg, k) != v:
             raise ConfigError(f"cannot write a {cfg.model_type} GGUF: it needs {k}={v!r}, this "
                               f"model has {getattr(cfg, k)!r}")
+    if cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "llama3" and cfg.model_type != "llama":
+        raise ConfigError(f"cannot write a {cfg.model_type} GGUF with Llama 3's rope scaling "
+                          "(llama.cpp reads its per-frequency factors in llama files)")
+    if cfg.model_type == "qwen2" and cfg.head_dim * cfg.n_head != cfg.d_model:
+        # (qwen3's key_length is read; qwen2's is not, by llama.cpp nor by transformers)
+        raise ConfigError("cannot write a qwen2 GGUF: llama.cpp's qwen2 has heads of d_model / "
+                          f"n_head = {cfg.d_model / cfg.n_head:g}, this model {cfg.head_dim}; "
+                          "save it in the Hugging Face layout (transformers reads head_dim)")
     if cfg.model_type == "gpt2" and (cfg.n_kv_head != cfg.n_head
                                      or cfg.head_dim * cfg.n_head != cfg.d_model):
         raise ConfigError("cannot write a gpt2 GGUF: llama.cpp's GPT-2 has n_head heads of "
                           "d_model / n_head, without grouped-query attention")
 
 
-def _add_model_keys(w, cfg, dtype: str, name: str) -> None:
+def _add_model_keys(gguf, w, cfg, dtype: str, name: str) -> None:
     w.add_type("model")
     w.add_name(name)
     w.add_file_type(GGUF_DTYPES[dtype])
@@ -142,6 +152,9 @@ def _add_model_keys(w, cfg, dtype: str, name: str) -> None:
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
     w.add_rope_freq_base(float(cfg.rope_theta))
+    if cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
     w.add_layer_norm_rms_eps(float(cfg.norm_eps))
 
 
@@ -150,6 +163,9 @@ def _tensor_plan(gguf, cfg, dtype: str) -> dict:
     T = gguf.GGMLQuantizationType
     head = "token_embd.weight" if cfg.tie_embeddings else "output.weight"
     out = {}
+    if _llama3(cfg):   # llama.cpp's converter writes Llama 3's rope scaling as this tensor
+        half = cfg.head_dim // 2
+        out["rope_freqs.weight"] = ((), (half,), T.F32, 4 * half)
     for gname, enames in _name_map(cfg).items():
         shape = gguf_shape(cfg, enames)
         qtype = T[dtype]
@@ -166,6 +182,10 @@ def _tensor_plan(gguf, cfg, dtype: str) -> dict:
         block, size = gguf.GGML_QUANT_SIZES[qtype]
         out[gname] = (enames, shape, qtype, int(np.prod(shape)) // block * size)
     return out
+
+
+def _llama3(cfg) -> bool:
+    return bool(cfg.rope_scaling) and cfg.rope_scaling["rope_type"] == "llama3"
 
 
 _F16_MAX = 65504.0
@@ -200,7 +220,7 @@ def _converted(gguf, cfg, enames: tuple, params: dict, qtype) -> np.ndarray:
 # ---- the tokenizer as tokenizer.ggml.* ----------------------------------------------------
 
 def _add_tokenizer_keys(w, tok, cfg) -> None:
-    meta = tokenizer_metadata(tok, cfg.vocab_size, cfg.eos_token_id)
+    meta = tokenizer_metadata(tok, cfg.vocab_size, cfg.eos_token_id, cfg.bos_token_id)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(meta["pre"])
     w.add_token_list(meta["tokens"])
@@ -233,15 +253,16 @@ _NO_MERGES = ("a GGUF vocabulary needs BPE merges and this tokenizer has none (t
               "layout instead (model.save(directory, tokenizer=tok))")
 
 
-def tokenizer_metadata(tok, vocab_size: int, model_eos=None) -> dict:
+def tokenizer_metadata(tok, vocab_size: int, model_eos=None, model_bos=None) -> dict:
     """A byte-level BPE tokenizer as llama.cpp's "gpt2" vocabulary:
     one token per model id (ids the tokenizer lacks become unused "[PAD{id}]" entries, as in
     llama.cpp's converter), their types, the merges, the pre-tokenizer's llama.cpp name, the
     special ids and whether BOS / EOS are added. A tokenizer llama.cpp would split or join
     differently is refused (TokenizerError) rather than written to give other ids. Without an
     eos token of its own, the first id generation stops at (tok.eos_ids), else the model
-    config's `model_eos`, is the end of text, as llama.cpp's converter falls back to
-    config.json."""
+    config's `model_eos`, is the end of text, and without a bos token of its own the model
+    config's `model_bos` is the bos (as llama.cpp's converter falls back to config.json: Qwen2.5's
+    tokenizer names no bos token, its config.json does)."""
     from ..tokenizer import ByteTokenizer, TokenizerError
     if tok.vocab_size > vocab_size:
         raise TokenizerError(f"the tokenizer has {tok.vocab_size} tokens, the model only "
@@ -265,7 +286,8 @@ def tokenizer_metadata(tok, vocab_size: int, model_eos=None) -> dict:
     # document end tokens that eos_ids also lists are llama.cpp's to find (it does, by text)
     extra = [i for i in tok._extra_eos_ids() if i != eos]
     return {"tokens": tokens, "types": types, "merges": merges, "pre": pre,
-            "bos": tok.bos_id, "eos": eos, "unk": tok.unk_id, "pad": tok.pad_id,
+            "bos": tok.bos_id if tok.bos_id is not None else _id_in(model_bos, tok.vocab_size),
+            "eos": eos, "unk": tok.unk_id, "pad": tok.pad_id,
             "eot": extra[0] if extra else None, "add_bos": add_bos, "add_eos": add_eos,
             "chat_template": tok.chat_template}
 
@@ -274,7 +296,12 @@ def _end_of_text(tok, model_eos) -> int | None:
     if tok.eos_ids:
         return tok.eos_ids[0]
     ids = model_eos if isinstance(model_eos, list) else [model_eos]
-    return next((i for i in ids if isinstance(i, int) and 0 <= i < tok.vocab_size), None)
+    return next((i for i in ids if _id_in(i, tok.vocab_size) is not None), None)
+
+
+def _id_in(i, n: int) -> int | None:
+    """i when it is a token id below n, else None (config ids may lie past the vocabulary)."""
+    return i if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n else None
 
 
 def _bpe_vocabulary(tok) -> tuple[list, list, list, str]:

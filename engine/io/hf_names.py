@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..config import FAMILIES, Config
+from ..config import FAMILIES, ROPE_SCALING_KEYS, Config
 from ..errors import CheckpointError, ConfigError, is_int
 
 SUPPORTED = FAMILIES
@@ -76,14 +76,7 @@ def config_from_hf(hf: dict) -> Config:
         # transformers then gives the layers past max_window_layers windowed attention
         raise ConfigError(f"{mt} use_sliding_window=true is not supported (only full attention)")
     rope = _get(hf, "rope_parameters", "dict", None) or {}
-    scaling = _get(hf, "rope_scaling", "dict", None) or {}
-    # transformers reads either dict, and either key, and lets rope_scaling win: refuse a
-    # non-default type in any of them rather than guess which one applies
-    for where, d in (("rope_parameters", rope), ("rope_scaling", scaling)):
-        for key in ("rope_type", "type"):
-            if d.get(key, "default") != "default":
-                raise ConfigError(f"{mt} rope scaling {where}.{key}={d[key]!r} is not supported "
-                                  "(only default rope)")
+    rope_scaling = _rope_scaling(mt, rope, _get(hf, "rope_scaling", "dict", None) or {})
     theta = _get(rope, "rope_theta", "number", None, within="rope_parameters.")
     if theta is None:
         theta = _get(hf, "rope_theta", "number", 10000.0)
@@ -107,7 +100,32 @@ def config_from_hf(hf: dict) -> Config:
                         max_seq_len=_get(hf, "max_position_embeddings", "size", 2048),
                         norm_eps=_get(hf, "rms_norm_eps", "number", 1e-6), rope_theta=float(theta),
                         tie_embeddings=_get(hf, "tie_word_embeddings", "bool", False),
-                        **bias, **_token_ids(hf))
+                        rope_scaling=rope_scaling, **bias, **_token_ids(hf))
+
+
+def _rope_scaling(mt: str, rope: dict, scaling: dict) -> dict | None:
+    """Config.rope_scaling from config.json's rope_parameters and rope_scaling. transformers
+    reads either dict, and either key for the type, and lets rope_scaling win: two that
+    disagree are refused rather than guessed between."""
+    found = {}
+    for where, d in (("rope_parameters", rope), ("rope_scaling", scaling)):
+        types = {d[k] for k in ("rope_type", "type") if k in d}
+        if len(types) > 1:
+            raise ConfigError(f"config.json: {where} names two rope types, {sorted(map(str, types))}")
+        kind = types.pop() if types else "default"
+        if kind == "default":
+            continue
+        if kind not in ROPE_SCALING_KEYS:
+            raise ConfigError(f"{mt} rope scaling {where} type {kind!r} is not supported (only "
+                              f"default, {', '.join(ROPE_SCALING_KEYS)})")
+        out = {"rope_type": kind}
+        for k in ROPE_SCALING_KEYS[kind]:
+            out[k] = _get(d, k, "number", within=f"{where}.")
+        found[where] = out
+    if len(found) == 2 and found["rope_parameters"] != found["rope_scaling"]:
+        raise ConfigError(f"config.json: rope_parameters and rope_scaling disagree "
+                          f"({found['rope_parameters']} vs {found['rope_scaling']})")
+    return found.get("rope_scaling") or found.get("rope_parameters")
 
 
 def config_to_hf(cfg: Config) -> dict:
@@ -145,7 +163,8 @@ def config_to_hf(cfg: Config) -> dict:
               "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
               "head_dim": cfg.head_dim, "hidden_act": "silu",
               "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-              "rope_theta": cfg.rope_theta, "tie_word_embeddings": cfg.tie_embeddings,
+              "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
+              "tie_word_embeddings": cfg.tie_embeddings,
               "attention_dropout": 0.0, "torch_dtype": "float32", **ids}
     if cfg.model_type == "qwen2":
         return {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], **common,
