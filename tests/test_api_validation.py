@@ -246,6 +246,8 @@ def test_qwen2_config_json():
     assert (cfg.model_type, cfg.attn_bias, cfg.attn_out_bias, cfg.mlp_bias) == ("qwen2", True,
                                                                                   False, False)
     assert hf_names.config_from_hf(hf_names.config_to_hf(cfg)) == cfg
+    del q["max_position_embeddings"]    # transformers' Qwen2Config default, not LlamaConfig's
+    assert hf_names.config_from_hf(q).max_seq_len == 32768
     with pytest.raises(engine.ConfigError, match="qwen2 use_sliding_window=true is not supported"):
         hf_names.config_from_hf({**q, "use_sliding_window": True})
     with pytest.raises(engine.ConfigError, match="qwen2 rope scaling .*yarn"):

@@ -97,7 +97,8 @@ def config_from_hf(hf: dict) -> Config:
                         d_model=d,
                         head_dim=_get(hf, "head_dim", "size", None) or d // n_head,
                         d_ff=_get(hf, "intermediate_size", "size"),
-                        max_seq_len=_get(hf, "max_position_embeddings", "size", 2048),
+                        max_seq_len=_get(hf, "max_position_embeddings", "size",
+                                    2048 if mt == "llama" else 32768),   # transformers' defaults
                         norm_eps=_get(hf, "rms_norm_eps", "number", 1e-6), rope_theta=float(theta),
                         tie_embeddings=_get(hf, "tie_word_embeddings", "bool", False),
                         rope_scaling=rope_scaling, **bias, **_token_ids(hf))
