@@ -65,7 +65,16 @@ class Config:
             self.d_ff = 4 * self.d_model
         if self.attn_out_bias is None:
             self.attn_out_bias = self.attn_bias
+        if isinstance(self.rope_scaling, dict):   # its own copy: a caller's dict may change
+            self.rope_scaling = dict(self.rope_scaling)
         self.validate()
+
+    def __setstate__(self, state):
+        # pickled before attn_out_bias existed: the class default (None) would read as no
+        # output bias; the other later fields' class defaults are their old meaning
+        self.__dict__.update(state)
+        if self.__dict__.get("attn_out_bias") is None:
+            self.attn_out_bias = self.attn_bias
 
     def validate(self) -> None:
         for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "head_dim", "d_ff",

@@ -26,7 +26,8 @@ PROFILE = None
 
 def rope_frequencies(cfg: Config) -> np.ndarray:
     """The rotary inverse frequencies (head_dim // 2,), rescaled as cfg.rope_scaling says, in
-    float32 step by step as transformers computes them (its _compute_llama3_parameters)."""
+    float32 step by step as transformers computes them (its _compute_llama3_parameters). The
+    rescaling is exact; numpy's float32 power and torch's can differ by one ulp."""
     inv = inverse_frequencies(cfg.head_dim, cfg.rope_theta)
     sc = cfg.rope_scaling
     if sc is None:
@@ -36,9 +37,11 @@ def rope_frequencies(cfg: Config) -> np.ndarray:
         return (inv / factor).astype(np.float32)
     low, high = sc["low_freq_factor"], sc["high_freq_factor"]
     old = sc["original_max_position_embeddings"]
-    wavelen = (2 * np.pi / inv).astype(np.float32)
+    # torch computes a scalar over a tensor as the tensor's reciprocal times the scalar
+    wavelen = ((1 / inv).astype(np.float32) * np.float32(2 * np.pi)).astype(np.float32)
     scaled = np.where(wavelen > old / low, inv / factor, inv).astype(np.float32)
-    smooth = ((old / wavelen - low) / (high - low)).astype(np.float32)
+    smooth = (((1 / wavelen).astype(np.float32) * np.float32(old) - low)
+              / (high - low)).astype(np.float32)
     smoothed = ((1 - smooth) * scaled / factor + smooth * scaled).astype(np.float32)
     medium = ~(wavelen < old / high) & ~(wavelen > old / low)
     return np.where(medium, smoothed, scaled).astype(np.float32)
@@ -133,6 +136,8 @@ class Block:
     """Pre-norm transformer block: x1 = x + attn(ln1(x)); out = x1 + mlp(ln2(x1)). With qk_norm,
     each head of q and of k is normalized (a weight of head_dim each) before the rotary
     embedding."""
+
+    q_norm = k_norm = None    # blocks pickled before qk_norm existed have none
 
     def __init__(self, cfg: Config, index: int):
         p = f"blocks.{index}."
@@ -249,8 +254,11 @@ class Block:
         keep |= {"x1", "st2"} if need_h2 else set()
         keep |= {("a_rows" if gathered else "a")} if attn and dw(self.o) else set()
         keep |= {"q", "k", "v", "a", "lse"} if need_qkv else set()
-        # the q / k norms' backward reads their inputs (the projections' outputs)
-        keep |= {"q_pre", "stq", "k_pre", "stk"} if need_qkv and self.q_norm else set()
+        # a q / k norm's backward reads its input (the projection's output), needed when that
+        # side leads to a trainable parameter or to the block's input
+        if need_qkv and self.q_norm:
+            keep |= {"q_pre", "stq"} if need_h or tr(self.q, self.q_norm) else set()
+            keep |= {"k_pre", "stk"} if need_h or tr(self.k, self.k_norm) else set()
         keep |= {"h"} if need_qkv and dw(self.q, self.k, self.v) else set()
         keep |= {"x", "st1"} if need_h else set()
         return dict(mlp=mlp, attn=attn, need_h2=need_h2, need_act=need_act, need_h=need_h,
@@ -318,10 +326,15 @@ class Block:
         return dx if need_dx else None
 
     def _qk_norm_backward(self, P, G, dq, dk, s):
-        D = self.D
-        dq_pre, dk_pre = np.zeros_like(s["q_pre"]), np.zeros_like(s["k_pre"])   # (N, H*D), (N, Hkv*D)
-        self.q_norm.backward(P, G, dq.reshape(-1, D), s["q_pre"].reshape(-1, D), s["stq"],
-                             dq_pre.reshape(-1, D))
-        self.k_norm.backward(P, G, dk.reshape(-1, D), s["k_pre"].reshape(-1, D), s["stk"],
-                             dk_pre.reshape(-1, D))
-        return dq_pre, dk_pre
+        """Back through the q and k norms, on the sides whose inputs were kept (backward_plan);
+        a side not kept leads nowhere and keeps its gradient as it is, unread."""
+        out = []
+        for norm, d, pre, st in ((self.q_norm, dq, "q_pre", "stq"), (self.k_norm, dk, "k_pre", "stk")):
+            if pre not in s:
+                out.append(d)
+                continue
+            dpre = np.zeros_like(s[pre])        # (N, heads * D)
+            norm.backward(P, G, d.reshape(-1, self.D), s[pre].reshape(-1, self.D), s[st],
+                          dpre.reshape(-1, self.D))
+            out.append(dpre)
+        return out

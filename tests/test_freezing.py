@@ -255,3 +255,22 @@ def test_a_batch_without_targets_adds_nothing_and_its_step_moves_nothing(spy):
     m.forward(x, y)
     m.backward()
     assert all(np.array_equal(got[n], m.grads[n]) for n in got)
+
+
+@pytest.mark.parametrize("trainable,kept", [
+    (("blocks.0.attn.v.*",), set()),                        # q and k lead nowhere
+    (("blocks.0.attn.q_norm.*",), {"q_pre", "stq"}),
+    (("blocks.0.attn.k.*",), {"k_pre", "stk"}),
+    (("blocks.0.ln1.*",), {"q_pre", "stq", "k_pre", "stk"}),  # through both to the norm
+])
+def test_qk_norms_keep_their_inputs_only_where_backward_reads_them(trainable, kept):
+    """A Qwen3 block keeps q / k before their norms (and the norms' statistics) only on the
+    side whose backward leads to a trainable parameter; the step still runs."""
+    m = small(n_layer=3, kind="qwen3")
+    m.freeze().unfreeze(*trainable)
+    keep = m.blocks[0].backward_plan(set(m.trainable), False)["keep"]
+    assert keep & {"q_pre", "stq", "k_pre", "stk"} == kept
+    tokens, targets = data()
+    m.forward(tokens, targets)
+    m.backward()
+    assert set(m.grads) == set(m.trainable)

@@ -221,14 +221,17 @@ def test_linear_rope_scaling(tmp_path):
     assert load_gguf(tmp_path / "l.gguf")[0].rope_scaling == {"rope_type": "linear", "factor": 2.0}
 
 
-@pytest.mark.parametrize("meta", [{"llama.rope.scaling.factor": 4.0},     # no type key: linear
-                                  {"llama.rope.scale_linear": 4.0},       # the older key
-                                  {"llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 4.0}])
-def test_a_rope_factor_without_its_type_is_not_ignored(tmp_path, meta):
-    """llama.cpp scales the frequencies by the factor from either key whatever the type says
-    (unless it is yarn or the like): such a file loads with that linear scaling, not plain."""
+@pytest.mark.parametrize("meta,linear", [
+    ({"llama.rope.scaling.factor": 4.0}, True),                              # no type: linear
+    ({"llama.rope.scale_linear": 4.0}, True),                                # the older key
+    ({"llama.rope.scaling.factor": 0.0, "llama.rope.scale_linear": 4.0}, False),  # 0: none
+    ({"llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 4.0}, False)])
+def test_rope_factor_read_as_llamacpp_reads_it(tmp_path, meta, linear):
+    """llama.cpp: a missing type is linear; the factor is rope.scaling.factor, or
+    rope.scale_linear when that key is absent; 0 means 1; type "none" never scales."""
     write_tiny_llama(tmp_path / "f.gguf", metadata=meta)
-    assert load_gguf(tmp_path / "f.gguf")[0].rope_scaling == {"rope_type": "linear", "factor": 4.0}
+    got = load_gguf(tmp_path / "f.gguf")[0].rope_scaling
+    assert got == ({"rope_type": "linear", "factor": 4.0} if linear else None)
 
 
 @pytest.mark.parametrize("ids, want", [

@@ -109,6 +109,26 @@ def test_rotary_frequencies_equal_transformers(hf_dirs, kind):
         assert (ratio == 1).any() and (ratio == 8).any() and ((ratio > 1) & (ratio < 8)).any()
 
 
+def test_llama3_frequencies_equal_transformers_beyond_llama3s_constants():
+    """transformers' own llama3 rescaling, bit for bit, over constants other than Llama 3's."""
+    import itertools
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from engine.layers import rope_frequencies
+    for hd, theta, factor, old, (low, high) in itertools.product(
+            (64, 128), (5e5, 1e4, 1e5), (8.0, 32.0, 7.3), (8192, 16384, 4096),
+            ((1.0, 4.0), (1.3, 3.7))):
+        sc = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+              "high_freq_factor": high, "original_max_position_embeddings": old}
+        hc = LlamaConfig(vocab_size=8, num_hidden_layers=1, hidden_size=hd, num_attention_heads=1,
+                         head_dim=hd, intermediate_size=8, rope_theta=theta,
+                         max_position_embeddings=131072, rope_scaling=dict(sc))
+        want = ROPE_INIT_FUNCTIONS["llama3"](hc, "cpu")[0].numpy()
+        cfg = engine.Config.llama(vocab_size=8, n_layer=1, n_head=1, n_kv_head=1, d_model=hd,
+                                  d_ff=8, rope_theta=theta, rope_scaling=sc)
+        np.testing.assert_array_equal(rope_frequencies(cfg), want, err_msg=str(sc))
+
+
 @pytest.mark.parametrize("freeze", list(FREEZES))
 @pytest.mark.parametrize("kind", ["gpt2", "gpt2-untied", "llama", "llama-tied", "llama3", "qwen2", "qwen3"])
 def test_loss_and_grads_match(hf_dirs, kind, freeze):
@@ -127,7 +147,9 @@ def test_loss_and_grads_match(hf_dirs, kind, freeze):
     lambda m: m.freeze().unfreeze("blocks.1.attn.q_norm.*", "blocks.2.attn.k_norm.*"),
     lambda m: m.train_last(1).freeze("blocks.2.attn.q.*", "blocks.2.attn.k.*"),
     lambda m: m.train_last(2).freeze("blocks.*.attn.q_norm.*", "blocks.*.attn.k_norm.*"),
-], ids=["norms-only", "norms-above-frozen-projections", "projections-below-frozen-norms"])
+    lambda m: m.freeze().unfreeze("blocks.1.attn.v.*", "blocks.2.attn.q_norm.*"),
+], ids=["norms-only", "norms-above-frozen-projections", "projections-below-frozen-norms",
+        "v-only-below-a-q-norm"])
 def test_qk_norm_gradients_match(hf_dirs, freeze):
     """Qwen3's per-head q / k norms trained alone, above frozen projections, and frozen between
     trainable projections and the attention."""

@@ -578,18 +578,18 @@ def llama3_rope_factors(head_dim: int, theta: float, sc: dict) -> np.ndarray:
 def _rope_scaling(f: GGUFFile, get, arch: str, head_dim: int, theta: float) -> dict | None:
     """Config.rope_scaling from the file: linear from rope.scaling.*, "llama3" from the
     per-frequency factors of rope_freqs.weight (Llama 3.1 / 3.2), when they are Llama 3's."""
-    # as llama.cpp reads them: the factor may be the older rope.scale_linear, 0 or none means
-    # 1, and it scales the frequencies linearly whatever the type says unless that is yarn
-    # (or another type llama.cpp treats on its own)
+    # as llama.cpp reads them: no type means linear; the factor is rope.scaling.factor, or
+    # the older rope.scale_linear when that key is absent; 0 means 1; type "none" never scales
     kind = get.text(f"{arch}.rope.scaling.type", "linear")
-    factor = (get.number(f"{arch}.rope.scaling.factor", 0.0)
-              or get.number(f"{arch}.rope.scale_linear", 0.0) or 1.0)
     if kind not in ("none", "linear"):
         raise ConfigError(f"{f.path}: rope scaling {kind!r} is not supported (only linear "
                           "and Llama 3's)")
+    key = f"{arch}.rope.scaling.factor"
+    factor = get.number(key if key in f.metadata else f"{arch}.rope.scale_linear", 0.0) or 1.0
     if not 0 < factor < float("inf"):
         raise ConfigError(f"{f.path}: rope scaling factor {factor} is not a positive number")
-    linear = {"rope_type": "linear", "factor": factor} if factor != 1.0 else None
+    linear = ({"rope_type": "linear", "factor": factor}
+              if kind == "linear" and factor != 1.0 else None)
     if "rope_freqs.weight" not in f._tensors:
         return linear
     if arch != "llama" or linear:

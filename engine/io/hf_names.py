@@ -75,11 +75,9 @@ def config_from_hf(hf: dict) -> Config:
     if mt in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
         # transformers then gives the layers past max_window_layers windowed attention
         raise ConfigError(f"{mt} use_sliding_window=true is not supported (only full attention)")
-    rope = _get(hf, "rope_parameters", "dict", None) or {}
-    rope_scaling = _rope_scaling(mt, rope, _get(hf, "rope_scaling", "dict", None) or {})
-    theta = _get(rope, "rope_theta", "number", None, within="rope_parameters.")
-    if theta is None:
-        theta = _get(hf, "rope_theta", "number", 10000.0)
+    max_pos = _get(hf, "max_position_embeddings", "size",
+                   2048 if mt == "llama" else 32768)      # transformers' defaults
+    theta, rope_scaling = _rope(mt, hf, max_pos)
     n_head = _get(hf, "num_attention_heads", "size")
     d = _get(hf, "hidden_size", "size")
     if mt == "qwen2":   # transformers' Qwen2: biases on q, k, v always, none elsewhere
@@ -95,38 +93,42 @@ def config_from_hf(hf: dict) -> Config:
                         n_layer=_get(hf, "num_hidden_layers", "size"), n_head=n_head,
                         n_kv_head=_get(hf, "num_key_value_heads", "size", None) or n_head,
                         d_model=d,
-                        head_dim=_get(hf, "head_dim", "size", None) or d // n_head,
+                        # (transformers' Qwen3Config has heads 128 wide by default)
+                        head_dim=(_get(hf, "head_dim", "size", None)
+                                  or (128 if mt == "qwen3" else d // n_head)),
                         d_ff=_get(hf, "intermediate_size", "size"),
-                        max_seq_len=_get(hf, "max_position_embeddings", "size",
-                                    2048 if mt == "llama" else 32768),   # transformers' defaults
+                        max_seq_len=max_pos,
                         norm_eps=_get(hf, "rms_norm_eps", "number", 1e-6), rope_theta=float(theta),
                         tie_embeddings=_get(hf, "tie_word_embeddings", "bool", False),
                         rope_scaling=rope_scaling, **bias, **_token_ids(hf))
 
 
-def _rope_scaling(mt: str, rope: dict, scaling: dict) -> dict | None:
-    """Config.rope_scaling from config.json's rope_parameters and rope_scaling. transformers
-    reads either dict, and either key for the type, and lets rope_scaling win: two that
-    disagree are refused rather than guessed between."""
-    found = {}
-    for where, d in (("rope_parameters", rope), ("rope_scaling", scaling)):
-        types = {d[k] for k in ("rope_type", "type") if k in d}
-        if len(types) > 1:
-            raise ConfigError(f"config.json: {where} names two rope types, {sorted(map(str, types))}")
-        kind = types.pop() if types else "default"
-        if kind == "default":
-            continue
-        if kind not in ROPE_SCALING_KEYS:
-            raise ConfigError(f"{mt} rope scaling {where} type {kind!r} is not supported (only "
-                              f"default, {', '.join(ROPE_SCALING_KEYS)})")
-        out = {"rope_type": kind}
-        for k in ROPE_SCALING_KEYS[kind]:
+def _rope(mt: str, hf: dict, max_pos: int) -> tuple[float, dict | None]:
+    """(rope_theta, Config.rope_scaling) as transformers reads config.json: a non-empty
+    rope_scaling replaces rope_parameters whole; the type is rope_type, else type, else default;
+    theta comes from that dict, else the top level; llama3's original context defaults to
+    max_position_embeddings."""
+    scaling = _get(hf, "rope_scaling", "dict", None)
+    where = "rope_scaling" if scaling else "rope_parameters"
+    d = scaling or _get(hf, "rope_parameters", "dict", None) or {}
+    kind = d["rope_type"] if "rope_type" in d else d.get("type", "default")
+    if not isinstance(kind, str):
+        raise ConfigError(f"config.json: {where} type {kind!r} is not a string")
+    theta = _get(d, "rope_theta", "number", None, within=f"{where}.")
+    if theta is None:
+        theta = _get(hf, "rope_theta", "number", 10000.0)
+    if kind == "default":
+        return float(theta), None
+    if kind not in ROPE_SCALING_KEYS:
+        raise ConfigError(f"{mt} rope scaling {where} type {kind!r} is not supported (only "
+                          f"default, {', '.join(ROPE_SCALING_KEYS)})")
+    out = {"rope_type": kind}
+    for k in ROPE_SCALING_KEYS[kind]:
+        if k == "original_max_position_embeddings":
+            out[k] = _get(d, k, "size", max_pos, within=f"{where}.")
+        else:
             out[k] = _get(d, k, "number", within=f"{where}.")
-        found[where] = out
-    if len(found) == 2 and found["rope_parameters"] != found["rope_scaling"]:
-        raise ConfigError(f"config.json: rope_parameters and rope_scaling disagree "
-                          f"({found['rope_parameters']} vs {found['rope_scaling']})")
-    return found.get("rope_scaling") or found.get("rope_parameters")
+    return float(theta), out
 
 
 def config_to_hf(cfg: Config) -> dict:
@@ -164,7 +166,8 @@ def config_to_hf(cfg: Config) -> dict:
               "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
               "head_dim": cfg.head_dim, "hidden_act": "silu",
               "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-              "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
+              "rope_theta": cfg.rope_theta,
+              "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling else None,
               "tie_word_embeddings": cfg.tie_embeddings,
               "attention_dropout": 0.0, "torch_dtype": "float32", **ids}
     if cfg.model_type == "qwen2":
