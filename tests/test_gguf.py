@@ -286,13 +286,35 @@ def test_rope_freqs_tensor(tmp_path):
     assert load_gguf(tmp_path / "r.gguf")[0].rope_scaling is None
     for extra, m, error in (
             ({"rope_freqs.weight": np.arange(1, 9, dtype=np.float32)}, meta,
-             "does not hold Llama 3's rope scaling"),
+             "does not hold factors of Llama 3's rope scaling"),
             ({"rope_freqs.weight": factors[:4]}, meta, r"shape \(4,\), expected \(8,\)"),
             ({"rope_freqs.weight": factors}, {**meta, "llama.rope.scaling.factor": 2.0},
              "rope_freqs.weight in a llama file with linear scaling")):
         write_tiny_llama(tmp_path / "r.gguf", metadata=m, extra=extra)
         with pytest.raises((ConfigError, CheckpointError), match=error):
             load_gguf(tmp_path / "r.gguf")
+
+
+def test_llama3_constants_are_recovered_from_the_factors_alone():
+    """rope_freqs.weight holds only per-frequency factors: for constants other than Llama 3's
+    (another original context, high factor, a factor no frequency reaches) the reader finds
+    constants giving the same factors, by the converter's formula."""
+    import itertools
+    from engine.io.gguf import _llama3_candidates
+    n = 0
+    for hd, theta, factor, old, high in itertools.product(
+            (16, 64, 128), (5e5, 1e4, 500.0), (8.0, 32.0, 7.3), (8192, 4096, 5000, 32),
+            (4.0, 3.7, 11.0)):
+        got = converter_rope_factors(hd, theta, factor, 1.0, high, old)
+        if (got == 1).all():
+            continue
+        n += 1
+        assert any(np.allclose(converter_rope_factors(hd, theta, c["factor"], c["low_freq_factor"],
+                                                      c["high_freq_factor"],
+                                                      c["original_max_position_embeddings"]),
+                               got, rtol=1e-5, atol=0)
+                   for c in _llama3_candidates(got, hd, theta)), (hd, theta, factor, old, high)
+    assert n > 200
 
 
 def test_a_malformed_block_tensor_name_is_refused_by_name(tmp_path):

@@ -577,7 +577,8 @@ def llama3_rope_factors(head_dim: int, theta: float, sc: dict) -> np.ndarray:
 
 def _rope_scaling(f: GGUFFile, get, arch: str, head_dim: int, theta: float) -> dict | None:
     """Config.rope_scaling from the file: linear from rope.scaling.*, "llama3" from the
-    per-frequency factors of rope_freqs.weight (Llama 3.1 / 3.2), when they are Llama 3's."""
+    per-frequency factors of rope_freqs.weight (Llama 3.1 / 3.2), with constants that give
+    those factors."""
     # as llama.cpp reads them: no type means linear; the factor is rope.scaling.factor, or
     # the older rope.scale_linear when that key is absent; 0 means 1; type "none" never scales
     kind = get.text(f"{arch}.rope.scaling.type", "linear")
@@ -605,12 +606,68 @@ def _rope_scaling(f: GGUFFile, get, arch: str, head_dim: int, theta: float) -> d
                               "numbers")
     if (got == 1).all():
         return None
-    sc = {"rope_type": "llama3", "factor": float(got.max()), **LLAMA3_ROPE}
-    if not np.allclose(llama3_rope_factors(head_dim, theta, sc), got, rtol=1e-5, atol=0):
-        raise ConfigError(f"{f.path}: rope_freqs.weight does not hold Llama 3's rope scaling "
-                          f"(factor {sc['factor']:g}, low / high frequency factors 1 / 4, "
-                          "original context 8192); other per-frequency factors are not supported")
-    return sc
+    for sc in _llama3_candidates(got, head_dim, theta):
+        if np.allclose(llama3_rope_factors(head_dim, theta, sc), got, rtol=1e-5, atol=0):
+            return sc
+    raise ConfigError(f"{f.path}: rope_freqs.weight does not hold factors of Llama 3's rope "
+                      "scaling (1 for high frequencies, a factor for low ones, smoothed between); "
+                      "other per-frequency factors are not supported")
+
+
+def _llama3_candidates(got: np.ndarray, head_dim: int, theta: float):
+    """"llama3" rope_scaling dicts that may have produced these factors: Llama 3's own
+    constants first, then ones solved from the factors. Only the factors at the heads'
+    frequencies matter, so any constants that reproduce them give the same model; the caller
+    keeps the first that does. low_freq_factor is taken as 1 (every Llama 3 has it)."""
+    top = float(got.max())
+    yield {"rope_type": "llama3", "factor": top, **LLAMA3_ROPE}
+    if top <= 1:
+        return
+    wavelen = 2 * np.pi * float(theta) ** (np.arange(0, head_dim, 2) / head_dim)
+    plateau = (got >= top * (1 - 1e-6)).sum() >= 2
+    # without two frequencies at the top, the factor may lie beyond every one of them
+    for factor in [top] if plateau else [top] + [f for f in (8.0, 32.0, 16.0, 4.0, 2.0, 64.0)
+                                                   if f > top]:
+        yield from _llama3_solved(got, wavelen, factor)
+    medium = got > 1 + 1e-6
+    if not plateau and medium.sum() >= 2:
+        # every frequency past the kept ones smoothed: any whole context fixes the factor
+        c1, c0 = np.polyfit(1 / wavelen[medium], 1 / got[medium].astype(np.float64), 1)
+        for old in (2 ** k for k in range(10, 18)):
+            inv_f = c1 / old + c0
+            if 0 < inv_f < 1 / top and c1 > 0:
+                yield _llama3(1 / inv_f, 1.0, 1 + (1 - inv_f) / (inv_f - c0), old)
+
+
+def _llama3_solved(got, wavelen, factor):
+    low = 1.0
+    medium = (got > 1 + 1e-6) & (got < factor * (1 - 1e-6))
+    kept, scaled = wavelen[got <= 1 + 1e-6], wavelen[got >= factor * (1 - 1e-6)]
+    if medium.sum() >= 2:
+        # there 1 / got = 1/f + (1 - 1/f) s, s = (old / wavelen - 1) / (high - 1): a line in
+        # 1 / wavelen, c0 + c1 / wavelen, whose two coefficients give high and old
+        c1, c0 = np.polyfit(1 / wavelen[medium], 1 / got[medium].astype(np.float64), 1)
+        if 1 / factor > c0 and c1 > 0:
+            yield _llama3(factor, low, 1 + (1 - 1 / factor) / (1 / factor - c0),
+                          c1 / (1 / factor - c0))
+    elif medium.sum() == 1:   # any whole context between the bands, and the high factor from it
+        s = (1 / float(got[medium][0]) - 1 / factor) / (1 - 1 / factor)
+        wm = wavelen[medium][0]
+        above = scaled.min() if len(scaled) else 64 * wm
+        from_high = {round(wm * (low + s * (h - low))) for h in (4.0, 2.0, 3.0, 8.0, 16.0)}
+        for old in sorted({*(2 ** k for k in range(10, 18)), *from_high, int(wm) + 1}):
+            if wm < old < above:
+                yield _llama3(factor, low, low + (old / wm - low) / s, old)
+    elif len(scaled):   # a context between the bands: above the kept ones' x high, below the rest
+        old = np.floor(scaled.min()) - 1
+        high = old / kept.max() * 0.999 if len(kept) else 4.0
+        if high > low:
+            yield _llama3(factor, low, high, old)
+
+
+def _llama3(factor, low, high, old) -> dict:
+    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": float(low),
+            "high_freq_factor": float(high), "original_max_position_embeddings": max(1, round(old))}
 
 
 def _gpt2_config(f: GGUFFile, get) -> Config:
