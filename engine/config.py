@@ -93,8 +93,7 @@ class Config:
             raise ConfigError(f"rotary embeddings need an even head_dim, got {self.head_dim}")
         for name, zero_ok in (("norm_eps", False), ("rope_theta", False), ("init_std", True)):
             v = getattr(self, name)
-            if (not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v)
-                    or not (v >= 0 if zero_ok else v > 0)):
+            if not _finite_real(v) or not (v >= 0 if zero_ok else v > 0):
                 raise ConfigError(f"Config.{name} must be a finite number "
                                   f"{'>= 0' if zero_ok else '> 0'}, got {v!r}")
         # past these every logit is NaN or inf (a float32 eps of 1e308 is inf; a base below 1
@@ -104,9 +103,9 @@ class Config:
                               f"got {self.norm_eps!r}")
         if self.rope_scaling is not None:
             _check_rope_scaling(self.rope_scaling, self.positions)
-        if self.positions == "rope" and self.rope_theta < 1:
-            raise ConfigError(f"Config.rope_theta must be at least 1 (models use 1e4 to 1e6), "
-                              f"got {self.rope_theta!r}")
+        if self.positions == "rope" and not 1 <= self.rope_theta <= _F32_MAX:
+            raise ConfigError(f"Config.rope_theta must be at least 1 and a float32 (models use "
+                              f"1e4 to 1e6), got {self.rope_theta!r}")
         for name in ("attn_bias", "attn_out_bias", "mlp_bias", "qk_norm", "tie_embeddings"):
             # a truthy string such as "false" would silently mean True
             v = getattr(self, name)
@@ -209,13 +208,30 @@ def _check_rope_scaling(d, positions: str) -> None:
         raise ConfigError(f"Config.rope_scaling of type {kind!r} needs exactly the keys "
                           f"{sorted(want)}, got {sorted(d)}")
     for k in ROPE_SCALING_KEYS[kind]:
+        # bounded: from an untrusted file a factor of 1e-300 would make every logit NaN
         v = d[k]
-        if (not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v)
-                or v <= 0):
-            raise ConfigError(f"Config.rope_scaling[{k!r}] must be a finite number > 0, got {v!r}")
+        if not _finite_real(v) or not 1e-6 <= v <= 1e9:
+            raise ConfigError(f"Config.rope_scaling[{k!r}] must be a number from 1e-6 to 1e9, "
+                              f"got {v!r}")
+    if kind == "llama3" and d["factor"] < 1:
+        raise ConfigError(f"Config.rope_scaling: a llama3 factor stretches the context, it must "
+                          f"be at least 1, got {d['factor']!r}")
     if kind == "llama3" and d["high_freq_factor"] <= d["low_freq_factor"]:
         raise ConfigError("Config.rope_scaling: high_freq_factor must be above low_freq_factor, "
                           f"got {d['high_freq_factor']!r} and {d['low_freq_factor']!r}")
+
+
+_F32_MAX = float(3.4028234663852886e38)   # rotary tables are float32
+
+
+def _finite_real(v) -> bool:
+    """A real number, not a bool, finite (an int too large for a float is not)."""
+    if not isinstance(v, numbers.Real) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def _is_id(v) -> bool:

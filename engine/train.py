@@ -33,9 +33,11 @@ import numpy as np
 
 from . import data as D
 from . import schedules
-from .errors import CheckpointError, DivergedError, InputError, check_flags, is_int, is_number
+from .errors import (CheckpointError, ConfigError, DivergedError, InputError, check_flags, is_int,
+                     is_number)
 from .generate import generate, stop_ids
 from .io import load_params, remove_abandoned, save_model, write_json
+from .io.hf_names import config_to_hf
 from .io.resolve import resolve_model_path
 from .io.safetensors import SafetensorsFile, write as write_safetensors
 from .model import Model
@@ -557,6 +559,11 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
     t_start = time.perf_counter()
     log(f"loading {args.model}")
     cfg, params = load_params(args.model)
+    try:   # the run ends by saving the Hugging Face layout: a config none holds fails now
+        config_to_hf(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{args.model}: a fine-tuned model of this layout could not be saved "
+                          f"({e}); nothing was trained") from None
     model = Model(cfg, params)
     base_fp = fingerprint(model)
     if state and state["base_fingerprint"] != base_fp:

@@ -201,6 +201,8 @@ def test_unsupported_architecture(tmp_path):
     ({"llama.vocab_size": 97}, "vocab_size"),
     ({"llama.attention.head_count": 5}, "not a multiple of head_count"),
     ({"llama.rope.freq_base": -1.0}, "freq_base"),
+    ({"llama.rope.freq_base": 0.5}, "rope.freq_base 0.5 is not a number from 1"),
+    ({"llama.rope.freq_base": (1e39, VT.FLOAT64)}, "rope.freq_base 1e\\+39 is not a number from 1"),
     ({"llama.context_length": (2**40, VT.UINT64)}, "context_length"),
     ({"llama.block_count": ("x", VT.STRING)}, "'llama.block_count'.*integer"),
     # Config's own checks, named by the file too
@@ -372,7 +374,8 @@ def test_llama_with_biases(tmp_path):
 
 def test_qkv_only_biases(tmp_path):
     """q/k/v biases without an output bias (as Qwen2 has) in a llama file: loaded so, q and k
-    biases un-permuted as their weights are. Some of q, k, v without: refused, by name."""
+    biases un-permuted as their weights are, as the qwen2 family. Some of q, k, v without:
+    refused, by name."""
     s, rng = TINY, np.random.default_rng(7)
     raw = {f"blk.{i}.attn_{k}.bias": rng.standard_normal(n).astype(np.float32)
            for i in range(s["L"]) for k, n in (("q", s["H"] * s["D"]), ("k", s["Hkv"] * s["D"]),
@@ -385,6 +388,7 @@ def test_qkv_only_biases(tmp_path):
     write_tiny_llama(tmp_path / "q.gguf", extra=extra)
     cfg, params = load_gguf(tmp_path / "q.gguf")
     assert (cfg.attn_bias, cfg.attn_out_bias, cfg.mlp_bias) == (True, False, False)
+    assert cfg.model_type == "qwen2"    # Qwen2's layout: saved as a Hugging Face qwen2
     assert not any(n.endswith("attn.o.bias") for n in params)
     for i in range(s["L"]):
         for k in "qkv":

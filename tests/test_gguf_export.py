@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import engine
+import engine.cli
 from engine.errors import CheckpointError, ConfigError, InputError
 from engine.io.gguf import GGUFFile
 from engine.io.gguf_write import GGUF_DTYPES, save_gguf, tokenizer_metadata
@@ -225,6 +226,20 @@ def test_llama3_rope_scaling_round_trip(tmp_path, small_tok):
                                rtol=2e-6)
     np.testing.assert_allclose(back.forward(ids), m.forward(ids), atol=1e-5 * np.abs(ref).max(),
                                rtol=0)
+
+
+def test_a_model_no_family_can_save_is_refused_before_training(tmp_path, small_tok):
+    """q/k/v biases without the output's, and MLP biases: llama.cpp runs such a llama file,
+    no Hugging Face family holds it, and a run would end unable to save. The finetune command
+    says so before training and leaves nothing."""
+    m = _tiny(vocab=300, attn_bias=True, attn_out_bias=False, mlp_bias=True)
+    m.save(str(tmp_path / "m.gguf"), tokenizer=small_tok)
+    data = tmp_path / "d.txt"
+    data.write_text("hello world, " * 400)
+    out = tmp_path / "run"
+    code = engine.cli.main(["finetune", "--model", str(tmp_path / "m.gguf"), "--data", str(data),
+                            "--out", str(out), "--steps", "2", "--seq-len", "32"])
+    assert code == 2 and not out.exists()
 
 
 def test_review_refusals_and_bos(tmp_path, small_tok):

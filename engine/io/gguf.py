@@ -395,15 +395,16 @@ def load_gguf(path) -> tuple[Config, dict[str, np.ndarray]]:
                                   "(corrupt file)")
         parts = np.split(a, np.cumsum([_expected_shape(cfg, n)[0] for n in e])[:-1])
         for n, part in zip(e, parts):
-            params[n] = from_gguf_layout(cfg, n, np.ascontiguousarray(part))
+            params[n] = from_gguf_layout(cfg, n, np.ascontiguousarray(part),
+                                         f.metadata["general.architecture"])
     return cfg, params
 
 
-def _rope_heads(cfg: Config, name: str) -> int | None:
-    """Heads of the llama q / k rows llama.cpp's converter permutes; None for other tensors
-    (qwen2's and qwen3's are not permuted: llama.cpp runs their rotary embedding in the NeoX
-    layout)."""
-    if cfg.model_type != "llama":
+def _rope_heads(cfg: Config, name: str, arch: str) -> int | None:
+    """Heads of the q / k rows llama.cpp's converter permutes in `arch` files (llama's); None
+    for other tensors and architectures (qwen2's and qwen3's are not permuted: llama.cpp runs
+    their rotary embedding in the NeoX layout)."""
+    if arch != "llama":
         return None
     if name.endswith(("attn.q.weight", "attn.q.bias")):
         return cfg.n_head
@@ -412,15 +413,17 @@ def _rope_heads(cfg: Config, name: str) -> int | None:
     return None
 
 
-def from_gguf_layout(cfg: Config, name: str, a: np.ndarray) -> np.ndarray:
-    """One engine parameter from its rows in the file: llama's q / k rows un-permuted."""
-    heads = _rope_heads(cfg, name)
+def from_gguf_layout(cfg: Config, name: str, a: np.ndarray, arch: str) -> np.ndarray:
+    """One engine parameter from its rows in an `arch` file: llama's q / k rows un-permuted.
+    (The file's architecture decides, not the config's family: a llama file may hold Qwen2's
+    layout.)"""
+    heads = _rope_heads(cfg, name, arch)
     return a if heads is None else unpermute_rope(a, heads)
 
 
-def to_gguf_layout(cfg: Config, name: str, a: np.ndarray) -> np.ndarray:
+def to_gguf_layout(cfg: Config, name: str, a: np.ndarray, arch: str) -> np.ndarray:
     """The inverse of from_gguf_layout."""
-    heads = _rope_heads(cfg, name)
+    heads = _rope_heads(cfg, name, arch)
     return a if heads is None else permute_rope(a, heads)
 
 
@@ -526,8 +529,9 @@ def _config_from_gguf(f: GGUFFile) -> Config:
                           f"{meta[f'{arch}.rope.dimension_count']} != head width {head_dim}) "
                           "are not supported")
     theta = get.number(f"{arch}.rope.freq_base", 10000.0)
-    if not 0 < theta < float("inf"):
-        raise ConfigError(f"{f.path}: rope.freq_base {theta} is not a positive number")
+    if not 1 <= theta <= float(np.finfo(np.float32).max):
+        raise ConfigError(f"{f.path}: rope.freq_base {theta} is not a number from 1 to float32's "
+                          "largest")
     vocab = _vocab_size(f, get, arch)
     names = f._tensors
     rope_scaling = _rope_scaling(f, get, arch, head_dim, theta)
@@ -535,16 +539,22 @@ def _config_from_gguf(f: GGUFFile) -> Config:
     def has_bias(*kinds):   # blk.{i}.{kind}.bias (other names are refused as unknown later)
         return any(len(p) == 4 and p[0] == "blk" and p[2] in kinds and p[3] == "bias"
                    for p in (n.split(".") for n in names))
-    cfg = getattr(Config, arch)(vocab_size=vocab, n_layer=n_layer, n_head=n_head,
+    attn_bias, attn_out_bias = has_bias("attn_q", "attn_k", "attn_v"), has_bias("attn_output")
+    mlp_bias = has_bias("ffn_gate", "ffn_up", "ffn_down")
+    # the Hugging Face family the layout is (what Model.save writes): llama.cpp runs q/k/v-only
+    # biases in llama files and no biases in qwen2 ones, which are qwen2's and llama's layouts
+    family = arch
+    if arch in ("llama", "qwen2") and not mlp_bias:
+        family = "qwen2" if attn_bias and not attn_out_bias else "llama"
+    cfg = getattr(Config, family)(vocab_size=vocab, n_layer=n_layer, n_head=n_head,
                                 n_kv_head=get.integer(f"{arch}.attention.head_count_kv", n_head),
                                 d_model=d_model, head_dim=head_dim,
                                 d_ff=get.integer(f"{arch}.feed_forward_length"),
                                 max_seq_len=max_seq,
                                 norm_eps=get.number(f"{arch}.attention.layer_norm_rms_epsilon"),
                                 rope_theta=theta,
-                                attn_bias=has_bias("attn_q", "attn_k", "attn_v"),
-                                attn_out_bias=has_bias("attn_output"),
-                                mlp_bias=has_bias("ffn_gate", "ffn_up", "ffn_down"),
+                                attn_bias=attn_bias, attn_out_bias=attn_out_bias,
+                                mlp_bias=mlp_bias,
                                 tie_embeddings="output.weight" not in names,
                                 rope_scaling=rope_scaling, **_token_ids(get))
     _reject_unknown_tensors(f, cfg)
@@ -630,25 +640,25 @@ def _llama3_candidates(got: np.ndarray, head_dim: int, theta: float):
                                                    if f > top]:
         yield from _llama3_solved(got, wavelen, factor)
     medium = got > 1 + 1e-6
-    if not plateau and medium.sum() >= 2:
+    if not plateau and medium.sum() >= 2 and np.ptp(wavelen[medium]) > 0:
         # every frequency past the kept ones smoothed: any whole context fixes the factor
         c1, c0 = np.polyfit(1 / wavelen[medium], 1 / got[medium].astype(np.float64), 1)
         for old in (2 ** k for k in range(10, 18)):
             inv_f = c1 / old + c0
             if 0 < inv_f < 1 / top and c1 > 0:
-                yield _llama3(1 / inv_f, 1.0, 1 + (1 - inv_f) / (inv_f - c0), old)
+                yield from _llama3(1 / inv_f, 1.0, 1 + (1 - inv_f) / (inv_f - c0), old)
 
 
 def _llama3_solved(got, wavelen, factor):
     low = 1.0
     medium = (got > 1 + 1e-6) & (got < factor * (1 - 1e-6))
     kept, scaled = wavelen[got <= 1 + 1e-6], wavelen[got >= factor * (1 - 1e-6)]
-    if medium.sum() >= 2:
+    if medium.sum() >= 2 and np.ptp(wavelen[medium]) > 0:
         # there 1 / got = 1/f + (1 - 1/f) s, s = (old / wavelen - 1) / (high - 1): a line in
         # 1 / wavelen, c0 + c1 / wavelen, whose two coefficients give high and old
         c1, c0 = np.polyfit(1 / wavelen[medium], 1 / got[medium].astype(np.float64), 1)
         if 1 / factor > c0 and c1 > 0:
-            yield _llama3(factor, low, 1 + (1 - 1 / factor) / (1 / factor - c0),
+            yield from _llama3(factor, low, 1 + (1 - 1 / factor) / (1 / factor - c0),
                           c1 / (1 / factor - c0))
     elif medium.sum() == 1:   # any whole context between the bands, and the high factor from it
         s = (1 / float(got[medium][0]) - 1 / factor) / (1 - 1 / factor)
@@ -657,17 +667,28 @@ def _llama3_solved(got, wavelen, factor):
         from_high = {round(wm * (low + s * (h - low))) for h in (4.0, 2.0, 3.0, 8.0, 16.0)}
         for old in sorted({*(2 ** k for k in range(10, 18)), *from_high, int(wm) + 1}):
             if wm < old < above:
-                yield _llama3(factor, low, low + (old / wm - low) / s, old)
+                yield from _llama3(factor, low, low + (old / wm - low) / s, old)
     elif len(scaled):   # a context between the bands: above the kept ones' x high, below the rest
         old = np.floor(scaled.min()) - 1
         high = old / kept.max() * 0.999 if len(kept) else 4.0
         if high > low:
-            yield _llama3(factor, low, high, old)
+            yield from _llama3(factor, low, high, old)
 
 
-def _llama3(factor, low, high, old) -> dict:
-    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": float(low),
-            "high_freq_factor": float(high), "original_max_position_embeddings": max(1, round(old))}
+def _llama3(factor, low, high, old):
+    """Candidates for constants solved with low = 1: (old t, low t, high t) gives the same
+    factors for any t, so old is made a whole number by t; first with the others rounded to
+    short decimals (what config files hold), then exactly."""
+    if not (np.isfinite([factor, high, old]).all() and old >= 1 and high > low):
+        return
+    whole = max(1, round(old))
+    t = whole / old
+    short = {"rope_type": "llama3", "factor": float(f"{factor:.6g}"),
+             "low_freq_factor": float(f"{low * t:.6g}"), "high_freq_factor": float(f"{high * t:.6g}"),
+             "original_max_position_embeddings": whole}
+    yield short
+    yield {**short, "factor": float(factor), "low_freq_factor": float(low * t),
+           "high_freq_factor": float(high * t)}
 
 
 def _gpt2_config(f: GGUFFile, get) -> Config:

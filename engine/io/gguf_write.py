@@ -207,7 +207,7 @@ def _check_range(gguf, ename: str, a: np.ndarray, qtype) -> None:
 def _converted(gguf, cfg, enames: tuple, params: dict, qtype) -> np.ndarray:
     """One GGUF tensor's bytes from the parameters whose rows it holds (llama's q / k rows
     permuted to llama.cpp's rotary layout)."""
-    parts = [to_gguf_layout(cfg, e, params[e]) for e in enames]
+    parts = [to_gguf_layout(cfg, e, params[e], cfg.model_type) for e in enames]
     a = parts[0] if len(parts) == 1 else np.concatenate(parts)
     T = gguf.GGMLQuantizationType
     if qtype == T.F32:
