@@ -94,16 +94,18 @@ def test_run_outputs_and_frozen_blocks_untouched(tiny, tmp_path):
     assert engine.load_tokenizer(os.path.join(out, "model")).encode("abc") == [97, 98, 99]
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
-def test_qwen_run_loads_in_transformers(tmp_path, family):
-    """The whole workflow on a Qwen2 (q, k, v biases, tied head) and a Qwen3 (q / k norms)
-    built by transformers: the trained block's parameters change, the frozen ones do not, and
-    transformers loads the run's model to the engine's logits."""
+@pytest.mark.parametrize("kind,name", [("qwen2", "Qwen2"), ("qwen3", "Qwen3"), ("llama3", "Llama")])
+def test_other_families_run_and_load_in_transformers(tmp_path, kind, name):
+    """The whole workflow on a Qwen2 (q, k, v biases, tied head), a Qwen3 (q / k norms) and a
+    Llama with Llama 3's rope scaling, built by transformers: the trained block's parameters
+    change, the frozen ones do not, and transformers loads the run's model to the engine's
+    logits."""
+    import copy
     import torch
     import transformers
     from conftest import HF_CONFIGS
-    name = family.capitalize()
-    config = getattr(transformers, f"{name}Config")(**{**HF_CONFIGS[family], "vocab_size": 257})
+    config = getattr(transformers, f"{name}Config")(**{**copy.deepcopy(HF_CONFIGS[kind]),
+                                                       "vocab_size": 257})
     src = tmp_path / "src"
     torch.manual_seed(4)
     getattr(transformers, f"{name}ForCausalLM")(config).save_pretrained(src)
@@ -117,11 +119,12 @@ def test_qwen_run_loads_in_transformers(tmp_path, family):
     s = json.load(open(os.path.join(out, "summary.json")))
     assert s["eval_loss_after"] < s["eval_loss_before"]
     tuned = engine.load(os.path.join(out, "model"))
-    assert tuned.config.model_type == family
+    assert tuned.config.model_type == name.lower()
+    assert tuned.config.rope_scaling == big.config.rope_scaling == HF_CONFIGS[kind].get("rope_scaling")
     top = f"blocks.{tuned.config.n_layer - 1}."
     for n, a in big.params.items():
         assert np.array_equal(a, tuned.params[n]) == (not n.startswith((top, "ln_f."))), n
-    own = top + ("attn.q.bias" if family == "qwen2" else "attn.k_norm.weight")
+    own = top + {"qwen2": "attn.q.bias", "qwen3": "attn.k_norm.weight"}.get(kind, "attn.q.weight")
     assert not np.array_equal(big.params[own], tuned.params[own])
     hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, "model"),
                                                            dtype=torch.float32).eval()
