@@ -146,7 +146,7 @@ def main(argv=None):
 
     x = sub.add_parser("export", help="write a model and its tokenizer as one GGUF file "
                        "(llama.cpp and the tools built on it run it)",
-                       description="Write a Llama, Qwen2, Qwen3 or GPT-2 model (a fine-tuned run's "
+                       description="Write a Llama, Qwen2, Qwen3, SmolLM3 or GPT-2 model (a fine-tuned run's "
                        "directory, a Hugging Face directory, a .gguf file) and its tokenizer as "
                        "one GGUF file.")
     x.add_argument("--model", required=True, help=MODEL_HELP)

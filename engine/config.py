@@ -38,6 +38,8 @@ class Config:
     mlp_bias: bool = True           # biases on the MLP projections
     qk_norm: bool = False           # RMSNorm over each head of q and of k (head_dim wide, a weight
                                     # each) before the rotary embedding (Qwen3)
+    no_rope_blocks: list[int] | None = None  # blocks whose attention skips the rotary embedding
+                                             # (SmolLM3: every 4th); None = none
     tie_embeddings: bool = True     # the LM head is the token embedding (one parameter)
     init_std: float = 0.02          # std of the normal init of weights for models built from scratch
     # Not architecture: carried from the loaded files to the saved ones, so that transformers
@@ -67,6 +69,8 @@ class Config:
             self.attn_out_bias = self.attn_bias
         if isinstance(self.rope_scaling, dict):   # its own copy: a caller's dict may change
             self.rope_scaling = dict(self.rope_scaling)
+        if isinstance(self.no_rope_blocks, (list, tuple)):   # a sorted copy; none = None
+            self.no_rope_blocks = sorted(self.no_rope_blocks) or None
         self.validate()
 
     def __setstate__(self, state):
@@ -103,6 +107,13 @@ class Config:
                               f"got {self.norm_eps!r}")
         if self.rope_scaling is not None:
             _check_rope_scaling(self.rope_scaling, self.positions)
+        if self.no_rope_blocks is not None:
+            b = self.no_rope_blocks
+            if (self.positions != "rope" or not isinstance(b, list) or len(set(b)) != len(b)
+                    or not all(isinstance(i, int) and not isinstance(i, bool)
+                               and 0 <= i < self.n_layer for i in b)):
+                raise ConfigError(f"Config.no_rope_blocks must be distinct block indices below "
+                                  f"n_layer={self.n_layer} of a rope model, got {b!r}")
         if self.positions == "rope" and not 1 <= self.rope_theta <= _F32_MAX:
             raise ConfigError(f"Config.rope_theta must be at least 1 and a float32 (models use "
                               f"1e4 to 1e6), got {self.rope_theta!r}")
@@ -158,6 +169,17 @@ class Config:
                     max_seq_len=40960)
         return cls.from_dict({**base, **overrides})
 
+    @classmethod
+    def smollm3(cls, **overrides) -> "Config":
+        """SmolLM3: Llama's blocks, every 4th without the rotary embedding (NoPE)."""
+        n_layer = overrides.get("n_layer", 36)
+        base = dict(model_type="smollm3", norm="rmsnorm", mlp="swiglu", positions="rope",
+                    attn_bias=False, mlp_bias=False, tie_embeddings=True, norm_eps=1e-6,
+                    rope_theta=5000000.0, vocab_size=128256, n_layer=n_layer, n_head=16,
+                    n_kv_head=4, d_model=2048, d_ff=11008, max_seq_len=65536,
+                    no_rope_blocks=every_fourth(n_layer))
+        return cls.from_dict({**base, **overrides})
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -171,7 +193,7 @@ class Config:
         # before they existed still resume
         if d["attn_out_bias"] == d["attn_bias"]:
             d.pop("attn_out_bias")
-        for k in ("qk_norm", "rope_scaling"):
+        for k in ("qk_norm", "rope_scaling", "no_rope_blocks"):
             if not d[k]:
                 d.pop(k)
         return d
@@ -187,7 +209,7 @@ class Config:
         return cls(**d)
 
 
-FAMILIES = ("gpt2", "llama", "qwen2", "qwen3")   # model_type: the Hugging Face families saved and loaded
+FAMILIES = ("gpt2", "llama", "qwen2", "qwen3", "smollm3")   # model_type: the Hugging Face families saved and loaded
 _NOT_ARCHITECTURE = ("bos_token_id", "eos_token_id", "pad_token_id", "generation")
 
 
@@ -222,6 +244,11 @@ def _check_rope_scaling(d, positions: str) -> None:
 
 
 _F32_MAX = float(3.4028234663852886e38)   # rotary tables are float32
+
+
+def every_fourth(n_layer) -> list[int]:
+    """SmolLM3's (and llama.cpp's smollm3's) blocks without rotary embedding: 3, 7, 11, ..."""
+    return [i for i in range(n_layer) if (i + 1) % 4 == 0] if isinstance(n_layer, int) else []
 
 
 def _finite_real(v) -> bool:

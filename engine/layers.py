@@ -144,7 +144,7 @@ class Block:
         self.index = index
         C, H, Hkv, D, F = cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.head_dim, cfg.d_ff
         self.H, self.Hkv, self.D = H, Hkv, D
-        self.rope = cfg.positions == "rope"
+        self.rope = cfg.positions == "rope" and index not in (cfg.no_rope_blocks or ())
         self.swiglu = cfg.mlp == "swiglu"
         self.ln1 = Norm(cfg, p + "ln1")
         self.ln2 = Norm(cfg, p + "ln2")

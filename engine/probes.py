@@ -55,7 +55,7 @@ def _elementwise_bytes(c, N: int, b, G, plan: dict | None, M: int | None = None)
     lin = _linears(b)
     swiglu = c.mlp == "swiglu"
     biased = sum(m.n_out * _rows(b, m, N, M) for m in lin if m.b)
-    rope = 2 * (Hd + Kd) if c.positions == "rope" else 0
+    rope = 2 * (Hd + Kd) if b.rope else 0
     qk = 2 * (Hd + Kd) if c.qk_norm else 0       # the q and k norms read and write q and k
     # ln1, the q / k norms and rope over every position; ln2, both residual adds and the
     # activation over M

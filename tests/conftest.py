@@ -47,6 +47,11 @@ HF_CONFIGS = {
     "qwen2": dict(vocab_size=107, hidden_size=40, intermediate_size=76, num_hidden_layers=3,
                   num_attention_heads=5, num_key_value_heads=1, max_position_embeddings=64,
                   rope_theta=2000.0, tie_word_embeddings=True),
+    # SmolLM3: every 2nd block here without the rotary embedding (every 4th in SmolLM3-3B)
+    "smollm3": dict(vocab_size=103, hidden_size=48, intermediate_size=80, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                    rope_theta=700.0, no_rope_layer_interval=2, pad_token_id=0, bos_token_id=1,
+                    eos_token_id=2),
     # Qwen3: an RMSNorm on each head of q and k; heads wider than hidden / heads
     "qwen3": dict(vocab_size=109, hidden_size=40, intermediate_size=68, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=14,
@@ -59,12 +64,15 @@ def build_hf(kind: str, seed: int = 0, boost: bool = True):
     boost scales weights up so every path carries signal (and some GELUs saturate)."""
     import torch
     from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-                              Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+                              Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+                              SmolLM3Config, SmolLM3ForCausalLM)
     torch.manual_seed(seed)
     if kind.startswith("gpt2"):
         m = GPT2LMHeadModel(GPT2Config(**copy.deepcopy(HF_CONFIGS[kind])))
     elif kind.startswith("qwen2"):
         m = Qwen2ForCausalLM(Qwen2Config(**copy.deepcopy(HF_CONFIGS[kind])))
+    elif kind.startswith("smollm3"):
+        m = SmolLM3ForCausalLM(SmolLM3Config(**copy.deepcopy(HF_CONFIGS[kind])))
     elif kind.startswith("qwen3"):
         m = Qwen3ForCausalLM(Qwen3Config(**copy.deepcopy(HF_CONFIGS[kind])))
     else:

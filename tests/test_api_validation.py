@@ -155,7 +155,7 @@ def test_adamw_arguments(model):
     (dict(attn_bias=1), "attn_bias"),
     (dict(attn_out_bias="no"), r"Config.attn_out_bias must be True or False, got 'no'"),
     (dict(model_type="mistral"), r"Config.model_type='mistral'; expected one of \('gpt2', 'llama', "
-                                 r"'qwen2', 'qwen3'\)"),
+                                 r"'qwen2', 'qwen3', 'smollm3'\)"),
     (dict(qk_norm=1), r"Config.qk_norm must be True or False, got 1"),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), r"rope_type is one of \('linear', "
                                                             r"'llama3'\)"),
@@ -173,6 +173,10 @@ def test_adamw_arguments(model):
      "a llama3 factor stretches the context, it must be at least 1"),
     (dict(rope_theta=10 ** 400), r"Config.rope_theta must be a finite number > 0"),
     (dict(rope_theta=1e39), r"Config.rope_theta must be at least 1 and a float32"),
+    (dict(no_rope_blocks=[0, 0]), r"Config.no_rope_blocks must be distinct block indices below "
+                                  r"n_layer=1"),
+    (dict(no_rope_blocks=[1]), r"Config.no_rope_blocks must be distinct block indices"),
+    (dict(no_rope_blocks=[True]), r"Config.no_rope_blocks must be distinct block indices"),
     (dict(qk_norm=True, norm="layernorm"), r"Config.qk_norm needs norm='rmsnorm'"),
     (dict(n_layers=2), r"unknown Config fields: \['n_layers'\]"),
     (dict(n_head="2"), "Config.n_head must be a positive integer, got '2'"),
@@ -315,6 +319,27 @@ def test_rope_scaling_refusals(change, match):
         hf_names.config_from_hf({**LLAMA_HF, **change})
 
 
+def test_smollm3_config_json():
+    """SmolLM3's no_rope_layers (1 = rotary) become the blocks without; absent, every
+    no_rope_layer_interval-th block, as transformers' SmolLM3Config makes them; compared with
+    SmolLM3Config itself."""
+    import copy
+    from transformers import SmolLM3Config
+    base = {**LLAMA_HF, "model_type": "smollm3", "num_hidden_layers": 8}
+    for change in ({}, {"no_rope_layer_interval": 3}, {"no_rope_layers": [1, 0, 0, 1, 1, 1, 1, 0]}):
+        hf = {**base, **change}
+        want = SmolLM3Config(**copy.deepcopy(hf)).no_rope_layers
+        cfg = hf_names.config_from_hf(hf)
+        assert cfg.no_rope_blocks == [i for i, f in enumerate(want) if not f]
+        assert cfg.tie_embeddings     # SmolLM3Config's default
+        assert hf_names.config_from_hf(hf_names.config_to_hf(cfg)) == cfg
+    with pytest.raises(engine.ConfigError, match="no_rope_layers must be 8 flags of 0 or 1"):
+        hf_names.config_from_hf({**base, "no_rope_layers": [1, 0]})
+    with pytest.raises(engine.ConfigError, match="cannot save as llama: it needs no_rope_blocks=None"):
+        hf_names.config_to_hf(engine.Config.from_dict({**hf_names.config_from_hf(base).to_dict(),
+                                                       "model_type": "llama"}))
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_qwen3_config_json(bias):
     """Qwen3: per-head q / k norms; attention_bias on all four projections as llama's; no MLP
@@ -351,7 +376,7 @@ def test_bias_layouts_no_family_holds_are_refused_on_save(tmp_path, family, chan
 
 def test_architecture_omits_fields_added_later_at_their_absent_value():
     """Run fingerprints hash Config.architecture(): a config that uses none of attn_out_bias,
-    qk_norm and rope_scaling hashes the fields it had before they existed, so earlier runs
+    qk_norm, rope_scaling and no_rope_blocks hashes the fields it had before they existed, so earlier runs
     still resume."""
     before = {"model_type", "vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "head_dim",
               "d_ff", "max_seq_len", "norm", "norm_eps", "mlp", "positions", "rope_theta",
@@ -360,6 +385,7 @@ def test_architecture_omits_fields_added_later_at_their_absent_value():
     assert set(engine.Config.llama(attn_bias=True).architecture()) == before
     assert set(engine.Config.qwen2().architecture()) == before | {"attn_out_bias"}
     assert set(engine.Config.qwen3().architecture()) == before | {"qk_norm"}
+    assert set(engine.Config.smollm3().architecture()) == before | {"no_rope_blocks"}
     assert set(engine.Config.llama(rope_scaling={"rope_type": "linear", "factor": 2.0})
                .architecture()) == before | {"rope_scaling"}
 
@@ -556,6 +582,7 @@ def test_a_model_pickled_before_the_newer_fields_still_runs(tmp_path):
     want, fp = m.forward(ids), fingerprint(m)
     for name in ("attn_out_bias", "qk_norm", "rope_scaling"):
         del m.config.__dict__[name]
+    del m.config.__dict__["no_rope_blocks"]
     for b in m.blocks:
         del b.__dict__["q_norm"], b.__dict__["k_norm"]
     old = pickle.loads(pickle.dumps(m))

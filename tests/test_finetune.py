@@ -94,10 +94,11 @@ def test_run_outputs_and_frozen_blocks_untouched(tiny, tmp_path):
     assert engine.load_tokenizer(os.path.join(out, "model")).encode("abc") == [97, 98, 99]
 
 
-@pytest.mark.parametrize("kind,name", [("qwen2", "Qwen2"), ("qwen3", "Qwen3"), ("llama3", "Llama")])
+@pytest.mark.parametrize("kind,name", [("qwen2", "Qwen2"), ("qwen3", "Qwen3"), ("llama3", "Llama"),
+                                       ("smollm3", "SmolLM3")])
 def test_other_families_run_and_load_in_transformers(tmp_path, kind, name):
-    """The whole workflow on a Qwen2 (q, k, v biases, tied head), a Qwen3 (q / k norms) and a
-    Llama with Llama 3's rope scaling, built by transformers: the trained block's parameters
+    """The whole workflow on a Qwen2 (q, k, v biases, tied head), a Qwen3 (q / k norms), a
+    Llama with Llama 3's rope scaling and a SmolLM3 (blocks without rope), built by transformers: the trained block's parameters
     change, the frozen ones do not, and transformers loads the run's model to the engine's
     logits."""
     import copy

@@ -9,7 +9,7 @@ import engine
 from engine.generate import pick
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2", "qwen3", "smollm3"])
 def test_cache_matches_full_rerun(hf_dirs, kind):
     model = engine.load(hf_dirs[kind][1])
     prompt = [3, 14, 15, 9, 2, 6]

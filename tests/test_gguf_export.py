@@ -39,8 +39,8 @@ def small_tok(tmp_path_factory):
 
 
 def _tiny(vocab=49152, d_model=64, d_ff=96, n_head=4, n_kv_head=2, head_dim=None,
-          family=engine.Config.llama, **kw):
-    cfg = family(vocab_size=vocab, n_layer=2, n_head=n_head, n_kv_head=n_kv_head,
+          family=engine.Config.llama, n_layer=2, **kw):
+    cfg = family(vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
                               d_model=d_model, d_ff=d_ff, head_dim=head_dim, max_seq_len=128,
                               rope_theta=5000.0, **kw)
     m = engine.Model(cfg, seed=3)
@@ -226,6 +226,30 @@ def test_llama3_rope_scaling_round_trip(tmp_path, small_tok):
                                rtol=2e-6)
     np.testing.assert_allclose(back.forward(ids), m.forward(ids), atol=1e-5 * np.abs(ref).max(),
                                rtol=0)
+
+
+def test_smollm3_round_trip(tmp_path, small_tok):
+    """llama.cpp's smollm3: q / k rows permuted as llama's, no rotary embedding in every 4th
+    block (a rule of llama.cpp's, not a key of the file): read back as the same blocks and
+    weights. A SmolLM3 leaving out other blocks cannot be written (llama.cpp would run it
+    otherwise). (transformers' GGUF loader has no smollm3; llama.cpp is checked by hand.)"""
+    m = _tiny(vocab=300, family=engine.Config.smollm3, n_layer=8, n_head=4, n_kv_head=2)
+    assert m.config.no_rope_blocks == [3, 7]
+    assert [b.rope for b in m.blocks] == [True, True, True, False] * 2
+    out = str(tmp_path / "m.gguf")
+    m.save(out, tokenizer=small_tok)
+    assert GGUFFile(out).metadata["general.architecture"] == "smollm3"
+    kind, a = _raw(out, "blk.3.attn_q.weight")
+    np.testing.assert_array_equal(a, llamacpp_permute(m.params["blocks.3.attn.q.weight"], 4, 4))
+    back = engine.load(out)
+    assert (back.config.model_type, back.config.no_rope_blocks) == ("smollm3", [3, 7])
+    for n, p in m.params.items():
+        np.testing.assert_array_equal(back.params[n], p, err_msg=n)
+    ids = np.array([small_tok.encode(TEXTS[0])[:40]])
+    np.testing.assert_array_equal(back.forward(ids), m.forward(ids))
+    other = _tiny(vocab=300, family=engine.Config.smollm3, n_layer=8, no_rope_blocks=[1, 5])
+    with pytest.raises(engine.ConfigError, match=r"no rotary embedding in blocks \[1, 5\]"):
+        other.save(str(tmp_path / "o.gguf"), tokenizer=small_tok)
 
 
 def test_a_model_no_family_can_save_is_refused_before_training(tmp_path, small_tok):

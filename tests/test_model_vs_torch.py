@@ -83,7 +83,7 @@ FREEZES = {
 }
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "gpt2-untied", "llama", "llama-tied", "llama3", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["gpt2", "gpt2-untied", "llama", "llama-tied", "llama3", "qwen2", "qwen3", "smollm3"])
 def test_logits_match(hf_dirs, kind):
     hf, path = hf_dirs[kind]
     model = engine.load(path)
@@ -130,7 +130,7 @@ def test_llama3_frequencies_equal_transformers_beyond_llama3s_constants():
 
 
 @pytest.mark.parametrize("freeze", list(FREEZES))
-@pytest.mark.parametrize("kind", ["gpt2", "gpt2-untied", "llama", "llama-tied", "llama3", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["gpt2", "gpt2-untied", "llama", "llama-tied", "llama3", "qwen2", "qwen3", "smollm3"])
 def test_loss_and_grads_match(hf_dirs, kind, freeze):
     hf, path = hf_dirs[kind]
     model = engine.load(path)
@@ -262,7 +262,7 @@ def train_both(model, hf, opt, topt, steps, seed):
         topt.step()
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2", "qwen3", "smollm3"])
 def test_adamw_steps_match_torch(kind):
     # Default init, not boosted: saturated GELUs give near-zero gradients that Adam's
     # normalization would blow up to lr-sized steps driven by rounding (torch's tanh flushes

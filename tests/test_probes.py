@@ -19,11 +19,12 @@ def tiny(vocab=257):
 
 
 def tiny_of(kind, gpt2_layers=4):
-    """tiny() for "llama"; Qwen2's (biases on q, k, v only), Qwen3's (q and k norms) or GPT-2's
-    (layernorm, GELU, every bias) blocks of the same width otherwise."""
+    """tiny() for "llama"; Qwen2's (biases on q, k, v only), Qwen3's (q and k norms), SmolLM3's
+    (the top block without rope) or GPT-2's (layernorm, GELU, every bias) blocks of the same
+    width otherwise."""
     if kind == "llama":
         return tiny()
-    if kind in ("qwen2", "qwen3"):
+    if kind in ("qwen2", "qwen3", "smollm3"):
         return engine.Model(getattr(engine.Config, kind)(vocab_size=257, n_layer=4, n_head=2,
                                                          n_kv_head=1, d_model=24, head_dim=12,
                                                          d_ff=32, max_seq_len=32), seed=4)
@@ -320,7 +321,7 @@ def test_head_row_charges_what_its_backward_does():
     assert got["bwd_pred"] > 0 and got["bwd_meas"] > 0
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2", "qwen3", "smollm3"])
 @pytest.mark.parametrize("trainable", ["all", "last2", "embeddings"])
 def test_every_parameter_in_exactly_one_row(kind, trainable):
     """Parameters and optimizer bytes over the rows add up to the model's: each parameter,
@@ -416,7 +417,7 @@ def test_inspect_target_fraction(tmp_path, capsys):
 @pytest.mark.parametrize("trainable", ["last2", "head-only", "everything", "lowest-mlp-only",
                                        "top-o-only", "frozen-down-in-range"])
 @pytest.mark.parametrize("n_targets", [5, 32])
-@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "qwen2", "qwen3", "smollm3"])
 def test_predicted_step_flops_and_memory_with_masked_targets(monkeypatch, kind, n_targets, trainable):
     """Every GEMM of a training step (blocks and head, forward and backward), counted by wrapping
     the kernels, against the cost model given target_rows: with 5 of 32 positions carrying a

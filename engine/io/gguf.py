@@ -22,7 +22,7 @@ import struct
 
 import numpy as np
 
-from ..config import Config
+from ..config import Config, every_fourth
 from ..errors import CheckpointError, ConfigError, optional_import
 from .safetensors import bf16_to_f32
 
@@ -357,7 +357,7 @@ _GPT2_BLOCK = {"attn_norm": ("ln1",), "attn_qkv": ("attn.q", "attn.k", "attn.v")
                "ffn_down": ("mlp.down",)}
 
 
-_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gpt2")   # general.architecture values read
+_ARCHITECTURES = ("llama", "qwen2", "qwen3", "smollm3", "gpt2")   # general.architecture values read
 
 
 def load_gguf(path) -> tuple[Config, dict[str, np.ndarray]]:
@@ -401,10 +401,10 @@ def load_gguf(path) -> tuple[Config, dict[str, np.ndarray]]:
 
 
 def _rope_heads(cfg: Config, name: str, arch: str) -> int | None:
-    """Heads of the q / k rows llama.cpp's converter permutes in `arch` files (llama's); None
-    for other tensors and architectures (qwen2's and qwen3's are not permuted: llama.cpp runs
+    """Heads of the q / k rows llama.cpp's converter permutes in `arch` files (llama's and
+    smollm3's); None for other tensors and architectures (qwen2's and qwen3's are not permuted: llama.cpp runs
     their rotary embedding in the NeoX layout)."""
-    if arch != "llama":
+    if arch not in ("llama", "smollm3"):
         return None
     if name.endswith(("attn.q.weight", "attn.q.bias")):
         return cfg.n_head
@@ -487,8 +487,8 @@ def _expected_shape(cfg: Config, name: str) -> tuple:
 
 
 def config_from_gguf(f: GGUFFile) -> Config:
-    """Config.llama / qwen2 / qwen3 / gpt2 from the `llama.*` / `qwen2.*` / `qwen3.*` / `gpt2.*`
-    metadata; refuses what the engine cannot represent. Every refusal names the file (Config's own checks do not)."""
+    """Config.llama / qwen2 / qwen3 / smollm3 / gpt2 from the `<architecture>.*` metadata;
+    refuses what the engine cannot represent. Every refusal names the file (Config's own checks do not)."""
     try:
         return _config_from_gguf(f)
     except ConfigError as e:
@@ -556,7 +556,10 @@ def _config_from_gguf(f: GGUFFile) -> Config:
                                 attn_bias=attn_bias, attn_out_bias=attn_out_bias,
                                 mlp_bias=mlp_bias,
                                 tie_embeddings="output.weight" not in names,
-                                rope_scaling=rope_scaling, **_token_ids(get))
+                                rope_scaling=rope_scaling, **_token_ids(get),
+                                # llama.cpp's smollm3 leaves out every 4th block's rotary
+                                **({"no_rope_blocks": every_fourth(n_layer)}
+                                   if family == "smollm3" else {}))
     _reject_unknown_tensors(f, cfg)
     return cfg
 

@@ -1,4 +1,4 @@
-"""Write a Llama, Qwen2, Qwen3 or GPT-2 model and its tokenizer as one GGUF file: what llama.cpp (and the
+"""Write a Llama, Qwen2, Qwen3, SmolLM3 or GPT-2 model and its tokenizer as one GGUF file: what llama.cpp (and the
 tools built on it) run, and what `engine.load` / `engine.load_tokenizer` read back.
 
 The layout follows llama.cpp's own converter: `llama.*` / `qwen2.*` / `qwen3.*` / `gpt2.*`
@@ -16,6 +16,7 @@ import os
 
 import numpy as np
 
+from ..config import every_fourth
 from ..errors import CheckpointError, ConfigError, InputError, optional_import
 from .gguf import _name_map, gguf_shape, llama3_rope_factors, to_gguf_layout
 from .safetensors import atomic_file
@@ -103,6 +104,8 @@ _ARCHITECTURES = {
                   attn_out_bias=False, mlp_bias=False, qk_norm=False),
     "qwen3": dict(norm="rmsnorm", mlp="swiglu", positions="rope", attn_bias=False,
                   attn_out_bias=False, mlp_bias=False, qk_norm=True),
+    "smollm3": dict(norm="rmsnorm", mlp="swiglu", positions="rope", attn_bias=False,
+                    attn_out_bias=False, mlp_bias=False, qk_norm=False),
     "gpt2": dict(norm="layernorm", mlp="gelu", positions="learned", attn_bias=True,
                  attn_out_bias=True, mlp_bias=True, qk_norm=False),
 }
@@ -120,6 +123,10 @@ def _check_architecture(cfg) -> None:
     if cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "llama3" and cfg.model_type != "llama":
         raise ConfigError(f"cannot write a {cfg.model_type} GGUF with Llama 3's rope scaling "
                           "(llama.cpp reads its per-frequency factors in llama files)")
+    if cfg.no_rope_blocks != (every_fourth(cfg.n_layer) if cfg.model_type == "smollm3" else None):
+        raise ConfigError(f"cannot write a {cfg.model_type} GGUF with no rotary embedding in "
+                          f"blocks {cfg.no_rope_blocks}: llama.cpp's smollm3 leaves it out of "
+                          "every 4th block (3, 7, ...), its other architectures out of none")
     if cfg.model_type == "qwen2" and cfg.head_dim * cfg.n_head != cfg.d_model:
         # (qwen3's key_length is read; qwen2's is not, by llama.cpp nor by transformers)
         raise ConfigError("cannot write a qwen2 GGUF: llama.cpp's qwen2 has heads of d_model / "

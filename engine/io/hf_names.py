@@ -1,10 +1,13 @@
-"""Hugging Face <-> engine: config.json fields and tensor names for the gpt2, llama, qwen2 and
-qwen3 families (qwen2 and qwen3 name their tensors as llama does; qwen3 adds q_norm, k_norm).
+"""Hugging Face <-> engine: config.json fields and tensor names for the gpt2, llama, qwen2,
+qwen3 and smollm3 families (the last three name their tensors as llama does; qwen3 adds
+q_norm, k_norm).
 
 Engine weights are (out, in) like torch.nn.Linear. GPT-2's Conv1D stores (in, out) and fuses
 q, k, v into one c_attn; both are undone on load and redone on save.
 """
 from __future__ import annotations
+
+import reprlib
 
 import numpy as np
 
@@ -72,7 +75,7 @@ def config_from_hf(hf: dict) -> Config:
         raise ConfigError(f"{mt} hidden_act {act!r} is not supported (only 'silu')")
     if hf.get("pretraining_tp", 1) != 1:
         raise ConfigError(f"{mt} pretraining_tp != 1 is not supported")
-    if mt in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
+    if mt in ("qwen2", "qwen3", "smollm3") and hf.get("use_sliding_window"):
         # transformers then gives the layers past max_window_layers windowed attention
         raise ConfigError(f"{mt} use_sliding_window=true is not supported (only full attention)")
     max_pos = _get(hf, "max_position_embeddings", "size",
@@ -86,11 +89,13 @@ def config_from_hf(hf: dict) -> Config:
         family = Config.qwen3
         bias = dict(attn_bias=_get(hf, "attention_bias", "bool", False), mlp_bias=False)
     else:
-        family = Config.llama
+        family = Config.smollm3 if mt == "smollm3" else Config.llama
         bias = dict(attn_bias=_get(hf, "attention_bias", "bool", False),
                     mlp_bias=_get(hf, "mlp_bias", "bool", False))
+    n_layer = _get(hf, "num_hidden_layers", "size")
+    extra = {"no_rope_blocks": _no_rope_blocks(hf, n_layer)} if mt == "smollm3" else {}
     return family(vocab_size=_get(hf, "vocab_size", "size"),
-                        n_layer=_get(hf, "num_hidden_layers", "size"), n_head=n_head,
+                        n_layer=n_layer, n_head=n_head,
                         n_kv_head=_get(hf, "num_key_value_heads", "size", None) or n_head,
                         d_model=d,
                         # (transformers' Qwen3Config has heads 128 wide by default)
@@ -99,8 +104,22 @@ def config_from_hf(hf: dict) -> Config:
                         d_ff=_get(hf, "intermediate_size", "size"),
                         max_seq_len=max_pos,
                         norm_eps=_get(hf, "rms_norm_eps", "number", 1e-6), rope_theta=float(theta),
-                        tie_embeddings=_get(hf, "tie_word_embeddings", "bool", False),
-                        rope_scaling=rope_scaling, **bias, **_token_ids(hf))
+                        tie_embeddings=_get(hf, "tie_word_embeddings", "bool", mt == "smollm3"),
+                        rope_scaling=rope_scaling, **bias, **extra, **_token_ids(hf))
+
+
+def _no_rope_blocks(hf: dict, n_layer: int) -> list[int]:
+    """SmolLM3's no_rope_layers (per layer, 1 = rotary, 0 = none) as the blocks without; when
+    absent, every no_rope_layer_interval-th block (transformers' SmolLM3Config does the same)."""
+    flags = hf.get("no_rope_layers")
+    if flags is None:
+        step = _get(hf, "no_rope_layer_interval", "size", 4)
+        return [i for i in range(n_layer) if (i + 1) % step == 0]
+    if (not isinstance(flags, list) or len(flags) != n_layer
+            or not all(f in (0, 1) and not isinstance(f, float) for f in flags)):
+        raise ConfigError(f"config.json: no_rope_layers must be {n_layer} flags of 0 or 1, got "
+                          f"{reprlib.repr(flags)}")
+    return [i for i, f in enumerate(flags) if not f]
 
 
 def _rope(mt: str, hf: dict, max_pos: int) -> tuple[float, dict | None]:
@@ -138,7 +157,7 @@ def config_to_hf(cfg: Config) -> dict:
     ids = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     if cfg.model_type == "gpt2":
         want = dict(norm="layernorm", mlp="gelu", positions="learned", attn_bias=True,
-                    attn_out_bias=True, mlp_bias=True, qk_norm=False)
+                    attn_out_bias=True, mlp_bias=True, qk_norm=False, no_rope_blocks=None)
         _require(cfg, want)
         if cfg.head_dim * cfg.n_head != cfg.d_model:
             raise ConfigError("gpt2 needs head_dim * n_head == d_model")
@@ -151,6 +170,8 @@ def config_to_hf(cfg: Config) -> dict:
                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
                 "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32", **ids}
     want = dict(norm="rmsnorm", mlp="swiglu", positions="rope", qk_norm=cfg.model_type == "qwen3")
+    if cfg.model_type != "smollm3":   # SmolLM3's NoPE blocks: no other family has them
+        want.update(no_rope_blocks=None)
     if cfg.model_type == "qwen2":
         want.update(attn_bias=True, attn_out_bias=False, mlp_bias=False)
     else:   # one attention_bias switch for all four projections
@@ -176,6 +197,12 @@ def config_to_hf(cfg: Config) -> dict:
     if cfg.model_type == "qwen3":
         return {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], **common,
                 "attention_bias": cfg.attn_bias, "use_sliding_window": False}
+    if cfg.model_type == "smollm3":
+        no_rope = set(cfg.no_rope_blocks or ())
+        return {"model_type": "smollm3", "architectures": ["SmolLM3ForCausalLM"], **common,
+                "attention_bias": cfg.attn_bias, "mlp_bias": cfg.mlp_bias,
+                "no_rope_layers": [int(i not in no_rope) for i in range(cfg.n_layer)],
+                "use_sliding_window": False}
     return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], **common,
             "attention_bias": cfg.attn_bias, "mlp_bias": cfg.mlp_bias}
 
