@@ -209,7 +209,8 @@ class Config:
         return cls(**d)
 
 
-FAMILIES = ("gpt2", "llama", "qwen2", "qwen3", "smollm3")   # model_type: the Hugging Face families saved and loaded
+# model_type: the Hugging Face families loaded and saved
+FAMILIES = ("gpt2", "llama", "qwen2", "qwen3", "smollm3")
 _NOT_ARCHITECTURE = ("bos_token_id", "eos_token_id", "pad_token_id", "generation")
 
 

@@ -329,7 +329,8 @@ class Block:
         """Back through the q and k norms, on the sides whose inputs were kept (backward_plan);
         a side not kept leads nowhere and keeps its gradient as it is, unread."""
         out = []
-        for norm, d, pre, st in ((self.q_norm, dq, "q_pre", "stq"), (self.k_norm, dk, "k_pre", "stk")):
+        for norm, d, pre, st in ((self.q_norm, dq, "q_pre", "stq"),
+                                 (self.k_norm, dk, "k_pre", "stk")):
             if pre not in s:
                 out.append(d)
                 continue

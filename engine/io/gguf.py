@@ -1,5 +1,5 @@
 """GGUF (llama.cpp) checkpoints: a validating header parser, dequantization, Llama, Qwen2,
-Qwen3 and GPT-2 -> engine.
+Qwen3, SmolLM3 and GPT-2 -> engine.
 
 Format (v2/v3, little-endian): magic "GGUF", u32 version, u64 tensor count, u64 key/value count;
 the key/value pairs (string key, u32 value type, value); one info record per tensor (string name,
@@ -340,7 +340,7 @@ def read_metadata(path) -> dict:
     return GGUFFile(path).metadata
 
 
-# GGUF llama (and qwen2, qwen3) tensor name -> engine name; {i} is the block index.
+# GGUF llama (and qwen2, qwen3, smollm3) tensor name -> engine name; {i} is the block index.
 _GLOBAL_NAMES = {"token_embd.weight": "wte.weight", "output_norm.weight": "ln_f.weight",
                  "output.weight": "lm_head.weight"}
 _BLOCK_NAMES = {"attn_norm": "ln1", "ffn_norm": "ln2",
@@ -361,8 +361,8 @@ _ARCHITECTURES = ("llama", "qwen2", "qwen3", "smollm3", "gpt2")   # general.arch
 
 
 def load_gguf(path) -> tuple[Config, dict[str, np.ndarray]]:
-    """A Llama, Qwen2, Qwen3 or GPT-2 GGUF file -> (Config, engine params as float32 arrays,
-    weights (out, in)).
+    """A Llama, Qwen2, Qwen3, SmolLM3 or GPT-2 GGUF file -> (Config, engine params as float32
+    arrays, weights (out, in)).
 
     Llama's q and k are un-permuted from llama.cpp's interleaved rotary layout to the
     rotate_half layout the engine (and Hugging Face) use; GPT-2's fused qkv is split. Names and
@@ -402,8 +402,8 @@ def load_gguf(path) -> tuple[Config, dict[str, np.ndarray]]:
 
 def _rope_heads(cfg: Config, name: str, arch: str) -> int | None:
     """Heads of the q / k rows llama.cpp's converter permutes in `arch` files (llama's and
-    smollm3's); None for other tensors and architectures (qwen2's and qwen3's are not permuted: llama.cpp runs
-    their rotary embedding in the NeoX layout)."""
+    smollm3's); None for other tensors and architectures (qwen2's and qwen3's are not
+    permuted: llama.cpp runs their rotary embedding in the NeoX layout)."""
     if arch not in ("llama", "smollm3"):
         return None
     if name.endswith(("attn.q.weight", "attn.q.bias")):
@@ -488,7 +488,8 @@ def _expected_shape(cfg: Config, name: str) -> tuple:
 
 def config_from_gguf(f: GGUFFile) -> Config:
     """Config.llama / qwen2 / qwen3 / smollm3 / gpt2 from the `<architecture>.*` metadata;
-    refuses what the engine cannot represent. Every refusal names the file (Config's own checks do not)."""
+    refuses what the engine cannot represent. Every refusal names the file (Config's own
+    checks do not)."""
     try:
         return _config_from_gguf(f)
     except ConfigError as e:
@@ -687,7 +688,8 @@ def _llama3(factor, low, high, old):
     whole = max(1, round(old))
     t = whole / old
     short = {"rope_type": "llama3", "factor": float(f"{factor:.6g}"),
-             "low_freq_factor": float(f"{low * t:.6g}"), "high_freq_factor": float(f"{high * t:.6g}"),
+             "low_freq_factor": float(f"{low * t:.6g}"),
+             "high_freq_factor": float(f"{high * t:.6g}"),
              "original_max_position_embeddings": whole}
     yield short
     yield {**short, "factor": float(factor), "low_freq_factor": float(low * t),

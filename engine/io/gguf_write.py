@@ -1,9 +1,10 @@
-"""Write a Llama, Qwen2, Qwen3, SmolLM3 or GPT-2 model and its tokenizer as one GGUF file: what llama.cpp (and the
-tools built on it) run, and what `engine.load` / `engine.load_tokenizer` read back.
+"""Write a Llama, Qwen2, Qwen3, SmolLM3 or GPT-2 model and its tokenizer as one GGUF file: what
+llama.cpp (and the tools built on it) run, and what `engine.load` / `engine.load_tokenizer` read
+back.
 
-The layout follows llama.cpp's own converter: `llama.*` / `qwen2.*` / `qwen3.*` / `gpt2.*`
-hyperparameters, `blk.{i}.*` tensors (llama's q / k rows permuted to its interleaved rotary
-layout, qwen2's and qwen3's as they are, GPT-2's q, k, v in one attn_qkv), 1-D tensors (norms, biases) in F32,
+The layout follows llama.cpp's own converter: `<architecture>.*` hyperparameters, `blk.{i}.*`
+tensors (llama's and smollm3's q / k rows permuted to its interleaved rotary layout, qwen2's and
+qwen3's as they are, GPT-2's q, k, v in one attn_qkv), 1-D tensors (norms, biases) in F32,
 and the tokenizer as `tokenizer.ggml.*` (byte-level BPE: tokens, token types, merges, the
 pre-tokenizer's name, special ids, chat template). Tensors are converted and written one at a
 time, so a save needs little memory beyond the model; the file appears under its name only when
@@ -120,7 +121,7 @@ def _check_architecture(cfg) -> None:
         if getattr(cfg, k) != v:
             raise ConfigError(f"cannot write a {cfg.model_type} GGUF: it needs {k}={v!r}, this "
                               f"model has {getattr(cfg, k)!r}")
-    if cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "llama3" and cfg.model_type != "llama":
+    if _has_llama3_rope(cfg) and cfg.model_type != "llama":
         raise ConfigError(f"cannot write a {cfg.model_type} GGUF with Llama 3's rope scaling "
                           "(llama.cpp reads its per-frequency factors in llama files)")
     if cfg.no_rope_blocks != (every_fourth(cfg.n_layer) if cfg.model_type == "smollm3" else None):
@@ -170,7 +171,7 @@ def _tensor_plan(gguf, cfg, dtype: str) -> dict:
     T = gguf.GGMLQuantizationType
     head = "token_embd.weight" if cfg.tie_embeddings else "output.weight"
     out = {}
-    if _llama3(cfg):   # llama.cpp's converter writes Llama 3's rope scaling as this tensor
+    if _has_llama3_rope(cfg):   # llama.cpp's converter writes Llama 3's scaling as this tensor
         half = cfg.head_dim // 2
         out["rope_freqs.weight"] = ((), (half,), T.F32, 4 * half)
     for gname, enames in _name_map(cfg).items():
@@ -191,7 +192,7 @@ def _tensor_plan(gguf, cfg, dtype: str) -> dict:
     return out
 
 
-def _llama3(cfg) -> bool:
+def _has_llama3_rope(cfg) -> bool:
     return bool(cfg.rope_scaling) and cfg.rope_scaling["rope_type"] == "llama3"
 
 

@@ -95,17 +95,17 @@ def config_from_hf(hf: dict) -> Config:
     n_layer = _get(hf, "num_hidden_layers", "size")
     extra = {"no_rope_blocks": _no_rope_blocks(hf, n_layer)} if mt == "smollm3" else {}
     return family(vocab_size=_get(hf, "vocab_size", "size"),
-                        n_layer=n_layer, n_head=n_head,
-                        n_kv_head=_get(hf, "num_key_value_heads", "size", None) or n_head,
-                        d_model=d,
-                        # (transformers' Qwen3Config has heads 128 wide by default)
-                        head_dim=(_get(hf, "head_dim", "size", None)
-                                  or (128 if mt == "qwen3" else d // n_head)),
-                        d_ff=_get(hf, "intermediate_size", "size"),
-                        max_seq_len=max_pos,
-                        norm_eps=_get(hf, "rms_norm_eps", "number", 1e-6), rope_theta=float(theta),
-                        tie_embeddings=_get(hf, "tie_word_embeddings", "bool", mt == "smollm3"),
-                        rope_scaling=rope_scaling, **bias, **extra, **_token_ids(hf))
+                  n_layer=n_layer, n_head=n_head,
+                  n_kv_head=_get(hf, "num_key_value_heads", "size", None) or n_head,
+                  d_model=d,
+                  # (transformers' Qwen3Config has heads 128 wide by default)
+                  head_dim=(_get(hf, "head_dim", "size", None)
+                            or (128 if mt == "qwen3" else d // n_head)),
+                  d_ff=_get(hf, "intermediate_size", "size"),
+                  max_seq_len=max_pos,
+                  norm_eps=_get(hf, "rms_norm_eps", "number", 1e-6), rope_theta=float(theta),
+                  tie_embeddings=_get(hf, "tie_word_embeddings", "bool", mt == "smollm3"),
+                  rope_scaling=rope_scaling, **bias, **extra, **_token_ids(hf))
 
 
 def _no_rope_blocks(hf: dict, n_layer: int) -> list[int]:
