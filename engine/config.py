@@ -69,8 +69,10 @@ class Config:
             self.attn_out_bias = self.attn_bias
         if isinstance(self.rope_scaling, dict):   # its own copy: a caller's dict may change
             self.rope_scaling = dict(self.rope_scaling)
-        if isinstance(self.no_rope_blocks, (list, tuple)):   # a sorted copy; none = None
-            self.no_rope_blocks = sorted(self.no_rope_blocks) or None
+        b = self.no_rope_blocks
+        if isinstance(b, (list, tuple)):   # a sorted copy of ints (numpy's too); none = None
+            ints = all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in b)
+            self.no_rope_blocks = (sorted(int(i) for i in b) or None) if ints else list(b)
         self.validate()
 
     def __setstate__(self, state):

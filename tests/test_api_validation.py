@@ -177,6 +177,7 @@ def test_adamw_arguments(model):
                                   r"n_layer=1"),
     (dict(no_rope_blocks=[1]), r"Config.no_rope_blocks must be distinct block indices"),
     (dict(no_rope_blocks=[True]), r"Config.no_rope_blocks must be distinct block indices"),
+    (dict(no_rope_blocks=[0, "a"]), r"Config.no_rope_blocks must be distinct block indices"),
     (dict(qk_norm=True, norm="layernorm"), r"Config.qk_norm needs norm='rmsnorm'"),
     (dict(n_layers=2), r"unknown Config fields: \['n_layers'\]"),
     (dict(n_head="2"), "Config.n_head must be a positive integer, got '2'"),
@@ -326,15 +327,24 @@ def test_smollm3_config_json():
     import copy
     from transformers import SmolLM3Config
     base = {**LLAMA_HF, "model_type": "smollm3", "num_hidden_layers": 8}
-    for change in ({}, {"no_rope_layer_interval": 3}, {"no_rope_layers": [1, 0, 0, 1, 1, 1, 1, 0]}):
+    for change in ({}, {"no_rope_layer_interval": 3}, {"no_rope_layers": [1, 0, 0, 1, 1, 1, 1, 0]},
+                   {"no_rope_layers": [1, 0, 0, 1, 1, 1, 1, 0, 0, 0]}):   # longer: the first 8
         hf = {**base, **change}
-        want = SmolLM3Config(**copy.deepcopy(hf)).no_rope_layers
+        want = SmolLM3Config(**copy.deepcopy(hf)).no_rope_layers[:8]
         cfg = hf_names.config_from_hf(hf)
         assert cfg.no_rope_blocks == [i for i, f in enumerate(want) if not f]
         assert cfg.tie_embeddings     # SmolLM3Config's default
         assert hf_names.config_from_hf(hf_names.config_to_hf(cfg)) == cfg
     with pytest.raises(engine.ConfigError, match="no_rope_layers must be 8 flags of 0 or 1"):
         hf_names.config_from_hf({**base, "no_rope_layers": [1, 0]})
+    # no rope_theta: SmolLM3Config's default, not Llama's
+    no_theta = {k: v for k, v in base.items() if k != "rope_theta"}
+    assert hf_names.config_from_hf(no_theta).rope_theta == SmolLM3Config(
+        **copy.deepcopy(no_theta)).rope_parameters["rope_theta"] == 2e6
+    # SmolLM3 windows the layers layer_types names even with use_sliding_window false
+    with pytest.raises(engine.ConfigError, match="smollm3 layer_types with sliding_attention"):
+        hf_names.config_from_hf({**base, "sliding_window": 3,
+                                 "layer_types": ["full_attention", "sliding_attention"] * 4})
     with pytest.raises(engine.ConfigError, match="cannot save as llama: it needs no_rope_blocks=None"):
         hf_names.config_to_hf(engine.Config.from_dict({**hf_names.config_from_hf(base).to_dict(),
                                                        "model_type": "llama"}))

@@ -247,6 +247,9 @@ def test_smollm3_round_trip(tmp_path, small_tok):
         np.testing.assert_array_equal(back.params[n], p, err_msg=n)
     ids = np.array([small_tok.encode(TEXTS[0])[:40]])
     np.testing.assert_array_equal(back.forward(ids), m.forward(ids))
+    three = _tiny(vocab=300, family=engine.Config.smollm3, n_layer=3)   # every block roped
+    three.save(str(tmp_path / "3.gguf"), tokenizer=small_tok)
+    assert engine.load(str(tmp_path / "3.gguf")).config.no_rope_blocks is None
     other = _tiny(vocab=300, family=engine.Config.smollm3, n_layer=8, no_rope_blocks=[1, 5])
     with pytest.raises(engine.ConfigError, match=r"no rotary embedding in blocks \[1, 5\]"):
         other.save(str(tmp_path / "o.gguf"), tokenizer=small_tok)

@@ -124,7 +124,8 @@ def _check_architecture(cfg) -> None:
     if _has_llama3_rope(cfg) and cfg.model_type != "llama":
         raise ConfigError(f"cannot write a {cfg.model_type} GGUF with Llama 3's rope scaling "
                           "(llama.cpp reads its per-frequency factors in llama files)")
-    if cfg.no_rope_blocks != (every_fourth(cfg.n_layer) if cfg.model_type == "smollm3" else None):
+    if cfg.no_rope_blocks != ((every_fourth(cfg.n_layer) or None) if cfg.model_type == "smollm3"
+                              else None):
         raise ConfigError(f"cannot write a {cfg.model_type} GGUF with no rotary embedding in "
                           f"blocks {cfg.no_rope_blocks}: llama.cpp's smollm3 leaves it out of "
                           "every 4th block (3, 7, ...), its other architectures out of none")

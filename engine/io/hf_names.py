@@ -78,6 +78,11 @@ def config_from_hf(hf: dict) -> Config:
     if mt in ("qwen2", "qwen3", "smollm3") and hf.get("use_sliding_window"):
         # transformers then gives the layers past max_window_layers windowed attention
         raise ConfigError(f"{mt} use_sliding_window=true is not supported (only full attention)")
+    if (mt == "smollm3" and hf.get("sliding_window") is not None
+            and "sliding_attention" in (hf.get("layer_types") or ())):
+        # SmolLM3 windows the layers layer_types names whatever use_sliding_window says
+        raise ConfigError("smollm3 layer_types with sliding_attention (sliding_window="
+                          f"{hf['sliding_window']!r}) is not supported (only full attention)")
     max_pos = _get(hf, "max_position_embeddings", "size",
                    2048 if mt == "llama" else 32768)      # transformers' defaults
     theta, rope_scaling = _rope(mt, hf, max_pos)
@@ -115,11 +120,11 @@ def _no_rope_blocks(hf: dict, n_layer: int) -> list[int]:
     if flags is None:
         step = _get(hf, "no_rope_layer_interval", "size", 4)
         return [i for i in range(n_layer) if (i + 1) % step == 0]
-    if (not isinstance(flags, list) or len(flags) != n_layer
+    if (not isinstance(flags, list) or len(flags) < n_layer
             or not all(f in (0, 1) and not isinstance(f, float) for f in flags)):
         raise ConfigError(f"config.json: no_rope_layers must be {n_layer} flags of 0 or 1, got "
                           f"{reprlib.repr(flags)}")
-    return [i for i, f in enumerate(flags) if not f]
+    return [i for i, f in enumerate(flags[:n_layer]) if not f]   # transformers reads the first
 
 
 def _rope(mt: str, hf: dict, max_pos: int) -> tuple[float, dict | None]:
@@ -134,8 +139,8 @@ def _rope(mt: str, hf: dict, max_pos: int) -> tuple[float, dict | None]:
     if not isinstance(kind, str):
         raise ConfigError(f"config.json: {where} type {kind!r} is not a string")
     theta = _get(d, "rope_theta", "number", None, within=f"{where}.")
-    if theta is None:
-        theta = _get(hf, "rope_theta", "number", 10000.0)
+    if theta is None:   # transformers' defaults: SmolLM3Config's 2e6, the others' 1e4
+        theta = _get(hf, "rope_theta", "number", 2e6 if mt == "smollm3" else 10000.0)
     if kind == "default":
         return float(theta), None
     if kind not in ROPE_SCALING_KEYS:
