@@ -146,14 +146,14 @@ def main(argv=None):
 
     x = sub.add_parser("export", help="write a model and its tokenizer as one GGUF file "
                        "(llama.cpp and the tools built on it run it)",
-                       description="Write a Llama, Qwen2, Qwen3, SmolLM3 or GPT-2 model (a fine-tuned run's "
-                       "directory, a Hugging Face directory, a .gguf file) and its tokenizer as "
-                       "one GGUF file.")
+                       description="Write a Llama, Qwen2, Qwen3, SmolLM3 or GPT-2 model (a "
+                       "fine-tuned run's directory, a Hugging Face directory, a .gguf file) and "
+                       "its tokenizer as one GGUF file.")
     x.add_argument("--model", required=True, help=MODEL_HELP)
     x.add_argument("--out", required=True, help="the GGUF file to write, e.g. model.gguf")
     x.add_argument("--dtype", default="F32", metavar="TYPE",
-                   help="matrices as F32 (default: float32, as tailtune holds them), F16, BF16, Q8_0, "
-                        "Q5_1, Q5_0, Q4_1 or Q4_0; norms stay F32, and under Q5/Q4 the output "
+                   help="matrices as F32 (default: float32, as tailtune holds them), F16, BF16, "
+                        "Q8_0, Q5_1, Q5_0, Q4_1 or Q4_0; norms stay F32, and under Q5/Q4 the output "
                         "projection is Q8_0. For K-quants, write F16 and run llama.cpp's "
                         "llama-quantize")
 

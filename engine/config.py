@@ -139,35 +139,31 @@ class Config:
     @classmethod
     def gpt2(cls, **overrides) -> "Config":
         """GPT-2: learned positions, LayerNorm, GELU MLP, biases, tied head."""
-        base = dict(model_type="gpt2", norm="layernorm", mlp="gelu", positions="learned",
-                    attn_bias=True, mlp_bias=True, tie_embeddings=True, norm_eps=1e-5)
+        base = dict(FAMILY_FIELDS["gpt2"], model_type="gpt2", tie_embeddings=True, norm_eps=1e-5)
         return cls.from_dict({**base, **overrides})
 
     @classmethod
     def llama(cls, **overrides) -> "Config":
         """Llama: RMSNorm, rotary positions, SwiGLU MLP, no biases."""
-        base = dict(model_type="llama", norm="rmsnorm", mlp="swiglu", positions="rope",
-                    attn_bias=False, mlp_bias=False, tie_embeddings=False, norm_eps=1e-6,
-                    vocab_size=32000, n_layer=22, n_head=32, n_kv_head=4, d_model=2048,
-                    d_ff=5632, max_seq_len=2048)
+        base = dict(FAMILY_FIELDS["llama"], model_type="llama", attn_bias=False, mlp_bias=False,
+                    tie_embeddings=False, norm_eps=1e-6, vocab_size=32000, n_layer=22, n_head=32,
+                    n_kv_head=4, d_model=2048, d_ff=5632, max_seq_len=2048)
         return cls.from_dict({**base, **overrides})
 
     @classmethod
     def qwen2(cls, **overrides) -> "Config":
         """Qwen2 (Qwen2.5): Llama's blocks with biases on q, k, v (not on the output)."""
-        base = dict(model_type="qwen2", norm="rmsnorm", mlp="swiglu", positions="rope",
-                    attn_bias=True, attn_out_bias=False, mlp_bias=False, tie_embeddings=True,
-                    norm_eps=1e-6, rope_theta=1000000.0, vocab_size=151936, n_layer=24,
-                    n_head=14, n_kv_head=2, d_model=896, d_ff=4864, max_seq_len=32768)
+        base = dict(FAMILY_FIELDS["qwen2"], model_type="qwen2", tie_embeddings=True, norm_eps=1e-6,
+                    rope_theta=1000000.0, vocab_size=151936, n_layer=24, n_head=14, n_kv_head=2,
+                    d_model=896, d_ff=4864, max_seq_len=32768)
         return cls.from_dict({**base, **overrides})
 
     @classmethod
     def qwen3(cls, **overrides) -> "Config":
         """Qwen3: Llama's blocks with an RMSNorm on each head of q and k, heads 128 wide."""
-        base = dict(model_type="qwen3", norm="rmsnorm", mlp="swiglu", positions="rope",
-                    attn_bias=False, mlp_bias=False, qk_norm=True, tie_embeddings=True,
-                    norm_eps=1e-6, rope_theta=1000000.0, vocab_size=151936, n_layer=28,
-                    n_head=16, n_kv_head=8, d_model=1024, head_dim=128, d_ff=3072,
+        base = dict(FAMILY_FIELDS["qwen3"], model_type="qwen3", attn_bias=False,
+                    tie_embeddings=True, norm_eps=1e-6, rope_theta=1000000.0, vocab_size=151936,
+                    n_layer=28, n_head=16, n_kv_head=8, d_model=1024, head_dim=128, d_ff=3072,
                     max_seq_len=40960)
         return cls.from_dict({**base, **overrides})
 
@@ -175,8 +171,8 @@ class Config:
     def smollm3(cls, **overrides) -> "Config":
         """SmolLM3: Llama's blocks, every 4th without the rotary embedding (NoPE)."""
         n_layer = overrides.get("n_layer", 36)
-        base = dict(model_type="smollm3", norm="rmsnorm", mlp="swiglu", positions="rope",
-                    attn_bias=False, mlp_bias=False, tie_embeddings=True, norm_eps=1e-6,
+        base = dict(FAMILY_FIELDS["smollm3"], model_type="smollm3", attn_bias=False,
+                    mlp_bias=False, tie_embeddings=True, norm_eps=1e-6,
                     rope_theta=5000000.0, vocab_size=128256, n_layer=n_layer, n_head=16,
                     n_kv_head=4, d_model=2048, d_ff=11008, max_seq_len=65536,
                     no_rope_blocks=every_fourth(n_layer))
@@ -211,8 +207,20 @@ class Config:
         return cls(**d)
 
 
-# model_type: the Hugging Face families loaded and saved
-FAMILIES = ("gpt2", "llama", "qwen2", "qwen3", "smollm3")
+# What makes a model each family (model_type), as Config fields: saving in a family's Hugging
+# Face or GGUF layout needs them. Fields a family leaves open (llama's biases) are not listed.
+FAMILY_FIELDS = {
+    "gpt2": dict(norm="layernorm", mlp="gelu", positions="learned", attn_bias=True,
+                 attn_out_bias=True, mlp_bias=True),
+    "llama": dict(norm="rmsnorm", mlp="swiglu", positions="rope", qk_norm=False,
+                  no_rope_blocks=None),
+    "qwen2": dict(norm="rmsnorm", mlp="swiglu", positions="rope", attn_bias=True,
+                  attn_out_bias=False, mlp_bias=False, qk_norm=False, no_rope_blocks=None),
+    "qwen3": dict(norm="rmsnorm", mlp="swiglu", positions="rope", mlp_bias=False, qk_norm=True,
+                  no_rope_blocks=None),
+    "smollm3": dict(norm="rmsnorm", mlp="swiglu", positions="rope", qk_norm=False),
+}
+FAMILIES = tuple(FAMILY_FIELDS)   # the Hugging Face families loaded and saved
 _NOT_ARCHITECTURE = ("bos_token_id", "eos_token_id", "pad_token_id", "generation")
 
 

@@ -509,19 +509,7 @@ def _config_from_gguf(f: GGUFFile) -> Config:
         return _gpt2_config(f, get)
     if get.integer(f"{arch}.expert_count", 0) > 0:
         raise ConfigError(f"{f.path}: mixture-of-experts {arch} models are not supported")
-    n_layer = get.integer(f"{arch}.block_count")
-    if n_layer * len(_BLOCK_NAMES) > len(f._tensors):
-        # Checked before the name map is built: a mutated count must not cost a huge loop.
-        raise CheckpointError(f"{f.path}: block_count {n_layer} needs {len(_BLOCK_NAMES)} "
-                              f"tensors per block, the file holds {len(f._tensors)} tensors")
-    max_seq = get.integer(f"{arch}.context_length")
-    if max_seq > MAX_CONTEXT:
-        raise ConfigError(f"{f.path}: context_length {max_seq} is beyond {MAX_CONTEXT}")
-    n_head = get.integer(f"{arch}.attention.head_count")
-    d_model = get.integer(f"{arch}.embedding_length")
-    if n_head <= 0 or d_model % n_head:
-        raise ConfigError(f"{f.path}: embedding_length {d_model} is not a multiple of "
-                          f"head_count {n_head}")
+    n_layer, max_seq, n_head, d_model = _sizes(f, get, arch, len(_BLOCK_NAMES))
     head_dim = get.integer(f"{arch}.attention.key_length", d_model // n_head)
     if get.integer(f"{arch}.attention.value_length", head_dim) != head_dim:
         raise ConfigError(f"{f.path}: different key and value head widths are not supported")
@@ -696,19 +684,26 @@ def _llama3(factor, low, high, old):
            "high_freq_factor": float(high * t)}
 
 
-def _gpt2_config(f: GGUFFile, get) -> Config:
-    n_layer = get.integer("gpt2.block_count")
-    per_block = 2 * len(_GPT2_BLOCK)
-    if n_layer * per_block > len(f._tensors):   # before the name map is built (as for llama)
+def _sizes(f: GGUFFile, get, arch: str, per_block: int) -> tuple[int, int, int, int]:
+    """(block_count, context_length, head_count, embedding_length), each checked."""
+    n_layer = get.integer(f"{arch}.block_count")
+    if n_layer * per_block > len(f._tensors):
+        # Checked before the name map is built: a mutated count must not cost a huge loop.
         raise CheckpointError(f"{f.path}: block_count {n_layer} needs {per_block} tensors per "
                               f"block, the file holds {len(f._tensors)} tensors")
-    max_seq = get.integer("gpt2.context_length")
+    max_seq = get.integer(f"{arch}.context_length")
     if max_seq > MAX_CONTEXT:
         raise ConfigError(f"{f.path}: context_length {max_seq} is beyond {MAX_CONTEXT}")
-    n_head, d_model = get.integer("gpt2.attention.head_count"), get.integer("gpt2.embedding_length")
+    n_head = get.integer(f"{arch}.attention.head_count")
+    d_model = get.integer(f"{arch}.embedding_length")
     if n_head <= 0 or d_model % n_head:
         raise ConfigError(f"{f.path}: embedding_length {d_model} is not a multiple of "
                           f"head_count {n_head}")
+    return n_layer, max_seq, n_head, d_model
+
+
+def _gpt2_config(f: GGUFFile, get) -> Config:
+    n_layer, max_seq, n_head, d_model = _sizes(f, get, "gpt2", 2 * len(_GPT2_BLOCK))
     if get.integer("gpt2.attention.head_count_kv", n_head) != n_head:
         raise ConfigError(f"{f.path}: grouped-query attention in a gpt2 GGUF is not supported")
     cfg = Config.gpt2(vocab_size=_vocab_size(f, get, "gpt2"), n_layer=n_layer, n_head=n_head,

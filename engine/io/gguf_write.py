@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from ..config import every_fourth
+from ..config import FAMILY_FIELDS, every_fourth
 from ..errors import CheckpointError, ConfigError, InputError, optional_import
 from .gguf import _name_map, gguf_shape, llama3_rope_factors, to_gguf_layout
 from .safetensors import atomic_file
@@ -98,25 +98,17 @@ def _stem(path: str) -> str:
     return base[:-5] if base.lower().endswith(".gguf") else base
 
 
-# What llama.cpp's architectures run, as Config fields.
-_ARCHITECTURES = {
-    "llama": dict(norm="rmsnorm", mlp="swiglu", positions="rope", qk_norm=False),
-    "qwen2": dict(norm="rmsnorm", mlp="swiglu", positions="rope", attn_bias=True,
-                  attn_out_bias=False, mlp_bias=False, qk_norm=False),
-    "qwen3": dict(norm="rmsnorm", mlp="swiglu", positions="rope", attn_bias=False,
-                  attn_out_bias=False, mlp_bias=False, qk_norm=True),
-    "smollm3": dict(norm="rmsnorm", mlp="swiglu", positions="rope", attn_bias=False,
-                    attn_out_bias=False, mlp_bias=False, qk_norm=False),
-    "gpt2": dict(norm="layernorm", mlp="gelu", positions="learned", attn_bias=True,
-                 attn_out_bias=True, mlp_bias=True, qk_norm=False),
-}
+# What llama.cpp's graph for an architecture lacks, beyond the family's own fields: its
+# qwen3 and smollm3 have no biases.
+_LLAMACPP_FIELDS = {"qwen3": dict(attn_bias=False, attn_out_bias=False),
+                    "smollm3": dict(attn_bias=False, attn_out_bias=False, mlp_bias=False)}
 
 
 def _check_architecture(cfg) -> None:
-    want = _ARCHITECTURES.get(cfg.model_type)
-    if want is None:
-        raise ConfigError(f"GGUF export covers {', '.join(_ARCHITECTURES)} models, not "
+    if cfg.model_type not in FAMILY_FIELDS:
+        raise ConfigError(f"GGUF export covers {', '.join(FAMILY_FIELDS)} models, not "
                           f"{cfg.model_type!r}")
+    want = {**FAMILY_FIELDS[cfg.model_type], **_LLAMACPP_FIELDS.get(cfg.model_type, {})}
     for k, v in want.items():
         if getattr(cfg, k) != v:
             raise ConfigError(f"cannot write a {cfg.model_type} GGUF: it needs {k}={v!r}, this "

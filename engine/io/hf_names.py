@@ -11,7 +11,7 @@ import reprlib
 
 import numpy as np
 
-from ..config import FAMILIES, ROPE_SCALING_KEYS, Config
+from ..config import FAMILIES, FAMILY_FIELDS, ROPE_SCALING_KEYS, Config
 from ..errors import CheckpointError, ConfigError, is_int
 
 SUPPORTED = FAMILIES
@@ -160,10 +160,11 @@ def config_to_hf(cfg: Config) -> dict:
     ids are written even when unknown (null): a missing one would become transformers' default
     (gpt2: 50256, llama: 1 and 2), which need not be a token of this model at all."""
     ids = {k: getattr(cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    want = dict(FAMILY_FIELDS[cfg.model_type])
+    # transformers' llama, qwen3 and smollm3 have one attention_bias for all four projections
+    want.setdefault("attn_out_bias", cfg.attn_bias)
+    _require(cfg, want)
     if cfg.model_type == "gpt2":
-        want = dict(norm="layernorm", mlp="gelu", positions="learned", attn_bias=True,
-                    attn_out_bias=True, mlp_bias=True, qk_norm=False, no_rope_blocks=None)
-        _require(cfg, want)
         if cfg.head_dim * cfg.n_head != cfg.d_model:
             raise ConfigError("gpt2 needs head_dim * n_head == d_model")
         if cfg.n_kv_head != cfg.n_head:
@@ -174,16 +175,6 @@ def config_to_hf(cfg: Config) -> dict:
                 "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
                 "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32", **ids}
-    want = dict(norm="rmsnorm", mlp="swiglu", positions="rope", qk_norm=cfg.model_type == "qwen3")
-    if cfg.model_type != "smollm3":   # SmolLM3's NoPE blocks: no other family has them
-        want.update(no_rope_blocks=None)
-    if cfg.model_type == "qwen2":
-        want.update(attn_bias=True, attn_out_bias=False, mlp_bias=False)
-    else:   # one attention_bias switch for all four projections
-        want.update(attn_out_bias=cfg.attn_bias)
-    if cfg.model_type == "qwen3":
-        want.update(mlp_bias=False)
-    _require(cfg, want)
     if cfg.d_model % cfg.n_head:   # transformers' LlamaConfig refuses it, whatever head_dim says
         raise ConfigError(f"{cfg.model_type} in transformers needs d_model a multiple of n_head; "
                           f"this model has d_model={cfg.d_model}, n_head={cfg.n_head}")
