@@ -21,6 +21,8 @@ import os
 import shutil
 import stat
 
+import numpy as np
+
 from .errors import CheckpointError, InputError, is_int, optional_import
 
 
@@ -789,8 +791,9 @@ class BPETokenizer(_Tokenizer):
 
     @classmethod
     def from_gguf(cls, path) -> "BPETokenizer":
-        """The tokenizer described by a GGUF file's `tokenizer.*` metadata (byte-level BPE,
-        `tokenizer.ggml.model == "gpt2"`), split the way `tokenizer.ggml.pre` names."""
+        """The tokenizer described by a GGUF file's `tokenizer.*` metadata: byte-level BPE
+        (`tokenizer.ggml.model == "gpt2"`), split the way `tokenizer.ggml.pre` names, or
+        SentencePiece (`"llama"`: tokens and scores, engine/spm_vocab.py)."""
         from .io.gguf import read_metadata
         path = os.fspath(path)
         meta = read_metadata(path)
@@ -799,26 +802,35 @@ class BPETokenizer(_Tokenizer):
             return _gguf_value(meta, key, kind, path, length)
 
         kind = get("tokenizer.ggml.model", "str")
-        if kind != "gpt2":
-            what = {"llama": "SentencePiece ('llama')", None: "none"}.get(kind, repr(kind))
+        if kind not in ("gpt2", "llama"):
+            what = "none" if kind is None else repr(kind)
             raise TokenizerError(f"{path}: GGUF tokenizer model {what} is not supported; "
-                                 "tailtune reads byte-level BPE ('gpt2') GGUF tokenizers")
-        tokens, merges = get("tokenizer.ggml.tokens", "strs"), get("tokenizer.ggml.merges", "strs")
-        if tokens is None or merges is None:
-            raise TokenizerError(f"{path}: GGUF metadata lacks tokenizer.ggml.tokens or "
-                                 "tokenizer.ggml.merges (string arrays)")
-        pre = get("tokenizer.ggml.pre", "str")
+                                 "tailtune reads byte-level BPE ('gpt2') and SentencePiece "
+                                 "('llama') GGUF tokenizers")
+        tokens = get("tokenizer.ggml.tokens", "strs")
+        if tokens is None:
+            raise TokenizerError(f"{path}: GGUF metadata lacks tokenizer.ggml.tokens (an array "
+                                 "of strings)")
         types = get("tokenizer.ggml.token_type", "ints", len(tokens))
-        backend = _gguf_backend(path, tokens, merges, pre, types)
-        named = {}
-        for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
-                          ("pad_token", "padding")):
-            i = meta.get(f"tokenizer.ggml.{key}_token_id")
-            if is_int(i) and 0 <= i < len(tokens):
-                named[name] = tokens[i]
+        pre = get("tokenizer.ggml.pre", "str") if kind == "gpt2" else None
+        # llama.cpp's defaults for a SentencePiece vocabulary: ids 1 / 2 / 0 for bos / eos /
+        # unknown, BOS added (the gpt2 kind has none, bar the Llama 3 group's BOS)
+        spm = kind == "llama"
+        defaults = {"bos": 1, "eos": 2, "unknown": 0} if spm else {}
+        ids = {k: meta.get(f"tokenizer.ggml.{k}_token_id", defaults.get(k))
+               for k in ("bos", "eos", "unknown", "padding")}
+        ids = {k: i for k, i in ids.items() if is_int(i) and 0 <= i < len(tokens)}
+        if spm:
+            backend = _gguf_spm_backend(path, tokens, types, get, ids.get("unknown"))
+        else:
+            backend = _gguf_backend(path, tokens, get("tokenizer.ggml.merges", "strs"), pre,
+                                    types)
+        named = {name: tokens[ids[key]] for name, key in (
+            ("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
+            ("pad_token", "padding")) if key in ids}
         add_bos = get("tokenizer.ggml.add_bos_token", "bool")
-        if add_bos is None and pre in _LLAMA3_GROUP:
-            add_bos = True   # llama.cpp's default for this group; Llama 3 GGUFs omit the key
+        if add_bos is None and (spm or pre in _LLAMA3_GROUP):
+            add_bos = True   # llama.cpp's default; Llama 3 GGUFs omit the key
         add_eos = get("tokenizer.ggml.add_eos_token", "bool")
         # end-of-turn ids that are not ids of this vocabulary are ignored, as bos / eos above
         ends = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eot", "eom")]
@@ -852,7 +864,7 @@ def _gguf_templates(meta: dict, path: str):
 # What each GGUF tokenizer key must hold: checked on reading, since a model file is untrusted
 # and a value of another type would fail later with a Python error that names nothing.
 _GGUF_KINDS = {"str": "a string", "bool": "a bool", "strs": "an array of strings",
-               "ints": "an array of integers"}
+               "ints": "an array of integers", "floats": "an array of numbers"}
 
 
 def _gguf_value(meta: dict, key: str, kind: str, path: str, length: int | None = None):
@@ -868,7 +880,7 @@ def _gguf_value(meta: dict, key: str, kind: str, path: str, length: int | None =
     elif kind == "strs":
         ok = isinstance(v, list) and all(isinstance(x, str) for x in v)
     else:  # numeric arrays come as 1-D numpy arrays
-        ok = getattr(v, "ndim", None) == 1 and v.dtype.kind in "iu"
+        ok = getattr(v, "ndim", None) == 1 and v.dtype.kind in ("iu" if kind == "ints" else "iuf")
     if ok and (length is None or len(v) == length):
         return v
     want = _GGUF_KINDS[kind] + (f" of {length} elements (one per token)" if length else "")
@@ -999,6 +1011,9 @@ _CONTROL, _USER_DEFINED = 3, 4
 def _gguf_backend(path, tokens, merges, pre, types):
     """vocab + merges + pre-tokenizer -> tokenizers.Tokenizer. Control tokens become special
     added tokens and user-defined ones plain added tokens, so both match whole in the text."""
+    if merges is None:
+        raise TokenizerError(f"{path}: GGUF metadata lacks tokenizer.ggml.merges (an array of "
+                             "strings), which a byte-level BPE ('gpt2') vocabulary needs")
     tk = _tokenizers()
     b2u = _byte_to_unicode()
     alphabet = set(b2u.values())
@@ -1035,3 +1050,27 @@ def _gguf_backend(path, tokens, merges, pre, types):
             backend.add_special_tokens(control)
             backend.add_tokens(user)
     return backend
+
+
+def _gguf_spm_backend(path, tokens, types, get, unk_id):
+    """A SentencePiece ("llama") vocabulary -> tokenizers.Tokenizer (engine/spm_vocab.py)."""
+    from .spm_vocab import spm_backend
+    scores = get("tokenizer.ggml.scores", "floats", len(tokens))
+    if scores is None:
+        # llama.cpp would score every token 0 and merge leftmost first, which no BPE ranks
+        raise TokenizerError(f"{path}: GGUF SentencePiece vocabulary without "
+                             "tokenizer.ggml.scores: the scores decide how text is merged")
+    if not np.isfinite(scores).all():
+        raise TokenizerError(f"{path}: GGUF tokenizer.ggml.scores holds NaN or infinite values")
+    prefix = get("tokenizer.ggml.add_space_prefix", "bool")
+    kinds = types.tolist() if types is not None else [1] * len(tokens)
+    unk = tokens[unk_id] if unk_id is not None else None
+    try:
+        with _NoPanic(path, "GGUF SentencePiece vocabulary"):
+            return spm_backend(_tokenizers(), tokens, scores, kinds, unk,
+                               True if prefix is None else prefix)
+    except TokenizerError:
+        raise
+    except Exception as e:
+        raise TokenizerError(f"{path}: GGUF SentencePiece vocabulary does not form a "
+                             f"tokenizer: {e}") from None

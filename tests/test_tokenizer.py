@@ -595,13 +595,13 @@ def test_gguf_tokens_in_raw_spelling_are_respelled(tmp_path, trained):
 def test_unsupported_gguf_tokenizers(tmp_path, trained):
     import gguf
     w = gguf.GGUFWriter(str(tmp_path / "sp.gguf"), arch="llama")
-    w.add_tokenizer_model("llama")
-    w.add_token_list(["<unk>", "<s>", "</s>", "\u2581a"])
+    w.add_tokenizer_model("bert")   # llama.cpp's WordPiece
+    w.add_token_list(["[UNK]", "[CLS]", "[SEP]", "a"])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(TokenizerError, match=r"SentencePiece \('llama'\) is not supported"):
+    with pytest.raises(TokenizerError, match=r"'bert' is not supported"):
         engine.load_tokenizer(tmp_path / "sp.gguf")
     _write_gguf(tmp_path / "odd.gguf", trained, "mystery-pre")
     with pytest.raises(TokenizerError, match="'mystery-pre' is not supported"):

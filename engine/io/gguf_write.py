@@ -21,6 +21,7 @@ from ..config import FAMILY_FIELDS, every_fourth
 from ..errors import CheckpointError, ConfigError, InputError, optional_import
 from .gguf import _name_map, gguf_shape, llama3_rope_factors, to_gguf_layout
 from .safetensors import atomic_file
+from ..spm_vocab import describe, spm_form, spm_vocabulary
 
 # What save_gguf writes matrices as; llama.cpp's general.file_type code of each. K-quants
 # (Q4_K, Q6_K, ...) have no quantizer in the gguf package: write F32 or F16, then run
@@ -222,11 +223,15 @@ def _converted(gguf, cfg, enames: tuple, params: dict, qtype) -> np.ndarray:
 
 def _add_tokenizer_keys(w, tok, cfg) -> None:
     meta = tokenizer_metadata(tok, cfg.vocab_size, cfg.eos_token_id, cfg.bos_token_id)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(meta["pre"])
+    w.add_tokenizer_model(meta["model"])
     w.add_token_list(meta["tokens"])
     w.add_token_types(meta["types"])
-    w.add_token_merges(meta["merges"])
+    if meta["model"] == "llama":
+        w.add_token_scores(meta["scores"])
+        w.add_add_space_prefix(meta["add_space_prefix"])
+    else:
+        w.add_tokenizer_pre(meta["pre"])
+        w.add_token_merges(meta["merges"])
     for key, adder in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id),
                        ("unk", w.add_unk_token_id), ("pad", w.add_pad_token_id),
                        ("eot", w.add_eot_token_id)):
@@ -255,15 +260,16 @@ _NO_MERGES = ("a GGUF vocabulary needs BPE merges and this tokenizer has none (t
 
 
 def tokenizer_metadata(tok, vocab_size: int, model_eos=None, model_bos=None) -> dict:
-    """A byte-level BPE tokenizer as llama.cpp's "gpt2" vocabulary:
-    one token per model id (ids the tokenizer lacks become unused "[PAD{id}]" entries, as in
-    llama.cpp's converter), their types, the merges, the pre-tokenizer's llama.cpp name, the
-    special ids and whether BOS / EOS are added. A tokenizer llama.cpp would split or join
-    differently is refused (TokenizerError) rather than written to give other ids. Without an
-    eos token of its own, the first id generation stops at (tok.eos_ids), else the model
-    config's `model_eos`, is the end of text, and without a bos token of its own the model
-    config's `model_bos` is the bos (as llama.cpp's converter falls back to config.json: Qwen2.5's
-    tokenizer names no bos token, its config.json does)."""
+    """A byte-level BPE tokenizer as llama.cpp's "gpt2" vocabulary (one token per model id:
+    ids the tokenizer lacks become unused "[PAD{id}]" entries, as in llama.cpp's converter;
+    their types, the merges and the pre-tokenizer's llama.cpp name), or a SentencePiece-style
+    one as its "llama" vocabulary (tokens, types, scores, add_space_prefix:
+    engine/spm_vocab.py); then the special ids and whether BOS / EOS are added. A tokenizer
+    llama.cpp would split or join differently is refused (TokenizerError) rather than written
+    to give other ids. Without an eos token of its own, the first id generation stops at
+    (tok.eos_ids), else the model config's `model_eos`, is the end of text, and without a bos
+    token of its own the model config's `model_bos` is the bos (as llama.cpp's converter falls
+    back to config.json: Qwen2.5's tokenizer names no bos token, its config.json does)."""
     from ..tokenizer import ByteTokenizer, TokenizerError
     if tok.vocab_size > vocab_size:
         raise TokenizerError(f"the tokenizer has {tok.vocab_size} tokens, the model only "
@@ -277,16 +283,36 @@ def tokenizer_metadata(tok, vocab_size: int, model_eos=None, model_bos=None) -> 
                              "llama.cpp takes id 11 for it and stops generating there: add "
                              "\"eos_token\" to tokenizer_config.json (or set "
                              "tok.special_tokens['eos_token'])")
-    tokens, types, merges, pre = _bpe_vocabulary(tok)
-    if not merges:
-        raise TokenizerError(f"{tok.source}: {_NO_MERGES}")
+    spec = json.loads(tok.backend.to_str())
+    for a in spec.get("added_tokens") or []:
+        if a.get("lstrip") or a.get("rstrip") or a.get("single_word"):
+            # llama.cpp sets such attributes only for models it recognises by name
+            raise TokenizerError(f"{tok.source}: added token {a['content']!r} strips spaces "
+                                 "around it or matches whole words only, which a GGUF "
+                                 "vocabulary cannot say; llama.cpp would tokenize text around "
+                                 "it differently")
+    prefix = spm_form(spec)
+    if prefix is None:
+        tokens, types, merges, pre = _bpe_vocabulary(tok, spec)
+        if not merges:
+            raise TokenizerError(f"{tok.source}: {_NO_MERGES}")
+        vocab = {"model": "gpt2", "merges": merges, "pre": pre}
+    else:
+        tokens, scores, types = spm_vocabulary(spec, tok.vocab_size)
+        scores += [0.0] * (vocab_size - len(scores))
+        vocab = {"model": "llama", "scores": scores, "add_space_prefix": prefix}
     add_bos, add_eos = _added_specials(tok)
-    tokens += [f"[PAD{i}]" for i in range(len(tokens), vocab_size)]
+    tokens += [""] * (vocab_size - len(tokens))
     types += [_UNUSED] * (vocab_size - len(types))
+    for i in range(vocab_size):
+        # ids without a token, and rows a GGUF file (ours or llama.cpp's converter) padded the
+        # vocabulary with, read back as plain tokens: unused "[PAD{id}]" entries again
+        if types[i] == _UNUSED or types[i] == _NORMAL and tokens[i] == f"[PAD{i}]":
+            tokens[i], types[i] = f"[PAD{i}]", _UNUSED
     # end of turn as the source said it (GGUF eot / eom, a generation config's eos list); the
     # document end tokens that eos_ids also lists are llama.cpp's to find (it does, by text)
     extra = [i for i in tok._extra_eos_ids() if i != eos]
-    return {"tokens": tokens, "types": types, "merges": merges, "pre": pre,
+    return {**vocab, "tokens": tokens, "types": types,
             "bos": tok.bos_id if tok.bos_id is not None else _id_in(model_bos, tok.vocab_size),
             "eos": eos, "unk": tok.unk_id, "pad": tok.pad_id,
             "eot": extra[0] if extra else None, "add_bos": add_bos, "add_eos": add_eos,
@@ -305,37 +331,28 @@ def _id_in(i, n: int) -> int | None:
     return i if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n else None
 
 
-def _bpe_vocabulary(tok) -> tuple[list, list, list, str]:
+# What GGUF export writes, for refusals.
+_KINDS = ("GGUF export writes byte-level BPE tokenizers (llama.cpp's 'gpt2' vocabulary) and "
+          "SentencePiece-style BPE ones (its 'llama' vocabulary: byte fallback, a normalizer "
+          "that prefixes a space and writes spaces as \u2581, no pre-tokenizer)")
+
+
+def _bpe_vocabulary(tok, spec: dict) -> tuple[list, list, list, str]:
     from ..tokenizer import TokenizerError
-    spec = json.loads(tok.backend.to_str())
     model = spec.get("model") or {}
     where = f"{tok.source}: "
     if (model.get("type") != "BPE" or model.get("byte_fallback") or model.get("dropout")
-            or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix")):
-        raise TokenizerError(f"{where}GGUF export writes byte-level BPE tokenizers (llama.cpp's "
-                             f"'gpt2' vocabulary); this one is {model.get('type')!r} with options "
-                             "llama.cpp's has not")
-    if (spec.get("decoder") or {}).get("type") != "ByteLevel":
-        raise TokenizerError(f"{where}GGUF export needs a byte-level tokenizer (ByteLevel "
-                             "decoder); this one decodes otherwise")
+            or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix")
+            or (spec.get("decoder") or {}).get("type") != "ByteLevel"):
+        raise TokenizerError(f"{where}{_KINDS}; this one is {describe(spec)}")
     pre = _pre_name(tok, spec)
     n = tok.vocab_size
     tokens, types = [""] * n, [_UNUSED] * n
     for t, i in model["vocab"].items():
         tokens[i], types[i] = t, _NORMAL
     for a in spec.get("added_tokens") or []:
-        if a.get("lstrip") or a.get("rstrip") or a.get("single_word"):
-            # llama.cpp sets such attributes only for models it recognises by name
-            raise TokenizerError(f"{where}added token {a['content']!r} strips spaces around it "
-                                 "or matches whole words only, which a GGUF vocabulary cannot "
-                                 "say; llama.cpp would tokenize text around it differently")
         tokens[a["id"]] = a["content"]
         types[a["id"]] = _CONTROL if a.get("special") else _USER_DEFINED
-    for i in range(n):
-        # rows a GGUF file (ours or llama.cpp's converter) padded the vocabulary with, read
-        # back as plain tokens: unused again
-        if types[i] == _UNUSED or types[i] == _NORMAL and tokens[i] == f"[PAD{i}]":
-            tokens[i], types[i] = f"[PAD{i}]", _UNUSED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     return tokens, types, merges, pre
 

@@ -1,0 +1,125 @@
+"""SentencePiece vocabularies as GGUF stores them (`tokenizer.ggml.model == "llama"`: Llama 1/2,
+TinyLlama, Mistral, CodeLlama, ...), both ways.
+
+llama.cpp tokenizes such a vocabulary (llm_tokenizer_spm in llama-vocab.cpp) the way
+SentencePiece's BPE does: a space is prefixed to each stretch of text that starts the input or
+follows a special token, spaces become "▁", and adjacent symbols are merged, highest-scoring
+resulting token first (leftmost among equals), until no adjacent pair forms a token; characters
+left without a token become their UTF-8 bytes' <0xXX> tokens.
+
+That is a BPE whose merges are every pair (a, b) with a, b and a + b in the vocabulary, ranked
+by the score of a + b, which is how Hugging Face's converters write a Llama tokenizer.json. So
+the tokenizer runs in the `tokenizers` library like the byte-level ones (same speed, same
+`save`), and the way back (GGUF export) gives each token a score from its merge's rank. The one
+difference: tokens of equal score are merged in rank order, not leftmost first; real
+vocabularies give every mergeable token its own score.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+
+# llama.cpp token types (tokenizer.ggml.token_type)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+SPACE = "\u2581"   # how SentencePiece writes a space inside tokens
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
+
+
+def spm_merges(tokens: list[str], scores: np.ndarray, kinds: list[int]) -> list[tuple[str, str]]:
+    """Every (a, b) with a, b and a + b tokens that text can be built into (not control or
+    user-defined: those are matched whole in the text), best-scoring a + b first; ties by id,
+    and a token's own splits left to right."""
+    ids = {}
+    for i, (t, k) in enumerate(zip(tokens, kinds)):
+        if k not in (CONTROL, USER_DEFINED):
+            ids[t] = i   # a repeated token: the last id, as llama.cpp's text-to-id map keeps it
+    ranked = sorted((-float(scores[i]), i) for t, i in ids.items() if len(t) > 1)
+    merges = []
+    for _, i in ranked:
+        t = tokens[i]
+        merges += [(t[:j], t[j:]) for j in range(1, len(t)) if t[:j] in ids and t[j:] in ids]
+    return merges
+
+
+def spm_backend(tk, tokens: list[str], scores: np.ndarray, kinds: list[int], unk: str | None,
+                add_space_prefix: bool):
+    """A tokenizers.Tokenizer that gives llama.cpp's ids for this vocabulary (see the module's
+    docstring). Control tokens become special added tokens, user-defined ones plain added
+    tokens: both are matched whole in the text, and the text after them gets its space prefix
+    again (the normalizer runs on each stretch between added tokens, as llama.cpp's
+    is_prev_special does)."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    model = tk.models.BPE(vocab=vocab, merges=spm_merges(tokens, scores, kinds), unk_token=unk,
+                          fuse_unk=True, byte_fallback=True, dropout=None)
+    backend = tk.Tokenizer(model)
+    n = tk.normalizers
+    escape = n.Replace(" ", SPACE)
+    backend.normalizer = n.Sequence([n.Prepend(SPACE), escape]) if add_space_prefix else escape
+    d = tk.decoders
+    backend.decoder = d.Sequence([d.Replace(SPACE, " "), d.ByteFallback(), d.Fuse(),
+                                  *([d.Strip(" ", 1, 0)] if add_space_prefix else [])])
+    backend.add_special_tokens([tk.AddedToken(t, special=True, normalized=False)
+                                for t, k in zip(tokens, kinds) if k == CONTROL])
+    backend.add_tokens([tk.AddedToken(t, special=False, normalized=False)
+                        for t, k in zip(tokens, kinds) if k == USER_DEFINED])
+    return backend
+
+
+def spm_form(spec: dict) -> bool | None:
+    """For a tokenizer.json (as a dict): None when it is not a SentencePiece-style BPE that
+    llama.cpp's "llama" vocabulary reproduces, else whether it prefixes a space (its
+    add_space_prefix). The normalizer must be the one llama.cpp's behaviour amounts to:
+    Prepend("▁") + Replace(" ", "▁"), or the Replace alone. (Metaspace with prepend_scheme
+    "first" does not prefix the text after a special token, which llama.cpp does.)"""
+    model = spec.get("model") or {}
+    if (model.get("type") != "BPE" or not model.get("byte_fallback") or model.get("dropout")
+            or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix")
+            or model.get("ignore_merges") or spec.get("pre_tokenizer") is not None):
+        return None
+    norm = spec.get("normalizer") or {}
+    steps = norm.get("normalizers") if norm.get("type") == "Sequence" else [norm]
+    replace = {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}
+    if steps == [replace]:
+        return False
+    if steps == [{"type": "Prepend", "prepend": SPACE}, replace]:
+        return True
+    return None
+
+
+def spm_vocabulary(spec: dict, n: int) -> tuple[list[str], list[float], list[int]]:
+    """tokens, scores and types of ids 0..n-1 for a GGUF "llama" vocabulary, from a
+    SentencePiece-style tokenizer.json: a merged token scores minus its best merge's rank, so
+    llama.cpp merges in the tokenizer's order; tokens no merge builds score below all of them,
+    and the <0xXX> byte tokens, the unknown token and added tokens 0, as SentencePiece has
+    them. Ids with no token are left as "" of type UNUSED for the caller to name."""
+    model = spec["model"]
+    tokens, kinds, scores = [""] * n, [UNUSED] * n, [0.0] * n
+    merges = [m.split(" ", 1) if isinstance(m, str) else m for m in model.get("merges") or []]
+    rank = {}
+    for r, (a, b) in enumerate(merges):
+        rank.setdefault(a + b, r)
+    for t, i in model["vocab"].items():
+        tokens[i] = t
+        if _BYTE_TOKEN.fullmatch(t):
+            kinds[i] = BYTE
+        elif t == model.get("unk_token"):
+            kinds[i] = UNKNOWN
+        else:
+            kinds[i] = NORMAL
+            scores[i] = -float(rank[t]) if t in rank else -float(len(merges) + i)
+    for a in spec.get("added_tokens") or []:
+        i = a["id"]
+        tokens[i], scores[i] = a["content"], 0.0
+        if kinds[i] not in (BYTE, UNKNOWN):
+            kinds[i] = CONTROL if a.get("special") else USER_DEFINED
+    return tokens, scores, kinds
+
+
+def describe(spec: dict) -> str:
+    """A short account of a tokenizer.json's model and normalizer, for refusals."""
+    model = spec.get("model") or {}
+    return json.dumps({"model": model.get("type"), "byte_fallback": model.get("byte_fallback"),
+                       "normalizer": spec.get("normalizer"),
+                       "pre_tokenizer": spec.get("pre_tokenizer")})[:300]
