@@ -25,8 +25,9 @@ from .tokenizer import ChatTemplateError
 
 # 2: the file kind in the key, BOMs stripped, a text file's short last window; 3: no loss after
 # an assistant turn's end token, one EOS where the tokenizer adds its own, text line ends as "\n";
-# 4: the end token is the template's, not one inside the content
-CACHE_VERSION = 4
+# 4: the end token is the template's, not one inside the content; 5: a completion or chat turn
+# tokenized as it continues the text before it (no second SentencePiece space prefix)
+CACHE_VERSION = 5
 
 
 def cache_root() -> str:
@@ -126,11 +127,18 @@ def _encode_example(tok, row, use_template, head):
         # the prompt takes what the tokenizer puts before a text (a BOS), not what it puts
         # after (an EOS would sit between prompt and completion); the completion ends in EOS
         p = head + tok.encode(row["prompt"], add_special_tokens=False)
-        c = list(_with_eos(tok.encode(row["completion"], add_special_tokens=False), tok.eos_id))
+        c = list(_with_eos(_continued(tok, row["completion"], row["prompt"]), tok.eos_id))
         return p + c, [0] * len(p) + [1] * len(c)
     if not use_template:
         raise InputError("'messages' rows need a tokenizer with a chat template")
     return _chat_segments(tok, msgs)
+
+
+def _continued(tok, text, previous):
+    """Ids of `text` after `previous` (tok.encode_continuation; a tokenizer of the caller's own
+    with only `encode` gives encode's ids)."""
+    f = getattr(tok, "encode_continuation", None)
+    return f(text, previous) if f else tok.encode(text, add_special_tokens=False)
 
 
 def _chat_segments(tok, msgs):
@@ -155,8 +163,9 @@ def _chat_segments(tok, msgs):
         if not (prompt.startswith(done) and full.startswith(prompt)):
             raise InputError("the chat template does not render conversations prefix by prefix; "
                              "cannot tell assistant turns apart")
-        for text, m_val in ((prompt[len(done):], 0), (full[len(prompt):], 1)):
-            seg = tok.encode(text, add_special_tokens=False) if text else []
+        for before, text, m_val in ((done, prompt[len(done):], 0),
+                                    (prompt, full[len(prompt):], 1)):
+            seg = _continued(tok, text, before) if text else []
             ids += seg
             mask += ([0] * len(seg) if m_val == 0
                      else _through_turn_end(tok, seg, text, m["content"], stops))

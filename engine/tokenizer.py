@@ -298,6 +298,14 @@ class _Tokenizer:
     chat_template = None     # str, {name: str}, or None
     special_tokens: dict     # {"bos_token": "<s>", ...} for the names that are set
 
+    def encode_continuation(self, text: str, previous: str) -> list[int]:
+        """Ids of `text` as it tokenizes after `previous` (a completion after its prompt, a
+        chat turn after the turns before it): no BOS, and a space prefixed to it only where
+        encoding the two joined would prefix one (SentencePiece-style tokenizers prefix the
+        start of a text, and some the text after a special token). So the ids of `previous`
+        followed by these are the ids of the two texts joined, bar merges across the join."""
+        return self.encode(text, add_special_tokens=False)
+
     @property
     def vocab_size(self) -> int:
         raise NotImplementedError
@@ -699,6 +707,44 @@ class BPETokenizer(_Tokenizer):
             _utf8(text)  # a lone surrogate: say so instead of the library's type error
             raise
 
+    def encode_continuation(self, text: str, previous: str) -> list[int]:
+        cont = self._continuation()
+        if cont is None or not previous or self._prefixes_after_added and any(
+                previous.endswith(t) for t in self._added_texts()):
+            return self.encode(text, add_special_tokens=False)
+        _check_text(text)
+        # the prefix goes only before the text up to the first added token: the text after an
+        # added token is prefixed again when the whole is encoded too
+        at = min((i for t in self._added_texts() if (i := text.find(t)) >= 0), default=len(text))
+        head, rest = text[:at], text[at:]
+        try:
+            with _NoPanic(self.source, "encoding a text"):
+                ids = cont.encode(head, add_special_tokens=False).ids if head else []
+        except TypeError:
+            _utf8(text)
+            raise
+        return ids + (self.encode(rest, add_special_tokens=False) if rest else [])
+
+    def _continuation(self):
+        """A copy of the backend that prefixes no space to the text's start (normalizer
+        Prepend left out; Metaspace's prepend_scheme "never"), or None when the backend
+        prefixes nothing. Built on first use."""
+        if not hasattr(self, "_cont"):
+            with _NoPanic(self.source):
+                spec = json.loads(self._tk.to_str())
+            changed, self._prefixes_after_added = _without_prefix(spec)
+            self._cont = _tokenizers().Tokenizer.from_str(json.dumps(spec)) if changed else None
+            if self._cont is not None:
+                self._cont.no_truncation()
+                self._cont.no_padding()
+        return self._cont
+
+    def _added_texts(self) -> list[str]:
+        if not hasattr(self, "_added"):
+            self._added = [t.content for t in self._tk.get_added_tokens_decoder().values()
+                           if t.content]
+        return self._added
+
     def encode_batch(self, texts, add_special_tokens: bool = True) -> list[list[int]]:
         """`encode` over many texts, in parallel inside the tokenizers library."""
         texts = list(texts)
@@ -846,6 +892,34 @@ class BPETokenizer(_Tokenizer):
         declared = meta.get(f"{arch}.vocab_size") if isinstance(arch, str) else None
         tok._model_vocab_size = declared if is_int(declared) and declared > 0 else None
         return tok
+
+
+def _without_prefix(spec) -> tuple[bool, bool]:
+    """Take out of a tokenizer.json (a dict, changed in place) what prefixes a space to the
+    text's start: a Prepend normalizer, Metaspace's prepend_scheme. (whether anything was,
+    whether it also prefixed the text after an added token: a normalizer runs on each stretch
+    between added tokens, Metaspace's "first" scheme only on the text's first.)"""
+    changed, after_added = False, False
+    norm = spec.get("normalizer")
+    if isinstance(norm, dict):
+        if norm.get("type") == "Prepend":
+            spec["normalizer"], changed = None, True
+        elif norm.get("type") == "Sequence":
+            steps = norm.get("normalizers") or []
+            kept = [n for n in steps if not (isinstance(n, dict) and n.get("type") == "Prepend")]
+            changed = len(kept) != len(steps)
+            norm["normalizers"] = kept
+    after_added = changed
+    pre = spec.get("pre_tokenizer")
+    pres = (pre.get("pretokenizers") or [] if isinstance(pre, dict) and pre.get("type") == "Sequence"
+            else [pre])
+    for p in pres:
+        if isinstance(p, dict) and p.get("type") == "Metaspace" and (
+                p.get("prepend_scheme", "never") != "never" or p.get("add_prefix_space")):
+            after_added |= p.get("prepend_scheme", "always") == "always"
+            p["prepend_scheme"], changed = "never", True
+            p.pop("add_prefix_space", None)
+    return changed, after_added
 
 
 def _gguf_templates(meta: dict, path: str):

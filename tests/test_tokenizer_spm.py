@@ -244,3 +244,58 @@ def test_metaspace_tokenizers_are_refused_for_gguf(sp, spm_file, tmp_path):
     with pytest.raises(TokenizerError, match="SentencePiece-style BPE.*Metaspace"):
         _model(sp.get_piece_size()).save(str(out), tokenizer=meta_tok)
     assert not out.exists()
+
+
+# ---- training data: a completion continues its prompt -------------------------------------
+
+ROWS = [{"prompt": "Claim: water damage to the roof after the storm.", "completion": " Route A"},
+        {"prompt": "Is the quick brown fox lazy?", "completion": " No, the dog is."},
+        {"prompt": "机器学习是什么？", "completion": "人工智能的一个分支。"}]
+
+
+def test_prompt_completion_rows_are_the_joined_texts_ids(sp, spm_file):
+    """A completion is tokenized as it continues its prompt: the row's ids are sentencepiece's
+    for prompt + completion (a second space prefix before the completion would teach the model
+    tokens it never sees at inference), the loss on the completion and the EOS."""
+    tok = engine.load_tokenizer(spm_file)
+    data = D.from_rows(tok, ROWS, use_template=False)
+    for i, row in enumerate(ROWS):
+        ids, mask = data.example(i)
+        n_prompt = 1 + len(sp.encode(row["prompt"]))
+        assert ids.tolist() == [sp.bos_id()] + sp.encode(row["prompt"] + row["completion"]) + [
+            sp.eos_id()], row
+        assert mask.tolist() == [0] * n_prompt + [1] * (len(ids) - n_prompt)
+
+
+CHAT = "{% for m in messages %}{% if m.role == 'user' %}<s>[INST] {{ m.content }} [/INST]" \
+       "{% else %} {{ m.content }}</s>{% endif %}{% endfor %}"
+
+
+@pytest.mark.parametrize("metaspace", [False, True])
+def test_chat_turns_are_the_rendered_conversations_ids(spm_file, tmp_path, metaspace):
+    """Each turn is tokenized as it continues the conversation before it, so the ids of a
+    conversation are those of its rendering encoded whole: for llama.cpp's rule (a space
+    before the text after a special token) and for Metaspace's "first" scheme (none there)."""
+    tok = engine.load_tokenizer(spm_file)
+    if metaspace:
+        tok.save(tmp_path / "hf")
+        spec = json.loads((tmp_path / "hf" / "tokenizer.json").read_text())
+        spec["normalizer"] = None
+        spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581",
+                                 "prepend_scheme": "first", "split": False}
+        (tmp_path / "hf" / "tokenizer.json").write_text(json.dumps(spec))
+        tok = engine.load_tokenizer(tmp_path / "hf")
+    tok.chat_template = CHAT
+    msgs = [{"role": "user", "content": "Is the roof covered?"},
+            {"role": "assistant", "content": "Yes, water damage is."},
+            {"role": "user", "content": "And the fox?"},
+            {"role": "assistant", "content": "No."}]
+    ids, mask = D.from_rows(tok, [{"messages": msgs}]).example(0)
+    whole = tok.encode(tok.chat_prompt(msgs, add_generation_prompt=False),
+                       add_special_tokens=False)
+    assert ids.tolist() == whole
+    assert tok.decode(ids[mask == 1]) == "Yes, water damage is.</s> No.</s>"
+    rows = D.from_rows(tok, ROWS, use_template=False)
+    for i, row in enumerate(ROWS):
+        got = rows.example(i)[0].tolist()
+        assert got == tok.encode(row["prompt"] + row["completion"]) + [tok.eos_id], row
