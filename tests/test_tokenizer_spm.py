@@ -299,3 +299,35 @@ def test_chat_turns_are_the_rendered_conversations_ids(spm_file, tmp_path, metas
     for i, row in enumerate(ROWS):
         got = rows.example(i)[0].tolist()
         assert got == tok.encode(row["prompt"] + row["completion"]) + [tok.eos_id], row
+
+
+def test_finetune_a_sentencepiece_gguf_model_and_export_it(sp, spm_file, tmp_path):
+    """The workflow on a Llama GGUF with a SentencePiece vocabulary (as Llama 2 / TinyLlama
+    files are): fine-tune its last block on prompt / completion rows, then export the run's
+    model to GGUF. The run's tokenizer.json gives transformers sentencepiece's ids, and the
+    GGUF file holds the tuned weights and a vocabulary that tokenizes as the source does."""
+    from engine.cli import main as cli
+    src = str(tmp_path / "src.gguf")
+    _model(sp.get_piece_size()).save(src, tokenizer=engine.load_tokenizer(spm_file))
+    rows = tmp_path / "rows.jsonl"
+    rng = np.random.default_rng(0)
+    with open(rows, "w") as f:
+        for i in range(200):
+            row = ROWS[i % len(ROWS)]
+            f.write(json.dumps({"prompt": f"{row['prompt']} #{rng.integers(100)}",
+                                "completion": row["completion"]}) + "\n")
+    out = str(tmp_path / "run")
+    assert cli(["finetune", "--model", src, "--data", str(rows), "--out", out,
+                "--train-last", "1", "--steps", "12", "--batch-size", "8", "--seq-len", "40",
+                "--lr", "3e-3", "--sample-tokens", "0"]) == 0
+    s = json.load(open(f"{out}/summary.json"))
+    assert s["eval_loss_after"] < s["eval_loss_before"]
+    ref = transformers.AutoTokenizer.from_pretrained(f"{out}/model")
+    for text in _texts()[:60]:
+        assert ref.encode(text) == [sp.bos_id()] + sp.encode(text), text[:80]
+    assert cli(["export", "--model", f"{out}/model", "--out", f"{out}/m.gguf"]) == 0
+    tuned, exported = engine.load(f"{out}/model"), engine.load(f"{out}/m.gguf")
+    for n, a in tuned.params.items():
+        np.testing.assert_array_equal(exported.params[n], a, err_msg=n)
+    back = engine.load_tokenizer(f"{out}/m.gguf")
+    assert back.encode(ROWS[0]["prompt"]) == [sp.bos_id()] + sp.encode(ROWS[0]["prompt"])
