@@ -3,8 +3,9 @@
 Two kinds:
 - `ByteTokenizer`: no dependencies; ids 0..255 are the UTF-8 bytes of the text, 256 is an
   optional end-of-text token. For models trained from scratch.
-- `BPETokenizer`: byte-level BPE from a Hugging Face `tokenizer.json`, GPT-2 style
-  `vocab.json` + `merges.txt`, or the `tokenizer.ggml.*` metadata of a GGUF file. The BPE itself
+- `BPETokenizer`: BPE from a Hugging Face `tokenizer.json`, GPT-2 style `vocab.json` +
+  `merges.txt`, or the `tokenizer.ggml.*` metadata of a GGUF file (byte-level BPE, or a
+  SentencePiece vocabulary run as the equivalent BPE: engine/spm_vocab.py). The BPE itself
   runs in the maintained `tokenizers` library (the `tailtune[hf]` extra), so ids match
   `transformers` by construction instead of by a re-implementation we would have to keep in step.
 
