@@ -282,10 +282,10 @@ def _generate(a):
         stream.shown, stream.head = "", head
         generate(model, ids, on_token=show, **kw)
         print(stream.head or "")  # the head too when no token came
-        room = model.config.max_seq_len - len(ids)
+        room = model.config.context_length - len(ids)
         if len(out) == room < a.max_new_tokens and not (out and out[-1] in stops):
             print(f"note: stopped after {room} new tokens: the prompt ({len(ids)} tokens) and "
-                  f"the reply fill the model's context of {model.config.max_seq_len}",
+                  f"the reply fill the model's context of {model.config.context_length}",
                   file=sys.stderr)
         return [t for t in out if t not in stops]
 
@@ -317,7 +317,7 @@ def _generate(a):
         messages.append({"role": "user", "content": user})
         # interactive: a conversation outgrows the context, and the session goes on
         ids = (tok.chat_ids(messages) if turns is not None
-               else _fit_chat(tok, messages, model.config.max_seq_len, a.max_new_tokens))
+               else _fit_chat(tok, messages, model.config.context_length, a.max_new_tokens))
         if ids is None:
             messages.pop()
             continue

@@ -40,6 +40,10 @@ class Config:
                                     # each) before the rotary embedding (Qwen3)
     no_rope_blocks: list[int] | None = None  # blocks whose attention skips the rotary embedding
                                              # (SmolLM3: every 4th); None = none
+    sliding_window: int | None = None  # attention sees this many positions at most, itself
+                                       # included (Mistral); None = all. The engine computes full
+                                       # attention, so it runs sequences of up to this many
+                                       # tokens only (context_length), where the two agree
     tie_embeddings: bool = True     # the LM head is the token embedding (one parameter)
     init_std: float = 0.02          # std of the normal init of weights for models built from scratch
     # Not architecture: carried from the loaded files to the saved ones, so that transformers
@@ -86,6 +90,8 @@ class Config:
         for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "head_dim", "d_ff",
                      "max_seq_len"):
             _positive_int(name, getattr(self, name))
+        if self.sliding_window is not None:
+            _positive_int("sliding_window", self.sliding_window)
         if self.n_head % self.n_kv_head:
             raise ConfigError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
         choices = {"model_type": FAMILIES, "norm": ("layernorm", "rmsnorm"),
@@ -151,6 +157,14 @@ class Config:
         return cls.from_dict({**base, **overrides})
 
     @classmethod
+    def mistral(cls, **overrides) -> "Config":
+        """Mistral: Llama's blocks, attention over a sliding window of positions."""
+        base = dict(FAMILY_FIELDS["mistral"], model_type="mistral", tie_embeddings=False,
+                    norm_eps=1e-5, vocab_size=32000, n_layer=32, n_head=32, n_kv_head=8,
+                    d_model=4096, d_ff=14336, max_seq_len=32768, sliding_window=4096)
+        return cls.from_dict({**base, **overrides})
+
+    @classmethod
     def qwen2(cls, **overrides) -> "Config":
         """Qwen2 (Qwen2.5): Llama's blocks with biases on q, k, v (not on the output)."""
         base = dict(FAMILY_FIELDS["qwen2"], model_type="qwen2", tie_embeddings=True, norm_eps=1e-6,
@@ -178,6 +192,17 @@ class Config:
                     no_rope_blocks=every_fourth(n_layer))
         return cls.from_dict({**base, **overrides})
 
+    @property
+    def context_length(self) -> int:
+        """The longest sequence the engine runs: max_seq_len, or the sliding window if shorter
+        (beyond it, windowed attention would differ from the engine's full attention)."""
+        return min(self.max_seq_len, self.sliding_window or self.max_seq_len)
+
+    def context_text(self) -> str:
+        """context_length for messages, saying when the sliding window sets it."""
+        windowed = self.context_length < self.max_seq_len
+        return f"{self.context_length}{' (its sliding window)' if windowed else ''}"
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -191,7 +216,7 @@ class Config:
         # before they existed still resume
         if d["attn_out_bias"] == d["attn_bias"]:
             d.pop("attn_out_bias")
-        for k in ("qk_norm", "rope_scaling", "no_rope_blocks"):
+        for k in ("qk_norm", "rope_scaling", "no_rope_blocks", "sliding_window"):
             if not d[k]:
                 d.pop(k)
         return d
@@ -211,14 +236,18 @@ class Config:
 # Face or GGUF layout needs them. Fields a family leaves open (llama's biases) are not listed.
 FAMILY_FIELDS = {
     "gpt2": dict(norm="layernorm", mlp="gelu", positions="learned", attn_bias=True,
-                 attn_out_bias=True, mlp_bias=True),
+                 attn_out_bias=True, mlp_bias=True, sliding_window=None),
     "llama": dict(norm="rmsnorm", mlp="swiglu", positions="rope", qk_norm=False,
-                  no_rope_blocks=None),
+                  no_rope_blocks=None, sliding_window=None),
+    "mistral": dict(norm="rmsnorm", mlp="swiglu", positions="rope", attn_bias=False,
+                    attn_out_bias=False, mlp_bias=False, qk_norm=False, no_rope_blocks=None),
     "qwen2": dict(norm="rmsnorm", mlp="swiglu", positions="rope", attn_bias=True,
-                  attn_out_bias=False, mlp_bias=False, qk_norm=False, no_rope_blocks=None),
+                  attn_out_bias=False, mlp_bias=False, qk_norm=False, no_rope_blocks=None,
+                  sliding_window=None),
     "qwen3": dict(norm="rmsnorm", mlp="swiglu", positions="rope", mlp_bias=False, qk_norm=True,
-                  no_rope_blocks=None),
-    "smollm3": dict(norm="rmsnorm", mlp="swiglu", positions="rope", qk_norm=False),
+                  no_rope_blocks=None, sliding_window=None),
+    "smollm3": dict(norm="rmsnorm", mlp="swiglu", positions="rope", qk_norm=False,
+                    sliding_window=None),
 }
 FAMILIES = tuple(FAMILY_FIELDS)   # the Hugging Face families loaded and saved
 _NOT_ARCHITECTURE = ("bos_token_id", "eos_token_id", "pad_token_id", "generation")

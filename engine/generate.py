@@ -45,7 +45,7 @@ def generate(model, ids, max_new_tokens: int = 30, temperature: float = 0.0,
         raise InputError(f"vocab_size must be None or an integer in 1..{V} (the model's "
                          f"vocabulary), got {vocab_size!r}")
     stop = set(_id_list("stop", stop))
-    limit = model.config.max_seq_len
+    limit = model.config.context_length
     if len(ids) > limit:
         raise InputError(f"prompt of {len(ids)} tokens exceeds the model's context of {limit}")
     rng = np.random.default_rng(seed)

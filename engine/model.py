@@ -261,9 +261,9 @@ class Model:
         B, T = tokens.shape
         if B == 0 or T == 0:
             raise InputError(f"{what} is empty: shape {tokens.shape}")
-        if T > self.config.max_seq_len:
-            raise InputError(f"sequence length {T} exceeds the model's max_seq_len "
-                             f"{self.config.max_seq_len}")
+        if T > self.config.context_length:
+            raise InputError(f"sequence length {T} exceeds the model's context of "
+                             f"{self.config.context_text()}")
         V = self.config.vocab_size
         # range checked on the ids as given, before the int64 cast (a uint64 id >= 2**63 would
         # wrap to a negative number); the element-wise mask only runs when min or max is out
@@ -408,8 +408,9 @@ class Model:
         for what, v in (("batch", batch), ("length", length)):
             if not is_int(v) or v < 1:
                 raise InputError(f"new_cache {what} must be a positive integer, got {v!r}")
-        if length > c.max_seq_len:
-            raise InputError(f"cache length {length} exceeds the model's max_seq_len {c.max_seq_len}")
+        if length > c.context_length:
+            raise InputError(f"cache length {length} exceeds the model's context of "
+                             f"{c.context_text()}")
         shape = (batch, length, c.n_kv_head, c.head_dim)
         return [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in self.blocks]
 

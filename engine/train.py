@@ -300,8 +300,9 @@ def _names(v) -> bool:
 
 def check_seq_len(seq_len: int, cfg) -> int:
     """--seq-len, refused when past the model's context (finetune, eval and inspect)."""
-    if seq_len > cfg.max_seq_len:
-        raise InputError(f"--seq-len {seq_len} exceeds the model's context of {cfg.max_seq_len}")
+    if seq_len > cfg.context_length:
+        raise InputError(f"--seq-len {seq_len} exceeds the model's context of "
+                         f"{cfg.context_text()}")
     return seq_len
 
 
@@ -631,7 +632,7 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
     resume_cmd = "`" + _command_line(["tailtune", "finetune", "--model", recorded.model, "--data",
                                       recorded.data, "--out", out_abs, "--resume", out_abs]) + "`"
     metrics_path = os.path.join(args.out, "metrics.jsonl")
-    sample_ids = _sample_prompt(args, tok, held, eval_idx, cfg.max_seq_len)
+    sample_ids = _sample_prompt(args, tok, held, eval_idx, cfg.context_length)
 
     def held_out_loss():  # None without a held-out set (--eval-fraction 0)
         return trainer.evaluate(progress=EvalProgress())
@@ -846,7 +847,7 @@ def _main_thread():
 def _sample_prompt(args, tok, held, eval_idx, context: int):
     """Ids to generate from before and after: --sample-prompt (chat-templated when the model
     has a template), else the prompt part of the first held-out example; context: the model's
-    max_seq_len."""
+    context_length."""
     if args.sample_prompt:
         ids = (tok.chat_ids([{"role": "user", "content": args.sample_prompt}]) if tok.chat_template
                else tok.encode(args.sample_prompt))

@@ -52,6 +52,11 @@ HF_CONFIGS = {
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                     rope_theta=700.0, no_rope_layer_interval=2, pad_token_id=0, bos_token_id=1,
                     eos_token_id=2),
+    # Mistral: attention over a window of 19 positions, the length of the tests' batches (the
+    # engine runs sequences up to the window, where windowed and full attention agree)
+    "mistral": dict(vocab_size=103, hidden_size=48, intermediate_size=72, num_hidden_layers=3,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                    rope_theta=900.0, sliding_window=19, tie_word_embeddings=False),
     # Qwen3: an RMSNorm on each head of q and k; heads wider than hidden / heads
     "qwen3": dict(vocab_size=109, hidden_size=40, intermediate_size=68, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=14,
@@ -64,8 +69,8 @@ def build_hf(kind: str, seed: int = 0, boost: bool = True):
     boost scales weights up so every path carries signal (and some GELUs saturate)."""
     import torch
     from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-                              Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
-                              SmolLM3Config, SmolLM3ForCausalLM)
+                              MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                              Qwen3Config, Qwen3ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM)
     torch.manual_seed(seed)
     if kind.startswith("gpt2"):
         m = GPT2LMHeadModel(GPT2Config(**copy.deepcopy(HF_CONFIGS[kind])))
@@ -73,6 +78,8 @@ def build_hf(kind: str, seed: int = 0, boost: bool = True):
         m = Qwen2ForCausalLM(Qwen2Config(**copy.deepcopy(HF_CONFIGS[kind])))
     elif kind.startswith("smollm3"):
         m = SmolLM3ForCausalLM(SmolLM3Config(**copy.deepcopy(HF_CONFIGS[kind])))
+    elif kind.startswith("mistral"):
+        m = MistralForCausalLM(MistralConfig(**copy.deepcopy(HF_CONFIGS[kind])))
     elif kind.startswith("qwen3"):
         m = Qwen3ForCausalLM(Qwen3Config(**copy.deepcopy(HF_CONFIGS[kind])))
     else:

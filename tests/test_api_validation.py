@@ -154,8 +154,10 @@ def test_adamw_arguments(model):
     (dict(tie_embeddings="false"), r"Config.tie_embeddings must be True or False, got 'false'"),
     (dict(attn_bias=1), "attn_bias"),
     (dict(attn_out_bias="no"), r"Config.attn_out_bias must be True or False, got 'no'"),
-    (dict(model_type="mistral"), r"Config.model_type='mistral'; expected one of \('gpt2', 'llama', "
-                                 r"'qwen2', 'qwen3', 'smollm3'\)"),
+    (dict(model_type="gemma3"), r"Config.model_type='gemma3'; expected one of \('gpt2', 'llama', "
+                                r"'mistral', 'qwen2', 'qwen3', 'smollm3'\)"),
+    (dict(sliding_window=0), r"Config.sliding_window must be a positive integer, got 0"),
+    (dict(sliding_window=2.5), r"Config.sliding_window must be a positive integer, got 2.5"),
     (dict(qk_norm=1), r"Config.qk_norm must be True or False, got 1"),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), r"rope_type is one of \('linear', "
                                                             r"'llama3'\)"),
@@ -386,7 +388,7 @@ def test_bias_layouts_no_family_holds_are_refused_on_save(tmp_path, family, chan
 
 def test_architecture_omits_fields_added_later_at_their_absent_value():
     """Run fingerprints hash Config.architecture(): a config that uses none of attn_out_bias,
-    qk_norm, rope_scaling and no_rope_blocks hashes the fields it had before they existed, so earlier runs
+    qk_norm, rope_scaling, no_rope_blocks and sliding_window hashes the fields it had before they existed, so earlier runs
     still resume."""
     before = {"model_type", "vocab_size", "n_layer", "n_head", "n_kv_head", "d_model", "head_dim",
               "d_ff", "max_seq_len", "norm", "norm_eps", "mlp", "positions", "rope_theta",
@@ -396,6 +398,7 @@ def test_architecture_omits_fields_added_later_at_their_absent_value():
     assert set(engine.Config.qwen2().architecture()) == before | {"attn_out_bias"}
     assert set(engine.Config.qwen3().architecture()) == before | {"qk_norm"}
     assert set(engine.Config.smollm3().architecture()) == before | {"no_rope_blocks"}
+    assert set(engine.Config.mistral().architecture()) == before | {"sliding_window"}
     assert set(engine.Config.llama(rope_scaling={"rope_type": "linear", "factor": 2.0})
                .architecture()) == before | {"rope_scaling"}
 

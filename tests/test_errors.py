@@ -31,7 +31,7 @@ def test_target_out_of_range_and_ignore_index(model):
 
 
 def test_sequence_longer_than_positions(model):
-    with pytest.raises(engine.InputError, match="sequence length 13 exceeds the model's max_seq_len 12"):
+    with pytest.raises(engine.InputError, match="sequence length 13 exceeds the model's context of 12"):
         model.forward(np.zeros((1, 13), np.int64))
 
 

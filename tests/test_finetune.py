@@ -95,18 +95,20 @@ def test_run_outputs_and_frozen_blocks_untouched(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("kind,name", [("qwen2", "Qwen2"), ("qwen3", "Qwen3"), ("llama3", "Llama"),
-                                       ("smollm3", "SmolLM3")])
+                                       ("smollm3", "SmolLM3"), ("mistral", "Mistral")])
 def test_other_families_run_and_load_in_transformers(tmp_path, kind, name):
     """The whole workflow on a Qwen2 (q, k, v biases, tied head), a Qwen3 (q / k norms), a
-    Llama with Llama 3's rope scaling and a SmolLM3 (blocks without rope), built by transformers: the trained block's parameters
+    Llama with Llama 3's rope scaling, a SmolLM3 (blocks without rope) and a Mistral (a
+    sliding window as long as the runs' sequences), built by transformers: the trained block's parameters
     change, the frozen ones do not, and transformers loads the run's model to the engine's
     logits."""
     import copy
     import torch
     import transformers
     from conftest import HF_CONFIGS
+    window = {"sliding_window": 48} if kind == "mistral" else {}   # the runs' --seq-len
     config = getattr(transformers, f"{name}Config")(**{**copy.deepcopy(HF_CONFIGS[kind]),
-                                                       "vocab_size": 257})
+                                                       "vocab_size": 257, **window})
     src = tmp_path / "src"
     torch.manual_seed(4)
     getattr(transformers, f"{name}ForCausalLM")(config).save_pretrained(src)
@@ -121,6 +123,7 @@ def test_other_families_run_and_load_in_transformers(tmp_path, kind, name):
     assert s["eval_loss_after"] < s["eval_loss_before"]
     tuned = engine.load(os.path.join(out, "model"))
     assert tuned.config.model_type == name.lower()
+    assert tuned.config.sliding_window == window.get("sliding_window")
     assert tuned.config.rope_scaling == big.config.rope_scaling == HF_CONFIGS[kind].get("rope_scaling")
     top = f"blocks.{tuned.config.n_layer - 1}."
     for n, a in big.params.items():

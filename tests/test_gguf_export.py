@@ -137,6 +137,31 @@ def test_transformers_loads_the_export(tmp_path, small_tok, tied, head_dim):
         assert ht(t)["input_ids"] == tok.encode(t)
 
 
+def test_mistral_is_written_as_llama(tmp_path, small_tok):
+    """As llama.cpp's converter writes Mistral: a llama file, q / k permuted, no window (llama.cpp
+    has none for llama). Read back, it is the same model as a llama one; transformers' GGUF
+    loader gives the engine's logits within the window."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    m = _tiny(vocab=300, family=engine.Config.mistral, sliding_window=40)
+    out = tmp_path / "m.gguf"
+    m.save(str(out), tokenizer=small_tok)
+    assert GGUFFile(str(out)).metadata["general.architecture"] == "llama"
+    kind, a = _raw(str(out), "blk.1.attn_q.weight")
+    np.testing.assert_array_equal(a, llamacpp_permute(m.params["blocks.1.attn.q.weight"], 4, 4))
+    back = engine.load(str(out))
+    assert (back.config.model_type, back.config.sliding_window) == ("llama", None)
+    for n, p in m.params.items():
+        np.testing.assert_array_equal(back.params[n], p, err_msg=n)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name,
+                                              dtype=torch.float32).eval()
+    ids = small_tok.encode(TEXTS[0] + TEXTS[2])[:40]
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits.numpy()
+    np.testing.assert_allclose(m.forward(np.array([ids])), want, atol=2e-4 * np.abs(want).max(),
+                               rtol=0)
+
+
 @pytest.mark.parametrize("family,tied", [("qwen2", True), ("qwen2", False), ("qwen3", True)])
 def test_qwen_round_trip_and_transformers(tmp_path, small_tok, family, tied):
     """llama.cpp's qwen2 and qwen3 layouts: q and k rows as they are (its rotary runs in the

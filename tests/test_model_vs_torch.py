@@ -83,7 +83,8 @@ FREEZES = {
 }
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "gpt2-untied", "llama", "llama-tied", "llama3", "qwen2", "qwen3", "smollm3"])
+@pytest.mark.parametrize("kind", ["gpt2", "gpt2-untied", "llama", "llama-tied", "llama3", "mistral",
+                                  "qwen2", "qwen3", "smollm3"])
 def test_logits_match(hf_dirs, kind):
     hf, path = hf_dirs[kind]
     model = engine.load(path)
@@ -130,7 +131,8 @@ def test_llama3_frequencies_equal_transformers_beyond_llama3s_constants():
 
 
 @pytest.mark.parametrize("freeze", list(FREEZES))
-@pytest.mark.parametrize("kind", ["gpt2", "gpt2-untied", "llama", "llama-tied", "llama3", "qwen2", "qwen3", "smollm3"])
+@pytest.mark.parametrize("kind", ["gpt2", "gpt2-untied", "llama", "llama-tied", "llama3", "mistral",
+                                  "qwen2", "qwen3", "smollm3"])
 def test_loss_and_grads_match(hf_dirs, kind, freeze):
     hf, path = hf_dirs[kind]
     model = engine.load(path)
@@ -324,3 +326,33 @@ def test_clip_grad_norm_matches_torch(hf_dirs):
     tnorm = torch.nn.utils.clip_grad_norm_([p for p in hf.parameters() if p.requires_grad], 0.01)
     assert abs(norm - tnorm.item()) <= 1e-4 * tnorm.item()
     assert_grads_match(model, hf)
+
+
+def test_mistral_runs_up_to_its_sliding_window(tmp_path):
+    """transformers' Mistral attends to the last sliding_window positions; the engine runs
+    full attention, so it runs sequences of up to the window only, where the two agree: at
+    T = window the logits equal transformers', a window one shorter changes transformers'
+    (so the window is really in force there), and a longer sequence is refused."""
+    import copy
+    from transformers import MistralConfig, MistralForCausalLM
+    from conftest import HF_CONFIGS
+    cfg = copy.deepcopy(HF_CONFIGS["mistral"])
+    torch.manual_seed(1)
+    hf = MistralForCausalLM(MistralConfig(**cfg)).eval()
+    short = MistralForCausalLM(MistralConfig(**{**cfg, "sliding_window": T - 1})).eval()
+    short.load_state_dict(hf.state_dict())
+    tokens, _ = batch(cfg["vocab_size"])
+    with torch.no_grad():
+        want, windowed = (m(torch.tensor(tokens)).logits.numpy() for m in (hf, short))
+    assert np.abs(windowed - want).max() > 1e-3
+    hf.save_pretrained(tmp_path)
+    model = engine.load(str(tmp_path))
+    assert (model.config.sliding_window, model.config.context_length) == (T, T)
+    np.testing.assert_allclose(model.forward(tokens), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    longer = np.concatenate([tokens, tokens[:, :1]], axis=1)
+    with pytest.raises(engine.InputError, match=f"exceeds the model's context of {T} "
+                                                r"\(its sliding window\)"):
+        model.forward(longer)
+    with pytest.raises(engine.InputError, match="exceeds the model's context"):
+        engine.generate(model, list(range(T + 1)), max_new_tokens=1)
+    assert len(engine.generate(model, [1, 2, 3], max_new_tokens=100)) == T - 3

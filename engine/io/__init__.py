@@ -21,7 +21,8 @@ from .safetensors import write as write_safetensors
 
 def load(path: str):
     """A Model from a Hugging Face directory (config.json + *.safetensors; gpt2, llama,
-    qwen2, qwen3 or smollm3), a .gguf file (llama, qwen2, qwen3, smollm3 or gpt2), a directory written by Model.save, or a short name such as 'smollm2'."""
+    mistral, qwen2, qwen3 or smollm3), a .gguf file (llama, qwen2, qwen3, smollm3 or gpt2), a
+    directory written by Model.save, or a short name such as 'smollm2'."""
     from ..model import Model
     from .resolve import resolve_model_path
     path = resolve_model_path(str(path))

@@ -1,6 +1,6 @@
-"""Write a Llama, Qwen2, Qwen3, SmolLM3 or GPT-2 model and its tokenizer as one GGUF file: what
-llama.cpp (and the tools built on it) run, and what `engine.load` / `engine.load_tokenizer` read
-back.
+"""Write a Llama (or Mistral), Qwen2, Qwen3, SmolLM3 or GPT-2 model and its tokenizer as one
+GGUF file: what llama.cpp (and the tools built on it) run, and what `engine.load` /
+`engine.load_tokenizer` read back.
 
 The layout follows llama.cpp's own converter: `<architecture>.*` hyperparameters, `blk.{i}.*`
 tensors (llama's and smollm3's q / k rows permuted to its interleaved rotary layout, qwen2's and
@@ -58,7 +58,7 @@ def save_gguf(model, path, tokenizer, dtype: str = "F32", name: str | None = Non
     _check_architecture(cfg)
     _check_params(model)
     gguf = _gguf()
-    writer = gguf.GGUFWriter(None, cfg.model_type)
+    writer = gguf.GGUFWriter(None, gguf_arch(cfg))
     _add_model_keys(gguf, writer, cfg, dtype, name or _stem(path))
     _add_tokenizer_keys(writer, tokenizer, cfg)
     plan = _tensor_plan(gguf, cfg, dtype)
@@ -105,6 +105,13 @@ _LLAMACPP_FIELDS = {"qwen3": dict(attn_bias=False, attn_out_bias=False),
                     "smollm3": dict(attn_bias=False, attn_out_bias=False, mlp_bias=False)}
 
 
+def gguf_arch(cfg) -> str:
+    """The llama.cpp architecture a family is written as: its own name, but Mistral is llama
+    (as llama.cpp's converter writes it; llama.cpp gives it no sliding window, so it attends
+    to the whole context where transformers sees the last sliding_window positions)."""
+    return "llama" if cfg.model_type == "mistral" else cfg.model_type
+
+
 def _check_architecture(cfg) -> None:
     if cfg.model_type not in FAMILY_FIELDS:
         raise ConfigError(f"GGUF export covers {', '.join(FAMILY_FIELDS)} models, not "
@@ -114,7 +121,7 @@ def _check_architecture(cfg) -> None:
         if getattr(cfg, k) != v:
             raise ConfigError(f"cannot write a {cfg.model_type} GGUF: it needs {k}={v!r}, this "
                               f"model has {getattr(cfg, k)!r}")
-    if _has_llama3_rope(cfg) and cfg.model_type != "llama":
+    if _has_llama3_rope(cfg) and gguf_arch(cfg) != "llama":
         raise ConfigError(f"cannot write a {cfg.model_type} GGUF with Llama 3's rope scaling "
                           "(llama.cpp reads its per-frequency factors in llama files)")
     if cfg.no_rope_blocks != ((every_fourth(cfg.n_layer) or None) if cfg.model_type == "smollm3"
@@ -209,7 +216,7 @@ def _check_range(gguf, ename: str, a: np.ndarray, qtype) -> None:
 def _converted(gguf, cfg, enames: tuple, params: dict, qtype) -> np.ndarray:
     """One GGUF tensor's bytes from the parameters whose rows it holds (llama's q / k rows
     permuted to llama.cpp's rotary layout)."""
-    parts = [to_gguf_layout(cfg, e, params[e], cfg.model_type) for e in enames]
+    parts = [to_gguf_layout(cfg, e, params[e], gguf_arch(cfg)) for e in enames]
     a = parts[0] if len(parts) == 1 else np.concatenate(parts)
     T = gguf.GGMLQuantizationType
     if qtype == T.F32:

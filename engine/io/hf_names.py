@@ -1,5 +1,5 @@
-"""Hugging Face <-> engine: config.json fields and tensor names for the gpt2, llama, qwen2,
-qwen3 and smollm3 families (the last three name their tensors as llama does; qwen3 adds
+"""Hugging Face <-> engine: config.json fields and tensor names for the gpt2, llama, mistral,
+qwen2, qwen3 and smollm3 families (the last four name their tensors as llama does; qwen3 adds
 q_norm, k_norm).
 
 Engine weights are (out, in) like torch.nn.Linear. GPT-2's Conv1D stores (in, out) and fuses
@@ -83,13 +83,15 @@ def config_from_hf(hf: dict) -> Config:
         # SmolLM3 windows the layers layer_types names whatever use_sliding_window says
         raise ConfigError("smollm3 layer_types with sliding_attention (sliding_window="
                           f"{hf['sliding_window']!r}) is not supported (only full attention)")
-    max_pos = _get(hf, "max_position_embeddings", "size",
-                   2048 if mt == "llama" else 32768)      # transformers' defaults
+    max_pos = _get(hf, "max_position_embeddings", "size",   # transformers' defaults
+                   {"llama": 2048, "mistral": 131072}.get(mt, 32768))
     theta, rope_scaling = _rope(mt, hf, max_pos)
     n_head = _get(hf, "num_attention_heads", "size")
     d = _get(hf, "hidden_size", "size")
     if mt == "qwen2":   # transformers' Qwen2: biases on q, k, v always, none elsewhere
         family, bias = Config.qwen2, dict(attn_bias=True, attn_out_bias=False, mlp_bias=False)
+    elif mt == "mistral":   # no biases, whatever the file says
+        family, bias = Config.mistral, dict(attn_bias=False, mlp_bias=False)
     elif mt == "qwen3":   # attention_bias for all four projections, as llama; no MLP biases
         family = Config.qwen3
         bias = dict(attn_bias=_get(hf, "attention_bias", "bool", False), mlp_bias=False)
@@ -99,6 +101,9 @@ def config_from_hf(hf: dict) -> Config:
                     mlp_bias=_get(hf, "mlp_bias", "bool", False))
     n_layer = _get(hf, "num_hidden_layers", "size")
     extra = {"no_rope_blocks": _no_rope_blocks(hf, n_layer)} if mt == "smollm3" else {}
+    if mt == "mistral":   # MistralConfig's default window when the key is absent; null: none
+        extra["sliding_window"] = (None if hf.get("sliding_window", 4096) is None
+                                   else _get(hf, "sliding_window", "size", 4096))
     return family(vocab_size=_get(hf, "vocab_size", "size"),
                   n_layer=n_layer, n_head=n_head,
                   n_kv_head=_get(hf, "num_key_value_heads", "size", None) or n_head,
@@ -187,6 +192,9 @@ def config_to_hf(cfg: Config) -> dict:
               "rope_scaling": dict(cfg.rope_scaling) if cfg.rope_scaling else None,
               "tie_word_embeddings": cfg.tie_embeddings,
               "attention_dropout": 0.0, "torch_dtype": "float32", **ids}
+    if cfg.model_type == "mistral":
+        return {"model_type": "mistral", "architectures": ["MistralForCausalLM"], **common,
+                "sliding_window": cfg.sliding_window}
     if cfg.model_type == "qwen2":
         return {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], **common,
                 "use_sliding_window": False}
