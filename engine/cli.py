@@ -274,7 +274,7 @@ def _generate(a):
                 stream.head = None
             out.append(t)
             if t not in stops:
-                text = tok.decode(out)
+                text = tok.decode_continuation(out, ids)
                 if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
                     sys.stdout.write(text[len(stream.shown):])
                     stream.shown = text

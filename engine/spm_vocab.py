@@ -7,12 +7,13 @@ follows a special token, spaces become "▁", and adjacent symbols are merged, h
 resulting token first (leftmost among equals), until no adjacent pair forms a token; characters
 left without a token become their UTF-8 bytes' <0xXX> tokens.
 
-That is a BPE whose merges are every pair (a, b) with a, b and a + b in the vocabulary, ranked
-by the score of a + b, which is how Hugging Face's converters write a Llama tokenizer.json. So
-the tokenizer runs in the `tokenizers` library like the byte-level ones (same speed, same
-`save`), and the way back (GGUF export) gives each token a score from its merge's rank. The one
-difference: tokens of equal score are merged in rank order, not leftmost first; real
-vocabularies give every mergeable token its own score.
+That is a BPE whose merges are every pair (a, b) with a, b and a + b tokens (of any type:
+llama.cpp looks tokens up by text), ranked by the score of a + b, which is how Hugging Face's
+converters write a Llama tokenizer.json. So the tokenizer runs in the `tokenizers` library like
+the byte-level ones (same speed, same `save`), and the way back (GGUF export) gives each token a score from its merge's rank. The one
+difference: where two different tokens of equal score could both be merged, llama.cpp takes the
+leftmost pair, we the token of lower id. Llama 2's and Mistral's vocabularies give every token
+that merges build its own score; Gemma's user-defined whitespace tokens all score 0.
 """
 from __future__ import annotations
 
@@ -27,14 +28,28 @@ SPACE = "\u2581"   # how SentencePiece writes a space inside tokens
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
 
 
-def spm_merges(tokens: list[str], scores: np.ndarray, kinds: list[int]) -> list[tuple[str, str]]:
-    """Every (a, b) with a, b and a + b tokens that text can be built into (not control or
-    user-defined: those are matched whole in the text), best-scoring a + b first; ties by id,
-    and a token's own splits left to right."""
-    ids = {}
-    for i, (t, k) in enumerate(zip(tokens, kinds)):
-        if k not in (CONTROL, USER_DEFINED):
-            ids[t] = i   # a repeated token: the last id, as llama.cpp's text-to-id map keeps it
+# Bound on the work of finding the merges, sum over tokens of len(token) ** 2 (each of a
+# token's n - 1 splits is looked up and may become a merge holding n characters): a 32k
+# vocabulary comes to ~2e6, Gemma's 262k tokens to ~2e7; a file of a few MB whose tokens are
+# "a", "aa", "aaa", ... would need terabytes.
+MAX_MERGE_WORK = 1 << 26
+
+
+def _check_work(tokens) -> None:
+    work = sum(len(t) ** 2 for t in tokens)
+    if work > MAX_MERGE_WORK:
+        raise ValueError(f"its tokens are too long for a SentencePiece vocabulary (the sum of "
+                         f"their squared lengths is {work}, real ones stay below "
+                         f"{MAX_MERGE_WORK})")
+
+
+def spm_merges(tokens: list[str], scores: np.ndarray) -> list[tuple[str, str]]:
+    """Every (a, b) with a, b and a + b tokens, best-scoring a + b first; ties by id, and a
+    token's own splits left to right. Every kind of token takes part, as in llama.cpp (its
+    merges look tokens up by text: a user-defined token of four "▁" is built from spaces).
+    ValueError past MAX_MERGE_WORK."""
+    _check_work(tokens)
+    ids = {t: i for i, t in enumerate(tokens)}   # a repeated token: its last id, as llama.cpp's
     ranked = sorted((-float(scores[i]), i) for t, i in ids.items() if len(t) > 1)
     merges = []
     for _, i in ranked:
@@ -51,7 +66,7 @@ def spm_backend(tk, tokens: list[str], scores: np.ndarray, kinds: list[int], unk
     again (the normalizer runs on each stretch between added tokens, as llama.cpp's
     is_prev_special does)."""
     vocab = {t: i for i, t in enumerate(tokens)}
-    model = tk.models.BPE(vocab=vocab, merges=spm_merges(tokens, scores, kinds), unk_token=unk,
+    model = tk.models.BPE(vocab=vocab, merges=spm_merges(tokens, scores), unk_token=unk,
                           fuse_unk=True, byte_fallback=True, dropout=None)
     backend = tk.Tokenizer(model)
     n = tk.normalizers
@@ -90,17 +105,44 @@ def spm_form(spec: dict) -> bool | None:
 
 def spm_vocabulary(spec: dict, n: int) -> tuple[list[str], list[float], list[int]]:
     """tokens, scores and types of ids 0..n-1 for a GGUF "llama" vocabulary, from a
-    SentencePiece-style tokenizer.json: a merged token scores minus its best merge's rank, so
+    SentencePiece-style tokenizer.json: a merged token scores minus its first merge's rank, so
     llama.cpp merges in the tokenizer's order; tokens no merge builds score below all of them,
     and the <0xXX> byte tokens, the unknown token and added tokens 0, as SentencePiece has
-    them. Ids with no token are left as "" of type UNUSED for the caller to name."""
+    them. Ids with no token are left as "" of type UNUSED for the caller to name.
+    ValueError (saying why) for a tokenizer llama.cpp would merge otherwise: llama.cpp merges
+    every split of a token into two tokens, so the merges must be all of those and each
+    token's together (as converters from SentencePiece write them), and an added token must
+    match the text as written (llama.cpp does not normalize it)."""
     model = spec["model"]
+    for a in spec.get("added_tokens") or []:
+        if a.get("normalized"):
+            raise ValueError(f"added token {a['content']!r} is matched in the normalized text "
+                             "(\"normalized\": true), llama.cpp matches it as written")
     tokens, kinds, scores = [""] * n, [UNUSED] * n, [0.0] * n
-    merges = [m.split(" ", 1) if isinstance(m, str) else m for m in model.get("merges") or []]
-    rank = {}
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m)
+              for m in model.get("merges") or []]
+    rank, last, count = {}, {}, {}
     for r, (a, b) in enumerate(merges):
         rank.setdefault(a + b, r)
-    for t, i in model["vocab"].items():
+        last[a + b] = r
+        count[a + b] = count.get(a + b, 0) + 1
+    vocab = model["vocab"]
+    known = set(vocab) | {a["content"] for a in spec.get("added_tokens") or []}
+    _check_work(known)
+    if len(set(merges)) != len(merges):
+        raise ValueError("its merges list a pair twice")
+    for t, r in rank.items():
+        splits = sum(1 for j in range(1, len(t)) if t[:j] in known and t[j:] in known)
+        if not count[t] == last[t] - r + 1 == splits:
+            raise ValueError(f"its merges build {t!r} from {count[t]} of its {splits} splits "
+                             f"into two tokens, {'' if count[t] == last[t] - r + 1 else 'not '}"
+                             "one after the other; llama.cpp merges every split, best token "
+                             "first")
+    unbuilt = next((t for t in known if len(t) > 1 and t not in rank and any(
+        t[:j] in known and t[j:] in known for j in range(1, len(t)))), None)
+    if unbuilt is not None:
+        raise ValueError(f"no merge builds {unbuilt!r}, which llama.cpp builds from its splits")
+    for t, i in vocab.items():
         tokens[i] = t
         if _BYTE_TOKEN.fullmatch(t):
             kinds[i] = BYTE
@@ -110,8 +152,9 @@ def spm_vocabulary(spec: dict, n: int) -> tuple[list[str], list[float], list[int
             kinds[i] = NORMAL
             scores[i] = -float(rank[t]) if t in rank else -float(len(merges) + i)
     for a in spec.get("added_tokens") or []:
-        i = a["id"]
-        tokens[i], scores[i] = a["content"], 0.0
+        i, t = a["id"], a["content"]
+        # a token merges build keeps its rank's score (Gemma's whitespace tokens), else 0
+        tokens[i], scores[i] = t, -float(rank[t]) if t in rank else 0.0
         if kinds[i] not in (BYTE, UNKNOWN):
             kinds[i] = CONTROL if a.get("special") else USER_DEFINED
     return tokens, scores, kinds

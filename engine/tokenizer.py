@@ -36,6 +36,11 @@ class ChatTemplateError(TokenizerError):
     """A chat template that is missing, invalid, unsafe, or that rejected the messages."""
 
 
+# How much of the text before a continuation is encoded with it (characters), and how many
+# ids before a reply are decoded with it: far more than one token spans.
+_CONTEXT_CHARS = 4096
+_CONTEXT_IDS = 8
+
 # Named special tokens, in the order transformers lists them (its SPECIAL_TOKENS_ATTRIBUTES);
 # chat templates see each one that is set as a variable (`bos_token`, `eos_token`, ...).
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
@@ -301,11 +306,37 @@ class _Tokenizer:
 
     def encode_continuation(self, text: str, previous: str) -> list[int]:
         """Ids of `text` as it tokenizes after `previous` (a completion after its prompt, a
-        chat turn after the turns before it): no BOS, and a space prefixed to it only where
-        encoding the two joined would prefix one (SentencePiece-style tokenizers prefix the
-        start of a text, and some the text after a special token). So the ids of `previous`
-        followed by these are the ids of the two texts joined, bar merges across the join."""
+        chat turn after the turns before it), without BOS: the ids the two texts encoded
+        joined give after those of `previous`, where they begin with those (no token spans
+        the join). Where one does (`"Answer: "` + `"yes"`: `" yes"`), `text` is encoded on its
+        own, with no space prefixed to it by a tokenizer that prefixes a text's start
+        (SentencePiece's) unless the joined encoding would prefix one there too.
+        (`previous` counts by its last _CONTEXT_CHARS characters: a token reaches no further.)"""
+        _check_text(text)
+        _check_text(previous)
+        if not text:
+            return []
+        if previous:
+            tail = previous[-_CONTEXT_CHARS:]
+            head = self.encode(tail, add_special_tokens=False)
+            both = self.encode(tail + text, add_special_tokens=False)
+            if both[:len(head)] == head:
+                return both[len(head):]
+        return self._encode_apart(text, previous)
+
+    def _encode_apart(self, text: str, previous: str) -> list[int]:
+        """encode_continuation where a token spans the join."""
         return self.encode(text, add_special_tokens=False)
+
+    def decode_continuation(self, ids, previous_ids) -> str:
+        """Text of `ids` as it reads after `previous_ids` (a reply after its prompt): a
+        decoder that drops a text's first space (SentencePiece's) must not drop the reply's."""
+        ids = _check_ids(ids, self.vocab_size)
+        context = _check_ids(previous_ids, self.vocab_size)[-_CONTEXT_IDS:]
+        if not context:
+            return self.decode(ids)
+        head, both = self.decode(context), self.decode(context + ids)
+        return both[len(head):] if both.startswith(head) else self.decode(ids)
 
     @property
     def vocab_size(self) -> int:
@@ -336,7 +367,11 @@ class _Tokenizer:
     def unk_id(self) -> int | None:
         return self._named_id("unk_token")
 
+    _named_ids: dict = {}   # name -> id where the source gives ids (GGUF), not only texts
+
     def _named_id(self, name: str) -> int | None:
+        if name in self._named_ids:
+            return self._named_ids[name]
         tok = self.special_tokens.get(name)
         return None if tok is None else self.token_to_id(tok)
 
@@ -653,6 +688,7 @@ class BPETokenizer(_Tokenizer):
         self.chat_template = chat_template
         self._model_vocab_size = None  # set from GGUF metadata
         self.gguf_pre = None           # llama.cpp's name of the split, when read from GGUF
+        self.gguf_token_types = None   # and its token types (numpy array)
         self._vocab_size = 1 + max(vocab.values(), default=-1)
         self._extra_eos = [i for i in extra_eos_ids if is_int(i)]
         for i in self._extra_eos:
@@ -708,12 +744,11 @@ class BPETokenizer(_Tokenizer):
             _utf8(text)  # a lone surrogate: say so instead of the library's type error
             raise
 
-    def encode_continuation(self, text: str, previous: str) -> list[int]:
+    def _encode_apart(self, text: str, previous: str) -> list[int]:
         cont = self._continuation()
         if cont is None or not previous or self._prefixes_after_added and any(
                 previous.endswith(t) for t in self._added_texts()):
             return self.encode(text, add_special_tokens=False)
-        _check_text(text)
         # the prefix goes only before the text up to the first added token: the text after an
         # added token is prefixed again when the whole is encoded too
         at = min((i for t in self._added_texts() if (i := text.find(t)) >= 0), default=len(text))
@@ -823,18 +858,25 @@ class BPETokenizer(_Tokenizer):
         return cls._with_config(backend, config, os.fspath(vocab_path))
 
     @classmethod
-    def _with_config(cls, backend, cfg: dict, source: str) -> "BPETokenizer":
+    def _with_config(cls, backend, cfg: dict, source: str, named_ids=None) -> "BPETokenizer":
         """Apply a tokenizer config the way transformers' TokenizersBackend does: tokens the
         config declares but the backend lacks are added, and explicit add_bos_token /
-        add_eos_token flags (or a missing post-processor) give a new post-processor."""
+        add_eos_token flags (or a missing post-processor) give a new post-processor.
+        named_ids: the special tokens' ids where the source gives them (a GGUF file's); those
+        tokens are then not added (as llama.cpp matches only control and user-defined tokens
+        in the text, a bos id naming a normal token does not make it one)."""
         named = _named_specials(cfg)
         with _NoPanic(source):
-            _add_declared_tokens(backend, cfg, named)
+            _add_declared_tokens(backend, cfg, named if named_ids is None else {})
             add_bos, add_eos = cfg.get("add_bos_token"), cfg.get("add_eos_token")
             if add_bos is not None or add_eos is not None or backend.post_processor is None:
-                _set_bos_eos(backend, named, bool(add_bos), bool(add_eos))
-        return cls(backend, named, chat_template=cfg.get("chat_template"),
-                   extra_eos_ids=cfg.get("_generation_eos_ids", ()), source=source)
+                _set_bos_eos(backend, named, bool(add_bos), bool(add_eos), named_ids)
+        tok = cls(backend, named, chat_template=cfg.get("chat_template"),
+                  extra_eos_ids=cfg.get("_generation_eos_ids", ()), source=source)
+        if named_ids is not None:
+            tok._named_ids = dict(named_ids)
+            tok._special_ids |= frozenset(named_ids.values())
+        return tok
 
     @classmethod
     def from_gguf(cls, path) -> "BPETokenizer":
@@ -864,9 +906,16 @@ class BPETokenizer(_Tokenizer):
         # unknown, BOS added (the gpt2 kind has none, bar the Llama 3 group's BOS)
         spm = kind == "llama"
         defaults = {"bos": 1, "eos": 2, "unknown": 0} if spm else {}
-        ids = {k: meta.get(f"tokenizer.ggml.{k}_token_id", defaults.get(k))
-               for k in ("bos", "eos", "unknown", "padding")}
-        ids = {k: i for k, i in ids.items() if is_int(i) and 0 <= i < len(tokens)}
+        ids = {}
+        for k in ("bos", "eos", "unknown", "padding"):
+            i = meta.get(f"tokenizer.ggml.{k}_token_id")
+            if i is not None and not is_int(i):
+                raise TokenizerError(f"{path}: GGUF metadata tokenizer.ggml.{k}_token_id must "
+                                     f"be a token id, got {_gguf_type(i)}")
+            if i is None or not 0 <= i < len(tokens):   # as llama.cpp: its default instead
+                i = defaults.get(k)
+            if i is not None and 0 <= i < len(tokens):
+                ids[k] = i
         if spm:
             backend = _gguf_spm_backend(path, tokens, types, get, ids.get("unknown"))
         else:
@@ -887,8 +936,11 @@ class BPETokenizer(_Tokenizer):
             cfg["add_bos_token"] = add_bos
         if add_eos is not None:
             cfg["add_eos_token"] = add_eos
-        tok = cls._with_config(backend, cfg, path)
+        tok = cls._with_config(backend, cfg, path, named_ids={name: ids[key] for name, key in (
+            ("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
+            ("pad_token", "padding")) if key in ids})
         tok.gguf_pre = pre   # a GGUF export writes the same name back
+        tok.gguf_token_types = types   # and an unused token unused
         arch = meta.get("general.architecture")
         declared = meta.get(f"{arch}.vocab_size") if isinstance(arch, str) else None
         tok._model_vocab_size = declared if is_int(declared) and declared > 0 else None
@@ -1007,15 +1059,19 @@ def _added_token(tk, t: dict):
                          special=bool(t.get("special", False)))
 
 
-def _set_bos_eos(backend, named: dict, add_bos: bool, add_eos: bool) -> None:
+def _set_bos_eos(backend, named: dict, add_bos: bool, add_eos: bool, ids=None) -> None:
     """A post-processor adding BOS / EOS around a single sequence (and a pair), as
-    transformers' update_post_processor writes it. Built from its JSON form: the string form
+    transformers' update_post_processor writes it, with the ids `ids` gives for the names
+    (a GGUF file's), else the tokens' ids. Built from its JSON form: the string form
     ("<s>:0 $A:0") would parse the token's text, and a token such as "a b", "a:1" or "$A" would
     break it or be taken for something else."""
     tk = _tokenizers()
     bos, eos = named.get("bos_token"), named.get("eos_token")
-    add_bos = add_bos and bos is not None and backend.token_to_id(bos) is not None
-    add_eos = add_eos and eos is not None and backend.token_to_id(eos) is not None
+    ids = ids or {}
+    id_of = {t: ids[n] if n in ids else backend.token_to_id(t)
+             for n, t in (("bos_token", bos), ("eos_token", eos)) if t is not None}
+    add_bos = add_bos and bos is not None and id_of[bos] is not None
+    add_eos = add_eos and eos is not None and id_of[eos] is not None
 
     def around(seq: str, type_id: int) -> list:
         def special(t):
@@ -1023,7 +1079,7 @@ def _set_bos_eos(backend, named: dict, add_bos: bool, add_eos: bool) -> None:
         return [*([special(bos)] if add_bos else []), {"Sequence": {"id": seq, "type_id": type_id}},
                 *([special(eos)] if add_eos else [])]
 
-    specials = {t: {"id": t, "ids": [backend.token_to_id(t)], "tokens": [t]}
+    specials = {t: {"id": t, "ids": [id_of[t]], "tokens": [t]}
                 for t, on in ((bos, add_bos), (eos, add_eos)) if on}
     spec = {"type": "TemplateProcessing", "single": around("A", 0),
             "pair": around("A", 0) + around("B", 1), "special_tokens": specials}

@@ -871,7 +871,7 @@ def _sample(model, tok, ids, args):
     # the tokenizer cannot decode
     out = generate(model, ids, max_new_tokens=args.sample_tokens, temperature=0.0, stop=stops,
                    vocab_size=tok.vocab_size)
-    return tok.decode([t for t in out if t not in stops])
+    return tok.decode_continuation([t for t in out if t not in stops], ids)
 
 
 def _finite(v):

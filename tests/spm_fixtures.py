@@ -69,3 +69,27 @@ def write(path, sp, *, scores=True, ids=True, add_space_prefix=None, **extra) ->
     w.write_tensors_to_file()
     w.close()
     return str(path)
+
+
+def llamacpp_tokenize(tokens, scores, text: str, add_space_prefix: bool = True) -> list[int]:
+    """llama.cpp's SentencePiece tokenization (llm_tokenizer_spm in llama-vocab.cpp) of a text
+    with no special tokens in it, written plainly: spaces as "▁" (one prefixed), then merge the
+    adjacent pair whose join is the best-scoring token, leftmost among equals, until none
+    joins into a token; a symbol that is no token becomes its bytes' <0xXX> tokens. Any type
+    of token can be merged into: llama.cpp looks them up by text."""
+    ids = {t: i for i, t in enumerate(tokens)}   # a repeated token: its last id, as llama.cpp
+    syms = list((" " + text if add_space_prefix else text).replace(" ", "\u2581"))
+    while True:
+        best = None
+        for i in range(len(syms) - 1):
+            j = ids.get(syms[i] + syms[i + 1])
+            if j is not None and (best is None or scores[j] > best[0]):
+                best = (scores[j], i)
+        if best is None:
+            break
+        i = best[1]
+        syms[i:i + 2] = [syms[i] + syms[i + 1]]
+    out = []
+    for s in syms:
+        out += [ids[s]] if s in ids else [ids[f"<0x{b:02X}>"] for b in s.encode()]
+    return out

@@ -331,3 +331,167 @@ def test_finetune_a_sentencepiece_gguf_model_and_export_it(sp, spm_file, tmp_pat
         np.testing.assert_array_equal(exported.params[n], a, err_msg=n)
     back = engine.load_tokenizer(f"{out}/m.gguf")
     assert back.encode(ROWS[0]["prompt"]) == [sp.bos_id()] + sp.encode(ROWS[0]["prompt"])
+
+
+# ---- llama.cpp's algorithm, written plainly, on random vocabularies -------------------------
+
+def test_random_vocabularies_tokenize_as_llamacpp():
+    """Vocabularies of random pieces over a small alphabet (so that merges compete), unique
+    scores, byte tokens, a character with no token of its own (byte fallback) and
+    user-defined whitespace tokens that merges build (Gemma has such): the ids equal llama.cpp's
+    algorithm's (spm_fixtures.llamacpp_tokenize) on random texts."""
+    import tokenizers
+    from engine.spm_vocab import spm_backend
+    rng = np.random.default_rng(0)
+    alphabet = ["a", "b", "\u2581", "\u00e9"]   # é has no token: its two bytes stand in
+    n_texts = 0
+    for _ in range(150):
+        pieces = {"a", "b", "\u2581"}
+        while len(pieces) < 3 + rng.integers(5, 40):
+            pieces.add("".join(rng.choice(alphabet[:3], rng.integers(2, 6))))
+        tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + sorted(pieces)
+        kinds = [2, 3, 3] + [6] * 256 + [4 if set(t) == {"\u2581"} and len(t) > 1 else 1
+                                         for t in sorted(pieces)]
+        scores = np.zeros(len(tokens), np.float32)
+        # unique scores (ties merge leftmost first in llama.cpp, by id here: spm_vocab.py)
+        scores[259:] = -rng.permutation(len(tokens) - 259).astype(np.float32)
+        prefix = bool(rng.integers(2))
+        backend = spm_backend(tokenizers, tokens, scores, kinds, "<unk>", prefix)
+        for _ in range(20):
+            text = "".join(rng.choice(["a", "b", " ", "\u00e9"], rng.integers(0, 16)))
+            want = S.llamacpp_tokenize(tokens, scores, text, prefix) if text else []
+            assert backend.encode(text, add_special_tokens=False).ids == want, (tokens[259:], text)
+            n_texts += 1
+    assert n_texts == 3000
+
+
+def test_whitespace_tokens_are_built_from_spaces(sp, tmp_path):
+    """A user-defined token of spaces ("▁▁▁▁", as Gemma's vocabulary has) is built by merges
+    from the text's spaces, as llama.cpp builds it."""
+    import gguf
+    tokens, scores, types = S.vocabulary(sp)
+    tokens, scores, types = tokens + ["\u2581" * 4], scores + [0.0], types + [4]
+    w = gguf.GGUFWriter(str(tmp_path / "w.gguf"), arch="llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    tok = engine.load_tokenizer(tmp_path / "w.gguf")
+    for text in ("a    b", "   a", "x        y", "def f():\n        return 1"):
+        assert tok.encode(text, add_special_tokens=False) == S.llamacpp_tokenize(
+            tokens, scores, text), text
+    assert len(tokens) - 1 in tok.encode("a    b")
+
+
+def test_a_vocabulary_too_long_to_merge_is_refused_quickly(tmp_path):
+    """Tokens "a", "aa", ... (a file of ~2 MB) would make 2 million merges of up to 2000
+    characters: refused before any is built."""
+    import gguf
+    import time
+    tokens = ["<unk>", "<s>", "</s>"] + ["a" * k for k in range(1, 2001)]
+    w = gguf.GGUFWriter(str(tmp_path / "long.gguf"), arch="llama")
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([-float(i) for i in range(len(tokens))])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    t = time.perf_counter()
+    with pytest.raises(TokenizerError, match="too long for a SentencePiece vocabulary"):
+        engine.load_tokenizer(tmp_path / "long.gguf")
+    assert time.perf_counter() - t < 30   # not a timing test: minutes and GBs without the bound
+
+
+def test_special_ids_as_llamacpp_reads_them(sp, tmp_path):
+    """An id past the vocabulary falls back to llama.cpp's default (bos 1); an id of a normal
+    token marks it without making it a token matched in the text; a non-integer is refused."""
+    a_id = sp.piece_to_id("\u2581a")
+    tok = engine.load_tokenizer(_gguf_without(S.write(tmp_path / "s.gguf", sp), tmp_path, **{
+        "tokenizer.ggml.bos_token_id": 5000, "tokenizer.ggml.unknown_token_id": a_id}))
+    assert tok.bos_id == 1 and tok.encode("x")[0] == 1
+    assert tok.unk_id == a_id
+    assert tok.encode(" a ab", add_special_tokens=False) == sp.encode(" a ab")
+    with pytest.raises(TokenizerError, match="eos_token_id must be a token id"):
+        engine.load_tokenizer(_gguf_without(S.write(tmp_path / "t.gguf", sp), tmp_path,
+                                            **{"tokenizer.ggml.eos_token_id": "2"}))
+
+
+def _edited_json(spm_file, tmp_path, edit):
+    """The SentencePiece GGUF tokenizer saved as tokenizer.json, edited, loaded again."""
+    engine.load_tokenizer(spm_file).save(tmp_path / "e")
+    spec = json.loads((tmp_path / "e" / "tokenizer.json").read_text())
+    edit(spec)
+    (tmp_path / "e" / "tokenizer.json").write_text(json.dumps(spec))
+    return engine.load_tokenizer(tmp_path / "e")
+
+
+def test_tokenizers_llamacpp_would_merge_otherwise_are_refused(sp, spm_file, tmp_path):
+    """llama.cpp merges every split of a token into two tokens, and matches added tokens in
+    the text as written: a tokenizer.json whose merges leave a split out, or whose added
+    token is matched in the normalized text, is refused for GGUF, nothing written."""
+    def drop_a_split(spec):
+        merges = spec["model"]["merges"]
+        joined = ["".join(m) for m in merges]
+        t = next(t for t in joined if joined.count(t) > 1)
+        merges.pop(joined.index(t))
+
+    def normalized(spec):
+        spec["added_tokens"][-1]["normalized"] = True
+
+    out = tmp_path / "m.gguf"
+    for edit, match in ((drop_a_split, "from 1 of its 2 splits|of its \\d+ splits"),
+                        (normalized, "normalized text")):
+        tok = _edited_json(spm_file, tmp_path, edit)
+        with pytest.raises(TokenizerError, match=match):
+            _model(sp.get_piece_size()).save(str(out), tokenizer=tok)
+        assert not out.exists()
+
+
+def test_unused_tokens_stay_unused_in_the_export(sp, spm_file, tmp_path):
+    """llama.cpp decodes an unused token (type 5) to nothing: a GGUF source's unused tokens
+    are written unused again."""
+    types = read_metadata(spm_file)["tokenizer.ggml.token_type"].copy()
+    unused = [sp.piece_to_id(p) for p in ("\u2581the", "\u2581a")]
+    types[unused] = 5
+    src = _gguf_without(spm_file, tmp_path, **{"tokenizer.ggml.token_type": types})
+    out = str(tmp_path / "m.gguf")
+    _model(sp.get_piece_size()).save(out, tokenizer=engine.load_tokenizer(src))
+    np.testing.assert_array_equal(read_metadata(out)["tokenizer.ggml.token_type"], types)
+
+
+def test_a_reply_is_printed_after_its_prompt(spm_file, tmp_path):
+    """SentencePiece's decoder drops a text's first space; a reply decoded after its prompt
+    keeps its own ("Yes" + " no" prints "Yes no", not "Yesno")."""
+    tok = engine.load_tokenizer(spm_file)
+    prompt, reply = tok.encode("Yes"), tok.encode_continuation(" no, the fox", "Yes")
+    assert tok.decode(reply) == "no, the fox"
+    assert tok.decode_continuation(reply, prompt) == " no, the fox"
+    assert tok.decode_continuation(reply, []) == "no, the fox"
+    for t in (engine.ByteTokenizer(), engine.load_tokenizer("smollm2")):
+        ids = t.encode(" no, the fox", add_special_tokens=False)
+        assert t.decode_continuation(ids, t.encode("Yes")) == " no, the fox"
+
+
+def test_continuations_of_other_tokenizers(tmp_path):
+    """The joined encoding decides wherever no token spans the join: a byte-level BPE that
+    prefixes a space (add_prefix_space) gives "yes" after "Question:", not " yes"."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    import tokenizer_corpus as C
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(C.PROSE * 5, trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tk.save(str(tmp_path / "tokenizer.json"))
+    tok = engine.load_tokenizer(tmp_path)
+    for prev, text in (("Question:", "yes"), ("Is the fox lazy?", " No."), ("a", " b c")):
+        whole = tok.encode(prev + text, add_special_tokens=False)
+        assert tok.encode(prev, add_special_tokens=False) + tok.encode_continuation(
+            text, prev) == whole, (prev, text)
+    with pytest.raises(engine.InputError, match="expects a str"):
+        tok.encode_continuation("a", 5)

@@ -305,17 +305,24 @@ def tokenizer_metadata(tok, vocab_size: int, model_eos=None, model_bos=None) -> 
             raise TokenizerError(f"{tok.source}: {_NO_MERGES}")
         vocab = {"model": "gpt2", "merges": merges, "pre": pre}
     else:
-        tokens, scores, types = spm_vocabulary(spec, tok.vocab_size)
+        try:
+            tokens, scores, types = spm_vocabulary(spec, tok.vocab_size)
+        except ValueError as e:
+            raise TokenizerError(f"{tok.source}: as a GGUF SentencePiece ('llama') vocabulary "
+                                 f"it would tokenize otherwise in llama.cpp: {e}") from None
         scores += [0.0] * (vocab_size - len(scores))
         vocab = {"model": "llama", "scores": scores, "add_space_prefix": prefix}
     add_bos, add_eos = _added_specials(tok)
     tokens += [""] * (vocab_size - len(tokens))
     types += [_UNUSED] * (vocab_size - len(types))
+    src = tok.gguf_token_types if getattr(tok, "gguf_token_types", None) is not None else ()
     for i in range(vocab_size):
         # ids without a token, and rows a GGUF file (ours or llama.cpp's converter) padded the
         # vocabulary with, read back as plain tokens: unused "[PAD{id}]" entries again
         if types[i] == _UNUSED or types[i] == _NORMAL and tokens[i] == f"[PAD{i}]":
             tokens[i], types[i] = f"[PAD{i}]", _UNUSED
+        elif i < len(src) and src[i] == _UNUSED and types[i] == _NORMAL:
+            types[i] = _UNUSED   # unused in the GGUF source (read back as a plain token)
     # end of turn as the source said it (GGUF eot / eom, a generation config's eos list); the
     # document end tokens that eos_ids also lists are llama.cpp's to find (it does, by text)
     extra = [i for i in tok._extra_eos_ids() if i != eos]
