@@ -146,9 +146,9 @@ def main(argv=None):
 
     x = sub.add_parser("export", help="write a model and its tokenizer as one GGUF file "
                        "(llama.cpp and the tools built on it run it)",
-                       description="Write a Llama, Qwen2, Qwen3, SmolLM3 or GPT-2 model (a "
-                       "fine-tuned run's directory, a Hugging Face directory, a .gguf file) and "
-                       "its tokenizer as one GGUF file.")
+                       description="Write a Llama, Mistral, Qwen2, Qwen3, SmolLM3 or GPT-2 "
+                       "model (a fine-tuned run's directory, a Hugging Face directory, a .gguf "
+                       "file) and its tokenizer as one GGUF file.")
     x.add_argument("--model", required=True, help=MODEL_HELP)
     x.add_argument("--out", required=True, help="the GGUF file to write, e.g. model.gguf")
     x.add_argument("--dtype", default="F32", metavar="TYPE",
@@ -285,7 +285,7 @@ def _generate(a):
         room = model.config.context_length - len(ids)
         if len(out) == room < a.max_new_tokens and not (out and out[-1] in stops):
             print(f"note: stopped after {room} new tokens: the prompt ({len(ids)} tokens) and "
-                  f"the reply fill the model's context of {model.config.context_length}",
+                  f"the reply fill the model's context of {model.config.context_text()}",
                   file=sys.stderr)
         return [t for t in out if t not in stops]
 

@@ -47,7 +47,8 @@ def generate(model, ids, max_new_tokens: int = 30, temperature: float = 0.0,
     stop = set(_id_list("stop", stop))
     limit = model.config.context_length
     if len(ids) > limit:
-        raise InputError(f"prompt of {len(ids)} tokens exceeds the model's context of {limit}")
+        raise InputError(f"prompt of {len(ids)} tokens exceeds the model's context of "
+                         f"{model.config.context_text()}")
     rng = np.random.default_rng(seed)
     total = min(limit, len(ids) + max_new_tokens)
     out: list[int] = []

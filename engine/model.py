@@ -428,6 +428,9 @@ class Model:
             raise InputError(f"tokens have batch {B}, the cache was made for batch {Bc}")
         if pos0 + T > Lc:
             raise InputError(f"positions up to {pos0 + T} do not fit the cache of length {Lc}")
+        if pos0 + T > self.config.context_length:   # a cache made by hand may be longer
+            raise InputError(f"positions up to {pos0 + T} exceed the model's context of "
+                             f"{self.config.context_text()}")
         rope = self._rope_tables(T, pos0)
         x = self.embed(tokens, pos0)
         for b, kv in zip(self.blocks, cache):

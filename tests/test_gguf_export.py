@@ -139,8 +139,8 @@ def test_transformers_loads_the_export(tmp_path, small_tok, tied, head_dim):
 
 def test_mistral_is_written_as_llama(tmp_path, small_tok):
     """As llama.cpp's converter writes Mistral: a llama file, q / k permuted, no window (llama.cpp
-    has none for llama). Read back, it is the same model as a llama one; transformers' GGUF
-    loader gives the engine's logits within the window."""
+    has none for llama), so its context length is the window, where the two agree. Read back,
+    it is the same model as a llama one; transformers' GGUF loader gives the engine's logits."""
     import torch
     from transformers import AutoModelForCausalLM
     m = _tiny(vocab=300, family=engine.Config.mistral, sliding_window=40)
@@ -151,6 +151,7 @@ def test_mistral_is_written_as_llama(tmp_path, small_tok):
     np.testing.assert_array_equal(a, llamacpp_permute(m.params["blocks.1.attn.q.weight"], 4, 4))
     back = engine.load(str(out))
     assert (back.config.model_type, back.config.sliding_window) == ("llama", None)
+    assert back.config.context_length == m.config.context_length == 40 < m.config.max_seq_len
     for n, p in m.params.items():
         np.testing.assert_array_equal(back.params[n], p, err_msg=n)
     hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name,

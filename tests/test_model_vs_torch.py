@@ -356,3 +356,41 @@ def test_mistral_runs_up_to_its_sliding_window(tmp_path):
     with pytest.raises(engine.InputError, match="exceeds the model's context"):
         engine.generate(model, list(range(T + 1)), max_new_tokens=1)
     assert len(engine.generate(model, [1, 2, 3], max_new_tokens=100)) == T - 3
+    shape = (1, T + 5, model.config.n_kv_head, model.config.head_dim)   # a cache made by hand
+    cache = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32)) for _ in model.blocks]
+    model.forward_cached(tokens[:1], cache, 0)
+    with pytest.raises(engine.InputError, match=f"positions up to {T + 1} exceed the model's "
+                                                f"context of {T}"):
+        model.forward_cached(tokens[:1, :1], cache, T)
+
+
+def test_mistral_config_as_transformers_reads_it(tmp_path):
+    """MistralConfig's defaults (8 key / value heads when the key is absent) and shapes its
+    LlamaConfig refuses (width no multiple of the heads, head_dim given): loaded and saved back
+    to the same logits."""
+    import json
+    from transformers import MistralConfig, MistralForCausalLM
+    torch.manual_seed(2)
+    hf = MistralForCausalLM(MistralConfig(vocab_size=50, hidden_size=40, intermediate_size=36,
+                                          num_hidden_layers=2, num_attention_heads=16,
+                                          num_key_value_heads=8, head_dim=6,
+                                          max_position_embeddings=32, sliding_window=24)).eval()
+    hf.save_pretrained(tmp_path / "src")
+    cfg = json.loads((tmp_path / "src" / "config.json").read_text())
+    del cfg["num_key_value_heads"]
+    (tmp_path / "src" / "config.json").write_text(json.dumps(cfg))
+    model = engine.load(str(tmp_path / "src"))
+    assert (model.config.n_kv_head, model.config.head_dim) == (8, 6)
+    model.save(str(tmp_path / "out"))
+    again = MistralForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    tokens = np.random.default_rng(0).integers(0, 50, (2, 24))
+    with torch.no_grad():
+        want = hf(torch.tensor(tokens)).logits.numpy()
+        got = again(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(model.forward(tokens), want, rtol=1e-4,
+                               atol=1e-4 * np.abs(want).max())
+    llama = engine.Model(engine.Config.llama(vocab_size=50, n_layer=1, n_head=2, n_kv_head=2, d_model=16,
+                                             d_ff=16, max_seq_len=32, sliding_window=8))
+    with pytest.raises(engine.ConfigError, match="model_type='mistral'"):
+        llama.save(str(tmp_path / "llama"))

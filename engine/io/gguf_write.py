@@ -107,8 +107,8 @@ _LLAMACPP_FIELDS = {"qwen3": dict(attn_bias=False, attn_out_bias=False),
 
 def gguf_arch(cfg) -> str:
     """The llama.cpp architecture a family is written as: its own name, but Mistral is llama
-    (as llama.cpp's converter writes it; llama.cpp gives it no sliding window, so it attends
-    to the whole context where transformers sees the last sliding_window positions)."""
+    (as llama.cpp's converter writes it; llama.cpp gives it no sliding window, so the file's
+    context length is the window: there full and windowed attention agree)."""
     return "llama" if cfg.model_type == "mistral" else cfg.model_type
 
 
@@ -147,7 +147,9 @@ def _add_model_keys(gguf, w, cfg, dtype: str, name: str) -> None:
     if dtype.startswith("Q"):
         w.add_quantization_version(2)
     w.add_vocab_size(cfg.vocab_size)
-    w.add_context_length(cfg.max_seq_len)
+    # a Mistral's window: the context where the engine and transformers agree, which
+    # llama.cpp (no window) then keeps to
+    w.add_context_length(cfg.context_length)
     w.add_embedding_length(cfg.d_model)
     w.add_block_count(cfg.n_layer)
     w.add_feed_forward_length(cfg.d_ff)

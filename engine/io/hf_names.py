@@ -106,7 +106,9 @@ def config_from_hf(hf: dict) -> Config:
                                    else _get(hf, "sliding_window", "size", 4096))
     return family(vocab_size=_get(hf, "vocab_size", "size"),
                   n_layer=n_layer, n_head=n_head,
-                  n_kv_head=_get(hf, "num_key_value_heads", "size", None) or n_head,
+                  # (MistralConfig's default is 8 key / value heads, the others' n_head)
+                  n_kv_head=_get(hf, "num_key_value_heads", "size", None)
+                  or (8 if mt == "mistral" else n_head),
                   d_model=d,
                   # (transformers' Qwen3Config has heads 128 wide by default)
                   head_dim=(_get(hf, "head_dim", "size", None)
@@ -180,7 +182,9 @@ def config_to_hf(cfg: Config) -> dict:
                 "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
                 "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32", **ids}
-    if cfg.d_model % cfg.n_head:   # transformers' LlamaConfig refuses it, whatever head_dim says
+    if cfg.model_type == "llama" and cfg.d_model % cfg.n_head:
+        # transformers' LlamaConfig refuses it, whatever head_dim says (its Mistral, Qwen2,
+        # Qwen3 and SmolLM3 take head_dim as given)
         raise ConfigError(f"{cfg.model_type} in transformers needs d_model a multiple of n_head; "
                           f"this model has d_model={cfg.d_model}, n_head={cfg.n_head}")
     common = {"vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
@@ -214,8 +218,10 @@ def config_to_hf(cfg: Config) -> dict:
 def _require(cfg: Config, want: dict) -> None:
     for k, v in want.items():
         if getattr(cfg, k) != v:
+            hint = (" (Mistral has a sliding window: model_type='mistral')"
+                    if k == "sliding_window" else "")
             raise ConfigError(f"cannot save as {cfg.model_type}: it needs {k}={v!r}, "
-                              f"this model has {getattr(cfg, k)!r}")
+                              f"this model has {getattr(cfg, k)!r}{hint}")
 
 
 def _llama_map(cfg: Config) -> dict[str, str]:
