@@ -50,6 +50,17 @@ def _tiny(vocab=49152, d_model=64, d_ff=96, n_head=4, n_kv_head=2, head_dim=None
     return m
 
 
+def _transformers_logits(out, ids) -> tuple[np.ndarray, object]:
+    """transformers' GGUF loader on the file `out` (a pathlib.Path): its logits of `ids`, and
+    its model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name,
+                                              dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf(torch.tensor([ids])).logits.numpy(), hf
+
+
 def _raw(path, name) -> tuple[str, np.ndarray]:
     """A tensor as the gguf package's reader gives it: (type name, array in numpy order)."""
     r = gguf.GGUFReader(path)
@@ -118,18 +129,14 @@ def test_transformers_loads_the_export(tmp_path, small_tok, tied, head_dim):
     gives the engine's logits and ids; tied and untied heads, heads wider than d_model / n_head.
     (SmolLM2's tokenizer is checked above against what llama.cpp wrote: transformers takes 40 s
     to convert it.)"""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     tok = small_tok
     m = _tiny(vocab=300, tie_embeddings=tied, head_dim=head_dim, n_head=3, n_kv_head=1,
               d_model=48, d_ff=80)
     out = tmp_path / "m.gguf"
     m.save(str(out), tokenizer=tok)
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name,
-                                              dtype=torch.float32).eval()
     ids = tok.encode(TEXTS[0] + TEXTS[2])[:60]
-    with torch.no_grad():
-        want = hf(torch.tensor([ids])).logits.numpy()
+    want, hf = _transformers_logits(out, ids)
     got = m.forward(np.array([ids]))
     np.testing.assert_allclose(got, want, atol=2e-4 * np.abs(want).max(), rtol=0)
     ht = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
@@ -141,8 +148,6 @@ def test_mistral_is_written_as_llama(tmp_path, small_tok):
     """As llama.cpp's converter writes Mistral: a llama file, q / k permuted, no window (llama.cpp
     has none for llama), so its context length is the window, where the two agree. Read back,
     it is the same model as a llama one; transformers' GGUF loader gives the engine's logits."""
-    import torch
-    from transformers import AutoModelForCausalLM
     m = _tiny(vocab=300, family=engine.Config.mistral, sliding_window=40)
     out = tmp_path / "m.gguf"
     m.save(str(out), tokenizer=small_tok)
@@ -154,11 +159,8 @@ def test_mistral_is_written_as_llama(tmp_path, small_tok):
     assert back.config.context_length == m.config.context_length == 40 < m.config.max_seq_len
     for n, p in m.params.items():
         np.testing.assert_array_equal(back.params[n], p, err_msg=n)
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name,
-                                              dtype=torch.float32).eval()
     ids = small_tok.encode(TEXTS[0] + TEXTS[2])[:40]
-    with torch.no_grad():
-        want = hf(torch.tensor([ids])).logits.numpy()
+    want, hf = _transformers_logits(out, ids)
     np.testing.assert_allclose(m.forward(np.array([ids])), want, atol=2e-4 * np.abs(want).max(),
                                rtol=0)
 
@@ -169,8 +171,6 @@ def test_qwen_round_trip_and_transformers(tmp_path, small_tok, family, tied):
     NeoX layout); qwen2's biases on q, k, v only, qwen3's per-head q / k norms, both F32;
     engine.load gives every weight back bit for bit, and transformers' GGUF loader gives the
     engine's logits."""
-    import torch
-    from transformers import AutoModelForCausalLM
     # qwen3: heads 128 wide, as Qwen3's (transformers' GGUF loader reads no key_length for
     # qwen3 and takes its default, 128)
     m = _tiny(vocab=300, family=getattr(engine.Config, family), tie_embeddings=tied, n_head=3,
@@ -200,12 +200,9 @@ def test_qwen_round_trip_and_transformers(tmp_path, small_tok, family, tied):
     assert got == want
     for n, a in m.params.items():
         np.testing.assert_array_equal(back.params[n], a, err_msg=n)
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name,
-                                              dtype=torch.float32).eval()
-    assert type(hf).__name__ == f"{family.capitalize()}ForCausalLM"
     ids = small_tok.encode(TEXTS[0] + TEXTS[2])[:60]
-    with torch.no_grad():
-        want = hf(torch.tensor([ids])).logits.numpy()
+    want, hf = _transformers_logits(out, ids)
+    assert type(hf).__name__ == f"{family.capitalize()}ForCausalLM"
     got = m.forward(np.array([ids]))
     np.testing.assert_allclose(got, want, atol=2e-4 * np.abs(want).max(), rtol=0)
 
@@ -322,8 +319,6 @@ def test_gpt2_round_trip_and_transformers(tmp_path, small_tok, tied):
     position table, biases; engine.load gives every weight back and transformers' GGUF loader
     the engine's logits (its GPT-2 import sizes the position table at 1024 whatever the file
     says, hence 1024 here)."""
-    import torch
-    from transformers import AutoModelForCausalLM
     cfg = engine.Config.gpt2(vocab_size=300, n_layer=2, n_head=4, d_model=64, max_seq_len=1024,
                              tie_embeddings=tied)
     m = engine.Model(cfg, seed=2)
@@ -346,11 +341,8 @@ def test_gpt2_round_trip_and_transformers(tmp_path, small_tok, tied):
     assert got == want_cfg
     for n, a in p.items():
         np.testing.assert_array_equal(back.params[n], a, err_msg=n)
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name,
-                                              dtype=torch.float32).eval()
     ids = small_tok.encode(TEXTS[0] + TEXTS[1])[:50]
-    with torch.no_grad():
-        want = hf(torch.tensor([ids])).logits.numpy()
+    want, hf = _transformers_logits(out, ids)
     np.testing.assert_allclose(m.forward(np.array([ids])), want, atol=2e-5 * np.abs(want).max(),
                                rtol=0)
 

@@ -38,6 +38,23 @@ def _texts() -> list[str]:
     return out
 
 
+def _edited_json(spm_file, tmp_path, edit):
+    """The SentencePiece GGUF tokenizer saved as tokenizer.json, edited, loaded again."""
+    engine.load_tokenizer(spm_file).save(tmp_path / "e")
+    spec = json.loads((tmp_path / "e" / "tokenizer.json").read_text())
+    edit(spec)
+    (tmp_path / "e" / "tokenizer.json").write_text(json.dumps(spec))
+    return engine.load_tokenizer(tmp_path / "e")
+
+
+def _to_metaspace(spec):
+    """The space prefix written by Metaspace (prepend_scheme "first": none after a special
+    token), as recent transformers saves Llama-family tokenizers, instead of a normalizer."""
+    spec["normalizer"] = None
+    spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581",
+                             "prepend_scheme": "first", "split": False}
+
+
 def test_ids_and_text_match_sentencepiece(sp, spm_file):
     tok = engine.load_tokenizer(spm_file)
     assert tok.vocab_size == sp.get_piece_size()
@@ -124,29 +141,10 @@ def test_long_texts_are_encoded_as_one(spm_file):
 
 def _gguf_without(path, tmp_path, drop=(), **replace):
     """A copy of the GGUF tokenizer file at `path` with keys dropped or replaced."""
-    import gguf
-    meta = read_metadata(path)
-    out = tmp_path / "edited.gguf"
-    w = gguf.GGUFWriter(str(out), arch="llama")
-    for k, v in {**meta, **replace}.items():
-        if k in drop or k.startswith("general.") or k.startswith("GGUF."):
-            continue
-        if isinstance(v, np.ndarray):
-            sub = gguf.GGUFValueType.FLOAT32 if v.dtype.kind == "f" else gguf.GGUFValueType.INT32
-            w.add_key_value(k, v.tolist(), gguf.GGUFValueType.ARRAY, sub_type=sub)
-        elif isinstance(v, list):
-            w.add_array(k, v)
-        elif isinstance(v, str):
-            w.add_string(k, v)
-        elif isinstance(v, bool):
-            w.add_bool(k, v)
-        else:
-            w.add_uint32(k, v)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return out
+    from gguf_fixtures import write_gguf
+    meta = {k: v for k, v in {**read_metadata(path), **replace}.items()
+            if k not in drop and not k.startswith(("general.", "GGUF."))}
+    return write_gguf(tmp_path / "edited.gguf", "llama", meta, {})
 
 
 def test_bad_files_are_named(spm_file, tmp_path):
@@ -232,13 +230,7 @@ def test_metaspace_tokenizers_are_refused_for_gguf(sp, spm_file, tmp_path):
     """A tokenizer.json that writes the prefix with Metaspace (prepend_scheme "first": none
     after a special token) would tokenize differently in llama.cpp: refused, nothing written."""
     tok = engine.load_tokenizer(spm_file)
-    tok.save(tmp_path / "hf")
-    spec = json.loads((tmp_path / "hf" / "tokenizer.json").read_text())
-    spec["normalizer"] = None
-    spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581",
-                             "prepend_scheme": "first", "split": False}
-    (tmp_path / "hf" / "tokenizer.json").write_text(json.dumps(spec))
-    meta_tok = engine.load_tokenizer(tmp_path / "hf")
+    meta_tok = _edited_json(spm_file, tmp_path, _to_metaspace)
     assert meta_tok.encode("a</s>b") != tok.encode("a</s>b")   # the difference itself
     out = tmp_path / "m.gguf"
     with pytest.raises(TokenizerError, match="SentencePiece-style BPE.*Metaspace"):
@@ -276,15 +268,8 @@ def test_chat_turns_are_the_rendered_conversations_ids(spm_file, tmp_path, metas
     """Each turn is tokenized as it continues the conversation before it, so the ids of a
     conversation are those of its rendering encoded whole: for llama.cpp's rule (a space
     before the text after a special token) and for Metaspace's "first" scheme (none there)."""
-    tok = engine.load_tokenizer(spm_file)
-    if metaspace:
-        tok.save(tmp_path / "hf")
-        spec = json.loads((tmp_path / "hf" / "tokenizer.json").read_text())
-        spec["normalizer"] = None
-        spec["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581",
-                                 "prepend_scheme": "first", "split": False}
-        (tmp_path / "hf" / "tokenizer.json").write_text(json.dumps(spec))
-        tok = engine.load_tokenizer(tmp_path / "hf")
+    tok = (_edited_json(spm_file, tmp_path, _to_metaspace) if metaspace
+           else engine.load_tokenizer(spm_file))
     tok.chat_template = CHAT
     msgs = [{"role": "user", "content": "Is the roof covered?"},
             {"role": "assistant", "content": "Yes, water damage is."},
@@ -419,15 +404,6 @@ def test_special_ids_as_llamacpp_reads_them(sp, tmp_path):
     with pytest.raises(TokenizerError, match="eos_token_id must be a token id"):
         engine.load_tokenizer(_gguf_without(S.write(tmp_path / "t.gguf", sp), tmp_path,
                                             **{"tokenizer.ggml.eos_token_id": "2"}))
-
-
-def _edited_json(spm_file, tmp_path, edit):
-    """The SentencePiece GGUF tokenizer saved as tokenizer.json, edited, loaded again."""
-    engine.load_tokenizer(spm_file).save(tmp_path / "e")
-    spec = json.loads((tmp_path / "e" / "tokenizer.json").read_text())
-    edit(spec)
-    (tmp_path / "e" / "tokenizer.json").write_text(json.dumps(spec))
-    return engine.load_tokenizer(tmp_path / "e")
 
 
 def test_tokenizers_llamacpp_would_merge_otherwise_are_refused(sp, spm_file, tmp_path):
