@@ -30,8 +30,8 @@ _BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
 
 # Bound on the work of finding the merges, sum over tokens of len(token) ** 2 (each of a
 # token's n - 1 splits is looked up and may become a merge holding n characters): a 32k
-# vocabulary comes to ~2e6, Gemma's 262k tokens to ~2e7; a file of a few MB whose tokens are
-# "a", "aa", "aaa", ... would need terabytes.
+# vocabulary comes to ~2e6, Gemma's 262k tokens to ~2e7 (estimated); a file of a few MB whose
+# tokens are "a", "aa", "aaa", ... would need terabytes.
 MAX_MERGE_WORK = 1 << 26
 
 

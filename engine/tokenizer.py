@@ -921,9 +921,10 @@ class BPETokenizer(_Tokenizer):
         else:
             backend = _gguf_backend(path, tokens, get("tokenizer.ggml.merges", "strs"), pre,
                                     types)
-        named = {name: tokens[ids[key]] for name, key in (
+        named_ids = {name: ids[key] for name, key in (
             ("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
             ("pad_token", "padding")) if key in ids}
+        named = {name: tokens[i] for name, i in named_ids.items()}
         add_bos = get("tokenizer.ggml.add_bos_token", "bool")
         if add_bos is None and (spm or pre in _LLAMA3_GROUP):
             add_bos = True   # llama.cpp's default; Llama 3 GGUFs omit the key
@@ -936,9 +937,7 @@ class BPETokenizer(_Tokenizer):
             cfg["add_bos_token"] = add_bos
         if add_eos is not None:
             cfg["add_eos_token"] = add_eos
-        tok = cls._with_config(backend, cfg, path, named_ids={name: ids[key] for name, key in (
-            ("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
-            ("pad_token", "padding")) if key in ids})
+        tok = cls._with_config(backend, cfg, path, named_ids=named_ids)
         tok.gguf_pre = pre   # a GGUF export writes the same name back
         tok.gguf_token_types = types   # and an unused token unused
         arch = meta.get("general.architecture")
