@@ -201,6 +201,48 @@ def _scale_min_k4(j, q):
             (q[:, j + 4] >> 4) | ((q[:, j] >> 6) << 4))
 
 
+def ref_q2_k(b):
+    """16 groups of 16: a 4-bit scale and a 4-bit min each, 2-bit values."""
+    sc, qs = b[:, :16].astype(np.int64), b[:, 16:80].astype(np.int64)
+    d, dmin = _f16(b[:, 80:82])[:, 0], _f16(b[:, 82:84])[:, 0]
+    y = np.empty((len(b), 256), np.float32)
+    i = 0
+    for n in range(2):
+        q = qs[:, 32 * n:32 * n + 32]
+        for shift in (0, 2, 4, 6):
+            for half in (q[:, :16], q[:, 16:]):
+                s = sc[:, i // 16]
+                y[:, i:i + 16] = ((d * (s & 0xF))[:, None] * ((half >> shift) & 3)
+                                  - (dmin * (s >> 4))[:, None])
+                i += 16
+    return y
+
+
+def ref_q3_k(b):
+    """16 groups of 16: 6-bit scales packed in 12 bytes (offset by 32), 2-bit values plus a
+    high bit from hmask (clear: minus 4)."""
+    hm, qs = b[:, :32].astype(np.int64), b[:, 32:96].astype(np.int64)
+    aux = np.ascontiguousarray(b[:, 96:108]).view("<u4").astype(np.int64)   # (n, 3) words
+    d = _f16(b[:, 108:110])[:, 0]
+    k1, k2 = 0x03030303, 0x0F0F0F0F
+    a0, a1, tmp = aux[:, 0], aux[:, 1], aux[:, 2]
+    words = [(a0 & k2) | ((tmp & k1) << 4), (a1 & k2) | (((tmp >> 2) & k1) << 4),
+             ((a0 >> 4) & k2) | (((tmp >> 4) & k1) << 4),
+             ((a1 >> 4) & k2) | (((tmp >> 6) & k1) << 4)]
+    scales = np.stack(words, 1).astype("<u4").view(np.int8).astype(np.float32)  # (n, 16)
+    y = np.empty((len(b), 256), np.float32)
+    i, m = 0, 1
+    for n in range(2):
+        q = qs[:, 32 * n:32 * n + 32]
+        for shift in (0, 2, 4, 6):
+            for lo in (0, 16):
+                v = ((q[:, lo:lo + 16] >> shift) & 3) - np.where(hm[:, lo:lo + 16] & m, 0, 4)
+                y[:, i:i + 16] = (d * (scales[:, i // 16] - 32))[:, None] * v
+                i += 16
+            m <<= 1
+    return y
+
+
 def ref_q4_k(b):
     d, dmin, scales, qs = _f16(b[:, :2])[:, 0], _f16(b[:, 2:4])[:, 0], b[:, 4:16], b[:, 16:144]
     y = np.empty((len(b), 256), np.float32)
@@ -251,12 +293,14 @@ def ref_q6_k(b):
 
 
 REFERENCE = {Q.Q8_0: ref_q8_0, Q.Q4_0: ref_q4_0, Q.Q4_1: ref_q4_1, Q.Q5_0: ref_q5_0,
-             Q.Q5_1: ref_q5_1, Q.Q4_K: ref_q4_k, Q.Q5_K: ref_q5_k, Q.Q6_K: ref_q6_k}
+             Q.Q5_1: ref_q5_1, Q.Q2_K: ref_q2_k, Q.Q3_K: ref_q3_k, Q.Q4_K: ref_q4_k,
+             Q.Q5_K: ref_q5_k, Q.Q6_K: ref_q6_k}
 
 # Byte positions of the float16 scales in each block type: random bytes elsewhere, small finite
 # values here (a random f16 may be inf or NaN).
 F16_FIELDS = {Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2),
-              Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+              Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2),
+              Q.Q6_K: (208,)}
 
 
 def random_blocks(qtype, n_blocks: int, rng) -> np.ndarray:
