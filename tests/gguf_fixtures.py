@@ -243,6 +243,32 @@ def ref_q3_k(b):
     return y
 
 
+# kvalues_iq4nl: the 16 levels of the non-linear 4-bit types
+IQ4_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
+                      np.float32)
+
+
+def ref_iq4_nl(b):
+    d, qs = _f16(b[:, :2]), b[:, 2:18]
+    return np.concatenate([d * IQ4_LEVELS[qs & 0xF], d * IQ4_LEVELS[qs >> 4]], axis=1)
+
+
+def ref_iq4_xs(b):
+    """8 groups of 32: a 6-bit scale (4 low bits in scales_l, 2 high in scales_h, offset by
+    32), values from the 16 levels."""
+    d = _f16(b[:, :2])[:, 0]
+    sh = np.ascontiguousarray(b[:, 2:4]).view("<u2")[:, 0].astype(np.int64)
+    sl, qs = b[:, 4:8].astype(np.int64), b[:, 8:136]
+    y = np.empty((len(b), 256), np.float32)
+    for ib in range(8):
+        ls = ((sl[:, ib // 2] >> 4 * (ib % 2)) & 0xF) | (((sh >> 2 * ib) & 3) << 4)
+        dl = (d * (ls - 32))[:, None]
+        q = qs[:, 16 * ib:16 * ib + 16]
+        y[:, 32 * ib:32 * ib + 16] = dl * IQ4_LEVELS[q & 0xF]
+        y[:, 32 * ib + 16:32 * ib + 32] = dl * IQ4_LEVELS[q >> 4]
+    return y
+
+
 def ref_q4_k(b):
     d, dmin, scales, qs = _f16(b[:, :2])[:, 0], _f16(b[:, 2:4])[:, 0], b[:, 4:16], b[:, 16:144]
     y = np.empty((len(b), 256), np.float32)
@@ -294,13 +320,13 @@ def ref_q6_k(b):
 
 REFERENCE = {Q.Q8_0: ref_q8_0, Q.Q4_0: ref_q4_0, Q.Q4_1: ref_q4_1, Q.Q5_0: ref_q5_0,
              Q.Q5_1: ref_q5_1, Q.Q2_K: ref_q2_k, Q.Q3_K: ref_q3_k, Q.Q4_K: ref_q4_k,
-             Q.Q5_K: ref_q5_k, Q.Q6_K: ref_q6_k}
+             Q.Q5_K: ref_q5_k, Q.Q6_K: ref_q6_k, Q.IQ4_NL: ref_iq4_nl, Q.IQ4_XS: ref_iq4_xs}
 
 # Byte positions of the float16 scales in each block type: random bytes elsewhere, small finite
 # values here (a random f16 may be inf or NaN).
 F16_FIELDS = {Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2),
               Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2),
-              Q.Q6_K: (208,)}
+              Q.Q6_K: (208,), Q.IQ4_NL: (0,), Q.IQ4_XS: (0,)}
 
 
 def random_blocks(qtype, n_blocks: int, rng) -> np.ndarray:

@@ -137,11 +137,11 @@ def test_dequantization_in_chunks(tmp_path, monkeypatch):
 
 
 def test_unsupported_quant_type_names_tensor_and_type(tmp_path):
-    blocks = np.random.default_rng(4).integers(0, 256, (2, 18), dtype=np.uint8)  # IQ4_NL blocks
-    path = _raw_tensor_file(tmp_path, Q.IQ4_NL, blocks, (1, 64))
+    blocks = np.random.default_rng(4).integers(0, 256, (1, 66), dtype=np.uint8)  # IQ2_XXS
+    path = _raw_tensor_file(tmp_path, Q.IQ2_XXS, blocks, (1, 256))
     f = GGUFFile(path)  # the header is fine; reading the tensor is not
-    assert f.tensor_info("w").type_name == "IQ4_NL"
-    with pytest.raises(CheckpointError, match=r"'w'.*IQ4_NL"):
+    assert f.tensor_info("w").type_name == "IQ2_XXS"
+    with pytest.raises(CheckpointError, match=r"'w'.*IQ2_XXS"):
         f.float32("w")
 
 

@@ -69,7 +69,8 @@ _U64 = struct.Struct("<Q")
 # gguf.quants.dequantize. Every one of them is round-tripped in tests/test_gguf.py.
 _PLAIN = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
           "F64": np.dtype("<f8")}
-_QUANTIZED = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+_QUANTIZED = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+              "IQ4_NL", "IQ4_XS")
 SUPPORTED_TYPES = tuple(_PLAIN) + _QUANTIZED
 
 
