@@ -12,6 +12,21 @@ import tokenizer_corpus as C
 USER_TOKEN = "<tool>"
 
 
+def mistral_vocabulary(name: str) -> sentencepiece.SentencePieceProcessor:
+    """A real SentencePiece model: Mistral's, as the mistral-common package ships it
+    (tokenizer.model.v1 is Mistral 7B's, Llama 2's kind: 32000 pieces, byte fallback; the v3
+    one adds 750 control tokens such as [INST]). Fails, not skips, when it is missing."""
+    import importlib.util
+    import os
+    import pytest
+    spec = importlib.util.find_spec("mistral_common")   # not imported: it needs other packages
+    path = spec and os.path.join(spec.submodule_search_locations[0], "data", name)
+    if not path or not os.path.isfile(path):
+        pytest.fail("Mistral's vocabularies are not installed: run `pip install --no-deps "
+                    "mistral-common` (the README's test command does)")
+    return sentencepiece.SentencePieceProcessor(model_file=path)
+
+
 def train(add_dummy_prefix: bool = True) -> sentencepiece.SentencePieceProcessor:
     """Llama's settings: BPE, byte fallback, digits split, no normalization, spaces kept."""
     import io

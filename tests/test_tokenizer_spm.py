@@ -471,3 +471,35 @@ def test_continuations_of_other_tokenizers(tmp_path):
             text, prev) == whole, (prev, text)
     with pytest.raises(engine.InputError, match="expects a str"):
         tok.encode_continuation("a", 5)
+
+
+# ---- real vocabularies ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["tokenizer.model.v1", "mistral_instruct_tokenizer_240323.model.v3"])
+def test_real_mistral_vocabularies(tmp_path, name):
+    """Mistral 7B's vocabulary (Llama 2's kind) and its v3 one with 750 control tokens, written
+    as llama.cpp's converter writes them: sentencepiece's ids and text, control tokens in the
+    text matched whole ([INST] ... [/INST], as llama.cpp does), and the GGUF export tokenizes
+    the same."""
+    sp = S.mistral_vocabulary(name)
+    tok = engine.load_tokenizer(S.write(tmp_path / "m.gguf", sp))
+    assert tok.vocab_size == sp.get_piece_size() >= 32000
+    n = 0
+    for text in _texts():
+        ids = tok.encode(text, add_special_tokens=False)
+        assert ids == sp.encode(text), text[:80]
+        assert tok.decode(ids) == sp.decode(ids), text[:80]
+        n += len(ids)
+    assert n > 20_000
+    chat = "[INST] Is the roof covered? [/INST] Yes.</s>"
+    inst = sp.piece_to_id("[INST]")
+    if inst != sp.unk_id():   # v3: [INST] and [/INST] are control tokens; the text between
+        # is tokenized as if it began the input, spaces and all (llama.cpp)
+        assert tok.encode(chat, add_special_tokens=False) == (
+            [inst] + sp.encode(" Is the roof covered? ") + [sp.piece_to_id("[/INST]")]
+            + sp.encode(" Yes.") + [sp.eos_id()])
+    out = str(tmp_path / "e.gguf")
+    _model(sp.get_piece_size()).save(out, tokenizer=tok)
+    back = engine.load_tokenizer(out)
+    for text in _texts()[::7] + [chat]:
+        assert back.encode(text) == tok.encode(text), text[:80]
