@@ -165,6 +165,15 @@ class Config:
         return cls.from_dict({**base, **overrides})
 
     @classmethod
+    def phi3(cls, **overrides) -> "Config":
+        """Phi-3: Llama's blocks (q, k, v in one tensor and the MLP's gate and up in another,
+        in its files), a sliding window in Phi-3-mini."""
+        base = dict(FAMILY_FIELDS["phi3"], model_type="phi3", tie_embeddings=False,
+                    norm_eps=1e-5, vocab_size=32064, n_layer=32, n_head=32, n_kv_head=32,
+                    d_model=3072, d_ff=8192, max_seq_len=4096, sliding_window=2047)
+        return cls.from_dict({**base, **overrides})
+
+    @classmethod
     def qwen2(cls, **overrides) -> "Config":
         """Qwen2 (Qwen2.5): Llama's blocks with biases on q, k, v (not on the output)."""
         base = dict(FAMILY_FIELDS["qwen2"], model_type="qwen2", tie_embeddings=True, norm_eps=1e-6,
@@ -241,6 +250,9 @@ FAMILY_FIELDS = {
                   no_rope_blocks=None, sliding_window=None),
     "mistral": dict(norm="rmsnorm", mlp="swiglu", positions="rope", attn_bias=False,
                     attn_out_bias=False, mlp_bias=False, qk_norm=False, no_rope_blocks=None),
+    "phi3": dict(norm="rmsnorm", mlp="swiglu", positions="rope", attn_bias=False,
+                 attn_out_bias=False, mlp_bias=False, qk_norm=False, no_rope_blocks=None,
+                 rope_scaling=None),
     "qwen2": dict(norm="rmsnorm", mlp="swiglu", positions="rope", attn_bias=True,
                   attn_out_bias=False, mlp_bias=False, qk_norm=False, no_rope_blocks=None,
                   sliding_window=None),

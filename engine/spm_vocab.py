@@ -59,12 +59,13 @@ def spm_merges(tokens: list[str], scores: np.ndarray) -> list[tuple[str, str]]:
 
 
 def spm_backend(tk, tokens: list[str], scores: np.ndarray, kinds: list[int], unk: str | None,
-                add_space_prefix: bool):
+                add_space_prefix: bool, rstrip=frozenset()):
     """A tokenizers.Tokenizer that gives llama.cpp's ids for this vocabulary (see the module's
-    docstring). Control tokens become special added tokens, user-defined ones plain added
-    tokens: both are matched whole in the text, and the text after them gets its space prefix
-    again (the normalizer runs on each stretch between added tokens, as llama.cpp's
-    is_prev_special does)."""
+    docstring). Control and unknown tokens become special added tokens, user-defined ones plain
+    added tokens: all are matched whole in the text, and the text after them gets its space
+    prefix again (the normalizer runs on each stretch between added tokens, as llama.cpp's
+    is_prev_special does). rstrip: ids that take the whitespace after them (llama.cpp's
+    RSTRIP attribute)."""
     vocab = {t: i for i, t in enumerate(tokens)}
     model = tk.models.BPE(vocab=vocab, merges=spm_merges(tokens, scores), unk_token=unk,
                           fuse_unk=True, byte_fallback=True, dropout=None)
@@ -75,11 +76,33 @@ def spm_backend(tk, tokens: list[str], scores: np.ndarray, kinds: list[int], unk
     d = tk.decoders
     backend.decoder = d.Sequence([d.Replace(SPACE, " "), d.ByteFallback(), d.Fuse(),
                                   *([d.Strip(" ", 1, 0)] if add_space_prefix else [])])
-    backend.add_special_tokens([tk.AddedToken(t, special=True, normalized=False)
-                                for t, k in zip(tokens, kinds) if k == CONTROL])
-    backend.add_tokens([tk.AddedToken(t, special=False, normalized=False)
-                        for t, k in zip(tokens, kinds) if k == USER_DEFINED])
+    add_matched_tokens(tk, backend, tokens, kinds, rstrip)
     return backend
+
+
+def add_matched_tokens(tk, backend, tokens, kinds, rstrip=frozenset()) -> None:
+    """The tokens llama.cpp matches whole in the text (with parse_special): control and
+    unknown ones as special added tokens, user-defined ones as plain added tokens."""
+    def added(i, special):
+        return tk.AddedToken(tokens[i], special=special, normalized=False, rstrip=i in rstrip)
+    backend.add_special_tokens([added(i, True) for i, k in enumerate(kinds)
+                                if k in (CONTROL, UNKNOWN)])
+    backend.add_tokens([added(i, False) for i, k in enumerate(kinds) if k == USER_DEFINED])
+
+
+def llamacpp_rstrip(name, tokens: list[str], kinds: list[int]) -> frozenset[int] | None:
+    """The ids llama.cpp gives its RSTRIP attribute (the whitespace after the token is part of
+    it), which it sets by the file's general.name (llama-vocab.cpp): for a name with "phi-3" or
+    "phi3" in it, the control, user-defined and unknown tokens and </s>, but not <unk>, <s>,
+    <|endoftext|>; for other names none. None when the name asks for it and one of those four
+    tokens is missing (llama.cpp then fails to load the file)."""
+    if not isinstance(name, str) or not any(s in name.lower() for s in ("phi-3", "phi3")):
+        return frozenset()
+    ids = {t: i for i, t in enumerate(tokens)}
+    if any(t not in ids for t in ("</s>", "<unk>", "<s>", "<|endoftext|>")):
+        return None
+    out = {i for i, k in enumerate(kinds) if k in (CONTROL, USER_DEFINED, UNKNOWN)}
+    return frozenset((out | {ids["</s>"]}) - {ids["<unk>"], ids["<s>"], ids["<|endoftext|>"]})
 
 
 def spm_form(spec: dict) -> bool | None:

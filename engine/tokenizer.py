@@ -916,11 +916,12 @@ class BPETokenizer(_Tokenizer):
                 i = defaults.get(k)
             if i is not None and 0 <= i < len(tokens):
                 ids[k] = i
+        rstrip = _gguf_rstrip(meta, tokens, types, path)
         if spm:
-            backend = _gguf_spm_backend(path, tokens, types, get, ids.get("unknown"))
+            backend = _gguf_spm_backend(path, tokens, types, get, ids.get("unknown"), rstrip)
         else:
             backend = _gguf_backend(path, tokens, get("tokenizer.ggml.merges", "strs"), pre,
-                                    types)
+                                    types, rstrip)
         named_ids = {name: ids[key] for name, key in (
             ("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
             ("pad_token", "padding")) if key in ids}
@@ -1135,12 +1136,27 @@ def _pre_tokenizer(tk, pre, path):
 
 
 # llama.cpp token types (tokenizer.ggml.token_type)
-_CONTROL, _USER_DEFINED = 3, 4
+_UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4
 
 
-def _gguf_backend(path, tokens, merges, pre, types):
-    """vocab + merges + pre-tokenizer -> tokenizers.Tokenizer. Control tokens become special
-    added tokens and user-defined ones plain added tokens, so both match whole in the text."""
+def _gguf_rstrip(meta, tokens, types, path) -> frozenset[int]:
+    """The ids llama.cpp strips the whitespace after, which it decides by the model's name
+    (Phi-3's: spm_vocab.llamacpp_rstrip)."""
+    from .spm_vocab import llamacpp_rstrip
+    name = meta.get("general.name")
+    kinds = types.tolist() if types is not None else [1] * len(tokens)
+    out = llamacpp_rstrip(name, tokens, kinds)
+    if out is None:
+        raise TokenizerError(f"{path}: general.name {name!r} makes llama.cpp treat the "
+                             "vocabulary as Phi-3's, and it lacks one of </s>, <unk>, <s>, "
+                             "<|endoftext|>, which llama.cpp then fails on")
+    return out
+
+
+def _gguf_backend(path, tokens, merges, pre, types, rstrip=frozenset()):
+    """vocab + merges + pre-tokenizer -> tokenizers.Tokenizer. Control (and unknown) tokens
+    become special added tokens and user-defined ones plain added tokens, so all match whole
+    in the text; rstrip: the ids that take the whitespace after them (llama.cpp's Phi-3)."""
     if merges is None:
         raise TokenizerError(f"{path}: GGUF metadata lacks tokenizer.ggml.merges (an array of "
                              "strings), which a byte-level BPE ('gpt2') vocabulary needs")
@@ -1149,10 +1165,10 @@ def _gguf_backend(path, tokens, merges, pre, types):
     alphabet = set(b2u.values())
     # Byte-level vocabularies spell every byte with GPT-2's printable characters; a token with
     # any other character is respelled from its UTF-8 bytes (transformers does the same).
-    # Control and user-defined tokens are matched whole in the text, never built by merges:
+    # Control, unknown and user-defined tokens are matched whole in the text, not merged:
     # those keep their own spelling (DeepSeek's "<｜User｜>", a token with a space).
     kinds = types.tolist() if types is not None else [0] * len(tokens)
-    spelled = [t if set(t) <= alphabet or k in (_CONTROL, _USER_DEFINED)
+    spelled = [t if set(t) <= alphabet or k in (_UNKNOWN, _CONTROL, _USER_DEFINED)
                else "".join(b2u[b] for b in t.encode("utf-8")) for t, k in zip(tokens, kinds)]
     vocab = {t: i for i, t in enumerate(spelled)}
     bad = next((m for m in merges if " " not in m), None)
@@ -1172,17 +1188,13 @@ def _gguf_backend(path, tokens, merges, pre, types):
     backend.pre_tokenizer = _pre_tokenizer(tk, pre, path)
     backend.decoder = tk.decoders.ByteLevel()
     if types is not None:
-        control = [tk.AddedToken(t, special=True, normalized=False)
-                   for t, k in zip(tokens, kinds) if k == _CONTROL]
-        user = [tk.AddedToken(t, special=False, normalized=False)
-                for t, k in zip(tokens, kinds) if k == _USER_DEFINED]
+        from .spm_vocab import add_matched_tokens
         with _NoPanic(path, "GGUF control and user-defined tokens"):
-            backend.add_special_tokens(control)
-            backend.add_tokens(user)
+            add_matched_tokens(tk, backend, tokens, kinds, rstrip)
     return backend
 
 
-def _gguf_spm_backend(path, tokens, types, get, unk_id):
+def _gguf_spm_backend(path, tokens, types, get, unk_id, rstrip):
     """A SentencePiece ("llama") vocabulary -> tokenizers.Tokenizer (engine/spm_vocab.py)."""
     from .spm_vocab import spm_backend
     scores = get("tokenizer.ggml.scores", "floats", len(tokens))
@@ -1198,7 +1210,7 @@ def _gguf_spm_backend(path, tokens, types, get, unk_id):
     try:
         with _NoPanic(path, "GGUF SentencePiece vocabulary"):
             return spm_backend(_tokenizers(), tokens, scores, kinds, unk,
-                               True if prefix is None else prefix)
+                               True if prefix is None else prefix, rstrip)
     except TokenizerError:
         raise
     except Exception as e:

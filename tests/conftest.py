@@ -57,6 +57,12 @@ HF_CONFIGS = {
     "mistral": dict(vocab_size=103, hidden_size=48, intermediate_size=72, num_hidden_layers=3,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                     rope_theta=900.0, sliding_window=19, tie_word_embeddings=False),
+    # Phi-3: q, k, v in one tensor, the MLP's gate and up in another; grouped-query attention
+    # (Phi-3-small's and -medium's) and no window here
+    "phi3": dict(vocab_size=101, hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                 rope_theta=800.0, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
+                 eos_token_id=2),
     # Qwen3: an RMSNorm on each head of q and k; heads wider than hidden / heads
     "qwen3": dict(vocab_size=109, hidden_size=40, intermediate_size=68, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=14,
@@ -69,7 +75,8 @@ def build_hf(kind: str, seed: int = 0, boost: bool = True):
     boost scales weights up so every path carries signal (and some GELUs saturate)."""
     import torch
     from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
-                              MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                              MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM,
                               Qwen3Config, Qwen3ForCausalLM, SmolLM3Config, SmolLM3ForCausalLM)
     torch.manual_seed(seed)
     if kind.startswith("gpt2"):
@@ -80,6 +87,8 @@ def build_hf(kind: str, seed: int = 0, boost: bool = True):
         m = SmolLM3ForCausalLM(SmolLM3Config(**copy.deepcopy(HF_CONFIGS[kind])))
     elif kind.startswith("mistral"):
         m = MistralForCausalLM(MistralConfig(**copy.deepcopy(HF_CONFIGS[kind])))
+    elif kind.startswith("phi3"):
+        m = Phi3ForCausalLM(Phi3Config(**copy.deepcopy(HF_CONFIGS[kind])))
     elif kind.startswith("qwen3"):
         m = Qwen3ForCausalLM(Qwen3Config(**copy.deepcopy(HF_CONFIGS[kind])))
     else:

@@ -61,11 +61,16 @@ def vocabulary(sp) -> tuple[list[str], list[float], list[int]]:
     return tokens, scores, [kind(i) for i in range(n)]
 
 
-def write(path, sp, *, scores=True, ids=True, add_space_prefix=None, **extra) -> str:
+def write(path, sp, *, scores=True, ids=True, add_space_prefix=None, name=None, control=(),
+          **extra) -> str:
     """The vocabulary as a GGUF file's tokenizer.ggml.* keys (no tensors). `ids=False` leaves
-    out the bos / eos / unknown ids (llama.cpp then takes 1 / 2 / 0)."""
+    out the bos / eos / unknown ids (llama.cpp then takes 1 / 2 / 0); `control`: more control
+    tokens, added at the end (as Phi-3's <|user|> ...); `name`: general.name."""
     tokens, score, types = vocabulary(sp)
+    tokens, score, types = tokens + list(control), score + [0.0] * len(control), types + [3] * len(control)
     w = gguf.GGUFWriter(str(path), arch="llama")
+    if name is not None:
+        w.add_name(name)
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     if scores:

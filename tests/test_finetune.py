@@ -95,11 +95,13 @@ def test_run_outputs_and_frozen_blocks_untouched(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("kind,name", [("qwen2", "Qwen2"), ("qwen3", "Qwen3"), ("llama3", "Llama"),
-                                       ("smollm3", "SmolLM3"), ("mistral", "Mistral")])
+                                       ("smollm3", "SmolLM3"), ("mistral", "Mistral"),
+                                       ("phi3", "Phi3")])
 def test_other_families_run_and_load_in_transformers(tmp_path, kind, name):
     """The whole workflow on a Qwen2 (q, k, v biases, tied head), a Qwen3 (q / k norms), a
-    Llama with Llama 3's rope scaling, a SmolLM3 (blocks without rope) and a Mistral (a
-    sliding window as long as the runs' sequences), built by transformers: the trained block's parameters
+    Llama with Llama 3's rope scaling, a SmolLM3 (blocks without rope), a Mistral (a sliding
+    window as long as the runs' sequences) and a Phi-3 (fused q, k, v and gate, up tensors),
+    built by transformers: the trained block's parameters
     change, the frozen ones do not, and transformers loads the run's model to the engine's
     logits."""
     import copy

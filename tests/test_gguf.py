@@ -189,8 +189,9 @@ def test_unpermute_inverts_permute():
 
 
 def test_unsupported_architecture(tmp_path):
-    write_tiny_llama(tmp_path / "g.gguf", arch="phi3")
-    with pytest.raises(ConfigError, match="'phi3' is not supported.*'llama', 'qwen2', 'qwen3', 'smollm3', 'gpt2'"):
+    write_tiny_llama(tmp_path / "g.gguf", arch="gemma3")
+    with pytest.raises(ConfigError, match="'gemma3' is not supported.*'llama', 'phi3', 'qwen2', "
+                                          "'qwen3', 'smollm3', 'gpt2'"):
         load_gguf(tmp_path / "g.gguf")
 
 

@@ -603,11 +603,15 @@ def test_end_of_text_falls_back_as_llamacpps_converter_does(tmp_path):
     assert engine.load_tokenizer(str(tmp_path / "m.gguf")).eos_id == tok.vocab_size - 1
 
 
-def test_tokens_that_strip_spaces_are_refused(tmp_path):
+@pytest.mark.parametrize("attr,match", [("lstrip", "'<\\|end\\|>' strips spaces before"),
+                                        ("rstrip", "'<\\|end\\|>'\\) take the whitespace after")])
+def test_tokens_that_strip_spaces_are_refused(tmp_path, attr, match):
+    """(Stripping after a token is written only as llama.cpp's Phi-3 rule:
+    test_tokenizer_spm.py.)"""
     body = json.loads(_bpe_json(_BYTELEVEL, special_added=["<|end|>"]))
-    body["added_tokens"][-1]["rstrip"] = True
+    body["added_tokens"][-1][attr] = True
     tok = _tok_dir(tmp_path, json.dumps(body))
-    with pytest.raises(TokenizerError, match="'<\\|end\\|>' strips spaces"):
+    with pytest.raises(TokenizerError, match=match):
         _export_tokenizer(tmp_path, tok, 300)
 
 
@@ -779,3 +783,34 @@ def test_run_in_llamacpp_example(tmp_path, capsys, require_smollm2_session):
     text = capsys.readouterr().out
     assert rc == 0 and out.exists() and "tailtune:  '" in text
     assert ("llama-cli -m " + str(out)) in text or "same greedy tokens" in text
+
+
+@pytest.mark.parametrize("window", [None, 40])
+def test_phi3_round_trip_and_transformers(tmp_path, small_tok, window):
+    """As llama.cpp's converter writes Phi-3: q, k, v in one attn_qkv and gate, up in one
+    ffn_up (rows in that order), no permutation (llama.cpp runs its rotary in the NeoX layout),
+    the window in phi3.attention.sliding_window (0: none). Read back bit for bit with the
+    window; transformers' GGUF loader gives the engine's logits."""
+    # (Phi-3's vocabulary size: transformers' Phi3Config pads with id 32000, its default)
+    m = _tiny(vocab=32064, family=engine.Config.phi3, n_head=4, n_kv_head=2,
+              sliding_window=window)
+    out = tmp_path / "m.gguf"
+    m.save(str(out), tokenizer=small_tok)
+    meta = GGUFFile(str(out)).metadata
+    assert meta["general.architecture"] == "phi3"
+    assert (meta["phi3.attention.sliding_window"], meta["phi3.context_length"]) == (window or 0, 128)
+    p = m.params
+    kind, a = _raw(str(out), "blk.1.attn_qkv.weight")
+    np.testing.assert_array_equal(a, np.concatenate([p[f"blocks.1.attn.{x}.weight"] for x in "qkv"]))
+    kind, a = _raw(str(out), "blk.0.ffn_up.weight")
+    np.testing.assert_array_equal(a, np.concatenate([p["blocks.0.mlp.gate.weight"],
+                                                     p["blocks.0.mlp.up.weight"]]))
+    back = engine.load(str(out))
+    assert (back.config.model_type, back.config.sliding_window) == ("phi3", window)
+    for n, x in p.items():
+        np.testing.assert_array_equal(back.params[n], x, err_msg=n)
+    ids = small_tok.encode(TEXTS[0] + TEXTS[2])[:40]
+    want, hf = _transformers_logits(out, ids)
+    assert type(hf).__name__ == "Phi3ForCausalLM"
+    np.testing.assert_allclose(m.forward(np.array([ids])), want, atol=2e-4 * np.abs(want).max(),
+                               rtol=0)

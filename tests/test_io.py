@@ -16,7 +16,7 @@ from engine.io import safetensors as st
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "gpt2-untied", "llama", "llama-tied", "llama3", "mistral",
-                                  "qwen2", "qwen3", "smollm3"])
+                                  "phi3", "qwen2", "qwen3", "smollm3"])
 def test_save_loads_in_transformers_with_same_logits(hf_dirs, kind, tmp_path):
     from transformers import AutoModelForCausalLM
     _, path = hf_dirs[kind]

@@ -84,7 +84,7 @@ FREEZES = {
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "gpt2-untied", "llama", "llama-tied", "llama3", "mistral",
-                                  "qwen2", "qwen3", "smollm3"])
+                                  "phi3", "qwen2", "qwen3", "smollm3"])
 def test_logits_match(hf_dirs, kind):
     hf, path = hf_dirs[kind]
     model = engine.load(path)
@@ -132,7 +132,7 @@ def test_llama3_frequencies_equal_transformers_beyond_llama3s_constants():
 
 @pytest.mark.parametrize("freeze", list(FREEZES))
 @pytest.mark.parametrize("kind", ["gpt2", "gpt2-untied", "llama", "llama-tied", "llama3", "mistral",
-                                  "qwen2", "qwen3", "smollm3"])
+                                  "phi3", "qwen2", "qwen3", "smollm3"])
 def test_loss_and_grads_match(hf_dirs, kind, freeze):
     hf, path = hf_dirs[kind]
     model = engine.load(path)

@@ -503,3 +503,39 @@ def test_real_mistral_vocabularies(tmp_path, name):
     back = engine.load_tokenizer(out)
     for text in _texts()[::7] + [chat]:
         assert back.encode(text) == tok.encode(text), text[:80]
+
+
+# ---- Phi-3: llama.cpp strips the whitespace after its special tokens, by the model's name ----
+
+PHI3_TOKENS = ("<|endoftext|>", "<|user|>", "<|end|>", "<|assistant|>")
+
+
+def test_phi3_named_files_strip_the_whitespace_after_special_tokens(sp, tmp_path):
+    """llama.cpp gives a file whose general.name says Phi-3 its RSTRIP rule (llama-vocab.cpp):
+    the whitespace after a control token but <s>, <unk>, <|endoftext|> is part of it. Read so,
+    saved as a tokenizer.json transformers agrees with, and written back (with a name that
+    says Phi-3) to the same ids; a file named so that lacks the rule's tokens is refused."""
+    tok = engine.load_tokenizer(S.write(tmp_path / "p.gguf", sp, name="Phi-3 mini",
+                                        control=PHI3_TOKENS))
+    user, end, assistant, eot = (tok.token_to_id(t) for t in ("<|user|>", "<|end|>",
+                                                               "<|assistant|>", "<|endoftext|>"))
+    chat = "<|user|>\n Is the roof covered?<|end|>\n<|assistant|>\nYes."
+    assert tok.encode(chat, add_special_tokens=False) == (
+        [user] + sp.encode("Is the roof covered?") + [end, assistant] + sp.encode("Yes."))
+    assert tok.encode("<|endoftext|> x</s>  y", add_special_tokens=False) == (
+        [eot] + sp.encode(" x") + [sp.eos_id()] + sp.encode("y"))
+    plain = engine.load_tokenizer(S.write(tmp_path / "q.gguf", sp, control=PHI3_TOKENS))
+    assert plain.encode(chat, add_special_tokens=False)[1:3] != sp.encode("Is")[:2]   # kept
+    tok.save(tmp_path / "hf")
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert ref.encode(chat) == tok.encode(chat)
+    model = _model(tok.vocab_size)
+    for name, want in (("claims.gguf", "Phi-3 claims"), ("phi3-claims.gguf", "phi3-claims")):
+        model.save(str(tmp_path / name), tokenizer=engine.load_tokenizer(tmp_path / "hf"))
+        assert read_metadata(tmp_path / name)["general.name"] == want
+        back = engine.load_tokenizer(tmp_path / name)
+        assert back.encode(chat) == tok.encode(chat)
+    with pytest.raises(TokenizerError, match="makes llama.cpp treat the vocabulary as Phi-3"):
+        model.save(str(tmp_path / "phi3-plain.gguf"), tokenizer=plain)
+    with pytest.raises(TokenizerError, match="lacks one of </s>, <unk>, <s>, <\\|endoftext"):
+        engine.load_tokenizer(S.write(tmp_path / "r.gguf", sp, name="phi3"))

@@ -358,15 +358,21 @@ _GPT2_BLOCK = {"attn_norm": ("ln1",), "attn_qkv": ("attn.q", "attn.k", "attn.v")
                "ffn_down": ("mlp.down",)}
 
 
-_ARCHITECTURES = ("llama", "qwen2", "qwen3", "smollm3", "gpt2")   # general.architecture values read
+# general.architecture values read
+_ARCHITECTURES = ("llama", "phi3", "qwen2", "qwen3", "smollm3", "gpt2")
+# llama.cpp's phi3: q, k, v in one tensor, the MLP's gate and up in one (gate first)
+_PHI3_BLOCK = {"attn_norm": ("ln1",), "attn_qkv": ("attn.q", "attn.k", "attn.v"),
+               "attn_output": ("attn.o",), "ffn_norm": ("ln2",), "ffn_up": ("mlp.gate", "mlp.up"),
+               "ffn_down": ("mlp.down",)}
 
 
 def load_gguf(path) -> tuple[Config, dict[str, np.ndarray]]:
-    """A Llama, Qwen2, Qwen3, SmolLM3 or GPT-2 GGUF file -> (Config, engine params as float32
-    arrays, weights (out, in)).
+    """A Llama, Phi-3, Qwen2, Qwen3, SmolLM3 or GPT-2 GGUF file -> (Config, engine params as
+    float32 arrays, weights (out, in)).
 
     Llama's q and k are un-permuted from llama.cpp's interleaved rotary layout to the
-    rotate_half layout the engine (and Hugging Face) use; GPT-2's fused qkv is split. Names and
+    rotate_half layout the engine (and Hugging Face) use; GPT-2's and Phi-3's fused qkv (and
+    Phi-3's gate + up) are split. Names and
     shapes are all checked from the header before the first tensor is dequantized; tensors are
     then read one at a time."""
     f = GGUFFile(path)
@@ -457,6 +463,11 @@ def _name_map(cfg: Config) -> dict[str, tuple[str, ...]]:
                     m[f"blk.{i}.{g}.{kind}"] = tuple(f"blocks.{i}.{e}.{kind}" for e in es)
         return m
     m = {g: (e,) for g, e in _GLOBAL_NAMES.items() if g not in tied}
+    if cfg.model_type == "phi3":   # no biases (llama.cpp's phi3 has none)
+        for i in range(cfg.n_layer):
+            for g, es in _PHI3_BLOCK.items():
+                m[f"blk.{i}.{g}.weight"] = tuple(f"blocks.{i}.{e}.weight" for e in es)
+        return m
     block = {**_BLOCK_NAMES, **_QK_NORM_NAMES} if cfg.qk_norm else _BLOCK_NAMES
     for i in range(cfg.n_layer):
         for g, e in block.items():
@@ -510,7 +521,8 @@ def _config_from_gguf(f: GGUFFile) -> Config:
         return _gpt2_config(f, get)
     if get.integer(f"{arch}.expert_count", 0) > 0:
         raise ConfigError(f"{f.path}: mixture-of-experts {arch} models are not supported")
-    n_layer, max_seq, n_head, d_model = _sizes(f, get, arch, len(_BLOCK_NAMES))
+    n_layer, max_seq, n_head, d_model = _sizes(
+        f, get, arch, len(_PHI3_BLOCK if arch == "phi3" else _BLOCK_NAMES))
     head_dim = get.integer(f"{arch}.attention.key_length", d_model // n_head)
     if get.integer(f"{arch}.attention.value_length", head_dim) != head_dim:
         raise ConfigError(f"{f.path}: different key and value head widths are not supported")
@@ -549,7 +561,11 @@ def _config_from_gguf(f: GGUFFile) -> Config:
                                 rope_scaling=rope_scaling, **_token_ids(get),
                                 # llama.cpp's smollm3 leaves out every 4th block's rotary
                                 **({"no_rope_blocks": every_fourth(n_layer)}
-                                   if family == "smollm3" else {}))
+                                   if family == "smollm3" else {}),
+                                # phi3's window (0: none), which llama.cpp does not apply
+                                **({"sliding_window": get.integer(
+                                    "phi3.attention.sliding_window", 0) or None}
+                                   if family == "phi3" else {}))
     _reject_unknown_tensors(f, cfg)
     return cfg
 

@@ -1,12 +1,13 @@
-"""Write a Llama (or Mistral), Qwen2, Qwen3, SmolLM3 or GPT-2 model and its tokenizer as one
-GGUF file: what llama.cpp (and the tools built on it) run, and what `engine.load` /
+"""Write a Llama (or Mistral), Phi-3, Qwen2, Qwen3, SmolLM3 or GPT-2 model and its tokenizer as
+one GGUF file: what llama.cpp (and the tools built on it) run, and what `engine.load` /
 `engine.load_tokenizer` read back.
 
 The layout follows llama.cpp's own converter: `<architecture>.*` hyperparameters, `blk.{i}.*`
 tensors (llama's and smollm3's q / k rows permuted to its interleaved rotary layout, qwen2's and
-qwen3's as they are, GPT-2's q, k, v in one attn_qkv), 1-D tensors (norms, biases) in F32,
-and the tokenizer as `tokenizer.ggml.*` (byte-level BPE: tokens, token types, merges, the
-pre-tokenizer's name, special ids, chat template). Tensors are converted and written one at a
+qwen3's and phi3's as they are, GPT-2's and phi3's q, k, v in one attn_qkv, phi3's gate and up
+in one ffn_up), 1-D tensors (norms, biases) in F32, and the tokenizer as `tokenizer.ggml.*`
+(byte-level BPE: tokens, token types, merges, the pre-tokenizer's name; or SentencePiece:
+tokens, types, scores; special ids, chat template). Tensors are converted and written one at a
 time, so a save needs little memory beyond the model; the file appears under its name only when
 whole. The `gguf` package (the `hf` extra) does the writing and the quantization.
 """
@@ -59,8 +60,9 @@ def save_gguf(model, path, tokenizer, dtype: str = "F32", name: str | None = Non
     _check_params(model)
     gguf = _gguf()
     writer = gguf.GGUFWriter(None, gguf_arch(cfg))
-    _add_model_keys(gguf, writer, cfg, dtype, name or _stem(path))
-    _add_tokenizer_keys(writer, tokenizer, cfg)
+    meta = tokenizer_metadata(tokenizer, cfg.vocab_size, cfg.eos_token_id, cfg.bos_token_id)
+    _add_model_keys(gguf, writer, cfg, dtype, _llamacpp_name(name or _stem(path), meta))
+    _add_tokenizer_keys(writer, meta)
     plan = _tensor_plan(gguf, cfg, dtype)
     for gname, (enames, shape, qtype, nbytes) in plan.items():
         for e in enames:
@@ -129,6 +131,9 @@ def _check_architecture(cfg) -> None:
         raise ConfigError(f"cannot write a {cfg.model_type} GGUF with no rotary embedding in "
                           f"blocks {cfg.no_rope_blocks}: llama.cpp's smollm3 leaves it out of "
                           "every 4th block (3, 7, ...), its other architectures out of none")
+    if cfg.model_type == "phi3" and cfg.head_dim * cfg.n_head != cfg.d_model:
+        raise ConfigError("cannot write a phi3 GGUF: llama.cpp's phi3 has heads of d_model / "
+                          f"n_head = {cfg.d_model / cfg.n_head:g}, this model {cfg.head_dim}")
     if cfg.model_type == "qwen2" and cfg.head_dim * cfg.n_head != cfg.d_model:
         # (qwen3's key_length is read; qwen2's is not, by llama.cpp nor by transformers)
         raise ConfigError("cannot write a qwen2 GGUF: llama.cpp's qwen2 has heads of d_model / "
@@ -148,8 +153,12 @@ def _add_model_keys(gguf, w, cfg, dtype: str, name: str) -> None:
         w.add_quantization_version(2)
     w.add_vocab_size(cfg.vocab_size)
     # a Mistral's window: the context where the engine and transformers agree, which
-    # llama.cpp (no window) then keeps to
-    w.add_context_length(cfg.context_length)
+    # llama.cpp (no window) then keeps to; phi3 has a key for its window (as llama.cpp's
+    # converter writes it: 0 for none), which llama.cpp reads and does not apply
+    w.add_context_length(cfg.context_length if cfg.model_type == "mistral" else cfg.max_seq_len)
+    if cfg.model_type == "phi3":
+        w.add_sliding_window(cfg.sliding_window or 0)
+        w.add_rope_scaling_orig_ctx_len(cfg.max_seq_len)
     w.add_embedding_length(cfg.d_model)
     w.add_block_count(cfg.n_layer)
     w.add_feed_forward_length(cfg.d_ff)
@@ -230,8 +239,32 @@ def _converted(gguf, cfg, enames: tuple, params: dict, qtype) -> np.ndarray:
 
 # ---- the tokenizer as tokenizer.ggml.* ----------------------------------------------------
 
-def _add_tokenizer_keys(w, tok, cfg) -> None:
-    meta = tokenizer_metadata(tok, cfg.vocab_size, cfg.eos_token_id, cfg.bos_token_id)
+def _llamacpp_name(name: str, meta: dict) -> str:
+    """general.name, from which llama.cpp decides which tokens take the whitespace after them
+    (spm_vocab.llamacpp_rstrip: a Phi-3 name, its rule; others, none). A tokenizer that
+    follows Phi-3's rule gets a name that says Phi-3; any other that llama.cpp would strip
+    otherwise is refused, not written to tokenize differently."""
+    from ..spm_vocab import llamacpp_rstrip
+    from ..tokenizer import TokenizerError
+    have, tokens, types = meta["rstrip"], meta["tokens"], meta["types"]
+    if have == llamacpp_rstrip(name, tokens, types):
+        return name
+    if have and have == llamacpp_rstrip("phi3", tokens, types):
+        return f"Phi-3 {name}"
+    if have:
+        shown = ", ".join(repr(tokens[i]) for i in sorted(have)[:5])
+        raise TokenizerError(f"added tokens ({shown}) take the whitespace after them (rstrip), "
+                             "which a GGUF file cannot say, bar llama.cpp's rule for Phi-3 "
+                             "(its control, user-defined and unknown tokens and </s>, not "
+                             "<unk>, <s>, <|endoftext|>), which these do not follow; llama.cpp "
+                             "would tokenize text around them differently")
+    raise TokenizerError(f"the GGUF name {name!r} makes llama.cpp treat the vocabulary as "
+                         "Phi-3's (it strips the whitespace after its special tokens, by "
+                         "name), which this tokenizer is not: name the file, or pass name=, "
+                         "without 'phi3' or 'phi-3'")
+
+
+def _add_tokenizer_keys(w, meta: dict) -> None:
     w.add_tokenizer_model(meta["model"])
     w.add_token_list(meta["tokens"])
     w.add_token_types(meta["types"])
@@ -294,10 +327,11 @@ def tokenizer_metadata(tok, vocab_size: int, model_eos=None, model_bos=None) -> 
                              "tok.special_tokens['eos_token'])")
     spec = json.loads(tok.backend.to_str())
     for a in spec.get("added_tokens") or []:
-        if a.get("lstrip") or a.get("rstrip") or a.get("single_word"):
-            # llama.cpp sets such attributes only for models it recognises by name
+        if a.get("lstrip") or a.get("single_word"):
+            # llama.cpp sets such attributes only for models it recognises by name (the
+            # whitespace after a token, for Phi-3: _llamacpp_name)
             raise TokenizerError(f"{tok.source}: added token {a['content']!r} strips spaces "
-                                 "around it or matches whole words only, which a GGUF "
+                                 "before it or matches whole words only, which a GGUF "
                                  "vocabulary cannot say; llama.cpp would tokenize text around "
                                  "it differently")
     prefix = spm_form(spec)
@@ -328,7 +362,8 @@ def tokenizer_metadata(tok, vocab_size: int, model_eos=None, model_bos=None) -> 
     # end of turn as the source said it (GGUF eot / eom, a generation config's eos list); the
     # document end tokens that eos_ids also lists are llama.cpp's to find (it does, by text)
     extra = [i for i in tok._extra_eos_ids() if i != eos]
-    return {**vocab, "tokens": tokens, "types": types,
+    rstrip = frozenset(a["id"] for a in spec.get("added_tokens") or [] if a.get("rstrip"))
+    return {**vocab, "tokens": tokens, "types": types, "rstrip": rstrip,
             "bos": tok.bos_id if tok.bos_id is not None else _id_in(model_bos, tok.vocab_size),
             "eos": eos, "unk": tok.unk_id, "pad": tok.pad_id,
             "eot": extra[0] if extra else None, "add_bos": add_bos, "add_eos": add_eos,

@@ -1,6 +1,7 @@
 """Hugging Face <-> engine: config.json fields and tensor names for the gpt2, llama, mistral,
-qwen2, qwen3 and smollm3 families (the last four name their tensors as llama does; qwen3 adds
-q_norm, k_norm).
+phi3, qwen2, qwen3 and smollm3 families (all but gpt2 name their tensors as llama does; qwen3
+adds q_norm, k_norm; phi3 holds q, k, v in one qkv_proj and the MLP's gate and up in one
+gate_up_proj).
 
 Engine weights are (out, in) like torch.nn.Linear. GPT-2's Conv1D stores (in, out) and fuses
 q, k, v into one c_attn; both are undone on load and redone on save.
@@ -84,14 +85,16 @@ def config_from_hf(hf: dict) -> Config:
         raise ConfigError("smollm3 layer_types with sliding_attention (sliding_window="
                           f"{hf['sliding_window']!r}) is not supported (only full attention)")
     max_pos = _get(hf, "max_position_embeddings", "size",   # transformers' defaults
-                   {"llama": 2048, "mistral": 131072}.get(mt, 32768))
+                   {"llama": 2048, "mistral": 131072, "phi3": 4096}.get(mt, 32768))
     theta, rope_scaling = _rope(mt, hf, max_pos)
     n_head = _get(hf, "num_attention_heads", "size")
     d = _get(hf, "hidden_size", "size")
     if mt == "qwen2":   # transformers' Qwen2: biases on q, k, v always, none elsewhere
         family, bias = Config.qwen2, dict(attn_bias=True, attn_out_bias=False, mlp_bias=False)
-    elif mt == "mistral":   # no biases, whatever the file says
-        family, bias = Config.mistral, dict(attn_bias=False, mlp_bias=False)
+    elif mt in ("mistral", "phi3"):   # no biases, whatever the file says
+        family = Config.mistral if mt == "mistral" else Config.phi3
+        bias = dict(attn_bias=False, mlp_bias=False)
+        _full_rotary(mt, hf)
     elif mt == "qwen3":   # attention_bias for all four projections, as llama; no MLP biases
         family = Config.qwen3
         bias = dict(attn_bias=_get(hf, "attention_bias", "bool", False), mlp_bias=False)
@@ -101,9 +104,10 @@ def config_from_hf(hf: dict) -> Config:
                     mlp_bias=_get(hf, "mlp_bias", "bool", False))
     n_layer = _get(hf, "num_hidden_layers", "size")
     extra = {"no_rope_blocks": _no_rope_blocks(hf, n_layer)} if mt == "smollm3" else {}
-    if mt == "mistral":   # MistralConfig's default window when the key is absent; null: none
-        extra["sliding_window"] = (None if hf.get("sliding_window", 4096) is None
-                                   else _get(hf, "sliding_window", "size", 4096))
+    if mt in ("mistral", "phi3"):   # the configs' default windows when the key is absent
+        default = 4096 if mt == "mistral" else None
+        extra["sliding_window"] = (None if hf.get("sliding_window", default) is None
+                                   else _get(hf, "sliding_window", "size", default))
     return family(vocab_size=_get(hf, "vocab_size", "size"),
                   n_layer=n_layer, n_head=n_head,
                   # (MistralConfig's default is 8 key / value heads, the others' n_head)
@@ -118,6 +122,15 @@ def config_from_hf(hf: dict) -> Config:
                   norm_eps=_get(hf, "rms_norm_eps", "number", 1e-6), rope_theta=float(theta),
                   tie_embeddings=_get(hf, "tie_word_embeddings", "bool", mt == "smollm3"),
                   rope_scaling=rope_scaling, **bias, **extra, **_token_ids(hf))
+
+
+def _full_rotary(mt: str, hf: dict) -> None:
+    """Refuse a rotary embedding over part of each head (Phi-4-mini's partial_rotary_factor)."""
+    params = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
+    factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if factor != 1.0:
+        raise ConfigError(f"{mt} partial_rotary_factor={factor!r} is not supported (only a "
+                          "rotary embedding over whole heads)")
 
 
 def _no_rope_blocks(hf: dict, n_layer: int) -> list[int]:
@@ -199,6 +212,10 @@ def config_to_hf(cfg: Config) -> dict:
     if cfg.model_type == "mistral":
         return {"model_type": "mistral", "architectures": ["MistralForCausalLM"], **common,
                 "sliding_window": cfg.sliding_window}
+    if cfg.model_type == "phi3":
+        return {"model_type": "phi3", "architectures": ["Phi3ForCausalLM"], **common,
+                "sliding_window": cfg.sliding_window,
+                "original_max_position_embeddings": cfg.max_seq_len}
     if cfg.model_type == "qwen2":
         return {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], **common,
                 "use_sliding_window": False}
@@ -247,18 +264,49 @@ def _llama_map(cfg: Config) -> dict[str, str]:
     return m
 
 
+def _phi3_fused(cfg: Config) -> dict[str, tuple[tuple[str, int], ...]]:
+    """Phi-3's fused tensors: HF name -> (engine name, rows) of its parts, in order (q, k, v in
+    qkv_proj; gate, then up, in gate_up_proj)."""
+    out = {}
+    q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    for i in range(cfg.n_layer):
+        e, h = f"blocks.{i}.", f"model.layers.{i}."
+        out[h + "self_attn.qkv_proj.weight"] = ((e + "attn.q.weight", q),
+                                                (e + "attn.k.weight", kv),
+                                                (e + "attn.v.weight", kv))
+        out[h + "mlp.gate_up_proj.weight"] = ((e + "mlp.gate.weight", cfg.d_ff),
+                                              (e + "mlp.up.weight", cfg.d_ff))
+    return out
+
+
+def _one_to_one(cfg: Config) -> dict[str, str]:
+    """engine name -> HF name, for the tensors stored as they are."""
+    m = _llama_map(cfg)
+    if cfg.model_type == "phi3":
+        parts = {e for ps in _phi3_fused(cfg).values() for e, _ in ps}
+        m = {e: h for e, h in m.items() if e not in parts}
+    return m
+
+
 def to_engine(cfg: Config, get, names) -> dict[str, np.ndarray]:
     """Build engine params from HF tensors. `get(name)` returns a float32 array, `names` the set
     of HF names available. Missing tensors and unexpected shapes raise CheckpointError."""
     names = set(names)
-    if cfg.n_layer * 9 > len(names):   # every layer has at least 9 tensors (Llama's; GPT-2's 12)
+    # every layer has at least 9 tensors (Llama's; GPT-2's 12; Phi-3's 6, some fused)
+    if cfg.n_layer * (6 if cfg.model_type == "phi3" else 9) > len(names):
         # before the name map is built: a config.json of 10^9 layers would take minutes and GBs
         raise CheckpointError(f"config.json has {cfg.n_layer} layers, and the checkpoint holds "
                               f"only {len(names)} tensors: too few for them (a wrong config.json?)")
     out: dict[str, np.ndarray] = {}
     if cfg.model_type != "gpt2":  # no slicing or transposing: Model checks shapes by name
-        for e, h in _llama_map(cfg).items():
+        for e, h in _one_to_one(cfg).items():
             out[e] = _fetch(get, names, h)
+        for h, parts in (_phi3_fused(cfg).items() if cfg.model_type == "phi3" else ()):
+            a = _fetch(get, names, h)
+            _expect(a, (sum(r for _, r in parts), cfg.d_model), h)   # before it is cut
+            at = np.cumsum([r for _, r in parts])[:-1]
+            for (e, _), piece in zip(parts, np.split(a, at)):
+                out[e] = np.ascontiguousarray(piece)
         return out
     prefix = "transformer." if any(n.startswith("transformer.") for n in names) else ""
     C, F = cfg.d_model, cfg.d_ff
@@ -298,7 +346,10 @@ def to_engine(cfg: Config, get, names) -> dict[str, np.ndarray]:
 def to_hf(cfg: Config, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """HF tensors (as transformers' save_pretrained names them) from engine params."""
     if cfg.model_type != "gpt2":
-        return {h: params[e] for e, h in _llama_map(cfg).items()}
+        out = {h: params[e] for e, h in _one_to_one(cfg).items()}
+        for h, parts in (_phi3_fused(cfg).items() if cfg.model_type == "phi3" else ()):
+            out[h] = np.concatenate([params[e] for e, _ in parts])
+        return out
     out = {"transformer.wte.weight": params["wte.weight"], "transformer.wpe.weight": params["wpe.weight"]}
     for i in range(cfg.n_layer):
         e, h = f"blocks.{i}.", f"transformer.h.{i}."
