@@ -49,7 +49,7 @@ def spm_merges(tokens: list[str], scores: np.ndarray) -> list[tuple[str, str]]:
     merges look tokens up by text: a user-defined token of four "▁" is built from spaces).
     ValueError past MAX_MERGE_WORK."""
     _check_work(tokens)
-    ids = {t: i for i, t in enumerate(tokens)}   # a repeated token: its last id, as llama.cpp's
+    ids = {t: i for i, t in enumerate(tokens)}
     ranked = sorted((-float(scores[i]), i) for t, i in ids.items() if len(t) > 1)
     merges = []
     for _, i in ranked:

@@ -900,6 +900,13 @@ class BPETokenizer(_Tokenizer):
         if tokens is None:
             raise TokenizerError(f"{path}: GGUF metadata lacks tokenizer.ggml.tokens (an array "
                                  "of strings)")
+        if len(set(tokens)) != len(tokens):   # llama.cpp asserts they are distinct
+            seen = {}
+            twice = next(t for i, t in enumerate(tokens) if seen.setdefault(t, i) != i)
+            again = tokens.index(twice, seen[twice] + 1)
+            raise TokenizerError(f"{path}: GGUF tokenizer.ggml.tokens holds "
+                                 f"{_clip(repr(twice), 60)} twice (ids {seen[twice]} and "
+                                 f"{again}); llama.cpp refuses such a vocabulary")
         types = get("tokenizer.ggml.token_type", "ints", len(tokens))
         pre = get("tokenizer.ggml.pre", "str") if kind == "gpt2" else None
         # llama.cpp's defaults for a SentencePiece vocabulary: ids 1 / 2 / 0 for bos / eos /
@@ -1143,7 +1150,7 @@ def _gguf_rstrip(meta, tokens, types, path) -> frozenset[int]:
     """The ids llama.cpp strips the whitespace after, which it decides by the model's name
     (Phi-3's: spm_vocab.llamacpp_rstrip)."""
     from .spm_vocab import llamacpp_rstrip
-    name = meta.get("general.name")
+    name = _gguf_value(meta, "general.name", "str", path)
     kinds = types.tolist() if types is not None else [1] * len(tokens)
     out = llamacpp_rstrip(name, tokens, kinds)
     if out is None:

@@ -197,6 +197,7 @@ def test_unsupported_architecture(tmp_path):
 
 @pytest.mark.parametrize("meta, match", [
     ({"llama.rope.scaling.type": "yarn"}, "rope scaling 'yarn'"),
+    ({"llama.rope.scaling.attn_factor": 0.5}, "attn_factor 0.5 is not supported"),
     ({"llama.expert_count": 8}, "mixture-of-experts"),
     ({"llama.rope.dimension_count": 8}, "partial rotary"),
     ({"llama.vocab_size": 97}, "vocab_size"),

@@ -364,6 +364,42 @@ def test_mistral_runs_up_to_its_sliding_window(tmp_path):
         model.forward_cached(tokens[:1, :1], cache, T)
 
 
+def test_phi3_config_as_transformers_reads_it(tmp_path, hf_dirs):
+    """Phi3Config's default norm epsilon (1e-5) when config.json has none; a rotary over part
+    of the heads (partial_rotary_factor, also inside rope_scaling, which replaces
+    rope_parameters) and rope scaling other than longrope (which Phi3Config refuses) are
+    refused, not run otherwise."""
+    import json
+    import shutil
+    from transformers import Phi3ForCausalLM
+    src = tmp_path / "src"
+    shutil.copytree(hf_dirs["phi3"][1], src)
+    cfg = json.loads((src / "config.json").read_text())
+
+    def write(**changes):
+        (src / "config.json").write_text(json.dumps({**cfg, **changes}))
+
+    write()
+    cfg.pop("rms_norm_eps")
+    write()
+    model = engine.load(str(src))
+    hf = Phi3ForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    assert model.config.norm_eps == hf.config.rms_norm_eps == 1e-5
+    tokens, _ = batch(model.config.vocab_size)
+    with torch.no_grad():
+        want = hf(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(model.forward(tokens), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    for changes, match in (
+            (dict(rope_parameters={**cfg["rope_parameters"], "partial_rotary_factor": 0.5}),
+             "partial_rotary_factor=0.5"),
+            (dict(rope_scaling={"rope_type": "default", "partial_rotary_factor": 0.75,
+                                "rope_theta": 800.0}), "partial_rotary_factor=0.75"),
+            (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "longrope only")):
+        write(**changes)
+        with pytest.raises(engine.ConfigError, match=match):
+            engine.load(str(src))
+
+
 def test_mistral_config_as_transformers_reads_it(tmp_path):
     """MistralConfig's defaults (8 key / value heads when the key is absent) and shapes its
     LlamaConfig refuses (width no multiple of the heads, head_dim given): loaded and saved back

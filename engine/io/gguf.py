@@ -563,11 +563,18 @@ def _config_from_gguf(f: GGUFFile) -> Config:
                                 **({"no_rope_blocks": every_fourth(n_layer)}
                                    if family == "smollm3" else {}),
                                 # phi3's window (0: none), which llama.cpp does not apply
-                                **({"sliding_window": get.integer(
-                                    "phi3.attention.sliding_window", 0) or None}
+                                **({"sliding_window": _window(f, get)}
                                    if family == "phi3" else {}))
     _reject_unknown_tensors(f, cfg)
     return cfg
+
+
+def _window(f: GGUFFile, get) -> int | None:
+    """phi3.attention.sliding_window: 0 (or absent) for none; llama.cpp reads it as a uint32."""
+    w = get.integer("phi3.attention.sliding_window", 0)
+    if not 0 <= w < 1 << 32:
+        raise ConfigError(f"{f.path}: phi3.attention.sliding_window {w} is not a window")
+    return w or None
 
 
 # Llama 3.1 / 3.2 / 3.3's rope scaling, as their config.json files give it
@@ -601,6 +608,9 @@ def _rope_scaling(f: GGUFFile, get, arch: str, head_dim: int, theta: float) -> d
     # as llama.cpp reads them: no type means linear; the factor is rope.scaling.factor, or
     # the older rope.scale_linear when that key is absent; 0 means 1; type "none" never scales
     kind = get.text(f"{arch}.rope.scaling.type", "linear")
+    if get.number(f"{arch}.rope.scaling.attn_factor", 1.0) != 1.0:   # llama.cpp scales by it
+        raise ConfigError(f"{f.path}: rope.scaling.attn_factor "
+                          f"{f.metadata[f'{arch}.rope.scaling.attn_factor']} is not supported")
     if kind not in ("none", "linear"):
         raise ConfigError(f"{f.path}: rope scaling {kind!r} is not supported (only linear "
                           "and Llama 3's)")

@@ -87,6 +87,9 @@ def config_from_hf(hf: dict) -> Config:
     max_pos = _get(hf, "max_position_embeddings", "size",   # transformers' defaults
                    {"llama": 2048, "mistral": 131072, "phi3": 4096}.get(mt, 32768))
     theta, rope_scaling = _rope(mt, hf, max_pos)
+    if mt == "phi3" and rope_scaling is not None:   # Phi3Config takes longrope only
+        raise ConfigError(f"phi3 rope scaling {rope_scaling['rope_type']!r} is not supported "
+                          "(transformers' Phi-3 takes longrope only, which tailtune does not)")
     n_head = _get(hf, "num_attention_heads", "size")
     d = _get(hf, "hidden_size", "size")
     if mt == "qwen2":   # transformers' Qwen2: biases on q, k, v always, none elsewhere
@@ -119,14 +122,18 @@ def config_from_hf(hf: dict) -> Config:
                             or (128 if mt == "qwen3" else d // n_head)),
                   d_ff=_get(hf, "intermediate_size", "size"),
                   max_seq_len=max_pos,
-                  norm_eps=_get(hf, "rms_norm_eps", "number", 1e-6), rope_theta=float(theta),
+                  # (Phi3Config's default is 1e-5, the others' 1e-6)
+                  norm_eps=_get(hf, "rms_norm_eps", "number", 1e-5 if mt == "phi3" else 1e-6),
+                  rope_theta=float(theta),
                   tie_embeddings=_get(hf, "tie_word_embeddings", "bool", mt == "smollm3"),
                   rope_scaling=rope_scaling, **bias, **extra, **_token_ids(hf))
 
 
 def _full_rotary(mt: str, hf: dict) -> None:
-    """Refuse a rotary embedding over part of each head (Phi-4-mini's partial_rotary_factor)."""
-    params = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
+    """Refuse a rotary embedding over part of each head (Phi-4-mini's partial_rotary_factor),
+    looked up where transformers takes it: a non-empty rope_scaling replaces rope_parameters."""
+    params = next((d for d in (hf.get("rope_scaling"), hf.get("rope_parameters"))
+                   if isinstance(d, dict) and d), {})
     factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     if factor != 1.0:
         raise ConfigError(f"{mt} partial_rotary_factor={factor!r} is not supported (only a "
