@@ -55,9 +55,8 @@ def _to_metaspace(spec):
                              "prepend_scheme": "first", "split": False}
 
 
-def test_ids_and_text_match_sentencepiece(sp, spm_file):
-    tok = engine.load_tokenizer(spm_file)
-    assert tok.vocab_size == sp.get_piece_size()
+def _assert_as_sentencepiece(tok, sp):
+    """sentencepiece's ids and text over the corpus (more than 20k tokens)."""
     n = 0
     for text in _texts():
         ids = tok.encode(text, add_special_tokens=False)
@@ -65,6 +64,12 @@ def test_ids_and_text_match_sentencepiece(sp, spm_file):
         assert tok.decode(ids) == sp.decode(ids), text[:80]
         n += len(ids)
     assert n > 20_000
+
+
+def test_ids_and_text_match_sentencepiece(sp, spm_file):
+    tok = engine.load_tokenizer(spm_file)
+    assert tok.vocab_size == sp.get_piece_size()
+    _assert_as_sentencepiece(tok, sp)
     byte_ids = {sp.piece_to_id(f"<0x{b:02X}>") for b in "🎉".encode()}
     assert byte_ids <= set(tok.encode("🎉", add_special_tokens=False))   # byte fallback
     assert (tok.bos_id, tok.eos_id, tok.unk_id) == (sp.bos_id(), sp.eos_id(), sp.unk_id())
@@ -487,13 +492,7 @@ def test_real_mistral_vocabularies(tmp_path, name):
     sp = S.mistral_vocabulary(name)
     tok = engine.load_tokenizer(S.write(tmp_path / "m.gguf", sp))
     assert tok.vocab_size == sp.get_piece_size() >= 32000
-    n = 0
-    for text in _texts():
-        ids = tok.encode(text, add_special_tokens=False)
-        assert ids == sp.encode(text), text[:80]
-        assert tok.decode(ids) == sp.decode(ids), text[:80]
-        n += len(ids)
-    assert n > 20_000
+    _assert_as_sentencepiece(tok, sp)
     chat = "[INST] Is the roof covered? [/INST] Yes.</s>"
     inst = sp.piece_to_id("[INST]")
     if inst != sp.unk_id():   # v3: [INST] and [/INST] are control tokens; the text between
