@@ -146,9 +146,9 @@ def main(argv=None):
 
     x = sub.add_parser("export", help="write a model and its tokenizer as one GGUF file "
                        "(llama.cpp and the tools built on it run it)",
-                       description="Write a Llama, Mistral, Qwen2, Qwen3, SmolLM3 or GPT-2 "
-                       "model (a fine-tuned run's directory, a Hugging Face directory, a .gguf "
-                       "file) and its tokenizer as one GGUF file.")
+                       description="Write a Llama, Mistral, Phi-3, Qwen2, Qwen3, SmolLM3 or "
+                       "GPT-2 model (a fine-tuned run's directory, a Hugging Face directory, a "
+                       ".gguf file) and its tokenizer as one GGUF file.")
     x.add_argument("--model", required=True, help=MODEL_HELP)
     x.add_argument("--out", required=True, help="the GGUF file to write, e.g. model.gguf")
     x.add_argument("--dtype", default="F32", metavar="TYPE",

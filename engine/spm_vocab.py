@@ -1,5 +1,7 @@
 """SentencePiece vocabularies as GGUF stores them (`tokenizer.ggml.model == "llama"`: Llama 1/2,
-TinyLlama, Mistral, CodeLlama, ...), both ways.
+TinyLlama, Mistral, CodeLlama, ...), both ways; and what llama.cpp does with any GGUF
+vocabulary's token types (which tokens it matches whole in the text, which strip the
+whitespace after them), shared with the byte-level reader in engine/tokenizer.py.
 
 llama.cpp tokenizes such a vocabulary (llm_tokenizer_spm in llama-vocab.cpp) the way
 SentencePiece's BPE does: a space is prefixed to each stretch of text that starts the input or

@@ -25,6 +25,8 @@ import stat
 import numpy as np
 
 from .errors import CheckpointError, InputError, is_int, optional_import
+from .spm_vocab import (CONTROL, NORMAL, UNKNOWN, USER_DEFINED, add_matched_tokens,
+                        llamacpp_rstrip, spm_backend)
 
 
 class TokenizerError(CheckpointError):
@@ -908,6 +910,8 @@ class BPETokenizer(_Tokenizer):
                                  f"{_clip(repr(twice), 60)} twice (ids {seen[twice]} and "
                                  f"{again}); llama.cpp refuses such a vocabulary")
         types = get("tokenizer.ggml.token_type", "ints", len(tokens))
+        # llama.cpp takes a token as normal when the file gives no types
+        kinds = types.tolist() if types is not None else [NORMAL] * len(tokens)
         pre = get("tokenizer.ggml.pre", "str") if kind == "gpt2" else None
         # llama.cpp's defaults for a SentencePiece vocabulary: ids 1 / 2 / 0 for bos / eos /
         # unknown, BOS added (the gpt2 kind has none, bar the Llama 3 group's BOS)
@@ -923,12 +927,12 @@ class BPETokenizer(_Tokenizer):
                 i = defaults.get(k)
             if i is not None and 0 <= i < len(tokens):
                 ids[k] = i
-        rstrip = _gguf_rstrip(meta, tokens, types, path)
+        rstrip = _gguf_rstrip(meta, tokens, kinds, path)
         if spm:
-            backend = _gguf_spm_backend(path, tokens, types, get, ids.get("unknown"), rstrip)
+            backend = _gguf_spm_backend(path, tokens, kinds, get, ids.get("unknown"), rstrip)
         else:
             backend = _gguf_backend(path, tokens, get("tokenizer.ggml.merges", "strs"), pre,
-                                    types, rstrip)
+                                    kinds, rstrip)
         named_ids = {name: ids[key] for name, key in (
             ("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"),
             ("pad_token", "padding")) if key in ids}
@@ -1142,16 +1146,10 @@ def _pre_tokenizer(tk, pre, path):
                         pt.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)])
 
 
-# llama.cpp token types (tokenizer.ggml.token_type)
-_UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4
-
-
-def _gguf_rstrip(meta, tokens, types, path) -> frozenset[int]:
+def _gguf_rstrip(meta, tokens, kinds, path) -> frozenset[int]:
     """The ids llama.cpp strips the whitespace after, which it decides by the model's name
     (Phi-3's: spm_vocab.llamacpp_rstrip)."""
-    from .spm_vocab import llamacpp_rstrip
     name = _gguf_value(meta, "general.name", "str", path)
-    kinds = types.tolist() if types is not None else [1] * len(tokens)
     out = llamacpp_rstrip(name, tokens, kinds)
     if out is None:
         raise TokenizerError(f"{path}: general.name {name!r} makes llama.cpp treat the "
@@ -1160,7 +1158,7 @@ def _gguf_rstrip(meta, tokens, types, path) -> frozenset[int]:
     return out
 
 
-def _gguf_backend(path, tokens, merges, pre, types, rstrip=frozenset()):
+def _gguf_backend(path, tokens, merges, pre, kinds, rstrip):
     """vocab + merges + pre-tokenizer -> tokenizers.Tokenizer. Control (and unknown) tokens
     become special added tokens and user-defined ones plain added tokens, so all match whole
     in the text; rstrip: the ids that take the whitespace after them (llama.cpp's Phi-3)."""
@@ -1174,8 +1172,7 @@ def _gguf_backend(path, tokens, merges, pre, types, rstrip=frozenset()):
     # any other character is respelled from its UTF-8 bytes (transformers does the same).
     # Control, unknown and user-defined tokens are matched whole in the text, not merged:
     # those keep their own spelling (DeepSeek's "<｜User｜>", a token with a space).
-    kinds = types.tolist() if types is not None else [0] * len(tokens)
-    spelled = [t if set(t) <= alphabet or k in (_UNKNOWN, _CONTROL, _USER_DEFINED)
+    spelled = [t if set(t) <= alphabet or k in (UNKNOWN, CONTROL, USER_DEFINED)
                else "".join(b2u[b] for b in t.encode("utf-8")) for t, k in zip(tokens, kinds)]
     vocab = {t: i for i, t in enumerate(spelled)}
     bad = next((m for m in merges if " " not in m), None)
@@ -1194,16 +1191,13 @@ def _gguf_backend(path, tokens, merges, pre, types, rstrip=frozenset()):
     backend = tk.Tokenizer(model)
     backend.pre_tokenizer = _pre_tokenizer(tk, pre, path)
     backend.decoder = tk.decoders.ByteLevel()
-    if types is not None:
-        from .spm_vocab import add_matched_tokens
-        with _NoPanic(path, "GGUF control and user-defined tokens"):
-            add_matched_tokens(tk, backend, tokens, kinds, rstrip)
+    with _NoPanic(path, "GGUF control and user-defined tokens"):
+        add_matched_tokens(tk, backend, tokens, kinds, rstrip)
     return backend
 
 
-def _gguf_spm_backend(path, tokens, types, get, unk_id, rstrip):
+def _gguf_spm_backend(path, tokens, kinds, get, unk_id, rstrip):
     """A SentencePiece ("llama") vocabulary -> tokenizers.Tokenizer (engine/spm_vocab.py)."""
-    from .spm_vocab import spm_backend
     scores = get("tokenizer.ggml.scores", "floats", len(tokens))
     if scores is None:
         # llama.cpp would score every token 0 and merge leftmost first, which no BPE ranks
@@ -1212,7 +1206,6 @@ def _gguf_spm_backend(path, tokens, types, get, unk_id, rstrip):
     if not np.isfinite(scores).all():
         raise TokenizerError(f"{path}: GGUF tokenizer.ggml.scores holds NaN or infinite values")
     prefix = get("tokenizer.ggml.add_space_prefix", "bool")
-    kinds = types.tolist() if types is not None else [1] * len(tokens)
     unk = tokens[unk_id] if unk_id is not None else None
     try:
         with _NoPanic(path, "GGUF SentencePiece vocabulary"):

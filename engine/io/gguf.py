@@ -451,23 +451,25 @@ def permute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
     return np.ascontiguousarray(v.swapaxes(1, 2)).reshape(w.shape)
 
 
+# Families whose blocks llama.cpp names by a table of fused tensors: (global names, block
+# names, kinds each block tensor has); llama.cpp's phi3 has no biases.
+_FUSED = {"gpt2": (_GPT2_GLOBAL, _GPT2_BLOCK, ("weight", "bias")),
+          "phi3": (_GLOBAL_NAMES, _PHI3_BLOCK, ("weight",))}
+
+
 def _name_map(cfg: Config) -> dict[str, tuple[str, ...]]:
     """GGUF name -> the engine names whose rows it holds, in order, for every tensor the config
     needs."""
     tied = {"output.weight"} if cfg.tie_embeddings else set()
-    if cfg.model_type == "gpt2":
-        m = {g: (e,) for g, e in _GPT2_GLOBAL.items() if g not in tied}
+    if cfg.model_type in _FUSED:
+        names, block, kinds = _FUSED[cfg.model_type]
+        m = {g: (e,) for g, e in names.items() if g not in tied}
         for i in range(cfg.n_layer):
-            for g, es in _GPT2_BLOCK.items():
-                for kind in ("weight", "bias"):
+            for g, es in block.items():
+                for kind in kinds:
                     m[f"blk.{i}.{g}.{kind}"] = tuple(f"blocks.{i}.{e}.{kind}" for e in es)
         return m
     m = {g: (e,) for g, e in _GLOBAL_NAMES.items() if g not in tied}
-    if cfg.model_type == "phi3":   # no biases (llama.cpp's phi3 has none)
-        for i in range(cfg.n_layer):
-            for g, es in _PHI3_BLOCK.items():
-                m[f"blk.{i}.{g}.weight"] = tuple(f"blocks.{i}.{e}.weight" for e in es)
-        return m
     block = {**_BLOCK_NAMES, **_QK_NORM_NAMES} if cfg.qk_norm else _BLOCK_NAMES
     for i in range(cfg.n_layer):
         for g, e in block.items():

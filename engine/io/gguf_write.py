@@ -22,16 +22,14 @@ from ..config import FAMILY_FIELDS, every_fourth
 from ..errors import CheckpointError, ConfigError, InputError, optional_import
 from .gguf import _name_map, gguf_shape, llama3_rope_factors, to_gguf_layout
 from .safetensors import atomic_file
-from ..spm_vocab import describe, spm_form, spm_vocabulary
+from ..spm_vocab import (CONTROL, NORMAL, UNUSED, USER_DEFINED, describe, llamacpp_rstrip,
+                         spm_form, spm_vocabulary)
 
 # What save_gguf writes matrices as; llama.cpp's general.file_type code of each. K-quants
 # (Q4_K, Q6_K, ...) have no quantizer in the gguf package: write F32 or F16, then run
 # llama.cpp's llama-quantize.
 GGUF_DTYPES = {"F32": 0, "F16": 1, "BF16": 32, "Q8_0": 7, "Q5_1": 9, "Q5_0": 8, "Q4_1": 3,
                "Q4_0": 2}
-
-# llama.cpp token types (tokenizer.ggml.token_type)
-_NORMAL, _CONTROL, _USER_DEFINED, _UNUSED = 1, 3, 4, 5
 
 
 def _gguf():
@@ -244,7 +242,6 @@ def _llamacpp_name(name: str, meta: dict) -> str:
     (spm_vocab.llamacpp_rstrip: a Phi-3 name, its rule; others, none). A tokenizer that
     follows Phi-3's rule gets a name that says Phi-3; any other that llama.cpp would strip
     otherwise is refused, not written to tokenize differently."""
-    from ..spm_vocab import llamacpp_rstrip
     from ..tokenizer import TokenizerError
     have, tokens, types = meta["rstrip"], meta["tokens"], meta["types"]
     if have == llamacpp_rstrip(name, tokens, types):
@@ -350,15 +347,15 @@ def tokenizer_metadata(tok, vocab_size: int, model_eos=None, model_bos=None) -> 
         vocab = {"model": "llama", "scores": scores, "add_space_prefix": prefix}
     add_bos, add_eos = _added_specials(tok)
     tokens += [""] * (vocab_size - len(tokens))
-    types += [_UNUSED] * (vocab_size - len(types))
-    src = tok.gguf_token_types if getattr(tok, "gguf_token_types", None) is not None else ()
+    types += [UNUSED] * (vocab_size - len(types))
+    src = tok.gguf_token_types if tok.gguf_token_types is not None else ()
     for i in range(vocab_size):
         # ids without a token, and rows a GGUF file (ours or llama.cpp's converter) padded the
         # vocabulary with, read back as plain tokens: unused "[PAD{id}]" entries again
-        if types[i] == _UNUSED or types[i] == _NORMAL and tokens[i] == f"[PAD{i}]":
-            tokens[i], types[i] = f"[PAD{i}]", _UNUSED
-        elif i < len(src) and src[i] == _UNUSED and types[i] == _NORMAL:
-            types[i] = _UNUSED   # unused in the GGUF source (read back as a plain token)
+        if types[i] == UNUSED or types[i] == NORMAL and tokens[i] == f"[PAD{i}]":
+            tokens[i], types[i] = f"[PAD{i}]", UNUSED
+        elif i < len(src) and src[i] == UNUSED and types[i] == NORMAL:
+            types[i] = UNUSED   # unused in the GGUF source (read back as a plain token)
     # end of turn as the source said it (GGUF eot / eom, a generation config's eos list); the
     # document end tokens that eos_ids also lists are llama.cpp's to find (it does, by text)
     extra = [i for i in tok._extra_eos_ids() if i != eos]
@@ -398,12 +395,12 @@ def _bpe_vocabulary(tok, spec: dict) -> tuple[list, list, list, str]:
         raise TokenizerError(f"{where}{_KINDS}; this one is {describe(spec)}")
     pre = _pre_name(tok, spec)
     n = tok.vocab_size
-    tokens, types = [""] * n, [_UNUSED] * n
+    tokens, types = [""] * n, [UNUSED] * n
     for t, i in model["vocab"].items():
-        tokens[i], types[i] = t, _NORMAL
+        tokens[i], types[i] = t, NORMAL
     for a in spec.get("added_tokens") or []:
         tokens[a["id"]] = a["content"]
-        types[a["id"]] = _CONTROL if a.get("special") else _USER_DEFINED
+        types[a["id"]] = CONTROL if a.get("special") else USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     return tokens, types, merges, pre
 

@@ -92,17 +92,15 @@ def config_from_hf(hf: dict) -> Config:
                           "(transformers' Phi-3 takes longrope only, which tailtune does not)")
     n_head = _get(hf, "num_attention_heads", "size")
     d = _get(hf, "hidden_size", "size")
+    family = getattr(Config, mt)
     if mt == "qwen2":   # transformers' Qwen2: biases on q, k, v always, none elsewhere
-        family, bias = Config.qwen2, dict(attn_bias=True, attn_out_bias=False, mlp_bias=False)
+        bias = dict(attn_bias=True, attn_out_bias=False, mlp_bias=False)
     elif mt in ("mistral", "phi3"):   # no biases, whatever the file says
-        family = Config.mistral if mt == "mistral" else Config.phi3
         bias = dict(attn_bias=False, mlp_bias=False)
         _full_rotary(mt, hf)
     elif mt == "qwen3":   # attention_bias for all four projections, as llama; no MLP biases
-        family = Config.qwen3
         bias = dict(attn_bias=_get(hf, "attention_bias", "bool", False), mlp_bias=False)
     else:
-        family = Config.smollm3 if mt == "smollm3" else Config.llama
         bias = dict(attn_bias=_get(hf, "attention_bias", "bool", False),
                     mlp_bias=_get(hf, "mlp_bias", "bool", False))
     n_layer = _get(hf, "num_hidden_layers", "size")
@@ -271,10 +269,13 @@ def _llama_map(cfg: Config) -> dict[str, str]:
     return m
 
 
-def _phi3_fused(cfg: Config) -> dict[str, tuple[tuple[str, int], ...]]:
-    """Phi-3's fused tensors: HF name -> (engine name, rows) of its parts, in order (q, k, v in
-    qkv_proj; gate, then up, in gate_up_proj)."""
+def _fused(cfg: Config) -> dict[str, tuple[tuple[str, int], ...]]:
+    """The tensors a llama-named family stores fused: HF name -> (engine name, rows) of its
+    parts, in order. Phi-3's (q, k, v in qkv_proj; gate, then up, in gate_up_proj); none for
+    the others."""
     out = {}
+    if cfg.model_type != "phi3":
+        return out
     q, kv = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
     for i in range(cfg.n_layer):
         e, h = f"blocks.{i}.", f"model.layers.{i}."
@@ -288,11 +289,8 @@ def _phi3_fused(cfg: Config) -> dict[str, tuple[tuple[str, int], ...]]:
 
 def _one_to_one(cfg: Config) -> dict[str, str]:
     """engine name -> HF name, for the tensors stored as they are."""
-    m = _llama_map(cfg)
-    if cfg.model_type == "phi3":
-        parts = {e for ps in _phi3_fused(cfg).values() for e, _ in ps}
-        m = {e: h for e, h in m.items() if e not in parts}
-    return m
+    parts = {e for ps in _fused(cfg).values() for e, _ in ps}
+    return {e: h for e, h in _llama_map(cfg).items() if e not in parts}
 
 
 def to_engine(cfg: Config, get, names) -> dict[str, np.ndarray]:
@@ -308,7 +306,7 @@ def to_engine(cfg: Config, get, names) -> dict[str, np.ndarray]:
     if cfg.model_type != "gpt2":  # no slicing or transposing: Model checks shapes by name
         for e, h in _one_to_one(cfg).items():
             out[e] = _fetch(get, names, h)
-        for h, parts in (_phi3_fused(cfg).items() if cfg.model_type == "phi3" else ()):
+        for h, parts in _fused(cfg).items():
             a = _fetch(get, names, h)
             _expect(a, (sum(r for _, r in parts), cfg.d_model), h)   # before it is cut
             at = np.cumsum([r for _, r in parts])[:-1]
@@ -354,7 +352,7 @@ def to_hf(cfg: Config, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """HF tensors (as transformers' save_pretrained names them) from engine params."""
     if cfg.model_type != "gpt2":
         out = {h: params[e] for e, h in _one_to_one(cfg).items()}
-        for h, parts in (_phi3_fused(cfg).items() if cfg.model_type == "phi3" else ()):
+        for h, parts in _fused(cfg).items():
             out[h] = np.concatenate([params[e] for e, _ in parts])
         return out
     out = {"transformer.wte.weight": params["wte.weight"], "transformer.wpe.weight": params["wpe.weight"]}
