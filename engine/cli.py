@@ -21,7 +21,9 @@ def main(argv=None):
                        description="Fine-tune the last layers (or chosen parameters) of a model.")
     f.add_argument("--model", required=True, help=MODEL_HELP)
     f.add_argument("--data", required=True, help="training data: .txt, or .jsonl with "
-                   "{'prompt','completion'} or {'messages'} rows (loss on completions / assistant turns)")
+                   "{'prompt','completion'} or {'messages'} rows (loss on completions / assistant "
+                   "turns); for an encoder (BERT), .jsonl with {'text','label'} rows: it trains "
+                   "as a classifier of those labels")
     f.add_argument("--out", required=True, help="run directory (checkpoints, metrics, final model)")
     f.add_argument("--train-last", type=int, metavar="K", help="train the last K blocks and the final "
                    "norm (default 2, unless --unfreeze alone is given)")
@@ -228,6 +230,12 @@ def _eval(a):
     from .trainer import evaluate
     _check_flags(*_sizes(a), ("--stride", a.stride, lambda v: 1 <= v <= a.seq_len,
                               f"in 1..--seq-len {a.seq_len}"))
+    from .classify import eval_classifier, is_encoder
+    if is_encoder(a.model):
+        r = eval_classifier(a.model, a.data, a.batch_size, a.seq_len)
+        per = "  ".join(f"{k} {v:.3f}" for k, v in r["per_label"].items())
+        print(f"loss {r['loss']:.4f}  accuracy {r['accuracy']:.3f}  (per label: {per})")
+        return 0
     model = load(a.model)
     tok = load_tokenizer(resolve_model_path(a.model), model_vocab_size=model.config.vocab_size)
     check_seq_len(a.seq_len, model.config)
@@ -405,6 +413,15 @@ def _inspect(a):
                               "in (0, 1]"))
     model = load(a.model)
     check_seq_len(a.seq_len, model.config)
+    if model.config.encoder:
+        if a.measure:
+            from .errors import InputError
+            raise InputError("--measure times causal-LM steps; for an encoder it is not "
+                             "available yet (the predicted table is)")
+        if model.config.labels is None:
+            print("note: an encoder without a classifier head: costed as a classifier of two "
+                  "labels (what tailtune finetune trains on labeled data)")
+            model = model.with_classifier(["0", "1"])
     if a.train_last is not None:
         model.train_last(check_train_last(a.train_last, model.config))
     print(model)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import reprlib
 from dataclasses import dataclass
 
 from .errors import ConfigError
@@ -22,7 +23,8 @@ class Config:
     max_seq_len: int = 1024         # longest sequence: learned position table size / rope range
     norm: str = "layernorm"         # "layernorm" (weight and bias) or "rmsnorm" (weight only)
     norm_eps: float = 1e-5          # epsilon inside the norm's square root
-    mlp: str = "gelu"               # "gelu": down(gelu_tanh(up x)); "swiglu": down(silu(gate x) * up x)
+    mlp: str = "gelu"               # "gelu": down(gelu_tanh(up x)); "gelu_erf": down(gelu(up x)),
+                                    # the exact GELU (BERT); "swiglu": down(silu(gate x) * up x)
     positions: str = "learned"      # "learned" absolute position table, or "rope" rotary embeddings
     rope_theta: float = 10000.0     # rotary base frequency (rope only)
     rope_scaling: dict | None = None  # rotary frequencies rescaled as Hugging Face's rope_scaling
@@ -45,6 +47,15 @@ class Config:
                                        # attention, so it runs sequences of up to this many
                                        # tokens only (context_length), where the two agree
     tie_embeddings: bool = True     # the LM head is the token embedding (one parameter)
+    causal: bool = True             # False: an encoder (BERT): every position attends to every
+                                    # position of its sequence, and there is no LM head
+    post_norm: bool = False         # norms after each residual add, none at the end (BERT);
+                                    # False: before each branch, and a final norm (GPT-2, Llama)
+    embed_norm: bool = False        # a norm over the summed embeddings (BERT)
+    type_vocab_size: int = 0        # token-type (segment) embeddings, added to every position; 0 = none
+    labels: list[str] | None = None  # an encoder's classifier head (a pooler on the first
+                                     # position, then one logit per label); None = no head:
+                                     # forward gives the last hidden states
     init_std: float = 0.02          # std of the normal init of weights for models built from scratch
     # Not architecture: carried from the loaded files to the saved ones, so that transformers
     # generates (and stops) as it did with the source. None = unknown.
@@ -73,6 +84,8 @@ class Config:
             self.attn_out_bias = self.attn_bias
         if isinstance(self.rope_scaling, dict):   # its own copy: a caller's dict may change
             self.rope_scaling = dict(self.rope_scaling)
+        if isinstance(self.labels, tuple):
+            self.labels = list(self.labels)
         b = self.no_rope_blocks
         if isinstance(b, (list, tuple)):   # a sorted copy of ints (numpy's too); none = None
             ints = all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in b)
@@ -95,7 +108,7 @@ class Config:
         if self.n_head % self.n_kv_head:
             raise ConfigError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
         choices = {"model_type": FAMILIES, "norm": ("layernorm", "rmsnorm"),
-                   "mlp": ("gelu", "swiglu"), "positions": ("learned", "rope")}
+                   "mlp": ("gelu", "gelu_erf", "swiglu"), "positions": ("learned", "rope")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"Config.{name}={getattr(self, name)!r}; expected one of {allowed}")
@@ -125,7 +138,9 @@ class Config:
         if self.positions == "rope" and not 1 <= self.rope_theta <= _F32_MAX:
             raise ConfigError(f"Config.rope_theta must be at least 1 and a float32 (models use "
                               f"1e4 to 1e6), got {self.rope_theta!r}")
-        for name in ("attn_bias", "attn_out_bias", "mlp_bias", "qk_norm", "tie_embeddings"):
+        self._validate_encoder()
+        for name in ("attn_bias", "attn_out_bias", "mlp_bias", "qk_norm", "tie_embeddings",
+                     "causal", "post_norm", "embed_norm"):
             # a truthy string such as "false" would silently mean True
             v = getattr(self, name)
             if not isinstance(v, bool):
@@ -141,6 +156,40 @@ class Config:
         if self.generation is not None and not isinstance(self.generation, dict):
             raise ConfigError(f"Config.generation must be a dict (generation_config.json) or None, "
                               f"got {type(self.generation).__name__}")
+
+    def _validate_encoder(self) -> None:
+        if not isinstance(self.type_vocab_size, int) or isinstance(self.type_vocab_size, bool) \
+                or self.type_vocab_size < 0:
+            raise ConfigError(f"Config.type_vocab_size must be an integer >= 0, got "
+                              f"{self.type_vocab_size!r}")
+        if self.labels is not None:
+            lb = self.labels
+            if (not isinstance(lb, list) or not lb or not all(isinstance(x, str) and x for x in lb)
+                    or len(set(lb)) != len(lb)):
+                raise ConfigError(f"Config.labels must be a non-empty list of distinct non-empty "
+                                  f"strings (the classes), got {reprlib.repr(lb)}")
+            if self.causal is not False:
+                raise ConfigError("Config.labels (a classifier head) needs an encoder "
+                                  "(causal=False)")
+        if self.causal is False and self.tie_embeddings is not False:
+            raise ConfigError("an encoder (causal=False) has no LM head to tie: set "
+                              "tie_embeddings=False")
+        if self.post_norm is True and self.qk_norm is True:
+            raise ConfigError("Config.qk_norm is not supported with post_norm")
+
+    @property
+    def encoder(self) -> bool:
+        """No LM head: bidirectional attention, and a classifier head or none."""
+        return self.causal is False
+
+    @classmethod
+    def bert(cls, **overrides) -> "Config":
+        """BERT: bidirectional attention, learned positions and token types, a LayerNorm over
+        the embeddings and after each residual add, the exact GELU."""
+        base = dict(FAMILY_FIELDS["bert"], model_type="bert", norm_eps=1e-12, vocab_size=30522,
+                    n_layer=12, n_head=12, d_model=768, d_ff=3072, max_seq_len=512,
+                    type_vocab_size=2)
+        return cls.from_dict({**base, **overrides})
 
     @classmethod
     def gpt2(cls, **overrides) -> "Config":
@@ -225,9 +274,12 @@ class Config:
         # before they existed still resume
         if d["attn_out_bias"] == d["attn_bias"]:
             d.pop("attn_out_bias")
-        for k in ("qk_norm", "rope_scaling", "no_rope_blocks", "sliding_window"):
+        for k in ("qk_norm", "rope_scaling", "no_rope_blocks", "sliding_window", "post_norm",
+                  "embed_norm", "type_vocab_size", "labels"):
             if not d[k]:
                 d.pop(k)
+        if d["causal"]:
+            d.pop("causal")
         return d
 
     @classmethod
@@ -243,23 +295,30 @@ class Config:
 
 # What makes a model each family (model_type), as Config fields: saving in a family's Hugging
 # Face or GGUF layout needs them. Fields a family leaves open (llama's biases) are not listed.
+_DECODER = dict(causal=True, post_norm=False, embed_norm=False, type_vocab_size=0, labels=None)
 FAMILY_FIELDS = {
     "gpt2": dict(norm="layernorm", mlp="gelu", positions="learned", attn_bias=True,
-                 attn_out_bias=True, mlp_bias=True, sliding_window=None),
+                 attn_out_bias=True, mlp_bias=True, sliding_window=None, **_DECODER),
     "llama": dict(norm="rmsnorm", mlp="swiglu", positions="rope", qk_norm=False,
-                  no_rope_blocks=None, sliding_window=None),
+                  no_rope_blocks=None, sliding_window=None, **_DECODER),
     "mistral": dict(norm="rmsnorm", mlp="swiglu", positions="rope", attn_bias=False,
-                    attn_out_bias=False, mlp_bias=False, qk_norm=False, no_rope_blocks=None),
+                    attn_out_bias=False, mlp_bias=False, qk_norm=False, no_rope_blocks=None,
+                    **_DECODER),
     "phi3": dict(norm="rmsnorm", mlp="swiglu", positions="rope", attn_bias=False,
                  attn_out_bias=False, mlp_bias=False, qk_norm=False, no_rope_blocks=None,
-                 rope_scaling=None),
+                 rope_scaling=None, **_DECODER),
     "qwen2": dict(norm="rmsnorm", mlp="swiglu", positions="rope", attn_bias=True,
                   attn_out_bias=False, mlp_bias=False, qk_norm=False, no_rope_blocks=None,
-                  sliding_window=None),
+                  sliding_window=None, **_DECODER),
     "qwen3": dict(norm="rmsnorm", mlp="swiglu", positions="rope", mlp_bias=False, qk_norm=True,
-                  no_rope_blocks=None, sliding_window=None),
+                  no_rope_blocks=None, sliding_window=None, **_DECODER),
     "smollm3": dict(norm="rmsnorm", mlp="swiglu", positions="rope", qk_norm=False,
-                    sliding_window=None),
+                    sliding_window=None, **_DECODER),
+    # (labels is free: a classifier head or none; mlp gelu_erf, or gelu (tanh))
+    "bert": dict(norm="layernorm", positions="learned", attn_bias=True,
+                 attn_out_bias=True, mlp_bias=True, qk_norm=False, no_rope_blocks=None,
+                 sliding_window=None, tie_embeddings=False, causal=False, post_norm=True,
+                 embed_norm=True),
 }
 FAMILIES = tuple(FAMILY_FIELDS)   # the Hugging Face families loaded and saved
 _NOT_ARCHITECTURE = ("bos_token_id", "eos_token_id", "pad_token_id", "generation")

@@ -55,9 +55,10 @@ class TokenData:
 
 
 # ---- reading and tokenizing ---------------------------------------------------------------
-def read_rows(path: str):
-    """(line number, row) of each JSONL row, checked, one at a time (a large file is never held
-    parsed whole); errors name the file and the line."""
+def read_rows(path: str, check: bool = True):
+    """(line number, row) of each JSONL row, checked as a prompt / completion or messages row
+    (unless check is False), one at a time (a large file is never held parsed whole); errors
+    name the file and the line."""
     first = True   # the first line that is not blank
     with open(path, "rb") as f:  # decoded line by line, so a bad byte is reported with its line
         for n, raw in enumerate(f, 1):
@@ -79,7 +80,7 @@ def read_rows(path: str):
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise InputError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
-            yield n, _check_row(row, f"{path}:{n}")
+            yield n, _check_row(row, f"{path}:{n}") if check else row
 
 
 def _check_row(row, where):

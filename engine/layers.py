@@ -11,7 +11,8 @@ from time import perf_counter
 
 import numpy as np
 
-from kernels.activation import gelu_backward, gelu_forward, swiglu_backward, swiglu_forward
+from kernels.activation import (gelu_backward, gelu_erf_backward, gelu_erf_forward, gelu_forward,
+                                swiglu_backward, swiglu_forward)
 from kernels.attention import attention_backward, attention_forward
 from kernels.bias import bias_add
 from kernels.matmul import gemm_nn, gemm_nt, gemm_tn
@@ -133,11 +134,14 @@ class Norm:
 
 
 class Block:
-    """Pre-norm transformer block: x1 = x + attn(ln1(x)); out = x1 + mlp(ln2(x1)). With qk_norm,
-    each head of q and of k is normalized (a weight of head_dim each) before the rotary
-    embedding."""
+    """A transformer block. Pre-norm (GPT-2, Llama): x1 = x + attn(ln1(x)); out = x1 +
+    mlp(ln2(x1)). Post-norm (BERT, cfg.post_norm): x1 = ln1(x + attn(x)); out = ln2(x1 +
+    mlp(x1)). With qk_norm, each head of q and of k is normalized (a weight of head_dim each)
+    before the rotary embedding. Attention is causal, or over the whole sequence in an encoder
+    (cfg.causal False), where `lengths` (B,) marks each sequence's padding (right) unseen."""
 
     q_norm = k_norm = None    # blocks pickled before qk_norm existed have none
+    causal, post_norm, act = True, False, None   # and before encoders (act None: from swiglu)
 
     def __init__(self, cfg: Config, index: int):
         p = f"blocks.{index}."
@@ -146,6 +150,8 @@ class Block:
         self.H, self.Hkv, self.D = H, Hkv, D
         self.rope = cfg.positions == "rope" and index not in (cfg.no_rope_blocks or ())
         self.swiglu = cfg.mlp == "swiglu"
+        self.act = cfg.mlp
+        self.causal, self.post_norm = cfg.causal, cfg.post_norm
         self.ln1 = Norm(cfg, p + "ln1")
         self.ln2 = Norm(cfg, p + "ln2")
         self.q = Linear(p + "attn.q", C, H * D, cfg.attn_bias)
@@ -168,7 +174,7 @@ class Block:
             s.update(m.shapes())
         return s
 
-    def forward(self, P, x, rope_cs, keep, cache=None, pos0=0, rows=None):
+    def forward(self, P, x, rope_cs, keep, cache=None, pos0=0, rows=None, lengths=None):
         """x: (B, T, C). Returns (out (B, T, C), saved or None). keep: the names of the values
         backward will read (backward_plan(...)["keep"]); None or empty: nothing is retained,
         and the frozen prefix runs through here. With a KV cache (k, v arrays of shape
@@ -177,11 +183,59 @@ class Block:
         rows (indices into the B * T positions): the output is wanted at these rows only, as
         (len(rows), C). Keys and values still come from every position; the attention output
         projection, the residuals and the MLP run on these rows alone (the top block, when only
-        some positions have a target)."""
+        some positions have a target).
+        lengths (B,) int64 or None: keys at positions >= lengths[b] are padding, never attended to."""
+        if self.post_norm:
+            return self._forward_post(P, x, rope_cs, keep, cache, pos0, rows, lengths)
         B, T, C = x.shape
         N = B * T
         x2 = x.reshape(N, C)
         h, st1 = self.ln1.forward(P, x2)                       # (N, C)
+        a, sa = self._attend(P, h, B, T, rope_cs, cache, pos0, lengths)
+        a2 = a.reshape(N, self.H * self.D)
+        if rows is not None:
+            a2, res = a2[rows], x2[rows]                       # (M, H*D), (M, C)
+        else:
+            res = x2
+        x1 = self.o.forward(P, a2)
+        x1 += res                                              # (N or M, C) residual
+        h2, st2 = self.ln2.forward(P, x1)
+        g, u, act = self._mlp(P, h2)
+        out = self.down.forward(P, act)
+        out += x1
+        saved = None
+        if keep:
+            saved = dict(n=N, x=x2, h=h, st1=st1, x1=x1, h2=h2, st2=st2, g=g, u=u, act=act,
+                         lengths=lengths, **sa)
+            if rows is not None:
+                saved.update(rows=rows, a_rows=a2)
+            saved = {n: s for n, s in saved.items() if n in keep}
+        return (out.reshape(B, T, C) if rows is None else out), saved
+
+    def _forward_post(self, P, x, rope_cs, keep, cache, pos0, rows, lengths):
+        """Post-norm forward. With rows, every position runs and the rows are taken at the end
+        (an encoder's classifier reads one position, but the block needs all of them)."""
+        B, T, C = x.shape
+        N = B * T
+        x2 = x.reshape(N, C)
+        a, sa = self._attend(P, x2, B, T, rope_cs, cache, pos0, lengths)
+        y1 = self.o.forward(P, a.reshape(N, self.H * self.D))
+        y1 += x2                                               # (N, C) residual, before ln1
+        h2, st1 = self.ln1.forward(P, y1)
+        g, u, act = self._mlp(P, h2)
+        y2 = self.down.forward(P, act)
+        y2 += h2                                               # (N, C) residual, before ln2
+        out, st2 = self.ln2.forward(P, y2)
+        saved = None
+        if keep:
+            saved = dict(n=N, h=x2, y1=y1, st1=st1, h2=h2, y2=y2, st2=st2, g=g, u=u, act=act,
+                         lengths=lengths, rows=rows, **sa)
+            saved = {n: s for n, s in saved.items() if n in keep}
+        return (out.reshape(B, T, C) if rows is None else out[rows]), saved
+
+    def _attend(self, P, h, B, T, rope_cs, cache, pos0, lengths):
+        """Attention over h (N, C): q, k, v, the per-head norms, the rotary embedding, the
+        KV cache. Returns its output (B, T, H, D) and the values backward may read."""
         q_pre, k_pre = self.q.forward(P, h), self.k.forward(P, h)    # (N, H*D), (N, Hkv*D)
         stq = stk = None
         if self.q_norm:    # one row per head: (N * H, D)
@@ -202,41 +256,29 @@ class Block:
             k, v = kc, vc
         a = np.empty((B, T, self.H, self.D), np.float32)
         lse = np.empty((B, self.H, T), np.float32)
-        attention_forward(q, k, v, a, lse, pos0)
-        a2 = a.reshape(N, self.H * self.D)
-        if rows is not None:
-            a2, res = a2[rows], x2[rows]                       # (M, H*D), (M, C)
-        else:
-            res = x2
-        x1 = self.o.forward(P, a2)
-        x1 += res                                              # (N or M, C) residual
-        h2, st2 = self.ln2.forward(P, x1)
+        attention_forward(q, k, v, a, lse, pos0, causal=self.causal, lengths=lengths)
+        return a, dict(q=q, k=k, v=v, a=a, lse=lse, q_pre=q_pre, k_pre=k_pre, stq=stq, stk=stk)
+
+    def _mlp(self, P, h2):
+        """(g, u, act) of the MLP's input h2 (M, C); g is None without a gate."""
+        g = self.gate.forward(P, h2) if self.swiglu else None   # (M, F)
+        u = self.up.forward(P, h2)
+        act = np.empty_like(u)
         if self.swiglu:
-            g = self.gate.forward(P, h2)                       # (N, F)
-            u = self.up.forward(P, h2)
-            act = np.empty_like(u)
             swiglu_forward(g, u, act)
+        elif self.act == "gelu_erf":
+            gelu_erf_forward(u, act)
         else:
-            g = None
-            u = self.up.forward(P, h2)
-            act = np.empty_like(u)
             gelu_forward(u, act)
-        out = self.down.forward(P, act)
-        out += x1
-        saved = None
-        if keep:
-            saved = dict(n=N, x=x2, h=h, st1=st1, q=q, k=k, v=v, a=a, lse=lse, x1=x1, h2=h2,
-                         st2=st2, g=g, u=u, act=act, q_pre=q_pre, k_pre=k_pre, stq=stq, stk=stk)
-            if rows is not None:
-                saved.update(rows=rows, a_rows=a2)
-            saved = {n: s for n, s in saved.items() if n in keep}
-        return (out.reshape(B, T, C) if rows is None else out), saved
+        return g, u, act
 
     def backward_plan(self, G, need_dx: bool, gathered: bool = False) -> dict:
         """Which parts of backward run, given the trainable set G: a part runs only when it leads
         to a trainable parameter or to the block's input (need_dx); and "keep", the values of the
         forward those parts read (gathered: the forward ran with rows=). The cost model reads it
         too."""
+        if self.post_norm:
+            return self._plan_post(G, need_dx, gathered)
         tr = lambda *ms: any(n in G for m in ms if m is not None for n in m.names())  # noqa: E731
         dw = lambda *ms: any(m is not None and m.w in G for m in ms)  # noqa: E731
         attn = need_dx or tr(self.ln1, self.q, self.q_norm, self.k, self.k_norm, self.v, self.o)
@@ -247,22 +289,54 @@ class Block:
         need_qkv = attn and (need_h or tr(self.q, self.q_norm, self.k, self.k_norm, self.v))
         # a weight's gradient reads its layer's input; an input gradient through a norm or an
         # activation reads what that op saw (a frozen weight in range keeps nothing for itself)
-        keep = {"n", "rows"}
+        keep = {"n", "rows", "lengths"}
         keep |= {"act"} if mlp and dw(self.down) else set()
         keep |= ({"g", "u"} if self.swiglu else {"u"}) if need_act else set()
         keep |= {"h2"} if need_act and dw(self.gate, self.up) else set()
         keep |= {"x1", "st2"} if need_h2 else set()
         keep |= {("a_rows" if gathered else "a")} if attn and dw(self.o) else set()
-        keep |= {"q", "k", "v", "a", "lse"} if need_qkv else set()
-        # a q / k norm's backward reads its input (the projection's output), needed when that
-        # side leads to a trainable parameter or to the block's input
-        if need_qkv and self.q_norm:
-            keep |= {"q_pre", "stq"} if need_h or tr(self.q, self.q_norm) else set()
-            keep |= {"k_pre", "stk"} if need_h or tr(self.k, self.k_norm) else set()
-        keep |= {"h"} if need_qkv and dw(self.q, self.k, self.v) else set()
+        keep |= self._attention_keep(G, need_qkv, need_h)
         keep |= {"x", "st1"} if need_h else set()
         return dict(mlp=mlp, attn=attn, need_h2=need_h2, need_act=need_act, need_h=need_h,
                     need_qkv=need_qkv, keep=keep)
+
+    def _attention_keep(self, G, need_qkv: bool, need_h: bool) -> set:
+        """What the attention's backward reads: q, k, v and its output and statistics; the q /
+        k norms' inputs on a side that leads to a trainable parameter or to h; h itself for a
+        trainable q, k or v weight."""
+        if not need_qkv:
+            return set()
+        tr = lambda *ms: any(n in G for m in ms if m is not None for n in m.names())  # noqa: E731
+        keep = {"q", "k", "v", "a", "lse"}
+        if self.q_norm:
+            keep |= {"q_pre", "stq"} if need_h or tr(self.q, self.q_norm) else set()
+            keep |= {"k_pre", "stk"} if need_h or tr(self.k, self.k_norm) else set()
+        keep |= {"h"} if any(m.w in G for m in (self.q, self.k, self.v)) else set()
+        return keep
+
+    def _plan_post(self, G, need_dx: bool, gathered: bool) -> dict:
+        """backward_plan of a post-norm block. Backward meets ln2, the MLP, ln1, then attention;
+        each runs when it or anything after it leads to a trainable parameter or the input."""
+        tr = lambda *ms: any(n in G for m in ms if m is not None for n in m.names())  # noqa: E731
+        dw = lambda *ms: any(m is not None and m.w in G for m in ms)  # noqa: E731
+        attn = need_dx or tr(self.q, self.k, self.v, self.o)    # gradient at the attention output
+        ln1 = attn or tr(self.ln1)                              # ... at y1, ln1's input
+        mlp = ln1 or tr(self.gate, self.up, self.down)          # ... at y2's MLP branch
+        ln2 = mlp or tr(self.ln2)
+        need_act = mlp and (ln1 or tr(self.gate, self.up))      # through the activation
+        need_qkv = attn and (need_dx or tr(self.q, self.k, self.v))
+        keep = {"n", "rows", "lengths"}
+        keep |= {"y2", "st2"} if ln2 else set()
+        keep |= {"act"} if mlp and dw(self.down) else set()
+        keep |= ({"g", "u"} if self.swiglu else {"u"}) if need_act else set()
+        keep |= {"h2"} if need_act and dw(self.gate, self.up) else set()
+        keep |= {"y1", "st1"} if ln1 else set()
+        keep |= {"a"} if attn and dw(self.o) else set()
+        keep |= self._attention_keep(G, need_qkv, need_dx)
+        # (need_h2 and need_h as the pre-norm plan names them, for the cost model: the MLP
+        # input's gradient, and the block input's through q, k and v)
+        return dict(post=True, ln2=ln2, mlp=mlp, need_act=need_act, ln1=ln1, attn=attn,
+                    need_qkv=need_qkv, need_h2=ln1, need_h=need_dx, keep=keep)
 
     def backward(self, P, G, dout, s, rope_cs, need_dx):
         """dout: (N, C) gradient of the block output ((M, C) after forward(rows=)); consumed
@@ -270,21 +344,14 @@ class Block:
         Returns the gradient w.r.t. the block input when need_dx, else None. Runs only the parts
         of the block that lead to a trainable parameter or to the input (backward_plan)."""
         plan = self.backward_plan(G, need_dx)
+        if self.post_norm:
+            return self._backward_post(P, G, dout, s, rope_cs, need_dx, plan)
         attn_branch = plan["attn"]
         if plan["mlp"]:
             need_h2, need_act = plan["need_h2"], plan["need_act"]
             dact = self.down.backward(P, G, dout, s.get("act"), need_act)
             if need_act:
-                if self.swiglu:
-                    dg = np.empty_like(dact)
-                    du = np.empty_like(dact)
-                    swiglu_backward(dact, s["g"], s["u"], dg, du)
-                    dh2 = self.gate.backward(P, G, dg, s.get("h2"), need_h2)
-                    dh2 = self.up.backward(P, G, du, s.get("h2"), need_h2, dh2)
-                else:
-                    du = np.empty_like(dact)
-                    gelu_backward(dact, s["u"], du)
-                    dh2 = self.up.backward(P, G, du, s.get("h2"), need_h2)
+                dh2 = self._mlp_backward(P, G, dact, s, need_h2)
                 if need_h2:
                     # dout becomes d(x1): the residual path plus the norm's input gradient
                     dx1 = dout if attn_branch else np.zeros_like(dout)
@@ -303,18 +370,7 @@ class Block:
             da[rows] = da_rows
         dx = None
         if need_qkv:
-            q, k, v = s["q"], s["k"], s["v"]
-            dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
-            attention_backward(da.reshape(q.shape), q, k, v, s["a"], s["lse"], dq, dk, dv)
-            if self.rope:
-                rope_backward(dq, *rope_cs)
-                rope_backward(dk, *rope_cs)
-            if self.q_norm:      # back through the per-head norms, to the projections' outputs
-                dq, dk = self._qk_norm_backward(P, G, dq, dk, s)
-            h = s.get("h")
-            dh = self.q.backward(P, G, dq.reshape(N, -1), h, need_h)
-            dh = self.k.backward(P, G, dk.reshape(N, -1), h, need_h, dh)
-            dh = self.v.backward(P, G, dv.reshape(N, -1), h, need_h, dh)
+            dh = self._attend_backward(P, G, da, s, rope_cs, need_h)
             if need_h:
                 if rows is not None:
                     dx = np.zeros_like(s["x"])
@@ -324,6 +380,69 @@ class Block:
                     dx = dx1 if need_dx else np.zeros_like(dx1)
                 self.ln1.backward(P, G, dh, s["x"], s["st1"], dx)
         return dx if need_dx else None
+
+    def _backward_post(self, P, G, dout, s, rope_cs, need_dx, plan):
+        rows = s.get("rows")
+        if rows is not None:                                  # back to every position
+            dout_rows, dout = dout, np.zeros((s["n"], dout.shape[1]), np.float32)
+            dout[rows] = dout_rows
+        if not plan["ln2"]:
+            return None
+        dy2 = np.zeros_like(dout)                             # (N, C) at ln2's input
+        self.ln2.backward(P, G, dout, s["y2"], s["st2"], dy2)
+        if not plan["mlp"]:
+            return None
+        dact = self.down.backward(P, G, dy2, s.get("act"), plan["need_act"])
+        dh2 = self._mlp_backward(P, G, dact, s, plan["ln1"]) if plan["need_act"] else None
+        if not plan["ln1"]:
+            return None
+        dy2 += dh2                                            # d(h2): the residual and the MLP
+        dy1 = np.zeros_like(dy2)                              # (N, C) at ln1's input
+        self.ln1.backward(P, G, dy2, s["y1"], s["st1"], dy1)
+        if not plan["attn"]:
+            return None
+        a = s.get("a")                                        # read only when o trains
+        da = self.o.backward(P, G, dy1, None if a is None else a.reshape(-1, self.H * self.D),
+                             plan["need_qkv"])
+        if plan["need_qkv"]:
+            dh = self._attend_backward(P, G, da, s, rope_cs, need_dx)
+            if need_dx:
+                dy1 += dh                                     # the residual path
+        return dy1 if need_dx else None
+
+    def _mlp_backward(self, P, G, dact, s, need_in):
+        """From the activation's output gradient to the MLP input's (M, C) (None unless
+        need_in), accumulating the gate and up weights' gradients."""
+        if self.swiglu:
+            dg = np.empty_like(dact)
+            du = np.empty_like(dact)
+            swiglu_backward(dact, s["g"], s["u"], dg, du)
+            dh2 = self.gate.backward(P, G, dg, s.get("h2"), need_in)
+            return self.up.backward(P, G, du, s.get("h2"), need_in, dh2)
+        du = np.empty_like(dact)
+        if self.act == "gelu_erf":
+            gelu_erf_backward(dact, s["u"], du)
+        else:
+            gelu_backward(dact, s["u"], du)
+        return self.up.backward(P, G, du, s.get("h2"), need_in)
+
+    def _attend_backward(self, P, G, da, s, rope_cs, need_h):
+        """From the attention output's gradient da (N, H*D) to its input h's (N, C) (None
+        unless need_h), accumulating the q, k, v (and q / k norm) gradients."""
+        N = s["n"]
+        q, k, v = s["q"], s["k"], s["v"]
+        dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
+        attention_backward(da.reshape(q.shape), q, k, v, s["a"], s["lse"], dq, dk, dv,
+                           causal=self.causal, lengths=s.get("lengths"))
+        if self.rope:
+            rope_backward(dq, *rope_cs)
+            rope_backward(dk, *rope_cs)
+        if self.q_norm:      # back through the per-head norms, to the projections' outputs
+            dq, dk = self._qk_norm_backward(P, G, dq, dk, s)
+        h = s.get("h")
+        dh = self.q.backward(P, G, dq.reshape(N, -1), h, need_h)
+        dh = self.k.backward(P, G, dk.reshape(N, -1), h, need_h, dh)
+        return self.v.backward(P, G, dv.reshape(N, -1), h, need_h, dh)
 
     def _qk_norm_backward(self, P, G, dq, dk, s):
         """Back through the q and k norms, on the sides whose inputs were kept (backward_plan);

@@ -1,10 +1,13 @@
 """Model: embeddings -> blocks -> final norm -> LM head, with freezing and truncated backward.
+An encoder (BERT; config.causal False): embeddings -> blocks -> a classifier head over the first
+position (pooler + classifier), or no head (forward gives the hidden states).
 
 Freezing is structural: only trainable parameters own a gradient buffer; blocks below the lowest
 trainable one run forward without keeping activations, and backward stops at that block.
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import functools
 import math
@@ -23,7 +26,7 @@ from . import layers
 from .config import Config
 from .errors import CheckpointError, ConfigError, InputError, is_int, is_number
 from .heap import keep_freed_memory
-from .layers import Block, Norm, rope_frequencies
+from .layers import Block, Linear, Norm, rope_frequencies
 
 _LOGIT_CHUNK = 1 << 25   # floats of logits alive at once in the fused head + loss (128 MiB):
                          # fewer, taller GEMMs (measured 80 -> 135 GFLOP/s from 166 to 667 rows)
@@ -35,6 +38,9 @@ def head_chunk_rows(N: int, V: int, need_dw: bool) -> int:
     if need_dw:
         R = N if N * V <= 4 * _LOGIT_CHUNK else R   # fewer passes over the (V, C) gradient
     return -(-N // -(-N // R))   # equal chunks: 512 + 512 rows, not 682 + 342 (a short GEMM is slow)
+
+
+_EMBEDDINGS = ("wte.", "wpe.", "wtt.", "ln_e.")   # parameters of the embedding stage
 
 
 def block_of(name: str) -> int | None:
@@ -68,8 +74,14 @@ class Model:
         self.config = config
         c = config
         self.blocks = [Block(c, i) for i in range(c.n_layer)]
-        self.ln_f = Norm(c, "ln_f")
-        self.head = "wte.weight" if c.tie_embeddings else "lm_head.weight"
+        self.ln_f = None if c.post_norm else Norm(c, "ln_f")
+        self.ln_e = Norm(c, "ln_e") if c.embed_norm else None
+        # the LM head's weight; an encoder has none (a classifier head, or no head at all)
+        self.head = None if c.encoder else "wte.weight" if c.tie_embeddings else "lm_head.weight"
+        self.pooler = self.classifier = None
+        if c.labels is not None:
+            self.pooler = Linear("pooler", c.d_model, c.d_model, True)
+            self.classifier = Linear("classifier", c.d_model, len(c.labels), True)
         self.shapes = self._shapes()
         self.params = self._init(seed) if params is None else self._checked(params)
         self.grads: dict[str, np.ndarray] = {}
@@ -87,12 +99,20 @@ class Model:
         s = {"wte.weight": (c.vocab_size, c.d_model)}
         if c.positions == "learned":
             s["wpe.weight"] = (c.max_seq_len, c.d_model)
-        for b in self.blocks:
-            s.update(b.shapes())
-        s.update(self.ln_f.shapes())
-        if not c.tie_embeddings:
+        if c.type_vocab_size:
+            s["wtt.weight"] = (c.type_vocab_size, c.d_model)
+        for m in (self.ln_e, *self.blocks, self.ln_f, self.pooler, self.classifier):
+            if m is not None:
+                s.update(m.shapes())
+        if not c.encoder and not c.tie_embeddings:
             s["lm_head.weight"] = (c.vocab_size, c.d_model)
         return s
+
+    def top_params(self) -> list[str]:
+        """The parameters after the last block: the final norm (an encoder's pooler and
+        classifier instead), not the LM head."""
+        return [n for m in (self.ln_f, self.pooler, self.classifier) if m is not None
+                for n in m.names()]
 
     def _init(self, seed):
         """GPT-2 style: N(0, init_std) weights, residual projections scaled by 1/sqrt(2 L)."""
@@ -177,13 +197,15 @@ class Model:
         return self
 
     def train_last(self, k: int):
-        """Exactly the last k blocks and the final norm trainable, everything else frozen. What
+        """Exactly the last k blocks and the final norm (an encoder's classifier head) trainable,
+        everything else frozen. What
         stays trainable keeps its gradient and optimizer state (growing k mid-run, ULMFiT by
         hand, does not restart the Adam moments of the blocks already training)."""
         L = self.config.n_layer
         if not is_int(k) or not 0 <= k <= L:
             raise InputError(f"train_last(k): k must be an integer in 0..{L}, got {k!r}")
-        return self.set_trainable(self._match(["ln_f.*", *[f"blocks.{i}.*" for i in range(L - k, L)]]))
+        tail = [n for n in self.params if (block_of(n) if n.startswith("blocks.") else -1) >= L - k]
+        return self.set_trainable(self.top_params() + tail)
 
     def set_trainable(self, names):
         """Exactly the parameters `names` trainable, all others frozen. Those that stay
@@ -240,7 +262,7 @@ class Model:
             b = block_of(n)
             if b is not None:
                 low = min(low, b)
-            elif n in ("wte.weight", "wpe.weight"):
+            elif n.startswith(_EMBEDDINGS):
                 return -1
         return low
 
@@ -291,6 +313,11 @@ class Model:
         return np.ascontiguousarray(cos[pos0:end]), np.ascontiguousarray(sin[pos0:end])
 
     def embed(self, tokens, pos0=0):
+        return self._embed(tokens, pos0)[0]
+
+    def _embed(self, tokens, pos0=0, keep=False):
+        """(B, T, C) input of block 0, and (kept for backward through the embedding norm) its
+        input and statistics, or None."""
         B, T = tokens.shape
         P = self.params
         x = np.empty((B, T, self.config.d_model), np.float32)
@@ -298,39 +325,65 @@ class Model:
         if wpe is None:
             wpe = np.zeros((0, self.config.d_model), np.float32)
         embedding_forward(tokens, P["wte.weight"], wpe, pos0, x)
-        return x
+        if "wtt.weight" in P:    # every token of type 0: single sequences (no pairs yet)
+            x += P["wtt.weight"][0]
+        if self.ln_e is None:
+            return x, None
+        y, st = self.ln_e.forward(P, x.reshape(-1, x.shape[-1]))
+        return y.reshape(x.shape), ((x, st) if keep else None)
+
+    def _lengths(self, lengths, B: int, T: int):
+        """Each sequence's unpadded length as a contiguous int64 (B,), or None (all T)."""
+        if lengths is None:
+            return None
+        a = np.asarray(lengths)
+        if a.dtype.kind not in "iu" or a.shape != (B,):
+            raise InputError(f"lengths must be {B} integers (one per sequence), got "
+                             f"{a.dtype} of shape {a.shape}")
+        if a.min() < 1 or a.max() > T:
+            raise InputError(f"lengths must be in 1..{T} (the padded length), got {a.min()} .. "
+                             f"{a.max()}")
+        return np.ascontiguousarray(a, dtype=np.int64)
+
+    def _labels(self, targets, B: int):
+        """An encoder's targets: (B,) class indices (or -100: ignored) as int64."""
+        K = len(self.config.labels)
+        t = np.asarray(targets)
+        if t.dtype.kind not in "iu" or t.shape != (B,):
+            raise InputError(f"an encoder's targets are {B} class indices (one per sequence, "
+                             f"0..{K - 1}), got {t.dtype} of shape {t.shape}")
+        bad = (t < 0) | (t >= K)
+        if t.dtype.kind == "i":
+            bad &= t != IGNORE
+        if bad.any():
+            raise InputError(f"targets hold class {t[bad][0]}, outside 0..{K - 1} (the labels "
+                             f"{self.config.labels[:5]}{'...' if K > 5 else ''}) or -100")
+        return np.ascontiguousarray(t, dtype=np.int64)
 
     @_blas_one_thread
-    def forward(self, tokens, targets=None, *, grad=True, hidden=None, start=0):
+    def forward(self, tokens, targets=None, *, grad=True, hidden=None, start=0, lengths=None):
         """tokens (B, T) -> logits (B, T, V); with targets (B, T) -> mean loss over positions
         whose target is not -100. With targets and grad=True, keeps what backward() needs for
         the trainable part only (grad=False: evaluation, keeps nothing).
         hidden (B, T, d_model), the input of block `start` (from prefix(), or a cache of it),
-        replaces the embeddings and blocks below `start`; none of those may be trainable."""
+        replaces the embeddings and blocks below `start`; none of those may be trainable.
+        An encoder: tokens (B, T) -> class logits (B, len(labels)), or the last hidden states
+        (B, T, d_model) without a classifier head; targets are (B,) class indices; lengths (B,)
+        the unpadded length of each sequence (padding on the right is never attended to)."""
         tokens = self._tokens(tokens)
         self._tape = None
         B, T = tokens.shape
+        lengths = self._lengths(lengths, B, T)
+        if self.config.encoder:
+            return self._forward_encoder(tokens, targets, grad, hidden, start, lengths)
         if targets is not None:
             targets = self._tokens(targets, "targets", allow_ignore=True)
             if targets.shape != tokens.shape:
                 raise InputError(f"targets shape {targets.shape} differs from tokens shape {tokens.shape}")
         keep = targets is not None and grad and bool(self.grads)
-        if keep:
-            keep_freed_memory()   # once per process (see heap.py)
-        low = self.lowest_trainable_block() if keep else self.config.n_layer
+        low, x, emb, start = self._start(tokens, keep, hidden, start)
         rope = self._rope_tables(T)
         prof = layers.PROFILE
-        if hidden is None:
-            t0 = perf_counter() if prof else 0.0
-            x = self.embed(tokens)
-            start = 0
-            if prof:
-                prof.add("embeddings", "forward", perf_counter() - t0)
-        else:
-            x = self._hidden(hidden, B, T, start)
-            if keep and low < start:
-                raise InputError(f"block {max(low, 0)} (or an embedding) is trainable, below the "
-                                 f"given hidden state of block {start}")
         # Positions without a target (-100: padding, a masked prompt) need no output from the
         # top block: it runs its projection, residuals and MLP on the target rows alone, and
         # the final norm and the head see only those
@@ -340,17 +393,7 @@ class Model:
             n_targets = int(valid.sum())
             if 0 < n_targets < valid.size:
                 rows = np.flatnonzero(valid)
-        saved = {}
-        for b in self.blocks[start:]:
-            t0 = perf_counter() if prof else 0.0
-            top = rows if b.index == self.config.n_layer - 1 else None
-            kept = (b.backward_plan(self.grads, b.index > low, top is not None)["keep"]
-                    if keep and b.index >= low else None)
-            x, s = b.forward(self.params, x, rope, kept, rows=top)
-            if prof:
-                prof.add(f"blocks.{b.index}", "forward", perf_counter() - t0)
-            if s is not None:
-                saved[b.index] = s
+        x, saved = self._run_blocks(x, start, low, keep, rope, rows, lengths)
         t0 = perf_counter() if prof else 0.0
         C = self.config.d_model
         x2 = x.reshape(-1, C)                       # (B * T, C), or the target rows alone
@@ -369,15 +412,95 @@ class Model:
             prof.add("head", "forward+input-grad", perf_counter() - t0)
         if keep:
             self._tape = dict(tokens=tokens, saved=saved, low=low, x=x2, st=st, dh=dh, dw=dw, rope=rope,
-                              weights=self._weights_now(), empty=n_targets == 0)
+                              emb=emb, weights=self._weights_now(), empty=n_targets == 0)
         return loss
 
+    def _start(self, tokens, keep, hidden, start):
+        """(lowest block backward reaches, block `start`'s input, what the embedding norm keeps,
+        start): the embeddings, or the given hidden state of block `start`."""
+        if keep:
+            keep_freed_memory()   # once per process (see heap.py)
+        low = self.lowest_trainable_block() if keep else self.config.n_layer
+        if hidden is None:
+            prof = layers.PROFILE
+            t0 = perf_counter() if prof else 0.0
+            x, emb = self._embed(tokens, keep=keep and low == -1)
+            if prof:
+                prof.add("embeddings", "forward", perf_counter() - t0)
+            return low, x, emb, 0
+        x = self._hidden(hidden, *tokens.shape, start)
+        if keep and low < start:
+            raise InputError(f"block {max(low, 0)} (or an embedding) is trainable, below the "
+                             f"given hidden state of block {start}")
+        return low, x, None, start
+
+    def _run_blocks(self, x, start, low, keep, rope, rows, lengths):
+        """Blocks start.. forward; those backward will reach keep what it reads. rows: the top
+        block's output is wanted at these rows only. Returns (output, {block: saved})."""
+        prof = layers.PROFILE
+        saved = {}
+        for b in self.blocks[start:]:
+            t0 = perf_counter() if prof else 0.0
+            top = rows if b.index == self.config.n_layer - 1 else None
+            kept = (b.backward_plan(self.grads, b.index > low, top is not None)["keep"]
+                    if keep and b.index >= low else None)
+            x, s = b.forward(self.params, x, rope, kept, rows=top, lengths=lengths)
+            if prof:
+                prof.add(f"blocks.{b.index}", "forward", perf_counter() - t0)
+            if s is not None:
+                saved[b.index] = s
+        return x, saved
+
+    def _forward_encoder(self, tokens, targets, grad, hidden, start, lengths):
+        """An encoder's forward: the hidden states, or the classifier head's logits over the
+        first position (BERT's pooler: tanh of a linear map, then one logit per label), or with
+        targets the mean cross-entropy."""
+        c = self.config
+        B, T = tokens.shape
+        if targets is not None:
+            if c.labels is None:
+                raise InputError("this encoder has no classifier head (forward gives its hidden "
+                                 "states); add one with model.with_classifier(labels)")
+            targets = self._labels(targets, B)
+        keep = targets is not None and grad and bool(self.grads)
+        low, x, emb, start = self._start(tokens, keep, hidden, start)
+        rope = self._rope_tables(T)
+        first = np.arange(B) * T if c.labels is not None else None   # the first position's rows
+        x, saved = self._run_blocks(x, start, low, keep, rope, first, lengths)
+        if c.labels is None:
+            return x                                  # (B, T, C)
+        prof = layers.PROFILE
+        t0 = perf_counter() if prof else 0.0
+        P = self.params
+        cls = np.ascontiguousarray(x[:, 0] if x.ndim == 3 else x)   # (B, C)
+        pooled = np.tanh(self.pooler.forward(P, cls))
+        logits = self.classifier.forward(P, pooled)   # (B, K)
+        if targets is None:
+            return logits
+        n = int((targets != IGNORE).sum())
+        if n == 0:   # nothing to average, as torch: NaN, and a backward that adds nothing
+            if keep:
+                self._tape = dict(empty=True, weights=self._weights_now())
+            return float("nan")
+        losses, lse = np.empty(B, np.float32), np.empty(B, np.float32)
+        if keep:   # the logits become their gradient, in place
+            crossentropy_forward_backward(logits, targets, losses, lse, 1.0 / n)
+            self._tape = dict(encoder=True, tokens=tokens, saved=saved, low=low, cls=cls,
+                              pooled=pooled, dlogits=logits, emb=emb, rope=rope,
+                              weights=self._weights_now(), empty=False)
+        else:
+            crossentropy_forward(logits, targets, losses, lse)
+        if prof:
+            prof.add("head", "forward", perf_counter() - t0)
+        return float(losses.sum(dtype=np.float64) / n)
+
     @_blas_one_thread
-    def prefix(self, tokens, upto: int, hidden=None, start: int = 0):
+    def prefix(self, tokens, upto: int, hidden=None, start: int = 0, lengths=None):
         """The input of block `upto` (B, T, d_model): embeddings and blocks below it, run
         forward without keeping anything. forward(..., hidden=, start=upto) continues from it.
         With hidden (the input of block `start`), only blocks start .. upto - 1 run."""
         tokens = self._tokens(tokens)
+        lengths = self._lengths(lengths, *tokens.shape)
         if not is_int(upto) or not 0 <= upto <= self.config.n_layer:
             raise InputError(f"prefix upto={upto!r} must be an integer in 0..{self.config.n_layer} "
                              "(the model's blocks run below it)")
@@ -389,7 +512,7 @@ class Model:
                 raise InputError(f"prefix start={start!r} must be an integer in 0..upto={upto}")
             x = self._hidden(hidden, *tokens.shape, start)
         for b in self.blocks[start:upto]:
-            x, _ = b.forward(self.params, x, rope, False)
+            x, _ = b.forward(self.params, x, rope, False, lengths=lengths)
         return x
 
     def _hidden(self, hidden, B, T, start):
@@ -405,6 +528,9 @@ class Model:
     def new_cache(self, batch: int, length: int) -> list:
         """Per block (k, v) arrays of shape (batch, length, n_kv_head, head_dim)."""
         c = self.config
+        if c.encoder:
+            raise InputError("an encoder (bidirectional attention) does not generate text: it "
+                             "has no KV cache")
         for what, v in (("batch", batch), ("length", length)):
             if not is_int(v) or v < 1:
                 raise InputError(f"new_cache {what} must be a positive integer, got {v!r}")
@@ -421,6 +547,8 @@ class Model:
         positions are never run again."""
         tokens = self._tokens(tokens)
         B, T = tokens.shape
+        if self.config.encoder:
+            raise InputError("an encoder (bidirectional attention) does not generate text")
         Bc, Lc = self._cache_shape(cache)
         if not is_int(pos0) or pos0 < 0:
             raise InputError(f"forward_cached pos0 must be an integer >= 0, got {pos0!r}")
@@ -518,8 +646,11 @@ class Model:
             self.last_backward_blocks = []
             return
         self._no_grad_yet.clear()
-        P, G = self.params, self.grads
         self.last_backward_blocks = []
+        if tape.get("encoder"):
+            self._backward_blocks(tape, self._classifier_backward(tape, scale))
+            return
+        P, G = self.params, self.grads
         prof = layers.PROFILE
         t0 = perf_counter() if prof else 0.0
         dh, dw = tape["dh"], tape["dw"]
@@ -535,8 +666,35 @@ class Model:
             self.ln_f.backward(P, G, dh, tape["x"], tape["st"], dx)
         if prof:   # the head's share of backward: its dW added in, the final norm's backward
             prof.add("head", "backward", perf_counter() - t0)
+        self._backward_blocks(tape, dx)
+
+    def _classifier_backward(self, tape, scale):
+        """Through an encoder's classifier head: its gradients, and the gradient of the top
+        block's output at the first positions (B, C), or None when nothing below trains."""
+        P, G = self.params, self.grads
+        prof = layers.PROFILE
+        t0 = perf_counter() if prof else 0.0
+        dlog, pooled = tape["dlogits"], tape["pooled"]
+        if scale != 1.0:
+            dlog *= np.float32(scale)
+        below = tape["low"] < self.config.n_layer
+        dpooled = self.classifier.backward(P, G, dlog, pooled,
+                                           below or any(n in G for n in self.pooler.names()))
+        dcls = None
+        if dpooled is not None:
+            dpooled *= 1 - pooled * pooled                  # through tanh
+            dcls = self.pooler.backward(P, G, dpooled, tape["cls"], below)
+        if prof:
+            prof.add("head", "backward", perf_counter() - t0)
+        return dcls
+
+    def _backward_blocks(self, tape, dx):
+        """From the top block's output gradient dx down to the lowest trainable block, then
+        through the embeddings when one of them trains."""
         if dx is None:
             return
+        P, G = self.params, self.grads
+        prof = layers.PROFILE
         low = tape["low"]
         for b in reversed(self.blocks):
             if b.index < low or dx is None:
@@ -549,6 +707,13 @@ class Model:
         if low == -1 and dx is not None:
             t0 = perf_counter() if prof else 0.0
             tokens = tape["tokens"]
+            if self.ln_e is not None:
+                x, st = tape["emb"]
+                dx_e = np.zeros_like(dx)
+                self.ln_e.backward(P, G, dx, x.reshape(dx.shape), st, dx_e)
+                dx = dx_e
+            if "wtt.weight" in G:   # every token is of type 0
+                G["wtt.weight"][0] += dx.sum(axis=0)
             embedding_backward(dx.reshape(*tokens.shape, -1), tokens, G.get("wte.weight"),
                                G.get("wpe.weight"))
             if prof:
@@ -576,6 +741,29 @@ class Model:
             elif isinstance(o, (tuple, list)):
                 stack += list(o)
         return total
+
+    def with_classifier(self, labels, seed: int = 0) -> "Model":
+        """This encoder with a new classifier head over `labels` (the class names, in the
+        order of the logits): a pooler (kept if this model has one) and a classifier drawn from
+        `seed`. The new model shares this one's other weight arrays, and everything is
+        trainable, as in a new model."""
+        c = self.config
+        if not c.encoder:
+            raise InputError("with_classifier needs an encoder (a BERT model); a causal LM has "
+                             "its LM head")
+        cfg = dataclasses.replace(c, labels=list(labels) if labels is not None else None)
+        params = {n: a for n, a in self.params.items() if not n.startswith("classifier.")}
+        if cfg.labels is None:
+            params = {n: a for n, a in params.items() if not n.startswith("pooler.")}
+        else:   # as transformers initializes them: N(0, init_std) weights, zero biases
+            rng = np.random.default_rng(seed)
+            C, K = c.d_model, len(cfg.labels)
+            for name, rows in (("pooler", C), ("classifier", K)):
+                if name + ".weight" not in params:
+                    params[name + ".weight"] = (rng.standard_normal((rows, C), dtype=np.float32)
+                                                * np.float32(c.init_std))
+                    params[name + ".bias"] = np.zeros(rows, np.float32)
+        return Model(cfg, params)
 
     # ---- saving -----------------------------------------------------------------------------
     def save(self, path: str, dtype: str = "F32", tokenizer=None):

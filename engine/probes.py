@@ -3,7 +3,8 @@
 FLOP model (multiply-add = 2 FLOPs; N = B * T tokens):
   linear forward 2 N in out; its input gradient the same; its weight gradient the same
   causal attention forward 2 * (2 B H T^2 D / 2) (scores and weighted sum over the lower
-  triangle); backward 2.5x that (scores recomputed, then four products)
+  triangle; an encoder's over the whole square, twice that); backward 2.5x that (scores
+  recomputed, then four products)
 A block below the lowest trainable one runs forward only; inside the range, backward runs only
 the parts that lead to a trainable parameter or to the block's input (the lowest trainable block
 needs no gradient at its own input); frozen weights cost no weight gradient.
@@ -90,6 +91,7 @@ def _kept_bytes(c, B: int, T: int, M: int, keep: set) -> int:
     elements = dict(x=N * C, h=N * C, st1=N * per_row, q=N * Hd, k=N * Kd, v=N * Kd, a=N * Hd,
                     lse=B * c.n_head * T, x1=M * C, h2=M * C, st2=M * per_row, g=M * F, u=M * F,
                     act=M * F, a_rows=M * Hd if M < N else 0, rows=2 * M if M < N else 0,
+                    y1=N * C, y2=N * C,                       # a post-norm block's norm inputs
                     q_pre=N * Hd, k_pre=N * Kd, stq=N * c.n_head, stk=N * c.n_kv_head)
     return 4 * sum(elements.get(n, 0) for n in keep)
 
@@ -109,8 +111,10 @@ def block_costs(model, B: int, T: int, everything: bool = False,
     G = set(model.params) if everything else set(model.grads)
     low = -1 if everything else model.lowest_trainable_block()
     attn_fwd = 2 * B * c.n_head * T * T * c.head_dim  # two causal products
+    if c.encoder:                                     # ... over the whole square
+        attn_fwd *= 2
     C = c.d_model
-    emb = [n for n in ("wte.weight", "wpe.weight") if n in model.params]
+    emb = [n for n in model.params if n.startswith(("wte.", "wpe.", "wtt.", "ln_e."))]
     own = [n for n in emb if n != model.head]        # a tied wte is counted in the head row
     rows = [{"layer": "embeddings", "params": sum(model.params[n].size for n in emb),
              "trainable": any(n in G for n in emb),
@@ -138,6 +142,9 @@ def block_costs(model, B: int, T: int, everything: bool = False,
                      "dx_flops": dx, "dw_flops": dw, "kept_bytes": kept,
                      "fwd_bytes": ew_f, "bwd_bytes": ew_b, "attn_fwd_flops": attn_fwd,
                      "attn_bwd_flops": 2.5 * attn_fwd if plan and plan["need_qkv"] else 0})
+    if c.encoder:
+        rows.append(_classifier_costs(model, B, G, low))
+        return rows
     head = 2 * M * c.d_model * c.vocab_size
     Nh = M if top_rows else N                      # rows reaching the final norm
     need_dh = low < c.n_layer or any(n in G for n in model.ln_f.names())
@@ -163,6 +170,24 @@ def block_costs(model, B: int, T: int, everything: bool = False,
                  "bwd_bytes": (12 * VC if need_dw else 0) + (4 * Nh * 5 * c.d_model if need_dh else 0),
                  "attn_fwd_flops": 0, "attn_bwd_flops": 0})
     return rows
+
+
+def _classifier_costs(model, B: int, G, low: int) -> dict:
+    """An encoder's head row: the pooler and the classifier, on the first position of each of
+    the B sequences (a model without a head is costed as a classifier of its labels or 2)."""
+    c = model.config
+    C, K = c.d_model, len(c.labels or "ab")
+    names = [n for n in model.params if n.startswith(("pooler.", "classifier."))]
+    fwd = 2 * B * C * (C + K)
+    below = low < c.n_layer
+    dw = (2 * B * C * C if "pooler.weight" in G else 0) + (2 * B * C * K if "classifier.weight" in G else 0)
+    return {"layer": "classifier", "params": sum(model.params[n].size for n in names),
+            "trainable": any(n in G for n in names),
+            "opt_bytes": _ADAMW_BYTES * sum(model.params[n].size for n in names if n in G),
+            "fwd_flops": fwd, "dx_flops": (2 * B * C * K + (2 * B * C * C if below else 0)),
+            "dw_flops": dw, "kept_bytes": 4 * B * (2 * C + K),
+            "fwd_bytes": 4 * B * (3 * C + 2 * K), "bwd_bytes": 4 * B * (3 * C + 2 * K),
+            "attn_fwd_flops": 0, "attn_bwd_flops": 0}
 
 
 def cost_table(model, B: int, T: int, target_rows: int | None = None) -> str:

@@ -506,6 +506,12 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print, given=None) 
 
     While it runs, the --out directory is locked: a second process training into it (a
     --resume of a run that is still going) is refused instead of writing into the same files."""
+    from .classify import finetune_classifier, is_encoder
+    if is_encoder(args.model):
+        if resume:
+            raise InputError("--resume is not available for an encoder (a classifier) yet: its "
+                             "runs write no checkpoints")
+        return finetune_classifier(args, log)
     with contextlib.ExitStack() as cleanup:   # closing the lock's fd releases it (so would the
         return _finetune(args, resume, log, given, cleanup)   # process's end, however it ends)
 

@@ -5,7 +5,7 @@ reductions differently (seen here: a cold and a warm process disagreed in the la
 attention, cross-entropy and norm gradients). A run started on a cold cache would then not be
 reproduced bit for bit by later runs, nor by its own resume. So no process runs fresh code: when
 the cache is cold, a child compiles and stores everything by running tiny models through every
-path (training, evaluation, generation, both architectures), and the parent then loads it all.
+path (training, evaluation, generation, every architecture), and the parent then loads it all.
 This is also where a first-ever run says that it is compiling instead of looking hung.
 """
 from __future__ import annotations
@@ -141,6 +141,16 @@ def _exercise() -> None:
         m.forward(x)
         m.forward(x, y, grad=False)
         generate(m, [1, 2, 3], max_new_tokens=3)
+    # an encoder: bidirectional attention over padded rows, the exact GELU, the classifier
+    m = Model(Config.bert(vocab_size=61, n_layer=2, n_head=2, d_model=16, d_ff=24,
+                          max_seq_len=16, labels=["a", "b"]))
+    x = rng.integers(0, 61, (2, 9))
+    for pattern in (None, "last"):
+        if pattern == "last":
+            m.train_last(1)
+        m.forward(x, np.array([0, 1]), lengths=np.array([9, 4]))
+        m.backward()
+    m.forward(x)
     a = rng.standard_normal((5, 7), dtype=np.float32)
     for fn in (matmul.gemm_nt, matmul.gemm_nn, matmul.gemm_tn):
         b = rng.standard_normal((7, 7), dtype=np.float32)

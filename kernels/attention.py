@@ -1,8 +1,17 @@
-"""Causal self-attention with grouped-query heads, forward and backward.
+"""Self-attention, causal or bidirectional, with grouped-query heads and right padding, forward
+and backward.
 
 Layouts: q, out: (B, Tq, H, D); k, v: (B, Tk, Hkv, D), query head h reads kv head h // (H // Hkv).
-Query i sits at absolute position pos0 + i and sees keys 0 .. pos0 + i (pos0 > 0 when a KV cache
-holds earlier tokens; Tk may be larger than needed, later keys are never read).
+- causal=True (decoders): query i sits at absolute position pos0 + i and sees keys 0 .. pos0 + i
+  (pos0 > 0 when a KV cache holds earlier tokens; Tk may be larger than needed, later keys are
+  never read).
+- causal=False (encoders: BERT): every query sees every key; pos0 must be 0.
+- lengths (B,) integers in 1..Tk, or None (= Tk): sequence b is right-padded, its keys at
+  positions >= lengths[b] are never read, nor attended to (their dk, dv come out 0). With causal,
+  query i sees keys 0 .. min(pos0 + i, lengths[b] - 1). Query rows at or past lengths[b] are
+  still computed, over the valid keys (as Hugging Face's BERT with an attention_mask does); the
+  caller ignores their outputs. Both flags are plain arguments of one compiled kernel per path:
+  they only set how many keys a block of rows reads (`n`) and each row sees (`vis`).
 No score matrix is kept: forward saves only the log-sum-exp per query row (B, H, Tq); backward
 recomputes the probabilities from it.
 
@@ -30,6 +39,14 @@ from .tiles import dots4x2
 from .vexp import exp_inplace
 
 _R = 4  # query rows per block
+
+
+@jit_inline
+def _seen(causal, length, end):
+    """How many keys a query row (or a block, by its last row) reads, when causality alone would
+    let it see positions before `end`: those, capped by the sequence's length; all of the
+    length's keys when not causal."""
+    return min(length, end) if causal else length
 
 
 @jit_inline
@@ -86,16 +103,16 @@ def _probabilities_row(row, vis, lse, bits):
 
 
 @pjit
-def _forward_numba(q, k, v, out, lse, pos0):
+def _forward_numba(q, k, v, out, lse, pos0, causal, lengths):
     B, Tq, H, D = q.shape
     Hkv = k.shape[2]
     group = H // Hkv
     scale = np.float32(1.0 / np.sqrt(D))
-    Tk = pos0 + Tq
     for bh in prange(B * H):
         b = bh // H
         h = bh % H
         g = h // group
+        Tk = _seen(causal, lengths[b], pos0 + Tq)   # keys any row reads: later ones are not copied
         nq = (Tq + _R - 1) // _R * _R
         qf = np.zeros(nq * D, np.float32)      # scaled queries, padded to a multiple of 4 rows
         kf = np.empty(Tk * D, np.float32)
@@ -109,7 +126,7 @@ def _forward_numba(q, k, v, out, lse, pos0):
                 vt[d * Tk + j] = v[b, j, g, d]
         o = np.empty(nq * D, np.float32)
         l_ = np.empty(nq, np.float32)
-        _forward_head(qf, kf, vt, o, l_, Tq, Tk, D, pos0)
+        _forward_head(qf, kf, vt, o, l_, Tq, Tk, D, pos0, causal)
         for i in range(Tq):
             lse[b, h, i] = l_[i]
             for d in range(D):
@@ -117,14 +134,14 @@ def _forward_numba(q, k, v, out, lse, pos0):
 
 
 @jit
-def _forward_head(qf, kf, vt, o, lse, Tq, Tk, D, pos0):
-    """One head: o (rows of D) and lse from flat scaled queries, keys, transposed values.
-    A plain function, not the parallel loop's body: compiled on its own it vectorizes."""
+def _forward_head(qf, kf, vt, o, lse, Tq, Tk, D, pos0, causal):
+    """One head: o (rows of D) and lse from flat scaled queries, the Tk keys it reads, transposed
+    values. A plain function, not the parallel loop's body: compiled on its own it vectorizes."""
     s = np.empty(_R * Tk, np.float32)          # scores, then probabilities, of 4 query rows
     ob = np.empty(_R * D, np.float32)
     bits = np.empty(Tk, np.int32)
     for i0 in range(0, Tq, _R):
-        n = min(Tk, pos0 + i0 + _R)            # keys seen by the block's last row
+        n = _seen(causal, Tk, pos0 + i0 + _R)  # keys seen by the block's last row
         _products(qf[i0 * D:], D, kf, D, n, D, s, Tk)
         for r in range(_R):
             i = i0 + r
@@ -132,7 +149,7 @@ def _forward_head(qf, kf, vt, o, lse, Tq, Tk, D, pos0):
                 for j in range(n):
                     s[r * Tk + j] = np.float32(0.0)
                 continue
-            lse[i] = _softmax_row(s[r * Tk:r * Tk + n], pos0 + i + 1, bits)   # keys 0 .. pos0 + i
+            lse[i] = _softmax_row(s[r * Tk:r * Tk + n], _seen(causal, Tk, pos0 + i + 1), bits)
         _products(s, Tk, vt, Tk, D, n, ob, D)   # o[r, d] = dot(p_r[:n], vt[d, :n])
         for r in range(_R):
             for d in range(D):
@@ -140,7 +157,7 @@ def _forward_head(qf, kf, vt, o, lse, Tq, Tk, D, pos0):
 
 
 @pjit
-def _backward_numba(dout, q, k, v, out, lse, dq, dk, dv):
+def _backward_numba(dout, q, k, v, out, lse, dq, dk, dv, causal, lengths):
     """Parallel over (batch, kv head): the query heads of one group are summed into the same dk, dv
     by one thread."""
     B, T, H, D = q.shape
@@ -151,10 +168,11 @@ def _backward_numba(dout, q, k, v, out, lse, dq, dk, dv):
     for bg in prange(B * Hkv):
         b = bg // Hkv
         g = bg % Hkv
+        nk = lengths[b]                        # keys past it: not copied, their dk, dv stay 0
         kf = np.empty(T * D, np.float32)
         vf = np.empty(T * D, np.float32)
         kt = np.empty(D * T, np.float32)       # keys transposed, for dq = ds k
-        for j in range(T):
+        for j in range(nk):
             for d in range(D):
                 kf[j * D + d] = k[b, j, g, d]
                 vf[j * D + d] = v[b, j, g, d]
@@ -175,7 +193,7 @@ def _backward_numba(dout, q, k, v, out, lse, dq, dk, dv):
                     dl += dout[b, i, h, d] * out[b, i, h, d]
                 delta[i] = dl
                 l_[i] = lse[b, h, i]
-            _backward_head(qf, gf, kf, vf, kt, l_, delta, dqf, dka, dva, T, D, scale)
+            _backward_head(qf, gf, kf, vf, kt, l_, delta, dqf, dka, dva, T, nk, D, scale, causal)
             for i in range(T):
                 for d in range(D):
                     dq[b, i, h, d] = dqf[i * D + d]
@@ -187,14 +205,15 @@ def _backward_numba(dout, q, k, v, out, lse, dq, dk, dv):
 
 
 @jit
-def _backward_head(qf, gf, kf, vf, kt, lse, delta, dqf, dka, dva, T, D, scale):
-    """One query head: dq rows into dqf; dk (times 1/scale), dv added into dka, dva."""
+def _backward_head(qf, gf, kf, vf, kt, lse, delta, dqf, dka, dva, T, nk, D, scale, causal):
+    """One query head: dq rows into dqf; dk (times 1/scale), dv added into dka, dva, over the
+    first nk keys (the sequence's length; T, the row stride of the buffers)."""
     p = np.empty(_R * T, np.float32)
     ds = np.empty(_R * T, np.float32)
     dqb = np.empty(_R * D, np.float32)
     bits = np.empty(T, np.int32)
     for i0 in range(0, T, _R):
-        n = min(T, i0 + _R)
+        n = _seen(causal, nk, i0 + _R)
         _products(qf[i0 * D:], D, kf, D, n, D, p, T)     # scores (queries pre-scaled)
         _products(gf[i0 * D:], D, vf, D, n, D, ds, T)    # dp = do . v
         for r in range(_R):
@@ -204,7 +223,7 @@ def _backward_head(qf, gf, kf, vf, kt, lse, delta, dqf, dka, dva, T, D, scale):
                 for j in range(n):
                     row[j] = np.float32(0.0)
                 continue
-            _probabilities_row(row, i + 1, lse[i], bits)
+            _probabilities_row(row, _seen(causal, nk, i + 1), lse[i], bits)
         for r in range(_R):
             dl = delta[i0 + r]
             pr = p[r * T:r * T + n]
@@ -232,14 +251,16 @@ def _backward_head(qf, gf, kf, vf, kt, lse, delta, dqf, dka, dva, T, D, scale):
 # ---- BLAS path: blocks of query rows, each block's products by numpy's OpenBLAS --------------
 # For a block of _QB query rows: S = scale Q K^T over the keys the block can see, the softmax in
 # place, then O = P V; backward recomputes P and makes dP, dQ, dK, dV with four more GEMMs. Only
-# the upper triangle of the diagonal tile is wasted work. Parallel over heads (forward) or
-# (batch, kv head) pairs (backward); OpenBLAS runs single-threaded inside each Numba thread.
+# the upper triangle of the diagonal tile is wasted work (causal; none when not). Padding keys
+# are outside every block's GEMMs. Parallel over heads (forward) or (batch, kv head) pairs
+# (backward); OpenBLAS runs single-threaded inside each Numba thread.
 
 _QB = 64   # query rows per block: S (_QB x T) stays in L2 up to T = 1024
 
 
 @jit
-def _forward_head_blas(addr, q, k, v, out, lse, b, h, pos0, S, bits):
+def _forward_head_blas(addr, q, k, v, out, lse, b, h, pos0, causal, nk, S, bits):
+    """Head h of sequence b, whose rows read (at most) its first nk keys."""
     _, Tq, H, D = q.shape
     Hkv = k.shape[2]
     g = h // (H // Hkv)
@@ -251,27 +272,32 @@ def _forward_head_blas(addr, q, k, v, out, lse, b, h, pos0, S, bits):
     vp = v.ctypes.data + ((b * Tk) * Hkv + g) * D * 4
     for i0 in range(0, Tq, _QB):
         m = min(_QB, Tq - i0)
-        n = pos0 + i0 + m
+        n = _seen(causal, nk, pos0 + i0 + m)
         Sb = S[:m * n]
         sgemm(addr, NOTRANS, TRANS, m, n, D, scale, qp + i0 * H * D * 4, H * D,
               kp, Hkv * D, np.float32(0.0), Sb.ctypes.data, n)
         for r in range(m):
-            lse[b, h, i0 + r] = _softmax_row(Sb[r * n:(r + 1) * n], pos0 + i0 + r + 1, bits)
+            vis = _seen(causal, nk, pos0 + i0 + r + 1)
+            lse[b, h, i0 + r] = _softmax_row(Sb[r * n:(r + 1) * n], vis, bits)
         sgemm(addr, NOTRANS, NOTRANS, m, D, n, np.float32(1.0), Sb.ctypes.data, n,
               vp, Hkv * D, np.float32(0.0), op + i0 * H * D * 4, H * D)
 
 
 @pjit
-def _forward_blas(addr, q, k, v, out, lse, pos0):
+def _forward_blas(addr, q, k, v, out, lse, pos0, causal, lengths):
     B, Tq, H, D = q.shape
     for bh in prange(B * H):
-        S = np.empty(min(_QB, Tq) * (pos0 + Tq), np.float32)
-        bits = np.empty(pos0 + Tq, np.int32)
-        _forward_head_blas(addr, q, k, v, out, lse, bh // H, bh % H, pos0, S, bits)
+        b = bh // H
+        nk = _seen(causal, lengths[b], pos0 + Tq)
+        S = np.empty(min(_QB, Tq) * nk, np.float32)
+        bits = np.empty(nk, np.int32)
+        _forward_head_blas(addr, q, k, v, out, lse, b, bh % H, pos0, causal, nk, S, bits)
 
 
 @jit
-def _backward_group_blas(addr, dout, q, k, v, out, lse, dq, dk, dv, b, g, P, dP, delta, bits):
+def _backward_group_blas(addr, dout, q, k, v, out, lse, dq, dk, dv, b, g, causal, nk, P, dP, delta,
+                         bits):
+    """kv head g of sequence b, whose first nk keys are read; dk, dv of the others stay 0."""
     _, T, H, D = q.shape
     Hkv = k.shape[2]
     group = H // Hkv
@@ -296,7 +322,7 @@ def _backward_group_blas(addr, dout, q, k, v, out, lse, dq, dk, dv, b, g, P, dP,
             delta[i] = s
         for i0 in range(0, T, _QB):
             m = min(_QB, T - i0)
-            n = i0 + m
+            n = _seen(causal, nk, i0 + m)
             Pb = P[:m * n]
             dPb = dP[:m * n]
             qp = q.ctypes.data + base + i0 * ld
@@ -304,7 +330,7 @@ def _backward_group_blas(addr, dout, q, k, v, out, lse, dq, dk, dv, b, g, P, dP,
             sgemm(addr, NOTRANS, TRANS, m, n, D, scale, qp, H * D, kp, Hkv * D, zero, Pb.ctypes.data, n)
             sgemm(addr, NOTRANS, TRANS, m, n, D, one, gp, H * D, vp, Hkv * D, zero, dPb.ctypes.data, n)
             for r in range(m):                                   # P = exp(S - lse), dS = P (dP - delta)
-                vis = i0 + r + 1
+                vis = _seen(causal, nk, i0 + r + 1)
                 row = Pb[r * n:(r + 1) * n]
                 _probabilities_row(row, vis, lse[b, h, i0 + r], bits)
                 dl = delta[i0 + r]
@@ -321,16 +347,17 @@ def _backward_group_blas(addr, dout, q, k, v, out, lse, dq, dk, dv, b, g, P, dP,
 
 
 @pjit
-def _backward_blas(addr, dout, q, k, v, out, lse, dq, dk, dv):
+def _backward_blas(addr, dout, q, k, v, out, lse, dq, dk, dv, causal, lengths):
     B, T, H, D = q.shape
     Hkv = k.shape[2]
     for bg in prange(B * Hkv):
+        b = bg // Hkv
         P = np.empty(min(_QB, T) * T, np.float32)
         dP = np.empty(min(_QB, T) * T, np.float32)
         delta = np.empty(T, np.float32)
         bits = np.empty(T, np.int32)
-        _backward_group_blas(addr, dout, q, k, v, out, lse, dq, dk, dv, bg // Hkv, bg % Hkv,
-                             P, dP, delta, bits)
+        _backward_group_blas(addr, dout, q, k, v, out, lse, dq, dk, dv, b, bg % Hkv, causal,
+                             lengths[b], P, dP, delta, bits)
 
 
 # ---- dispatch ---------------------------------------------------------------------------------
@@ -352,6 +379,32 @@ def _check(q, k, v, out, lse, pos0, named=(), training=False):
         # C order too: both paths assume it, and a strided view would compile a new Numba
         # signature (~8 s) on the fallback
         floats("attention", n, a, want.get(n))
+
+
+def _masking(fn, q, k, pos0, causal, lengths):
+    """causal a bool; lengths None or (B,) integers in 1..Tk. Returns them as the kernels take
+    them: a Python bool, and a C-contiguous int64 array (None: every sequence Tk long), so that
+    every call runs one compiled signature."""
+    if not isinstance(causal, (bool, np.bool_)):
+        raise ValueError(f"{fn}: causal must be a bool, got {type(causal).__name__}")
+    if not causal and pos0:
+        raise ValueError(f"{fn}: pos0 is {pos0}, expected 0 with causal=False (bidirectional "
+                         "attention has no earlier positions in a cache)")
+    B, Tk = q.shape[0], k.shape[1]
+    if lengths is None:
+        return bool(causal), np.full(B, Tk, np.int64)
+    if not isinstance(lengths, np.ndarray):
+        raise ValueError(f"{fn}: lengths must be a numpy array, got {type(lengths).__name__}")
+    if lengths.dtype.kind not in "iu":
+        raise ValueError(f"{fn}: lengths has dtype {lengths.dtype}, expected an integer dtype")
+    if lengths.shape != (B,):
+        raise ValueError(f"{fn}: lengths has shape {lengths.shape}, expected ({B},): one per sequence")
+    if B:
+        lo, hi = lengths.min(), lengths.max()
+        if lo < 1 or hi > Tk:
+            raise ValueError(f"{fn}: lengths holds {lo if lo < 1 else hi}, expected values in "
+                             f"1..{Tk} (a sequence's valid keys, at least one)")
+    return bool(causal), np.ascontiguousarray(lengths, np.int64)
 
 
 _told = False
@@ -377,23 +430,28 @@ def _use_blas(backend) -> bool:
     return False
 
 
-def attention_forward(q, k, v, out, lse, pos0, backend=None):
-    """out = softmax(q k^T / sqrt(D), causal) v; lse per query row. See the module docstring."""
+def attention_forward(q, k, v, out, lse, pos0, backend=None, *, causal=True, lengths=None):
+    """out = softmax(q k^T / sqrt(D), masked) v; lse per query row. Masked: causal, and the
+    padding past lengths[b] (see the module docstring)."""
     pos0 = position("attention_forward", "pos0", pos0)
     _check(q, k, v, out, lse, pos0)
+    causal, lengths = _masking("attention_forward", q, k, pos0, causal, lengths)
     if _use_blas(backend):
         with one_thread():
-            _forward_blas(SGEMM, q, k, v, out, lse, pos0)
+            _forward_blas(SGEMM, q, k, v, out, lse, pos0, causal, lengths)
     else:
-        _forward_numba(q, k, v, out, lse, pos0)
+        _forward_numba(q, k, v, out, lse, pos0, causal, lengths)
 
 
-def attention_backward(dout, q, k, v, out, lse, dq, dk, dv, backend=None):
-    """Training only (pos0 = 0, Tk = Tq). dq, dk, dv written (not accumulated)."""
+def attention_backward(dout, q, k, v, out, lse, dq, dk, dv, backend=None, *, causal=True,
+                       lengths=None):
+    """Training only (pos0 = 0, Tk = Tq); causal and lengths as in the forward. dq, dk, dv
+    written (not accumulated); dk, dv are 0 at padding keys."""
     _check(q, k, v, out, lse, 0, (("dout", (dout, q.shape)), ("dq", (dq, q.shape)),
                                   ("dk", (dk, k.shape)), ("dv", (dv, k.shape))), training=True)
+    causal, lengths = _masking("attention_backward", q, k, 0, causal, lengths)
     if _use_blas(backend):
         with one_thread():
-            _backward_blas(SGEMM, dout, q, k, v, out, lse, dq, dk, dv)
+            _backward_blas(SGEMM, dout, q, k, v, out, lse, dq, dk, dv, causal, lengths)
     else:
-        _backward_numba(dout, q, k, v, out, lse, dq, dk, dv)
+        _backward_numba(dout, q, k, v, out, lse, dq, dk, dv, causal, lengths)

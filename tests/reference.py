@@ -4,6 +4,8 @@ Each op is a pair fwd(...) -> out and bwd(dout, ...) -> input gradients, derived
 independently of the kernels; tests check the twins against float64 finite differences and
 PyTorch, and the kernels against the twins.
 """
+import math
+
 import numpy as np
 
 
@@ -65,6 +67,22 @@ def gelu_bwd(dout, x):
     return dout * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * _K0 * (1 + 3 * _K1 * x * x))
 
 
+_erfc = np.frompyfunc(math.erfc, 1, 1)
+
+
+def gelu_erf_fwd(x):
+    """x Phi(x), Phi(x) = 0.5 (1 + erf(x / sqrt 2)) (BERT's GELU), written as 0.5 erfc(-x / sqrt 2):
+    the same function, without float64 cancelling the lower tail away."""
+    (x,) = f64(x)
+    return x * 0.5 * _erfc(-x / np.sqrt(2)).astype(np.float64)
+
+
+def gelu_erf_bwd(dout, x):
+    dout, x = f64(dout, x)
+    cdf = 0.5 * _erfc(-x / np.sqrt(2)).astype(np.float64)
+    return dout * (cdf + x * np.exp(-0.5 * x * x) / np.sqrt(2 * np.pi))
+
+
 def _sigmoid(x):
     return 0.5 * (1 + np.tanh(0.5 * x))  # no overflow for large |x|
 
@@ -102,15 +120,35 @@ def _expand_kv(k, H):
     return np.repeat(k, H // k.shape[2], axis=2)
 
 
-def attention_fwd(q, k, v, pos0=0):
-    """q (B, Tq, H, D), k, v (B, Tk, Hkv, D); query i at position pos0 + i."""
+def _seen(B, Tq, Tk, pos0, causal, lengths):
+    """(B, 1, Tq, Tk) bool: query i (at position pos0 + i) attends to key j."""
+    j = np.arange(Tk)
+    seen = np.ones((B, 1, Tq, Tk), bool)
+    if causal:
+        seen &= j[None, :] <= (pos0 + np.arange(Tq))[:, None]
+    if lengths is not None:
+        seen &= j < np.asarray(lengths)[:, None, None, None]
+    return seen
+
+
+def _unpad(k, lengths):
+    """Padding keys (or values) set to 0: their values must not matter (NaN in the tests)."""
+    if lengths is None:
+        return k
+    valid = np.arange(k.shape[1]) < np.asarray(lengths)[:, None]    # (B, Tk)
+    return np.where(valid[:, :, None, None], k, 0.0)
+
+
+def attention_fwd(q, k, v, pos0=0, causal=True, lengths=None):
+    """q (B, Tq, H, D), k, v (B, Tk, Hkv, D); query i at position pos0 + i. causal: it sees
+    keys 0 .. pos0 + i (later keys not read); else all of them. lengths (B,): keys at positions
+    >= lengths[b] are padding, never seen."""
     q, k, v = f64(q, k, v)
     B, Tq, H, D = q.shape
-    Tk = pos0 + Tq
-    k, v = _expand_kv(k[:, :Tk], H), _expand_kv(v[:, :Tk], H)
+    Tk = pos0 + Tq if causal else k.shape[1]
+    k, v = _expand_kv(_unpad(k[:, :Tk], lengths), H), _expand_kv(_unpad(v[:, :Tk], lengths), H)
     s = np.einsum("bihd,bjhd->bhij", q, k) / np.sqrt(D)
-    mask = np.arange(Tk)[None, :] > (pos0 + np.arange(Tq))[:, None]
-    s = np.where(mask, -np.inf, s)
+    s = np.where(_seen(B, Tq, Tk, pos0, causal, lengths), s, -np.inf)
     m = s.max(-1, keepdims=True)
     p = np.exp(s - m)
     lse = (m + np.log(p.sum(-1, keepdims=True)))[..., 0]
@@ -118,13 +156,13 @@ def attention_fwd(q, k, v, pos0=0):
     return np.einsum("bhij,bjhd->bihd", p, v), lse
 
 
-def attention_bwd(dout, q, k, v):
+def attention_bwd(dout, q, k, v, causal=True, lengths=None):
     dout, q, k, v = f64(dout, q, k, v)
     B, T, H, D = q.shape
     Hkv = k.shape[2]
-    ke, ve = _expand_kv(k, H), _expand_kv(v, H)
+    ke, ve = _expand_kv(_unpad(k, lengths), H), _expand_kv(_unpad(v, lengths), H)
     s = np.einsum("bihd,bjhd->bhij", q, ke) / np.sqrt(D)
-    s = np.where(np.triu(np.ones((T, T), bool), 1), -np.inf, s)
+    s = np.where(_seen(B, T, T, 0, causal, lengths), s, -np.inf)
     p = np.exp(s - s.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     dv = np.einsum("bhij,bihd->bjhd", p, dout)

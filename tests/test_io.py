@@ -140,9 +140,9 @@ def test_missing_path():
 def test_unknown_model_type(hf_dirs, tmp_path):
     d = copy_of(hf_dirs, tmp_path)
     cfg = json.loads((d / "config.json").read_text())
-    cfg["model_type"] = "bert"
+    cfg["model_type"] = "t5"
     (d / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(engine.ConfigError, match="unknown model type 'bert'"):
+    with pytest.raises(engine.ConfigError, match="unknown model type 't5'"):
         engine.load(str(d))
 
 

@@ -5,6 +5,7 @@ include the edges (one row, T = 1, one head, widths that are not multiples of an
 CI runs this file twice: compiled, and with NUMBA_DISABLE_JIT=1 (the plain Python path), so
 shapes stay small.
 """
+import math
 import os
 
 import numpy as np
@@ -14,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import reference as ref
-from kernels.activation import gelu_backward, gelu_forward, swiglu_backward, swiglu_forward
+from kernels.activation import (erf_inplace, gelu_backward, gelu_erf_backward, gelu_erf_forward,
+                                gelu_forward, swiglu_backward, swiglu_forward)
 from kernels.adamw import adamw_step
 from kernels.sgd import sgd_step
 from kernels.attention import attention_backward, attention_forward
@@ -252,6 +254,77 @@ def test_gelu_twin_and_torch():
     np.testing.assert_allclose(tx.grad.numpy(), ref.gelu_bwd(dout, x), rtol=1e-10, atol=1e-14)
 
 
+def test_erf_inplace_accuracy():
+    """The vectorized float32 erf against float64 math.erf, relative error, from tiny |x| (where
+    erf(x) ~ 2x / sqrt(pi)) through both branches and their seam to erf = 1 in float32: about
+    1e-7, float32 rounding (math.erf itself is a scalar call that stops vectorization)."""
+    n = 20000 if JIT else 2000
+    seams = np.array([0.9, 9.3], np.float32)
+    pos = np.concatenate([np.geomspace(1e-37, 12, n), np.linspace(0.001, 5, n),
+                          np.nextafter(seams, 0), seams, np.nextafter(seams, 10)]).astype(np.float32)
+    x = np.concatenate([pos, -pos])
+    got = x.copy()
+    erf_inplace(got, np.empty_like(got), np.empty(len(got), np.int32))
+    want = np.frompyfunc(math.erf, 1, 1)(x.astype(np.float64)).astype(np.float64)
+    rel = np.abs(got - want) / np.abs(want)
+    assert rel.max() < 1.5e-7, (rel.max(), x[rel.argmax()])
+    ends = np.array([0.0, np.inf, -np.inf, 1e30, -1e30, 3e38], np.float32)
+    erf_inplace(ends, np.empty(6, np.float32), np.empty(6, np.int32))
+    assert list(ends) == [0.0, 1.0, -1.0, 1.0, -1.0, 1.0]
+
+
+@SETTINGS
+@given(n=st.integers(1, 300), seed=st.integers(0, 2**16), scale=st.sampled_from([1.0, 10.0, 100.0]))
+def test_gelu_erf(n, seed, scale):
+    rng = rng_of(seed)
+    x, dout = randn(rng, n, scale=scale), randn(rng, n)
+    out, dx = np.empty_like(x), np.full_like(x, 7.0)   # dx written, not added
+    gelu_erf_forward(x, out)
+    close(out, ref.gelu_erf_fwd(x), FWD_TOL, scale=1.0)
+    gelu_erf_backward(dout, x, dx)
+    close(dx, ref.gelu_erf_bwd(dout, x), GRAD_TOL)
+
+
+def test_gelu_erf_tail_and_extremes():
+    """Over several blocks: relative accuracy where Phi(x) is tiny (x down to -13, where
+    1 + erf(x / sqrt 2) in float32, torch's form, keeps no digit), and the limits at extremes."""
+    x = np.linspace(-13, 13, 3 * 4096 + 5 if JIT else 1001, dtype=np.float32)
+    out, dx = np.empty_like(x), np.empty_like(x)
+    gelu_erf_forward(x, out)
+    want = ref.gelu_erf_fwd(x)
+    tail = np.abs(want) > 1e-30
+    np.testing.assert_allclose(out[tail], want[tail], rtol=5e-6, atol=0)
+    assert np.all(np.abs(out[~tail]) <= 1e-30)
+    gelu_erf_backward(np.ones_like(x), x, dx)
+    np.testing.assert_allclose(dx, ref.gelu_erf_bwd(np.ones_like(x), x), rtol=1e-5, atol=3e-7)
+    ext = np.array([0.0, 1e-40, -1e-40, 50, -50, 1e30, -1e30, 3e38, -3e38], np.float32)
+    out, dx = np.empty_like(ext), np.empty_like(ext)
+    gelu_erf_forward(ext, out)
+    gelu_erf_backward(np.ones_like(ext), ext, dx)
+    np.testing.assert_array_equal(out, np.array([0, 5e-41, -5e-41, 50, 0, 1e30, 0, 3e38, 0], np.float32))
+    np.testing.assert_array_equal(dx, np.array([0.5, 0.5, 0.5, 1, 0, 1, 0, 1, 0], np.float32))
+
+
+def test_gelu_erf_twin_and_torch():
+    rng = rng_of(0)
+    x, dout = randn(rng, 40, scale=3), randn(rng, 40)
+    check_twin_grad(lambda x: float(np.sum(ref.gelu_erf_fwd(x) * dout)), [x], [ref.gelu_erf_bwd(dout, x)], rng)
+    tx = t64(x, True)
+    y = torch.nn.functional.gelu(tx, approximate="none")
+    y.backward(t64(dout))
+    np.testing.assert_allclose(y.detach().numpy(), ref.gelu_erf_fwd(x), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(tx.grad.numpy(), ref.gelu_erf_bwd(dout, x), rtol=1e-10, atol=1e-14)
+    # the kernel against torch's own float32 (what BERT in transformers runs)
+    tx = torch.tensor(x, requires_grad=True)
+    y = torch.nn.functional.gelu(tx, approximate="none")
+    y.backward(torch.tensor(dout))
+    out, dx = np.empty_like(x), np.empty_like(x)
+    gelu_erf_forward(x, out)
+    gelu_erf_backward(dout, x, dx)
+    close(out, y.detach().numpy(), FWD_TOL, scale=1.0)
+    close(dx, tx.grad.numpy(), GRAD_TOL)
+
+
 @_IGNORED_SUM
 @SETTINGS
 @given(n=st.integers(1, 300), seed=st.integers(0, 2**16), scale=st.sampled_from([1.0, 10.0, 100.0]))
@@ -410,6 +483,109 @@ def test_attention_blocks_cache_and_groups(backend):
         close(got, want, dict(rtol=1e-3, atol=1e-4), scale=np.abs(want).max() + 1)
 
 
+def _padded(rng, B, T):
+    """(B,) lengths with 1 and T among them (B >= 2), and the (B, T) mask of padding positions."""
+    lengths = rng.integers(1, T + 1, B)
+    lengths[:2] = [1, T][:B]
+    return lengths, np.arange(T)[None, :] >= lengths[:, None]
+
+
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
+@SETTINGS
+@given(B=st.integers(1, 3), T=st.integers(1, 11), Hkv=st.integers(1, 3), group=st.integers(1, 3),
+       D=st.integers(1, 9), seed=st.integers(0, 2**16), scale=st.sampled_from([1.0, 30.0]),
+       causal=st.booleans(), padded=st.booleans())
+def test_attention_masked(backend, B, T, Hkv, group, D, seed, scale, causal, padded):
+    """Bidirectional or causal, full length or right-padded: padding keys hold NaN (never read)
+    and get dk = dv = 0 exactly; padding queries are computed like any other."""
+    rng = rng_of(seed)
+    H = Hkv * group
+    q, k, v, dout = _attn_inputs(rng, B, T, H, Hkv, D, scale)
+    lengths, pad = _padded(rng, B, T) if padded else (None, np.zeros((B, T), bool))
+    k[pad] = np.nan
+    v[pad] = np.nan
+    out, lse = np.empty_like(q), np.empty((B, H, T), np.float32)
+    attention_forward(q, k, v, out, lse, 0, backend=backend, causal=causal, lengths=lengths)
+    rout, rlse = ref.attention_fwd(q, k, v, causal=causal, lengths=lengths)
+    close(out, rout, dict(rtol=1e-4, atol=1e-5))
+    close(lse, rlse, dict(rtol=1e-5, atol=1e-5))
+    grads = np.full_like(q, 7.0), np.full_like(k, 7.0), np.full_like(v, 7.0)   # written, not added
+    attention_backward(dout, q, k, v, out, lse, *grads, backend=backend, causal=causal, lengths=lengths)
+    for got, want in zip(grads, ref.attention_bwd(dout, q, k, v, causal=causal, lengths=lengths)):
+        close(got, want, dict(rtol=1e-3, atol=1e-4), scale=np.abs(want).max() + 1)
+    assert np.all(grads[1][pad] == 0) and np.all(grads[2][pad] == 0)
+
+
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_masked_blocks(backend, causal):
+    """Lengths ending inside, at and past the edges of the 64-row (BLAS) and 4-row (Numba) query
+    blocks, grouped heads; any integer dtype of lengths is taken."""
+    rng = rng_of(12)
+    B, T, H, Hkv, D = 4, 150, 4, 2, 4
+    q, k, v, dout = _attn_inputs(rng, B, T, H, Hkv, D)
+    lengths = np.array([150, 1, 77, 64], np.int32)
+    pad = np.arange(T)[None, :] >= lengths[:, None]
+    k[pad] = np.nan
+    v[pad] = np.nan
+    out, lse = np.empty_like(q), np.empty((B, H, T), np.float32)
+    attention_forward(q, k, v, out, lse, 0, backend=backend, causal=causal, lengths=lengths)
+    rout, rlse = ref.attention_fwd(q, k, v, causal=causal, lengths=lengths)
+    close(out, rout, dict(rtol=1e-4, atol=1e-5))
+    close(lse, rlse, dict(rtol=1e-5, atol=1e-5))
+    grads = np.full_like(q, 7.0), np.full_like(k, 7.0), np.full_like(v, 7.0)
+    attention_backward(dout, q, k, v, out, lse, *grads, backend=backend, causal=causal, lengths=lengths)
+    for got, want in zip(grads, ref.attention_bwd(dout, q, k, v, causal=causal, lengths=lengths)):
+        close(got, want, dict(rtol=1e-3, atol=1e-4), scale=np.abs(want).max() + 1)
+    assert np.all(grads[1][pad] == 0) and np.all(grads[2][pad] == 0)
+
+
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
+def test_attention_cache_offset_with_lengths(backend):
+    """Causal after cached positions, each sequence capped by its length: one below the first
+    query's position, one inside the queries, one past them (keys beyond are never read)."""
+    rng = rng_of(13)
+    B, T, H, Hkv, D, past = 3, 5, 4, 2, 6, 7
+    q = randn(rng, B, T, H, D)
+    k, v = randn(rng, B, past + T + 4, Hkv, D), randn(rng, B, past + T + 4, Hkv, D)
+    lengths = np.array([3, past + 2, past + T + 4])
+    for b, n in enumerate(lengths):
+        k[b, min(n, past + T):] = np.nan
+    out, lse = np.empty_like(q), np.empty((B, H, T), np.float32)
+    attention_forward(q, k, v, out, lse, past, backend=backend, lengths=lengths)
+    rout, rlse = ref.attention_fwd(q, k, v, pos0=past, lengths=lengths)
+    close(out, rout, dict(rtol=1e-4, atol=1e-5))
+    close(lse, rlse, dict(rtol=1e-5, atol=1e-5))
+
+
+@pytest.mark.parametrize("causal, padded", [(False, False), (False, True), (True, True)])
+def test_attention_masked_twin_and_torch(causal, padded):
+    """The twin against float64 finite differences, and against torch's SDPA (is_causal=False)
+    with a boolean attn_mask: the padding, and the causal triangle when causal."""
+    rng = rng_of(1)
+    B, T, H, Hkv, D = 3, 6, 4, 2, 3
+    q, k, v, dout = _attn_inputs(rng, B, T, H, Hkv, D)
+    lengths = np.array([6, 1, 4]) if padded else None
+    loss = lambda q, k, v: float(np.sum(ref.attention_fwd(q, k, v, causal=causal, lengths=lengths)[0] * dout))  # noqa: E731
+    grads = ref.attention_bwd(dout, q, k, v, causal=causal, lengths=lengths)
+    check_twin_grad(loss, [q, k, v], grads, rng)
+    seen = np.ones((B, 1, T, T), bool)                  # True: attend
+    if padded:
+        seen &= np.arange(T) < lengths[:, None, None, None]
+    if causal:
+        seen &= np.tril(np.ones((T, T), bool))
+    tq, tk, tv = (t64(a, True).transpose(1, 2) for a in (q, k, v))  # (B, H, T, D)
+    for t in (tq, tk, tv):
+        t.retain_grad()
+    y = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=torch.tensor(seen),
+                                                         is_causal=False, enable_gqa=True)
+    y.backward(t64(dout).transpose(1, 2))
+    want = ref.attention_fwd(q, k, v, causal=causal, lengths=lengths)[0]
+    np.testing.assert_allclose(y.transpose(1, 2).detach().numpy(), want, rtol=1e-10, atol=1e-12)
+    for got, t in zip(grads, (tq, tk, tv)):
+        np.testing.assert_allclose(got, t.grad.transpose(1, 2).numpy(), rtol=1e-9, atol=1e-12)
+
+
 def test_attention_rejects_bad_arrays():
     """Checked before any kernel (or a BLAS call through a raw pointer) touches the arrays."""
     q = np.zeros((1, 4, 2, 8), np.float32)
@@ -430,6 +606,34 @@ def test_attention_rejects_bad_arrays():
         with pytest.raises(ValueError, match="C-contiguous"):
             attention_forward(q[:, ::2], k[:, ::2], k[:, ::2], np.empty((1, 2, 2, 8), np.float32),
                               np.empty((1, 2, 2), np.float32), 0, backend="blas")
+
+
+def test_attention_rejects_bad_lengths_and_flags():
+    """lengths and causal checked, with messages that name them, before any kernel writes."""
+    q = np.zeros((2, 4, 2, 8), np.float32)
+    k = np.zeros((2, 4, 1, 8), np.float32)
+    cases = [(dict(lengths=np.array([0, 4])), r"lengths holds 0, expected values in 1\.\.4"),
+             (dict(lengths=np.array([4, 5])), r"lengths holds 5, expected values in 1\.\.4"),
+             (dict(lengths=np.array([-1, 2]), causal=False), r"lengths holds -1"),
+             (dict(lengths=np.array([4, 4, 4])), r"lengths has shape \(3,\), expected \(2,\)"),
+             (dict(lengths=np.array([[4, 4]])), r"lengths has shape \(1, 2\), expected \(2,\)"),
+             (dict(lengths=np.array([4.0, 4.0])), "lengths has dtype float64, expected an integer dtype"),
+             (dict(lengths=np.array([True, True])), "lengths has dtype bool"),
+             (dict(lengths=[4, 4]), "lengths must be a numpy array, got list"),
+             (dict(causal=1), "causal must be a bool, got int"),
+             (dict(causal=None), "causal must be a bool, got NoneType")]
+    for kw, msg in cases:
+        out, lse = np.full_like(q, 7.0), np.full((2, 2, 4), 7.0, np.float32)
+        with pytest.raises(ValueError, match="attention_forward: " + msg):
+            attention_forward(q, k, k, out, lse, 0, **kw)
+        assert np.all(out == 7) and np.all(lse == 7)
+        dq, dk = np.full_like(q, 7.0), np.full_like(k, 7.0)
+        with pytest.raises(ValueError, match="attention_backward: " + msg):
+            attention_backward(q, q, k, k, q, lse, dq, dk, dk.copy(), **kw)
+        assert np.all(dq == 7) and np.all(dk == 7)
+    kc = np.zeros((2, 9, 1, 8), np.float32)
+    with pytest.raises(ValueError, match="pos0 is 2, expected 0 with causal=False"):
+        attention_forward(q, kc, kc, np.empty_like(q), np.empty((2, 2, 4), np.float32), 2, causal=False)
 
 
 def test_attention_without_openblas_says_it_runs_the_slower_path(monkeypatch, capsys):

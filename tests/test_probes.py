@@ -364,9 +364,9 @@ def test_predicted_input_grad_flops_match_what_backward_runs(monkeypatch, frozen
     attn_calls = [0]
     real_attn = layers.attention_backward
 
-    def attn(*args):
+    def attn(*args, **kw):
         attn_calls[0] += 1
-        real_attn(*args)
+        real_attn(*args, **kw)
 
     gemm_flops = count_gemm_flops(monkeypatch, (layers,), names=("gemm_nn",))
     monkeypatch.setattr(layers, "attention_backward", attn)

@@ -19,28 +19,33 @@ from .safetensors import WRITE_DTYPES, SafetensorsFile, write_atomic
 from .safetensors import write as write_safetensors
 
 
-def load(path: str):
+def load(path: str, labels=None):
     """A Model from a Hugging Face directory (config.json + *.safetensors; gpt2, llama,
-    mistral, qwen2, qwen3 or smollm3), a .gguf file (llama, qwen2, qwen3, smollm3 or gpt2), a
-    directory written by Model.save, or a short name such as 'smollm2'."""
+    mistral, phi3, qwen2, qwen3, smollm3 or bert), a .gguf file (llama, qwen2, qwen3, smollm3,
+    phi3 or gpt2), a directory written by Model.save, or a short name such as 'smollm2'.
+    labels (a BERT encoder only): the class names of a classifier head, kept from the file
+    when it has one for these labels, else started from random weights."""
     from ..model import Model
     from .resolve import resolve_model_path
     path = resolve_model_path(str(path))
-    cfg, params = load_params(path)
+    cfg, params = load_params(path, labels)
     try:
         return Model(cfg, params)
     except CheckpointError as e:   # a tensor that disagrees with the file's own config
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def load_params(path: str) -> tuple[Config, dict]:
+def load_params(path: str, labels=None) -> tuple[Config, dict]:
     from .resolve import resolve_model_path
     path = resolve_model_path(str(path))
     from .gguf import is_gguf, load_gguf   # by content too: a GGUF file need not end in .gguf
     if os.path.isfile(path) and (path.endswith(".gguf") or is_gguf(path)):
+        if labels is not None:
+            raise InputError(f"{path}: labels (a classifier head) need a BERT encoder; this is "
+                             "a GGUF causal LM")
         return load_gguf(path)
     if os.path.isdir(path):
-        return _load_hf_dir(path)
+        return _load_hf_dir(path, labels)
     raise CheckpointError(f"{path}: not a model (expected a directory with config.json and "
                           f"*.safetensors, or a .gguf file)")
 
@@ -64,9 +69,17 @@ def _read_json_object(path: str) -> dict:
     return obj
 
 
-def _load_hf_dir(path: str) -> tuple[Config, dict]:
+def _load_hf_dir(path: str, labels=None) -> tuple[Config, dict]:
     hf = read_hf_config(path)
     cfg = hf_names.config_from_hf(hf)
+    other_head = False     # the file's classifier is for other labels: a new one replaces it
+    if labels is not None:
+        if not cfg.encoder:
+            raise InputError(f"{path}: labels (a classifier head) need a BERT encoder; this is "
+                             f"a {cfg.model_type} causal LM")
+        labels = list(labels)
+        other_head = cfg.labels != labels
+        cfg = dataclasses.replace(cfg, labels=labels)
     gen_path = os.path.join(path, "generation_config.json")
     gen = _read_json_object(gen_path) if os.path.isfile(gen_path) else None
     # one that says no more than the ids is left to be rebuilt from them (Model.save writes such
@@ -84,8 +97,9 @@ def _load_hf_dir(path: str) -> tuple[Config, dict]:
     def get(name):
         used.add(name)
         return _finite(where[name], name)
+    names = [n for n in where if not (other_head and n.startswith("classifier."))]
     try:
-        params = hf_names.to_engine(cfg, get, where.keys())
+        params = hf_names.to_engine(cfg, get, names)
     except CheckpointError as e:  # name the directory when the message does not already
         if str(e).startswith(path):
             raise
@@ -94,7 +108,8 @@ def _load_hf_dir(path: str) -> tuple[Config, dict]:
         cfg = _untie_a_distinct_head(path, cfg, params, get("lm_head.weight"))
     # a tensor with no place in the model (a block past config.json's layer count, an adapter)
     # means a model the engine would run wrongly; buffers transformers saves are not weights
-    extra = sorted(n for n in set(where) - used if not n.endswith(_BUFFERS))
+    extra = sorted(n for n in set(where) - used if not n.endswith(_BUFFERS)
+                   and not (cfg.model_type == "bert" and hf_names.hf_bert.dropped(cfg, n)))
     if extra:
         shown = ", ".join(extra[:8]) + (f" and {len(extra) - 8} more" if len(extra) > 8 else "")
         raise CheckpointError(f"{path}: tensors the {cfg.model_type} model of config.json "
@@ -118,8 +133,9 @@ def _untie_a_distinct_head(path: str, cfg: Config, params: dict, head) -> Config
     return dataclasses.replace(cfg, tie_embeddings=False)
 
 
-# non-weight tensors some transformers versions save: GPT-2's causal mask, rotary frequencies
-_BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+# non-weight tensors some transformers versions save: GPT-2's causal mask, rotary frequencies,
+# BERT's position ids
+_BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq", ".position_ids")
 
 
 def _finite(st: SafetensorsFile, name: str):

