@@ -5,8 +5,11 @@ data's are among them; else the data's, sorted, and a new head).
 
 A run directory holds metrics.jsonl (a line per step and per evaluation), summary.json and
 model/ (the fine-tuned classifier in the Hugging Face layout, which transformers'
-AutoModelForSequenceClassification loads, with the tokenizer). What the causal-LM runs have and
-these do not yet: checkpoints and --resume, freezing schedules, the prefix cache, telemetry.
+AutoModelForSequenceClassification loads, with the tokenizer). `--prefix-cache memory` keeps
+each example's output of the frozen blocks (the lowest trainable block's input, its real tokens
+only) after its first pass, so later epochs and evaluations run the trainable tail alone. What
+the causal-LM runs have and these do not yet: checkpoints and --resume, freezing schedules, the
+prefix cache on disk, telemetry.
 """
 from __future__ import annotations
 
@@ -80,14 +83,70 @@ def batch(seqs, idx, pad_id: int):
     return tokens, lengths
 
 
-def evaluate(model, seqs, targets, batch_size: int, pad_id: int) -> dict:
+class PrefixRows:
+    """The frozen prefix's output (the input of block `start`) of each example, over its real
+    tokens, computed the first time the example is drawn and read back after: in memory, as
+    float32 or float16. Valid while the prefix's weights stay as they were (static freezing:
+    the whole run; checked on every read)."""
+
+    def __init__(self, model, seqs, start: int, dtype: str = "float32"):
+        from .prefix_cache import _prefix_version
+        self.model, self.seqs, self.start = model, seqs, start
+        self.dtype = np.dtype(dtype)
+        self.version = _prefix_version(model, start)
+        self.rows: dict[int, np.ndarray] = {}
+        self.computed = self.read = 0
+        self.compute_s = self.read_s = 0.0
+
+    def hidden(self, idx, tokens, lengths) -> np.ndarray:
+        """(B, T, C) input of block `start` for the examples idx, batched as tokens."""
+        from .prefix_cache import _prefix_version
+        if _prefix_version(self.model, self.start) != self.version:
+            raise InputError("a frozen prefix's weights changed under its cache")
+        missing = [r for r, i in enumerate(idx) if int(i) not in self.rows]
+        if missing:
+            t0 = time.perf_counter()
+            sub = np.asarray(missing)
+            T = int(lengths[sub].max())
+            h = self.model.prefix(np.ascontiguousarray(tokens[sub, :T]), self.start,
+                                  lengths=lengths[sub])
+            for j, r in enumerate(missing):
+                self.rows[int(idx[r])] = h[j, :lengths[r]].astype(self.dtype)
+            self.computed += len(missing)
+            self.compute_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = np.zeros((*tokens.shape, self.model.config.d_model), np.float32)
+        for r, i in enumerate(idx):
+            out[r, :lengths[r]] = self.rows[int(i)]
+        self.read += len(idx) - len(missing)
+        self.read_s += time.perf_counter() - t0
+        return out
+
+    def report(self) -> dict:
+        """What the cache cost and saved: seconds per example to compute the prefix against
+        to read it back (reads include assembling every batch's padded array)."""
+        per = lambda s, n: s / n if n else None  # noqa: E731
+        nbytes = sum(a.nbytes for a in self.rows.values())
+        return {"start": self.start, "dtype": self.dtype.name, "examples": len(self.rows),
+                "mib": round(nbytes / 2**20, 1), "compute_s_per_example": per(self.compute_s, self.computed),
+                "read_s_per_example": per(self.read_s, self.computed + self.read)}
+
+
+def _forward(model, seqs, idx, pad_id, cache, targets=None, grad=True):
+    tokens, lengths = batch(seqs, idx, pad_id)
+    if cache is None:
+        return model.forward(tokens, targets, lengths=lengths, grad=grad)
+    h = cache.hidden(idx, tokens, lengths)
+    return model.forward(tokens, targets, lengths=lengths, grad=grad, hidden=h, start=cache.start)
+
+
+def evaluate(model, seqs, targets, batch_size: int, pad_id: int, cache=None) -> dict:
     """Mean loss, accuracy and per-class accuracy over all examples."""
     n = len(seqs)
     loss_sum, pred = 0.0, np.empty(n, np.int64)
     for s in range(0, n, batch_size):
         idx = np.arange(s, min(n, s + batch_size))
-        tokens, lengths = batch(seqs, idx, pad_id)
-        logits = model.forward(tokens, lengths=lengths)
+        logits = _forward(model, seqs, idx, pad_id, cache)
         z = logits - logits.max(1, keepdims=True)
         logp = z - np.log(np.exp(z).sum(1, keepdims=True))
         loss_sum -= float(logp[np.arange(len(idx)), targets[idx]].sum(dtype=np.float64))
@@ -119,13 +178,15 @@ def finetune_classifier(args, log=print) -> dict:
                         _save_final, check_seq_len)
     args.validate()
     for flag, value, default in (("--schedule", args.schedule, "static"),
-                                 ("--prefix-cache", args.prefix_cache, "off"),
                                  ("--telemetry-every", args.telemetry_every, 0),
                                  ("--save-every", args.save_every, 0),
                                  ("--sample-prompt", args.sample_prompt, None)):
         if value != default:
             raise InputError(f"{flag} is not available for an encoder (a classifier) yet; "
                              "it works with causal LMs")
+    if args.prefix_cache == "disk":
+        raise InputError("--prefix-cache disk is not available for an encoder (a classifier) "
+                         "yet: use --prefix-cache memory")
     _check_out(args, resuming=False)
     texts, labels = read_labeled(args.data)
     if args.eval_data:
@@ -159,6 +220,11 @@ def finetune_classifier(args, log=print) -> dict:
     warmup = max(1, round(0.05 * steps)) if args.warmup is None else min(args.warmup, steps)
     sched = CosineSchedule(args.lr, steps, warmup, args.min_lr)
     opt = AdamW(model, lr=args.lr, weight_decay=args.weight_decay)
+    low = model.lowest_trainable_block()
+    caches = (None, None)
+    if args.prefix_cache == "memory" and low > 0:
+        caches = (PrefixRows(model, seqs, low, args.prefix_dtype),
+                  PrefixRows(model, held, low, args.prefix_dtype))
     _make_out(args.out)
     lock = _lock_out(args.out, log)
     metrics = os.path.join(args.out, "metrics.jsonl")
@@ -166,7 +232,8 @@ def finetune_classifier(args, log=print) -> dict:
         log(f"{len(seqs)} training / {len(held)} held-out texts; {steps} steps of "
             f"{args.batch_size} x {args.grad_accum}; trainable "
             f"{model.num_params(True):,} of {model.num_params():,} parameters")
-        base = evaluate(model, held, held_targets, args.batch_size, pad) if len(held) else None
+        base = (evaluate(model, held, held_targets, args.batch_size, pad, caches[1])
+                if len(held) else None)
         if base:
             log(f"held-out before: loss {base['loss']:.4f}  accuracy {base['accuracy']:.3f}")
             _log_metric(metrics, {"step": 0, "eval_loss": base["loss"],
@@ -174,7 +241,6 @@ def finetune_classifier(args, log=print) -> dict:
         rng = np.random.default_rng([args.seed, 11])
         order, at = rng.permutation(len(seqs)), 0
         t0 = time.perf_counter()
-        last = None
         for step in range(steps):
             model.zero_grad()
             parts = []
@@ -186,8 +252,7 @@ def finetune_classifier(args, log=print) -> dict:
             n_all = sum(len(p) for p in parts)
             loss = 0.0
             for idx in parts:
-                tokens, lengths = batch(seqs, idx, pad)
-                loss += model.forward(tokens, targets[idx], lengths=lengths) * len(idx) / n_all
+                loss += _forward(model, seqs, idx, pad, caches[0], targets[idx]) * len(idx) / n_all
                 model.backward(len(idx) / n_all)
             norm = clip_grad_norm(model, args.clip) if args.clip else None
             if not math.isfinite(loss) or (norm is not None and not math.isfinite(norm)):
@@ -202,11 +267,12 @@ def finetune_classifier(args, log=print) -> dict:
                 log(f"step {step + 1}/{steps}  loss {loss:.4f}  lr {opt.lr:.2e}  "
                     f"{time.perf_counter() - t0:.1f} s")
             if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < steps and len(held):
-                last = evaluate(model, held, held_targets, args.batch_size, pad)
-                _log_metric(metrics, {"step": step + 1, "eval_loss": last["loss"],
-                                      "eval_accuracy": last["accuracy"]})
+                mid = evaluate(model, held, held_targets, args.batch_size, pad, caches[1])
+                _log_metric(metrics, {"step": step + 1, "eval_loss": mid["loss"],
+                                      "eval_accuracy": mid["accuracy"]})
         seconds = time.perf_counter() - t0
-        final = evaluate(model, held, held_targets, args.batch_size, pad) if len(held) else None
+        final = (evaluate(model, held, held_targets, args.batch_size, pad, caches[1])
+                 if len(held) else None)
         if final:
             log(f"held-out after:  loss {final['loss']:.4f}  accuracy {final['accuracy']:.3f}")
             _log_metric(metrics, {"step": steps, "eval_loss": final["loss"],
@@ -216,6 +282,12 @@ def finetune_classifier(args, log=print) -> dict:
                    "train_seconds": round(seconds, 2), "base_eval": base, "final_eval": final,
                    "trainable_params": model.num_params(True), "params": model.num_params(),
                    "model": where}
+        if caches[0] is not None:
+            summary["prefix_cache"] = caches[0].report()
+            r = summary["prefix_cache"]
+            log(f"prefix cache: blocks below {low} computed once for {r['examples']} training "
+                f"texts ({r['mib']} MiB): {1e3 * (r['compute_s_per_example'] or 0):.2f} ms an "
+                f"example to compute, {1e3 * (r['read_s_per_example'] or 0):.3f} ms to read")
         write_json(os.path.join(args.out, "summary.json"), summary)
         log(f"saved {where}")
         return summary

@@ -40,7 +40,20 @@ def head_chunk_rows(N: int, V: int, need_dw: bool) -> int:
     return -(-N // -(-N // R))   # equal chunks: 512 + 512 rows, not 682 + 342 (a short GEMM is slow)
 
 
-_EMBEDDINGS = ("wte.", "wpe.", "wtt.", "ln_e.")   # parameters of the embedding stage
+EMBEDDINGS = ("wte.", "wpe.", "wtt.", "ln_e.")   # parameters of the embedding stage
+
+
+def new_head(cfg: Config, params: dict, seed: int = 0) -> dict:
+    """The classifier head's parameters missing from `params` (the pooler, the classifier),
+    as transformers initializes them: N(0, init_std) weights drawn from `seed`, zero biases."""
+    rng = np.random.default_rng(seed)
+    C, out = cfg.d_model, {}
+    for name, rows in (("pooler", C), ("classifier", len(cfg.labels))):
+        if name + ".weight" not in params:
+            out[name + ".weight"] = (rng.standard_normal((rows, C), dtype=np.float32)
+                                     * np.float32(cfg.init_std))
+            out[name + ".bias"] = np.zeros(rows, np.float32)
+    return out
 
 
 def block_of(name: str) -> int | None:
@@ -262,7 +275,7 @@ class Model:
             b = block_of(n)
             if b is not None:
                 low = min(low, b)
-            elif n.startswith(_EMBEDDINGS):
+            elif n.startswith(EMBEDDINGS):
                 return -1
         return low
 
@@ -755,14 +768,8 @@ class Model:
         params = {n: a for n, a in self.params.items() if not n.startswith("classifier.")}
         if cfg.labels is None:
             params = {n: a for n, a in params.items() if not n.startswith("pooler.")}
-        else:   # as transformers initializes them: N(0, init_std) weights, zero biases
-            rng = np.random.default_rng(seed)
-            C, K = c.d_model, len(cfg.labels)
-            for name, rows in (("pooler", C), ("classifier", K)):
-                if name + ".weight" not in params:
-                    params[name + ".weight"] = (rng.standard_normal((rows, C), dtype=np.float32)
-                                                * np.float32(c.init_std))
-                    params[name + ".bias"] = np.zeros(rows, np.float32)
+        else:
+            params.update(new_head(cfg, params, seed))
         return Model(cfg, params)
 
     # ---- saving -----------------------------------------------------------------------------

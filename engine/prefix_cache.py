@@ -34,14 +34,14 @@ except ImportError:   # Windows: a file another process has mapped cannot be rem
 import numpy as np
 
 from .errors import InputError
-from .model import block_of
+from .model import EMBEDDINGS, block_of
 
 
 def in_prefix(name: str, start: int) -> bool:
     """Whether parameter `name` is part of the prefix below block `start` (an embedding, or a
     lower block's)."""
     b = block_of(name)
-    return name in ("wte.weight", "wpe.weight") if b is None else b < start
+    return name.startswith(EMBEDDINGS) if b is None else b < start
 
 
 def prefix_hash(model, start: int) -> str:

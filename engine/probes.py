@@ -23,7 +23,7 @@ import numpy as np
 from kernels import stats
 from kernels.blas import one_thread
 
-from .model import IGNORE, block_of, head_chunk_rows
+from .model import EMBEDDINGS, IGNORE, block_of, head_chunk_rows
 
 
 def _linears(block):
@@ -114,7 +114,7 @@ def block_costs(model, B: int, T: int, everything: bool = False,
     if c.encoder:                                     # ... over the whole square
         attn_fwd *= 2
     C = c.d_model
-    emb = [n for n in model.params if n.startswith(("wte.", "wpe.", "wtt.", "ln_e."))]
+    emb = [n for n in model.params if n.startswith(EMBEDDINGS)]
     own = [n for n in emb if n != model.head]        # a tied wte is counted in the head row
     rows = [{"layer": "embeddings", "params": sum(model.params[n].size for n in emb),
              "trainable": any(n in G for n in emb),

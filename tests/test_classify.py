@@ -62,7 +62,7 @@ def _rows(path, rows):
 
 @pytest.mark.parametrize("extra,match", [
     (["--schedule", "gradual"], "--schedule is not available for an encoder"),
-    (["--prefix-cache", "memory"], "--prefix-cache is not available for an encoder"),
+    (["--prefix-cache", "disk"], "--prefix-cache disk is not available for an encoder"),
     (["--resume", "somewhere"], "--resume is not available for an encoder"),
 ])
 def test_flags_of_causal_runs_are_refused(minilm, tmp_path, capsys, extra, match):
@@ -90,3 +90,33 @@ def test_bad_classification_data_is_named(minilm, tmp_path, capsys, rows, match)
 def test_eval_of_an_encoder_without_head_says_so(minilm, capsys):
     assert cli(["eval", "--model", "minilm", "--data", TEST]) == 2
     assert "without a classifier head" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-3), ("float16", 0.05)])
+def test_prefix_cache_gives_the_same_weights(minilm, tmp_path, dtype, tol):
+    """Three epochs of 16 texts with the frozen blocks' output cached after the first: the
+    updates of an uncached run, to float32 rounding (float16: the hidden states rounded to 11
+    bits; Adam turns a gradient's rounding into a step's, so the updates agree to ~5%)."""
+    data = _rows(tmp_path / "d.jsonl", [json.loads(x) for x in open(TRAIN)][:16])
+    runs = {}
+    for cache in ("off", "memory"):
+        out = tmp_path / cache
+        assert cli(["finetune", "--model", "minilm", "--data", data, "--eval-fraction", "0",
+                    "--train-last", "1", "--epochs", "3", "--batch-size", "8", "--lr", "1e-3",
+                    "--seq-len", "64", "--prefix-cache", cache, "--prefix-dtype", dtype,
+                    "--out", str(out)]) == 0
+        runs[cache] = engine.load(str(out))
+        summary = json.loads((out / "summary.json").read_text())
+    report = summary["prefix_cache"]
+    assert report["examples"] == 16 and report["start"] == 5 and report["dtype"] == dtype
+    base = engine.load(MINILM, labels=runs["off"].config.labels)   # as the runs began
+    for n, a in runs["off"].params.items():
+        b = runs["memory"].params[n]
+        if not n.startswith(("blocks.5.", "pooler.", "classifier.")):
+            assert np.array_equal(a, b), n                      # frozen: bit for bit
+        elif not n.endswith("attn.k.bias"):
+            # (k's bias is left out: its gradient is rounding noise, softmax ignores a
+            # per-query constant, and Adam scales noise up to lr-sized steps either way)
+            step = np.linalg.norm(a - base.params[n])
+            assert step > 0, n
+            assert np.linalg.norm(b - a) <= tol * step, n

@@ -140,17 +140,12 @@ def to_engine(cfg: Config, get, names, fetch, expect) -> dict[str, np.ndarray]:
             continue
         out[e] = fetch(get, names, h)
     if new:
-        rng = np.random.default_rng(0)
-        for e in sorted(new):
-            rows = cfg.d_model if e.startswith("pooler.") else len(cfg.labels)
-            out[e] = (np.zeros(rows, np.float32) if e.endswith(".bias") else
-                      rng.standard_normal((rows, cfg.d_model), dtype=np.float32)
-                      * np.float32(cfg.init_std))
+        from ..model import new_head
+        out.update(new_head(cfg, out))
         heads = sorted({e.split(".")[0] for e in new})
         print(f"tailtune: the checkpoint has no {' or '.join(heads)} for these {len(cfg.labels)} "
               f"labels: {' and '.join(heads)} start{'' if len(heads) > 1 else 's'} from random "
-              "weights (train them)",
-              file=sys.stderr, flush=True)
+              "weights (train them)", file=sys.stderr, flush=True)
     for e, shape in (("wte.weight", (cfg.vocab_size, cfg.d_model)),
                      ("wpe.weight", (cfg.max_seq_len, cfg.d_model))):
         expect(out[e], shape, prefix + name_map(cfg, "")[e])
