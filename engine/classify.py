@@ -228,6 +228,7 @@ def finetune_classifier(args, log=print) -> dict:
     _make_out(args.out)
     lock = _lock_out(args.out, log)
     metrics = os.path.join(args.out, "metrics.jsonl")
+    cleanup = contextlib.ExitStack()
     try:
         log(f"{len(seqs)} training / {len(held)} held-out texts; {steps} steps of "
             f"{args.batch_size} x {args.grad_accum}; trainable "
@@ -241,7 +242,12 @@ def finetune_classifier(args, log=print) -> dict:
         rng = np.random.default_rng([args.seed, 11])
         order, at = rng.permutation(len(seqs)), 0
         t0 = time.perf_counter()
+        stop = _on_signals(cleanup)
+        done = 0
         for step in range(steps):
+            if stop["signal"] is not None:
+                log(f"interrupted at step {step}: the model as trained so far is saved")
+                break
             model.zero_grad()
             parts = []
             for _ in range(min(args.grad_accum, micro - step * args.grad_accum)):
@@ -261,6 +267,7 @@ def finetune_classifier(args, log=print) -> dict:
                                     f"(loss {loss}); try a lower --lr")
             opt.lr = sched(step)
             opt.step()
+            done = step + 1
             rec = {"step": step + 1, "loss": loss, "lr": opt.lr, "grad_norm": norm}
             _log_metric(metrics, rec)
             if (step + 1) % 10 == 0 or step + 1 == steps:
@@ -275,10 +282,11 @@ def finetune_classifier(args, log=print) -> dict:
                  if len(held) else None)
         if final:
             log(f"held-out after:  loss {final['loss']:.4f}  accuracy {final['accuracy']:.3f}")
-            _log_metric(metrics, {"step": steps, "eval_loss": final["loss"],
+            _log_metric(metrics, {"step": done, "eval_loss": final["loss"],
                                   "eval_accuracy": final["accuracy"]})
         where = _save_final(model, tok, args.out)
-        summary = {"status": "done", "task": "classification", "labels": classes, "steps": steps,
+        summary = {"status": "done" if done == steps else "interrupted",
+                   "task": "classification", "labels": classes, "steps": done,
                    "train_seconds": round(seconds, 2), "base_eval": base, "final_eval": final,
                    "trainable_params": model.num_params(True), "params": model.num_params(),
                    "model": where}
@@ -289,11 +297,34 @@ def finetune_classifier(args, log=print) -> dict:
                 f"texts ({r['mib']} MiB): {1e3 * (r['compute_s_per_example'] or 0):.2f} ms an "
                 f"example to compute, {1e3 * (r['read_s_per_example'] or 0):.3f} ms to read")
         write_json(os.path.join(args.out, "summary.json"), summary)
+        if stop["signal"] is not None:
+            summary["signal"] = stop["signal"]
         log(f"saved {where}")
         return summary
     finally:
+        cleanup.close()
         if lock is not None:
             os.close(lock)
+
+
+def _on_signals(cleanup) -> dict:
+    """Ctrl-C (SIGINT, SIGTERM; SIGBREAK on Windows) ends the run after the current step, which
+    then evaluates and saves as at its end; a second one stops at once. The handlers before are
+    put back when `cleanup` closes."""
+    import signal
+    import threading
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        if stop["signal"] is not None:
+            raise KeyboardInterrupt
+        stop["signal"] = signum
+    if threading.current_thread() is threading.main_thread():
+        for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
+            if hasattr(signal, name):
+                sig = getattr(signal, name)
+                cleanup.callback(signal.signal, sig, signal.signal(sig, on_signal))
+    return stop
 
 
 def _count(n_train: int, args) -> tuple[int, int]:

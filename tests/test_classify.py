@@ -120,3 +120,25 @@ def test_prefix_cache_gives_the_same_weights(minilm, tmp_path, dtype, tol):
             step = np.linalg.norm(a - base.params[n])
             assert step > 0, n
             assert np.linalg.norm(b - a) <= tol * step, n
+
+
+def test_ctrl_c_ends_after_the_step_and_saves(minilm, tmp_path):
+    import signal
+
+    from engine.train import TrainArgs, finetune
+
+    def log(msg):   # Ctrl-C from inside the run, right after step 10 (the progress line)
+        if msg.startswith("step 10/"):
+            signal.raise_signal(signal.SIGINT)
+    before = signal.getsignal(signal.SIGINT)
+    data = _rows(tmp_path / "d.jsonl", [json.loads(x) for x in open(TRAIN)][:16])
+    args = TrainArgs(model="minilm", data=data, eval_fraction=0.0, out=str(tmp_path / "run"),
+                     train_last=1, steps=30, batch_size=4, seq_len=48, lr=1e-3)
+    summary = finetune(args, log=log)
+    assert summary["status"] == "interrupted" and summary["steps"] == 10
+    assert summary["signal"] == signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) is before        # the handler put back
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in lines) == 10
+    m = engine.load(str(tmp_path / "run"))                  # model/ saved, whole
+    assert m.config.labels == summary["labels"]
