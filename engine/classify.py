@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
 import time
 
 import numpy as np
@@ -165,7 +166,7 @@ def choose_labels(model_path: str, data_labels) -> list[str]:
     seen = sorted(set(data_labels))
     if own and set(seen) <= set(own):
         return own
-    if len(seen) < 2:
+    if len(seen) == 1:
         raise InputError(f"the training data has one label ({seen[0]!r}): a classifier needs "
                          "examples of two or more")
     return seen
@@ -199,6 +200,10 @@ def finetune_classifier(args, log=print) -> dict:
         texts = [texts[i] for i in train_idx]
         labels = [labels[i] for i in train_idx]
         train_idx = np.arange(len(texts))
+        if not texts:
+            raise InputError(f"{args.data}: {len(held_texts)} row(s), and --eval-fraction "
+                             f"{args.eval_fraction} holds out all of them: none is left to train "
+                             "on (give more rows, --eval-fraction 0, or --eval-data)")
     classes = choose_labels(args.model, labels)
     unknown = sorted(set(held_labels) - set(classes))
     if unknown:
@@ -210,6 +215,11 @@ def finetune_classifier(args, log=print) -> dict:
     _apply_freezing(model, args)
     index = {c: i for i, c in enumerate(classes)}
     seqs, targets = encode(tok, texts, seq_len), np.array([index[x] for x in labels])
+    if args.eval_batches and len(held_texts) > args.eval_batches * args.batch_size:
+        n = args.eval_batches * args.batch_size
+        log(f"note: held-out evaluations use the first {n} of {len(held_texts)} texts "
+            f"(--eval-batches {args.eval_batches} x --batch-size {args.batch_size}; 0: all)")
+        held_texts, held_labels = held_texts[:n], held_labels[:n]
     held = encode(tok, held_texts, seq_len)
     held_targets = np.array([index[x] for x in held_labels], np.int64)
     cut = sum(len(s) == seq_len for s in seqs)
@@ -225,6 +235,7 @@ def finetune_classifier(args, log=print) -> dict:
     if args.prefix_cache == "memory" and low > 0:
         caches = (PrefixRows(model, seqs, low, args.prefix_dtype),
                   PrefixRows(model, held, low, args.prefix_dtype))
+    created = not os.path.exists(args.out)
     _make_out(args.out)
     lock = _lock_out(args.out, log)
     metrics = os.path.join(args.out, "metrics.jsonl")
@@ -301,6 +312,15 @@ def finetune_classifier(args, log=print) -> dict:
             summary["signal"] = stop["signal"]
         log(f"saved {where}")
         return summary
+    except BaseException:
+        # no checkpoint to resume from: a run that failed leaves no --out behind (a second
+        # Ctrl-C during the final save included); one that existed keeps only what it held
+        if created:
+            shutil.rmtree(args.out, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(metrics)
+        raise
     finally:
         cleanup.close()
         if lock is not None:

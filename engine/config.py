@@ -164,10 +164,10 @@ class Config:
                               f"{self.type_vocab_size!r}")
         if self.labels is not None:
             lb = self.labels
-            if (not isinstance(lb, list) or not lb or not all(isinstance(x, str) and x for x in lb)
-                    or len(set(lb)) != len(lb)):
-                raise ConfigError(f"Config.labels must be a non-empty list of distinct non-empty "
-                                  f"strings (the classes), got {reprlib.repr(lb)}")
+            if (not isinstance(lb, list) or len(lb) < 2
+                    or not all(isinstance(x, str) and x for x in lb) or len(set(lb)) != len(lb)):
+                raise ConfigError(f"Config.labels must be a list of two or more distinct "
+                                  f"non-empty strings (the classes), got {reprlib.repr(lb)}")
             if self.causal is not False:
                 raise ConfigError("Config.labels (a classifier head) needs an encoder "
                                   "(causal=False)")
@@ -176,6 +176,11 @@ class Config:
                               "tie_embeddings=False")
         if self.post_norm is True and self.qk_norm is True:
             raise ConfigError("Config.qk_norm is not supported with post_norm")
+        if (isinstance(self.causal, bool) and isinstance(self.post_norm, bool)
+                and self.post_norm == self.causal):
+            raise ConfigError("Config.post_norm goes with an encoder (causal=False, BERT's "
+                              "layout) and pre-norm with a causal LM: other pairings are not "
+                              "supported")
 
     @property
     def encoder(self) -> bool:

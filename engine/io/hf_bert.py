@@ -16,8 +16,9 @@ from ..errors import CheckpointError, ConfigError
 _GELUS = {"gelu": "gelu_erf", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu_fast": "gelu"}
 
 
-def config_from_hf(hf: dict, get) -> Config:
-    """`get` is hf_names._get (checked lookups)."""
+def config_from_hf(hf: dict, get, head: bool = True) -> Config:
+    """`get` is hf_names._get (checked lookups). head=False: the file's classifier head is not
+    wanted (labels of the caller's replace it), so its kind is not checked either."""
     act = hf.get("hidden_act", "gelu")
     if act not in _GELUS:
         raise ConfigError(f"bert hidden_act {act!r} is not supported (only {sorted(_GELUS)})")
@@ -39,7 +40,8 @@ def config_from_hf(hf: dict, get) -> Config:
                        type_vocab_size=get(hf, "type_vocab_size", "size", 2),
                        norm_eps=get(hf, "layer_norm_eps", "number", 1e-12), mlp=_GELUS[act],
                        init_std=get(hf, "initializer_range", "number", 0.02),
-                       labels=_labels(hf), pad_token_id=get(hf, "pad_token_id", "id", None))
+                       labels=_labels(hf) if head else None,
+                       pad_token_id=get(hf, "pad_token_id", "id", None))
 
 
 def _labels(hf: dict) -> list[str] | None:
@@ -109,8 +111,7 @@ def name_map(cfg: Config, prefix: str) -> dict[str, str]:
         for e, h in parts:
             for w in ("weight", "bias"):
                 m[f"blocks.{i}.{e}.{w}"] = f"encoder.layer.{i}.{h}.{w}"
-    if cfg.labels:
-        m.update({"pooler.weight": "pooler.dense.weight", "pooler.bias": "pooler.dense.bias"})
+    m.update({"pooler.weight": "pooler.dense.weight", "pooler.bias": "pooler.dense.bias"})
     m = {e: prefix + h for e, h in m.items()}
     if cfg.labels:
         m.update({"classifier.weight": "classifier.weight", "classifier.bias": "classifier.bias"})
@@ -132,19 +133,21 @@ def to_engine(cfg: Config, get, names, fetch, expect) -> dict[str, np.ndarray]:
     prefix = prefix_of(names)
     out, new = {}, []
     for e, h in name_map(cfg, prefix).items():
-        if e.startswith("pooler.") and h not in names:
+        if e.startswith(("pooler.", "classifier.")) and h not in names:
             new.append(e)
             continue
-        if e.startswith("classifier.") and h not in names:
-            new.append(e)
-            continue
+        if h not in names and ".LayerNorm." in h:
+            # the first BERT checkpoints (bert-base-uncased's) name them gamma and beta
+            old = h.replace(".weight", ".gamma").replace(".bias", ".beta")
+            h = old if old in names else h
         out[e] = fetch(get, names, h)
     if new:
         from ..model import new_head
         out.update(new_head(cfg, out))
         heads = sorted({e.split(".")[0] for e in new})
-        print(f"tailtune: the checkpoint has no {' or '.join(heads)} for these {len(cfg.labels)} "
-              f"labels: {' and '.join(heads)} start{'' if len(heads) > 1 else 's'} from random "
+        what = f" for these {len(cfg.labels)} labels" if "classifier" in heads else ""
+        print(f"tailtune: the checkpoint has no {' or '.join(heads)}{what}: "
+              f"{' and '.join(heads)} start{'' if len(heads) > 1 else 's'} from random "
               "weights (train them)", file=sys.stderr, flush=True)
     for e, shape in (("wte.weight", (cfg.vocab_size, cfg.d_model)),
                      ("wpe.weight", (cfg.max_seq_len, cfg.d_model))):
@@ -153,10 +156,10 @@ def to_engine(cfg: Config, get, names, fetch, expect) -> dict[str, np.ndarray]:
 
 
 def dropped(cfg: Config, name: str) -> bool:
-    """A tensor of the file the engine leaves out on purpose: the pretraining heads, and a
-    pooler or classifier the model has no use for (no head, or other labels)."""
+    """A tensor of the file the engine leaves out on purpose: the pretraining heads (masked-LM,
+    next-sentence), and a classifier the model has no use for (no labels, or other labels)."""
     bare = name[5:] if name.startswith("bert.") else name
-    return bare.startswith(("cls.", "pooler.", "classifier."))
+    return bare.startswith(("cls.", "classifier."))
 
 
 def to_hf(cfg: Config, params: dict) -> dict[str, np.ndarray]:

@@ -53,12 +53,14 @@ def _token_ids(hf: dict) -> dict:
             "pad_token_id": _get(hf, "pad_token_id", "id", None)}
 
 
-def config_from_hf(hf: dict) -> Config:
+def config_from_hf(hf: dict, head: bool = True) -> Config:
+    """head=False: a classifier head of the file is to be replaced (bert: its labels, or a
+    regression head, are not read)."""
     mt = hf.get("model_type")
     if mt not in SUPPORTED:
         raise ConfigError(f"unknown model type {mt!r} in config.json; tailtune supports {SUPPORTED}")
     if mt == "bert":
-        return hf_bert.config_from_hf(hf, _get)
+        return hf_bert.config_from_hf(hf, _get, head)
     if mt == "gpt2":
         act = hf.get("activation_function", "gelu_new")
         if act not in _TANH_GELUS:
