@@ -602,16 +602,19 @@ def _short(file: str) -> str:
 
 # ---- the side-by-side timing of a training step ---------------------------------------------------
 def time_alternating(args, config, B: int, T: int, k: int, engine_step, torch_step,
-                     losses_e: list, losses_t: list, say, head_rows: int | None = None) -> dict:
+                     losses_e: list, losses_t: list, say, head_rows: int | None = None,
+                     flops: "StepFlops | None" = None) -> dict:
     """Warm-up, numpy.matmul's rate on the step's GEMM shapes, `args.repeats` rounds of
     `args.steps` engine steps and as many torch steps, in ABBA order (each step's loss appended
-    to losses_e / losses_t), the matmul rate again (the machine drifts), and a cProfile of engine steps."""
+    to losses_e / losses_t), the matmul rate again (the machine drifts), and a cProfile of engine
+    steps. flops: the step's FLOP model, when not a decoder's (step_flops of the config)."""
     for i in range(args.warmup):
         say(f"warm-up {i + 1}/{args.warmup}")
         losses_e.append(engine_step())
         losses_t.append(torch_step())
     blas_in_engine_steps = openblas_in_engine()    # before gemm_rates touches the count
-    flops = step_flops(Dims.from_config(config), B, T, k, head_rows=head_rows)
+    if flops is None:
+        flops = step_flops(Dims.from_config(config), B, T, k, head_rows=head_rows)
     shapes = list(flops.gemms)
     say(f"numpy.matmul rate on {len(shapes)} GEMM shapes ({args.threads} threads)")
     rates_before = gemm_rates(shapes, args.threads, args.gemm_repeats)
@@ -625,8 +628,8 @@ def time_alternating(args, config, B: int, T: int, k: int, engine_step, torch_st
             for _ in range(args.steps):
                 losses.append(step())
             times.append((time.perf_counter() - t0) / args.steps)
-        say(f"repeat {r + 1}/{args.repeats}: engine {e_times[-1]:.2f} s/step, "
-            f"torch {t_times[-1]:.2f} s/step")
+        say(f"repeat {r + 1}/{args.repeats}: engine {e_times[-1]:.3f} s/step, "
+            f"torch {t_times[-1]:.3f} s/step")
     rates_after = gemm_rates(shapes, args.threads, args.gemm_repeats, seed=1)
     rates = {s: rates_before[s] + rates_after[s] for s in shapes}
     prof = None

@@ -325,41 +325,6 @@ def probe_flops(model, B: int, T: int) -> dict:
     return {"total": total, "attention_recompute": recompute, "total_without_recompute": total - recompute}
 
 
-def time_alternating(args, flops, engine_step, torch_step, losses_e: list, losses_t: list, say) -> dict:
-    """common.time_alternating with this encoder's FLOP model (that one derives the decoder's,
-    LM head included, from the config): warm-up, numpy.matmul's rate on the step's GEMM shapes,
-    ABBA rounds, the rate again, a cProfile of engine steps. Returns what common.timing_fields
-    reads."""
-    for i in range(args.warmup):
-        say(f"warm-up {i + 1}/{args.warmup}")
-        losses_e.append(engine_step())
-        losses_t.append(torch_step())
-    blas_in_engine_steps = C.openblas_in_engine()    # before gemm_rates touches the count
-    shapes = list(flops.gemms)
-    say(f"numpy.matmul rate on {len(shapes)} GEMM shapes ({args.threads} threads)")
-    rates_before = C.gemm_rates(shapes, args.threads, args.gemm_repeats)
-    e_times, t_times = [], []
-    for r in range(args.repeats):
-        sides = ((engine_step, losses_e, e_times), (torch_step, losses_t, t_times))
-        for step, losses, times in sides if r % 2 == 0 else sides[::-1]:   # ABBA
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                losses.append(step())
-            times.append((time.perf_counter() - t0) / args.steps)
-        say(f"repeat {r + 1}/{args.repeats}: engine {e_times[-1]:.3f} s/step, "
-            f"torch {t_times[-1]:.3f} s/step")
-    rates_after = C.gemm_rates(shapes, args.threads, args.gemm_repeats, seed=1)
-    rates = {s: rates_before[s] + rates_after[s] for s in shapes}
-    prof = None
-    if args.profile_steps > 0:
-        say(f"cProfile of {args.profile_steps} engine step(s)")
-        prof = C.profile_top(engine_step, args.profile_steps, top=15)
-    return {"blas_in_engine_steps": blas_in_engine_steps, "flops": flops, "shapes": shapes,
-            "rates_before": rates_before, "rates_after": rates_after, "rates": rates,
-            "gemm_eff": C.effective_rate(flops, rates), "e_times": e_times, "t_times": t_times,
-            "prof": prof}
-
-
 # ---- worker subprocesses ----------------------------------------------------------------------
 def _worker(args) -> dict:
     """One side alone in a fresh process: load, reset the peak, one warm-up step and
@@ -504,7 +469,8 @@ def run(args=None) -> dict:
     # 2. warm-up, matmul rate, alternating timed repeats, matmul rate again, profile
     flops = encoder_step_flops(c, B, T, k)
     probe = probe_flops(model, B, T)
-    tm = time_alternating(args, flops, engine_step, torch_step, losses_e, losses_t, say)
+    tm = C.time_alternating(args, model.config, B, T, k, engine_step, torch_step, losses_e,
+                            losses_t, say, flops=flops)
     blas_in_engine_steps, gemm_eff = tm["blas_in_engine_steps"], tm["gemm_eff"]
     e_times, t_times, prof = tm["e_times"], tm["t_times"], tm["prof"]
     threads = C.thread_counts()

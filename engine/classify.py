@@ -1,5 +1,6 @@
 """Sequence classification with an encoder (BERT): `tailtune finetune` and `tailtune eval` when
-the model is one. The data is JSONL, one {"text": ..., "label": ...} row per example; the labels
+the model is one. The data is JSONL, one {"text": ..., "label": ...} row per example, or
+{"text": ..., "text_pair": ..., "label": ...} for a pair of texts (BERT's two segments); the labels
 become the classifier head's classes (those of a classifier the model already has, when the
 data's are among them; else the data's, sorted, and a new head).
 
@@ -22,7 +23,7 @@ import time
 import numpy as np
 
 from . import data as D
-from .errors import InputError
+from .errors import DivergedError, InputError
 from .io import load, read_hf_config, write_json
 from .io.hf_names import config_from_hf
 from .io.resolve import resolve_model_path
@@ -40,9 +41,9 @@ def is_encoder(model_path: str) -> bool:
     return False
 
 
-def read_labeled(path: str) -> tuple[list[str], list[str]]:
+def read_labeled(path: str) -> tuple[list, list[str]]:
     """(texts, labels) of a JSONL file of {"text", "label"} rows (a label may be a number: it is
-    its text)."""
+    its text); a row with a "text_pair" gives the tuple (text, pair)."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such data file")
     if not path.lower().endswith((".jsonl", ".json")):
@@ -57,31 +58,44 @@ def read_labeled(path: str) -> tuple[list[str], list[str]]:
         if isinstance(label, bool) or not isinstance(label, (str, int)) or label == "":
             raise InputError(f'{where}: "label" must be a non-empty string or an integer, got '
                              f"{label!r}")
-        texts.append(row["text"])
+        pair = row.get("text_pair")
+        if pair is not None and not isinstance(pair, str):
+            raise InputError(f'{where}: "text_pair" must be a string, got {type(pair).__name__}')
+        texts.append(row["text"] if pair is None else (row["text"], pair))
         labels.append(str(label))
     if not texts:
         raise InputError(f"{path}: no rows")
     return texts, labels
 
 
-def encode(tok, texts, seq_len: int) -> list[np.ndarray]:
-    """Token ids of each text with the tokenizer's special tokens ([CLS] ... [SEP]), cut to
-    seq_len keeping the last special token."""
+def encode(tok, texts, seq_len: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """(token ids, token types or None) of each text or (text, pair), with the tokenizer's
+    special tokens ([CLS] a [SEP] (b [SEP])), cut to seq_len as transformers cuts them (the longer
+    of a pair first; the special tokens kept)."""
+    if not hasattr(tok, "encode_pairs"):
+        raise InputError(f"{type(tok).__name__} has no template for a classifier's texts; an "
+                         "encoder needs its Hugging Face tokenizer (tokenizer.json)")
+    a = [t[0] if isinstance(t, tuple) else t for t in texts]
+    b = [t[1] if isinstance(t, tuple) else None for t in texts]
     out = []
-    for ids in tok.encode_batch(texts):
-        if len(ids) > seq_len:
-            ids = ids[:seq_len - 1] + ids[-1:] if ids[-1] in tok.special_ids else ids[:seq_len]
-        out.append(np.asarray(ids, np.int64))
+    for ids, types in tok.encode_pairs(a, b, max_length=seq_len):
+        ty = np.asarray(types, np.int64)
+        out.append((np.asarray(ids, np.int64), ty if ty.any() else None))
     return out
 
 
 def batch(seqs, idx, pad_id: int):
-    """(tokens (B, T) padded on the right to the longest, lengths (B,))."""
-    lengths = np.array([len(seqs[i]) for i in idx], np.int64)
+    """(tokens (B, T) padded on the right to the longest, lengths (B,), types (B, T) or None
+    when every token is of type 0)."""
+    lengths = np.array([len(seqs[i][0]) for i in idx], np.int64)
     tokens = np.full((len(idx), int(lengths.max())), pad_id, np.int64)
+    typed = any(seqs[i][1] is not None for i in idx)
+    types = np.zeros(tokens.shape, np.int64) if typed else None
     for r, i in enumerate(idx):
-        tokens[r, :lengths[r]] = seqs[i]
-    return tokens, lengths
+        tokens[r, :lengths[r]] = seqs[i][0]
+        if typed and seqs[i][1] is not None:
+            types[r, :lengths[r]] = seqs[i][1]
+    return tokens, lengths, types
 
 
 class PrefixRows:
@@ -99,7 +113,7 @@ class PrefixRows:
         self.computed = self.read = 0
         self.compute_s = self.read_s = 0.0
 
-    def hidden(self, idx, tokens, lengths) -> np.ndarray:
+    def hidden(self, idx, tokens, lengths, types=None) -> np.ndarray:
         """(B, T, C) input of block `start` for the examples idx, batched as tokens."""
         from .prefix_cache import _prefix_version
         if _prefix_version(self.model, self.start) != self.version:
@@ -110,7 +124,8 @@ class PrefixRows:
             sub = np.asarray(missing)
             T = int(lengths[sub].max())
             h = self.model.prefix(np.ascontiguousarray(tokens[sub, :T]), self.start,
-                                  lengths=lengths[sub])
+                                  lengths=lengths[sub],
+                                  types=None if types is None else types[sub, :T])
             for j, r in enumerate(missing):
                 self.rows[int(idx[r])] = h[j, :lengths[r]].astype(self.dtype)
             self.computed += len(missing)
@@ -134,11 +149,12 @@ class PrefixRows:
 
 
 def _forward(model, seqs, idx, pad_id, cache, targets=None, grad=True):
-    tokens, lengths = batch(seqs, idx, pad_id)
+    tokens, lengths, types = batch(seqs, idx, pad_id)
     if cache is None:
-        return model.forward(tokens, targets, lengths=lengths, grad=grad)
-    h = cache.hidden(idx, tokens, lengths)
-    return model.forward(tokens, targets, lengths=lengths, grad=grad, hidden=h, start=cache.start)
+        return model.forward(tokens, targets, lengths=lengths, types=types, grad=grad)
+    h = cache.hidden(idx, tokens, lengths, types)
+    return model.forward(tokens, targets, lengths=lengths, types=types, grad=grad, hidden=h,
+                         start=cache.start)
 
 
 def evaluate(model, seqs, targets, batch_size: int, pad_id: int, cache=None) -> dict:
@@ -192,14 +208,12 @@ def finetune_classifier(args, log=print) -> dict:
     texts, labels = read_labeled(args.data)
     if args.eval_data:
         held_texts, held_labels = read_labeled(args.eval_data)
-        train_idx = np.arange(len(texts))
     else:
         train_idx, eval_idx = D.split(len(texts), args.eval_fraction, args.seed)
         held_texts = [texts[i] for i in eval_idx]
         held_labels = [labels[i] for i in eval_idx]
         texts = [texts[i] for i in train_idx]
         labels = [labels[i] for i in train_idx]
-        train_idx = np.arange(len(texts))
         if not texts:
             raise InputError(f"{args.data}: {len(held_texts)} row(s), and --eval-fraction "
                              f"{args.eval_fraction} holds out all of them: none is left to train "
@@ -215,6 +229,9 @@ def finetune_classifier(args, log=print) -> dict:
     _apply_freezing(model, args)
     index = {c: i for i, c in enumerate(classes)}
     seqs, targets = encode(tok, texts, seq_len), np.array([index[x] for x in labels])
+    if model.config.type_vocab_size < 2 and any(s[1] is not None for s in seqs):
+        raise InputError(f"{args.data}: pairs of texts (text_pair) need two token types; "
+                         f"{args.model} has {model.config.type_vocab_size}")
     if args.eval_batches and len(held_texts) > args.eval_batches * args.batch_size:
         n = args.eval_batches * args.batch_size
         log(f"note: held-out evaluations use the first {n} of {len(held_texts)} texts "
@@ -222,7 +239,7 @@ def finetune_classifier(args, log=print) -> dict:
         held_texts, held_labels = held_texts[:n], held_labels[:n]
     held = encode(tok, held_texts, seq_len)
     held_targets = np.array([index[x] for x in held_labels], np.int64)
-    cut = sum(len(s) == seq_len for s in seqs)
+    cut = sum(len(s[0]) == seq_len for s in seqs)
     if cut:
         log(f"note: {cut} training texts reach --seq-len {seq_len} and may be cut")
     pad = tok.pad_id if tok.pad_id is not None else 0
@@ -273,7 +290,6 @@ def finetune_classifier(args, log=print) -> dict:
                 model.backward(len(idx) / n_all)
             norm = clip_grad_norm(model, args.clip) if args.clip else None
             if not math.isfinite(loss) or (norm is not None and not math.isfinite(norm)):
-                from .errors import DivergedError
                 raise DivergedError(f"step {step + 1}: the loss or gradient is not finite "
                                     f"(loss {loss}); try a lower --lr")
             opt.lr = sched(step)

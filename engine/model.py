@@ -330,12 +330,12 @@ class Model:
         cos, sin = self._rope
         return np.ascontiguousarray(cos[pos0:end]), np.ascontiguousarray(sin[pos0:end])
 
-    def embed(self, tokens, pos0=0):
-        return self._embed(tokens, pos0)[0]
+    def embed(self, tokens, pos0=0, types=None):
+        return self._embed(tokens, pos0, types=self._types(types, tokens.shape))[0]
 
-    def _embed(self, tokens, pos0=0, keep=False):
+    def _embed(self, tokens, pos0=0, keep=False, types=None):
         """(B, T, C) input of block 0, and (kept for backward through the embedding norm) its
-        input and statistics, or None."""
+        input and statistics, or None. types: (B, T) token types (checked), None: all 0."""
         B, T = tokens.shape
         P = self.params
         x = np.empty((B, T, self.config.d_model), np.float32)
@@ -343,8 +343,8 @@ class Model:
         if wpe is None:
             wpe = np.zeros((0, self.config.d_model), np.float32)
         embedding_forward(tokens, P["wte.weight"], wpe, pos0, x)
-        if "wtt.weight" in P:    # every token of type 0: single sequences (no pairs yet)
-            x += P["wtt.weight"][0]
+        if "wtt.weight" in P:
+            x += P["wtt.weight"][0] if types is None else P["wtt.weight"][types]
         if self.ln_e is None:
             return x, None
         y, st = self.ln_e.forward(P, x.reshape(-1, x.shape[-1]))
@@ -363,6 +363,22 @@ class Model:
                              f"{a.max()}")
         return np.ascontiguousarray(a, dtype=np.int64)
 
+    def _types(self, types, shape):
+        """Token types (B, T) as int64 (BERT's segments: 0 for a text, 1 for its pair), or None
+        (all 0)."""
+        if types is None:
+            return None
+        V = self.config.type_vocab_size
+        if not V:
+            raise InputError("this model has no token types (types= is for encoders such as BERT)")
+        a = np.asarray(types)
+        if a.dtype.kind not in "iu" or a.shape != tuple(shape):
+            raise InputError(f"types must be integers of the tokens' shape {tuple(shape)}, got "
+                             f"{a.dtype} of shape {a.shape}")
+        if a.min() < 0 or a.max() >= V:
+            raise InputError(f"types must be in 0..{V - 1}, got {a.min()} .. {a.max()}")
+        return np.ascontiguousarray(a, dtype=np.int64)
+
     def _labels(self, targets, B: int):
         """An encoder's targets: (B,) class indices (or -100: ignored) as int64."""
         K = len(self.config.labels)
@@ -379,7 +395,8 @@ class Model:
         return np.ascontiguousarray(t, dtype=np.int64)
 
     @_blas_one_thread
-    def forward(self, tokens, targets=None, *, grad=True, hidden=None, start=0, lengths=None):
+    def forward(self, tokens, targets=None, *, grad=True, hidden=None, start=0, lengths=None,
+                types=None):
         """tokens (B, T) -> logits (B, T, V); with targets (B, T) -> mean loss over positions
         whose target is not -100. With targets and grad=True, keeps what backward() needs for
         the trainable part only (grad=False: evaluation, keeps nothing).
@@ -387,19 +404,21 @@ class Model:
         replaces the embeddings and blocks below `start`; none of those may be trainable.
         An encoder: tokens (B, T) -> class logits (B, len(labels)), or the last hidden states
         (B, T, d_model) without a classifier head; targets are (B,) class indices; lengths (B,)
-        the unpadded length of each sequence (padding on the right is never attended to)."""
+        the unpadded length of each sequence (padding on the right is never attended to);
+        types (B, T) the token types (a text 0, its pair 1; default all 0)."""
         tokens = self._tokens(tokens)
         self._tape = None
         B, T = tokens.shape
         lengths = self._lengths(lengths, B, T)
+        types = self._types(types, (B, T))
         if self.config.encoder:
-            return self._forward_encoder(tokens, targets, grad, hidden, start, lengths)
+            return self._forward_encoder(tokens, targets, grad, hidden, start, lengths, types)
         if targets is not None:
             targets = self._tokens(targets, "targets", allow_ignore=True)
             if targets.shape != tokens.shape:
                 raise InputError(f"targets shape {targets.shape} differs from tokens shape {tokens.shape}")
         keep = targets is not None and grad and bool(self.grads)
-        low, x, emb, start = self._start(tokens, keep, hidden, start)
+        low, x, emb, start = self._start(tokens, keep, hidden, start, types)
         rope = self._rope_tables(T)
         prof = layers.PROFILE
         # Positions without a target (-100: padding, a masked prompt) need no output from the
@@ -430,10 +449,11 @@ class Model:
             prof.add("head", "forward+input-grad", perf_counter() - t0)
         if keep:
             self._tape = dict(tokens=tokens, saved=saved, low=low, x=x2, st=st, dh=dh, dw=dw, rope=rope,
-                              emb=emb, weights=self._weights_now(), empty=n_targets == 0)
+                              emb=emb, types=types, weights=self._weights_now(),
+                              empty=n_targets == 0)
         return loss
 
-    def _start(self, tokens, keep, hidden, start):
+    def _start(self, tokens, keep, hidden, start, types=None):
         """(lowest block backward reaches, block `start`'s input, what the embedding norm keeps,
         start): the embeddings, or the given hidden state of block `start`."""
         if keep:
@@ -442,7 +462,7 @@ class Model:
         if hidden is None:
             prof = layers.PROFILE
             t0 = perf_counter() if prof else 0.0
-            x, emb = self._embed(tokens, keep=keep and low == -1)
+            x, emb = self._embed(tokens, keep=keep and low == -1, types=types)
             if prof:
                 prof.add("embeddings", "forward", perf_counter() - t0)
             return low, x, emb, 0
@@ -469,7 +489,7 @@ class Model:
                 saved[b.index] = s
         return x, saved
 
-    def _forward_encoder(self, tokens, targets, grad, hidden, start, lengths):
+    def _forward_encoder(self, tokens, targets, grad, hidden, start, lengths, types):
         """An encoder's forward: the hidden states, or the classifier head's logits over the
         first position (BERT's pooler: tanh of a linear map, then one logit per label), or with
         targets the mean cross-entropy."""
@@ -481,7 +501,7 @@ class Model:
                                  "states); add one with model.with_classifier(labels)")
             targets = self._labels(targets, B)
         keep = targets is not None and grad and bool(self.grads)
-        low, x, emb, start = self._start(tokens, keep, hidden, start)
+        low, x, emb, start = self._start(tokens, keep, hidden, start, types)
         rope = self._rope_tables(T)
         first = np.arange(B) * T if c.labels is not None else None   # the first position's rows
         x, saved = self._run_blocks(x, start, low, keep, rope, first, lengths)
@@ -504,7 +524,7 @@ class Model:
         if keep:   # the logits become their gradient, in place
             crossentropy_forward_backward(logits, targets, losses, lse, 1.0 / n)
             self._tape = dict(encoder=True, tokens=tokens, saved=saved, low=low, cls=cls,
-                              pooled=pooled, dlogits=logits, emb=emb, rope=rope,
+                              pooled=pooled, dlogits=logits, emb=emb, types=types, rope=rope,
                               weights=self._weights_now(), empty=False)
         else:
             crossentropy_forward(logits, targets, losses, lse)
@@ -513,7 +533,7 @@ class Model:
         return float(losses.sum(dtype=np.float64) / n)
 
     @_blas_one_thread
-    def prefix(self, tokens, upto: int, hidden=None, start: int = 0, lengths=None):
+    def prefix(self, tokens, upto: int, hidden=None, start: int = 0, lengths=None, types=None):
         """The input of block `upto` (B, T, d_model): embeddings and blocks below it, run
         forward without keeping anything. forward(..., hidden=, start=upto) continues from it.
         With hidden (the input of block `start`), only blocks start .. upto - 1 run."""
@@ -524,7 +544,7 @@ class Model:
                              "(the model's blocks run below it)")
         rope = self._rope_tables(tokens.shape[1])
         if hidden is None:
-            x, start = self.embed(tokens), 0
+            x, start = self.embed(tokens, types=types), 0
         else:
             if not is_int(start) or not 0 <= start <= upto:
                 raise InputError(f"prefix start={start!r} must be an integer in 0..upto={upto}")
@@ -730,8 +750,14 @@ class Model:
                 dx_e = np.zeros_like(dx)
                 self.ln_e.backward(P, G, dx, x.reshape(dx.shape), st, dx_e)
                 dx = dx_e
-            if "wtt.weight" in G:   # every token is of type 0
-                G["wtt.weight"][0] += dx.sum(axis=0)
+            if "wtt.weight" in G:
+                dx2, types = dx.reshape(-1, dx.shape[-1]), tape.get("types")
+                if types is None:       # every token of type 0
+                    G["wtt.weight"][0] += dx2.sum(axis=0)
+                else:                   # a few types: a masked sum each
+                    t = types.reshape(-1)
+                    for v in range(len(G["wtt.weight"])):
+                        G["wtt.weight"][v] += dx2[t == v].sum(axis=0)
             dwte, pad = G.get("wte.weight"), self._padding_row()
             kept = dwte[pad].copy() if dwte is not None and pad is not None else None
             embedding_backward(dx.reshape(*tokens.shape, -1), tokens, dwte, G.get("wpe.weight"))

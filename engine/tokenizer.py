@@ -797,6 +797,27 @@ class BPETokenizer(_Tokenizer):
             raise
         return [e.ids for e in encs]
 
+    def encode_pairs(self, texts, pairs=None, max_length: int | None = None):
+        """(ids, token type ids) of each text, or of each text and its pair (pairs[i] None:
+        none), with the special tokens the tokenizer's template puts around one sequence or two
+        (BERT: [CLS] a [SEP] b [SEP], types 0 then 1); with max_length, cut as transformers cuts
+        them (the longer sequence first, the special tokens kept)."""
+        texts = list(texts)
+        pairs = [None] * len(texts) if pairs is None else list(pairs)
+        if len(pairs) != len(texts):
+            raise TokenizerError(f"{len(texts)} texts and {len(pairs)} pairs")
+        for t in (*texts, *(p for p in pairs if p is not None)):
+            _check_text(t)
+        tk = self._tk
+        if max_length is not None:   # on a copy: this tokenizer's own encode does not cut
+            tk = _tokenizers().Tokenizer.from_str(self._tk.to_str())
+            tk.enable_truncation(max_length, strategy="longest_first")
+        tk.no_padding()
+        inputs = [t if p is None else (t, p) for t, p in zip(texts, pairs)]
+        with _NoPanic(self.source, "encoding texts"):
+            encs = tk.encode_batch_fast(inputs, add_special_tokens=True)
+        return [(e.ids, e.type_ids) for e in encs]
+
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """Text of `ids`; special tokens are kept unless `skip_special_tokens`."""
         ids = _check_ids(ids, self.vocab_size)

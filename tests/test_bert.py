@@ -429,3 +429,32 @@ def test_minilm_classifier_trains_its_last_block(minilm, tmp_path):
                     attention_mask=torch.tensor(np.arange(tokens.shape[1])[None] < lengths[:, None])
                     ).logits.numpy()
     np.testing.assert_allclose(m.forward(tokens, lengths=lengths), want, rtol=1e-4, atol=1e-4)
+
+
+def test_token_types_of_text_pairs_match_torch(tmp_path):
+    """A pair of texts: types 0 then 1 (BERT's segments); logits and the gradients of the type
+    table and the embedding norm against autograd."""
+    hf = hf_model()
+    m = engine.load(saved(hf, tmp_path)).freeze().unfreeze("wtt.weight", "ln_e.*", "blocks.0.*")
+    e2h = engine_to_hf_names(m, hf)
+    for n, p in hf.named_parameters():
+        p.requires_grad_(n in {e2h[x] for x in m.trainable})
+    tokens, labels = batch(3)
+    types = np.zeros_like(tokens)
+    for b, n in enumerate(LENGTHS):
+        types[b, n // 2:n] = 1                            # the second half is the pair
+    loss = m.forward(tokens, labels, lengths=LENGTHS, types=types)
+    m.backward()
+    out = hf(torch.tensor(tokens), attention_mask=mask(), token_type_ids=torch.tensor(types),
+             labels=torch.tensor(labels))
+    out.loss.backward()
+    assert abs(loss - out.loss.item()) < 1e-5
+    np.testing.assert_allclose(m.forward(tokens, lengths=LENGTHS, types=types),
+                               out.logits.detach().numpy(), rtol=1e-4, atol=1e-5)
+    ref = hf_grads_as_engine(m, hf)
+    top = max(float(np.abs(ref[n]).max()) for n in m.trainable)
+    for n in m.trainable:   # (k's bias: rounding noise on both sides, as in the test above)
+        scale = max(float(np.abs(ref[n]).max()), 1e-3 * top)
+        np.testing.assert_allclose(m.grads[n], ref[n], rtol=1e-3, atol=2e-5 * scale, err_msg=n)
+    with pytest.raises(engine.InputError, match="types must be in 0..1"):
+        m.forward(tokens, lengths=LENGTHS, types=types * 2)

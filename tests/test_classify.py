@@ -169,3 +169,26 @@ def test_eval_batches_caps_the_held_out_texts(minilm, tmp_path):
     summary = finetune(args, log=notes.append)
     assert any("first 8 of 80 texts" in n for n in notes)
     assert summary["final_eval"] is not None
+
+
+def test_pairs_of_texts_tokenize_and_train(minilm, tmp_path):
+    """{"text", "text_pair"} rows: the tokenizer's two-segment template and its longest-first
+    cut, as transformers' tokenizer gives them; a short run trains on them."""
+    tok = engine.load_tokenizer("minilm")
+    ref = transformers.AutoTokenizer.from_pretrained(MINILM)
+    a = ["The claim was filed late.", "A tree fell on the garage roof during the storm last night."]
+    b = ["Was it filed on time?", "Storm damage to a building"]
+    for ml in (None, 12):
+        got = tok.encode_pairs(a, b, max_length=ml)
+        want = ref(a, b, truncation=ml is not None, max_length=ml)
+        assert [g[0] for g in got] == want["input_ids"]
+        assert [g[1] for g in got] == want["token_type_ids"]
+    rows = [{"text": t, "text_pair": p, "label": lab}
+            for t, p, lab in zip(a * 4, b * 4, ["late", "property"] * 4)]
+    rows.append({"text": "Only one text here.", "label": "late"})   # a row without a pair
+    data = _rows(tmp_path / "pairs.jsonl", rows)
+    out = tmp_path / "run"
+    assert cli(["finetune", "--model", "minilm", "--data", data, "--eval-fraction", "0",
+                "--train-last", "1", "--steps", "6", "--batch-size", "4", "--lr", "2e-3",
+                "--out", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["labels"] == ["late", "property"]
