@@ -1,5 +1,6 @@
-"""Sequence classification with an encoder (BERT): `tailtune finetune` and `tailtune eval` when
-the model is one. The data is JSONL, one {"text": ..., "label": ...} row per example, or
+"""Encoder runs (BERT): `tailtune finetune` and `tailtune eval` when the model is one. A
+sequence classifier here; sentence embeddings in engine/sentence.py, run by the same loop
+(run_encoder). The data is JSONL, one {"text": ..., "label": ...} row per example, or
 {"text": ..., "text_pair": ..., "label": ...} for a pair of texts (BERT's two segments); the labels
 become the classifier head's classes (those of a classifier the model already has, when the
 data's are among them; else the data's, sorted, and a new head).
@@ -188,87 +189,167 @@ def choose_labels(model_path: str, data_labels) -> list[str]:
     return seen
 
 
-def finetune_classifier(args, log=print) -> dict:
-    """`tailtune finetune` of an encoder: TrainArgs as for a causal LM; the flags only those
-    have are refused with the reason."""
-    from .train import (_apply_freezing, _check_out, _lock_out, _log_metric, _make_out,
-                        _save_final, check_seq_len)
+class ClassifierTask:
+    """A classifier's run: labeled texts (or pairs of texts), the model with its head over their
+    labels, an optional prefix cache; step() and evaluate() for run_encoder."""
+    kind, metric = "classification", "accuracy"
+
+    def __init__(self, args, log):
+        texts, labels = read_labeled(args.data)
+        if args.eval_data:
+            held_texts, held_labels = read_labeled(args.eval_data)
+        else:
+            train_idx, eval_idx = D.split(len(texts), args.eval_fraction, args.seed)
+            held_texts = [texts[i] for i in eval_idx]
+            held_labels = [labels[i] for i in eval_idx]
+            texts = [texts[i] for i in train_idx]
+            labels = [labels[i] for i in train_idx]
+            _some_left(args, texts, held_texts)
+        classes = choose_labels(args.model, labels)
+        unknown = sorted(set(held_labels) - set(classes))
+        if unknown:
+            raise InputError(f"held-out labels {unknown[:5]} never occur in the training data")
+        log(f"loading {args.model} as a classifier over {len(classes)} labels: {classes}")
+        self.model = model = load(args.model, labels=classes)
+        self.tok, seq_len = _tokenizer_and_length(args, model)
+        index = {c: i for i, c in enumerate(classes)}
+        self.seqs, self.targets = encode(self.tok, texts, seq_len), np.array([index[x] for x in labels])
+        if model.config.type_vocab_size < 2 and any(s[1] is not None for s in self.seqs):
+            raise InputError(f"{args.data}: pairs of texts (text_pair) need two token types; "
+                             f"{args.model} has {model.config.type_vocab_size}")
+        held_texts, held_labels = _capped(args, held_texts, held_labels, log)
+        self.held = encode(self.tok, held_texts, seq_len)
+        self.held_targets = np.array([index[x] for x in held_labels], np.int64)
+        cut = sum(len(s[0]) == seq_len for s in self.seqs)
+        if cut:
+            log(f"note: {cut} training texts reach --seq-len {seq_len} and may be cut")
+        self.n_train, self.n_held, self.labels = len(self.seqs), len(self.held), classes
+        self.pad, self.batch_size, self.args = _pad(self.tok), args.batch_size, args
+        self.caches = (None, None)
+
+    def start(self, model):
+        """After the trainable set is fixed: the prefix caches (--prefix-cache memory)."""
+        low = model.lowest_trainable_block()
+        if self.args.prefix_cache == "memory" and low > 0:
+            dt = self.args.prefix_dtype
+            self.caches = (PrefixRows(model, self.seqs, low, dt), PrefixRows(model, self.held, low, dt))
+
+    def step(self, idx, scale: float) -> float:
+        loss = _forward(self.model, self.seqs, idx, self.pad, self.caches[0], self.targets[idx])
+        self.model.backward(scale)
+        return loss
+
+    def evaluate(self):
+        return (evaluate(self.model, self.held, self.held_targets, self.batch_size, self.pad,
+                         self.caches[1]) if self.n_held else None)
+
+    def summary(self, log) -> dict:
+        out = {"labels": self.labels}
+        if self.caches[0] is not None:
+            r = out["prefix_cache"] = self.caches[0].report()
+            log(f"prefix cache: blocks below {r['start']} computed once for {r['examples']} "
+                f"training texts ({r['mib']} MiB): {1e3 * (r['compute_s_per_example'] or 0):.2f} "
+                f"ms an example to compute, {1e3 * (r['read_s_per_example'] or 0):.3f} ms to read")
+        return out
+
+    save_extra = None
+
+
+def _some_left(args, texts, held_texts) -> None:
+    if not texts:
+        raise InputError(f"{args.data}: {len(held_texts)} row(s), and --eval-fraction "
+                         f"{args.eval_fraction} holds out all of them: none is left to train "
+                         "on (give more rows, --eval-fraction 0, or --eval-data)")
+
+
+def _capped(args, held, other, log):
+    """The held-out rows --eval-batches keeps (all with 0)."""
+    n = args.eval_batches * args.batch_size
+    if args.eval_batches and len(held) > n:
+        log(f"note: held-out evaluations use the first {n} of {len(held)} rows "
+            f"(--eval-batches {args.eval_batches} x --batch-size {args.batch_size}; 0: all)")
+        return held[:n], other[:n]
+    return held, other
+
+
+def _tokenizer_and_length(args, model):
+    from .train import check_seq_len
+    tok = load_tokenizer(resolve_model_path(args.model), model_vocab_size=model.config.vocab_size)
+    return tok, check_seq_len(args.seq_len, model.config)
+
+
+def _pad(tok) -> int:
+    return tok.pad_id if tok.pad_id is not None else 0
+
+
+def _first_row(path: str):
+    """The first JSONL row of `path` (None when it is not a readable JSONL file: read_* says
+    why)."""
+    with contextlib.suppress(Exception):
+        for _, row in D.read_rows(path, check=False):
+            return row
+    return None
+
+
+def finetune_encoder(args, log=print) -> dict:
+    """`tailtune finetune` of an encoder: a classifier on {"text", "label"} rows, or sentence
+    embeddings on {"anchor", "positive"} rows (engine/sentence.py). TrainArgs as for a causal
+    LM; the flags only those have are refused with the reason."""
+    from .train import _apply_freezing, _check_out
     args.validate()
     for flag, value, default in (("--schedule", args.schedule, "static"),
                                  ("--telemetry-every", args.telemetry_every, 0),
                                  ("--save-every", args.save_every, 0),
                                  ("--sample-prompt", args.sample_prompt, None)):
         if value != default:
-            raise InputError(f"{flag} is not available for an encoder (a classifier) yet; "
-                             "it works with causal LMs")
+            raise InputError(f"{flag} is not available for an encoder yet; it works with "
+                             "causal LMs")
     if args.prefix_cache == "disk":
-        raise InputError("--prefix-cache disk is not available for an encoder (a classifier) "
-                         "yet: use --prefix-cache memory")
+        raise InputError("--prefix-cache disk is not available for an encoder yet: use "
+                         "--prefix-cache memory")
     _check_out(args, resuming=False)
-    texts, labels = read_labeled(args.data)
-    if args.eval_data:
-        held_texts, held_labels = read_labeled(args.eval_data)
+    row = _first_row(args.data)
+    if isinstance(row, dict) and "anchor" in row:
+        from .sentence import PairsTask
+        if args.prefix_cache != "off":
+            raise InputError("--prefix-cache is not available for sentence-embedding runs yet")
+        task = PairsTask(args, log)
     else:
-        train_idx, eval_idx = D.split(len(texts), args.eval_fraction, args.seed)
-        held_texts = [texts[i] for i in eval_idx]
-        held_labels = [labels[i] for i in eval_idx]
-        texts = [texts[i] for i in train_idx]
-        labels = [labels[i] for i in train_idx]
-        if not texts:
-            raise InputError(f"{args.data}: {len(held_texts)} row(s), and --eval-fraction "
-                             f"{args.eval_fraction} holds out all of them: none is left to train "
-                             "on (give more rows, --eval-fraction 0, or --eval-data)")
-    classes = choose_labels(args.model, labels)
-    unknown = sorted(set(held_labels) - set(classes))
-    if unknown:
-        raise InputError(f"held-out labels {unknown[:5]} never occur in the training data")
-    log(f"loading {args.model} as a classifier over {len(classes)} labels: {classes}")
-    model = load(args.model, labels=classes)
-    tok = load_tokenizer(resolve_model_path(args.model), model_vocab_size=model.config.vocab_size)
-    seq_len = check_seq_len(args.seq_len, model.config)
-    _apply_freezing(model, args)
-    index = {c: i for i, c in enumerate(classes)}
-    seqs, targets = encode(tok, texts, seq_len), np.array([index[x] for x in labels])
-    if model.config.type_vocab_size < 2 and any(s[1] is not None for s in seqs):
-        raise InputError(f"{args.data}: pairs of texts (text_pair) need two token types; "
-                         f"{args.model} has {model.config.type_vocab_size}")
-    if args.eval_batches and len(held_texts) > args.eval_batches * args.batch_size:
-        n = args.eval_batches * args.batch_size
-        log(f"note: held-out evaluations use the first {n} of {len(held_texts)} texts "
-            f"(--eval-batches {args.eval_batches} x --batch-size {args.batch_size}; 0: all)")
-        held_texts, held_labels = held_texts[:n], held_labels[:n]
-    held = encode(tok, held_texts, seq_len)
-    held_targets = np.array([index[x] for x in held_labels], np.int64)
-    cut = sum(len(s[0]) == seq_len for s in seqs)
-    if cut:
-        log(f"note: {cut} training texts reach --seq-len {seq_len} and may be cut")
-    pad = tok.pad_id if tok.pad_id is not None else 0
-    micro, steps = _count(len(seqs), args)
+        task = ClassifierTask(args, log)
+    _apply_freezing(task.model, args)
+    task.start(task.model)
+    return run_encoder(args, task, log)
+
+
+def run_encoder(args, task, log) -> dict:
+    """The steps of an encoder run, its evaluations before and after, the saved model."""
+    from .train import _lock_out, _log_metric, _make_out, _save_final
+    model, metric = task.model, task.metric
+    micro, steps = _count(task.n_train, args)
     warmup = max(1, round(0.05 * steps)) if args.warmup is None else min(args.warmup, steps)
     sched = CosineSchedule(args.lr, steps, warmup, args.min_lr)
     opt = AdamW(model, lr=args.lr, weight_decay=args.weight_decay)
-    low = model.lowest_trainable_block()
-    caches = (None, None)
-    if args.prefix_cache == "memory" and low > 0:
-        caches = (PrefixRows(model, seqs, low, args.prefix_dtype),
-                  PrefixRows(model, held, low, args.prefix_dtype))
     created = not os.path.exists(args.out)
     _make_out(args.out)
     lock = _lock_out(args.out, log)
     metrics = os.path.join(args.out, "metrics.jsonl")
     cleanup = contextlib.ExitStack()
+
+    def evaluation(step, first=False):
+        r = task.evaluate()
+        if r is not None:
+            _log_metric(metrics, {"step": step, "eval_loss": r["loss"], f"eval_{metric}": r[metric]},
+                        truncate=first)
+        return r
     try:
-        log(f"{len(seqs)} training / {len(held)} held-out texts; {steps} steps of "
+        log(f"{task.n_train} training / {task.n_held} held-out rows; {steps} steps of "
             f"{args.batch_size} x {args.grad_accum}; trainable "
             f"{model.num_params(True):,} of {model.num_params():,} parameters")
-        base = (evaluate(model, held, held_targets, args.batch_size, pad, caches[1])
-                if len(held) else None)
+        base = evaluation(0, first=True)
         if base:
-            log(f"held-out before: loss {base['loss']:.4f}  accuracy {base['accuracy']:.3f}")
-            _log_metric(metrics, {"step": 0, "eval_loss": base["loss"],
-                                  "eval_accuracy": base["accuracy"]}, truncate=True)
+            log(f"held-out before: loss {base['loss']:.4f}  {metric} {base[metric]:.3f}")
         rng = np.random.default_rng([args.seed, 11])
-        order, at = rng.permutation(len(seqs)), 0
+        order, at = rng.permutation(task.n_train), 0
         t0 = time.perf_counter()
         stop = _on_signals(cleanup)
         done = 0
@@ -280,14 +361,11 @@ def finetune_classifier(args, log=print) -> dict:
             parts = []
             for _ in range(min(args.grad_accum, micro - step * args.grad_accum)):
                 if at >= len(order):
-                    order, at = rng.permutation(len(seqs)), 0
+                    order, at = rng.permutation(task.n_train), 0
                 parts.append(order[at:at + args.batch_size])
                 at += args.batch_size
             n_all = sum(len(p) for p in parts)
-            loss = 0.0
-            for idx in parts:
-                loss += _forward(model, seqs, idx, pad, caches[0], targets[idx]) * len(idx) / n_all
-                model.backward(len(idx) / n_all)
+            loss = sum(task.step(idx, len(idx) / n_all) * len(idx) / n_all for idx in parts)
             norm = clip_grad_norm(model, args.clip) if args.clip else None
             if not math.isfinite(loss) or (norm is not None and not math.isfinite(norm)):
                 raise DivergedError(f"step {step + 1}: the loss or gradient is not finite "
@@ -295,37 +373,25 @@ def finetune_classifier(args, log=print) -> dict:
             opt.lr = sched(step)
             opt.step()
             done = step + 1
-            rec = {"step": step + 1, "loss": loss, "lr": opt.lr, "grad_norm": norm}
-            _log_metric(metrics, rec)
-            if (step + 1) % 10 == 0 or step + 1 == steps:
-                log(f"step {step + 1}/{steps}  loss {loss:.4f}  lr {opt.lr:.2e}  "
+            _log_metric(metrics, {"step": done, "loss": loss, "lr": opt.lr, "grad_norm": norm})
+            if done % 10 == 0 or done == steps:
+                log(f"step {done}/{steps}  loss {loss:.4f}  lr {opt.lr:.2e}  "
                     f"{time.perf_counter() - t0:.1f} s")
-            if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < steps and len(held):
-                mid = evaluate(model, held, held_targets, args.batch_size, pad, caches[1])
-                _log_metric(metrics, {"step": step + 1, "eval_loss": mid["loss"],
-                                      "eval_accuracy": mid["accuracy"]})
+            if args.eval_every and done % args.eval_every == 0 and done < steps:
+                evaluation(done)
         seconds = time.perf_counter() - t0
-        final = (evaluate(model, held, held_targets, args.batch_size, pad, caches[1])
-                 if len(held) else None)
+        final = evaluation(done)
         if final:
-            log(f"held-out after:  loss {final['loss']:.4f}  accuracy {final['accuracy']:.3f}")
-            _log_metric(metrics, {"step": done, "eval_loss": final["loss"],
-                                  "eval_accuracy": final["accuracy"]})
-        where = _save_final(model, tok, args.out)
-        summary = {"status": "done" if done == steps else "interrupted",
-                   "task": "classification", "labels": classes, "steps": done,
-                   "train_seconds": round(seconds, 2), "base_eval": base, "final_eval": final,
+            log(f"held-out after:  loss {final['loss']:.4f}  {metric} {final[metric]:.3f}")
+        where = _save_final(model, task.tok, args.out, task.save_extra)
+        summary = {"status": "done" if done == steps else "interrupted", "task": task.kind,
+                   **task.summary(log), "steps": done, "train_seconds": round(seconds, 2),
+                   "base_eval": base, "final_eval": final,
                    "trainable_params": model.num_params(True), "params": model.num_params(),
                    "model": where}
-        if caches[0] is not None:
-            summary["prefix_cache"] = caches[0].report()
-            r = summary["prefix_cache"]
-            log(f"prefix cache: blocks below {low} computed once for {r['examples']} training "
-                f"texts ({r['mib']} MiB): {1e3 * (r['compute_s_per_example'] or 0):.2f} ms an "
-                f"example to compute, {1e3 * (r['read_s_per_example'] or 0):.3f} ms to read")
-        write_json(os.path.join(args.out, "summary.json"), summary)
         if stop["signal"] is not None:
             summary["signal"] = stop["signal"]
+        write_json(os.path.join(args.out, "summary.json"), summary)
         log(f"saved {where}")
         return summary
     except BaseException:
@@ -368,13 +434,27 @@ def _count(n_train: int, args) -> tuple[int, int]:
     return count_steps(n_train, args.batch_size, args.grad_accum, args.steps, args.epochs)
 
 
-def eval_classifier(model_path: str, data: str, batch_size: int, seq_len: int) -> dict:
-    """`tailtune eval` of a classifier: loss and accuracy on labeled JSONL."""
+def eval_encoder(model_path: str, data: str, batch_size: int, seq_len: int) -> dict:
+    """`tailtune eval` of an encoder: a classifier's loss and accuracy on labeled JSONL, or a
+    sentence encoder's ranking loss and recall@1 on {"anchor", "positive"} rows."""
+    row = _first_row(data)
+    if isinstance(row, dict) and "anchor" in row:
+        from .sentence import read_pairs, retrieval
+        anchors, positives = read_pairs(data)
+        model = load(model_path)
+        if model.config.labels is not None:
+            raise InputError(f"{model_path} is a classifier: evaluate it on labeled rows")
+        tok = load_tokenizer(resolve_model_path(model_path), model_vocab_size=model.config.vocab_size)
+        n = min(seq_len, model.config.context_length)
+        ids = [[np.asarray(i, np.int64) for i, _ in tok.encode_pairs(t, max_length=n)]
+               for t in (anchors, positives)]
+        return retrieval(model, *ids, batch_size, _pad(tok))
     texts, labels = read_labeled(data)
     model = load(model_path)
     if model.config.labels is None:
         raise InputError(f"{model_path} is an encoder without a classifier head: fine-tune it "
-                         "on labeled data first (tailtune finetune)")
+                         "on labeled data first (tailtune finetune), or evaluate it as a sentence "
+                         'encoder on {"anchor", "positive"} rows')
     unknown = sorted(set(labels) - set(model.config.labels))
     if unknown:
         raise InputError(f"{data}: labels {unknown[:5]} are not among the model's "
@@ -382,5 +462,5 @@ def eval_classifier(model_path: str, data: str, batch_size: int, seq_len: int) -
     tok = load_tokenizer(resolve_model_path(model_path), model_vocab_size=model.config.vocab_size)
     index = {c: i for i, c in enumerate(model.config.labels)}
     seqs = encode(tok, texts, min(seq_len, model.config.context_length))
-    pad = tok.pad_id if tok.pad_id is not None else 0
-    return evaluate(model, seqs, np.array([index[x] for x in labels], np.int64), batch_size, pad)
+    return evaluate(model, seqs, np.array([index[x] for x in labels], np.int64), batch_size,
+                    _pad(tok))

@@ -396,7 +396,7 @@ class Model:
 
     @_blas_one_thread
     def forward(self, tokens, targets=None, *, grad=True, hidden=None, start=0, lengths=None,
-                types=None):
+                types=None, keep=False):
         """tokens (B, T) -> logits (B, T, V); with targets (B, T) -> mean loss over positions
         whose target is not -100. With targets and grad=True, keeps what backward() needs for
         the trainable part only (grad=False: evaluation, keeps nothing).
@@ -405,14 +405,19 @@ class Model:
         An encoder: tokens (B, T) -> class logits (B, len(labels)), or the last hidden states
         (B, T, d_model) without a classifier head; targets are (B,) class indices; lengths (B,)
         the unpadded length of each sequence (padding on the right is never attended to);
-        types (B, T) the token types (a text 0, its pair 1; default all 0)."""
+        types (B, T) the token types (a text 0, its pair 1; default all 0). keep=True (an encoder
+        without a head): keep what backward(dhidden=) needs, for an objective computed outside
+        from the hidden states (sentence embeddings)."""
         tokens = self._tokens(tokens)
         self._tape = None
         B, T = tokens.shape
         lengths = self._lengths(lengths, B, T)
         types = self._types(types, (B, T))
         if self.config.encoder:
-            return self._forward_encoder(tokens, targets, grad, hidden, start, lengths, types)
+            return self._forward_encoder(tokens, targets, grad, hidden, start, lengths, types, keep)
+        if keep:
+            raise InputError("keep=True is for an encoder without a head (backward(dhidden=)); "
+                             "a causal LM keeps what backward needs given targets")
         if targets is not None:
             targets = self._tokens(targets, "targets", allow_ignore=True)
             if targets.shape != tokens.shape:
@@ -489,7 +494,7 @@ class Model:
                 saved[b.index] = s
         return x, saved
 
-    def _forward_encoder(self, tokens, targets, grad, hidden, start, lengths, types):
+    def _forward_encoder(self, tokens, targets, grad, hidden, start, lengths, types, keep_hidden):
         """An encoder's forward: the hidden states, or the classifier head's logits over the
         first position (BERT's pooler: tanh of a linear map, then one logit per label), or with
         targets the mean cross-entropy."""
@@ -500,12 +505,19 @@ class Model:
                 raise InputError("this encoder has no classifier head (forward gives its hidden "
                                  "states); add one with model.with_classifier(labels)")
             targets = self._labels(targets, B)
-        keep = targets is not None and grad and bool(self.grads)
+        if keep_hidden and c.labels is not None:
+            raise InputError("keep=True is for an encoder without a head; this one has a "
+                             "classifier: give targets")
+        keep = (targets is not None or keep_hidden) and grad and bool(self.grads)
         low, x, emb, start = self._start(tokens, keep, hidden, start, types)
         rope = self._rope_tables(T)
         first = np.arange(B) * T if c.labels is not None else None   # the first position's rows
         x, saved = self._run_blocks(x, start, low, keep, rope, first, lengths)
         if c.labels is None:
+            if keep:
+                self._tape = dict(encoder=True, hidden=True, tokens=tokens, saved=saved, low=low,
+                                  emb=emb, types=types, rope=rope, shape=x.shape,
+                                  weights=self._weights_now(), empty=False)
             return x                                  # (B, T, C)
         prof = layers.PROFILE
         t0 = perf_counter() if prof else 0.0
@@ -661,18 +673,24 @@ class Model:
         return float(losses.sum(dtype=np.float64) / n_valid), dh, dw
 
     @_blas_one_thread
-    def backward(self, scale: float = 1.0):
+    def backward(self, scale: float = 1.0, dhidden=None):
         """Fill self.grads (accumulating) from the last forward(tokens, targets): the gradients
         of scale x its mean loss (torch's (scale * loss).backward()). Accumulating micro-batches
-        as one batch weights each by its share of the target positions."""
+        as one batch weights each by its share of the target positions.
+        dhidden (B, T, d_model), after forward(tokens, keep=True) of an encoder without a head:
+        the gradient of an outside objective with respect to the hidden states it returned."""
         if not is_number(scale) or not math.isfinite(scale):
             raise InputError(f"backward scale must be a finite number, got {scale!r}")
         tape = self._tape
+        if tape is not None and (dhidden is not None) != bool(tape.get("hidden")):
+            raise InputError("backward(dhidden=) goes with forward(tokens, keep=True) of an encoder "
+                             "without a head, and only with it")
         if tape is None:
             raise InputError("backward() needs the tape of a forward(tokens, targets) with trainable "
-                             "parameters, and any later forward (an evaluation, say), "
-                             "freeze/unfreeze or backward replaces it: run forward(tokens, "
-                             "targets) again right before backward()")
+                             "parameters (an encoder without a head: forward(tokens, keep=True), "
+                             "then backward(dhidden=)), and any later forward (an evaluation, "
+                             "say), freeze/unfreeze or backward replaces it: run forward again "
+                             "right before backward()")
         if tape["weights"] != self._weights_now():
             raise InputError("the weights changed between forward(tokens, targets) and backward() "
                              "(an optimizer step, or a parameter replaced): the saved activations "
@@ -685,6 +703,15 @@ class Model:
             return
         self._no_grad_yet.clear()
         self.last_backward_blocks = []
+        if tape.get("hidden"):
+            dh = np.asarray(dhidden)
+            if dh.shape != tape["shape"]:
+                raise InputError(f"dhidden has shape {dh.shape}, the hidden states {tape['shape']}")
+            dh = np.array(dh, dtype=np.float32, order="C")       # a copy: blocks use it as scratch
+            if scale != 1.0:
+                dh *= np.float32(scale)
+            self._backward_blocks(tape, dh.reshape(-1, dh.shape[-1]))
+            return
         if tape.get("encoder"):
             self._backward_blocks(tape, self._classifier_backward(tape, scale))
             return

@@ -506,12 +506,12 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print, given=None) 
 
     While it runs, the --out directory is locked: a second process training into it (a
     --resume of a run that is still going) is refused instead of writing into the same files."""
-    from .classify import finetune_classifier, is_encoder
+    from .classify import finetune_encoder, is_encoder
     if is_encoder(args.model):
         if resume:
-            raise InputError("--resume is not available for an encoder (a classifier) yet: its "
-                             "runs write no checkpoints")
-        return finetune_classifier(args, log)
+            raise InputError("--resume is not available for an encoder yet: its runs write no "
+                             "checkpoints")
+        return finetune_encoder(args, log)
     with contextlib.ExitStack() as cleanup:   # closing the lock's fd releases it (so would the
         return _finetune(args, resume, log, given, cleanup)   # process's end, however it ends)
 
@@ -826,13 +826,16 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
     return summary
 
 
-def _save_final(model, tok, out: str) -> str:
-    """model/ written whole or not at all."""
+def _save_final(model, tok, out: str, extra=None) -> str:
+    """model/ written whole or not at all (extra(dir): more files into it, before it is
+    renamed into place)."""
     final = os.path.join(out, "model")
 
     def fill(tmp):
         save_model(model, tmp)
         tok.save(tmp)
+        if extra is not None:
+            extra(tmp)
     try:
         _write_dir(final, fill)
     except (OSError, CheckpointError) as e:

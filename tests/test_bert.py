@@ -458,3 +458,33 @@ def test_token_types_of_text_pairs_match_torch(tmp_path):
         np.testing.assert_allclose(m.grads[n], ref[n], rtol=1e-3, atol=2e-5 * scale, err_msg=n)
     with pytest.raises(engine.InputError, match="types must be in 0..1"):
         m.forward(tokens, lengths=LENGTHS, types=types * 2)
+
+
+def test_backward_from_the_hidden_states_matches_torch(tmp_path):
+    """forward(keep=True) of an encoder without a head, then backward(dhidden=): the gradients
+    of an objective computed outside (here sum(h * R) over the real tokens) as autograd's."""
+    hf = hf_model("encoder")
+    m = engine.load(saved(hf, tmp_path)).train_last(2)
+    e2h = engine_to_hf_names(m, hf)
+    for n, p in hf.named_parameters():
+        p.requires_grad_(n in {e2h[x] for x in m.trainable})
+    tokens, _ = batch(4)
+    r = np.random.default_rng(5).standard_normal((B, T, 50)).astype(np.float32)
+    r *= (np.arange(T)[None] < LENGTHS[:, None])[:, :, None]
+    h = m.forward(tokens, lengths=LENGTHS, keep=True)
+    m.backward(0.5, dhidden=r)
+    th = hf(torch.tensor(tokens), attention_mask=mask()).last_hidden_state
+    (0.5 * (th * torch.tensor(r)).sum()).backward()
+    np.testing.assert_allclose(h, th.detach().numpy(), rtol=1e-4, atol=2e-5)
+    ref = hf_grads_as_engine(m, hf)
+    top = max(float(np.abs(ref[n]).max()) for n in m.trainable)
+    for n in m.trainable:
+        scale = max(float(np.abs(ref[n]).max()), 1e-3 * top)
+        np.testing.assert_allclose(m.grads[n], ref[n], rtol=1e-3, atol=2e-5 * scale, err_msg=n)
+    assert m.last_backward_blocks == [2, 1]
+    m.forward(tokens, lengths=LENGTHS)
+    with pytest.raises(engine.InputError, match="keep=True"):
+        m.backward(dhidden=r)
+    m.forward(tokens, lengths=LENGTHS, keep=True)
+    with pytest.raises(engine.InputError, match="dhidden has shape"):
+        m.backward(dhidden=r[:, :3])

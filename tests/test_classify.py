@@ -167,7 +167,7 @@ def test_eval_batches_caps_the_held_out_texts(minilm, tmp_path):
     args = TrainArgs(model="minilm", data=data, eval_data=TEST, out=str(tmp_path / "run"),
                      train_last=0, steps=1, batch_size=4, seq_len=32, eval_batches=2)
     summary = finetune(args, log=notes.append)
-    assert any("first 8 of 80 texts" in n for n in notes)
+    assert any("first 8 of 80 rows" in n for n in notes)
     assert summary["final_eval"] is not None
 
 

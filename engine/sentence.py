@@ -1,0 +1,189 @@
+"""Sentence embeddings from an encoder, and training them: `tailtune finetune` of an encoder on
+JSONL rows of {"anchor": ..., "positive": ...} (two texts that mean the same thing: a question
+and its answer, a claim and its category's description).
+
+The embedding is what all-MiniLM-L6-v2 is made for (sentence-transformers' Pooling + Normalize):
+the mean of the last hidden states over the real tokens, scaled to length 1. The loss is the
+in-batch one sentence-transformers calls MultipleNegativesRankingLoss: each anchor against
+every positive of its batch, cross-entropy of scale x cosine similarity with its own positive as
+the class. Each op is a forward and a backward in NumPy (B x C, cheap next to the blocks); the
+blocks' backward starts from the hidden states' gradient (Model.backward(dhidden=)).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from .errors import InputError
+
+SCALE = 20.0   # sentence-transformers' default for MultipleNegativesRankingLoss
+
+
+def mean_pool_forward(h, lengths):
+    """(B, C) mean of h (B, T, C) over each row's first lengths[b] positions."""
+    mask = (np.arange(h.shape[1])[None] < lengths[:, None]).astype(np.float32)   # (B, T)
+    return np.einsum("btc,bt->bc", h, mask) / lengths[:, None].astype(np.float32)
+
+
+def mean_pool_backward(de, lengths, T: int):
+    """dh (B, T, C) of the mean: de / length at the real positions, 0 at the padding."""
+    mask = (np.arange(T)[None] < lengths[:, None]).astype(np.float32)
+    return (mask / lengths[:, None].astype(np.float32))[:, :, None] * de[:, None, :]
+
+
+def normalize_forward(e):
+    """(u, norms): the rows of e (B, C) scaled to length 1."""
+    n = np.sqrt((e.astype(np.float64) ** 2).sum(1)).astype(np.float32)          # (B,)
+    return e / np.maximum(n, 1e-12)[:, None], n
+
+
+def normalize_backward(du, u, n):
+    """de of u = e / |e|: (du - u (u . du)) / |e|."""
+    return (du - u * (u * du).sum(1, keepdims=True)) / np.maximum(n, 1e-12)[:, None]
+
+
+def ranking_loss(ua, up, scale: float = SCALE):
+    """(loss, dua, dup): mean cross-entropy of scale * ua @ up.T (B, B) against the diagonal
+    (each anchor's own positive), and its gradients."""
+    B = ua.shape[0]
+    s = (scale * (ua @ up.T)).astype(np.float64)                                  # (B, B)
+    s -= s.max(1, keepdims=True)
+    p = np.exp(s)
+    p /= p.sum(1, keepdims=True)
+    loss = float(-np.log(p[np.arange(B), np.arange(B)]).mean())
+    ds = p
+    ds[np.arange(B), np.arange(B)] -= 1.0
+    ds = (ds * (scale / B)).astype(np.float32)
+    return loss, ds @ up, ds.T @ ua
+
+
+def embed(model, seqs, idx, pad_id: int, keep: bool = False):
+    """(normalized embeddings (B, C), what the backward needs) of the texts seqs[idx] (token id
+    arrays)."""
+    lengths = np.array([len(seqs[i]) for i in idx], np.int64)
+    tokens = np.full((len(idx), int(lengths.max())), pad_id, np.int64)
+    for r, i in enumerate(idx):
+        tokens[r, :lengths[r]] = seqs[i]
+    h = model.forward(tokens, lengths=lengths, keep=keep)
+    u, n = normalize_forward(mean_pool_forward(h, lengths))
+    return u, (lengths, h.shape[1], u, n)
+
+
+def backward(model, du, saved, scale: float = 1.0):
+    """Model gradients from du, the gradient of the embeddings embed(..., keep=True) gave."""
+    lengths, T, u, n = saved
+    model.backward(scale, dhidden=mean_pool_backward(normalize_backward(du, u, n), lengths, T))
+
+
+def pair_step(model, anchors, positives, idx, pad_id: int, scale: float = 1.0) -> float:
+    """One forward and backward of the ranking loss over the pairs idx: anchors and positives in
+    one batch of 2B texts (one forward, one tape)."""
+    seqs = [anchors[i] for i in idx] + [positives[i] for i in idx]
+    u, saved = embed(model, seqs, np.arange(len(seqs)), pad_id, keep=True)
+    B = len(idx)
+    loss, dua, dup = ranking_loss(u[:B], u[B:])
+    backward(model, np.concatenate([dua, dup]), saved, scale)
+    return loss
+
+
+def retrieval(model, anchors, positives, batch_size: int, pad_id: int) -> dict:
+    """Held-out pairs: each anchor against every held-out positive: the share whose own
+    positive is the nearest (recall@1), and the mean ranking loss over all of them at once."""
+    def all_of(seqs):
+        return np.concatenate([embed(model, seqs, np.arange(s, min(len(seqs), s + batch_size)),
+                                     pad_id)[0] for s in range(0, len(seqs), batch_size)])
+    ua, up = all_of(anchors), all_of(positives)
+    sim = ua @ up.T
+    loss = ranking_loss(ua, up)[0]
+    return {"loss": loss, "recall_at_1": float((sim.argmax(1) == np.arange(len(ua))).mean())}
+
+
+def read_pairs(path: str):
+    """(anchors, positives) of a JSONL file of {"anchor", "positive"} rows."""
+    from . import data as D
+    anchors, positives = [], []
+    for n, row in D.read_rows(path, check=False):
+        if not (isinstance(row, dict) and isinstance(row.get("anchor"), str)
+                and isinstance(row.get("positive"), str)):
+            raise InputError(f'{path}:{n}: a row needs "anchor" and "positive" strings')
+        anchors.append(row["anchor"])
+        positives.append(row["positive"])
+    if len(anchors) < 2:
+        raise InputError(f"{path}: {len(anchors)} pair(s); the in-batch loss needs two or more")
+    return anchors, positives
+
+
+def write_sentence_transformers_files(d: str, model) -> None:
+    """modules.json and the pooling config beside a saved encoder: sentence-transformers then
+    loads it as this embedding (mean pooling, normalized)."""
+    mods = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling",
+             "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize",
+             "type": "sentence_transformers.models.Normalize"}]
+    pooling = {"word_embedding_dimension": model.config.d_model, "pooling_mode_cls_token": False,
+               "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
+               "pooling_mode_mean_sqrt_len_tokens": False}
+    os.makedirs(os.path.join(d, "1_Pooling"), exist_ok=True)   # (Normalize has no files)
+    for path, obj in ((os.path.join(d, "modules.json"), mods),
+                      (os.path.join(d, "1_Pooling", "config.json"), pooling),
+                      (os.path.join(d, "sentence_bert_config.json"),
+                       {"max_seq_length": model.config.context_length, "do_lower_case": False})):
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+
+
+class PairsTask:
+    """A sentence-embedding run (classify.run_encoder): pairs of texts, the encoder without a
+    head, the in-batch ranking loss; held-out recall@1."""
+    kind, metric = "sentence-embedding", "recall_at_1"
+
+    def __init__(self, args, log):
+        from . import data as D
+        from .classify import _capped, _pad, _some_left, _tokenizer_and_length
+        from .io import load
+        anchors, positives = read_pairs(args.data)
+        if args.eval_data:
+            held_a, held_p = read_pairs(args.eval_data)
+        else:
+            train_idx, eval_idx = D.split(len(anchors), args.eval_fraction, args.seed)
+            held_a, held_p = [anchors[i] for i in eval_idx], [positives[i] for i in eval_idx]
+            anchors, positives = [anchors[i] for i in train_idx], [positives[i] for i in train_idx]
+            _some_left(args, anchors, held_a)
+        log(f"loading {args.model} as a sentence encoder (mean pooling, normalized; in-batch "
+            "ranking loss over pairs)")
+        self.model = model = load(args.model)
+        if model.config.labels is not None:
+            raise InputError(f"{args.model} is a classifier; sentence embeddings train an "
+                             "encoder without a head (its last hidden states)")
+        self.tok, seq_len = _tokenizer_and_length(args, model)
+        held_a, held_p = _capped(args, held_a, held_p, log)
+        cut = lambda texts: [np.asarray(ids, np.int64)   # noqa: E731
+                             for ids, _ in self.tok.encode_pairs(texts, max_length=seq_len)]
+        self.anchors, self.positives = cut(anchors), cut(positives)
+        self.held = (cut(held_a), cut(held_p))
+        self.n_train, self.n_held = len(self.anchors), len(held_a)
+        self.pad, self.batch_size = _pad(self.tok), args.batch_size
+
+    def start(self, model):
+        if not model.trainable_blocks():
+            raise InputError("sentence embeddings train blocks (the hidden states): give "
+                             "--train-last K >= 1 or --unfreeze blocks")
+
+    def step(self, idx, scale: float) -> float:
+        if len(idx) < 2:    # an epoch's last batch of one pair: no negative to rank against
+            return 0.0
+        return pair_step(self.model, self.anchors, self.positives, idx, self.pad, scale)
+
+    def evaluate(self):
+        if self.n_held < 2:
+            return None
+        return retrieval(self.model, *self.held, self.batch_size, self.pad)
+
+    def summary(self, log) -> dict:
+        return {"loss": "in-batch ranking (MultipleNegativesRankingLoss), scale 20"}
+
+    def save_extra(self, d: str) -> None:
+        write_sentence_transformers_files(d, self.model)
