@@ -193,6 +193,7 @@ class ClassifierTask:
     """A classifier's run: labeled texts (or pairs of texts), the model with its head over their
     labels, an optional prefix cache; step() and evaluate() for run_encoder."""
     kind, metric = "classification", "accuracy"
+    min_batch = 1
 
     def __init__(self, args, log):
         texts, labels = read_labeled(args.data)
@@ -360,7 +361,7 @@ def run_encoder(args, task, log) -> dict:
             model.zero_grad()
             parts = []
             for _ in range(min(args.grad_accum, micro - step * args.grad_accum)):
-                if at >= len(order):
+                if len(order) - at < task.min_batch:    # (a remainder too small: dropped)
                     order, at = rng.permutation(task.n_train), 0
                 parts.append(order[at:at + args.batch_size])
                 at += args.batch_size

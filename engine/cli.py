@@ -22,8 +22,9 @@ def main(argv=None):
     f.add_argument("--model", required=True, help=MODEL_HELP)
     f.add_argument("--data", required=True, help="training data: .txt, or .jsonl with "
                    "{'prompt','completion'} or {'messages'} rows (loss on completions / assistant "
-                   "turns); for an encoder (BERT), .jsonl with {'text','label'} rows: it trains "
-                   "as a classifier of those labels")
+                   "turns); for an encoder (BERT), .jsonl with {'text','label'} rows (or "
+                   "{'text','text_pair','label'}): a classifier of those labels, or "
+                   "{'anchor','positive'} rows: sentence embeddings")
     f.add_argument("--out", required=True, help="run directory (checkpoints, metrics, final model)")
     f.add_argument("--train-last", type=int, metavar="K", help="train the last K blocks and the final "
                    "norm (default 2, unless --unfreeze alone is given)")
@@ -422,9 +423,10 @@ def _inspect(a):
             raise InputError("--measure times causal-LM steps; for an encoder it is not "
                              "available yet (the predicted table is)")
         if model.config.labels is None:
-            print("note: an encoder without a classifier head: costed as a classifier of two "
-                  "labels (what tailtune finetune trains on labeled data)")
-            model = model.with_classifier(["0", "1"])
+            print("note: an encoder without a classifier head: costed as a sentence encoder "
+                  "(every position through the top block; with labeled data, tailtune finetune "
+                  "trains a classifier, whose top block runs the first position only after "
+                  "attention)")
     if a.train_last is not None:
         model.train_last(check_train_last(a.train_last, model.config))
     print(model)

@@ -371,7 +371,11 @@ class Model:
         V = self.config.type_vocab_size
         if not V:
             raise InputError("this model has no token types (types= is for encoders such as BERT)")
-        a = np.asarray(types)
+        try:
+            a = np.asarray(types)
+        except ValueError:
+            raise InputError(f"types must be integers of the tokens' shape {tuple(shape)} "
+                             "(rows of one length)") from None
         if a.dtype.kind not in "iu" or a.shape != tuple(shape):
             raise InputError(f"types must be integers of the tokens' shape {tuple(shape)}, got "
                              f"{a.dtype} of shape {a.shape}")
@@ -701,10 +705,17 @@ class Model:
             # the weights (Adam's moments and weight decay would; torch's gradients are NaN)
             self.last_backward_blocks = []
             return
-        self._no_grad_yet.clear()
+        # a head-less encoder's pooler, even if trainable, is on no path from the hidden
+        # states: it stays without a gradient (torch: .grad None, no step, no weight decay)
+        self._no_grad_yet = ({n for n in self._no_grad_yet if n.startswith("pooler.")}
+                             if tape.get("hidden") else set())
         self.last_backward_blocks = []
         if tape.get("hidden"):
-            dh = np.asarray(dhidden)
+            try:
+                dh = np.asarray(dhidden, dtype=np.float32)
+            except (TypeError, ValueError):
+                raise InputError("dhidden must be a float array of the hidden states' shape "
+                                 f"{tape['shape']}") from None
             if dh.shape != tape["shape"]:
                 raise InputError(f"dhidden has shape {dh.shape}, the hidden states {tape['shape']}")
             dh = np.array(dh, dtype=np.float32, order="C")       # a copy: blocks use it as scratch
@@ -799,7 +810,9 @@ class Model:
         tied LM head's gradient still reaches it, as in torch."""
         c = self.config
         p = c.pad_token_id
-        return p if c.model_type != "gpt2" and p is not None and 0 <= p < c.vocab_size else None
+        if c.model_type == "gpt2" or p is None or not -c.vocab_size <= p < c.vocab_size:
+            return None
+        return p % c.vocab_size          # nn.Embedding reads a negative padding_idx from the end
 
     def _weights_now(self, names=None) -> tuple:
         """Which array each parameter (of `names`, default all) is and how many updates it has

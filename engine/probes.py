@@ -105,8 +105,8 @@ def block_costs(model, B: int, T: int, everything: bool = False,
     top block after its attention, run on those alone (Model.forward)."""
     c = model.config
     N = B * T
-    if c.encoder:   # the classifier reads the first position: the top block's rows after attention
-        target_rows = B
+    if c.labels is not None:   # the classifier reads the first position: the top block's rows
+        target_rows = B        # after attention (a head-less encoder's objective reads them all)
     M = N if target_rows is None else target_rows
     top_rows = 0 < M < N                           # the top block hands on the target rows only
     stats = 1 if c.norm == "rmsnorm" else 2        # per row and norm: rstd (and the mean)
@@ -146,8 +146,9 @@ def block_costs(model, B: int, T: int, everything: bool = False,
                      "dx_flops": dx, "dw_flops": dw, "kept_bytes": kept,
                      "fwd_bytes": ew_f, "bwd_bytes": ew_b, "attn_fwd_flops": attn_fwd,
                      "attn_bwd_flops": 2.5 * attn_fwd if plan and plan["need_qkv"] else 0})
-    if c.encoder:
-        rows.append(_classifier_costs(model, B, G, low))
+    if c.encoder:   # (pooling and an objective outside a head-less one: B x C, not counted)
+        if c.labels is not None:
+            rows.append(_classifier_costs(model, B, G, low))
         return rows
     head = 2 * M * c.d_model * c.vocab_size
     Nh = M if top_rows else N                      # rows reaching the final norm
@@ -178,9 +179,9 @@ def block_costs(model, B: int, T: int, everything: bool = False,
 
 def _classifier_costs(model, B: int, G, low: int) -> dict:
     """An encoder's head row: the pooler and the classifier, on the first position of each of
-    the B sequences (a model without a head is costed as a classifier of its labels or 2)."""
+    the B sequences."""
     c = model.config
-    C, K = c.d_model, len(c.labels or "ab")
+    C, K = c.d_model, len(c.labels)
     names = [n for n in model.params if n.startswith(("pooler.", "classifier."))]
     fwd = 2 * B * C * (C + K)
     below = low < c.n_layer

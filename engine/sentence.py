@@ -1,13 +1,15 @@
 """Sentence embeddings from an encoder, and training them: `tailtune finetune` of an encoder on
-JSONL rows of {"anchor": ..., "positive": ...} (two texts that mean the same thing: a question
-and its answer, a claim and its category's description).
+JSONL rows of {"anchor": ..., "positive": ...} (two texts that belong together: a question and
+its answer, a title and its article).
 
 The embedding is what all-MiniLM-L6-v2 is made for (sentence-transformers' Pooling + Normalize):
 the mean of the last hidden states over the real tokens, scaled to length 1. The loss is the
 in-batch one sentence-transformers calls MultipleNegativesRankingLoss: each anchor against
 every positive of its batch, cross-entropy of scale x cosine similarity with its own positive as
-the class. Each op is a forward and a backward in NumPy (B x C, cheap next to the blocks); the
-blocks' backward starts from the hidden states' gradient (Model.backward(dhidden=)).
+the class. A positive repeated in the batch (the same text for several anchors) is not a
+negative of those anchors: it is left out of their softmax, and counts as a hit in recall@1.
+Each op is a forward and a backward in NumPy (B x C, cheap next to the blocks); the blocks'
+backward starts from the hidden states' gradient (Model.backward(dhidden=)).
 """
 from __future__ import annotations
 
@@ -44,11 +46,14 @@ def normalize_backward(du, u, n):
     return (du - u * (u * du).sum(1, keepdims=True)) / np.maximum(n, 1e-12)[:, None]
 
 
-def ranking_loss(ua, up, scale: float = SCALE):
+def ranking_loss(ua, up, scale: float = SCALE, same=None):
     """(loss, dua, dup): mean cross-entropy of scale * ua @ up.T (B, B) against the diagonal
-    (each anchor's own positive), and its gradients."""
+    (each anchor's own positive), and its gradients. same (B, B) bool: positive j is the same
+    text as anchor i's own (off the diagonal: left out of row i's softmax)."""
     B = ua.shape[0]
     s = (scale * (ua @ up.T)).astype(np.float64)                                  # (B, B)
+    if same is not None:
+        s[same & ~np.eye(B, dtype=bool)] = -np.inf
     s -= s.max(1, keepdims=True)
     p = np.exp(s)
     p /= p.sum(1, keepdims=True)
@@ -83,21 +88,27 @@ def pair_step(model, anchors, positives, idx, pad_id: int, scale: float = 1.0) -
     seqs = [anchors[i] for i in idx] + [positives[i] for i in idx]
     u, saved = embed(model, seqs, np.arange(len(seqs)), pad_id, keep=True)
     B = len(idx)
-    loss, dua, dup = ranking_loss(u[:B], u[B:])
+    loss, dua, dup = ranking_loss(u[:B], u[B:], same=_same(seqs[B:]))
     backward(model, np.concatenate([dua, dup]), saved, scale)
     return loss
 
 
+def _same(positives):
+    """(B, B) bool: positives i and j are the same token ids."""
+    keys = [p.tobytes() for p in positives]
+    return np.array([[a == b for b in keys] for a in keys])
+
+
 def retrieval(model, anchors, positives, batch_size: int, pad_id: int) -> dict:
-    """Held-out pairs: each anchor against every held-out positive: the share whose own
-    positive is the nearest (recall@1), and the mean ranking loss over all of them at once."""
+    """Held-out pairs: each anchor against every held-out positive: the share whose nearest
+    positive is its own text (recall@1), and the mean ranking loss over all of them at once."""
     def all_of(seqs):
         return np.concatenate([embed(model, seqs, np.arange(s, min(len(seqs), s + batch_size)),
                                      pad_id)[0] for s in range(0, len(seqs), batch_size)])
     ua, up = all_of(anchors), all_of(positives)
-    sim = ua @ up.T
-    loss = ranking_loss(ua, up)[0]
-    return {"loss": loss, "recall_at_1": float((sim.argmax(1) == np.arange(len(ua))).mean())}
+    same = _same(positives)
+    hits = same[np.arange(len(ua)), (ua @ up.T).argmax(1)]
+    return {"loss": ranking_loss(ua, up, same=same)[0], "recall_at_1": float(hits.mean())}
 
 
 def read_pairs(path: str):
@@ -115,7 +126,7 @@ def read_pairs(path: str):
     return anchors, positives
 
 
-def write_sentence_transformers_files(d: str, model) -> None:
+def write_sentence_transformers_files(d: str, model, seq_len: int) -> None:
     """modules.json and the pooling config beside a saved encoder: sentence-transformers then
     loads it as this embedding (mean pooling, normalized)."""
     mods = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
@@ -130,7 +141,7 @@ def write_sentence_transformers_files(d: str, model) -> None:
     for path, obj in ((os.path.join(d, "modules.json"), mods),
                       (os.path.join(d, "1_Pooling", "config.json"), pooling),
                       (os.path.join(d, "sentence_bert_config.json"),
-                       {"max_seq_length": model.config.context_length, "do_lower_case": False})):
+                       {"max_seq_length": seq_len, "do_lower_case": False})):
         with open(path, "w", encoding="utf-8") as f:
             json.dump(obj, f, indent=2)
 
@@ -139,6 +150,7 @@ class PairsTask:
     """A sentence-embedding run (classify.run_encoder): pairs of texts, the encoder without a
     head, the in-batch ranking loss; held-out recall@1."""
     kind, metric = "sentence-embedding", "recall_at_1"
+    min_batch = 2   # an anchor needs another pair's positive to rank against
 
     def __init__(self, args, log):
         from . import data as D
@@ -159,6 +171,10 @@ class PairsTask:
             raise InputError(f"{args.model} is a classifier; sentence embeddings train an "
                              "encoder without a head (its last hidden states)")
         self.tok, seq_len = _tokenizer_and_length(args, model)
+        self.seq_len = seq_len
+        if args.batch_size < 2 or len(anchors) < 2:
+            raise InputError(f"the in-batch ranking loss needs two or more pairs a batch: "
+                             f"--batch-size {args.batch_size}, {len(anchors)} training pair(s)")
         held_a, held_p = _capped(args, held_a, held_p, log)
         cut = lambda texts: [np.asarray(ids, np.int64)   # noqa: E731
                              for ids, _ in self.tok.encode_pairs(texts, max_length=seq_len)]
@@ -168,13 +184,12 @@ class PairsTask:
         self.pad, self.batch_size = _pad(self.tok), args.batch_size
 
     def start(self, model):
-        if not model.trainable_blocks():
-            raise InputError("sentence embeddings train blocks (the hidden states): give "
-                             "--train-last K >= 1 or --unfreeze blocks")
+        if model.lowest_trainable_block() >= model.config.n_layer:
+            raise InputError("sentence embeddings train what the hidden states depend on: give "
+                             "--train-last K >= 1, or --unfreeze blocks or embeddings (the "
+                             "pooler is on no path from them)")
 
     def step(self, idx, scale: float) -> float:
-        if len(idx) < 2:    # an epoch's last batch of one pair: no negative to rank against
-            return 0.0
         return pair_step(self.model, self.anchors, self.positives, idx, self.pad, scale)
 
     def evaluate(self):
@@ -186,4 +201,4 @@ class PairsTask:
         return {"loss": "in-batch ranking (MultipleNegativesRankingLoss), scale 20"}
 
     def save_extra(self, d: str) -> None:
-        write_sentence_transformers_files(d, self.model)
+        write_sentence_transformers_files(d, self.model, self.seq_len)

@@ -802,6 +802,8 @@ class BPETokenizer(_Tokenizer):
         none), with the special tokens the tokenizer's template puts around one sequence or two
         (BERT: [CLS] a [SEP] b [SEP], types 0 then 1); with max_length, cut as transformers cuts
         them (the longer sequence first, the special tokens kept)."""
+        if isinstance(texts, str) or isinstance(pairs, str):
+            raise TokenizerError("encode_pairs takes lists of texts (and of pairs), not a string")
         texts = list(texts)
         pairs = [None] * len(texts) if pairs is None else list(pairs)
         if len(pairs) != len(texts):
@@ -810,6 +812,13 @@ class BPETokenizer(_Tokenizer):
             _check_text(t)
         tk = self._tk
         if max_length is not None:   # on a copy: this tokenizer's own encode does not cut
+            two = any(p is not None for p in pairs)
+            with _NoPanic(self.source, "encoding texts"):
+                need = len(self._tk.encode("", "" if two else None).ids) + (2 if two else 1)
+            if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < need:
+                raise TokenizerError(f"max_length must be an integer of at least {need} (the "
+                                     f"special tokens and one token of each text), got "
+                                     f"{max_length!r}")
             tk = _tokenizers().Tokenizer.from_str(self._tk.to_str())
             tk.enable_truncation(max_length, strategy="longest_first")
         tk.no_padding()
@@ -831,6 +840,9 @@ class BPETokenizer(_Tokenizer):
         cfg = _config_json(self.special_tokens, self.chat_template)
         with _NoPanic(self.source, "saving"):
             body = self._tk.to_str()
+            typed = any(self._tk.encode("a", "b").type_ids)
+        if typed:   # a two-segment template (BERT): else transformers gives no token_type_ids
+            cfg["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
         _write_files(directory, body, cfg)
 
     # ---- constructors

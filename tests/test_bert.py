@@ -2,6 +2,7 @@
 of padded batches, the loss and every trainable gradient under freezing patterns, files saved
 back that transformers loads; and the real all-MiniLM-L6-v2."""
 import copy
+import json
 import os
 
 import numpy as np
@@ -313,6 +314,14 @@ def test_a_regression_head_is_replaced_when_labels_are_given(tmp_path):
     assert m.params["classifier.weight"].shape == (2, 50)
     with pytest.raises(engine.InputError, match="list of class names"):
         engine.load(d, labels="pos")
+
+
+def test_bert_pad_id_defaults_to_zero_as_transformers(tmp_path):
+    d = saved(hf_model("encoder"), tmp_path)
+    cfg = json.loads(open(os.path.join(d, "config.json")).read())
+    del cfg["pad_token_id"]                     # older files leave it out: BertConfig says 0
+    open(os.path.join(d, "config.json"), "w").write(json.dumps(cfg))
+    assert engine.load(d).config.pad_token_id == 0
 
 
 def test_models_pickled_before_encoders_still_run():

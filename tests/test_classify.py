@@ -192,3 +192,18 @@ def test_pairs_of_texts_tokenize_and_train(minilm, tmp_path):
                 "--train-last", "1", "--steps", "6", "--batch-size", "4", "--lr", "2e-3",
                 "--out", str(out)]) == 0
     assert json.loads((out / "summary.json").read_text())["labels"] == ["late", "property"]
+    # transformers, with the saved tokenizer, gives the pair its token types and the logits
+    saved = transformers.AutoTokenizer.from_pretrained(out / "model")
+    enc = saved(a, b, padding=True, return_tensors="pt")
+    assert enc["token_type_ids"].numpy().any()
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
+    with torch.no_grad():
+        want = hf(**enc).logits.numpy()
+    got = engine.load(str(out)).forward(enc["input_ids"].numpy(),
+                                        lengths=enc["attention_mask"].sum(1).numpy(),
+                                        types=enc["token_type_ids"].numpy())
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(engine.TailtuneError, match="lists of texts"):
+        tok.encode_pairs("hello")
+    with pytest.raises(engine.TailtuneError, match="at least 5"):
+        tok.encode_pairs(a, b, max_length=4)

@@ -81,3 +81,68 @@ def test_eval_of_a_sentence_encoder(minilm, tmp_path, capsys):
     assert cli(["eval", "--model", "minilm", "--data", data]) == 0
     line = capsys.readouterr().out
     assert "ranking loss" in line and "recall@1" in line
+
+
+def test_a_repeated_positive_is_not_a_negative():
+    """Anchors 0 and 1 share a positive text: for anchor 0, copy 1 is not a negative (torch:
+    cross-entropy with that logit masked out)."""
+    rng = np.random.default_rng(2)
+    u = rng.standard_normal((8, 6)).astype(np.float32)
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    ua, up = u[:4], u[4:].copy()
+    up[1] = up[0]
+    same = np.zeros((4, 4), bool)
+    same[0, 1] = same[1, 0] = True
+    loss, dua, dup = S.ranking_loss(ua, up, same=same | np.eye(4, dtype=bool))
+    ta = torch.tensor(ua, dtype=torch.float64, requires_grad=True)
+    tp = torch.tensor(up, dtype=torch.float64, requires_grad=True)
+    s = S.SCALE * ta @ tp.T
+    s = s.masked_fill(torch.tensor(same), float("-inf"))
+    tl = torch.nn.functional.cross_entropy(s, torch.arange(4))
+    tl.backward()
+    assert abs(loss - tl.item()) < 1e-5
+    np.testing.assert_allclose(dua, ta.grad.numpy(), atol=1e-5)
+    np.testing.assert_allclose(dup, tp.grad.numpy(), atol=1e-5)
+
+
+def test_recall_counts_a_repeated_positive(minilm):
+    model, tok = engine.load("minilm"), engine.load_tokenizer("minilm")
+    ids = lambda texts: [np.asarray(i) for i, _ in tok.encode_pairs(texts)]  # noqa: E731
+    anchors = ids(["Water came through the kitchen ceiling.", "The basement flooded in the storm.",
+                   "My suitcase was lost at the airport."])
+    positives = ids(["damage to a house", "damage to a house", "lost luggage on a trip"])
+    r = S.retrieval(model, anchors, positives, 8, 0)
+    assert r["recall_at_1"] == 1.0      # either copy of "damage to a house" is a hit
+
+
+def test_sentence_run_edges(minilm, tmp_path, capsys):
+    data = _pairs(tmp_path / "pairs.jsonl", 5)
+    # one pair a batch has nothing to rank against
+    assert cli(["finetune", "--model", "minilm", "--data", data, "--eval-fraction", "0",
+                "--batch-size", "1", "--out", str(tmp_path / "a")]) == 2
+    assert "two or more pairs a batch" in capsys.readouterr().err
+    # 5 pairs in batches of 4: each epoch's fifth is dropped, no step without a loss; the
+    # embeddings alone trainable is a valid run; the saved length is the run's
+    out = tmp_path / "b"
+    assert cli(["finetune", "--model", "minilm", "--data", data, "--eval-fraction", "0",
+                "--batch-size", "4", "--steps", "3", "--seq-len", "48", "--unfreeze", "ln_e.*",
+                "--out", str(out)]) == 0
+    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss"] > 0 for r in steps if "loss" in r)
+    st = json.loads((out / "model" / "sentence_bert_config.json").read_text())
+    assert st["max_seq_length"] == 48
+
+
+def test_a_head_less_pooler_takes_no_step(minilm):
+    """The pooler of an encoder without a head is on no path from its hidden states: even
+    trainable, it gets no gradient, and AdamW's weight decay leaves it alone (torch: no .grad)."""
+    m = engine.load("minilm").train_last(1).unfreeze("pooler.*")
+    before = m.params["pooler.weight"].copy()
+    opt = engine.AdamW(m, lr=1e-3, weight_decay=0.1)
+    tokens = np.array([[101, 7592, 2088, 102]])
+    h = m.forward(tokens, keep=True)
+    m.backward(dhidden=np.ones_like(h))
+    opt.step()
+    assert np.array_equal(m.params["pooler.weight"], before)
+    assert not np.array_equal(m.params["blocks.5.mlp.up.weight"],
+                              engine.load("minilm").params["blocks.5.mlp.up.weight"])

@@ -41,7 +41,8 @@ def config_from_hf(hf: dict, get, head: bool = True) -> Config:
                        norm_eps=get(hf, "layer_norm_eps", "number", 1e-12), mlp=_GELUS[act],
                        init_std=get(hf, "initializer_range", "number", 0.02),
                        labels=_labels(hf) if head else None,
-                       pad_token_id=get(hf, "pad_token_id", "id", None))
+                       # (BertConfig's default: 0, its embedding's padding_idx)
+                       pad_token_id=get(hf, "pad_token_id", "id", 0))
 
 
 def _labels(hf: dict) -> list[str] | None:
