@@ -196,16 +196,7 @@ class ClassifierTask:
     min_batch = 1
 
     def __init__(self, args, log):
-        texts, labels = read_labeled(args.data)
-        if args.eval_data:
-            held_texts, held_labels = read_labeled(args.eval_data)
-        else:
-            train_idx, eval_idx = D.split(len(texts), args.eval_fraction, args.seed)
-            held_texts = [texts[i] for i in eval_idx]
-            held_labels = [labels[i] for i in eval_idx]
-            texts = [texts[i] for i in train_idx]
-            labels = [labels[i] for i in train_idx]
-            _some_left(args, texts, held_texts)
+        (texts, labels), (held_texts, held_labels) = train_and_held(args, read_labeled)
         classes = choose_labels(args.model, labels)
         unknown = sorted(set(held_labels) - set(classes))
         if unknown:
@@ -256,11 +247,19 @@ class ClassifierTask:
     save_extra = None
 
 
-def _some_left(args, texts, held_texts) -> None:
-    if not texts:
-        raise InputError(f"{args.data}: {len(held_texts)} row(s), and --eval-fraction "
+def train_and_held(args, read):
+    """(training columns, held-out columns) of the rows read(path) gives as parallel lists:
+    --eval-data's rows held out, else --eval-fraction of --data's (seeded)."""
+    cols = read(args.data)
+    if args.eval_data:
+        return cols, read(args.eval_data)
+    train_idx, eval_idx = D.split(len(cols[0]), args.eval_fraction, args.seed)
+    train, held = (tuple([c[i] for i in idx] for c in cols) for idx in (train_idx, eval_idx))
+    if not train[0]:
+        raise InputError(f"{args.data}: {len(held[0])} row(s), and --eval-fraction "
                          f"{args.eval_fraction} holds out all of them: none is left to train "
                          "on (give more rows, --eval-fraction 0, or --eval-data)")
+    return train, held
 
 
 def _capped(args, held, other, log):

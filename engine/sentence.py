@@ -153,17 +153,9 @@ class PairsTask:
     min_batch = 2   # an anchor needs another pair's positive to rank against
 
     def __init__(self, args, log):
-        from . import data as D
-        from .classify import _capped, _pad, _some_left, _tokenizer_and_length
+        from .classify import _capped, _pad, _tokenizer_and_length, train_and_held
         from .io import load
-        anchors, positives = read_pairs(args.data)
-        if args.eval_data:
-            held_a, held_p = read_pairs(args.eval_data)
-        else:
-            train_idx, eval_idx = D.split(len(anchors), args.eval_fraction, args.seed)
-            held_a, held_p = [anchors[i] for i in eval_idx], [positives[i] for i in eval_idx]
-            anchors, positives = [anchors[i] for i in train_idx], [positives[i] for i in train_idx]
-            _some_left(args, anchors, held_a)
+        (anchors, positives), (held_a, held_p) = train_and_held(args, read_pairs)
         log(f"loading {args.model} as a sentence encoder (mean pooling, normalized; in-batch "
             "ranking loss over pairs)")
         self.model = model = load(args.model)
