@@ -95,8 +95,9 @@ def pair_step(model, anchors, positives, idx, pad_id: int, scale: float = 1.0) -
 
 def _same(positives):
     """(B, B) bool: positives i and j are the same token ids."""
-    keys = [p.tobytes() for p in positives]
-    return np.array([[a == b for b in keys] for a in keys])
+    index: dict[bytes, int] = {}
+    ids = np.array([index.setdefault(p.tobytes(), len(index)) for p in positives])
+    return ids[:, None] == ids[None, :]
 
 
 def retrieval(model, anchors, positives, batch_size: int, pad_id: int) -> dict:
