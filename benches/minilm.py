@@ -164,9 +164,10 @@ def make_batch(path, B: int, T: int, data: str, seed: int, vocab: int):
         raise SystemExit(f"{NAME}: --batch-size {B}: {DATA.name} holds {len(texts)} texts")
     tok = engine.load_tokenizer(path)
     seqs = classify.encode(tok, texts[:B], T)
-    tokens, lengths = classify.batch(seqs, np.arange(B), tok.pad_id if tok.pad_id is not None else 0)
+    # (single texts: every token of type 0, so no types array)
+    tokens, lengths, _ = classify.batch(seqs, np.arange(B), tok.pad_id if tok.pad_id is not None else 0)
     targets = np.array([LABELS.index(x) for x in labels[:B]], np.int64)
-    cut = int(sum(len(s) == T for s in seqs))
+    cut = int(sum(len(ids) == T for ids, _ in seqs))
     what = (f"examples/claims/{DATA.name}, texts 0..{B - 1} padded to {tokens.shape[1]}: "
             f"{int(lengths.sum())} real tokens of {tokens.size} ({lengths.min()}..{lengths.max()} "
             f"a text)" + (f"; {cut} cut to {T}" if cut else ""))
