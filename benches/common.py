@@ -659,6 +659,36 @@ def timing_fields(tm: dict, eng: dict, tor: dict) -> dict:
 
 
 # ---- worker subprocesses ----------------------------------------------------------------------
+def measure_worker(side: str, step, worker_steps: int, t_import: float, t_load: float) -> dict:
+    """A worker's steps after its load (one warm-up, then worker_steps): times, losses, RSS
+    after the load, peak RSS of the load and of the steps alone (the peak reset between them
+    where the kernel allows it). Emits the result on stdout and returns it."""
+    import gc
+    gc.collect()
+    malloc_trim()
+    rss_load, peak_load, reset = rss_mib(), peak_rss_mib(), reset_peak_rss()
+    times, losses = [], []
+    for _ in range(1 + worker_steps):
+        t, loss = timed(step)
+        times.append(t)
+        losses.append(float(loss))
+    peak_steps = peak_rss_mib()
+    res = {"side": side, "import_s": t_import, "load_s": t_load, "step_s": times,
+           "losses": losses, "rss_after_load_mib": rss_load, "peak_rss_load_mib": peak_load,
+           "peak_rss_steps_mib": peak_steps if reset else None,
+           "peak_rss_mib": max(peak_load, peak_steps), "ru_maxrss_mib": ru_maxrss_mib(),
+           "threads": thread_counts(), "numba_cache_dir": os.environ.get("NUMBA_CACHE_DIR")}
+    emit(res)
+    return res
+
+
+def batch_worker_argv(script: str, args, side: str, batch_file: str) -> list:
+    """The command line of a worker of `script` that reads its batch from batch_file."""
+    return [Path(script).resolve(), "--worker", side, "--threads", args.threads,
+            "--train-last", args.train_last, "--lr", args.lr, "--batch-file", batch_file,
+            "--worker-steps", args.worker_steps]
+
+
 def emit(result: dict) -> None:
     """A worker's answer: one tagged JSON line on stdout."""
     sys.stdout.write(WORKER_TAG + json.dumps(result, default=_json_default) + "\n")

@@ -362,32 +362,11 @@ def _worker(args) -> dict:
         _, step = engine_side(model, args.train_last, args.lr, tokens, targets, lengths)
     else:
         _, step, _ = torch_side(hf, args.train_last, args.lr, tokens, targets, lengths)
-    import gc
-    gc.collect()
-    C.malloc_trim()
-    rss_load = C.rss_mib()
-    peak_load = C.peak_rss_mib()
-    reset = C.reset_peak_rss()
-    times, losses = [], []
-    for _ in range(1 + args.worker_steps):
-        t, loss = C.timed(step)
-        times.append(t)
-        losses.append(float(loss))
-    peak_steps = C.peak_rss_mib()
-    res = {"side": args.worker, "import_s": t_import, "load_s": t_load, "step_s": times,
-           "losses": losses, "rss_after_load_mib": rss_load, "peak_rss_load_mib": peak_load,
-           "peak_rss_steps_mib": peak_steps if reset else None,
-           "peak_rss_mib": max(peak_load, peak_steps), "ru_maxrss_mib": C.ru_maxrss_mib(),
-           "threads": C.thread_counts(),
-           "numba_cache_dir": os.environ.get("NUMBA_CACHE_DIR")}
-    C.emit(res)
-    return res
+    return C.measure_worker(args.worker, step, args.worker_steps, t_import, t_load)
 
 
 def _worker_argv(args, side, batch_file):
-    return [Path(__file__).resolve(), "--worker", side, "--threads", args.threads,
-            "--train-last", args.train_last, "--lr", args.lr, "--batch-file", batch_file,
-            "--worker-steps", args.worker_steps]
+    return C.batch_worker_argv(__file__, args, side, batch_file)
 
 
 # ---- the run ----------------------------------------------------------------------------------

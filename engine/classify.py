@@ -87,15 +87,17 @@ def encode(tok, texts, seq_len: int) -> list[tuple[np.ndarray, np.ndarray | None
 
 def batch(seqs, idx, pad_id: int):
     """(tokens (B, T) padded on the right to the longest, lengths (B,), types (B, T) or None
-    when every token is of type 0)."""
-    lengths = np.array([len(seqs[i][0]) for i in idx], np.int64)
-    tokens = np.full((len(idx), int(lengths.max())), pad_id, np.int64)
-    typed = any(seqs[i][1] is not None for i in idx)
+    when every token is of type 0) of seqs[idx]: (ids, types or None) as encode() gives them,
+    or token id arrays alone."""
+    items = [seqs[i] if isinstance(seqs[i], tuple) else (seqs[i], None) for i in idx]
+    lengths = np.array([len(ids) for ids, _ in items], np.int64)
+    tokens = np.full((len(items), int(lengths.max())), pad_id, np.int64)
+    typed = any(t is not None for _, t in items)
     types = np.zeros(tokens.shape, np.int64) if typed else None
-    for r, i in enumerate(idx):
-        tokens[r, :lengths[r]] = seqs[i][0]
-        if typed and seqs[i][1] is not None:
-            types[r, :lengths[r]] = seqs[i][1]
+    for r, (ids, t) in enumerate(items):
+        tokens[r, :lengths[r]] = ids
+        if t is not None:
+            types[r, :lengths[r]] = t
     return tokens, lengths, types
 
 
@@ -446,9 +448,8 @@ def eval_encoder(model_path: str, data: str, batch_size: int, seq_len: int) -> d
             raise InputError(f"{model_path} is a classifier: evaluate it on labeled rows")
         tok = load_tokenizer(resolve_model_path(model_path), model_vocab_size=model.config.vocab_size)
         n = min(seq_len, model.config.context_length)
-        ids = [[np.asarray(i, np.int64) for i, _ in tok.encode_pairs(t, max_length=n)]
-               for t in (anchors, positives)]
-        return retrieval(model, *ids, batch_size, _pad(tok))
+        return retrieval(model, encode(tok, anchors, n), encode(tok, positives, n), batch_size,
+                         _pad(tok))
     texts, labels = read_labeled(data)
     model = load(model_path)
     if model.config.labels is None:

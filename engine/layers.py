@@ -191,14 +191,7 @@ class Block:
         N = B * T
         x2 = x.reshape(N, C)
         h, st1 = self.ln1.forward(P, x2)                       # (N, C)
-        a, sa = self._attend(P, h, B, T, rope_cs, cache, pos0, lengths)
-        a2 = a.reshape(N, self.H * self.D)
-        if rows is not None:
-            a2, res = a2[rows], x2[rows]                       # (M, H*D), (M, C)
-        else:
-            res = x2
-        x1 = self.o.forward(P, a2)
-        x1 += res                                              # (N or M, C) residual
+        x1, a2, sa = self._attention_branch(P, h, x2, B, T, rope_cs, cache, pos0, rows, lengths)
         h2, st2 = self.ln2.forward(P, x1)
         g, u, act = self._mlp(P, h2)
         out = self.down.forward(P, act)
@@ -219,14 +212,7 @@ class Block:
         B, T, C = x.shape
         N = B * T
         x2 = x.reshape(N, C)
-        a, sa = self._attend(P, x2, B, T, rope_cs, cache, pos0, lengths)
-        a2 = a.reshape(N, self.H * self.D)
-        if rows is not None:
-            a2, res = a2[rows], x2[rows]                       # (M, H*D), (M, C)
-        else:
-            res = x2
-        y1 = self.o.forward(P, a2)
-        y1 += res                                              # (N or M, C) residual, before ln1
+        y1, a2, sa = self._attention_branch(P, x2, x2, B, T, rope_cs, cache, pos0, rows, lengths)
         h2, st1 = self.ln1.forward(P, y1)
         g, u, act = self._mlp(P, h2)
         y2 = self.down.forward(P, act)
@@ -238,6 +224,34 @@ class Block:
                          lengths=lengths, rows=rows, a_rows=a2 if rows is not None else None, **sa)
             saved = {n: s for n, s in saved.items() if n in keep}
         return (out.reshape(B, T, C) if rows is None else out), saved
+
+    def _attention_branch(self, P, h, x2, B, T, rope_cs, cache, pos0, rows, lengths):
+        """The residual stream x2 (N, C) plus attention over h (N, C) and its output projection:
+        (N, C), or (M, C) at `rows` only (keys and values still from every position). Returns
+        it, the projection's input (N or M, H*D) and what backward may read of attention."""
+        a, sa = self._attend(P, h, B, T, rope_cs, cache, pos0, lengths)
+        a2 = a.reshape(B * T, self.H * self.D)
+        res = x2
+        if rows is not None:
+            a2, res = a2[rows], x2[rows]                       # (M, H*D), (M, C)
+        y = self.o.forward(P, a2)
+        y += res                                               # residual
+        return y, a2, sa
+
+    def _attention_branch_backward(self, P, G, dy, s, rope_cs, need_qkv, need_h):
+        """From the branch output's gradient dy ((N or M, C), rows= as in forward) back through
+        the output projection and attention: the gradient of its input h at every position
+        (N, C) when need_h, else None. The residual's share is the caller's."""
+        rows = s.get("rows")
+        o_in = s.get("a_rows") if rows is not None else s.get("a")   # read only when o trains
+        da = self.o.backward(P, G, dy, None if o_in is None else o_in.reshape(-1, self.H * self.D),
+                             need_qkv)
+        if not need_qkv:
+            return None
+        if rows is not None:                                  # back to every position
+            da_rows, da = da, np.zeros((s["n"], da.shape[1]), np.float32)
+            da[rows] = da_rows
+        return self._attend_backward(P, G, da, s, rope_cs, need_h)
 
     def _attend(self, P, h, B, T, rope_cs, cache, pos0, lengths):
         """Attention over h (N, C): q, k, v, the per-head norms, the rotary embedding, the
@@ -367,24 +381,16 @@ class Block:
         dx1 = dout
         need_h, need_qkv = plan["need_h"], plan["need_qkv"]
         rows = s.get("rows")
-        N = s["n"]                                            # every position, even after rows=
-        o_in = s.get("a_rows") if rows is not None else s.get("a")   # read only when o trains
-        da = self.o.backward(P, G, dx1, None if o_in is None else o_in.reshape(-1, self.H * self.D),
-                             need_qkv)
-        if rows is not None and need_qkv:                     # back to every position
-            da_rows, da = da, np.zeros((N, da.shape[1]), np.float32)
-            da[rows] = da_rows
-        dx = None
-        if need_qkv:
-            dh = self._attend_backward(P, G, da, s, rope_cs, need_h)
-            if need_h:
-                if rows is not None:
-                    dx = np.zeros_like(s["x"])
-                    if need_dx:
-                        dx[rows] = dx1                         # the residual path
-                else:
-                    dx = dx1 if need_dx else np.zeros_like(dx1)
-                self.ln1.backward(P, G, dh, s["x"], s["st1"], dx)
+        dh = self._attention_branch_backward(P, G, dx1, s, rope_cs, need_qkv, need_h)
+        if not need_h:                                        # (need_h implies need_qkv)
+            return None
+        if rows is not None:
+            dx = np.zeros_like(s["x"])
+            if need_dx:
+                dx[rows] = dx1                                 # the residual path
+        else:
+            dx = dx1 if need_dx else np.zeros_like(dx1)
+        self.ln1.backward(P, G, dh, s["x"], s["st1"], dx)
         return dx if need_dx else None
 
     def _backward_post(self, P, G, dout, s, rope_cs, need_dx, plan):
@@ -405,15 +411,7 @@ class Block:
         self.ln1.backward(P, G, dy2, s["y1"], s["st1"], dy1)
         if not plan["attn"]:
             return None
-        a = s.get("a_rows") if rows is not None else s.get("a")   # read only when o trains
-        da = self.o.backward(P, G, dy1, None if a is None else a.reshape(-1, self.H * self.D),
-                             plan["need_qkv"])
-        if rows is not None and plan["need_qkv"]:            # back to every position
-            da_rows, da = da, np.zeros((s["n"], da.shape[1]), np.float32)
-            da[rows] = da_rows
-        dx = None
-        if plan["need_qkv"]:
-            dx = self._attend_backward(P, G, da, s, rope_cs, need_dx)
+        dx = self._attention_branch_backward(P, G, dy1, s, rope_cs, plan["need_qkv"], need_dx)
         if not need_dx:
             return None
         if rows is None:

@@ -796,11 +796,8 @@ class Model:
                     t = types.reshape(-1)
                     for v in range(len(G["wtt.weight"])):
                         G["wtt.weight"][v] += dx2[t == v].sum(axis=0)
-            dwte, pad = G.get("wte.weight"), self._padding_row()
-            kept = dwte[pad].copy() if dwte is not None and pad is not None else None
-            embedding_backward(dx.reshape(*tokens.shape, -1), tokens, dwte, G.get("wpe.weight"))
-            if kept is not None:    # the lookup adds nothing to the padding token's row
-                dwte[pad] = kept
+            embedding_backward(dx.reshape(*tokens.shape, -1), tokens, G.get("wte.weight"),
+                               G.get("wpe.weight"), padding_idx=self._padding_row())
             if prof:
                 prof.add("embeddings", "backward", perf_counter() - t0)
 

@@ -66,12 +66,10 @@ def ranking_loss(ua, up, scale: float = SCALE, same=None):
 
 def embed(model, seqs, idx, pad_id: int, keep: bool = False):
     """(normalized embeddings (B, C), what the backward needs) of the texts seqs[idx] (token id
-    arrays)."""
-    lengths = np.array([len(seqs[i]) for i in idx], np.int64)
-    tokens = np.full((len(idx), int(lengths.max())), pad_id, np.int64)
-    for r, i in enumerate(idx):
-        tokens[r, :lengths[r]] = seqs[i]
-    h = model.forward(tokens, lengths=lengths, keep=keep)
+    arrays, or (ids, types) as classify.encode gives them)."""
+    from .classify import batch
+    tokens, lengths, types = batch(seqs, idx, pad_id)
+    h = model.forward(tokens, lengths=lengths, types=types, keep=keep)
     u, n = normalize_forward(mean_pool_forward(h, lengths))
     return u, (lengths, h.shape[1], u, n)
 
@@ -96,7 +94,8 @@ def pair_step(model, anchors, positives, idx, pad_id: int, scale: float = 1.0) -
 def _same(positives):
     """(B, B) bool: positives i and j are the same token ids."""
     index: dict[bytes, int] = {}
-    ids = np.array([index.setdefault(p.tobytes(), len(index)) for p in positives])
+    ids = np.array([index.setdefault((p[0] if isinstance(p, tuple) else p).tobytes(), len(index))
+                    for p in positives])
     return ids[:, None] == ids[None, :]
 
 
@@ -154,7 +153,7 @@ class PairsTask:
     min_batch = 2   # an anchor needs another pair's positive to rank against
 
     def __init__(self, args, log):
-        from .classify import _capped, _pad, _tokenizer_and_length, train_and_held
+        from .classify import _capped, _pad, _tokenizer_and_length, encode, train_and_held
         from .io import load
         (anchors, positives), (held_a, held_p) = train_and_held(args, read_pairs)
         log(f"loading {args.model} as a sentence encoder (mean pooling, normalized; in-batch "
@@ -169,10 +168,8 @@ class PairsTask:
             raise InputError(f"the in-batch ranking loss needs two or more pairs a batch: "
                              f"--batch-size {args.batch_size}, {len(anchors)} training pair(s)")
         held_a, held_p = _capped(args, held_a, held_p, log)
-        cut = lambda texts: [np.asarray(ids, np.int64)   # noqa: E731
-                             for ids, _ in self.tok.encode_pairs(texts, max_length=seq_len)]
-        self.anchors, self.positives = cut(anchors), cut(positives)
-        self.held = (cut(held_a), cut(held_p))
+        self.anchors, self.positives, *self.held = (encode(self.tok, t, seq_len) for t in
+                                                    (anchors, positives, held_a, held_p))
         self.n_train, self.n_held = len(self.anchors), len(held_a)
         self.pad, self.batch_size = _pad(self.tok), args.batch_size
 

@@ -49,7 +49,7 @@ def _embedding_forward(tokens, wte, wpe, pos0, out):
 
 
 @pjit
-def _embedding_backward(dout, tokens, dwte, dwpe, pos0):
+def _embedding_backward(dout, tokens, dwte, dwpe, pos0, padding_idx):
     B, T = tokens.shape
     C = dout.shape[2]
     use_wte = dwte.shape[0] > 0
@@ -60,7 +60,7 @@ def _embedding_backward(dout, tokens, dwte, dwpe, pos0):
         for b in range(B):
             for t in range(T):
                 g = dout[b, t]
-                if use_wte:
+                if use_wte and tokens[b, t] != padding_idx:
                     w = dwte[tokens[b, t]]
                     for j in range(c0, c1):
                         w[j] += g[j]
@@ -70,8 +70,9 @@ def _embedding_backward(dout, tokens, dwte, dwpe, pos0):
                         p[j] += g[j]
 
 
-def embedding_backward(dout, tokens, dwte=None, dwpe=None, pos0=0):
-    """Accumulates dout (B, T, C) into the rows of dwte (V, C) and dwpe (P, C) that were read."""
+def embedding_backward(dout, tokens, dwte=None, dwpe=None, pos0=0, padding_idx=None):
+    """Accumulates dout (B, T, C) into the rows of dwte (V, C) and dwpe (P, C) that were read;
+    not into dwte's row padding_idx (torch's nn.Embedding(padding_idx=...)), when given."""
     fn = "embedding_backward"
     pos0 = position(fn, "pos0", pos0)
     B, T, C = floats(fn, "dout", dout, ndim=3, dims="(B, T, C)").shape
@@ -84,6 +85,7 @@ def embedding_backward(dout, tokens, dwte=None, dwpe=None, pos0=0):
         tokens = indices(fn, "tokens", tokens, (B, T), V)
     if dwpe is not None:
         _positions(fn, "dwpe", dwpe, C, pos0, T)
+    pad = -1 if padding_idx is None else position(fn, "padding_idx", padding_idx)
     none = np.zeros((0, C), np.float32)
     _embedding_backward(dout, tokens, none if dwte is None else dwte,
-                        none if dwpe is None else dwpe, pos0)
+                        none if dwpe is None else dwpe, pos0, pad)

@@ -183,10 +183,12 @@ def embedding_fwd(tokens, wte, wpe=None, pos0=0):
     return out
 
 
-def embedding_bwd(dout, tokens, V, P=None, pos0=0):
+def embedding_bwd(dout, tokens, V, P=None, pos0=0, padding_idx=None):
     (dout,) = f64(dout)
     dwte = np.zeros((V, dout.shape[-1]))
     np.add.at(dwte, tokens.reshape(-1), dout.reshape(-1, dout.shape[-1]))
+    if padding_idx is not None:
+        dwte[padding_idx] = 0.0
     dwpe = None
     if P is not None:
         dwpe = np.zeros((P, dout.shape[-1]))

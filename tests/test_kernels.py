@@ -243,15 +243,18 @@ def test_gelu(n, seed, scale):
     close(dx, ref.gelu_bwd(dout, x), GRAD_TOL)
 
 
-def test_gelu_twin_and_torch():
+@pytest.mark.parametrize("approximate,fwd,bwd", [("tanh", ref.gelu_fwd, ref.gelu_bwd),
+                                                 ("none", ref.gelu_erf_fwd, ref.gelu_erf_bwd)])
+def test_gelu_twin_and_torch(approximate, fwd, bwd):
+    """Both GELUs' twins: finite differences, and torch's gelu of the same form in float64."""
     rng = rng_of(0)
     x, dout = randn(rng, 40, scale=3), randn(rng, 40)
-    check_twin_grad(lambda x: float(np.sum(ref.gelu_fwd(x) * dout)), [x], [ref.gelu_bwd(dout, x)], rng)
+    check_twin_grad(lambda x: float(np.sum(fwd(x) * dout)), [x], [bwd(dout, x)], rng)
     tx = t64(x, True)
-    y = torch.nn.functional.gelu(tx, approximate="tanh")
+    y = torch.nn.functional.gelu(tx, approximate=approximate)
     y.backward(t64(dout))
-    np.testing.assert_allclose(y.detach().numpy(), ref.gelu_fwd(x), rtol=1e-12, atol=1e-15)
-    np.testing.assert_allclose(tx.grad.numpy(), ref.gelu_bwd(dout, x), rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(y.detach().numpy(), fwd(x), rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(tx.grad.numpy(), bwd(dout, x), rtol=1e-10, atol=1e-14)
 
 
 def test_erf_inplace_accuracy():
@@ -305,16 +308,10 @@ def test_gelu_erf_tail_and_extremes():
     np.testing.assert_array_equal(dx, np.array([0.5, 0.5, 0.5, 1, 0, 1, 0, 1, 0], np.float32))
 
 
-def test_gelu_erf_twin_and_torch():
+def test_gelu_erf_kernel_and_torch_float32():
+    """The erf GELU kernel against torch's own float32 (what BERT in transformers runs)."""
     rng = rng_of(0)
     x, dout = randn(rng, 40, scale=3), randn(rng, 40)
-    check_twin_grad(lambda x: float(np.sum(ref.gelu_erf_fwd(x) * dout)), [x], [ref.gelu_erf_bwd(dout, x)], rng)
-    tx = t64(x, True)
-    y = torch.nn.functional.gelu(tx, approximate="none")
-    y.backward(t64(dout))
-    np.testing.assert_allclose(y.detach().numpy(), ref.gelu_erf_fwd(x), rtol=1e-12, atol=1e-15)
-    np.testing.assert_allclose(tx.grad.numpy(), ref.gelu_erf_bwd(dout, x), rtol=1e-10, atol=1e-14)
-    # the kernel against torch's own float32 (what BERT in transformers runs)
     tx = torch.tensor(x, requires_grad=True)
     y = torch.nn.functional.gelu(tx, approximate="none")
     y.backward(torch.tensor(dout))
@@ -728,6 +725,14 @@ def test_embedding_twin_and_torch():
     y = torch.nn.functional.embedding(torch.tensor(tokens), tw)
     y.backward(t64(dout))
     np.testing.assert_allclose(ref.embedding_bwd(dout, tokens, 4)[0], tw.grad.numpy(), rtol=1e-12)
+    # padding_idx: the row takes nothing from the lookup, as nn.Embedding(padding_idx=3)
+    tw = t64(wte, True)
+    torch.nn.functional.embedding(torch.tensor(tokens), tw, padding_idx=3).backward(t64(dout))
+    np.testing.assert_allclose(ref.embedding_bwd(dout, tokens, 4, padding_idx=3)[0],
+                               tw.grad.numpy(), rtol=1e-12)
+    dwte = np.zeros_like(wte)
+    embedding_backward(dout, tokens, dwte, padding_idx=3)
+    close(dwte, ref.embedding_bwd(dout, tokens, 4, padding_idx=3)[0], GRAD_TOL)
 
 
 # ---- cross-entropy --------------------------------------------------------------------------
