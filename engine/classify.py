@@ -9,9 +9,10 @@ A run directory holds metrics.jsonl (a line per step and per evaluation), summar
 model/ (the fine-tuned classifier in the Hugging Face layout, which transformers'
 AutoModelForSequenceClassification loads, with the tokenizer). `--prefix-cache memory` keeps
 each example's output of the frozen blocks (the lowest trainable block's input, its real tokens
-only) after its first pass, so later epochs and evaluations run the trainable tail alone. What
-the causal-LM runs have and these do not yet: checkpoints and --resume, freezing schedules, the
-prefix cache on disk, telemetry.
+only) after its first pass, so later epochs and evaluations run the trainable tail alone. Freezing
+schedules (--schedule) and telemetry (--telemetry-every, telemetry.png) work as in a causal LM's
+run. What the causal-LM runs have and these do not yet: checkpoints and --resume, the prefix
+cache on disk.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from .io import load, read_hf_config, write_json
 from .io.hf_names import config_from_hf
 from .io.resolve import resolve_model_path
 from .optim import AdamW, CosineSchedule, clip_grad_norm
+from .probes import Telemetry
 from .tokenizer import load_tokenizer
 
 
@@ -104,51 +106,82 @@ def batch(seqs, idx, pad_id: int):
 class PrefixRows:
     """The frozen prefix's output (the input of block `start`) of each example, over its real
     tokens, computed the first time the example is drawn and read back after: in memory, as
-    float32 or float16. Valid while the prefix's weights stay as they were (static freezing:
-    the whole run; checked on every read)."""
+    float32 or float16. Valid while the prefix's weights stay as they were (checked on every
+    read); a schedule that moves the lowest trainable block makes a new one. `below`: the cache
+    of a lower block whose prefix is unchanged (the lowest blocks froze): an example it holds
+    runs from there, through the blocks between, rather than from the embeddings."""
 
-    def __init__(self, model, seqs, start: int, dtype: str = "float32"):
+    def __init__(self, model, seqs, start: int, dtype: str = "float32", below=None):
         from .prefix_cache import _prefix_version
         self.model, self.seqs, self.start = model, seqs, start
         self.dtype = np.dtype(dtype)
         self.version = _prefix_version(model, start)
+        self.below = below if below is not None and below.start < start and below.valid() else None
         self.rows: dict[int, np.ndarray] = {}
-        self.computed = self.read = 0
+        self.computed = self.read = self.carried = 0
         self.compute_s = self.read_s = 0.0
+
+    def valid(self) -> bool:
+        from .prefix_cache import _prefix_version
+        return _prefix_version(self.model, self.start) == self.version
+
+    def _assemble(self, idx, shape, lengths) -> np.ndarray:
+        out = np.zeros((*shape, self.model.config.d_model), np.float32)
+        for r, i in enumerate(idx):
+            out[r, :lengths[r]] = self.rows[int(i)]
+        return out
 
     def hidden(self, idx, tokens, lengths, types=None) -> np.ndarray:
         """(B, T, C) input of block `start` for the examples idx, batched as tokens."""
-        from .prefix_cache import _prefix_version
-        if _prefix_version(self.model, self.start) != self.version:
+        if not self.valid():
             raise InputError("a frozen prefix's weights changed under its cache")
         missing = [r for r, i in enumerate(idx) if int(i) not in self.rows]
         if missing:
             t0 = time.perf_counter()
             sub = np.asarray(missing)
             T = int(lengths[sub].max())
-            h = self.model.prefix(np.ascontiguousarray(tokens[sub, :T]), self.start,
-                                  lengths=lengths[sub],
-                                  types=None if types is None else types[sub, :T])
+            x, ty = np.ascontiguousarray(tokens[sub, :T]), None if types is None else types[sub, :T]
+            below = self.below
+            if below is not None and below.valid() and all(int(idx[r]) in below.rows for r in missing):
+                h = self.model.prefix(x, self.start, below._assemble(idx[sub], x.shape, lengths[sub]),
+                                      below.start, lengths=lengths[sub], types=ty)
+                self.carried += len(missing)
+            else:
+                h = self.model.prefix(x, self.start, lengths=lengths[sub], types=ty)
             for j, r in enumerate(missing):
                 self.rows[int(idx[r])] = h[j, :lengths[r]].astype(self.dtype)
+            if len(self.rows) == len(self.seqs):
+                self.below = None      # every row is here: the lower cache's can go
             self.computed += len(missing)
             self.compute_s += time.perf_counter() - t0
         t0 = time.perf_counter()
-        out = np.zeros((*tokens.shape, self.model.config.d_model), np.float32)
-        for r, i in enumerate(idx):
-            out[r, :lengths[r]] = self.rows[int(i)]
+        out = self._assemble(idx, tokens.shape, lengths)
         self.read += len(idx) - len(missing)
         self.read_s += time.perf_counter() - t0
         return out
 
-    def report(self) -> dict:
-        """What the cache cost and saved: seconds per example to compute the prefix against
-        to read it back (reads include assembling every batch's padded array)."""
-        per = lambda s, n: s / n if n else None  # noqa: E731
-        nbytes = sum(a.nbytes for a in self.rows.values())
-        return {"start": self.start, "dtype": self.dtype.name, "examples": len(self.rows),
-                "mib": round(nbytes / 2**20, 1), "compute_s_per_example": per(self.compute_s, self.computed),
-                "read_s_per_example": per(self.read_s, self.computed + self.read)}
+    def free(self, keep_rows=False):
+        """A newer cache took this one's place: its rows go, unless that cache carries them up
+        (it drops them once it holds every row)."""
+        self.below = None
+        if not keep_rows:
+            self.rows = {}
+
+
+def cache_report(caches) -> dict:
+    """What the training data's prefix caches of a run cost and saved: seconds per example to
+    compute a prefix against to read it back (reads include assembling every batch's padded
+    array); start block, size and rows of the last cache; how many caches a schedule made."""
+    last = caches[-1]
+    computed = sum(c.computed for c in caches)
+    reads = computed + sum(c.read for c in caches)
+    per = lambda s, n: s / n if n else None  # noqa: E731
+    nbytes = sum(a.nbytes for a in last.rows.values())
+    return {"start": last.start, "dtype": last.dtype.name, "examples": len(last.rows),
+            "mib": round(nbytes / 2**20, 1), "caches": len(caches),
+            "starts": [c.start for c in caches], "carried": sum(c.carried for c in caches),
+            "compute_s_per_example": per(sum(c.compute_s for c in caches), computed),
+            "read_s_per_example": per(sum(c.read_s for c in caches), reads)}
 
 
 def _forward(model, seqs, idx, pad_id, cache, targets=None, grad=True):
@@ -218,15 +251,36 @@ class ClassifierTask:
         if cut:
             log(f"note: {cut} training texts reach --seq-len {seq_len} and may be cut")
         self.n_train, self.n_held, self.labels = len(self.seqs), len(self.held), classes
-        self.pad, self.batch_size, self.args = _pad(self.tok), args.batch_size, args
-        self.caches = (None, None)
+        self.pad, self.batch_size, self.args, self.log = _pad(self.tok), args.batch_size, args, log
+        self.caches, self.built = (None, None), []
 
     def start(self, model):
-        """After the trainable set is fixed: the prefix caches (--prefix-cache memory)."""
-        low = model.lowest_trainable_block()
-        if self.args.prefix_cache == "memory" and low > 0:
+        """When the trainable set is fixed, and whenever a schedule changes it: the prefix
+        caches (--prefix-cache memory) at the lowest trainable block, made anew when it moves
+        (carried up from the last ones when the lowest blocks froze)."""
+        if self.args.prefix_cache != "memory":
+            return
+        low, old = model.lowest_trainable_block(), self.caches
+        if old[0] is not None and old[0].start == low and old[0].valid():
+            return
+        if low <= 0:
+            if not self.built:
+                self.log("prefix cache: not used while block 0 (or an embedding) is trainable: "
+                         "there is no frozen prefix")
+            self.caches = (None, None)
+        else:
             dt = self.args.prefix_dtype
-            self.caches = (PrefixRows(model, self.seqs, low, dt), PrefixRows(model, self.held, low, dt))
+            self.caches = tuple(PrefixRows(model, s, low, dt, below=o)
+                                for s, o in zip((self.seqs, self.held), old))
+            self.built.append(self.caches[0])
+        for c, new in zip(old, self.caches):
+            if c is not None:
+                c.free(keep_rows=new is not None and new.below is c)
+
+    def probe(self):
+        """Telemetry's probe batch: the first held-out examples (training ones without)."""
+        seqs = self.held if self.n_held else self.seqs
+        return batch(seqs, np.arange(min(4, len(seqs))), self.pad)
 
     def step(self, idx, scale: float) -> float:
         loss = _forward(self.model, self.seqs, idx, self.pad, self.caches[0], self.targets[idx])
@@ -239,11 +293,14 @@ class ClassifierTask:
 
     def summary(self, log) -> dict:
         out = {"labels": self.labels}
-        if self.caches[0] is not None:
-            r = out["prefix_cache"] = self.caches[0].report()
+        if self.built:
+            r = out["prefix_cache"] = cache_report(self.built)
+            moved = (f" (a cache at each of blocks {', '.join(map(str, r['starts']))}; "
+                     f"{r['carried']} rows carried up)" if r["caches"] > 1 else "")
             log(f"prefix cache: blocks below {r['start']} computed once for {r['examples']} "
-                f"training texts ({r['mib']} MiB): {1e3 * (r['compute_s_per_example'] or 0):.2f} "
-                f"ms an example to compute, {1e3 * (r['read_s_per_example'] or 0):.3f} ms to read")
+                f"training texts ({r['mib']} MiB){moved}: "
+                f"{1e3 * (r['compute_s_per_example'] or 0):.2f} ms an example to compute, "
+                f"{1e3 * (r['read_s_per_example'] or 0):.3f} ms to read")
         return out
 
     save_extra = None
@@ -299,9 +356,7 @@ def finetune_encoder(args, log=print) -> dict:
     LM; the flags only those have are refused with the reason."""
     from .train import _apply_freezing, _check_out
     args.validate()
-    for flag, value, default in (("--schedule", args.schedule, "static"),
-                                 ("--telemetry-every", args.telemetry_every, 0),
-                                 ("--save-every", args.save_every, 0),
+    for flag, value, default in (("--save-every", args.save_every, 0),
                                  ("--sample-prompt", args.sample_prompt, None)):
         if value != default:
             raise InputError(f"{flag} is not available for an encoder yet; it works with "
@@ -318,19 +373,31 @@ def finetune_encoder(args, log=print) -> dict:
         task = PairsTask(args, log)
     else:
         task = ClassifierTask(args, log)
-    _apply_freezing(task.model, args)
+    schedule = _apply_freezing(task.model, args)
     task.start(task.model)
-    return run_encoder(args, task, log)
+    return run_encoder(args, task, log, schedule)
 
 
-def run_encoder(args, task, log) -> dict:
-    """The steps of an encoder run, its evaluations before and after, the saved model."""
+def run_encoder(args, task, log, schedule=None) -> dict:
+    """The steps of an encoder run, its evaluations before and after, the saved model; a
+    freezing schedule (engine/schedules.py) changing the trainable set before each step, and
+    telemetry (--telemetry-every) in the metrics, as in a causal LM's run."""
     from .train import _lock_out, _log_metric, _make_out, _save_final
     model, metric = task.model, task.metric
     micro, steps = _count(task.n_train, args)
     warmup = max(1, round(0.05 * steps)) if args.warmup is None else min(args.warmup, steps)
-    sched = CosineSchedule(args.lr, steps, warmup, args.min_lr)
+    # a schedule that anneals each block itself (FreezeOut) keeps only the global warmup
+    anneals = schedule is not None and schedule.anneals
+    sched = CosineSchedule(args.lr, steps, warmup, args.lr if anneals else args.min_lr)
     opt = AdamW(model, lr=args.lr, weight_decay=args.weight_decay)
+    if schedule is not None:
+        _change(schedule, model, opt, 0, steps, task)
+    trained = set(model.trainable)       # under a schedule: every parameter that ever trained
+    telemetry = None
+    if args.telemetry_every:
+        tokens, lengths, types = task.probe()
+        telemetry = Telemetry(model, tokens, args.telemetry_every, total_steps=steps,
+                              lengths=lengths, types=types)
     created = not os.path.exists(args.out)
     _make_out(args.out)
     lock = _lock_out(args.out, log)
@@ -359,6 +426,8 @@ def run_encoder(args, task, log) -> dict:
             if stop["signal"] is not None:
                 log(f"interrupted at step {step}: the model as trained so far is saved")
                 break
+            if schedule is not None and _change(schedule, model, opt, step, steps, task):
+                trained.update(model.trainable)
             model.zero_grad()
             parts = []
             for _ in range(min(args.grad_accum, micro - step * args.grad_accum)):
@@ -368,6 +437,10 @@ def run_encoder(args, task, log) -> dict:
                 at += args.batch_size
             n_all = sum(len(p) for p in parts)
             loss = sum(task.step(idx, len(idx) / n_all) * len(idx) / n_all for idx in parts)
+            if schedule is not None:
+                schedule.observe(model, step)
+            if telemetry is not None:   # before clipping: the layers' own gradient norms
+                telemetry.before_update(step)
             norm = clip_grad_norm(model, args.clip) if args.clip else None
             if not math.isfinite(loss) or (norm is not None and not math.isfinite(norm)):
                 raise DivergedError(f"step {step + 1}: the loss or gradient is not finite "
@@ -375,9 +448,16 @@ def run_encoder(args, task, log) -> dict:
             opt.lr = sched(step)
             opt.step()
             done = step + 1
-            _log_metric(metrics, {"step": done, "loss": loss, "lr": opt.lr, "grad_norm": norm})
+            # under lr-decay and FreezeOut each block has its own rate: the highest one applied
+            top = max((opt.lr_scale.get(n, 1.0) for n in model.grads), default=1.0)
+            rec = {"step": done, "loss": loss, "lr": opt.lr * top, "grad_norm": norm}
+            if schedule is not None:
+                rec["trainable_blocks"] = model.trainable_blocks()
+            if telemetry is not None and telemetry.due(step):
+                rec["telemetry"] = telemetry.record(step, opt)
+            _log_metric(metrics, rec)
             if done % 10 == 0 or done == steps:
-                log(f"step {done}/{steps}  loss {loss:.4f}  lr {opt.lr:.2e}  "
+                log(f"step {done}/{steps}  loss {loss:.4f}  lr {rec['lr']:.2e}  "
                     f"{time.perf_counter() - t0:.1f} s")
             if args.eval_every and done % args.eval_every == 0 and done < steps:
                 evaluation(done)
@@ -389,11 +469,14 @@ def run_encoder(args, task, log) -> dict:
         summary = {"status": "done" if done == steps else "interrupted", "task": task.kind,
                    **task.summary(log), "steps": done, "train_seconds": round(seconds, 2),
                    "base_eval": base, "final_eval": final,
-                   "trainable_params": model.num_params(True), "params": model.num_params(),
-                   "model": where}
+                   "trainable_params": sum(model.params[n].size for n in trained),
+                   "params": model.num_params(), "model": where}
+        if schedule is not None:
+            summary["schedule"] = args.schedule
         if stop["signal"] is not None:
             summary["signal"] = stop["signal"]
         write_json(os.path.join(args.out, "summary.json"), summary)
+        _plots(metrics, args.out, telemetry is not None, log)
         log(f"saved {where}")
         return summary
     except BaseException:
@@ -409,6 +492,27 @@ def run_encoder(args, task, log) -> dict:
         cleanup.close()
         if lock is not None:
             os.close(lock)
+
+
+def _change(schedule, model, opt, step, steps, task) -> bool:
+    """The schedule's trainable set and rates for `step`; the task's prefix caches follow a
+    change. True when the set changed."""
+    changed = schedule.apply(model, opt, step, steps)
+    if changed:
+        task.start(model)
+    return changed
+
+
+def _plots(metrics, out, telemetry, log):
+    """loss.png (and telemetry.png) of the run's metrics.jsonl; a failure (no matplotlib, a
+    full disk) fails no run."""
+    from .train import _plot, _plot_telemetry
+    loss = lambda m, png, log: _plot(m, png, log, ylabel="loss (nats per example)")  # noqa: E731
+    for plot, png in ((loss, "loss.png"), *(((_plot_telemetry, "telemetry.png"),) if telemetry else ())):
+        try:
+            plot(metrics, os.path.join(out, png), log)
+        except OSError as e:
+            log(f"note: no {png} ({e.strerror or e})")
 
 
 def _on_signals(cleanup) -> dict:

@@ -248,21 +248,24 @@ def linear_cka(x, y) -> float:
     return _cka_of_grams(_centered_gram(x), ky, math.sqrt(stats.sum_sq(ky)))
 
 
-def block_outputs(model, tokens, start: int = 0, hidden=None) -> list:
+def block_outputs(model, tokens, start: int = 0, hidden=None, lengths=None, types=None) -> list:
     """Each block's output (B, T, C) for `tokens`, forward only; with `hidden`, the input of
-    block `start`, only blocks start.. run (the list then begins with block `start`)."""
+    block `start`, only blocks start.. run (the list then begins with block `start`). An
+    encoder's rows are padded on the right: lengths (B,) their real tokens (the rest is never
+    attended to), types (B, T) their token types."""
     tokens = model._tokens(tokens)
     rope = model._rope_tables(tokens.shape[1])
-    x = model.embed(tokens) if hidden is None else hidden
+    lengths = model._lengths(lengths, *tokens.shape)
+    x = model.embed(tokens, types=types) if hidden is None else hidden
     outs = []
     for b in model.blocks[start:]:
-        x, _ = b.forward(model.params, x, rope, False)
+        x, _ = b.forward(model.params, x, rope, False, lengths=lengths)
         outs.append(x.copy())
     return outs
 
 
 # parameters after the last block: they change no block's output
-_AFTER_BLOCKS = ("ln_f.", "lm_head.")
+_AFTER_BLOCKS = ("ln_f.", "lm_head.", "pooler.", "classifier.")
 # the probe's size cap: CKA is stable at a few hundred tokens, and the probe's forward through
 # every block above the lowest trained one is most of a record's time
 PROBE_TOKENS = 512
@@ -288,16 +291,21 @@ class Telemetry:
     Costs nothing when off; when on, one probe forward and a few norms per recorded step."""
 
     def __init__(self, model, probe_tokens, every: int = 10, total_steps: int | None = None,
-                 pretrained=(), lengths=None):
+                 pretrained=(), lengths=None, types=None):
         self.model, self.every, self.total_steps = model, max(1, every), total_steps
         probe = np.asarray(probe_tokens)
         self.probe = probe[:max(1, PROBE_TOKENS // probe.shape[1])]
+        B = len(self.probe)
         # lengths: each probe row's real tokens; CKA compares those rows only (padding never
-        # carries a loss: its rows would add untrained positions to the similarity)
+        # carries a loss: its rows would add untrained positions to the similarity). An
+        # encoder's attention is kept off the padding too (a causal LM's never reaches it)
         self.real = None if lengths is None else (
-            np.arange(self.probe.shape[1]) < np.asarray(lengths)[:len(self.probe), None])  # (B, T)
+            np.arange(self.probe.shape[1]) < np.asarray(lengths)[:B, None])  # (B, T)
+        encoder = model.config.encoder
+        self.run = dict(lengths=None if lengths is None or not encoder else np.asarray(lengths)[:B],
+                        types=None if types is None else np.asarray(types)[:B])
         self.w0: dict[str, np.ndarray] = {n: model.params[n].copy() for n in (*model.grads, *pretrained)}
-        self.ref = block_outputs(model, self.probe)
+        self.ref = block_outputs(model, self.probe, **self.run)
         # the reference side of each block's CKA, made once
         self.ref_gram = [_centered_gram(self._real(y)) for y in self.ref]     # (N, N) each
         self.ref_gram_norm = [math.sqrt(stats.sum_sq(k)) for k in self.ref_gram]
@@ -378,7 +386,7 @@ class Telemetry:
         # blocks below the lowest one that ever trained still have their pretrained weights and
         # input: their outputs equal the reference (CKA 1), so the probe runs from there on
         start = self._lowest_changed()
-        now = block_outputs(m, self.probe, start, self.ref[start - 1] if start else None)
+        now = block_outputs(m, self.probe, start, self.ref[start - 1] if start else None, **self.run)
         for i in range(len(self.ref)):
             cka = 1.0 if i < start else _cka_of_grams(_centered_gram(self._real(now[i - start])),
                                                       self.ref_gram[i], self.ref_gram_norm[i])

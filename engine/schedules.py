@@ -2,7 +2,8 @@
 
 A schedule is consulted before every optimizer step. It changes the model's trainable set with
 freeze / unfreeze (the optimizer creates or frees state to match, and the step's cost follows)
-and may scale the learning rate per parameter. The final norm always trains.
+and may scale the learning rate per parameter. The final norm (an encoder's classifier head)
+always trains.
 
   static      the last k blocks throughout
   gradual     ULMFiT's gradual unfreezing: start with the last k, one more block (top down)
@@ -54,8 +55,8 @@ def make(name: str, n_layer: int, k: int, every: int = 50, decay: float = 0.8, t
             sched.observe(model, step)             # before clipping: AutoFreeze reads the norms
             engine.clip_grad_norm(model, 1.0); opt.step()
 
-    apply() sets exactly the schedule's blocks and the final norm trainable (the embeddings
-    and head of a model fresh from engine.load are frozen by it). With `sched.anneals`
+    apply() sets exactly the schedule's blocks and the final norm (an encoder's classifier
+    head) trainable (the embeddings and head of a model fresh from engine.load are frozen by it). With `sched.anneals`
     (FreezeOut) the global rate should stay constant after warmup: the schedule anneals each
     block itself. To resume, keep state_dict() (AutoFreeze's norms) and give it back with
     load_state_dict(); the trainable set follows from the next apply(). total: the run's steps,
@@ -125,7 +126,9 @@ class Schedule:
         `step`; True when the trainable set changed."""
         self.total = total
         always = set(model._match(list(self.also))) if self.also else set()
-        want = always | set(model._match(["ln_f.*", *[f"blocks.{i}.*" for i in set(self.blocks(step))]]))
+        blocks = [f"blocks.{i}.*" for i in set(self.blocks(step))]
+        # the final norm (an encoder's classifier head) trains throughout, as under train_last
+        want = always | set(model.top_params()) | set(model._match(blocks) if blocks else ())
         # exactly these: a model fresh from engine.load (all trainable) loses its embeddings and
         # head here unless `also` names them; blocks that stay keep their Adam state
         changed = want != set(model.grads)

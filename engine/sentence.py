@@ -179,6 +179,12 @@ class PairsTask:
                              "--train-last K >= 1, or --unfreeze blocks or embeddings (the "
                              "pooler is on no path from them)")
 
+    def probe(self):
+        """Telemetry's probe batch: the first held-out anchors (training ones without)."""
+        from .classify import batch
+        seqs = self.held[0] if self.n_held else self.anchors
+        return batch(seqs, np.arange(min(4, len(seqs))), self.pad)
+
     def step(self, idx, scale: float) -> float:
         return pair_step(self.model, self.anchors, self.positives, idx, self.pad, scale)
 

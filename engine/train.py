@@ -933,7 +933,7 @@ def _plot_telemetry(metrics_path, png, log):
         log("(no telemetry plot: pip install 'tailtune[plot]' for matplotlib)")
 
 
-def _plot(metrics_path, png, log):
+def _plot(metrics_path, png, log, ylabel="loss (nats/token)"):
     try:   # not pyplot: a host application's backend and figures stay as they are
         from matplotlib.figure import Figure
     except ImportError:
@@ -949,7 +949,7 @@ def _plot(metrics_path, png, log):
     if ev:
         ax.plot(*zip(*ev), "o-", label="held-out loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylabel(ylabel)
     if tr or ev:  # an empty legend only draws a warning
         ax.legend()
     ax.grid(alpha=0.3)

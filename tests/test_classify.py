@@ -61,7 +61,7 @@ def _rows(path, rows):
 
 
 @pytest.mark.parametrize("extra,match", [
-    (["--schedule", "gradual"], "--schedule is not available for an encoder"),
+    (["--save-every", "5"], "--save-every is not available for an encoder"),
     (["--prefix-cache", "disk"], "--prefix-cache disk is not available for an encoder"),
     (["--resume", "somewhere"], "--resume is not available for an encoder"),
 ])
