@@ -426,6 +426,7 @@ def run_encoder(args, task, log, schedule=None) -> dict:
             if stop["signal"] is not None:
                 log(f"interrupted at step {step}: the model as trained so far is saved")
                 break
+            t_step = time.perf_counter()
             if schedule is not None and _change(schedule, model, opt, step, steps, task):
                 trained.update(model.trainable)
             model.zero_grad()
@@ -450,7 +451,8 @@ def run_encoder(args, task, log, schedule=None) -> dict:
             done = step + 1
             # under lr-decay and FreezeOut each block has its own rate: the highest one applied
             top = max((opt.lr_scale.get(n, 1.0) for n in model.grads), default=1.0)
-            rec = {"step": done, "loss": loss, "lr": opt.lr * top, "grad_norm": norm}
+            rec = {"step": done, "loss": loss, "lr": opt.lr * top, "grad_norm": norm,
+                   "examples": n_all, "step_s": time.perf_counter() - t_step}
             if schedule is not None:
                 rec["trainable_blocks"] = model.trainable_blocks()
             if telemetry is not None and telemetry.due(step):

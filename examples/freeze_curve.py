@@ -200,12 +200,13 @@ def _key(cfg):
 
 
 # ---- the sweep --------------------------------------------------------------------------------
-def _spawn(cfg: dict) -> tuple[int, float, int]:
-    """Run one child; returns (exit code, wall seconds, VmHWM seen from outside in bytes)."""
+def _spawn(cfg: dict, script: str = __file__) -> tuple[int, float, int]:
+    """Run one child (`script --child CFG`); returns (exit code, wall seconds, VmHWM seen from
+    outside in bytes)."""
     os.makedirs(cfg["run_dir"], exist_ok=True)
     log = open(os.path.join(cfg["run_dir"], "log.txt"), "w")
     t0 = time.perf_counter()
-    p = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", json.dumps(cfg)],
+    p = subprocess.Popen([sys.executable, os.path.abspath(script), "--child", json.dumps(cfg)],
                          stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     hwm = 0
     while p.poll() is None:     # also watched from outside (covers the evaluation too)
