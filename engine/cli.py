@@ -418,10 +418,6 @@ def _inspect(a):
     model = load(a.model)
     check_seq_len(a.seq_len, model.config)
     if model.config.encoder:
-        if a.measure:
-            from .errors import InputError
-            raise InputError("--measure times causal-LM steps; for an encoder it is not "
-                             "available yet (the predicted table is)")
         if model.config.labels is None:
             print("note: an encoder without a classifier head: costed as a sentence encoder "
                   "(every position through the top block; with labeled data, tailtune finetune "

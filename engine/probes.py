@@ -464,18 +464,26 @@ def measure(model, B: int, T: int, steps: int = 3, seed: int = 0, between=None,
     from . import layers
     from .optim import AdamW
     rng = np.random.default_rng(seed)
-    V = model.config.vocab_size
-    x, y = rng.integers(0, V, (B, T)), rng.integers(0, V, (B, T))
+    c = model.config
+    x, y = rng.integers(0, c.vocab_size, (B, T)), rng.integers(0, c.vocab_size, (B, T))
     if target_rows is not None:   # the first positions carry no loss, as a chat's prompts
         y.reshape(-1)[:B * T - target_rows] = IGNORE
+    dh = None
+    if c.encoder:   # a class per sequence; a head-less encoder's objective is outside it: a
+        y = rng.integers(0, len(c.labels), B) if c.labels else None   # gradient of its states
+        dh = None if c.labels else rng.standard_normal((B, T, c.d_model), dtype=np.float32) * 1e-3
     saved = {n: model.params[n].copy() for n in model.grads}
     updated = dict(model._updated)   # restored with the weights: nothing changed for a cache
     opt = AdamW(model, lr=1e-6)
 
     def step():
         model.zero_grad()
-        model.forward(x, y)
-        model.backward()
+        if dh is None:
+            model.forward(x, y)
+            model.backward()
+        else:
+            model.forward(x, keep=True)
+            model.backward(dhidden=dh)
         opt.step()
 
     step()
@@ -543,15 +551,16 @@ class AttentionRates:
         self.out, self.dq = np.empty_like(self.q), np.empty_like(self.q)
         self.dk, self.dv = np.empty_like(self.k), np.empty_like(self.v)
         self.lse = np.empty((B, c.n_head, T), np.float32)
-        self.flops = 2 * B * c.n_head * T * T * c.head_dim
+        self.causal = c.causal
+        self.flops = 2 * B * c.n_head * T * T * c.head_dim * (1 if c.causal else 2)
 
     def sample(self) -> tuple[float, float]:
         from kernels.attention import attention_backward, attention_forward
         t0 = time.perf_counter()
-        attention_forward(self.q, self.k, self.v, self.out, self.lse, 0)
+        attention_forward(self.q, self.k, self.v, self.out, self.lse, 0, causal=self.causal)
         t1 = time.perf_counter()
         attention_backward(self.dout, self.q, self.k, self.v, self.out, self.lse, self.dq,
-                           self.dk, self.dv)
+                           self.dk, self.dv, causal=self.causal)
         return self.flops / (t1 - t0), 2.5 * self.flops / (time.perf_counter() - t1)
 
 
@@ -608,18 +617,18 @@ class ElementwiseRate:
         self.u, self.g = (rng.standard_normal((N, F), dtype=np.float32) for _ in range(2))
         self.act = np.empty_like(self.u)
         self.bias = np.zeros(F, np.float32)
-        self.swiglu = c.mlp == "swiglu"
-        self.bytes = 4 * N * (2 * C + (3 if self.swiglu else 2) * F + 2 * F + 3 * C)
+        self.mlp = c.mlp
+        self.bytes = 4 * N * (2 * C + (3 if self.mlp == "swiglu" else 2) * F + 2 * F + 3 * C)
 
     def sample(self) -> float:
-        from kernels.activation import gelu_forward, swiglu_forward
+        from kernels.activation import gelu_erf_forward, gelu_forward, swiglu_forward
         from kernels.bias import bias_add
         t0 = time.perf_counter()
         self.model.blocks[0].ln1.forward(self.model.params, self.x)
-        if self.swiglu:
+        if self.mlp == "swiglu":
             swiglu_forward(self.g, self.u, self.act)
         else:
-            gelu_forward(self.u, self.act)
+            (gelu_erf_forward if self.mlp == "gelu_erf" else gelu_forward)(self.u, self.act)
         bias_add(self.u, self.bias)
         self.x += self.y
         return self.bytes / (time.perf_counter() - t0)
@@ -651,9 +660,20 @@ def measured_costs(model, B: int, T: int, steps: int = 3, target_rows: int | Non
             out.append({"layer": "embeddings", "fwd_pred": p["fwd"],
                         "fwd_meas": ms.get(("embeddings", "forward"), 0.0), "bwd_pred": p["bwd"],
                         "bwd_meas": ms.get(("embeddings", "backward"), 0.0), "dw_pred": 0.0, "dw_meas": 0.0,
-                        "opt_pred": p["opt"], "opt_meas": sum(ms.get((_layer_of(n), "optimizer"), 0.0)
-                                                          for n in ("wte.weight", "wpe.weight")
-                                                          if n != model.head)})
+                        "opt_pred": p["opt"], "opt_meas": sum(
+                            ms.get((L, "optimizer"), 0.0) for L in
+                            {_layer_of(n) for n in model.params
+                             if n.startswith(EMBEDDINGS) and n != model.head})})
+            continue
+        if r["layer"] == "classifier":   # an encoder's head: pooler, classifier and the loss
+            out.append({"layer": "classifier", "fwd_pred": p["fwd"],
+                        "fwd_meas": ms.get(("head", "forward"), 0.0), "bwd_pred": p["bwd"],
+                        "bwd_meas": ms.get(("head", "backward"), 0.0),
+                        "dw_pred": r["dw_flops"] / rate * 1e3,
+                        "dw_meas": ms.get(("pooler", "weight-grad"), 0.0)
+                        + ms.get(("classifier", "weight-grad"), 0.0), "opt_pred": p["opt"],
+                        "opt_meas": ms.get(("pooler", "optimizer"), 0.0)
+                        + ms.get(("classifier", "optimizer"), 0.0)})
             continue
         if r["layer"].startswith("ln_f"):
             # the head's input- and weight-gradient GEMMs run in the fused forward; its
@@ -683,8 +703,8 @@ def measured_table(model, B: int, T: int, steps: int = 3, costs: dict | None = N
     lines = [f"per step of {B} x {T} tokens; predicted = FLOPs / rate measured now: GEMM "
              f"{c['gemm_rate'] / 1e9:.0f} GFLOP/s (this model's weights), attention forward {c['attention_rates'][0] / 1e9:.0f}, "
              f"backward {c['attention_rates'][1] / 1e9:.0f}, elementwise {c['elementwise_rate'] / 1e9:.0f} GB/s, AdamW {c['adamw_rate'] / 1e9:.0f} GB/s; "
-             "measured = wall time in a step; the head's fwd includes its input- and weight-gradient "
-             "GEMMs (fused with the loss)",
+             "measured = wall time in a step; a causal LM head's fwd includes its input- and "
+             "weight-gradient GEMMs (fused with the loss)",
              f"{'layer (ms)':<14}{'fwd pred':>10}{'fwd meas':>10}{'bwd pred':>10}{'bwd meas':>10}"
              f"{'dW pred':>9}{'dW meas':>9}{'opt pred':>9}{'opt meas':>9}"]
     for r in c["rows"]:

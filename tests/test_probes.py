@@ -452,3 +452,24 @@ def test_predicted_step_flops_and_memory_with_masked_targets(monkeypatch, kind, 
     c = m.config
     rope = 2 * 4 * T * (c.head_dim // 2) if c.positions == "rope" else 0
     assert kept == sum(r["kept_bytes"] for r in rows) + 8 * B * T + rope
+
+
+@pytest.mark.parametrize("labels", [["a", "b", "c"], None])
+def test_measured_profile_of_an_encoder(labels):
+    """An encoder's step is measured as it trains: a classifier on class targets (its head row
+    timed), a head-less one from a gradient of its hidden states; backward stops at the lowest
+    trainable block, and measuring changes nothing."""
+    cfg = engine.Config.bert(vocab_size=60, n_layer=4, n_head=2, d_model=16, d_ff=24,
+                             max_seq_len=32, labels=labels)
+    m = engine.Model(cfg, seed=1).train_last(2)
+    before = {n: p.copy() for n, p in m.params.items()}
+    got = probes.measured_costs(m, 2, 16, steps=1)
+    rows = {r["layer"]: r for r in got["rows"]}
+    assert list(rows) == ["embeddings", "blocks.0", "blocks.1", "blocks.2", "blocks.3",
+                          *(["classifier"] if labels else [])]
+    assert rows["blocks.1"]["bwd_meas"] == 0 < rows["blocks.2"]["bwd_meas"]   # truncated backward
+    assert rows["blocks.3"]["dw_meas"] > 0 and rows["blocks.3"]["opt_meas"] > 0
+    if labels:
+        head = rows["classifier"]
+        assert head["fwd_meas"] > 0 and head["bwd_meas"] > 0 and head["opt_meas"] > 0
+    assert all(np.array_equal(p, before[n]) for n, p in m.params.items())
