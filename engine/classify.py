@@ -1,36 +1,30 @@
-"""Encoder runs (BERT): `tailtune finetune` and `tailtune eval` when the model is one. A
-sequence classifier here; sentence embeddings in engine/sentence.py, run by the same loop
-(run_encoder). The data is JSONL, one {"text": ..., "label": ...} row per example, or
+"""Encoder runs (BERT): a sequence classifier's data, head and evaluation, for `tailtune
+finetune` (engine/encoder_train.py runs the steps) and `tailtune eval`; sentence embeddings are
+in engine/sentence.py. The data is JSONL, one {"text": ..., "label": ...} row per example, or
 {"text": ..., "text_pair": ..., "label": ...} for a pair of texts (BERT's two segments); the labels
 become the classifier head's classes (those of a classifier the model already has, when the
-data's are among them; else the data's, sorted, and a new head).
+data's are among them; else the data's, sorted, and a new head). The saved model/ is in the
+Hugging Face layout, which transformers' AutoModelForSequenceClassification loads, with the
+tokenizer.
 
-A run directory holds metrics.jsonl (a line per step and per evaluation), summary.json and
-model/ (the fine-tuned classifier in the Hugging Face layout, which transformers'
-AutoModelForSequenceClassification loads, with the tokenizer). `--prefix-cache memory` keeps
-each example's output of the frozen blocks (the lowest trainable block's input, its real tokens
-only) after its first pass, so later epochs and evaluations run the trainable tail alone. Freezing
-schedules (--schedule) and telemetry (--telemetry-every, telemetry.png) work as in a causal LM's
-run. What the causal-LM runs have and these do not yet: checkpoints and --resume, the prefix
-cache on disk.
+`--prefix-cache memory` (PrefixRows) keeps each example's output of the frozen blocks (the
+lowest trainable block's input, its real tokens only) after its first pass, so later epochs and
+evaluations run the trainable tail alone; a schedule that moves the lowest trainable block
+makes a new cache. Not yet: the prefix cache on disk.
 """
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-import shutil
 import time
 
 import numpy as np
 
 from . import data as D
-from .errors import DivergedError, InputError
-from .io import load, read_hf_config, write_json
+from .errors import InputError
+from .io import load, read_hf_config
 from .io.hf_names import config_from_hf
 from .io.resolve import resolve_model_path
-from .optim import AdamW, CosineSchedule, clip_grad_norm
-from .probes import Telemetry
 from .tokenizer import load_tokenizer
 
 
@@ -226,7 +220,7 @@ def choose_labels(model_path: str, data_labels) -> list[str]:
 
 class ClassifierTask:
     """A classifier's run: labeled texts (or pairs of texts), the model with its head over their
-    labels, an optional prefix cache; step() and evaluate() for run_encoder."""
+    labels, an optional prefix cache; step() and evaluate() for encoder_train.run_encoder."""
     kind, metric = "classification", "accuracy"
     min_batch = 1
 
@@ -348,198 +342,6 @@ def _first_row(path: str):
         for _, row in D.read_rows(path, check=False):
             return row
     return None
-
-
-def finetune_encoder(args, log=print) -> dict:
-    """`tailtune finetune` of an encoder: a classifier on {"text", "label"} rows, or sentence
-    embeddings on {"anchor", "positive"} rows (engine/sentence.py). TrainArgs as for a causal
-    LM; the flags only those have are refused with the reason."""
-    from .train import _apply_freezing, _check_out
-    args.validate()
-    for flag, value, default in (("--save-every", args.save_every, 0),
-                                 ("--sample-prompt", args.sample_prompt, None)):
-        if value != default:
-            raise InputError(f"{flag} is not available for an encoder yet; it works with "
-                             "causal LMs")
-    if args.prefix_cache == "disk":
-        raise InputError("--prefix-cache disk is not available for an encoder yet: use "
-                         "--prefix-cache memory")
-    _check_out(args, resuming=False)
-    row = _first_row(args.data)
-    if isinstance(row, dict) and "anchor" in row:
-        from .sentence import PairsTask
-        if args.prefix_cache != "off":
-            raise InputError("--prefix-cache is not available for sentence-embedding runs yet")
-        task = PairsTask(args, log)
-    else:
-        task = ClassifierTask(args, log)
-    schedule = _apply_freezing(task.model, args)
-    task.start(task.model)
-    return run_encoder(args, task, log, schedule)
-
-
-def run_encoder(args, task, log, schedule=None) -> dict:
-    """The steps of an encoder run, its evaluations before and after, the saved model; a
-    freezing schedule (engine/schedules.py) changing the trainable set before each step, and
-    telemetry (--telemetry-every) in the metrics, as in a causal LM's run."""
-    from .train import _lock_out, _log_metric, _make_out, _save_final
-    model, metric = task.model, task.metric
-    micro, steps = _count(task.n_train, args)
-    warmup = max(1, round(0.05 * steps)) if args.warmup is None else min(args.warmup, steps)
-    # a schedule that anneals each block itself (FreezeOut) keeps only the global warmup
-    anneals = schedule is not None and schedule.anneals
-    sched = CosineSchedule(args.lr, steps, warmup, args.lr if anneals else args.min_lr)
-    opt = AdamW(model, lr=args.lr, weight_decay=args.weight_decay)
-    if schedule is not None:
-        _change(schedule, model, opt, 0, steps, task)
-    trained = set(model.trainable)       # under a schedule: every parameter that ever trained
-    telemetry = None
-    if args.telemetry_every:
-        tokens, lengths, types = task.probe()
-        telemetry = Telemetry(model, tokens, args.telemetry_every, total_steps=steps,
-                              lengths=lengths, types=types)
-    created = not os.path.exists(args.out)
-    _make_out(args.out)
-    lock = _lock_out(args.out, log)
-    metrics = os.path.join(args.out, "metrics.jsonl")
-    cleanup = contextlib.ExitStack()
-
-    def evaluation(step, first=False):
-        r = task.evaluate()
-        if r is not None:
-            _log_metric(metrics, {"step": step, "eval_loss": r["loss"], f"eval_{metric}": r[metric]},
-                        truncate=first)
-        return r
-    try:
-        log(f"{task.n_train} training / {task.n_held} held-out rows; {steps} steps of "
-            f"{args.batch_size} x {args.grad_accum}; trainable "
-            f"{model.num_params(True):,} of {model.num_params():,} parameters")
-        base = evaluation(0, first=True)
-        if base:
-            log(f"held-out before: loss {base['loss']:.4f}  {metric} {base[metric]:.3f}")
-        rng = np.random.default_rng([args.seed, 11])
-        order, at = rng.permutation(task.n_train), 0
-        t0 = time.perf_counter()
-        stop = _on_signals(cleanup)
-        done = 0
-        for step in range(steps):
-            if stop["signal"] is not None:
-                log(f"interrupted at step {step}: the model as trained so far is saved")
-                break
-            t_step = time.perf_counter()
-            if schedule is not None and _change(schedule, model, opt, step, steps, task):
-                trained.update(model.trainable)
-            model.zero_grad()
-            parts = []
-            for _ in range(min(args.grad_accum, micro - step * args.grad_accum)):
-                if len(order) - at < task.min_batch:    # (a remainder too small: dropped)
-                    order, at = rng.permutation(task.n_train), 0
-                parts.append(order[at:at + args.batch_size])
-                at += args.batch_size
-            n_all = sum(len(p) for p in parts)
-            loss = sum(task.step(idx, len(idx) / n_all) * len(idx) / n_all for idx in parts)
-            if schedule is not None:
-                schedule.observe(model, step)
-            if telemetry is not None:   # before clipping: the layers' own gradient norms
-                telemetry.before_update(step)
-            norm = clip_grad_norm(model, args.clip) if args.clip else None
-            if not math.isfinite(loss) or (norm is not None and not math.isfinite(norm)):
-                raise DivergedError(f"step {step + 1}: the loss or gradient is not finite "
-                                    f"(loss {loss}); try a lower --lr")
-            opt.lr = sched(step)
-            opt.step()
-            done = step + 1
-            # under lr-decay and FreezeOut each block has its own rate: the highest one applied
-            top = max((opt.lr_scale.get(n, 1.0) for n in model.grads), default=1.0)
-            rec = {"step": done, "loss": loss, "lr": opt.lr * top, "grad_norm": norm,
-                   "examples": n_all, "step_s": time.perf_counter() - t_step}
-            if schedule is not None:
-                rec["trainable_blocks"] = model.trainable_blocks()
-            if telemetry is not None and telemetry.due(step):
-                rec["telemetry"] = telemetry.record(step, opt)
-            _log_metric(metrics, rec)
-            if done % 10 == 0 or done == steps:
-                log(f"step {done}/{steps}  loss {loss:.4f}  lr {rec['lr']:.2e}  "
-                    f"{time.perf_counter() - t0:.1f} s")
-            if args.eval_every and done % args.eval_every == 0 and done < steps:
-                evaluation(done)
-        seconds = time.perf_counter() - t0
-        final = evaluation(done)
-        if final:
-            log(f"held-out after:  loss {final['loss']:.4f}  {metric} {final[metric]:.3f}")
-        where = _save_final(model, task.tok, args.out, task.save_extra)
-        summary = {"status": "done" if done == steps else "interrupted", "task": task.kind,
-                   **task.summary(log), "steps": done, "train_seconds": round(seconds, 2),
-                   "base_eval": base, "final_eval": final,
-                   "trainable_params": sum(model.params[n].size for n in trained),
-                   "params": model.num_params(), "model": where}
-        if schedule is not None:
-            summary["schedule"] = args.schedule
-        if stop["signal"] is not None:
-            summary["signal"] = stop["signal"]
-        write_json(os.path.join(args.out, "summary.json"), summary)
-        _plots(metrics, args.out, telemetry is not None, log)
-        log(f"saved {where}")
-        return summary
-    except BaseException:
-        # no checkpoint to resume from: a run that failed leaves no --out behind (a second
-        # Ctrl-C during the final save included); one that existed keeps only what it held
-        if created:
-            shutil.rmtree(args.out, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                os.remove(metrics)
-        raise
-    finally:
-        cleanup.close()
-        if lock is not None:
-            os.close(lock)
-
-
-def _change(schedule, model, opt, step, steps, task) -> bool:
-    """The schedule's trainable set and rates for `step`; the task's prefix caches follow a
-    change. True when the set changed."""
-    changed = schedule.apply(model, opt, step, steps)
-    if changed:
-        task.start(model)
-    return changed
-
-
-def _plots(metrics, out, telemetry, log):
-    """loss.png (and telemetry.png) of the run's metrics.jsonl; a failure (no matplotlib, a
-    full disk) fails no run."""
-    from .train import _plot, _plot_telemetry
-    loss = lambda m, png, log: _plot(m, png, log, ylabel="loss (nats per example)")  # noqa: E731
-    for plot, png in ((loss, "loss.png"), *(((_plot_telemetry, "telemetry.png"),) if telemetry else ())):
-        try:
-            plot(metrics, os.path.join(out, png), log)
-        except OSError as e:
-            log(f"note: no {png} ({e.strerror or e})")
-
-
-def _on_signals(cleanup) -> dict:
-    """Ctrl-C (SIGINT, SIGTERM; SIGBREAK on Windows) ends the run after the current step, which
-    then evaluates and saves as at its end; a second one stops at once. The handlers before are
-    put back when `cleanup` closes."""
-    import signal
-    import threading
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        if stop["signal"] is not None:
-            raise KeyboardInterrupt
-        stop["signal"] = signum
-    if threading.current_thread() is threading.main_thread():
-        for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
-            if hasattr(signal, name):
-                sig = getattr(signal, name)
-                cleanup.callback(signal.signal, sig, signal.signal(sig, on_signal))
-    return stop
-
-
-def _count(n_train: int, args) -> tuple[int, int]:
-    from .trainer import count_steps
-    return count_steps(n_train, args.batch_size, args.grad_accum, args.steps, args.epochs)
 
 
 def eval_encoder(model_path: str, data: str, batch_size: int, seq_len: int) -> dict:

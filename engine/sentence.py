@@ -147,7 +147,7 @@ def write_sentence_transformers_files(d: str, model, seq_len: int) -> None:
 
 
 class PairsTask:
-    """A sentence-embedding run (classify.run_encoder): pairs of texts, the encoder without a
+    """A sentence-embedding run (encoder_train.run_encoder): pairs of texts, the encoder without a
     head, the in-batch ranking loss; held-out recall@1."""
     kind, metric = "sentence-embedding", "recall_at_1"
     min_batch = 2   # an anchor needs another pair's positive to rank against

@@ -506,12 +506,10 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print, given=None) 
 
     While it runs, the --out directory is locked: a second process training into it (a
     --resume of a run that is still going) is refused instead of writing into the same files."""
-    from .classify import finetune_encoder, is_encoder
+    from .classify import is_encoder
     if is_encoder(args.model):
-        if resume:
-            raise InputError("--resume is not available for an encoder yet: its runs write no "
-                             "checkpoints")
-        return finetune_encoder(args, log)
+        from .encoder_train import finetune_encoder
+        return finetune_encoder(args, log, resume, given)
     with contextlib.ExitStack() as cleanup:   # closing the lock's fd releases it (so would the
         return _finetune(args, resume, log, given, cleanup)   # process's end, however it ends)
 
@@ -541,27 +539,48 @@ def _lock_out(path: str, log=print):
     return fd
 
 
+def resumed_args(args: TrainArgs, resume: str, given, log) -> tuple[TrainArgs, str, dict]:
+    """(the run's own arguments, with those that do not change the weights taken from `args`
+    where given; its checkpoint directory; the checkpoint's trainer state)."""
+    ck = _checkpoint_dir(resume)
+    state = _read_state(ck)
+    try:
+        saved = TrainArgs(**{**state["args"], "out": args.out or resume})
+        saved.validate()
+    except (TypeError, InputError) as e:
+        raise CheckpointError(f"{os.path.join(ck, STATE)}: the saved arguments are not usable "
+                              f"({e})") from None
+    given = _given(args, given)
+    _check_resume_args(args, saved, given)
+    for k in _NOT_TRAINING[1:]:
+        if k in given:
+            setattr(saved, k, getattr(args, k))
+    if _model_place(args.model) != _model_place(saved.model):
+        log(f"note: checkpoint was trained from {saved.model}; checking {args.model} is the same model")
+    saved.model = args.model
+    return saved, ck, state
+
+
+def recorded_args(args: TrainArgs) -> TrainArgs:
+    """The arguments as a checkpoint records them: paths absolute (a packaged model's name stays
+    a name), so that the run can be resumed from any working directory."""
+    return dataclasses.replace(
+        args, model=os.path.abspath(args.model) if os.path.exists(args.model) else args.model,
+        data=os.path.abspath(args.data),
+        eval_data=os.path.abspath(args.eval_data) if args.eval_data else None)
+
+
+def resume_command(recorded: TrainArgs, out: str) -> str:
+    out = os.path.abspath(out)
+    return "`" + _command_line(["tailtune", "finetune", "--model", recorded.model, "--data",
+                                recorded.data, "--out", out, "--resume", out]) + "`"
+
+
 def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack) -> dict:
     state = None
     args.validate()
     if resume:
-        ck = _checkpoint_dir(resume)
-        state = _read_state(ck)
-        try:
-            saved = TrainArgs(**{**state["args"], "out": args.out or resume})
-            saved.validate()
-        except (TypeError, InputError) as e:
-            raise CheckpointError(f"{os.path.join(ck, STATE)}: the saved arguments are not usable "
-                                  f"({e})") from None
-        given = _given(args, given)
-        _check_resume_args(args, saved, given)
-        for k in _NOT_TRAINING[1:]:
-            if k in given:
-                setattr(saved, k, getattr(args, k))
-        if _model_place(args.model) != _model_place(saved.model):
-            log(f"note: checkpoint was trained from {saved.model}; checking {args.model} is the same model")
-        saved.model = args.model
-        args = saved
+        args, ck, state = resumed_args(args, resume, given, log)
     _check_out(args, resuming=resume is not None)
     t_start = time.perf_counter()
     log(f"loading {args.model}")
@@ -626,17 +645,10 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
     if state is None:
         trainer = make_trainer()
         cleanup.callback(trainer.close)
-    # paths recorded absolute (a packaged model's name stays a name): the run can be resumed
-    # from any working directory
-    recorded = dataclasses.replace(
-        args, model=os.path.abspath(args.model) if os.path.exists(args.model) else args.model,
-        data=os.path.abspath(args.data),
-        eval_data=os.path.abspath(args.eval_data) if args.eval_data else None)
+    recorded = recorded_args(args)
     run = {"args": dataclasses.asdict(recorded), "base_fingerprint": base_fp,
            "trainable": model.trainable}
-    out_abs = os.path.abspath(args.out)
-    resume_cmd = "`" + _command_line(["tailtune", "finetune", "--model", recorded.model, "--data",
-                                      recorded.data, "--out", out_abs, "--resume", out_abs]) + "`"
+    resume_cmd = resume_command(recorded, args.out)
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     sample_ids = _sample_prompt(args, tok, held, eval_idx, cfg.context_length)
 

@@ -61,9 +61,9 @@ def _rows(path, rows):
 
 
 @pytest.mark.parametrize("extra,match", [
-    (["--save-every", "5"], "--save-every is not available for an encoder"),
+    (["--sample-prompt", "Hi"], "--sample-prompt is not available for an encoder"),
     (["--prefix-cache", "disk"], "--prefix-cache disk is not available for an encoder"),
-    (["--resume", "somewhere"], "--resume is not available for an encoder"),
+    (["--resume", "somewhere"], "no checkpoint to resume"),
 ])
 def test_flags_of_causal_runs_are_refused(minilm, tmp_path, capsys, extra, match):
     rc = cli(["finetune", "--model", "minilm", "--data", TRAIN, "--out", str(tmp_path / "o"),
