@@ -256,6 +256,13 @@ class Model:
 
     def _trainable_changed(self):
         self._tape = None
+        # gradients in the parameters' order, however the set was built: the global norm's
+        # float64 sum (and so clipping) is then the same for the same set, to the last bit
+        # (a resumed run rebuilds its set in another order than the run made it)
+        order = [(n, self.grads[n]) for n in self.params if n in self.grads]
+        if list(self.grads) != [n for n, _ in order]:
+            self.grads.clear()
+            self.grads.update(order)
         for opt in list(self._optimizers):
             opt._sync()
 

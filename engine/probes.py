@@ -355,8 +355,10 @@ class Telemetry:
             acc.setdefault(layer, {}).setdefault(key, 0.0)
             acc[layer][key] += value
 
-        for n, w0 in self.w0.items():
-            L, p = _layer_of(n), m.params[n]
+        # in the model's order, not the order parameters first trained in: a resumed run
+        # sums each layer's squares as the uninterrupted run did, to the last bit
+        for n in (n for n in m.params if n in self.w0):
+            w0, L, p = self.w0[n], _layer_of(n), m.params[n]
             # a parameter frozen since it trained has no gradient: its weight stands in (that
             # column is unused, grad_sq comes from before_update)
             sums = stats.param_sums(p, w0, m.grads.get(n, p), self.before.get(n))

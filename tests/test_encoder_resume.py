@@ -1,0 +1,142 @@
+"""Checkpoints and --resume of encoder runs (the real all-MiniLM-L6-v2): a run stopped by Ctrl-C
+or by a failure, then resumed, ends with the weights, metrics and telemetry of the run that was
+never stopped, bit for bit, under a freezing schedule; what a resume refuses."""
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+
+import engine
+from engine.cli import main as cli
+from engine.errors import CheckpointError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROWS = [json.loads(x) for x in open(os.path.join(HERE, "..", "examples", "claims",
+                                                 "category_train.jsonl"))]
+
+
+def _data(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def _argv(minilm, data, out, *extra):
+    return ["finetune", "--model", minilm, "--data", data, "--eval-fraction", "0.25",
+            "--steps", "20", "--batch-size", "4", "--seq-len", "40", "--lr", "1e-3",
+            "--out", str(out), *extra]
+
+
+def _steps(out):
+    return [r for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r]
+
+
+def _same_run(a, b):
+    """Two finished runs: the same weights bit for bit, the same step records (the measured
+    seconds aside) and evaluations."""
+    wa, wb = engine.load(str(a / "model")).params, engine.load(str(b / "model")).params
+    assert all(np.array_equal(wa[n], wb[n]) for n in wa)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "step_s"} for r in rs]  # noqa: E731
+    assert strip(_steps(a)) == strip(_steps(b))
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    assert sa["final_eval"] == sb["final_eval"] and sa["base_eval"] == sb["base_eval"]
+    assert sa["trainable_params"] == sb["trainable_params"]
+    assert not (b / "checkpoint").exists()          # superseded by model/
+
+
+@pytest.mark.parametrize("task,extra", [
+    ("classifier", ["--schedule", "autofreeze", "--schedule-every", "3", "--train-last", "3",
+                    "--autofreeze-threshold", "10", "--telemetry-every", "4"]),
+    ("sentence", ["--schedule", "lisa", "--schedule-every", "4", "--train-last", "2"]),
+])
+def test_ctrl_c_then_resume_gives_the_uninterrupted_run(minilm, tmp_path, monkeypatch, task, extra):
+    rows = ROWS[:24] if task == "classifier" else [
+        {"anchor": r["text"].split(". ")[0], "positive": r["text"]} for r in ROWS[:24]]
+    data = _data(tmp_path / "d.jsonl", rows)
+    straight, parted = tmp_path / "straight", tmp_path / "parted"
+    assert cli(_argv(minilm, data, straight, *extra)) == 0
+
+    import engine.encoder_train as et
+    real = et._Order.take
+    calls = {"n": 0}
+
+    def take(self, size, min_batch):     # Ctrl-C during step 9 (a batch a step)
+        calls["n"] += 1
+        if calls["n"] == 9:
+            signal.raise_signal(signal.SIGINT)
+        return real(self, size, min_batch)
+    monkeypatch.setattr(et._Order, "take", take)
+    assert cli(_argv(minilm, data, parted, *extra)) == 130
+    monkeypatch.setattr(et._Order, "take", real)
+    summary = json.loads((parted / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["steps"] == 9
+    assert (parted / "checkpoint").is_dir() and (parted / "model").is_dir()
+    # only the run's own command and --resume: its arguments come from the checkpoint
+    assert cli(["finetune", "--model", minilm, "--data", data, "--out", str(parted),
+                "--resume", str(parted)]) == 0
+    _same_run(straight, parted)
+
+
+def test_a_failed_step_leaves_a_checkpoint_to_resume(minilm, tmp_path, monkeypatch, capsys):
+    """A step that fails (here the data's batch, after 7 steps were done) checkpoints those
+    steps; --save-every's earlier checkpoint is replaced; the resumed run is the straight one."""
+    data = _data(tmp_path / "d.jsonl", ROWS[:24])
+    straight, failed = tmp_path / "straight", tmp_path / "failed"
+    extra = ["--train-last", "2", "--save-every", "5"]
+    assert cli(_argv(minilm, data, straight, *extra)) == 0
+
+    import engine.encoder_train as et
+    real = et._Order.take
+    calls = {"n": 0}
+
+    def take(self, size, min_batch):
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise OSError(28, "No space left on device")
+        return real(self, size, min_batch)
+    monkeypatch.setattr(et._Order, "take", take)
+    assert cli(_argv(minilm, data, failed, *extra)) == 2
+    err, out = capsys.readouterr()[::-1]
+    assert "No space left on device" in err
+    assert "the steps done are in a checkpoint: continue with" in out
+    state = json.loads((failed / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 7 and state["task"] == "classification"
+    monkeypatch.setattr(et._Order, "take", real)
+    assert cli(_argv(minilm, data, failed, *extra, "--resume", str(failed))) == 0
+    _same_run(straight, failed)
+
+
+def test_what_a_resume_refuses(minilm, tmp_path, monkeypatch, capsys):
+    data = _data(tmp_path / "d.jsonl", ROWS[:24])
+    out = tmp_path / "run"
+    assert cli(_argv(minilm, data, out, "--train-last", "1", "--steps", "4")) == 0
+    capsys.readouterr()
+    # a finished run has nothing to resume
+    assert cli(_argv(minilm, data, out, "--resume", str(out))) == 2
+    assert "the run finished" in capsys.readouterr().err
+    # one that failed after step 4: its own training arguments only, and its own data
+    from engine.train import TrainArgs, finetune
+    import engine.encoder_train as et
+    real = et._Order.take
+
+    def take(self, size, min_batch):
+        if self.at >= 16:               # the fifth batch of 4
+            raise ZeroDivisionError
+        return real(self, size, min_batch)
+    monkeypatch.setattr(et._Order, "take", take)
+    args = TrainArgs(model=minilm, data=data, out=str(tmp_path / "b"), eval_fraction=0.25,
+                     steps=8, batch_size=4, seq_len=40, train_last=1)
+    with pytest.raises(ZeroDivisionError):
+        finetune(args, log=lambda m: None)
+    monkeypatch.setattr(et._Order, "take", real)
+    assert json.loads((tmp_path / "b" / "checkpoint" / "trainer_state.json").read_text())["step"] == 4
+    assert cli(["finetune", "--model", minilm, "--data", data, "--out", str(tmp_path / "b"),
+                "--lr", "5e-4", "--resume", str(tmp_path / "b")]) == 2
+    assert "--lr 0.0005 (the run has 0.0001)" in capsys.readouterr().err
+    with open(data, "a") as f:
+        f.write(json.dumps({"text": "one more", "label": "auto"}) + "\n")
+    with pytest.raises(CheckpointError, match="the data changed since the checkpoint"):
+        finetune(args, resume=str(tmp_path / "b"), log=lambda m: None)
