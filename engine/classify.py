@@ -178,6 +178,48 @@ def cache_report(caches) -> dict:
             "read_s_per_example": per(sum(c.read_s for c in caches), reads)}
 
 
+class PrefixCaches:
+    """A run's PrefixRows (--prefix-cache memory), one per list of texts (the training texts,
+    the held-out ones), at the lowest trainable block: follow() makes them anew whenever a
+    schedule moves it (carried up from the last ones when the lowest blocks froze)."""
+
+    def __init__(self, args, lists, log):
+        self.on, self.dtype, self.lists, self.log = args.prefix_cache == "memory", args.prefix_dtype, lists, log
+        self.caches: tuple = (None,) * len(lists)
+        self.built: list[PrefixRows] = []      # every cache of the first list, for the report
+
+    def follow(self, model):
+        if not self.on:
+            return
+        low, old = model.lowest_trainable_block(), self.caches
+        if old[0] is not None and old[0].start == low and old[0].valid():
+            return
+        if low <= 0:
+            if not self.built:
+                self.log("prefix cache: not used while block 0 (or an embedding) is trainable: "
+                         "there is no frozen prefix")
+            self.caches = (None,) * len(self.lists)
+        else:
+            self.caches = tuple(PrefixRows(model, s, low, self.dtype, below=o)
+                                for s, o in zip(self.lists, old))
+            self.built.append(self.caches[0])
+        for c, new in zip(old, self.caches):
+            if c is not None:
+                c.free(keep_rows=new is not None and new.below is c)
+
+    def summary(self, what: str) -> dict:
+        """{"prefix_cache": the report} when a cache was made (logged), else {}."""
+        if not self.built:
+            return {}
+        r = cache_report(self.built)
+        moved = (f" (a cache at each of blocks {', '.join(map(str, r['starts']))}; "
+                 f"{r['carried']} rows carried up)" if r["caches"] > 1 else "")
+        self.log(f"prefix cache: blocks below {r['start']} computed once for {r['examples']} "
+                 f"{what} ({r['mib']} MiB){moved}: {1e3 * (r['compute_s_per_example'] or 0):.2f} "
+                 f"ms an example to compute, {1e3 * (r['read_s_per_example'] or 0):.3f} ms to read")
+        return {"prefix_cache": r}
+
+
 def _forward(model, seqs, idx, pad_id, cache, targets=None, grad=True):
     tokens, lengths, types = batch(seqs, idx, pad_id)
     if cache is None:
@@ -245,31 +287,13 @@ class ClassifierTask:
         if cut:
             log(f"note: {cut} training texts reach --seq-len {seq_len} and may be cut")
         self.n_train, self.n_held, self.labels = len(self.seqs), len(self.held), classes
-        self.pad, self.batch_size, self.args, self.log = _pad(self.tok), args.batch_size, args, log
-        self.caches, self.built = (None, None), []
+        self.pad, self.batch_size = _pad(self.tok), args.batch_size
+        self.prefix = PrefixCaches(args, (self.seqs, self.held), log)
 
     def start(self, model):
         """When the trainable set is fixed, and whenever a schedule changes it: the prefix
-        caches (--prefix-cache memory) at the lowest trainable block, made anew when it moves
-        (carried up from the last ones when the lowest blocks froze)."""
-        if self.args.prefix_cache != "memory":
-            return
-        low, old = model.lowest_trainable_block(), self.caches
-        if old[0] is not None and old[0].start == low and old[0].valid():
-            return
-        if low <= 0:
-            if not self.built:
-                self.log("prefix cache: not used while block 0 (or an embedding) is trainable: "
-                         "there is no frozen prefix")
-            self.caches = (None, None)
-        else:
-            dt = self.args.prefix_dtype
-            self.caches = tuple(PrefixRows(model, s, low, dt, below=o)
-                                for s, o in zip((self.seqs, self.held), old))
-            self.built.append(self.caches[0])
-        for c, new in zip(old, self.caches):
-            if c is not None:
-                c.free(keep_rows=new is not None and new.below is c)
+        caches follow the lowest trainable block."""
+        self.prefix.follow(model)
 
     def probe(self):
         """Telemetry's probe batch: the first held-out examples (training ones without)."""
@@ -277,25 +301,16 @@ class ClassifierTask:
         return batch(seqs, np.arange(min(4, len(seqs))), self.pad)
 
     def step(self, idx, scale: float) -> float:
-        loss = _forward(self.model, self.seqs, idx, self.pad, self.caches[0], self.targets[idx])
+        loss = _forward(self.model, self.seqs, idx, self.pad, self.prefix.caches[0], self.targets[idx])
         self.model.backward(scale)
         return loss
 
     def evaluate(self):
         return (evaluate(self.model, self.held, self.held_targets, self.batch_size, self.pad,
-                         self.caches[1]) if self.n_held else None)
+                         self.prefix.caches[1]) if self.n_held else None)
 
     def summary(self, log) -> dict:
-        out = {"labels": self.labels}
-        if self.built:
-            r = out["prefix_cache"] = cache_report(self.built)
-            moved = (f" (a cache at each of blocks {', '.join(map(str, r['starts']))}; "
-                     f"{r['carried']} rows carried up)" if r["caches"] > 1 else "")
-            log(f"prefix cache: blocks below {r['start']} computed once for {r['examples']} "
-                f"training texts ({r['mib']} MiB){moved}: "
-                f"{1e3 * (r['compute_s_per_example'] or 0):.2f} ms an example to compute, "
-                f"{1e3 * (r['read_s_per_example'] or 0):.3f} ms to read")
-        return out
+        return {"labels": self.labels, **self.prefix.summary("training texts")}
 
     save_extra = None
 
@@ -356,8 +371,7 @@ def eval_encoder(model_path: str, data: str, batch_size: int, seq_len: int) -> d
             raise InputError(f"{model_path} is a classifier: evaluate it on labeled rows")
         tok = load_tokenizer(resolve_model_path(model_path), model_vocab_size=model.config.vocab_size)
         n = min(seq_len, model.config.context_length)
-        return retrieval(model, encode(tok, anchors, n), encode(tok, positives, n), batch_size,
-                         _pad(tok))
+        return retrieval(model, encode(tok, anchors + positives, n), batch_size, _pad(tok))
     texts, labels = read_labeled(data)
     model = load(model_path)
     if model.config.labels is None:

@@ -48,8 +48,6 @@ def finetune_encoder(args, log=print, resume: str | None = None, given=None) -> 
     row = _first_row(args.data)
     if isinstance(row, dict) and "anchor" in row:
         from .sentence import PairsTask
-        if args.prefix_cache != "off":
-            raise InputError("--prefix-cache is not available for sentence-embedding runs yet")
         task = PairsTask(args, log)
     else:
         task = ClassifierTask(args, log)

@@ -64,12 +64,17 @@ def ranking_loss(ua, up, scale: float = SCALE, same=None):
     return loss, ds @ up, ds.T @ ua
 
 
-def embed(model, seqs, idx, pad_id: int, keep: bool = False):
+def embed(model, seqs, idx, pad_id: int, keep: bool = False, cache=None):
     """(normalized embeddings (B, C), what the backward needs) of the texts seqs[idx] (token id
-    arrays, or (ids, types) as classify.encode gives them)."""
+    arrays, or (ids, types) as classify.encode gives them). cache: a classify.PrefixRows over
+    seqs, which gives the frozen prefix's output."""
     from .classify import batch
     tokens, lengths, types = batch(seqs, idx, pad_id)
-    h = model.forward(tokens, lengths=lengths, types=types, keep=keep)
+    if cache is None:
+        h = model.forward(tokens, lengths=lengths, types=types, keep=keep)
+    else:
+        h = model.forward(tokens, lengths=lengths, types=types, keep=keep, start=cache.start,
+                          hidden=cache.hidden(idx, tokens, lengths, types))
     u, n = normalize_forward(mean_pool_forward(h, lengths))
     return u, (lengths, h.shape[1], u, n)
 
@@ -80,13 +85,14 @@ def backward(model, du, saved, scale: float = 1.0):
     model.backward(scale, dhidden=mean_pool_backward(normalize_backward(du, u, n), lengths, T))
 
 
-def pair_step(model, anchors, positives, idx, pad_id: int, scale: float = 1.0) -> float:
-    """One forward and backward of the ranking loss over the pairs idx: anchors and positives in
-    one batch of 2B texts (one forward, one tape)."""
-    seqs = [anchors[i] for i in idx] + [positives[i] for i in idx]
-    u, saved = embed(model, seqs, np.arange(len(seqs)), pad_id, keep=True)
-    B = len(idx)
-    loss, dua, dup = ranking_loss(u[:B], u[B:], same=_same(seqs[B:]))
+def pair_step(model, texts, idx, pad_id: int, scale: float = 1.0, cache=None) -> float:
+    """One forward and backward of the ranking loss over the pairs idx: texts holds the n
+    anchors, then their n positives; the batch's anchors and positives go in one batch of 2B
+    texts (one forward, one tape). cache: a classify.PrefixRows over texts."""
+    n, B = len(texts) // 2, len(idx)
+    both = np.concatenate([idx, np.asarray(idx) + n])
+    u, saved = embed(model, texts, both, pad_id, keep=True, cache=cache)
+    loss, dua, dup = ranking_loss(u[:B], u[B:], same=_same([texts[i] for i in both[B:]]))
     backward(model, np.concatenate([dua, dup]), saved, scale)
     return loss
 
@@ -99,14 +105,17 @@ def _same(positives):
     return ids[:, None] == ids[None, :]
 
 
-def retrieval(model, anchors, positives, batch_size: int, pad_id: int) -> dict:
-    """Held-out pairs: each anchor against every held-out positive: the share whose nearest
-    positive is its own text (recall@1), and the mean ranking loss over all of them at once."""
-    def all_of(seqs):
-        return np.concatenate([embed(model, seqs, np.arange(s, min(len(seqs), s + batch_size)),
-                                     pad_id)[0] for s in range(0, len(seqs), batch_size)])
-    ua, up = all_of(anchors), all_of(positives)
-    same = _same(positives)
+def retrieval(model, texts, batch_size: int, pad_id: int, cache=None) -> dict:
+    """Held-out pairs (texts: the n anchors, then their n positives): each anchor against every
+    held-out positive: the share whose nearest positive is its own text (recall@1), and the mean
+    ranking loss over all of them at once. cache: a classify.PrefixRows over texts."""
+    n = len(texts) // 2
+
+    def all_of(lo):
+        return np.concatenate([embed(model, texts, np.arange(s, min(lo + n, s + batch_size)),
+                                     pad_id, cache=cache)[0] for s in range(lo, lo + n, batch_size)])
+    ua, up = all_of(0), all_of(n)
+    same = _same(texts[n:])
     hits = same[np.arange(len(ua)), (ua @ up.T).argmax(1)]
     return {"loss": ranking_loss(ua, up, same=same)[0], "recall_at_1": float(hits.mean())}
 
@@ -153,7 +162,7 @@ class PairsTask:
     min_batch = 2   # an anchor needs another pair's positive to rank against
 
     def __init__(self, args, log):
-        from .classify import _capped, _pad, _tokenizer_and_length, encode, train_and_held
+        from .classify import PrefixCaches, _capped, _pad, _tokenizer_and_length, encode, train_and_held
         from .io import load
         (anchors, positives), (held_a, held_p) = train_and_held(args, read_pairs)
         log(f"loading {args.model} as a sentence encoder (mean pooling, normalized; in-batch "
@@ -168,33 +177,39 @@ class PairsTask:
             raise InputError(f"the in-batch ranking loss needs two or more pairs a batch: "
                              f"--batch-size {args.batch_size}, {len(anchors)} training pair(s)")
         held_a, held_p = _capped(args, held_a, held_p, log)
-        self.anchors, self.positives, *self.held = (encode(self.tok, t, seq_len) for t in
-                                                    (anchors, positives, held_a, held_p))
-        self.n_train, self.n_held = len(self.anchors), len(held_a)
+        # the anchors, then their positives: one list each, so that a batch is one forward
+        self.texts, self.held = (encode(self.tok, a + p, seq_len) for a, p in
+                                 ((anchors, positives), (held_a, held_p)))
+        self.n_train, self.n_held = len(anchors), len(held_a)
         self.pad, self.batch_size = _pad(self.tok), args.batch_size
+        self.prefix = PrefixCaches(args, (self.texts, self.held), log)
 
     def start(self, model):
+        """When the trainable set is fixed, and whenever a schedule changes it: checked, and
+        the prefix caches follow the lowest trainable block."""
         if model.lowest_trainable_block() >= model.config.n_layer:
             raise InputError("sentence embeddings train what the hidden states depend on: give "
                              "--train-last K >= 1, or --unfreeze blocks or embeddings (the "
                              "pooler is on no path from them)")
+        self.prefix.follow(model)
 
     def probe(self):
         """Telemetry's probe batch: the first held-out anchors (training ones without)."""
         from .classify import batch
-        seqs = self.held[0] if self.n_held else self.anchors
-        return batch(seqs, np.arange(min(4, len(seqs))), self.pad)
+        seqs, n = (self.held, self.n_held) if self.n_held else (self.texts, self.n_train)
+        return batch(seqs, np.arange(min(4, n)), self.pad)
 
     def step(self, idx, scale: float) -> float:
-        return pair_step(self.model, self.anchors, self.positives, idx, self.pad, scale)
+        return pair_step(self.model, self.texts, idx, self.pad, scale, self.prefix.caches[0])
 
     def evaluate(self):
         if self.n_held < 2:
             return None
-        return retrieval(self.model, *self.held, self.batch_size, self.pad)
+        return retrieval(self.model, self.held, self.batch_size, self.pad, self.prefix.caches[1])
 
     def summary(self, log) -> dict:
-        return {"loss": "in-batch ranking (MultipleNegativesRankingLoss), scale 20"}
+        return {"loss": "in-batch ranking (MultipleNegativesRankingLoss), scale 20",
+                **self.prefix.summary("training texts (anchors and positives)")}
 
     def save_extra(self, d: str) -> None:
         write_sentence_transformers_files(d, self.model, self.seq_len)

@@ -81,12 +81,17 @@ def test_schedules_change_an_encoders_trainable_set_as_specified(minilm, tmp_pat
     assert (out / "telemetry.png").exists() and (out / "loss.png").exists()   # (test extra: matplotlib)
 
 
-@pytest.mark.parametrize("name,k,starts", [("freezeout", 3, [3, 4, 5]), ("gradual", 1, [5, 4, 3])])
-def test_prefix_cache_follows_the_lowest_trainable_block(minilm, tmp_path, name, k, starts):
+@pytest.mark.parametrize("name,k,starts,task", [("freezeout", 3, [3, 4, 5], "classifier"),
+                                                ("gradual", 1, [5, 4, 3], "classifier"),
+                                                ("freezeout", 3, [3, 4, 5], "sentence")])
+def test_prefix_cache_follows_the_lowest_trainable_block(minilm, tmp_path, name, k, starts, task):
     """FreezeOut moves the lowest trainable block up (the new cache's rows are carried up from
     the last one's), gradual unfreezing moves it down (rebuilt from the embeddings): either way
-    the weights of an uncached run, to float32 rounding."""
-    data = _data(tmp_path / "d.jsonl", ROWS[:16])
+    the weights of an uncached run, to float32 rounding; a sentence run caches its anchors and
+    positives alike."""
+    rows = ROWS[:16] if task == "classifier" else [
+        {"anchor": r["text"].split(". ")[0], "positive": r["text"]} for r in ROWS[:16]]
+    data = _data(tmp_path / "d.jsonl", rows)
     runs = {}
     for cache in ("off", "memory"):
         out = tmp_path / cache
@@ -98,6 +103,7 @@ def test_prefix_cache_follows_the_lowest_trainable_block(minilm, tmp_path, name,
     report = summary["prefix_cache"]
     assert report["starts"] == starts
     assert (report["carried"] > 0) == (name == "freezeout")
+    assert report["examples"] == (16 if task == "classifier" else 32)   # (anchors + positives)
     base = engine.load(MINILM, labels=runs["off"].config.labels)
     for n, a in runs["off"].params.items():
         b = runs["memory"].params[n]

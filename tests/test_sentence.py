@@ -111,7 +111,7 @@ def test_recall_counts_a_repeated_positive(minilm):
     anchors = ids(["Water came through the kitchen ceiling.", "The basement flooded in the storm.",
                    "My suitcase was lost at the airport."])
     positives = ids(["damage to a house", "damage to a house", "lost luggage on a trip"])
-    r = S.retrieval(model, anchors, positives, 8, 0)
+    r = S.retrieval(model, anchors + positives, 8, 0)
     assert r["recall_at_1"] == 1.0      # either copy of "damage to a house" is a hit
 
 
