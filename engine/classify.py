@@ -144,8 +144,9 @@ class PrefixRows:
                 h = self.model.prefix(x, self.start, lengths=lengths[sub], types=ty)
             for j, r in enumerate(missing):
                 self.rows[int(idx[r])] = h[j, :lengths[r]].astype(self.dtype)
-            if len(self.rows) == len(self.seqs):
-                self.below = None      # every row is here: the lower cache's can go
+            if self.below is not None and len(self.rows) == len(self.seqs):
+                # every row is here: the lower cache's go
+                self.below.rows, self.below = {}, None
             self.computed += len(missing)
             self.compute_s += time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -156,8 +157,9 @@ class PrefixRows:
 
     def free(self, keep_rows=False):
         """A newer cache took this one's place: its rows go, unless that cache carries them up
-        (it drops them once it holds every row)."""
-        self.below = None
+        (it drops them once it holds every row); the rows this one carried up from go."""
+        if self.below is not None:
+            self.below.rows, self.below = {}, None
         if not keep_rows:
             self.rows = {}
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import shutil
@@ -22,9 +23,9 @@ import time
 import numpy as np
 
 from .classify import ClassifierTask, _first_row
-from .errors import CheckpointError, DivergedError, InputError
+from .errors import CheckpointError, DivergedError, InputError, is_number
 from .io import write_json
-from .optim import AdamW, CosineSchedule, clip_grad_norm
+from .optim import AdamW, CosineSchedule, clip_grad_norm, grad_norm
 from .probes import Telemetry
 
 
@@ -111,6 +112,10 @@ def _check_state(state, ck, task, base_fp, hashes, steps):
         raise CheckpointError(f"{ck}: the data changed since the checkpoint (the training or "
                               "held-out file holds other contents now); a resumed run needs the "
                               "same data: start a new run")
+    before = state.get("encoder_eval_before")
+    if before is not None and not (isinstance(before, dict) and is_number(before.get("loss"))):
+        raise CheckpointError(f"{ck}: 'encoder_eval_before' is not what tailtune writes there "
+                              "(damaged checkpoint)")
     if state["step"] > steps:
         raise CheckpointError(f"{ck}: the checkpoint is at step {state['step']}, past the run's "
                               f"{steps} steps (damaged checkpoint)")
@@ -121,165 +126,258 @@ def run_encoder(args, task, log, schedule=None, state=None, ck=None) -> dict:
     freezing schedule (engine/schedules.py) changing the trainable set before each step, and
     telemetry (--telemetry-every) in the metrics, as in a causal LM's run. state, ck: the
     trainer state and directory of a checkpoint to continue from."""
-    from .train import (_lock_out, _log_metric, _make_out, _save_final, _truncate_metrics,
-                        fingerprint, load_checkpoint, recorded_args, resume_command,
-                        save_checkpoint)
-    model, metric = task.model, task.metric
+    from .train import _lock_out, _make_out, fingerprint
+    model = task.model
     base_fp = fingerprint(model)        # of the model as loaded: the run's starting point
     hashes = {"train": _file_hash(args.data), "eval": _file_hash(args.eval_data)}
     micro, steps = _count(task.n_train, args)
     if state is not None:
         _check_state(state, ck, task, base_fp, hashes, steps)
-    warmup = max(1, round(0.05 * steps)) if args.warmup is None else min(args.warmup, steps)
-    # a schedule that anneals each block itself (FreezeOut) keeps only the global warmup
-    anneals = schedule is not None and schedule.anneals
-    sched = CosineSchedule(args.lr, steps, warmup, args.lr if anneals else args.min_lr)
-    opt = AdamW(model, lr=args.lr, weight_decay=args.weight_decay)
-    if state is not None:   # the checkpoint's trainable set (its optimizer state's); the loop
-        if schedule is not None:   # then changes it at the next step as the run did
-            schedule.load_state_dict(state.get("schedule", {}))
-        model.set_trainable(state["trainable"])
-    elif schedule is not None:
-        schedule.apply(model, opt, 0, steps)
-    # under a schedule: every parameter that ever trained (the summary counts them)
-    trained = set(model.trainable) | set(state.get("trained") or ()) if state else set(model.trainable)
-    telemetry = None
-    if args.telemetry_every:
-        tokens, lengths, types = task.probe()
-        # made before a checkpoint is loaded: what trained before still holds its pretrained
-        # weights here, for drift and CKA
-        telemetry = Telemetry(model, tokens, args.telemetry_every, total_steps=steps,
-                              pretrained=sorted(trained) if state else (), lengths=lengths,
-                              types=types)
-    if state is not None:
-        load_checkpoint(ck, model, opt)
-    task.start(model)                   # (prefix caches: after the checkpoint's weights)
-    start = state["step"] if state else 0
-    order = _Order(task.n_train, args.seed, state["data"] if state else None)
-    recorded = recorded_args(args)
-    resume_cmd = resume_command(recorded, args.out)
     created = not os.path.exists(args.out)
     _make_out(args.out)
-    lock = _lock_out(args.out, log)
-    metrics = os.path.join(args.out, "metrics.jsonl")
-    ck_dir = os.path.join(args.out, "checkpoint")
-    cleanup = contextlib.ExitStack()
-    done, base, updating = start, None, False
+    lock = _lock_out(args.out, log)     # before a checkpoint is read: a run still going has it
+    try:
+        return _Run(args, task, log, schedule, state, ck, base_fp, hashes, micro, steps,
+                    created).run()
+    finally:
+        if lock is not None:
+            os.close(lock)
 
-    def evaluation(step, first=False):
-        r = task.evaluate()
-        if r is not None:
-            _log_metric(metrics, {"step": step, "eval_loss": r["loss"], f"eval_{metric}": r[metric]},
+
+class _Run:
+    """One encoder run, from its --out directory (created and locked) to the summary."""
+
+    def __init__(self, args, task, log, schedule, state, ck, base_fp, hashes, micro, steps, created):
+        self.args, self.task, self.log, self.schedule, self.state, self.ck = args, task, log, schedule, state, ck
+        self.base_fp, self.hashes, self.micro, self.steps, self.created = base_fp, hashes, micro, steps, created
+        self.metrics = os.path.join(args.out, "metrics.jsonl")
+        self.ck_dir = os.path.join(args.out, "checkpoint")
+        self.start = self.done = state["step"] if state else 0
+        self.base = state.get("encoder_eval_before") if state else None
+        self.seconds_before = float(state.get("train_seconds", 0.0)) if state else 0.0
+        self.updating = False       # inside the optimizer's update: the weights are half-updated
+        self.unlogged = None        # the last step's record, until it is in metrics.jsonl
+
+    def run(self) -> dict:
+        from .train import _log_metric, _save_final
+        args, task, model, metric = self.args, self.task, self.task.model, self.task.metric
+        try:
+            self._setup()
+            log = self.log
+            log(f"{task.n_train} training / {task.n_held} held-out rows; {self.steps} steps of "
+                f"{args.batch_size} x {args.grad_accum}; trainable "
+                f"{model.num_params(True):,} of {model.num_params():,} parameters")
+            if self.state is None:
+                self.base = self._evaluation(0, first=True)
+            else:
+                log(f"resumed at step {self.start} of {self.steps}")
+            if self.base:
+                log(f"held-out before: loss {self.base['loss']:.4f}  {metric} {self.base[metric]:.3f}")
+            with contextlib.ExitStack() as cleanup:
+                stop = _on_signals(cleanup)
+                seconds = self._steps(stop)
+                if self.done < self.steps:   # Ctrl-C: the run goes on from here with --resume;
+                    self._checkpoint()       # the model so far is saved too
+                    log(f"interrupted at step {self.done}: checkpoint saved; continue with "
+                        f"{self.resume_cmd}")
+                # not logged when interrupted: the resumed run's lines are the straight run's
+                final = self._evaluation(self.done, log_it=False)
+                if final:
+                    log(f"held-out after:  loss {final['loss']:.4f}  {metric} {final[metric]:.3f}")
+                where = _save_final(model, task.tok, args.out, task.save_extra)
+                if final and self.done == self.steps:
+                    _log_metric(self.metrics, {"step": self.done, "eval_loss": final["loss"],
+                                               f"eval_{metric}": final[metric]})
+                summary = {"status": "done" if self.done == self.steps else "interrupted",
+                           "task": task.kind, **task.summary(log), "steps": self.done,
+                           "train_seconds": round(seconds, 2), "base_eval": self.base,
+                           "final_eval": final,
+                           "trainable_params": sum(model.params[n].size for n in self.trained),
+                           "params": model.num_params(), "model": where}
+                if self.schedule is not None:
+                    summary["schedule"] = args.schedule
+                if stop["signal"] is not None:
+                    summary["signal"] = stop["signal"]
+                write_json(os.path.join(args.out, "summary.json"), summary)
+        except BaseException as e:
+            self._failed(e)
+            raise
+        if self.done == self.steps:   # superseded by model/ and the summary
+            shutil.rmtree(self.ck_dir, ignore_errors=True)
+        _plots(self.metrics, args.out, self.telemetry is not None, self.log)
+        self.log(f"saved {where}")
+        return summary
+
+    def _setup(self):
+        """The optimizer, the trainable set and telemetry; a checkpoint's weights and state;
+        run.json (checked against a resumed run's directory)."""
+        from .train import load_checkpoint, recorded_args, resume_command
+        args, model, state, schedule = self.args, self.task.model, self.state, self.schedule
+        warmup = max(1, round(0.05 * self.steps)) if args.warmup is None else min(args.warmup, self.steps)
+        # a schedule that anneals each block itself (FreezeOut) keeps only the global warmup
+        anneals = schedule is not None and schedule.anneals
+        self.sched = CosineSchedule(args.lr, self.steps, warmup, args.lr if anneals else args.min_lr)
+        self.opt = AdamW(model, lr=args.lr, weight_decay=args.weight_decay)
+        if state is not None:   # the checkpoint's trainable set (its optimizer state's); the
+            if schedule is not None:   # loop then changes it at the next step as the run did
+                schedule.load_state_dict(state.get("schedule", {}))
+            model.set_trainable(state["trainable"])
+        elif schedule is not None:
+            schedule.apply(model, self.opt, 0, self.steps)
+        # under a schedule: every parameter that ever trained (the summary counts them)
+        self.trained = set(model.trainable) | set(state.get("trained") or ()) if state else set(model.trainable)
+        self.telemetry = None
+        if args.telemetry_every:
+            tokens, lengths, types = self.task.probe()
+            # made before a checkpoint is loaded: what trained before still holds its pretrained
+            # weights here, for drift and CKA
+            self.telemetry = Telemetry(model, tokens, args.telemetry_every, total_steps=self.steps,
+                                       pretrained=sorted(self.trained) if state else (),
+                                       lengths=lengths, types=types)
+        self.recorded = recorded_args(args)
+        self.resume_cmd = resume_command(self.recorded, args.out)
+        self._run_json()
+        if state is not None:
+            load_checkpoint(self.ck, model, self.opt)
+            from .train import _truncate_metrics
+            _truncate_metrics(self.metrics, self.start)
+        self.task.start(model)          # (prefix caches: after the checkpoint's weights)
+        self.order = _Order(self.task.n_train, args.seed, state["data"] if state else None)
+        self.position = self._position()
+
+    def _run_json(self):
+        path = os.path.join(self.args.out, "run.json")
+        run = {"args": dataclasses.asdict(self.recorded), "base_fingerprint": self.base_fp,
+               "task": self.task.kind, "trainable": self.task.model.trainable}
+        if self.state is not None and os.path.exists(path):    # resumed into a run's directory:
+            try:                                                # this run's, or refused
+                with open(path) as f:
+                    old = json.load(f)
+                same = (old.get("base_fingerprint") == self.base_fp and old.get("task") == self.task.kind
+                        and _training(old.get("args")) == _training(run["args"]))
+            except (OSError, ValueError, AttributeError) as e:
+                raise CheckpointError(f"{path}: not a run description ({e}); resume into another "
+                                      "--out") from None
+            if not same:
+                raise CheckpointError(f"{self.args.out}: run.json belongs to another run (another "
+                                      "base model, task or training arguments); resume into "
+                                      "another --out")
+            return
+        write_json(path, run)
+
+    def _position(self):
+        """Where the run is once a step's update is complete: a failure in the next step
+        checkpoints this, not a batch order that has drawn that step's batches or AutoFreeze
+        norms that counted it."""
+        return (self.order.state(),
+                self.schedule.state_dict() if self.schedule is not None else {})
+
+    def _evaluation(self, step, first=False, log_it=True):
+        from .train import _log_metric
+        r = self.task.evaluate()
+        if r is not None and log_it:
+            _log_metric(self.metrics, {"step": step, "eval_loss": r["loss"],
+                                       f"eval_{self.task.metric}": r[self.task.metric]},
                         truncate=first)
         return r
 
-    def checkpoint():
-        save_checkpoint(ck_dir, model, task.tok, opt, {
-            "step": done, "data": order.state(), "task": task.kind,
-            "schedule": schedule.state_dict() if schedule is not None else {},
-            "trained": sorted(trained), "trainable": model.trainable,
-            "args": dataclasses.asdict(recorded), "base_fingerprint": base_fp,
-            "encoder_eval_before": base, "data_hashes": hashes})
-    try:
-        log(f"{task.n_train} training / {task.n_held} held-out rows; {steps} steps of "
-            f"{args.batch_size} x {args.grad_accum}; trainable "
-            f"{model.num_params(True):,} of {model.num_params():,} parameters")
-        if state is None:
-            base = evaluation(0, first=True)
-        else:
-            base = state.get("encoder_eval_before")
-            _truncate_metrics(metrics, start)
-            log(f"resumed at step {start} of {steps}")
-        if base:
-            log(f"held-out before: loss {base['loss']:.4f}  {metric} {base[metric]:.3f}")
-        t0 = time.perf_counter()
-        stop = _on_signals(cleanup)
-        for step in range(start, steps):
+    def _checkpoint(self):
+        from .train import save_checkpoint
+        data, sched = self.position
+        save_checkpoint(self.ck_dir, self.task.model, self.task.tok, self.opt, {
+            "step": self.done, "data": data, "task": self.task.kind, "schedule": sched,
+            "trained": sorted(self.trained), "trainable": self.task.model.trainable,
+            "args": dataclasses.asdict(self.recorded), "base_fingerprint": self.base_fp,
+            "encoder_eval_before": self.base, "data_hashes": self.hashes,
+            "train_seconds": self.seconds_before + self.elapsed()})
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0 if hasattr(self, "t0") else 0.0
+
+    def _steps(self, stop) -> float:
+        """The steps from where the run is to its end (or a Ctrl-C); the seconds they took."""
+        from .train import _log_metric
+        args, task, model, opt, schedule = self.args, self.task, self.task.model, self.opt, self.schedule
+        self.t0 = time.perf_counter()
+        for step in range(self.start, self.steps):
             if stop["signal"] is not None:
                 break
             t_step = time.perf_counter()
-            if schedule is not None and _change(schedule, model, opt, step, steps, task):
-                trained.update(model.trainable)
+            if schedule is not None and _change(schedule, model, opt, step, self.steps, task):
+                self.trained.update(model.trainable)
             model.zero_grad()
-            parts = [order.take(args.batch_size, task.min_batch)
-                     for _ in range(min(args.grad_accum, micro - step * args.grad_accum))]
+            parts = [self.order.take(args.batch_size, task.min_batch)
+                     for _ in range(min(args.grad_accum, self.micro - step * args.grad_accum))]
             n_all = sum(len(p) for p in parts)
             loss = sum(task.step(idx, len(idx) / n_all) * len(idx) / n_all for idx in parts)
             if schedule is not None:
                 schedule.observe(model, step)
-            if telemetry is not None:   # before clipping: the layers' own gradient norms
-                telemetry.before_update(step)
-            norm = clip_grad_norm(model, args.clip) if args.clip else None
-            if not math.isfinite(loss) or (norm is not None and not math.isfinite(norm)):
+            if self.telemetry is not None:   # before clipping: the layers' own gradient norms
+                self.telemetry.before_update(step)
+            norm = clip_grad_norm(model, args.clip) if args.clip else grad_norm(model)
+            if not (math.isfinite(loss) and math.isfinite(norm)):
                 raise DivergedError(f"step {step + 1}: the loss or gradient is not finite "
-                                    f"(loss {loss}); try a lower --lr")
-            opt.lr = sched(step)
-            updating = True     # a failure inside the update leaves the weights half-updated
+                                    f"(loss {loss:.4g}, gradient norm {norm:.4g}); try a lower --lr")
+            opt.lr = self.sched(step)
+            self.updating = True
             opt.step()
-            updating = False
-            done = step + 1
+            self.updating = False
+            self.done = step + 1        # whole from here: a failure after this keeps the step
+            self.position = self._position()
             # under lr-decay and FreezeOut each block has its own rate: the highest one applied
             top = max((opt.lr_scale.get(n, 1.0) for n in model.grads), default=1.0)
-            rec = {"step": done, "loss": loss, "lr": opt.lr * top, "grad_norm": norm,
-                   "examples": n_all, "step_s": time.perf_counter() - t_step}
+            rec = self.unlogged = {"step": self.done, "loss": loss, "lr": opt.lr * top,
+                                   "grad_norm": norm, "examples": n_all,
+                                   "step_s": time.perf_counter() - t_step}
             if schedule is not None:
                 rec["trainable_blocks"] = model.trainable_blocks()
-            if telemetry is not None and telemetry.due(step):
-                rec["telemetry"] = telemetry.record(step, opt)
-            _log_metric(metrics, rec)
-            if done % 10 == 0 or done == steps:
-                log(f"step {done}/{steps}  loss {loss:.4f}  lr {rec['lr']:.2e}  "
-                    f"{time.perf_counter() - t0:.1f} s")
-            if args.eval_every and done % args.eval_every == 0 and done < steps:
-                evaluation(done)
-            if args.save_every and done % args.save_every == 0 and done < steps:
-                checkpoint()
-        seconds = time.perf_counter() - t0
-        if done < steps:   # Ctrl-C: the run can go on from here; the model so far is saved too
-            checkpoint()
-            log(f"interrupted at step {done}: checkpoint saved; continue with {resume_cmd}")
-        final = evaluation(done)
-        if final:
-            log(f"held-out after:  loss {final['loss']:.4f}  {metric} {final[metric]:.3f}")
-        where = _save_final(model, task.tok, args.out, task.save_extra)
-        summary = {"status": "done" if done == steps else "interrupted", "task": task.kind,
-                   **task.summary(log), "steps": done, "train_seconds": round(seconds, 2),
-                   "base_eval": base, "final_eval": final,
-                   "trainable_params": sum(model.params[n].size for n in trained),
-                   "params": model.num_params(), "model": where}
-        if schedule is not None:
-            summary["schedule"] = args.schedule
-        if stop["signal"] is not None:
-            summary["signal"] = stop["signal"]
-        write_json(os.path.join(args.out, "summary.json"), summary)
-        if done == steps:   # superseded by model/ and the summary
-            shutil.rmtree(ck_dir, ignore_errors=True)
-        _plots(metrics, args.out, telemetry is not None, log)
-        log(f"saved {where}")
-        return summary
-    except BaseException as e:
-        if (isinstance(e, Exception) and not isinstance(e, DivergedError) and done > start
-                and not updating and set(opt.state) == set(model.grads)):
-            try:   # the steps done so far are whole: keep them
-                checkpoint()
-                log(f"training stopped after step {done} (the error follows); the steps done "
-                    f"are in a checkpoint: continue with {resume_cmd}")
-            except Exception as e2:   # the disk that failed may fail this too
-                log(f"training stopped after step {done} (the error follows), and no "
-                    f"checkpoint of it could be written ({e2})")
-        if state is None and not os.path.isdir(ck_dir):
-            # nothing to resume: a run that failed leaves no --out behind (a second Ctrl-C
-            # during the final save included); one that existed keeps only what it held
-            if created:
-                shutil.rmtree(args.out, ignore_errors=True)
+            if self.telemetry is not None and self.telemetry.due(step):
+                rec["telemetry"] = self.telemetry.record(step, opt)
+            _log_metric(self.metrics, rec)
+            self.unlogged = None
+            if self.done % 10 == 0 or self.done == self.steps:
+                self.log(f"step {self.done}/{self.steps}  loss {loss:.4f}  lr {rec['lr']:.2e}  "
+                         f"{time.perf_counter() - self.t0:.1f} s")
+            if args.eval_every and self.done % args.eval_every == 0 and self.done < self.steps:
+                self._evaluation(self.done)
+            if args.save_every and self.done % args.save_every == 0 and self.done < self.steps:
+                self._checkpoint()
+        return self.seconds_before + self.elapsed()
+
+    def _failed(self, e: BaseException):
+        """The run failed (or a second Ctrl-C stopped it): the steps done are kept in a
+        checkpoint when they are whole; a new run that did none leaves no --out behind."""
+        from .train import _log_metric
+        model = self.task.model
+        if (self.done > self.start and not self.updating and not isinstance(e, DivergedError)
+                and set(self.opt.state) == set(model.grads)):
+            if self.unlogged is not None:          # the last step's line, as far as it got
+                with contextlib.suppress(Exception):
+                    _log_metric(self.metrics, self.unlogged)
+            try:
+                self._checkpoint()
+                self.log(f"training stopped after step {self.done} (the error follows); the "
+                         f"steps done are in a checkpoint: continue with {self.resume_cmd}")
+            except BaseException as e2:   # the disk that failed may fail this too
+                self.log(f"training stopped after step {self.done} (the error follows), and no "
+                         f"checkpoint of it could be written ({e2!r})")
+        if self.state is None and not any(os.path.isdir(self.ck_dir + x) for x in ("", ".old")):
+            # nothing to resume (no step done, a divergence, no checkpoint could be written):
+            # a new run leaves no --out behind; a directory that existed keeps only what it held
+            if self.created:
+                shutil.rmtree(self.args.out, ignore_errors=True)
             else:
-                with contextlib.suppress(OSError):
-                    os.remove(metrics)
-        raise
-    finally:
-        cleanup.close()
-        if lock is not None:
-            os.close(lock)
+                for f in ("metrics.jsonl", "run.json"):
+                    with contextlib.suppress(OSError):
+                        os.remove(os.path.join(self.args.out, f))
+
+
+def _training(args) -> dict | None:
+    """What of a run's recorded arguments determines its weights."""
+    from .train import _NOT_TRAINING
+    if not isinstance(args, dict):
+        return None
+    return {k: v for k, v in args.items() if k not in _NOT_TRAINING}
 
 
 def _change(schedule, model, opt, step, steps, task) -> bool:

@@ -226,6 +226,9 @@ def _what_is_in(args: TrainArgs) -> str:
         return "other files"
     if not same:
         return "a different run"
+    resume = f"this same run, unfinished (continue it with {_command_line(['--resume', args.out])})"
+    if os.path.isdir(os.path.join(args.out, "checkpoint")):
+        return resume      # (an encoder run that Ctrl-C stopped has written a summary too)
     if os.path.exists(os.path.join(args.out, "summary.json")):
         return "this same run, finished"
     if (os.path.isfile(os.path.join(args.out, "model", "config.json"))
@@ -237,7 +240,7 @@ def _what_is_in(args: TrainArgs) -> str:
         # Not reused: a run still going (no checkpoint until --save-every or Ctrl-C) looks the same.
         return ("this same run, unfinished and without a checkpoint (it stopped, or is still "
                 "running, before saving one), so there is nothing to resume")
-    return f"this same run, unfinished (continue it with {_command_line(['--resume', args.out])})"
+    return resume
 
 
 def _command_line(argv: list[str]) -> str:

@@ -456,6 +456,7 @@ def main():
         (base_child if cfg.get("base") else run_child)(cfg)
         return
     reported, a.out, a.work = _where(ap, a)
+    a.out, a.work = os.path.abspath(a.out), os.path.abspath(a.work)   # the runs start in ROOT
     print(f"{'the reported experiment' if reported else 'not the reported settings'}: tables to "
           f"{os.path.relpath(a.out)}, runs in {os.path.relpath(a.work)}", flush=True)
     t0 = time.perf_counter()

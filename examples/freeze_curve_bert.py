@@ -298,8 +298,9 @@ def main():
         run_child(json.loads(a.child))
         return
     reported = _settings(a) == _settings(ap.parse_args([]))
-    a.out = a.out or (PUBLISHED if reported else QUICK)
-    a.work = a.work or (PUBLISHED_WORK if reported else QUICK)
+    # absolute: the runs' processes start in the project's root
+    a.out = os.path.abspath(a.out or (PUBLISHED if reported else QUICK))
+    a.work = os.path.abspath(a.work or (PUBLISHED_WORK if reported else QUICK))
     os.makedirs(a.work, exist_ok=True)
     field = a.field.replace(" ", "_")
     data, eval_data = (os.path.join(a.work, f"{field}_{s}.jsonl") for s in ("train", "test"))

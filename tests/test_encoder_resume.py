@@ -27,20 +27,21 @@ def _data(path, rows):
 def _argv(minilm, data, out, *extra):
     return ["finetune", "--model", minilm, "--data", data, "--eval-fraction", "0.25",
             "--steps", "20", "--batch-size", "4", "--seq-len", "40", "--lr", "1e-3",
-            "--out", str(out), *extra]
+            "--eval-every", "6", "--out", str(out), *extra]
 
 
-def _steps(out):
-    return [r for r in map(json.loads, open(out / "metrics.jsonl")) if "loss" in r]
+def _lines(out):
+    """metrics.jsonl's lines, the measured seconds aside."""
+    return [{k: v for k, v in r.items() if k != "step_s"}
+            for r in map(json.loads, open(out / "metrics.jsonl"))]
 
 
 def _same_run(a, b):
-    """Two finished runs: the same weights bit for bit, the same step records (the measured
-    seconds aside) and evaluations."""
+    """Two finished runs: the same weights bit for bit, the same metrics lines (every step's
+    record and every evaluation, nothing more) and evaluations."""
     wa, wb = engine.load(str(a / "model")).params, engine.load(str(b / "model")).params
     assert all(np.array_equal(wa[n], wb[n]) for n in wa)
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "step_s"} for r in rs]  # noqa: E731
-    assert strip(_steps(a)) == strip(_steps(b))
+    assert _lines(a) == _lines(b)
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
     assert sa["final_eval"] == sb["final_eval"] and sa["base_eval"] == sb["base_eval"]
     assert sa["trainable_params"] == sb["trainable_params"]
@@ -80,33 +81,64 @@ def test_ctrl_c_then_resume_gives_the_uninterrupted_run(minilm, tmp_path, monkey
     _same_run(straight, parted)
 
 
-def test_a_failed_step_leaves_a_checkpoint_to_resume(minilm, tmp_path, monkeypatch, capsys):
-    """A step that fails (here the data's batch, after 7 steps were done) checkpoints those
-    steps; --save-every's earlier checkpoint is replaced; the resumed run is the straight one."""
+@pytest.mark.parametrize("where", ["batch", "forward"])
+def test_a_failed_step_leaves_a_checkpoint_to_resume(minilm, tmp_path, monkeypatch, capsys, where):
+    """A step that fails after 7 were done (drawing its batch, or in its forward, after the
+    batch order has moved on) checkpoints those 7, with the batch order and AutoFreeze's norms
+    as they were after step 7; --save-every's earlier checkpoint is replaced; the resumed run is
+    the straight one."""
     data = _data(tmp_path / "d.jsonl", ROWS[:24])
     straight, failed = tmp_path / "straight", tmp_path / "failed"
-    extra = ["--train-last", "2", "--save-every", "5"]
+    extra = ["--train-last", "3", "--save-every", "5", "--schedule", "autofreeze",
+             "--schedule-every", "2", "--autofreeze-threshold", "10"]
     assert cli(_argv(minilm, data, straight, *extra)) == 0
 
+    import engine.classify as C
     import engine.encoder_train as et
-    real = et._Order.take
+    cls, name = (et._Order, "take") if where == "batch" else (C.ClassifierTask, "step")
+    real = getattr(cls, name)
     calls = {"n": 0}
 
-    def take(self, size, min_batch):
+    def failing(self, *a):
         calls["n"] += 1
         if calls["n"] == 8:
             raise OSError(28, "No space left on device")
-        return real(self, size, min_batch)
-    monkeypatch.setattr(et._Order, "take", take)
+        return real(self, *a)
+    monkeypatch.setattr(cls, name, failing)
     assert cli(_argv(minilm, data, failed, *extra)) == 2
     err, out = capsys.readouterr()[::-1]
     assert "No space left on device" in err
     assert "the steps done are in a checkpoint: continue with" in out
     state = json.loads((failed / "checkpoint" / "trainer_state.json").read_text())
     assert state["step"] == 7 and state["task"] == "classification"
-    monkeypatch.setattr(et._Order, "take", real)
+    monkeypatch.setattr(cls, name, real)
     assert cli(_argv(minilm, data, failed, *extra, "--resume", str(failed))) == 0
     _same_run(straight, failed)
+
+
+def test_a_second_ctrl_c_in_the_final_save_keeps_the_steps(minilm, tmp_path, monkeypatch):
+    """All steps done, then Ctrl-C twice while the final evaluation runs: nothing saved as the
+    model, but a checkpoint of the last step, from which --resume writes what the straight run
+    wrote."""
+    data = _data(tmp_path / "d.jsonl", ROWS[:24])
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    assert cli(_argv(minilm, data, straight, "--train-last", "1")) == 0
+    import engine.classify as C
+    real = C.ClassifierTask.evaluate
+    calls = {"n": 0}
+
+    def evaluate(self):
+        calls["n"] += 1
+        if calls["n"] == 5:     # before, steps 6, 12 and 18, then the final one
+            raise KeyboardInterrupt
+        return real(self)
+    monkeypatch.setattr(C.ClassifierTask, "evaluate", evaluate)
+    assert cli(_argv(minilm, data, cut, "--train-last", "1")) == 130
+    monkeypatch.setattr(C.ClassifierTask, "evaluate", real)
+    assert json.loads((cut / "checkpoint" / "trainer_state.json").read_text())["step"] == 20
+    assert not (cut / "model").exists()
+    assert cli(_argv(minilm, data, cut, "--train-last", "1", "--resume", str(cut))) == 0
+    _same_run(straight, cut)
 
 
 def test_what_a_resume_refuses(minilm, tmp_path, monkeypatch, capsys):
@@ -136,6 +168,10 @@ def test_what_a_resume_refuses(minilm, tmp_path, monkeypatch, capsys):
     assert cli(["finetune", "--model", minilm, "--data", data, "--out", str(tmp_path / "b"),
                 "--lr", "5e-4", "--resume", str(tmp_path / "b")]) == 2
     assert "--lr 0.0005 (the run has 0.0001)" in capsys.readouterr().err
+    # into the directory of another run
+    assert cli(["finetune", "--model", minilm, "--data", data, "--out", str(out),
+                "--resume", str(tmp_path / "b")]) == 2
+    assert "run.json belongs to another run" in capsys.readouterr().err
     with open(data, "a") as f:
         f.write(json.dumps({"text": "one more", "label": "auto"}) + "\n")
     with pytest.raises(CheckpointError, match="the data changed since the checkpoint"):
