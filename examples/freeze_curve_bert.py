@@ -46,7 +46,7 @@ import freeze_curve as fc        # noqa: E402  (the SmolLM2 sweep: process and m
 import make_labels               # noqa: E402
 
 N_LAYER = 6
-DEFAULTS = dict(ks="0,1,2,3,4,5,6", lrs="1e-4,3e-4", seeds="0,1,2", epochs=5.0, batch_size=16,
+DEFAULTS = dict(ks="0,1,2,3,4,5,6", lrs="3e-5,1e-4,3e-4", seeds="0,1,2", epochs=5.0, batch_size=16,
                 seq_len=128, field="route", model="minilm")
 PUBLISHED = os.path.join(HERE, "freeze_curve_bert")
 PUBLISHED_WORK = os.path.join(ROOT, "runs", "freeze_curve_bert")
