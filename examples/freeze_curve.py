@@ -421,6 +421,16 @@ def plot(summary: dict, png: str, n_layer: int = 30) -> None:
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:   # no curves relative to full without k = 30
         ax.legend(loc="lower right", fontsize=8)
+    cost_panel(bx, rows, "step time (s), batch of 8 claims", rss_gib=True, xlim=(-1, n_layer + 1))
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def cost_panel(bx, rows: list, ylabel: str, rss_gib: bool = False, xlim=None) -> None:
+    """The plots' cost panel: each k's fastest and median step of the first epoch (which runs
+    the frozen prefix) and of later ones (prefix cached), and peak RSS on a second axis."""
+    ks = [r["k"] for r in rows]
     bx.plot(ks, [r["step_s_first_epoch_min"] for r in rows], "o-", color="tab:blue",
             label="step, epoch 1 (computes the prefix): fastest")
     bx.plot(ks, [r["step_s_first_epoch"] for r in rows], "o:", color="tab:blue", alpha=0.45, label="... median")
@@ -429,22 +439,21 @@ def plot(summary: dict, png: str, n_layer: int = 30) -> None:
                 label="step, later epochs (prefix cached): fastest")
         bx.plot(ks, [r["step_s_later"] for r in rows], "o:", color="tab:green", alpha=0.45, label="... median")
     bx.set_xlabel("trainable last blocks k")
-    bx.set_ylabel("step time (s), batch of 8 claims")
+    bx.set_ylabel(ylabel)
     bx.set_xticks(ks)
-    bx.set_xlim(-1, n_layer + 1)
+    if xlim:
+        bx.set_xlim(*xlim)
     bx.set_ylim(bottom=0)
     bx.grid(alpha=0.3)
     cx = bx.twinx()
-    cx.plot(ks, [r["peak_rss_mib"] / 1024 for r in rows], "s--", color="tab:red", label="peak RSS")
-    cx.set_ylabel("peak RSS of the training process (GiB)", color="tab:red")
+    cx.plot(ks, [r["peak_rss_mib"] / (1024 if rss_gib else 1) for r in rows], "s--", color="tab:red",
+            label="peak RSS")
+    cx.set_ylabel(f"peak RSS of the training process ({'GiB' if rss_gib else 'MiB'})", color="tab:red")
     cx.set_ylim(bottom=0)
     h1, l1 = bx.get_legend_handles_labels()
     h2, l2 = cx.get_legend_handles_labels()
     bx.legend(h1 + h2, l1 + l2, loc="upper left", fontsize=8)
     bx.set_title("cost: step time and peak memory")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
 
 
 def main():
