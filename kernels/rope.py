@@ -10,9 +10,12 @@ from .jit import pjit, prange
 
 
 def inverse_frequencies(head_dim, theta):
-    """theta^(-2i / head_dim) for i < head_dim / 2, in float32 as transformers computes them."""
+    """theta^(-2i / head_dim) for i < head_dim / 2, in float32 as transformers computes them:
+    the float32 power correctly rounded (computed in float64: numpy's own float32 power is off by
+    an ulp on AVX-512 machines, where it uses SVML), then its float32 reciprocal."""
     exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
-    return (1.0 / (np.float32(theta) ** exponent)).astype(np.float32)  # (half,)
+    power = (np.float64(np.float32(theta)) ** exponent.astype(np.float64)).astype(np.float32)
+    return (np.float32(1.0) / power).astype(np.float32)  # (half,)
 
 
 def rope_table(n_pos, head_dim, theta, offset=0, inv_freq=None):
@@ -28,7 +31,8 @@ def rope_table(n_pos, head_dim, theta, offset=0, inv_freq=None):
                          f"({head_dim // 2},)")
     inv_freq = np.asarray(inv_freq, np.float32)
     pos = np.arange(offset, offset + n_pos, dtype=np.float32)
-    ang = pos[:, None] * inv_freq[None, :]  # (n_pos, half) float32
+    ang = (pos[:, None] * inv_freq[None, :]).astype(np.float64)  # (n_pos, half), float32 products
+    # cos and sin correctly rounded (numpy's float32 ones are not on AVX-512 machines)
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 
