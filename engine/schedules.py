@@ -56,9 +56,9 @@ def make(name: str, n_layer: int, k: int, every: int = 50, decay: float = 0.8, t
             engine.clip_grad_norm(model, 1.0); opt.step()
 
     apply() sets exactly the schedule's blocks and the final norm (an encoder's classifier
-    head) trainable (the embeddings and head of a model fresh from engine.load are frozen by it). With `sched.anneals`
-    (FreezeOut) the global rate should stay constant after warmup: the schedule anneals each
-    block itself. To resume, keep state_dict() (AutoFreeze's norms) and give it back with
+    head) trainable (the embeddings and head of a model fresh from engine.load are frozen by
+    it). With `sched.anneals` (FreezeOut) the global rate should stay constant after warmup:
+    the schedule anneals each block itself. To resume, keep state_dict() (AutoFreeze's norms) and give it back with
     load_state_dict(); the trainable set follows from the next apply(). total: the run's steps,
     which FreezeOut's blocks() depend on (apply() gives it too). spacing and scaled: FreezeOut's
     strategies (Brock et al. 2017): block i leaves at t_i = (b + (1 - b) f_i)^p, f_i running from
