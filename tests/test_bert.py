@@ -322,6 +322,24 @@ def test_bert_pad_id_defaults_to_zero_as_transformers(tmp_path):
     del cfg["pad_token_id"]                     # older files leave it out: BertConfig says 0
     open(os.path.join(d, "config.json"), "w").write(json.dumps(cfg))
     assert engine.load(d).config.pad_token_id == 0
+    cfg["pad_token_id"] = None                  # a null one: no padding row, as transformers
+    open(os.path.join(d, "config.json"), "w").write(json.dumps(cfg))
+    assert engine.load(d).config.pad_token_id is None
+
+
+def test_a_new_bert_without_a_pad_id_saves_and_loads_back(tmp_path):
+    cfg = engine.Config.bert(vocab_size=60, n_layer=2, n_head=2, d_model=16, d_ff=24,
+                             max_seq_len=32, labels=["a", "b"])
+    m = engine.Model(cfg, seed=0)
+    m.save(str(tmp_path / "m"))
+    back = engine.load(str(tmp_path / "m"))
+    assert back.config.pad_token_id is None and back.config.labels == ["a", "b"]
+    assert all(np.array_equal(back.params[n], a) for n, a in m.params.items())
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    x = np.random.default_rng(0).integers(0, 60, (2, 9))
+    with torch.no_grad():
+        want = hf(torch.from_numpy(x)).logits.numpy()
+    np.testing.assert_allclose(back.forward(x), want, rtol=1e-4, atol=1e-5)
 
 
 def test_models_pickled_before_encoders_still_run():

@@ -41,8 +41,9 @@ def config_from_hf(hf: dict, get, head: bool = True) -> Config:
                        norm_eps=get(hf, "layer_norm_eps", "number", 1e-12), mlp=_GELUS[act],
                        init_std=get(hf, "initializer_range", "number", 0.02),
                        labels=_labels(hf) if head else None,
-                       # (BertConfig's default: 0, its embedding's padding_idx)
-                       pad_token_id=get(hf, "pad_token_id", "id", 0))
+                       # (BertConfig's default: 0, its embedding's padding_idx; a null one
+                       # is none: no padding row, as transformers reads it)
+                       pad_token_id=get(hf, "pad_token_id", "id", None) if "pad_token_id" in hf else 0)
 
 
 def _labels(hf: dict) -> list[str] | None:
