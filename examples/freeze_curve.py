@@ -228,6 +228,29 @@ def _fresh(run_dir, cfg) -> dict | None:
     return res if res.get("config") == _key(cfg) else None
 
 
+def result_of(cfg: dict, a, name: str, announce: str = "", script: str = __file__) -> dict | None:
+    """A run's result: reused while its settings match (unless --force), else run now in its
+    own process (`script --child`); None under --report-only when there is none (said)."""
+    res = None if a.force else _fresh(cfg["run_dir"], cfg)
+    if res is not None:
+        return res
+    if a.report_only:
+        print(f"{name}: no result in {cfg['run_dir']}", flush=True)
+        return None
+    if os.path.isdir(cfg["run_dir"]):
+        shutil.rmtree(cfg["run_dir"])
+    if announce:
+        print(f"{name}: {announce}", flush=True)
+    rc, wall, hwm = _spawn(cfg, script)
+    if rc != 0:
+        sys.exit(f"{name} failed (exit {rc}); see {cfg['run_dir']}/log.txt")
+    res = _fresh(cfg["run_dir"], cfg)
+    res["wall_seconds"], res["peak_rss_bytes_with_eval"] = wall, hwm
+    with open(os.path.join(cfg["run_dir"], "result.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    return res
+
+
 def sweep(a) -> list[dict]:
     ks = [int(k) for k in a.ks.split(",")]
     lrs = [float(x) for x in a.lrs.split(",")]
@@ -242,23 +265,11 @@ def sweep(a) -> list[dict]:
     results, missing, t_all = [], 0, time.perf_counter()
     for i, cfg in enumerate(jobs):
         name = "base model" if cfg.get("base") else f"k={cfg['k']} lr={cfg['lr']:g}"
-        res = None if a.force else _fresh(cfg["run_dir"], cfg)
-        if res is None and a.report_only:
-            print(f"[{i + 1}/{len(jobs)}] {name}: no result in {cfg['run_dir']}", flush=True)
+        res = result_of(cfg, a, f"[{i + 1}/{len(jobs)}] {name}", f"running ({steps} steps; log in "
+                        f"{os.path.relpath(cfg['run_dir'], ROOT)}/log.txt)")
+        if res is None:
             missing += 1
             continue
-        if res is None:
-            if os.path.isdir(cfg["run_dir"]):
-                shutil.rmtree(cfg["run_dir"])
-            print(f"[{i + 1}/{len(jobs)}] {name}: running ({steps} steps; log in "
-                  f"{os.path.relpath(cfg['run_dir'], ROOT)}/log.txt)", flush=True)
-            rc, wall, hwm = _spawn(cfg)
-            if rc != 0:
-                sys.exit(f"{name} failed (exit {rc}); see {cfg['run_dir']}/log.txt")
-            res = _fresh(cfg["run_dir"], cfg)
-            res["wall_seconds"], res["peak_rss_bytes_with_eval"] = wall, hwm
-            with open(os.path.join(cfg["run_dir"], "result.json"), "w") as f:
-                json.dump(res, f, indent=1)
         res["base"] = bool(cfg.get("base"))
         results.append(res)
         if res["base"]:

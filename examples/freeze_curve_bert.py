@@ -132,24 +132,13 @@ def sweep(a, data, eval_data, n_train) -> list[dict]:
             for k in _ints(a.ks) for lr in _floats(a.lrs) for s in _ints(a.seeds)]
     results, missing, t_all = [], 0, time.perf_counter()
     for i, cfg in enumerate(jobs):
-        name = f"k={cfg['k']} lr={cfg['lr']:g} seed={cfg['seed']}"
-        res = None if a.force else fc._fresh(cfg["run_dir"], cfg)
-        if res is None and a.report_only:
-            print(f"[{i + 1}/{len(jobs)}] {name}: no result in {cfg['run_dir']}", flush=True)
+        name = f"[{i + 1}/{len(jobs)}] k={cfg['k']} lr={cfg['lr']:g} seed={cfg['seed']}"
+        res = fc.result_of(cfg, a, name, script=__file__)
+        if res is None:
             missing += 1
             continue
-        if res is None:
-            if os.path.isdir(cfg["run_dir"]):
-                shutil.rmtree(cfg["run_dir"])
-            rc, wall, _ = fc._spawn(cfg, __file__)
-            if rc != 0:
-                sys.exit(f"{name} failed (exit {rc}); see {cfg['run_dir']}/log.txt")
-            res = fc._fresh(cfg["run_dir"], cfg)
-            res["wall_seconds"] = wall
-            with open(os.path.join(cfg["run_dir"], "result.json"), "w") as f:
-                json.dump(res, f, indent=1)
         results.append(res)
-        print(f"[{i + 1}/{len(jobs)}] {name}: accuracy {res['accuracy_before']:.3f} -> "
+        print(f"{name}: accuracy {res['accuracy_before']:.3f} -> "
               f"{res['accuracy']:.3f}, loss {res['loss']:.3f}; step {res['step_s_first_epoch']:.3f} s "
               f"/ {res['step_s_later'] or float('nan'):.3f} s; peak RSS "
               f"{res['peak_rss_bytes'] / 2**20:.0f} MiB; {res.get('wall_seconds', 0):.0f} s", flush=True)
