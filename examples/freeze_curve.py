@@ -385,21 +385,26 @@ def markdown(summary: dict) -> str:
 
 
 def write_outputs(summary: dict, out: str) -> None:
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(summary, f, indent=1)
     cols = ["k", "trainable_params", "lr", "steps", "eval_loss_before", "eval_loss", "train_loss_last10",
             "rel_loss_gain", "eval_rows", "exact_match", *FIELDS, "mean_field_accuracy",
             "rel_field_accuracy", "rel_exact_match", "step_s_first_epoch", "step_s_first_epoch_min",
             "step_s_later", "step_s_later_min", "peak_rss_mib", "run_seconds", "run_cpu_seconds", "commit"]
+    write_tables(summary, out, cols, markdown(summary))
+    plot(summary, os.path.join(out, "freeze_curve.png"))
+
+
+def write_tables(summary: dict, out: str, cols: list, md: str) -> None:
+    """results.json (the summary), results.csv (its rows' `cols`) and results.md (`md`)."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(summary, f, indent=1)
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         for r in summary["rows"]:
             w.writerow({c: (round(v, 5) if isinstance(v, float) else v) for c, v in r.items()})
     with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(markdown(summary))
-    plot(summary, os.path.join(out, "freeze_curve.png"))
+        f.write(md)
 
 
 def plot(summary: dict, png: str, n_layer: int = 30) -> None:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import csv
 import json
 import math
 import os
@@ -246,19 +245,10 @@ def plot(summary: dict, png: str, title: str) -> None:
 
 
 def write_outputs(summary: dict, out: str, title: str) -> None:
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(summary, f, indent=1)
     cols = ["k", "trainable_params", "lr", "seeds", "accuracy", "accuracy_sd", "loss", "loss_sd",
             "rel_accuracy", "rel_gain_over_majority", "step_s_first_epoch", "step_s_first_epoch_min",
             "step_s_later", "step_s_later_min", "peak_rss_mib", "commit"]
-    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in summary["rows"]:
-            w.writerow({c: (round(v, 5) if isinstance(v, float) else v) for c, v in r.items()})
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(markdown(summary))
+    fc.write_tables(summary, out, cols, markdown(summary))
     plot(summary, os.path.join(out, "freeze_curve.png"), title)
 
 
