@@ -85,7 +85,9 @@ class _Order:
         return idx
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.at, "order": self.perm.tolist(),
+        """(the permutation is replaced, never changed in place: kept by reference, made a list
+        only when a checkpoint is written)"""
+        return {"epoch": self.epoch, "cursor": self.at, "order": self.perm,
                 "rng": self.rng.bit_generator.state}
 
 
@@ -185,9 +187,6 @@ class _Run:
                 if final:
                     log(f"held-out after:  loss {final['loss']:.4f}  {metric} {final[metric]:.3f}")
                 where = _save_final(model, task.tok, args.out, task.save_extra)
-                if final and self.done == self.steps:
-                    _log_metric(self.metrics, {"step": self.done, "eval_loss": final["loss"],
-                                               f"eval_{metric}": final[metric]})
                 summary = {"status": "done" if self.done == self.steps else "interrupted",
                            "task": task.kind, **task.summary(log), "steps": self.done,
                            "train_seconds": round(seconds, 2), "base_eval": self.base,
@@ -199,6 +198,9 @@ class _Run:
                 if stop["signal"] is not None:
                     summary["signal"] = stop["signal"]
                 write_json(os.path.join(args.out, "summary.json"), summary)
+                if final and self.done == self.steps:   # last: a resume redoes all before it
+                    _log_metric(self.metrics, {"step": self.done, "eval_loss": final["loss"],
+                                               f"eval_{metric}": final[metric]})
         except BaseException as e:
             self._failed(e)
             raise
@@ -238,7 +240,10 @@ class _Run:
         self.resume_cmd = resume_command(self.recorded, args.out)
         self._run_json()
         if state is not None:
-            load_checkpoint(self.ck, model, self.opt)
+            loaded = load_checkpoint(self.ck, model, self.opt)
+            if any(loaded.get(k) != state.get(k) for k in ("step", "opt_t", "data")):
+                raise CheckpointError(f"{self.ck}: the checkpoint changed while it was read (a "
+                                      "run still going?); resume again once it has stopped")
             from .train import _truncate_metrics
             _truncate_metrics(self.metrics, self.start)
         self.task.start(model)          # (prefix caches: after the checkpoint's weights)
@@ -285,7 +290,8 @@ class _Run:
         from .train import save_checkpoint
         data, sched = self.position
         save_checkpoint(self.ck_dir, self.task.model, self.task.tok, self.opt, {
-            "step": self.done, "data": data, "task": self.task.kind, "schedule": sched,
+            "step": self.done, "data": {**data, "order": data["order"].tolist()},
+            "task": self.task.kind, "schedule": sched,
             "trained": sorted(self.trained), "trainable": self.task.model.trainable,
             "args": dataclasses.asdict(self.recorded), "base_fingerprint": self.base_fp,
             "encoder_eval_before": self.base, "data_hashes": self.hashes,
@@ -361,9 +367,10 @@ class _Run:
             except BaseException as e2:   # the disk that failed may fail this too
                 self.log(f"training stopped after step {self.done} (the error follows), and no "
                          f"checkpoint of it could be written ({e2!r})")
-        if self.state is None and not any(os.path.isdir(self.ck_dir + x) for x in ("", ".old")):
-            # nothing to resume (no step done, a divergence, no checkpoint could be written):
-            # a new run leaves no --out behind; a directory that existed keeps only what it held
+        if ((self.state is None or self.created)
+                and not any(os.path.isdir(self.ck_dir + x) for x in ("", ".old"))):
+            # nothing to resume here (no step done, a divergence, no checkpoint could be
+            # written): a directory this run made goes; one that existed keeps only what it held
             if self.created:
                 shutil.rmtree(self.args.out, ignore_errors=True)
             else:
@@ -373,11 +380,12 @@ class _Run:
 
 
 def _training(args) -> dict | None:
-    """What of a run's recorded arguments determines its weights."""
+    """What of a run's recorded arguments determines its weights (the model is compared by its
+    fingerprint: a packaged name and its path are one model)."""
     from .train import _NOT_TRAINING
     if not isinstance(args, dict):
         return None
-    return {k: v for k, v in args.items() if k not in _NOT_TRAINING}
+    return {k: v for k, v in args.items() if k not in (*_NOT_TRAINING, "model")}
 
 
 def _change(schedule, model, opt, step, steps, task) -> bool:

@@ -28,7 +28,8 @@ PROFILE = None
 def rope_frequencies(cfg: Config) -> np.ndarray:
     """The rotary inverse frequencies (head_dim // 2,), rescaled as cfg.rope_scaling says, in
     float32 step by step as transformers computes them (its _compute_llama3_parameters). The
-    rescaling is exact; numpy's float32 power and torch's can differ by one ulp."""
+    rescaling's steps are exact float32 operations; the frequencies they start from are within
+    an ulp of torch's (kernels.rope.inverse_frequencies)."""
     inv = inverse_frequencies(cfg.head_dim, cfg.rope_theta)
     sc = cfg.rope_scaling
     if sc is None:

@@ -11,8 +11,11 @@ from .jit import pjit, prange
 
 def inverse_frequencies(head_dim, theta):
     """theta^(-2i / head_dim) for i < head_dim / 2, in float32 as transformers computes them:
-    the float32 power correctly rounded (computed in float64: numpy's own float32 power is off by
-    an ulp on AVX-512 machines, where it uses SVML), then its float32 reciprocal."""
+    the float32 power, then its float32 reciprocal. The power is correctly rounded (computed in
+    float64), so the result is the same on every machine: numpy's own float32 power is off by an
+    ulp on AVX-512 machines (SVML), and torch's (Sleef) is within an ulp, equal to the correctly
+    rounded one for Llama's and Llama 3's constants, one ulp off in an entry for some others
+    (head_dim 128 with theta 1e6 or 5e6, head_dim 96 with theta 1e4)."""
     exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
     power = (np.float64(np.float32(theta)) ** exponent.astype(np.float64)).astype(np.float32)
     return (np.float32(1.0) / power).astype(np.float32)  # (half,)
@@ -22,8 +25,9 @@ def rope_table(n_pos, head_dim, theta, offset=0, inv_freq=None):
     """cos, sin of shape (n_pos, head_dim // 2) for positions offset .. offset + n_pos - 1, from
     inverse_frequencies(head_dim, theta) or the given (rescaled) ones.
 
-    Computed in float32 the way transformers does (inv_freq and the angle products in float32),
-    so that long positions round the same way."""
+    The angles are float32 products as in transformers (inv_freq times the position), so that
+    long positions round the same way; their cos and sin are correctly rounded to float32
+    (within an ulp of torch's)."""
     if inv_freq is None:
         inv_freq = inverse_frequencies(head_dim, theta)
     elif np.shape(inv_freq) != (head_dim // 2,):

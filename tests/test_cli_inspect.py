@@ -98,17 +98,18 @@ def test_bench_help_lists_every_workload(capsys):
 
 
 def test_inspect_measure_on_an_encoder_classifier(tmp_path, capsys):
-    """`tailtune inspect --measure` of a BERT classifier: its head row is timed beside the
-    prediction, and the truncated backward shows (no backward below the trainable blocks)."""
+    """`tailtune inspect --measure` of a BERT classifier: a row for its head beside the blocks,
+    and the truncated backward (no backward below the trainable block; its own, at these
+    sizes, takes milliseconds). The head's own times are checked in test_probes (they print
+    as 0.0 ms at one decimal here)."""
     import engine
-    cfg = engine.Config.bert(vocab_size=60, n_layer=3, n_head=2, d_model=16, d_ff=24,
-                             max_seq_len=32, labels=["no", "yes"])
+    cfg = engine.Config.bert(vocab_size=60, n_layer=3, n_head=4, d_model=128, d_ff=256,
+                             max_seq_len=128, labels=["no", "yes"])
     engine.Model(cfg, seed=0).save(str(tmp_path / "m"))
-    assert cli(["inspect", "--model", str(tmp_path / "m"), "--train-last", "1", "--seq-len", "16",
-                "--batch-size", "2", "--measure"]) == 0
+    assert cli(["inspect", "--model", str(tmp_path / "m"), "--train-last", "1", "--seq-len", "128",
+                "--batch-size", "8", "--measure"]) == 0
     out = capsys.readouterr().out
     table = out[out.index("layer (ms)"):].splitlines()
     rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in table[1:-1]}
     assert set(rows) == {"embeddings", "blocks.0", "blocks.1", "blocks.2", "classifier"}
     assert rows["blocks.1"][3] == 0 < rows["blocks.2"][3]          # bwd meas
-    assert rows["classifier"][1] > 0 and rows["classifier"][3] > 0  # fwd, bwd meas

@@ -168,6 +168,17 @@ def test_what_a_resume_refuses(minilm, tmp_path, monkeypatch, capsys):
     assert cli(["finetune", "--model", minilm, "--data", data, "--out", str(tmp_path / "b"),
                 "--lr", "5e-4", "--resume", str(tmp_path / "b")]) == 2
     assert "--lr 0.0005 (the run has 0.0001)" in capsys.readouterr().err
+    # into a new directory, failing before any step (a checkpoint that cannot be read): the
+    # directory it made goes, so that it can be used again
+    import engine.train as T
+
+    def unreadable(*a):
+        raise CheckpointError("optimizer.safetensors: damaged")
+    monkeypatch.setattr(T, "load_checkpoint", unreadable)
+    assert cli(["finetune", "--model", minilm, "--data", data, "--out", str(tmp_path / "c"),
+                "--resume", str(tmp_path / "b")]) == 2
+    assert "damaged" in capsys.readouterr().err and not (tmp_path / "c").exists()
+    monkeypatch.undo()
     # into the directory of another run
     assert cli(["finetune", "--model", minilm, "--data", data, "--out", str(out),
                 "--resume", str(tmp_path / "b")]) == 2

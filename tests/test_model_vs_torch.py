@@ -110,6 +110,15 @@ def test_rotary_frequencies_equal_transformers(hf_dirs, kind):
         assert (ratio == 1).any() and (ratio == 8).any() and ((ratio > 1) & (ratio < 8)).any()
 
 
+@pytest.mark.parametrize("head_dim,theta", [(96, 1e4), (128, 1e6), (128, 5e6), (64, 1e4), (256, 1e7)])
+def test_rotary_frequencies_within_an_ulp_of_torch_for_other_constants(head_dim, theta):
+    """Phi-3's, Qwen's and SmolLM3's constants: torch's float32 power (Sleef) is not correctly
+    rounded everywhere; the engine's is, so the two agree to an ulp, on any machine."""
+    from kernels.rope import inverse_frequencies
+    want = (1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))).numpy()
+    np.testing.assert_array_max_ulp(inverse_frequencies(head_dim, theta), want, maxulp=1)
+
+
 def test_llama3_frequencies_equal_transformers_beyond_llama3s_constants():
     """transformers' own llama3 rescaling, bit for bit, over constants other than Llama 3's."""
     import itertools
