@@ -173,6 +173,9 @@ class _Run:
                 self.base = self._evaluation(0, first=True)
             else:
                 log(f"resumed at step {self.start} of {self.steps}")
+                if (args.eval_every and 0 < self.start < self.steps
+                        and self.start % args.eval_every == 0 and not self._evaluated(self.start)):
+                    self._evaluation(self.start)   # the run stopped inside that evaluation
             if self.base:
                 log(f"held-out before: loss {self.base['loss']:.4f}  {metric} {self.base[metric]:.3f}")
             with contextlib.ExitStack() as cleanup:
@@ -276,6 +279,13 @@ class _Run:
         norms that counted it."""
         return (self.order.state(),
                 self.schedule.state_dict() if self.schedule is not None else {})
+
+    def _evaluated(self, step) -> bool:
+        """metrics.jsonl holds the evaluation of `step`."""
+        with contextlib.suppress(OSError):
+            with open(self.metrics) as f:
+                return any(r.get("step") == step and "eval_loss" in r for r in map(json.loads, f))
+        return False
 
     def _evaluation(self, step, first=False, log_it=True):
         from .train import _log_metric

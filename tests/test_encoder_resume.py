@@ -141,6 +141,31 @@ def test_a_second_ctrl_c_in_the_final_save_keeps_the_steps(minilm, tmp_path, mon
     _same_run(straight, cut)
 
 
+def test_a_failure_inside_an_evaluation_is_evaluated_again(minilm, tmp_path, monkeypatch):
+    """The --eval-every evaluation after step 10 fails (the steps are whole, so a checkpoint of
+    step 10 is written): the resumed run evaluates step 10 first, and its metrics lines are the
+    straight run's."""
+    data = _data(tmp_path / "d.jsonl", ROWS[:24])
+    straight, failed = tmp_path / "straight", tmp_path / "failed"
+    extra = ["--train-last", "1", "--eval-every", "5"]
+    assert cli(_argv(minilm, data, straight, *extra)) == 0
+    import engine.classify as C
+    real = C.ClassifierTask.evaluate
+    calls = {"n": 0}
+
+    def evaluate(self):
+        calls["n"] += 1
+        if calls["n"] == 3:     # before training, after step 5, after step 10
+            raise MemoryError
+        return real(self)
+    monkeypatch.setattr(C.ClassifierTask, "evaluate", evaluate)
+    assert cli(_argv(minilm, data, failed, *extra)) == 2
+    monkeypatch.setattr(C.ClassifierTask, "evaluate", real)
+    assert json.loads((failed / "checkpoint" / "trainer_state.json").read_text())["step"] == 10
+    assert cli(_argv(minilm, data, failed, *extra, "--resume", str(failed))) == 0
+    _same_run(straight, failed)
+
+
 def test_what_a_resume_refuses(minilm, tmp_path, monkeypatch, capsys):
     data = _data(tmp_path / "d.jsonl", ROWS[:24])
     out = tmp_path / "run"
