@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -92,13 +91,9 @@ class _Order:
 
 
 def _file_hash(path: str | None) -> str:
-    if not path:
-        return ""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:32]
+    """The data file's hash as tokenize_file records it ("" without a file)."""
+    from .data import _hash_file
+    return _hash_file(path).hexdigest()[:32] if path else ""
 
 
 def _check_state(state, ck, task, base_fp, hashes, steps):
@@ -159,9 +154,10 @@ class _Run:
         self.seconds_before = float(state.get("train_seconds", 0.0)) if state else 0.0
         self.updating = False       # inside the optimizer's update: the weights are half-updated
         self.unlogged = None        # the last step's record, until it is in metrics.jsonl
+        self.t0 = None              # when this process's steps began
 
     def run(self) -> dict:
-        from .train import _log_metric, _save_final
+        from .train import _log_metric, _save_final, write_plots
         args, task, model, metric = self.args, self.task, self.task.model, self.task.metric
         try:
             self._setup()
@@ -209,7 +205,8 @@ class _Run:
             raise
         if self.done == self.steps:   # superseded by model/ and the summary
             shutil.rmtree(self.ck_dir, ignore_errors=True)
-        _plots(self.metrics, args.out, self.telemetry is not None, self.log)
+        write_plots(self.metrics, args.out, self.telemetry is not None, self.log,
+                    ylabel="loss (nats per example)")
         self.log(f"saved {where}")
         return summary
 
@@ -308,7 +305,7 @@ class _Run:
             "train_seconds": self.seconds_before + self.elapsed()})
 
     def elapsed(self) -> float:
-        return time.perf_counter() - self.t0 if hasattr(self, "t0") else 0.0
+        return 0.0 if self.t0 is None else time.perf_counter() - self.t0
 
     def _steps(self, stop) -> float:
         """The steps from where the run is to its end (or a Ctrl-C); the seconds they took."""
@@ -405,18 +402,6 @@ def _change(schedule, model, opt, step, steps, task) -> bool:
     if changed:
         task.start(model)
     return changed
-
-
-def _plots(metrics, out, telemetry, log):
-    """loss.png (and telemetry.png) of the run's metrics.jsonl; a failure (no matplotlib, a
-    full disk) fails no run."""
-    from .train import _plot, _plot_telemetry
-    loss = lambda m, png, log: _plot(m, png, log, ylabel="loss (nats per example)")  # noqa: E731
-    for plot, png in ((loss, "loss.png"), *(((_plot_telemetry, "telemetry.png"),) if telemetry else ())):
-        try:
-            plot(metrics, os.path.join(out, png), log)
-        except OSError as e:
-            log(f"note: no {png} ({e.strerror or e})")
 
 
 def _on_signals(cleanup) -> dict:

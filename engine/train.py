@@ -824,14 +824,7 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
         raise CheckpointError(f"the fine-tuned model is in {final}, but {e}{again}") from None
     # superseded by model/ and the summary (written first: a run with neither is resumable)
     shutil.rmtree(os.path.join(args.out, "checkpoint"), ignore_errors=True)
-    plots = [(_plot, "loss.png")]
-    if trainer.telemetry is not None:
-        plots.append((_plot_telemetry, "telemetry.png"))
-    for plot, png in plots:
-        try:   # a picture of metrics.jsonl: its failure (a full disk) does not fail the run
-            plot(metrics_path, os.path.join(args.out, png), log)
-        except OSError as e:
-            log(f"note: no {png} ({e.strerror or e})")
+    write_plots(metrics_path, args.out, trainer.telemetry is not None, log)
     change = ("no held-out loss" if after is None else f"held-out loss {before:.4f} -> {after:.4f} "
               f"(perplexity {_ppl(before):.2f} -> {_ppl(after):.2f})")
     log(f"{change}; {n_train:,} of {model.num_params():,} parameters trained; {summary['seconds']:.0f} s")
@@ -946,6 +939,19 @@ def _plot_telemetry(metrics_path, png, log):
         plot_telemetry(recs, png)
     except ImportError:
         log("(no telemetry plot: pip install 'tailtune[plot]' for matplotlib)")
+
+
+def write_plots(metrics_path, out, telemetry: bool, log, ylabel="loss (nats/token)"):
+    """loss.png (and telemetry.png) of a run's metrics.jsonl in `out`; a failure (a full disk)
+    does not fail the run."""
+    plots = [(lambda m, png, log: _plot(m, png, log, ylabel), "loss.png")]
+    if telemetry:
+        plots.append((_plot_telemetry, "telemetry.png"))
+    for plot, png in plots:
+        try:
+            plot(metrics_path, os.path.join(out, png), log)
+        except OSError as e:
+            log(f"note: no {png} ({e.strerror or e})")
 
 
 def _plot(metrics_path, png, log, ylabel="loss (nats/token)"):
