@@ -7,10 +7,10 @@ data's are among them; else the data's, sorted, and a new head). The saved model
 Hugging Face layout, which transformers' AutoModelForSequenceClassification loads, with the
 tokenizer.
 
-`--prefix-cache memory` (PrefixRows) keeps each example's output of the frozen blocks (the
+`--prefix-cache memory|disk` (PrefixRows) keeps each example's output of the frozen blocks (the
 lowest trainable block's input, its real tokens only) after its first pass, so later epochs and
 evaluations run the trainable tail alone; a schedule that moves the lowest trainable block
-makes a new cache. Not yet: the prefix cache on disk.
+makes a new cache. On disk, a later run over the same pretrained prefix and texts reads it.
 """
 from __future__ import annotations
 
@@ -97,21 +97,102 @@ def batch(seqs, idx, pad_id: int):
     return tokens, lengths, types
 
 
+class _InMemory:
+    """A PrefixRows' rows in memory: example -> its (length, C) array, made as computed."""
+
+    def __init__(self):
+        self.rows: dict[int, np.ndarray] = {}
+
+    def __contains__(self, i) -> bool:
+        return i in self.rows
+
+    def get(self, i) -> np.ndarray:
+        return self.rows[i]
+
+    def put(self, i, a):
+        self.rows[i] = a
+
+    def count(self) -> int:
+        return len(self.rows)
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.rows.values())
+
+    def close(self):
+        self.rows = {}
+
+
+class _OnDisk:
+    """A PrefixRows' rows in memory-mapped files (prefix_cache.RowFiles), each example's at
+    its offset: a later run over the same prefix and texts reads the rows this one computed.
+    disposable: the prefix holds weights a run trained, and close() deletes the files."""
+
+    def __init__(self, directory, key, lengths, C, dtype, disposable):
+        from .prefix_cache import RowFiles
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)])
+        self.file = RowFiles(directory, key, (int(self.offsets[-1]), C), len(lengths), dtype)
+        self.disposable, self.size = disposable, int(self.file.store.nbytes)
+        self.n = int(self.file.filled.sum())       # rows an earlier run computed
+
+    def __contains__(self, i) -> bool:
+        return bool(self.file.filled[i])
+
+    def get(self, i) -> np.ndarray:
+        return self.file.store[self.offsets[i]:self.offsets[i + 1]]
+
+    def put(self, i, a):
+        self.file.store[self.offsets[i]:self.offsets[i + 1]] = a
+        if not self.file.filled[i]:
+            self.file.filled[i] = True
+            self.n += 1
+
+    def count(self) -> int:
+        return self.n
+
+    def nbytes(self) -> int:
+        return self.size
+
+    def close(self):
+        if self.file.store is not None:
+            self.file.close(delete=self.disposable)
+
+
+def _seqs_hash(seqs) -> str:
+    """Hash of a list of texts' token ids and types (encode()'s output): a disk cache's key."""
+    import hashlib
+    h = hashlib.sha256()
+    for s in seqs:
+        ids, types = s if isinstance(s, tuple) else (s, None)
+        h.update(np.int64(len(ids)).tobytes())
+        h.update(np.ascontiguousarray(ids, np.int64).data)
+        h.update(b"-" if types is None else np.ascontiguousarray(types, np.int64).data)
+    return h.hexdigest()[:24]
+
+
 class PrefixRows:
     """The frozen prefix's output (the input of block `start`) of each example, over its real
-    tokens, computed the first time the example is drawn and read back after: in memory, as
-    float32 or float16. Valid while the prefix's weights stay as they were (checked on every
+    tokens, computed the first time the example is drawn and read back after: in memory, or in
+    a memory-mapped file in `directory` (reused by later runs over the same prefix and texts),
+    as float32 or float16. Valid while the prefix's weights stay as they were (checked on every
     read); a schedule that moves the lowest trainable block makes a new one. `below`: the cache
     of a lower block whose prefix is unchanged (the lowest blocks froze): an example it holds
-    runs from there, through the blocks between, rather than from the embeddings."""
+    runs from there, through the blocks between, rather than from the embeddings. disposable:
+    the prefix holds weights the run trained (no later run can reuse its file)."""
 
-    def __init__(self, model, seqs, start: int, dtype: str = "float32", below=None):
-        from .prefix_cache import _prefix_version
+    def __init__(self, model, seqs, start: int, dtype: str = "float32", below=None,
+                 directory: str | None = None, disposable: bool = False):
+        from .prefix_cache import _check_room, _prefix_version, prefix_hash
         self.model, self.seqs, self.start = model, seqs, start
         self.dtype = np.dtype(dtype)
         self.version = _prefix_version(model, start)
         self.below = below if below is not None and below.start < start and below.valid() else None
-        self.rows: dict[int, np.ndarray] = {}
+        lengths = [len(s[0] if isinstance(s, tuple) else s) for s in seqs]
+        C = model.config.d_model
+        key = f"{prefix_hash(model, start)}-{_seqs_hash(seqs)}-{dtype}" if directory else ""
+        _check_room(sum(lengths) * C * self.dtype.itemsize, len(seqs), directory, key)
+        self.rows = (_OnDisk(directory, key, lengths, C, self.dtype, disposable) if directory
+                     else _InMemory())
+        self.reused = self.rows.count()    # rows an earlier run left on disk
         self.computed = self.read = self.carried = 0
         self.compute_s = self.read_s = 0.0
 
@@ -122,7 +203,7 @@ class PrefixRows:
     def _assemble(self, idx, shape, lengths) -> np.ndarray:
         out = np.zeros((*shape, self.model.config.d_model), np.float32)
         for r, i in enumerate(idx):
-            out[r, :lengths[r]] = self.rows[int(i)]
+            out[r, :lengths[r]] = self.rows.get(int(i))
         return out
 
     def hidden(self, idx, tokens, lengths, types=None) -> np.ndarray:
@@ -142,11 +223,14 @@ class PrefixRows:
                 self.carried += len(missing)
             else:
                 h = self.model.prefix(x, self.start, lengths=lengths[sub], types=ty)
+            if self.dtype == np.float16:
+                from .prefix_cache import check_half
+                check_half(h, self.start)
             for j, r in enumerate(missing):
-                self.rows[int(idx[r])] = h[j, :lengths[r]].astype(self.dtype)
-            if self.below is not None and len(self.rows) == len(self.seqs):
-                # every row is here: the lower cache's go
-                self.below.rows, self.below = {}, None
+                self.rows.put(int(idx[r]), h[j, :lengths[r]].astype(self.dtype))
+            if self.below is not None and self.rows.count() == len(self.seqs):
+                self.below.free()   # every row is here: the lower cache's go
+                self.below = None
             self.computed += len(missing)
             self.compute_s += time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -156,12 +240,14 @@ class PrefixRows:
         return out
 
     def free(self, keep_rows=False):
-        """A newer cache took this one's place: its rows go, unless that cache carries them up
-        (it drops them once it holds every row); the rows this one carried up from go."""
+        """A newer cache took this one's place: its rows go (a disposable file deleted), unless
+        that cache carries them up (it frees them once it holds every row); the rows this one
+        carried up from go."""
         if self.below is not None:
-            self.below.rows, self.below = {}, None
+            self.below.free()
+            self.below = None
         if not keep_rows:
-            self.rows = {}
+            self.rows.close()
 
 
 def cache_report(caches) -> dict:
@@ -172,8 +258,10 @@ def cache_report(caches) -> dict:
     computed = sum(c.computed for c in caches)
     reads = computed + sum(c.read for c in caches)
     per = lambda s, n: s / n if n else None  # noqa: E731
-    nbytes = sum(a.nbytes for a in last.rows.values())
-    return {"start": last.start, "dtype": last.dtype.name, "examples": len(last.rows),
+    nbytes = last.rows.nbytes()
+    return {"start": last.start, "dtype": last.dtype.name, "examples": last.rows.count(),
+            "storage": "disk" if isinstance(last.rows, _OnDisk) else "memory",
+            "reused": sum(c.reused for c in caches),
             "mib": round(nbytes / 2**20, 1), "caches": len(caches),
             "starts": [c.start for c in caches], "carried": sum(c.carried for c in caches),
             "compute_s_per_example": per(sum(c.compute_s for c in caches), computed),
@@ -181,18 +269,22 @@ def cache_report(caches) -> dict:
 
 
 class PrefixCaches:
-    """A run's PrefixRows (--prefix-cache memory), one per list of texts (the training texts,
-    the held-out ones), at the lowest trainable block: follow() makes them anew whenever a
-    schedule moves it (carried up from the last ones when the lowest blocks froze)."""
+    """A run's PrefixRows (--prefix-cache memory or disk), one per list of texts (the training
+    texts, the held-out ones), at the lowest trainable block: follow() makes them anew whenever
+    a schedule moves it (carried up from the last ones when the lowest blocks froze); close()
+    at the end of the run lets them go (the files of prefixes the run trained deleted)."""
 
     def __init__(self, args, lists, log):
-        self.on, self.dtype, self.lists, self.log = args.prefix_cache == "memory", args.prefix_dtype, lists, log
+        self.on, self.dtype, self.lists, self.log = args.prefix_cache != "off", args.prefix_dtype, lists, log
+        self.directory = os.path.join(D.cache_root(), "prefix") if args.prefix_cache == "disk" else None
         self.caches: tuple = (None,) * len(lists)
         self.built: list[PrefixRows] = []      # every cache of the first list, for the report
 
-    def follow(self, model):
+    def follow(self, model, trained=()):
+        """trained: every parameter the run has trained so far."""
         if not self.on:
             return
+        from .prefix_cache import in_prefix
         low, old = model.lowest_trainable_block(), self.caches
         if old[0] is not None and old[0].start == low and old[0].valid():
             return
@@ -202,12 +294,32 @@ class PrefixCaches:
                          "there is no frozen prefix")
             self.caches = (None,) * len(self.lists)
         else:
-            self.caches = tuple(PrefixRows(model, s, low, self.dtype, below=o)
-                                for s, o in zip(self.lists, old))
+            disposable = any(in_prefix(n, low) for n in trained)
+            caches = []
+            try:
+                for s, o in zip(self.lists, old):   # (none for an empty held-out list)
+                    caches.append(PrefixRows(model, s, low, self.dtype, below=o,
+                                             directory=self.directory, disposable=disposable)
+                                  if len(s) else None)
+            except BaseException:
+                for c in caches:
+                    if c is not None:
+                        c.free()
+                raise
+            self.caches = tuple(caches)
             self.built.append(self.caches[0])
+            reused = sum(c.reused for c in caches if c is not None)
+            if reused:
+                self.log(f"prefix cache: {reused} rows of block {low}'s inputs read from an "
+                         f"earlier run's cache in {self.directory}")
         for c, new in zip(old, self.caches):
             if c is not None:
                 c.free(keep_rows=new is not None and new.below is c)
+
+    def close(self):
+        for c in self.caches:
+            if c is not None:
+                c.free()
 
     def summary(self, what: str) -> dict:
         """{"prefix_cache": the report} when a cache was made (logged), else {}."""
@@ -216,9 +328,12 @@ class PrefixCaches:
         r = cache_report(self.built)
         moved = (f" (a cache at each of blocks {', '.join(map(str, r['starts']))}; "
                  f"{r['carried']} rows carried up)" if r["caches"] > 1 else "")
-        self.log(f"prefix cache: blocks below {r['start']} computed once for {r['examples']} "
-                 f"{what} ({r['mib']} MiB){moved}: {1e3 * (r['compute_s_per_example'] or 0):.2f} "
-                 f"ms an example to compute, {1e3 * (r['read_s_per_example'] or 0):.3f} ms to read")
+        earlier = f", {r['reused']} read from an earlier run's" if r["reused"] else ""
+        cost = ("" if r["compute_s_per_example"] is None else
+                f"{1e3 * r['compute_s_per_example']:.2f} ms an example to compute, ")
+        self.log(f"prefix cache ({r['storage']}): the inputs of block {r['start']} kept for "
+                 f"{r['examples']} {what} ({r['mib']} MiB{earlier}){moved}: {cost}"
+                 f"{1e3 * (r['read_s_per_example'] or 0):.3f} ms to read")
         return {"prefix_cache": r}
 
 
@@ -292,10 +407,10 @@ class ClassifierTask:
         self.pad, self.batch_size = _pad(self.tok), args.batch_size
         self.prefix = PrefixCaches(args, (self.seqs, self.held), log)
 
-    def start(self, model):
+    def start(self, model, trained=()):
         """When the trainable set is fixed, and whenever a schedule changes it: the prefix
-        caches follow the lowest trainable block."""
-        self.prefix.follow(model)
+        caches follow the lowest trainable block (trained: what the run has trained so far)."""
+        self.prefix.follow(model, trained)
 
     def probe(self):
         """Telemetry's probe batch: the first held-out examples (training ones without)."""

@@ -41,9 +41,6 @@ def finetune_encoder(args, log=print, resume: str | None = None, given=None) -> 
     if args.sample_prompt is not None:
         raise InputError("--sample-prompt is not available for an encoder: it generates text "
                          "(causal LMs)")
-    if args.prefix_cache == "disk":
-        raise InputError("--prefix-cache disk is not available for an encoder yet: use "
-                         "--prefix-cache memory")
     _check_out(args, resuming=resume is not None)
     row = _first_row(args.data)
     if isinstance(row, dict) and "anchor" in row:
@@ -137,6 +134,7 @@ def run_encoder(args, task, log, schedule=None, state=None, ck=None) -> dict:
         return _Run(args, task, log, schedule, state, ck, base_fp, hashes, micro, steps,
                     created).run()
     finally:
+        task.prefix.close()     # (disk: the files of prefixes the run trained deleted)
         if lock is not None:
             os.close(lock)
 
@@ -246,7 +244,7 @@ class _Run:
                                       "run still going?); resume again once it has stopped")
             from .train import _truncate_metrics
             _truncate_metrics(self.metrics, self.start)
-        self.task.start(model)          # (prefix caches: after the checkpoint's weights)
+        self.task.start(model, self.trained)   # (prefix caches: after the checkpoint's weights)
         self.order = _Order(self.task.n_train, args.seed, state["data"] if state else None)
         self.position = self._position()
 
@@ -316,8 +314,8 @@ class _Run:
             if stop["signal"] is not None:
                 break
             t_step = time.perf_counter()
-            if schedule is not None and _change(schedule, model, opt, step, self.steps, task):
-                self.trained.update(model.trainable)
+            if schedule is not None:
+                _change(schedule, model, opt, step, self.steps, task, self.trained)
             model.zero_grad()
             parts = [self.order.take(args.batch_size, task.min_batch)
                      for _ in range(min(args.grad_accum, self.micro - step * args.grad_accum))]
@@ -395,13 +393,12 @@ def _training(args) -> dict | None:
     return {k: v for k, v in args.items() if k not in (*_NOT_TRAINING, "model")}
 
 
-def _change(schedule, model, opt, step, steps, task) -> bool:
-    """The schedule's trainable set and rates for `step`; the task's prefix caches follow a
-    change. True when the set changed."""
-    changed = schedule.apply(model, opt, step, steps)
-    if changed:
-        task.start(model)
-    return changed
+def _change(schedule, model, opt, step, steps, task, trained: set):
+    """The schedule's trainable set and rates for `step`; `trained` (every parameter the run
+    has trained) and the task's prefix caches follow a change."""
+    if schedule.apply(model, opt, step, steps):
+        trained.update(model.trainable)
+        task.start(model, trained)
 
 
 def _on_signals(cleanup) -> dict:

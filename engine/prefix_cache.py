@@ -286,6 +286,59 @@ def _tokens_hash(examples) -> str:
     return h.hexdigest()[:24]
 
 
+class RowFiles:
+    """A disk cache's two memory-mapped .npy files in `directory`, named by `key`: `store`, the
+    rows (shape, dtype), and `filled`, which of the n examples hold theirs. Files an earlier run
+    left whole, of this shape and dtype, are reused (their rows are computed already); others
+    are made anew, their blocks allocated. A shared lock is held while open (eviction skips it)."""
+
+    def __init__(self, directory: str, key: str, shape: tuple, n: int, dtype: np.dtype):
+        os.makedirs(directory, exist_ok=True)
+        base = os.path.join(directory, key)
+        self.files = (base + ".npy", base + ".filled.npy")
+        mode = "w+"
+        if all(os.path.exists(f) for f in self.files):
+            # r+ pads a short file with zeros, which `filled` would then pass off as computed
+            # rows: reuse the files only when both are whole and of this shape and dtype
+            bad = (_npy_problem(self.files[0], shape, dtype)
+                   or _npy_problem(self.files[1], (n,), np.dtype(np.bool_)))
+            if bad:
+                print(f"note: prefix cache {bad}; rebuilding it", file=sys.stderr)
+            else:
+                mode = "r+"
+                for f in self.files:   # used now: the last to be evicted
+                    with contextlib.suppress(OSError):
+                        os.utime(f)
+        self.store = np.lib.format.open_memmap(self.files[0], mode=mode, dtype=dtype, shape=shape)
+        self.filled = np.lib.format.open_memmap(self.files[1], mode=mode, dtype=np.bool_, shape=(n,))
+        try:
+            _reserve(self.files, fresh=mode == "w+")
+        except InputError:
+            self.store = self.filled = None
+            raise
+        self._lock = _hold(self.files[0])
+
+    def close(self, delete: bool = False):
+        """Unmapped and unlocked; delete: the files removed (a prefix no run can reuse)."""
+        self.store = self.filled = None
+        if self._lock is not None:
+            os.close(self._lock)   # closing the descriptor releases the lock
+            self._lock = None
+        for f in self.files if delete else ():
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(f)
+
+
+def check_half(h: np.ndarray, start: int) -> None:
+    """Refuse a float16 cache of hidden states beyond float16's range: inf in the cache is a NaN
+    loss that looks like divergence."""
+    top = float(np.abs(h).max()) if h.size else 0.0
+    if not top <= _HALF_MAX:
+        raise InputError(f"the frozen prefix's output (the input of block {start}) reaches "
+                         f"{top:.4g}, beyond float16's range ({_HALF_MAX:.0f}): use "
+                         "--prefix-dtype float32")
+
+
 class PrefixCache:
     """Hidden states at the input of block `start` for the examples of an Examples set."""
 
@@ -317,33 +370,9 @@ class PrefixCache:
         self.version = _prefix_version(model, start)
         shape = (int(self.offsets[-1]), C)
         _check_room(shape[0] * C * self.dtype.itemsize, int(serve.sum()), directory, self.key)
-        self.files: tuple[str, ...] = ()
-        self._lock = None   # a shared flock on the file while open (eviction skips it)
-        if directory:
-            os.makedirs(directory, exist_ok=True)
-            base = os.path.join(directory, self.key)
-            self.files = (base + ".npy", base + ".filled.npy")
-            mode = "w+"
-            if all(os.path.exists(f) for f in self.files):
-                # r+ pads a short file with zeros, which `filled` would then pass off as computed
-                # rows: reuse the files only when both are whole and of this shape and dtype
-                bad = (_npy_problem(self.files[0], shape, self.dtype)
-                       or _npy_problem(self.files[1], (n,), np.dtype(np.bool_)))
-                if bad:
-                    print(f"note: prefix cache {bad}; rebuilding it", file=sys.stderr)
-                else:
-                    mode = "r+"
-                    for f in self.files:   # used now: the last to be evicted
-                        with contextlib.suppress(OSError):
-                            os.utime(f)
-            self.store = np.lib.format.open_memmap(self.files[0], mode=mode, dtype=self.dtype, shape=shape)
-            self.filled = np.lib.format.open_memmap(self.files[1], mode=mode, dtype=np.bool_, shape=(n,))
-            try:
-                _reserve(self.files, fresh=mode == "w+")
-            except InputError:
-                self.store = self.filled = None
-                raise
-            self._lock = _hold(self.files[0])
+        self.file = RowFiles(directory, self.key, shape, n, self.dtype) if directory else None
+        if self.file is not None:
+            self.store, self.filled = self.file.store, self.file.filled
         else:
             self.store = np.empty(shape, self.dtype)
             self.filled = np.zeros(n, np.bool_)
@@ -353,6 +382,10 @@ class PrefixCache:
         self.hits = 0      # rows served that were in the cache already (read counts every row served)
         # the first forward in a process loads the compiled kernels (~1 s): not a recompute's cost
         model.prefix(np.zeros((1, 1), np.int64), min(start, 1))
+
+    @property
+    def files(self) -> tuple:
+        return () if self.file is None else self.file.files
 
     def valid_for(self, model) -> bool:
         """Still the input of the tail: nothing at or below the cached prefix is trainable, nor
@@ -398,11 +431,7 @@ class PrefixCache:
             # below's rows feed the carry; they are not reads of a training step
             h = self.model.prefix(tokens, self.start, below._rows(idx, tokens.shape), below.start)
         if self.dtype == np.float16:
-            top = float(np.abs(h).max())
-            if not top <= _HALF_MAX:   # inf in the cache: a NaN loss that looks like divergence
-                raise InputError(f"the frozen prefix's output (the input of block {self.start}) "
-                                 f"reaches {top:.4g}, beyond float16's range ({_HALF_MAX:.0f}): "
-                                 "use --prefix-dtype float32")
+            check_half(h, self.start)
         for i, hr in zip(idx, h):
             a, b = self.offsets[i], self.offsets[i + 1]
             self.store[a:b] = hr[:b - a]
@@ -427,14 +456,8 @@ class PrefixCache:
         run keeps every cache it made for its report: nothing per example may stay (a schedule
         that moves the cache every few steps made RSS climb ~11 MiB per 1000 steps)."""
         self.store = self.filled = self.offsets = self.serve = self.version = None
-        if self._lock is not None:
-            os.close(self._lock)   # closing the descriptor releases the lock
-            self._lock = None
-        for f in self.files if self.disposable else ():
-            try:
-                os.remove(f)
-            except FileNotFoundError:
-                pass
+        if self.file is not None:
+            self.file.close(delete=self.disposable)
 
     def report(self) -> dict:
         """Measured cost of computing a prefix against reading it back, per example."""

@@ -184,14 +184,15 @@ class PairsTask:
         self.pad, self.batch_size = _pad(self.tok), args.batch_size
         self.prefix = PrefixCaches(args, (self.texts, self.held), log)
 
-    def start(self, model):
+    def start(self, model, trained=()):
         """When the trainable set is fixed, and whenever a schedule changes it: checked, and
-        the prefix caches follow the lowest trainable block."""
+        the prefix caches follow the lowest trainable block (trained: what the run has trained
+        so far)."""
         if model.lowest_trainable_block() >= model.config.n_layer:
             raise InputError("sentence embeddings train what the hidden states depend on: give "
                              "--train-last K >= 1, or --unfreeze blocks or embeddings (the "
                              "pooler is on no path from them)")
-        self.prefix.follow(model)
+        self.prefix.follow(model, trained)
 
     def probe(self):
         """Telemetry's probe batch: the first held-out anchors (training ones without)."""

@@ -62,7 +62,6 @@ def _rows(path, rows):
 
 @pytest.mark.parametrize("extra,match", [
     (["--sample-prompt", "Hi"], "--sample-prompt is not available for an encoder"),
-    (["--prefix-cache", "disk"], "--prefix-cache disk is not available for an encoder"),
     (["--resume", "somewhere"], "no checkpoint to resume"),
 ])
 def test_flags_of_causal_runs_are_refused(minilm, tmp_path, capsys, extra, match):
@@ -93,33 +92,44 @@ def test_eval_of_an_encoder_without_head_says_so(minilm, capsys):
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-3), ("float16", 0.05)])
-def test_prefix_cache_gives_the_same_weights(minilm, tmp_path, dtype, tol):
-    """Three epochs of 16 texts with the frozen blocks' output cached after the first: the
-    updates of an uncached run, to float32 rounding (float16: the hidden states rounded to 11
-    bits; Adam turns a gradient's rounding into a step's, so the updates agree to ~5%)."""
+def test_prefix_cache_gives_the_same_weights(minilm, tmp_path, monkeypatch, dtype, tol):
+    """Three epochs of 16 texts with the frozen blocks' output cached after the first, in memory
+    or on disk: the updates of an uncached run, to float32 rounding (float16: the hidden states
+    rounded to 11 bits; Adam turns a gradient's rounding into a step's, so the updates agree to
+    ~5%). A second run on disk reads every row the first left, and ends where it did."""
+    monkeypatch.setenv("TAILTUNE_CACHE", str(tmp_path / "cache"))
     data = _rows(tmp_path / "d.jsonl", [json.loads(x) for x in open(TRAIN)][:16])
-    runs = {}
-    for cache in ("off", "memory"):
+    runs, reports = {}, {}
+    for cache in ("off", "memory", "disk", "disk-again"):
         out = tmp_path / cache
         assert cli(["finetune", "--model", "minilm", "--data", data, "--eval-fraction", "0",
                     "--train-last", "1", "--epochs", "3", "--batch-size", "8", "--lr", "1e-3",
-                    "--seq-len", "64", "--prefix-cache", cache, "--prefix-dtype", dtype,
-                    "--out", str(out)]) == 0
+                    "--seq-len", "64", "--prefix-cache", cache.split("-")[0], "--prefix-dtype",
+                    dtype, "--out", str(out)]) == 0
         runs[cache] = engine.load(str(out))
-        summary = json.loads((out / "summary.json").read_text())
-    report = summary["prefix_cache"]
-    assert report["examples"] == 16 and report["start"] == 5 and report["dtype"] == dtype
+        reports[cache] = json.loads((out / "summary.json").read_text()).get("prefix_cache")
+    assert reports["off"] is None
+    for cache, report in reports.items():
+        if cache != "off":
+            assert report["examples"] == 16 and report["start"] == 5, cache
+            assert report["dtype"] == dtype and report["storage"] == cache.split("-")[0]
+    assert reports["disk"]["reused"] == 0 and reports["disk-again"]["reused"] == 16
+    assert reports["disk-again"]["compute_s_per_example"] is None    # none computed
+    (key,) = {f.name.split(".")[0] for f in (tmp_path / "cache" / "prefix").iterdir()}
     base = engine.load(MINILM, labels=runs["off"].config.labels)   # as the runs began
+    assert key.startswith(engine.prefix_cache.prefix_hash(base, 5))   # the pretrained prefix
     for n, a in runs["off"].params.items():
-        b = runs["memory"].params[n]
-        if not n.startswith(("blocks.5.", "pooler.", "classifier.")):
-            assert np.array_equal(a, b), n                      # frozen: bit for bit
-        elif not n.endswith("attn.k.bias"):
-            # (k's bias is left out: its gradient is rounding noise, softmax ignores a
-            # per-query constant, and Adam scales noise up to lr-sized steps either way)
-            step = np.linalg.norm(a - base.params[n])
-            assert step > 0, n
-            assert np.linalg.norm(b - a) <= tol * step, n
+        assert np.array_equal(runs["disk"].params[n], runs["disk-again"].params[n]), n
+        for cache in ("memory", "disk"):
+            b = runs[cache].params[n]
+            if not n.startswith(("blocks.5.", "pooler.", "classifier.")):
+                assert np.array_equal(a, b), n                      # frozen: bit for bit
+            elif not n.endswith("attn.k.bias"):
+                # (k's bias is left out: its gradient is rounding noise, softmax ignores a
+                # per-query constant, and Adam scales noise up to lr-sized steps either way)
+                step = np.linalg.norm(a - base.params[n])
+                assert step > 0, n
+                assert np.linalg.norm(b - a) <= tol * step, n
 
 
 def test_ctrl_c_ends_after_the_step_and_saves(minilm, tmp_path):

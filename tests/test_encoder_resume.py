@@ -52,13 +52,17 @@ def _same_run(a, b):
     ("classifier", ["--schedule", "autofreeze", "--schedule-every", "3", "--train-last", "3",
                     "--autofreeze-threshold", "10", "--telemetry-every", "4"]),
     ("sentence", ["--schedule", "lisa", "--schedule-every", "4", "--train-last", "2"]),
+    # the rows computed before the stop are read back from the disk cache by the resumed run
+    ("classifier", ["--train-last", "2", "--prefix-cache", "disk"]),
 ])
 def test_ctrl_c_then_resume_gives_the_uninterrupted_run(minilm, tmp_path, monkeypatch, task, extra):
     rows = ROWS[:24] if task == "classifier" else [
         {"anchor": r["text"].split(". ")[0], "positive": r["text"]} for r in ROWS[:24]]
     data = _data(tmp_path / "d.jsonl", rows)
     straight, parted = tmp_path / "straight", tmp_path / "parted"
+    monkeypatch.setenv("TAILTUNE_CACHE", str(tmp_path / "cache-straight"))
     assert cli(_argv(minilm, data, straight, *extra)) == 0
+    monkeypatch.setenv("TAILTUNE_CACHE", str(tmp_path / "cache-parted"))   # its own disk cache
 
     import engine.encoder_train as et
     real = et._Order.take
@@ -79,6 +83,11 @@ def test_ctrl_c_then_resume_gives_the_uninterrupted_run(minilm, tmp_path, monkey
     assert cli(["finetune", "--model", minilm, "--data", data, "--out", str(parted),
                 "--resume", str(parted)]) == 0
     _same_run(straight, parted)
+    if "disk" in extra:
+        first, resumed = (json.loads((d / "summary.json").read_text())["prefix_cache"]
+                          for d in (straight, parted))
+        # the 9 steps before the stop drew 36 texts: every one of the 18 training texts
+        assert first["reused"] == 0 and resumed["reused"] == 18
 
 
 @pytest.mark.parametrize("where", ["batch", "forward"])

@@ -81,19 +81,24 @@ def test_schedules_change_an_encoders_trainable_set_as_specified(minilm, tmp_pat
     assert (out / "telemetry.png").exists() and (out / "loss.png").exists()   # (test extra: matplotlib)
 
 
-@pytest.mark.parametrize("name,k,starts,task", [("freezeout", 3, [3, 4, 5], "classifier"),
-                                                ("gradual", 1, [5, 4, 3], "classifier"),
-                                                ("freezeout", 3, [3, 4, 5], "sentence")])
-def test_prefix_cache_follows_the_lowest_trainable_block(minilm, tmp_path, name, k, starts, task):
+@pytest.mark.parametrize("name,k,starts,task,store", [
+    ("freezeout", 3, [3, 4, 5], "classifier", "memory"),
+    ("gradual", 1, [5, 4, 3], "classifier", "memory"),
+    ("freezeout", 3, [3, 4, 5], "sentence", "memory"),
+    ("freezeout", 3, [3, 4, 5], "classifier", "disk")])
+def test_prefix_cache_follows_the_lowest_trainable_block(minilm, tmp_path, monkeypatch, name, k,
+                                                         starts, task, store):
     """FreezeOut moves the lowest trainable block up (the new cache's rows are carried up from
     the last one's), gradual unfreezing moves it down (rebuilt from the embeddings): either way
     the weights of an uncached run, to float32 rounding; a sentence run caches its anchors and
-    positives alike."""
+    positives alike. On disk, only the file of the pretrained prefix outlives the run (those of
+    blocks 4 and 5 hold block 3's trained weights: no later run could use them)."""
+    monkeypatch.setenv("TAILTUNE_CACHE", str(tmp_path / "cache"))
     rows = ROWS[:16] if task == "classifier" else [
         {"anchor": r["text"].split(". ")[0], "positive": r["text"]} for r in ROWS[:16]]
     data = _data(tmp_path / "d.jsonl", rows)
     runs = {}
-    for cache in ("off", "memory"):
+    for cache in ("off", store):
         out = tmp_path / cache
         summary = finetune(TrainArgs(
             model=minilm, data=data, eval_fraction=0.0, out=str(out), train_last=k, epochs=4,
@@ -101,12 +106,15 @@ def test_prefix_cache_follows_the_lowest_trainable_block(minilm, tmp_path, name,
             prefix_cache=cache), log=lambda m: None)
         runs[cache] = engine.load(str(out / "model"))
     report = summary["prefix_cache"]
-    assert report["starts"] == starts
+    assert report["starts"] == starts and report["storage"] == store
     assert (report["carried"] > 0) == (name == "freezeout")
     assert report["examples"] == (16 if task == "classifier" else 32)   # (anchors + positives)
     base = engine.load(MINILM, labels=runs["off"].config.labels)
+    if store == "disk":
+        left = {f.name.split("-")[0] for f in (tmp_path / "cache" / "prefix").iterdir()}
+        assert left == {engine.prefix_cache.prefix_hash(base, 3)}
     for n, a in runs["off"].params.items():
-        b = runs["memory"].params[n]
+        b = runs[store].params[n]
         step = np.linalg.norm(a - base.params[n])
         if step == 0 or n.endswith("attn.k.bias"):   # (its gradient is rounding noise: Adam
             assert np.array_equal(a, b) or step > 0, n   # scales it to lr-sized steps)
