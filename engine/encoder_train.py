@@ -155,7 +155,7 @@ class _Run:
         self.t0 = None              # when this process's steps began
 
     def run(self) -> dict:
-        from .train import _log_metric, _save_final, write_plots
+        from .train import _log_metric, _save_final, on_signals, write_plots
         args, task, model, metric = self.args, self.task, self.task.model, self.task.metric
         try:
             self._setup()
@@ -173,7 +173,8 @@ class _Run:
             if self.base:
                 log(f"held-out before: loss {self.base['loss']:.4f}  {metric} {self.base[metric]:.3f}")
             with contextlib.ExitStack() as cleanup:
-                stop = _on_signals(cleanup)
+                stop, restore = on_signals()
+                cleanup.callback(restore)
                 seconds = self._steps(stop)
                 if self.done < self.steps:   # Ctrl-C: the run goes on from here with --resume;
                     self._checkpoint()       # the model so far is saved too
@@ -399,26 +400,6 @@ def _change(schedule, model, opt, step, steps, task, trained: set):
     if schedule.apply(model, opt, step, steps):
         trained.update(model.trainable)
         task.start(model, trained)
-
-
-def _on_signals(cleanup) -> dict:
-    """Ctrl-C (SIGINT, SIGTERM; SIGBREAK on Windows) ends the run after the current step, which
-    then checkpoints, evaluates and saves as at its end; a second one stops at once. The
-    handlers before are put back when `cleanup` closes."""
-    import signal
-    import threading
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):
-        if stop["signal"] is not None:
-            raise KeyboardInterrupt
-        stop["signal"] = signum
-    if threading.current_thread() is threading.main_thread():
-        for name in ("SIGINT", "SIGTERM", "SIGBREAK"):
-            if hasattr(signal, name):
-                sig = getattr(signal, name)
-                cleanup.callback(signal.signal, sig, signal.signal(sig, on_signal))
-    return stop
 
 
 def _count(n_train: int, args) -> tuple[int, int]:

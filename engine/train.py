@@ -717,17 +717,7 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
     else:
         log(f"held-out loss before: {before:.4f} (perplexity {_ppl(before):.2f})")
 
-    stop = {"signal": None}
-
-    def on_signal(signum, frame):  # SIGTERM (a job scheduler, `kill`) is handled as Ctrl-C
-        if stop["signal"] is not None:
-            raise KeyboardInterrupt
-        stop["signal"] = signum
-
-    # SIGBREAK: Ctrl-Break, the one a Windows console can send besides Ctrl-C
-    handled = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGBREAK")
-                    if hasattr(signal, n)) if _main_thread() else ()
-    prev = {s: signal.signal(s, on_signal) for s in handled}
+    stop, restore_handlers = on_signals()
     progress = Progress(steps)
 
     def checkpoint():
@@ -804,8 +794,7 @@ def _finetune(args: TrainArgs, resume, log, given, cleanup: contextlib.ExitStack
             discard_unstarted()
         raise
     finally:
-        for s, h in prev.items():
-            signal.signal(s, h)
+        restore_handlers()
 
     trained = trainer.trained
     n_train = sum(model.params[n].size for n in trained)   # under a schedule: all that ever trained
@@ -856,9 +845,27 @@ def _ppl(loss):
     return None if loss is None else math.exp(min(loss, 50))
 
 
-def _main_thread():
+def on_signals():
+    """Ctrl-C (SIGINT; SIGTERM, from a job scheduler or `kill`; SIGBREAK, a Windows console's
+    Ctrl-Break) ends a run after the current step, which then checkpoints (and saves) as at its
+    end; a second one stops at once (KeyboardInterrupt). Returns (stop, restore): stop["signal"]
+    is the first signal's number (None before), restore() puts the handlers before back.
+    Outside the main thread, where handlers cannot be set, nothing is handled."""
     import threading
-    return threading.current_thread() is threading.main_thread()
+    stop = {"signal": None}
+
+    def on_signal(signum, frame):
+        if stop["signal"] is not None:
+            raise KeyboardInterrupt
+        stop["signal"] = signum
+    handled = () if threading.current_thread() is not threading.main_thread() else tuple(
+        getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGBREAK") if hasattr(signal, n))
+    prev = {s: signal.signal(s, on_signal) for s in handled}
+
+    def restore():
+        for s, h in prev.items():
+            signal.signal(s, h)
+    return stop, restore
 
 
 def _sample_prompt(args, tok, held, eval_idx, context: int):
