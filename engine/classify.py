@@ -34,7 +34,8 @@ def is_encoder(model_path: str) -> bool:
     if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
         return False
     with contextlib.suppress(Exception):    # an unreadable config fails later, with its reason
-        return read_hf_config(path).get("model_type") == "bert"
+        from .io.hf_bert import TYPES
+        return read_hf_config(path).get("model_type") in TYPES
     return False
 
 
@@ -65,19 +66,22 @@ def read_labeled(path: str) -> tuple[list, list[str]]:
     return texts, labels
 
 
-def encode(tok, texts, seq_len: int) -> list[tuple[np.ndarray, np.ndarray | None]]:
+def encode(tok, texts, seq_len: int, config=None) -> list[tuple[np.ndarray, np.ndarray | None]]:
     """(token ids, token types or None) of each text or (text, pair), with the tokenizer's
     special tokens ([CLS] a [SEP] (b [SEP])), cut to seq_len as transformers cuts them (the longer
-    of a pair first; the special tokens kept)."""
+    of a pair first; the special tokens kept). config: the model's; a RoBERTa's pairs get no
+    types (its tokenizer numbers the second text 1, which its one-type table lacks, and
+    transformers does not pass them)."""
     if not hasattr(tok, "encode_pairs"):
         raise InputError(f"{type(tok).__name__} has no template for a classifier's texts; an "
                          "encoder needs its Hugging Face tokenizer (tokenizer.json)")
     a = [t[0] if isinstance(t, tuple) else t for t in texts]
     b = [t[1] if isinstance(t, tuple) else None for t in texts]
     out = []
+    typed = config is None or config.model_type == "bert"
     for ids, types in tok.encode_pairs(a, b, max_length=seq_len):
         ty = np.asarray(types, np.int64)
-        out.append((np.asarray(ids, np.int64), ty if ty.any() else None))
+        out.append((np.asarray(ids, np.int64), ty if typed and ty.any() else None))
     return out
 
 
@@ -393,12 +397,13 @@ class ClassifierTask:
         self.model = model = load(args.model, labels=classes)
         self.tok, seq_len = _tokenizer_and_length(args, model)
         index = {c: i for i, c in enumerate(classes)}
-        self.seqs, self.targets = encode(self.tok, texts, seq_len), np.array([index[x] for x in labels])
+        self.seqs = encode(self.tok, texts, seq_len, model.config)
+        self.targets = np.array([index[x] for x in labels])
         if model.config.type_vocab_size < 2 and any(s[1] is not None for s in self.seqs):
             raise InputError(f"{args.data}: pairs of texts (text_pair) need two token types; "
                              f"{args.model} has {model.config.type_vocab_size}")
         held_texts, held_labels = _capped(args, held_texts, held_labels, log)
-        self.held = encode(self.tok, held_texts, seq_len)
+        self.held = encode(self.tok, held_texts, seq_len, model.config)
         self.held_targets = np.array([index[x] for x in held_labels], np.int64)
         cut = sum(len(s[0]) == seq_len for s in self.seqs)
         if cut:
@@ -501,6 +506,6 @@ def eval_encoder(model_path: str, data: str, batch_size: int, seq_len: int) -> d
                          f"{model.config.labels}")
     tok = load_tokenizer(resolve_model_path(model_path), model_vocab_size=model.config.vocab_size)
     index = {c: i for i, c in enumerate(model.config.labels)}
-    seqs = encode(tok, texts, min(seq_len, model.config.context_length))
+    seqs = encode(tok, texts, min(seq_len, model.config.context_length), model.config)
     return evaluate(model, seqs, np.array([index[x] for x in labels], np.int64), batch_size,
                     _pad(tok))

@@ -53,6 +53,8 @@ class Config:
                                     # False: before each branch, and a final norm (GPT-2, Llama)
     embed_norm: bool = False        # a norm over the summed embeddings (BERT)
     type_vocab_size: int = 0        # token-type (segment) embeddings, added to every position; 0 = none
+    position_offset: int = 0        # the learned position table's row of a sequence's first token
+                                    # (RoBERTa: its pad id + 1); the rows below are never read
     labels: list[str] | None = None  # an encoder's classifier head (a pooler on the first
                                      # position, then one logit per label); None = no head:
                                      # forward gives the last hidden states
@@ -162,6 +164,12 @@ class Config:
                 or self.type_vocab_size < 0:
             raise ConfigError(f"Config.type_vocab_size must be an integer >= 0, got "
                               f"{self.type_vocab_size!r}")
+        off = self.position_offset
+        if not isinstance(off, int) or isinstance(off, bool) or not 0 <= off < self.max_seq_len:
+            raise ConfigError(f"Config.position_offset must be an integer from 0 to max_seq_len - 1 "
+                              f"= {self.max_seq_len - 1}, got {off!r}")
+        if off and self.positions != "learned":
+            raise ConfigError("Config.position_offset needs learned positions (positions='learned')")
         if self.labels is not None:
             lb = self.labels
             if (not isinstance(lb, list) or len(lb) < 2
@@ -257,13 +265,15 @@ class Config:
 
     @property
     def context_length(self) -> int:
-        """The longest sequence the engine runs: max_seq_len, or the sliding window if shorter
-        (beyond it, windowed attention would differ from the engine's full attention)."""
-        return min(self.max_seq_len, self.sliding_window or self.max_seq_len)
+        """The longest sequence the engine runs: max_seq_len (less the rows below
+        position_offset), or the sliding window if shorter (beyond it, windowed attention would
+        differ from the engine's full attention)."""
+        n = self.max_seq_len - self.position_offset
+        return min(n, self.sliding_window or n)
 
     def context_text(self) -> str:
         """context_length for messages, saying when the sliding window sets it."""
-        windowed = self.context_length < self.max_seq_len
+        windowed = self.context_length < self.max_seq_len - self.position_offset
         return f"{self.context_length}{' (its sliding window)' if windowed else ''}"
 
     def to_dict(self) -> dict:
@@ -280,7 +290,7 @@ class Config:
         if d["attn_out_bias"] == d["attn_bias"]:
             d.pop("attn_out_bias")
         for k in ("qk_norm", "rope_scaling", "no_rope_blocks", "sliding_window", "post_norm",
-                  "embed_norm", "type_vocab_size", "labels"):
+                  "embed_norm", "type_vocab_size", "position_offset", "labels"):
             if not d[k]:
                 d.pop(k)
         if d["causal"]:
@@ -300,7 +310,11 @@ class Config:
 
 # What makes a model each family (model_type), as Config fields: saving in a family's Hugging
 # Face or GGUF layout needs them. Fields a family leaves open (llama's biases) are not listed.
-_DECODER = dict(causal=True, post_norm=False, embed_norm=False, type_vocab_size=0, labels=None)
+_DECODER = dict(causal=True, post_norm=False, embed_norm=False, type_vocab_size=0, labels=None,
+                position_offset=0)
+_ENCODER = dict(norm="layernorm", positions="learned", attn_bias=True, attn_out_bias=True,
+                mlp_bias=True, qk_norm=False, no_rope_blocks=None, sliding_window=None,
+                tie_embeddings=False, causal=False, post_norm=True, embed_norm=True)
 FAMILY_FIELDS = {
     "gpt2": dict(norm="layernorm", mlp="gelu", positions="learned", attn_bias=True,
                  attn_out_bias=True, mlp_bias=True, sliding_window=None, **_DECODER),
@@ -320,10 +334,11 @@ FAMILY_FIELDS = {
     "smollm3": dict(norm="rmsnorm", mlp="swiglu", positions="rope", qk_norm=False,
                     sliding_window=None, **_DECODER),
     # (labels is free: a classifier head or none; mlp gelu_erf, or gelu (tanh))
-    "bert": dict(norm="layernorm", positions="learned", attn_bias=True,
-                 attn_out_bias=True, mlp_bias=True, qk_norm=False, no_rope_blocks=None,
-                 sliding_window=None, tie_embeddings=False, causal=False, post_norm=True,
-                 embed_norm=True),
+    "bert": dict(position_offset=0, **_ENCODER),
+    # BERT's layout; positions from the pad id + 1 (position_offset), one token type, and the
+    # classifier head (dense + tanh on the first token, then out_proj) is the pooler's math
+    "roberta": dict(**_ENCODER),
+    "xlm-roberta": dict(**_ENCODER),
 }
 FAMILIES = tuple(FAMILY_FIELDS)   # the Hugging Face families loaded and saved
 _NOT_ARCHITECTURE = ("bos_token_id", "eos_token_id", "pad_token_id", "generation")

@@ -349,7 +349,7 @@ class Model:
         wpe = P.get("wpe.weight")
         if wpe is None:
             wpe = np.zeros((0, self.config.d_model), np.float32)
-        embedding_forward(tokens, P["wte.weight"], wpe, pos0, x)
+        embedding_forward(tokens, P["wte.weight"], wpe, pos0 + self.config.position_offset, x)
         if "wtt.weight" in P:
             x += P["wtt.weight"][0] if types is None else P["wtt.weight"][types]
         if self.ln_e is None:
@@ -804,7 +804,8 @@ class Model:
                     for v in range(len(G["wtt.weight"])):
                         G["wtt.weight"][v] += dx2[t == v].sum(axis=0)
             embedding_backward(dx.reshape(*tokens.shape, -1), tokens, G.get("wte.weight"),
-                               G.get("wpe.weight"), padding_idx=self._padding_row())
+                               G.get("wpe.weight"), pos0=self.config.position_offset,
+                               padding_idx=self._padding_row())
             if prof:
                 prof.add("embeddings", "backward", perf_counter() - t0)
 

@@ -104,7 +104,7 @@ def _load_hf_dir(path: str, labels=None) -> tuple[Config, dict]:
     def get(name):
         used.add(name)
         return _finite(where[name], name)
-    names = [n for n in where if not (other_head and n.startswith("classifier."))]
+    names = [n for n in where if not (other_head and hf_names.hf_bert.other_head(cfg, n))]
     try:
         params = hf_names.to_engine(cfg, get, names)
     except CheckpointError as e:  # name the directory when the message does not already
@@ -116,7 +116,7 @@ def _load_hf_dir(path: str, labels=None) -> tuple[Config, dict]:
     # a tensor with no place in the model (a block past config.json's layer count, an adapter)
     # means a model the engine would run wrongly; buffers transformers saves are not weights
     extra = sorted(n for n in set(where) - used if not n.endswith(_BUFFERS)
-                   and not (cfg.model_type == "bert" and hf_names.hf_bert.dropped(cfg, n)))
+                   and not (cfg.model_type in hf_names.hf_bert.TYPES and hf_names.hf_bert.dropped(cfg, n)))
     if extra:
         shown = ", ".join(extra[:8]) + (f" and {len(extra) - 8} more" if len(extra) > 8 else "")
         raise CheckpointError(f"{path}: tensors the {cfg.model_type} model of config.json "

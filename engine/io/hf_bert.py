@@ -1,8 +1,16 @@
-"""Hugging Face <-> engine for BERT encoders (model_type "bert"): config.json fields and tensor
-names. A BertModel's tensors have no prefix; a task model's (BertForSequenceClassification,
-BertForMaskedLM, ...) sit under "bert.", its head beside. The engine keeps the sequence
-classifier (pooler + classifier) and drops the pretraining heads ("cls.*": masked-LM and
-next-sentence), as transformers does when it loads such a file for classification.
+"""Hugging Face <-> engine for BERT encoders and the RoBERTa family (model_type "bert",
+"roberta", "xlm-roberta"): config.json fields and tensor names. A BertModel's tensors have no
+prefix; a task model's (BertForSequenceClassification, BertForMaskedLM, ...) sit under "bert."
+("roberta." for both RoBERTa families), its head beside. The engine keeps the sequence
+classifier and drops the pretraining heads (BERT's "cls.*", masked-LM and next-sentence;
+RoBERTa's "lm_head.*"), as transformers does when it loads such a file for classification.
+
+RoBERTa is BERT's layout with three differences the engine covers: positions count from the
+pad id + 1 (Config.position_offset: the table keeps its first rows, saved back as they were),
+one token type (pairs of texts are told apart by separators alone), and the classifier head
+(dense + tanh on the first token, then out_proj) is BERT's pooler + classifier under other
+names ("classifier.dense", "classifier.out_proj"; a RobertaModel's own pooler is
+"pooler.dense").
 """
 from __future__ import annotations
 
@@ -14,25 +22,41 @@ from ..config import Config
 from ..errors import CheckpointError, ConfigError
 
 _GELUS = {"gelu": "gelu_erf", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu_fast": "gelu"}
+TYPES = ("bert", "roberta", "xlm-roberta")                  # the model_types read here
+_CLASS = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta"}   # transformers'
+_PREFIX = {"bert": "bert.", "roberta": "roberta.", "xlm-roberta": "roberta."}  # a task model's
 
 
 def config_from_hf(hf: dict, get, head: bool = True) -> Config:
     """`get` is hf_names._get (checked lookups). head=False: the file's classifier head is not
     wanted (labels of the caller's replace it), so its kind is not checked either."""
+    mt = hf.get("model_type", "bert")
     act = hf.get("hidden_act", "gelu")
     if act not in _GELUS:
-        raise ConfigError(f"bert hidden_act {act!r} is not supported (only {sorted(_GELUS)})")
+        raise ConfigError(f"{mt} hidden_act {act!r} is not supported (only {sorted(_GELUS)})")
     kind = hf.get("position_embedding_type", "absolute")
     if kind != "absolute":
-        raise ConfigError(f"bert position_embedding_type {kind!r} is not supported (only "
+        raise ConfigError(f"{mt} position_embedding_type {kind!r} is not supported (only "
                           "'absolute')")
     if hf.get("is_decoder") or hf.get("add_cross_attention"):
-        raise ConfigError("a bert decoder (is_decoder / add_cross_attention) is not supported; "
-                          "tailtune reads BERT encoders")
+        raise ConfigError(f"a {mt} decoder (is_decoder / add_cross_attention) is not supported; "
+                          "tailtune reads encoders")
     d, n_head = get(hf, "hidden_size", "size"), get(hf, "num_attention_heads", "size")
     if d % n_head:
         raise ConfigError(f"config.json: hidden_size={d} is not a multiple of "
                           f"num_attention_heads={n_head}")
+    # (BertConfig's default pad id: 0, its embedding's padding_idx; a null one is none: no
+    # padding row, as transformers reads it)
+    extra = {"pad_token_id": get(hf, "pad_token_id", "id", None) if "pad_token_id" in hf else 0}
+    if mt != "bert":
+        # RobertaEmbeddings: position ids from padding_idx + 1 (its pad token's id)
+        if hf.get("pad_token_id", 1) is None:
+            raise ConfigError(f"config.json: a {mt} model needs pad_token_id (its positions count "
+                              "from it)")
+        pad = get(hf, "pad_token_id", "id", 1)
+        extra = dict(model_type=mt, position_offset=pad + 1, pad_token_id=pad,
+                     bos_token_id=get(hf, "bos_token_id", "id", None),
+                     eos_token_id=get(hf, "eos_token_id", "id", None))
     return Config.bert(vocab_size=get(hf, "vocab_size", "size"),
                        n_layer=get(hf, "num_hidden_layers", "size"), n_head=n_head, d_model=d,
                        d_ff=get(hf, "intermediate_size", "size"),
@@ -40,10 +64,7 @@ def config_from_hf(hf: dict, get, head: bool = True) -> Config:
                        type_vocab_size=get(hf, "type_vocab_size", "size", 2),
                        norm_eps=get(hf, "layer_norm_eps", "number", 1e-12), mlp=_GELUS[act],
                        init_std=get(hf, "initializer_range", "number", 0.02),
-                       labels=_labels(hf) if head else None,
-                       # (BertConfig's default: 0, its embedding's padding_idx; a null one
-                       # is none: no padding row, as transformers reads it)
-                       pad_token_id=get(hf, "pad_token_id", "id", None) if "pad_token_id" in hf else 0)
+                       labels=_labels(hf) if head else None, **extra)
 
 
 def _labels(hf: dict) -> list[str] | None:
@@ -53,7 +74,7 @@ def _labels(hf: dict) -> list[str] | None:
         return None
     problem = hf.get("problem_type")
     if problem not in (None, "single_label_classification"):
-        raise ConfigError(f"bert problem_type {problem!r} is not supported (only single-label "
+        raise ConfigError(f"problem_type {problem!r} is not supported (only single-label "
                           "classification)")
     id2label = hf.get("id2label")
     n = len(id2label) if isinstance(id2label, dict) else hf.get("num_labels", 2)
@@ -73,17 +94,22 @@ def _labels(hf: dict) -> list[str] | None:
 
 
 def config_to_hf(cfg: Config, ids: dict) -> dict:
+    mt = cfg.model_type
     if cfg.mlp not in ("gelu", "gelu_erf"):
-        raise ConfigError(f"cannot save as bert: it needs mlp 'gelu_erf' or 'gelu', this model "
+        raise ConfigError(f"cannot save as {mt}: it needs mlp 'gelu_erf' or 'gelu', this model "
                           f"has {cfg.mlp!r}")
     if cfg.n_kv_head != cfg.n_head or cfg.head_dim * cfg.n_head != cfg.d_model:
-        raise ConfigError("cannot save as bert: it needs n_kv_head == n_head and head_dim * "
+        raise ConfigError(f"cannot save as {mt}: it needs n_kv_head == n_head and head_dim * "
                           "n_head == d_model")
     if not cfg.type_vocab_size:
-        raise ConfigError("cannot save as bert: it needs token-type embeddings "
+        raise ConfigError(f"cannot save as {mt}: it needs token-type embeddings "
                           "(type_vocab_size >= 1)")
-    hf = {"model_type": "bert",
-          "architectures": ["BertForSequenceClassification" if cfg.labels else "BertModel"],
+    if mt != "bert" and (ids["pad_token_id"] is None or cfg.position_offset != ids["pad_token_id"] + 1):
+        raise ConfigError(f"cannot save as {mt}: its positions count from the pad id + 1, and this "
+                          f"model has position_offset {cfg.position_offset} and pad_token_id "
+                          f"{ids['pad_token_id']}")
+    kind = "ForSequenceClassification" if cfg.labels else "Model"
+    hf = {"model_type": mt, "architectures": [_CLASS[mt] + kind],
           "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
           "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
           "intermediate_size": cfg.d_ff, "hidden_act": "gelu" if cfg.mlp == "gelu_erf" else "gelu_new",
@@ -91,6 +117,8 @@ def config_to_hf(cfg: Config, ids: dict) -> dict:
           "layer_norm_eps": cfg.norm_eps, "initializer_range": cfg.init_std,
           "position_embedding_type": "absolute", "torch_dtype": "float32",
           "pad_token_id": ids["pad_token_id"]}
+    if mt != "bert":
+        hf.update(bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"])
     if cfg.labels:
         hf["id2label"] = {str(i): n for i, n in enumerate(cfg.labels)}
         hf["label2id"] = {n: i for i, n in enumerate(cfg.labels)}
@@ -113,15 +141,28 @@ def name_map(cfg: Config, prefix: str) -> dict[str, str]:
         for e, h in parts:
             for w in ("weight", "bias"):
                 m[f"blocks.{i}.{e}.{w}"] = f"encoder.layer.{i}.{h}.{w}"
-    m.update({"pooler.weight": "pooler.dense.weight", "pooler.bias": "pooler.dense.bias"})
+    roberta_head = cfg.model_type != "bert" and cfg.labels
+    if not roberta_head:
+        m.update({"pooler.weight": "pooler.dense.weight", "pooler.bias": "pooler.dense.bias"})
     m = {e: prefix + h for e, h in m.items()}
-    if cfg.labels:
+    if roberta_head:
+        m.update({f"{e}.{w}": f"classifier.{h}.{w}" for e, h in (("pooler", "dense"),
+                  ("classifier", "out_proj")) for w in ("weight", "bias")})
+    elif cfg.labels:
         m.update({"classifier.weight": "classifier.weight", "classifier.bias": "classifier.bias"})
     return m
 
 
-def prefix_of(names) -> str:
-    return "bert." if any(n.startswith("bert.") for n in names) else ""
+def prefix_of(cfg: Config, names) -> str:
+    p = _PREFIX[cfg.model_type]
+    return p if any(n.startswith(p) for n in names) else ""
+
+
+def other_head(cfg: Config, name: str) -> bool:
+    """A tensor of the file's classifier that labels other than its own replace (BERT's
+    classifier; RoBERTa's out_proj: its dense layer, the pooler's math, is kept as BERT's
+    pooler is)."""
+    return name.startswith("classifier.out_proj." if cfg.model_type != "bert" else "classifier.")
 
 
 def to_engine(cfg: Config, get, names, fetch, expect) -> dict[str, np.ndarray]:
@@ -132,7 +173,7 @@ def to_engine(cfg: Config, get, names, fetch, expect) -> dict[str, np.ndarray]:
     if cfg.n_layer * 16 > len(names):
         raise CheckpointError(f"config.json has {cfg.n_layer} layers, and the checkpoint holds "
                               f"only {len(names)} tensors: too few for them (a wrong config.json?)")
-    prefix = prefix_of(names)
+    prefix = prefix_of(cfg, names)
     out, new = {}, []
     for e, h in name_map(cfg, prefix).items():
         if e.startswith(("pooler.", "classifier.")) and h not in names:
@@ -159,11 +200,15 @@ def to_engine(cfg: Config, get, names, fetch, expect) -> dict[str, np.ndarray]:
 
 def dropped(cfg: Config, name: str) -> bool:
     """A tensor of the file the engine leaves out on purpose: the pretraining heads (masked-LM,
-    next-sentence), and a classifier the model has no use for (no labels, or other labels)."""
-    bare = name[5:] if name.startswith("bert.") else name
-    return bare.startswith(("cls.", "classifier."))
+    next-sentence), a classifier the model has no use for (no labels, or other labels), and a
+    RobertaModel's pooler under a RoBERTa classifier (which has its own dense layer)."""
+    p = _PREFIX[cfg.model_type]
+    bare = name[len(p):] if name.startswith(p) else name
+    if cfg.model_type == "bert":
+        return bare.startswith(("cls.", "classifier."))
+    return bare.startswith(("lm_head.", "classifier.")) or bool(cfg.labels) and bare.startswith("pooler.")
 
 
 def to_hf(cfg: Config, params: dict) -> dict[str, np.ndarray]:
-    prefix = "bert." if cfg.labels else ""
+    prefix = _PREFIX[cfg.model_type] if cfg.labels else ""
     return {h: params[e] for e, h in name_map(cfg, prefix).items()}

@@ -59,7 +59,7 @@ def config_from_hf(hf: dict, head: bool = True) -> Config:
     mt = hf.get("model_type")
     if mt not in SUPPORTED:
         raise ConfigError(f"unknown model type {mt!r} in config.json; tailtune supports {SUPPORTED}")
-    if mt == "bert":
+    if mt in hf_bert.TYPES:
         return hf_bert.config_from_hf(hf, _get, head)
     if mt == "gpt2":
         act = hf.get("activation_function", "gelu_new")
@@ -194,7 +194,7 @@ def config_to_hf(cfg: Config) -> dict:
     # transformers' llama, qwen3 and smollm3 have one attention_bias for all four projections
     want.setdefault("attn_out_bias", cfg.attn_bias)
     _require(cfg, want)
-    if cfg.model_type == "bert":
+    if cfg.model_type in hf_bert.TYPES:
         return hf_bert.config_to_hf(cfg, ids)
     if cfg.model_type == "gpt2":
         if cfg.head_dim * cfg.n_head != cfg.d_model:
@@ -304,7 +304,7 @@ def to_engine(cfg: Config, get, names) -> dict[str, np.ndarray]:
     """Build engine params from HF tensors. `get(name)` returns a float32 array, `names` the set
     of HF names available. Missing tensors and unexpected shapes raise CheckpointError."""
     names = set(names)
-    if cfg.model_type == "bert":
+    if cfg.model_type in hf_bert.TYPES:
         return hf_bert.to_engine(cfg, get, names, _fetch, _expect)
     # every layer has at least 9 tensors (Llama's; GPT-2's 12; Phi-3's 6, some fused)
     if cfg.n_layer * (6 if cfg.model_type == "phi3" else 9) > len(names):
@@ -359,7 +359,7 @@ def to_engine(cfg: Config, get, names) -> dict[str, np.ndarray]:
 
 def to_hf(cfg: Config, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """HF tensors (as transformers' save_pretrained names them) from engine params."""
-    if cfg.model_type == "bert":
+    if cfg.model_type in hf_bert.TYPES:
         return hf_bert.to_hf(cfg, params)
     if cfg.model_type != "gpt2":
         out = {h: params[e] for e, h in _one_to_one(cfg).items()}
