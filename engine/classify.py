@@ -70,8 +70,8 @@ def encode(tok, texts, seq_len: int, config=None) -> list[tuple[np.ndarray, np.n
     """(token ids, token types or None) of each text or (text, pair), with the tokenizer's
     special tokens ([CLS] a [SEP] (b [SEP])), cut to seq_len as transformers cuts them (the longer
     of a pair first; the special tokens kept). config: the model's; a RoBERTa's pairs get no
-    types (its tokenizer numbers the second text 1, which its one-type table lacks, and
-    transformers does not pass them)."""
+    types (transformers does not pass them to it: its table has one; a tokenizer whose
+    template numbers the second text 1 would index past it)."""
     if not hasattr(tok, "encode_pairs"):
         raise InputError(f"{type(tok).__name__} has no template for a classifier's texts; an "
                          "encoder needs its Hugging Face tokenizer (tokenizer.json)")
@@ -146,11 +146,11 @@ class _OnDisk:
 
     def put(self, i, a):
         self.file.store[self.offsets[i]:self.offsets[i + 1]] = a
-        if not self.file.filled[i]:
-            self.file.filled[i] = True
-            self.n += 1
+        self.file.filled[i] = True
 
     def count(self) -> int:
+        if self.file.store is not None:   # (rows another cache over the same file filled too)
+            self.n = int(self.file.filled.sum())
         return self.n
 
     def nbytes(self) -> int:

@@ -844,8 +844,8 @@ class Model:
 
     def with_classifier(self, labels, seed: int = 0) -> "Model":
         """This encoder with a new classifier head over `labels` (the class names, in the
-        order of the logits): a pooler (kept if this model has one) and a classifier drawn from
-        `seed`. The new model shares this one's other weight arrays, and everything is
+        order of the logits): a pooler (kept if this BERT has one; new for RoBERTa) and a
+        classifier drawn from `seed`. The new model shares this one's other weight arrays, and everything is
         trainable, as in a new model."""
         c = self.config
         if not c.encoder:
@@ -855,7 +855,10 @@ class Model:
             raise InputError(f"with_classifier labels must be a list of class names, got the "
                              f"string {labels!r}")
         cfg = dataclasses.replace(c, labels=list(labels) if labels is not None else None)
-        params = {n: a for n, a in self.params.items() if not n.startswith("classifier.")}
+        # RoBERTa's classifier has its own dense layer where BERT's has the pooler, and a
+        # RobertaModel's pooler is not it (transformers starts it anew): both heads go
+        heads = ("classifier.",) if c.model_type == "bert" else ("classifier.", "pooler.")
+        params = {n: a for n, a in self.params.items() if not n.startswith(heads)}
         params.update(new_head(cfg, params, seed))
         return Model(cfg, params)
 
@@ -872,7 +875,7 @@ class Model:
         from .io import save_model
         save_model(self, path, dtype=dtype)
         if tokenizer is not None:
-            tokenizer.save(path)
+            tokenizer.save(path, token_types=self.config.type_vocab_size > 1)
 
     def __getstate__(self):
         """Pickling and copying (multiprocessing, joblib): parameters, gradients and the

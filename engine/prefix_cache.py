@@ -45,8 +45,10 @@ def in_prefix(name: str, start: int) -> bool:
 
 
 def prefix_hash(model, start: int) -> str:
-    """Hash of everything below block `start`: config and the weights there."""
-    h = hashlib.sha256(repr(sorted(model.config.architecture().items())).encode())
+    """Hash of everything below block `start`: config and the weights there (not what the
+    prefix does not compute with: a classifier's labels, the init scale)."""
+    arch = {k: v for k, v in model.config.architecture().items() if k not in ("labels", "init_std")}
+    h = hashlib.sha256(repr(sorted(arch.items())).encode())
     h.update(str(start).encode())
     for n in sorted(model.params):
         if in_prefix(n, start):

@@ -559,10 +559,11 @@ class ByteTokenizer(_Tokenizer):
         out.append(bytes(run).decode("utf-8", "replace"))
         return "".join(out)
 
-    def save(self, directory) -> None:
+    def save(self, directory, token_types: bool | None = None) -> None:
         """tokenizer.json + tokenizer_config.json: a byte-level BPE with no merges, which is this
         tokenizer exactly, so transformers loads the directory too; the config marks it so
-        `load_tokenizer` gives back a ByteTokenizer (no dependencies)."""
+        `load_tokenizer` gives back a ByteTokenizer (no dependencies). (token_types: as for
+        BPETokenizer.save; this one has no template for pairs.)"""
         b2u = _byte_to_unicode()
         added = [_added_token_json(256, self.EOS_TOKEN, special=True)] if self.eos else []
         tj = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
@@ -578,6 +579,7 @@ class ByteTokenizer(_Tokenizer):
                         "vocab": {b2u[b]: b for b in range(256)}, "merges": []}}
         cfg = _config_json(self.special_tokens, self.chat_template)
         cfg["tailtune_tokenizer"] = "byte"
+        cfg["model_input_names"] = ["input_ids", "attention_mask"]
         _write_files(directory, json.dumps(tj, ensure_ascii=False), cfg)
 
 
@@ -833,16 +835,24 @@ class BPETokenizer(_Tokenizer):
         with _NoPanic(self.source, "decoding ids"):
             return self._tk.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def save(self, directory) -> None:
+    def save(self, directory, token_types: bool | None = None) -> None:
         """tokenizer.json (with the post-processor that adds BOS / EOS, if any) +
         tokenizer_config.json (special tokens, chat template): `load_tokenizer` and
-        `transformers.AutoTokenizer` both load the directory and give the same ids."""
+        `transformers.AutoTokenizer` both load the directory and give the same ids.
+        token_types: whether the model takes the template's token type ids (BERT's two
+        segments); a RoBERTa or a causal LM does not (its generate() refuses them). None: a
+        WordPiece vocabulary (BERT's) with a template that types the second text."""
         cfg = _config_json(self.special_tokens, self.chat_template)
         with _NoPanic(self.source, "saving"):
             body = self._tk.to_str()
-            typed = any(self._tk.encode("a", "b").type_ids)
-        if typed:   # a two-segment template (BERT): else transformers gives no token_type_ids
-            cfg["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
+            if token_types is None:
+                token_types = type(self._tk.model).__name__ == "WordPiece"
+            typed = token_types and any(self._tk.encode("a", "b").type_ids)
+        # a two-segment template for a model with two types (BERT) gives token_type_ids; else
+        # none (PreTrainedTokenizerFast's default has them, and a causal LM's generate() refuses
+        # them, a RoBERTa indexes past its one type)
+        cfg["model_input_names"] = (["input_ids", "token_type_ids", "attention_mask"] if typed
+                                    else ["input_ids", "attention_mask"])
         _write_files(directory, body, cfg)
 
     # ---- constructors

@@ -415,7 +415,7 @@ def save_checkpoint(dst: str, model, tok, opt, state: dict):
     """A complete checkpoint in dst (written aside, then swapped in)."""
     def fill(tmp):
         save_model(model, tmp)
-        tok.save(tmp)
+        tok.save(tmp, token_types=model.config.type_vocab_size > 1)
         tensors = {f"{n}:{k}": a for n, st in opt.state.items() for k, a in st.items()
                    if isinstance(a, np.ndarray)}
         counts = {n: {k: a for k, a in st.items() if not isinstance(a, np.ndarray)}
@@ -830,7 +830,7 @@ def _save_final(model, tok, out: str, extra=None) -> str:
 
     def fill(tmp):
         save_model(model, tmp)
-        tok.save(tmp)
+        tok.save(tmp, token_types=model.config.type_vocab_size > 1)
         if extra is not None:
             extra(tmp)
     try:

@@ -164,6 +164,35 @@ def test_other_labels_keep_the_dense_layer_and_start_a_new_out_proj(tmp_path, ca
     assert model.params["classifier.weight"].shape == (2, 50)
 
 
+def test_with_classifier_starts_the_head_as_loading_with_labels_does(tmp_path):
+    """A RobertaModel's pooler is not a classifier's dense layer: transformers starts that
+    anew, and so do load(labels=) and with_classifier (the same draw); the prefix cache's key
+    does not depend on the head."""
+    d = saved(hf_model(kind="encoder"), tmp_path)
+    loaded, added = engine.load(d, labels=LABELS), engine.load(d).with_classifier(LABELS)
+    assert loaded.params.keys() == added.params.keys()
+    for n, a in loaded.params.items():
+        assert np.array_equal(a, added.params[n]), n
+    from engine.prefix_cache import prefix_hash
+    assert prefix_hash(loaded, 2) == prefix_hash(engine.load(d), 2)
+
+
+def test_missing_token_ids_are_robertas_defaults(tmp_path):
+    d = saved(hf_model(), tmp_path)
+    cfg = json.loads(open(f"{d}/config.json").read())
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        del cfg[k]
+    with open(f"{d}/config.json", "w") as f:
+        json.dump(cfg, f)
+    want = transformers.RobertaConfig.from_pretrained(d)
+    model = engine.load(d)
+    assert model.config.position_offset == 2
+    model.save(str(tmp_path / "out"))
+    back = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (back["bos_token_id"], back["eos_token_id"], back["pad_token_id"]) == (
+        want.bos_token_id, want.eos_token_id, want.pad_token_id) == (0, 2, 1)
+
+
 def test_a_config_without_pad_id_is_refused(tmp_path):
     d = saved(hf_model(), tmp_path)
     cfg = json.loads(open(f"{d}/config.json").read())
@@ -174,8 +203,9 @@ def test_a_config_without_pad_id_is_refused(tmp_path):
         engine.load(d)
 
 
-def _tokenizer_dir(tmp_path):
-    """A byte-level BPE tokenizer as RoBERTa's (<s> a </s></s> b </s>), trained on a few texts."""
+def _tokenizer_dir(tmp_path, typed=False):
+    """A byte-level BPE tokenizer as RoBERTa's (<s> a </s></s> b </s>), trained on a few texts;
+    typed: a template that numbers the second text 1 (RoBERTa's own gives it 0)."""
     import tokenizers
     from tokenizers import decoders, models, pre_tokenizers, processors, trainers
     rows = [json.loads(x) for x in open("examples/claims/category_train.jsonl")][:200]
@@ -185,18 +215,27 @@ def _tokenizer_dir(tmp_path):
     tk.train_from_iterator([r["text"] for r in rows], trainers.BpeTrainer(
         vocab_size=300, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tk.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
-    fast = transformers.RobertaTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
-                                             sep_token="</s>", cls_token="<s>", pad_token="<pad>",
-                                             unk_token="<unk>", mask_token="<mask>")
+    tk.post_processor = (processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B:1 </s>:1",
+        special_tokens=[("<s>", 0), ("</s>", 2)]) if typed else
+        processors.RobertaProcessing(("</s>", 2), ("<s>", 0)))
+    # (RobertaTokenizerFast would put RobertaProcessing back in place of a typed template)
+    cls = transformers.PreTrainedTokenizerFast if typed else transformers.RobertaTokenizerFast
+    fast = cls(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", sep_token="</s>",
+               cls_token="<s>", pad_token="<pad>", unk_token="<unk>", mask_token="<mask>",
+               model_input_names=["input_ids", "attention_mask"])
+    assert any(fast("a", "b")["input_ids"]) and typed == any(
+        tk.encode("a", "b").type_ids)
     return rows, fast, tk.get_vocab_size()
 
 
-def test_finetune_of_text_pairs(tmp_path):
+@pytest.mark.parametrize("typed", [False, True])
+def test_finetune_of_text_pairs(tmp_path, typed):
     """A classifier of (text, text_pair) rows: the pairs tokenized as transformers' RoBERTa
     tokenizer does (no token types: RoBERTa has one), trained, saved, and the saved model and
-    tokenizer run by transformers give the engine's logits."""
-    rows, tok, V = _tokenizer_dir(tmp_path)
+    tokenizer run by transformers give the engine's logits (the saved tokenizer does not hand
+    transformers a template's type ids, which would index past the one-row table)."""
+    rows, tok, V = _tokenizer_dir(tmp_path, typed)
     hf = hf_model(vocab_size=V, max_position_embeddings=66, hidden_size=40, num_attention_heads=4)
     d = saved(hf, tmp_path)
     tok.save_pretrained(d)

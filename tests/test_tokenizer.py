@@ -455,6 +455,10 @@ def test_gguf_pre_tokenizers_match_transformers(tmp_path, trained, pre):
     for text in C.PROSE + C.SPECIALS:
         assert again.encode(text) == ref2.encode(text) == ours.encode(text), text[:80]
     assert again.chat_prompt([{"role": "user", "content": "q"}]) == "q"
+    # its pair template types the second text, but a causal LM takes no token types (its
+    # generate() refuses them): transformers is not told to give them
+    assert any(ours._tk.encode("a", "b").type_ids)
+    assert list(ref2("q").keys()) == ["input_ids", "attention_mask"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@ classifier and drops the pretraining heads (BERT's "cls.*", masked-LM and next-s
 RoBERTa's "lm_head.*"), as transformers does when it loads such a file for classification.
 
 RoBERTa is BERT's layout with three differences the engine covers: positions count from the
-pad id + 1 (Config.position_offset: the table keeps its first rows, saved back as they were),
+pad id + 1 (Config.position_offset: the table keeps its first rows, saved back as they were;
+transformers also gives a pad token inside a text the pad's position and shifts the ones after
+it, the engine counts straight on: the two differ only for a text holding the pad token),
 one token type (pairs of texts are told apart by separators alone), and the classifier head
 (dense + tanh on the first token, then out_proj) is BERT's pooler + classifier under other
 names ("classifier.dense", "classifier.out_proj"; a RobertaModel's own pooler is
@@ -55,8 +57,8 @@ def config_from_hf(hf: dict, get, head: bool = True) -> Config:
                               "from it)")
         pad = get(hf, "pad_token_id", "id", 1)
         extra = dict(model_type=mt, position_offset=pad + 1, pad_token_id=pad,
-                     bos_token_id=get(hf, "bos_token_id", "id", None),
-                     eos_token_id=get(hf, "eos_token_id", "id", None))
+                     bos_token_id=get(hf, "bos_token_id", "id", 0),     # (RobertaConfig's
+                     eos_token_id=get(hf, "eos_token_id", "id", 2))     # defaults)
     return Config.bert(vocab_size=get(hf, "vocab_size", "size"),
                        n_layer=get(hf, "num_hidden_layers", "size"), n_head=n_head, d_model=d,
                        d_ff=get(hf, "intermediate_size", "size"),
