@@ -137,7 +137,8 @@ def main(argv=None):
     i = sub.add_parser("inspect", help="parameters, layers, trainable set and cost per layer")
     i.add_argument("--model", required=True, help=MODEL_HELP)
     i.add_argument("--train-last", type=int, metavar="K", help="show the trainable set of train_last(K)")
-    i.add_argument("--seq-len", type=int, default=256, help="sequence length for the cost estimate")
+    i.add_argument("--seq-len", type=int, help="sequence length for the cost estimate (default "
+                   "256, or the model's context if shorter)")
     i.add_argument("--batch-size", type=int, default=4, help="batch size for the cost estimate")
     i.add_argument("--target-fraction", type=float, default=1.0, metavar="F",
                    help="share of positions that carry a loss (chat data with masked prompts and "
@@ -416,6 +417,8 @@ def _inspect(a):
     _check_flags(*_sizes(a), ("--target-fraction", a.target_fraction, lambda v: 0.0 < v <= 1.0,
                               "in (0, 1]"))
     model = load(a.model)
+    if a.seq_len is None:
+        a.seq_len = min(256, model.config.context_length)
     check_seq_len(a.seq_len, model.config)
     if model.config.encoder:
         if model.config.labels is None:

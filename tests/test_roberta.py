@@ -3,6 +3,7 @@ states of padded batches (positions counted from the pad id + 1), the loss and e
 with the embeddings trainable, files saved back that transformers loads, a masked-LM checkpoint
 loaded as a classifier, and `tailtune finetune` of text pairs with a byte-level BPE tokenizer."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import engine
 from engine.cli import main as cli
 from conftest import hf_grads_as_engine
 
+CLAIMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "claims")
 LABELS = ["billing", "claim", "fraud"]
 # odd sizes: heads of 10, a width and sequence lengths no kernel block divides
 CFG = dict(vocab_size=97, hidden_size=50, num_hidden_layers=3, num_attention_heads=5,
@@ -208,7 +210,7 @@ def _tokenizer_dir(tmp_path, typed=False):
     typed: a template that numbers the second text 1 (RoBERTa's own gives it 0)."""
     import tokenizers
     from tokenizers import decoders, models, pre_tokenizers, processors, trainers
-    rows = [json.loads(x) for x in open("examples/claims/category_train.jsonl")][:200]
+    rows = [json.loads(x) for x in open(os.path.join(CLAIMS, "category_train.jsonl"))][:200]
     tk = tokenizers.Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
@@ -266,3 +268,34 @@ def test_finetune_of_text_pairs(tmp_path, typed):
     assert types is None
     assert tokens.tolist() == enc["input_ids"].tolist()
     np.testing.assert_allclose(model.forward(tokens, lengths=lengths), want, rtol=1e-4, atol=1e-5)
+
+
+def test_sentence_embeddings_and_inspect(tmp_path, capsys, monkeypatch):
+    """A RoBERTa sentence encoder trains on (anchor, positive) pairs, its frozen prefix cached
+    on disk, and saves a RobertaModel whose hidden states transformers reproduces; `inspect`
+    costs a model whose context (38) is below its default length (256)."""
+    monkeypatch.setenv("TAILTUNE_CACHE", str(tmp_path / "cache"))
+    rows, tok, V = _tokenizer_dir(tmp_path)
+    d = saved(hf_model(kind="encoder", vocab_size=V, max_position_embeddings=66,
+                       hidden_size=40, num_attention_heads=4), tmp_path)
+    tok.save_pretrained(d)
+    data = tmp_path / "pairs.jsonl"
+    with open(data, "w") as f:
+        for r in rows[:40]:
+            f.write(json.dumps({"anchor": r["text"].split(". ")[0], "positive": r["text"]}) + "\n")
+    out = tmp_path / "run"
+    assert cli(["finetune", "--model", d, "--data", str(data), "--train-last", "1", "--steps", "6",
+                "--batch-size", "8", "--seq-len", "64", "--prefix-cache", "disk",
+                "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["prefix_cache"]["storage"] == "disk" and summary["prefix_cache"]["start"] == 2
+    back = transformers.AutoModel.from_pretrained(out / "model").eval()
+    assert type(back).__name__ == "RobertaModel"
+    tokens = np.random.default_rng(4).integers(3, V, (2, 20))
+    with torch.no_grad():
+        want = back(input_ids=torch.tensor(tokens)).last_hidden_state.numpy()
+    np.testing.assert_allclose(engine.load(str(out / "model")).forward(tokens), want,
+                               rtol=1e-4, atol=1e-4)
+    capsys.readouterr()
+    assert cli(["inspect", "--model", saved(hf_model(), tmp_path, "clf"), "--train-last", "1"]) == 0
+    assert "full fine-tuning would be" in capsys.readouterr().out
