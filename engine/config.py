@@ -55,6 +55,8 @@ class Config:
     type_vocab_size: int = 0        # token-type (segment) embeddings, added to every position; 0 = none
     position_offset: int = 0        # the learned position table's row of a sequence's first token
                                     # (RoBERTa: its pad id + 1); the rows below are never read
+    pooler_act: str = "tanh"        # an encoder's pooler activation: "tanh" (BERT, RoBERTa) or
+                                    # "relu" (DistilBERT's pre_classifier)
     labels: list[str] | None = None  # an encoder's classifier head (a pooler on the first
                                      # position, then one logit per label); None = no head:
                                      # forward gives the last hidden states
@@ -110,7 +112,8 @@ class Config:
         if self.n_head % self.n_kv_head:
             raise ConfigError(f"n_head={self.n_head} must be a multiple of n_kv_head={self.n_kv_head}")
         choices = {"model_type": FAMILIES, "norm": ("layernorm", "rmsnorm"),
-                   "mlp": ("gelu", "gelu_erf", "swiglu"), "positions": ("learned", "rope")}
+                   "mlp": ("gelu", "gelu_erf", "swiglu"), "positions": ("learned", "rope"),
+                   "pooler_act": ("tanh", "relu")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"Config.{name}={getattr(self, name)!r}; expected one of {allowed}")
@@ -295,6 +298,8 @@ class Config:
                 d.pop(k)
         if d["causal"]:
             d.pop("causal")
+        if d["pooler_act"] == "tanh":
+            d.pop("pooler_act")
         return d
 
     @classmethod
@@ -334,11 +339,15 @@ FAMILY_FIELDS = {
     "smollm3": dict(norm="rmsnorm", mlp="swiglu", positions="rope", qk_norm=False,
                     sliding_window=None, **_DECODER),
     # (labels is free: a classifier head or none; mlp gelu_erf, or gelu (tanh))
-    "bert": dict(position_offset=0, **_ENCODER),
+    "bert": dict(position_offset=0, pooler_act="tanh", **_ENCODER),
     # BERT's layout; positions from the pad id + 1 (position_offset), one token type, and the
     # classifier head (dense + tanh on the first token, then out_proj) is the pooler's math
-    "roberta": dict(**_ENCODER),
-    "xlm-roberta": dict(**_ENCODER),
+    "roberta": dict(pooler_act="tanh", **_ENCODER),
+    "xlm-roberta": dict(pooler_act="tanh", **_ENCODER),
+    # BERT's layout without token types; its classifier head's pre_classifier (ReLU) is the
+    # pooler's place; LayerNorm eps fixed at 1e-12
+    "distilbert": dict(position_offset=0, type_vocab_size=0, pooler_act="relu", mlp="gelu_erf",
+                       norm_eps=1e-12, **_ENCODER),
 }
 FAMILIES = tuple(FAMILY_FIELDS)   # the Hugging Face families loaded and saved
 _NOT_ARCHITECTURE = ("bos_token_id", "eos_token_id", "pad_token_id", "generation")

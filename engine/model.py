@@ -507,7 +507,8 @@ class Model:
 
     def _forward_encoder(self, tokens, targets, grad, hidden, start, lengths, types, keep_hidden):
         """An encoder's forward: the hidden states, or the classifier head's logits over the
-        first position (BERT's pooler: tanh of a linear map, then one logit per label), or with
+        first position (BERT's pooler: tanh (DistilBERT: ReLU) of a linear map, then one logit
+        per label), or with
         targets the mean cross-entropy."""
         c = self.config
         B, T = tokens.shape
@@ -534,7 +535,11 @@ class Model:
         t0 = perf_counter() if prof else 0.0
         P = self.params
         cls = np.ascontiguousarray(x[:, 0] if x.ndim == 3 else x)   # (B, C)
-        pooled = np.tanh(self.pooler.forward(P, cls))
+        pooled = self.pooler.forward(P, cls)
+        if c.pooler_act == "tanh":
+            np.tanh(pooled, out=pooled)
+        else:                                         # DistilBERT's pre_classifier: ReLU
+            np.maximum(pooled, 0, out=pooled)
         logits = self.classifier.forward(P, pooled)   # (B, K)
         if targets is None:
             return logits
@@ -765,7 +770,10 @@ class Model:
                                            below or any(n in G for n in self.pooler.names()))
         dcls = None
         if dpooled is not None:
-            dpooled *= 1 - pooled * pooled                  # through tanh
+            if self.config.pooler_act == "tanh":
+                dpooled *= 1 - pooled * pooled
+            else:
+                dpooled *= pooled > 0
             dcls = self.pooler.backward(P, G, dpooled, tape["cls"], below)
         if prof:
             prof.add("head", "backward", perf_counter() - t0)
@@ -855,9 +863,11 @@ class Model:
             raise InputError(f"with_classifier labels must be a list of class names, got the "
                              f"string {labels!r}")
         cfg = dataclasses.replace(c, labels=list(labels) if labels is not None else None)
-        # RoBERTa's classifier has its own dense layer where BERT's has the pooler, and a
-        # RobertaModel's pooler is not it (transformers starts it anew): both heads go
-        heads = ("classifier.",) if c.model_type == "bert" else ("classifier.", "pooler.")
+        # RoBERTa's (DistilBERT's) classifier has its own dense layer where BERT's has the
+        # pooler, and a headless model's pooler is not it (a RobertaModel's, which transformers
+        # does not use; a DistilBertModel has none): from one of those, both heads start anew
+        heads = (("classifier.",) if c.model_type == "bert" or c.labels is not None
+                 else ("classifier.", "pooler."))
         params = {n: a for n, a in self.params.items() if not n.startswith(heads)}
         params.update(new_head(cfg, params, seed))
         return Model(cfg, params)

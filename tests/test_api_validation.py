@@ -156,7 +156,8 @@ def test_adamw_arguments(model):
     (dict(attn_out_bias="no"), r"Config.attn_out_bias must be True or False, got 'no'"),
     (dict(model_type="gemma3"), r"Config.model_type='gemma3'; expected one of \('gpt2', 'llama', "
                                 r"'mistral', 'phi3', 'qwen2', 'qwen3', 'smollm3', 'bert', 'roberta', "
-                                r"'xlm-roberta'\)"),
+                                r"'xlm-roberta', 'distilbert'\)"),
+    (dict(pooler_act="gelu"), r"Config.pooler_act='gelu'; expected one of \('tanh', 'relu'\)"),
     (dict(position_offset=-1), r"Config.position_offset must be an integer from 0 to max_seq_len"),
     (dict(position_offset=2, positions="rope"), r"position_offset needs learned positions"),
     (dict(sliding_window=0), r"Config.sliding_window must be a positive integer, got 0"),

@@ -24,15 +24,19 @@ from ..config import Config
 from ..errors import CheckpointError, ConfigError
 
 _GELUS = {"gelu": "gelu_erf", "gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu_fast": "gelu"}
-TYPES = ("bert", "roberta", "xlm-roberta")                  # the model_types read here
-_CLASS = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta"}   # transformers'
-_PREFIX = {"bert": "bert.", "roberta": "roberta.", "xlm-roberta": "roberta."}  # a task model's
+TYPES = ("bert", "roberta", "xlm-roberta", "distilbert")    # the model_types read here
+_CLASS = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta",   # transformers'
+          "distilbert": "DistilBert"}
+_PREFIX = {"bert": "bert.", "roberta": "roberta.", "xlm-roberta": "roberta.",  # a task model's
+           "distilbert": "distilbert."}
 
 
 def config_from_hf(hf: dict, get, head: bool = True) -> Config:
     """`get` is hf_names._get (checked lookups). head=False: the file's classifier head is not
     wanted (labels of the caller's replace it), so its kind is not checked either."""
     mt = hf.get("model_type", "bert")
+    if mt == "distilbert":
+        return _distilbert_config(hf, get, head)
     act = hf.get("hidden_act", "gelu")
     if act not in _GELUS:
         raise ConfigError(f"{mt} hidden_act {act!r} is not supported (only {sorted(_GELUS)})")
@@ -69,6 +73,28 @@ def config_from_hf(hf: dict, get, head: bool = True) -> Config:
                        labels=_labels(hf) if head else None, **extra)
 
 
+def _distilbert_config(hf: dict, get, head: bool) -> Config:
+    """DistilBertConfig's own field names; no token types, LayerNorm eps 1e-12 (fixed in its
+    code), the classifier's pre_classifier + ReLU in the pooler's place."""
+    act = hf.get("activation", "gelu")
+    if act != "gelu":
+        raise ConfigError(f"distilbert activation {act!r} is not supported (only 'gelu')")
+    if hf.get("sinusoidal_pos_embds"):
+        raise ConfigError("distilbert sinusoidal_pos_embds is not supported (only learned "
+                          "positions)")
+    d, n_head = get(hf, "dim", "size", 768), get(hf, "n_heads", "size", 12)
+    if d % n_head:
+        raise ConfigError(f"config.json: dim={d} is not a multiple of n_heads={n_head}")
+    return Config.bert(model_type="distilbert", vocab_size=get(hf, "vocab_size", "size", 30522),
+                       n_layer=get(hf, "n_layers", "size", 6), n_head=n_head, d_model=d,
+                       d_ff=get(hf, "hidden_dim", "size", 3072),
+                       max_seq_len=get(hf, "max_position_embeddings", "size", 512),
+                       type_vocab_size=0, norm_eps=1e-12, mlp="gelu_erf", pooler_act="relu",
+                       init_std=get(hf, "initializer_range", "number", 0.02),
+                       labels=_labels(hf) if head else None,
+                       pad_token_id=get(hf, "pad_token_id", "id", 0))
+
+
 def _labels(hf: dict) -> list[str] | None:
     """A sequence classifier's class names in logit order (id2label), else None."""
     archs = hf.get("architectures") or []
@@ -97,6 +123,8 @@ def _labels(hf: dict) -> list[str] | None:
 
 def config_to_hf(cfg: Config, ids: dict) -> dict:
     mt = cfg.model_type
+    if mt == "distilbert":
+        return _distilbert_to_hf(cfg, ids)
     if cfg.mlp not in ("gelu", "gelu_erf"):
         raise ConfigError(f"cannot save as {mt}: it needs mlp 'gelu_erf' or 'gelu', this model "
                           f"has {cfg.mlp!r}")
@@ -128,8 +156,48 @@ def config_to_hf(cfg: Config, ids: dict) -> dict:
     return hf
 
 
+def _distilbert_to_hf(cfg: Config, ids: dict) -> dict:
+    """(Config fields DistilBERT fixes, checked by the family's fields before this.)"""
+    if cfg.n_kv_head != cfg.n_head or cfg.head_dim * cfg.n_head != cfg.d_model:
+        raise ConfigError("cannot save as distilbert: it needs n_kv_head == n_head and head_dim "
+                          "* n_head == d_model")
+    hf = {"model_type": "distilbert",
+          "architectures": ["DistilBertForSequenceClassification" if cfg.labels else "DistilBertModel"],
+          "vocab_size": cfg.vocab_size, "dim": cfg.d_model, "n_layers": cfg.n_layer,
+          "n_heads": cfg.n_head, "hidden_dim": cfg.d_ff, "activation": "gelu",
+          "max_position_embeddings": cfg.max_seq_len, "sinusoidal_pos_embds": False,
+          "initializer_range": cfg.init_std, "torch_dtype": "float32",
+          "pad_token_id": ids["pad_token_id"]}
+    if cfg.labels:
+        hf["id2label"] = {str(i): n for i, n in enumerate(cfg.labels)}
+        hf["label2id"] = {n: i for i, n in enumerate(cfg.labels)}
+        hf["problem_type"] = "single_label_classification"
+    return hf
+
+
+def _distilbert_map(cfg: Config, prefix: str) -> dict[str, str]:
+    m = {"wte.weight": "embeddings.word_embeddings.weight",
+         "wpe.weight": "embeddings.position_embeddings.weight",
+         "ln_e.weight": "embeddings.LayerNorm.weight", "ln_e.bias": "embeddings.LayerNorm.bias"}
+    parts = (("attn.q", "attention.q_lin"), ("attn.k", "attention.k_lin"),
+             ("attn.v", "attention.v_lin"), ("attn.o", "attention.out_lin"),
+             ("ln1", "sa_layer_norm"), ("mlp.up", "ffn.lin1"), ("mlp.down", "ffn.lin2"),
+             ("ln2", "output_layer_norm"))
+    for i in range(cfg.n_layer):
+        for e, h in parts:
+            for w in ("weight", "bias"):
+                m[f"blocks.{i}.{e}.{w}"] = f"transformer.layer.{i}.{h}.{w}"
+    m = {e: prefix + h for e, h in m.items()}
+    if cfg.labels:   # (a DistilBertModel has no pooler: the engine's is not saved)
+        m.update({f"{e}.{w}": f"{h}.{w}" for e, h in (("pooler", "pre_classifier"),
+                  ("classifier", "classifier")) for w in ("weight", "bias")})
+    return m
+
+
 def name_map(cfg: Config, prefix: str) -> dict[str, str]:
     """engine name -> HF name of the encoder (and the pooler); the classifier is not prefixed."""
+    if cfg.model_type == "distilbert":
+        return _distilbert_map(cfg, prefix)
     m = {"wte.weight": "embeddings.word_embeddings.weight",
          "wpe.weight": "embeddings.position_embeddings.weight",
          "ln_e.weight": "embeddings.LayerNorm.weight", "ln_e.bias": "embeddings.LayerNorm.bias"}
@@ -164,7 +232,8 @@ def other_head(cfg: Config, name: str) -> bool:
     """A tensor of the file's classifier that labels other than its own replace (BERT's
     classifier; RoBERTa's out_proj: its dense layer, the pooler's math, is kept as BERT's
     pooler is)."""
-    return name.startswith("classifier.out_proj." if cfg.model_type != "bert" else "classifier.")
+    return name.startswith("classifier.out_proj." if cfg.model_type in ("roberta", "xlm-roberta")
+                           else "classifier.")
 
 
 def to_engine(cfg: Config, get, names, fetch, expect) -> dict[str, np.ndarray]:
@@ -186,6 +255,9 @@ def to_engine(cfg: Config, get, names, fetch, expect) -> dict[str, np.ndarray]:
             old = h.replace(".weight", ".gamma").replace(".bias", ".beta")
             h = old if old in names else h
         out[e] = fetch(get, names, h)
+    if cfg.model_type == "distilbert" and not cfg.labels:
+        from ..model import new_head
+        out.update(new_head(cfg, out))   # a DistilBertModel has no pooler: one for the engine
     if new:
         from ..model import new_head
         out.update(new_head(cfg, out))
@@ -196,7 +268,7 @@ def to_engine(cfg: Config, get, names, fetch, expect) -> dict[str, np.ndarray]:
               "weights (train them)", file=sys.stderr, flush=True)
     for e, shape in (("wte.weight", (cfg.vocab_size, cfg.d_model)),
                      ("wpe.weight", (cfg.max_seq_len, cfg.d_model))):
-        expect(out[e], shape, prefix + name_map(cfg, "")[e])
+        expect(out[e], shape, name_map(cfg, prefix)[e])
     return out
 
 
@@ -208,6 +280,8 @@ def dropped(cfg: Config, name: str) -> bool:
     bare = name[len(p):] if name.startswith(p) else name
     if cfg.model_type == "bert":
         return bare.startswith(("cls.", "classifier."))
+    if cfg.model_type == "distilbert":   # (its masked-LM head: vocab_*)
+        return bare.startswith(("vocab_", "pre_classifier.", "classifier."))
     return bare.startswith(("lm_head.", "classifier.")) or bool(cfg.labels) and bare.startswith("pooler.")
 
 
