@@ -57,9 +57,12 @@ class Config:
                                     # (RoBERTa: its pad id + 1); the rows below are never read
     pooler_act: str = "tanh"        # an encoder's pooler activation: "tanh" (BERT, RoBERTa) or
                                     # "relu" (DistilBERT's pre_classifier)
-    labels: list[str] | None = None  # an encoder's classifier head (a pooler on the first
-                                     # position, then one logit per label); None = no head:
-                                     # forward gives the last hidden states
+    labels: list[str] | None = None  # a sequence classifier's classes. An encoder: a pooler on
+                                     # the first position, then one logit per label; None = no
+                                     # head: forward gives the last hidden states. A causal LM:
+                                     # one logit per label from its last token after the final
+                                     # norm (Hugging Face's *ForSequenceClassification "score"),
+                                     # in place of the LM head
     init_std: float = 0.02          # std of the normal init of weights for models built from scratch
     # Not architecture: carried from the loaded files to the saved ones, so that transformers
     # generates (and stops) as it did with the source. None = unknown.
@@ -179,9 +182,6 @@ class Config:
                     or not all(isinstance(x, str) and x for x in lb) or len(set(lb)) != len(lb)):
                 raise ConfigError(f"Config.labels must be a list of two or more distinct "
                                   f"non-empty strings (the classes), got {reprlib.repr(lb)}")
-            if self.causal is not False:
-                raise ConfigError("Config.labels (a classifier head) needs an encoder "
-                                  "(causal=False)")
         if self.causal is False and self.tie_embeddings is not False:
             raise ConfigError("an encoder (causal=False) has no LM head to tie: set "
                               "tie_embeddings=False")
@@ -315,8 +315,8 @@ class Config:
 
 # What makes a model each family (model_type), as Config fields: saving in a family's Hugging
 # Face or GGUF layout needs them. Fields a family leaves open (llama's biases) are not listed.
-_DECODER = dict(causal=True, post_norm=False, embed_norm=False, type_vocab_size=0, labels=None,
-                position_offset=0)
+_DECODER = dict(causal=True, post_norm=False, embed_norm=False, type_vocab_size=0,
+                position_offset=0)   # (labels free: an LM head, or a sequence classifier's)
 _ENCODER = dict(norm="layernorm", positions="learned", attn_bias=True, attn_out_bias=True,
                 mlp_bias=True, qk_norm=False, no_rope_blocks=None, sliding_window=None,
                 tie_embeddings=False, causal=False, post_norm=True, embed_norm=True)

@@ -44,15 +44,17 @@ EMBEDDINGS = ("wte.", "wpe.", "wtt.", "ln_e.")   # parameters of the embedding s
 
 
 def new_head(cfg: Config, params: dict, seed: int = 0) -> dict:
-    """The classifier head's parameters missing from `params` (the pooler, the classifier),
-    as transformers initializes them: N(0, init_std) weights drawn from `seed`, zero biases."""
+    """The classifier head's parameters missing from `params` (an encoder's pooler, the
+    classifier), as transformers initializes them: N(0, init_std) weights drawn from `seed`,
+    zero biases (a causal LM's classifier, transformers' "score", has none)."""
     rng = np.random.default_rng(seed)
     C, out = cfg.d_model, {}
-    for name, rows in (("pooler", C), ("classifier", len(cfg.labels or ()))):
+    for name, rows in (("pooler", C if cfg.encoder else 0), ("classifier", len(cfg.labels or ()))):
         if rows and name + ".weight" not in params:
             out[name + ".weight"] = (rng.standard_normal((rows, C), dtype=np.float32)
                                      * np.float32(cfg.init_std))
-            out[name + ".bias"] = np.zeros(rows, np.float32)
+            if cfg.encoder:
+                out[name + ".bias"] = np.zeros(rows, np.float32)
     return out
 
 
@@ -91,12 +93,15 @@ class Model:
         self.blocks = [Block(c, i) for i in range(c.n_layer)]
         self.ln_f = None if c.post_norm else Norm(c, "ln_f")
         self.ln_e = Norm(c, "ln_e") if c.embed_norm else None
-        # the LM head's weight; an encoder has none (a classifier head, or no head at all)
-        self.head = None if c.encoder else "wte.weight" if c.tie_embeddings else "lm_head.weight"
+        # the LM head's weight; an encoder, or a causal LM with labels, has none (a classifier
+        # head, or no head at all)
+        self.head = (None if c.encoder or c.labels is not None else
+                     "wte.weight" if c.tie_embeddings else "lm_head.weight")
         # an encoder's pooler (BERT's, on the first position) is there with or without a head
-        # (transformers' BertModel has it); the classifier comes with labels
+        # (transformers' BertModel has it); the classifier comes with labels (a causal LM's:
+        # on its last token, no bias)
         self.pooler = Linear("pooler", c.d_model, c.d_model, True) if c.encoder else None
-        self.classifier = (Linear("classifier", c.d_model, len(c.labels), True)
+        self.classifier = (Linear("classifier", c.d_model, len(c.labels), c.encoder)
                            if c.labels is not None else None)
         self.shapes = self._shapes()
         self.params = self._init(seed) if params is None else self._checked(params)
@@ -120,7 +125,7 @@ class Model:
         for m in (self.ln_e, *self.blocks, self.ln_f, self.pooler, self.classifier):
             if m is not None:
                 s.update(m.shapes())
-        if not c.encoder and not c.tie_embeddings:
+        if self.head == "lm_head.weight":
             s["lm_head.weight"] = (c.vocab_size, c.d_model)
         return s
 
@@ -391,11 +396,11 @@ class Model:
         return np.ascontiguousarray(a, dtype=np.int64)
 
     def _labels(self, targets, B: int):
-        """An encoder's targets: (B,) class indices (or -100: ignored) as int64."""
+        """A classifier's targets: (B,) class indices (or -100: ignored) as int64."""
         K = len(self.config.labels)
         t = np.asarray(targets)
         if t.dtype.kind not in "iu" or t.shape != (B,):
-            raise InputError(f"an encoder's targets are {B} class indices (one per sequence, "
+            raise InputError(f"a classifier's targets are {B} class indices (one per sequence, "
                              f"0..{K - 1}), got {t.dtype} of shape {t.shape}")
         bad = (t < 0) | (t >= K)
         if t.dtype.kind == "i":
@@ -426,6 +431,11 @@ class Model:
         types = self._types(types, (B, T))
         if self.config.encoder:
             return self._forward_encoder(tokens, targets, grad, hidden, start, lengths, types, keep)
+        if self.config.labels is not None:
+            if keep:
+                raise InputError("keep=True is for an encoder without a head; this model is a "
+                                 "classifier: give targets")
+            return self._forward_scores(tokens, targets, grad, hidden, start, lengths, types)
         if keep:
             raise InputError("keep=True is for an encoder without a head (backward(dhidden=)); "
                              "a causal LM keeps what backward needs given targets")
@@ -560,6 +570,65 @@ class Model:
             prof.add("head", "forward", perf_counter() - t0)
         return float(losses.sum(dtype=np.float64) / n)
 
+    def _forward_scores(self, tokens, targets, grad, hidden, start, lengths, types):
+        """A causal LM's sequence classifier (transformers' *ForSequenceClassification): class
+        logits (B, K) from each sequence's last token (lengths - 1; padding on the right) after
+        the final norm, or with targets (B,) the mean cross-entropy. The top block runs its
+        projection and MLP on those B rows only."""
+        c = self.config
+        B, T = tokens.shape
+        if targets is not None:
+            targets = self._labels(targets, B)
+        keep = targets is not None and grad and bool(self.grads)
+        low, x, emb, start = self._start(tokens, keep, hidden, start, types)
+        rope = self._rope_tables(T)
+        last = np.arange(B) * T + ((lengths - 1) if lengths is not None else T - 1)
+        x, saved = self._run_blocks(x, start, low, keep, rope, last, lengths)
+        prof = layers.PROFILE
+        t0 = perf_counter() if prof else 0.0
+        P = self.params
+        x2 = x if x.ndim == 2 else np.ascontiguousarray(x.reshape(-1, c.d_model)[last])
+        h, st = self.ln_f.forward(P, x2)                # (B, C)
+        logits = self.classifier.forward(P, h)          # (B, K)
+        if targets is None:
+            return logits
+        n = int((targets != IGNORE).sum())
+        if n == 0:   # nothing to average, as torch: NaN, and a backward that adds nothing
+            if keep:
+                self._tape = dict(empty=True, weights=self._weights_now())
+            return float("nan")
+        losses, lse = np.empty(B, np.float32), np.empty(B, np.float32)
+        if keep:   # the logits become their gradient, in place
+            crossentropy_forward_backward(logits, targets, losses, lse, 1.0 / n)
+            self._tape = dict(scores=True, tokens=tokens, saved=saved, low=low, x=x2, st=st,
+                              h=h, dlogits=logits, emb=emb, types=types, rope=rope,
+                              weights=self._weights_now(), empty=False)
+        else:
+            crossentropy_forward(logits, targets, losses, lse)
+        if prof:
+            prof.add("head", "forward", perf_counter() - t0)
+        return float(losses.sum(dtype=np.float64) / n)
+
+    def _scores_backward(self, tape, scale):
+        """Through a causal LM's classifier and final norm: their gradients, and the gradient
+        of the top block's output at the last tokens (B, C), or None when nothing below trains."""
+        P, G = self.params, self.grads
+        prof = layers.PROFILE
+        t0 = perf_counter() if prof else 0.0
+        dlog = tape["dlogits"]
+        if scale != 1.0:
+            dlog *= np.float32(scale)
+        below = tape["low"] < self.config.n_layer
+        dh = self.classifier.backward(P, G, dlog, tape["h"],
+                                      below or any(n in G for n in self.ln_f.names()))
+        dx = None
+        if dh is not None:
+            dx = np.zeros_like(dh)
+            self.ln_f.backward(P, G, dh, tape["x"], tape["st"], dx)
+        if prof:
+            prof.add("head", "backward", perf_counter() - t0)
+        return dx if below else None
+
     @_blas_one_thread
     def prefix(self, tokens, upto: int, hidden=None, start: int = 0, lengths=None, types=None):
         """The input of block `upto` (B, T, d_model): embeddings and blocks below it, run
@@ -597,6 +666,9 @@ class Model:
         if c.encoder:
             raise InputError("an encoder (bidirectional attention) does not generate text: it "
                              "has no KV cache")
+        if c.labels is not None:
+            raise InputError("a sequence classifier (labels) does not generate text: it has no "
+                             "LM head")
         for what, v in (("batch", batch), ("length", length)):
             if not is_int(v) or v < 1:
                 raise InputError(f"new_cache {what} must be a positive integer, got {v!r}")
@@ -737,6 +809,9 @@ class Model:
             return
         if tape.get("encoder"):
             self._backward_blocks(tape, self._classifier_backward(tape, scale))
+            return
+        if tape.get("scores"):
+            self._backward_blocks(tape, self._scores_backward(tape, scale))
             return
         P, G = self.params, self.grads
         prof = layers.PROFILE

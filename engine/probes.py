@@ -105,8 +105,9 @@ def block_costs(model, B: int, T: int, everything: bool = False,
     top block after its attention, run on those alone (Model.forward)."""
     c = model.config
     N = B * T
-    if c.labels is not None:   # the classifier reads the first position: the top block's rows
-        target_rows = B        # after attention (a head-less encoder's objective reads them all)
+    if c.labels is not None:   # the classifier reads one position (an encoder's first, a causal
+        target_rows = B        # LM's last): the top block's rows after attention (a head-less
+                               # encoder's objective reads them all)
     M = N if target_rows is None else target_rows
     top_rows = 0 < M < N                           # the top block hands on the target rows only
     stats = 1 if c.norm == "rmsnorm" else 2        # per row and norm: rstd (and the mean)
@@ -150,6 +151,9 @@ def block_costs(model, B: int, T: int, everything: bool = False,
         if c.labels is not None:
             rows.append(_classifier_costs(model, B, G, low))
         return rows
+    if c.labels is not None:
+        rows.append(_score_costs(model, B, G, low))
+        return rows
     head = 2 * M * c.d_model * c.vocab_size
     Nh = M if top_rows else N                      # rows reaching the final norm
     need_dh = low < c.n_layer or any(n in G for n in model.ln_f.names())
@@ -192,6 +196,24 @@ def _classifier_costs(model, B: int, G, low: int) -> dict:
             "fwd_flops": fwd, "dx_flops": (2 * B * C * K + (2 * B * C * C if below else 0)),
             "dw_flops": dw, "kept_bytes": 4 * B * (2 * C + K),
             "fwd_bytes": 4 * B * (3 * C + 2 * K), "bwd_bytes": 4 * B * (3 * C + 2 * K),
+            "attn_fwd_flops": 0, "attn_bwd_flops": 0}
+
+
+def _score_costs(model, B: int, G, low: int) -> dict:
+    """A causal LM classifier's head row: the final norm and the classifier ("score"), on the
+    last position of each of the B sequences."""
+    c = model.config
+    C, K = c.d_model, len(c.labels)
+    names = [*model.ln_f.names(), "classifier.weight"]
+    stats = 1 if c.norm == "rmsnorm" else 2
+    need_dh = low < c.n_layer or any(n in G for n in model.ln_f.names())
+    return {"layer": "ln_f + score", "params": sum(model.params[n].size for n in names),
+            "trainable": any(n in G for n in names),
+            "opt_bytes": _ADAMW_BYTES * sum(model.params[n].size for n in names if n in G),
+            "fwd_flops": 2 * B * C * K, "dx_flops": 2 * B * C * K if need_dh else 0,
+            "dw_flops": 2 * B * C * K if "classifier.weight" in G else 0,
+            "kept_bytes": 4 * B * (2 * C + K + stats),
+            "fwd_bytes": 4 * B * (3 * C + 2 * K), "bwd_bytes": 4 * B * (5 * C + 2 * K) if need_dh else 0,
             "attn_fwd_flops": 0, "attn_bwd_flops": 0}
 
 
@@ -471,8 +493,9 @@ def measure(model, B: int, T: int, steps: int = 3, seed: int = 0, between=None,
     if target_rows is not None:   # the first positions carry no loss, as a chat's prompts
         y.reshape(-1)[:B * T - target_rows] = IGNORE
     dh = None
-    if c.encoder:   # a class per sequence; a head-less encoder's objective is outside it: a
-        y = rng.integers(0, len(c.labels), B) if c.labels else None   # gradient of its states
+    if c.encoder or c.labels:   # a class per sequence; a head-less encoder's objective is
+        # outside it: a gradient of its states
+        y = rng.integers(0, len(c.labels), B) if c.labels else None
         dh = None if c.labels else rng.standard_normal((B, T, c.d_model), dtype=np.float32) * 1e-3
     saved = {n: model.params[n].copy() for n in model.grads}
     updated = dict(model._updated)   # restored with the weights: nothing changed for a cache
@@ -667,15 +690,17 @@ def measured_costs(model, B: int, T: int, steps: int = 3, target_rows: int | Non
                             {_layer_of(n) for n in model.params
                              if n.startswith(EMBEDDINGS) and n != model.head})})
             continue
-        if r["layer"] == "classifier":   # an encoder's head: pooler, classifier and the loss
-            out.append({"layer": "classifier", "fwd_pred": p["fwd"],
+        if r["layer"] in ("classifier", "ln_f + score"):
+            # a classifier's head (an encoder's pooler and classifier; a causal LM's final norm
+            # and classifier) and the loss
+            own = ("pooler", "classifier") if r["layer"] == "classifier" else ("ln_f", "classifier")
+            out.append({"layer": r["layer"], "fwd_pred": p["fwd"],
                         "fwd_meas": ms.get(("head", "forward"), 0.0), "bwd_pred": p["bwd"],
                         "bwd_meas": ms.get(("head", "backward"), 0.0),
                         "dw_pred": r["dw_flops"] / rate * 1e3,
-                        "dw_meas": ms.get(("pooler", "weight-grad"), 0.0)
-                        + ms.get(("classifier", "weight-grad"), 0.0), "opt_pred": p["opt"],
-                        "opt_meas": ms.get(("pooler", "optimizer"), 0.0)
-                        + ms.get(("classifier", "optimizer"), 0.0)})
+                        "dw_meas": sum(ms.get((L, "weight-grad"), 0.0) for L in own),
+                        "opt_pred": p["opt"],
+                        "opt_meas": sum(ms.get((L, "optimizer"), 0.0) for L in own)})
             continue
         if r["layer"].startswith("ln_f"):
             # the head's input- and weight-gradient GEMMs run in the fused forward; its

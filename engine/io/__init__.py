@@ -23,8 +23,9 @@ def load(path: str, labels=None):
     """A Model from a Hugging Face directory (config.json + *.safetensors; gpt2, llama,
     mistral, phi3, qwen2, qwen3, smollm3 or bert), a .gguf file (llama, qwen2, qwen3, smollm3,
     phi3 or gpt2), a directory written by Model.save, or a short name such as 'smollm2'.
-    labels (a BERT encoder only): the class names of a classifier head, kept from the file
-    when it has one for these labels, else started from random weights."""
+    labels: the class names of a sequence classifier (an encoder's head; a causal LM's on its
+    last token, in place of its LM head), kept from the file when it has one for these
+    labels, else started from random weights."""
     from ..model import Model
     from .resolve import resolve_model_path
     path = resolve_model_path(str(path))
@@ -40,10 +41,14 @@ def load_params(path: str, labels=None) -> tuple[Config, dict]:
     path = resolve_model_path(str(path))
     from .gguf import is_gguf, load_gguf   # by content too: a GGUF file need not end in .gguf
     if os.path.isfile(path) and (path.endswith(".gguf") or is_gguf(path)):
-        if labels is not None:
-            raise InputError(f"{path}: labels (a classifier head) need a BERT encoder; this is "
-                             "a GGUF causal LM")
-        return load_gguf(path)
+        cfg, params = load_gguf(path)
+        if labels is not None:   # (a GGUF file holds an LM: the classifier is new)
+            if isinstance(labels, str) or not hasattr(labels, "__iter__"):
+                raise InputError(f"labels must be a list of class names, got {labels!r}")
+            cfg = dataclasses.replace(cfg, labels=list(labels))
+            params = {n: a for n, a in params.items() if n != "lm_head.weight"}
+            params.update(hf_names._with_scores(cfg, None, (), params))
+        return cfg, params
     if os.path.isdir(path):
         return _load_hf_dir(path, labels)
     raise CheckpointError(f"{path}: not a model (expected a directory with config.json and "
@@ -78,9 +83,6 @@ def _load_hf_dir(path: str, labels=None) -> tuple[Config, dict]:
         if isinstance(labels, str) or not hasattr(labels, "__iter__"):
             raise InputError(f"labels must be a list of class names, got {labels!r}")
         cfg = hf_names.config_from_hf(hf, head=False)   # the file's head, of whatever kind, aside
-        if not cfg.encoder:
-            raise InputError(f"{path}: labels (a classifier head) need a BERT encoder; this is "
-                             f"a {cfg.model_type} causal LM")
         labels = list(labels)
         try:
             other_head = hf_names.config_from_hf(hf).labels != labels
@@ -104,19 +106,21 @@ def _load_hf_dir(path: str, labels=None) -> tuple[Config, dict]:
     def get(name):
         used.add(name)
         return _finite(where[name], name)
-    names = [n for n in where if not (other_head and hf_names.hf_bert.other_head(cfg, n))]
+    names = [n for n in where if not (other_head and (hf_names.hf_bert.other_head(cfg, n)
+                                                      if cfg.encoder else n == "score.weight"))]
     try:
         params = hf_names.to_engine(cfg, get, names)
     except CheckpointError as e:  # name the directory when the message does not already
         if str(e).startswith(path):
             raise
         raise CheckpointError(f"{path}: {e}") from None
-    if cfg.tie_embeddings and "lm_head.weight" in where:
+    if cfg.tie_embeddings and "lm_head.weight" in where and cfg.labels is None:
         cfg = _untie_a_distinct_head(path, cfg, params, get("lm_head.weight"))
     # a tensor with no place in the model (a block past config.json's layer count, an adapter)
     # means a model the engine would run wrongly; buffers transformers saves are not weights
     extra = sorted(n for n in set(where) - used if not n.endswith(_BUFFERS)
-                   and not (cfg.model_type in hf_names.hf_bert.TYPES and hf_names.hf_bert.dropped(cfg, n)))
+                   and not (cfg.model_type in hf_names.hf_bert.TYPES and hf_names.hf_bert.dropped(cfg, n))
+                   and not hf_names.dropped_for_scores(cfg, n))
     if extra:
         shown = ", ".join(extra[:8]) + (f" and {len(extra) - 8} more" if len(extra) > 8 else "")
         raise CheckpointError(f"{path}: tensors the {cfg.model_type} model of config.json "

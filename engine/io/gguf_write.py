@@ -50,11 +50,11 @@ def save_gguf(model, path, tokenizer, dtype: str = "F32", name: str | None = Non
     if os.path.isdir(path):
         raise InputError(f"{path} is a directory; a GGUF model is one file (name it, e.g. "
                          "model.gguf)")
+    cfg = model.config
+    _check_architecture(cfg)     # (first: no tokenizer makes an encoder's file possible)
     if tokenizer is None:
         raise InputError("a GGUF file carries its tokenizer (llama.cpp needs it): pass "
                          "tokenizer=engine.load_tokenizer(...) of the model")
-    cfg = model.config
-    _check_architecture(cfg)
     _check_params(model)
     gguf = _gguf()
     writer = gguf.GGUFWriter(None, gguf_arch(cfg))
@@ -119,6 +119,10 @@ def _check_architecture(cfg) -> None:
                "sentence-transformers load)" if cfg.model_type in FAMILY_FIELDS else "")
         raise ConfigError(f"GGUF export covers {', '.join(causal)} models, not "
                           f"{cfg.model_type!r}{why}")
+    if cfg.labels is not None:
+        raise ConfigError("GGUF export writes language models; this is a sequence classifier "
+                          "(labels): save it in the Hugging Face layout, which transformers loads "
+                          "as its *ForSequenceClassification")
     want = {**FAMILY_FIELDS[cfg.model_type], **_LLAMACPP_FIELDS.get(cfg.model_type, {})}
     for k, v in want.items():
         if getattr(cfg, k) != v:

@@ -9,6 +9,7 @@ q, k, v into one c_attn; both are undone on load and redone on save.
 from __future__ import annotations
 
 import reprlib
+import sys
 
 import numpy as np
 
@@ -69,7 +70,8 @@ def config_from_hf(hf: dict, head: bool = True) -> Config:
         if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights") is False:
             raise ConfigError("gpt2 attention scaling other than 1/sqrt(head_dim) is not supported")
         d = _get(hf, "n_embd", "size")
-        return Config.gpt2(vocab_size=_get(hf, "vocab_size", "size"),
+        return Config.gpt2(labels=hf_bert._labels(hf) if head else None,
+                           vocab_size=_get(hf, "vocab_size", "size"),
                            n_layer=_get(hf, "n_layer", "size"), n_head=_get(hf, "n_head", "size"),
                            d_model=d, d_ff=_get(hf, "n_inner", "size", None) or 4 * d,
                            max_seq_len=_get(hf, "n_positions", "size", 1024),
@@ -114,7 +116,8 @@ def config_from_hf(hf: dict, head: bool = True) -> Config:
         default = 4096 if mt == "mistral" else None
         extra["sliding_window"] = (None if hf.get("sliding_window", default) is None
                                    else _get(hf, "sliding_window", "size", default))
-    return family(vocab_size=_get(hf, "vocab_size", "size"),
+    return family(labels=hf_bert._labels(hf) if head else None,
+                  vocab_size=_get(hf, "vocab_size", "size"),
                   n_layer=n_layer, n_head=n_head,
                   # (MistralConfig's default is 8 key / value heads, the others' n_head)
                   n_kv_head=_get(hf, "num_key_value_heads", "size", None)
@@ -186,6 +189,20 @@ def _rope(mt: str, hf: dict, max_pos: int) -> tuple[float, dict | None]:
 
 
 def config_to_hf(cfg: Config) -> dict:
+    """config.json for transformers (see _config_to_hf); a causal LM with labels as its
+    *ForSequenceClassification, with id2label."""
+    hf = _config_to_hf(cfg)
+    if cfg.labels is not None and not cfg.encoder:
+        arch = hf["architectures"][0]
+        base = arch[:-len("LMHeadModel")] if arch.endswith("LMHeadModel") else arch[:-len("ForCausalLM")]
+        hf["architectures"] = [base + "ForSequenceClassification"]
+        hf["id2label"] = {str(i): n for i, n in enumerate(cfg.labels)}
+        hf["label2id"] = {n: i for i, n in enumerate(cfg.labels)}
+        hf["problem_type"] = "single_label_classification"
+    return hf
+
+
+def _config_to_hf(cfg: Config) -> dict:
     """config.json for transformers; refuses configs no such family holds. The token
     ids are written even when unknown (null): a missing one would become transformers' default
     (gpt2: 50256, llama: 1 and 2), which need not be a token of this model at all."""
@@ -256,7 +273,7 @@ def _require(cfg: Config, want: dict) -> None:
 def _llama_map(cfg: Config) -> dict[str, str]:
     """engine name -> HF name."""
     m = {"wte.weight": "model.embed_tokens.weight", "ln_f.weight": "model.norm.weight"}
-    if not cfg.tie_embeddings:
+    if not cfg.tie_embeddings and cfg.labels is None:
         m["lm_head.weight"] = "lm_head.weight"
     for i in range(cfg.n_layer):
         e, h = f"blocks.{i}.", f"model.layers.{i}."
@@ -321,7 +338,7 @@ def to_engine(cfg: Config, get, names) -> dict[str, np.ndarray]:
             at = np.cumsum([r for _, r in parts])[:-1]
             for (e, _), piece in zip(parts, np.split(a, at)):
                 out[e] = np.ascontiguousarray(piece)
-        return out
+        return _with_scores(cfg, get, names, out)
     prefix = "transformer." if any(n.startswith("transformer.") for n in names) else ""
     C, F = cfg.d_model, cfg.d_ff
 
@@ -352,9 +369,31 @@ def to_engine(cfg: Config, get, names) -> dict[str, np.ndarray]:
         out[e + "mlp.down.bias"] = g(h + "mlp.c_proj.bias", (C,))
     out["ln_f.weight"] = g("ln_f.weight", (C,))
     out["ln_f.bias"] = g("ln_f.bias", (C,))
-    if not cfg.tie_embeddings:
+    if not cfg.tie_embeddings and cfg.labels is None:
         out["lm_head.weight"] = _fetch(get, names, "lm_head.weight")
+    return _with_scores(cfg, get, names, out)
+
+
+def _with_scores(cfg: Config, get, names, out: dict) -> dict:
+    """A causal LM with labels: its classifier, the file's "score" (a *ForSequenceClassification
+    checkpoint) or a new one, as transformers starts it (a causal LM's checkpoint; one for other
+    labels, whose score the caller left out of `names`), said so."""
+    if cfg.labels is None:
+        return out
+    if "score.weight" in names:
+        out["classifier.weight"] = get("score.weight")
+        _expect(out["classifier.weight"], (len(cfg.labels), cfg.d_model), "score.weight")
+        return out
+    from ..model import new_head
+    out.update(new_head(cfg, out))
+    print(f"tailtune: the checkpoint has no classifier for these {len(cfg.labels)} labels: "
+          "it starts from random weights (train it)", file=sys.stderr, flush=True)
     return out
+
+
+def dropped_for_scores(cfg: Config, name: str) -> bool:
+    """A causal LM's tensor a classifier leaves out: the LM head, another classifier."""
+    return cfg.labels is not None and name in ("lm_head.weight", "score.weight")
 
 
 def to_hf(cfg: Config, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -365,6 +404,8 @@ def to_hf(cfg: Config, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {h: params[e] for e, h in _one_to_one(cfg).items()}
         for h, parts in _fused(cfg).items():
             out[h] = np.concatenate([params[e] for e, _ in parts])
+        if cfg.labels is not None:
+            out["score.weight"] = params["classifier.weight"]
         return out
     out = {"transformer.wte.weight": params["wte.weight"], "transformer.wpe.weight": params["wpe.weight"]}
     for i in range(cfg.n_layer):
@@ -383,7 +424,9 @@ def to_hf(cfg: Config, params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out[h + "mlp.c_proj.bias"] = params[e + "mlp.down.bias"]
     out["transformer.ln_f.weight"] = params["ln_f.weight"]
     out["transformer.ln_f.bias"] = params["ln_f.bias"]
-    if not cfg.tie_embeddings:
+    if cfg.labels is not None:
+        out["score.weight"] = params["classifier.weight"]
+    elif not cfg.tie_embeddings:
         out["lm_head.weight"] = params["lm_head.weight"]
     return out
 

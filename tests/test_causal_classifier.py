@@ -1,0 +1,144 @@
+"""A causal LM as a sequence classifier (transformers' LlamaForSequenceClassification and
+GPT2ForSequenceClassification: a "score" on the last token after the final norm, in place of the
+LM head), against transformers + PyTorch autograd: logits of right-padded batches, the loss and
+every gradient under freezing, files saved back that transformers loads, a causal LM's
+checkpoint loaded with labels (a new classifier), and what it refuses."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import engine
+from conftest import hf_grads_as_engine
+
+LABELS = ["auto", "health", "travel"]
+B, T = 4, 13
+LENGTHS = np.array([13, 6, 1, 9])
+PAD = 0
+
+
+def hf_model(family="llama", kind="classifier", seed=0):
+    torch.manual_seed(seed)
+    if family == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=89, hidden_size=48, intermediate_size=70,
+                                       num_hidden_layers=3, num_attention_heads=4,
+                                       num_key_value_heads=2, max_position_embeddings=64,
+                                       pad_token_id=PAD, tie_word_embeddings=True,
+                                       rms_norm_eps=1e-5)
+        classes = (transformers.LlamaForSequenceClassification, transformers.LlamaForCausalLM)
+    else:
+        cfg = transformers.GPT2Config(vocab_size=89, n_embd=48, n_layer=3, n_head=4, n_positions=64,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                      pad_token_id=PAD)
+        classes = (transformers.GPT2ForSequenceClassification, transformers.GPT2LMHeadModel)
+    if kind == "classifier":
+        cfg.id2label = dict(enumerate(LABELS))
+        cfg.label2id = {n: i for i, n in enumerate(LABELS)}
+    m = classes[0 if kind == "classifier" else 1](cfg)
+    cfg.architectures = [type(m).__name__]
+    with torch.no_grad():   # norms away from their init
+        for n, p in m.named_parameters():
+            if "norm" in n or ".ln_" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    return m.eval()
+
+
+def saved(hf, tmp_path, name="hf"):
+    d = tmp_path / name
+    hf.save_pretrained(d, safe_serialization=True)
+    return str(d)
+
+
+def batch(seed=0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(1, 89, (B, T))
+    for b, n in enumerate(LENGTHS):
+        tokens[b, n:] = PAD                                   # padding on the right
+    return tokens, np.array([2, 0, 1, 1])
+
+
+def mask():
+    return torch.tensor((np.arange(T)[None] < LENGTHS[:, None]).astype(np.int64))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_logits_match_transformers(tmp_path, family):
+    hf = hf_model(family)
+    model = engine.load(saved(hf, tmp_path))
+    assert model.config.labels == LABELS and not model.config.encoder
+    assert "lm_head.weight" not in model.params and model.params["classifier.weight"].shape == (3, 48)
+    tokens, _ = batch()
+    with torch.no_grad():
+        want = hf(input_ids=torch.tensor(tokens), attention_mask=mask()).logits.numpy()
+    np.testing.assert_allclose(model.forward(tokens, lengths=LENGTHS), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family,train", [("llama", "last"), ("llama", "all"), ("gpt2", "last")])
+def test_loss_and_gradients_match_torch(tmp_path, family, train):
+    hf = hf_model(family)
+    model = engine.load(saved(hf, tmp_path))
+    if train == "all":
+        model.set_trainable(list(model.params))
+    else:
+        model.train_last(1)
+        top = ("model.layers.2.", "model.norm.", "score.") if family == "llama" else (
+            "transformer.h.2.", "transformer.ln_f.", "score.")
+        for n, p in hf.named_parameters():
+            p.requires_grad_(n.startswith(top))
+    assert "classifier.weight" in model.trainable
+    tokens, labels = batch(1)
+    loss = model.forward(tokens, labels, lengths=LENGTHS)
+    model.backward()
+    out = hf(input_ids=torch.tensor(tokens), attention_mask=mask(), labels=torch.tensor(labels))
+    out.loss.backward()
+    assert abs(loss - out.loss.item()) < 1e-5
+    want = hf_grads_as_engine(model, hf)
+    assert set(model.grads) == set(model.trainable)
+    for n in set(model.params) - set(model.grads):   # what torch left without a gradient
+        assert not want[n].any(), n
+    for n, g in model.grads.items():
+        scale = float(np.abs(want[n]).max()) or 1.0
+        np.testing.assert_allclose(g, want[n], rtol=0, atol=3e-5 * max(scale, 1e-2), err_msg=n)
+    if train == "last":
+        assert model.last_backward_blocks == [2]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_saved_classifier_loads_in_transformers(tmp_path, family):
+    hf = hf_model(family)
+    engine.load(saved(hf, tmp_path)).save(str(tmp_path / "out"))
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["architectures"] == [type(hf).__name__] and cfg["id2label"]["2"] == "travel"
+    back = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    want = hf.state_dict()
+    assert back.state_dict().keys() == want.keys()
+    for n, p in back.state_dict().items():
+        assert torch.equal(p, want[n]), n
+    with pytest.raises(engine.ConfigError, match="sequence classifier"):
+        engine.load(str(tmp_path / "out")).save(str(tmp_path / "x.gguf"))
+
+
+def test_a_causal_lm_loads_as_a_new_classifier(tmp_path, capsys):
+    """The LM head is left out and the classifier ("score") starts from N(0, init_std), as
+    transformers' LlamaForSequenceClassification.from_pretrained of a causal LM starts it; the
+    model then neither generates nor takes an LM's targets."""
+    lm = hf_model(kind="lm")
+    d = saved(lm, tmp_path)
+    model = engine.load(d, labels=LABELS)
+    assert "no classifier for these 3 labels" in capsys.readouterr().err
+    assert model.params["classifier.weight"].shape == (3, 48)
+    assert abs(float(model.params["classifier.weight"].std()) - 0.02) < 0.005
+    assert np.array_equal(model.params["blocks.1.mlp.up.weight"],
+                          lm.model.layers[1].mlp.up_proj.weight.detach().numpy())
+    with pytest.raises(engine.InputError, match="does not generate"):
+        engine.generate(model, [1, 2, 3], max_new_tokens=2)
+    tokens, _ = batch()
+    with pytest.raises(engine.InputError, match="class indices"):
+        model.forward(tokens, tokens)
+    # and a classifier for other labels gets a new one
+    clf = saved(hf_model(), tmp_path, "clf")
+    other = engine.load(clf, labels=["x", "y"])
+    assert other.params["classifier.weight"].shape == (2, 48)
+    assert np.array_equal(other.params["wte.weight"], engine.load(clf).params["wte.weight"])
