@@ -208,6 +208,14 @@ class Config:
         return cls.from_dict({**base, **overrides})
 
     @classmethod
+    def distilbert(cls, **overrides) -> "Config":
+        """DistilBERT: BERT's layout without token types, 6 blocks; its classifier's
+        pre_classifier (ReLU) in the pooler's place."""
+        base = dict(FAMILY_FIELDS["distilbert"], model_type="distilbert", vocab_size=30522,
+                    n_layer=6, n_head=12, d_model=768, d_ff=3072, max_seq_len=512, pad_token_id=0)
+        return cls.from_dict({**base, **overrides})
+
+    @classmethod
     def gpt2(cls, **overrides) -> "Config":
         """GPT-2: learned positions, LayerNorm, GELU MLP, biases, tied head."""
         base = dict(FAMILY_FIELDS["gpt2"], model_type="gpt2", tie_embeddings=True, norm_eps=1e-5)

@@ -14,7 +14,7 @@ import transformers
 
 import engine
 from engine.cli import main as cli
-from conftest import MINILM, hf_grads_as_engine
+from conftest import hf_grads_as_engine
 
 CLAIMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "claims")
 LABELS = ["billing", "claim", "fraud"]
@@ -120,9 +120,42 @@ def test_saved_files_load_in_transformers_as_they_were(tmp_path):
         assert cfg["model_type"] == "distilbert" and cfg["architectures"] == [cls.__name__]
         back = cls.from_pretrained(tmp_path / f"{kind}-out").eval()
         want = hf.state_dict()
-        assert back.state_dict().keys() == want.keys()     # no pooler added to a DistilBertModel
+        from safetensors import safe_open
+        with safe_open(str(tmp_path / f"{kind}-out" / "model.safetensors"), "pt") as f:
+            assert set(f.keys()) == set(want)       # no pooler added to a DistilBertModel
         for n, p in back.state_dict().items():
             assert torch.equal(p, want[n]), n
+
+
+def test_a_new_distilbert_without_a_pad_id_saves_and_loads_back(tmp_path):
+    model = engine.Model(engine.Config.distilbert(vocab_size=61, n_layer=2, n_head=2, d_model=16,
+                                                  d_ff=24, max_seq_len=32, pad_token_id=None,
+                                                  labels=["a", "b"]))
+    model.save(str(tmp_path / "m"))
+    back = engine.load(str(tmp_path / "m"))
+    assert back.config == model.config
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    tokens = np.random.default_rng(0).integers(0, 61, (2, 9))
+    with torch.no_grad():
+        want = hf(input_ids=torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(back.forward(tokens), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["distilbert", "roberta"])
+def test_with_classifier_for_other_labels_is_loading_with_them(tmp_path, family):
+    """A classifier's own dense layer (pre_classifier; RoBERTa's classifier.dense) is kept and
+    the classifier starts anew, in both ways of asking for other labels (as transformers'
+    ignore_mismatched_sizes does)."""
+    if family == "roberta":
+        from test_roberta import hf_model as roberta_model
+        d = saved(roberta_model(), tmp_path)
+    else:
+        d = saved(hf_model(), tmp_path)
+    loaded, added = engine.load(d, labels=["x", "y"]), engine.load(d).with_classifier(["x", "y"])
+    assert loaded.params.keys() == added.params.keys()
+    for n, a in loaded.params.items():
+        assert np.array_equal(a, added.params[n]), n
+    assert np.array_equal(loaded.params["pooler.weight"], engine.load(d).params["pooler.weight"])
 
 
 def test_a_masked_lm_checkpoint_loads_as_a_new_classifier(tmp_path, capsys):
@@ -148,15 +181,15 @@ def test_other_labels_keep_the_pre_classifier(tmp_path):
     assert model.params["classifier.weight"].shape == (2, 50)
 
 
-def test_finetune_of_text_pairs(tmp_path):
+def test_finetune_of_text_pairs(tmp_path, minilm):
     """Pairs tokenized by a WordPiece tokenizer (all-MiniLM's) without token types, as
     transformers' DistilBERT tokenizer gives them; the saved model and tokenizer run by
     transformers give the engine's logits."""
     hf = hf_model(vocab_size=30522, max_position_embeddings=66, dim=40, n_heads=4)
     d = saved(hf, tmp_path)
     for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if os.path.exists(os.path.join(MINILM, f)):
-            shutil.copy(os.path.join(MINILM, f), d)
+        if os.path.exists(os.path.join(minilm, f)):
+            shutil.copy(os.path.join(minilm, f), d)
     rows = [json.loads(x) for x in open(os.path.join(CLAIMS, "category_train.jsonl"))][:48]
     data = tmp_path / "pairs.jsonl"
     with open(data, "w") as f:

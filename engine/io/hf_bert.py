@@ -1,5 +1,5 @@
-"""Hugging Face <-> engine for BERT encoders and the RoBERTa family (model_type "bert",
-"roberta", "xlm-roberta"): config.json fields and tensor names. A BertModel's tensors have no
+"""Hugging Face <-> engine for BERT encoders, the RoBERTa family and DistilBERT (model_type
+"bert", "roberta", "xlm-roberta", "distilbert"): config.json fields and tensor names. A BertModel's tensors have no
 prefix; a task model's (BertForSequenceClassification, BertForMaskedLM, ...) sit under "bert."
 ("roberta." for both RoBERTa families), its head beside. The engine keeps the sequence
 classifier and drops the pretraining heads (BERT's "cls.*", masked-LM and next-sentence;
@@ -13,6 +13,11 @@ one token type (pairs of texts are told apart by separators alone), and the clas
 (dense + tanh on the first token, then out_proj) is BERT's pooler + classifier under other
 names ("classifier.dense", "classifier.out_proj"; a RobertaModel's own pooler is
 "pooler.dense").
+
+DistilBERT is BERT's layout under its own names ("distilbert.transformer.layer.N...") and
+DistilBertConfig's field names (dim, n_layers, ...), without token types; its classifier's
+pre_classifier (dense + ReLU: Config.pooler_act) is the pooler's place. A DistilBertModel has
+no pooler: the engine gives it one (it is on no loss's path) and never saves it.
 """
 from __future__ import annotations
 
@@ -85,14 +90,14 @@ def _distilbert_config(hf: dict, get, head: bool) -> Config:
     d, n_head = get(hf, "dim", "size", 768), get(hf, "n_heads", "size", 12)
     if d % n_head:
         raise ConfigError(f"config.json: dim={d} is not a multiple of n_heads={n_head}")
-    return Config.bert(model_type="distilbert", vocab_size=get(hf, "vocab_size", "size", 30522),
+    return Config.distilbert(vocab_size=get(hf, "vocab_size", "size", 30522),
                        n_layer=get(hf, "n_layers", "size", 6), n_head=n_head, d_model=d,
                        d_ff=get(hf, "hidden_dim", "size", 3072),
                        max_seq_len=get(hf, "max_position_embeddings", "size", 512),
-                       type_vocab_size=0, norm_eps=1e-12, mlp="gelu_erf", pooler_act="relu",
                        init_std=get(hf, "initializer_range", "number", 0.02),
                        labels=_labels(hf) if head else None,
-                       pad_token_id=get(hf, "pad_token_id", "id", 0))
+                       # (a null one is none: no padding row, as transformers reads it)
+                       pad_token_id=get(hf, "pad_token_id", "id", None) if "pad_token_id" in hf else 0)
 
 
 def _labels(hf: dict) -> list[str] | None:
