@@ -30,13 +30,34 @@ from .tokenizer import load_tokenizer
 
 def is_encoder(model_path: str) -> bool:
     """Whether `model_path` holds an encoder (looked up in its config.json, no weights read)."""
+    from .io.hf_bert import TYPES
+    return _hf_config(model_path).get("model_type") in TYPES
+
+
+def is_classifier_run(model_path: str, data: str) -> bool:
+    """Whether `tailtune finetune` of these makes a classifier (or a sentence encoder): an
+    encoder, or labeled rows ({"text", "label"}) for a causal LM (which then gets a classifier
+    head in place of its LM head)."""
+    row = _first_row(data)
+    return is_encoder(model_path) or isinstance(row, dict) and "label" in row
+
+
+def is_classifier(model_path: str) -> bool:
+    """Whether `model_path` holds a sequence classifier or an encoder (its config.json)."""
+    archs = _hf_config(model_path).get("architectures") or []
+    return is_encoder(model_path) or any(isinstance(a, str) and a.endswith(
+        "ForSequenceClassification") for a in archs)
+
+
+def _hf_config(model_path: str) -> dict:
+    """config.json of a model directory ({} for none, a GGUF file, or an unreadable one: that
+    fails later, with its reason)."""
     path = resolve_model_path(str(model_path))
     if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
-        return False
-    with contextlib.suppress(Exception):    # an unreadable config fails later, with its reason
-        from .io.hf_bert import TYPES
-        return read_hf_config(path).get("model_type") in TYPES
-    return False
+        return {}
+    with contextlib.suppress(Exception):
+        return read_hf_config(path)
+    return {}
 
 
 def read_labeled(path: str) -> tuple[list, list[str]]:
@@ -73,8 +94,9 @@ def encode(tok, texts, seq_len: int, config=None) -> list[tuple[np.ndarray, np.n
     types (transformers does not pass them to it: its table has one; a tokenizer whose
     template numbers the second text 1 would index past it)."""
     if not hasattr(tok, "encode_pairs"):
-        raise InputError(f"{type(tok).__name__} has no template for a classifier's texts; an "
-                         "encoder needs its Hugging Face tokenizer (tokenizer.json)")
+        raise InputError(f"{type(tok).__name__} has no template for a classifier's texts; a "
+                         "classifier needs a Hugging Face tokenizer (tokenizer.json) or a GGUF "
+                         "file's BPE vocabulary")
     a = [t[0] if isinstance(t, tuple) else t for t in texts]
     b = [t[1] if isinstance(t, tuple) else None for t in texts]
     out = []
@@ -370,8 +392,8 @@ def evaluate(model, seqs, targets, batch_size: int, pad_id: int, cache=None) -> 
 def choose_labels(model_path: str, data_labels) -> list[str]:
     """The model's own classes when the data's are among them (its head is kept), else the
     data's, sorted (a new head)."""
-    path = resolve_model_path(str(model_path))
-    own = config_from_hf(read_hf_config(path)).labels
+    hf = _hf_config(model_path)     # (a GGUF file: a language model, no classes of its own)
+    own = config_from_hf(hf).labels if hf else None
     seen = sorted(set(data_labels))
     if own and set(seen) <= set(own):
         return own
@@ -410,6 +432,9 @@ class ClassifierTask:
             log(f"note: {cut} training texts reach --seq-len {seq_len} and may be cut")
         self.n_train, self.n_held, self.labels = len(self.seqs), len(self.held), classes
         self.pad, self.batch_size = _pad(self.tok), args.batch_size
+        if not model.config.encoder and model.config.pad_token_id is None:
+            # transformers' *ForSequenceClassification finds each sequence's last token by it
+            model.config.pad_token_id = self.pad
         self.prefix = PrefixCaches(args, (self.seqs, self.held), log)
 
     def start(self, model, trained=()):

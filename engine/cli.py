@@ -232,8 +232,8 @@ def _eval(a):
     from .trainer import evaluate
     _check_flags(*_sizes(a), ("--stride", a.stride, lambda v: 1 <= v <= a.seq_len,
                               f"in 1..--seq-len {a.seq_len}"))
-    from .classify import eval_encoder, is_encoder
-    if is_encoder(a.model):
+    from .classify import eval_encoder, is_classifier
+    if is_classifier(a.model):
         r = eval_encoder(a.model, a.data, a.batch_size, a.seq_len)
         if "recall_at_1" in r:
             print(f"ranking loss {r['loss']:.4f}  recall@1 {r['recall_at_1']:.3f}")

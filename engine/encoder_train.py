@@ -29,9 +29,10 @@ from .probes import Telemetry
 
 
 def finetune_encoder(args, log=print, resume: str | None = None, given=None) -> dict:
-    """`tailtune finetune` of an encoder: a classifier on {"text", "label"} rows, or sentence
-    embeddings on {"anchor", "positive"} rows. TrainArgs as for a causal LM; the flags only
-    those have are refused with the reason. resume: a run directory (or its checkpoint) to
+    """`tailtune finetune` of a classifier on {"text", "label"} rows (an encoder's head, or a
+    causal LM's in place of its LM head), or an encoder's sentence embeddings on {"anchor",
+    "positive"} rows. TrainArgs as for a causal LM; the flags only language-model runs have
+    are refused with the reason. resume: a run directory (or its checkpoint) to
     continue; given: the fields the user set (as for train.finetune)."""
     from .train import _apply_freezing, _check_out, resumed_args
     args.validate()
@@ -39,8 +40,8 @@ def finetune_encoder(args, log=print, resume: str | None = None, given=None) -> 
     if resume:
         args, ck, state = resumed_args(args, resume, given, log)
     if args.sample_prompt is not None:
-        raise InputError("--sample-prompt is not available for an encoder: it generates text "
-                         "(causal LMs)")
+        raise InputError("--sample-prompt is not available for a classifier or an encoder: it "
+                         "generates text (language-model runs)")
     _check_out(args, resuming=resume is not None)
     row = _first_row(args.data)
     if isinstance(row, dict) and "anchor" in row:

@@ -168,6 +168,10 @@ class PairsTask:
         log(f"loading {args.model} as a sentence encoder (mean pooling, normalized; in-batch "
             "ranking loss over pairs)")
         self.model = model = load(args.model)
+        if not model.config.encoder:
+            raise InputError(f"{args.model} is a causal language model; sentence embeddings "
+                             "({\"anchor\", \"positive\"} rows) train an encoder (BERT, "
+                             "RoBERTa, DistilBERT)")
         if model.config.labels is not None:
             raise InputError(f"{args.model} is a classifier; sentence embeddings train an "
                              "encoder without a head (its last hidden states)")

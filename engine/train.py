@@ -509,8 +509,8 @@ def finetune(args: TrainArgs, resume: str | None = None, log=print, given=None) 
 
     While it runs, the --out directory is locked: a second process training into it (a
     --resume of a run that is still going) is refused instead of writing into the same files."""
-    from .classify import is_encoder
-    if is_encoder(args.model):
+    from .classify import is_classifier_run
+    if is_classifier_run(args.model, args.data):   # an encoder, or labeled rows
         from .encoder_train import finetune_encoder
         return finetune_encoder(args, log, resume, given)
     with contextlib.ExitStack() as cleanup:   # closing the lock's fd releases it (so would the

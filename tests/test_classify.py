@@ -61,7 +61,7 @@ def _rows(path, rows):
 
 
 @pytest.mark.parametrize("extra,match", [
-    (["--sample-prompt", "Hi"], "--sample-prompt is not available for an encoder"),
+    (["--sample-prompt", "Hi"], "--sample-prompt is not available for a classifier or an encoder"),
     (["--resume", "somewhere"], "no checkpoint to resume"),
 ])
 def test_flags_of_causal_runs_are_refused(minilm, tmp_path, capsys, extra, match):
