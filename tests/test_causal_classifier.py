@@ -179,3 +179,32 @@ def test_finetune_smollm2_as_a_claims_classifier(require_smollm2, tmp_path, caps
     capsys.readouterr()
     assert cli(["eval", "--model", str(out), "--data", test]) == 0
     assert "accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "smollm3", "mistral", "phi3", "qwen3", "llama3"])
+def test_every_causal_family_as_a_classifier(tmp_path, kind):
+    """Each family's *ForSequenceClassification (Phi-3's fused projections, Qwen3's head norms,
+    SmolLM3's blocks without rotary, Llama 3's rope scaling, Mistral's window): the engine's
+    logits of a right-padded batch are transformers', and its saved files transformers' own."""
+    import copy
+    from conftest import HF_CONFIGS
+    name = {"qwen2": "Qwen2", "smollm3": "SmolLM3", "mistral": "Mistral", "phi3": "Phi3",
+            "qwen3": "Qwen3", "llama3": "Llama"}[kind]
+    cfg = getattr(transformers, name + "Config")(**copy.deepcopy(HF_CONFIGS[kind]))
+    cfg.pad_token_id, cfg.id2label = PAD, dict(enumerate(LABELS))
+    cfg.label2id = {n: i for i, n in enumerate(LABELS)}
+    torch.manual_seed(0)
+    hf = getattr(transformers, name + "ForSequenceClassification")(cfg).eval()
+    cfg.architectures = [type(hf).__name__]
+    model = engine.load(saved(hf, tmp_path))
+    tokens = np.random.default_rng(2).integers(1, cfg.vocab_size, (B, T))
+    for b, n in enumerate(LENGTHS):
+        tokens[b, n:] = PAD
+    with torch.no_grad():
+        want = hf(input_ids=torch.tensor(tokens), attention_mask=mask()).logits.numpy()
+    np.testing.assert_allclose(model.forward(tokens, lengths=LENGTHS), want, rtol=1e-4, atol=1e-5)
+    model.save(str(tmp_path / "out"))
+    back = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    assert type(back) is type(hf)
+    for n, p in back.state_dict().items():
+        assert torch.equal(p, hf.state_dict()[n]), n
