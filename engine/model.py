@@ -553,21 +553,28 @@ class Model:
         logits = self.classifier.forward(P, pooled)   # (B, K)
         if targets is None:
             return logits
+        loss = self._class_loss(logits, targets, keep, dict(
+            encoder=True, tokens=tokens, saved=saved, low=low, cls=cls, pooled=pooled, emb=emb,
+            types=types, rope=rope))
+        if prof:
+            prof.add("head", "forward", perf_counter() - t0)
+        return loss
+
+    def _class_loss(self, logits, targets, keep, tape: dict) -> float:
+        """The mean cross-entropy of class logits (B, K) against targets (B,). keep: the logits
+        become their gradient, in place, and `tape` (with them) is what backward() reads."""
         n = int((targets != IGNORE).sum())
         if n == 0:   # nothing to average, as torch: NaN, and a backward that adds nothing
             if keep:
                 self._tape = dict(empty=True, weights=self._weights_now())
             return float("nan")
+        B = len(targets)
         losses, lse = np.empty(B, np.float32), np.empty(B, np.float32)
-        if keep:   # the logits become their gradient, in place
+        if keep:
             crossentropy_forward_backward(logits, targets, losses, lse, 1.0 / n)
-            self._tape = dict(encoder=True, tokens=tokens, saved=saved, low=low, cls=cls,
-                              pooled=pooled, dlogits=logits, emb=emb, types=types, rope=rope,
-                              weights=self._weights_now(), empty=False)
+            self._tape = dict(tape, dlogits=logits, weights=self._weights_now(), empty=False)
         else:
             crossentropy_forward(logits, targets, losses, lse)
-        if prof:
-            prof.add("head", "forward", perf_counter() - t0)
         return float(losses.sum(dtype=np.float64) / n)
 
     def _forward_scores(self, tokens, targets, grad, hidden, start, lengths, types):
@@ -592,22 +599,12 @@ class Model:
         logits = self.classifier.forward(P, h)          # (B, K)
         if targets is None:
             return logits
-        n = int((targets != IGNORE).sum())
-        if n == 0:   # nothing to average, as torch: NaN, and a backward that adds nothing
-            if keep:
-                self._tape = dict(empty=True, weights=self._weights_now())
-            return float("nan")
-        losses, lse = np.empty(B, np.float32), np.empty(B, np.float32)
-        if keep:   # the logits become their gradient, in place
-            crossentropy_forward_backward(logits, targets, losses, lse, 1.0 / n)
-            self._tape = dict(scores=True, tokens=tokens, saved=saved, low=low, x=x2, st=st,
-                              h=h, dlogits=logits, emb=emb, types=types, rope=rope,
-                              weights=self._weights_now(), empty=False)
-        else:
-            crossentropy_forward(logits, targets, losses, lse)
+        loss = self._class_loss(logits, targets, keep, dict(
+            scores=True, tokens=tokens, saved=saved, low=low, x=x2, st=st, h=h, emb=emb,
+            types=types, rope=rope))
         if prof:
             prof.add("head", "forward", perf_counter() - t0)
-        return float(losses.sum(dtype=np.float64) / n)
+        return loss
 
     def _scores_backward(self, tape, scale):
         """Through a causal LM's classifier and final norm: their gradients, and the gradient

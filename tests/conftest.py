@@ -116,6 +116,63 @@ def hf_dirs(tmp_path_factory):
     return out
 
 
+def saved(hf, tmp_path, name="hf") -> str:
+    """A transformers model saved as safetensors in tmp_path/name; the directory."""
+    hf.save_pretrained(tmp_path / name, safe_serialization=True)
+    return str(tmp_path / name)
+
+
+def attention_mask(lengths, T: int):
+    """transformers' attention_mask (B, T) of right-padded sequences of these lengths."""
+    import torch
+    return torch.tensor((np.arange(T)[None] < np.asarray(lengths)[:, None]).astype(np.int64))
+
+
+def perturb_norms(m, *keys: str):
+    """Adds N(0, 0.1) to the parameters whose names hold one of keys (norms away from their
+    init of ones and zeros, so a mixed-up weight and bias shows); m in eval mode."""
+    import torch
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if any(k in n for k in keys):
+                p.add_(0.1 * torch.randn_like(p))
+    return m.eval()
+
+
+def compare_classifier_grads(model, hf, tokens, labels, lengths, atol=2e-5):
+    """One classifier batch through the engine and through transformers (hf's requires_grad
+    set as the engine's trainable set): the loss to 1e-5, every gradient to atol of its
+    largest entry, and no gradient where torch has none. The engine's gradients are left in
+    model.grads."""
+    import torch
+    loss = model.forward(tokens, labels, lengths=lengths)
+    model.backward()
+    out = hf(input_ids=torch.tensor(tokens), attention_mask=attention_mask(lengths, tokens.shape[1]),
+             labels=torch.tensor(labels))
+    out.loss.backward()
+    assert abs(loss - out.loss.item()) < 1e-5
+    want = hf_grads_as_engine(model, hf)
+    assert set(model.grads) == set(model.trainable)
+    for n in set(model.params) - set(model.grads):   # what torch left without a gradient
+        assert not want[n].any(), n
+    for n, g in model.grads.items():
+        scale = float(np.abs(want[n]).max()) or 1.0
+        np.testing.assert_allclose(g, want[n], rtol=0, atol=atol * max(scale, 1e-2), err_msg=n)
+
+
+def transformers_pair_logits(model_dir, pairs, max_length: int):
+    """(transformers' encoding, its logits) of {"text", "text_pair"} rows by the saved
+    tokenizer and AutoModelForSequenceClassification in model_dir (padded on the right)."""
+    import torch
+    import transformers
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    enc = tok([p["text"] for p in pairs], [p["text_pair"] for p in pairs], padding=True,
+              truncation=True, max_length=max_length, return_tensors="pt")
+    back = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        return enc, back(**enc).logits.numpy()
+
+
 def engine_to_hf_names(model, hf_model) -> dict:
     """engine parameter name -> name of the transformers parameter it is built from. Found by
     loading tensors that hold their own index, so no name table is repeated here."""

@@ -11,7 +11,7 @@ import torch
 import transformers
 
 import engine
-from conftest import engine_to_hf_names, hf_grads_as_engine
+from conftest import attention_mask, engine_to_hf_names, hf_grads_as_engine, perturb_norms, saved
 
 LABELS = ["billing", "claim", "fraud"]
 # odd sizes: heads of 10, a width and sequence lengths no kernel block divides
@@ -33,17 +33,8 @@ def hf_model(kind="classifier", seed=0, **over):
     else:
         cfg.architectures = ["BertModel"]
         m = transformers.BertModel(cfg)
-    with torch.no_grad():   # LayerNorms away from their init of ones and zeros
-        for n, p in m.named_parameters():
-            if "LayerNorm" in n:
-                p.add_(0.1 * torch.randn_like(p))
-    return m.eval()
+    return perturb_norms(m, "LayerNorm")
 
-
-def saved(hf, tmp_path, name="hf"):
-    d = tmp_path / name
-    hf.save_pretrained(d, safe_serialization=True)
-    return str(d)
 
 
 def batch(seed=0, vocab=97):
@@ -55,7 +46,7 @@ def batch(seed=0, vocab=97):
 
 
 def mask():
-    return torch.tensor((np.arange(T)[None] < LENGTHS[:, None]).astype(np.int64))
+    return attention_mask(LENGTHS, T)
 
 
 def test_hidden_states_match_bert_model(tmp_path):

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 import engine
-from conftest import hf_grads_as_engine
+from conftest import attention_mask, compare_classifier_grads, perturb_norms, saved
 
 LABELS = ["auto", "health", "travel"]
 B, T = 4, 13
@@ -39,17 +39,8 @@ def hf_model(family="llama", kind="classifier", seed=0):
         cfg.label2id = {n: i for i, n in enumerate(LABELS)}
     m = classes[0 if kind == "classifier" else 1](cfg)
     cfg.architectures = [type(m).__name__]
-    with torch.no_grad():   # norms away from their init
-        for n, p in m.named_parameters():
-            if "norm" in n or ".ln_" in n:
-                p.add_(0.1 * torch.randn_like(p))
-    return m.eval()
+    return perturb_norms(m, "norm", ".ln_")
 
-
-def saved(hf, tmp_path, name="hf"):
-    d = tmp_path / name
-    hf.save_pretrained(d, safe_serialization=True)
-    return str(d)
 
 
 def batch(seed=0):
@@ -61,7 +52,7 @@ def batch(seed=0):
 
 
 def mask():
-    return torch.tensor((np.arange(T)[None] < LENGTHS[:, None]).astype(np.int64))
+    return attention_mask(LENGTHS, T)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -89,19 +80,7 @@ def test_loss_and_gradients_match_torch(tmp_path, family, train):
         for n, p in hf.named_parameters():
             p.requires_grad_(n.startswith(top))
     assert "classifier.weight" in model.trainable
-    tokens, labels = batch(1)
-    loss = model.forward(tokens, labels, lengths=LENGTHS)
-    model.backward()
-    out = hf(input_ids=torch.tensor(tokens), attention_mask=mask(), labels=torch.tensor(labels))
-    out.loss.backward()
-    assert abs(loss - out.loss.item()) < 1e-5
-    want = hf_grads_as_engine(model, hf)
-    assert set(model.grads) == set(model.trainable)
-    for n in set(model.params) - set(model.grads):   # what torch left without a gradient
-        assert not want[n].any(), n
-    for n, g in model.grads.items():
-        scale = float(np.abs(want[n]).max()) or 1.0
-        np.testing.assert_allclose(g, want[n], rtol=0, atol=3e-5 * max(scale, 1e-2), err_msg=n)
+    compare_classifier_grads(model, hf, *batch(1), LENGTHS, atol=3e-5)
     if train == "last":
         assert model.last_backward_blocks == [2]
 

@@ -14,7 +14,8 @@ import transformers
 
 import engine
 from engine.cli import main as cli
-from conftest import hf_grads_as_engine
+from conftest import (attention_mask, compare_classifier_grads, perturb_norms, saved,
+                      transformers_pair_logits)
 
 CLAIMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "claims")
 LABELS = ["billing", "claim", "fraud"]
@@ -36,17 +37,8 @@ def hf_model(kind="classifier", seed=0, **over):
         m = (transformers.DistilBertModel if kind == "encoder"
              else transformers.DistilBertForMaskedLM)(cfg)
     cfg.architectures = [type(m).__name__]
-    with torch.no_grad():   # LayerNorms away from their init of ones and zeros
-        for n, p in m.named_parameters():
-            if "layer_norm" in n or "LayerNorm" in n:
-                p.add_(0.1 * torch.randn_like(p))
-    return m.eval()
+    return perturb_norms(m, "layer_norm", "LayerNorm")
 
-
-def saved(hf, tmp_path, name="hf"):
-    d = tmp_path / name
-    hf.save_pretrained(d, safe_serialization=True)
-    return str(d)
 
 
 def batch(seed=0):
@@ -58,7 +50,7 @@ def batch(seed=0):
 
 
 def mask():
-    return torch.tensor((np.arange(T)[None] < LENGTHS[:, None]).astype(np.int64))
+    return attention_mask(LENGTHS, T)
 
 
 def test_classifier_logits_and_hidden_states_match_transformers(tmp_path):
@@ -90,25 +82,7 @@ def test_loss_and_every_gradient_match_torch(tmp_path, train_last):
         for n, p in hf.named_parameters():
             p.requires_grad_(n.startswith(("pre_classifier", "classifier",
                                            "distilbert.transformer.layer.2.")))
-    tokens, labels = batch(1)
-    loss = model.forward(tokens, labels, lengths=LENGTHS)
-    model.backward()
-    out = hf(input_ids=torch.tensor(tokens), attention_mask=mask(), labels=torch.tensor(labels))
-    out.loss.backward()
-    assert abs(loss - out.loss.item()) < 1e-5
-    want = hf_grads_as_engine(model, hf)
-    assert set(model.grads) == {n for n, p in zip(*_named(model, hf)) if p.requires_grad}
-    for n, g in model.grads.items():
-        scale = float(np.abs(want[n]).max()) or 1.0
-        np.testing.assert_allclose(g, want[n], rtol=0, atol=2e-5 * max(scale, 1e-2), err_msg=n)
-
-
-def _named(model, hf):
-    """(engine names, the torch parameters they are built from), in one order."""
-    from conftest import engine_to_hf_names
-    names = engine_to_hf_names(model, hf)
-    params = dict(hf.named_parameters())
-    return list(names), [params[names[n]] for n in names]
+    compare_classifier_grads(model, hf, *batch(1), LENGTHS)
 
 
 def test_saved_files_load_in_transformers_as_they_were(tmp_path):
@@ -201,14 +175,8 @@ def test_finetune_of_text_pairs(tmp_path, minilm):
     assert cli(["finetune", "--model", d, "--data", str(data), "--eval-fraction", "0.25",
                 "--train-last", "1", "--steps", "6", "--batch-size", "8", "--seq-len", "64",
                 "--out", str(out)]) == 0
-    pairs = [json.loads(x) for x in open(data)][:6]
-    tok = transformers.AutoTokenizer.from_pretrained(out / "model")
-    enc = tok([p["text"] for p in pairs], [p["text_pair"] for p in pairs], padding=True,
-              truncation=True, max_length=64, return_tensors="pt")
+    enc, want = transformers_pair_logits(out / "model", [json.loads(x) for x in open(data)][:6], 64)
     assert "token_type_ids" not in enc
-    back = transformers.AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
-    with torch.no_grad():
-        want = back(**enc).logits.numpy()
     model = engine.load(str(out))
     np.testing.assert_allclose(model.forward(enc["input_ids"].numpy(),
                                              lengths=enc["attention_mask"].sum(1).numpy()),

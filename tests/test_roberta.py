@@ -12,7 +12,8 @@ import transformers
 
 import engine
 from engine.cli import main as cli
-from conftest import hf_grads_as_engine
+from conftest import (attention_mask, hf_grads_as_engine, perturb_norms, saved,
+                      transformers_pair_logits)
 
 CLAIMS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "claims")
 LABELS = ["billing", "claim", "fraud"]
@@ -41,19 +42,12 @@ def hf_model(family="roberta", kind="classifier", seed=0, **over):
     else:
         m = (Encoder if kind == "encoder" else MaskedLM)(cfg)
     cfg.architectures = [type(m).__name__]
-    with torch.no_grad():   # LayerNorms away from their init; the pad's position row non-zero
+    with torch.no_grad():   # the pad's position row non-zero
         for n, p in m.named_parameters():
-            if "LayerNorm" in n:
-                p.add_(0.1 * torch.randn_like(p))
             if "position_embeddings" in n:
                 p.normal_(0.0, 0.3)
-    return m.eval()
+    return perturb_norms(m, "LayerNorm")
 
-
-def saved(hf, tmp_path, name="hf"):
-    d = tmp_path / name
-    hf.save_pretrained(d, safe_serialization=True)
-    return str(d)
 
 
 def batch(seed=0):
@@ -65,7 +59,7 @@ def batch(seed=0):
 
 
 def mask():
-    return torch.tensor((np.arange(T)[None] < LENGTHS[:, None]).astype(np.int64))
+    return attention_mask(LENGTHS, T)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -253,13 +247,8 @@ def test_finetune_of_text_pairs(tmp_path, typed):
                 "--out", str(out)]) == 0
     assert json.loads((out / "summary.json").read_text())["final_eval"] is not None
     pairs = [json.loads(x) for x in open(data)][:6]
-    tok2 = transformers.AutoTokenizer.from_pretrained(out / "model")
-    enc = tok2([p["text"] for p in pairs], [p["text_pair"] for p in pairs], padding=True,
-               truncation=True, max_length=64, return_tensors="pt")
+    enc, want = transformers_pair_logits(out / "model", pairs, 64)
     assert "token_type_ids" not in enc
-    back = transformers.AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
-    with torch.no_grad():
-        want = back(**enc).logits.numpy()
     model = engine.load(str(out))
     mine = engine.tokenizer.load_tokenizer(str(out / "model"))
     from engine.classify import batch as pad_batch, encode
