@@ -35,11 +35,17 @@ def is_encoder(model_path: str) -> bool:
 
 
 def is_classifier_run(model_path: str, data: str) -> bool:
-    """Whether `tailtune finetune` of these makes a classifier (or a sentence encoder): an
-    encoder, or labeled rows ({"text", "label"}) for a causal LM (which then gets a classifier
-    head in place of its LM head)."""
+    """Whether `tailtune finetune` of these is a classifier's (or a sentence encoder's) run: an
+    encoder or a classifier, or rows of such a run ({"text", "label"}: a causal LM then gets a
+    classifier in place of its LM head; {"anchor", "positive"}: refused for it, with the
+    reason). Rows of a language model's data ("prompt", "completion", "messages", even with a
+    "label" such as a preference's) stay a language model's run."""
+    if is_classifier(model_path):
+        return True
     row = _first_row(data)
-    return is_encoder(model_path) or isinstance(row, dict) and "label" in row
+    if not isinstance(row, dict) or any(k in row for k in ("prompt", "completion", "messages")):
+        return False
+    return "anchor" in row or "text" in row and "label" in row
 
 
 def is_classifier(model_path: str) -> bool:
@@ -432,9 +438,8 @@ class ClassifierTask:
             log(f"note: {cut} training texts reach --seq-len {seq_len} and may be cut")
         self.n_train, self.n_held, self.labels = len(self.seqs), len(self.held), classes
         self.pad, self.batch_size = _pad(self.tok), args.batch_size
-        if not model.config.encoder and model.config.pad_token_id is None:
-            # transformers' *ForSequenceClassification finds each sequence's last token by it
-            model.config.pad_token_id = self.pad
+        if not model.config.encoder:
+            self.pad = _causal_pad(self.tok, model)
         self.prefix = PrefixCaches(args, (self.seqs, self.held), log)
 
     def start(self, model, trained=()):
@@ -495,6 +500,19 @@ def _tokenizer_and_length(args, model):
 
 def _pad(tok) -> int:
     return tok.pad_id if tok.pad_id is not None else 0
+
+
+def _causal_pad(tok, model) -> int:
+    """A causal classifier's pad id: the tokenizer's, else its end-of-text token's (made the
+    pad token of the tokenizer saved with the model, so that transformers can pad a batch), the
+    usual choice; set as the model's pad_token_id, by which transformers' classifier finds each
+    text's last token (the engine applies the same rule, Model._last_tokens)."""
+    if tok.pad_id is None and tok.special_tokens.get("eos_token") is not None:
+        tok.special_tokens["pad_token"] = tok.special_tokens["eos_token"]
+    pad = tok.batch_pad_id
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = pad
+    return model.config.pad_token_id
 
 
 def _first_row(path: str):

@@ -22,9 +22,10 @@ def main(argv=None):
     f.add_argument("--model", required=True, help=MODEL_HELP)
     f.add_argument("--data", required=True, help="training data: .txt, or .jsonl with "
                    "{'prompt','completion'} or {'messages'} rows (loss on completions / assistant "
-                   "turns); for an encoder (BERT), .jsonl with {'text','label'} rows (or "
-                   "{'text','text_pair','label'}): a classifier of those labels, or "
-                   "{'anchor','positive'} rows: sentence embeddings")
+                   "turns); .jsonl with {'text','label'} rows (or {'text','text_pair','label'}): "
+                   "a classifier of those labels (an encoder's head, or a causal LM's on the "
+                   "last token in place of its LM head); for an encoder (BERT, RoBERTa, "
+                   "DistilBERT), {'anchor','positive'} rows: sentence embeddings")
     f.add_argument("--out", required=True, help="run directory (checkpoints, metrics, final model)")
     f.add_argument("--train-last", type=int, metavar="K", help="train the last K blocks and the final "
                    "norm (default 2, unless --unfreeze alone is given)")
@@ -232,7 +233,12 @@ def _eval(a):
     from .trainer import evaluate
     _check_flags(*_sizes(a), ("--stride", a.stride, lambda v: 1 <= v <= a.seq_len,
                               f"in 1..--seq-len {a.seq_len}"))
-    from .classify import eval_encoder, is_classifier
+    from .classify import eval_encoder, is_classifier, is_classifier_run
+    if not is_classifier(a.model) and is_classifier_run(a.model, a.data):
+        from .errors import InputError
+        raise InputError(f"{a.model} is a language model, not a classifier: labeled rows (or "
+                         "sentence pairs) evaluate a classifier; `tailtune finetune` on them "
+                         "makes one")
     if is_classifier(a.model):
         r = eval_encoder(a.model, a.data, a.batch_size, a.seq_len)
         if "recall_at_1" in r:

@@ -579,9 +579,9 @@ class Model:
 
     def _forward_scores(self, tokens, targets, grad, hidden, start, lengths, types):
         """A causal LM's sequence classifier (transformers' *ForSequenceClassification): class
-        logits (B, K) from each sequence's last token (lengths - 1; padding on the right) after
-        the final norm, or with targets (B,) the mean cross-entropy. The top block runs its
-        projection and MLP on those B rows only."""
+        logits (B, K) from each sequence's last token that is not the pad id (_last_tokens;
+        padding on the right) after the final norm, or with targets (B,) the mean
+        cross-entropy. The top block runs its projection and MLP on those B rows only."""
         c = self.config
         B, T = tokens.shape
         if targets is not None:
@@ -589,7 +589,7 @@ class Model:
         keep = targets is not None and grad and bool(self.grads)
         low, x, emb, start = self._start(tokens, keep, hidden, start, types)
         rope = self._rope_tables(T)
-        last = np.arange(B) * T + ((lengths - 1) if lengths is not None else T - 1)
+        last = np.arange(B) * T + self._last_tokens(tokens, lengths)
         x, saved = self._run_blocks(x, start, low, keep, rope, last, lengths)
         prof = layers.PROFILE
         t0 = perf_counter() if prof else 0.0
@@ -605,6 +605,18 @@ class Model:
         if prof:
             prof.add("head", "forward", perf_counter() - t0)
         return loss
+
+    def _last_tokens(self, tokens, lengths):
+        """(B,) the position a causal classifier reads in each sequence: transformers' rule, the
+        last one (of its `lengths` real ones) whose token is not the pad id; the first when all
+        are; the last real one when there is no pad id."""
+        B, T = tokens.shape
+        n = np.full(B, T) if lengths is None else lengths
+        pad = self.config.pad_token_id
+        if pad is None:
+            return n - 1
+        real = (tokens != pad) & (np.arange(T)[None] < n[:, None])
+        return np.where(real.any(1), T - 1 - np.argmax(real[:, ::-1], axis=1), 0)
 
     def _scores_backward(self, tape, scale):
         """Through a causal LM's classifier and final norm: their gradients, and the gradient
@@ -923,14 +935,16 @@ class Model:
         return total
 
     def with_classifier(self, labels, seed: int = 0) -> "Model":
-        """This encoder with a new classifier head over `labels` (the class names, in the
-        order of the logits): a pooler (kept if this BERT has one; new for RoBERTa) and a
-        classifier drawn from `seed`. The new model shares this one's other weight arrays, and everything is
-        trainable, as in a new model."""
+        """This model with a new classifier head over `labels` (the class names, in the order
+        of the logits): an encoder's pooler (kept if this BERT has one; new for RoBERTa) and a
+        classifier (a causal LM's on its last token, in place of its LM head) drawn from
+        `seed`; labels None: no head (an encoder's hidden states; a causal LM whose embeddings
+        are tied is a language model again). The new model shares this one's other weight
+        arrays, and everything is trainable, as in a new model."""
         c = self.config
-        if not c.encoder:
-            raise InputError("with_classifier needs an encoder (a BERT model); a causal LM has "
-                             "its LM head")
+        if not c.encoder and labels is None and not c.tie_embeddings and c.labels is not None:
+            raise InputError("this causal classifier's LM head was left out when it became one "
+                             "(its embeddings are not tied): load the language model again")
         if isinstance(labels, str):
             raise InputError(f"with_classifier labels must be a list of class names, got the "
                              f"string {labels!r}")
@@ -940,6 +954,8 @@ class Model:
         # does not use; a DistilBertModel has none): from one of those, both heads start anew
         heads = (("classifier.",) if c.model_type == "bert" or c.labels is not None
                  else ("classifier.", "pooler."))
+        if not c.encoder:   # a causal LM's classifier replaces its LM head
+            heads = ("classifier.", "lm_head.") if labels is not None else ("classifier.",)
         params = {n: a for n, a in self.params.items() if not n.startswith(heads)}
         params.update(new_head(cfg, params, seed))
         return Model(cfg, params)

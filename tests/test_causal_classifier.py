@@ -187,3 +187,64 @@ def test_every_causal_family_as_a_classifier(tmp_path, kind):
     assert type(back) is type(hf)
     for n, p in back.state_dict().items():
         assert torch.equal(p, hf.state_dict()[n]), n
+
+
+def test_the_pad_rule_and_routing_of_a_pad_less_tokenizer(tmp_path, capsys):
+    """A byte-level tokenizer without a pad token (as GPT-2's, Llama 3's): the run pads with
+    its end-of-text token, saves it as the pad token and the model's pad id; a text that ends
+    in that token is read where transformers reads it (the last token that is not the pad id),
+    so the saved classifier gives the engine's logits on every text. Preference rows carrying
+    a "label" stay a language model's data; `eval` of a language model on labeled rows, and
+    sentence pairs for a causal LM, are refused with the reason."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from engine.cli import main as cli
+    claims = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "claims")
+    rows = [json.loads(x) for x in open(os.path.join(claims, "category_train.jsonl"))][:40]
+    tk = tokenizers.Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator([r["text"] for r in rows], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|end|>")
+    torch.manual_seed(0)
+    lm = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=tk.get_vocab_size(), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=128, eos_token_id=0)).eval()
+    d = saved(lm, tmp_path)
+    fast.save_pretrained(d)
+    data = tmp_path / "d.jsonl"
+    with open(data, "w") as f:   # every other text ends in the end-of-text token
+        for i, r in enumerate(rows):
+            f.write(json.dumps({"text": r["text"][:80] + ("<|end|>" if i % 2 else ""),
+                                "label": LABELS[i % 3]}) + "\n")
+    out = tmp_path / "run"
+    assert cli(["finetune", "--model", d, "--data", str(data), "--eval-fraction", "0",
+                "--train-last", "1", "--steps", "3", "--batch-size", "8", "--seq-len", "64",
+                "--out", str(out)]) == 0
+    assert json.loads((out / "model" / "config.json").read_text())["pad_token_id"] == 0
+    tok = transformers.AutoTokenizer.from_pretrained(out / "model")
+    assert tok.pad_token == "<|end|>"
+    texts = [json.loads(x)["text"] for x in open(data)][:6]
+    enc = tok(texts, padding=True, return_tensors="pt")
+    assert (enc["input_ids"][1, enc["attention_mask"][1].sum() - 1] == 0).item()   # ends in it
+    back = transformers.AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
+    with torch.no_grad():
+        want = back(**enc).logits.numpy()
+    got = engine.load(str(out)).forward(enc["input_ids"].numpy(),
+                                        lengths=enc["attention_mask"].sum(1).numpy())
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # routing
+    from engine.classify import is_classifier_run
+    kto = tmp_path / "kto.jsonl"
+    kto.write_text(json.dumps({"prompt": "a", "completion": "b", "label": True}) + "\n")
+    assert not is_classifier_run(d, str(kto)) and is_classifier_run(d, str(data))
+    assert is_classifier_run(str(out / "model"), str(kto))        # a classifier stays one
+    capsys.readouterr()
+    assert cli(["eval", "--model", d, "--data", str(data)]) == 2
+    assert "is a language model, not a classifier" in capsys.readouterr().err
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"anchor": r["text"][:20], "positive": r["text"]}) + "\n"
+                             for r in rows[:8]))
+    assert cli(["finetune", "--model", d, "--data", str(pairs), "--out", str(tmp_path / "p")]) == 2
+    assert "sentence embeddings" in capsys.readouterr().err
