@@ -117,6 +117,14 @@ def test_a_causal_lm_loads_as_a_new_classifier(tmp_path, capsys):
     tokens, _ = batch()
     with pytest.raises(engine.InputError, match="class indices"):
         model.forward(tokens, tokens)
+    # with_classifier gives the same model; and back to the (tied) language model
+    added = engine.load(d).with_classifier(LABELS)
+    assert added.params.keys() == model.params.keys()
+    for n, a in model.params.items():
+        assert np.array_equal(a, added.params[n]), n
+    again = added.with_classifier(None)
+    assert again.config.labels is None and again.head == "wte.weight"
+    np.testing.assert_allclose(again.forward(tokens), engine.load(d).forward(tokens), rtol=1e-6)
     # and a classifier for other labels gets a new one
     clf = saved(hf_model(), tmp_path, "clf")
     other = engine.load(clf, labels=["x", "y"])
