@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.join(HERE, "claims"))
 import freeze_curve as fc        # noqa: E402  (the SmolLM2 sweep: process and memory helpers)
 import make_labels               # noqa: E402
 
-N_LAYER = 6
+N_LAYER = 6   # all-MiniLM-L6-v2's; another --model's count is read from it
 DEFAULTS = dict(ks="0,1,2,3,4,5,6", lrs="3e-5,1e-4,3e-4", seeds="0,1,2", epochs=5.0, batch_size=16,
                 seq_len=128, field="route", model="minilm")
 PUBLISHED = os.path.join(HERE, "freeze_curve_bert")
@@ -152,7 +152,7 @@ def _mean_sd(xs):
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def summarize(results: list[dict], majority: float) -> dict:
+def summarize(results: list[dict], majority: float, n_layer: int = N_LAYER) -> dict:
     by = collections.defaultdict(list)
     for r in results:
         by[(r["k"], r["lr"])].append(r)
@@ -177,13 +177,13 @@ def summarize(results: list[dict], majority: float) -> dict:
                                           if runs[0]["step_s_later_min"] is not None else None),
                      "peak_rss_mib": max(r["peak_rss_bytes"] for r in runs) / 2**20,
                      "commit": fc._commit_of(runs[0])})
-    full = next((r for r in rows if r["k"] == N_LAYER), None)
+    full = next((r for r in rows if r["k"] == n_layer), None)
     for r in rows:
         if full is not None:
             r["rel_accuracy"] = r["accuracy"] / full["accuracy"]
             r["rel_gain_over_majority"] = ((r["accuracy"] - majority) / (full["accuracy"] - majority)
                                            if full["accuracy"] > majority else None)
-    return {"rows": rows, "majority_accuracy": majority,
+    return {"rows": rows, "majority_accuracy": majority, "n_layer": n_layer,
             "all_runs": [{k: v for k, v in r.items() if k != "config"} for r in results]}
 
 
@@ -225,14 +225,15 @@ def plot(summary: dict, png: str, title: str) -> None:
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.6))
     ax.errorbar(ks, [r["accuracy"] for r in rows], yerr=[r["accuracy_sd"] for r in rows], fmt="o-",
                 capsize=3, label="held-out accuracy (mean ± sd over seeds)")
-    full = next((r for r in rows if r["k"] == N_LAYER), None)
+    n_layer = summary.get("n_layer", N_LAYER)
+    full = next((r for r in rows if r["k"] == n_layer), None)
     if full is not None:
         ax.axhline(0.9 * full["accuracy"], color="gray", ls=":", lw=1)
         ax.text(0.05, 0.9 * full["accuracy"] + 0.005, "90% of full", color="gray", fontsize=8)
     ax.axhline(summary["majority_accuracy"], color="tab:red", ls="--", lw=1, label="majority class")
-    ax.axvline(N_LAYER / 4, color="gray", ls=":", lw=1)
-    ax.text(N_LAYER / 4 + 0.05, summary["majority_accuracy"] + 0.01, "last quarter", color="gray", fontsize=8)
-    ax.set_xlabel(f"trainable last blocks k (of {N_LAYER}; + classifier head)")
+    ax.axvline(n_layer / 4, color="gray", ls=":", lw=1)
+    ax.text(n_layer / 4 + 0.05, summary["majority_accuracy"] + 0.01, "last quarter", color="gray", fontsize=8)
+    ax.set_xlabel(f"trainable last blocks k (of {n_layer}; + classifier head)")
     ax.set_ylabel("held-out accuracy")
     ax.set_title(title)
     ax.set_xticks(ks)
@@ -250,6 +251,13 @@ def write_outputs(summary: dict, out: str, title: str) -> None:
             "step_s_later", "step_s_later_min", "peak_rss_mib", "commit"]
     fc.write_tables(summary, out, cols, markdown(summary))
     plot(summary, os.path.join(out, "freeze_curve.png"), title)
+
+
+def _n_layer(model: str) -> int:
+    """The blocks of --model (a causal LM is trained as a classifier on its last token)."""
+    sys.path.insert(0, ROOT)
+    import engine
+    return engine.load(model).config.n_layer
 
 
 def main():
@@ -274,9 +282,11 @@ def main():
     print(f"{'the reported experiment' if reported else 'not the reported settings'}: tables to "
           f"{os.path.relpath(a.out)}, runs in {os.path.relpath(a.work)}", flush=True)
     results = sweep(a, data, eval_data, len(train_rows))
-    summary = summarize(results, majority)
+    n_layer = N_LAYER if a.model == "minilm" else _n_layer(a.model)
+    summary = summarize(results, majority, n_layer)
     summary["setup"] = {**_settings(a), "report_written_at": fc._git_state()}
-    write_outputs(summary, a.out, f"all-MiniLM-L6-v2, claims {a.field}: accuracy vs k")
+    name = "all-MiniLM-L6-v2" if a.model == "minilm" else os.path.basename(a.model)
+    write_outputs(summary, a.out, f"{name}, claims {a.field}: accuracy vs k")
     print(markdown(summary))
     print(f"wrote {os.path.relpath(a.out)}/results.{{json,csv,md}} and freeze_curve.png")
 
