@@ -518,8 +518,7 @@ class Model:
     def _forward_encoder(self, tokens, targets, grad, hidden, start, lengths, types, keep_hidden):
         """An encoder's forward: the hidden states, or the classifier head's logits over the
         first position (BERT's pooler: tanh (DistilBERT: ReLU) of a linear map, then one logit
-        per label), or with
-        targets the mean cross-entropy."""
+        per label), or with targets the mean cross-entropy."""
         c = self.config
         B, T = tokens.shape
         if targets is not None:
