@@ -47,7 +47,7 @@ def load_params(path: str, labels=None) -> tuple[Config, dict]:
                 raise InputError(f"labels must be a list of class names, got {labels!r}")
             cfg = dataclasses.replace(cfg, labels=list(labels))
             params = {n: a for n, a in params.items() if n != "lm_head.weight"}
-            params.update(hf_names._with_scores(cfg, None, (), params))
+            params.update(hf_names.with_scores(cfg, None, (), params))
         return cfg, params
     if os.path.isdir(path):
         return _load_hf_dir(path, labels)

@@ -75,7 +75,7 @@ def config_from_hf(hf: dict, get, head: bool = True) -> Config:
                        type_vocab_size=get(hf, "type_vocab_size", "size", 2),
                        norm_eps=get(hf, "layer_norm_eps", "number", 1e-12), mlp=_GELUS[act],
                        init_std=get(hf, "initializer_range", "number", 0.02),
-                       labels=_labels(hf) if head else None, **extra)
+                       labels=labels_of(hf) if head else None, **extra)
 
 
 def _distilbert_config(hf: dict, get, head: bool) -> Config:
@@ -95,12 +95,12 @@ def _distilbert_config(hf: dict, get, head: bool) -> Config:
                        d_ff=get(hf, "hidden_dim", "size", 3072),
                        max_seq_len=get(hf, "max_position_embeddings", "size", 512),
                        init_std=get(hf, "initializer_range", "number", 0.02),
-                       labels=_labels(hf) if head else None,
+                       labels=labels_of(hf) if head else None,
                        # (a null one is none: no padding row, as transformers reads it)
                        pad_token_id=get(hf, "pad_token_id", "id", None) if "pad_token_id" in hf else 0)
 
 
-def _labels(hf: dict) -> list[str] | None:
+def labels_of(hf: dict) -> list[str] | None:
     """A sequence classifier's class names in logit order (id2label), else None."""
     archs = hf.get("architectures") or []
     if not any(isinstance(a, str) and a.endswith("ForSequenceClassification") for a in archs):

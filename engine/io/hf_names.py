@@ -70,7 +70,7 @@ def config_from_hf(hf: dict, head: bool = True) -> Config:
         if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights") is False:
             raise ConfigError("gpt2 attention scaling other than 1/sqrt(head_dim) is not supported")
         d = _get(hf, "n_embd", "size")
-        return Config.gpt2(labels=hf_bert._labels(hf) if head else None,
+        return Config.gpt2(labels=hf_bert.labels_of(hf) if head else None,
                            vocab_size=_get(hf, "vocab_size", "size"),
                            n_layer=_get(hf, "n_layer", "size"), n_head=_get(hf, "n_head", "size"),
                            d_model=d, d_ff=_get(hf, "n_inner", "size", None) or 4 * d,
@@ -116,7 +116,7 @@ def config_from_hf(hf: dict, head: bool = True) -> Config:
         default = 4096 if mt == "mistral" else None
         extra["sliding_window"] = (None if hf.get("sliding_window", default) is None
                                    else _get(hf, "sliding_window", "size", default))
-    return family(labels=hf_bert._labels(hf) if head else None,
+    return family(labels=hf_bert.labels_of(hf) if head else None,
                   vocab_size=_get(hf, "vocab_size", "size"),
                   n_layer=n_layer, n_head=n_head,
                   # (MistralConfig's default is 8 key / value heads, the others' n_head)
@@ -338,7 +338,7 @@ def to_engine(cfg: Config, get, names) -> dict[str, np.ndarray]:
             at = np.cumsum([r for _, r in parts])[:-1]
             for (e, _), piece in zip(parts, np.split(a, at)):
                 out[e] = np.ascontiguousarray(piece)
-        return _with_scores(cfg, get, names, out)
+        return with_scores(cfg, get, names, out)
     prefix = "transformer." if any(n.startswith("transformer.") for n in names) else ""
     C, F = cfg.d_model, cfg.d_ff
 
@@ -371,10 +371,10 @@ def to_engine(cfg: Config, get, names) -> dict[str, np.ndarray]:
     out["ln_f.bias"] = g("ln_f.bias", (C,))
     if not cfg.tie_embeddings and cfg.labels is None:
         out["lm_head.weight"] = _fetch(get, names, "lm_head.weight")
-    return _with_scores(cfg, get, names, out)
+    return with_scores(cfg, get, names, out)
 
 
-def _with_scores(cfg: Config, get, names, out: dict) -> dict:
+def with_scores(cfg: Config, get, names, out: dict) -> dict:
     """A causal LM with labels: its classifier, the file's "score" (a *ForSequenceClassification
     checkpoint) or a new one, as transformers starts it (a causal LM's checkpoint; one for other
     labels, whose score the caller left out of `names`), said so."""
