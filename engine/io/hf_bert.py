@@ -1,7 +1,7 @@
 """Hugging Face <-> engine for BERT encoders, the RoBERTa family and DistilBERT (model_type
-"bert", "roberta", "xlm-roberta", "distilbert"): config.json fields and tensor names. A BertModel's tensors have no
-prefix; a task model's (BertForSequenceClassification, BertForMaskedLM, ...) sit under "bert."
-("roberta." for both RoBERTa families), its head beside. The engine keeps the sequence
+"bert", "roberta", "xlm-roberta", "distilbert"): config.json fields and tensor names. A
+BertModel's tensors have no prefix; a task model's (BertForSequenceClassification,
+BertForMaskedLM, ...) sit under "bert." ("roberta." for both RoBERTa families), its head beside. The engine keeps the sequence
 classifier and drops the pretraining heads (BERT's "cls.*", masked-LM and next-sentence;
 RoBERTa's "lm_head.*"), as transformers does when it loads such a file for classification.
 
@@ -90,14 +90,14 @@ def _distilbert_config(hf: dict, get, head: bool) -> Config:
     d, n_head = get(hf, "dim", "size", 768), get(hf, "n_heads", "size", 12)
     if d % n_head:
         raise ConfigError(f"config.json: dim={d} is not a multiple of n_heads={n_head}")
-    return Config.distilbert(vocab_size=get(hf, "vocab_size", "size", 30522),
-                       n_layer=get(hf, "n_layers", "size", 6), n_head=n_head, d_model=d,
-                       d_ff=get(hf, "hidden_dim", "size", 3072),
-                       max_seq_len=get(hf, "max_position_embeddings", "size", 512),
-                       init_std=get(hf, "initializer_range", "number", 0.02),
-                       labels=labels_of(hf) if head else None,
-                       # (a null one is none: no padding row, as transformers reads it)
-                       pad_token_id=get(hf, "pad_token_id", "id", None) if "pad_token_id" in hf else 0)
+    return Config.distilbert(
+        vocab_size=get(hf, "vocab_size", "size", 30522), n_layer=get(hf, "n_layers", "size", 6),
+        n_head=n_head, d_model=d, d_ff=get(hf, "hidden_dim", "size", 3072),
+        max_seq_len=get(hf, "max_position_embeddings", "size", 512),
+        init_std=get(hf, "initializer_range", "number", 0.02),
+        labels=labels_of(hf) if head else None,
+        # (a null one is none: no padding row, as transformers reads it)
+        pad_token_id=get(hf, "pad_token_id", "id", None) if "pad_token_id" in hf else 0)
 
 
 def labels_of(hf: dict) -> list[str] | None:
