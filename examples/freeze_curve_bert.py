@@ -210,7 +210,7 @@ def markdown(summary: dict) -> str:
                    f"{rows[0]['accuracy_before']:.3f}, a new head; the majority class "
                    f"{summary['majority_accuracy']:.3f}). Mean over {rows[0]['seeds']} seed(s) at "
                    "each k's best rate. Gain over majority vs full = (accuracy_k - majority) / "
-                   "(accuracy_6 - majority). Step times: median over the phase's steps of all "
+                   f"(accuracy_{summary.get('n_layer', N_LAYER)} - majority). Step times: median over the phase's steps of all "
                    "seeds, and the fastest step (the machine is shared). Peak RSS: the training "
                    "process, with the in-memory prefix cache.")
     return "\n".join(out) + "\n"
