@@ -43,13 +43,19 @@ def head_chunk_rows(N: int, V: int, need_dw: bool) -> int:
 EMBEDDINGS = ("wte.", "wpe.", "wtt.", "ln_e.")   # parameters of the embedding stage
 
 
+def _has_pooler(cfg: Config) -> bool:
+    """An encoder's pooler is there with or without a head (transformers' BertModel and
+    RobertaModel have one); a DistilBertModel has none (its classifier brings pre_classifier)."""
+    return cfg.encoder and (cfg.labels is not None or cfg.model_type != "distilbert")
+
+
 def new_head(cfg: Config, params: dict, seed: int = 0) -> dict:
     """The classifier head's parameters missing from `params` (an encoder's pooler, the
     classifier), as transformers initializes them: N(0, init_std) weights drawn from `seed`,
     zero biases (a causal LM's classifier, transformers' "score", has none)."""
     rng = np.random.default_rng(seed)
     C, out = cfg.d_model, {}
-    for name, rows in (("pooler", C if cfg.encoder else 0), ("classifier", len(cfg.labels or ()))):
+    for name, rows in (("pooler", C if _has_pooler(cfg) else 0), ("classifier", len(cfg.labels or ()))):
         if rows and name + ".weight" not in params:
             out[name + ".weight"] = (rng.standard_normal((rows, C), dtype=np.float32)
                                      * np.float32(cfg.init_std))
@@ -100,7 +106,7 @@ class Model:
         # an encoder's pooler (BERT's, on the first position) is there with or without a head
         # (transformers' BertModel has it); the classifier comes with labels (a causal LM's:
         # on its last token, no bias)
-        self.pooler = Linear("pooler", c.d_model, c.d_model, True) if c.encoder else None
+        self.pooler = Linear("pooler", c.d_model, c.d_model, True) if _has_pooler(c) else None
         self.classifier = (Linear("classifier", c.d_model, len(c.labels), c.encoder)
                            if c.labels is not None else None)
         self.shapes = self._shapes()

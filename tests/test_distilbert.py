@@ -94,6 +94,9 @@ def test_saved_files_load_in_transformers_as_they_were(tmp_path):
         assert cfg["model_type"] == "distilbert" and cfg["architectures"] == [cls.__name__]
         back = cls.from_pretrained(tmp_path / f"{kind}-out").eval()
         want = hf.state_dict()
+        # (a DistilBertModel has no pooler, and neither has the engine's model of it)
+        assert engine.load(str(tmp_path / f"{kind}-out")).num_params() == sum(
+            p.numel() for p in hf.parameters())
         from safetensors import safe_open
         with safe_open(str(tmp_path / f"{kind}-out" / "model.safetensors"), "pt") as f:
             assert set(f.keys()) == set(want)       # no pooler added to a DistilBertModel

@@ -17,7 +17,7 @@ names ("classifier.dense", "classifier.out_proj"; a RobertaModel's own pooler is
 DistilBERT is BERT's layout under its own names ("distilbert.transformer.layer.N...") and
 DistilBertConfig's field names (dim, n_layers, ...), without token types; its classifier's
 pre_classifier (dense + ReLU: Config.pooler_act) is the pooler's place. A DistilBertModel has
-no pooler: the engine gives it one (it is on no loss's path) and never saves it.
+no pooler, nor has the engine's model of it.
 """
 from __future__ import annotations
 
@@ -193,7 +193,7 @@ def _distilbert_map(cfg: Config, prefix: str) -> dict[str, str]:
             for w in ("weight", "bias"):
                 m[f"blocks.{i}.{e}.{w}"] = f"transformer.layer.{i}.{h}.{w}"
     m = {e: prefix + h for e, h in m.items()}
-    if cfg.labels:   # (a DistilBertModel has no pooler: the engine's is not saved)
+    if cfg.labels:   # (a DistilBertModel has no pooler)
         m.update({f"{e}.{w}": f"{h}.{w}" for e, h in (("pooler", "pre_classifier"),
                   ("classifier", "classifier")) for w in ("weight", "bias")})
     return m
@@ -260,9 +260,6 @@ def to_engine(cfg: Config, get, names, fetch, expect) -> dict[str, np.ndarray]:
             old = h.replace(".weight", ".gamma").replace(".bias", ".beta")
             h = old if old in names else h
         out[e] = fetch(get, names, h)
-    if cfg.model_type == "distilbert" and not cfg.labels:
-        from ..model import new_head
-        out.update(new_head(cfg, out))   # a DistilBertModel has no pooler: one for the engine
     if new:
         from ..model import new_head
         out.update(new_head(cfg, out))
