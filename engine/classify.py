@@ -50,8 +50,10 @@ def is_classifier_run(model_path: str, data: str) -> bool:
 
 def is_classifier(model_path: str) -> bool:
     """Whether `model_path` holds a sequence classifier or an encoder (its config.json)."""
-    archs = _hf_config(model_path).get("architectures") or []
-    return is_encoder(model_path) or any(isinstance(a, str) and a.endswith(
+    from .io.hf_bert import TYPES
+    hf = _hf_config(model_path)            # (read once)
+    archs = hf.get("architectures") or []
+    return hf.get("model_type") in TYPES or any(isinstance(a, str) and a.endswith(
         "ForSequenceClassification") for a in archs)
 
 
