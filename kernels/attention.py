@@ -34,6 +34,7 @@ import numpy as np
 
 from .blas import NOTRANS, SGEMM, TRANS, one_thread, sgemm
 from .checks import floats, position
+from .dropout import check_key, mask_row, row_key, threshold as dropout_threshold
 from .jit import jit, jit_inline, pjit, prange
 from .tiles import dots4x2
 from .vexp import exp_inplace
@@ -103,7 +104,7 @@ def _probabilities_row(row, vis, lse, bits):
 
 
 @pjit
-def _forward_numba(q, k, v, out, lse, pos0, causal, lengths):
+def _forward_numba(q, k, v, out, lse, pos0, causal, lengths, dkey, dthr, dscale):
     B, Tq, H, D = q.shape
     Hkv = k.shape[2]
     group = H // Hkv
@@ -126,7 +127,7 @@ def _forward_numba(q, k, v, out, lse, pos0, causal, lengths):
                 vt[d * Tk + j] = v[b, j, g, d]
         o = np.empty(nq * D, np.float32)
         l_ = np.empty(nq, np.float32)
-        _forward_head(qf, kf, vt, o, l_, Tq, Tk, D, pos0, causal)
+        _forward_head(qf, kf, vt, o, l_, Tq, Tk, D, pos0, causal, bh * Tq, dkey, dthr, dscale)
         for i in range(Tq):
             lse[b, h, i] = l_[i]
             for d in range(D):
@@ -134,9 +135,10 @@ def _forward_numba(q, k, v, out, lse, pos0, causal, lengths):
 
 
 @jit
-def _forward_head(qf, kf, vt, o, lse, Tq, Tk, D, pos0, causal):
+def _forward_head(qf, kf, vt, o, lse, Tq, Tk, D, pos0, causal, rbase, dkey, dthr, dscale):
     """One head: o (rows of D) and lse from flat scaled queries, the Tk keys it reads, transposed
-    values. A plain function, not the parallel loop's body: compiled on its own it vectorizes."""
+    values. A plain function, not the parallel loop's body: compiled on its own it vectorizes.
+    dthr > 0: the probabilities of query row i go through dropout row rbase + i of dkey."""
     s = np.empty(_R * Tk, np.float32)          # scores, then probabilities, of 4 query rows
     ob = np.empty(_R * D, np.float32)
     bits = np.empty(Tk, np.int32)
@@ -149,7 +151,10 @@ def _forward_head(qf, kf, vt, o, lse, Tq, Tk, D, pos0, causal):
                 for j in range(n):
                     s[r * Tk + j] = np.float32(0.0)
                 continue
-            lse[i] = _softmax_row(s[r * Tk:r * Tk + n], _seen(causal, Tk, pos0 + i + 1), bits)
+            vis = _seen(causal, Tk, pos0 + i + 1)
+            lse[i] = _softmax_row(s[r * Tk:r * Tk + n], vis, bits)
+            if dthr:
+                mask_row(s[r * Tk:r * Tk + n], vis, row_key(dkey, rbase + i), dthr, dscale)
         _products(s, Tk, vt, Tk, D, n, ob, D)   # o[r, d] = dot(p_r[:n], vt[d, :n])
         for r in range(_R):
             for d in range(D):
@@ -157,7 +162,7 @@ def _forward_head(qf, kf, vt, o, lse, Tq, Tk, D, pos0, causal):
 
 
 @pjit
-def _backward_numba(dout, q, k, v, out, lse, dq, dk, dv, causal, lengths):
+def _backward_numba(dout, q, k, v, out, lse, dq, dk, dv, causal, lengths, dkey, dthr, dscale):
     """Parallel over (batch, kv head): the query heads of one group are summed into the same dk, dv
     by one thread."""
     B, T, H, D = q.shape
@@ -193,7 +198,8 @@ def _backward_numba(dout, q, k, v, out, lse, dq, dk, dv, causal, lengths):
                     dl += dout[b, i, h, d] * out[b, i, h, d]
                 delta[i] = dl
                 l_[i] = lse[b, h, i]
-            _backward_head(qf, gf, kf, vf, kt, l_, delta, dqf, dka, dva, T, nk, D, scale, causal)
+            _backward_head(qf, gf, kf, vf, kt, l_, delta, dqf, dka, dva, T, nk, D, scale, causal,
+                           (b * H + h) * T, dkey, dthr, dscale)
             for i in range(T):
                 for d in range(D):
                     dq[b, i, h, d] = dqf[i * D + d]
@@ -205,9 +211,11 @@ def _backward_numba(dout, q, k, v, out, lse, dq, dk, dv, causal, lengths):
 
 
 @jit
-def _backward_head(qf, gf, kf, vf, kt, lse, delta, dqf, dka, dva, T, nk, D, scale, causal):
+def _backward_head(qf, gf, kf, vf, kt, lse, delta, dqf, dka, dva, T, nk, D, scale, causal, rbase,
+                   dkey, dthr, dscale):
     """One query head: dq rows into dqf; dk (times 1/scale), dv added into dka, dva, over the
-    first nk keys (the sequence's length; T, the row stride of the buffers)."""
+    first nk keys (the sequence's length; T, the row stride of the buffers). dthr > 0: the
+    forward's dropout of the probabilities (rows rbase + i of dkey)."""
     p = np.empty(_R * T, np.float32)
     ds = np.empty(_R * T, np.float32)
     dqb = np.empty(_R * D, np.float32)
@@ -228,8 +236,14 @@ def _backward_head(qf, gf, kf, vf, kt, lse, delta, dqf, dka, dva, T, nk, D, scal
             dl = delta[i0 + r]
             pr = p[r * T:r * T + n]
             dr = ds[r * T:r * T + n]
+            live = dthr > 0 and i0 + r < T
+            rk = row_key(dkey, rbase + i0 + r) if live else 0
+            if live:   # dp through the dropout; delta = sum(do * o) holds it already
+                mask_row(dr, _seen(causal, nk, i0 + r + 1), rk, dthr, dscale)
             for j in range(n):                     # ds = p (dp - delta) scale, over dp
                 dr[j] = pr[j] * (dr[j] - dl) * scale
+            if live:   # p as the forward multiplied v by, for dv
+                mask_row(pr, _seen(causal, nk, i0 + r + 1), rk, dthr, dscale)
         _products(ds, T, kt, T, D, n, dqb, D)   # dq[r, d] = sum_j ds[r, j] k[j, d]
         for r in range(_R):
             for d in range(D):
@@ -259,8 +273,9 @@ _QB = 64   # query rows per block: S (_QB x T) stays in L2 up to T = 1024
 
 
 @jit
-def _forward_head_blas(addr, q, k, v, out, lse, b, h, pos0, causal, nk, S, bits):
-    """Head h of sequence b, whose rows read (at most) its first nk keys."""
+def _forward_head_blas(addr, q, k, v, out, lse, b, h, pos0, causal, nk, S, bits, dkey, dthr, dscale):
+    """Head h of sequence b, whose rows read (at most) its first nk keys; dthr > 0: dropout of
+    the probabilities, query row i by row (b H + h) Tq + i of dkey."""
     _, Tq, H, D = q.shape
     Hkv = k.shape[2]
     g = h // (H // Hkv)
@@ -279,24 +294,28 @@ def _forward_head_blas(addr, q, k, v, out, lse, b, h, pos0, causal, nk, S, bits)
         for r in range(m):
             vis = _seen(causal, nk, pos0 + i0 + r + 1)
             lse[b, h, i0 + r] = _softmax_row(Sb[r * n:(r + 1) * n], vis, bits)
+            if dthr:
+                mask_row(Sb[r * n:(r + 1) * n], vis, row_key(dkey, (b * H + h) * Tq + i0 + r),
+                         dthr, dscale)
         sgemm(addr, NOTRANS, NOTRANS, m, D, n, np.float32(1.0), Sb.ctypes.data, n,
               vp, Hkv * D, np.float32(0.0), op + i0 * H * D * 4, H * D)
 
 
 @pjit
-def _forward_blas(addr, q, k, v, out, lse, pos0, causal, lengths):
+def _forward_blas(addr, q, k, v, out, lse, pos0, causal, lengths, dkey, dthr, dscale):
     B, Tq, H, D = q.shape
     for bh in prange(B * H):
         b = bh // H
         nk = _seen(causal, lengths[b], pos0 + Tq)
         S = np.empty(min(_QB, Tq) * nk, np.float32)
         bits = np.empty(nk, np.int32)
-        _forward_head_blas(addr, q, k, v, out, lse, b, bh % H, pos0, causal, nk, S, bits)
+        _forward_head_blas(addr, q, k, v, out, lse, b, bh % H, pos0, causal, nk, S, bits, dkey, dthr,
+                           dscale)
 
 
 @jit
 def _backward_group_blas(addr, dout, q, k, v, out, lse, dq, dk, dv, b, g, causal, nk, P, dP, delta,
-                         bits):
+                         bits, dkey, dthr, dscale):
     """kv head g of sequence b, whose first nk keys are read; dk, dv of the others stay 0."""
     _, T, H, D = q.shape
     Hkv = k.shape[2]
@@ -335,10 +354,15 @@ def _backward_group_blas(addr, dout, q, k, v, out, lse, dq, dk, dv, b, g, causal
                 _probabilities_row(row, vis, lse[b, h, i0 + r], bits)
                 dl = delta[i0 + r]
                 drow = dPb[r * n:(r + 1) * n]
+                rk = row_key(dkey, (b * H + h) * T + i0 + r) if dthr else 0
+                if dthr:   # dP through the dropout (delta = sum(dO * O) holds it already)
+                    mask_row(drow, vis, rk, dthr, dscale)
                 for j in range(vis):
                     drow[j] = row[j] * (drow[j] - dl)
                 for j in range(vis, n):
                     drow[j] = zero
+                if dthr:   # P as the forward multiplied V by, for dV
+                    mask_row(row, vis, rk, dthr, dscale)
             # dQ = scale dS K;  dK += scale dS^T Q;  dV += P^T dO
             sgemm(addr, NOTRANS, NOTRANS, m, D, n, scale, dPb.ctypes.data, n, kp, Hkv * D, zero,
                   dq.ctypes.data + base + i0 * ld, H * D)
@@ -347,7 +371,7 @@ def _backward_group_blas(addr, dout, q, k, v, out, lse, dq, dk, dv, b, g, causal
 
 
 @pjit
-def _backward_blas(addr, dout, q, k, v, out, lse, dq, dk, dv, causal, lengths):
+def _backward_blas(addr, dout, q, k, v, out, lse, dq, dk, dv, causal, lengths, dkey, dthr, dscale):
     B, T, H, D = q.shape
     Hkv = k.shape[2]
     for bg in prange(B * Hkv):
@@ -357,7 +381,7 @@ def _backward_blas(addr, dout, q, k, v, out, lse, dq, dk, dv, causal, lengths):
         delta = np.empty(T, np.float32)
         bits = np.empty(T, np.int32)
         _backward_group_blas(addr, dout, q, k, v, out, lse, dq, dk, dv, b, bg % Hkv, causal,
-                             lengths[b], P, dP, delta, bits)
+                             lengths[b], P, dP, delta, bits, dkey, dthr, dscale)
 
 
 # ---- dispatch ---------------------------------------------------------------------------------
@@ -430,28 +454,39 @@ def _use_blas(backend) -> bool:
     return False
 
 
-def attention_forward(q, k, v, out, lse, pos0, backend=None, *, causal=True, lengths=None):
+def _dropout(fn, dropout, key):
+    """(key, threshold, scale) as the kernels take them; threshold 0: no dropout."""
+    t = dropout_threshold(dropout, fn, "dropout")
+    return check_key(fn, key), t, np.float32(1.0 / (1.0 - dropout) if t else 1.0)
+
+
+def attention_forward(q, k, v, out, lse, pos0, backend=None, *, causal=True, lengths=None,
+                      dropout=0.0, key=0):
     """out = softmax(q k^T / sqrt(D), masked) v; lse per query row. Masked: causal, and the
-    padding past lengths[b] (see the module docstring)."""
+    padding past lengths[b] (see the module docstring). dropout > 0 (training): the
+    probabilities go through dropout.py's mask of `key`, query row i of head h of sequence b
+    by row (b H + h) Tq + i; lse stays that of the whole softmax."""
     pos0 = position("attention_forward", "pos0", pos0)
     _check(q, k, v, out, lse, pos0)
     causal, lengths = _masking("attention_forward", q, k, pos0, causal, lengths)
+    drop = _dropout("attention_forward", dropout, key)
     if _use_blas(backend):
         with one_thread():
-            _forward_blas(SGEMM, q, k, v, out, lse, pos0, causal, lengths)
+            _forward_blas(SGEMM, q, k, v, out, lse, pos0, causal, lengths, *drop)
     else:
-        _forward_numba(q, k, v, out, lse, pos0, causal, lengths)
+        _forward_numba(q, k, v, out, lse, pos0, causal, lengths, *drop)
 
 
 def attention_backward(dout, q, k, v, out, lse, dq, dk, dv, backend=None, *, causal=True,
-                       lengths=None):
-    """Training only (pos0 = 0, Tk = Tq); causal and lengths as in the forward. dq, dk, dv
-    written (not accumulated); dk, dv are 0 at padding keys."""
+                       lengths=None, dropout=0.0, key=0):
+    """Training only (pos0 = 0, Tk = Tq); causal, lengths, dropout and key as in the forward.
+    dq, dk, dv written (not accumulated); dk, dv are 0 at padding keys."""
     _check(q, k, v, out, lse, 0, (("dout", (dout, q.shape)), ("dq", (dq, q.shape)),
                                   ("dk", (dk, k.shape)), ("dv", (dv, k.shape))), training=True)
     causal, lengths = _masking("attention_backward", q, k, 0, causal, lengths)
+    drop = _dropout("attention_backward", dropout, key)
     if _use_blas(backend):
         with one_thread():
-            _backward_blas(SGEMM, dout, q, k, v, out, lse, dq, dk, dv, causal, lengths)
+            _backward_blas(SGEMM, dout, q, k, v, out, lse, dq, dk, dv, causal, lengths, *drop)
     else:
-        _backward_numba(dout, q, k, v, out, lse, dq, dk, dv, causal, lengths)
+        _backward_numba(dout, q, k, v, out, lse, dq, dk, dv, causal, lengths, *drop)

@@ -115,6 +115,37 @@ def rope_bwd(dout, cos, sin):
     return rope_fwd(dout, cos, -np.asarray(sin))
 
 
+# ---- dropout ------------------------------------------------------------------------------
+_M32 = np.uint64(0xFFFFFFFF)
+
+
+def _fmix32(h):
+    """murmur3's 32-bit finalizer, on uint64 arrays holding 32-bit values."""
+    h = h ^ (h >> np.uint64(16))
+    h = (h * np.uint64(0x85EBCA6B)) & _M32
+    h = h ^ (h >> np.uint64(13))
+    h = (h * np.uint64(0xC2B2AE35)) & _M32
+    return h ^ (h >> np.uint64(16))
+
+
+def dropout_mask(rows, C, p, key):
+    """(rows, C) bool, True where kept: element j of row r is kept when
+    fmix32(((j * 0x9E3779B9) mod 2**32) xor fmix32(fmix32(r) xor key)) >= round(p * 2**32)."""
+    r = np.arange(rows, dtype=np.uint64)
+    j = np.arange(C, dtype=np.uint64)
+    rk = _fmix32(_fmix32(r & _M32) ^ np.uint64(key))
+    h = _fmix32(((j * np.uint64(0x9E3779B9)) & _M32)[None, :] ^ rk[:, None])
+    return h >= np.uint64(min(round(p * 2.0 ** 32), 2 ** 32 - 1))
+
+
+def dropout_fwd(x, p, key):
+    """x (..., C): scaled by 1 / (1 - p) where kept, else 0."""
+    (x,) = f64(x)
+    C = x.shape[-1]
+    keep = dropout_mask(x.size // C, C, p, key).reshape(x.shape)
+    return np.where(keep, x / (1.0 - p), 0.0)
+
+
 # ---- attention ----------------------------------------------------------------------------
 def _expand_kv(k, H):
     return np.repeat(k, H // k.shape[2], axis=2)
@@ -139,10 +170,20 @@ def _unpad(k, lengths):
     return np.where(valid[:, :, None, None], k, 0.0)
 
 
-def attention_fwd(q, k, v, pos0=0, causal=True, lengths=None):
+def _dropped(B, H, Tq, Tk, drop):
+    """(B, H, Tq, Tk) float64: the scaled dropout mask of the probabilities (query row i of head
+    h of sequence b is the mask's row (b H + h) Tq + i), or 1 without drop (p, key)."""
+    if drop is None:
+        return np.ones((B, H, Tq, Tk))
+    p, key = drop
+    return dropout_mask(B * H * Tq, Tk, p, key).reshape(B, H, Tq, Tk) / (1.0 - p)
+
+
+def attention_fwd(q, k, v, pos0=0, causal=True, lengths=None, drop=None):
     """q (B, Tq, H, D), k, v (B, Tk, Hkv, D); query i at position pos0 + i. causal: it sees
     keys 0 .. pos0 + i (later keys not read); else all of them. lengths (B,): keys at positions
-    >= lengths[b] are padding, never seen."""
+    >= lengths[b] are padding, never seen. drop (p, key): dropout of the probabilities (the
+    log-sum-exp is the whole softmax's)."""
     q, k, v = f64(q, k, v)
     B, Tq, H, D = q.shape
     Tk = pos0 + Tq if causal else k.shape[1]
@@ -153,10 +194,10 @@ def attention_fwd(q, k, v, pos0=0, causal=True, lengths=None):
     p = np.exp(s - m)
     lse = (m + np.log(p.sum(-1, keepdims=True)))[..., 0]
     p /= p.sum(-1, keepdims=True)
-    return np.einsum("bhij,bjhd->bihd", p, v), lse
+    return np.einsum("bhij,bjhd->bihd", p * _dropped(B, H, Tq, Tk, drop), v), lse
 
 
-def attention_bwd(dout, q, k, v, causal=True, lengths=None):
+def attention_bwd(dout, q, k, v, causal=True, lengths=None, drop=None):
     dout, q, k, v = f64(dout, q, k, v)
     B, T, H, D = q.shape
     Hkv = k.shape[2]
@@ -165,8 +206,9 @@ def attention_bwd(dout, q, k, v, causal=True, lengths=None):
     s = np.where(_seen(B, T, T, 0, causal, lengths), s, -np.inf)
     p = np.exp(s - s.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
-    dv = np.einsum("bhij,bihd->bjhd", p, dout)
-    dp = np.einsum("bihd,bjhd->bhij", dout, ve)
+    m = _dropped(B, H, T, T, drop)
+    dv = np.einsum("bhij,bihd->bjhd", p * m, dout)
+    dp = np.einsum("bihd,bjhd->bhij", dout, ve) * m      # the gradient of p itself
     ds = p * (dp - (dp * p).sum(-1, keepdims=True)) / np.sqrt(D)
     dq = np.einsum("bhij,bjhd->bihd", ds, ke)
     dk = np.einsum("bhij,bihd->bjhd", ds, q)

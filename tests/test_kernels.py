@@ -21,6 +21,7 @@ from kernels.adamw import adamw_step
 from kernels.sgd import sgd_step
 from kernels.attention import attention_backward, attention_forward
 from kernels.bias import bias_add
+from kernels.dropout import dropout_backward, dropout_forward
 import engine
 from kernels import blas as blas_mod
 from kernels.blas import SGEMM, NOTRANS, TRANS, sgemm
@@ -627,6 +628,126 @@ def test_attention_rejects_bad_lengths_and_flags():
     kc = np.zeros((2, 9, 1, 8), np.float32)
     with pytest.raises(ValueError, match="pos0 is 2, expected 0 with causal=False"):
         attention_forward(q, kc, kc, np.empty_like(q), np.empty((2, 2, 4), np.float32), 2, causal=False)
+
+
+@pytest.mark.parametrize("backend", ATTN_BACKENDS)
+@pytest.mark.parametrize("causal, padded, T", [(True, False, 9), (False, True, 9), (True, True, 150),
+                                               (False, False, 150)])
+def test_attention_dropout(backend, causal, padded, T):
+    """Dropout of the probabilities: output, log-sum-exp (the whole softmax's) and gradients
+    against the twin with the same mask; T = 150 crosses the 64-row and 4-row query blocks."""
+    rng = rng_of(21)
+    B, H, Hkv, D, p, key = 3, 4, 2, 5, 0.3, 987654321
+    q, k, v, dout = _attn_inputs(rng, B, T, H, Hkv, D)
+    lengths = np.array([T, 1, T // 2 + 1]) if padded else None
+    out, lse = np.empty_like(q), np.empty((B, H, T), np.float32)
+    attention_forward(q, k, v, out, lse, 0, backend=backend, causal=causal, lengths=lengths,
+                      dropout=p, key=key)
+    rout, rlse = ref.attention_fwd(q, k, v, causal=causal, lengths=lengths, drop=(p, key))
+    close(out, rout, dict(rtol=1e-4, atol=1e-5))
+    close(lse, rlse, dict(rtol=1e-5, atol=1e-5))
+    plain = np.empty_like(q)
+    attention_forward(q, k, v, plain, lse, 0, backend=backend, causal=causal, lengths=lengths)
+    assert not np.allclose(plain, out, atol=1e-3)          # the mask did something
+    grads = np.empty_like(q), np.empty_like(k), np.empty_like(v)
+    attention_backward(dout, q, k, v, out, lse, *grads, backend=backend, causal=causal,
+                       lengths=lengths, dropout=p, key=key)
+    want = ref.attention_bwd(dout, q, k, v, causal=causal, lengths=lengths, drop=(p, key))
+    for got, w in zip(grads, want):
+        close(got, w, dict(rtol=1e-3, atol=1e-4), scale=np.abs(w).max() + 1)
+
+
+def test_attention_dropout_twin_and_torch():
+    """The twin's dropout against float64 finite differences (the mask is fixed by its key) and
+    against torch autograd through softmax, the same mask as a constant, and the product."""
+    rng = rng_of(2)
+    B, T, H, Hkv, D, p, key = 2, 7, 4, 2, 3, 0.4, 31337
+    q, k, v, dout = _attn_inputs(rng, B, T, H, Hkv, D)
+    lengths = np.array([7, 3])
+    loss = lambda q, k, v: float(np.sum(ref.attention_fwd(q, k, v, lengths=lengths, drop=(p, key))[0] * dout))  # noqa: E731
+    grads = ref.attention_bwd(dout, q, k, v, lengths=lengths, drop=(p, key))
+    check_twin_grad(loss, [q, k, v], grads, rng)
+    seen = torch.tensor(np.tril(np.ones((T, T), bool)) & (np.arange(T) < lengths[:, None, None, None]))
+    mask = torch.tensor(ref.dropout_mask(B * H * T, T, p, key).reshape(B, H, T, T) / (1 - p))
+    tq, tk, tv = (t64(a, True) for a in (q, k, v))
+    ke, ve = (t.repeat_interleave(H // Hkv, dim=2) for t in (tk, tv))
+    s = torch.einsum("bihd,bjhd->bhij", tq, ke) / math.sqrt(D)
+    probs = torch.softmax(s.masked_fill(~seen, float("-inf")), -1)
+    y = torch.einsum("bhij,bjhd->bihd", probs * mask, ve)
+    y.backward(t64(dout))
+    np.testing.assert_allclose(y.detach().numpy(), ref.attention_fwd(q, k, v, lengths=lengths,
+                                                                     drop=(p, key))[0], rtol=1e-10, atol=1e-12)
+    for got, t in zip(grads, (tq, tk, tv)):
+        np.testing.assert_allclose(got, t.grad.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_attention_rejects_bad_dropout():
+    q = np.zeros((1, 4, 2, 8), np.float32)
+    lse = np.zeros((1, 2, 4), np.float32)
+    for kw, msg in [(dict(dropout=1.0), r"dropout must be a number in \[0, 1\), got 1.0"),
+                    (dict(dropout=-0.1), "dropout must be a number"),
+                    (dict(dropout=0.1, key=-1), r"key must be an integer in \[0, 2\*\*32\)"),
+                    (dict(dropout=0.1, key=1.5), "key must be an integer")]:
+        out = np.full_like(q, 7.0)
+        with pytest.raises(ValueError, match="attention_forward: " + msg):
+            attention_forward(q, q, q, out, lse, 0, **kw)
+        assert np.all(out == 7)
+        with pytest.raises(ValueError, match="attention_backward: " + msg):
+            attention_backward(q, q, q, q, q, lse, out, q.copy(), q.copy(), **kw)
+
+
+# ---- dropout --------------------------------------------------------------------------------
+@SETTINGS
+@given(rows=st.integers(1, 40), C=st.integers(1, 70), p=st.sampled_from([0.0, 0.1, 0.5, 0.9]),
+       key=st.integers(0, 2**32 - 1), big=st.booleans())
+def test_dropout_matches_twin(rows, C, p, key, big):
+    """The kernel against the twin: the same mask, element for element, and the kept values
+    scaled (big: the parallel path); backward is the same scaled mask; p = 0 changes nothing."""
+    rng = rng_of(key % 1000)
+    shape = (rows * (64 if big and JIT else 1), 8, C) if big else (rows, C)
+    x = randn(rng, *shape)
+    y = x.copy()
+    dropout_forward(y, p, key)
+    want = ref.dropout_fwd(x, p, key)
+    np.testing.assert_array_equal(y != 0, want != 0)
+    close(y, want, FWD_TOL)
+    if p == 0:
+        np.testing.assert_array_equal(y, x)
+    g = x.copy()
+    dropout_backward(g, p, key)
+    np.testing.assert_array_equal(g, y)
+
+
+def test_dropout_keeps_the_expected_share_independently():
+    """Over a million elements the kept share is 1 - p within 5 standard errors, the same in
+    every row and column on average, and neighbouring rows, columns and keys are uncorrelated
+    (a hash that repeated a row or shifted it would show here)."""
+    p, n_rows, C = 0.1, 1024, 1024
+    keep = ref.dropout_mask(n_rows, C, p, 4242).astype(np.float64)
+    x = np.ones((n_rows, C), np.float32)
+    dropout_forward(x, p, 4242)
+    np.testing.assert_array_equal(x != 0, keep.astype(bool))
+    se = math.sqrt(p * (1 - p) / keep.size)
+    assert abs(keep.mean() - (1 - p)) < 5 * se
+    assert abs(keep.mean(0).std() - math.sqrt(p * (1 - p) / n_rows)) < 0.2 * math.sqrt(p * (1 - p) / n_rows)
+    other = ref.dropout_mask(n_rows, C, p, 4243).astype(np.float64)
+    for a, b in [(keep[1:], keep[:-1]), (keep[:, 1:], keep[:, :-1]), (keep, other),
+                 (keep[1:, 1:], keep[:-1, :-1])]:
+        assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.01
+
+
+def test_dropout_rejects_bad_arguments():
+    x = np.ones((3, 4), np.float32)
+    for args, msg in [((x, 1.0, 0), r"dropout_forward: p must be a number in \[0, 1\)"),
+                      ((x, float("nan"), 0), "p must be a number"),
+                      ((x, 0.1, 2**32), r"key must be an integer in \[0, 2\*\*32\)"),
+                      ((x.astype(np.float64), 0.1, 0), "x has dtype float64"),
+                      ((x[:, ::2], 0.1, 0), "not C-contiguous")]:
+        with pytest.raises(ValueError, match=msg):
+            dropout_forward(*args)
+    with pytest.raises(ValueError, match="dropout_backward: p must be"):
+        dropout_backward(x, 1.5, 0)
+    assert np.all(x == 1)
 
 
 def test_attention_without_openblas_says_it_runs_the_slower_path(monkeypatch, capsys):
