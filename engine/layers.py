@@ -15,14 +15,42 @@ from kernels.activation import (gelu_backward, gelu_erf_backward, gelu_erf_forwa
                                 swiglu_backward, swiglu_forward)
 from kernels.attention import attention_backward, attention_forward
 from kernels.bias import bias_add
+from kernels.dropout import dropout_backward, dropout_forward
 from kernels.matmul import gemm_nn, gemm_nt, gemm_tn
 from kernels.norm import layernorm_backward, layernorm_forward, rmsnorm_backward, rmsnorm_forward
 from kernels.rope import inverse_frequencies, rope_backward, rope_forward
 
 from .config import Config
+from .dropout import ATTENTION_OUT, MLP_OUT
 
 # Set to a probes.StepProfile to time phases per layer; None (the default) costs one check.
 PROFILE = None
+
+
+def _row_ids(rows):
+    return None if rows is None else np.asarray(rows, np.int64)
+
+
+def _drop(y, drop, site: int, rows=None):
+    """Dropout of y in place at a block's site (dropout.py's ATTENTION_OUT, MLP_OUT), when
+    drop (the block's (p, attention rate, keys...), or None) asks for it. rows: y holds these
+    positions only (forward's rows=), which keep their own masks."""
+    if drop is not None and drop[0]:
+        dropout_forward(y, drop[0], drop[2 + site], _row_ids(rows))
+
+
+def _dropped(dy, drop, site: int, rows=None):
+    """The gradient at a site's input: a copy of dy through that site's dropout, or dy itself
+    when there is none (the caller still reads dy, on the residual path)."""
+    if drop is None or not drop[0]:
+        return dy
+    d = dy.copy()
+    dropout_backward(d, drop[0], drop[2 + site], _row_ids(rows))
+    return d
+
+
+def _attention_dropout(drop) -> dict:
+    return {} if drop is None or not drop[1] else dict(dropout=drop[1], key=drop[2])
 
 
 def rope_frequencies(cfg: Config) -> np.ndarray:
@@ -175,7 +203,7 @@ class Block:
             s.update(m.shapes())
         return s
 
-    def forward(self, P, x, rope_cs, keep, cache=None, pos0=0, rows=None, lengths=None):
+    def forward(self, P, x, rope_cs, keep, cache=None, pos0=0, rows=None, lengths=None, drop=None):
         """x: (B, T, C). Returns (out (B, T, C), saved or None). keep: the names of the values
         backward will read (backward_plan(...)["keep"]); None or empty: nothing is retained,
         and the frozen prefix runs through here. With a KV cache (k, v arrays of shape
@@ -185,57 +213,64 @@ class Block:
         (len(rows), C). Keys and values still come from every position; the attention output
         projection, the residuals and the MLP run on these rows alone (the top block, when only
         some positions have a target).
-        lengths (B,) int64 or None: keys at positions >= lengths[b] are padding, never attended to."""
+        lengths (B,) int64 or None: keys at positions >= lengths[b] are padding, never attended to.
+        drop (training): (p, attention rate, the keys of the attention probabilities', output's
+        and MLP output's masks) from dropout.Keys.block, or None."""
         if self.post_norm:
-            return self._forward_post(P, x, rope_cs, keep, cache, pos0, rows, lengths)
+            return self._forward_post(P, x, rope_cs, keep, cache, pos0, rows, lengths, drop)
         B, T, C = x.shape
         N = B * T
         x2 = x.reshape(N, C)
         h, st1 = self.ln1.forward(P, x2)                       # (N, C)
-        x1, a2, sa = self._attention_branch(P, h, x2, B, T, rope_cs, cache, pos0, rows, lengths)
+        x1, a2, sa = self._attention_branch(P, h, x2, B, T, rope_cs, cache, pos0, rows, lengths,
+                                            drop)
         h2, st2 = self.ln2.forward(P, x1)
         g, u, act = self._mlp(P, h2)
         out = self.down.forward(P, act)
+        _drop(out, drop, MLP_OUT, rows)
         out += x1
         saved = None
         if keep:
             saved = dict(n=N, x=x2, h=h, st1=st1, x1=x1, h2=h2, st2=st2, g=g, u=u, act=act,
-                         lengths=lengths, **sa)
+                         lengths=lengths, drop=drop, **sa)
             if rows is not None:
                 saved.update(rows=rows, a_rows=a2)
             saved = {n: s for n, s in saved.items() if n in keep}
         return (out.reshape(B, T, C) if rows is None else out), saved
 
-    def _forward_post(self, P, x, rope_cs, keep, cache, pos0, rows, lengths):
+    def _forward_post(self, P, x, rope_cs, keep, cache, pos0, rows, lengths, drop):
         """Post-norm forward; with rows, as the pre-norm one (an encoder's classifier reads the
         first position only: the top block's keys and values come from every position, the rest
         runs on those rows)."""
         B, T, C = x.shape
         N = B * T
         x2 = x.reshape(N, C)
-        y1, a2, sa = self._attention_branch(P, x2, x2, B, T, rope_cs, cache, pos0, rows, lengths)
+        y1, a2, sa = self._attention_branch(P, x2, x2, B, T, rope_cs, cache, pos0, rows, lengths,
+                                            drop)
         h2, st1 = self.ln1.forward(P, y1)
         g, u, act = self._mlp(P, h2)
         y2 = self.down.forward(P, act)
+        _drop(y2, drop, MLP_OUT, rows)
         y2 += h2                                               # (N, C) residual, before ln2
         out, st2 = self.ln2.forward(P, y2)
         saved = None
         if keep:
             saved = dict(n=N, h=x2, y1=y1, st1=st1, h2=h2, y2=y2, st2=st2, g=g, u=u, act=act,
-                         lengths=lengths, rows=rows, a_rows=a2 if rows is not None else None, **sa)
+                         lengths=lengths, drop=drop, rows=rows, a_rows=a2 if rows is not None else None, **sa)
             saved = {n: s for n, s in saved.items() if n in keep}
         return (out.reshape(B, T, C) if rows is None else out), saved
 
-    def _attention_branch(self, P, h, x2, B, T, rope_cs, cache, pos0, rows, lengths):
+    def _attention_branch(self, P, h, x2, B, T, rope_cs, cache, pos0, rows, lengths, drop=None):
         """The residual stream x2 (N, C) plus attention over h (N, C) and its output projection:
         (N, C), or (M, C) at `rows` only (keys and values still from every position). Returns
         it, the projection's input (N or M, H*D) and what backward may read of attention."""
-        a, sa = self._attend(P, h, B, T, rope_cs, cache, pos0, lengths)
+        a, sa = self._attend(P, h, B, T, rope_cs, cache, pos0, lengths, drop)
         a2 = a.reshape(B * T, self.H * self.D)
         res = x2
         if rows is not None:
             a2, res = a2[rows], x2[rows]                       # (M, H*D), (M, C)
         y = self.o.forward(P, a2)
+        _drop(y, drop, ATTENTION_OUT, rows)
         y += res                                               # residual
         return y, a2, sa
 
@@ -245,7 +280,8 @@ class Block:
         (N, C) when need_h, else None. The residual's share is the caller's."""
         rows = s.get("rows")
         o_in = s.get("a_rows") if rows is not None else s.get("a")   # read only when o trains
-        da = self.o.backward(P, G, dy, None if o_in is None else o_in.reshape(-1, self.H * self.D),
+        da = self.o.backward(P, G, _dropped(dy, s.get("drop"), ATTENTION_OUT, rows),
+                             None if o_in is None else o_in.reshape(-1, self.H * self.D),
                              need_qkv)
         if not need_qkv:
             return None
@@ -254,7 +290,7 @@ class Block:
             da[rows] = da_rows
         return self._attend_backward(P, G, da, s, rope_cs, need_h)
 
-    def _attend(self, P, h, B, T, rope_cs, cache, pos0, lengths):
+    def _attend(self, P, h, B, T, rope_cs, cache, pos0, lengths, drop=None):
         """Attention over h (N, C): q, k, v, the per-head norms, the rotary embedding, the
         KV cache. Returns its output (B, T, H, D) and the values backward may read."""
         q_pre, k_pre = self.q.forward(P, h), self.k.forward(P, h)    # (N, H*D), (N, Hkv*D)
@@ -277,7 +313,8 @@ class Block:
             k, v = kc, vc
         a = np.empty((B, T, self.H, self.D), np.float32)
         lse = np.empty((B, self.H, T), np.float32)
-        attention_forward(q, k, v, a, lse, pos0, causal=self.causal, lengths=lengths)
+        attention_forward(q, k, v, a, lse, pos0, causal=self.causal, lengths=lengths,
+                          **_attention_dropout(drop))
         return a, dict(q=q, k=k, v=v, a=a, lse=lse, q_pre=q_pre, k_pre=k_pre, stq=stq, stk=stk)
 
     def _mlp(self, P, h2):
@@ -310,7 +347,7 @@ class Block:
         need_qkv = attn and (need_h or tr(self.q, self.q_norm, self.k, self.k_norm, self.v))
         # a weight's gradient reads its layer's input; an input gradient through a norm or an
         # activation reads what that op saw (a frozen weight in range keeps nothing for itself)
-        keep = {"n", "rows", "lengths"}
+        keep = {"n", "rows", "lengths", "drop"}
         keep |= {"act"} if mlp and dw(self.down) else set()
         keep |= ({"g", "u"} if self.swiglu else {"u"}) if need_act else set()
         keep |= {"h2"} if need_act and dw(self.gate, self.up) else set()
@@ -346,7 +383,7 @@ class Block:
         ln2 = mlp or tr(self.ln2)
         need_act = mlp and (ln1 or tr(self.gate, self.up))      # through the activation
         need_qkv = attn and (need_dx or tr(self.q, self.k, self.v))
-        keep = {"n", "rows", "lengths"}
+        keep = {"n", "rows", "lengths", "drop"}
         keep |= {"y2", "st2"} if ln2 else set()
         keep |= {"act"} if mlp and dw(self.down) else set()
         keep |= ({"g", "u"} if self.swiglu else {"u"}) if need_act else set()
@@ -370,7 +407,8 @@ class Block:
         attn_branch = plan["attn"]
         if plan["mlp"]:
             need_h2, need_act = plan["need_h2"], plan["need_act"]
-            dact = self.down.backward(P, G, dout, s.get("act"), need_act)
+            dact = self.down.backward(P, G, _dropped(dout, s.get("drop"), MLP_OUT, s.get("rows")),
+                                      s.get("act"), need_act)
             if need_act:
                 dh2 = self._mlp_backward(P, G, dact, s, need_h2)
                 if need_h2:
@@ -403,7 +441,8 @@ class Block:
         self.ln2.backward(P, G, dout, s["y2"], s["st2"], dy2)
         if not plan["mlp"]:
             return None
-        dact = self.down.backward(P, G, dy2, s.get("act"), plan["need_act"])
+        dact = self.down.backward(P, G, _dropped(dy2, s.get("drop"), MLP_OUT, rows),
+                                  s.get("act"), plan["need_act"])
         dh2 = self._mlp_backward(P, G, dact, s, plan["ln1"]) if plan["need_act"] else None
         if not plan["ln1"]:
             return None
@@ -444,7 +483,8 @@ class Block:
         q, k, v = s["q"], s["k"], s["v"]
         dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
         attention_backward(da.reshape(q.shape), q, k, v, s["a"], s["lse"], dq, dk, dv,
-                           causal=self.causal, lengths=s.get("lengths"))
+                           causal=self.causal, lengths=s.get("lengths"),
+                           **_attention_dropout(s.get("drop")))
         if self.rope:
             rope_backward(dq, *rope_cs)
             rope_backward(dk, *rope_cs)

@@ -17,6 +17,7 @@ from time import perf_counter
 import numpy as np
 
 from kernels.blas import one_thread
+from kernels.dropout import dropout_backward, dropout_forward
 from kernels.embedding import embedding_backward, embedding_forward
 from kernels.loss import IGNORE, crossentropy_forward, crossentropy_forward_backward
 from kernels.matmul import gemm_nn, gemm_nt, gemm_tn
@@ -24,6 +25,7 @@ from kernels.rope import rope_table
 
 from . import layers
 from .config import Config
+from .dropout import Dropout
 from .errors import CheckpointError, ConfigError, InputError, is_int, is_number
 from .heap import keep_freed_memory
 from .layers import Block, Linear, Norm, rope_frequencies
@@ -82,6 +84,7 @@ def _blas_one_thread(method):
 
 class Model:
     ln_e = pooler = classifier = None   # models pickled before encoders existed have none
+    dropout = None                      # a Dropout (set_dropout), or None: off
 
     def __init__(self, config: Config, params: dict | None = None, seed: int = 0):
         """A model of `config`: random weights from `seed`, or `params` (name -> array). Arrays
@@ -235,6 +238,13 @@ class Model:
             raise InputError(f"train_last(k): k must be an integer in 0..{L}, got {k!r}")
         tail = [n for n in self.params if (block_of(n) if n.startswith("blocks.") else -1) >= L - k]
         return self.set_trainable(self.top_params() + tail)
+
+    def set_dropout(self, p: float, attention: float | None = None, seed: int = 0):
+        """Dropout in training forwards (those that keep what backward needs): rate p on the
+        hidden states, `attention` (default p) on the attention probabilities, masks drawn from
+        `seed`; 0 (both): off, the default. In the blocks backward runs through, not in the frozen
+        prefix below them (engine/dropout.py says where, and why)."""
+        self.dropout = Dropout.make(p, attention, seed)
 
     def set_trainable(self, names):
         """Exactly the parameters `names` trainable, all others frozen. Those that stay
@@ -450,7 +460,7 @@ class Model:
             if targets.shape != tokens.shape:
                 raise InputError(f"targets shape {targets.shape} differs from tokens shape {tokens.shape}")
         keep = targets is not None and grad and bool(self.grads)
-        low, x, emb, start = self._start(tokens, keep, hidden, start, types)
+        low, x, emb, start, keys = self._start(tokens, keep, hidden, start, types)
         rope = self._rope_tables(T)
         prof = layers.PROFILE
         # Positions without a target (-100: padding, a masked prompt) need no output from the
@@ -462,7 +472,7 @@ class Model:
             n_targets = int(valid.sum())
             if 0 < n_targets < valid.size:
                 rows = np.flatnonzero(valid)
-        x, saved = self._run_blocks(x, start, low, keep, rope, rows, lengths)
+        x, saved = self._run_blocks(x, start, low, keep, rope, rows, lengths, keys)
         t0 = perf_counter() if prof else 0.0
         C = self.config.d_model
         x2 = x.reshape(-1, C)                       # (B * T, C), or the target rows alone
@@ -481,32 +491,37 @@ class Model:
             prof.add("head", "forward+input-grad", perf_counter() - t0)
         if keep:
             self._tape = dict(tokens=tokens, saved=saved, low=low, x=x2, st=st, dh=dh, dw=dw, rope=rope,
-                              emb=emb, types=types, weights=self._weights_now(),
+                              emb=emb, types=types, keys=keys, weights=self._weights_now(),
                               empty=n_targets == 0)
         return loss
 
     def _start(self, tokens, keep, hidden, start, types=None):
         """(lowest block backward reaches, block `start`'s input, what the embedding norm keeps,
-        start): the embeddings, or the given hidden state of block `start`."""
+        start, this forward's dropout keys or None): the embeddings, or the given hidden state
+        of block `start`."""
         if keep:
             keep_freed_memory()   # once per process (see heap.py)
         low = self.lowest_trainable_block() if keep else self.config.n_layer
+        keys = self.dropout.draw(self.config.n_layer) if keep and self.dropout else None
         if hidden is None:
             prof = layers.PROFILE
             t0 = perf_counter() if prof else 0.0
             x, emb = self._embed(tokens, keep=keep and low == -1, types=types)
+            if keys is not None and low == -1 and keys.p:   # an embedding trains
+                dropout_forward(x, keys.p, keys.embeddings)
             if prof:
                 prof.add("embeddings", "forward", perf_counter() - t0)
-            return low, x, emb, 0
+            return low, x, emb, 0, keys
         x = self._hidden(hidden, *tokens.shape, start)
         if keep and low < start:
             raise InputError(f"block {max(low, 0)} (or an embedding) is trainable, below the "
                              f"given hidden state of block {start}")
-        return low, x, None, start
+        return low, x, None, start, keys
 
-    def _run_blocks(self, x, start, low, keep, rope, rows, lengths):
-        """Blocks start.. forward; those backward will reach keep what it reads. rows: the top
-        block's output is wanted at these rows only. Returns (output, {block: saved})."""
+    def _run_blocks(self, x, start, low, keep, rope, rows, lengths, keys=None):
+        """Blocks start.. forward; those backward will reach keep what it reads (and drop out
+        by `keys`). rows: the top block's output is wanted at these rows only. Returns (output,
+        {block: saved})."""
         prof = layers.PROFILE
         saved = {}
         for b in self.blocks[start:]:
@@ -514,7 +529,8 @@ class Model:
             top = rows if b.index == self.config.n_layer - 1 else None
             kept = (b.backward_plan(self.grads, b.index > low, top is not None)["keep"]
                     if keep and b.index >= low else None)
-            x, s = b.forward(self.params, x, rope, kept, rows=top, lengths=lengths)
+            drop = keys.block(b.index) if keys is not None and b.index >= low else None
+            x, s = b.forward(self.params, x, rope, kept, rows=top, lengths=lengths, drop=drop)
             if prof:
                 prof.add(f"blocks.{b.index}", "forward", perf_counter() - t0)
             if s is not None:
@@ -536,14 +552,14 @@ class Model:
             raise InputError("keep=True is for an encoder without a head; this one has a "
                              "classifier: give targets")
         keep = (targets is not None or keep_hidden) and grad and bool(self.grads)
-        low, x, emb, start = self._start(tokens, keep, hidden, start, types)
+        low, x, emb, start, keys = self._start(tokens, keep, hidden, start, types)
         rope = self._rope_tables(T)
         first = np.arange(B) * T if c.labels is not None else None   # the first position's rows
-        x, saved = self._run_blocks(x, start, low, keep, rope, first, lengths)
+        x, saved = self._run_blocks(x, start, low, keep, rope, first, lengths, keys)
         if c.labels is None:
             if keep:
                 self._tape = dict(encoder=True, hidden=True, tokens=tokens, saved=saved, low=low,
-                                  emb=emb, types=types, rope=rope, shape=x.shape,
+                                  emb=emb, types=types, rope=rope, shape=x.shape, keys=keys,
                                   weights=self._weights_now(), empty=False)
             return x                                  # (B, T, C)
         prof = layers.PROFILE
@@ -555,12 +571,16 @@ class Model:
             np.tanh(pooled, out=pooled)
         else:                                         # DistilBERT's pre_classifier: ReLU
             np.maximum(pooled, 0, out=pooled)
-        logits = self.classifier.forward(P, pooled)   # (B, K)
+        pooled_in = pooled                            # the classifier's input: dropped out in
+        if keys is not None and keys.p:               # training, as transformers' BERT does
+            pooled_in = pooled.copy()
+            dropout_forward(pooled_in, keys.p, keys.classifier)
+        logits = self.classifier.forward(P, pooled_in)   # (B, K)
         if targets is None:
             return logits
         loss = self._class_loss(logits, targets, keep, dict(
-            encoder=True, tokens=tokens, saved=saved, low=low, cls=cls, pooled=pooled, emb=emb,
-            types=types, rope=rope))
+            encoder=True, tokens=tokens, saved=saved, low=low, cls=cls, pooled=pooled,
+            pooled_in=pooled_in, emb=emb, types=types, rope=rope, keys=keys))
         if prof:
             prof.add("head", "forward", perf_counter() - t0)
         return loss
@@ -592,10 +612,10 @@ class Model:
         if targets is not None:
             targets = self._labels(targets, B)
         keep = targets is not None and grad and bool(self.grads)
-        low, x, emb, start = self._start(tokens, keep, hidden, start, types)
+        low, x, emb, start, keys = self._start(tokens, keep, hidden, start, types)
         rope = self._rope_tables(T)
         last = np.arange(B) * T + self._last_tokens(tokens, lengths)
-        x, saved = self._run_blocks(x, start, low, keep, rope, last, lengths)
+        x, saved = self._run_blocks(x, start, low, keep, rope, last, lengths, keys)
         prof = layers.PROFILE
         t0 = perf_counter() if prof else 0.0
         P = self.params
@@ -606,7 +626,7 @@ class Model:
             return logits
         loss = self._class_loss(logits, targets, keep, dict(
             scores=True, tokens=tokens, saved=saved, low=low, x=x2, st=st, h=h, emb=emb,
-            types=types, rope=rope))
+            types=types, rope=rope, keys=keys))
         if prof:
             prof.add("head", "forward", perf_counter() - t0)
         return loss
@@ -855,10 +875,13 @@ class Model:
         if scale != 1.0:
             dlog *= np.float32(scale)
         below = tape["low"] < self.config.n_layer
-        dpooled = self.classifier.backward(P, G, dlog, pooled,
+        dpooled = self.classifier.backward(P, G, dlog, tape.get("pooled_in", pooled),
                                            below or any(n in G for n in self.pooler.names()))
         dcls = None
         if dpooled is not None:
+            keys = tape.get("keys")
+            if keys is not None and keys.p:
+                dropout_backward(dpooled, keys.p, keys.classifier)
             if self.config.pooler_act == "tanh":
                 dpooled *= 1 - pooled * pooled
             else:
@@ -887,6 +910,9 @@ class Model:
         if low == -1 and dx is not None:
             t0 = perf_counter() if prof else 0.0
             tokens = tape["tokens"]
+            keys = tape.get("keys")
+            if keys is not None and keys.p:
+                dropout_backward(dx, keys.p, keys.embeddings)
             if self.ln_e is not None:
                 x, st = tape["emb"]
                 dx_e = np.zeros_like(dx)

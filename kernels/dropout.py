@@ -46,16 +46,22 @@ def mask_row(x, n, rk, threshold, scale):
 
 
 @pjit
-def _dropout_rows(x, C, key, threshold, scale):
+def _dropout_rows(x, C, key, threshold, scale, ids):
+    """Row r of x (flat, rows of C) by the mask's row ids[r] (ids empty: r)."""
     rows = x.shape[0] // C
     for r in prange(rows):
-        mask_row(x[r * C:(r + 1) * C], C, row_key(key, r), threshold, scale)
+        i = ids[r] if ids.shape[0] else np.int64(r)
+        mask_row(x[r * C:(r + 1) * C], C, row_key(key, i), threshold, scale)
 
 
 @jit
-def _dropout_serial(x, C, key, threshold, scale):
+def _dropout_serial(x, C, key, threshold, scale, ids):
     for r in range(x.shape[0] // C):
-        mask_row(x[r * C:(r + 1) * C], C, row_key(key, r), threshold, scale)
+        i = ids[r] if ids.shape[0] else np.int64(r)
+        mask_row(x[r * C:(r + 1) * C], C, row_key(key, i), threshold, scale)
+
+
+_ALL = np.zeros(0, np.int64)
 
 
 def threshold(p: float, fn: str = "dropout_forward", name: str = "p") -> int:
@@ -73,24 +79,37 @@ def check_key(fn, key) -> int:
     return int(key)
 
 
-def dropout_forward(x, p: float, key: int):
+def dropout_forward(x, p: float, key: int, rows=None):
     """In place: each element of x (C-contiguous float32; rows along the last axis) is scaled
-    by 1 / (1 - p) or set to 0, by the mask of `key`. p = 0 leaves x as it is."""
-    floats("dropout_forward", "x", x)
-    key = check_key("dropout_forward", key)
-    t = threshold(p)
+    by 1 / (1 - p) or set to 0, by the mask of `key`. p = 0 leaves x as it is. rows (int64,
+    one per row of x): x holds these rows of a larger array, and takes their masks (a
+    layer run on some positions only drops out as it would with all of them)."""
+    _dropout("dropout_forward", x, p, key, rows)
+
+
+def dropout_backward(dx, p: float, key: int, rows=None):
+    """In place: the gradient through dropout_forward(x, p, key, rows) (the same scaled mask)."""
+    _dropout("dropout_backward", dx, p, key, rows)
+
+
+def _dropout(fn, x, p, key, rows):
+    floats(fn, "dx" if fn == "dropout_backward" else "x", x)
+    key = check_key(fn, key)
+    t = threshold(p, fn)
+    C = x.shape[-1] if x.ndim else 1
+    n_rows = x.size // C if C else 0
+    if rows is None:
+        ids = _ALL
+    else:
+        if not (isinstance(rows, np.ndarray) and rows.dtype == np.int64 and rows.shape == (n_rows,)):
+            raise ValueError(f"{fn}: rows must be an int64 array of shape ({n_rows},) (one per "
+                             f"row of x), got {getattr(rows, 'dtype', type(rows).__name__)} of "
+                             f"shape {getattr(rows, 'shape', None)}")
+        if n_rows and rows.min() < 0:
+            raise ValueError(f"{fn}: rows holds {rows.min()}, expected row numbers >= 0")
+        ids = np.ascontiguousarray(rows)
     if t == 0 or x.size == 0:
         return
-    C = x.shape[-1] if x.ndim else 1
     scale = np.float32(1.0 / (1.0 - p))
-    flat_x = x.reshape(-1)
     # a handful of rows (a classifier's input) is not worth waking the threads
-    (_dropout_rows if x.size >= 1 << 15 else _dropout_serial)(flat_x, C, key, t, scale)
-
-
-def dropout_backward(dx, p: float, key: int):
-    """In place: the gradient through dropout_forward(x, p, key) (the same scaled mask)."""
-    floats("dropout_backward", "dx", dx)
-    check_key("dropout_backward", key)
-    threshold(p, "dropout_backward")
-    dropout_forward(dx, p, key)
+    (_dropout_rows if x.size >= 1 << 15 else _dropout_serial)(x.reshape(-1), C, key, t, scale, ids)

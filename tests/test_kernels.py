@@ -718,6 +718,25 @@ def test_dropout_matches_twin(rows, C, p, key, big):
     np.testing.assert_array_equal(g, y)
 
 
+def test_dropout_of_some_rows_takes_their_own_masks():
+    """rows=: a layer run on some positions only drops out as it would with all of them."""
+    rng = rng_of(3)
+    x = randn(rng, 50, 17)
+    full = x.copy()
+    dropout_forward(full, 0.4, 99)
+    rows = np.array([3, 0, 49, 17], np.int64)
+    part = x[rows].copy()
+    dropout_forward(part, 0.4, 99, rows)
+    np.testing.assert_array_equal(part, full[rows])
+    dropout_backward(part, 0.4, 99, rows)
+    assert np.all((part != 0) == (full[rows] != 0))
+    for bad, msg in [(rows[:3], r"rows must be an int64 array of shape \(4,\)"),
+                     (rows.astype(np.int32), "rows must be an int64 array"),
+                     (np.array([1, -2, 3, 4]), "rows holds -2")]:
+        with pytest.raises(ValueError, match="dropout_forward: " + msg):
+            dropout_forward(part, 0.4, 99, bad)
+
+
 def test_dropout_keeps_the_expected_share_independently():
     """Over a million elements the kept share is 1 - p within 5 standard errors, the same in
     every row and column on average, and neighbouring rows, columns and keys are uncorrelated
