@@ -50,6 +50,13 @@ def main(argv=None):
     f.add_argument("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay, matrices "
                    "only (default 0)")
     f.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip; 0 disables (default 1)")
+    f.add_argument("--dropout", type=float, default=0.0, help="dropout rate in training, in [0, 1), "
+                   "where GPT-2 and BERT have it (attention and MLP outputs, the attention "
+                   "probabilities, the embeddings when they train, a classifier's input), in the "
+                   "blocks backward runs through; never in the frozen prefix below them, which "
+                   "stays a fixed function (default 0: off, whatever the model's config says)")
+    f.add_argument("--attention-dropout", type=float, help="dropout rate of the attention "
+                   "probabilities (default: --dropout)")
     f.add_argument("--eval-data", help="held-out data file (default: --eval-fraction of --data)")
     f.add_argument("--eval-fraction", type=float, default=0.1, help="share of --data held out, in [0, 1) "
                    "(default 0.1; 0: no held-out loss)")
@@ -198,7 +205,8 @@ def _finetune(a):
                      eval_fraction=a.eval_fraction, train_last=a.train_last, unfreeze=a.unfreeze,
                      steps=a.steps, epochs=a.epochs, batch_size=a.batch_size, seq_len=a.seq_len,
                      grad_accum=a.grad_accum, lr=a.lr, warmup=a.warmup, min_lr=a.min_lr,
-                     weight_decay=a.weight_decay, clip=a.clip, eval_every=a.eval_every,
+                     weight_decay=a.weight_decay, clip=a.clip, dropout=a.dropout,
+                     attention_dropout=a.attention_dropout, eval_every=a.eval_every,
                      eval_batches=a.eval_batches, save_every=a.save_every, seed=a.seed,
                      sample_prompt=a.sample_prompt, sample_tokens=a.sample_tokens,
                      schedule=a.schedule, schedule_every=a.schedule_every, lr_decay=a.lr_decay,

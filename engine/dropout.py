@@ -10,8 +10,8 @@ with nothing to learn from it). Not in evaluation, generation or probes: only a 
 keeps what backward needs draws masks.
 
 Masks are not stored: each is a hash of a 32-bit key (kernels/dropout.py), and the keys of a
-forward come from (seed, position), where position counts training forwards. The trainers set
-the position from the step and micro-batch, so that a resumed run draws the masks the
+forward come from (seed, position, forwards drawn at that position). The trainers move the
+position to each micro-batch's number (seek), so that a resumed run draws the masks the
 uninterrupted one would have."""
 from dataclasses import dataclass
 
@@ -28,7 +28,8 @@ class Dropout:
     p: float            # hidden states: attention and MLP outputs, embeddings, classifier input
     attention: float    # attention probabilities
     seed: int = 0       # with the position, decides every mask
-    position: int = 0   # the next training forward's number (the trainers set it)
+    position: int = 0   # the micro-batch's number (seek); 0 for a user's own loop
+    drawn: int = 0      # training forwards drawn at this position
 
     @staticmethod
     def make(p, attention=None, seed=0):
@@ -44,10 +45,20 @@ class Dropout:
         return Dropout(float(p), float(attention), int(seed))
 
     def draw(self, n_layer: int) -> "Keys":
-        """The keys of the next training forward; moves the position on."""
-        keys = np.random.SeedSequence([self.seed, self.position]).generate_state(3 * n_layer + 2)
-        self.position += 1
+        """The keys of the next training forward."""
+        keys = np.random.SeedSequence([self.seed, self.position, self.drawn]).generate_state(
+            3 * n_layer + 2)
+        self.drawn += 1
         return Keys(self.p, self.attention, [int(k) for k in keys], n_layer)
+
+    def __str__(self):
+        return (f"dropout {self.p:g}" + ("" if self.attention == self.p else
+                                         f" (attention {self.attention:g})"))
+
+    def seek(self, step: int, micro: int, grad_accum: int):
+        """Masks of micro-batch `micro` of optimizer step `step` (both from 0) from here on,
+        whatever ran before."""
+        self.position, self.drawn = step * grad_accum + micro, 0
 
 
 @dataclass

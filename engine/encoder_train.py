@@ -163,7 +163,8 @@ class _Run:
             log = self.log
             log(f"{task.n_train} training / {task.n_held} held-out rows; {self.steps} steps of "
                 f"{args.batch_size} x {args.grad_accum}; trainable "
-                f"{model.num_params(True):,} of {model.num_params():,} parameters")
+                f"{model.num_params(True):,} of {model.num_params():,} parameters"
+                f"{'' if model.dropout is None else '; ' + str(model.dropout)}")
             if self.state is None:
                 self.base = self._evaluation(0, first=True)
             else:
@@ -322,7 +323,11 @@ class _Run:
             parts = [self.order.take(args.batch_size, task.min_batch)
                      for _ in range(min(args.grad_accum, self.micro - step * args.grad_accum))]
             n_all = sum(len(p) for p in parts)
-            loss = sum(task.step(idx, len(idx) / n_all) * len(idx) / n_all for idx in parts)
+            loss = 0.0
+            for j, idx in enumerate(parts):
+                if model.dropout is not None:
+                    model.dropout.seek(step, j, args.grad_accum)
+                loss += task.step(idx, len(idx) / n_all) * len(idx) / n_all
             if schedule is not None:
                 schedule.observe(model, step)
             if self.telemetry is not None:   # before clipping: the layers' own gradient norms

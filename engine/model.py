@@ -1020,4 +1020,5 @@ class Model:
     def __repr__(self):
         c = self.config
         return (f"Model({c.model_type}, {c.n_layer} blocks, d_model={c.d_model}, "
-                f"{self.num_params() / 1e6:.1f}M params, {self.num_params(True) / 1e6:.1f}M trainable)")
+                f"{self.num_params() / 1e6:.1f}M params, {self.num_params(True) / 1e6:.1f}M trainable"
+                f"{'' if self.dropout is None else ', ' + str(self.dropout)})")

@@ -67,6 +67,8 @@ class TrainArgs:
     min_lr: float = 0.0
     weight_decay: float = 0.0
     clip: float = 1.0
+    dropout: float = 0.0                # in the trained blocks (engine/dropout.py); 0: off
+    attention_dropout: float | None = None   # of the attention probabilities (default: dropout)
     eval_every: int = 0                 # 0: only before and after training
     eval_batches: int = 50              # cap on held-out batches per evaluation
     save_every: int = 0                 # 0: only at the end (and on Ctrl-C)
@@ -102,7 +104,9 @@ class TrainArgs:
                  ("freezeout_spacing", lambda v: v in schedules.SPACINGS, "linear, squared or cubic"),
                  ("freezeout_scaled", lambda v: isinstance(v, bool), "True or False"),
                  ("autofreeze_threshold", *schedules.RANGES["threshold"]),
-                 ("sample_tokens", nonneg, ">= 0"))
+                 ("sample_tokens", nonneg, ">= 0"),
+                 ("dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+                 ("attention_dropout", lambda v: v is None or 0 <= v < 1, "in [0, 1)"))
         check_flags((f"--{name.replace('_', '-')}", getattr(self, name), ok, must)
                     for name, ok, must in rules)
 
@@ -317,7 +321,8 @@ def check_train_last(k: int, cfg) -> int:
 
 
 def _apply_freezing(model: Model, args: TrainArgs):
-    """The initial trainable set; returns the schedule (None for a fixed set)."""
+    """The initial trainable set, and dropout; returns the schedule (None for a fixed set)."""
+    model.set_dropout(args.dropout, args.attention_dropout, seed=args.seed)
     if args.unfreeze and args.train_last is None:   # the globs alone
         if args.schedule != "static":
             raise InputError(f"--schedule {args.schedule} works on blocks: give --train-last K "

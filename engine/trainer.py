@@ -272,8 +272,10 @@ class Trainer:
         micro = [self.batches.next() for _ in range(n_micro)]
         n_targets = [int((y != IGNORE).sum()) for _, y, _ in micro]
         loss, ntok = 0.0, 0
-        for (x, y, idx), n in zip(micro, n_targets):
+        for j, ((x, y, idx), n) in enumerate(zip(micro, n_targets)):
             ntok += sum(len(self.examples.get(int(i))[0]) - 1 for i in idx)   # inputs, not padding
+            if model.dropout is not None:
+                model.dropout.seek(step, j, self.grad_accum)
             if n:
                 share = n / sum(n_targets)
                 loss += share * _forward(model, x, y, idx, self.caches.train)

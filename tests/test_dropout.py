@@ -157,9 +157,9 @@ def test_evaluation_generation_and_frozen_prefix_never_drop(hf_dirs):
     assert model.forward(tokens, targets, grad=False) == loss
     assert engine.generate(model, [1, 2, 3], max_new_tokens=5) == gen
     np.testing.assert_array_equal(model.prefix(tokens, 2), prefix)
-    assert model.dropout.position == 0          # none of these drew a mask
+    assert model.dropout.drawn == 0          # none of these drew a mask
     full = model.forward(tokens, targets)
-    model.dropout.position = 0
+    model.dropout.seek(0, 0, 1)
     cached = model.forward(tokens, targets, hidden=prefix, start=2)
     assert full == cached
 
@@ -170,7 +170,7 @@ def test_masks_change_every_forward_and_repeat_from_the_seed(hf_dirs):
     tokens, targets = batch(model.config.vocab_size, seed=3)
     model.set_dropout(0.2, seed=5)
     first, second = model.forward(tokens, targets), model.forward(tokens, targets)
-    assert first != second and model.dropout.position == 2
+    assert first != second and model.dropout.drawn == 2
     model.set_dropout(0.2, seed=5)
     assert model.forward(tokens, targets) == first
     model.set_dropout(0.2, seed=6)
@@ -188,3 +188,50 @@ def test_set_dropout_rejects_bad_rates(hf_dirs):
         with pytest.raises(engine.InputError, match=msg):
             model.set_dropout(**kw)
     assert model.dropout is None
+
+
+def _run(model, data, out, *extra):
+    from engine.cli import main as cli
+    from test_finetune import run_args
+    argv = run_args(model, data, str(out), *extra)
+    argv[argv.index("--steps") + 1] = "8"
+    return cli(argv)
+
+
+def _weights(out):
+    return engine.load(str(out / "model")).params
+
+
+def test_finetune_dropout_is_reproducible_and_resumes_exactly(tmp_path):
+    """--dropout: two runs with one seed end with the same weights, and not those of a run
+    without it; a run stopped by Ctrl-C after step 3 and resumed draws the masks the straight
+    run drew (micro-batches of --grad-accum 2 each their own) and ends with its weights; the
+    rates are checked and kept by the checkpoint."""
+    from conftest import signal_after_steps
+    from test_finetune import text_file, tiny_model_dir
+    model, data = tiny_model_dir(tmp_path / "m"), text_file(tmp_path / "d.txt", 20_000)
+    flags = ("--dropout", "0.2", "--attention-dropout", "0.1", "--grad-accum", "2")
+    assert _run(model, data, tmp_path / "a", *flags) == 0
+    assert _run(model, data, tmp_path / "b", *flags) == 0
+    assert _run(model, data, tmp_path / "plain", "--grad-accum", "2") == 0
+    a, b, plain = (_weights(tmp_path / d) for d in ("a", "b", "plain"))
+    assert all(np.array_equal(a[n], b[n]) for n in a)
+    assert not all(np.array_equal(a[n], plain[n]) for n in a)
+    with signal_after_steps(3):
+        assert _run(model, data, tmp_path / "c", *flags) == 130
+    state = json.load(open(tmp_path / "c" / "checkpoint" / "trainer_state.json"))
+    assert state["step"] == 3 and state["args"]["dropout"] == 0.2
+    assert _run(model, data, tmp_path / "c", "--resume", str(tmp_path / "c")) == 0
+    c = _weights(tmp_path / "c")
+    assert all(np.array_equal(a[n], c[n]) for n in a)
+
+
+
+def test_finetune_refuses_bad_rates(tmp_path, capsys):
+    from test_finetune import text_file, tiny_model_dir
+    model, data = tiny_model_dir(tmp_path / "m"), text_file(tmp_path / "d.txt", 2_000)
+    for bad, msg in [(("--dropout", "1"), "--dropout 1.0: must be in [0, 1)"),
+                     (("--attention-dropout", "-0.5"), "--attention-dropout -0.5: must be in [0, 1)")]:
+        assert _run(model, data, tmp_path / "bad", *bad) == 2
+        assert msg in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
