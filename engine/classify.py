@@ -37,15 +37,15 @@ def is_encoder(model_path: str) -> bool:
 def is_classifier_run(model_path: str, data: str) -> bool:
     """Whether `tailtune finetune` of these is a classifier's (or a sentence encoder's) run: an
     encoder or a classifier, or rows of such a run ({"text", "label"}: a causal LM then gets a
-    classifier in place of its LM head; {"anchor", "positive"}: refused for it, with the
-    reason). Rows of a language model's data ("prompt", "completion", "messages", even with a
+    classifier in place of its LM head; {"anchor", "positive"} and {"tokens", "tags"}: refused
+    for it, with the reason). Rows of a language model's data ("prompt", "completion", "messages", even with a
     "label" such as a preference's) stay a language model's run."""
     if is_classifier(model_path):
         return True
     row = _first_row(data)
     if not isinstance(row, dict) or any(k in row for k in ("prompt", "completion", "messages")):
         return False
-    return "anchor" in row or "text" in row and "label" in row
+    return "anchor" in row or "tokens" in row or "text" in row and "label" in row
 
 
 def is_classifier(model_path: str) -> bool:
@@ -454,6 +454,10 @@ class ClassifierTask:
         seqs = self.held if self.n_held else self.seqs
         return batch(seqs, np.arange(min(4, len(seqs))), self.pad)
 
+    def weight(self, idx) -> int:
+        """What the loss of a micro-batch averages over: its examples."""
+        return len(idx)
+
     def step(self, idx, scale: float) -> float:
         loss = _forward(self.model, self.seqs, idx, self.pad, self.prefix.caches[0], self.targets[idx])
         self.model.backward(scale)
@@ -527,9 +531,13 @@ def _first_row(path: str):
 
 
 def eval_encoder(model_path: str, data: str, batch_size: int, seq_len: int) -> dict:
-    """`tailtune eval` of an encoder: a classifier's loss and accuracy on labeled JSONL, or a
+    """`tailtune eval` of an encoder: a classifier's loss and accuracy on labeled JSONL, a
+    token classifier's loss, word accuracy and entity F1 on {"tokens", "tags"} rows, or a
     sentence encoder's ranking loss and recall@1 on {"anchor", "positive"} rows."""
     row = _first_row(data)
+    if isinstance(row, dict) and "tokens" in row:
+        from .token_tags import eval_tagged
+        return eval_tagged(model_path, data, batch_size, seq_len)
     if isinstance(row, dict) and "anchor" in row:
         from .sentence import read_pairs, retrieval
         anchors, positives = read_pairs(data)
@@ -541,6 +549,9 @@ def eval_encoder(model_path: str, data: str, batch_size: int, seq_len: int) -> d
         return retrieval(model, encode(tok, anchors + positives, n), batch_size, _pad(tok))
     texts, labels = read_labeled(data)
     model = load(model_path)
+    if model.config.per_token:
+        raise InputError(f'{model_path} is a token classifier: evaluate it on {{"tokens", '
+                         '"tags"} rows')
     if model.config.labels is None:
         raise InputError(f"{model_path} is an encoder without a classifier head: fine-tune it "
                          "on labeled data first (tailtune finetune), or evaluate it as a sentence "

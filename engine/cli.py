@@ -252,6 +252,13 @@ def _eval(a):
         if "recall_at_1" in r:
             print(f"ranking loss {r['loss']:.4f}  recall@1 {r['recall_at_1']:.3f}")
             return 0
+        if "f1" in r:
+            per = "  ".join(f"{k} {v:.3f}" for k, v in r["per_type"].items())
+            print(f"loss {r['loss']:.4f}  word accuracy {r['accuracy']:.3f}  entity F1 "
+                  f"{r['f1']:.3f} (precision {r['precision']:.3f}, recall {r['recall']:.3f}; "
+                  f"per type: {per})" + (f"  ({r['words_cut']} words past --seq-len, not "
+                                         "scored)" if r["words_cut"] else ""))
+            return 0
         per = "  ".join(f"{k} {v:.3f}" for k, v in r["per_label"].items())
         print(f"loss {r['loss']:.4f}  accuracy {r['accuracy']:.3f}  (per label: {per})")
         return 0

@@ -63,6 +63,8 @@ class Config:
                                      # one logit per label from its last token after the final
                                      # norm (Hugging Face's *ForSequenceClassification "score"),
                                      # in place of the LM head
+    per_token: bool = False         # with labels, an encoder's token classifier (NER): one
+                                    # logit per label at every position, no pooler
     init_std: float = 0.02          # std of the normal init of weights for models built from scratch
     # Not architecture: carried from the loaded files to the saved ones, so that transformers
     # generates (and stops) as it did with the source. None = unknown.
@@ -182,6 +184,11 @@ class Config:
                     or not all(isinstance(x, str) and x for x in lb) or len(set(lb)) != len(lb)):
                 raise ConfigError(f"Config.labels must be a list of two or more distinct "
                                   f"non-empty strings (the classes), got {reprlib.repr(lb)}")
+        if not isinstance(self.per_token, bool):
+            raise ConfigError(f"Config.per_token must be True or False, got {self.per_token!r}")
+        if self.per_token and (self.labels is None or self.causal is not False):
+            raise ConfigError("Config.per_token (a token classifier) needs labels and an encoder "
+                              "(causal=False)")
         if self.causal is False and self.tie_embeddings is not False:
             raise ConfigError("an encoder (causal=False) has no LM head to tie: set "
                               "tie_embeddings=False")
@@ -301,7 +308,7 @@ class Config:
         if d["attn_out_bias"] == d["attn_bias"]:
             d.pop("attn_out_bias")
         for k in ("qk_norm", "rope_scaling", "no_rope_blocks", "sliding_window", "post_norm",
-                  "embed_norm", "type_vocab_size", "position_offset", "labels"):
+                  "embed_norm", "type_vocab_size", "position_offset", "labels", "per_token"):
             if not d[k]:
                 d.pop(k)
         if d["causal"]:

@@ -2,8 +2,10 @@
 
 Where: in every block that backward runs through (the lowest trainable block and all above
 it), at the sites of transformers' GPT-2 and BERT: the attention probabilities, the attention's
-output projection and the MLP's output (before each residual add); the embeddings' output when
-an embedding trains; an encoder classifier's input (the pooled first position). Not in the
+output projection and the MLP's output (before each residual add; DistilBERT has none after the
+projection); the embeddings' output when an embedding trains; an encoder classifier's input
+(the pooled first position, and for RoBERTa's head the first position before its dense layer
+too; a token classifier's, every position). Not in the
 frozen prefix below the lowest trainable block: it stays a fixed function of its input, which
 the prefix cache and the truncated backward rely on (torch's train mode would drop there too,
 with nothing to learn from it). Not in evaluation, generation or probes: only a forward that
@@ -19,7 +21,8 @@ import numpy as np
 
 from .errors import InputError, is_int, is_number
 
-# the keys of one forward: three per block, then the embeddings' and the classifier's
+# the keys of one forward: three per block, then the embeddings', the classifier's and the
+# pooler's (RoBERTa's classifier head drops out its input too)
 ATTENTION, ATTENTION_OUT, MLP_OUT = 0, 1, 2
 
 
@@ -47,7 +50,7 @@ class Dropout:
     def draw(self, n_layer: int) -> "Keys":
         """The keys of the next training forward."""
         keys = np.random.SeedSequence([self.seed, self.position, self.drawn]).generate_state(
-            3 * n_layer + 2)
+            3 * n_layer + 3)
         self.drawn += 1
         return Keys(self.p, self.attention, [int(k) for k in keys], n_layer)
 
@@ -81,3 +84,7 @@ class Keys:
     @property
     def classifier(self) -> int:
         return self.keys[3 * self.n_layer + 1]
+
+    @property
+    def pooler(self) -> int:
+        return self.keys[3 * self.n_layer + 2]

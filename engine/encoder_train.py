@@ -30,8 +30,8 @@ from .probes import Telemetry
 
 def finetune_encoder(args, log=print, resume: str | None = None, given=None) -> dict:
     """`tailtune finetune` of a classifier on {"text", "label"} rows (an encoder's head, or a
-    causal LM's in place of its LM head), or an encoder's sentence embeddings on {"anchor",
-    "positive"} rows. TrainArgs as for a causal LM; the flags only language-model runs have
+    causal LM's in place of its LM head), an encoder's token classifier on {"tokens", "tags"}
+    rows, or an encoder's sentence embeddings on {"anchor", "positive"} rows. TrainArgs as for a causal LM; the flags only language-model runs have
     are refused with the reason. resume: a run directory (or its checkpoint) to
     continue; given: the fields the user set (as for train.finetune)."""
     from .train import _apply_freezing, _check_out, resumed_args
@@ -47,6 +47,9 @@ def finetune_encoder(args, log=print, resume: str | None = None, given=None) -> 
     if isinstance(row, dict) and "anchor" in row:
         from .sentence import PairsTask
         task = PairsTask(args, log)
+    elif isinstance(row, dict) and "tokens" in row:
+        from .token_tags import TokenTask
+        task = TokenTask(args, log)
     else:
         task = ClassifierTask(args, log)
     schedule = _apply_freezing(task.model, args)
@@ -322,12 +325,15 @@ class _Run:
             model.zero_grad()
             parts = [self.order.take(args.batch_size, task.min_batch)
                      for _ in range(min(args.grad_accum, self.micro - step * args.grad_accum))]
+            # each micro-batch weighted by its share of what the loss averages over (examples;
+            # a token classifier's labeled words), as one batch of them all would be
+            weights = [task.weight(idx) for idx in parts]
             n_all = sum(len(p) for p in parts)
             loss = 0.0
-            for j, idx in enumerate(parts):
+            for j, (idx, w) in enumerate(zip(parts, weights)):
                 if model.dropout is not None:
                     model.dropout.seek(step, j, args.grad_accum)
-                loss += task.step(idx, len(idx) / n_all) * len(idx) / n_all
+                loss += task.step(idx, w / sum(weights)) * w / sum(weights)
             if schedule is not None:
                 schedule.observe(model, step)
             if self.telemetry is not None:   # before clipping: the layers' own gradient norms
@@ -394,10 +400,10 @@ class _Run:
 def _training(args) -> dict | None:
     """What of a run's recorded arguments determines its weights (the model is compared by its
     fingerprint: a packaged name and its path are one model)."""
-    from .train import _NOT_TRAINING
+    from .train import _NOT_TRAINING, with_defaults
     if not isinstance(args, dict):
         return None
-    return {k: v for k, v in args.items() if k not in (*_NOT_TRAINING, "model")}
+    return {k: v for k, v in with_defaults(args).items() if k not in (*_NOT_TRAINING, "model")}
 
 
 def _change(schedule, model, opt, step, steps, task, trained: set):

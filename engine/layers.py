@@ -171,6 +171,7 @@ class Block:
 
     q_norm = k_norm = None    # blocks pickled before qk_norm existed have none
     causal, post_norm, act = True, False, None   # and before encoders (act None: from swiglu)
+    attn_out_dropout = True                      # and before dropout
 
     def __init__(self, cfg: Config, index: int):
         p = f"blocks.{index}."
@@ -181,6 +182,8 @@ class Block:
         self.swiglu = cfg.mlp == "swiglu"
         self.act = cfg.mlp
         self.causal, self.post_norm = cfg.causal, cfg.post_norm
+        # transformers' DistilBERT has no dropout after its attention's output projection
+        self.attn_out_dropout = cfg.model_type != "distilbert"
         self.ln1 = Norm(cfg, p + "ln1")
         self.ln2 = Norm(cfg, p + "ln2")
         self.q = Linear(p + "attn.q", C, H * D, cfg.attn_bias)
@@ -270,7 +273,7 @@ class Block:
         if rows is not None:
             a2, res = a2[rows], x2[rows]                       # (M, H*D), (M, C)
         y = self.o.forward(P, a2)
-        _drop(y, drop, ATTENTION_OUT, rows)
+        _drop(y, drop if self.attn_out_dropout else None, ATTENTION_OUT, rows)
         y += res                                               # residual
         return y, a2, sa
 
@@ -280,7 +283,8 @@ class Block:
         (N, C) when need_h, else None. The residual's share is the caller's."""
         rows = s.get("rows")
         o_in = s.get("a_rows") if rows is not None else s.get("a")   # read only when o trains
-        da = self.o.backward(P, G, _dropped(dy, s.get("drop"), ATTENTION_OUT, rows),
+        drop = s.get("drop") if self.attn_out_dropout else None
+        da = self.o.backward(P, G, _dropped(dy, drop, ATTENTION_OUT, rows),
                              None if o_in is None else o_in.reshape(-1, self.H * self.D),
                              need_qkv)
         if not need_qkv:

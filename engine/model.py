@@ -7,6 +7,7 @@ trainable one run forward without keeping activations, and backward stops at tha
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import fnmatch
 import functools
@@ -47,8 +48,10 @@ EMBEDDINGS = ("wte.", "wpe.", "wtt.", "ln_e.")   # parameters of the embedding s
 
 def _has_pooler(cfg: Config) -> bool:
     """An encoder's pooler is there with or without a head (transformers' BertModel and
-    RobertaModel have one); a DistilBertModel has none (its classifier brings pre_classifier)."""
-    return cfg.encoder and (cfg.labels is not None or cfg.model_type != "distilbert")
+    RobertaModel have one); a DistilBertModel has none (its classifier brings pre_classifier),
+    nor has a token classifier (transformers builds its encoder without one)."""
+    return cfg.encoder and not cfg.per_token and (cfg.labels is not None
+                                                  or cfg.model_type != "distilbert")
 
 
 def new_head(cfg: Config, params: dict, seed: int = 0) -> dict:
@@ -243,8 +246,9 @@ class Model:
         """Dropout in training forwards (those that keep what backward needs): rate p on the
         hidden states, `attention` (default p) on the attention probabilities, masks drawn from
         `seed`; 0 (both): off, the default. In the blocks backward runs through, not in the frozen
-        prefix below them (engine/dropout.py says where, and why)."""
+        prefix below them (engine/dropout.py says where, and why). Returns the model."""
         self.dropout = Dropout.make(p, attention, seed)
+        return self
 
     def set_trainable(self, names):
         """Exactly the parameters `names` trainable, all others frozen. Those that stay
@@ -543,6 +547,11 @@ class Model:
         per label), or with targets the mean cross-entropy."""
         c = self.config
         B, T = tokens.shape
+        if c.per_token:
+            if keep_hidden:
+                raise InputError("keep=True is for an encoder without a head; this one is a "
+                                 "token classifier: give targets")
+            return self._forward_tokens(tokens, targets, grad, hidden, start, lengths, types)
         if targets is not None:
             if c.labels is None:
                 raise InputError("this encoder has no classifier head (forward gives its hidden "
@@ -566,6 +575,9 @@ class Model:
         t0 = perf_counter() if prof else 0.0
         P = self.params
         cls = np.ascontiguousarray(x[:, 0] if x.ndim == 3 else x)   # (B, C)
+        if keys is not None and keys.p and c.model_type in ("roberta", "xlm-roberta"):
+            cls = cls.copy()               # RobertaClassificationHead drops out its input too
+            dropout_forward(cls, keys.p, keys.pooler)
         pooled = self.pooler.forward(P, cls)
         if c.pooler_act == "tanh":
             np.tanh(pooled, out=pooled)
@@ -584,6 +596,77 @@ class Model:
         if prof:
             prof.add("head", "forward", perf_counter() - t0)
         return loss
+
+    def _forward_tokens(self, tokens, targets, grad, hidden, start, lengths, types):
+        """An encoder's token classifier (transformers' *ForTokenClassification): class logits
+        (B, T, K) at every position, or with targets (B, T) (-100: no label: padding, special
+        tokens, a word's later pieces) the mean cross-entropy over the labeled positions; the
+        top block runs its projection and MLP on those rows only."""
+        c = self.config
+        B, T = tokens.shape
+        rows = None
+        if targets is not None:
+            targets = self._token_targets(targets, (B, T))
+            valid = targets.reshape(-1) != IGNORE
+            if 0 < int(valid.sum()) < valid.size:
+                rows = np.flatnonzero(valid)
+        keep = targets is not None and grad and bool(self.grads)
+        low, x, emb, start, keys = self._start(tokens, keep, hidden, start, types)
+        rope = self._rope_tables(T)
+        x, saved = self._run_blocks(x, start, low, keep, rope, rows, lengths, keys)
+        prof = layers.PROFILE
+        t0 = perf_counter() if prof else 0.0
+        h = x.reshape(-1, c.d_model)                   # (B * T, C), or the labeled rows alone
+        if rows is not None and start == c.n_layer:
+            h = h[rows]         # no block ran; nothing is trainable below (checked in _start)
+        h = np.ascontiguousarray(h)
+        h_in = h                                       # the classifier's input: dropped out
+        if keys is not None and keys.p:                # in training, as transformers' BERT
+            h_in = h.copy()
+            dropout_forward(h_in, keys.p, keys.classifier, rows)
+        logits = self.classifier.forward(self.params, h_in)   # (B * T or M, K)
+        if targets is None:
+            return logits.reshape(B, T, -1)
+        t = targets.reshape(-1)
+        loss = self._class_loss(logits, t if rows is None else t[rows], keep, dict(
+            encoder=True, per_token=True, tokens=tokens, saved=saved, low=low, h_in=h_in,
+            rows=rows, emb=emb, types=types, rope=rope, keys=keys))
+        if prof:
+            prof.add("head", "forward", perf_counter() - t0)
+        return loss
+
+    def _token_targets(self, targets, shape):
+        """A token classifier's targets: (B, T) class indices, -100 where a position has no
+        label, as int64."""
+        K = len(self.config.labels)
+        t = np.asarray(targets)
+        if t.dtype.kind not in "iu" or t.shape != shape:
+            raise InputError(f"a token classifier's targets are class indices (0..{K - 1}, or "
+                             f"-100: no label) of the tokens' shape {shape}, got {t.dtype} of "
+                             f"shape {t.shape}")
+        bad = ((t < 0) & (t != IGNORE)) | (t >= K)
+        if bad.any():
+            raise InputError(f"targets hold class {t[bad][0]}, outside 0..{K - 1} (the labels "
+                             f"{self.config.labels[:5]}{'...' if K > 5 else ''}) or -100")
+        return np.ascontiguousarray(t, dtype=np.int64)
+
+    def _token_classifier_backward(self, tape, scale):
+        """Through a token classifier: its gradients, and the gradient of the top block's output
+        at the labeled rows (or every row), or None when nothing below trains."""
+        P, G = self.params, self.grads
+        prof = layers.PROFILE
+        t0 = perf_counter() if prof else 0.0
+        dlog = tape["dlogits"]
+        if scale != 1.0:
+            dlog *= np.float32(scale)
+        below = tape["low"] < self.config.n_layer
+        dh = self.classifier.backward(P, G, dlog, tape["h_in"], below)
+        keys = tape["keys"]
+        if dh is not None and keys is not None and keys.p:
+            dropout_backward(dh, keys.p, keys.classifier, tape["rows"])
+        if prof:
+            prof.add("head", "backward", perf_counter() - t0)
+        return dh if below else None
 
     def _class_loss(self, logits, targets, keep, tape: dict) -> float:
         """The mean cross-entropy of class logits (B, K) against targets (B,). keep: the logits
@@ -841,6 +924,9 @@ class Model:
                 dh *= np.float32(scale)
             self._backward_blocks(tape, dh.reshape(-1, dh.shape[-1]))
             return
+        if tape.get("per_token"):
+            self._backward_blocks(tape, self._token_classifier_backward(tape, scale))
+            return
         if tape.get("encoder"):
             self._backward_blocks(tape, self._classifier_backward(tape, scale))
             return
@@ -887,6 +973,9 @@ class Model:
             else:
                 dpooled *= pooled > 0
             dcls = self.pooler.backward(P, G, dpooled, tape["cls"], below)
+            if (dcls is not None and keys is not None and keys.p
+                    and self.config.model_type in ("roberta", "xlm-roberta")):
+                dropout_backward(dcls, keys.p, keys.pooler)
         if prof:
             prof.add("head", "backward", perf_counter() - t0)
         return dcls
@@ -965,13 +1054,14 @@ class Model:
                 stack += list(o)
         return total
 
-    def with_classifier(self, labels, seed: int = 0) -> "Model":
+    def with_classifier(self, labels, seed: int = 0, per_token: bool = False) -> "Model":
         """This model with a new classifier head over `labels` (the class names, in the order
         of the logits): an encoder's pooler (kept if this BERT has one; new for RoBERTa) and a
         classifier (a causal LM's on its last token, in place of its LM head) drawn from
         `seed`; labels None: no head (an encoder's hidden states; a causal LM whose embeddings
-        are tied is a language model again). The new model shares this one's other weight
-        arrays, and everything is trainable, as in a new model."""
+        are tied is a language model again). per_token: an encoder's token classifier (one
+        label per token, no pooler). The new model shares this one's other weight arrays, and
+        everything is trainable, as in a new model."""
         c = self.config
         if not c.encoder and labels is None and not c.tie_embeddings and c.labels is not None:
             raise InputError("this causal classifier's LM head was left out when it became one "
@@ -979,17 +1069,22 @@ class Model:
         if isinstance(labels, str):
             raise InputError(f"with_classifier labels must be a list of class names, got the "
                              f"string {labels!r}")
-        cfg = dataclasses.replace(c, labels=list(labels) if labels is not None else None)
+        if per_token and (not c.encoder or labels is None):
+            raise InputError("a token classifier (per_token=True) is an encoder's, with labels")
+        cfg = dataclasses.replace(c, labels=list(labels) if labels is not None else None,
+                                  per_token=bool(per_token))
         # RoBERTa's (DistilBERT's) classifier has its own dense layer where BERT's has the
         # pooler, and a headless model's pooler is not it (a RobertaModel's, which transformers
         # does not use; a DistilBertModel has none): from one of those, both heads start anew
-        heads = (("classifier.",) if c.model_type == "bert" or c.labels is not None
-                 else ("classifier.", "pooler."))
+        heads = (("classifier.",) if (c.model_type == "bert" or c.labels is not None)
+                 and not (per_token or c.per_token) else ("classifier.", "pooler."))
         if not c.encoder:   # a causal LM's classifier replaces its LM head
             heads = ("classifier.", "lm_head.") if labels is not None else ("classifier.",)
         params = {n: a for n, a in self.params.items() if not n.startswith(heads)}
         params.update(new_head(cfg, params, seed))
-        return Model(cfg, params)
+        new = Model(cfg, params)
+        new.dropout = copy.copy(self.dropout)
+        return new
 
     # ---- saving -----------------------------------------------------------------------------
     def save(self, path: str, dtype: str = "F32", tokenizer=None):
@@ -1010,7 +1105,8 @@ class Model:
         """Pickling and copying (multiprocessing, joblib): parameters, gradients and the
         trainable set; not the optimizers that track the model, a pending backward's tape, or
         the rotary table (rebuilt on demand)."""
-        return {**self.__dict__, "_optimizers": None, "_tape": None, "_rope": None}
+        return {**self.__dict__, "_optimizers": None, "_tape": None, "_rope": None,
+                "dropout": copy.copy(self.dropout)}   # a copy draws its own masks
 
     def __setstate__(self, state):
         self.__dict__.update(state)

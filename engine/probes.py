@@ -105,9 +105,10 @@ def block_costs(model, B: int, T: int, everything: bool = False,
     top block after its attention, run on those alone (Model.forward)."""
     c = model.config
     N = B * T
-    if c.labels is not None:   # the classifier reads one position (an encoder's first, a causal
-        target_rows = B        # LM's last): the top block's rows after attention (a head-less
-                               # encoder's objective reads them all)
+    if c.labels is not None and not c.per_token:   # the classifier reads one position (an
+        target_rows = B        # encoder's first, a causal LM's last): the top block's rows after
+                               # attention (a token classifier's and a head-less encoder's
+                               # objective read them all, or the labeled ones)
     M = N if target_rows is None else target_rows
     top_rows = 0 < M < N                           # the top block hands on the target rows only
     stats = 1 if c.norm == "rmsnorm" else 2        # per row and norm: rstd (and the mean)
@@ -149,7 +150,7 @@ def block_costs(model, B: int, T: int, everything: bool = False,
                      "attn_bwd_flops": 2.5 * attn_fwd if plan and plan["need_qkv"] else 0})
     if c.encoder:   # (pooling and an objective outside a head-less one: B x C, not counted)
         if c.labels is not None:
-            rows.append(_classifier_costs(model, B, G, low))
+            rows.append(_classifier_costs(model, M, G, low))
         return rows
     if c.labels is not None:
         rows.append(_score_costs(model, B, G, low))
@@ -181,21 +182,23 @@ def block_costs(model, B: int, T: int, everything: bool = False,
     return rows
 
 
-def _classifier_costs(model, B: int, G, low: int) -> dict:
-    """An encoder's head row: the pooler and the classifier, on the first position of each of
-    the B sequences."""
+def _classifier_costs(model, R: int, G, low: int) -> dict:
+    """An encoder's head row: the pooler (a token classifier has none) and the classifier, on
+    R rows: the first position of each sequence, or a token classifier's labeled positions."""
     c = model.config
     C, K = c.d_model, len(c.labels)
     names = [n for n in model.params if n.startswith(("pooler.", "classifier."))]
-    fwd = 2 * B * C * (C + K)
+    pool = model.pooler is not None
+    fwd = 2 * R * C * ((C if pool else 0) + K)
     below = low < c.n_layer
-    dw = (2 * B * C * C if "pooler.weight" in G else 0) + (2 * B * C * K if "classifier.weight" in G else 0)
+    dw = (2 * R * C * C if "pooler.weight" in G else 0) + (2 * R * C * K if "classifier.weight" in G else 0)
     return {"layer": "classifier", "params": sum(model.params[n].size for n in names),
             "trainable": any(n in G for n in names),
             "opt_bytes": _ADAMW_BYTES * sum(model.params[n].size for n in names if n in G),
-            "fwd_flops": fwd, "dx_flops": (2 * B * C * K + (2 * B * C * C if below else 0)),
-            "dw_flops": dw, "kept_bytes": 4 * B * (2 * C + K),
-            "fwd_bytes": 4 * B * (3 * C + 2 * K), "bwd_bytes": 4 * B * (3 * C + 2 * K),
+            "fwd_flops": fwd, "dx_flops": ((2 * R * C * K if below or pool else 0)
+                                           + (2 * R * C * C if below and pool else 0)),
+            "dw_flops": dw, "kept_bytes": 4 * R * ((1 + pool) * C + K),
+            "fwd_bytes": 4 * R * ((2 + pool) * C + 2 * K), "bwd_bytes": 4 * R * ((2 + pool) * C + 2 * K),
             "attn_fwd_flops": 0, "attn_bwd_flops": 0}
 
 
@@ -495,10 +498,14 @@ def measure(model, B: int, T: int, steps: int = 3, seed: int = 0, between=None,
     dh = None
     if c.encoder or c.labels:   # a class per sequence; a head-less encoder's objective is
         # outside it: a gradient of its states
-        y = rng.integers(0, len(c.labels), B) if c.labels else None
+        y = (rng.integers(0, len(c.labels), (B, T) if c.per_token else B) if c.labels
+             else None)
+        if c.per_token and target_rows is not None:
+            y.reshape(-1)[:B * T - target_rows] = IGNORE
         dh = None if c.labels else rng.standard_normal((B, T, c.d_model), dtype=np.float32) * 1e-3
     saved = {n: model.params[n].copy() for n in model.grads}
     updated = dict(model._updated)   # restored with the weights: nothing changed for a cache
+    drop = None if model.dropout is None else (model.dropout.position, model.dropout.drawn)
     opt = AdamW(model, lr=1e-6)
 
     def step():
@@ -529,6 +536,8 @@ def measure(model, B: int, T: int, steps: int = 3, seed: int = 0, between=None,
         for n, a in saved.items():     # measuring must not change the model
             model.params[n][...] = a
         model._updated = updated
+        if drop is not None:           # nor the masks a user's own loop draws next
+            model.dropout.position, model.dropout.drawn = drop
         model.zero_grad()
     keys = {k for t in per_step for k in t}
     ms = {k: 1e3 * float(np.median([t.get(k, 0.0) for t in per_step])) for k in keys}

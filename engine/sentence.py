@@ -204,6 +204,10 @@ class PairsTask:
         seqs, n = (self.held, self.n_held) if self.n_held else (self.texts, self.n_train)
         return batch(seqs, np.arange(min(4, n)), self.pad)
 
+    def weight(self, idx) -> int:
+        """What the loss of a micro-batch averages over: its pairs."""
+        return len(idx)
+
     def step(self, idx, scale: float) -> float:
         return pair_step(self.model, self.texts, idx, self.pad, scale, self.prefix.caches[0])
 

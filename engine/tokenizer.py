@@ -643,6 +643,21 @@ _OVERRIDING_FILES = ("special_tokens_map.json", "chat_template.jinja", "chat_tem
 # Byte-level BPE (tokenizers library)
 
 
+def _prefix_every_word(pre) -> None:
+    """In a tokenizer.json's pre_tokenizer spec: a space before every word of pre-split input
+    (ByteLevel's add_prefix_space, Metaspace's prepend_scheme "always"), so that a word is
+    tokenized as it would be inside a text (transformers' add_prefix_space=True)."""
+    if not isinstance(pre, dict):
+        return
+    if pre.get("type") == "ByteLevel":
+        pre["add_prefix_space"] = True
+    elif pre.get("type") == "Metaspace":
+        pre["prepend_scheme"] = "always"
+        pre["add_prefix_space"] = True
+    for p in pre.get("pretokenizers") or ():
+        _prefix_every_word(p)
+
+
 def _tokenizers():
     return optional_import("tokenizers", error=TokenizerError, what="BPE tokenizers")
 
@@ -798,6 +813,37 @@ class BPETokenizer(_Tokenizer):
                 _utf8(t)  # a lone surrogate: say so instead of the library's type error
             raise
         return [e.ids for e in encs]
+
+    def encode_words(self, word_lists, max_length: int | None = None):
+        """(ids, word of each id: its index in the list, or None for a special token) of each
+        list of words, as transformers' is_split_into_words encodes them: each word on its own,
+        a byte-level vocabulary's space before every word (add_prefix_space, which transformers
+        asks for with RoBERTa), the special tokens of one sequence around them; with
+        max_length, the words past it cut (the special tokens kept)."""
+        lists = [list(w) for w in word_lists]
+        for words in lists:
+            for w in words:
+                if not isinstance(w, str):
+                    raise TokenizerError(f"encode_words takes lists of strings, got a "
+                                         f"{type(w).__name__} among the words")
+                _check_text(w)
+        with _NoPanic(self.source):
+            spec = json.loads(self._tk.to_str())
+        _prefix_every_word(spec.get("pre_tokenizer"))
+        with _NoPanic(self.source):
+            tk = _tokenizers().Tokenizer.from_str(json.dumps(spec))
+            tk.no_padding()
+            if max_length is None:
+                tk.no_truncation()
+            else:
+                need = len(tk.encode([], is_pretokenized=True).ids) + 1
+                if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < need:
+                    raise TokenizerError(f"max_length must be an integer of at least {need} (the "
+                                         f"special tokens and one token), got {max_length!r}")
+                tk.enable_truncation(max_length)
+        with _NoPanic(self.source, "encoding words"):
+            encs = tk.encode_batch(lists, is_pretokenized=True, add_special_tokens=True)
+        return [(e.ids, e.word_ids) for e in encs]
 
     def encode_pairs(self, texts, pairs=None, max_length: int | None = None):
         """(ids, token type ids) of each text, or of each text and its pair (pairs[i] None:

@@ -126,6 +126,15 @@ _NOT_TRAINING = ("out", "eval_every", "save_every", "sample_prompt", "sample_tok
                  "prefix_cache", "telemetry_every")
 
 
+def with_defaults(recorded: dict) -> dict:
+    """A run's recorded arguments, with the fields added to TrainArgs since it was recorded
+    at their defaults (what that run ran with), so that it still compares equal to itself."""
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(TrainArgs)
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    return {**defaults, **recorded}
+
+
 def fingerprint(model: Model) -> str:
     """Hash of the config and every weight: identifies the base model of a run."""
     h = hashlib.sha256(json.dumps(model.config.architecture(), sort_keys=True).encode())
@@ -221,7 +230,7 @@ def _model_place(model: str):
 def _what_is_in(args: TrainArgs) -> str:
     try:
         with open(os.path.join(args.out, "run.json")) as f:
-            old = json.load(f)["args"]
+            old = with_defaults(json.load(f)["args"])
         same = _paths_absolute({k: v for k, v in old.items() if k not in _NOT_TRAINING}) == \
             _paths_absolute(args.training_fields())
     except (ValueError, KeyError, TypeError, AttributeError):

@@ -128,6 +128,8 @@ class Trainer:
     prefix_cache: "off", "memory" or "disk" ($TAILTUNE_CACHE/prefix), stored as prefix_dtype;
     eval_batches caps the held-out batches it holds room for (0: all).
     telemetry_every: per-layer telemetry every N steps, in the step's record (0: off).
+    Dropout is the model's own (model.set_dropout(p, seed=...)): each micro-batch draws the
+    masks of its step and number, as `finetune --dropout p --seed ...` does.
 
     state / load: to continue a run, the dict state() gave at a checkpoint, and load(model,
     opt) putting that checkpoint's weights and optimizer state back (train.py does both)."""

@@ -160,7 +160,7 @@ def _exercise() -> None:
         fn(b if fn is matmul.gemm_tn else a, b, out, accumulate=True, backend="numba")
     big = np.ones((64, 1024), np.float32)          # dropout's parallel path, and rows=
     dropout.dropout_forward(big, 0.1, 1)
-    dropout.dropout_forward(big[:2].copy(), 0.1, 1, np.array([0, 5]))
+    dropout.dropout_forward(big[:2].copy(), 0.1, 1, np.array([0, 5], np.int64))
     stats.param_sums(a, a, a, a)
     stats.param_sums(a, a, a)
     stats.sum_sq(a)

@@ -470,6 +470,8 @@ def attention_forward(q, k, v, out, lse, pos0, backend=None, *, causal=True, len
     _check(q, k, v, out, lse, pos0)
     causal, lengths = _masking("attention_forward", q, k, pos0, causal, lengths)
     drop = _dropout("attention_forward", dropout, key)
+    if drop[1] and pos0:
+        raise ValueError(f"attention_forward: dropout is for training (pos0 0), got pos0 {pos0}")
     if _use_blas(backend):
         with one_thread():
             _forward_blas(SGEMM, q, k, v, out, lse, pos0, causal, lengths, *drop)

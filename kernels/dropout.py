@@ -5,7 +5,7 @@ threads. Element j of row r is kept when hash(key, r, j) >= threshold, so forwar
 
 The hash is murmur3's 32-bit finalizer (fmix32), applied to the row number with the key, then to
 each column number with that row's value: a few integer multiplies and shifts per element,
-vectorized by LLVM. Every value stays below 2**32 after a mask, so the same arithmetic holds in
+vectorized by LLVM. Every product stays below 2**49 (_mul32), so the same arithmetic holds in
 plain Python (NUMBA_DISABLE_JIT) and in numpy's uint64 (the tests' twin).
 
 dropout_forward and dropout_backward are one operation (multiplying by the same scaled mask); both
@@ -20,12 +20,20 @@ _GOLDEN = 0x9E3779B9
 
 
 @jit_inline
+def _mul32(h, c: int):
+    """(h * c) mod 2**32 for h, c in [0, 2**32), in halves of c so that no product passes
+    2**49: exact in any integer type (numpy's int64 scalars of the plain-Python path warn on
+    overflow), and vectorized the same."""
+    return (h * (c & 0xFFFF) + (((h * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+@jit_inline
 def _fmix32(h):
     """murmur3's finalizer over h in [0, 2**32): every input bit reaches every output bit."""
     h ^= h >> 16
-    h = (h * 0x85EBCA6B) & _M32
+    h = _mul32(h, 0x85EBCA6B)
     h ^= h >> 13
-    h = (h * 0xC2B2AE35) & _M32
+    h = _mul32(h, 0xC2B2AE35)
     h ^= h >> 16
     return h
 
@@ -41,7 +49,7 @@ def mask_row(x, n, rk, threshold, scale):
     """x[:n] *= scale where hash(rk, j) >= threshold, else 0 (one row of a dropout)."""
     zero = np.float32(0.0)
     for j in range(n):
-        h = _fmix32(((j * _GOLDEN) & _M32) ^ rk)
+        h = _fmix32(_mul32(j, _GOLDEN) ^ rk)
         x[j] = x[j] * scale if h >= threshold else zero
 
 
@@ -57,7 +65,7 @@ def _dropout_rows(x, C, key, threshold, scale, ids):
 @jit
 def _dropout_serial(x, C, key, threshold, scale, ids):
     for r in range(x.shape[0] // C):
-        i = ids[r] if ids.shape[0] else np.int64(r)
+        i = ids[r] if ids.shape[0] else r
         mask_row(x[r * C:(r + 1) * C], C, row_key(key, i), threshold, scale)
 
 
@@ -93,11 +101,14 @@ def dropout_backward(dx, p: float, key: int, rows=None):
 
 
 def _dropout(fn, x, p, key, rows):
-    floats(fn, "dx" if fn == "dropout_backward" else "x", x)
+    name = "dx" if fn == "dropout_backward" else "x"
+    floats(fn, name, x)
+    if not x.flags.writeable:
+        raise ValueError(f"{fn}: {name} is read-only (dropout works in place)")
     key = check_key(fn, key)
     t = threshold(p, fn)
     C = x.shape[-1] if x.ndim else 1
-    n_rows = x.size // C if C else 0
+    n_rows = int(np.prod(x.shape[:-1])) if x.ndim else 1
     if rows is None:
         ids = _ALL
     else:

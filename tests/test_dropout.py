@@ -36,15 +36,20 @@ class _Sites:
         return self(out)
 
 
-def _sites(model, p, attention, seed, embeddings_first=True, classifier=False):
+def _sites(model, p, attention, seed, embeddings_first=True, classifier=False, attn_out=True,
+           pooler=False):
     """The engine's first training forward's sites in transformers' call order: the
-    embeddings, then per block the attention probabilities, its output, the MLP's output."""
+    embeddings, then per block the attention probabilities, its output (not DistilBERT's), the
+    MLP's output; RoBERTa's head input, the classifier's."""
     keys = Dropout(p, attention, seed).draw(model.config.n_layer)
     low = model.lowest_trainable_block()
     out = [(p, keys.embeddings) if low == -1 else None] if embeddings_first else []
     for b in range(model.config.n_layer):
         _, _, k_attn, k_out, k_mlp = keys.block(b)
-        out += ([(attention, k_attn), (p, k_out), (p, k_mlp)] if b >= low else [None] * 3)
+        block = [(attention, k_attn)] + [(p, k_out)] * attn_out + [(p, k_mlp)]
+        out += block if b >= low else [None] * len(block)
+    if pooler:
+        out.append((p, keys.pooler))
     if classifier:
         out.append((p, keys.classifier))
     return out
@@ -120,6 +125,27 @@ def test_bert_classifier_dropout_matches_transformers(monkeypatch, train):
     sites = _Sites(_sites(model, 0.2, 0.2, 11, classifier=True))
     with _torch_dropout(monkeypatch, hf, sites):
         compare_classifier_grads(model, hf, tokens, labels, lengths)
+
+
+@pytest.mark.parametrize("family", ["roberta", "distilbert"])
+def test_roberta_and_distilbert_dropout_match_transformers(monkeypatch, tmp_path, family):
+    """Their own sites: RoBERTa's classifier head drops out its input before its dense layer
+    too; DistilBERT has no dropout after its attention's output projection."""
+    from conftest import saved
+    if family == "roberta":
+        from test_roberta import LENGTHS, batch as rows_batch, hf_model
+        hf = hf_model("roberta")
+    else:
+        from test_distilbert import LENGTHS, batch as rows_batch, hf_model
+        hf = hf_model()
+    model = engine.load(saved(hf, tmp_path)).unfreeze()
+    set_torch_trainable(model, hf)
+    model.set_dropout(0.2, seed=4)
+    sites = _Sites(_sites(model, 0.2, 0.2, 4, classifier=True, attn_out=family != "distilbert",
+                          pooler=family == "roberta"))
+    tokens, labels = rows_batch()
+    with _torch_dropout(monkeypatch, hf, sites):
+        compare_classifier_grads(model, hf, tokens, labels, LENGTHS)
 
 
 def test_dropout_is_off_by_default_and_zero_turns_it_off(hf_dirs):
@@ -235,3 +261,40 @@ def test_finetune_refuses_bad_rates(tmp_path, capsys):
         assert _run(model, data, tmp_path / "bad", *bad) == 2
         assert msg in capsys.readouterr().err
         assert not (tmp_path / "bad").exists()
+
+
+def test_bert_token_classifier_dropout_matches_transformers(monkeypatch):
+    """A token classifier's input (the top block's output at every position) drops out as
+    BertForTokenClassification's does; unlabeled positions make the top block and the
+    classifier run on the labeled rows alone, which keep their own masks."""
+    import tempfile
+    from transformers import BertConfig, BertForTokenClassification
+    torch.manual_seed(1)
+    hf = perturb_norms(BertForTokenClassification(BertConfig(
+        vocab_size=97, hidden_size=36, num_hidden_layers=2, num_attention_heads=3,
+        intermediate_size=52, max_position_embeddings=32, num_labels=4)), "LayerNorm")
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        model = engine.load(d)
+    model.train_last(1)
+    set_torch_trainable(model, hf)
+    model.set_dropout(0.3, seed=2)
+    rng = np.random.default_rng(6)
+    tokens = rng.integers(0, 97, (3, 11))
+    lengths = np.array([11, 6, 2])
+    tags = rng.integers(0, 4, (3, 11))
+    tags[np.arange(11)[None] >= lengths[:, None]] = -100
+    tags[0, [0, 3, 4]] = -100
+    sites = _Sites(_sites(model, 0.3, 0.3, 2, classifier=True))
+    with _torch_dropout(monkeypatch, hf, sites):
+        loss = model.forward(tokens, tags, lengths=lengths)
+        model.backward()
+        from conftest import attention_mask, hf_grads_as_engine
+        out = hf(input_ids=torch.tensor(tokens), attention_mask=attention_mask(lengths, 11),
+                 labels=torch.tensor(tags))
+        out.loss.backward()
+    assert abs(loss - out.loss.item()) < 1e-5
+    want = hf_grads_as_engine(model, hf)
+    for n, g in model.grads.items():
+        if not n.endswith("attn.k.bias"):
+            np.testing.assert_allclose(g, want[n], rtol=0, atol=3e-5 * np.abs(want[n]).max(), err_msg=n)

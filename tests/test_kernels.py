@@ -732,7 +732,7 @@ def test_dropout_of_some_rows_takes_their_own_masks():
     assert np.all((part != 0) == (full[rows] != 0))
     for bad, msg in [(rows[:3], r"rows must be an int64 array of shape \(4,\)"),
                      (rows.astype(np.int32), "rows must be an int64 array"),
-                     (np.array([1, -2, 3, 4]), "rows holds -2")]:
+                     (np.array([1, -2, 3, 4], np.int64), "rows holds -2")]:
         with pytest.raises(ValueError, match="dropout_forward: " + msg):
             dropout_forward(part, 0.4, 99, bad)
 
@@ -767,6 +767,12 @@ def test_dropout_rejects_bad_arguments():
     with pytest.raises(ValueError, match="dropout_backward: p must be"):
         dropout_backward(x, 1.5, 0)
     assert np.all(x == 1)
+    frozen = np.ones((3, 4), np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="dropout_forward: x is read-only"):
+        dropout_forward(frozen, 0.1, 0)
+    empty = np.ones((5, 0), np.float32)                # no columns: five rows of nothing
+    dropout_forward(empty, 0.1, 0, np.arange(5, dtype=np.int64))
 
 
 def test_attention_without_openblas_says_it_runs_the_slower_path(monkeypatch, capsys):

@@ -19,28 +19,36 @@ from .safetensors import WRITE_DTYPES, SafetensorsFile, write_atomic
 from .safetensors import write as write_safetensors
 
 
-def load(path: str, labels=None):
+def load(path: str, labels=None, per_token: bool = False):
     """A Model from a Hugging Face directory (config.json + *.safetensors; gpt2, llama,
     mistral, phi3, qwen2, qwen3, smollm3 or bert), a .gguf file (llama, qwen2, qwen3, smollm3,
     phi3 or gpt2), a directory written by Model.save, or a short name such as 'smollm2'.
     labels: the class names of a sequence classifier (an encoder's head; a causal LM's on its
     last token, in place of its LM head), kept from the file when it has one for these
-    labels, else started from random weights."""
+    labels, else started from random weights. per_token: with labels, an encoder's token
+    classifier (one label per token: NER), for which a file's sequence classifier and
+    pooler are left out."""
     from ..model import Model
     from .resolve import resolve_model_path
     path = resolve_model_path(str(path))
-    cfg, params = load_params(path, labels)
+    cfg, params = load_params(path, labels, per_token)
     try:
         return Model(cfg, params)
     except CheckpointError as e:   # a tensor that disagrees with the file's own config
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def load_params(path: str, labels=None) -> tuple[Config, dict]:
+def load_params(path: str, labels=None, per_token: bool = False) -> tuple[Config, dict]:
     from .resolve import resolve_model_path
     path = resolve_model_path(str(path))
     from .gguf import is_gguf, load_gguf   # by content too: a GGUF file need not end in .gguf
+    if per_token is not False and (per_token is not True or labels is None):
+        raise InputError(f"per_token must be True or False, and True only with labels (a token "
+                         f"classifier's), got {per_token!r}")
     if os.path.isfile(path) and (path.endswith(".gguf") or is_gguf(path)):
+        if per_token:
+            raise InputError(f"{path}: a GGUF file holds a causal LM; a token classifier is an "
+                             "encoder's (BERT, RoBERTa, DistilBERT)")
         cfg, params = load_gguf(path)
         if labels is not None:   # (a GGUF file holds an LM: the classifier is new)
             if isinstance(labels, str) or not hasattr(labels, "__iter__"):
@@ -50,7 +58,7 @@ def load_params(path: str, labels=None) -> tuple[Config, dict]:
             params.update(hf_names.with_scores(cfg, None, (), params))
         return cfg, params
     if os.path.isdir(path):
-        return _load_hf_dir(path, labels)
+        return _load_hf_dir(path, labels, per_token)
     raise CheckpointError(f"{path}: not a model (expected a directory with config.json and "
                           f"*.safetensors, or a .gguf file)")
 
@@ -74,7 +82,7 @@ def _read_json_object(path: str) -> dict:
     return obj
 
 
-def _load_hf_dir(path: str, labels=None) -> tuple[Config, dict]:
+def _load_hf_dir(path: str, labels=None, per_token: bool = False) -> tuple[Config, dict]:
     hf = read_hf_config(path)
     other_head = False     # the file's classifier is for other labels: a new one replaces it
     if labels is None:
@@ -84,11 +92,15 @@ def _load_hf_dir(path: str, labels=None) -> tuple[Config, dict]:
             raise InputError(f"labels must be a list of class names, got {labels!r}")
         cfg = hf_names.config_from_hf(hf, head=False)   # the file's head, of whatever kind, aside
         labels = list(labels)
+        if per_token and not cfg.encoder:
+            raise InputError(f"{path}: a {cfg.model_type} model is a causal LM; a token "
+                             "classifier is an encoder's (BERT, RoBERTa, DistilBERT)")
         try:
-            other_head = hf_names.config_from_hf(hf).labels != labels
+            own = hf_names.config_from_hf(hf)
+            other_head = (own.labels, own.per_token) != (labels, per_token)
         except ConfigError:   # a regression or multi-label head: replaced
             other_head = True
-        cfg = dataclasses.replace(cfg, labels=labels)
+        cfg = dataclasses.replace(cfg, labels=labels, per_token=per_token)
     gen_path = os.path.join(path, "generation_config.json")
     gen = _read_json_object(gen_path) if os.path.isfile(gen_path) else None
     # one that says no more than the ids is left to be rebuilt from them (Model.save writes such

@@ -75,7 +75,7 @@ def config_from_hf(hf: dict, get, head: bool = True) -> Config:
                        type_vocab_size=get(hf, "type_vocab_size", "size", 2),
                        norm_eps=get(hf, "layer_norm_eps", "number", 1e-12), mlp=_GELUS[act],
                        init_std=get(hf, "initializer_range", "number", 0.02),
-                       labels=labels_of(hf) if head else None, **extra)
+                       **_head(hf, head), **extra)
 
 
 def _distilbert_config(hf: dict, get, head: bool) -> Config:
@@ -94,17 +94,34 @@ def _distilbert_config(hf: dict, get, head: bool) -> Config:
         vocab_size=get(hf, "vocab_size", "size", 30522), n_layer=get(hf, "n_layers", "size", 6),
         n_head=n_head, d_model=d, d_ff=get(hf, "hidden_dim", "size", 3072),
         max_seq_len=get(hf, "max_position_embeddings", "size", 512),
-        init_std=get(hf, "initializer_range", "number", 0.02),
-        labels=labels_of(hf) if head else None,
+        init_std=get(hf, "initializer_range", "number", 0.02), **_head(hf, head),
         # (a null one is none: no padding row, as transformers reads it)
         pad_token_id=get(hf, "pad_token_id", "id", None) if "pad_token_id" in hf else 0)
 
 
+def _head(hf: dict, head: bool) -> dict:
+    """The Config fields of an encoder file's head: a sequence classifier's labels, a token
+    classifier's (per_token), or none (head False: the caller's labels replace them)."""
+    if not head:
+        return {}
+    if _is_arch(hf, "ForTokenClassification"):
+        return dict(labels=_id2label(hf), per_token=True)
+    return dict(labels=labels_of(hf))
+
+
+def _is_arch(hf: dict, suffix: str) -> bool:
+    archs = hf.get("architectures") or []
+    return any(isinstance(a, str) and a.endswith(suffix) for a in archs)
+
+
 def labels_of(hf: dict) -> list[str] | None:
     """A sequence classifier's class names in logit order (id2label), else None."""
-    archs = hf.get("architectures") or []
-    if not any(isinstance(a, str) and a.endswith("ForSequenceClassification") for a in archs):
+    if not _is_arch(hf, "ForSequenceClassification"):
         return None
+    return _id2label(hf)
+
+
+def _id2label(hf: dict) -> list[str]:
     problem = hf.get("problem_type")
     if problem not in (None, "single_label_classification"):
         raise ConfigError(f"problem_type {problem!r} is not supported (only single-label "
@@ -143,7 +160,7 @@ def config_to_hf(cfg: Config, ids: dict) -> dict:
         raise ConfigError(f"cannot save as {mt}: its positions count from the pad id + 1, and this "
                           f"model has position_offset {cfg.position_offset} and pad_token_id "
                           f"{ids['pad_token_id']}")
-    kind = "ForSequenceClassification" if cfg.labels else "Model"
+    kind = _kind(cfg)
     hf = {"model_type": mt, "architectures": [_CLASS[mt] + kind],
           "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
           "num_hidden_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
@@ -154,11 +171,22 @@ def config_to_hf(cfg: Config, ids: dict) -> dict:
           "pad_token_id": ids["pad_token_id"]}
     if mt != "bert":
         hf.update(bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"])
+    _add_labels(hf, cfg)
+    return hf
+
+
+def _kind(cfg: Config) -> str:
+    """transformers' model class of this head, after the family's prefix."""
+    return ("Model" if not cfg.labels else "ForTokenClassification" if cfg.per_token
+            else "ForSequenceClassification")
+
+
+def _add_labels(hf: dict, cfg: Config) -> None:
     if cfg.labels:
         hf["id2label"] = {str(i): n for i, n in enumerate(cfg.labels)}
         hf["label2id"] = {n: i for i, n in enumerate(cfg.labels)}
-        hf["problem_type"] = "single_label_classification"
-    return hf
+        if not cfg.per_token:
+            hf["problem_type"] = "single_label_classification"
 
 
 def _distilbert_to_hf(cfg: Config, ids: dict) -> dict:
@@ -167,16 +195,13 @@ def _distilbert_to_hf(cfg: Config, ids: dict) -> dict:
         raise ConfigError("cannot save as distilbert: it needs n_kv_head == n_head and head_dim "
                           "* n_head == d_model")
     hf = {"model_type": "distilbert",
-          "architectures": ["DistilBertForSequenceClassification" if cfg.labels else "DistilBertModel"],
+          "architectures": ["DistilBert" + _kind(cfg)],
           "vocab_size": cfg.vocab_size, "dim": cfg.d_model, "n_layers": cfg.n_layer,
           "n_heads": cfg.n_head, "hidden_dim": cfg.d_ff, "activation": "gelu",
           "max_position_embeddings": cfg.max_seq_len, "sinusoidal_pos_embds": False,
           "initializer_range": cfg.init_std, "torch_dtype": "float32",
           "pad_token_id": ids["pad_token_id"]}
-    if cfg.labels:
-        hf["id2label"] = {str(i): n for i, n in enumerate(cfg.labels)}
-        hf["label2id"] = {n: i for i, n in enumerate(cfg.labels)}
-        hf["problem_type"] = "single_label_classification"
+    _add_labels(hf, cfg)
     return hf
 
 
@@ -193,9 +218,9 @@ def _distilbert_map(cfg: Config, prefix: str) -> dict[str, str]:
             for w in ("weight", "bias"):
                 m[f"blocks.{i}.{e}.{w}"] = f"transformer.layer.{i}.{h}.{w}"
     m = {e: prefix + h for e, h in m.items()}
-    if cfg.labels:   # (a DistilBertModel has no pooler)
-        m.update({f"{e}.{w}": f"{h}.{w}" for e, h in (("pooler", "pre_classifier"),
-                  ("classifier", "classifier")) for w in ("weight", "bias")})
+    if cfg.labels:   # (a DistilBertModel has no pooler, nor a token classifier)
+        heads = (("pooler", "pre_classifier"),) * (not cfg.per_token) + (("classifier", "classifier"),)
+        m.update({f"{e}.{w}": f"{h}.{w}" for e, h in heads for w in ("weight", "bias")})
     return m
 
 
@@ -216,8 +241,8 @@ def name_map(cfg: Config, prefix: str) -> dict[str, str]:
         for e, h in parts:
             for w in ("weight", "bias"):
                 m[f"blocks.{i}.{e}.{w}"] = f"encoder.layer.{i}.{h}.{w}"
-    roberta_head = cfg.model_type != "bert" and cfg.labels
-    if not roberta_head:
+    roberta_head = cfg.model_type != "bert" and cfg.labels and not cfg.per_token
+    if not roberta_head and not cfg.per_token:   # (a token classifier has no pooler)
         m.update({"pooler.weight": "pooler.dense.weight", "pooler.bias": "pooler.dense.bias"})
     m = {e: prefix + h for e, h in m.items()}
     if roberta_head:
@@ -236,9 +261,9 @@ def prefix_of(cfg: Config, names) -> str:
 def other_head(cfg: Config, name: str) -> bool:
     """A tensor of the file's classifier that labels other than its own replace (BERT's
     classifier; RoBERTa's out_proj: its dense layer, the pooler's math, is kept as BERT's
-    pooler is)."""
+    pooler is; all of it for a token classifier)."""
     return name.startswith("classifier.out_proj." if cfg.model_type in ("roberta", "xlm-roberta")
-                           else "classifier.")
+                           and not cfg.per_token else "classifier.")
 
 
 def to_engine(cfg: Config, get, names, fetch, expect) -> dict[str, np.ndarray]:
@@ -277,9 +302,12 @@ def to_engine(cfg: Config, get, names, fetch, expect) -> dict[str, np.ndarray]:
 def dropped(cfg: Config, name: str) -> bool:
     """A tensor of the file the engine leaves out on purpose: the pretraining heads (masked-LM,
     next-sentence), a classifier the model has no use for (no labels, or other labels), and a
-    RobertaModel's pooler under a RoBERTa classifier (which has its own dense layer)."""
+    RobertaModel's pooler under a RoBERTa classifier (which has its own dense layer), any
+    pooler under a token classifier."""
     p = _PREFIX[cfg.model_type]
     bare = name[len(p):] if name.startswith(p) else name
+    if cfg.per_token and bare.startswith("pooler."):
+        return True
     if cfg.model_type == "bert":
         return bare.startswith(("cls.", "classifier."))
     if cfg.model_type == "distilbert":   # (its masked-LM head: vocab_*)
