@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from . import data as D
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .io import load, read_hf_config
 from .io.hf_names import config_from_hf
 from .io.resolve import resolve_model_path
@@ -401,7 +401,10 @@ def choose_labels(model_path: str, data_labels) -> list[str]:
     """The model's own classes when the data's are among them (its head is kept), else the
     data's, sorted (a new head)."""
     hf = _hf_config(model_path)     # (a GGUF file: a language model, no classes of its own)
-    own = config_from_hf(hf).labels if hf else None
+    try:
+        own = config_from_hf(hf).labels if hf else None
+    except ConfigError:     # a head the engine does not train (regression, multi-label): replaced
+        own = None
     seen = sorted(set(data_labels))
     if own and set(seen) <= set(own):
         return own

@@ -6,10 +6,12 @@ CoNLL-style datasets; "ner_tags" is read as "tags"). The model gets a token clas
 Words are tokenized as transformers' is_split_into_words does (Tokenizer.encode_words); a
 word's tag is the target of its first piece, its other pieces and the special tokens have none
 (-100), as in transformers' token-classification example. Evaluation reads the prediction at
-each word's first piece and scores entities as seqeval does by default: a chunk starts at B-X,
-or at I-X after anything but X (IOB1 and IOB2 tags both read), and counts when its type and
-both ends are right; tags without a B- / I- prefix are their own type, a run of one tag one
-chunk; "O" is outside. Words cut by --seq-len are left out of both sides and counted.
+each word's first piece and scores entities by seqeval's default rules (its get_entities:
+IOB1, IOB2, IOE and IOBES tags; a chunk counts when its type and both ends are right). A tag
+without a B- / I- / E- / S- prefix is read as I- of its own name (seqeval would read its
+first letter as the prefix: "PER" as a P- tag of type "ER"); "O" is outside. Tags are names
+(strings): a dataset's integer class ids need their names first. Words cut by --seq-len are
+left out of both sides and counted.
 """
 from __future__ import annotations
 
@@ -27,8 +29,7 @@ IGNORE = -100
 
 
 def read_tagged(path: str) -> tuple[list, list]:
-    """(word lists, tag lists) of a JSONL file of {"tokens": [...], "tags": [...]} rows (a tag
-    may be a number: it is its text)."""
+    """(word lists, tag lists) of a JSONL file of {"tokens": [...], "tags": [...]} rows."""
     if not os.path.isfile(path):
         raise InputError(f"{path}: no such data file")
     if not path.lower().endswith((".jsonl", ".json")):
@@ -42,16 +43,18 @@ def read_tagged(path: str) -> tuple[list, list]:
         w, t = row.get("tokens"), row.get("tags", row.get("ner_tags"))
         if not isinstance(w, list) or not all(isinstance(x, str) for x in w):
             raise InputError(f'{where}: "tokens" must be a list of strings (the words)')
-        if not isinstance(t, list) or not all(
-                isinstance(x, (str, int)) and not isinstance(x, bool) and x != "" for x in t):
-            raise InputError(f'{where}: "tags" must be a list of non-empty strings or integers, '
-                             "one per word")
+        if isinstance(t, list) and any(isinstance(x, int) and not isinstance(x, bool) for x in t):
+            raise InputError(f'{where}: "tags" holds integers; tags are names such as "B-PER" '
+                             "and \"O\" (a dataset's integer ner_tags need its features' names: "
+                             "map them to their names first)")
+        if not isinstance(t, list) or not all(isinstance(x, str) and x for x in t):
+            raise InputError(f'{where}: "tags" must be a list of non-empty strings, one per word')
         if len(t) != len(w):
             raise InputError(f'{where}: {len(w)} words and {len(t)} tags (one tag per word)')
         if not w:
             raise InputError(f"{where}: a row without words")
         words.append(w)
-        tags.append([str(x) for x in t])
+        tags.append(list(t))
     if not words:
         raise InputError(f"{path}: no rows")
     return words, tags
@@ -74,17 +77,39 @@ def align(tok, word_lists, tag_lists, seq_len: int, index: dict) -> tuple[list, 
     return seqs, targets, lost
 
 
+def _split(tag: str) -> tuple[str, str]:
+    """(prefix letter, type) of a tag: "B-PER" -> ("B", "PER"); "O" -> ("O", ""); a tag without
+    a B- / I- / E- / S- prefix -> ("I", itself)."""
+    if tag == "O":
+        return "O", ""
+    if tag[:2] in ("B-", "I-", "E-", "S-"):
+        return tag[0], tag[2:]
+    return "I", tag
+
+
+def _ends(prev, tag, prev_type, kind) -> bool:
+    """seqeval's end_of_chunk: the chunk open at the previous tag ends before this one."""
+    return (prev in ("E", "S") or prev in ("B", "I") and tag in ("B", "S", "O")
+            or prev != "O" and prev_type != kind)
+
+
+def _starts(prev, tag, prev_type, kind) -> bool:
+    """seqeval's start_of_chunk: a chunk starts at this tag."""
+    return (tag in ("B", "S") or prev in ("E", "S", "O") and tag in ("E", "I")
+            or tag != "O" and prev_type != kind)
+
+
 def chunks(tags) -> set:
     """The entities of a tag sequence: (type, first word, last word + 1)."""
-    out, start, kind = set(), None, None
-    for i, tag in enumerate(list(tags) + ["O"]):
-        prefix, t = (tag[:2], tag[2:]) if tag[:2] in ("B-", "I-") else ("", tag)
-        begins = tag != "O" and (prefix == "B-" or t != kind)
-        if start is not None and (tag == "O" or begins):
-            out.add((kind, start, i))
-            start, kind = None, None
-        if begins:
-            start, kind = i, t
+    out, start = set(), 0
+    prev, prev_type = "O", ""
+    for i, t in enumerate(list(tags) + ["O"]):
+        tag, kind = _split(t)
+        if _ends(prev, tag, prev_type, kind):
+            out.add((prev_type, start, i))
+        if _starts(prev, tag, prev_type, kind):
+            start = i
+        prev, prev_type = tag, kind
     return out
 
 
@@ -148,8 +173,12 @@ def choose_tags(model_path: str, data_tags) -> list[str]:
     """The model's own tags when it is a token classifier and the data's are among them (its
     head is kept), else the data's, sorted (a new head)."""
     from .classify import _hf_config
+    from .errors import ConfigError
     hf = _hf_config(model_path)
-    own = config_from_hf(hf) if hf else None
+    try:
+        own = config_from_hf(hf) if hf else None
+    except ConfigError:     # a head the engine does not train (regression, multi-label): replaced
+        own = None
     seen = sorted(set(data_tags))
     if own is not None and own.per_token and set(seen) <= set(own.labels):
         return own.labels

@@ -841,8 +841,14 @@ class BPETokenizer(_Tokenizer):
                     raise TokenizerError(f"max_length must be an integer of at least {need} (the "
                                          f"special tokens and one token), got {max_length!r}")
                 tk.enable_truncation(max_length)
-        with _NoPanic(self.source, "encoding words"):
-            encs = tk.encode_batch(lists, is_pretokenized=True, add_special_tokens=True)
+        try:
+            with _NoPanic(self.source, "encoding words"):
+                encs = tk.encode_batch(lists, is_pretokenized=True, add_special_tokens=True)
+        except TypeError:
+            for words in lists:
+                for w in words:
+                    _utf8(w)   # a lone surrogate: say so instead of the library's type error
+            raise
         return [(e.ids, e.word_ids) for e in encs]
 
     def encode_pairs(self, texts, pairs=None, max_length: int | None = None):
@@ -871,8 +877,13 @@ class BPETokenizer(_Tokenizer):
             tk.enable_truncation(max_length, strategy="longest_first")
         tk.no_padding()
         inputs = [t if p is None else (t, p) for t, p in zip(texts, pairs)]
-        with _NoPanic(self.source, "encoding texts"):
-            encs = tk.encode_batch_fast(inputs, add_special_tokens=True)
+        try:
+            with _NoPanic(self.source, "encoding texts"):
+                encs = tk.encode_batch_fast(inputs, add_special_tokens=True)
+        except TypeError:
+            for t in (*texts, *(p for p in pairs if p is not None)):
+                _utf8(t)   # a lone surrogate: say so instead of the library's type error
+            raise
         return [(e.ids, e.type_ids) for e in encs]
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:

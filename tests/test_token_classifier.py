@@ -189,6 +189,9 @@ def test_words_encode_as_transformers_splits_them(minilm, tmp_path, which):
                   max_length=max_length)
         for i, (ids, word_ids) in enumerate(got):
             assert ids == enc["input_ids"][i] and word_ids == enc.word_ids(i), (max_length, i)
+    for bad in (lambda: tok.encode_words([["a", "\ud800"]]), lambda: tok.encode_pairs(["a \ud800"])):
+        with pytest.raises(engine.InputError, match="lone surrogate"):
+            bad()
 
 
 def test_each_word_is_labeled_at_its_first_piece(minilm):
@@ -218,6 +221,13 @@ def test_entities_are_counted_as_seqeval_counts_them():
     assert chunks(["I-PER", "I-PER", "B-PER", "I-LOC"]) == {("PER", 0, 2), ("PER", 2, 3), ("LOC", 3, 4)}
     assert chunks(["PER", "PER", "O", "LOC", "PER"]) == {("PER", 0, 2), ("LOC", 3, 4), ("PER", 4, 5)}
     assert chunks(["O", "O"]) == set()
+    # IOBES and IOE, by seqeval's get_entities rules (its source compared on 20,000 random
+    # sequences when this was written; the counts below are by hand)
+    assert chunks(["S-PER", "B-PER", "E-PER", "E-LOC", "I-LOC"]) == {
+        ("PER", 0, 1), ("PER", 1, 3), ("LOC", 3, 4), ("LOC", 4, 5)}
+    assert chunks(["I-PER", "E-PER", "I-PER", "O", "E-LOC"]) == {
+        ("PER", 0, 2), ("PER", 2, 3), ("LOC", 4, 5)}
+    assert entity_scores([["S-PER", "B-PER", "E-PER"]], [["I-PER", "B-PER", "E-PER"]])["f1"] == 1.0
     gold = [["B-PER", "I-PER", "O", "B-LOC"], ["B-LOC", "O"]]
     pred = [["B-PER", "O", "O", "B-LOC"], ["B-LOC", "B-PER"]]
     # gold 3 entities, predicted 4; right: LOC (row 0), LOC (row 1)
@@ -257,11 +267,28 @@ def test_finetune_and_eval_of_the_claims_entities(minilm, tmp_path, capsys):
     assert ("PLACE", "denver") in found and ("DELAY", "9 days") in found, found
 
 
+def test_a_base_model_with_a_head_the_engine_does_not_train(tmp_path):
+    """A multi-label BERT classifier as the base of a token classifier: its head is replaced."""
+    from engine.token_tags import choose_tags
+    torch.manual_seed(0)
+    hf = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=97, hidden_size=36, num_hidden_layers=1, num_attention_heads=3,
+        intermediate_size=52, max_position_embeddings=32, num_labels=3,
+        problem_type="multi_label_classification"))
+    hf.config.architectures = ["BertForSequenceClassification"]
+    path = saved(hf, tmp_path)
+    assert choose_tags(path, ["O", "B-X", "O"]) == ["B-X", "O"]
+    assert engine.load(path, labels=["B-X", "O"], per_token=True).config.per_token
+
+
 def test_bad_rows_and_runs_are_refused(minilm, tmp_path, capsys):
     for rows, msg in [([{"tokens": ["a", "b"], "tags": ["O"]}], "2 words and 1 tags"),
                       ([{"tokens": "a b", "tags": ["O", "O"]}], '"tokens" must be a list of strings'),
                       ([{"tokens": ["a"], "tags": [""]}], '"tags" must be a list of non-empty'),
                       ([{"tokens": [], "tags": []}], "a row without words"),
+                      ([{"tokens": ["a", "b"], "tags": [0, 3]}], '"tags" holds integers; tags are names'),
+                      ([{"tokens": ["a", "\ud800"], "tags": ["O", "B-X"]}] * 4,
+                       "not valid Unicode \\(lone surrogate"),
                       ([{"tokens": ["a"], "tags": ["O"]}] * 4, "one tag \\('O'\\)")]:
         data = tmp_path / "bad.jsonl"
         data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
