@@ -244,9 +244,9 @@ def _eval(a):
     from .classify import eval_encoder, is_classifier, is_classifier_run
     if not is_classifier(a.model) and is_classifier_run(a.model, a.data):
         from .errors import InputError
-        raise InputError(f"{a.model} is a language model, not a classifier: labeled rows (or "
-                         "sentence pairs) evaluate a classifier; `tailtune finetune` on them "
-                         "makes one")
+        raise InputError(f"{a.model} is a language model, not a classifier: labeled rows "
+                         "(tagged words, sentence pairs) evaluate a classifier (a token "
+                         "classifier, a sentence encoder); `tailtune finetune` on them makes one")
     if is_classifier(a.model):
         r = eval_encoder(a.model, a.data, a.batch_size, a.seq_len)
         if "recall_at_1" in r:
