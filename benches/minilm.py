@@ -240,17 +240,21 @@ def torch_float64_reference(hf, tokens, targets, lengths):
 
 
 # ---- FLOP model -------------------------------------------------------------------------------
-def encoder_step_flops(c, B: int, T: int, k: int) -> "C.StepFlops":
+def encoder_step_flops(c, B: int, T: int, k: int, n_real: int | None = None,
+                       top_rows: int | None = None) -> "C.StepFlops":
     """Model FLOPs of one training step of a BERT classifier with train_last(k) (the last k
-    blocks, the pooler and the classifier trainable), on B sequences padded to T.
+    blocks, the pooler and the classifier trainable), on B sequences padded to T, n_real of
+    the B T positions real (default all).
 
     Counted as common.step_flops counts a decoder: matmuls only, a multiply-add = 2 FLOPs,
-    attention's recomputation not counted. N = B T: every position runs, padding included (the
-    engine's attention skips the padded keys, torch's SDPA masks them: counted as the whole
-    T x T square, 4 B H T^2 D forward). The pooler reads the top block's output at the first
-    position of each sequence only, so there the output projection and the MLP run on those B
-    rows (q, k, v and attention on every position), as the engine runs them (torch runs all N:
-    reported beside, torch_extra_flops).
+    attention's recomputation not counted. N = n_real: the engine's blocks run the real
+    positions alone (Packing); attention is counted over the whole T x T square, 4 B H T^2 D
+    forward (the engine's kernel computes padded query rows over the valid keys; torch's SDPA
+    masks). The pooler reads the top block's output at the first position of each sequence
+    only, so there the output projection and the MLP run on those top_rows = B rows (q, k, v
+    and attention on every position), as the engine runs them. Torch runs all B T positions
+    everywhere: encoder_step_flops(c, B, T, k, B * T, B * T), reported beside
+    (torch_extra_flops).
       forward     every block (q, k, v, o; up, down; attention) and the head: the pooler
                   (B, C) @ (C, C) on the first position of each sequence, the classifier
                   (B, C) @ (C, K)
@@ -259,12 +263,12 @@ def encoder_step_flops(c, B: int, T: int, k: int) -> "C.StepFlops":
                   except the lowest trainable block's q, k, v input gradients (nothing below it
                   trains: the engine skips them)
     """
-    N = B * T
+    N = B * T if n_real is None else n_real
     C_, H, D, F, L = c.d_model, c.n_head, c.head_dim, c.d_ff, c.n_layer
     K = len(c.labels)
 
     def block(top):    # q, k, v, o, up, down as (rows, in, out)
-        m = B if top else N
+        m = (B if top_rows is None else top_rows) if top else N
         return [(N, C_, H * D)] * 3 + [(m, H * D, C_), (m, C_, F), (m, F, C_)]
     attn = 4.0 * B * H * T * T * D            # QK^T and PV over the whole square
     gemms: dict = {}
@@ -304,15 +308,11 @@ def encoder_step_flops(c, B: int, T: int, k: int) -> "C.StepFlops":
     return C.StepFlops(sum(parts.values()), parts, gemms, attention=attn * (L + 2 * k))
 
 
-def torch_extra_flops(c, B: int, T: int, k: int) -> float:
-    """What torch's step computes beyond encoder_step_flops: the top block's output projection
-    and MLP at the N - B positions the pooler does not read (forward, and backward when the top
-    block trains: input and weight gradients)."""
-    if c.n_layer == 0:
-        return 0.0
-    rest, C_, HD, F = B * T - B, c.d_model, c.n_head * c.head_dim, c.d_ff
-    fwd = sum(2.0 * rest * a * b for a, b in ((HD, C_), (C_, F), (F, C_)))
-    return fwd * (3 if k else 1)
+def torch_extra_flops(c, B: int, T: int, k: int, n_real: int | None = None) -> float:
+    """What torch's step computes beyond encoder_step_flops: every block at the padding, and
+    the top block's output projection and MLP at the positions the pooler does not read."""
+    return (encoder_step_flops(c, B, T, k, B * T, B * T).total
+            - encoder_step_flops(c, B, T, k, n_real).total)
 
 
 def probe_flops(model, B: int, T: int) -> dict:
@@ -447,7 +447,7 @@ def run(args=None) -> dict:
              "torch_forward_backward_s": t_first_torch}
 
     # 2. warm-up, matmul rate, alternating timed repeats, matmul rate again, profile
-    flops = encoder_step_flops(c, B, T, k)
+    flops = encoder_step_flops(c, B, T, k, real)
     probe = probe_flops(model, B, T)
     tm = C.time_alternating(args, model.config, B, T, k, engine_step, torch_step, losses_e,
                             losses_t, say, flops=flops)
@@ -520,12 +520,15 @@ def run(args=None) -> dict:
         "torch": tor,
         **C.timing_fields(tm, eng, tor),
         "torch_extra_flops": {
-            "flops": torch_extra_flops(c, B, T, k),
-            "what": "work beyond flops.total that torch's step does: the top block's output "
+            "flops": torch_extra_flops(c, B, T, k, real),
+            "what": "work beyond flops.total that torch's step does: every block at the "
+                    "padding (the engine's blocks skip it), and the top block's output "
                     "projection and MLP at positions other than the first (the pooler reads "
                     "that one; the engine runs those on the first positions only)"},
-        "flops_probe": {**probe, "what": "engine.probes.block_costs(model, B, T): total "
-                        "without attention's recomputation should equal flops.total"},
+        "flops_probe": {**probe, "what": "engine.probes.block_costs(model, B, T), which "
+                        "knows no padding: total without attention's recomputation should "
+                        "equal encoder_step_flops at n_real = B T",
+                        "padded_model_flops": encoder_step_flops(c, B, T, k).total},
         "first_step_in_process": first,
         "cold_start": cold,
         "workers": workers,
@@ -584,14 +587,15 @@ def report(r: dict) -> str:
         f"engine/torch examples/s (= tokens/s): {ratio['tokens_per_s']:.2f}x (per-repeat pairs: "
         f"median {p['median']:.2f}x, {p['min']:.2f}-{p['max']:.2f})",
         "",
-        f"model FLOPs/step {C.fmt_si(r['flops']['total'], 'FLOP')} on B x T padded = "
-        f"{s['padded_tokens_per_step']} positions: forward blocks {f['forward_blocks'] / 1e9:.2f} G "
+        f"model FLOPs/step {C.fmt_si(r['flops']['total'], 'FLOP')} on the batch's real "
+        f"positions (of {s['padded_tokens_per_step']} padded): forward blocks {f['forward_blocks'] / 1e9:.2f} G "
         f"+ pooler/classifier {f['forward_head'] / 1e6:.1f} M, backward last {s['train_last']} "
         f"blocks {f['backward_blocks'] / 1e9:.2f} G + head {f['backward_head'] / 1e6:.1f} M "
-        f"(engine.probes.block_costs: {pr['total_without_recompute'] / 1e9:.2f} G without "
-        f"attention's recomputation)",
-        f"torch also computes the top block's output projection and MLP at the positions the "
-        f"pooler does not read: {r['torch_extra_flops']['flops'] / 1e9:.2f} G more "
+        f"(engine.probes.block_costs on the padded batch: {pr['total_without_recompute'] / 1e9:.2f} G "
+        f"without attention's recomputation)",
+        f"torch also computes every block at the padding, and the top block's output projection "
+        f"and MLP at the positions the pooler does not read: "
+        f"{r['torch_extra_flops']['flops'] / 1e9:.2f} G more "
         f"({100 * r['torch_extra_flops']['flops'] / r['flops']['total']:.0f}% of the model FLOPs)",
         f"MFU denominator: numpy.matmul fp32 on the step's {len(m['per_shape'])} GEMM shapes, "
         f"{m['effective_gflops']:.0f} GFLOP/s (before {m['effective_gflops_before']:.0f}, after "

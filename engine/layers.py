@@ -27,25 +27,50 @@ from .dropout import ATTENTION_OUT, MLP_OUT
 PROFILE = None
 
 
-def _row_ids(rows):
+class Packing:
+    """The real positions of a right-padded (B, T) batch, for an encoder whose padding no output
+    reads: its blocks run their row-wise layers (projections, MLP, norms) on these rows alone,
+    packed (N = their count); attention puts q, k, v back in the (B, T) layout it takes."""
+
+    def __init__(self, lengths, B: int, T: int):
+        self.B, self.T = B, T
+        self.idx = np.flatnonzero(np.arange(T)[None, :] < lengths[:, None])   # (N,) of B * T
+        self.first = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)   # (B,)
+
+    def pad(self, a):
+        """(N, W) packed rows -> (B * T, W), zeros at the padding."""
+        out = np.zeros((self.B * self.T, a.shape[1]), np.float32)
+        out[self.idx] = a
+        return out
+
+    def rows_of(self, flat):
+        """The packed rows of positions `flat` (of B * T; real ones)."""
+        return np.searchsorted(self.idx, flat)
+
+
+def _row_ids(rows, pack=None):
+    """The rows a layer's output holds, as dropout masks number them (positions of B * T):
+    `rows` of the batch, or of the packed rows."""
+    if pack is not None:
+        return pack.idx if rows is None else pack.idx[rows]
     return None if rows is None else np.asarray(rows, np.int64)
 
 
-def _drop(y, drop, site: int, rows=None):
+def _drop(y, drop, site: int, rows=None, pack=None):
     """Dropout of y in place at a block's site (dropout.py's ATTENTION_OUT, MLP_OUT), when
-    drop (the block's (p, attention rate, keys...), or None) asks for it. rows: y holds these
-    positions only (forward's rows=), which keep their own masks."""
+    drop (the block's (p, attention rate, keys...), or None) asks for it. rows (and pack): y
+    holds these positions only (forward's rows=), which keep their own masks."""
     if drop is not None and drop[0]:
-        dropout_forward(y, drop[0], drop[2 + site], _row_ids(rows))
+        dropout_forward(y, drop[0], drop[2 + site], _row_ids(rows, pack))
 
 
-def _dropped(dy, drop, site: int, rows=None):
+def _dropped(dy, drop, site: int, rows=None, pack=None):
     """The gradient at a site's input: a copy of dy through that site's dropout, or dy itself
     when there is none (the caller still reads dy, on the residual path)."""
     if drop is None or not drop[0]:
         return dy
     d = dy.copy()
-    dropout_backward(d, drop[0], drop[2 + site], _row_ids(rows))
+    dropout_backward(d, drop[0], drop[2 + site], _row_ids(rows, pack))
     return d
 
 
@@ -206,7 +231,8 @@ class Block:
             s.update(m.shapes())
         return s
 
-    def forward(self, P, x, rope_cs, keep, cache=None, pos0=0, rows=None, lengths=None, drop=None):
+    def forward(self, P, x, rope_cs, keep, cache=None, pos0=0, rows=None, lengths=None, drop=None,
+                pack=None):
         """x: (B, T, C). Returns (out (B, T, C), saved or None). keep: the names of the values
         backward will read (backward_plan(...)["keep"]); None or empty: nothing is retained,
         and the frozen prefix runs through here. With a KV cache (k, v arrays of shape
@@ -218,9 +244,13 @@ class Block:
         some positions have a target).
         lengths (B,) int64 or None: keys at positions >= lengths[b] are padding, never attended to.
         drop (training): (p, attention rate, the keys of the attention probabilities', output's
-        and MLP output's masks) from dropout.Keys.block, or None."""
+        and MLP output's masks) from dropout.Keys.block, or None.
+        pack (an encoder's, a Packing): x is (N, C), the batch's real positions alone; rows
+        then number those packed rows."""
         if self.post_norm:
-            return self._forward_post(P, x, rope_cs, keep, cache, pos0, rows, lengths, drop)
+            return self._forward_post(P, x, rope_cs, keep, cache, pos0, rows, lengths, drop, pack)
+        if pack is not None:
+            raise ValueError("packed rows are an encoder's (post-norm blocks)")
         B, T, C = x.shape
         N = B * T
         x2 = x.reshape(N, C)
@@ -241,39 +271,47 @@ class Block:
             saved = {n: s for n, s in saved.items() if n in keep}
         return (out.reshape(B, T, C) if rows is None else out), saved
 
-    def _forward_post(self, P, x, rope_cs, keep, cache, pos0, rows, lengths, drop):
+    def _forward_post(self, P, x, rope_cs, keep, cache, pos0, rows, lengths, drop, pack):
         """Post-norm forward; with rows, as the pre-norm one (an encoder's classifier reads the
         first position only: the top block's keys and values come from every position, the rest
         runs on those rows)."""
-        B, T, C = x.shape
-        N = B * T
-        x2 = x.reshape(N, C)
+        if pack is None:
+            B, T, C = x.shape
+            N = B * T
+            x2 = x.reshape(N, C)
+        else:
+            (N, C), B, T = x.shape, pack.B, pack.T
+            x2 = x
         y1, a2, sa = self._attention_branch(P, x2, x2, B, T, rope_cs, cache, pos0, rows, lengths,
-                                            drop)
+                                            drop, pack)
         h2, st1 = self.ln1.forward(P, y1)
         g, u, act = self._mlp(P, h2)
         y2 = self.down.forward(P, act)
-        _drop(y2, drop, MLP_OUT, rows)
+        _drop(y2, drop, MLP_OUT, rows, pack)
         y2 += h2                                               # (N, C) residual, before ln2
         out, st2 = self.ln2.forward(P, y2)
         saved = None
         if keep:
             saved = dict(n=N, h=x2, y1=y1, st1=st1, h2=h2, y2=y2, st2=st2, g=g, u=u, act=act,
-                         lengths=lengths, drop=drop, rows=rows, a_rows=a2 if rows is not None else None, **sa)
+                         lengths=lengths, drop=drop, rows=rows, pack=pack,
+                         a_rows=a2 if rows is not None or pack is not None else None, **sa)
             saved = {n: s for n, s in saved.items() if n in keep}
-        return (out.reshape(B, T, C) if rows is None else out), saved
+        return (out.reshape(B, T, C) if rows is None and pack is None else out), saved
 
-    def _attention_branch(self, P, h, x2, B, T, rope_cs, cache, pos0, rows, lengths, drop=None):
+    def _attention_branch(self, P, h, x2, B, T, rope_cs, cache, pos0, rows, lengths, drop=None,
+                          pack=None):
         """The residual stream x2 (N, C) plus attention over h (N, C) and its output projection:
         (N, C), or (M, C) at `rows` only (keys and values still from every position). Returns
         it, the projection's input (N or M, H*D) and what backward may read of attention."""
-        a, sa = self._attend(P, h, B, T, rope_cs, cache, pos0, lengths, drop)
+        a, sa = self._attend(P, h, B, T, rope_cs, cache, pos0, lengths, drop, pack)
         a2 = a.reshape(B * T, self.H * self.D)
+        if pack is not None:
+            a2 = a2[pack.idx]                                  # (N packed, H*D)
         res = x2
         if rows is not None:
             a2, res = a2[rows], x2[rows]                       # (M, H*D), (M, C)
         y = self.o.forward(P, a2)
-        _drop(y, drop if self.attn_out_dropout else None, ATTENTION_OUT, rows)
+        _drop(y, drop if self.attn_out_dropout else None, ATTENTION_OUT, rows, pack)
         y += res                                               # residual
         return y, a2, sa
 
@@ -281,10 +319,11 @@ class Block:
         """From the branch output's gradient dy ((N or M, C), rows= as in forward) back through
         the output projection and attention: the gradient of its input h at every position
         (N, C) when need_h, else None. The residual's share is the caller's."""
-        rows = s.get("rows")
-        o_in = s.get("a_rows") if rows is not None else s.get("a")   # read only when o trains
+        rows, pack = s.get("rows"), s.get("pack")
+        # the projection's input, read only when o trains
+        o_in = s.get("a_rows") if rows is not None or pack is not None else s.get("a")
         drop = s.get("drop") if self.attn_out_dropout else None
-        da = self.o.backward(P, G, _dropped(dy, drop, ATTENTION_OUT, rows),
+        da = self.o.backward(P, G, _dropped(dy, drop, ATTENTION_OUT, rows, pack),
                              None if o_in is None else o_in.reshape(-1, self.H * self.D),
                              need_qkv)
         if not need_qkv:
@@ -294,10 +333,14 @@ class Block:
             da[rows] = da_rows
         return self._attend_backward(P, G, da, s, rope_cs, need_h)
 
-    def _attend(self, P, h, B, T, rope_cs, cache, pos0, lengths, drop=None):
+    def _attend(self, P, h, B, T, rope_cs, cache, pos0, lengths, drop=None, pack=None):
         """Attention over h (N, C): q, k, v, the per-head norms, the rotary embedding, the
-        KV cache. Returns its output (B, T, H, D) and the values backward may read."""
+        KV cache. Returns its output (B, T, H, D) and the values backward may read. pack: h
+        holds the real positions alone, which q, k, v take back to (B, T) (zeros at padding)."""
         q_pre, k_pre = self.q.forward(P, h), self.k.forward(P, h)    # (N, H*D), (N, Hkv*D)
+        v_pre = self.v.forward(P, h)
+        if pack is not None:
+            q_pre, k_pre, v_pre = pack.pad(q_pre), pack.pad(k_pre), pack.pad(v_pre)
         stq = stk = None
         if self.q_norm:    # one row per head: (N * H, D)
             q, stq = self.q_norm.forward(P, q_pre.reshape(-1, self.D))
@@ -306,7 +349,7 @@ class Block:
             q, k = q_pre, k_pre
         q = q.reshape(B, T, self.H, self.D)
         k = k.reshape(B, T, self.Hkv, self.D)
-        v = self.v.forward(P, h).reshape(B, T, self.Hkv, self.D)
+        v = v_pre.reshape(B, T, self.Hkv, self.D)
         if self.rope:
             rope_forward(q, *rope_cs)
             rope_forward(k, *rope_cs)
@@ -351,7 +394,7 @@ class Block:
         need_qkv = attn and (need_h or tr(self.q, self.q_norm, self.k, self.k_norm, self.v))
         # a weight's gradient reads its layer's input; an input gradient through a norm or an
         # activation reads what that op saw (a frozen weight in range keeps nothing for itself)
-        keep = {"n", "rows", "lengths", "drop"}
+        keep = {"n", "rows", "lengths", "drop", "pack"}
         keep |= {"act"} if mlp and dw(self.down) else set()
         keep |= ({"g", "u"} if self.swiglu else {"u"}) if need_act else set()
         keep |= {"h2"} if need_act and dw(self.gate, self.up) else set()
@@ -387,7 +430,7 @@ class Block:
         ln2 = mlp or tr(self.ln2)
         need_act = mlp and (ln1 or tr(self.gate, self.up))      # through the activation
         need_qkv = attn and (need_dx or tr(self.q, self.k, self.v))
-        keep = {"n", "rows", "lengths", "drop"}
+        keep = {"n", "rows", "lengths", "drop", "pack"}
         keep |= {"y2", "st2"} if ln2 else set()
         keep |= {"act"} if mlp and dw(self.down) else set()
         keep |= ({"g", "u"} if self.swiglu else {"u"}) if need_act else set()
@@ -445,7 +488,7 @@ class Block:
         self.ln2.backward(P, G, dout, s["y2"], s["st2"], dy2)
         if not plan["mlp"]:
             return None
-        dact = self.down.backward(P, G, _dropped(dy2, s.get("drop"), MLP_OUT, rows),
+        dact = self.down.backward(P, G, _dropped(dy2, s.get("drop"), MLP_OUT, rows, s.get("pack")),
                                   s.get("act"), plan["need_act"])
         dh2 = self._mlp_backward(P, G, dact, s, plan["ln1"]) if plan["need_act"] else None
         if not plan["ln1"]:
@@ -485,6 +528,9 @@ class Block:
         unless need_h), accumulating the q, k, v (and q / k norm) gradients."""
         N = s["n"]
         q, k, v = s["q"], s["k"], s["v"]
+        pack = s.get("pack")
+        if pack is not None:                  # the packed rows' gradients to (B, T), zeros at padding
+            da = pack.pad(da)
         dq, dk, dv = np.empty_like(q), np.empty_like(k), np.empty_like(v)
         attention_backward(da.reshape(q.shape), q, k, v, s["a"], s["lse"], dq, dk, dv,
                            causal=self.causal, lengths=s.get("lengths"),
@@ -494,6 +540,8 @@ class Block:
             rope_backward(dk, *rope_cs)
         if self.q_norm:      # back through the per-head norms, to the projections' outputs
             dq, dk = self._qk_norm_backward(P, G, dq, dk, s)
+        if pack is not None:                  # and back to the packed rows
+            dq, dk, dv = (d.reshape(pack.B * pack.T, -1)[pack.idx] for d in (dq, dk, dv))
         h = s.get("h")
         dh = self.q.backward(P, G, dq.reshape(N, -1), h, need_h)
         dh = self.k.backward(P, G, dk.reshape(N, -1), h, need_h, dh)

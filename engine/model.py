@@ -29,7 +29,7 @@ from .config import Config
 from .dropout import Dropout
 from .errors import CheckpointError, ConfigError, InputError, is_int, is_number
 from .heap import keep_freed_memory
-from .layers import Block, Linear, Norm, rope_frequencies
+from .layers import Block, Linear, Norm, Packing, rope_frequencies
 
 _LOGIT_CHUNK = 1 << 25   # floats of logits alive at once in the fused head + loss (128 MiB):
                          # fewer, taller GEMMs (measured 80 -> 135 GFLOP/s from 166 to 667 rows)
@@ -88,6 +88,8 @@ def _blas_one_thread(method):
 class Model:
     ln_e = pooler = classifier = None   # models pickled before encoders existed have none
     dropout = None                      # a Dropout (set_dropout), or None: off
+    pack_padding = True                 # a classifier encoder's blocks skip the padding (False:
+                                        # they compute it, as transformers does; for comparison)
 
     def __init__(self, config: Config, params: dict | None = None, seed: int = 0):
         """A model of `config`: random weights from `seed`, or `params` (name -> array). Arrays
@@ -522,19 +524,27 @@ class Model:
                              f"given hidden state of block {start}")
         return low, x, None, start, keys
 
-    def _run_blocks(self, x, start, low, keep, rope, rows, lengths, keys=None):
+    def _packing(self, lengths, B: int, T: int, start: int):
+        """A Packing of the real positions when the batch has padding and blocks run, else None."""
+        if not self.pack_padding or lengths is None or start >= self.config.n_layer \
+                or int(lengths.sum()) == B * T:
+            return None
+        return Packing(lengths, B, T)
+
+    def _run_blocks(self, x, start, low, keep, rope, rows, lengths, keys=None, pack=None):
         """Blocks start.. forward; those backward will reach keep what it reads (and drop out
-        by `keys`). rows: the top block's output is wanted at these rows only. Returns (output,
-        {block: saved})."""
+        by `keys`). rows: the top block's output is wanted at these rows only. pack: x holds the
+        real positions alone (rows number those). Returns (output, {block: saved})."""
         prof = layers.PROFILE
         saved = {}
         for b in self.blocks[start:]:
             t0 = perf_counter() if prof else 0.0
             top = rows if b.index == self.config.n_layer - 1 else None
-            kept = (b.backward_plan(self.grads, b.index > low, top is not None)["keep"]
+            kept = (b.backward_plan(self.grads, b.index > low, top is not None or pack is not None)["keep"]
                     if keep and b.index >= low else None)
             drop = keys.block(b.index) if keys is not None and b.index >= low else None
-            x, s = b.forward(self.params, x, rope, kept, rows=top, lengths=lengths, drop=drop)
+            x, s = b.forward(self.params, x, rope, kept, rows=top, lengths=lengths, drop=drop,
+                             pack=pack)
             if prof:
                 prof.add(f"blocks.{b.index}", "forward", perf_counter() - t0)
             if s is not None:
@@ -564,7 +574,12 @@ class Model:
         low, x, emb, start, keys = self._start(tokens, keep, hidden, start, types)
         rope = self._rope_tables(T)
         first = np.arange(B) * T if c.labels is not None else None   # the first position's rows
-        x, saved = self._run_blocks(x, start, low, keep, rope, first, lengths, keys)
+        # a classifier reads the first positions alone: the blocks skip the padding (a head-less
+        # encoder's states are wanted at every position, as transformers gives them)
+        pack = self._packing(lengths, B, T, start) if c.labels is not None else None
+        if pack is not None:
+            x, first = x.reshape(-1, c.d_model)[pack.idx], pack.first
+        x, saved = self._run_blocks(x, start, low, keep, rope, first, lengths, keys, pack)
         if c.labels is None:
             if keep:
                 self._tape = dict(encoder=True, hidden=True, tokens=tokens, saved=saved, low=low,
@@ -592,7 +607,7 @@ class Model:
             return logits
         loss = self._class_loss(logits, targets, keep, dict(
             encoder=True, tokens=tokens, saved=saved, low=low, cls=cls, pooled=pooled,
-            pooled_in=pooled_in, emb=emb, types=types, rope=rope, keys=keys))
+            pooled_in=pooled_in, emb=emb, types=types, rope=rope, keys=keys, pack=pack))
         if prof:
             prof.add("head", "forward", perf_counter() - t0)
         return loss
@@ -613,24 +628,34 @@ class Model:
         keep = targets is not None and grad and bool(self.grads)
         low, x, emb, start, keys = self._start(tokens, keep, hidden, start, types)
         rope = self._rope_tables(T)
-        x, saved = self._run_blocks(x, start, low, keep, rope, rows, lengths, keys)
+        # the blocks skip the padding when no label is there (none is, in data from files)
+        pack = self._packing(lengths, B, T, start)
+        if pack is not None and targets is not None and (
+                rows is None or not (np.arange(T)[None] < lengths[:, None]).reshape(-1)[rows].all()):
+            pack = None
+        top = rows
+        if pack is not None:
+            x = x.reshape(-1, c.d_model)[pack.idx]
+            top = None if rows is None else pack.rows_of(rows)
+        x, saved = self._run_blocks(x, start, low, keep, rope, top, lengths, keys, pack)
         prof = layers.PROFILE
         t0 = perf_counter() if prof else 0.0
-        h = x.reshape(-1, c.d_model)                   # (B * T, C), or the labeled rows alone
+        h = x.reshape(-1, c.d_model)       # (B * T, C), packed (N, C), or the labeled rows alone
         if rows is not None and start == c.n_layer:
             h = h[rows]         # no block ran; nothing is trainable below (checked in _start)
         h = np.ascontiguousarray(h)
+        ids = rows if pack is None or rows is not None else pack.idx   # h's positions of B * T
         h_in = h                                       # the classifier's input: dropped out
         if keys is not None and keys.p:                # in training, as transformers' BERT
             h_in = h.copy()
-            dropout_forward(h_in, keys.p, keys.classifier, rows)
-        logits = self.classifier.forward(self.params, h_in)   # (B * T or M, K)
-        if targets is None:
-            return logits.reshape(B, T, -1)
+            dropout_forward(h_in, keys.p, keys.classifier, ids)
+        logits = self.classifier.forward(self.params, h_in)   # (B * T, N or M, K)
+        if targets is None:        # (padding positions, which blocks skipped: logits 0)
+            return (logits if pack is None else pack.pad(logits)).reshape(B, T, -1)
         t = targets.reshape(-1)
         loss = self._class_loss(logits, t if rows is None else t[rows], keep, dict(
             encoder=True, per_token=True, tokens=tokens, saved=saved, low=low, h_in=h_in,
-            rows=rows, emb=emb, types=types, rope=rope, keys=keys))
+            rows=ids, emb=emb, types=types, rope=rope, keys=keys, pack=pack))
         if prof:
             prof.add("head", "forward", perf_counter() - t0)
         return loss
@@ -999,6 +1024,8 @@ class Model:
         if low == -1 and dx is not None:
             t0 = perf_counter() if prof else 0.0
             tokens = tape["tokens"]
+            if tape.get("pack") is not None:   # the packed rows back to (B * T), 0 at padding
+                dx = tape["pack"].pad(dx)
             keys = tape.get("keys")
             if keys is not None and keys.p:
                 dropout_backward(dx, keys.p, keys.embeddings)

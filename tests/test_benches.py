@@ -157,8 +157,9 @@ def _bench_module(monkeypatch, name):
 @pytest.mark.parametrize("n_layer", [1, 3])
 def test_minilm_step_flops_count_what_the_engine_multiplies(monkeypatch, n_layer):
     """minilm's FLOP model (its MFU numerator) against every GEMM of a real BERT classifier
-    step on a right-padded batch, counted by wrapping the engine's kernels, for each k; and
-    against engine.probes.block_costs, which also charges attention's recomputed scores."""
+    step on a right-padded batch (whose padding the blocks skip), counted by wrapping the
+    engine's kernels, for each k; and, counted on the padded batch, against
+    engine.probes.block_costs, which also charges attention's recomputed scores."""
     import numpy as np
 
     import engine
@@ -178,10 +179,12 @@ def test_minilm_step_flops_count_what_the_engine_multiplies(monkeypatch, n_layer
         flops[0] = 0
         m.forward(tokens, np.array([2, 0, 1]), lengths=lengths)
         m.backward()
-        f = M.encoder_step_flops(cfg, B, T, k)
+        f = M.encoder_step_flops(cfg, B, T, k, int(lengths.sum()))   # the blocks skip padding
         assert f.total - f.attention == flops[0] == sum(f.gemms.values()), k
         assert all(v > 0 for v in f.gemms.values())
-        assert M.probe_flops(m, B, T)["total_without_recompute"] == pytest.approx(f.total, rel=1e-12)
+        padded = M.encoder_step_flops(cfg, B, T, k)                   # what the probe counts
+        assert M.probe_flops(m, B, T)["total_without_recompute"] == pytest.approx(padded.total, rel=1e-12)
+        assert M.torch_extra_flops(cfg, B, T, k, int(lengths.sum())) > padded.total - f.total > 0
 
 
 @pytest.mark.parametrize("options", [[], ["--data", "random", "--train-last", "1"]])
