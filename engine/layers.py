@@ -294,7 +294,7 @@ class Block:
         if keep:
             saved = dict(n=N, h=x2, y1=y1, st1=st1, h2=h2, y2=y2, st2=st2, g=g, u=u, act=act,
                          lengths=lengths, drop=drop, rows=rows, pack=pack,
-                         a_rows=a2 if rows is not None or pack is not None else None, **sa)
+                         a_rows=a2 if rows is not None else None, **sa)
             saved = {n: s for n, s in saved.items() if n in keep}
         return (out.reshape(B, T, C) if rows is None and pack is None else out), saved
 
@@ -320,8 +320,11 @@ class Block:
         the output projection and attention: the gradient of its input h at every position
         (N, C) when need_h, else None. The residual's share is the caller's."""
         rows, pack = s.get("rows"), s.get("pack")
-        # the projection's input, read only when o trains
-        o_in = s.get("a_rows") if rows is not None or pack is not None else s.get("a")
+        # the projection's input, read only when o trains (packed rows: gathered from the
+        # attention output kept for attention's backward, not kept twice)
+        o_in = s.get("a_rows") if rows is not None else s.get("a")
+        if o_in is not None and rows is None and pack is not None:
+            o_in = o_in.reshape(-1, self.H * self.D)[pack.idx]
         drop = s.get("drop") if self.attn_out_dropout else None
         da = self.o.backward(P, G, _dropped(dy, drop, ATTENTION_OUT, rows, pack),
                              None if o_in is None else o_in.reshape(-1, self.H * self.D),

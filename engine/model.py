@@ -540,7 +540,7 @@ class Model:
         for b in self.blocks[start:]:
             t0 = perf_counter() if prof else 0.0
             top = rows if b.index == self.config.n_layer - 1 else None
-            kept = (b.backward_plan(self.grads, b.index > low, top is not None or pack is not None)["keep"]
+            kept = (b.backward_plan(self.grads, b.index > low, top is not None)["keep"]
                     if keep and b.index >= low else None)
             drop = keys.block(b.index) if keys is not None and b.index >= low else None
             x, s = b.forward(self.params, x, rope, kept, rows=top, lengths=lengths, drop=drop,
@@ -614,9 +614,10 @@ class Model:
 
     def _forward_tokens(self, tokens, targets, grad, hidden, start, lengths, types):
         """An encoder's token classifier (transformers' *ForTokenClassification): class logits
-        (B, T, K) at every position, or with targets (B, T) (-100: no label: padding, special
-        tokens, a word's later pieces) the mean cross-entropy over the labeled positions; the
-        top block runs its projection and MLP on those rows only."""
+        (B, T, K) at every position (0 at the padding past `lengths`, which the blocks skip), or
+        with targets (B, T) (-100: no label: padding, special tokens, a word's later pieces)
+        the mean cross-entropy over the labeled positions; the top block runs its projection
+        and MLP on those rows only."""
         c = self.config
         B, T = tokens.shape
         rows = None
@@ -1110,7 +1111,7 @@ class Model:
         params = {n: a for n, a in self.params.items() if not n.startswith(heads)}
         params.update(new_head(cfg, params, seed))
         new = Model(cfg, params)
-        new.dropout = copy.copy(self.dropout)
+        new.dropout, new.pack_padding = copy.copy(self.dropout), self.pack_padding
         return new
 
     # ---- saving -----------------------------------------------------------------------------

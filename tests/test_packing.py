@@ -102,3 +102,41 @@ def test_packed_step_runs_fewer_rows(monkeypatch):
     seen.clear()
     model.forward(tokens, targets, lengths=lengths)
     assert max(seen) == 52
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_packed_blocks_keep_less_for_backward(per_token):
+    """What a packed step keeps for backward is at most the padded step's, even with a single
+    padded position (the attention output is kept once, padded, for attention's backward and,
+    gathered, for the output projection's weight gradient)."""
+    model = _model(per_token).unfreeze()
+    tokens, targets, lengths = _batch(per_token)
+    for lens in (lengths, np.array([13, 13, 13, 12])):
+        sizes = []
+        for packed in (True, False):
+            model.pack_padding = packed
+            model.forward(tokens, targets, lengths=lens)
+            sizes.append(model.saved_bytes())
+        assert sizes[0] <= sizes[1], (lens, sizes)
+
+
+def test_packed_with_token_types_one_sequence_and_accumulation():
+    """Text pairs (token types), a batch of one padded sequence, and two scaled backwards
+    accumulated: packed equals padded."""
+    model = _model(False).unfreeze()
+    rng = np.random.default_rng(4)
+    tokens = rng.integers(1, 89, (3, 11))
+    lengths = np.array([11, 7, 5])
+    types = (np.arange(11)[None] >= np.array([6, 3, 2])[:, None]).astype(np.int64)
+    grads = []
+    for packed in (True, False):
+        model.pack_padding = packed
+        model.zero_grad()
+        model.forward(tokens, np.array([0, 1, 0]), lengths=lengths, types=types)
+        model.backward(scale=0.3)
+        model.forward(tokens[:1, :9], np.array([1]), lengths=np.array([6]))
+        model.backward(scale=0.7)
+        grads.append({n: g.copy() for n, g in model.grads.items()})
+    for n in grads[1]:
+        np.testing.assert_allclose(grads[0][n], grads[1][n], rtol=0,
+                                   atol=2e-5 * max(float(np.abs(grads[1][n]).max()), 1e-6), err_msg=n)
