@@ -20,7 +20,8 @@ import os
 import numpy as np
 
 from . import data as D
-from .classify import PrefixCaches, _capped, _forward, _pad, _tokenizer_and_length, batch, train_and_held
+from .classify import (ClassifierTask, PrefixCaches, _capped, _forward, _pad, _tokenizer_and_length,
+                       batch, train_and_held)
 from .errors import InputError
 from .io import load
 from .io.hf_names import config_from_hf
@@ -207,11 +208,11 @@ def eval_tagged(model_path: str, data: str, batch_size: int, seq_len: int) -> di
     return {**evaluate(model, seqs, targets, batch_size, _pad(tok)), "words_cut": lost}
 
 
-class TokenTask:
+class TokenTask(ClassifierTask):
     """A token classifier's run: tagged words, the model with a token classifier over their
-    tags, an optional prefix cache; step() and evaluate() for encoder_train.run_encoder."""
+    tags, an optional prefix cache; step() and evaluate() for encoder_train.run_encoder (the
+    rest as a sequence classifier's)."""
     kind, metric = "token classification", "f1"
-    min_batch = 1
 
     def __init__(self, args, log):
         (words, tags), (held_words, held_tags) = train_and_held(args, read_tagged)
@@ -247,13 +248,6 @@ class TokenTask:
         self.pad, self.batch_size = _pad(self.tok), args.batch_size
         self.prefix = PrefixCaches(args, (self.seqs, self.held), log)
 
-    def start(self, model, trained=()):
-        self.prefix.follow(model, trained)
-
-    def probe(self):
-        seqs = self.held if self.n_held else self.seqs
-        return batch(seqs, np.arange(min(4, len(seqs))), self.pad)
-
     def weight(self, idx) -> int:
         """What the loss of a micro-batch averages over: its labeled words."""
         return sum(int((self.targets[i] != IGNORE).sum()) for i in idx)
@@ -268,8 +262,3 @@ class TokenTask:
     def evaluate(self):
         return (evaluate(self.model, self.held, self.held_targets, self.batch_size, self.pad,
                          self.prefix.caches[1]) if self.n_held else None)
-
-    def summary(self, log) -> dict:
-        return {"labels": self.labels, **self.prefix.summary("training texts")}
-
-    save_extra = None
