@@ -4,7 +4,9 @@ GLUE), at laptop scale: all-MiniLM-L6-v2 (6 blocks) as a classifier of the claim
 (adjuster, fast-track, special investigations; examples/claims/make_labels.py). The route
 follows from numbers in the text (the amount claimed; the days between the policy's start, the
 incident and the report), not from the topic words a frozen sentence encoder already separates,
-so the blocks have something to learn.
+so the blocks have something to learn. `--field entities`: the claims' entity tagging instead
+(examples/claims/make_ner.py: a token classifier; quality is entity F1, where "accuracy" is
+written below, and the majority baseline, every word O, scores 0).
 
 For each k in --ks, each rate in --lrs and each seed in --seeds, the same run: the last k blocks
 + the classifier head (pooler and classifier; k = 0: the head alone) trainable, AdamW with
@@ -45,6 +47,7 @@ import freeze_curve as fc        # noqa: E402  (the SmolLM2 sweep: process and m
 import make_labels               # noqa: E402
 
 N_LAYER = 6   # all-MiniLM-L6-v2's; another --model's count is read from it
+ENTITIES = "entities"   # --field: the token-classification task (make_ner.py's files)
 DEFAULTS = dict(ks="0,1,2,3,4,5,6", lrs="3e-5,1e-4,3e-4", seeds="0,1,2", epochs=5.0, batch_size=16,
                 seq_len=128, field="route", model="minilm")
 PUBLISHED = os.path.join(HERE, "freeze_curve_bert")
@@ -61,8 +64,9 @@ def _parser():
     ap.add_argument("--epochs", type=float, default=d["epochs"])
     ap.add_argument("--batch-size", type=int, default=d["batch_size"])
     ap.add_argument("--seq-len", type=int, default=d["seq_len"])
-    ap.add_argument("--field", default=d["field"], choices=make_labels.FIELDS,
-                    help=f"the claims' field to classify (default {d['field']})")
+    ap.add_argument("--field", default=d["field"], choices=(*make_labels.FIELDS, ENTITIES),
+                    help=f"the claims' field to classify, or {ENTITIES}: their words' entity tags "
+                    f"(default {d['field']})")
     ap.add_argument("--model", default=d["model"])
     ap.add_argument("--out", help="tables and plot (default: examples/freeze_curve_bert/ with the "
                     "default settings, else runs/freeze_curve_bert_quick/)")
@@ -99,14 +103,15 @@ def run_child(cfg: dict) -> None:
         eval_batches=0), log=lambda m: print(m, flush=True))
     peak = fc._vm("VmHWM")
     recs = [json.loads(line) for line in open(os.path.join(train_dir, "metrics.jsonl"))]
+    metric = "f1" if summary["task"] == "token classification" else "accuracy"   # the quality
     step_s = [r["step_s"] for r in recs if "step_s" in r]
     per_epoch = math.ceil(cfg["n_train"] / cfg["batch_size"])
     res = {"config": _key(cfg), "k": cfg["k"], "lr": cfg["lr"], "seed": cfg["seed"],
            "steps": summary["steps"], "trainable_params": summary["trainable_params"],
-           "accuracy_before": summary["base_eval"]["accuracy"],
+           "metric": metric, "accuracy_before": summary["base_eval"][metric],
            "loss_before": summary["base_eval"]["loss"],
-           "accuracy": summary["final_eval"]["accuracy"], "loss": summary["final_eval"]["loss"],
-           "per_label": summary["final_eval"]["per_label"],
+           "accuracy": summary["final_eval"][metric], "loss": summary["final_eval"]["loss"],
+           "per_label": summary["final_eval"].get("per_label", summary["final_eval"].get("per_type")),
            "step_s_first_epoch": statistics.median(step_s[:per_epoch]),
            "step_s_first_epoch_min": min(step_s[:per_epoch]),
            "step_s_later": statistics.median(step_s[per_epoch:]) if step_s[per_epoch:] else None,
@@ -137,7 +142,7 @@ def sweep(a, data, eval_data, n_train) -> list[dict]:
             missing += 1
             continue
         results.append(res)
-        print(f"{name}: accuracy {res['accuracy_before']:.3f} -> "
+        print(f"{name}: {res.get('metric', 'accuracy')} {res['accuracy_before']:.3f} -> "
               f"{res['accuracy']:.3f}, loss {res['loss']:.3f}; step {res['step_s_first_epoch']:.3f} s "
               f"/ {res['step_s_later'] or float('nan'):.3f} s; peak RSS "
               f"{res['peak_rss_bytes'] / 2**20:.0f} MiB; {res.get('wall_seconds', 0):.0f} s", flush=True)
@@ -183,7 +188,8 @@ def summarize(results: list[dict], majority: float, n_layer: int = N_LAYER) -> d
             r["rel_accuracy"] = r["accuracy"] / full["accuracy"]
             r["rel_gain_over_majority"] = ((r["accuracy"] - majority) / (full["accuracy"] - majority)
                                            if full["accuracy"] > majority else None)
-    return {"rows": rows, "majority_accuracy": majority, "n_layer": n_layer,
+    what = "entity F1" if results and results[0].get("metric") == "f1" else "accuracy"
+    return {"rows": rows, "majority_accuracy": majority, "n_layer": n_layer, "quality": what,
             "all_runs": [{k: v for k, v in r.items() if k != "config"} for r in results]}
 
 
@@ -192,7 +198,8 @@ def _f(x, fmt):
 
 
 def markdown(summary: dict) -> str:
-    out = ["| k | trainable params | lr | held-out accuracy (mean ± sd) | held-out loss | accuracy vs full "
+    q = summary.get("quality", "accuracy")
+    out = [f"| k | trainable params | lr | held-out {q} (mean ± sd) | held-out loss | {q} vs full "
            "| gain over majority vs full | step s, epoch 1: median / min | step s, cached prefix: median / "
            "min | peak RSS MiB | run's commit |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -206,11 +213,11 @@ def markdown(summary: dict) -> str:
             f"{r['peak_rss_mib']:.0f}", r["commit"]]) + " |")
     rows = summary["rows"]
     if rows:
-        out.append(f"\nHeld-out: all rows of the test split (before fine-tuning: accuracy "
+        out.append(f"\nHeld-out: all rows of the test split (before fine-tuning: {q} "
                    f"{rows[0]['accuracy_before']:.3f}, a new head; the majority class "
                    f"{summary['majority_accuracy']:.3f}). Mean over {rows[0]['seeds']} seed(s) at "
-                   "each k's best rate. Gain over majority vs full = (accuracy_k - majority) / "
-                   f"(accuracy_{summary.get('n_layer', N_LAYER)} - majority). Step times: median over the phase's steps of all "
+                   f"each k's best rate. Gain over majority vs full = ({q}_k - majority) / "
+                   f"({q}_{summary.get('n_layer', N_LAYER)} - majority). Step times: median over the phase's steps of all "
                    "seeds, and the fastest step (the machine is shared). Peak RSS: the training "
                    "process, with the in-memory prefix cache.")
     return "\n".join(out) + "\n"
@@ -223,8 +230,9 @@ def plot(summary: dict, png: str, title: str) -> None:
     rows = summary["rows"]
     ks = [r["k"] for r in rows]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.6))
+    q = summary.get("quality", "accuracy")
     ax.errorbar(ks, [r["accuracy"] for r in rows], yerr=[r["accuracy_sd"] for r in rows], fmt="o-",
-                capsize=3, label="held-out accuracy (mean ± sd over seeds)")
+                capsize=3, label=f"held-out {q} (mean ± sd over seeds)")
     n_layer = summary.get("n_layer", N_LAYER)
     full = next((r for r in rows if r["k"] == n_layer), None)
     if full is not None:
@@ -234,7 +242,7 @@ def plot(summary: dict, png: str, title: str) -> None:
     ax.axvline(n_layer / 4, color="gray", ls=":", lw=1)
     ax.text(n_layer / 4 + 0.05, summary["majority_accuracy"] + 0.01, "last quarter", color="gray", fontsize=8)
     ax.set_xlabel(f"trainable last blocks k (of {n_layer}; + classifier head)")
-    ax.set_ylabel("held-out accuracy")
+    ax.set_ylabel(f"held-out {q}")
     ax.set_title(title)
     ax.set_xticks(ks)
     ax.grid(alpha=0.3)
@@ -273,12 +281,16 @@ def main():
     a.work = os.path.abspath(a.work or (PUBLISHED_WORK if reported else QUICK))
     os.makedirs(a.work, exist_ok=True)
     field = a.field.replace(" ", "_")
-    data, eval_data = (os.path.join(a.work, f"{field}_{s}.jsonl") for s in ("train", "test"))
-    train_rows, test_rows = make_labels.labeled("train", a.field), make_labels.labeled("test", a.field)
-    make_labels.write(data, train_rows)
-    make_labels.write(eval_data, test_rows)
-    top = collections.Counter(r["label"] for r in train_rows).most_common(1)[0][0]
-    majority = sum(r["label"] == top for r in test_rows) / len(test_rows)
+    if a.field == ENTITIES:     # every word O finds no entity: F1 0
+        data, eval_data = (os.path.join(HERE, "claims", f"ner_{s}.jsonl") for s in ("train", "test"))
+        train_rows, majority = open(data).read().splitlines(), 0.0
+    else:
+        data, eval_data = (os.path.join(a.work, f"{field}_{s}.jsonl") for s in ("train", "test"))
+        train_rows, test_rows = make_labels.labeled("train", a.field), make_labels.labeled("test", a.field)
+        make_labels.write(data, train_rows)
+        make_labels.write(eval_data, test_rows)
+        top = collections.Counter(r["label"] for r in train_rows).most_common(1)[0][0]
+        majority = sum(r["label"] == top for r in test_rows) / len(test_rows)
     print(f"{'the reported experiment' if reported else 'not the reported settings'}: tables to "
           f"{os.path.relpath(a.out)}, runs in {os.path.relpath(a.work)}", flush=True)
     results = sweep(a, data, eval_data, len(train_rows))
@@ -286,7 +298,7 @@ def main():
     summary = summarize(results, majority, n_layer)
     summary["setup"] = {**_settings(a), "report_written_at": fc._git_state()}
     name = "all-MiniLM-L6-v2" if a.model == "minilm" else os.path.basename(a.model)
-    write_outputs(summary, a.out, f"{name}, claims {a.field}: accuracy vs k")
+    write_outputs(summary, a.out, f"{name}, claims {a.field}: {summary['quality']} vs k")
     print(markdown(summary))
     print(f"wrote {os.path.relpath(a.out)}/results.{{json,csv,md}} and freeze_curve.png")
 
