@@ -157,9 +157,10 @@ def evaluate(model, seqs, targets, batch_size: int, pad_id: int, cache=None) -> 
         logits = _forward(model, seqs, idx, pad_id, cache)       # (B, T, K)
         y = _padded(targets, idx, tokens.shape[1])
         at = y != IGNORE
-        z = logits[at] - logits[at].max(1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-        loss_sum -= float(logp[np.arange(len(logp)), y[at]].sum(dtype=np.float64))
+        if at.any():           # (a batch of rows whose words all make no token has none)
+            z = logits[at] - logits[at].max(1, keepdims=True)
+            logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+            loss_sum -= float(logp[np.arange(len(logp)), y[at]].sum(dtype=np.float64))
         n += int(at.sum())
         p = logits.argmax(-1)
         right += int((p[at] == y[at]).sum())
