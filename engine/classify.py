@@ -397,20 +397,22 @@ def evaluate(model, seqs, targets, batch_size: int, pad_id: int, cache=None) -> 
     return {"loss": loss_sum / n, "accuracy": float(right.mean()), "per_label": per}
 
 
-def choose_labels(model_path: str, data_labels) -> list[str]:
-    """The model's own classes when the data's are among them (its head is kept), else the
-    data's, sorted (a new head)."""
+def choose_labels(model_path: str, data_labels, per_token: bool = False) -> list[str]:
+    """The model's own classes when the data's are among them (its head is kept; with
+    per_token, a token classifier's only), else the data's, sorted (a new head)."""
     hf = _hf_config(model_path)     # (a GGUF file: a language model, no classes of its own)
     try:
-        own = config_from_hf(hf).labels if hf else None
+        own = config_from_hf(hf) if hf else None
     except ConfigError:     # a head the engine does not train (regression, multi-label): replaced
         own = None
     seen = sorted(set(data_labels))
-    if own and set(seen) <= set(own):
-        return own
+    if own is not None and own.labels and (own.per_token or not per_token) \
+            and set(seen) <= set(own.labels):
+        return own.labels
     if len(seen) == 1:
-        raise InputError(f"the training data has one label ({seen[0]!r}): a classifier needs "
-                         "examples of two or more")
+        what = "tag" if per_token else "label"
+        raise InputError(f"the training data has one {what} ({seen[0]!r}): a "
+                         f"{'token ' if per_token else ''}classifier needs two or more")
     return seen
 
 

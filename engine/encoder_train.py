@@ -328,12 +328,12 @@ class _Run:
             # each micro-batch weighted by its share of what the loss averages over (examples;
             # a token classifier's labeled words), as one batch of them all would be
             weights = [task.weight(idx) for idx in parts]
-            n_all = sum(len(p) for p in parts)
+            n_all, total = sum(len(p) for p in parts), sum(weights)
             loss = 0.0
             for j, (idx, w) in enumerate(zip(parts, weights)):
                 if model.dropout is not None:
                     model.dropout.seek(step, j, args.grad_accum)
-                loss += task.step(idx, w / sum(weights)) * w / sum(weights)
+                loss += task.step(idx, w / total) * w / total
             if schedule is not None:
                 schedule.observe(model, step)
             if self.telemetry is not None:   # before clipping: the layers' own gradient norms

@@ -46,6 +46,12 @@ def head_chunk_rows(N: int, V: int, need_dw: bool) -> int:
 EMBEDDINGS = ("wte.", "wpe.", "wtt.", "ln_e.")   # parameters of the embedding stage
 
 
+def _drops_cls(cfg: Config) -> bool:
+    """RoBERTa's classifier head (RobertaClassificationHead) drops out its input, the first
+    position, before its dense layer (the pooler's place) too; BERT's does not."""
+    return cfg.model_type in ("roberta", "xlm-roberta")
+
+
 def _has_pooler(cfg: Config) -> bool:
     """An encoder's pooler is there with or without a head (transformers' BertModel and
     RobertaModel have one); a DistilBertModel has none (its classifier brings pre_classifier),
@@ -590,8 +596,8 @@ class Model:
         t0 = perf_counter() if prof else 0.0
         P = self.params
         cls = np.ascontiguousarray(x[:, 0] if x.ndim == 3 else x)   # (B, C)
-        if keys is not None and keys.p and c.model_type in ("roberta", "xlm-roberta"):
-            cls = cls.copy()               # RobertaClassificationHead drops out its input too
+        if keys is not None and keys.p and _drops_cls(c):
+            cls = cls.copy()
             dropout_forward(cls, keys.p, keys.pooler)
         pooled = self.pooler.forward(P, cls)
         if c.pooler_act == "tanh":
@@ -632,7 +638,7 @@ class Model:
         # the blocks skip the padding when no label is there (none is, in data from files)
         pack = self._packing(lengths, B, T, start)
         if pack is not None and targets is not None and (
-                rows is None or not (np.arange(T)[None] < lengths[:, None]).reshape(-1)[rows].all()):
+                rows is None or not (rows % T < lengths[rows // T]).all()):
             pack = None
         top = rows
         if pack is not None:
@@ -676,22 +682,13 @@ class Model:
                              f"{self.config.labels[:5]}{'...' if K > 5 else ''}) or -100")
         return np.ascontiguousarray(t, dtype=np.int64)
 
-    def _token_classifier_backward(self, tape, scale):
+    def _token_classifier_backward(self, tape, dlog, below):
         """Through a token classifier: its gradients, and the gradient of the top block's output
         at the labeled rows (or every row), or None when nothing below trains."""
-        P, G = self.params, self.grads
-        prof = layers.PROFILE
-        t0 = perf_counter() if prof else 0.0
-        dlog = tape["dlogits"]
-        if scale != 1.0:
-            dlog *= np.float32(scale)
-        below = tape["low"] < self.config.n_layer
-        dh = self.classifier.backward(P, G, dlog, tape["h_in"], below)
+        dh = self.classifier.backward(self.params, self.grads, dlog, tape["h_in"], below)
         keys = tape["keys"]
         if dh is not None and keys is not None and keys.p:
             dropout_backward(dh, keys.p, keys.classifier, tape["rows"])
-        if prof:
-            prof.add("head", "backward", perf_counter() - t0)
         return dh if below else None
 
     def _class_loss(self, logits, targets, keep, tape: dict) -> float:
@@ -752,24 +749,16 @@ class Model:
         real = (tokens != pad) & (np.arange(T)[None] < n[:, None])
         return np.where(real.any(1), T - 1 - np.argmax(real[:, ::-1], axis=1), 0)
 
-    def _scores_backward(self, tape, scale):
+    def _scores_backward(self, tape, dlog, below):
         """Through a causal LM's classifier and final norm: their gradients, and the gradient
         of the top block's output at the last tokens (B, C), or None when nothing below trains."""
         P, G = self.params, self.grads
-        prof = layers.PROFILE
-        t0 = perf_counter() if prof else 0.0
-        dlog = tape["dlogits"]
-        if scale != 1.0:
-            dlog *= np.float32(scale)
-        below = tape["low"] < self.config.n_layer
         dh = self.classifier.backward(P, G, dlog, tape["h"],
                                       below or any(n in G for n in self.ln_f.names()))
         dx = None
         if dh is not None:
             dx = np.zeros_like(dh)
             self.ln_f.backward(P, G, dh, tape["x"], tape["st"], dx)
-        if prof:
-            prof.add("head", "backward", perf_counter() - t0)
         return dx if below else None
 
     @_blas_one_thread
@@ -950,14 +939,19 @@ class Model:
                 dh *= np.float32(scale)
             self._backward_blocks(tape, dh.reshape(-1, dh.shape[-1]))
             return
-        if tape.get("per_token"):
-            self._backward_blocks(tape, self._token_classifier_backward(tape, scale))
-            return
-        if tape.get("encoder"):
-            self._backward_blocks(tape, self._classifier_backward(tape, scale))
-            return
-        if tape.get("scores"):
-            self._backward_blocks(tape, self._scores_backward(tape, scale))
+        head = (self._token_classifier_backward if tape.get("per_token") else
+                self._classifier_backward if tape.get("encoder") else
+                self._scores_backward if tape.get("scores") else None)
+        if head is not None:       # a classifier: its logits' gradient, scaled, through it
+            prof = layers.PROFILE
+            t0 = perf_counter() if prof else 0.0
+            dlog = tape["dlogits"]
+            if scale != 1.0:
+                dlog *= np.float32(scale)
+            dx = head(tape, dlog, tape["low"] < self.config.n_layer)
+            if prof:
+                prof.add("head", "backward", perf_counter() - t0)
+            self._backward_blocks(tape, dx)
             return
         P, G = self.params, self.grads
         prof = layers.PROFILE
@@ -977,16 +971,11 @@ class Model:
             prof.add("head", "backward", perf_counter() - t0)
         self._backward_blocks(tape, dx)
 
-    def _classifier_backward(self, tape, scale):
+    def _classifier_backward(self, tape, dlog, below):
         """Through an encoder's classifier head: its gradients, and the gradient of the top
         block's output at the first positions (B, C), or None when nothing below trains."""
         P, G = self.params, self.grads
-        prof = layers.PROFILE
-        t0 = perf_counter() if prof else 0.0
-        dlog, pooled = tape["dlogits"], tape["pooled"]
-        if scale != 1.0:
-            dlog *= np.float32(scale)
-        below = tape["low"] < self.config.n_layer
+        pooled = tape["pooled"]
         dpooled = self.classifier.backward(P, G, dlog, tape.get("pooled_in", pooled),
                                            below or any(n in G for n in self.pooler.names()))
         dcls = None
@@ -999,11 +988,8 @@ class Model:
             else:
                 dpooled *= pooled > 0
             dcls = self.pooler.backward(P, G, dpooled, tape["cls"], below)
-            if (dcls is not None and keys is not None and keys.p
-                    and self.config.model_type in ("roberta", "xlm-roberta")):
+            if dcls is not None and keys is not None and keys.p and _drops_cls(self.config):
                 dropout_backward(dcls, keys.p, keys.pooler)
-        if prof:
-            prof.add("head", "backward", perf_counter() - t0)
         return dcls
 
     def _backward_blocks(self, tape, dx):

@@ -21,10 +21,9 @@ import numpy as np
 
 from . import data as D
 from .classify import (ClassifierTask, PrefixCaches, _capped, _forward, _pad, _tokenizer_and_length,
-                       batch, train_and_held)
+                       batch, choose_labels, train_and_held)
 from .errors import InputError
 from .io import load
-from .io.hf_names import config_from_hf
 
 IGNORE = -100
 
@@ -174,20 +173,7 @@ def evaluate(model, seqs, targets, batch_size: int, pad_id: int, cache=None) -> 
 def choose_tags(model_path: str, data_tags) -> list[str]:
     """The model's own tags when it is a token classifier and the data's are among them (its
     head is kept), else the data's, sorted (a new head)."""
-    from .classify import _hf_config
-    from .errors import ConfigError
-    hf = _hf_config(model_path)
-    try:
-        own = config_from_hf(hf) if hf else None
-    except ConfigError:     # a head the engine does not train (regression, multi-label): replaced
-        own = None
-    seen = sorted(set(data_tags))
-    if own is not None and own.per_token and set(seen) <= set(own.labels):
-        return own.labels
-    if len(seen) == 1:
-        raise InputError(f"the training data has one tag ({seen[0]!r}): a token classifier "
-                         "needs two or more")
-    return seen
+    return choose_labels(model_path, data_tags, per_token=True)
 
 
 def eval_tagged(model_path: str, data: str, batch_size: int, seq_len: int) -> dict:

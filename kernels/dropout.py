@@ -13,7 +13,7 @@ names exist so that callers read as every other op pair."""
 import numpy as np
 
 from .checks import floats
-from .jit import jit, jit_inline, pjit, prange
+from .jit import jit_inline, pjit, prange
 
 _M32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
@@ -59,13 +59,6 @@ def _dropout_rows(x, C, key, threshold, scale, ids):
     rows = x.shape[0] // C
     for r in prange(rows):
         i = ids[r] if ids.shape[0] else np.int64(r)
-        mask_row(x[r * C:(r + 1) * C], C, row_key(key, i), threshold, scale)
-
-
-@jit
-def _dropout_serial(x, C, key, threshold, scale, ids):
-    for r in range(x.shape[0] // C):
-        i = ids[r] if ids.shape[0] else r
         mask_row(x[r * C:(r + 1) * C], C, row_key(key, i), threshold, scale)
 
 
@@ -121,6 +114,4 @@ def _dropout(fn, x, p, key, rows):
         ids = np.ascontiguousarray(rows)
     if t == 0 or x.size == 0:
         return
-    scale = np.float32(1.0 / (1.0 - p))
-    # a handful of rows (a classifier's input) is not worth waking the threads
-    (_dropout_rows if x.size >= 1 << 15 else _dropout_serial)(x.reshape(-1), C, key, t, scale, ids)
+    _dropout_rows(x.reshape(-1), C, key, t, np.float32(1.0 / (1.0 - p)), ids)

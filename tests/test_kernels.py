@@ -702,7 +702,8 @@ def test_attention_rejects_bad_dropout():
        key=st.integers(0, 2**32 - 1), big=st.booleans())
 def test_dropout_matches_twin(rows, C, p, key, big):
     """The kernel against the twin: the same mask, element for element, and the kept values
-    scaled (big: the parallel path); backward is the same scaled mask; p = 0 changes nothing."""
+    scaled (big: many rows, across the threads); backward is the same scaled mask; p = 0
+    changes nothing."""
     rng = rng_of(key % 1000)
     shape = (rows * (64 if big and JIT else 1), 8, C) if big else (rows, C)
     x = randn(rng, *shape)
